@@ -1,0 +1,338 @@
+"""Single-file checkpoint reading: what a file is, which prefix it uses, and the DiT config its shapes imply.
+
+Only safetensors are ever deserialised (headers are JSON, data is mmapped), so a malicious file can't
+run code.  Everything here works from the header alone except `load_state_dict`, which reads tensors one
+at a time straight into the requested dtype/device, so a file is never held twice in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+
+# Prefixes that wrap the DiT inside real files, most specific first.
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net.")
+QWEN_BUNDLE_PREFIX = "text_encoders.qwen3_06b.transformer."
+VAE_BUNDLE_PREFIX = "vae."
+# Known non-weight extras that some exports carry; never an error, never loaded.
+IGNORED_KEY_PATTERNS = (
+    re.compile(r"^pos_embedder\."),
+    re.compile(r"\.comfy_quant$"),
+    re.compile(r"\.weight_scale$"),
+    re.compile(r"\.input_scale$"),
+)
+
+KIND_DESCRIPTIONS = {
+    "anima_dit": "an Anima DiT (MiniTrainDIT) checkpoint",
+    "llm_adapter": "a separate Anima LLM-adapter file",
+    "qwen3": "a Qwen3-0.6B text encoder",
+    "qwen_image_vae": "a Qwen-Image / Wan 2.1 VAE",
+    "network": "a LoRA/LoKr/LoHa network file",
+    "anima_bundle": "an all-in-one ComfyUI checkpoint (DiT + text encoder + VAE)",
+    "sdxl": "a Stable Diffusion XL checkpoint",
+    "sd1": "a Stable Diffusion 1.x/2.x checkpoint",
+    "flux": "a Flux checkpoint",
+    "wan22_vae": "a Wan 2.2 VAE (48 latent channels; Anima needs the 16-channel Qwen-Image VAE)",
+    "diffusers_folder": "a diffusers model folder",
+    "hf_qwen3_folder": "a Hugging Face Qwen3 folder",
+    "unknown": "an unrecognised file",
+}
+
+
+class CheckpointError(ValueError):
+    """A file can't be read as a model (missing, not safetensors, bad keys)."""
+
+
+class WrongModelFileError(CheckpointError):
+    """The user passed a file of the wrong kind to a flag."""
+
+
+@dataclass(frozen=True)
+class DitConfig:
+    """MiniTrainDIT hyper-parameters, all inferred from tensor shapes."""
+
+    num_blocks: int = 28
+    model_channels: int = 2048
+    num_heads: int = 16
+    head_dim: int = 128
+    mlp_dim: int = 8192
+    adaln_lora_dim: int = 256
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_spatial: int = 2
+    patch_temporal: int = 1
+    crossattn_dim: int = 1024
+    has_llm_adapter: bool = True
+    adapter_blocks: int = 6
+    adapter_dim: int = 1024
+    adapter_heads: int = 16
+    adapter_mlp_dim: int = 4096
+    adapter_vocab: int = 32128
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FileInfo:
+    """What `inspect_file` learned from a header: kind, prefix, config, dtypes, parameter count."""
+
+    path: Path
+    kind: str
+    prefix: str = ""
+    num_tensors: int = 0
+    num_params: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    dit_config: DitConfig | None = None
+    network_types: list[str] = field(default_factory=list)
+    components: dict[str, str] = field(default_factory=dict)  # component -> key prefix (bundles)
+    metadata: dict[str, str] = field(default_factory=dict)
+    ignored_keys: int = 0
+
+    @property
+    def description(self) -> str:
+        text = KIND_DESCRIPTIONS.get(self.kind, self.kind)
+        if self.kind == "anima_dit" and self.dit_config is not None:
+            c = self.dit_config
+            text += f" ({c.num_blocks} blocks, width {c.model_channels}, " + (
+                "with LLM adapter)" if c.has_llm_adapter else "without LLM adapter)")
+        if self.kind == "network" and self.network_types:
+            text += f" ({', '.join(self.network_types)})"
+        return text
+
+    def summary(self) -> dict:
+        """JSON-ready description, used by `anima-trainer inspect`."""
+        out = {"file": str(self.path), "kind": self.kind, "description": self.description,
+               "key_prefix": self.prefix, "tensors": self.num_tensors, "parameters": self.num_params,
+               "dtypes": self.dtypes}
+        if self.dit_config is not None:
+            out["dit_config"] = self.dit_config.as_dict()
+        if self.network_types:
+            out["network_types"] = self.network_types
+        if self.components:
+            out["components"] = self.components
+        if self.ignored_keys:
+            out["ignored_non_weight_keys"] = self.ignored_keys
+        return out
+
+
+def is_ignored_key(key: str) -> bool:
+    return any(p.search(key) for p in IGNORED_KEY_PATTERNS)
+
+
+def read_header(path: str | Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """{key: (dtype, shape)} and metadata, from the safetensors JSON header only (no tensor data)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a .safetensors file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+        size = int.from_bytes(head, "little")
+        if size <= 0 or size > 100_000_000 or size > path.stat().st_size:
+            raise CheckpointError(f"{path} is not a safetensors file (only .safetensors weights are loaded; "
+                                  "convert .ckpt/.pt/.bin files, which could run code when unpickled)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not a safetensors file: bad header ({e})") from None
+    meta = header.pop("__metadata__", None) or {}
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, meta
+
+
+def detect_prefix(keys: Iterable[str], candidates: Iterable[str] = DIT_PREFIXES, marker: str = "blocks.0.") -> str:
+    """The DiT prefix most keys carry (ComfyUI's rule: the most frequent known prefix), else ''."""
+    keys = list(keys)
+    counts = Counter()
+    for k in keys:
+        for p in candidates:
+            if k.startswith(p):
+                counts[p] += 1
+                break
+    for p, _ in counts.most_common():
+        if any(k.startswith(p + marker) for k in keys):
+            return p
+    return ""
+
+
+def _strip(shapes: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DitConfig:
+    """DiT config from prefix-stripped key shapes; raises CheckpointError naming a missing key."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(f"not an Anima DiT: key {key!r} is missing")
+        return shapes[key]
+
+    width, in_feats = shape("x_embedder.proj.1.weight")
+    out_feats = shape("final_layer.linear.weight")[0]
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise CheckpointError(f"not an Anima DiT: block indices {sorted(blocks)[:5]}... are not 0..N-1")
+    head_dim = shape("blocks.0.self_attn.q_norm.weight")[0]
+    patch = 2
+    out_channels = out_feats // (patch * patch)
+    cfg = dict(num_blocks=len(blocks), model_channels=width, head_dim=head_dim, num_heads=width // head_dim,
+               mlp_dim=shape("blocks.0.mlp.layer1.weight")[0],
+               adaln_lora_dim=shape("blocks.0.adaln_modulation_self_attn.1.weight")[0],
+               in_channels=in_feats // (patch * patch) - 1, out_channels=out_channels,
+               crossattn_dim=shape("blocks.0.cross_attn.k_proj.weight")[1])
+    adapter = _strip(shapes, "llm_adapter.")
+    cfg["has_llm_adapter"] = bool(adapter)
+    if adapter:
+        cfg.update(_infer_adapter_config(adapter))
+    return DitConfig(**cfg)
+
+
+def _infer_adapter_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    try:
+        vocab, dim = shapes["embed.weight"]
+        head_dim = shapes["blocks.0.self_attn.q_norm.weight"][0]
+        mlp = shapes["blocks.0.mlp.0.weight"][0]
+    except KeyError as e:
+        raise CheckpointError(f"not an Anima LLM adapter: key {e.args[0]!r} is missing") from None
+    n = len({int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
+    return dict(adapter_blocks=n, adapter_dim=dim, adapter_heads=dim // head_dim, adapter_mlp_dim=mlp,
+                adapter_vocab=vocab)
+
+
+_NETWORK_SUFFIXES = {
+    "lora": (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".lora.up.weight",
+             "_lora.up.weight", ".lora_linear_layer.up.weight", ".lora_B.default.weight"),
+    "lokr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a", ".lokr_w1_b", ".lokr_w2_b", ".lokr_t2"),
+    "loha": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b"),
+    "diff": (".diff", ".diff_b", ".w_norm", ".b_norm", ".set_weight"),
+}
+
+
+def _network_types(keys: list[str]) -> list[str]:
+    return [name for name, suffixes in _NETWORK_SUFFIXES.items() if any(k.endswith(suffixes) for k in keys)]
+
+
+def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str, dict[str, str]]:
+    """(kind, prefix, components) from the key set."""
+    keys = list(shapes)
+    has = lambda fragment: any(fragment in k for k in keys)  # noqa: E731
+    nets = _network_types(keys)
+    if nets and (has("lora_unet_") or has("lora_te") or all(_network_types([k]) or k.endswith(".alpha")
+                                                             or k.endswith(".dora_scale") for k in keys)):
+        return "network", "", {}
+    components: dict[str, str] = {}
+    dit_prefix = detect_prefix(keys)
+    if f"{dit_prefix}x_embedder.proj.1.weight" in shapes and f"{dit_prefix}blocks.0.mlp.layer1.weight" in shapes:
+        components["dit"] = dit_prefix
+    if f"{QWEN_BUNDLE_PREFIX}model.layers.0.post_attention_layernorm.weight" in shapes:
+        components["qwen3"] = QWEN_BUNDLE_PREFIX
+    if f"{VAE_BUNDLE_PREFIX}decoder.upsamples.0.residual.0.gamma" in shapes:
+        components["vae"] = VAE_BUNDLE_PREFIX
+    if len(components) > 1:
+        return "anima_bundle", components.get("dit", ""), components
+    if "dit" in components:
+        return "anima_dit", dit_prefix, components
+    for p in ("llm_adapter.", dit_prefix + "llm_adapter.", ""):
+        if f"{p}embed.weight" in shapes and f"{p}blocks.0.cross_attn.q_proj.weight" in shapes \
+                and f"{p}out_proj.weight" in shapes:
+            return "llm_adapter", p, {}
+    if "model.layers.0.post_attention_layernorm.weight" in shapes and has("self_attn.q_norm"):
+        return "qwen3", "model.", {}
+    if "decoder.upsamples.0.residual.0.gamma" in shapes or "decoder.up_blocks.0.resnets.0.norm1.gamma" in shapes:
+        z2 = shapes.get("conv1.weight", shapes.get("quant_conv.weight", (32,)))[0]
+        return ("qwen_image_vae" if z2 == 32 else "wan22_vae"), "", {}
+    if has("double_blocks.") and has("single_blocks."):
+        return "flux", "", {}
+    if has("conditioner.embedders.") or has("input_blocks.") and has("label_emb."):
+        return "sdxl", "", {}
+    if has("cond_stage_model.") or has("input_blocks."):
+        return "sd1", "", {}
+    return "unknown", "", {}
+
+
+def inspect_file(path: str | Path) -> FileInfo:
+    """Recognise a model file (or folder) from its keys alone."""
+    path = Path(path)
+    if path.is_dir():
+        return _inspect_folder(path)
+    shapes_dt, meta = read_header(path)
+    shapes = {k: s for k, (_, s) in shapes_dt.items()}
+    kind, prefix, components = _classify(shapes)
+    info = FileInfo(path=path, kind=kind, prefix=prefix, metadata=meta, components=components,
+                    num_tensors=len(shapes))
+    ignored = 0
+    for k, (dt, s) in shapes_dt.items():
+        if is_ignored_key(k[len(prefix):] if k.startswith(prefix) else k):
+            ignored += 1
+            continue
+        info.dtypes[dt] = info.dtypes.get(dt, 0) + 1
+        n = 1
+        for d in s:
+            n *= d
+        info.num_params += n
+    info.ignored_keys = ignored
+    if kind in ("anima_dit", "anima_bundle") and "dit" in components:
+        info.dit_config = infer_dit_config(_strip(shapes, components["dit"]))
+    if kind == "network":
+        info.network_types = _network_types(list(shapes))
+    return info
+
+
+def _inspect_folder(path: Path) -> FileInfo:
+    if (path / "model_index.json").exists() or (path / "transformer").is_dir():
+        return FileInfo(path=path, kind="diffusers_folder")
+    cfg = path / "config.json"
+    if cfg.exists():
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type")
+        except json.JSONDecodeError:
+            model_type = None
+        if model_type == "qwen3":
+            return FileInfo(path=path, kind="hf_qwen3_folder")
+        if json.loads(cfg.read_text()).get("_class_name"):
+            return FileInfo(path=path, kind="diffusers_folder")
+    return FileInfo(path=path, kind="unknown")
+
+
+def expect_kind(path: str | Path, flag: str, accepted: Iterable[str]) -> FileInfo:
+    """Inspect `path` and stop with a message naming the flag and what the file is, if it is not accepted."""
+    accepted = tuple(accepted)
+    try:
+        info = inspect_file(path)
+    except CheckpointError as e:
+        raise WrongModelFileError(f"{flag}: {e}") from None
+    if info.kind not in accepted:
+        wanted = " or ".join(KIND_DESCRIPTIONS.get(a, a) for a in accepted)
+        raise WrongModelFileError(
+            f"{flag} expects {wanted}, but {path} looks like {info.description}"
+            + (f" (keys such as {next(iter(read_header(path)[0]))!r})" if info.kind == "unknown" and
+               Path(path).is_file() else ""))
+    return info
+
+
+def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu", drop_ignored: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors under `prefix` (stripped), each cast straight to dtype/device as it is read from the mmap."""
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if not key.startswith(prefix):
+                continue
+            name = key[len(prefix):]
+            if drop_ignored and is_ignored_key(name):
+                continue
+            t = f.get_tensor(key)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype=dtype)
+            out[name] = t.to(device) if str(device) != "cpu" else t
+    return out

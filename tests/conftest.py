@@ -1,0 +1,53 @@
+"""Shared fixtures: golden files, regenerated random reference models, the real tokenizers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.support.refweights import FIXTURES, reference_model
+
+TOKENIZERS_ENV = "ANIMA_TEST_TOKENIZERS"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def dit_io() -> dict:
+    return load_file(FIXTURES / "dit_io.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_path() -> Path:
+    """The fixture's tiny Anima DiT (10 blocks, width 256, full LLM adapter, `net.` keys, F32)."""
+    return reference_model("tiny_dit")
+
+
+@pytest.fixture(scope="session")
+def qwen3_path() -> Path:
+    """Full-size random Qwen3-0.6B in ComfyUI's single-file layout (`model.*`, BF16)."""
+    return reference_model("qwen3")
+
+
+@pytest.fixture(scope="session")
+def vae_path() -> Path:
+    """Full-size random Qwen-Image (Wan 2.1) VAE in ComfyUI's single-file layout (BF16)."""
+    return reference_model("vae")
+
+
+@pytest.fixture(scope="session")
+def tokenizers_dir() -> Path:
+    """Folder with `qwen/` and `t5/` real tokenizer files; only tests needing the real vocab use it."""
+    value = os.environ.get(TOKENIZERS_ENV)
+    if not value:
+        pytest.skip(f"{TOKENIZERS_ENV} is not set (point it at the shared tokenizers folder; .ci/run does)")
+    path = Path(value)
+    if not (path / "qwen" / "vocab.json").exists() or not (path / "t5" / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{TOKENIZERS_ENV}={value} has no qwen/vocab.json or t5/tokenizer.json")
+    return path
