@@ -1,0 +1,312 @@
+"""MiniTrainDIT as used by Anima (Cosmos-Predict2 DiT + LLM adapter), written to match ComfyUI exactly.
+
+Read top to bottom: patch embedding → timestep embedding (sinusoid, adaLN-LoRA MLP) → 3D RoPE tables →
+N blocks (self-attention with RoPE, cross-attention to the 512-row text context, GELU MLP, each gated by
+adaLN modulation) → final layer → unpatchify.  Parameter names equal the checkpoint keys (prefix
+stripped), so `diffusion_model.<name>` is a ComfyUI LoRA key.
+
+Numerics follow ComfyUI (docs/anima_arch.md §3): the timestep sinusoid and RoPE are computed and applied
+in fp32, norms take fp32 statistics, and with fp16 weights the residual stream is kept in fp32 (it
+overflows otherwise).  The timestep is σ in [0, 1], never σ·1000.
+
+Speed: RoPE tables are cached per (frames, height, width, device); forward has no host-device syncs and
+no einops; every block is a module callable on its own (checkpointing, block swap, per-block compile).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anima_trainer.models.adapter import LLMAdapter, build_context
+from anima_trainer.models.checkpoint import (CheckpointError, DitConfig, expect_kind, infer_dit_config,
+                                             load_state_dict, read_header)
+from anima_trainer.models.layers import RMSNorm, apply_rotary, attention
+
+
+class Patchify(nn.Module):
+    """[B, C, T, H, W] → [B, T, H/p, W/p, C·p·p] with channel-major features (c, p_h, p_w)."""
+
+    def __init__(self, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        p = self.patch
+        x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+        return x.reshape(b, t, h // p, w // p, c * p * p)
+
+
+class PatchEmbed(nn.Module):
+    """`x_embedder.proj` = (patchify, Linear) so the weight key is `x_embedder.proj.1.weight`."""
+
+    def __init__(self, in_features: int, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(Patchify(patch), nn.Linear(in_features, dim, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class TimestepSinusoid(nn.Module):
+    """cos ‖ sin features of σ with frequencies exp(-ln(10000)·k/half), always in fp32."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        angles = t.float()[:, None] * torch.exp(exponent)[None, :]
+        return torch.cat((torch.cos(angles), torch.sin(angles)), dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """adaLN-LoRA timestep MLP: returns the shared 3·D modulation bias added to every block."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, dim, bias=False)
+        self.linear_2 = nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+def _adaln(dim: int, rank: int, chunks: int) -> nn.Sequential:
+    """SiLU → Linear(D→rank) → Linear(rank→chunks·D): keys `.1.weight`, `.2.weight`."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(dim, rank, bias=False), nn.Linear(rank, chunks * dim, bias=False))
+
+
+class Attention(nn.Module):
+    """DiT attention: q/k per-head RMSNorm, RoPE only when tables are given (self-attention), no mask."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(context_dim, dim, bias=False)
+        self.v_proj = nn.Linear(context_dim, dim, bias=False)
+        self.output_proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        sk = context.shape[1]
+        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(context).view(b, sk, self.heads, self.head_dim))
+        v = self.v_proj(context).view(b, sk, self.heads, self.head_dim)
+        if rope is not None:
+            q = apply_rotary(q, *rope, in_fp32=True)
+            k = apply_rotary(k, *rope, in_fp32=True)
+        return self.output_proj(attention(q, k, v))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(dim, hidden, bias=False)
+        self.layer2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(F.gelu(self.layer1(x)))
+
+
+class Block(nn.Module):
+    """One DiT block; callable alone with (x, emb, adaln_lora, context, rope).
+
+    x: [B, L, D] residual stream; emb: [B, 1, D] normalised timestep embedding; adaln_lora: [B, 1, 3D].
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int, mlp_dim: int, adaln_rank: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, dim, heads)
+        self.cross_attn = Attention(dim, context_dim, heads)
+        self.mlp = MLP(dim, mlp_dim)
+        self.adaln_modulation_self_attn = _adaln(dim, adaln_rank, 3)
+        self.adaln_modulation_cross_attn = _adaln(dim, adaln_rank, 3)
+        self.adaln_modulation_mlp = _adaln(dim, adaln_rank, 3)
+        self.dim = dim
+
+    def _norm(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        h = F.layer_norm(x, (self.dim,), eps=1e-6)
+        return (h * (1 + scale) + shift).to(dtype)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, adaln_lora: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        dtype = emb.dtype  # compute dtype; x may be an fp32 residual stream
+        shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
+        h = self._norm(x, shift, scale, dtype)
+        x = x + gate * self.self_attn(h, h, rope)
+        shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
+        x = x + gate * self.cross_attn(self._norm(x, shift, scale, dtype), context)
+        shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
+        return x + gate * self.mlp(self._norm(x, shift, scale, dtype))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + LayerNorm + Linear to p·p·C_out features per token."""
+
+    def __init__(self, dim: int, out_features: int, adaln_rank: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, out_features, bias=False)
+        self.adaln_modulation = _adaln(dim, adaln_rank, 2)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, adaln_lora: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.adaln_modulation(emb) + adaln_lora[..., : 2 * self.dim]).chunk(2, dim=-1)
+        h = F.layer_norm(x, (self.dim,), eps=1e-6) * (1 + scale) + shift
+        return self.linear(h.to(emb.dtype))
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """(t, h, w) rotary dims: h = w = head_dim//6·2, t gets the rest (44/42/42 for head_dim 128)."""
+    dim_h = head_dim // 6 * 2
+    return head_dim - 2 * dim_h, dim_h, dim_h
+
+
+def rope_tables(head_dim: int, frames: int, height: int, width: int, device: torch.device | str,
+                hw_extrapolation: float = 4.0, t_extrapolation: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [1, T·H·W, 1, head_dim] of the 3D RoPE (NTK-scaled θ on h/w), token order (t, h, w)."""
+    dim_t, dim_h, dim_w = rope_axis_dims(head_dim)
+
+    def freqs(dim: int, ratio: float) -> torch.Tensor:
+        theta = 10000.0 * ratio ** (dim / (dim - 2))
+        rng = torch.arange(0, dim, 2, dtype=torch.float32, device=device)[: dim // 2] / dim
+        return 1.0 / (theta ** rng)
+
+    ft, fh, fw = freqs(dim_t, t_extrapolation), freqs(dim_h, hw_extrapolation), freqs(dim_w, hw_extrapolation)
+    at = torch.outer(torch.arange(frames, dtype=torch.float32, device=device), ft)
+    ah = torch.outer(torch.arange(height, dtype=torch.float32, device=device), fh)
+    aw = torch.outer(torch.arange(width, dtype=torch.float32, device=device), fw)
+    angles = torch.cat((at[:, None, None, :].expand(frames, height, width, -1),
+                        ah[None, :, None, :].expand(frames, height, width, -1),
+                        aw[None, None, :, :].expand(frames, height, width, -1)), dim=-1)
+    angles = angles.reshape(frames * height * width, head_dim // 2)
+    angles = torch.cat((angles, angles), dim=-1)[None, :, None, :]
+    return angles.cos(), angles.sin()
+
+
+class AnimaDiT(nn.Module):
+    """The Anima diffusion model: `dit(x, σ, context)` → velocity (noise − x0)."""
+
+    def __init__(self, config: DitConfig | None = None) -> None:
+        super().__init__()
+        c = self.config = config or DitConfig()
+        dim, p = c.model_channels, c.patch_spatial
+        self.x_embedder = PatchEmbed((c.in_channels + 1) * p * p * c.patch_temporal, dim, p)
+        self.t_embedder = nn.Sequential(TimestepSinusoid(dim), TimestepEmbedding(dim))
+        self.t_embedding_norm = RMSNorm(dim)
+        self.blocks = nn.ModuleList(Block(dim, c.crossattn_dim, c.num_heads, c.mlp_dim, c.adaln_lora_dim)
+                                    for _ in range(c.num_blocks))
+        self.final_layer = FinalLayer(dim, p * p * c.patch_temporal * c.out_channels, c.adaln_lora_dim)
+        self.llm_adapter = (LLMAdapter(c.adapter_vocab, c.adapter_dim, 1024, c.adapter_blocks, c.adapter_heads,
+                                       c.adapter_mlp_dim) if c.has_llm_adapter else None)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.residual_fp32: bool | None = None  # None: only for fp16 weights (their residuals overflow)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj[1].weight.dtype
+
+    def rope(self, frames: int, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached RoPE tables for one latent grid (in patches)."""
+        key = (frames, height, width, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(self.config.head_dim, frames, height, width, device)
+        return self._rope_cache[key]
+
+    def encode_context(self, qwen_hidden: torch.Tensor, t5_ids: torch.Tensor, qwen_mask: torch.Tensor | None = None,
+                       t5_mask: torch.Tensor | None = None, t5_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the LLM adapter and return the zero-padded [B, 512, 1024] context exactly as ComfyUI builds it."""
+        if self.llm_adapter is None:
+            raise CheckpointError("this DiT file has no llm_adapter.* weights; pass the adapter file "
+                                  "(load_dit(..., adapter_path=FILE), CLI --llm_adapter_path)")
+        device = self.llm_adapter.embed.weight.device
+        return build_context(self.llm_adapter, qwen_hidden.to(device), t5_ids.to(device), qwen_mask, t5_mask,
+                             t5_weights)
+
+    def embed(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch tokens [B, L, D], normalised timestep embedding [B, 1, D] and adaLN-LoRA bias [B, 1, 3D]."""
+        dtype = self.dtype
+        x = torch.cat((x, x.new_zeros(x.shape[0], 1, *x.shape[2:])), dim=1)  # padding-mask channel (zeros)
+        tokens = self.x_embedder(x.to(dtype))
+        tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+        sinusoid = self.t_embedder[0](timesteps.reshape(-1).expand(x.shape[0]) if timesteps.numel() == 1
+                                      else timesteps.reshape(-1)).to(dtype)
+        adaln_lora = self.t_embedder[1](sinusoid)[:, None, :]
+        emb = self.t_embedding_norm(sinusoid)[:, None, :]
+        return tokens, emb, adaln_lora
+
+    def unpatchify(self, out: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+        """[B, L, p·p·C] with channel-minor features (p_h, p_w, c) → [B, C, T, H·p, W·p]."""
+        p, c = self.config.patch_spatial, self.config.out_channels
+        b = out.shape[0]
+        out = out.view(b, frames, height, width, p, p, c).permute(0, 6, 1, 2, 4, 3, 5)
+        return out.reshape(b, c, frames, height * p, width * p)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B,16,T,H,W] normalised latents, timesteps σ∈[0,1] [B], context [B,≥512,1024] → velocity."""
+        in_dtype = x.dtype
+        _, _, frames, h0, w0 = x.shape
+        p = self.config.patch_spatial
+        pad_h, pad_w = (-h0) % p, (-w0) % p
+        if pad_h or pad_w:  # ComfyUI pads odd latents circularly and crops the output
+            x = F.pad(x, (0, pad_w, 0, pad_h, 0, 0), mode="circular")
+        height, width = x.shape[3] // p, x.shape[4] // p
+        tokens, emb, adaln_lora = self.embed(x, timesteps)
+        rope = self.rope(frames, height, width, tokens.device)
+        context = context.to(self.dtype)
+        fp32_residual = self.residual_fp32 if self.residual_fp32 is not None else self.dtype == torch.float16
+        if fp32_residual:
+            tokens = tokens.float()
+        for block in self.blocks:
+            tokens = block(tokens, emb, adaln_lora, context, rope)
+        out = self.final_layer(tokens, emb, adaln_lora)
+        out = self.unpatchify(out, frames, height, width)[:, :, :, :h0, :w0]
+        return out.to(in_dtype)
+
+
+def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+             adapter_path: str | Path | None = None, flag: str = "--pretrained_model_name_or_path") -> AnimaDiT:
+    """Load an Anima DiT (28/40-block or tiny) from a single .safetensors file, config inferred from shapes.
+
+    Accepts `net.`, `model.diffusion_model.`, `diffusion_model.` or no prefix and all-in-one bundles;
+    `adapter_path` supplies (or replaces) the LLM adapter from a separate file.  Tensors are read one at a
+    time from the mmap straight into `dtype` on `device`; the model itself is built on the meta device.
+    """
+    info = expect_kind(path, flag, ("anima_dit", "anima_bundle"))
+    prefix = info.components.get("dit", info.prefix)
+    shapes = {k[len(prefix):]: s for k, (_, s) in read_header(path)[0].items() if k.startswith(prefix)}
+    adapter_prefix = None
+    if adapter_path is not None:
+        ainfo = expect_kind(adapter_path, "--llm_adapter_path", ("llm_adapter", "anima_dit"))
+        adapter_prefix = ainfo.prefix if ainfo.kind == "llm_adapter" else ainfo.prefix + "llm_adapter."
+        shapes = {k: s for k, s in shapes.items() if not k.startswith("llm_adapter.")}
+        shapes.update({"llm_adapter." + k[len(adapter_prefix):]: s for k, (_, s) in
+                       read_header(adapter_path)[0].items() if k.startswith(adapter_prefix)})
+    config = infer_dit_config(shapes)
+    with torch.device("meta"):
+        model = AnimaDiT(config)
+    state = load_state_dict(path, prefix=prefix, dtype=dtype, device=device)
+    if adapter_path is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("llm_adapter.")}
+        state.update({"llm_adapter." + k: v for k, v in
+                      load_state_dict(adapter_path, prefix=adapter_prefix, dtype=dtype, device=device).items()})
+    if info.kind == "anima_bundle":  # other components share the file; keep only DiT keys
+        state = {k: v for k, v in state.items() if k in shapes}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected "
+                              f"keys {unexpected[:5]} for an Anima DiT with {config.num_blocks} blocks")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
