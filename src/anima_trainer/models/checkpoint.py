@@ -75,6 +75,7 @@ class DitConfig:
     adapter_heads: int = 16
     adapter_mlp_dim: int = 4096
     adapter_vocab: int = 32128
+    adapter_source_dim: int = 1024
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -202,11 +203,12 @@ def _infer_adapter_config(shapes: dict[str, tuple[int, ...]]) -> dict:
         vocab, dim = shapes["embed.weight"]
         head_dim = shapes["blocks.0.self_attn.q_norm.weight"][0]
         mlp = shapes["blocks.0.mlp.0.weight"][0]
+        source_dim = shapes["blocks.0.cross_attn.k_proj.weight"][1]
     except KeyError as e:
         raise CheckpointError(f"not an Anima LLM adapter: key {e.args[0]!r} is missing") from None
     n = len({int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
     return dict(adapter_blocks=n, adapter_dim=dim, adapter_heads=dim // head_dim, adapter_mlp_dim=mlp,
-                adapter_vocab=vocab)
+                adapter_vocab=vocab, adapter_source_dim=source_dim)
 
 
 _NETWORK_SUFFIXES = {

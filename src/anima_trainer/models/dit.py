@@ -145,11 +145,11 @@ class Block(nn.Module):
         dtype = emb.dtype  # compute dtype; x may be an fp32 residual stream
         shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
         h = self._norm(x, shift, scale, dtype)
-        x = x + gate * self.self_attn(h, h, rope)
+        x = torch.addcmul(x, gate, self.self_attn(h, h, rope))
         shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
-        x = x + gate * self.cross_attn(self._norm(x, shift, scale, dtype), context)
+        x = torch.addcmul(x, gate, self.cross_attn(self._norm(x, shift, scale, dtype), context))
         shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
-        return x + gate * self.mlp(self._norm(x, shift, scale, dtype))
+        return torch.addcmul(x, gate, self.mlp(self._norm(x, shift, scale, dtype)))
 
 
 class FinalLayer(nn.Module):
@@ -208,10 +208,12 @@ class AnimaDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, c.crossattn_dim, c.num_heads, c.mlp_dim, c.adaln_lora_dim)
                                     for _ in range(c.num_blocks))
         self.final_layer = FinalLayer(dim, p * p * c.patch_temporal * c.out_channels, c.adaln_lora_dim)
-        self.llm_adapter = (LLMAdapter(c.adapter_vocab, c.adapter_dim, 1024, c.adapter_blocks, c.adapter_heads,
+        self.llm_adapter = (LLMAdapter(c.adapter_vocab, c.adapter_dim, c.adapter_source_dim, c.adapter_blocks, c.adapter_heads,
                                        c.adapter_mlp_dim) if c.has_llm_adapter else None)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.residual_fp32: bool | None = None  # None: only for fp16 weights (their residuals overflow)
+        # None = fp32 residual stream whenever weights are reduced precision: fp16 overflows without it and
+        # bf16 halves its error against ComfyUI's fp32 output (rel. L2 0.0105 → 0.0057 on the fixture).
+        self.residual_fp32: bool | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -265,7 +267,7 @@ class AnimaDiT(nn.Module):
         tokens, emb, adaln_lora = self.embed(x, timesteps)
         rope = self.rope(frames, height, width, tokens.device)
         context = context.to(self.dtype)
-        fp32_residual = self.residual_fp32 if self.residual_fp32 is not None else self.dtype == torch.float16
+        fp32_residual = self.residual_fp32 if self.residual_fp32 is not None else self.dtype != torch.float32
         if fp32_residual:
             tokens = tokens.float()
         for block in self.blocks:

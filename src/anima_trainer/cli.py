@@ -1,0 +1,110 @@
+"""`anima-trainer <command>`: thin argument parsing that hands off to one stage.
+
+Commands: `inspect FILE...` (what a file is), `sample` (text → PNG with the flow Euler sampler).
+Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models (ComfyUI single files, as distributed)")
+    g.add_argument("--pretrained_model_name_or_path", "--dit", dest="dit", required=True,
+                   help="Anima DiT .safetensors (e.g. anima-base-v1.0.safetensors)")
+    g.add_argument("--qwen3", required=True, help="Qwen3-0.6B .safetensors or Hugging Face folder")
+    g.add_argument("--vae", required=True, help="Qwen-Image VAE .safetensors")
+    g.add_argument("--llm_adapter_path", default=None, help="separate LLM-adapter file (if the DiT has none)")
+    g.add_argument("--qwen3_tokenizer", default=None, help="folder with the Qwen tokenizer (vocab.json, merges.txt)")
+    g.add_argument("--t5_tokenizer", default=None, help="folder with the T5 tokenizer (tokenizer.json)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weight/compute dtype (default bf16 on GPU, fp32 on CPU)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anima-trainer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)")
+    p.add_argument("files", nargs="+")
+
+    p = sub.add_parser("sample", help="generate one image with the flow Euler sampler (ComfyUI's shift-3 schedule)")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from anima_trainer.models.checkpoint import CheckpointError, inspect_file
+
+    status = 0
+    for f in args.files:
+        try:
+            print(json.dumps(inspect_file(f).summary(), indent=2))
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 2
+    return status
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from anima_trainer.fileio import check_writable
+    from anima_trainer.models import load_dit, load_text_encoder, load_vae
+    from anima_trainer.sample.generate import SampleParams, generate_image, save_png
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    params = SampleParams(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
+                          width=args.width, height=args.height, seed=args.seed, shift=args.shift,
+                          models={"dit": Path(args.dit).name, "qwen3": Path(args.qwen3).name,
+                                  "vae": Path(args.vae).name})
+    params.validate()
+    check_writable(args.out, args.overwrite)  # fail before minutes of loading, not after
+    dit = load_dit(args.dit, dtype=dtype, device=device, adapter_path=args.llm_adapter_path)
+    te = load_text_encoder(args.qwen3, tokenizer_dir=args.qwen3_tokenizer, t5_tokenizer_dir=args.t5_tokenizer,
+                           dtype=dtype, device=device)
+    vae = load_vae(args.vae, dtype=dtype, device=device)
+    image = generate_image(dit, te, vae, params, progress=not args.no_progress)
+    print(save_png(image, params, args.out, overwrite=args.overwrite))
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `anima-trainer` script; user errors print one line and exit 2."""
+    from anima_trainer.fileio import OutputExistsError
+    from anima_trainer.models.checkpoint import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CheckpointError, OutputExistsError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Atomic output: every file we write appears whole or not at all, and never replaces a user's file unasked."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+class OutputExistsError(FileExistsError):
+    """Refusing to overwrite a file the user did not ask us to replace."""
+
+
+def check_writable(path: str | Path, overwrite: bool) -> Path:
+    """Raise OutputExistsError if `path` exists and overwriting was not asked for."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite (or choose another name) to replace it")
+    return path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors write to a temp file in the same folder, then rename: no half-written file ever shows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write bytes via temp file + rename in the target folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
