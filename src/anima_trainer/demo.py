@@ -53,3 +53,53 @@ def write_tiny_dit(path: str | Path, config: DitConfig = TINY_DIT_CONFIG, *, pre
     tensors = {prefix + k: v for k, v in state.items()}
     tensors.update(extra or {})
     return atomic_save(tensors, path, {"format": "pt"})
+
+
+TINY_CORPUS = ["a red cat sits on a blue mat", "the quick brown fox jumps", "masterpiece, best quality, 1girl",
+               "hello world (x:1.2) [y]", "long hair, smile, blue eyes", "a small house by a river at dawn",
+               "solo, looking at viewer, school uniform, cherry blossoms, outdoors, day"] * 4
+TINY_QWEN3_SHAPES = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def write_tiny_tokenizers(folder: str | Path) -> Path:
+    """Tiny stand-ins for the real tokenizers: `qwen/` (byte-level BPE, `<|endoftext|>`) and `t5/` (unigram
+    with `<pad>`=0, `</s>`=1, `<unk>`=2 and `</s>` appended), in the same file formats as the real ones."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder = Path(folder)
+    (folder / "qwen").mkdir(parents=True, exist_ok=True)
+    (folder / "t5").mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TINY_CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(folder / "qwen"))
+    words = sorted({w for s in TINY_CORPUS for w in s.split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz(),:."]
+    t5 = Tokenizer(models.Unigram(pieces, unk_id=2))
+    t5.pre_tokenizer, t5.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    t5.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5.save(str(folder / "t5" / "tokenizer.json"))
+    return folder
+
+
+def random_qwen3_state_dict(seed: int = 0, **shapes: int) -> dict[str, torch.Tensor]:
+    """Random Qwen3Model weights (transformers names, no `model.` prefix); norm gains near 1."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(**{**TINY_QWEN3_SHAPES, **shapes}, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True)
+    with torch.device("meta"):
+        names = {k: v.shape for k, v in Qwen3Model(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in sorted(names.items()):
+        u = torch.rand(shape, generator=gen) * 2 - 1
+        out[name] = 1 + 0.2 * u if len(shape) == 1 else u / shape[1] ** 0.5
+    return out
+
+
+def write_tiny_qwen3(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random Qwen3 in ComfyUI's single-file layout (`model.*` keys)."""
+    state = random_qwen3_state_dict(seed)
+    return atomic_save({"model." + k: v.contiguous() for k, v in state.items()}, path, {"format": "pt"})

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config, Qwen3Model
 
+from anima_trainer.demo import TINY_QWEN3_SHAPES, random_qwen3_state_dict, write_tiny_tokenizers
 from anima_trainer.models import load_text_encoder
 from anima_trainer.models.checkpoint import CheckpointError, WrongModelFileError
 from anima_trainer.models.prompt_syntax import parse_prompt_weights, tokenizer_chunks
@@ -184,44 +185,18 @@ def test_bf16_close_to_comfyui_by_relative_l2(qwen3_path: Path, tokenizers_dir: 
 
 # ------------------------------------------------------------------ tiny model: layouts and errors
 
-TINY_SHAPES = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-TINY_CORPUS = ["a red cat sits on a blue mat", "the quick brown fox jumps", "masterpiece, best quality, 1girl",
-               "hello world (x:1.2) [y]", "long hair, smile, blue eyes"] * 4
-
-
 def _tiny_config() -> Qwen3Config:
-    return Qwen3Config(**TINY_SHAPES, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    return Qwen3Config(**TINY_QWEN3_SHAPES, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny random Qwen3 in every supported layout, plus tiny Qwen (byte BPE) and T5 (unigram) tokenizers."""
-    from tokenizers import ByteLevelBPETokenizer, Tokenizer, decoders, models, pre_tokenizers, processors
-
+    """Tiny random Qwen3 in every supported layout, plus the demo's tiny Qwen (byte BPE) and T5 (unigram)
+    tokenizers."""
     root = tmp_path_factory.mktemp("tiny_qwen3")
-    tok = root / "tokenizers"
-    (tok / "qwen").mkdir(parents=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TINY_CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
-    bpe.save_model(str(tok / "qwen"))
-    words = sorted({w for s in TINY_CORPUS for w in s.split()})
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz(),:."]
-    t5 = Tokenizer(models.Unigram(pieces, unk_id=2))
-    t5.pre_tokenizer, t5.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    t5.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    (tok / "t5").mkdir()
-    t5.save(str(tok / "t5" / "tokenizer.json"))
-
+    tok = write_tiny_tokenizers(root / "tokenizers")
     config = _tiny_config()
-    gen = torch.Generator().manual_seed(0)
-    state = {}
-    for name, t in Qwen3Model(config).state_dict().items():
-        if t.ndim == 1:  # norm gains: not all ones, so a missed norm would show
-            state[name] = 1 + 0.2 * torch.rand(t.shape, generator=gen)
-        else:
-            state[name] = (torch.rand(t.shape, generator=gen) * 2 - 1) / t.shape[1] ** 0.5
+    state = random_qwen3_state_dict(seed=0)  # norm gains not all ones, so a missed norm would show
     lm_head = torch.zeros(config.vocab_size, config.hidden_size)
 
     single = root / "qwen3_tiny.safetensors"  # ComfyUI layout (F32 here, so fp32 loads are exact)
