@@ -1,6 +1,7 @@
 """`anima-trainer <command>`: thin argument parsing that hands off to one stage.
 
-Commands: `inspect FILE...` (what a file is), `sample` (text → PNG with the flow Euler sampler).
+Commands: `inspect FILE...` (what a file is), `demo` (tiny built-in model → sample image), `sample` (text → PNG
+with the flow Euler sampler).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 """
 
@@ -37,6 +38,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)")
     p.add_argument("files", nargs="+")
+
+    p = sub.add_parser("demo", help="write a tiny built-in Anima (real file formats) and sample an image with it")
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo sample")
 
     p = sub.add_parser("sample", help="generate one image with the flow Euler sampler (ComfyUI's shift-3 schedule)")
     _add_model_args(p)
@@ -89,7 +96,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "sample": cmd_sample}
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anima_trainer.demo import run_demo
+
+    paths = run_demo(args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    for name, path in paths.items():
+        print(f"{name:>10}: {path}")
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,8 @@ def write_tiny_tokenizers(folder: str | Path) -> Path:
     (folder / "qwen").mkdir(parents=True, exist_ok=True)
     (folder / "t5").mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TINY_CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(TINY_CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
+                          show_progress=False)
     bpe.save_model(str(folder / "qwen"))
     words = sorted({w for s in TINY_CORPUS for w in s.split()})
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
@@ -103,3 +104,44 @@ def write_tiny_qwen3(path: str | Path, seed: int = 0) -> Path:
     """A tiny random Qwen3 in ComfyUI's single-file layout (`model.*` keys)."""
     state = random_qwen3_state_dict(seed)
     return atomic_save({"model." + k: v.contiguous() for k, v in state.items()}, path, {"format": "pt"})
+
+
+def write_tiny_vae(path: str | Path, seed: int = 0, base_dim: int = 8) -> Path:
+    """A tiny random Qwen-Image-architecture VAE (16 latent channels, fewer feature channels), diffusers layout."""
+    from diffusers import AutoencoderKLQwenImage
+
+    from anima_trainer.models.vae import VAE_CONFIG
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLQwenImage(**{**VAE_CONFIG, "base_dim": base_dim})
+    return atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def write_demo_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """All four parts of a tiny Anima in the real file formats: DiT, Qwen3, VAE, tokenizers."""
+    folder = Path(folder)
+    return {"dit": write_tiny_dit(folder / "tiny_anima_dit.safetensors", seed=seed),
+            "qwen3": write_tiny_qwen3(folder / "tiny_qwen3.safetensors", seed=seed),
+            "vae": write_tiny_vae(folder / "tiny_vae.safetensors", seed=seed),
+            "tokenizers": write_tiny_tokenizers(folder / "tokenizers")}
+
+
+def run_demo(out_dir: str | Path, steps: int = 4, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+    """Write the tiny models and sample one 64×64 image with them (CPU, a few seconds)."""
+    from anima_trainer.models import load_dit, load_text_encoder, load_vae
+    from anima_trainer.sample.generate import SampleParams, generate_image, save_png
+
+    from anima_trainer.fileio import check_writable
+
+    out_dir = Path(out_dir)
+    check_writable(out_dir / "sample.png", overwrite)  # before anything is written
+    paths = write_demo_models(out_dir / "models", seed=seed)
+    dit = load_dit(paths["dit"], dtype=torch.float32)
+    te = load_text_encoder(paths["qwen3"], tokenizer_dir=paths["tokenizers"], dtype=torch.float32)
+    vae = load_vae(paths["vae"], dtype=torch.float32)
+    params = SampleParams(prompt="masterpiece, best quality, 1girl, solo, long hair, smile",
+                          negative_prompt="worst quality", steps=steps, cfg=4.0, width=64, height=64, seed=seed,
+                          models={k: p.name for k, p in paths.items()})
+    paths["sample"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
+                               out_dir / "sample.png", overwrite=overwrite)
+    return paths

@@ -242,6 +242,9 @@ def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str, dict[str, s
         components["vae"] = VAE_BUNDLE_PREFIX
     if len(components) > 1:
         return "anima_bundle", components.get("dit", ""), components
+    if set(components) == {"vae"}:  # a VAE saved alone with its bundle prefix
+        z2 = shapes.get(f"{VAE_BUNDLE_PREFIX}conv1.weight", (32,))[0]
+        return ("qwen_image_vae" if z2 == 32 else "wan22_vae"), VAE_BUNDLE_PREFIX, {}
     if "dit" in components:
         return "anima_dit", dit_prefix, components
     for p in ("llm_adapter.", dit_prefix + "llm_adapter.", ""):
