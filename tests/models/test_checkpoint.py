@@ -30,7 +30,10 @@ def test_every_prefix_loads_to_the_same_model(tmp_path, prefix):
     info = inspect_file(path)
     assert info.kind == "anima_dit" and info.prefix == prefix
     dit = load_dit(path, dtype=torch.float32)
-    assert torch.equal(_velocity(dit), _velocity(ref))
+    a, b = dit.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # same weights; outputs may differ in the last bit because SIMD paths depend on memory alignment
+    torch.testing.assert_close(_velocity(dit), _velocity(ref), atol=1e-5, rtol=1e-5)
 
 
 def test_known_extras_are_ignored(tmp_path):
