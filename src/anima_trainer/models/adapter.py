@@ -11,31 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anima_trainer.models.layers import RMSNorm, apply_rotary, attention
+from anima_trainer.models.layers import QKNormAttentionBase, RMSNorm, apply_rotary, attention
 
 CONTEXT_ROWS = 512  # the DiT always sees at least 512 context rows; the zero rows act as an attention sink
 
 
-class AdapterAttention(nn.Module):
-    """Multi-head attention with per-head q/k RMSNorm and rotary embedding on q and k (also cross)."""
+class AdapterAttention(QKNormAttentionBase):
+    """Attention with rotary embedding on q and k (in cross-attention too: q by T5, k by Qwen position)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(context_dim, dim, bias=False)
-        self.v_proj = nn.Linear(context_dim, dim, bias=False)
+        super().__init__(dim, context_dim, heads)
         self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim)
-        self.k_norm = RMSNorm(self.head_dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, rope_q: tuple[torch.Tensor, torch.Tensor],
                 rope_k: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None) -> torch.Tensor:
-        b, sq, _ = x.shape
-        sk = context.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, sq, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(context).view(b, sk, self.heads, self.head_dim))
-        v = self.v_proj(context).view(b, sk, self.heads, self.head_dim)
+        q, k, v = self.project(x, context)
         q = apply_rotary(q, *rope_q, in_fp32=False)
         k = apply_rotary(k, *rope_k, in_fp32=False)
         return self.o_proj(attention(q, k, v, key_mask))

@@ -25,7 +25,7 @@ from torch import nn
 from anima_trainer.models.adapter import LLMAdapter, build_context
 from anima_trainer.models.checkpoint import (CheckpointError, DitConfig, expect_kind, infer_dit_config,
                                              load_state_dict, read_header)
-from anima_trainer.models.layers import RMSNorm, apply_rotary, attention
+from anima_trainer.models.layers import QKNormAttentionBase, RMSNorm, apply_rotary, attention
 
 
 class Patchify(nn.Module):
@@ -84,26 +84,16 @@ def _adaln(dim: int, rank: int, chunks: int) -> nn.Sequential:
     return nn.Sequential(nn.SiLU(), nn.Linear(dim, rank, bias=False), nn.Linear(rank, chunks * dim, bias=False))
 
 
-class Attention(nn.Module):
-    """DiT attention: q/k per-head RMSNorm, RoPE only when tables are given (self-attention), no mask."""
+class Attention(QKNormAttentionBase):
+    """DiT attention: RoPE only when tables are given (self-attention), no mask (zero context rows count)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(context_dim, dim, bias=False)
-        self.v_proj = nn.Linear(context_dim, dim, bias=False)
+        super().__init__(dim, context_dim, heads)
         self.output_proj = nn.Linear(dim, dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim)
-        self.k_norm = RMSNorm(self.head_dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        b, s, _ = x.shape
-        sk = context.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(context).view(b, sk, self.heads, self.head_dim))
-        v = self.v_proj(context).view(b, sk, self.heads, self.head_dim)
+        q, k, v = self.project(x, context)
         if rope is not None:
             q = apply_rotary(q, *rope, in_fp32=True)
             k = apply_rotary(k, *rope, in_fp32=True)

@@ -54,3 +54,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = out * key_mask.any(dim=-1).to(out.dtype)[:, None, None, None]
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)
+
+
+class QKNormAttentionBase(nn.Module):
+    """q/k/v projections (no bias) with per-head q/k RMSNorm, shared by the DiT and the LLM adapter.
+
+    Subclasses add the output projection under the checkpoint's name (`output_proj` in the DiT, `o_proj` in
+    the adapter) and decide where RoPE applies.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(context_dim, dim, bias=False)
+        self.v_proj = nn.Linear(context_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised q, k and plain v as [B, S, heads, head_dim]."""
+        b, s, _ = x.shape
+        sk = context.shape[1]
+        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(context).view(b, sk, self.heads, self.head_dim))
+        return q, k, self.v_proj(context).view(b, sk, self.heads, self.head_dim)
