@@ -36,7 +36,8 @@ CONTEXT_ROWS = 512
 def forward_flops(c: DitConfig, tokens: int, context_rows: int = CONTEXT_ROWS) -> dict[str, float]:
     """Forward FLOPs of one sample, split into linear and attention parts (anima_arch.md §9)."""
     d = c.model_channels
-    per_block_linear = 2 * tokens * (4 * d * d + 2 * d * d + 2 * d * c.mlp_dim) + 2 * context_rows * 2 * d * c.crossattn_dim
+    per_token = 4 * d * d + 2 * d * d + 2 * d * c.mlp_dim  # self q,k,v,o + cross q,o + MLP (MACs)
+    per_block_linear = 2 * tokens * per_token + 2 * context_rows * 2 * d * c.crossattn_dim  # + cross k,v
     patch_in = (c.in_channels + 1) * c.patch_spatial ** 2
     patch_out = c.out_channels * c.patch_spatial ** 2
     linear = c.num_blocks * per_block_linear + 2 * tokens * d * (patch_in + patch_out)
@@ -58,7 +59,7 @@ def build(config: DitConfig, device: torch.device, dtype: torch.dtype) -> AnimaD
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.fill_(1.0)
             else:

@@ -198,8 +198,8 @@ class AnimaDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, c.crossattn_dim, c.num_heads, c.mlp_dim, c.adaln_lora_dim)
                                     for _ in range(c.num_blocks))
         self.final_layer = FinalLayer(dim, p * p * c.patch_temporal * c.out_channels, c.adaln_lora_dim)
-        self.llm_adapter = (LLMAdapter(c.adapter_vocab, c.adapter_dim, c.adapter_source_dim, c.adapter_blocks, c.adapter_heads,
-                                       c.adapter_mlp_dim) if c.has_llm_adapter else None)
+        self.llm_adapter = (LLMAdapter(c.adapter_vocab, c.adapter_dim, c.adapter_source_dim, c.adapter_blocks,
+                                       c.adapter_heads, c.adapter_mlp_dim) if c.has_llm_adapter else None)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # None = fp32 residual stream whenever weights are reduced precision: fp16 overflows without it and
         # bf16 halves its error against ComfyUI's fp32 output (rel. L2 0.0105 → 0.0057 on the fixture).

@@ -181,8 +181,8 @@ def _folder_weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise CheckpointError(f"{QWEN_FLAG}: {folder} has no .safetensors weights"
-                              + (f" (only {', '.join(found)}, which are never unpickled; convert them)" if found else ""))
+        hint = f" (only {', '.join(found)}, which are never unpickled; convert them)" if found else ""
+        raise CheckpointError(f"{QWEN_FLAG}: {folder} has no .safetensors weights{hint}")
     return files
 
 
