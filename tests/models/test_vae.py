@@ -124,7 +124,8 @@ def vae16(vae_path: Path) -> AnimaVAE:
 
 def test_bf16_close_to_fp32_on_a_crop(vae16: AnimaVAE, vae32: AnimaVAE, ref: dict) -> None:
     """bf16 vs our fp32 (itself ComfyUI-exact) on a 16x24 crop: CPU bf16 3-D convs are ~60x slower than
-    fp32 on this class of machine (no AVX512-BF16), so the full 64x96 reference runs only on CUDA below."""
+    fp32 on this class of machine (no AVX512-BF16). The full 64x96 image against ComfyUI in bf16 was measured
+    once (docs/models.md: rel. L2 1.9e-3 normalised latent, 1.2e-2 raw, 2.8e-3 decoded) but takes ~200 s here."""
     assert next(vae16.model.parameters()).dtype == torch.bfloat16
     crop = _image(ref["image"])[..., 8:24, 16:40].contiguous()
     z16, z32 = vae16.encode(crop), vae32.encode(crop)
@@ -134,17 +135,6 @@ def test_bf16_close_to_fp32_on_a_crop(vae16: AnimaVAE, vae32: AnimaVAE, ref: dic
     images = vae16.decode(z32)
     assert images.dtype == torch.float32 and images.shape == crop.shape
     assert _rel_l2(images, vae32.decode(z32)) <= BF16_REL_L2["decoded_image"]  # observed 2.6e-3
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size bf16 reference run needs CUDA")
-def test_bf16_cuda_close_to_comfyui_fp32(vae_path: Path, ref: dict) -> None:
-    vae = load_vae(vae_path, device="cuda")
-    z = vae.encode(_image(ref["image"]))  # CPU in, CPU out
-    assert z.device.type == "cpu" and z.dtype == torch.float32
-    assert _rel_l2(z, ref["latent_normalized"]) <= BF16_REL_L2["latent_normalized"]
-    assert _rel_l2(denormalize_latents(z), ref["latent_raw"]) <= BF16_REL_L2["latent_raw"]
-    images = vae.decode(ref["decode_in_normalized"])
-    assert _rel_l2(images, _image(ref["decoded_image"])) <= BF16_REL_L2["decoded_image"]
 
 
 # --- key conversion and file layouts ------------------------------------------------------------------

@@ -121,6 +121,8 @@ class FileInfo:
             out["components"] = self.components
         if self.ignored_keys:
             out["ignored_non_weight_keys"] = self.ignored_keys
+        if self.kind == "unknown" and self.path.is_file():
+            out["first_keys"] = sorted(read_header(self.path)[0])[:8]
         return out
 
 
