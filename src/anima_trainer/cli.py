@@ -1,7 +1,7 @@
 """`anima-trainer <command>`: thin argument parsing that hands off to one stage.
 
-Commands: `inspect FILE...` (what a file is), `demo` (tiny built-in model → sample image), `sample` (text → PNG
-with the flow Euler sampler).
+Commands: `train` (kohya flags / `--config_file`), `inspect FILE...` (what a file is), `demo` (tiny built-in
+model: train a LoRA, sample before/after), `sample` (text → PNG with the flow Euler sampler).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 """
 
@@ -35,15 +35,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anima-trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a LoRA (kohya flags; `anima-trainer train --help`)", add_help=False)
 
     p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)")
     p.add_argument("files", nargs="+")
 
-    p = sub.add_parser("demo", help="write a tiny built-in Anima (real file formats) and sample an image with it")
+    p = sub.add_parser("demo", help="tiny built-in Anima + synthetic dataset: train a LoRA on CPU, sample before/after")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=60, help="training steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing demo sample")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run")
 
     p = sub.add_parser("sample", help="generate one image with the flow Euler sampler (ComfyUI's shift-3 schedule)")
     _add_model_args(p)
@@ -108,14 +109,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample}
 
 
+def cmd_train(argv: list[str]) -> int:
+    """`train` has kohya's own flag set (and `--config_file`), parsed by the config package."""
+    from anima_trainer.config import parse_train_args
+    from anima_trainer.train.loop import train
+
+    print(train(parse_train_args(argv)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `anima-trainer` script; user errors print one line and exit 2."""
     from anima_trainer.fileio import OutputExistsError
     from anima_trainer.models.checkpoint import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["train"]:
+            return cmd_train(argv[1:])
+        args = _build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except (CheckpointError, OutputExistsError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ and random weights, so every loader path is exercised without downloading multi-
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,22 +127,107 @@ def write_demo_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
             "tokenizers": write_tiny_tokenizers(folder / "tokenizers")}
 
 
-def run_demo(out_dir: str | Path, steps: int = 4, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
-    """Write the tiny models and sample one 64×64 image with them (CPU, a few seconds)."""
-    from anima_trainer.models import load_dit, load_text_encoder, load_vae
-    from anima_trainer.sample.generate import SampleParams, generate_image, save_png
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 
+
+def write_shapes_dataset(folder: str | Path, count: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """Coloured shapes on white with captions naming shape and colour (`image.png` + `image.txt`)."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[i % len(COLOURS)]
+        image = Image.new("RGB", (size, size), "white")
+        draw = ImageDraw.Draw(image)
+        r = rng.randint(size // 5, size // 3)
+        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[colour])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+        image.save(folder / f"shape_{i:02d}.png")
+        (folder / f"shape_{i:02d}.txt").write_text(f"a {colour} {shape} on a white background", encoding="utf-8")
+    return folder
+
+
+def _toml_path(p: Path) -> str:
+    return json.dumps(str(p))  # a JSON string is a valid TOML basic string (escapes backslashes on Windows)
+
+
+def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, steps: int, seed: int) -> Path:
+    """The two kohya-style files a user would write: dataset.toml and train.toml; returns train.toml."""
+    (out_dir / "dataset.toml").write_text(f"""[general]
+caption_extension = ".txt"
+enable_bucket = true
+resolution = 64
+batch_size = 4
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = {_toml_path(images)}
+  num_repeats = 1
+""", encoding="utf-8")
+    train_toml = out_dir / "train.toml"
+    train_toml.write_text(f"""[model]
+pretrained_model_name_or_path = {_toml_path(models["dit"])}
+qwen3 = {_toml_path(models["qwen3"])}
+qwen3_tokenizer_path = {_toml_path(models["tokenizers"] / "qwen")}
+t5_tokenizer_path = {_toml_path(models["tokenizers"] / "t5")}
+vae = {_toml_path(models["vae"])}
+
+[network]
+network_module = "networks.lora_anima"
+network_dim = 8
+network_alpha = 8
+
+[training]
+dataset_config = {_toml_path(out_dir / "dataset.toml")}
+output_dir = {_toml_path(out_dir / "output")}
+output_name = "demo_lora"
+learning_rate = 2e-3
+max_train_steps = {steps}
+train_batch_size = 4
+seed = {seed}
+timestep_sampling = "sigmoid"
+max_data_loader_n_workers = 0
+overwrite = true
+""", encoding="utf-8")
+    return train_toml
+
+
+def run_demo(out_dir: str | Path, steps: int = 60, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+    """Tiny models + synthetic dataset → train a LoRA on CPU → sample before and after; returns the paths."""
+    from anima_trainer.config import parse_train_args
     from anima_trainer.fileio import check_writable
+    from anima_trainer.models import load_dit, load_text_encoder, load_vae
+    from anima_trainer.networks import apply_network_file
+    from anima_trainer.sample.generate import SampleParams, generate_image, save_png
+    from anima_trainer.train.loop import train
 
     out_dir = Path(out_dir)
-    check_writable(out_dir / "sample.png", overwrite)  # before anything is written
+    for name in ("sample_before.png", "sample_after.png", "output/demo_lora.safetensors"):
+        check_writable(out_dir / name, overwrite)  # before anything is written
     paths = write_demo_models(out_dir / "models", seed=seed)
-    dit = load_dit(paths["dit"], dtype=torch.float32)
+    paths["dataset"] = write_shapes_dataset(out_dir / "dataset", seed=seed)
+    paths["train_config"] = write_demo_configs(out_dir, paths, paths["dataset"], steps, seed)
+    params = SampleParams(prompt="a red circle on a white background", negative_prompt="", steps=8, cfg=1.0,
+                          width=64, height=64, seed=seed, models={"dit": paths["dit"].name})
     te = load_text_encoder(paths["qwen3"], tokenizer_dir=paths["tokenizers"], dtype=torch.float32)
     vae = load_vae(paths["vae"], dtype=torch.float32)
-    params = SampleParams(prompt="masterpiece, best quality, 1girl, solo, long hair, smile",
-                          negative_prompt="worst quality", steps=steps, cfg=4.0, width=64, height=64, seed=seed,
-                          models={k: p.name for k, p in paths.items()})
-    paths["sample"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
-                               out_dir / "sample.png", overwrite=overwrite)
+    dit = load_dit(paths["dit"], dtype=torch.float32)
+    paths["sample_before"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
+                                      out_dir / "sample_before.png", overwrite=overwrite)
+    paths["lora"] = train(parse_train_args(["--config_file", str(paths["train_config"])]))
+    apply_network_file(dit, paths["lora"], multiplier=1.0)
+    params.models["network"] = paths["lora"].name
+    paths["sample_after"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
+                                     out_dir / "sample_after.png", overwrite=overwrite)
     return paths

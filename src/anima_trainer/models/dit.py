@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from anima_trainer.models.adapter import LLMAdapter, build_context
 from anima_trainer.models.checkpoint import (CheckpointError, DitConfig, expect_kind, infer_dit_config,
@@ -204,6 +205,7 @@ class AnimaDiT(nn.Module):
         # None = fp32 residual stream whenever weights are reduced precision: fp16 overflows without it and
         # bf16 halves its error against ComfyUI's fp32 output (rel. L2 0.0105 → 0.0057 on the fixture).
         self.residual_fp32: bool | None = None
+        self.gradient_checkpointing = False  # recompute each block in backward (non-reentrant: LoRA hooks work)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -261,7 +263,10 @@ class AnimaDiT(nn.Module):
         if fp32_residual:
             tokens = tokens.float()
         for block in self.blocks:
-            tokens = block(tokens, emb, adaln_lora, context, rope)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, emb, adaln_lora, context, rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, emb, adaln_lora, context, rope)
         out = self.final_layer(tokens, emb, adaln_lora)
         out = self.unpatchify(out, frames, height, width)[:, :, :, :h0, :w0]
         return out.to(in_dtype)

@@ -1,0 +1,235 @@
+"""Adapter file names and math exactly as ComfyUI reads them for Anima (docs: comfyui_formats.md).
+
+* `comfy_key_map(dit)`: every accepted adapter-name prefix → DiT parameter name (§2).
+* `check_comfy_keys(keys, dit)`: the save-time check that ComfyUI would load every key of a file.
+* `apply_network_file(dit, path, multiplier)`: merge a LoRA / LoHa / LoKr / diff / set_weight file into the
+  DiT weights for inference, computed in fp32 and cast back to each weight's dtype (§3, §4).
+
+The rules are re-implemented from the notes, not borrowed: ComfyUI walks its key map in insertion order and a
+later name for the same weight replaces an earlier patch (so `diffusion_model.M` beats `lora_unet_M`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+COMFY_PREFIX = "diffusion_model."
+KOHYA_PREFIX = "lora_unet_"
+
+# (up suffix, down suffix, mid suffix or None) in ComfyUI's order: the first present up key wins.
+LORA_SPELLINGS = (
+    (".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
+    ("_lora.up.weight", "_lora.down.weight", None),
+    (".lora_B.weight", ".lora_A.weight", None),
+    (".lora.up.weight", ".lora.down.weight", None),
+    (".lora_B", ".lora_A", None),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", None),
+    (".lora_B.default.weight", ".lora_A.default.weight", None),
+)
+LOHA_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")
+LOKR_SUFFIXES = (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+OTHER_SUFFIXES = (".alpha", ".dora_scale", ".reshape_weight", ".diff", ".diff_b", ".w_norm", ".b_norm", ".set_weight")
+ALL_SUFFIXES = tuple(sorted({s for spelling in LORA_SPELLINGS for s in spelling if s}
+                            | set(LOHA_SUFFIXES) | set(LOKR_SUFFIXES) | set(OTHER_SUFFIXES), key=len, reverse=True))
+
+
+class NetworkError(ValueError):
+    """A network file or network setup that cannot work; the message names the key/module and the fix."""
+
+
+def comfy_key_map(dit: nn.Module) -> dict[str, str]:
+    """Accepted adapter-name prefix → DiT parameter name, in ComfyUI's insertion order.
+
+    For `M.weight` (any rank, norm gains included): `lora_unet_<M with _>` then `diffusion_model.M`;
+    for any other tensor `P` (biases): `diffusion_model.P`.
+    """
+    out: dict[str, str] = {}
+    for name in dit.state_dict(keep_vars=True):
+        if name.endswith(".weight"):
+            module = name[: -len(".weight")]
+            out[KOHYA_PREFIX + module.replace(".", "_")] = name
+            out[COMFY_PREFIX + module] = name
+        else:
+            out[COMFY_PREFIX + name] = name
+    return out
+
+
+def split_key(key: str, key_map: dict[str, str]) -> tuple[str, str] | None:
+    """(accepted prefix, suffix) of an adapter key, or None when ComfyUI would not map it."""
+    for suffix in ALL_SUFFIXES:
+        if key.endswith(suffix) and key[: -len(suffix)] in key_map:
+            return key[: -len(suffix)], suffix
+    return None
+
+
+def unmatched_keys(keys: Iterable[str], dit: nn.Module) -> list[str]:
+    """Keys whose name does not map onto a DiT parameter under ComfyUI's rules."""
+    key_map = comfy_key_map(dit)
+    return sorted(k for k in keys if split_key(k, key_map) is None)
+
+
+def check_comfy_keys(keys: Iterable[str] | str | Path, dit: nn.Module) -> None:
+    """Raise NetworkError listing every key (of a list or a .safetensors file) that ComfyUI would not load."""
+    if isinstance(keys, (str, Path)):
+        with safe_open(str(keys), "pt") as f:
+            keys = list(f.keys())
+    bad = unmatched_keys(keys, dit)
+    if bad:
+        raise NetworkError(f"{len(bad)} key(s) would not be loaded by ComfyUI (expected "
+                           f"'{COMFY_PREFIX}<module path>.<suffix>' or '{KOHYA_PREFIX}<module_path>.<suffix>' for a "
+                           f"module of this DiT): {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------- loading --
+
+def parse_patches(sd: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple[dict[str, tuple], set[str]]:
+    """ComfyUI's `load_lora`: {DiT tensor name: patch} and the set of keys it counts as loaded."""
+    patches: dict[str, tuple] = {}
+    loaded: set[str] = set()
+
+    def get(name: str) -> torch.Tensor | None:
+        if name in sd:
+            loaded.add(name)
+            return sd[name]
+        return None
+
+    for x, target in key_map.items():
+        alpha = get(x + ".alpha")
+        alpha = float(alpha) if alpha is not None else None
+        dora = get(x + ".dora_scale")
+        for up_s, down_s, mid_s in LORA_SPELLINGS:  # LoRA: the up key decides
+            if x + up_s in sd:
+                mid = get(x + mid_s) if mid_s else None
+                reshape = get(x + ".reshape_weight")
+                patches[target] = ("lora", get(x + up_s), get(x + down_s), alpha, mid, dora, reshape)
+                break
+        if x + ".hada_w1_a" in sd:
+            w = [get(x + s) for s in LOHA_SUFFIXES]
+            patches[target] = ("loha", *w, alpha, dora)
+        if any(x + s in sd for s in (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a")):
+            w = [get(x + s) for s in LOKR_SUFFIXES]
+            patches[target] = ("lokr", *w, alpha, dora)
+        bias = target[: -len(".weight")] + ".bias"  # ComfyUI strips 7 characters whatever the name
+        w_norm = get(x + ".w_norm")
+        if w_norm is not None:
+            patches[target] = ("diff", w_norm)
+            b_norm = get(x + ".b_norm")
+            if b_norm is not None:
+                patches[bias] = ("diff", b_norm)
+        diff = get(x + ".diff")
+        if diff is not None:
+            patches[target] = ("diff", diff)
+        diff_b = get(x + ".diff_b")
+        if diff_b is not None:
+            patches[bias] = ("diff", diff_b)
+        set_weight = get(x + ".set_weight")
+        if set_weight is not None:
+            patches[target] = ("set", set_weight)
+    return patches, loaded
+
+
+def _f32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device=device, dtype=torch.float32)
+
+
+def _decompose(w0: torch.Tensor, merged: torch.Tensor, dora: torch.Tensor, strength: float) -> torch.Tensor:
+    """ComfyUI's DoRA weight_decompose on fp32 tensors; `merged` = W + scale·ΔW."""
+    eps = torch.finfo(torch.float32).eps
+    if dora.shape[0] == w0.shape[0]:  # output axis: norm of the original W's rows
+        norm = w0.reshape(w0.shape[0], -1).norm(dim=1, keepdim=True).reshape(w0.shape[0], *[1] * (w0.dim() - 1))
+    else:  # input axis: norm of the merged weight's columns
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * (merged.dim() - 1)).transpose(0, 1)
+    new = merged * (dora / (norm + eps))
+    return new if strength == 1.0 else w0 + strength * (new - w0)
+
+
+def delta_weight(patch: tuple, w: torch.Tensor, strength: float) -> torch.Tensor:
+    """New fp32 weight for one patch on the fp32 weight `w` (ComfyUI's calculate_weight)."""
+    kind, dev = patch[0], w.device
+    if kind == "set":
+        return patch[1].to(device=dev, dtype=torch.float32).clone()
+    if kind == "diff":
+        d = patch[1]
+        if tuple(d.shape) != tuple(w.shape):
+            raise NetworkError(f"shape mismatch: diff {tuple(d.shape)} vs weight {tuple(w.shape)}")
+        return w + strength * d.to(device=dev, dtype=torch.float32)
+    if kind == "lora":
+        up, down, alpha, mid, dora, reshape = (_f32(t, dev) if isinstance(t, torch.Tensor) else t for t in patch[1:])
+        if reshape is not None:
+            raise NetworkError("reshape_weight is not supported for Anima")
+        scale = alpha / down.shape[0] if alpha is not None else 1.0
+        if mid is not None:  # Tucker / LoCon conv: fold the mid core into down
+            final_shape = [down.shape[1], down.shape[0], mid.shape[2], mid.shape[3]]
+            down = torch.mm(down.transpose(0, 1).flatten(start_dim=1), mid.transpose(0, 1).flatten(start_dim=1))
+            down = down.reshape(final_shape).transpose(0, 1)
+        diff = torch.mm(up.flatten(1), down.flatten(1)).reshape(w.shape)
+    elif kind == "loha":
+        w1a, w1b, w2a, w2b, t1, t2, alpha, dora = (_f32(t, dev) if isinstance(t, torch.Tensor) else t
+                                                   for t in patch[1:])
+        if t1 is not None:
+            m1 = torch.einsum("i j k l, j r, i p -> p r k l", t1, w1b, w1a)
+            m2 = torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a)
+        else:
+            m1, m2 = torch.mm(w1a, w1b), torch.mm(w2a, w2b)
+        scale = alpha / w1b.shape[0] if alpha is not None else 1.0
+        diff = (m1 * m2).reshape(w.shape)
+    elif kind == "lokr":
+        w1, w2, w1a, w1b, w2a, w2b, t2, alpha, dora = (_f32(t, dev) if isinstance(t, torch.Tensor) else t
+                                                       for t in patch[1:])
+        dim = None
+        if w1 is None:
+            dim, w1 = w1b.shape[0], torch.mm(w1a, w1b)
+        if w2 is None:
+            dim = w2b.shape[0]
+            w2 = (torch.mm(w2a, w2b) if t2 is None else
+                  torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a))
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        scale = alpha / dim if alpha is not None and dim is not None else 1.0  # both full: alpha ignored
+        diff = torch.kron(w1, w2).reshape(w.shape)
+    else:
+        raise NetworkError(f"unknown patch kind {kind!r}")
+    if dora is not None:
+        return _decompose(w, w + scale * diff, dora, strength)
+    return w + (strength * scale) * diff
+
+
+@torch.no_grad()
+def apply_network_file(dit: nn.Module, path: str | Path, multiplier: float = 1.0) -> dict:
+    """Merge an adapter file into the DiT's weights for inference, as ComfyUI's LoraLoaderModelOnly does.
+
+    Returns {"patched": [DiT tensor names], "not_loaded": [file keys ComfyUI ignores],
+    "not_in_model": [patch targets the DiT lacks, e.g. norm biases], "errors": {tensor: message}}.
+    A patch that cannot be applied (wrong shape) leaves its weight unchanged and is listed in "errors".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NetworkError(f"network file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+        raise NetworkError(f"{path} is not a readable .safetensors file: {e}") from e
+    patches, loaded = parse_patches(sd, comfy_key_map(dit))
+    params = dit.state_dict(keep_vars=True)
+    report: dict = {"patched": [], "not_loaded": sorted(set(sd) - loaded), "not_in_model": [], "errors": {}}
+    for name, patch in patches.items():
+        if name not in params:
+            report["not_in_model"].append(name)
+            continue
+        p = params[name]
+        try:
+            new = delta_weight(patch, p.detach().float(), float(multiplier))
+        except (NetworkError, RuntimeError) as e:
+            report["errors"][name] = str(e)
+            continue
+        p.data.copy_(new.to(p.dtype))
+        report["patched"].append(name)
+    report["patched"].sort()
+    return report

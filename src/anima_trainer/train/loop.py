@@ -1,0 +1,221 @@
+"""The training loop: batch → latents + context → noise and σ → DiT with injected LoRA → loss → step → save.
+
+Read it like minRF: `train()` sets up (models, data, network, optimizer) and runs `training_step` until
+`max_train_steps`.  Text conditioning and latents are computed on the fly (frozen Qwen3/VAE under
+no_grad; Qwen states are memoised per caption in RAM because captions repeat every epoch); persistent
+caches come with the dataset issue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from anima_trainer.config import TrainConfig
+from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
+from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
+from anima_trainer.train.state import SavePlan
+
+log = logging.getLogger(__name__)
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Models:
+    """The frozen base: DiT (with the LoRA injected later), text encoder, VAE."""
+
+    dit: torch.nn.Module
+    text_encoder: object
+    vae: object
+
+
+def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
+    """Load the three parts with start-up validation (wrong files are named with their flag)."""
+    from anima_trainer.models import load_dit, load_text_encoder, load_vae
+
+    dit = load_dit(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, adapter_path=cfg.llm_adapter_path)
+    te = load_text_encoder(cfg.qwen3, tokenizer_dir=cfg.qwen3_tokenizer_path, t5_tokenizer_dir=cfg.t5_tokenizer_path,
+                           dtype=dtype, device=device)
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
+    vae = load_vae(cfg.vae, dtype=vae_dtype, device=device)
+    return Models(dit, te, vae)
+
+
+class TextConditioner:
+    """Captions → DiT context; Qwen3 states memoised per caption (frozen encoder, captions repeat)."""
+
+    def __init__(self, dit, text_encoder, max_cached: int = 100_000) -> None:
+        self.dit, self.te, self.max_cached = dit, text_encoder, max_cached
+        self._cache: dict[str, tuple[torch.Tensor, list[int], list[float]]] = {}
+
+    @torch.no_grad()
+    def _encode_missing(self, captions: list[str]) -> None:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if not missing:
+            return
+        enc = self.te.encode(missing)
+        for i, caption in enumerate(missing):
+            n, m = int(enc.qwen_mask[i].sum()), int(enc.t5_mask[i].sum())
+            if len(self._cache) < self.max_cached:
+                self._cache[caption] = (enc.qwen_hidden[i, :n].cpu(), enc.t5_ids[i, :m].tolist(),
+                                        enc.t5_weights[i, :m].tolist())
+
+    @torch.no_grad()
+    def context(self, captions: list[str]) -> torch.Tensor:
+        """[B, ≥512, 1024] context, exactly `dit.encode_context` on the right-padded batch."""
+        self._encode_missing(captions)
+        rows = [self._cache.get(c) for c in captions]
+        if any(r is None for r in rows):  # cache full: encode this batch directly
+            enc = self.te.encode(captions)
+            return self.dit.encode_context(enc.qwen_hidden, enc.t5_ids, qwen_mask=enc.qwen_mask,
+                                           t5_mask=enc.t5_mask, t5_weights=enc.t5_weights)
+        sq, st = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+        b, dim = len(rows), rows[0][0].shape[-1]
+        hidden = torch.zeros(b, sq, dim, dtype=rows[0][0].dtype)
+        qmask = torch.zeros(b, sq, dtype=torch.long)
+        ids = torch.zeros(b, st, dtype=torch.long)
+        tmask = torch.zeros(b, st, dtype=torch.long)
+        weights = torch.zeros(b, st)
+        for i, (h, t, w) in enumerate(rows):
+            hidden[i, : len(h)], qmask[i, : len(h)] = h, 1
+            ids[i, : len(t)], tmask[i, : len(t)], weights[i, : len(t)] = torch.tensor(t), 1, torch.tensor(w)
+        return self.dit.encode_context(hidden, ids, qwen_mask=qmask, t5_mask=tmask, t5_weights=weights)
+
+
+def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0."""
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+    patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+    sigma = sample_sigmas(latents.shape[0], method=cfg.timestep_sampling, sigmoid_scale=cfg.sigmoid_scale,
+                          shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
+                          logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                          patches=patches, generator=generator, device=generator.device).to(device)
+    x_t = noisy_input(latents, noise, sigma)
+    pred = dit(x_t, sigma, context)
+    return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
+                     weighting_scheme=cfg.weighting_scheme)
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(max_train_steps, epochs); `max_train_epochs` overrides `max_train_steps` as in kohya."""
+    updates_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    if cfg.max_train_epochs:
+        return cfg.max_train_epochs * updates_per_epoch, cfg.max_train_epochs
+    return cfg.max_train_steps, math.ceil(cfg.max_train_steps / updates_per_epoch)
+
+
+def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, batches_per_epoch: int,
+                   max_steps: int, started: float, buckets: list) -> dict[str, str]:
+    """kohya-style `ss_*` metadata (all strings) describing how the file was trained."""
+    meta = dict(cfg.to_metadata())
+    meta.update({
+        "ss_output_name": cfg.output_name, "ss_steps": str(step), "ss_epoch": str(epoch),
+        "ss_max_train_steps": str(max_steps), "ss_num_train_images": str(num_images),
+        "ss_num_batches_per_epoch": str(batches_per_epoch), "ss_base_model_version": "anima",
+        "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name, "ss_vae_name": Path(cfg.vae).name,
+        "ss_training_started_at": str(started), "ss_training_finished_at": str(time.time()),
+        "ss_bucket_info": json.dumps({"buckets": [list(b) for b in buckets]}),
+    })
+    return meta
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run a whole LoRA training from a validated config; returns the final network file."""
+    from accelerate import Accelerator
+
+    from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.networks import create_network
+
+    plan = SavePlan(Path(cfg.output_dir), cfg.output_name, every_n_steps=cfg.save_every_n_steps,
+                    every_n_epochs=cfg.save_every_n_epochs, keep_last_n_steps=cfg.save_last_n_steps,
+                    keep_last_n_epochs=cfg.save_last_n_epochs, overwrite=cfg.overwrite)
+    plan.check_start()
+    seed = cfg.seed if cfg.seed is not None else 42
+    torch.manual_seed(seed)
+    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
+                            seed=seed)
+    accelerator = Accelerator(mixed_precision="no", log_with=cfg.log_with if cfg.log_with else None,
+                              project_dir=str(cfg.logging_dir) if cfg.logging_dir else None)
+    device = accelerator.device
+    dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    models = load_models(cfg, device, dtype)
+    dit = models.dit
+    dit.gradient_checkpointing = cfg.gradient_checkpointing
+    network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
+                             dropout=cfg.network_dropout, **cfg.network_args)
+    if cfg.network_weights:
+        network.load_weights(cfg.network_weights)
+    network.to(device)
+    lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+    max_steps, epochs = total_steps(cfg, len(dataset))
+    optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, resolve_warmup(cfg.lr_warmup_steps, max_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if cfg.log_with:
+        accelerator.init_trackers(cfg.log_prefix or "network_train", config={"max_train_steps": max_steps})
+    conditioner = TextConditioner(dit, models.text_encoder)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    params = network.trainable_parameters()
+    log.info("training %d LoRA modules, %d images, %d batches/epoch, %d steps, %d epochs", len(network.modules_by_name),
+             dataset.num_images, len(dataset), max_steps, epochs)
+
+    started = time.time()
+    step, micro, final = 0, 0, plan.final_path
+    meta = lambda ep: build_metadata(cfg, step=step, epoch=ep, num_images=dataset.num_images,  # noqa: E731
+                                     batches_per_epoch=len(dataset), max_steps=max_steps, started=started,
+                                     buckets=dataset.bucket_table())
+    save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
+    bar = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
+    for epoch in range(1, epochs + 1):
+        for batch in dataset.epoch(epoch - 1):
+            with torch.no_grad():
+                latents = models.vae.encode(batch.images.to(device)).to(device)
+                context = conditioner.context(batch.captions)
+            loss = training_step(dit, latents, context, cfg, generator)
+            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            micro += 1
+            if micro % cfg.gradient_accumulation_steps:
+                continue
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", epoch=epoch)
+            if cfg.log_with:
+                logs = {"loss/current": loss_value, "lr/unet": scheduler.get_last_lr()[0]}
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=step)
+            if plan.due_at_step(step) and step < max_steps:
+                path = network.save(plan.step_path(step), metadata=meta(epoch), dtype=save_dtype,
+                                    overwrite=cfg.overwrite)
+                plan.record_step(step, path)
+            if step >= max_steps:
+                break
+        if plan.due_at_epoch(epoch) and epoch < epochs and step < max_steps:
+            path = network.save(plan.epoch_path(epoch), metadata=meta(epoch), dtype=save_dtype,
+                                overwrite=cfg.overwrite)
+            plan.record_epoch(epoch, path)
+        if step >= max_steps:
+            break
+    bar.close()
+    final = network.save(plan.final_path, metadata=meta(epoch), dtype=save_dtype, overwrite=cfg.overwrite)
+    if cfg.log_with:
+        accelerator.end_training()
+    log.info("saved %s", final)
+    return final

@@ -1,0 +1,71 @@
+"""Where network files go: kohya's names for intermediate and final saves, retention, refusing to clobber.
+
+Names: `<output_name>.safetensors` (final), `<output_name>-step<NNNNNNNN>.safetensors` (every N steps),
+`<output_name>-<NNNNNN>.safetensors` (every N epochs, as kohya).  `save_last_n_*` deletes only files
+this run wrote itself, never anything else in the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anima_trainer.fileio import OutputExistsError
+
+
+class SavePlan:
+    """Decides when to save and which of our own earlier saves to remove."""
+
+    def __init__(self, output_dir: Path, output_name: str, *, every_n_steps: int | None = None,
+                 every_n_epochs: int | None = None, keep_last_n_steps: int | None = None,
+                 keep_last_n_epochs: int | None = None, overwrite: bool = False) -> None:
+        self.output_dir, self.output_name = Path(output_dir), output_name
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.keep_last_n_steps, self.keep_last_n_epochs = keep_last_n_steps, keep_last_n_epochs
+        self.overwrite = overwrite
+        self.written_steps: list[tuple[int, Path]] = []
+        self.written_epochs: list[tuple[int, Path]] = []
+
+    @property
+    def final_path(self) -> Path:
+        return self.output_dir / f"{self.output_name}.safetensors"
+
+    def step_path(self, step: int) -> Path:
+        return self.output_dir / f"{self.output_name}-step{step:08d}.safetensors"
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.output_dir / f"{self.output_name}-{epoch:06d}.safetensors"
+
+    def check_start(self) -> None:
+        """Fail before training if the final file exists and overwriting was not asked for."""
+        if self.final_path.exists() and not self.overwrite:
+            raise OutputExistsError(f"{self.final_path} already exists; choose another output_name or pass "
+                                    "--overwrite to replace it")
+
+    def due_at_step(self, step: int) -> bool:
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+    def due_at_epoch(self, epoch: int) -> bool:
+        return bool(self.every_n_epochs) and epoch % self.every_n_epochs == 0
+
+    def record_step(self, step: int, path: Path) -> list[Path]:
+        """Remember a step save; return (and delete) our step saves older than `keep_last_n_steps` steps."""
+        self.written_steps.append((step, path))
+        return self._prune(self.written_steps, step, self.keep_last_n_steps, self.every_n_steps)
+
+    def record_epoch(self, epoch: int, path: Path) -> list[Path]:
+        self.written_epochs.append((epoch, path))
+        return self._prune(self.written_epochs, epoch, self.keep_last_n_epochs, self.every_n_epochs)
+
+    @staticmethod
+    def _prune(written: list[tuple[int, Path]], now: int, keep: int | None, every: int | None) -> list[Path]:
+        """kohya: keep saves from the last `keep` steps/epochs (a count of units, not of files)."""
+        if not keep:
+            return []
+        removed = []
+        for unit, path in list(written):
+            if unit <= now - keep:
+                if path.exists():
+                    path.unlink()
+                removed.append(path)
+                written.remove((unit, path))
+        return removed
