@@ -103,7 +103,7 @@ def parse_patches(sd: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple
         alpha = float(alpha) if alpha is not None else None
         dora = get(x + ".dora_scale")
         for up_s, down_s, mid_s in LORA_SPELLINGS:  # LoRA: the up key decides
-            if x + up_s in sd:
+            if x + up_s in sd and x + down_s in sd:
                 mid = get(x + mid_s) if mid_s else None
                 reshape = get(x + ".reshape_weight")
                 patches[target] = ("lora", get(x + up_s), get(x + down_s), alpha, mid, dora, reshape)

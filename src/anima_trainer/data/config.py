@@ -1,0 +1,373 @@
+"""dataset.toml: kohya's three-level schema ([general] / [[datasets]] / [[datasets.subsets]]), validated.
+
+Loading happens in two steps:
+
+1. `load_dataset_config` / `parse_dataset_config` check every key by hand first (so a typo, a key in the
+   wrong table or a kohya option we do not implement yet gets a message naming the key, the table and the
+   fix), then build the pydantic `DatasetConfig`.  Every option is Optional there: `None` means "not set
+   at this level".
+2. `resolve_datasets` applies kohya's precedence, subset > dataset > general > caller defaults (kohya's
+   command-line level) > built-in defaults, and returns plain frozen dataclasses the data pipeline reads.
+
+Adding a kohya option later = move its name from a `*_NOT_IMPLEMENTED` set to a model + the resolved
+dataclass; the key checks follow automatically.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
+
+# DiT patch size 2 x VAE downscale 8: every bucket side must be a multiple of this.
+ANIMA_PIXEL_MULTIPLE = 16
+
+
+class DatasetConfigError(ValueError):
+    """A mistake in the dataset config or in the files it points at (message names the key / file and fix)."""
+
+
+# --- key tables (kohya names) ---------------------------------------------------------------------------
+
+# Dataset-level: allowed in [general] and [[datasets]], not in subsets.
+DATASET_KEYS = frozenset(
+    {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+     "bucket_no_upscale"}
+)
+# Subset options that may also be set at dataset / general level ("ascendable" in kohya).
+ASCENDABLE_KEYS = frozenset({"num_repeats", "caption_extension", "class_tokens"})
+# Only inside [[datasets.subsets]].
+SUBSET_ONLY_KEYS = frozenset({"image_dir"})
+
+# kohya options we recognise but do not implement yet: always an error, never silently ignored.
+NOT_IMPLEMENTED_KEYS = frozenset(
+    {
+        # dataset level
+        "network_multiplier", "validation_split", "validation_seed", "resize_interpolation",
+        "skip_image_resolution",
+        # caption processing
+        "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator", "secondary_separator",
+        "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
+        "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
+        # augmentation
+        "color_aug", "flip_aug", "random_crop", "face_crop_aug_range",
+        # misc subset options
+        "custom_attributes", "cache_info", "is_reg", "alpha_mask",
+        # other dataset styles (fine-tuning / ControlNet)
+        "metadata_file", "conditioning_data_dir",
+    }
+)
+
+GENERAL_TABLE = "[general]"
+
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 1,
+    "enable_bucket": False,
+    "min_bucket_reso": 256,
+    "max_bucket_reso": 1024,
+    "bucket_reso_steps": 64,
+    "bucket_no_upscale": False,
+    "num_repeats": 1,
+    "caption_extension": ".caption",  # kohya's DreamBooth default
+    "class_tokens": None,
+}
+
+
+def dataset_table(i: int) -> str:
+    return f"[[datasets]] #{i + 1}"
+
+
+def subset_table(i: int, j: int) -> str:
+    return f"{dataset_table(i)} > [[datasets.subsets]] #{j + 1}"
+
+
+# --- pydantic models --------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Ascendable(_Strict):
+    num_repeats: StrictInt | None = Field(default=None, ge=0)
+    caption_extension: StrictStr | None = None
+    class_tokens: StrictStr | None = None
+
+
+class _DatasetLevel(_Ascendable):
+    resolution: tuple[StrictInt, StrictInt] | None = None  # (width, height); an int n means (n, n)
+    batch_size: StrictInt | None = Field(default=None, ge=1)
+    enable_bucket: StrictBool | None = None
+    min_bucket_reso: StrictInt | None = Field(default=None, ge=1)
+    max_bucket_reso: StrictInt | None = Field(default=None, ge=1)
+    bucket_reso_steps: StrictInt | None = Field(default=None, ge=1)
+    bucket_no_upscale: StrictBool | None = None
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, bool):
+            raise ValueError("expected an int or [width, height]")
+        if isinstance(v, int):
+            v = (v, v)
+        if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v
+        ):
+            raise ValueError(f"expected an int or [width, height] of ints, got {v!r}")
+        if min(v) < 1:
+            raise ValueError(f"must be positive, got {list(v)}")
+        return tuple(v)
+
+    @field_validator("bucket_reso_steps")
+    @classmethod
+    def _steps(cls, v: int | None) -> int | None:
+        if v is not None and v % ANIMA_PIXEL_MULTIPLE:
+            raise ValueError(
+                f"must be a multiple of {ANIMA_PIXEL_MULTIPLE} for Anima (DiT patch 2 x VAE 8), got {v}; "
+                f"try {max(ANIMA_PIXEL_MULTIPLE, v - v % ANIMA_PIXEL_MULTIPLE)} or 64"
+            )
+        return v
+
+
+class SubsetConfig(_Ascendable):
+    image_dir: StrictStr
+
+
+class GeneralConfig(_DatasetLevel):
+    pass
+
+
+class DatasetSection(_DatasetLevel):
+    subsets: list[SubsetConfig]
+
+
+class DatasetConfig(_Strict):
+    general: GeneralConfig = GeneralConfig()
+    datasets: list[DatasetSection]
+    # folder of the TOML file (relative image_dir fallback); None for configs built from a dict
+    source_dir: Path | None = None
+
+
+# --- key checks -------------------------------------------------------------------------------------------
+
+def _closest(key: str, names: set[str] | frozenset[str]) -> str:
+    match = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    if match:
+        return f"; did you mean '{match[0]}'?"
+    return f"; valid options here: {', '.join(sorted(names))}"
+
+
+def _check_table(table: dict, where: str, allowed: frozenset[str], level: str) -> None:
+    if not isinstance(table, dict):
+        raise DatasetConfigError(f"{where} must be a table, got {type(table).__name__}")
+    for key in table:
+        if key in allowed:
+            continue
+        if key in NOT_IMPLEMENTED_KEYS:
+            raise DatasetConfigError(f"dataset option '{key}' is not implemented yet (found in {where})")
+        if level == "subset" and key in DATASET_KEYS:
+            raise DatasetConfigError(
+                f"'{key}' in {where} is a dataset-level option; set it in [[datasets]] or [general] instead"
+            )
+        if level != "subset" and key in SUBSET_ONLY_KEYS:
+            raise DatasetConfigError(f"'{key}' in {where} can only be set inside [[datasets.subsets]]")
+        raise DatasetConfigError(f"unknown dataset option '{key}' in {where}" + _closest(key, allowed))
+
+
+def _check_keys(raw: dict) -> None:
+    top = frozenset({"general", "datasets"})
+    for key in raw:
+        if key not in top:
+            raise DatasetConfigError(f"unknown top-level table '{key}' in the dataset config" + _closest(key, top))
+    _check_table(raw.get("general", {}), GENERAL_TABLE, DATASET_KEYS | ASCENDABLE_KEYS, "general")
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise DatasetConfigError("the dataset config has no [[datasets]]; add at least one with a [[datasets.subsets]]")
+    for i, ds in enumerate(datasets):
+        _check_table(ds, dataset_table(i), DATASET_KEYS | ASCENDABLE_KEYS | {"subsets"}, "dataset")
+        subsets = ds.get("subsets")
+        if not isinstance(subsets, list) or not subsets:
+            raise DatasetConfigError(f"{dataset_table(i)} has no [[datasets.subsets]]; add one with image_dir")
+        for j, sub in enumerate(subsets):
+            _check_table(sub, subset_table(i, j), ASCENDABLE_KEYS | SUBSET_ONLY_KEYS, "subset")
+            if "image_dir" not in sub:
+                raise DatasetConfigError(f"{subset_table(i, j)} has no image_dir (required)")
+
+
+def _where(loc: tuple) -> tuple[str, str]:
+    """pydantic error location -> (key, table)."""
+    loc = tuple(loc)
+    if loc and loc[0] == "general":
+        return str(loc[1]) if len(loc) > 1 else "general", GENERAL_TABLE
+    if len(loc) >= 5 and loc[0] == "datasets" and loc[2] == "subsets":
+        return str(loc[4]), subset_table(int(loc[1]), int(loc[3]))
+    if len(loc) >= 3 and loc[0] == "datasets":
+        return str(loc[2]), dataset_table(int(loc[1]))
+    return ".".join(map(str, loc)), "the dataset config"
+
+
+def parse_dataset_config(raw: dict, source_dir: str | Path | None = None) -> DatasetConfig:
+    """Validate an already-parsed TOML dict (used by `load_dataset_config` and by tests / other callers)."""
+    if not isinstance(raw, dict):
+        raise DatasetConfigError("the dataset config must be a table")
+    _check_keys(raw)
+    try:
+        return DatasetConfig(**raw, source_dir=Path(source_dir) if source_dir is not None else None)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key, table = _where(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        suffix = "" if err["type"] == "value_error" else f" (got {type(got).__name__} {got!r})"
+        raise DatasetConfigError(f"dataset option '{key}' in {table}: {msg}{suffix}") from None
+
+
+def load_dataset_config(path: str | Path) -> DatasetConfig:
+    """Read and validate a kohya-style dataset.toml."""
+    path = Path(path)
+    if path.suffix == "" and not path.exists() and path.with_suffix(".toml").exists():
+        path = path.with_suffix(".toml")
+    if not path.is_file():
+        raise DatasetConfigError(f"dataset config {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DatasetConfigError(f"dataset config {path} is not valid TOML: {e}") from None
+    try:
+        return parse_dataset_config(raw, source_dir=path.resolve().parent)
+    except DatasetConfigError as e:
+        raise DatasetConfigError(f"{path}: {e}") from None
+
+
+# --- precedence -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubsetParams:
+    image_dir: Path  # as written (resolved against cwd / the config folder when scanned)
+    num_repeats: int
+    caption_extension: str
+    class_tokens: str | None
+    where: str  # table name for messages
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    resolution: tuple[int, int]  # (width, height)
+    batch_size: int
+    enable_bucket: bool
+    min_bucket_reso: int
+    max_bucket_reso: int
+    bucket_reso_steps: int
+    bucket_no_upscale: bool
+    subsets: tuple[SubsetParams, ...]
+    where: str
+
+    @property
+    def max_area(self) -> int:
+        return self.resolution[0] * self.resolution[1]
+
+
+def _pick(key: str, *levels: BaseModel | dict | None) -> Any:
+    for level in levels:
+        if level is None:
+            continue
+        value = level.get(key) if isinstance(level, dict) else getattr(level, key, None)
+        if value is not None:
+            return value
+    return DEFAULTS.get(key)
+
+
+def _normalize_extension(ext: str) -> str:
+    # kohya appends the extension to the stem as-is; "txt" would look for "imgtxt". We add the dot.
+    return ext if ext.startswith(".") or ext == "" else "." + ext
+
+
+def resolve_datasets(
+    cfg: DatasetConfig,
+    *,
+    default_batch_size: int | None = None,
+    default_resolution: int | tuple[int, int] | None = None,
+) -> list[DatasetParams]:
+    """Apply kohya's precedence (subset > dataset > general > caller defaults > built-ins) and check
+    the combinations.  Duplicate subsets (same image_dir) within one dataset are dropped, as in kohya."""
+    if isinstance(default_resolution, int):
+        default_resolution = (default_resolution, default_resolution)
+    caller = {"batch_size": default_batch_size, "resolution": default_resolution}
+    g = cfg.general
+    out = []
+    for i, ds in enumerate(cfg.datasets):
+        where = dataset_table(i)
+        resolution = _pick("resolution", ds, g, caller)
+        if resolution is None:
+            raise DatasetConfigError(f"{where}: 'resolution' is required (set it there or in [general])")
+        steps = _pick("bucket_reso_steps", ds, g, caller)
+        enable_bucket = _pick("enable_bucket", ds, g, caller)
+        no_upscale = _pick("bucket_no_upscale", ds, g, caller)
+        lo, hi = _pick("min_bucket_reso", ds, g, caller), _pick("max_bucket_reso", ds, g, caller)
+        if enable_bucket and not no_upscale:
+            if lo % steps:
+                log.warning("%s: min_bucket_reso %d rounded down to a multiple of %d", where, lo, steps)
+                lo -= lo % steps
+            if hi % steps:
+                log.warning("%s: max_bucket_reso %d rounded up to a multiple of %d", where, hi, steps)
+                hi += steps - hi % steps
+            if lo < steps:
+                raise DatasetConfigError(f"{where}: min_bucket_reso must be at least bucket_reso_steps ({steps})")
+            if lo > min(resolution):
+                raise DatasetConfigError(
+                    f"{where}: min_bucket_reso ({lo}) must be <= the smaller side of resolution {list(resolution)}"
+                )
+            if hi < max(resolution):
+                raise DatasetConfigError(
+                    f"{where}: max_bucket_reso ({hi}) must be >= the larger side of resolution {list(resolution)}"
+                    f"; set max_bucket_reso = {max(resolution) * 2} (typical for {max(resolution)} training)"
+                )
+        elif enable_bucket and no_upscale:
+            log.info("%s: bucket_no_upscale set; min/max_bucket_reso are ignored", where)
+        elif any(side % ANIMA_PIXEL_MULTIPLE for side in resolution):
+            raise DatasetConfigError(
+                f"{where}: without enable_bucket, resolution {list(resolution)} is the training size and each "
+                f"side must be a multiple of {ANIMA_PIXEL_MULTIPLE} for Anima"
+            )
+        subsets, seen = [], set()
+        for j, sub in enumerate(ds.subsets):
+            swhere = subset_table(i, j)
+            if sub.image_dir in seen:
+                log.warning("%s: duplicate image_dir %s in the same dataset; dropped (kohya)", swhere, sub.image_dir)
+                continue
+            seen.add(sub.image_dir)
+            repeats = _pick("num_repeats", sub, ds, g, caller)
+            if repeats < 1:
+                log.warning("%s: num_repeats = %d, subset skipped", swhere, repeats)
+                continue
+            subsets.append(
+                SubsetParams(
+                    image_dir=Path(sub.image_dir),
+                    num_repeats=repeats,
+                    caption_extension=_normalize_extension(_pick("caption_extension", sub, ds, g, caller)),
+                    class_tokens=_pick("class_tokens", sub, ds, g, caller),
+                    where=swhere,
+                )
+            )
+        out.append(
+            DatasetParams(
+                resolution=tuple(resolution),
+                batch_size=_pick("batch_size", ds, g, caller),
+                enable_bucket=enable_bucket,
+                min_bucket_reso=lo,
+                max_bucket_reso=hi,
+                bucket_reso_steps=steps,
+                bucket_no_upscale=no_upscale,
+                subsets=tuple(subsets),
+                where=where,
+            )
+        )
+    return out

@@ -1,0 +1,114 @@
+"""Which DiT modules a network trains, and how it hooks them without changing the DiT.
+
+Targets follow kohya's `lora_anima` (docs/kohya_anima.md §3.1): walk the DiT, and for every module whose
+class is a DiT `Block`, `PatchEmbed`, `TimestepEmbedding` or `FinalLayer` (plus the adapter's `AdapterBlock`
+with `train_llm_adapter`) take every `nn.Linear` inside it; drop those whose dotted path full-matches an
+exclude regex (the built-in one always applies, `exclude_patterns` add to it) unless it full-matches an
+`include_patterns` regex.  Defaults: 10 Linear per block (self/cross attention q/k/v/output_proj, mlp).
+
+Injection is kohya style: the target Linear's `forward` is replaced by the adapter module's forward, which
+calls the original.  The module tree and parameter names (= checkpoint keys) never change; `restore`
+puts the original forward back.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any, Callable
+
+from torch import nn
+
+from anima_trainer.networks.formats import NetworkError
+
+DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
+DIT_TARGET_CLASSES = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
+ADAPTER_TARGET_CLASSES = ("AdapterBlock",)
+KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter")
+
+
+def parse_patterns(name: str, value: Any) -> list[re.Pattern]:
+    """A list of regexes from a Python list or its literal string (kohya: `exclude_patterns=[".*mlp.*"]`)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as e:
+            raise NetworkError(f"network_args {name}={value!r} is not a Python list literal of regex strings, "
+                               f"e.g. {name}=['.*mlp.*']") from e
+        if isinstance(value, str):
+            value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise NetworkError(f"network_args {name} must be a list of regex strings, got {value!r}")
+    out = []
+    for pattern in value:
+        try:
+            out.append(re.compile(pattern))
+        except re.error as e:
+            raise NetworkError(f"network_args {name}: bad regex {pattern!r}: {e}") from e
+    return out
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no", "none", ""):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise NetworkError(f"network_args {name} must be true or false, got {value!r}")
+
+
+def check_network_args(network_args: dict[str, Any]) -> dict[str, Any]:
+    """Validate network_args; returns the parsed values (patterns compiled, booleans parsed)."""
+    unknown = sorted(set(network_args) - set(KNOWN_ARGS))
+    if unknown:
+        raise NetworkError(f"unknown network_args {unknown}; supported for algo=lora: {list(KNOWN_ARGS)}")
+    return {
+        "include_patterns": parse_patterns("include_patterns", network_args.get("include_patterns")),
+        "exclude_patterns": parse_patterns("exclude_patterns", network_args.get("exclude_patterns")),
+        "train_llm_adapter": parse_bool("train_llm_adapter", network_args.get("train_llm_adapter", False)),
+    }
+
+
+def find_targets(dit: nn.Module, include: list[re.Pattern] = (), exclude: list[re.Pattern] = (),
+                 train_llm_adapter: bool = False) -> dict[str, nn.Linear]:
+    """{dotted module path: Linear} to train, in module order."""
+    classes = DIT_TARGET_CLASSES + (ADAPTER_TARGET_CLASSES if train_llm_adapter else ())
+    excludes = [re.compile(DEFAULT_EXCLUDE), *exclude]
+    targets: dict[str, nn.Linear] = {}
+    for name, module in dit.named_modules():
+        if type(module).__name__ not in classes:
+            continue
+        for child_name, child in module.named_modules():
+            if not isinstance(child, nn.Linear) or not child_name:
+                continue
+            path = f"{name}.{child_name}" if name else child_name
+            excluded = any(p.fullmatch(path) for p in excludes)
+            if excluded and not any(p.fullmatch(path) for p in include):
+                continue
+            targets.setdefault(path, child)
+    return targets
+
+
+class ForwardHook:
+    """Replaces `module.forward` by `new_forward` and restores it exactly (instance attribute or class method)."""
+
+    def __init__(self, module: nn.Module, new_forward: Callable) -> None:
+        if getattr(module, "_anima_network_hooked", False):
+            raise NetworkError(f"{type(module).__name__} already has a network injected; call remove() on the "
+                               "existing network first")
+        self.had_instance_forward = "forward" in module.__dict__
+        self.org_forward = module.forward
+        module.forward = new_forward
+        module._anima_network_hooked = True
+        self.module: nn.Module | None = module
+
+    def restore(self) -> None:
+        module, self.module = self.module, None
+        if module is None:
+            return
+        if self.had_instance_forward:
+            module.forward = self.org_forward
+        else:
+            del module.forward
+        del module._anima_network_hooked
