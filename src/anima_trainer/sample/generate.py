@@ -94,3 +94,16 @@ def generate_image(dit, text_encoder, vae, params: SampleParams, progress: bool 
     contexts = [encode_prompts(dit, text_encoder, [p]) for p in prompts]
     latents = generate_latents(dit, contexts[0], contexts[1] if len(contexts) > 1 else None, params, progress)
     return to_pil(vae.decode(latents)[0])
+
+
+def render_previews(dit, text_encoder, vae, prompts, out_dir: str | Path, tag: str, output_name: str) -> list[Path]:
+    """Training previews: `<out_dir>/<output_name>_<tag>_<NN>_<seed>.png` with ComfyUI's schedule (what the user
+    will see after loading the LoRA in ComfyUI), one image per prompt."""
+    written = []
+    for i, p in enumerate(prompts):
+        params = SampleParams(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, cfg=p.cfg,
+                              width=p.width, height=p.height, seed=p.seed, shift=p.shift)
+        path = Path(out_dir) / f"{output_name}_{tag}_{i:02d}_{p.seed}.png"
+        written.append(save_png(generate_image(dit, text_encoder, vae, params, progress=False), params, path,
+                                overwrite=True))
+    return written

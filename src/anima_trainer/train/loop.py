@@ -19,6 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import TrainConfig
+from anima_trainer.sample.generate import render_previews
+from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
 from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
 from anima_trainer.train.state import SavePlan
@@ -169,6 +171,16 @@ def train(cfg: TrainConfig) -> Path:
     log.info("training %d LoRA modules, %d images, %d batches/epoch, %d steps, %d epochs", len(network.modules_by_name),
              dataset.num_images, len(dataset), max_steps, epochs)
 
+    previews = load_sample_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
+    preview_dir = Path(cfg.output_dir) / "sample"
+
+    def preview(tag: str) -> None:
+        network.eval()
+        render_previews(dit, models.text_encoder, models.vae, previews, preview_dir, tag, cfg.output_name)
+        network.train()
+
+    if previews and cfg.sample_at_first:
+        preview("000000")
     started = time.time()
     step, micro, final = 0, 0, plan.final_path
     meta = lambda ep: build_metadata(cfg, step=step, epoch=ep, num_images=dataset.num_images,  # noqa: E731
@@ -201,6 +213,8 @@ def train(cfg: TrainConfig) -> Path:
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
                 accelerator.log(logs, step=step)
+            if previews and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                preview(f"{step:06d}")
             if plan.due_at_step(step) and step < max_steps:
                 path = network.save(plan.step_path(step), metadata=meta(epoch), dtype=save_dtype,
                                     overwrite=cfg.overwrite)
@@ -211,6 +225,8 @@ def train(cfg: TrainConfig) -> Path:
             path = network.save(plan.epoch_path(epoch), metadata=meta(epoch), dtype=save_dtype,
                                 overwrite=cfg.overwrite)
             plan.record_epoch(epoch, path)
+        if previews and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
+            preview(f"e{epoch:06d}")
         if step >= max_steps:
             break
     bar.close()

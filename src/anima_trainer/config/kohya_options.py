@@ -1,0 +1,156 @@
+"""Tables of kohya / sd-scripts-anima option names: aliases we accept, and options we know but do not implement.
+
+Sources (facts only): docs `kohya_anima.md` §1 (kohya-ss/sd-scripts `anima_train_network.py` flags) and
+`seed_system.md` §1.2–1.4 (sd-scripts-anima flags and optimizer aliases).
+"""
+
+from __future__ import annotations
+
+# --- aliases -------------------------------------------------------------------------------------------------
+# sd-scripts-anima's names for the same settings (seed_system.md §1.2, "Naming note").  Accepted on the command
+# line and in a TOML; giving an alias and its canonical name with different values is an error.
+ALIASES: dict[str, str] = {
+    "anima_transformer": "pretrained_model_name_or_path",
+    "qwen": "qwen3",
+    "t5_tokenizer_dir": "t5_tokenizer_path",
+    "anima_timestep_sampling": "timestep_sampling",
+    "anima_sigmoid_scale": "sigmoid_scale",
+    "anima_flow_shift": "discrete_flow_shift",
+}
+
+# sd-scripts-anima's `anima_timestep_sampling` values → kohya's `timestep_sampling` values.  Its `logit_normal`
+# is t = sigmoid(scale·N(0,1)) followed by the flow shift, which is kohya's `shift`.  Its `uniform` is also
+# shifted, which kohya's `uniform` is not: that case is only accepted with a shift of 1 (see train.py).
+ANIMA_TIMESTEP_SAMPLING_VALUES: dict[str, str] = {"logit_normal": "shift", "uniform": "uniform"}
+
+# sd-scripts-anima defaults that apply when one of its timestep aliases is used (seed_system.md §1.2).
+SD_SCRIPTS_ANIMA_TIMESTEP_ALIASES = ("anima_timestep_sampling", "anima_sigmoid_scale", "anima_flow_shift")
+SD_SCRIPTS_ANIMA_TIMESTEP_DEFAULTS = {"timestep_sampling": "shift", "discrete_flow_shift": 3.0}
+
+# --- optimizers / schedulers / network modules ---------------------------------------------------------------
+IMPLEMENTED_OPTIMIZERS = {"adamw": "AdamW", "torch.optim.adamw": "AdamW", "torch.optim.adamw.adamw": "AdamW"}
+# kohya's `--optimizer_type` names (kohya_anima.md §1.3); matching is case-insensitive as in kohya.
+KOHYA_OPTIMIZERS = [
+    "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit", "PagedLion8bit",
+    "SGDNesterov", "SGDNesterov8bit", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam",
+    "DAdaptAdan", "DAdaptAdanIP", "DAdaptLion", "DAdaptSGD", "Prodigy", "AdaFactor", "RAdamScheduleFree",
+    "AdamWScheduleFree", "SGDScheduleFree",
+]
+# sd-scripts-anima's underscore aliases (seed_system.md §1.4).
+OPTIMIZER_ALIASES = {
+    "radam_schedulefree": "RAdamScheduleFree",
+    "adamw_schedulefree": "AdamWScheduleFree",
+    "sgd_schedulefree": "SGDScheduleFree",
+}
+# Keyword arguments of torch.optim.AdamW that `optimizer_args` may set (lr comes from learning_rate).
+ADAMW_ARGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
+              "fused")
+
+IMPLEMENTED_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+KOHYA_SCHEDULERS = IMPLEMENTED_SCHEDULERS + (
+    "cosine_with_restarts", "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    "piecewise_constant", "adafactor",
+)
+
+ACCEPTED_NETWORK_MODULES = ("networks.lora_anima", "networks.lora", "anima_trainer.networks.lora", "lora")
+KNOWN_UNIMPLEMENTED_NETWORK_MODULES = ("networks.lokr", "networks.loha", "networks.lokr_anima", "lycoris.kohya")
+# What the `ss_network_module` metadata says for our modules (kohya's name for the same file format).
+KOHYA_NETWORK_MODULE_NAME = {"lora": "networks.lora_anima"}
+
+# --- known but not implemented -------------------------------------------------------------------------------
+# name → values that are accepted (and dropped) because with them the option does nothing anima-trainer does not
+# already do (typically kohya's own "off" default, as GUI-written TOMLs list every option).  Any other value, and
+# any use on the command line, is a ConfigError.  An extra hint may follow the error.
+OFF: tuple = (False,)  # store_true flags: `x = false` is what we do anyway
+UNSET: tuple = ("",)  # options whose kohya default is None: a TOML can only say "unset" with ""
+_DATASET_HINT = "dataset settings are read only from the --dataset_config TOML"
+
+
+def _table() -> dict[str, tuple[tuple, str]]:
+    t: dict[str, tuple[tuple, str]] = {}
+
+    def add(names: str, inert: tuple, hint: str = "") -> None:
+        for n in names.split():
+            t[n] = (inert, hint)
+
+    # kohya_anima.md §1.1 (Anima flags) and the options it lists as ignored/unsupported for Anima
+    add("qwen3_max_token_length t5_max_token_length", (512,))
+    add("attn_mode", ("", "torch", "sdpa"))
+    add("anima_attention_backend", ("torch",))
+    add("sdpa", (True, False))  # our attention is always torch SDPA
+    add("split_attn vae_disable_cache unsloth_offload_checkpointing qwen_image_vae_2d compile compile_fullgraph "
+        "cuda_allow_tf32 cuda_cudnn_benchmark fp8_base fp8_base_unet fp8_scaled v2 v_parameterization "
+        "weighted_captions debiased_estimation_loss fused_backward_pass xformers noise_offset_random_strength",
+        OFF)
+    add("vae_chunk_size self_attn_lr cross_attn_lr mlp_lr mod_lr llm_adapter_lr compile_mode compile_dynamic "
+        "compile_cache_size_limit show_timesteps clip_skip max_token_length noise_offset multires_noise_iterations "
+        "adaptive_noise_scale min_snr_gamma v_pred_like_loss min_timestep max_timestep", UNSET)
+    add("compile_backend dynamo_backend", ("", "inductor"))
+    add("show_timesteps_resolution", ("", 1024))
+    add("multires_noise_discount", (0.3,))
+    add("sample_sampler", ("", "euler"), "the sampler is always Euler (flow matching)")
+    # §1.2 DiT-shared
+    add("cache_text_encoder_outputs cache_text_encoder_outputs_to_disk disable_mmap_load_safetensors", OFF)
+    add("text_encoder_batch_size", UNSET)
+    add("blocks_to_swap", ("", 0))
+    # §1.3 generic train_network flags
+    add("no_metadata output_config network_train_text_encoder_only persistent_data_loader_workers use_8bit_adam "
+        "use_lion_optimizer full_bf16 full_fp16 cpu_offload_checkpointing lowram highvram cache_latents "
+        "cache_latents_to_disk skip_cache_check torch_compile deepspeed ddp_gradient_as_bucket_view "
+        "ddp_static_graph ip_noise_gamma_random_strength masked_loss alpha_mask save_state "
+        "save_state_on_train_end skip_until_initial_step save_state_to_huggingface resume_from_huggingface "
+        "async_upload log_config console_log_simple", OFF)
+    add("training_comment metadata_title metadata_author metadata_description metadata_license metadata_tags "
+        "metadata_trigger_phrase metadata_usage_hint metadata_thumbnail metadata_merged_from text_encoder_lr "
+        "scale_weight_norms base_weights base_weights_multiplier lr_scheduler_timescale lr_scheduler_min_lr_ratio "
+        "lr_scheduler_args ddp_timeout ip_noise_gamma save_n_epoch_ratio save_last_n_epochs_state "
+        "save_last_n_steps_state resume initial_epoch initial_step huggingface_repo_id log_tracker_name "
+        "log_tracker_config wandb_run_name wandb_api_key console_log_level console_log_file validation_seed "
+        "validate_every_n_steps validate_every_n_epochs max_validation_steps", UNSET)
+    add("lr_scheduler_type", ("",))
+    add("lr_decay_steps", (0,))
+    add("lr_scheduler_num_cycles lr_scheduler_power vae_batch_size", (1,))
+    add("zero_stage", (2,))
+    add("huber_schedule", ("constant",))  # our huber_c is used as a constant (kohya's "constant" schedule)
+    add("huber_scale prior_loss_weight", (1.0,))
+    add("validation_split", (0.0,))
+    # dataset-on-CLI options (kohya_anima.md §1.3, §1.4)
+    add("train_data_dir reg_data_dir in_json resolution skip_image_resolution", UNSET, _DATASET_HINT)
+    add("enable_bucket bucket_no_upscale shuffle_caption color_aug random_crop flip_aug", OFF, _DATASET_HINT)
+    add("min_bucket_reso", (256,), _DATASET_HINT)
+    add("max_bucket_reso", (1024,), _DATASET_HINT)
+    add("bucket_reso_steps", (64,), _DATASET_HINT)
+    add("caption_extension", (".caption", ".txt"), _DATASET_HINT)
+    add("keep_tokens token_warmup_step", (0,), _DATASET_HINT)
+    add("caption_dropout_rate caption_tag_dropout_rate", (0.0,), _DATASET_HINT)
+    # seed_system.md §1.2 (sd-scripts-anima)
+    add("anima_seq_len", (512,))
+    add("auto_download_t5_tokenizer t5_tokenizer_modelscope_fallback t5_tokenizer_validate_strict xfomers "
+        "train_norm anima_monitor_memory anima_resume_snapshot_strict resume_ignore_optimizer_mismatch "
+        "auto_start_tensorboard", OFF)
+    add("t5_tokenizer_repo_id t5_tokenizer_subfolder t5_tokenizer_modelscope_repo_id "
+        "t5_tokenizer_modelscope_revision t5_tokenizer_modelscope_subfolder anima_monitor_alert_policy "
+        "anima_monitor_memory_warn_ratio anima_monitor_loss_spike_ratio tensorboard_host tensorboard_port "
+        "tensorboard_logdir", UNSET)
+    add("anima_noise_offset", (0.0,))
+    # network_train_unet_only: anima-trainer trains the DiT only, which is what `true` asks for
+    add("network_train_unet_only", (True,), "anima-trainer trains the DiT only (network_train_unet_only = true); "
+        "text-encoder LoRA is not implemented")
+    return t
+
+
+UNIMPLEMENTED: dict[str, tuple[tuple, str]] = _table()
+
+
+def is_inert(name: str, value: object) -> bool:
+    """True when `value` for the unimplemented option `name` asks for nothing we do not already do."""
+    inert, _ = UNIMPLEMENTED[name]
+    # bool is an int in Python: only compare bools with bools and non-bools with non-bools
+    return any(isinstance(value, bool) == isinstance(v, bool) and value == v for v in inert)
+
+
+def unimplemented_message(name: str, flag: bool) -> str:
+    shown = f"--{name}" if flag else name
+    _, hint = UNIMPLEMENTED[name]
+    msg = f"option '{shown}' is a kohya/sd-scripts-anima option that anima-trainer does not implement yet"
+    return f"{msg} ({hint})" if hint else msg

@@ -1,0 +1,12 @@
+"""What is trained: adapter networks injected into the DiT, and adapter files as ComfyUI reads them.
+
+    net = create_network(dit, algo="lora", dim=4, alpha=1.0, dropout=None, **network_args)
+    apply_network_file(dit, path, multiplier=1.0)   # inference merge, ComfyUI rules
+"""
+
+from anima_trainer.networks.formats import NetworkError, apply_network_file, check_comfy_keys, comfy_key_map
+from anima_trainer.networks.inject import DEFAULT_EXCLUDE, find_targets
+from anima_trainer.networks.lora import LoRAModule, LoRANetwork, create_network
+
+__all__ = ["NetworkError", "create_network", "apply_network_file", "comfy_key_map", "check_comfy_keys",
+           "find_targets", "DEFAULT_EXCLUDE", "LoRAModule", "LoRANetwork"]
