@@ -149,8 +149,8 @@ def is_inert(name: str, value: object) -> bool:
     return any(isinstance(value, bool) == isinstance(v, bool) and value == v for v in inert)
 
 
-def unimplemented_message(name: str, flag: bool) -> str:
-    shown = f"--{name}" if flag else name
+def unimplemented_message(name: str, shown: str) -> str:
+    """The error for the unimplemented option `name`, written as the user wrote it (`shown`)."""
     _, hint = UNIMPLEMENTED[name]
     msg = f"option '{shown}' is a kohya/sd-scripts-anima option that anima-trainer does not implement yet"
     return f"{msg} ({hint})" if hint else msg
