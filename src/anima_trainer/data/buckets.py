@@ -79,7 +79,7 @@ class BucketSelector:
         self._predefined_set = set(self.predefined)
 
     @classmethod
-    def fixed(cls, resolution: Size) -> "BucketSelector":
+    def fixed(cls, resolution: Size) -> BucketSelector:
         """enable_bucket = false: a single bucket equal to `resolution` (images are covered + centre-cropped)."""
         sel = cls.__new__(cls)
         sel.max_reso, sel.max_area, sel.step, sel.no_upscale = resolution, resolution[0] * resolution[1], 1, False

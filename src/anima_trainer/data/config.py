@@ -115,7 +115,7 @@ class _DatasetLevel(_Ascendable):
         if v is None:
             return None
         if isinstance(v, bool):
-            raise ValueError("expected an int or [width, height]")
+            raise ValueError("expected an int or [width, height]")  # noqa: TRY004 - pydantic wants ValueError
         if isinstance(v, int):
             v = (v, v)
         if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(

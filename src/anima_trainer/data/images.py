@@ -38,7 +38,7 @@ def image_size(path: Path) -> Size:
             w, h = im.size
             try:
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-            except Exception:  # broken EXIF block: ignore it like the decoder will
+            except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as exif_transpose does
                 orientation = 1
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot read image {path}: {e}") from None

@@ -1,0 +1,33 @@
+"""What the model sees: dataset.toml (kohya schema), images, captions, aspect-ratio buckets, batches."""
+
+from .buckets import BucketChoice, BucketSelector, make_bucket_resolutions
+from .config import (
+    DatasetConfig,
+    DatasetConfigError,
+    DatasetParams,
+    SubsetParams,
+    load_dataset_config,
+    parse_dataset_config,
+    resolve_datasets,
+)
+from .dataset import AnimaDataset, Batch, ImageItem, build_dataset
+from .images import IMAGE_EXTENSIONS, ImageReadError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "AnimaDataset",
+    "Batch",
+    "BucketChoice",
+    "BucketSelector",
+    "DatasetConfig",
+    "DatasetConfigError",
+    "DatasetParams",
+    "ImageItem",
+    "ImageReadError",
+    "SubsetParams",
+    "build_dataset",
+    "load_dataset_config",
+    "make_bucket_resolutions",
+    "parse_dataset_config",
+    "resolve_datasets",
+]
