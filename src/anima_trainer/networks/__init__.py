@@ -8,5 +8,5 @@ from anima_trainer.networks.formats import NetworkError, apply_network_file, che
 from anima_trainer.networks.inject import DEFAULT_EXCLUDE, find_targets
 from anima_trainer.networks.lora import LoRAModule, LoRANetwork, create_network
 
-__all__ = ["NetworkError", "create_network", "apply_network_file", "comfy_key_map", "check_comfy_keys",
-           "find_targets", "DEFAULT_EXCLUDE", "LoRAModule", "LoRANetwork"]
+__all__ = ["DEFAULT_EXCLUDE", "LoRAModule", "LoRANetwork", "NetworkError", "apply_network_file", "check_comfy_keys",
+           "comfy_key_map", "create_network", "find_targets"]

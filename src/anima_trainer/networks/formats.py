@@ -11,8 +11,8 @@ later name for the same weight replaces an earlier patch (so `diffusion_model.M`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -213,8 +213,8 @@ def apply_network_file(dit: nn.Module, path: str | Path, multiplier: float = 1.0
         raise NetworkError(f"network file {path} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except Exception as e:  # any parse failure means a bad file
         raise NetworkError(f"{path} is not a readable .safetensors file: {e}") from e
     patches, loaded = parse_patches(sd, comfy_key_map(dit))
     params = dit.state_dict(keep_vars=True)

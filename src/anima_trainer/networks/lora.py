@@ -37,7 +37,7 @@ class LoRAModule(nn.Module):
         super().__init__()
         self.path = path
         self.in_features, self.out_features = org.in_features, org.out_features
-        device = org.weight.device if org.weight.device.type != "meta" else None
+        device = org.weight.device  # fp32 on the DiT's device (meta stays meta: shapes only)
         self.lora_down = nn.Linear(self.in_features, dim, bias=False, device=device, dtype=torch.float32)
         self.lora_up = nn.Linear(dim, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
@@ -142,18 +142,21 @@ class LoRANetwork(nn.Module):
                 raise NetworkError(f"metadata {k!r}: keys and values must be str (got {type(v).__name__}); "
                                    "stringify numbers, json.dumps structures")
             meta[k] = v
-        meta.update({"ss_network_module": NETWORK_MODULE, "ss_network_dim": str(self.dim),
-                     "ss_network_alpha": str(self.alpha), "anima_trainer_version": anima_trainer.__version__})
+        # dim/alpha describe this file and always win; module name and args may come from the caller
+        meta.setdefault("ss_network_module", NETWORK_MODULE)
         if self.network_args:
-            meta["ss_network_args"] = json.dumps(self.network_args, sort_keys=True)
+            meta.setdefault("ss_network_args", json.dumps(self.network_args, sort_keys=True))
+        meta.update({"ss_network_dim": str(self.dim), "ss_network_alpha": str(self.alpha),
+                     "anima_trainer_version": anima_trainer.__version__})
         return meta
 
     def save(self, path: str | Path, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
              overwrite: bool = False) -> Path:
         """Atomic write; the file is checked against ComfyUI's key rules before it takes `path`'s name."""
-        path = check_writable(path, overwrite)
+        path = Path(path)
         if path.suffix != ".safetensors":
             raise NetworkError(f"{path}: network files are .safetensors")
+        check_writable(path, overwrite)
         tmp = path.with_name(f".{path.name}.check.tmp")
         atomic_save(self.state_tensors(dtype), tmp, self.metadata(metadata))
         try:
@@ -171,7 +174,7 @@ class LoRANetwork(nn.Module):
         if not path.is_file():
             raise NetworkError(f"network weights {path} do not exist")
         with safe_open(str(path), "pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         names = {}
         for p in self.modules_by_name:
             names[COMFY_PREFIX + p] = p
@@ -195,8 +198,8 @@ class LoRANetwork(nn.Module):
         if missing:
             raise NetworkError(f"{path}: no lora_down/lora_up weights for {len(missing)} module(s) of this "
                                f"network: {missing[:8]}")
-        for p, slot in found.items():
-            m = self.modules_by_name[p]
+        for p, m in self.modules_by_name.items():
+            slot = found[p]
             down, up = slot["down"][1], slot["up"][1]
             if down.dim() != 2 or up.dim() != 2 or down.shape[1] != m.in_features or up.shape[0] != m.out_features:
                 raise NetworkError(f"{path}: module {p}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do "
