@@ -42,7 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="tiny built-in Anima + synthetic dataset: train a LoRA on CPU, sample before/after")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--steps", type=int, default=60, help="training steps")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run")
 

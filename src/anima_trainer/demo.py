@@ -164,10 +164,14 @@ def _toml_path(p: Path) -> str:
 
 def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, steps: int, seed: int) -> Path:
     """The two kohya-style files a user would write: dataset.toml and train.toml; returns train.toml."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "dataset.toml").write_text(f"""[general]
 caption_extension = ".txt"
 enable_bucket = true
 resolution = 64
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 16
 batch_size = 4
 
 [[datasets]]
@@ -203,7 +207,7 @@ overwrite = true
     return train_toml
 
 
-def run_demo(out_dir: str | Path, steps: int = 60, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Tiny models + synthetic dataset → train a LoRA on CPU → sample before and after; returns the paths."""
     from anima_trainer.config import parse_train_args
     from anima_trainer.fileio import check_writable

@@ -112,10 +112,16 @@ def test_inspect_prints_every_fixture_file(fixture_dir, tiny_dit_path, capsys):
 
 
 def test_demo_command(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "2"]) == 0
-    png = tmp_path / "d" / "sample.png"
-    assert Image.open(png).size == (64, 64)
-    assert read_png_parameters(png)["steps"] == 2
+    """The README's demo: tiny models + synthetic shapes → LoRA file + samples before and after training."""
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "10"]) == 0
+    printed = capsys.readouterr().out
+    lora = tmp_path / "d" / "output" / "demo_lora.safetensors"
+    assert str(lora) in printed and lora.exists()
+    before, after = tmp_path / "d" / "sample_before.png", tmp_path / "d" / "sample_after.png"
+    assert Image.open(before).size == (64, 64) and Image.open(after).size == (64, 64)
+    assert Image.open(before).tobytes() != Image.open(after).tobytes()  # the LoRA changed the model
+    assert read_png_parameters(after)["models"]["network"] == "demo_lora.safetensors"
+    assert (tmp_path / "d" / "train.toml").exists() and (tmp_path / "d" / "dataset.toml").exists()
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2  # never overwrites unasked
     assert "already exists" in capsys.readouterr().err
 

@@ -131,8 +131,24 @@ def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, 
     return meta
 
 
+@dataclass
+class TrainRun:
+    """What a finished run leaves: the final file, the live (still injected) network and DiT, the loss log."""
+
+    final_path: Path
+    dit: torch.nn.Module
+    network: torch.nn.Module
+    losses: list[float]
+    steps: int
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run a whole LoRA training from a validated config; returns the final network file."""
+    return run_training(cfg).final_path
+
+
+def run_training(cfg: TrainConfig) -> TrainRun:
+    """The loop behind `train`, returning the live model too (tests, notebooks)."""
     from accelerate import Accelerator
 
     from anima_trainer.data import build_dataset, load_dataset_config
@@ -182,7 +198,7 @@ def train(cfg: TrainConfig) -> Path:
     if previews and cfg.sample_at_first:
         preview("000000")
     started = time.time()
-    step, micro, final = 0, 0, plan.final_path
+    step, micro, losses = 0, 0, []
     meta = lambda ep: build_metadata(cfg, step=step, epoch=ep, num_images=dataset.num_images,  # noqa: E731
                                      batches_per_epoch=len(dataset), max_steps=max_steps, started=started,
                                      buckets=dataset.bucket_table())
@@ -206,6 +222,7 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             loss_value = loss.item()
+            losses.append(loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", epoch=epoch)
             if cfg.log_with:
@@ -234,4 +251,4 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.log_with:
         accelerator.end_training()
     log.info("saved %s", final)
-    return final
+    return TrainRun(final, dit, network, losses, step)
