@@ -109,3 +109,32 @@ def test_train_command_refuses_to_overwrite(setup, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err and final.stat().st_mtime_ns == stamp
     assert main(["train", "--config_file", str(toml), "--learning_rat", "1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_lora_fp32(setup, tmp_path, precision):
+    cfg = _config(setup, tmp_path, "--mixed_precision", precision, steps=3)
+    run = run_training(cfg)
+    assert run.dit.x_embedder.proj[1].weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert {p.dtype for p in run.network.trainable_parameters()} == {torch.float32}
+    assert all(torch.isfinite(torch.tensor(run.losses)))
+    ups = [m for m in run.network.trainable_parameters() if m.abs().sum() > 0]
+    assert len(ups) == len(run.network.trainable_parameters())  # zero-initialised ups have moved
+
+
+def test_tensorboard_logging_and_continuing_from_network_weights(setup, tmp_path, capsys):
+    first = run_training(_config(setup, tmp_path / "a", "--log_with", "tensorboard", "--logging_dir",
+                                 str(tmp_path / "logs"), steps=3))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    resumed = _config(setup, tmp_path / "b", "--network_weights", str(first.final_path), steps=1)
+    fresh = load_dit(setup["models"]["dit"], dtype=torch.float32)
+    net = create_network(fresh, algo="lora", dim=8, alpha=8.0)
+    net.load_weights(first.final_path)
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    run = run_training(resumed)
+    moved = [k for k, v in run.network.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved and all(torch.allclose(v, start[k], atol=0.05) for k, v in run.network.state_dict().items())
+    toml = write_demo_configs(tmp_path / "c", setup["models"], setup["images"], 1, seed=1)
+    code = main(["train", "--config_file", str(toml), "--network_weights", str(first.final_path),
+                 "--network_dim", "4"])
+    assert code == 2 and "file has dim (rank) 8, network has dim 4" in capsys.readouterr().err
