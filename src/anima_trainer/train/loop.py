@@ -205,7 +205,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
     bar = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
     for epoch in range(1, epochs + 1):
-        for batch in dataset.epoch(epoch - 1):
+        for batch in dataset.epoch(epoch - 1, prefetch=cfg.max_data_loader_n_workers):
             with torch.no_grad():
                 latents = models.vae.encode(batch.images.to(device)).to(device)
                 context = conditioner.context(batch.captions)
