@@ -1,6 +1,6 @@
 """`anima-trainer <command>`: thin argument parsing that hands off to one stage.
 
-Commands: `train` (kohya flags / `--config_file`), `inspect FILE...` (what a file is), `demo` (tiny built-in
+Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build disk caches), `inspect FILE...` (what a file is), `demo` (tiny built-in
 model: train a LoRA, sample before/after), `sample` (text → PNG with the flow Euler sampler).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 """
@@ -36,6 +36,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anima-trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a LoRA (kohya flags; `anima-trainer train --help`)", add_help=False)
+    sub.add_parser("cache", help="build the latent and text caches on disk (same flags as train)", add_help=False)
 
     p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)")
     p.add_argument("files", nargs="+")
@@ -118,6 +119,21 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def cmd_cache(argv: list[str]) -> int:
+    """`cache` takes the same flags/TOML as `train` and builds every cache on disk, then stops."""
+    from anima_trainer.config import parse_train_args
+    from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.train.loop import WEIGHT_DTYPES, load_models, prepare_caches
+
+    cfg = parse_train_args(argv)
+    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
+                            seed=cfg.seed or 0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = load_models(cfg, device, WEIGHT_DTYPES[cfg.mixed_precision])
+    prepare_caches(cfg, dataset, models, None, force_disk=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `anima-trainer` script; user errors print one line and exit 2."""
     from anima_trainer.fileio import OutputExistsError
@@ -128,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["train"]:
             return cmd_train(argv[1:])
+        if argv[:1] == ["cache"]:
+            return cmd_cache(argv[1:])
         args = _build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except (CheckpointError, OutputExistsError, ValueError, FileNotFoundError) as e:

@@ -116,7 +116,7 @@ def test_required_and_cross_field_rules():
 @pytest.mark.parametrize("argv, shown", [
     (["--blocks_to_swap", "8"], "--blocks_to_swap"),
     (["--fp8_base"], "--fp8_base"),
-    (["--cache_latents_to_disk"], "--cache_latents_to_disk"),
+    (["--skip_cache_check"], "--skip_cache_check"),
     (["--no-train_norm"], "--no-train_norm"),
 ])
 def test_unimplemented_kohya_option_on_cli(argv, shown):

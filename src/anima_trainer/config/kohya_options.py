@@ -90,13 +90,12 @@ def _table() -> dict[str, tuple[tuple, str]]:
     add("multires_noise_discount", (0.3,))
     add("sample_sampler", ("", "euler"), "the sampler is always Euler (flow matching)")
     # §1.2 DiT-shared
-    add("cache_text_encoder_outputs cache_text_encoder_outputs_to_disk disable_mmap_load_safetensors", OFF)
-    add("text_encoder_batch_size", UNSET)
+    add("disable_mmap_load_safetensors", OFF)
     add("blocks_to_swap", ("", 0))
     # §1.3 generic train_network flags
     add("no_metadata output_config network_train_text_encoder_only persistent_data_loader_workers use_8bit_adam "
-        "use_lion_optimizer full_bf16 full_fp16 cpu_offload_checkpointing lowram highvram cache_latents "
-        "cache_latents_to_disk skip_cache_check torch_compile deepspeed ddp_gradient_as_bucket_view "
+        "use_lion_optimizer full_bf16 full_fp16 cpu_offload_checkpointing lowram highvram "
+        "skip_cache_check torch_compile deepspeed ddp_gradient_as_bucket_view "
         "ddp_static_graph ip_noise_gamma_random_strength masked_loss alpha_mask save_state "
         "save_state_on_train_end skip_until_initial_step save_state_to_huggingface resume_from_huggingface "
         "async_upload log_config console_log_simple", OFF)
@@ -109,7 +108,7 @@ def _table() -> dict[str, tuple[tuple, str]]:
         "validate_every_n_steps validate_every_n_epochs max_validation_steps", UNSET)
     add("lr_scheduler_type", ("",))
     add("lr_decay_steps", (0,))
-    add("lr_scheduler_num_cycles lr_scheduler_power vae_batch_size", (1,))
+    add("lr_scheduler_num_cycles lr_scheduler_power", (1,))
     add("zero_stage", (2,))
     add("huber_schedule", ("constant",))  # our huber_c is used as a constant (kohya's "constant" schedule)
     add("huber_scale prior_loss_weight", (1.0,))

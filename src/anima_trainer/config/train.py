@@ -91,6 +91,13 @@ class TrainConfig(BaseModel):
     sample_every_n_epochs: int | None = Field(None, ge=1)
     sample_prompts: Path | None = None
     sample_at_first: bool = False
+    # caches of the frozen encoders (content-addressed safetensors beside the images when *_to_disk)
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
+    vae_batch_size: int = Field(1, ge=1)
+    text_encoder_batch_size: int | None = Field(None, ge=1)
 
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
     @field_validator("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",

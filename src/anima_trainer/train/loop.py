@@ -70,6 +70,10 @@ class TextConditioner:
                 self._cache[caption] = (enc.qwen_hidden[i, :n].cpu(), enc.t5_ids[i, :m].tolist(),
                                         enc.t5_weights[i, :m].tolist())
 
+    def prefill(self, rows: dict[str, tuple[torch.Tensor, list[int], list[float]]]) -> None:
+        """Take pre-encoded captions (from the text cache)."""
+        self._cache.update(rows)
+
     @torch.no_grad()
     def context(self, captions: list[str]) -> torch.Tensor:
         """[B, ≥512, 1024] context, exactly `dit.encode_context` on the right-padded batch."""
@@ -90,6 +94,45 @@ class TextConditioner:
             hidden[i, : len(h)], qmask[i, : len(h)] = h, 1
             ids[i, : len(t)], tmask[i, : len(t)], weights[i, : len(t)] = torch.tensor(t), 1, torch.tensor(w)
         return self.dit.encode_context(hidden, ids, qwen_mask=qmask, t5_mask=tmask, t5_weights=weights)
+
+
+def prepare_caches(cfg: TrainConfig, dataset, models: Models, conditioner: TextConditioner | None, *,
+                   force_disk: bool = False) -> dict[int, torch.Tensor] | None:
+    """Build/reuse the caches the config asks for (all of them on disk with `force_disk`, the `cache`
+    command); returns the latents per dataset item, or None when latents are computed per step."""
+    from anima_trainer.cache import cache_latents, cache_text, model_fingerprint
+    from anima_trainer.cache.store import store_for
+
+    latents = None
+    if force_disk or cfg.cache_latents or cfg.cache_latents_to_disk:
+        vae_dtype = next(models.vae.model.parameters()).dtype
+        latents, summary = cache_latents(dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae),
+                                         dtype=vae_dtype, to_disk=force_disk or cfg.cache_latents_to_disk,
+                                         batch_size=cfg.vae_batch_size)
+        log.info("latent cache: %s", summary)
+    if force_disk or cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        to_disk = force_disk or cfg.cache_text_encoder_outputs_to_disk
+        captions = {item.caption: (store_for(item.path) if to_disk else None) for item in dataset.items}
+        rows, summary = cache_text(captions, models.text_encoder, qwen_fingerprint=model_fingerprint(cfg.qwen3),
+                                   batch_size=cfg.text_encoder_batch_size or 8)
+        log.info("text cache: %s", summary)
+        if conditioner is not None:
+            conditioner.prefill(rows)
+    return latents
+
+
+def epoch_inputs(dataset, epoch: int, vae, latent_cache: dict[int, torch.Tensor] | None, device: torch.device,
+                 prefetch: int):
+    """(latents on device, captions) per batch: from the latent cache, or by decoding and encoding images."""
+    if latent_cache is not None:
+        for indices in dataset.batch_plan(epoch):
+            yield (torch.stack([latent_cache[i] for i in indices]).to(device),
+                   [dataset.items[i].caption for i in indices])
+        return
+    for batch in dataset.epoch(epoch, prefetch=prefetch):
+        with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
+            latents = vae.encode(batch.images.to(device)).to(device)
+        yield latents, batch.captions
 
 
 def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
@@ -182,6 +225,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     if cfg.log_with:
         accelerator.init_trackers(cfg.log_prefix or "network_train", config={"max_train_steps": max_steps})
     conditioner = TextConditioner(dit, models.text_encoder)
+    latent_cache = prepare_caches(cfg, dataset, models, conditioner)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     params = network.trainable_parameters()
     log.info("training %d LoRA modules, %d images, %d batches/epoch, %d steps, %d epochs", len(network.modules_by_name),
@@ -205,10 +249,9 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
     bar = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
     for epoch in range(1, epochs + 1):
-        for batch in dataset.epoch(epoch - 1, prefetch=cfg.max_data_loader_n_workers):
-            with torch.no_grad():
-                latents = models.vae.encode(batch.images.to(device)).to(device)
-                context = conditioner.context(batch.captions)
+        for latents, captions in epoch_inputs(dataset, epoch - 1, models.vae, latent_cache, device,
+                                              cfg.max_data_loader_n_workers):
+            context = conditioner.context(captions)
             loss = training_step(dit, latents, context, cfg, generator)
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             micro += 1

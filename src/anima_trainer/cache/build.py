@@ -1,0 +1,114 @@
+"""Build (or reuse) the latent and text caches for a dataset.
+
+Latents: one entry per unique image and bucket (`[16, 1, h, w]`, normalised, fp32), keyed by the image's
+bytes, its bucket/resize/crop, the VAE file fingerprint and dtype.  Text: one entry per distinct
+tokenization (Qwen3 states of the real tokens + T5 ids and weights), keyed by the token ids themselves,
+the Qwen3 fingerprint and dtype — so an edited caption or a different tokenizer misses the old entry.
+Interrupted runs resume: every finished entry is already on disk and is reused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from anima_trainer.cache.store import CacheStore, entry_key, file_sha256, store_for
+
+log = logging.getLogger(__name__)
+TextRow = tuple[torch.Tensor, list[int], list[float]]  # Qwen states [n, 1024], T5 ids, T5 weights
+
+
+@dataclass
+class CacheSummary:
+    """What a cache pass did: entries built, reused from disk, and on-disk files that were unusable."""
+
+    built: int = 0
+    reused: int = 0
+    invalid: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.built} built, {self.reused} reused, {self.invalid} invalid (rebuilt)"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def latent_key(item, image_sha: str, vae_fingerprint: str, dtype: torch.dtype) -> str:
+    return entry_key({"kind": "latent", "image": image_sha, "bucket": list(item.bucket),
+                      "resized": list(item.resized), "crop": "center", "flip": False, "vae": vae_fingerprint,
+                      "dtype": _dtype_name(dtype)})
+
+
+@torch.no_grad()
+def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_disk: bool, batch_size: int = 1,
+                  progress: bool = True) -> tuple[dict[int, torch.Tensor], CacheSummary]:
+    """Latents for every dataset item (index → [16, 1, h, w] fp32 on CPU), built only where missing."""
+    summary = CacheSummary()
+    latents: dict[int, torch.Tensor] = {}
+    todo: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
+    for index, item in enumerate(dataset.items):
+        key = latent_key(item, file_sha256(item.path), vae_fingerprint, dtype)
+        if to_disk:
+            found, invalid = store_for(item.path).lookup(key)
+            summary.invalid += invalid
+            if found is not None:
+                latents[index] = found["latent"]
+                summary.reused += 1
+                continue
+        todo[item.bucket].append((index, key))
+    total = sum(len(v) for v in todo.values())
+    with tqdm(total=total, desc="caching latents", unit="img", disable=not progress or not total) as bar:
+        for entries in todo.values():
+            for start in range(0, len(entries), batch_size):
+                chunk = entries[start: start + batch_size]
+                batch = dataset.load_batch([i for i, _ in chunk])
+                encoded = vae.encode(batch.images).float().cpu()
+                for (index, key), z in zip(chunk, encoded, strict=True):
+                    latents[index] = z.clone()
+                    if to_disk:
+                        store_for(dataset.items[index].path).put(key, {"latent": z})
+                    summary.built += 1
+                bar.update(len(chunk))
+    return latents, summary
+
+
+def text_key(tokens, qwen_fingerprint: str, dtype: torch.dtype) -> str:
+    return entry_key({"kind": "text", "qwen_ids": tokens.qwen_ids, "t5_ids": tokens.t5_ids,
+                      "t5_weights": tokens.t5_weights, "qwen3": qwen_fingerprint, "dtype": _dtype_name(dtype)})
+
+
+@torch.no_grad()
+def cache_text(captions: dict[str, CacheStore | None], text_encoder, *, qwen_fingerprint: str, batch_size: int = 8,
+               progress: bool = True) -> tuple[dict[str, TextRow], CacheSummary]:
+    """Qwen3 states per distinct caption; `captions` maps caption → where to keep it (None = RAM only)."""
+    summary = CacheSummary()
+    rows: dict[str, TextRow] = {}
+    todo: list[tuple[str, object, str]] = []
+    for caption, store in captions.items():
+        tokens = text_encoder.tokenize([caption])[0]
+        key = text_key(tokens, qwen_fingerprint, text_encoder.dtype)
+        if store is not None:
+            found, invalid = store.lookup(key)
+            summary.invalid += invalid
+            if found is not None:
+                rows[caption] = (found["qwen_hidden"], tokens.t5_ids, tokens.t5_weights)
+                summary.reused += 1
+                continue
+        todo.append((caption, tokens, key))
+    with tqdm(total=len(todo), desc="caching text", unit="caption", disable=not progress or not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start: start + batch_size]
+            enc = text_encoder.encode_tokens([t for _, t, _ in chunk])
+            for i, (caption, tokens, key) in enumerate(chunk):
+                hidden = enc.qwen_hidden[i, : len(tokens.qwen_ids)].cpu().clone()
+                rows[caption] = (hidden, tokens.t5_ids, tokens.t5_weights)
+                if captions[caption] is not None:
+                    captions[caption].put(key, {"qwen_hidden": hidden})
+                summary.built += 1
+            bar.update(len(chunk))
+    return rows, summary

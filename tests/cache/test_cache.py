@@ -1,0 +1,115 @@
+"""Caches: content-addressed entries reused only when nothing they depend on changed."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from anima_trainer.cache import cache_latents, cache_text, model_fingerprint
+from anima_trainer.cache.store import CACHE_FOLDER, CacheStore, entry_key, store_for
+from anima_trainer.cli import main
+from anima_trainer.data import build_dataset, load_dataset_config
+from anima_trainer.demo import write_demo_configs, write_demo_models, write_shapes_dataset, write_tiny_vae
+from anima_trainer.models import load_text_encoder, load_vae
+from anima_trainer.config import parse_train_args
+from anima_trainer.train.loop import run_training
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_demo_models(tmp_path_factory.mktemp("models"), seed=4)
+
+
+@pytest.fixture()
+def project(tmp_path, models):
+    images = write_shapes_dataset(tmp_path / "images", count=4, seed=4)
+    toml = write_demo_configs(tmp_path, models, images, 3, seed=2)
+    return {"images": images, "toml": toml, "dataset": tmp_path / "dataset.toml"}
+
+
+def _dataset(project):
+    return build_dataset(load_dataset_config(project["dataset"]), default_batch_size=4)
+
+
+def _latents(project, vae_path):
+    vae = load_vae(vae_path, dtype=torch.float32)
+    return cache_latents(_dataset(project), vae, vae_fingerprint=model_fingerprint(vae_path), dtype=torch.float32,
+                         to_disk=True, batch_size=2, progress=False)
+
+
+def _text(project, models):
+    te = load_text_encoder(models["qwen3"], tokenizer_dir=models["tokenizers"], dtype=torch.float32)
+    ds = _dataset(project)
+    captions = {item.caption: store_for(item.path) for item in ds.items}
+    return cache_text(captions, te, qwen_fingerprint=model_fingerprint(models["qwen3"]), progress=False)
+
+
+def test_latents_reused_and_rebuilt_only_where_inputs_changed(project, models, tmp_path):
+    first, s1 = _latents(project, models["vae"])
+    assert (s1.built, s1.reused, s1.invalid) == (4, 0, 0)
+    assert len(list((project["images"] / CACHE_FOLDER).glob("*.safetensors"))) == 4
+    again, s2 = _latents(project, models["vae"])
+    assert (s2.built, s2.reused) == (0, 4)
+    assert all(torch.equal(first[i], again[i]) for i in first)
+    # replace one image: exactly that entry is rebuilt
+    ds = _dataset(project)
+    changed = ds.items[1].path
+    Image.new("RGB", (64, 64), "black").save(changed)
+    third, s3 = _latents(project, models["vae"])
+    assert (s3.built, s3.reused) == (1, 3)
+    assert not torch.equal(third[1], first[1]) and torch.equal(third[0], first[0])
+    # another VAE file: everything is rebuilt, nothing stale is used
+    other = write_tiny_vae(tmp_path / "other_vae.safetensors", seed=99)
+    _, s4 = _latents(project, other)
+    assert (s4.built, s4.reused) == (4, 0)
+
+
+def test_latent_cache_equals_fresh_encoding(project, models):
+    latents, _ = _latents(project, models["vae"])
+    vae = load_vae(models["vae"], dtype=torch.float32)
+    ds = _dataset(project)
+    for i in range(len(ds.items)):
+        direct = vae.encode(ds.load_batch([i]).images)[0]
+        torch.testing.assert_close(latents[i], direct, atol=1e-6, rtol=1e-6)
+
+
+def test_edited_caption_rebuilds_only_its_text_entry(project, models):
+    rows, s1 = _text(project, models)
+    assert s1.built == len(rows) and s1.reused == 0
+    _, s2 = _text(project, models)
+    assert (s2.built, s2.reused) == (0, len(rows))
+    caption_file = sorted(project["images"].glob("*.txt"))[0]
+    caption_file.write_text("a purple hexagon on a white background", encoding="utf-8")
+    rows3, s3 = _text(project, models)
+    assert (s3.built, s3.reused) == (1, len(rows3) - 1)
+    te = load_text_encoder(models["qwen3"], tokenizer_dir=models["tokenizers"], dtype=torch.float32)
+    enc = te.encode(["a purple hexagon on a white background"])
+    torch.testing.assert_close(rows3["a purple hexagon on a white background"][0], enc.qwen_hidden[0])
+
+
+def test_corrupt_or_foreign_entries_are_rebuilt(tmp_path):
+    store = CacheStore(tmp_path)
+    key = entry_key({"kind": "test", "n": 1})
+    store.put(key, {"x": torch.ones(3)})
+    assert torch.equal(store.get(key)["x"], torch.ones(3))
+    store.path_for(key).write_bytes(b"garbage")
+    assert store.lookup(key) == (None, True)
+    other = entry_key({"kind": "test", "n": 2})
+    shutil.copy(store.put(other, {"x": torch.zeros(1)}), store.path_for(key))  # right name, wrong contents
+    assert store.lookup(key) == (None, True)
+
+
+def test_cache_command_then_cached_training_matches_uncached(project, tmp_path):
+    assert main(["cache", "--config_file", str(project["toml"])]) == 0
+    entries = list((project["images"] / CACHE_FOLDER).glob("*.safetensors"))
+    assert len(entries) == 4 + 4  # 4 latents + 4 distinct captions
+    base = parse_train_args(["--config_file", str(project["toml"])])
+    plain = run_training(base)
+    cached = run_training(parse_train_args(["--config_file", str(project["toml"]), "--cache_latents_to_disk",
+                                            "--cache_text_encoder_outputs_to_disk", "--output_name", "cached"]))
+    assert len(plain.losses) == len(cached.losses) == 3
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), atol=1e-4, rtol=1e-4)
+    assert len(list((project["images"] / CACHE_FOLDER).glob("*.safetensors"))) == 8  # all reused, none added
