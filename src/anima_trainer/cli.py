@@ -1,7 +1,8 @@
 """`anima-trainer <command>`: thin argument parsing that hands off to one stage.
 
-Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build disk caches), `inspect FILE...` (what a file is), `demo` (tiny built-in
-model: train a LoRA, sample before/after), `sample` (text → PNG with the flow Euler sampler).
+Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build disk caches), `inspect FILE...`
+(what a file is), `demo` (tiny built-in model: train a LoRA, sample before/after), `sample` (text → PNG with
+the flow Euler sampler).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 """
 

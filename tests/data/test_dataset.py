@@ -151,7 +151,8 @@ def test_load_errors(tmp_path):
     bad = _write(tmp_path / "bad.toml", "[general\nresolution = 1")
     with pytest.raises(DatasetConfigError, match="not valid TOML"):
         load_dataset_config(bad)
-    typo = _write(tmp_path / "typo.toml", "[general]\nbatchsize = 2\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\n")
+    typo = _write(tmp_path / "typo.toml",
+                  "[general]\nbatchsize = 2\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='x'\n")
     with pytest.raises(DatasetConfigError, match=r"typo.toml: unknown dataset option 'batchsize'.*'batch_size'"):
         load_dataset_config(typo)
 
