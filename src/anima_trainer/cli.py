@@ -58,6 +58,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--network", action="append", default=[], metavar="FILE",
+                   help="LoRA/LoKr/LoHa file applied with ComfyUI's rules (repeatable)")
+    p.add_argument("--network_mul", action="append", type=float, default=[], metavar="M",
+                   help="strength per --network (default 1.0)")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no_progress", action="store_true")
@@ -80,6 +84,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from anima_trainer.fileio import check_writable
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
+    from anima_trainer.models.checkpoint import expect_kind
+    from anima_trainer.networks import apply_network_file
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -88,9 +94,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           width=args.width, height=args.height, seed=args.seed, shift=args.shift,
                           models={"dit": Path(args.dit).name, "qwen3": Path(args.qwen3).name,
                                   "vae": Path(args.vae).name})
+    if len(args.network_mul) > len(args.network):
+        raise ValueError("more --network_mul values than --network files")
+    muls = args.network_mul + [1.0] * (len(args.network) - len(args.network_mul))
+    params.networks = {Path(f).name: m for f, m in zip(args.network, muls, strict=True)}
     params.validate()
     check_writable(args.out, args.overwrite)  # fail before minutes of loading, not after
+    for f in args.network:
+        expect_kind(f, "--network", ("network",))
     dit = load_dit(args.dit, dtype=dtype, device=device, adapter_path=args.llm_adapter_path)
+    for f, m in zip(args.network, muls, strict=True):
+        report = apply_network_file(dit, f, multiplier=m)
+        if report["not_loaded"]:
+            print(f"warning: {f}: {len(report['not_loaded'])} keys ComfyUI would not load either: "
+                  f"{report['not_loaded'][:5]}", file=sys.stderr)
     te = load_text_encoder(args.qwen3, tokenizer_dir=args.qwen3_tokenizer, t5_tokenizer_dir=args.t5_tokenizer,
                            dtype=dtype, device=device)
     vae = load_vae(args.vae, dtype=dtype, device=device)

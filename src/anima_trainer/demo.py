@@ -231,7 +231,7 @@ def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bo
                                       out_dir / "sample_before.png", overwrite=overwrite)
     paths["lora"] = train(parse_train_args(["--config_file", str(paths["train_config"])]))
     apply_network_file(dit, paths["lora"], multiplier=1.0)
-    params.models["network"] = paths["lora"].name
+    params.networks[paths["lora"].name] = 1.0
     paths["sample_after"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
                                      out_dir / "sample_after.png", overwrite=overwrite)
     return paths

@@ -73,7 +73,7 @@ def test_sample_command_writes_reproducible_png_with_parameters(demo_models, tmp
     assert params == {"prompt": "1girl, (smile:1.2)", "negative_prompt": "worst quality", "steps": 3, "cfg": 3.5,
                       "width": 64, "height": 48, "seed": 11, "shift": 3.0, "sampler": "euler", "scheduler": "simple",
                       "models": {"dit": demo_models["dit"].name, "qwen3": demo_models["qwen3"].name,
-                                 "vae": demo_models["vae"].name}}
+                                 "vae": demo_models["vae"].name}, "networks": {}}
     a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
     assert a.size == (64, 48) and a.mode == "RGB"
     assert a.tobytes() == b.tobytes()  # same seed, same image
@@ -90,6 +90,30 @@ def test_sample_refuses_to_overwrite_and_bad_sizes(demo_models, tmp_path, capsys
     assert _sample(demo_models, out, "--overwrite") == 0 and out.read_bytes() != b"user's file"
     assert _sample(demo_models, tmp_path / "x.png", "--width", "60") == 2
     assert "multiples of 16" in capsys.readouterr().err
+
+
+def test_sample_with_network_files(demo_models, tmp_path, capsys):
+    """--network applies a LoRA with ComfyUI's rules; strength 0 is the base model, and it is recorded."""
+    from anima_trainer.models import load_dit
+    from anima_trainer.networks import create_network
+
+    dit = load_dit(demo_models["dit"], dtype=torch.float32)
+    net = create_network(dit, algo="lora", dim=4, alpha=4.0)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.normal_(0, 0.2)
+    lora = tmp_path / "style.safetensors"
+    net.save(lora)
+    assert _sample(demo_models, tmp_path / "base.png") == 0
+    assert _sample(demo_models, tmp_path / "zero.png", "--network", str(lora), "--network_mul", "0") == 0
+    assert _sample(demo_models, tmp_path / "full.png", "--network", str(lora)) == 0
+    base, zero, full = (Image.open(tmp_path / f).tobytes() for f in ("base.png", "zero.png", "full.png"))
+    assert zero == base and full != base
+    assert read_png_parameters(tmp_path / "full.png")["networks"] == {"style.safetensors": 1.0}
+    assert _sample(demo_models, tmp_path / "bad.png", "--network", str(demo_models["vae"])) == 2
+    assert "--network expects a LoRA/LoKr/LoHa network file" in capsys.readouterr().err
+    assert _sample(demo_models, tmp_path / "bad.png", "--network_mul", "0.5") == 2
+    assert "more --network_mul values" in capsys.readouterr().err
 
 
 def test_sample_wrong_model_file_is_one_line_error(demo_models, tmp_path, capsys):
@@ -120,7 +144,7 @@ def test_demo_command(tmp_path, capsys):
     before, after = tmp_path / "d" / "sample_before.png", tmp_path / "d" / "sample_after.png"
     assert Image.open(before).size == (64, 64) and Image.open(after).size == (64, 64)
     assert Image.open(before).tobytes() != Image.open(after).tobytes()  # the LoRA changed the model
-    assert read_png_parameters(after)["models"]["network"] == "demo_lora.safetensors"
+    assert read_png_parameters(after)["networks"] == {"demo_lora.safetensors": 1.0}
     assert (tmp_path / "d" / "train.toml").exists() and (tmp_path / "d" / "dataset.toml").exists()
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2  # never overwrites unasked
     assert "already exists" in capsys.readouterr().err

@@ -33,6 +33,7 @@ class SampleParams:
     sampler: str = "euler"
     scheduler: str = "simple"
     models: dict[str, str] = field(default_factory=dict)
+    networks: dict[str, float] = field(default_factory=dict)  # file name → strength
 
     def validate(self) -> None:
         if self.width % 16 or self.height % 16:
