@@ -214,7 +214,7 @@ def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bo
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
     from anima_trainer.networks import apply_network_file
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png
-    from anima_trainer.train.loop import train
+    from anima_trainer.train.loop import run_training
 
     out_dir = Path(out_dir)
     for name in ("sample_before.png", "sample_after.png", "output/demo_lora.safetensors"):
@@ -229,7 +229,11 @@ def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bo
     dit = load_dit(paths["dit"], dtype=torch.float32)
     paths["sample_before"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
                                       out_dir / "sample_before.png", overwrite=overwrite)
-    paths["lora"] = train(parse_train_args(["--config_file", str(paths["train_config"])]))
+    run = run_training(parse_train_args(["--config_file", str(paths["train_config"])]))
+    paths["lora"] = run.final_path
+    k = max(1, min(10, len(run.losses) // 2))
+    print(f"training loss: mean of the first {k} steps {sum(run.losses[:k]) / k:.4f} → "
+          f"last {k} steps {sum(run.losses[-k:]) / k:.4f}")
     apply_network_file(dit, paths["lora"], multiplier=1.0)
     params.networks[paths["lora"].name] = 1.0
     paths["sample_after"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
