@@ -138,3 +138,30 @@ def test_tensorboard_logging_and_continuing_from_network_weights(setup, tmp_path
     code = main(["train", "--config_file", str(toml), "--network_weights", str(first.final_path),
                  "--network_dim", "4"])
     assert code == 2 and "file has dim (rank) 8, network has dim 4" in capsys.readouterr().err
+
+
+def test_caption_processing_reaches_training_and_blocks_a_stale_text_cache(setup, tmp_path):
+    toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 2, seed=1)
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(dataset.read_text().replace("batch_size = 4\n", "batch_size = 4\nshuffle_caption = true\n"
+                                                   "caption_prefix = \"shapes\"\n"))
+    seen: list[list[str]] = []
+    from anima_trainer.train import loop
+
+    original = loop.TextConditioner.context
+
+    def spy(self, captions):
+        seen.append(list(captions))
+        return original(self, captions)
+
+    loop.TextConditioner.context = spy
+    try:
+        run_training(parse_train_args(["--config_file", str(toml), "--cache_latents"]))
+    finally:
+        loop.TextConditioner.context = original
+    assert len(seen) == 2 and all(any("shapes" in c for c in batch) for batch in seen)
+    raw = {p.read_text() for p in setup["images"].glob("*.txt")}
+    assert any(c not in raw for batch in seen for c in batch)  # processed, not the raw caption files
+    with pytest.raises(ValueError, match="captions change every step"):
+        run_training(parse_train_args(["--config_file", str(toml), "--cache_text_encoder_outputs",
+                                       "--output_name", "x"]))

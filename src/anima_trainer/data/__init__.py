@@ -1,7 +1,9 @@
 """What the model sees: dataset.toml (kohya schema), images, captions, aspect-ratio buckets, batches."""
 
 from .buckets import BucketChoice, BucketSelector, make_bucket_resolutions
+from .captions import process_caption
 from .config import (
+    CaptionParams,
     DatasetConfig,
     DatasetConfigError,
     DatasetParams,
@@ -19,6 +21,7 @@ __all__ = [
     "Batch",
     "BucketChoice",
     "BucketSelector",
+    "CaptionParams",
     "DatasetConfig",
     "DatasetConfigError",
     "DatasetParams",
@@ -29,5 +32,6 @@ __all__ = [
     "load_dataset_config",
     "make_bucket_resolutions",
     "parse_dataset_config",
+    "process_caption",
     "resolve_datasets",
 ]

@@ -41,8 +41,14 @@ DATASET_KEYS = frozenset(
     {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
      "bucket_no_upscale"}
 )
+# Caption processing (kohya_anima.md §2.2/§2.3; applied per step by captions.process_caption).
+CAPTION_KEYS = frozenset(
+    {"caption_prefix", "caption_suffix", "shuffle_caption", "caption_separator", "keep_tokens",
+     "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_dropout_rate",
+     "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step"}
+)
 # Subset options that may also be set at dataset / general level ("ascendable" in kohya).
-ASCENDABLE_KEYS = frozenset({"num_repeats", "caption_extension", "class_tokens"})
+ASCENDABLE_KEYS = frozenset({"num_repeats", "caption_extension", "class_tokens"}) | CAPTION_KEYS
 # Only inside [[datasets.subsets]].
 SUBSET_ONLY_KEYS = frozenset({"image_dir"})
 
@@ -52,10 +58,6 @@ NOT_IMPLEMENTED_KEYS = frozenset(
         # dataset level
         "network_multiplier", "validation_split", "validation_seed", "resize_interpolation",
         "skip_image_resolution",
-        # caption processing
-        "shuffle_caption", "caption_separator", "keep_tokens", "keep_tokens_separator", "secondary_separator",
-        "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate",
-        "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step",
         # augmentation
         "color_aug", "flip_aug", "random_crop", "face_crop_aug_range",
         # misc subset options
@@ -77,6 +79,20 @@ DEFAULTS: dict[str, Any] = {
     "num_repeats": 1,
     "caption_extension": ".caption",  # kohya's DreamBooth default
     "class_tokens": None,
+    # caption processing: kohya's defaults (see CaptionParams)
+    "caption_prefix": None,
+    "caption_suffix": None,
+    "shuffle_caption": False,
+    "caption_separator": ",",
+    "keep_tokens": 0,
+    "keep_tokens_separator": None,
+    "secondary_separator": None,
+    "enable_wildcard": False,
+    "caption_dropout_rate": 0.0,
+    "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0.0,
+    "token_warmup_min": 1,
+    "token_warmup_step": 0.0,
 }
 
 
@@ -94,10 +110,59 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _as_number(v: Any) -> float:
+    # TOML gives int or float; bools and strings are mistakes (pydantic's lax float would accept them)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"expected a number, got {type(v).__name__} {v!r}")  # noqa: TRY004 - pydantic wants ValueError
+    return float(v)
+
+
 class _Ascendable(_Strict):
     num_repeats: StrictInt | None = Field(default=None, ge=0)
     caption_extension: StrictStr | None = None
     class_tokens: StrictStr | None = None
+    # caption processing ("" for a prefix / suffix / separator means "none", so a subset can switch off
+    # what [general] sets)
+    caption_prefix: StrictStr | None = None
+    caption_suffix: StrictStr | None = None
+    shuffle_caption: StrictBool | None = None
+    caption_separator: StrictStr | None = None
+    keep_tokens: StrictInt | None = Field(default=None, ge=0)
+    keep_tokens_separator: StrictStr | None = None
+    secondary_separator: StrictStr | None = None
+    enable_wildcard: StrictBool | None = None
+    caption_dropout_rate: float | None = None
+    caption_dropout_every_n_epochs: StrictInt | None = Field(default=None, ge=0)
+    caption_tag_dropout_rate: float | None = None
+    token_warmup_min: StrictInt | None = Field(default=None, ge=0)
+    token_warmup_step: float | None = None
+
+    @field_validator("caption_dropout_rate", "caption_tag_dropout_rate", mode="before")
+    @classmethod
+    def _rate(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        v = _as_number(v)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be a probability between 0 and 1, got {v:g}")
+        return v
+
+    @field_validator("token_warmup_step", mode="before")
+    @classmethod
+    def _warmup_step(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        v = _as_number(v)
+        if v < 0:
+            raise ValueError(f"must be >= 0 (a step count, or a fraction of max_train_steps when < 1), got {v:g}")
+        return v
+
+    @field_validator("caption_separator")
+    @classmethod
+    def _separator(cls, v: str | None) -> str | None:
+        if v is not None and v == "":
+            raise ValueError('must not be empty (kohya\'s default is ",")')
+        return v
 
 
 class _DatasetLevel(_Ascendable):
@@ -250,12 +315,44 @@ def load_dataset_config(path: str | Path) -> DatasetConfig:
 # --- precedence -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class CaptionParams:
+    """Per-subset caption processing options, kohya's names and defaults (kohya_anima.md §2.2).
+
+    Empty strings for prefix / suffix / separators mean "none" (as in kohya, which tests truthiness)."""
+
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str | None = None
+    secondary_separator: str | None = None
+    enable_wildcard: bool = False
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0  # steps; < 1 = fraction of max_train_steps
+
+    @property
+    def is_static(self) -> bool:
+        """True when the processed caption depends on the raw caption only (no randomness, epoch or step):
+        then it can be computed once, e.g. for a text-encoder cache."""
+        return not (
+            self.shuffle_caption or self.enable_wildcard or self.caption_dropout_rate > 0
+            or self.caption_dropout_every_n_epochs > 0 or self.caption_tag_dropout_rate > 0
+            or self.token_warmup_step > 0
+        )
+
+
+@dataclass(frozen=True)
 class SubsetParams:
     image_dir: Path  # as written (resolved against cwd / the config folder when scanned)
     num_repeats: int
     caption_extension: str
     class_tokens: str | None
     where: str  # table name for messages
+    caption: CaptionParams = CaptionParams()
 
 
 @dataclass(frozen=True)
@@ -288,6 +385,24 @@ def _pick(key: str, *levels: BaseModel | dict | None) -> Any:
 def _normalize_extension(ext: str) -> str:
     # kohya appends the extension to the stem as-is; "txt" would look for "imgtxt". We add the dot.
     return ext if ext.startswith(".") or ext == "" else "." + ext
+
+
+def _caption_params(where: str, *levels: BaseModel | dict | None) -> CaptionParams:
+    p = CaptionParams(**{key: _pick(key, *levels) for key in CAPTION_KEYS})
+    if p.keep_tokens_separator and p.keep_tokens_separator == p.caption_separator:
+        raise DatasetConfigError(
+            f"{where}: keep_tokens_separator must differ from caption_separator ({p.caption_separator!r}); "
+            f"kohya's examples use \"|||\""
+        )
+    if p.secondary_separator and p.secondary_separator == p.caption_separator:
+        raise DatasetConfigError(
+            f"{where}: secondary_separator must differ from caption_separator ({p.caption_separator!r}); "
+            f"kohya's examples use \";;;\""
+        )
+    if p.keep_tokens and not (p.shuffle_caption or p.caption_tag_dropout_rate > 0 or p.token_warmup_step > 0):
+        log.info("%s: keep_tokens = %d has no effect without shuffle_caption, caption_tag_dropout_rate or "
+                 "token_warmup_step", where, p.keep_tokens)
+    return p
 
 
 def resolve_datasets(
@@ -355,6 +470,7 @@ def resolve_datasets(
                     caption_extension=_normalize_extension(_pick("caption_extension", sub, ds, g, caller)),
                     class_tokens=_pick("class_tokens", sub, ds, g, caller),
                     where=swhere,
+                    caption=_caption_params(swhere, sub, ds, g, caller),
                 )
             )
         out.append(

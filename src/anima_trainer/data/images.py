@@ -1,34 +1,265 @@
-"""Image files: discovery, header-only sizes, decoding to RGB, resize + centre crop, tensors.
+"""Image files: discovery, header-only probing (size, orientation, sanity checks), decoding to RGB,
+resize + centre crop, tensors.
 
 Mode handling (decision): EXIF orientation is applied (sizes are reported after it); images with
 transparency (RGBA, LA, palette or colour-key transparency) are alpha-composited on white, because fully
 transparent pixels often hold arbitrary colours that a plain alpha drop would expose; 16-bit greyscale is
-scaled to 8 bits; everything else goes through Pillow's convert("RGB") (CMYK, L, P, ...).
+scaled to 8 bits (v / 257, rounded); 16-bit RGB(A) PNGs keep the high byte (Pillow's decoder); everything
+else goes through Pillow's convert("RGB") (CMYK, L, P, 1, ...).  Colour profiles (ICC) are not applied.
+
+Start-up checks (decision): `probe_image` reads the header and O(1) bytes at the end of the file, never the
+pixels, and rejects what would otherwise fail mid-run:
+  * empty files, files Pillow cannot identify, broken symlinks and symlink loops;
+  * truncated files: a PNG must end with its IEND chunk (else the chunk CRCs are walked with
+    `Image.verify()`, which decompresses nothing); a JPEG must end with the EOI marker (else the image is
+    decoded once, at scan, to tell trailing data from truncation — rare); WebP / BMP must be at least as
+    long as the size in their header;
+  * pixel modes `to_rgb` cannot convert;
+  * images above MAX_IMAGE_PIXELS (decompression-bomb limit).
+Corruption inside the compressed data that keeps the file length intact is not visible without decoding:
+`probe_image(full=True)` (build_dataset(verify_images=True)) decodes every image at start-up; otherwise such
+a file raises ImageReadError naming it when its batch is loaded.
+
+EXIF orientation is read from the header only (Pillow's PngImageFile.getexif() would decode the whole
+image to look for an eXIf chunk after the pixel data; such late chunks are ignored here, consistently at
+scan and at load, so the scanned size always matches the loaded one).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile
 
 from .buckets import Size, crop_offsets
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # kohya's list, matched case-insensitively
 
+# Decompression-bomb limit (decision): 178,956,970 pixels (e.g. 13,377 x 13,377; a 16k x 10k scan fits) =
+# Pillow's own hard-error threshold (2 x its default warning limit of 89.5 MP).  Images above it are
+# skipped at start-up with a message naming the limit.  Pillow's warning threshold is raised to the same
+# value on import so accepted images decode without DecompressionBombWarning; Pillow itself still refuses
+# anything above 2 x this.  Change this constant (not Pillow's) to change the limit.
+MAX_IMAGE_PIXELS = 178_956_970
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+# Which extension wins when several images share a stem in one folder (they would share a caption file):
+# lossless first, then kohya's list order; ties (a.png / a.PNG) by file name.
+EXTENSION_PREFERENCE = (".png", ".webp", ".bmp", ".jpg", ".jpeg")
+
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # transpose / rotate 90 / transverse / rotate 270
+_TRANSPOSE = {  # as ImageOps.exif_transpose
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+_JPEG_EOI = b"\xff\xd9"
 
 
 class ImageReadError(OSError):
     """An image file exists but cannot be decoded."""
 
 
+class ImageRejected(ImageReadError):
+    """`probe_image` refuses a file; `reason` is the short text shown in the start-up report."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    size: Size  # (width, height) after EXIF orientation
+    orientation: int  # EXIF orientation 1..8 read from the header
+    format: str  # Pillow format name (PNG, JPEG, ...)
+    mode: str  # Pillow mode before conversion
+
+
+# --- discovery ------------------------------------------------------------------------------------------
+
+def scan_folder(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files directly inside `folder` (not recursive), sorted by name, plus (path, reason) for
+    entries with an image extension that are not usable files (broken symlink, symlink loop, folder).
+
+    Not recursive, so a symlinked folder (even one pointing back at `folder`) is never descended into."""
+    images, rejected = [], []
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        path = Path(entry.path)
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        try:
+            st = os.stat(path)  # follows symlinks
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                rejected.append((path, "symlink loop"))
+            elif entry.is_symlink() and e.errno == errno.ENOENT:
+                rejected.append((path, f"broken symlink (-> {os.readlink(path)})"))
+            else:
+                rejected.append((path, f"cannot stat: {e.strerror or e}"))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            rejected.append((path, "not a regular file"))
+            continue
+        images.append(path)
+    return images, rejected
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder` (not recursive), sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return scan_folder(folder)[0]
+
+
+def pick_duplicate_stems(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Keep one image per (folder, stem): a.png + a.jpg would share a.txt and one latent-cache name.
+    The winner follows EXTENSION_PREFERENCE, then the file name; the others are returned as rejected."""
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for p in paths:
+        groups.setdefault((p.parent, p.stem), []).append(p)
+
+    def rank(p: Path) -> tuple[int, str]:
+        ext = p.suffix.lower()
+        return (EXTENSION_PREFERENCE.index(ext) if ext in EXTENSION_PREFERENCE else len(EXTENSION_PREFERENCE), p.name)
+
+    keep, rejected = set(), []
+    for group in groups.values():
+        best = min(group, key=rank)
+        keep.add(best)
+        rejected.extend((p, f"duplicate stem: same name as {best.name}, which is used instead")
+                        for p in sorted(group) if p != best)
+    return [p for p in paths if p in keep], sorted(rejected)
+
+
+# --- probing (header only) ------------------------------------------------------------------------------
+
+def _header_orientation(im: Image.Image) -> int:
+    """EXIF orientation from data Pillow parsed while opening (never decodes; see the module docstring)."""
+    try:
+        # the base-class method reads im.info only; PngImageFile.getexif() would load the pixels
+        orientation = Image.Image.getexif(im).get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as exif_transpose does
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+@cache
+def mode_supported(mode: str) -> bool:
+    """Whether `to_rgb` converts this Pillow mode (tried once on a 1x1 image)."""
+    try:
+        to_rgb(Image.new(mode, (1, 1)))
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _tail(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - n))
+        return f.read()
+
+
+def _truncation(path: Path, im: ImageFile.ImageFile, file_size: int) -> str | None:
+    """Cheap end-of-file checks per format; a reason string if the file is truncated, else None."""
+    fmt = im.format
+    if fmt == "PNG":
+        if _tail(path, len(_PNG_IEND)) == _PNG_IEND:
+            return None
+        try:  # data after IEND, or truncated: walk the chunks (CRC only, no decompression)
+            with Image.open(path) as again:
+                again.verify()
+        except Exception as e:  # noqa: BLE001
+            return f"truncated or corrupt PNG ({e})"
+        return None
+    if fmt in ("JPEG", "MPO"):
+        if _tail(path, 64).rstrip(b"\x00\r\n ").endswith(_JPEG_EOI):
+            return None
+        try:  # no EOI marker at the end: trailing data (fine) or truncation: decode once to tell
+            with Image.open(path) as again:
+                again.load()
+        except Exception as e:  # noqa: BLE001
+            return f"truncated or corrupt JPEG ({e})"
+        return None
+    if fmt == "WEBP":
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if len(head) >= 8 and head[:4] == b"RIFF":
+            expected = int.from_bytes(head[4:8], "little") + 8
+            if file_size < expected:
+                return f"truncated WebP ({file_size} of {expected} bytes)"
+        return None
+    if fmt == "BMP":
+        with open(path, "rb") as f:
+            head = f.read(6)
+        expected = int.from_bytes(head[2:6], "little") if head[:2] == b"BM" else 0
+        if file_size < expected:
+            return f"truncated BMP ({file_size} of {expected} bytes)"
+    return None
+
+
+def probe_image(path: Path, *, full: bool = False) -> ImageInfo:
+    """Size / orientation / mode from the header plus the start-up checks (module docstring); raises
+    ImageRejected with a one-line reason.  `full=True` also decodes the pixels (slow, catches everything)."""
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+    except OSError as e:
+        raise ImageRejected(path, f"cannot stat: {e.strerror or e}") from None
+    if file_size == 0:
+        raise ImageRejected(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageRejected(path, _too_large(w, h))
+                mode, fmt = im.mode, im.format or "?"
+                orientation = _header_orientation(im)
+                truncated = _truncation(path, im, file_size)
+                if truncated is None and full:
+                    im.load()
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError:  # above Pillow's hard limit; the size is in the header anyway
+        raise ImageRejected(path, f"too large: above Pillow's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} "
+                                  f"pixels (anima-trainer's limit: {MAX_IMAGE_PIXELS})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageRejected(path, "not an image Pillow can identify (wrong extension or corrupt header)") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-file problem
+        raise ImageRejected(path, f"unreadable: {type(e).__name__}: {e}") from None
+    if truncated is not None:
+        raise ImageRejected(path, truncated)
+    if w < 1 or h < 1:
+        raise ImageRejected(path, f"invalid size {w}x{h}")
+    if not mode_supported(mode):
+        raise ImageRejected(path, f"unsupported pixel mode {mode!r}")
+    size = (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+    return ImageInfo(size, orientation, fmt, mode)
+
+
+def _too_large(w: int, h: int) -> str:
+    return (f"too large: {w}x{h} = {w * h:,} pixels > limit {MAX_IMAGE_PIXELS:,} "
+            "(anima_trainer.data.images.MAX_IMAGE_PIXELS; downscale the file)")
 
 
 def image_size(path: Path) -> Size:
@@ -36,14 +267,13 @@ def image_size(path: Path) -> Size:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            try:
-                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-            except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as exif_transpose does
-                orientation = 1
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            orientation = _header_orientation(im)
+    except Exception as e:  # noqa: BLE001
         raise ImageReadError(f"cannot read image {path}: {e}") from None
     return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
 
+
+# --- decoding -------------------------------------------------------------------------------------------
 
 def _has_transparency(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "LA", "RGBa", "La", "PA") or "transparency" in im.info
@@ -53,27 +283,42 @@ def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow image to RGB (alpha composited on white)."""
     if im.mode == "RGB" and "transparency" not in im.info:
         return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        if "transparency" in im.info:  # 16-bit colour key: mask from the raw values, then composite
+            key = im.info["transparency"]
+            alpha = Image.fromarray(np.where(np.asarray(im) == key, 0, 255).astype(np.uint8))
+            grey = _sixteen_to_eight(im)
+            grey.putalpha(alpha)
+            return to_rgb(grey)
+        return _sixteen_to_eight(im).convert("RGB")
     if _has_transparency(im):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         background.alpha_composite(rgba)
         return background.convert("RGB")
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im, dtype=np.float64)
-        arr = np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
     return im.convert("RGB")
 
 
+def _sixteen_to_eight(im: Image.Image) -> Image.Image:
+    arr = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(path: Path) -> Image.Image:
-    """Decode `path` to an RGB image with EXIF orientation applied."""
+    """Decode `path` to an RGB image with EXIF orientation (from the header, as at scan) applied."""
     try:
         with Image.open(path) as im:
+            orientation = _header_orientation(im)  # before load(): the same value probe_image saw
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image {path}: {e}") from None
+            out = to_rgb(im)
+            if orientation in _TRANSPOSE:
+                out = out.transpose(_TRANSPOSE[orientation])
+            return out
+    except Exception as e:  # noqa: BLE001 - any decoder failure becomes an error naming the file
+        raise ImageReadError(
+            f"cannot decode image {path}: {type(e).__name__}: {e} (it passed the start-up checks, so the damage "
+            "is inside the compressed data; remove or re-export the file, or scan with verify_images=True)"
+        ) from None
 
 
 def resize_and_crop(im: Image.Image, resized: Size, bucket: Size) -> Image.Image:

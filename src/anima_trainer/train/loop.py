@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from anima_trainer.config import TrainConfig
+from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
@@ -61,8 +61,8 @@ class TextConditioner:
     @torch.no_grad()
     def _encode_missing(self, captions: list[str]) -> None:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if not missing:
-            return
+        if not missing or len(self._cache) >= self.max_cached:
+            return  # nothing to do, or no room: `context` encodes the batch directly
         enc = self.te.encode(missing)
         for i, caption in enumerate(missing):
             n, m = int(enc.qwen_mask[i].sum()), int(enc.t5_mask[i].sum())
@@ -111,8 +111,16 @@ def prepare_caches(cfg: TrainConfig, dataset, models: Models, conditioner: TextC
                                          batch_size=cfg.vae_batch_size)
         log.info("latent cache: %s", summary)
     if force_disk or cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        if not dataset.captions_are_static:
+            if not force_disk:
+                raise ConfigError("cache_text_encoder_outputs: captions change every step (shuffle_caption, tag or "
+                                  "caption dropout, wildcards or token warmup in dataset_config), so one cached "
+                                  "encoding per image would be wrong; turn the text cache off for this dataset")
+            log.warning("captions change every step; the text cache is skipped for this dataset")
+            return latents
         to_disk = force_disk or cfg.cache_text_encoder_outputs_to_disk
-        captions = {item.caption: (store_for(item.path) if to_disk else None) for item in dataset.items}
+        captions = {dataset.caption_for(i, 0): (store_for(item.path) if to_disk else None)
+                    for i, item in enumerate(dataset.items)}
         rows, summary = cache_text(captions, models.text_encoder, qwen_fingerprint=model_fingerprint(cfg.qwen3),
                                    batch_size=cfg.text_encoder_batch_size or 8)
         log.info("text cache: %s", summary)
@@ -124,10 +132,10 @@ def prepare_caches(cfg: TrainConfig, dataset, models: Models, conditioner: TextC
 def epoch_inputs(dataset, epoch: int, vae, latent_cache: dict[int, torch.Tensor] | None, device: torch.device,
                  prefetch: int):
     """(latents on device, captions) per batch: from the latent cache, or by decoding and encoding images."""
-    if latent_cache is not None:
-        for indices in dataset.batch_plan(epoch):
-            yield (torch.stack([latent_cache[i] for i in indices]).to(device),
-                   [dataset.items[i].caption for i in indices])
+    if latent_cache is not None:  # the same processed captions `dataset.epoch` would give
+        plan = dataset.batch_plan(epoch)
+        for indices, captions in zip(plan, dataset.epoch_captions(epoch, plan), strict=True):
+            yield torch.stack([latent_cache[i] for i in indices]).to(device), captions
         return
     for batch in dataset.epoch(epoch, prefetch=prefetch):
         with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
@@ -224,7 +232,10 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if cfg.log_with:
         accelerator.init_trackers(cfg.log_prefix or "network_train", config={"max_train_steps": max_steps})
-    conditioner = TextConditioner(dit, models.text_encoder)
+    dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
+    # captions that change every step are not memoised (the memo would grow without bound)
+    conditioner = TextConditioner(dit, models.text_encoder,
+                                  max_cached=100_000 if dataset.captions_are_static else 0)
     latent_cache = prepare_caches(cfg, dataset, models, conditioner)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     params = network.trainable_parameters()
