@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> dict:
     b, n, s = (sum(col) for col in zip(*decode))
     return {
         "images": args.images, "size": [w, h], "format": args.format, "resolution": args.resolution,
-        "batch": args.batch, "prefetch": args.prefetch, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "batch": args.batch, "prefetch": args.prefetch, "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "buckets": [list(r[:2]) for r in ds.bucket_table()], "make_s": round(make_s, 2),
         "scan_s": round(scan_s, 4), "scan_ms_per_image": round(1000 * scan_s / args.images, 3),
         "decode_batches_per_s": round(b / s, 2), "decode_images_per_s": round(n / s, 2),

@@ -234,7 +234,8 @@ def test_tiny_images_no_upscale_and_extreme_aspect(tmp_path):
     Image.new("RGB", (4000, 4)).save(d / "strip.png")
     ds = build_dataset(_toml(d, bucket_no_upscale=True))
     assert ds.skipped == [
-        (d / "strip.png", "too small: image of size 4000x4 is too small for bucket_reso_steps 64 with bucket_no_upscale"),
+        (d / "strip.png",
+         "too small: image of size 4000x4 is too small for bucket_reso_steps 64 with bucket_no_upscale"),
         (d / "tiny.png", "too small: image of size 8x8 is too small for bucket_reso_steps 64 with bucket_no_upscale"),
     ]
     ds = build_dataset(_toml(d))  # normal mode: tiny is upscaled (kohya), the strip would be a 256x256000 resize
