@@ -113,3 +113,26 @@ def test_cache_command_then_cached_training_matches_uncached(project, tmp_path):
     assert len(plain.losses) == len(cached.losses) == 3
     torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), atol=1e-4, rtol=1e-4)
     assert len(list((project["images"] / CACHE_FOLDER).glob("*.safetensors"))) == 8  # all reused, none added
+
+
+def test_caption_variants_are_deterministic_and_respect_dropout(project):
+    from anima_trainer.cache.variants import CaptionVariants
+
+    text = project["dataset"].read_text().replace("batch_size = 4\n", "batch_size = 4\nshuffle_caption = true\n"
+                                                  "caption_dropout_rate = 0.5\n")
+    project["dataset"].write_text(text)
+    for f in project["images"].glob("*.txt"):
+        f.write_text(f.read_text().replace(" on a ", ", ").replace(" ", ", "))  # tags to shuffle
+    ds = _dataset(project)
+    a, b = CaptionVariants(ds, 4), CaptionVariants(ds, 4)
+    assert a.table == b.table and len(a.table) == 4 and all(len(v) == 4 for v in a.table.values())
+    assert any(len(set(v)) > 1 for v in a.table.values())  # shuffling produced different variants
+    assert all(c != "" for v in a.table.values() for c in v)  # dropout is not baked into variants
+    plan = ds.batch_plan(0)
+    picked, again = a.pick(0, plan), b.pick(0, plan)
+    assert picked == again
+    normal = ds.epoch_captions(0, plan)
+    for p_row, n_row, idx in zip(picked, normal, plan):
+        for p, n, i in zip(p_row, n_row, idx):
+            assert (p == "") == (n == "") and (p == "" or p in a.table[i])
+    assert a.captions() >= {""}

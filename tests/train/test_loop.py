@@ -140,7 +140,7 @@ def test_tensorboard_logging_and_continuing_from_network_weights(setup, tmp_path
     assert code == 2 and "file has dim (rank) 8, network has dim 4" in capsys.readouterr().err
 
 
-def test_caption_processing_reaches_training_and_blocks_a_stale_text_cache(setup, tmp_path):
+def test_caption_processing_reaches_training_also_with_a_text_cache(setup, tmp_path):
     toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 2, seed=1)
     dataset = tmp_path / "dataset.toml"
     dataset.write_text(dataset.read_text().replace("batch_size = 4\n", "batch_size = 4\nshuffle_caption = true\n"
@@ -162,6 +162,37 @@ def test_caption_processing_reaches_training_and_blocks_a_stale_text_cache(setup
     assert len(seen) == 2 and all(any("shapes" in c for c in batch) for batch in seen)
     raw = {p.read_text() for p in setup["images"].glob("*.txt")}
     assert any(c not in raw for batch in seen for c in batch)  # processed, not the raw caption files
-    with pytest.raises(ValueError, match="captions change every step"):
+    # with a text cache the captions come from the pre-encoded variants (never the raw caption files)
+    seen.clear()
+    loop.TextConditioner.context = spy
+    try:
         run_training(parse_train_args(["--config_file", str(toml), "--cache_text_encoder_outputs",
-                                       "--output_name", "x"]))
+                                       "--caption_variants", "3", "--output_name", "x"]))
+    finally:
+        loop.TextConditioner.context = original
+    assert len(seen) == 2 and all(c not in raw and "shapes" in c for batch in seen for c in batch)
+    warm = tmp_path / "dataset.toml"
+    warm.write_text(warm.read_text().replace("shuffle_caption = true\n", "token_warmup_step = 5\n"))
+    with pytest.raises(ValueError, match="token_warmup_step changes captions every step"):
+        run_training(parse_train_args(["--config_file", str(toml), "--cache_text_encoder_outputs",
+                                       "--output_name", "y"]))
+
+
+def test_long_captions_are_reported_not_truncated(setup, tmp_path, caplog):
+    import logging
+
+    from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.train.loop import report_long_captions
+
+    images = write_shapes_dataset(tmp_path / "imgs", count=2, seed=1)
+    long_text = "a red circle on a white background, " * 60
+    (images / "shape_01.txt").write_text(long_text)
+    write_demo_configs(tmp_path, setup["models"], images, 1, seed=1)
+    ds = build_dataset(load_dataset_config(tmp_path / "dataset.toml"))
+    te = load_text_encoder(setup["models"]["qwen3"], tokenizer_dir=setup["models"]["tokenizers"])
+    caplog.set_level(logging.WARNING, logger="anima_trainer.train.loop")
+    found = report_long_captions(ds, te)
+    assert [p.name for p, _, _ in found] == ["shape_01.png"] and found[0][1] > 512
+    assert "1 captions are longer than 512 tokens" in caplog.text and "shape_01.png" in caplog.text
+    enc = te.encode([ds.caption_for(1, 0)])
+    assert enc.qwen_hidden.shape[1] == found[0][1]  # encoded whole

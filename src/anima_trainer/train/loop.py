@@ -96,51 +96,88 @@ class TextConditioner:
         return self.dit.encode_context(hidden, ids, qwen_mask=qmask, t5_mask=tmask, t5_weights=weights)
 
 
+@dataclass
+class Caches:
+    """What `prepare_caches` built: latents per dataset item, and caption variants (random captions + text
+    cache); None where that part is computed per step."""
+
+    latents: dict[int, torch.Tensor] | None = None
+    variants: object | None = None
+
+
 def prepare_caches(cfg: TrainConfig, dataset, models: Models, conditioner: TextConditioner | None, *,
-                   force_disk: bool = False) -> dict[int, torch.Tensor] | None:
+                   force_disk: bool = False) -> Caches:
     """Build/reuse the caches the config asks for (all of them on disk with `force_disk`, the `cache`
-    command); returns the latents per dataset item, or None when latents are computed per step."""
+    command)."""
     from anima_trainer.cache import cache_latents, cache_text, model_fingerprint
     from anima_trainer.cache.store import store_for
+    from anima_trainer.cache.variants import CaptionVariants
 
-    latents = None
+    caches = Caches()
     if force_disk or cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_dtype = next(models.vae.model.parameters()).dtype
-        latents, summary = cache_latents(dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae),
-                                         dtype=vae_dtype, to_disk=force_disk or cfg.cache_latents_to_disk,
-                                         batch_size=cfg.vae_batch_size)
+        caches.latents, summary = cache_latents(dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae),
+                                                dtype=vae_dtype, to_disk=force_disk or cfg.cache_latents_to_disk,
+                                                batch_size=cfg.vae_batch_size)
         log.info("latent cache: %s", summary)
     if force_disk or cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
-        if not dataset.captions_are_static:
-            if not force_disk:
-                raise ConfigError("cache_text_encoder_outputs: captions change every step (shuffle_caption, tag or "
-                                  "caption dropout, wildcards or token warmup in dataset_config), so one cached "
-                                  "encoding per image would be wrong; turn the text cache off for this dataset")
-            log.warning("captions change every step; the text cache is skipped for this dataset")
-            return latents
         to_disk = force_disk or cfg.cache_text_encoder_outputs_to_disk
-        captions = {dataset.caption_for(i, 0): (store_for(item.path) if to_disk else None)
-                    for i, item in enumerate(dataset.items)}
+        where = lambda i: store_for(dataset.items[i].path) if to_disk else None  # noqa: E731
+        if dataset.captions_are_static:
+            captions = {dataset.caption_for(i, 0): where(i) for i in range(len(dataset.items))}
+        else:
+            try:
+                caches.variants = CaptionVariants(dataset, cfg.caption_variants)
+            except ValueError as e:
+                raise ConfigError(f"cache_text_encoder_outputs: {e}") from None
+            captions = {"": where(0)}
+            for i, rows in caches.variants.table.items():
+                captions.update({c: where(i) for c in rows if c not in captions})
+            log.info("captions change every step: %d variants per caption are cached (caption_variants)",
+                     cfg.caption_variants)
         rows, summary = cache_text(captions, models.text_encoder, qwen_fingerprint=model_fingerprint(cfg.qwen3),
                                    batch_size=cfg.text_encoder_batch_size or 8)
         log.info("text cache: %s", summary)
         if conditioner is not None:
             conditioner.prefill(rows)
-    return latents
+    return caches
 
 
-def epoch_inputs(dataset, epoch: int, vae, latent_cache: dict[int, torch.Tensor] | None, device: torch.device,
-                 prefetch: int):
-    """(latents on device, captions) per batch: from the latent cache, or by decoding and encoding images."""
-    if latent_cache is not None:  # the same processed captions `dataset.epoch` would give
-        plan = dataset.batch_plan(epoch)
-        for indices, captions in zip(plan, dataset.epoch_captions(epoch, plan), strict=True):
-            yield torch.stack([latent_cache[i] for i in indices]).to(device), captions
+def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device, prefetch: int):
+    """(latents on device, captions) per batch: latents from the cache or by encoding the images, captions
+    processed per sample (or drawn from the cached variants)."""
+    if caches.latents is None and caches.variants is None:
+        for batch in dataset.epoch(epoch, prefetch=prefetch):
+            with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
+                latents = vae.encode(batch.images.to(device)).to(device)
+            yield latents, batch.captions
         return
-    for batch in dataset.epoch(epoch, prefetch=prefetch):
-        with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
-            latents = vae.encode(batch.images.to(device)).to(device)
-        yield latents, batch.captions
+    plan = dataset.batch_plan(epoch)
+    captions = caches.variants.pick(epoch, plan) if caches.variants else dataset.epoch_captions(epoch, plan)
+    for indices, caps in zip(plan, captions, strict=True):
+        if caches.latents is not None:
+            latents = torch.stack([caches.latents[i] for i in indices]).to(device)
+        else:
+            with torch.no_grad():
+                latents = vae.encode(dataset.load_batch(indices, captions=caps).images.to(device)).to(device)
+        yield latents, caps
+
+
+def report_long_captions(dataset, text_encoder, limit: int = 512) -> list[tuple[Path, int, int]]:
+    """Captions over `limit` tokens on either side, reported once at start-up (file, Qwen and T5 counts).
+
+    They are kept whole, as ComfyUI does at inference (no silent truncation); the context just gets longer.
+    """
+    long = []
+    for i, item in enumerate(dataset.items):
+        tokens = text_encoder.tokenize([dataset.caption_for(i, 0)])[0]
+        if len(tokens.qwen_ids) > limit or len(tokens.t5_ids) > limit:
+            long.append((item.path, len(tokens.qwen_ids), len(tokens.t5_ids)))
+    if long:
+        shown = "; ".join(f"{p.name} ({q} Qwen / {t} T5 tokens)" for p, q, t in long[:10])
+        log.warning("%d captions are longer than %d tokens and are used whole (ComfyUI does not truncate "
+                    "either): %s%s", len(long), limit, shown, " …" if len(long) > 10 else "")
+    return long
 
 
 def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
@@ -233,10 +270,13 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     if cfg.log_with:
         accelerator.init_trackers(cfg.log_prefix or "network_train", config={"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
+    report_long_captions(dataset, models.text_encoder)
     # captions that change every step are not memoised (the memo would grow without bound)
     conditioner = TextConditioner(dit, models.text_encoder,
                                   max_cached=100_000 if dataset.captions_are_static else 0)
-    latent_cache = prepare_caches(cfg, dataset, models, conditioner)
+    caches = prepare_caches(cfg, dataset, models, conditioner)
+    if caches.variants is not None:
+        conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
     generator = torch.Generator(device="cpu").manual_seed(seed)
     params = network.trainable_parameters()
     log.info("training %d LoRA modules, %d images, %d batches/epoch, %d steps, %d epochs", len(network.modules_by_name),
@@ -260,7 +300,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
     bar = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
     for epoch in range(1, epochs + 1):
-        for latents, captions in epoch_inputs(dataset, epoch - 1, models.vae, latent_cache, device,
+        for latents, captions in epoch_inputs(dataset, epoch - 1, models.vae, caches, device,
                                               cfg.max_data_loader_n_workers):
             context = conditioner.context(captions)
             loss = training_step(dit, latents, context, cfg, generator)
