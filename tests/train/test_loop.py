@@ -196,3 +196,14 @@ def test_long_captions_are_reported_not_truncated(setup, tmp_path, caplog):
     assert "1 captions are longer than 512 tokens" in caplog.text and "shape_01.png" in caplog.text
     enc = te.encode([ds.caption_for(1, 0)])
     assert enc.qwen_hidden.shape[1] == found[0][1]  # encoded whole
+
+
+def test_cached_adapter_outputs_give_the_same_training(setup, tmp_path):
+    toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 3, seed=2)
+    plain = run_training(parse_train_args(["--config_file", str(toml)]))
+    cached = run_training(parse_train_args(["--config_file", str(toml), "--cache_llm_adapter_outputs",
+                                            "--output_name", "cached"]))
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="the LLM adapter is trained"):
+        run_training(parse_train_args(["--config_file", str(toml), "--cache_llm_adapter_outputs",
+                                       "--network_args", "train_llm_adapter=true", "--output_name", "z"]))

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.models.adapter import pad_context
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
@@ -54,9 +55,13 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
 class TextConditioner:
     """Captions → DiT context; Qwen3 states memoised per caption (frozen encoder, captions repeat)."""
 
-    def __init__(self, dit, text_encoder, max_cached: int = 100_000) -> None:
+    def __init__(self, dit, text_encoder, max_cached: int = 100_000, cache_contexts: bool = False) -> None:
         self.dit, self.te, self.max_cached = dit, text_encoder, max_cached
         self._cache: dict[str, tuple[torch.Tensor, list[int], list[float]]] = {}
+        # frozen adapter: its output rows per caption never change, so compute them once (ComfyUI's
+        # per-prompt result) and skip the adapter in every later step
+        self.cache_contexts = cache_contexts
+        self._contexts: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def _encode_missing(self, captions: list[str]) -> None:
@@ -77,6 +82,18 @@ class TextConditioner:
     @torch.no_grad()
     def context(self, captions: list[str]) -> torch.Tensor:
         """[B, ≥512, 1024] context, exactly `dit.encode_context` on the right-padded batch."""
+        if not self.cache_contexts or self.max_cached == 0:  # random captions: nothing would repeat
+            return self._context(captions)
+        missing = list(dict.fromkeys(c for c in captions if c not in self._contexts))
+        if missing:
+            ctx = self._context(missing)
+            for caption, row in zip(missing, ctx, strict=True):
+                n = len(self.te.tokenize([caption])[0].t5_ids)  # the adapter's real rows; the rest are 0
+                self._contexts[caption] = row[:n].clone()
+        rows = [self._contexts[c] for c in captions]
+        return pad_context(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True))
+
+    def _context(self, captions: list[str]) -> torch.Tensor:
         self._encode_missing(captions)
         rows = [self._cache.get(c) for c in captions]
         if any(r is None for r in rows):  # cache full: encode this batch directly
@@ -272,8 +289,13 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
     report_long_captions(dataset, models.text_encoder)
     # captions that change every step are not memoised (the memo would grow without bound)
+    trains_adapter = any(name.startswith("llm_adapter.") for name in network.modules_by_name)
+    if cfg.cache_llm_adapter_outputs and trains_adapter:
+        raise ConfigError("cache_llm_adapter_outputs: the LLM adapter is trained (train_llm_adapter), so its output "
+                          "changes every step and cannot be cached; turn one of them off")
     conditioner = TextConditioner(dit, models.text_encoder,
-                                  max_cached=100_000 if dataset.captions_are_static else 0)
+                                  max_cached=100_000 if dataset.captions_are_static else 0,
+                                  cache_contexts=cfg.cache_llm_adapter_outputs)
     caches = prepare_caches(cfg, dataset, models, conditioner)
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
