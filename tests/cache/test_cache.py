@@ -53,14 +53,16 @@ def test_latents_reused_and_rebuilt_only_where_inputs_changed(project, models, t
     assert len(list((project["images"] / CACHE_FOLDER).glob("*.safetensors"))) == 4
     again, s2 = _latents(project, models["vae"])
     assert (s2.built, s2.reused) == (0, 4)
-    assert all(torch.equal(first[i], again[i]) for i in first)
+    assert set(first) == {(i, False) for i in range(4)}  # no flip_aug: one orientation per image
+    assert all(torch.equal(first[k]["latent"], again[k]["latent"]) for k in first)
     # replace one image: exactly that entry is rebuilt
     ds = _dataset(project)
     changed = ds.items[1].path
     Image.new("RGB", (64, 64), "black").save(changed)
     third, s3 = _latents(project, models["vae"])
     assert (s3.built, s3.reused) == (1, 3)
-    assert not torch.equal(third[1], first[1]) and torch.equal(third[0], first[0])
+    assert not torch.equal(third[(1, False)]["latent"], first[(1, False)]["latent"])
+    assert torch.equal(third[(0, False)]["latent"], first[(0, False)]["latent"])
     # another VAE file: everything is rebuilt, nothing stale is used
     other = write_tiny_vae(tmp_path / "other_vae.safetensors", seed=99)
     _, s4 = _latents(project, other)
@@ -73,7 +75,7 @@ def test_latent_cache_equals_fresh_encoding(project, models):
     ds = _dataset(project)
     for i in range(len(ds.items)):
         direct = vae.encode(ds.load_batch([i]).images)[0]
-        torch.testing.assert_close(latents[i], direct, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(latents[(i, False)]["latent"], direct, atol=1e-6, rtol=1e-6)
 
 
 def test_edited_caption_rebuilds_only_its_text_entry(project, models):
@@ -136,3 +138,28 @@ def test_caption_variants_are_deterministic_and_respect_dropout(project):
         for p, n, i in zip(p_row, n_row, idx):
             assert (p == "") == (n == "") and (p == "" or p in a.table[i])
     assert a.captions() >= {""}
+
+
+def test_flip_aug_caches_both_orientations_and_random_pixels_refuse_the_cache(project, models):
+    from anima_trainer.cache.build import latent_mask
+
+    text = project["dataset"].read_text().replace("batch_size = 4\n", "batch_size = 4\nflip_aug = true\n")
+    project["dataset"].write_text(text)
+    cache, summary = _latents(project, models["vae"])
+    assert summary.built == 8 and set(cache) == {(i, f) for i in range(4) for f in (False, True)}
+    vae = load_vae(models["vae"], dtype=torch.float32)
+    ds = _dataset(project)
+    flipped = vae.encode(ds.load_batch([2], flips=[True]).images)[0]
+    torch.testing.assert_close(cache[(2, True)]["latent"], flipped, atol=1e-6, rtol=1e-6)
+    plan = ds.batch_plan(0)
+    flips = ds.epoch_flips(0, plan)
+    latents, mask = cache.batch(plan[0], flips[0])
+    assert mask is None
+    for row, (i, f) in enumerate(zip(plan[0], flips[0])):
+        assert torch.equal(latents[row], cache[(i, f)]["latent"])
+    masks = torch.zeros(1, 1, 16, 16)
+    masks[..., :8, :] = 1
+    assert torch.equal(latent_mask(masks, (2, 2)), torch.tensor([[[[[1.0, 1.0], [0.0, 0.0]]]]]))
+    project["dataset"].write_text(text.replace("flip_aug = true", "random_crop = true"))
+    with pytest.raises(ValueError, match="random_crop / color_aug"):
+        run_training(parse_train_args(["--config_file", str(project["toml"]), "--cache_latents"]))

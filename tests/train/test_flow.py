@@ -106,3 +106,12 @@ def test_save_plan_names_retention_and_refusal(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         plan.check_start()
     SavePlan(tmp_path, "mylora", overwrite=True).check_start()
+
+
+def test_masked_loss_and_sample_weights():
+    pred, target = torch.zeros(2, 1, 1, 2, 2), torch.ones(2, 1, 1, 2, 2)
+    sigma = torch.tensor([0.5, 0.5])
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 1, 2, 2).expand(2, 1, 1, 2, 2)
+    assert flow_loss(pred, target, sigma, mask=mask).item() == pytest.approx(0.25)  # kohya: mean of loss·mask
+    w = torch.tensor([1.0, 3.0])
+    assert flow_loss(pred, target, sigma, sample_weights=w).item() == pytest.approx((1 + 3) / 2)

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from anima_trainer.cache.store import CacheStore, entry_key, file_sha256, store_for
@@ -38,43 +39,74 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def latent_key(item, image_sha: str, vae_fingerprint: str, dtype: torch.dtype) -> str:
-    return entry_key({"kind": "latent", "image": image_sha, "bucket": list(item.bucket),
-                      "resized": list(item.resized), "crop": "center", "flip": False, "vae": vae_fingerprint,
-                      "dtype": _dtype_name(dtype)})
+def latent_key(item, image_sha: str, vae_fingerprint: str, dtype: torch.dtype, interpolation: str | None = None,
+               flip: bool = False, alpha_mask: bool = False) -> str:
+    fields = {"kind": "latent", "image": image_sha, "bucket": list(item.bucket), "resized": list(item.resized),
+              "crop": "center", "flip": flip, "vae": vae_fingerprint, "dtype": _dtype_name(dtype)}
+    if interpolation:  # only when set, so entries made with the default filters stay valid
+        fields["interpolation"] = interpolation
+    if alpha_mask:
+        fields["alpha_mask"] = True
+    return entry_key(fields)
+
+
+class LatentCache(dict):
+    """(item index, flipped) → {"latent": [16, 1, h, w] fp32, optionally "mask": [1, 1, h, w] at latent size}."""
+
+    def batch(self, indices: list[int], flips: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        flips = flips or [False] * len(indices)
+        entries = [self[(i, f)] for i, f in zip(indices, flips, strict=True)]
+        latents = torch.stack([e["latent"] for e in entries])
+        if not any("mask" in e for e in entries):
+            return latents, None
+        ones = torch.ones_like(latents[:1, :1])[0]
+        return latents, torch.stack([e.get("mask", ones) for e in entries])
+
+
+def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Image-resolution loss masks [B, 1, H, W] → latent resolution [B, 1, 1, h, w] (area average, as kohya)."""
+    return F.interpolate(masks.float(), size=latent_hw, mode="area").unsqueeze(2)
 
 
 @torch.no_grad()
 def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_disk: bool, batch_size: int = 1,
-                  progress: bool = True) -> tuple[dict[int, torch.Tensor], CacheSummary]:
-    """Latents for every dataset item (index → [16, 1, h, w] fp32 on CPU), built only where missing."""
+                  progress: bool = True) -> tuple[LatentCache, CacheSummary]:
+    """Latents for every dataset item (both orientations with flip_aug; loss masks with alpha_mask), built
+    only where missing."""
     summary = CacheSummary()
-    latents: dict[int, torch.Tensor] = {}
-    todo: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
+    cache = LatentCache()
+    todo: dict[tuple, list[tuple[int, bool, str]]] = defaultdict(list)
     for index, item in enumerate(dataset.items):
-        key = latent_key(item, file_sha256(item.path), vae_fingerprint, dtype)
-        if to_disk:
-            found, invalid = store_for(item.path).lookup(key)
-            summary.invalid += invalid
-            if found is not None:
-                latents[index] = found["latent"]
-                summary.reused += 1
-                continue
-        todo[item.bucket].append((index, key))
+        sub = dataset.subset_params(index)
+        sha = file_sha256(item.path)
+        for flip in ((False, True) if sub.flip_aug else (False,)):
+            key = latent_key(item, sha, vae_fingerprint, dtype, sub.resize_interpolation, flip, sub.alpha_mask)
+            if to_disk:
+                found, invalid = store_for(item.path).lookup(key)
+                summary.invalid += invalid
+                if found is not None:
+                    cache[(index, flip)] = found
+                    summary.reused += 1
+                    continue
+            todo[(item.bucket, flip)].append((index, flip, key))
     total = sum(len(v) for v in todo.values())
     with tqdm(total=total, desc="caching latents", unit="img", disable=not progress or not total) as bar:
-        for entries in todo.values():
+        for (_, flip), entries in todo.items():
             for start in range(0, len(entries), batch_size):
                 chunk = entries[start: start + batch_size]
-                batch = dataset.load_batch([i for i, _ in chunk])
+                batch = dataset.load_batch([i for i, _, _ in chunk], flips=[flip] * len(chunk))
                 encoded = vae.encode(batch.images).float().cpu()
-                for (index, key), z in zip(chunk, encoded, strict=True):
-                    latents[index] = z.clone()
+                masks = None if batch.masks is None else latent_mask(batch.masks, encoded.shape[-2:])
+                for k, (index, _, key) in enumerate(chunk):
+                    entry = {"latent": encoded[k].clone()}
+                    if masks is not None and dataset.subset_params(index).alpha_mask:
+                        entry["mask"] = masks[k].clone()
+                    cache[(index, flip)] = entry
                     if to_disk:
-                        store_for(dataset.items[index].path).put(key, {"latent": z})
+                        store_for(dataset.items[index].path).put(key, entry)
                     summary.built += 1
                 bar.update(len(chunk))
-    return latents, summary
+    return cache, summary
 
 
 def text_key(tokens, qwen_fingerprint: str, dtype: torch.dtype) -> str:

@@ -111,7 +111,7 @@ def _table() -> dict[str, tuple[tuple, str]]:
     add("lr_scheduler_num_cycles lr_scheduler_power", (1,))
     add("zero_stage", (2,))
     add("huber_schedule", ("constant",))  # our huber_c is used as a constant (kohya's "constant" schedule)
-    add("huber_scale prior_loss_weight", (1.0,))
+    add("huber_scale", (1.0,))
     add("validation_split", (0.0,))
     # dataset-on-CLI options (kohya_anima.md §1.3, §1.4)
     add("train_data_dir reg_data_dir in_json resolution skip_image_resolution", UNSET, _DATASET_HINT)

@@ -99,6 +99,7 @@ class TrainConfig(BaseModel):
     vae_batch_size: int = Field(1, ge=1)
     text_encoder_batch_size: int | None = Field(None, ge=1)
     caption_variants: int = Field(8, ge=1, le=1024)  # ours: encodings per caption when captions are random
+    prior_loss_weight: float = Field(1.0, ge=0)  # loss weight of regularisation (is_reg) images
     cache_llm_adapter_outputs: bool = False  # ours: frozen adapter → its output per caption computed once
 
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import logging
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ class DatasetConfigError(ValueError):
 # Dataset-level: allowed in [general] and [[datasets]], not in subsets.
 DATASET_KEYS = frozenset(
     {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-     "bucket_no_upscale"}
+     "bucket_no_upscale", "validation_split", "validation_seed", "skip_image_resolution"}
 )
 # Caption processing (kohya_anima.md §2.2/§2.3; applied per step by captions.process_caption).
 CAPTION_KEYS = frozenset(
@@ -47,25 +47,45 @@ CAPTION_KEYS = frozenset(
      "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_dropout_rate",
      "caption_dropout_every_n_epochs", "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step"}
 )
+# Image augmentation (kohya_anima.md §2.2; applied per sample by dataset.AnimaDataset / augment.py).
+AUGMENT_KEYS = frozenset({"flip_aug", "random_crop", "color_aug"})
 # Subset options that may also be set at dataset / general level ("ascendable" in kohya).
-ASCENDABLE_KEYS = frozenset({"num_repeats", "caption_extension", "class_tokens"}) | CAPTION_KEYS
-# Only inside [[datasets.subsets]].
-SUBSET_ONLY_KEYS = frozenset({"image_dir"})
+ASCENDABLE_KEYS = frozenset({"num_repeats", "caption_extension", "class_tokens"}) | CAPTION_KEYS | AUGMENT_KEYS
+# Only inside [[datasets.subsets]] (kohya's DreamBooth "distinct" subset keys).
+SUBSET_ONLY_KEYS = frozenset({"image_dir", "is_reg", "alpha_mask"})
+# More subset options that may be set at any level, and the fine-tuning style subset's metadata file
+# (kohya_anima.md §2.2; read by dataset.py / metadata.py).
+MISC_SUBSET_KEYS = frozenset({"resize_interpolation", "custom_attributes", "cache_info"})
+ASCENDABLE_KEYS |= MISC_SUBSET_KEYS
+SUBSET_ONLY_KEYS |= {"metadata_file"}
+# DreamBooth-only subset options: an error when written inside a metadata_file subset (as in kohya).
+DREAMBOOTH_ONLY_KEYS = frozenset({"caption_extension", "class_tokens"})
+
+# kohya's resize_interpolation names -> Pillow filter names (images.resize_and_crop).  Pillow has no
+# OpenCV INTER_AREA; its BOX filter is the same area average when shrinking (also our default for shrinking).
+RESIZE_INTERPOLATIONS = {
+    "lanczos": "LANCZOS", "nearest": "NEAREST", "bilinear": "BILINEAR", "linear": "BILINEAR",
+    "bicubic": "BICUBIC", "cubic": "BICUBIC", "area": "BOX", "box": "BOX",
+}
 
 # kohya options we recognise but do not implement yet: always an error, never silently ignored.
 NOT_IMPLEMENTED_KEYS = frozenset(
     {
         # dataset level
-        "network_multiplier", "validation_split", "validation_seed", "resize_interpolation",
-        "skip_image_resolution",
-        # augmentation
-        "color_aug", "flip_aug", "random_crop", "face_crop_aug_range",
-        # misc subset options
-        "custom_attributes", "cache_info", "is_reg", "alpha_mask",
-        # other dataset styles (fine-tuning / ControlNet)
-        "metadata_file", "conditioning_data_dir",
+        "network_multiplier",
+        # other dataset styles (ControlNet)
+        "conditioning_data_dir",
     }
 )
+
+# kohya options we recognise and will not implement: an error explaining why.
+UNSUPPORTED_KEYS: dict[str, str] = {
+    "face_crop_aug_range": (
+        "kohya's face crop reads face coordinates encoded in each image's file name (name_cx_cy_w_h.png, "
+        "written by its face-detection preprocessing script), which anima-trainer does not read; remove "
+        "the option (random_crop = true gives a random crop augmentation)"
+    ),
+}
 
 GENERAL_TABLE = "[general]"
 
@@ -93,6 +113,19 @@ DEFAULTS: dict[str, Any] = {
     "caption_tag_dropout_rate": 0.0,
     "token_warmup_min": 1,
     "token_warmup_step": 0.0,
+    # misc subset / dataset options (kohya's defaults)
+    "resize_interpolation": None,
+    "custom_attributes": None,
+    "cache_info": False,
+    "validation_split": 0.0,
+    "validation_seed": None,
+    "skip_image_resolution": None,
+    # augmentation and subset kinds (kohya's defaults)
+    "flip_aug": False,
+    "random_crop": False,
+    "color_aug": False,
+    "is_reg": False,
+    "alpha_mask": False,
 }
 
 
@@ -136,6 +169,14 @@ class _Ascendable(_Strict):
     caption_tag_dropout_rate: float | None = None
     token_warmup_min: StrictInt | None = Field(default=None, ge=0)
     token_warmup_step: float | None = None
+    # misc (kohya names; see dataset.py / metadata.py)
+    resize_interpolation: StrictStr | None = None
+    custom_attributes: dict[str, Any] | None = None
+    cache_info: StrictBool | None = None
+    # augmentation
+    flip_aug: StrictBool | None = None
+    random_crop: StrictBool | None = None
+    color_aug: StrictBool | None = None
 
     @field_validator("caption_dropout_rate", "caption_tag_dropout_rate", mode="before")
     @classmethod
@@ -164,6 +205,13 @@ class _Ascendable(_Strict):
             raise ValueError('must not be empty (kohya\'s default is ",")')
         return v
 
+    @field_validator("resize_interpolation")
+    @classmethod
+    def _interpolation(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in RESIZE_INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {v!r}; kohya's names: {', '.join(RESIZE_INTERPOLATIONS)}")
+        return v.lower() if v is not None else None
+
 
 class _DatasetLevel(_Ascendable):
     resolution: tuple[StrictInt, StrictInt] | None = None  # (width, height); an int n means (n, n)
@@ -173,8 +221,21 @@ class _DatasetLevel(_Ascendable):
     max_bucket_reso: StrictInt | None = Field(default=None, ge=1)
     bucket_reso_steps: StrictInt | None = Field(default=None, ge=1)
     bucket_no_upscale: StrictBool | None = None
+    validation_split: float | None = None
+    validation_seed: StrictInt | None = None
+    skip_image_resolution: tuple[StrictInt, StrictInt] | None = None  # an int n means (n, n)
 
-    @field_validator("resolution", mode="before")
+    @field_validator("validation_split", mode="before")
+    @classmethod
+    def _validation_split(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        v = _as_number(v)
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be a fraction in [0, 1) (0.1 = hold out 10% of each subset), got {v:g}")
+        return v
+
+    @field_validator("resolution", "skip_image_resolution", mode="before")
     @classmethod
     def _resolution(cls, v: Any) -> Any:
         if v is None:
@@ -203,7 +264,10 @@ class _DatasetLevel(_Ascendable):
 
 
 class SubsetConfig(_Ascendable):
-    image_dir: StrictStr
+    image_dir: StrictStr | None = None  # required unless metadata_file is set (checked in _check_keys)
+    metadata_file: StrictStr | None = None
+    is_reg: StrictBool | None = None
+    alpha_mask: StrictBool | None = None
 
 
 class GeneralConfig(_DatasetLevel):
@@ -236,6 +300,10 @@ def _check_table(table: dict, where: str, allowed: frozenset[str], level: str) -
     for key in table:
         if key in allowed:
             continue
+        if key in UNSUPPORTED_KEYS:
+            raise DatasetConfigError(
+                f"dataset option '{key}' is not supported (found in {where}): {UNSUPPORTED_KEYS[key]}"
+            )
         if key in NOT_IMPLEMENTED_KEYS:
             raise DatasetConfigError(f"dataset option '{key}' is not implemented yet (found in {where})")
         if level == "subset" and key in DATASET_KEYS:
@@ -263,8 +331,22 @@ def _check_keys(raw: dict) -> None:
             raise DatasetConfigError(f"{dataset_table(i)} has no [[datasets.subsets]]; add one with image_dir")
         for j, sub in enumerate(subsets):
             _check_table(sub, subset_table(i, j), ASCENDABLE_KEYS | SUBSET_ONLY_KEYS, "subset")
-            if "image_dir" not in sub:
-                raise DatasetConfigError(f"{subset_table(i, j)} has no image_dir (required)")
+            if "image_dir" not in sub and "metadata_file" not in sub:
+                raise DatasetConfigError(
+                    f"{subset_table(i, j)} has no image_dir (required; a fine-tuning subset sets metadata_file)"
+                )
+            stray = sorted(DREAMBOOTH_ONLY_KEYS & set(sub)) if "metadata_file" in sub else []
+            if stray:
+                raise DatasetConfigError(
+                    f"'{stray[0]}' in {subset_table(i, j)} has no effect with metadata_file (captions come from "
+                    f"the metadata); remove it"
+                )
+        styles = {"metadata_file" in sub for sub in subsets}
+        if len(styles) > 1:
+            raise DatasetConfigError(
+                f"{dataset_table(i)} mixes subsets with and without metadata_file; as in kohya, put fine-tuning "
+                f"(metadata_file) and DreamBooth (image_dir + caption files) subsets in separate [[datasets]]"
+            )
 
 
 def _where(loc: tuple) -> tuple[str, str]:
@@ -347,12 +429,28 @@ class CaptionParams:
 
 @dataclass(frozen=True)
 class SubsetParams:
-    image_dir: Path  # as written (resolved against cwd / the config folder when scanned)
+    # as written (resolved against cwd / the config folder when scanned); None: see metadata_file
+    image_dir: Path | None
     num_repeats: int
     caption_extension: str
     class_tokens: str | None
     where: str  # table name for messages
     caption: CaptionParams = CaptionParams()
+    metadata_file: Path | None = None  # fine-tuning style subset: images + captions from this file (metadata.py)
+    resize_interpolation: str | None = None  # kohya name (RESIZE_INTERPOLATIONS); None: area down, Lanczos up
+    custom_attributes: dict[str, Any] = field(default_factory=dict, hash=False)  # copied onto every item
+    cache_info: bool = False  # accepted for kohya configs; no effect (see resolve_datasets)
+    # augmentation (per sample, deterministic in (seed, epoch, item, occurrence); see dataset.py)
+    flip_aug: bool = False  # horizontal flip with p = 0.5
+    random_crop: bool = False  # random instead of centre crop of the resized image
+    color_aug: bool = False  # kohya's weak hue / gamma jitter (augment.color_aug)
+    is_reg: bool = False  # regularisation images (balanced against the dataset's training images)
+    alpha_mask: bool = False  # the image's alpha channel is the loss mask (Batch.masks)
+
+    @property
+    def uses_random_pixels(self) -> bool:
+        """True when the pixels of a sample vary between epochs beyond a flip (no latent cache possible)."""
+        return self.random_crop or self.color_aug
 
 
 @dataclass(frozen=True)
@@ -366,6 +464,9 @@ class DatasetParams:
     bucket_no_upscale: bool
     subsets: tuple[SubsetParams, ...]
     where: str
+    validation_split: float = 0.0  # fraction of each (non-reg) subset held out (dataset.split_validation)
+    validation_seed: int | None = None  # None: the dataset seed
+    skip_image_resolution: tuple[int, int] | None = None  # skip images with w*h <= this area
 
     @property
     def max_area(self) -> int:
@@ -403,6 +504,15 @@ def _caption_params(where: str, *levels: BaseModel | dict | None) -> CaptionPara
         log.info("%s: keep_tokens = %d has no effect without shuffle_caption, caption_tag_dropout_rate or "
                  "token_warmup_step", where, p.keep_tokens)
     return p
+
+
+def _cache_info(where: str, value: bool) -> bool:
+    # kohya's cache_info writes metadata_cache.json (captions + image sizes) into image_dir to speed up its
+    # next start-up.  Our scan reads image headers only, so it is accepted (kohya configs work) and unused.
+    if value:
+        log.info("%s: cache_info = true has no effect in anima-trainer (start-up reads image headers only; "
+                 "no metadata_cache.json is written)", where)
+    return bool(value)
 
 
 def resolve_datasets(
@@ -455,23 +565,39 @@ def resolve_datasets(
         subsets, seen = [], set()
         for j, sub in enumerate(ds.subsets):
             swhere = subset_table(i, j)
-            if sub.image_dir in seen:
-                log.warning("%s: duplicate image_dir %s in the same dataset; dropped (kohya)", swhere, sub.image_dir)
+            source = (sub.image_dir, sub.metadata_file)
+            if source in seen:
+                log.warning("%s: duplicate %s %s in the same dataset; dropped (kohya)", swhere,
+                            "metadata_file" if sub.metadata_file else "image_dir", sub.metadata_file or sub.image_dir)
                 continue
-            seen.add(sub.image_dir)
+            seen.add(source)
             repeats = _pick("num_repeats", sub, ds, g, caller)
             if repeats < 1:
                 log.warning("%s: num_repeats = %d, subset skipped", swhere, repeats)
                 continue
             subsets.append(
                 SubsetParams(
-                    image_dir=Path(sub.image_dir),
+                    image_dir=Path(sub.image_dir) if sub.image_dir is not None else None,
                     num_repeats=repeats,
                     caption_extension=_normalize_extension(_pick("caption_extension", sub, ds, g, caller)),
                     class_tokens=_pick("class_tokens", sub, ds, g, caller),
                     where=swhere,
                     caption=_caption_params(swhere, sub, ds, g, caller),
+                    metadata_file=Path(sub.metadata_file) if sub.metadata_file is not None else None,
+                    resize_interpolation=_pick("resize_interpolation", sub, ds, g, caller),
+                    custom_attributes=dict(_pick("custom_attributes", sub, ds, g, caller) or {}),
+                    cache_info=_cache_info(swhere, _pick("cache_info", sub, ds, g, caller)),
+                    flip_aug=_pick("flip_aug", sub, ds, g, caller),
+                    random_crop=_pick("random_crop", sub, ds, g, caller),
+                    color_aug=_pick("color_aug", sub, ds, g, caller),
+                    is_reg=_pick("is_reg", sub),
+                    alpha_mask=_pick("alpha_mask", sub),
                 )
+            )
+        if subsets and all(s.is_reg for s in subsets):
+            raise DatasetConfigError(
+                f"{where}: every subset has is_reg = true; regularisation images are balanced against the "
+                f"training images of the same [[datasets]] entry (kohya), so add a subset without is_reg there"
             )
         out.append(
             DatasetParams(
@@ -484,6 +610,9 @@ def resolve_datasets(
                 bucket_no_upscale=no_upscale,
                 subsets=tuple(subsets),
                 where=where,
+                validation_split=_pick("validation_split", ds, g, caller),
+                validation_seed=_pick("validation_seed", ds, g, caller),
+                skip_image_resolution=_pick("skip_image_resolution", ds, g, caller),
             )
         )
     return out

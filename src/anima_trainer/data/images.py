@@ -6,6 +6,8 @@ transparency (RGBA, LA, palette or colour-key transparency) are alpha-composited
 transparent pixels often hold arbitrary colours that a plain alpha drop would expose; 16-bit greyscale is
 scaled to 8 bits (v / 257, rounded); 16-bit RGB(A) PNGs keep the high byte (Pillow's decoder); everything
 else goes through Pillow's convert("RGB") (CMYK, L, P, 1, ...).  Colour profiles (ICC) are not applied.
+For alpha_mask subsets the alpha channel is also returned separately (`alpha_channel`, before compositing;
+the pixels are still the RGB composite on white); images without transparency have no mask (= all ones).
 
 Start-up checks (decision): `probe_image` reads the header and O(1) bytes at the end of the file, never the
 pixels, and rejects what would otherwise fail mid-run:
@@ -299,6 +301,17 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def alpha_channel(im: Image.Image) -> Image.Image | None:
+    """The transparency of `im` as an "L" image (255 = opaque), None when it has none.  Covers RGBA / LA /
+    PA / premultiplied modes and colour-key transparency (palette, RGB, L and 16-bit greyscale)."""
+    if not _has_transparency(im):
+        return None
+    if im.mode.startswith("I;16") or im.mode == "I":
+        key = im.info["transparency"]
+        return Image.fromarray(np.where(np.asarray(im) == key, 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGBA").getchannel("A")
+
+
 def _sixteen_to_eight(im: Image.Image) -> Image.Image:
     arr = np.asarray(im, dtype=np.float64)
     return Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
@@ -306,14 +319,23 @@ def _sixteen_to_eight(im: Image.Image) -> Image.Image:
 
 def load_image(path: Path) -> Image.Image:
     """Decode `path` to an RGB image with EXIF orientation (from the header, as at scan) applied."""
+    return load_image_with_alpha(path, alpha=False)[0]
+
+
+def load_image_with_alpha(path: Path, *, alpha: bool = True) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB image as `load_image`, its alpha channel as an "L" image or None) with EXIF orientation applied
+    to both; with alpha=False the second element is always None."""
     try:
         with Image.open(path) as im:
             orientation = _header_orientation(im)  # before load(): the same value probe_image saw
             im.load()
             out = to_rgb(im)
+            mask = alpha_channel(im) if alpha else None
             if orientation in _TRANSPOSE:
                 out = out.transpose(_TRANSPOSE[orientation])
-            return out
+                if mask is not None:
+                    mask = mask.transpose(_TRANSPOSE[orientation])
+            return out, mask
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes an error naming the file
         raise ImageReadError(
             f"cannot decode image {path}: {type(e).__name__}: {e} (it passed the start-up checks, so the damage "
@@ -321,17 +343,30 @@ def load_image(path: Path) -> Image.Image:
         ) from None
 
 
-def resize_and_crop(im: Image.Image, resized: Size, bucket: Size) -> Image.Image:
-    """Resize to `resized` (area filter when shrinking, Lanczos otherwise, as kohya), centre-crop to `bucket`."""
+def resize_and_crop(im: Image.Image, resized: Size, bucket: Size, offset: tuple[int, int] | None = None, *,
+                    interpolation: str | None = None) -> Image.Image:
+    """Resize to `resized` (area filter when shrinking, Lanczos otherwise, as kohya), crop `bucket` at
+    `offset` = (left, top) in the resized image (None: the centre crop)."""
     if im.size != tuple(resized):
         shrinking = im.width > resized[0] and im.height > resized[1]
-        im = im.resize(tuple(resized), Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
+        im = im.resize(tuple(resized), resample_filter(interpolation, shrinking=shrinking))
     if im.size != tuple(bucket):
         if im.width < bucket[0] or im.height < bucket[1]:
             raise ValueError(f"resized image {im.size} does not cover bucket {bucket}")
-        left, top = crop_offsets(im.size, bucket)
+        left, top = crop_offsets(im.size, bucket) if offset is None else offset
+        if not (0 <= left <= im.width - bucket[0] and 0 <= top <= im.height - bucket[1]):
+            raise ValueError(f"crop offset {(left, top)} of bucket {bucket} out of range in {im.size}")
         im = im.crop((left, top, left + bucket[0], top + bucket[1]))
     return im
+
+
+def resample_filter(interpolation: str | None, *, shrinking: bool) -> Image.Resampling:
+    """Pillow filter for kohya's resize_interpolation name (config.RESIZE_INTERPOLATIONS); None = kohya's
+    default: area (BOX) when shrinking, Lanczos otherwise.  A name applies in both directions (kohya)."""
+    if interpolation is None:
+        return Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    from .config import RESIZE_INTERPOLATIONS
+    return Image.Resampling[RESIZE_INTERPOLATIONS[interpolation]]
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -77,8 +77,13 @@ def loss_weighting(sigma: torch.Tensor, scheme: str) -> torch.Tensor:
 
 
 def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, *, loss_type: str = "l2",
-              huber_c: float = 0.1, weighting_scheme: str = "uniform") -> torch.Tensor:
-    """Mean over batch of the per-sample mean element loss × weighting, in fp32."""
+              huber_c: float = 0.1, weighting_scheme: str = "uniform", mask: torch.Tensor | None = None,
+              sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over batch of the per-sample mean element loss × weighting, in fp32.
+
+    `mask` (broadcastable to the latents, e.g. [B,1,1,h,w] in [0,1]) multiplies the element loss before the
+    mean, as kohya's masked loss; `sample_weights` [B] scales samples (e.g. `prior_loss_weight` for reg
+    images)."""
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
         elem = F.mse_loss(pred, target, reduction="none")
@@ -90,5 +95,10 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, *, 
         elem = 2 * (torch.sqrt((pred - target) ** 2 + huber_c ** 2) - huber_c)
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if mask is not None:
+        elem = elem * mask.to(elem.device, torch.float32)
     per_sample = elem.mean(dim=tuple(range(1, elem.dim())))
-    return (per_sample * loss_weighting(sigma, weighting_scheme).to(per_sample.device)).mean()
+    per_sample = per_sample * loss_weighting(sigma, weighting_scheme).to(per_sample.device)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample.device, torch.float32)
+    return per_sample.mean()

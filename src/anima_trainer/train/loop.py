@@ -131,7 +131,12 @@ def prepare_caches(cfg: TrainConfig, dataset, models: Models, conditioner: TextC
     from anima_trainer.cache.variants import CaptionVariants
 
     caches = Caches()
-    if force_disk or cfg.cache_latents or cfg.cache_latents_to_disk:
+    if (cfg.cache_latents or cfg.cache_latents_to_disk) and dataset.uses_random_pixels:
+        raise ConfigError("cache_latents: random_crop / color_aug in dataset_config change the pixels every epoch, "
+                          "so cached latents would be wrong; turn the latent cache or those options off")
+    if force_disk and dataset.uses_random_pixels:
+        log.warning("random_crop / color_aug change pixels every epoch: no latent cache is built")
+    elif force_disk or cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_dtype = next(models.vae.model.parameters()).dtype
         caches.latents, summary = cache_latents(dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae),
                                                 dtype=vae_dtype, to_disk=force_disk or cfg.cache_latents_to_disk,
@@ -160,24 +165,44 @@ def prepare_caches(cfg: TrainConfig, dataset, models: Models, conditioner: TextC
     return caches
 
 
+@dataclass
+class StepInput:
+    """One batch as the step needs it: latents on the device, captions, loss mask, reg flags."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    mask: torch.Tensor | None  # [B, 1, 1, h, w] at latent resolution, or None
+    is_reg: list[bool]
+
+
 def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device, prefetch: int):
-    """(latents on device, captions) per batch: latents from the cache or by encoding the images, captions
-    processed per sample (or drawn from the cached variants)."""
+    """StepInputs of one epoch: latents from the cache (flipped ones where the epoch flips) or by encoding
+    the augmented images; captions processed per sample (or drawn from the cached variants)."""
+    from anima_trainer.cache.build import latent_mask
+
+    def encoded(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
+            latents = vae.encode(batch.images.to(device)).to(device)
+        return latents, None if batch.masks is None else latent_mask(batch.masks, latents.shape[-2:]).to(device)
+
     if caches.latents is None and caches.variants is None:
         for batch in dataset.epoch(epoch, prefetch=prefetch):
-            with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
-                latents = vae.encode(batch.images.to(device)).to(device)
-            yield latents, batch.captions
+            latents, mask = encoded(batch)
+            yield StepInput(latents, batch.captions, mask, list(batch.is_reg))
         return
     plan = dataset.batch_plan(epoch)
     captions = caches.variants.pick(epoch, plan) if caches.variants else dataset.epoch_captions(epoch, plan)
-    for indices, caps in zip(plan, captions, strict=True):
+    flips = dataset.epoch_flips(epoch, plan)
+    occurrences = dataset.plan_occurrences(plan)
+    for k, indices in enumerate(plan):
+        is_reg = [dataset.items[i].is_reg for i in indices]
         if caches.latents is not None:
-            latents = torch.stack([caches.latents[i] for i in indices]).to(device)
+            latents, mask = caches.latents.batch(indices, flips[k])
+            latents, mask = latents.to(device), None if mask is None else mask.to(device)
         else:
-            with torch.no_grad():
-                latents = vae.encode(dataset.load_batch(indices, captions=caps).images.to(device)).to(device)
-        yield latents, caps
+            latents, mask = encoded(dataset.load_batch(indices, epoch=epoch, captions=captions[k], flips=flips[k],
+                                                       occurrences=occurrences[k]))
+        yield StepInput(latents, captions[k], mask, is_reg)
 
 
 def report_long_captions(dataset, text_encoder, limit: int = 512) -> list[tuple[Path, int, int]]:
@@ -198,7 +223,8 @@ def report_long_captions(dataset, text_encoder, limit: int = 512) -> list[tuple[
 
 
 def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
-                  generator: torch.Generator) -> torch.Tensor:
+                  generator: torch.Generator, mask: torch.Tensor | None = None,
+                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0."""
     device = latents.device
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
@@ -210,7 +236,7 @@ def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainC
     x_t = noisy_input(latents, noise, sigma)
     pred = dit(x_t, sigma, context)
     return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
-                     weighting_scheme=cfg.weighting_scheme)
+                     weighting_scheme=cfg.weighting_scheme, mask=mask, sample_weights=sample_weights)
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
@@ -322,10 +348,12 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
     bar = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
     for epoch in range(1, epochs + 1):
-        for latents, captions in epoch_inputs(dataset, epoch - 1, models.vae, caches, device,
-                                              cfg.max_data_loader_n_workers):
-            context = conditioner.context(captions)
-            loss = training_step(dit, latents, context, cfg, generator)
+        for batch in epoch_inputs(dataset, epoch - 1, models.vae, caches, device, cfg.max_data_loader_n_workers):
+            context = conditioner.context(batch.captions)
+            weights = None
+            if any(batch.is_reg) and cfg.prior_loss_weight != 1.0:
+                weights = torch.tensor([cfg.prior_loss_weight if r else 1.0 for r in batch.is_reg])
+            loss = training_step(dit, batch.latents, context, cfg, generator, batch.mask, weights)
             scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             micro += 1
             if micro % cfg.gradient_accumulation_steps:
