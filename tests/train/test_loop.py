@@ -207,3 +207,21 @@ def test_cached_adapter_outputs_give_the_same_training(setup, tmp_path):
     with pytest.raises(ValueError, match="the LLM adapter is trained"):
         run_training(parse_train_args(["--config_file", str(toml), "--cache_llm_adapter_outputs",
                                        "--network_args", "train_llm_adapter=true", "--output_name", "z"]))
+
+
+def test_worker_processes_give_the_same_batches(setup, tmp_path):
+    from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.data.loader import run_batches
+
+    write_demo_configs(tmp_path, setup["models"], setup["images"], 1, seed=1)
+    text = (tmp_path / "dataset.toml").read_text().replace("batch_size = 4\n", "batch_size = 2\nflip_aug = true\n"
+                                                          "shuffle_caption = true\n")
+    (tmp_path / "dataset.toml").write_text(text)
+    ds = build_dataset(load_dataset_config(tmp_path / "dataset.toml"), seed=3)
+    in_process = list(run_batches(ds, 2, workers=0))
+    with_workers = list(run_batches(ds, 2, workers=2))
+    expected = [b for e in range(2) for b in ds.epoch(e)]
+    assert len(in_process) == len(with_workers) == len(expected) == 4
+    for a, b, c in zip(in_process, with_workers, expected):
+        assert torch.equal(a.images, b.images) and torch.equal(a.images, c.images)
+        assert a.captions == b.captions == c.captions and a.flipped == b.flipped == c.flipped

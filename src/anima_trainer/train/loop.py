@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.data.loader import run_batches
 from anima_trainer.models.adapter import pad_context
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
@@ -175,34 +176,26 @@ class StepInput:
     is_reg: list[bool]
 
 
-def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device, prefetch: int):
-    """StepInputs of one epoch: latents from the cache (flipped ones where the epoch flips) or by encoding
-    the augmented images; captions processed per sample (or drawn from the cached variants)."""
+def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device, images=None):
+    """StepInputs of one epoch: latents from the cache (flipped ones where the epoch flips), or by encoding
+    the next `len(dataset)` augmented image batches from `images` (see `data.loader.run_batches`)."""
     from anima_trainer.cache.build import latent_mask
 
-    def encoded(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
-            latents = vae.encode(batch.images.to(device)).to(device)
-        return latents, None if batch.masks is None else latent_mask(batch.masks, latents.shape[-2:]).to(device)
-
-    if caches.latents is None and caches.variants is None:
-        for batch in dataset.epoch(epoch, prefetch=prefetch):
-            latents, mask = encoded(batch)
+    if caches.latents is None:
+        for _ in range(len(dataset)):
+            batch = next(images)
+            with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
+                latents = vae.encode(batch.images.to(device)).to(device)
+            mask = None if batch.masks is None else latent_mask(batch.masks, latents.shape[-2:]).to(device)
             yield StepInput(latents, batch.captions, mask, list(batch.is_reg))
         return
     plan = dataset.batch_plan(epoch)
     captions = caches.variants.pick(epoch, plan) if caches.variants else dataset.epoch_captions(epoch, plan)
     flips = dataset.epoch_flips(epoch, plan)
-    occurrences = dataset.plan_occurrences(plan)
     for k, indices in enumerate(plan):
-        is_reg = [dataset.items[i].is_reg for i in indices]
-        if caches.latents is not None:
-            latents, mask = caches.latents.batch(indices, flips[k])
-            latents, mask = latents.to(device), None if mask is None else mask.to(device)
-        else:
-            latents, mask = encoded(dataset.load_batch(indices, epoch=epoch, captions=captions[k], flips=flips[k],
-                                                       occurrences=occurrences[k]))
-        yield StepInput(latents, captions[k], mask, is_reg)
+        latents, mask = caches.latents.batch(indices, flips[k])
+        yield StepInput(latents.to(device), captions[k], None if mask is None else mask.to(device),
+                        [dataset.items[i].is_reg for i in indices])
 
 
 def report_long_captions(dataset, text_encoder, limit: int = 512) -> list[tuple[Path, int, int]]:
@@ -325,6 +318,10 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     caches = prepare_caches(cfg, dataset, models, conditioner)
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
+    images = None
+    if caches.latents is None:  # decode images in worker processes, ahead of the GPU
+        images = run_batches(dataset, epochs, cfg.max_data_loader_n_workers,
+                             caches.variants.pick if caches.variants is not None else None)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     params = network.trainable_parameters()
     log.info("training %d LoRA modules, %d images, %d batches/epoch, %d steps, %d epochs", len(network.modules_by_name),
@@ -348,7 +345,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
     bar = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
     for epoch in range(1, epochs + 1):
-        for batch in epoch_inputs(dataset, epoch - 1, models.vae, caches, device, cfg.max_data_loader_n_workers):
+        for batch in epoch_inputs(dataset, epoch - 1, models.vae, caches, device, images):
             context = conditioner.context(batch.captions)
             weights = None
             if any(batch.is_reg) and cfg.prior_loss_weight != 1.0:

@@ -1,0 +1,55 @@
+"""Image batches decoded in worker processes for a whole run (kohya's `max_data_loader_n_workers`).
+
+Batch g of the run is batch g mod n of epoch g div n (n = batches per epoch, the same every epoch).  Each
+worker recomputes an epoch's plan, captions, flips and crops itself — they are deterministic in
+(seed, epoch) — so batches are identical to `ds.epoch(e)` whatever the worker count, and the workers stay
+alive across epochs (no start-up cost per epoch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+Captions = Callable[[int, list[list[int]]], list[list[str]]]
+
+
+class RunBatches(torch.utils.data.Dataset):
+    """Map-style view of every batch of `epochs` epochs starting at epoch 0."""
+
+    def __init__(self, dataset, epochs: int, captions: Captions | None = None) -> None:
+        self.dataset, self.epochs = dataset, epochs
+        self.captions = captions  # e.g. cached caption variants' `pick`; default: the dataset's own processing
+        self.per_epoch = len(dataset)
+        self._epoch: tuple[int, tuple] | None = None
+
+    def __len__(self) -> int:
+        return self.epochs * self.per_epoch
+
+    def _arguments(self, epoch: int) -> tuple:
+        if self._epoch is None or self._epoch[0] != epoch:
+            ds = self.dataset
+            plan = ds.batch_plan(epoch)
+            captions = self.captions(epoch, plan) if self.captions else ds.epoch_captions(epoch, plan)
+            self._epoch = (epoch, (plan, captions, ds.epoch_flips(epoch, plan), ds.plan_occurrences(plan)))
+        return self._epoch[1]
+
+    def __getitem__(self, g: int):
+        epoch, k = divmod(g, self.per_epoch)
+        plan, captions, flips, occurrences = self._arguments(epoch)
+        return self.dataset.load_batch(plan[k], epoch=epoch, captions=captions[k], flips=flips[k],
+                                       occurrences=occurrences[k])
+
+
+def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = None) -> Iterator:
+    """Iterator over all batches of the run, decoded by `workers` processes (0 = in this process)."""
+    source = RunBatches(dataset, epochs, captions)
+    workers = min(workers, os.cpu_count() or 1)
+    if workers <= 0:
+        return (source[g] for g in range(len(source)))
+    loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=True,
+                        prefetch_factor=2)
+    return iter(loader)
