@@ -225,3 +225,62 @@ def test_worker_processes_give_the_same_batches(setup, tmp_path):
     for a, b, c in zip(in_process, with_workers, expected):
         assert torch.equal(a.images, b.images) and torch.equal(a.images, c.images)
         assert a.captions == b.captions == c.captions and a.flipped == b.flipped == c.flipped
+
+
+def test_realistic_kohya_dataset_tomls_train_unchanged(setup, tmp_path):
+    """A DreamBooth-style dataset.toml with the usual GUI keys (regularisation subset included), and a
+    fine-tuning style one with a metadata JSON, each trains as written."""
+    reg = write_shapes_dataset(tmp_path / "reg", count=2, seed=8)
+    for f in reg.glob("*.txt"):
+        f.unlink()
+    (tmp_path / "meta.json").write_text(json.dumps({
+        str(p.with_suffix("")): {"caption": p.with_suffix(".txt").read_text(), "tags": "simple, flat colours"}
+        for p in sorted(setup["images"].glob("*.png"))}))
+    dreambooth = f"""[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+flip_aug = true
+enable_bucket = true
+bucket_no_upscale = false
+bucket_reso_steps = 16
+min_bucket_reso = 32
+max_bucket_reso = 128
+
+[[datasets]]
+resolution = [64, 64]
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = {json.dumps(str(setup["images"]))}
+  num_repeats = 2
+  caption_dropout_rate = 0.1
+  caption_tag_dropout_rate = 0.1
+
+  [[datasets.subsets]]
+  image_dir = {json.dumps(str(reg))}
+  class_tokens = "shape"
+  is_reg = true
+  num_repeats = 1
+"""
+    finetune = f"""[general]
+shuffle_caption = true
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 16
+
+  [[datasets.subsets]]
+  image_dir = {json.dumps(str(setup["images"]))}
+  metadata_file = {json.dumps(str(tmp_path / "meta.json"))}
+"""
+    for name, text in (("dreambooth", dreambooth), ("finetune", finetune)):
+        toml = write_demo_configs(tmp_path / name, setup["models"], setup["images"], 3, seed=1)
+        (tmp_path / name / "dataset.toml").write_text(text)
+        run = run_training(parse_train_args(["--config_file", str(toml), "--prior_loss_weight", "0.5",
+                                             "--cache_latents", "--cache_text_encoder_outputs"]))
+        assert run.steps == 3 and all(torch.isfinite(torch.tensor(run.losses))), name
