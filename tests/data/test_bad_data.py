@@ -117,7 +117,7 @@ EXPECTED_SKIPS = {
 
 
 def test_corpus_skips_and_reports(corpus, caplog):
-    with caplog.at_level(logging.WARNING, logger="anima_trainer.data.dataset"):
+    with caplog.at_level(logging.WARNING, logger="anima_trainer.data.scan"):
         ds = build_dataset(_toml(corpus, resolution=64))
     skipped = {p.name: reason for p, reason in ds.skipped}
     assert sorted(skipped) == sorted(EXPECTED_SKIPS)
@@ -138,7 +138,7 @@ def test_corpus_skips_and_reports(corpus, caplog):
     assert set(notices) == {"good.txt", "tiny.png"}
 
     # one summary warning each, with counts and the first paths
-    summaries = [r.getMessage() for r in caplog.records if r.name == "anima_trainer.data.dataset"]
+    summaries = [r.getMessage() for r in caplog.records if r.name == "anima_trainer.data.scan"]
     (skip_line,) = [m for m in summaries if "skipped" in m]
     assert skip_line.startswith(f"dataset: skipped {len(EXPECTED_SKIPS)} file(s)")
     assert "1 x symlink loop: " + str(corpus / "loop.png") in skip_line

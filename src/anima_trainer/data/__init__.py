@@ -2,18 +2,11 @@
 
 from .buckets import BucketChoice, BucketSelector, make_bucket_resolutions
 from .captions import process_caption
-from .config import (
-    CaptionParams,
-    DatasetConfig,
-    DatasetConfigError,
-    DatasetParams,
-    SubsetParams,
-    load_dataset_config,
-    parse_dataset_config,
-    resolve_datasets,
-)
-from .dataset import AnimaDataset, Batch, ImageItem, build_dataset
+from .config import DatasetConfig, DatasetConfigError, load_dataset_config, parse_dataset_config
+from .dataset import AnimaDataset, Batch, ImageItem
 from .images import IMAGE_EXTENSIONS, ImageReadError
+from .params import CaptionParams, DatasetParams, SubsetParams, resolve_datasets
+from .scan import build_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from .config import CaptionParams, DatasetConfigError
+from .config import DatasetConfigError
+from .params import CaptionParams
 from .textfiles import read_text
 
 log = logging.getLogger(__name__)
