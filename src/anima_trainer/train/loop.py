@@ -284,8 +284,11 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     plan.check_start()
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
+    # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
+    # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
+    cached = cfg.cache_latents or cfg.cache_latents_to_disk
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=seed)
+                            seed=seed, verify_images=not cached)
     accelerator = Accelerator(mixed_precision="no", log_with=cfg.log_with if cfg.log_with else None,
                               project_dir=str(cfg.logging_dir) if cfg.logging_dir else None)
     device = accelerator.device
