@@ -310,11 +310,11 @@ def run_training(cfg: TrainConfig) -> TrainRun:
         accelerator.init_trackers(cfg.log_prefix or "network_train", config={"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
     report_long_captions(dataset, models.text_encoder)
-    # captions that change every step are not memoised (the memo would grow without bound)
     trains_adapter = any(name.startswith("llm_adapter.") for name in network.modules_by_name)
     if cfg.cache_llm_adapter_outputs and trains_adapter:
         raise ConfigError("cache_llm_adapter_outputs: the LLM adapter is trained (train_llm_adapter), so its output "
                           "changes every step and cannot be cached; turn one of them off")
+    # captions that change every step are not memoised (the memo would grow without bound)
     conditioner = TextConditioner(dit, models.text_encoder,
                                   max_cached=100_000 if dataset.captions_are_static else 0,
                                   cache_contexts=cfg.cache_llm_adapter_outputs)
