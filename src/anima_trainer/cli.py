@@ -1,8 +1,9 @@
 """`anima-trainer <command>`: thin argument parsing that hands off to one stage.
 
 Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build disk caches), `inspect FILE...`
-(what a file is), `demo` (tiny built-in model: train a LoRA, sample before/after), `sample` (text → PNG with
-the flow Euler sampler).
+(what a file is; network files get a full report), `convert-network` (ComfyUI ↔ kohya names), `merge` (bake
+networks into a DiT checkpoint), `demo` (tiny built-in model: train a LoRA, sample before/after), `sample`
+(text → PNG with the flow Euler sampler).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 """
 
@@ -39,8 +40,34 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a LoRA (kohya flags; `anima-trainer train --help`)", add_help=False)
     sub.add_parser("cache", help="build the latent and text caches on disk (same flags as train)", add_help=False)
 
-    p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)")
+    p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)",
+                       description="Model files: a JSON summary.  Network files: algorithms, ranks/alphas, targets, "
+                       "per-module delta norms, NaN/Inf, unknown and duplicate keys (text, or JSON with --json); "
+                       "exit 1 when a network file is broken.")
     p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true", help="network files: print the report as JSON")
+    p.add_argument("--dit", default=None, help="network files: take module names/shapes from this DiT's header "
+                   "(default: the 28-block 2B layout)")
+
+    p = sub.add_parser("convert-network", help="rename an adapter file between ComfyUI and kohya names (lossless)",
+                       description="ComfyUI names: diffusion_model.<module path>.<suffix>; kohya names: "
+                       "lora_unet_<module_path>.<suffix>.  PEFT/diffusers inputs (lora_A/lora_B, transformer., "
+                       "base_model.model., Cosmos transformer_blocks.N...) are read too.  See docs/formats.md.")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--to", choices=("comfy", "kohya"), required=True)
+    p.add_argument("--dit", default=None, help="read the model layout from this DiT checkpoint's header "
+                   "(default: the 28-block 2B layout)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    p = sub.add_parser("merge", help="bake LoRA/LoKr/LoHa files into a DiT checkpoint (ComfyUI's math)")
+    p.add_argument("--dit", required=True, help="base DiT .safetensors (its key layout and dtype are kept)")
+    p.add_argument("--network", action="append", required=True, metavar="FILE[:MUL]",
+                   help="network file with optional strength (default 1.0); repeatable, applied in order")
+    p.add_argument("--out", required=True, help="merged .safetensors")
+    p.add_argument("--save_precision", choices=sorted(DTYPES), default=None,
+                   help="dtype of the merged DiT weights (default: as in --dit)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("demo", help="tiny built-in Anima + synthetic dataset: train a LoRA on CPU, sample before/after")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
@@ -69,16 +96,54 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from anima_trainer.models.checkpoint import CheckpointError, inspect_file
+    from anima_trainer.models.checkpoint import CheckpointError, _network_types, inspect_file, read_header
+    from anima_trainer.networks import NetworkError
+    from anima_trainer.networks.convert import build_meta_dit
+    from anima_trainer.networks.inspect import format_report, inspect_network
 
     status = 0
+    meta_dit = None
     for f in args.files:
         try:
-            print(json.dumps(inspect_file(f).summary(), indent=2))
-        except CheckpointError as e:
+            info = inspect_file(f)
+            if info.kind == "unknown" and Path(f).is_file() and _network_types(list(read_header(f)[0])):
+                info.kind = "network"  # adapter suffixes on names ComfyUI does not know: report why
+            if info.kind != "network":
+                print(json.dumps(info.summary(), indent=2))
+                continue
+            meta_dit = meta_dit or build_meta_dit(args.dit)
+            report = inspect_network(f, meta_dit, check_shapes=args.dit is not None)
+            report = {**info.summary(), **report}
+            print(json.dumps(report, indent=2) if args.json else format_report(report))
+            if report["broken"]:
+                status = max(status, 1)
+        except (CheckpointError, NetworkError) as e:
             print(f"error: {e}", file=sys.stderr)
             status = 2
     return status
+
+
+def cmd_convert_network(args: argparse.Namespace) -> int:
+    from anima_trainer.networks.convert import build_meta_dit, convert_network
+
+    result = convert_network(args.input, args.output, args.to, dit=build_meta_dit(args.dit),
+                             overwrite=args.overwrite)
+    print(f"{result['written']}: {result['keys']} tensors with {args.to} names")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from anima_trainer.networks.convert import merge_networks, parse_network_arg
+
+    result = merge_networks(args.dit, [parse_network_arg(n) for n in args.network], args.out,
+                            save_dtype=DTYPES[args.save_precision] if args.save_precision else None,
+                            overwrite=args.overwrite)
+    for f, keys in result["not_loaded"].items():
+        print(f"warning: {f}: {len(keys)} keys ComfyUI would not load either: {keys[:5]}", file=sys.stderr)
+    for f, n in result["networks"].items():
+        print(f"{f}: {n} weights patched")
+    print(result["written"])
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -125,7 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample}
+COMMANDS = {"inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample, "convert-network": cmd_convert_network,
+            "merge": cmd_merge}
 
 
 def cmd_train(argv: list[str]) -> int:

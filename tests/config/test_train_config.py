@@ -187,8 +187,22 @@ def test_save_model_as_and_network_module():
     assert msg.startswith("save_model_as: 'ckpt'") and "only safetensors" in msg
     for name in ("networks.lora_anima", "networks.lora", "anima_trainer.networks.lora", "lora"):
         assert parse_train_args([*REQUIRED, "--network_module", name]).network_module == "lora"
+    for name, args, algo in (("networks.lokr", [], "lokr"), ("networks.loha", [], "loha"),
+                             ("lycoris.kohya", ["algo=lokr", "factor=4"], "lokr"),
+                             ("lycoris.kohya", ["algo=LoHa"], "loha"),
+                             ("networks.lokr", ["algo=lokr"], "lokr")):
+        c = parse_train_args([*REQUIRED, "--network_module", name, "--network_args", *args])
+        assert c.network_module == algo and "algo" not in c.network_args, (name, args)
+        assert c.to_metadata()["ss_network_module"] == f"networks.{algo}"
+    assert parse_train_args([*REQUIRED, "--network_module", "lycoris.kohya", "--network_args", "algo=lokr",
+                             "factor=4"]).network_args == {"factor": "4"}
     msg = error([*REQUIRED, "--network_module", "lycoris.kohya"])
-    assert msg.startswith("network_module: 'lycoris.kohya' is not implemented yet; accepted: networks.lora_anima")
+    assert msg.startswith("network_module: 'lycoris.kohya' needs network_args algo=lokr or algo=loha")
+    assert "needs network_args algo" in error([*REQUIRED, "--network_module", "lycoris.kohya", "--network_args",
+                                               "algo=locon"])
+    assert "does not match" in error([*REQUIRED, "--network_module", "networks.lokr", "--network_args", "algo=loha"])
+    msg = error([*REQUIRED, "--network_module", "networks.lokr_anima"])
+    assert msg.startswith("network_module: 'networks.lokr_anima' is not implemented yet; accepted: networks.lora_anima")
     assert "unknown network module 'foo'" in error([*REQUIRED, "--network_module", "foo"])
 
 

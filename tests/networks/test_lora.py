@@ -82,8 +82,10 @@ def test_bad_network_args(dit):
         create_network(dit, dim=4, exclude_patterns="[.*mlp")
     with pytest.raises(NetworkError, match="no DiT module"):
         create_network(dit, dim=4, exclude_patterns=[".*"])
-    with pytest.raises(NetworkError, match="lokr"):
-        create_network(dit, algo="lokr")
+    with pytest.raises(NetworkError, match="glora"):
+        create_network(dit, algo="glora")
+    with pytest.raises(NetworkError, match="train_norm must be true or false"):
+        create_network(dit, dim=4, train_norm="maybe")
     create_network(dit, dim=4)
     with pytest.raises(NetworkError, match="already has a network"):
         create_network(dit, dim=4)

@@ -127,7 +127,7 @@ def test_sample_wrong_model_file_is_one_line_error(demo_models, tmp_path, capsys
 def test_inspect_prints_every_fixture_file(fixture_dir, tiny_dit_path, capsys):
     files = sorted(p for p in (fixture_dir / "lora_examples").glob("*.safetensors")
                    if not p.name.endswith("comfy_out.safetensors"))
-    assert main(["inspect", str(tiny_dit_path), *map(str, files)]) == 0
+    assert main(["inspect", "--json", str(tiny_dit_path), *map(str, files)]) == 0
     out = capsys.readouterr().out
     docs = json.loads("[" + out.replace("}\n{", "},\n{") + "]")
     assert docs[0]["kind"] == "anima_dit" and docs[0]["dit_config"]["num_blocks"] == 10

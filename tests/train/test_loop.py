@@ -284,3 +284,10 @@ bucket_reso_steps = 16
         run = run_training(parse_train_args(["--config_file", str(toml), "--prior_loss_weight", "0.5",
                                              "--cache_latents", "--cache_text_encoder_outputs"]))
         assert run.steps == 3 and all(torch.isfinite(torch.tensor(run.losses))), name
+
+
+def test_train_llm_adapter_trains_the_adapter(setup, tmp_path):
+    toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 3, seed=2)
+    run = run_training(parse_train_args(["--config_file", str(toml), "--network_args", "train_llm_adapter=true"]))
+    adapter = [m for name, m in run.network.modules_by_name.items() if name.startswith("llm_adapter.")]
+    assert adapter and all(m.lora_up.weight.abs().sum() > 0 for m in adapter)  # zero-initialised ups moved

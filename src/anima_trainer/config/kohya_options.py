@@ -52,10 +52,19 @@ KOHYA_SCHEDULERS = IMPLEMENTED_SCHEDULERS + (
     "piecewise_constant", "adafactor",
 )
 
-ACCEPTED_NETWORK_MODULES = ("networks.lora_anima", "networks.lora", "anima_trainer.networks.lora", "lora")
-KNOWN_UNIMPLEMENTED_NETWORK_MODULES = ("networks.lokr", "networks.loha", "networks.lokr_anima", "lycoris.kohya")
+# network_module → our algorithm; "lycoris" means: take it from network_args algo (LyCORIS convention)
+NETWORK_MODULE_ALGOS = {
+    "networks.lora_anima": "lora", "networks.lora": "lora", "anima_trainer.networks.lora": "lora", "lora": "lora",
+    "networks.lokr": "lokr", "anima_trainer.networks.lokr": "lokr", "lokr": "lokr",
+    "networks.loha": "loha", "anima_trainer.networks.loha": "loha", "loha": "loha",
+    "lycoris.kohya": "lycoris",
+}
+ACCEPTED_NETWORK_MODULES = tuple(NETWORK_MODULE_ALGOS)
+LYCORIS_ALGOS = ("lokr", "loha")  # `algo=` values accepted with lycoris.kohya
+# sd-scripts-anima's LoKr: other network_args names (lokr_factor, ...) and a clamped factor; not supported
+KNOWN_UNIMPLEMENTED_NETWORK_MODULES = ("networks.lokr_anima",)
 # What the `ss_network_module` metadata says for our modules (kohya's name for the same file format).
-KOHYA_NETWORK_MODULE_NAME = {"lora": "networks.lora_anima"}
+KOHYA_NETWORK_MODULE_NAME = {"lora": "networks.lora_anima", "lokr": "networks.lokr", "loha": "networks.loha"}
 
 # --- known but not implemented -------------------------------------------------------------------------------
 # name → values that are accepted (and dropped) because with them the option does nothing anima-trainer does not

@@ -49,8 +49,11 @@ class TrainConfig(BaseModel):
     save_last_n_epochs: int | None = Field(None, ge=1, description="keep the last N epoch saves only")
     overwrite: bool = Field(False, description="replace existing output files (anima-trainer option)")
     # network
-    network_module: Literal["lora"] = Field("lora", description="networks.lora_anima (= lora)")
-    network_dim: int = Field(4, ge=1, description="LoRA rank (default 4, as networks.lora_anima)")
+    network_module: Literal["lora", "lokr", "loha", "lycoris"] = Field(
+        "lora", description="networks.lora_anima (= lora), networks.lokr (= lokr), networks.loha (= loha), "
+                            "lycoris.kohya with network_args algo=lokr|loha")
+    network_dim: int = Field(4, ge=1, description="rank (default 4, as networks.lora_anima); LoKr: >= 100000 = "
+                                                  "full matrices")
     network_alpha: float = Field(1.0, gt=0, description="LoRA alpha; scale = alpha / dim (default 1)")
     network_args: dict[str, str] = Field(default_factory=dict, description="key=value ... for the network")
     network_weights: Path | None = Field(None, description="initial LoRA weights")
@@ -128,8 +131,8 @@ class TrainConfig(BaseModel):
     @field_validator("network_module", mode="before")
     @classmethod
     def _network_module(cls, v: Any) -> Any:
-        if v in ko.ACCEPTED_NETWORK_MODULES:
-            return "lora"
+        if isinstance(v, str) and v in ko.NETWORK_MODULE_ALGOS:
+            return ko.NETWORK_MODULE_ALGOS[v]  # "lycoris" is resolved with network_args algo after validation
         accepted = ", ".join(ko.ACCEPTED_NETWORK_MODULES)
         if v in ko.KNOWN_UNIMPLEMENTED_NETWORK_MODULES:
             raise ValueError(f"'{v}' is not implemented yet; accepted: {accepted}")
@@ -203,6 +206,16 @@ class TrainConfig(BaseModel):
                              "\"constant_with_warmup\" or lr_warmup_steps = 0")
         if self.dim_from_weights and self.network_weights is None:
             raise ValueError("dim_from_weights: needs network_weights")
+        # LyCORIS/kohya convention: the algorithm may be named in network_args (algo=lokr); it must agree
+        algo = self.network_args.get("algo")
+        if self.network_module == "lycoris":
+            if algo is None or algo.strip().lower() not in ko.LYCORIS_ALGOS:
+                raise ValueError(f"network_module: 'lycoris.kohya' needs network_args algo=lokr or algo=loha "
+                                 f"(got {algo!r}); for LoRA use networks.lora_anima")
+            self.network_module = algo.strip().lower()
+        elif algo is not None and algo.strip().lower() != self.network_module:
+            raise ValueError(f"network_args: algo={algo} does not match network_module ({self.network_module})")
+        self.network_args = {k: v for k, v in self.network_args.items() if k != "algo"}
         if self.log_with in ("tensorboard", "all") and self.logging_dir is None:
             raise ValueError(f"log_with: '{self.log_with}' needs logging_dir")
         for k in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):

@@ -25,7 +25,8 @@ from anima_trainer.networks.formats import NetworkError
 DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
 DIT_TARGET_CLASSES = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
 ADAPTER_TARGET_CLASSES = ("AdapterBlock",)
-KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter")
+KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", "train_norm")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def parse_patterns(name: str, value: Any) -> list[re.Pattern]:
@@ -52,19 +53,25 @@ def parse_patterns(name: str, value: Any) -> list[re.Pattern]:
 
 
 def parse_bool(name: str, value: Any) -> bool:
+    """true/false/1/0/yes/no/on/off in any case (or a bool); anything else is an error."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no", "none", ""):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise NetworkError(f"network_args {name} must be true or false, got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise NetworkError(f"network_args {name} must be true or false (also 1/0, yes/no, on/off), got {value!r}")
 
 
-def check_network_args(network_args: dict[str, Any]) -> dict[str, Any]:
-    """Validate network_args; returns the parsed values (patterns compiled, booleans parsed)."""
-    unknown = sorted(set(network_args) - set(KNOWN_ARGS))
+def check_network_args(network_args: dict[str, Any], algo: str = "lora",
+                       extra_known: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validate the shared network_args; returns the parsed values (patterns compiled, booleans parsed).
+
+    `extra_known` are the algorithm's own keys: allowed here, parsed by the algorithm."""
+    known = KNOWN_ARGS + tuple(extra_known)
+    unknown = sorted(set(network_args) - set(known))
     if unknown:
-        raise NetworkError(f"unknown network_args {unknown}; supported for algo=lora: {list(KNOWN_ARGS)}")
+        raise NetworkError(f"unknown network_args {unknown}; supported for algo={algo}: {list(known)}")
     return {
+        "train_norm": parse_bool("train_norm", network_args.get("train_norm", False)),
         "include_patterns": parse_patterns("include_patterns", network_args.get("include_patterns")),
         "exclude_patterns": parse_patterns("exclude_patterns", network_args.get("exclude_patterns")),
         "train_llm_adapter": parse_bool("train_llm_adapter", network_args.get("train_llm_adapter", False)),

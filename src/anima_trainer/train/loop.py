@@ -56,8 +56,10 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
 class TextConditioner:
     """Captions → DiT context; Qwen3 states memoised per caption (frozen encoder, captions repeat)."""
 
-    def __init__(self, dit, text_encoder, max_cached: int = 100_000, cache_contexts: bool = False) -> None:
+    def __init__(self, dit, text_encoder, max_cached: int = 100_000, cache_contexts: bool = False,
+                 train_adapter: bool = False) -> None:
         self.dit, self.te, self.max_cached = dit, text_encoder, max_cached
+        self.train_adapter = train_adapter  # adapter LoRA/norms are trained: run it with autograd
         self._cache: dict[str, tuple[torch.Tensor, list[int], list[float]]] = {}
         # frozen adapter: its output rows per caption never change, so compute them once (ComfyUI's
         # per-prompt result) and skip the adapter in every later step
@@ -80,14 +82,16 @@ class TextConditioner:
         """Take pre-encoded captions (from the text cache)."""
         self._cache.update(rows)
 
-    @torch.no_grad()
     def context(self, captions: list[str]) -> torch.Tensor:
-        """[B, ≥512, 1024] context, exactly `dit.encode_context` on the right-padded batch."""
+        """[B, ≥512, 1024] context, exactly `dit.encode_context` on the right-padded batch (Qwen3 always
+        without gradient; the adapter with gradient only when it is trained)."""
         if not self.cache_contexts or self.max_cached == 0:  # random captions: nothing would repeat
-            return self._context(captions)
+            with torch.set_grad_enabled(self.train_adapter and torch.is_grad_enabled()):
+                return self._context(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._contexts))
         if missing:
-            ctx = self._context(missing)
+            with torch.no_grad():
+                ctx = self._context(missing)
             for caption, row in zip(missing, ctx, strict=True):
                 n = len(self.te.tokenize([caption])[0].t5_ids)  # the adapter's real rows; the rest are 0
                 self._contexts[caption] = row[:n].clone()
@@ -98,7 +102,8 @@ class TextConditioner:
         self._encode_missing(captions)
         rows = [self._cache.get(c) for c in captions]
         if any(r is None for r in rows):  # cache full: encode this batch directly
-            enc = self.te.encode(captions)
+            with torch.no_grad():
+                enc = self.te.encode(captions)
             return self.dit.encode_context(enc.qwen_hidden, enc.t5_ids, qwen_mask=enc.qwen_mask,
                                            t5_mask=enc.t5_mask, t5_weights=enc.t5_weights)
         sq, st = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
@@ -310,14 +315,14 @@ def run_training(cfg: TrainConfig) -> TrainRun:
         accelerator.init_trackers(cfg.log_prefix or "network_train", config={"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
     report_long_captions(dataset, models.text_encoder)
-    trains_adapter = any(name.startswith("llm_adapter.") for name in network.modules_by_name)
-    if cfg.cache_llm_adapter_outputs and trains_adapter:
-        raise ConfigError("cache_llm_adapter_outputs: the LLM adapter is trained (train_llm_adapter), so its output "
-                          "changes every step and cannot be cached; turn one of them off")
+    if cfg.cache_llm_adapter_outputs and network.trains_llm_adapter:
+        raise ConfigError("cache_llm_adapter_outputs: the LLM adapter is trained (train_llm_adapter or train_norm), "
+                          "so its output changes every step and cannot be cached; turn one of them off")
     # captions that change every step are not memoised (the memo would grow without bound)
     conditioner = TextConditioner(dit, models.text_encoder,
                                   max_cached=100_000 if dataset.captions_are_static else 0,
-                                  cache_contexts=cfg.cache_llm_adapter_outputs)
+                                  cache_contexts=cfg.cache_llm_adapter_outputs,
+                                  train_adapter=network.trains_llm_adapter)
     caches = prepare_caches(cfg, dataset, models, conditioner)
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
@@ -327,8 +332,9 @@ def run_training(cfg: TrainConfig) -> TrainRun:
                              caches.variants.pick if caches.variants is not None else None)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     params = network.trainable_parameters()
-    log.info("training %d LoRA modules, %d images, %d batches/epoch, %d steps, %d epochs", len(network.modules_by_name),
-             dataset.num_images, len(dataset), max_steps, epochs)
+    log.info("training %d %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
+             len(network.modules_by_name), cfg.network_module, len(network.norms_by_name), dataset.num_images,
+             len(dataset), max_steps, epochs)
 
     previews = load_sample_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
     preview_dir = Path(cfg.output_dir) / "sample"

@@ -1,0 +1,358 @@
+"""What LoRA, LoKr and LoHa share: injection, targets, dropout, multiplier, norms, save/load and the save check.
+
+An algorithm is a subclass of `AdapterModule` (one per target Linear) that defines its factors (fp32
+Parameters), the file suffix of each (`tensors()`), its `scale` (what ComfyUI applies for that file) and its
+`delta_weight()`; the default branch is `dropout(x) @ ΔWᵀ`, LoRA overrides it to stay factored.
+`AdapterNetwork` holds the modules of one DiT (and, with `train_norm`, a `NormModule` per RMSNorm gain),
+hooks them in, and writes/reads files under ComfyUI's names (`diffusion_model.<path>.<suffix>`, `.alpha`
+fp32 scalar, norms as `.w_norm` differences).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+import anima_trainer
+from anima_trainer.fileio import atomic_save, check_writable
+from anima_trainer.networks.formats import (
+    COMFY_PREFIX,
+    KOHYA_PREFIX,
+    NetworkError,
+    check_comfy_keys,
+)
+from anima_trainer.networks.inject import ForwardHook, check_network_args, find_targets
+
+
+class HookedModule(nn.Module):
+    """A module that takes over the forward of `self._org[0]` while injected (see inject.ForwardHook)."""
+
+    def inject(self) -> None:
+        self._hook = ForwardHook(self._org[0], self.forward)
+
+    def restore(self) -> None:
+        if self._hook is not None:
+            self._hook.restore()
+            self._hook = None
+
+
+class AdapterModule(HookedModule):
+    """The adapter branch for one Linear: y = W x + multiplier · scale · branch(x); hooked in by `inject()`."""
+
+    NETWORK_MODULE: ClassVar[str] = ""
+    SUFFIXES: ClassVar[tuple[str, ...]] = ()  # every suffix of this algorithm's files (all layouts)
+    LOAD_ALIASES: ClassVar[dict[str, str]] = {}  # other spellings a file may use → our suffix
+
+    def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None) -> None:
+        super().__init__()
+        self.path = path
+        self.in_features, self.out_features = org.in_features, org.out_features
+        self.device = org.weight.device  # fp32 on the DiT's device (meta stays meta: shapes only)
+        self.dim = dim
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=self.device))
+        self.scale = float(alpha) / dim
+        self.dropout = dropout
+        self.multiplier = 1.0
+        self._org = (org,)  # a tuple: not registered as a submodule, so no DiT weights in our state_dict
+        self._hook: ForwardHook | None = None
+
+    def new_param(self, *shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, device=self.device, dtype=torch.float32))
+
+    # --- what an algorithm defines ---------------------------------------------------------------------------
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """{file suffix: Parameter} of this module's layout, e.g. {".lokr_w1": w1, ".lokr_w2_a": ..., ...}."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · ΔW in fp32: what a merge adds to W at multiplier 1 (ComfyUI's result for the saved file)."""
+        raise NotImplementedError
+
+    @property
+    def alpha_matters(self) -> bool:
+        """False when ComfyUI ignores the file's alpha for this layout (LoKr with both factors full)."""
+        return True
+
+    @property
+    def rank(self) -> int:
+        """The rank ComfyUI divides alpha by (used when a file has no alpha: ComfyUI then applies scale 1)."""
+        return self.dim
+
+    # --- shared ----------------------------------------------------------------------------------------------
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """scale · ΔW x (dropout on the branch input in training); ΔW materialised per forward."""
+        if self.dropout and self.training:
+            x = F.dropout(x, p=self.dropout)
+        return F.linear(x, self.delta_weight().to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._hook.org_forward(x)
+        if self.multiplier == 0.0:
+            return out
+        return out + self.branch(x) * self.multiplier
+
+    def check_file(self, slot: dict[str, tuple[str, torch.Tensor]], path: Path, net_alpha: float) -> None:
+        """Raise NetworkError when the file's tensors for this module do not fit it (layout, shapes, alpha)."""
+        ours = self.tensors()
+        extra = sorted(set(slot) - set(ours) - {".alpha"})
+        if extra:
+            raise NetworkError(f"{path}: module {self.path}: file has {extra}, this network stores {sorted(ours)} "
+                               "(a different layout: check dim, factor, full_matrix, decompose_both)")
+        for suffix, p in ours.items():
+            t = slot[suffix][1]
+            if tuple(t.shape) != tuple(p.shape):
+                raise NetworkError(f"{path}: module {self.path}: {suffix[1:]} has shape {tuple(t.shape)} in the "
+                                   f"file, {tuple(p.shape)} in this network (check dim and factor)")
+        if not self.alpha_matters:
+            return
+        # ComfyUI: no alpha means scale 1, i.e. the same as alpha = rank
+        file_alpha = float(slot[".alpha"][1]) if ".alpha" in slot else float(self.rank)
+        if file_alpha != float(torch.tensor(net_alpha, dtype=torch.float32)):
+            raise NetworkError(f"{path}: module {self.path}: file has alpha {file_alpha:g}, network has alpha "
+                               f"{net_alpha:g}; create the network with alpha={file_alpha:g}")
+
+    @torch.no_grad()
+    def load_file(self, slot: dict[str, tuple[str, torch.Tensor]]) -> None:
+        for suffix, p in self.tensors().items():
+            p.copy_(slot[suffix][1].to(torch.float32))
+
+
+class NormModule(HookedModule):
+    """A trainable RMSNorm gain (train_norm): an fp32 master `weight` used by the norm's forward while injected.
+
+    The DiT's own tensor is not changed (remove() gives the exact original back); at multiplier m the gain is
+    base + m·(weight − base), as ComfyUI applies a `.w_norm` difference at strength m.
+    """
+
+    def __init__(self, path: str, org: nn.Module) -> None:
+        super().__init__()
+        self.path = path
+        base = org.weight.detach().to(torch.float32).clone()
+        self.weight = nn.Parameter(base.clone())
+        self.register_buffer("base", base)
+        self.eps = org.eps
+        self.multiplier = 1.0
+        self._org = (org,)
+        self._hook: ForwardHook | None = None
+
+    def gain(self) -> torch.Tensor:
+        if self.multiplier == 1.0:
+            return self.weight
+        return self.base + self.multiplier * (self.weight - self.base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the DiT RMSNorm's math with our gain
+        g = self.gain()
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), g, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * g.to(x.dtype)
+
+
+def find_norms(dit: nn.Module) -> dict[str, nn.Module]:
+    """{path: RMSNorm} of every norm gain of the DiT and its LLM adapter (the LayerNorms have no parameters)."""
+    from anima_trainer.models.layers import RMSNorm
+
+    return {name: m for name, m in dit.named_modules() if isinstance(m, RMSNorm)}
+
+
+class AdapterNetwork(nn.Module):
+    """All adapter modules of one DiT (plus norm gains with train_norm); created injected by `create_network`."""
+
+    def __init__(self, dit: nn.Module, module_cls: type[AdapterModule], dim: int, alpha: float,
+                 dropout: float | None, network_args: dict[str, Any], algo: str = "lora",
+                 module_kwargs: dict[str, Any] | None = None, extra_known: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        parsed = check_network_args(network_args, algo, extra_known)
+        targets = find_targets(dit, parsed["include_patterns"], parsed["exclude_patterns"],
+                               parsed["train_llm_adapter"])
+        if not targets:
+            raise NetworkError("no DiT module matches the network targets; check include_patterns/exclude_patterns")
+        self.algo, self.module_cls = algo, module_cls
+        self.dim, self.alpha, self.dropout = dim, float(alpha), dropout
+        self.train_norm = parsed["train_norm"]
+        self.network_args = {k: (v if isinstance(v, str) else repr(v)) for k, v in network_args.items()}
+        self._dit = (dit,)
+        kw = module_kwargs or {}
+        self.lora_modules = nn.ModuleList(module_cls(p, m, dim, alpha, dropout, **kw) for p, m in targets.items())
+        self.modules_by_name: dict[str, AdapterModule] = {m.path: m for m in self.lora_modules}
+        self.norm_modules = nn.ModuleList(NormModule(p, m) for p, m in (find_norms(dit) if self.train_norm
+                                                                        else {}).items())
+        self.norms_by_name: dict[str, NormModule] = {m.path: m for m in self.norm_modules}
+        self.injected = False
+        self.inject()
+
+    @property
+    def trains_llm_adapter(self) -> bool:
+        """Whether anything inside `llm_adapter` is trained (then its output cannot be cached)."""
+        return any(p.startswith("llm_adapter.") for p in [*self.modules_by_name, *self.norms_by_name])
+
+    # ------------------------------------------------------------------------------------ lifecycle --
+    def _all(self) -> list[nn.Module]:
+        return [*self.lora_modules, *self.norm_modules]
+
+    def inject(self) -> None:
+        if self.injected:
+            return
+        done = []
+        try:
+            for m in self._all():
+                m.inject()
+                done.append(m)
+        except NetworkError:
+            for m in done:
+                m.restore()
+            raise
+        self.injected = True
+
+    def remove(self) -> None:
+        """Restore the DiT's original forwards (the network keeps its weights; `inject()` re-hooks)."""
+        for m in self._all():
+            m.restore()
+        self.injected = False
+
+    def set_multiplier(self, m: float) -> None:
+        for module in self._all():
+            module.multiplier = float(m)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*(p for m in self.lora_modules for p in m.tensors().values()),
+                *(m.weight for m in self.norm_modules)]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": self.trainable_parameters(), "lr": float(lr)}]
+
+    # ----------------------------------------------------------------------------------------- files --
+    def state_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors `save` writes, ComfyUI-native names; weights in `dtype` (default fp32), alpha fp32."""
+        dtype = dtype or torch.float32
+        out = {}
+        for m in self.lora_modules:
+            key = COMFY_PREFIX + m.path
+            for suffix, p in m.tensors().items():
+                out[key + suffix] = p.detach().to("cpu", dtype).contiguous()
+            out[key + ".alpha"] = m.alpha.detach().to("cpu", torch.float32).clone()
+        for m in self.norm_modules:
+            out[COMFY_PREFIX + m.path + ".w_norm"] = (m.weight.detach() - m.base).to("cpu", dtype).contiguous()
+        return out
+
+    def metadata(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        meta = {}
+        for k, v in (extra or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise NetworkError(f"metadata {k!r}: keys and values must be str (got {type(v).__name__}); "
+                                   "stringify numbers, json.dumps structures")
+            meta[k] = v
+        # dim/alpha describe this file and always win; module name and args may come from the caller
+        meta.setdefault("ss_network_module", self.module_cls.NETWORK_MODULE)
+        if self.network_args:
+            meta.setdefault("ss_network_args", json.dumps(self.network_args, sort_keys=True))
+        meta.update({"ss_network_dim": str(self.dim), "ss_network_alpha": str(self.alpha),
+                     "anima_trainer_version": anima_trainer.__version__})
+        return meta
+
+    def save(self, path: str | Path, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
+             overwrite: bool = False) -> Path:
+        """Atomic write; the file is checked against ComfyUI's key rules before it takes `path`'s name."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise NetworkError(f"{path}: network files are .safetensors")
+        check_writable(path, overwrite)
+        tmp = path.with_name(f".{path.name}.check.tmp")
+        atomic_save(self.state_tensors(dtype), tmp, self.metadata(metadata))
+        try:
+            check_comfy_keys(tmp, self._dit[0])
+            check_writable(path, overwrite)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load our (`diffusion_model.*`) or kohya (`lora_unet_*`) file of this algorithm and layout, strictly."""
+        path = Path(path)
+        if not path.is_file():
+            raise NetworkError(f"network weights {path} do not exist")
+        with safe_open(str(path), "pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+        names: dict[str, str] = {}
+        for p in [*self.modules_by_name, *self.norms_by_name]:
+            names[COMFY_PREFIX + p] = p
+            names[KOHYA_PREFIX + p.replace(".", "_")] = p
+        suffixes: dict[str, str] = {".alpha": ".alpha"}
+        suffixes.update({s: s for s in self.module_cls.SUFFIXES})
+        suffixes.update(self.module_cls.LOAD_ALIASES)
+        norm_suffixes = {".w_norm": ".w_norm"}
+        found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+        unknown = []
+        for key, tensor in sd.items():
+            hit = None
+            for s, canonical in sorted([*suffixes.items(), *norm_suffixes.items()], key=lambda t: -len(t[0])):
+                prefix = key[: -len(s)]
+                if key.endswith(s) and prefix in names:
+                    is_norm = names[prefix] in self.norms_by_name
+                    if is_norm == (s in norm_suffixes):
+                        hit = (prefix, canonical)
+                    break
+            if hit is None:
+                unknown.append(key)
+                continue
+            slot = found.setdefault(names[hit[0]], {})
+            if hit[1] in slot:
+                raise NetworkError(f"{path}: module {names[hit[0]]} appears twice ({slot[hit[1]][0]} and {key})")
+            slot[hit[1]] = (key, tensor)
+        if unknown:
+            raise NetworkError(f"{path}: {len(unknown)} key(s) are not {self.algo} weights of this network's modules "
+                               f"(different targets, algorithm or train_norm?): {sorted(unknown)[:8]}")
+        missing = [p for p, m in self.modules_by_name.items()
+                   if not set(m.SUFFIXES) & set(found.get(p, {}))]
+        if missing:
+            words = "/".join(s.lstrip(".") for s in self.lora_modules[0].tensors())  # this layout's names
+            raise NetworkError(f"{path}: no {words} weights for {len(missing)} module(s) of this network: "
+                               f"{missing[:8]}")
+        missing = [p for p in self.norms_by_name if ".w_norm" not in found.get(p, {})]
+        if missing:
+            raise NetworkError(f"{path}: train_norm is on but the file has no .w_norm for {len(missing)} norm(s): "
+                               f"{missing[:8]} (train without train_norm to load a file without norms)")
+        for p, m in self.modules_by_name.items():
+            m.check_file(found[p], path, self.alpha)
+        for p, m in self.norms_by_name.items():
+            w = found[p][".w_norm"][1]
+            if tuple(w.shape) != tuple(m.weight.shape):
+                raise NetworkError(f"{path}: norm {p}: w_norm has shape {tuple(w.shape)}, the gain "
+                                   f"{tuple(m.weight.shape)}")
+        with torch.no_grad():
+            for p, m in self.modules_by_name.items():
+                m.load_file(found[p])
+            for p, m in self.norms_by_name.items():
+                m.weight.copy_(m.base + found[p][".w_norm"][1].to(device=m.base.device, dtype=torch.float32))
+
+
+def create_network(dit: nn.Module, algo: str = "lora", dim: int = 4, alpha: float | None = 1.0,
+                   dropout: float | None = None, **network_args: Any) -> AdapterNetwork:
+    """Build a network for `dit` and inject it (the DiT's forwards now include the adapter branch).
+
+    algo: "lora" | "lokr" | "loha"; network_args: include_patterns, exclude_patterns, train_llm_adapter,
+    train_norm (all), factor, full_matrix, decompose_both (lokr).
+    """
+    from anima_trainer.networks import loha, lokr, lora
+
+    builders = {"lora": lora.build, "lokr": lokr.build, "loha": loha.build}
+    if algo not in builders:
+        raise NetworkError(f"algo={algo!r} is not supported; use one of {sorted(builders)}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise NetworkError(f"network dim must be a positive integer, got {dim!r}")
+    if alpha is None or alpha == 0:  # kohya: no alpha means alpha = dim (scale 1)
+        alpha = float(dim)
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise NetworkError(f"network alpha must be a finite number >= 0, got {alpha!r}")
+    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+        raise NetworkError(f"network_dropout must be in [0, 1), got {dropout!r}")
+    return builders[algo](dit, dim, float(alpha), float(dropout) if dropout else None, dict(network_args))

@@ -1,0 +1,291 @@
+"""File-level tools for adapter files: rename between ComfyUI-native and kohya names, bake into a DiT.
+
+* `convert_network(src, dst, to="comfy"|"kohya")`: lossless renaming of every key (tensors and metadata are
+  copied bit for bit).  ComfyUI names are `diffusion_model.<module path>.<suffix>`, kohya names
+  `lora_unet_<module path with . → _>.<suffix>`.  Since `_` is ambiguous, module paths are recovered from the
+  structure of an AnimaDiT built on the meta device (`module_table`), the same reasoning as `comfy_key_map`.
+  PEFT / diffusers inputs (`lora_A`/`lora_B`, optional `.default`, prefixes `transformer.`,
+  `base_model.model.`, `diffusion_model.`, `net.`, diffusers' Cosmos module names) are read too.
+* `merge_networks(base, networks, out)`: ComfyUI's application math (`apply_network_file`) baked into the
+  checkpoint, written with the input's key layout and dtypes.
+
+Suffix policy (documented in docs/formats.md):
+* `--to comfy` keeps every suffix; PEFT spellings (`.lora_A.default.weight`, bare `.lora_A`) become
+  `.lora_A.weight` / `.lora_B.weight`; a PEFT-named LoRA module without `.alpha` gets `.alpha = rank` (scale 1,
+  what ComfyUI applies to it anyway) so that every loader reads it the same way.
+* `--to kohya` writes `lora_down` / `lora_up` for `lora_A` / `lora_B` (what kohya's loaders read) and remembers
+  which modules were spelt `lora_A/B` in the metadata key `LORA_AB_META`, so `--to comfy` restores them and a
+  comfy → kohya → comfy round trip is bit-identical.  Keys that have no kohya spelling (ComfyUI accepts only
+  `diffusion_model.M.bias.<suffix>` for biases) keep their ComfyUI name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from anima_trainer.fileio import atomic_save, check_writable
+from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, KOHYA_PREFIX, NetworkError, check_comfy_keys
+
+LORA_AB_META = "anima_trainer_lora_AB_modules"
+# PEFT spellings → what we write for ComfyUI (ComfyUI reads all of them; one spelling keeps files uniform)
+PEFT_SUFFIXES = {".lora_A.default.weight": ".lora_A.weight", ".lora_B.default.weight": ".lora_B.weight",
+                 ".lora_A": ".lora_A.weight", ".lora_B": ".lora_B.weight"}
+KOHYA_LORA = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+SOURCE_SUFFIXES = tuple(sorted(set(ALL_SUFFIXES) | set(PEFT_SUFFIXES), key=len, reverse=True))
+# outer prefixes of PEFT / diffusers / checkpoint-style names, stripped in this order (each at most once)
+OUTER_PREFIXES = ("base_model.model.",)
+INNER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "net.")
+
+# diffusers CosmosTransformer3DModel module name → ComfyUI module name (facts from diffusers' module names; the
+# same mapping is checked against diffusers itself in tests/support/diffusers_oracle.py)
+DIFFUSERS_TOP = {
+    "patch_embed.proj": "x_embedder.proj.1",
+    "time_embed.t_embedder.linear_1": "t_embedder.1.linear_1",
+    "time_embed.t_embedder.linear_2": "t_embedder.1.linear_2",
+    "time_embed.norm": "t_embedding_norm",
+    "norm_out.linear_1": "final_layer.adaln_modulation.1",
+    "norm_out.linear_2": "final_layer.adaln_modulation.2",
+    "proj_out": "final_layer.linear",
+}
+DIFFUSERS_BLOCK = {
+    "norm1.linear_1": "adaln_modulation_self_attn.1", "norm1.linear_2": "adaln_modulation_self_attn.2",
+    "norm2.linear_1": "adaln_modulation_cross_attn.1", "norm2.linear_2": "adaln_modulation_cross_attn.2",
+    "norm3.linear_1": "adaln_modulation_mlp.1", "norm3.linear_2": "adaln_modulation_mlp.2",
+    "ff.net.0.proj": "mlp.layer1", "ff.net.2": "mlp.layer2",
+}
+for _d, _c in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+    DIFFUSERS_BLOCK.update({f"{_d}.to_q": f"{_c}.q_proj", f"{_d}.to_k": f"{_c}.k_proj", f"{_d}.to_v": f"{_c}.v_proj",
+                            f"{_d}.to_out.0": f"{_c}.output_proj", f"{_d}.norm_q": f"{_c}.q_norm",
+                            f"{_d}.norm_k": f"{_c}.k_norm"})
+
+
+def _diffusers_to_comfy(path: str) -> str | None:
+    if path in DIFFUSERS_TOP:
+        return DIFFUSERS_TOP[path]
+    head = "transformer_blocks."
+    if path.startswith(head):
+        index, _, rest = path[len(head):].partition(".")
+        if index.isdigit() and rest in DIFFUSERS_BLOCK:
+            return f"blocks.{index}.{DIFFUSERS_BLOCK[rest]}"
+    return None
+
+
+def build_meta_dit(dit_file: str | Path | None = None) -> nn.Module:
+    """An AnimaDiT on the meta device (names and shapes only): the 2B config, or the config of `dit_file`."""
+    from anima_trainer.models.checkpoint import DitConfig, expect_kind
+    from anima_trainer.models.dit import AnimaDiT
+
+    if dit_file is None:
+        config = DitConfig()
+    else:
+        config = expect_kind(dit_file, "--dit", ("anima_dit", "anima_bundle")).dit_config
+    with torch.device("meta"):
+        return AnimaDiT(config)
+
+
+@dataclass(frozen=True)
+class ModuleTable:
+    """Name tables of one DiT: weight modules (`M` of `M.weight`) and other parameters (`M.bias`, …)."""
+
+    modules: frozenset[str]
+    others: frozenset[str]
+    kohya: dict[str, str]  # `M` with `_` → `M`
+
+    @classmethod
+    def from_dit(cls, dit: nn.Module) -> ModuleTable:
+        names = list(dit.state_dict(keep_vars=True))
+        modules = frozenset(n[: -len(".weight")] for n in names if n.endswith(".weight"))
+        others = frozenset(n for n in names if not n.endswith(".weight"))
+        kohya: dict[str, str] = {}
+        for m in modules:
+            flat = m.replace(".", "_")
+            if flat in kohya:  # cannot happen for AnimaDiT; guards against a future ambiguous name
+                raise NetworkError(f"modules {kohya[flat]} and {m} have the same kohya name {flat}")
+            kohya[flat] = m
+        return cls(modules, others, kohya)
+
+    def resolve(self, stem: str) -> tuple[str, str] | None:
+        """(ComfyUI path, source style 'comfy'|'kohya'|'peft') of a key stem, or None."""
+        if stem.startswith(KOHYA_PREFIX):
+            m = self.kohya.get(stem[len(KOHYA_PREFIX):])
+            return (m, "kohya") if m else None
+        rest, style, outer = stem, "peft", False
+        for p in OUTER_PREFIXES:
+            if rest.startswith(p):
+                rest, outer = rest[len(p):], True
+        for p in INNER_PREFIXES:
+            if rest.startswith(p):
+                if p == COMFY_PREFIX and not outer:
+                    style = "comfy"
+                rest = rest[len(p):]
+                break
+        if rest in self.modules or rest in self.others:
+            return rest, style
+        mapped = _diffusers_to_comfy(rest)
+        if mapped is not None and mapped in self.modules:
+            return mapped, "peft"
+        return None
+
+
+def parse_key(key: str, table: ModuleTable) -> tuple[str, str, str] | None:
+    """(ComfyUI path, suffix as in the file, source style) of one adapter key, or None if unknown."""
+    for suffix in SOURCE_SUFFIXES:
+        if key.endswith(suffix):
+            hit = table.resolve(key[: -len(suffix)])
+            if hit is not None:
+                return hit[0], suffix, hit[1]
+    return None
+
+
+def read_network(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise NetworkError(f"network file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except Exception as e:  # any parse failure means a bad file
+        raise NetworkError(f"{path} is not a readable .safetensors file: {e}") from e
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: str,
+                       table: ModuleTable) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Rename every key of an adapter state dict to ComfyUI (`to="comfy"`) or kohya (`to="kohya"`) names."""
+    if to not in ("comfy", "kohya"):
+        raise NetworkError(f"--to must be 'comfy' or 'kohya', got {to!r}")
+    parsed, unknown = {}, []
+    for key in sd:
+        hit = parse_key(key, table)
+        if hit is None:
+            unknown.append(key)
+        else:
+            parsed[key] = hit
+    if unknown:
+        raise NetworkError(f"{len(unknown)} key(s) name no module of this DiT (or an unknown suffix); nothing "
+                           f"written: {sorted(unknown)[:10]}{' ...' if len(unknown) > 10 else ''} "
+                           "(a different model size? pass --dit with the base checkpoint)")
+    meta = dict(meta)
+    ab_modules = set(json.loads(meta.pop(LORA_AB_META, "[]"))) if to == "comfy" else set()
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    lora_peft: dict[str, torch.Tensor] = {}  # PEFT-named LoRA modules → their down tensor (for a missing alpha)
+    has_alpha: set[str] = set()
+    renamed_ab: set[str] = set()
+    for key, (path, suffix, style) in parsed.items():
+        suffix = PEFT_SUFFIXES.get(suffix, suffix)
+        is_module = path in table.modules
+        if to == "comfy":
+            if style == "kohya" and path in ab_modules:
+                suffix = {v: k for k, v in KOHYA_LORA.items()}.get(suffix, suffix)
+            new = COMFY_PREFIX + path + suffix
+            if style == "peft" and suffix == ".lora_A.weight":
+                lora_peft[path] = sd[key]
+        elif is_module:
+            if suffix in KOHYA_LORA:
+                renamed_ab.add(path)
+                suffix = KOHYA_LORA[suffix]
+            new = KOHYA_PREFIX + path.replace(".", "_") + suffix
+        else:  # a bias/buffer: ComfyUI has no kohya name for it, keep the ComfyUI one
+            new = COMFY_PREFIX + path + suffix
+        if suffix == ".alpha":
+            has_alpha.add(path)
+        if new in out:
+            raise NetworkError(f"{origin[new]} and {key} both become {new} (the same module under two names)")
+        out[new], origin[new] = sd[key], key
+    for path, down in lora_peft.items():
+        if path not in has_alpha:  # scale = alpha / rank = 1, as ComfyUI applies an alpha-less file
+            out[COMFY_PREFIX + path + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+    if renamed_ab:
+        meta[LORA_AB_META] = json.dumps(sorted(renamed_ab))
+    return out, meta
+
+
+def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module | None = None,
+                    overwrite: bool = False) -> dict:
+    """Convert one file; returns {"keys": n, "written": path}.  ComfyUI output is checked with check_comfy_keys."""
+    dst = Path(dst)
+    check_writable(dst, overwrite)
+    if Path(src).resolve() == dst.resolve():
+        raise NetworkError(f"{dst}: output and input are the same file; choose another output name")
+    dit = dit if dit is not None else build_meta_dit()
+    sd, meta = read_network(src)
+    out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit))
+    check_comfy_keys(list(out), dit)  # both spellings must still load in ComfyUI; before anything is written
+    check_writable(dst, overwrite)
+    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta)
+    check_comfy_keys(dst, dit)
+    return {"keys": len(out), "written": str(dst)}
+
+
+# ------------------------------------------------------------------------------------------------- merge --
+
+def parse_network_arg(text: str) -> tuple[str, float]:
+    """`FILE[:mul]` → (file, multiplier); a tail that is not a number belongs to the file name."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str | Path, *,
+                   save_dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """Bake networks into a DiT checkpoint with ComfyUI's math; same key layout, per-tensor dtype kept.
+
+    The DiT is loaded once, in the checkpoint's dominant floating dtype (ComfyUI patches in fp32 and rounds to
+    the weight dtype); tensors that are not DiT weights (other bundle parts, ignored buffers) are copied as is.
+    """
+    from anima_trainer.models.checkpoint import expect_kind, read_header
+    from anima_trainer.models.dit import load_dit
+    from anima_trainer.networks.formats import apply_network_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise NetworkError(f"{out}: the merged checkpoint is written as .safetensors")
+    check_writable(out, overwrite)
+    if not networks:
+        raise NetworkError("merge needs at least one --network")
+    for f, _ in networks:
+        expect_kind(f, "--network", ("network",))
+    info = expect_kind(base, "--dit", ("anima_dit", "anima_bundle"))
+    prefix = info.components.get("dit", info.prefix)
+    header, meta = read_header(base)
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    float_counts: dict[str, int] = {}
+    for dt, _ in header.values():
+        if dt in dtypes:
+            float_counts[dt] = float_counts.get(dt, 0) + 1
+    load_dtype = dtypes[max(float_counts, key=float_counts.get)] if float_counts else torch.float32
+    dit = load_dit(base, dtype=load_dtype, flag="--dit")
+    reports = {}
+    for f, mul in networks:
+        report = apply_network_file(dit, f, multiplier=mul)
+        if report["errors"]:
+            raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
+                               f"{dict(list(report['errors'].items())[:3])}")
+        reports[f] = report
+    state = dit.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(base), "pt") as fh:
+        for key, (dt, _) in header.items():
+            name = key[len(prefix):] if key.startswith(prefix) else None
+            if name is not None and name in state:
+                t = state[name]
+                target = save_dtype or dtypes.get(dt, t.dtype)
+                tensors[key] = t.to(target).contiguous()
+            else:
+                tensors[key] = fh.get_tensor(key)
+    meta = dict(meta)
+    meta["anima_trainer_merged_networks"] = json.dumps([[Path(f).name, m] for f, m in networks])
+    check_writable(out, overwrite)
+    atomic_save(tensors, out, meta)
+    return {"written": str(out), "networks": {f: len(r["patched"]) for f, r in reports.items()},
+            "not_loaded": {f: r["not_loaded"] for f, r in reports.items() if r["not_loaded"]}}
