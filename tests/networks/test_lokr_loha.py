@@ -64,7 +64,7 @@ def test_lokr_layouts_and_scales(dit):
         assert shapes(net, q) == {".lokr_w1": (8, 8), ".lokr_w2": (8, 8)}, kw
         assert net.modules_by_name[q].scale == 1.0  # both full: ComfyUI ignores alpha
         net.remove()
-    for bad in ({"factor": "0"}, {"factor": "x"}, {"full_matrix": "maybe"}, {"rank_dropout": "0.1"}):
+    for bad in ({"factor": "0"}, {"factor": "x"}, {"full_matrix": "maybe"}, {"down_lr_weight": "0.1"}):
         with pytest.raises(NetworkError):
             create_network(dit, algo="lokr", dim=2, **bad)
     with pytest.raises(NetworkError, match="factor"):

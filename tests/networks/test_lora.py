@@ -76,8 +76,8 @@ def test_module_tree_and_names_unchanged(dit):
 
 
 def test_bad_network_args(dit):
-    with pytest.raises(NetworkError, match="rank_dropout"):
-        create_network(dit, dim=4, rank_dropout="0.1")
+    with pytest.raises(NetworkError, match="down_lr_weight"):
+        create_network(dit, dim=4, down_lr_weight="0.1")
     with pytest.raises(NetworkError, match="exclude_patterns"):
         create_network(dit, dim=4, exclude_patterns="[.*mlp")
     with pytest.raises(NetworkError, match="no DiT module"):

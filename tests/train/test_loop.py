@@ -291,3 +291,14 @@ def test_train_llm_adapter_trains_the_adapter(setup, tmp_path):
     run = run_training(parse_train_args(["--config_file", str(toml), "--network_args", "train_llm_adapter=true"]))
     adapter = [m for name, m in run.network.modules_by_name.items() if name.startswith("llm_adapter.")]
     assert adapter and all(m.lora_up.weight.abs().sum() > 0 for m in adapter)  # zero-initialised ups moved
+
+
+def test_training_with_per_module_dims_and_loraplus(setup, tmp_path):
+    toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 2, seed=2)
+    run = run_training(parse_train_args(["--config_file", str(toml), "--network_args", "loraplus_lr_ratio=4",
+                                         "network_reg_dims=.*mlp.*=2", "rank_dropout=0.1", "module_dropout=0.1"]))
+    with safe_open(run.final_path, "pt") as f:
+        assert f.get_tensor("diffusion_model.blocks.0.mlp.layer1.lora_down.weight").shape[0] == 2
+        assert f.get_tensor("diffusion_model.blocks.0.self_attn.q_proj.lora_down.weight").shape[0] == 8
+    groups = run.network.param_groups(1.0)
+    assert sorted(g["lr"] for g in groups) == [1.0, 4.0]

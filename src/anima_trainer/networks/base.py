@@ -11,6 +11,7 @@ fp32 scalar, norms as `.w_norm` differences).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -29,7 +30,9 @@ from anima_trainer.networks.formats import (
     NetworkError,
     check_comfy_keys,
 )
-from anima_trainer.networks.inject import ForwardHook, check_network_args, find_targets
+from anima_trainer.networks.inject import ForwardHook, check_network_args, find_targets, first_match
+
+logger = logging.getLogger(__name__)
 
 
 class HookedModule(nn.Module):
@@ -50,6 +53,7 @@ class AdapterModule(HookedModule):
     NETWORK_MODULE: ClassVar[str] = ""
     SUFFIXES: ClassVar[tuple[str, ...]] = ()  # every suffix of this algorithm's files (all layouts)
     LOAD_ALIASES: ClassVar[dict[str, str]] = {}  # other spellings a file may use → our suffix
+    PLUS_SUFFIXES: ClassVar[tuple[str, ...]] = ()  # the LoRA+ "up" factors (lr × loraplus_lr_ratio)
 
     def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None) -> None:
         super().__init__()
@@ -60,6 +64,8 @@ class AdapterModule(HookedModule):
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=self.device))
         self.scale = float(alpha) / dim
         self.dropout = dropout
+        self.rank_dropout = 0.0  # network_args; set by AdapterNetwork (training only)
+        self.module_dropout = 0.0
         self.multiplier = 1.0
         self._org = (org,)  # a tuple: not registered as a submodule, so no DiT weights in our state_dict
         self._hook: ForwardHook | None = None
@@ -88,14 +94,24 @@ class AdapterModule(HookedModule):
 
     # --- shared ----------------------------------------------------------------------------------------------
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """scale · ΔW x (dropout on the branch input in training); ΔW materialised per forward."""
+        """scale · ΔW x (dropout on the branch input in training); ΔW materialised per forward.
+
+        rank_dropout (training): kohya's LoKr rule, for LoKr and LoHa alike: each output row of ΔW is kept with
+        probability 1 − p (one mask per forward) and the kept rows are scaled by 1/(1 − p)."""
         if self.dropout and self.training:
             x = F.dropout(x, p=self.dropout)
-        return F.linear(x, self.delta_weight().to(x.dtype))
+        dw = self.delta_weight()
+        if self.rank_dropout and self.training:
+            keep = torch.rand(dw.shape[0], 1, device=dw.device) >= self.rank_dropout
+            dw = dw * keep.to(dw.dtype) / (1.0 - self.rank_dropout)
+        return F.linear(x, dw.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._hook.org_forward(x)
         if self.multiplier == 0.0:
+            return out
+        # module_dropout (training): the whole branch is skipped for this forward with probability p
+        if self.module_dropout and self.training and float(torch.rand(())) < self.module_dropout:
             return out
         return out + self.branch(x) * self.multiplier
 
@@ -180,13 +196,49 @@ class AdapterNetwork(nn.Module):
         self.network_args = {k: (v if isinstance(v, str) else repr(v)) for k, v in network_args.items()}
         self._dit = (dit,)
         kw = module_kwargs or {}
-        self.lora_modules = nn.ModuleList(module_cls(p, m, dim, alpha, dropout, **kw) for p, m in targets.items())
+        dims = {}  # network_reg_dims: first full match wins, 0 skips the module; alpha stays global
+        for p in targets:
+            d = first_match(parsed["network_reg_dims"], p)
+            dims[p] = dim if d is None else d
+        targets = {p: m for p, m in targets.items() if dims[p] > 0}
+        if not targets:
+            raise NetworkError("no DiT module left: network_reg_dims gives dim 0 to every target")
+        self.lora_modules = nn.ModuleList(module_cls(p, m, dims[p], alpha, dropout, **kw) for p, m in targets.items())
         self.modules_by_name: dict[str, AdapterModule] = {m.path: m for m in self.lora_modules}
+        for m in self.lora_modules:
+            m.rank_dropout, m.module_dropout = parsed["rank_dropout"], parsed["module_dropout"]
+        self.loraplus_lr_ratio: float | None = parsed["loraplus_lr_ratio"]
+        # network_reg_lrs: {module path: lr} for the modules a rule full-matches (first rule wins)
+        self.reg_lrs: dict[str, float] = {}
+        for p in self.modules_by_name:
+            lr = first_match(parsed["network_reg_lrs"], p)
+            if lr is not None:
+                self.reg_lrs[p] = float(lr)
         self.norm_modules = nn.ModuleList(NormModule(p, m) for p, m in (find_norms(dit) if self.train_norm
                                                                         else {}).items())
         self.norms_by_name: dict[str, NormModule] = {m.path: m for m in self.norm_modules}
         self.injected = False
         self.inject()
+        if parsed["verbose"]:
+            self.log_targets()
+
+    def target_table(self) -> list[tuple[str, str, int, float, str]]:
+        """(module path, algorithm, dim, alpha, lr) per adapter module; lr is `base` or the network_reg_lrs value,
+        `×r` marks a LoRA+ ratio on the module's up factors."""
+        rows = []
+        plus = f" (up ×{self.loraplus_lr_ratio:g})" if self.loraplus_lr_ratio is not None else ""
+        for p, m in self.modules_by_name.items():
+            lr = f"{self.reg_lrs[p]:g}" if p in self.reg_lrs else "base"
+            rows.append((p, self.algo, m.dim, self.alpha, lr + plus))
+        return rows
+
+    def log_targets(self) -> None:
+        rows = self.target_table()
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{'module':<{width}}  algo  {'dim':>5}  {'alpha':>8}  lr"]
+        lines += [f"{p:<{width}}  {a:<4}  {d:>5}  {al:>8g}  {lr}" for p, a, d, al, lr in rows]
+        lines += [f"norm gain {p} (train_norm)  lr base" for p in self.norms_by_name]
+        logger.info("%s network: %d module(s)\n%s", self.algo, len(rows), "\n".join(lines))
 
     @property
     def trains_llm_adapter(self) -> bool:
@@ -226,7 +278,28 @@ class AdapterNetwork(nn.Module):
                 *(m.weight for m in self.norm_modules)]
 
     def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": self.trainable_parameters(), "lr": float(lr)}]
+        """Optimizer groups: one per lr (the base `lr`, then each distinct network_reg_lrs value in module
+        order), each split in two with loraplus_lr_ratio (the algorithm's PLUS_SUFFIXES at lr × ratio).
+        Norm gains train at the base lr.  A group whose lr is 0 is dropped (kohya): those factors stay fixed.
+        Every group has a `name`: `base` or `reg_lr=<lr>`, with `/plus` for the LoRA+ half."""
+        buckets: dict[str, tuple[float, list[nn.Parameter], list[nn.Parameter]]] = {"base": (float(lr), [], [])}
+        ratio = self.loraplus_lr_ratio
+        for p, m in self.modules_by_name.items():
+            name = f"reg_lr={self.reg_lrs[p]:g}" if p in self.reg_lrs else "base"
+            _, plain, plus = buckets.setdefault(name, (self.reg_lrs.get(p, float(lr)), [], []))
+            for suffix, t in m.tensors().items():
+                (plus if ratio is not None and suffix in m.PLUS_SUFFIXES else plain).append(t)
+        buckets["base"][1].extend(m.weight for m in self.norm_modules)
+        groups = []
+        for name, (group_lr, plain, plus) in buckets.items():
+            if plain:
+                groups.append({"params": plain, "lr": group_lr, "name": name})
+            if plus:
+                groups.append({"params": plus, "lr": group_lr * ratio, "name": name + "/plus"})
+        groups = [g for g in groups if g["lr"] > 0]
+        if not groups:
+            raise NetworkError("every parameter group has lr 0 (learning rate / network_reg_lrs): nothing to train")
+        return groups
 
     # ----------------------------------------------------------------------------------------- files --
     def state_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -340,7 +413,8 @@ def create_network(dit: nn.Module, algo: str = "lora", dim: int = 4, alpha: floa
     """Build a network for `dit` and inject it (the DiT's forwards now include the adapter branch).
 
     algo: "lora" | "lokr" | "loha"; network_args: include_patterns, exclude_patterns, train_llm_adapter,
-    train_norm (all), factor, full_matrix, decompose_both (lokr).
+    train_norm, rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, network_reg_dims,
+    network_reg_lrs, verbose (all; kohya semantics, docs/training.md), factor, full_matrix, decompose_both (lokr).
     """
     from anima_trainer.networks import loha, lokr, lora
 

@@ -14,6 +14,7 @@ puts the original forward back.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,9 @@ from anima_trainer.networks.formats import NetworkError
 DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
 DIT_TARGET_CLASSES = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
 ADAPTER_TARGET_CLASSES = ("AdapterBlock",)
-KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", "train_norm")
+KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", "train_norm", "rank_dropout",
+              "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "network_reg_dims",
+              "network_reg_lrs", "verbose")
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -61,6 +64,58 @@ def parse_bool(name: str, value: Any) -> bool:
     raise NetworkError(f"network_args {name} must be true or false (also 1/0, yes/no, on/off), got {value!r}")
 
 
+def parse_float(name: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False) -> float:
+    """A finite number (or its string) in [low, high) (or (low, high) with low_open); else NetworkError."""
+    try:
+        f = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        f = math.nan
+    if isinstance(value, bool) or not math.isfinite(f) or f < low or (low_open and f == low) or (
+            high is not None and f >= high):
+        span = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'})"
+        raise NetworkError(f"network_args {name} must be a number in {span}, got {value!r}")
+    return f
+
+
+def parse_regex_values(name: str, value: Any, kind: type) -> list[tuple[re.Pattern, float | int]]:
+    """kohya's `regex=value,regex=value` (split at ',' then at the last '='); order kept: first full match wins."""
+    if value is None:
+        return []
+    if not isinstance(value, str):
+        raise NetworkError(f"network_args {name} must be a string 'regex=value,regex=value', got {value!r}")
+    out: list[tuple[re.Pattern, float | int]] = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        pattern, sep, raw = item.rpartition("=")
+        if not sep or not pattern.strip():
+            raise NetworkError(f"network_args {name}: {item!r} is not regex=value (e.g. {name}=.*mlp.*=...)")
+        try:
+            regex = re.compile(pattern.strip())
+        except re.error as e:
+            raise NetworkError(f"network_args {name}: bad regex {pattern!r}: {e}") from e
+        if kind is int:
+            try:
+                v: float | int = int(raw.strip())
+            except ValueError:
+                v = -1
+            if v < 0:
+                raise NetworkError(f"network_args {name}: {item!r}: the dim must be an integer >= 0 (0 skips)")
+        else:
+            v = parse_float(f"{name} ({item!r})", raw, 0.0)
+        out.append((regex, v))
+    return out
+
+
+def first_match(rules: list[tuple[re.Pattern, Any]], path: str) -> Any:
+    """The value of the first rule whose regex full-matches `path` (None when none does)."""
+    for regex, v in rules:
+        if regex.fullmatch(path):
+            return v
+    return None
+
+
 def check_network_args(network_args: dict[str, Any], algo: str = "lora",
                        extra_known: tuple[str, ...] = ()) -> dict[str, Any]:
     """Validate the shared network_args; returns the parsed values (patterns compiled, booleans parsed).
@@ -70,11 +125,20 @@ def check_network_args(network_args: dict[str, Any], algo: str = "lora",
     unknown = sorted(set(network_args) - set(known))
     if unknown:
         raise NetworkError(f"unknown network_args {unknown}; supported for algo={algo}: {list(known)}")
+    ratios = [parse_float(k, network_args[k], 0.0, low_open=True) if k in network_args else None
+              for k in ("loraplus_unet_lr_ratio", "loraplus_lr_ratio")]
     return {
         "train_norm": parse_bool("train_norm", network_args.get("train_norm", False)),
         "include_patterns": parse_patterns("include_patterns", network_args.get("include_patterns")),
         "exclude_patterns": parse_patterns("exclude_patterns", network_args.get("exclude_patterns")),
         "train_llm_adapter": parse_bool("train_llm_adapter", network_args.get("train_llm_adapter", False)),
+        "rank_dropout": parse_float("rank_dropout", network_args.get("rank_dropout", 0.0), 0.0, 1.0),
+        "module_dropout": parse_float("module_dropout", network_args.get("module_dropout", 0.0), 0.0, 1.0),
+        # kohya: the unet ratio wins over the general one for the DiT (we train no text encoder)
+        "loraplus_lr_ratio": next((r for r in ratios if r is not None), None),
+        "network_reg_dims": parse_regex_values("network_reg_dims", network_args.get("network_reg_dims"), int),
+        "network_reg_lrs": parse_regex_values("network_reg_lrs", network_args.get("network_reg_lrs"), float),
+        "verbose": parse_bool("verbose", network_args.get("verbose", False)),
     }
 
 

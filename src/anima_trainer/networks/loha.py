@@ -21,6 +21,7 @@ NETWORK_MODULE = "anima_trainer.networks.loha"
 class LoHaModule(AdapterModule):
     NETWORK_MODULE = NETWORK_MODULE
     SUFFIXES: ClassVar[tuple[str, ...]] = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")
+    PLUS_SUFFIXES: ClassVar[tuple[str, ...]] = (".hada_w2_a",)  # kohya: LoRA+ on hada_w2_a
 
     def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None) -> None:
         super().__init__(path, org, dim, alpha, dropout)

@@ -55,6 +55,7 @@ class LoKrModule(AdapterModule):
     NETWORK_MODULE = NETWORK_MODULE
     SUFFIXES: ClassVar[tuple[str, ...]] = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a",
                                            ".lokr_w2_b")
+    PLUS_SUFFIXES: ClassVar[tuple[str, ...]] = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b")  # kohya: LoRA+ on w1
 
     def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None,
                  factor: int = -1, full_matrix: bool = False, decompose_both: bool = False) -> None:

@@ -34,6 +34,7 @@ class LoRAModule(AdapterModule):
     # lora_A/lora_B is what kohya's ComfyUI converter writes
     LOAD_ALIASES: ClassVar[dict[str, str]] = {".lora_A.weight": ".lora_down.weight",
                                               ".lora_B.weight": ".lora_up.weight"}
+    PLUS_SUFFIXES: ClassVar[tuple[str, ...]] = (".lora_up.weight",)
 
     def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None) -> None:
         super().__init__(path, org, dim, alpha, dropout)
@@ -49,7 +50,15 @@ class LoRAModule(AdapterModule):
         lx = F.linear(x, self.lora_down.weight.to(x.dtype))
         if self.dropout and self.training:
             lx = F.dropout(lx, p=self.dropout)
-        return F.linear(lx, self.lora_up.weight.to(lx.dtype)) * self.scale
+        scale = self.scale
+        if self.rank_dropout and self.training:
+            # kohya: one Bernoulli mask over the rank channels per sample (shared by all its tokens), and the
+            # branch rescaled by 1/(1 − p)
+            shape = (lx.shape[0],) + (1,) * (lx.dim() - 2) + (self.dim,) if lx.dim() > 1 else (self.dim,)
+            keep = torch.rand(shape, device=lx.device) >= self.rank_dropout
+            lx = lx * keep.to(lx.dtype)
+            scale = scale / (1.0 - self.rank_dropout)
+        return F.linear(lx, self.lora_up.weight.to(lx.dtype)) * scale
 
     def delta_weight(self) -> torch.Tensor:
         """alpha/dim · up @ down in fp32 (what a merge adds to W at multiplier 1)."""
