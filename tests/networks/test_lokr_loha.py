@@ -6,22 +6,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from anima_trainer.demo import write_tiny_dit
 from anima_trainer.models.dit import load_dit
 from anima_trainer.networks import NetworkError, apply_network_file, create_network
 from anima_trainer.networks.base import find_norms
 from anima_trainer.networks.lokr import factorization
 from tests.networks.test_lora import inputs
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
-
-
-@pytest.fixture
-def dit(dit_file):
-    return load_dit(dit_file, dtype=torch.float32)
 
 
 def randomize(net, seed: int = 1, scale: float = 0.1):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from anima_trainer.demo import TINY_DIT_CONFIG, write_tiny_dit
+from anima_trainer.demo import TINY_DIT_CONFIG
 from anima_trainer.fileio import OutputExistsError
 from anima_trainer.models.dit import AnimaDiT, load_dit
 from anima_trainer.networks import NetworkError, comfy_key_map, create_network
@@ -18,16 +18,6 @@ from anima_trainer.networks import NetworkError, comfy_key_map, create_network
 DEFAULT_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.output_proj",
                     "cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.output_proj",
                     "mlp.layer1", "mlp.layer2")
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
-
-
-@pytest.fixture
-def dit(dit_file):
-    return load_dit(dit_file, dtype=torch.float32)
 
 
 def inputs(batch: int = 2, seed: int = 0):

@@ -8,22 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anima_trainer.demo import write_tiny_dit
 from anima_trainer.models.dit import load_dit
 from anima_trainer.networks import NetworkError, create_network
 from tests.networks.test_lokr_loha import randomize
 
 Q = "blocks.0.self_attn.q_proj"  # 64 -> 64
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
-
-
-@pytest.fixture
-def dit(dit_file):
-    return load_dit(dit_file, dtype=torch.float32)
 
 
 def delta(net, path, x):
