@@ -11,19 +11,12 @@ from safetensors import safe_open
 
 from anima_trainer.cli import main
 from anima_trainer.config import parse_train_args
-from anima_trainer.demo import write_demo_models, write_demo_configs, write_shapes_dataset
+from anima_trainer.demo import write_demo_configs, write_shapes_dataset
 from anima_trainer.models import load_dit, load_text_encoder, load_vae
-from anima_trainer.networks import apply_network_file, create_network
+from anima_trainer.networks import create_network
 from anima_trainer.train.flow import flow_loss, noisy_input
 from anima_trainer.train.loop import TextConditioner, run_training
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("train")
-    models = write_demo_models(root / "models", seed=3)
-    images = write_shapes_dataset(root / "images", count=4, seed=3)
-    return {"root": root, "models": models, "images": images}
+from tests.train.conftest import check_saved_file_reproduces
 
 
 def _config(setup: dict, out: Path, *extra: str, steps: int = 150):
@@ -60,21 +53,9 @@ def test_lora_overfits_and_reloads_exactly(setup):
     after = _fixed_loss(run.dit, setup)
     assert after < before / 1.5, (before, after)  # stated factor ≥ 1.5 (observed 1.60 → 0.90, 1.78×)
     assert run.steps == 200 and len(run.losses) == 200
-    # the file reloaded onto a fresh base reproduces the trained model exactly
-    fresh = load_dit(setup["models"]["dit"], dtype=torch.float32)
-    net = create_network(fresh, algo="lora", dim=8, alpha=8.0)
-    net.load_weights(run.final_path)
-    net.eval()
-    run.network.eval()
-    x = torch.randn(2, 16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    ctx = torch.randn(2, 512, 64, generator=torch.Generator().manual_seed(2))
-    s = torch.tensor([0.3, 0.7])
-    assert torch.equal(fresh(x, s, ctx), run.dit(x, s, ctx))
-    # and ComfyUI's way (weights merged in fp32) agrees to rounding
-    merged = load_dit(setup["models"]["dit"], dtype=torch.float32)
-    report = apply_network_file(merged, run.final_path)
+    # the file reloaded onto a fresh base reproduces the trained model exactly, and ComfyUI's merge agrees
+    _, report = check_saved_file_reproduces(run, setup["models"]["dit"], "lora", dim=8, alpha=8.0)
     assert len(report["patched"]) == 20 and not report["not_loaded"]
-    torch.testing.assert_close(merged(x, s, ctx), run.dit(x, s, ctx), atol=1e-5, rtol=1e-5)
 
 
 def test_file_keys_metadata_and_intermediate_saves(setup, tmp_path):
