@@ -12,13 +12,14 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from anima_trainer.train.flow import shift_sigma  # the same σ shift training uses
+
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sigma_table(shift: float = 3.0, timesteps: int = 1000) -> torch.Tensor:
     """ComfyUI's ModelSamplingDiscreteFlow table: σ(t) = shift·t / (1 + (shift−1)·t), t = i/1000, i = 1..1000."""
-    t = torch.arange(1, timesteps + 1, dtype=torch.float32) / timesteps
-    return shift * t / (1 + (shift - 1) * t)
+    return shift_sigma(torch.arange(1, timesteps + 1, dtype=torch.float32) / timesteps, shift)
 
 
 def simple_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
