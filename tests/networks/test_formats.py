@@ -10,7 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from anima_trainer.demo import TINY_DIT_CONFIG
 from anima_trainer.models.dit import AnimaDiT, load_dit
-from anima_trainer.networks import NetworkError, apply_network_file, check_comfy_keys, comfy_key_map, create_network
+from anima_trainer.networks import (
+    NetworkError,
+    apply_network_file,
+    check_comfy_keys,
+    comfy_key_map,
+    create_network,
+    create_network_from_weights,
+)
 from anima_trainer.networks.formats import delta_weight
 
 CASES = ["lora_generic_updown_alpha", "lora_peft_AB_noalpha", "lora_kohya_updown_alpha_diffb", "loha",
@@ -200,3 +207,23 @@ def test_bf16_weights_computed_in_fp32(tmp_path):
 def test_apply_missing_file(tmp_path):
     with pytest.raises(NetworkError, match="does not exist"):
         apply_network_file(small_dit(), tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith(("diff_", "lora_kohya_updown_alpha_diffb"))])
+def test_fixture_rebuilt_as_a_trainable_network_matches_comfyui(case, fixture_dit, dit_io, fixture_dir):
+    """create_network_from_weights (dim_from_weights) builds the file's network; hooked in, not merged, the DiT
+    gives ComfyUI's output for the file."""
+    dit, restore = fixture_dit
+    restore()
+    net = create_network_from_weights(dit, fixture_dir / "lora_examples" / f"{case}.safetensors")
+    try:
+        ref = load_file(fixture_dir / "lora_examples" / f"{case}.comfy_out.safetensors")
+        assert max_rel(run(dit, dit_io)[0], ref["model_output"]) <= 1e-5
+    finally:
+        net.remove()
+
+
+def test_fixture_with_bias_diffs_cannot_be_trained_further(fixture_dit, fixture_dir):
+    dit, _ = fixture_dit
+    with pytest.raises(NetworkError, match=r"diff.* cannot be trained further"):
+        create_network_from_weights(dit, fixture_dir / "lora_examples" / "lora_kohya_updown_alpha_diffb.safetensors")

@@ -213,8 +213,8 @@ def test_save_check_rejects_unknown_key(dit, tmp_path, monkeypatch):
     net = create_network(dit, dim=4)
     real = net.state_tensors
 
-    def wrong(dtype=None):
-        out = real(dtype)
+    def wrong(dtype=None, save_format="comfy"):
+        out = real(dtype, save_format)
         out["net.blocks.0.self_attn.q_proj.lora_up.weight"] = out.pop("diffusion_model.blocks.0.self_attn.q_proj."
                                                                       "lora_up.weight")
         return out
@@ -289,5 +289,5 @@ def test_load_mismatches_are_named(dit, dit_file, tmp_path):
     with pytest.raises(NetworkError, match="mlp.layer1"):
         fewer.load_weights(path)
     fewer.remove()
-    with pytest.raises(NetworkError, match="do not exist"):
+    with pytest.raises(NetworkError, match="does not exist"):
         create_network(fresh, dim=4).load_weights(tmp_path / "missing.safetensors")

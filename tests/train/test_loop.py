@@ -283,3 +283,29 @@ def test_training_with_per_module_dims_and_loraplus(setup, tmp_path):
         assert f.get_tensor("diffusion_model.blocks.0.self_attn.q_proj.lora_down.weight").shape[0] == 8
     groups = run.network.param_groups(1.0)
     assert sorted(g["lr"] for g in groups) == [1.0, 4.0]
+
+
+def test_dim_from_weights_continues_the_files_network_and_kohya_names(setup, tmp_path, capsys):
+    """A run with per-module dims, DoRA and adaLN targets is continued from its file alone (the config's dim,
+    alpha and network_args differ); `save_format = kohya` then writes lora_unet_* names that pass the check."""
+    first = run_training(_config(setup, tmp_path / "a", "--network_dim", "4", "--network_alpha", "2",
+                                 "--network_args", "network_reg_dims=.*mlp.*=2", "dora_wd=true",
+                                 "train_adaln=true", steps=2))
+    cfg = _config(setup, tmp_path / "b", "--network_weights", str(first.final_path), "--dim_from_weights",
+                  "--save_format", "kohya", "--network_dim", "16", steps=1)
+    run = run_training(cfg)
+    assert {p: (m.dim, float(m.alpha), m.dora_wd) for p, m in run.network.modules_by_name.items()} == {
+        p: (m.dim, float(m.alpha), m.dora_wd) for p, m in first.network.modules_by_name.items()}
+    with safe_open(run.final_path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()  # noqa: SIM118
+        assert f.get_tensor("lora_unet_blocks_0_mlp_layer1.lora_down.weight").shape[0] == 2
+    assert all(k.startswith("lora_unet_") for k in keys) and meta["ss_network_dim"] == "Dynamic"
+    assert any(k.startswith("lora_unet_blocks_0_adaln_modulation_mlp_1.") for k in keys)
+    # the kohya-named file reloads into the same network, and ComfyUI's merge agrees
+    check_saved_file_reproduces(run, setup["models"]["dit"], "lora", dim=4, alpha=2.0,
+                                network_reg_dims=".*mlp.*=2", dora_wd="true", train_adaln="true")
+    # a file of another algorithm than network_module is a start-up error
+    toml = write_demo_configs(tmp_path / "c", setup["models"], setup["images"], 1, seed=1)
+    code = main(["train", "--config_file", str(toml), "--network_weights", str(first.final_path),
+                 "--dim_from_weights", "--network_module", "networks.lokr"])
+    assert code == 2 and "is a lora network but network_module is lokr" in capsys.readouterr().err

@@ -58,7 +58,11 @@ class TrainConfig(BaseModel):
     network_args: dict[str, str] = Field(default_factory=dict, description="key=value ... for the network")
     network_weights: Path | None = Field(None, description="initial LoRA weights")
     network_dropout: float | None = Field(None, ge=0, lt=1, description="neuron dropout on the down projection")
-    dim_from_weights: bool = Field(False, description="take dim/alpha from --network_weights")
+    dim_from_weights: bool = Field(False, description="build the network from --network_weights alone: algorithm, "
+                                                      "targets, per-module dims/alphas, LoKr layout, DoRA, norms")
+    save_format: Literal["comfy", "kohya"] = Field(
+        "comfy", description="key names of saved networks: comfy (diffusion_model.*) or kohya (lora_unet_*); "
+                             "anima-trainer option, both load in ComfyUI")
     # optimisation
     learning_rate: float = Field(2e-6, gt=0, description="base learning rate (kohya default 2e-6)")
     unet_lr: float | None = Field(None, gt=0, description="learning rate of the DiT LoRA (default: learning_rate)")

@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 import anima_trainer
 from anima_trainer.fileio import atomic_save, check_writable
+from anima_trainer.networks.convert import read_comfy_named
 from anima_trainer.networks.formats import (
     COMFY_PREFIX,
     KOHYA_PREFIX,
@@ -33,6 +33,7 @@ from anima_trainer.networks.formats import (
 from anima_trainer.networks.inject import ForwardHook, check_network_args, find_targets, first_match
 
 logger = logging.getLogger(__name__)
+SAVE_FORMATS = ("comfy", "kohya")
 
 
 class HookedModule(nn.Module):
@@ -121,7 +122,7 @@ class AdapterModule(HookedModule):
         extra = sorted(set(slot) - set(ours) - {".alpha"})
         if extra:
             raise NetworkError(f"{path}: module {self.path}: file has {extra}, this network stores {sorted(ours)} "
-                               "(a different layout: check dim, factor, full_matrix, decompose_both)")
+                               "(a different layout: check dim, factor, full_matrix, decompose_both, dora_wd)")
         for suffix, p in ours.items():
             t = slot[suffix][1]
             if tuple(t.shape) != tuple(p.shape):
@@ -171,6 +172,16 @@ class NormModule(HookedModule):
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * g.to(x.dtype)
 
 
+def _linear(dit: nn.Module, path: str) -> nn.Linear:
+    try:
+        module = dit.get_submodule(path)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise NetworkError(f"module {path} is not a Linear of this DiT (a different model size or family?)")
+    return module
+
+
 def find_norms(dit: nn.Module) -> dict[str, nn.Module]:
     """{path: RMSNorm} of every norm gain of the DiT and its LLM adapter (the LayerNorms have no parameters)."""
     from anima_trainer.models.layers import RMSNorm
@@ -183,11 +194,17 @@ class AdapterNetwork(nn.Module):
 
     def __init__(self, dit: nn.Module, module_cls: type[AdapterModule], dim: int, alpha: float,
                  dropout: float | None, network_args: dict[str, Any], algo: str = "lora",
-                 module_kwargs: dict[str, Any] | None = None, extra_known: tuple[str, ...] = ()) -> None:
+                 module_kwargs: dict[str, Any] | None = None, extra_known: tuple[str, ...] = (),
+                 module_specs: dict[str, tuple[int, float, dict[str, Any]]] | None = None) -> None:
+        """`module_specs` ({path: (dim, alpha, module kwargs)}, from a file: networks/rebuild.py) fixes the
+        targets and each module's dim/alpha/layout; without it targets come from network_args."""
         super().__init__()
         parsed = check_network_args(network_args, algo, extra_known)
-        targets = find_targets(dit, parsed["include_patterns"], parsed["exclude_patterns"],
-                               parsed["train_llm_adapter"])
+        if module_specs is not None:
+            targets = {p: _linear(dit, p) for p in module_specs}
+        else:
+            targets = find_targets(dit, parsed["include_patterns"], parsed["exclude_patterns"],
+                                   parsed["train_llm_adapter"])
         if not targets:
             raise NetworkError("no DiT module matches the network targets; check include_patterns/exclude_patterns")
         self.algo, self.module_cls = algo, module_cls
@@ -196,14 +213,15 @@ class AdapterNetwork(nn.Module):
         self.network_args = {k: (v if isinstance(v, str) else repr(v)) for k, v in network_args.items()}
         self._dit = (dit,)
         kw = module_kwargs or {}
-        dims = {}  # network_reg_dims: first full match wins, 0 skips the module; alpha stays global
+        specs = {}  # network_reg_dims: first full match wins, 0 skips the module; alpha stays global
         for p in targets:
             d = first_match(parsed["network_reg_dims"], p)
-            dims[p] = dim if d is None else d
-        targets = {p: m for p, m in targets.items() if dims[p] > 0}
+            specs[p] = module_specs[p] if module_specs is not None else (dim if d is None else d, alpha, {})
+        targets = {p: m for p, m in targets.items() if specs[p][0] > 0}
         if not targets:
             raise NetworkError("no DiT module left: network_reg_dims gives dim 0 to every target")
-        self.lora_modules = nn.ModuleList(module_cls(p, m, dims[p], alpha, dropout, **kw) for p, m in targets.items())
+        self.lora_modules = nn.ModuleList(module_cls(p, m, specs[p][0], specs[p][1], dropout, **{**kw, **specs[p][2]})
+                                          for p, m in targets.items())
         self.modules_by_name: dict[str, AdapterModule] = {m.path: m for m in self.lora_modules}
         for m in self.lora_modules:
             m.rank_dropout, m.module_dropout = parsed["rank_dropout"], parsed["module_dropout"]
@@ -229,7 +247,7 @@ class AdapterNetwork(nn.Module):
         plus = f" (up ×{self.loraplus_lr_ratio:g})" if self.loraplus_lr_ratio is not None else ""
         for p, m in self.modules_by_name.items():
             lr = f"{self.reg_lrs[p]:g}" if p in self.reg_lrs else "base"
-            rows.append((p, self.algo, m.dim, self.alpha, lr + plus))
+            rows.append((p, self.algo, m.dim, float(m.alpha), lr + plus))
         return rows
 
     def log_targets(self) -> None:
@@ -302,17 +320,24 @@ class AdapterNetwork(nn.Module):
         return groups
 
     # ----------------------------------------------------------------------------------------- files --
-    def state_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The tensors `save` writes, ComfyUI-native names; weights in `dtype` (default fp32), alpha fp32."""
+    def state_tensors(self, dtype: torch.dtype | None = None, save_format: str = "comfy") -> dict[str, torch.Tensor]:
+        """The tensors `save` writes: weights in `dtype` (default fp32), alpha fp32; names ComfyUI-native
+        (`diffusion_model.<path>`) or, with save_format="kohya", `lora_unet_<path with _>`."""
+        if save_format not in SAVE_FORMATS:
+            raise NetworkError(f"save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
         dtype = dtype or torch.float32
+
+        def name(path: str) -> str:
+            return COMFY_PREFIX + path if save_format == "comfy" else KOHYA_PREFIX + path.replace(".", "_")
+
         out = {}
         for m in self.lora_modules:
-            key = COMFY_PREFIX + m.path
+            key = name(m.path)
             for suffix, p in m.tensors().items():
                 out[key + suffix] = p.detach().to("cpu", dtype).contiguous()
             out[key + ".alpha"] = m.alpha.detach().to("cpu", torch.float32).clone()
         for m in self.norm_modules:
-            out[COMFY_PREFIX + m.path + ".w_norm"] = (m.weight.detach() - m.base).to("cpu", dtype).contiguous()
+            out[name(m.path) + ".w_norm"] = (m.weight.detach() - m.base).to("cpu", dtype).contiguous()
         return out
 
     def metadata(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -326,19 +351,25 @@ class AdapterNetwork(nn.Module):
         meta.setdefault("ss_network_module", self.module_cls.NETWORK_MODULE)
         if self.network_args:
             meta.setdefault("ss_network_args", json.dumps(self.network_args, sort_keys=True))
-        meta.update({"ss_network_dim": str(self.dim), "ss_network_alpha": str(self.alpha),
+        # kohya's resize_lora convention: "Dynamic" when the modules' ranks (alphas) differ
+        dims = {m.dim for m in self.lora_modules}
+        alphas = {float(m.alpha) for m in self.lora_modules}
+        meta.update({"ss_network_dim": str(dims.pop()) if len(dims) == 1 else "Dynamic",
+                     "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
                      "anima_trainer_version": anima_trainer.__version__})
         return meta
 
     def save(self, path: str | Path, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
-             overwrite: bool = False) -> Path:
-        """Atomic write; the file is checked against ComfyUI's key rules before it takes `path`'s name."""
+             overwrite: bool = False, save_format: str = "comfy") -> Path:
+        """Atomic write; the file is checked against ComfyUI's key rules before it takes `path`'s name.
+
+        save_format: "comfy" (`diffusion_model.*`, default) or "kohya" (`lora_unet_*`); both load in ComfyUI."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise NetworkError(f"{path}: network files are .safetensors")
         check_writable(path, overwrite)
         tmp = path.with_name(f".{path.name}.check.tmp")
-        atomic_save(self.state_tensors(dtype), tmp, self.metadata(metadata))
+        atomic_save(self.state_tensors(dtype, save_format), tmp, self.metadata(metadata))
         try:
             check_comfy_keys(tmp, self._dit[0])
             check_writable(path, overwrite)
@@ -349,16 +380,11 @@ class AdapterNetwork(nn.Module):
         return path
 
     def load_weights(self, path: str | Path) -> None:
-        """Load our (`diffusion_model.*`) or kohya (`lora_unet_*`) file of this algorithm and layout, strictly."""
+        """Load a file of this algorithm and layout, strictly: ComfyUI (`diffusion_model.*`), kohya
+        (`lora_unet_*`) or PEFT/diffusers names (converted first, networks/convert.py)."""
         path = Path(path)
-        if not path.is_file():
-            raise NetworkError(f"network weights {path} do not exist")
-        with safe_open(str(path), "pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-        names: dict[str, str] = {}
-        for p in [*self.modules_by_name, *self.norms_by_name]:
-            names[COMFY_PREFIX + p] = p
-            names[KOHYA_PREFIX + p.replace(".", "_")] = p
+        sd = read_comfy_named(path, self._dit[0])
+        names = {COMFY_PREFIX + p: p for p in [*self.modules_by_name, *self.norms_by_name]}
         suffixes: dict[str, str] = {".alpha": ".alpha"}
         suffixes.update({s: s for s in self.module_cls.SUFFIXES})
         suffixes.update(self.module_cls.LOAD_ALIASES)
@@ -395,7 +421,7 @@ class AdapterNetwork(nn.Module):
             raise NetworkError(f"{path}: train_norm is on but the file has no .w_norm for {len(missing)} norm(s): "
                                f"{missing[:8]} (train without train_norm to load a file without norms)")
         for p, m in self.modules_by_name.items():
-            m.check_file(found[p], path, self.alpha)
+            m.check_file(found[p], path, float(m.alpha))
         for p, m in self.norms_by_name.items():
             w = found[p][".w_norm"][1]
             if tuple(w.shape) != tuple(m.weight.shape):

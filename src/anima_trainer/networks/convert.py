@@ -167,8 +167,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: st
         else:
             parsed[key] = hit
     if unknown:
-        raise NetworkError(f"{len(unknown)} key(s) name no module of this DiT (or an unknown suffix); nothing "
-                           f"written: {sorted(unknown)[:10]}{' ...' if len(unknown) > 10 else ''} "
+        raise NetworkError(f"{len(unknown)} key(s) name no module of this DiT (or an unknown suffix): "
+                           f"{sorted(unknown)[:10]}{' ...' if len(unknown) > 10 else ''} "
                            "(a different model size? pass --dit with the base checkpoint)")
     meta = dict(meta)
     ab_modules = set(json.loads(meta.pop(LORA_AB_META, "[]"))) if to == "comfy" else set()
@@ -206,6 +206,15 @@ def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: st
     return out, meta
 
 
+def read_comfy_named(path: str | Path, dit: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file in any supported naming, renamed to ComfyUI names for `dit`."""
+    sd, meta = read_network(path)
+    try:
+        return convert_state_dict(sd, meta, "comfy", ModuleTable.from_dit(dit))[0]
+    except NetworkError as e:
+        raise NetworkError(f"{path}: {e}") from e
+
+
 def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module | None = None,
                     overwrite: bool = False) -> dict:
     """Convert one file; returns {"keys": n, "written": path}.  ComfyUI output is checked with check_comfy_keys."""
@@ -215,7 +224,10 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
         raise NetworkError(f"{dst}: output and input are the same file; choose another output name")
     dit = dit if dit is not None else build_meta_dit()
     sd, meta = read_network(src)
-    out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit))
+    try:
+        out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit))
+    except NetworkError as e:
+        raise NetworkError(f"{e}; nothing written") from e
     check_comfy_keys(list(out), dit)  # both spellings must still load in ComfyUI; before anything is written
     check_writable(dst, overwrite)
     atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta)

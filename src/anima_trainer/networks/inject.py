@@ -5,6 +5,9 @@ class is a DiT `Block`, `PatchEmbed`, `TimestepEmbedding` or `FinalLayer` (plus 
 with `train_llm_adapter`) take every `nn.Linear` inside it; drop those whose dotted path full-matches an
 exclude regex (the built-in one always applies, `exclude_patterns` add to it) unless it full-matches an
 `include_patterns` regex.  Defaults: 10 Linear per block (self/cross attention q/k/v/output_proj, mlp).
+Named options add the excluded groups back (as include patterns, so they win over exclude_patterns too):
+`train_adaln` the blocks' adaLN modulation Linears (6 per block), `train_final_layer` the final layer's
+Linear and its adaLN modulation, `train_embedders` the patch embedding and the timestep MLP.
 
 Injection is kohya style: the target Linear's `forward` is replaced by the adapter module's forward, which
 calls the original.  The module tree and parameter names (= checkpoint keys) never change; `restore`
@@ -26,9 +29,15 @@ from anima_trainer.networks.formats import NetworkError
 DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
 DIT_TARGET_CLASSES = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
 ADAPTER_TARGET_CLASSES = ("AdapterBlock",)
+# named optional target groups → the module paths they add (full match)
+OPTIONAL_TARGETS = {
+    "train_adaln": r"blocks\.\d+\.adaln_modulation_(self_attn|cross_attn|mlp)\.\d+",
+    "train_final_layer": r"final_layer\.(linear|adaln_modulation\.\d+)",
+    "train_embedders": r"(x_embedder\.proj|t_embedder)\.\d+(\.linear_\d+)?",
+}
 KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", "train_norm", "rank_dropout",
               "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "network_reg_dims",
-              "network_reg_lrs", "verbose")
+              "network_reg_lrs", "verbose", *OPTIONAL_TARGETS)
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -129,7 +138,8 @@ def check_network_args(network_args: dict[str, Any], algo: str = "lora",
               for k in ("loraplus_unet_lr_ratio", "loraplus_lr_ratio")]
     return {
         "train_norm": parse_bool("train_norm", network_args.get("train_norm", False)),
-        "include_patterns": parse_patterns("include_patterns", network_args.get("include_patterns")),
+        "include_patterns": parse_patterns("include_patterns", network_args.get("include_patterns")) + [
+            re.compile(OPTIONAL_TARGETS[k]) for k in OPTIONAL_TARGETS if parse_bool(k, network_args.get(k, False))],
         "exclude_patterns": parse_patterns("exclude_patterns", network_args.get("exclude_patterns")),
         "train_llm_adapter": parse_bool("train_llm_adapter", network_args.get("train_llm_adapter", False)),
         "rank_dropout": parse_float("rank_dropout", network_args.get("rank_dropout", 0.0), 0.0, 1.0),

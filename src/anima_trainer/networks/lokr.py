@@ -58,17 +58,28 @@ class LoKrModule(AdapterModule):
     PLUS_SUFFIXES: ClassVar[tuple[str, ...]] = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b")  # kohya: LoRA+ on w1
 
     def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None,
-                 factor: int = -1, full_matrix: bool = False, decompose_both: bool = False) -> None:
+                 factor: int = -1, full_matrix: bool = False, decompose_both: bool = False,
+                 layout: tuple[tuple[int, int], bool, bool, int] | None = None) -> None:
+        """`layout` = (w1 shape, w1 decomposed, w2 decomposed, w1 rank) overrides the rules (a file's layout)."""
         super().__init__(path, org, dim, alpha, dropout)
-        out_l, out_k = factorization(self.out_features, factor)
-        in_m, in_n = factorization(self.in_features, factor)
-        self.w1_decomposed = decompose_both and dim < max(out_l, in_m) / 2
-        self.w2_decomposed = not full_matrix and dim < max(out_k, in_n) / 2
+        if layout is None:
+            out_l, out_k = factorization(self.out_features, factor)
+            in_m, in_n = factorization(self.in_features, factor)
+            self.w1_decomposed = decompose_both and dim < max(out_l, in_m) / 2
+            self.w2_decomposed = not full_matrix and dim < max(out_k, in_n) / 2
+            w1_rank = dim
+        else:
+            (out_l, in_m), self.w1_decomposed, self.w2_decomposed, w1_rank = layout
+            if self.out_features % out_l or self.in_features % in_m:
+                raise NetworkError(f"module {path}: lokr_w1 shape {(out_l, in_m)} does not divide "
+                                   f"({self.out_features}, {self.in_features})")
+            out_k, in_n = self.out_features // out_l, self.in_features // in_m
+
         def kaiming(p: nn.Parameter) -> None:
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
         if self.w1_decomposed:
-            self.lokr_w1_a, self.lokr_w1_b = self.new_param(out_l, dim), self.new_param(dim, in_m)
+            self.lokr_w1_a, self.lokr_w1_b = self.new_param(out_l, w1_rank), self.new_param(w1_rank, in_m)
             kaiming(self.lokr_w1_a)
             kaiming(self.lokr_w1_b)
         else:
@@ -82,7 +93,11 @@ class LoKrModule(AdapterModule):
             self.lokr_w2 = self.new_param(out_k, in_n)
             nn.init.zeros_(self.lokr_w2)
         # ComfyUI: alpha / rank of the decomposed factor (w2 first); both full → alpha ignored, scale 1
-        self.scale = float(alpha) / dim if self.alpha_matters else 1.0
+        self.scale = float(alpha) / self.rank if self.alpha_matters else 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.dim if self.w2_decomposed or not self.w1_decomposed else self.lokr_w1_b.shape[0]
 
     @property
     def alpha_matters(self) -> bool:

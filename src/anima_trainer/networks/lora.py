@@ -5,6 +5,13 @@ autocast and non-reentrant checkpointing all work.  `down` is Kaiming-uniform (a
 network starts as the identity.  Files use ComfyUI's native names (`diffusion_model.<path>.lora_down.weight`
 [r, in], `.lora_up.weight` [out, r], `.alpha` fp32 scalar); kohya's `lora_unet_<path_>` files load too.
 Injection, targets, norms (train_norm), save/load: `networks/base.py`.
+
+DoRA (`dora_wd=true`): input-axis weight decomposition, the only form ComfyUI reproduces
+(docs/comfyui_formats.md §3): W' = Wc · m / ‖Wc[:, j]‖ with Wc = W + (alpha/dim)·up@down and a trained
+magnitude `dora_scale` [1, in] (fp32, initialised to the column norms of W, so W' = W at start).  The branch
+adds W' − W (materialised in fp32 per forward, norms differentiated exactly); at multiplier m the result is
+W + m·(W' − W), which is ComfyUI's rule for a DoRA file at strength m.  network_dropout then drops the branch
+input and rank_dropout masks output rows of W' − W (the shared rule in base.py).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import nn
 
 from anima_trainer.networks.base import AdapterModule, AdapterNetwork, create_network
 from anima_trainer.networks.formats import NetworkError
+from anima_trainer.networks.inject import parse_bool
 
 NETWORK_MODULE = "anima_trainer.networks.lora"
 LoRANetwork = AdapterNetwork  # the network class is shared by every algorithm
@@ -30,23 +38,33 @@ class LoRAModule(AdapterModule):
     """The low-rank branch for one Linear; hooked into the Linear's forward by `inject()`."""
 
     NETWORK_MODULE = NETWORK_MODULE
-    SUFFIXES: ClassVar[tuple[str, ...]] = (".lora_down.weight", ".lora_up.weight")
+    SUFFIXES: ClassVar[tuple[str, ...]] = (".lora_down.weight", ".lora_up.weight", ".dora_scale")
     # lora_A/lora_B is what kohya's ComfyUI converter writes
     LOAD_ALIASES: ClassVar[dict[str, str]] = {".lora_A.weight": ".lora_down.weight",
                                               ".lora_B.weight": ".lora_up.weight"}
     PLUS_SUFFIXES: ClassVar[tuple[str, ...]] = (".lora_up.weight",)
 
-    def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None) -> None:
+    def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None,
+                 dora_wd: bool = False) -> None:
         super().__init__(path, org, dim, alpha, dropout)
         self.lora_down = nn.Linear(self.in_features, dim, bias=False, device=self.device, dtype=torch.float32)
         self.lora_up = nn.Linear(dim, self.out_features, bias=False, device=self.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+        self.dora_wd = dora_wd
+        if dora_wd:  # magnitude per input column, + ComfyUI's eps so that W' = W at start
+            norm = org.weight.detach().to(torch.float32).norm(dim=0, keepdim=True)
+            self.dora_scale = nn.Parameter(norm + torch.finfo(torch.float32).eps)
 
     def tensors(self) -> dict[str, nn.Parameter]:
-        return {".lora_down.weight": self.lora_down.weight, ".lora_up.weight": self.lora_up.weight}
+        out = {".lora_down.weight": self.lora_down.weight, ".lora_up.weight": self.lora_up.weight}
+        if self.dora_wd:
+            out[".dora_scale"] = self.dora_scale
+        return out
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:  # factored: never materialises ΔW
+    def branch(self, x: torch.Tensor) -> torch.Tensor:  # factored: never materialises ΔW (except DoRA)
+        if self.dora_wd:
+            return super().branch(x)
         lx = F.linear(x, self.lora_down.weight.to(x.dtype))
         if self.dropout and self.training:
             lx = F.dropout(lx, p=self.dropout)
@@ -61,11 +79,17 @@ class LoRAModule(AdapterModule):
         return F.linear(lx, self.lora_up.weight.to(lx.dtype)) * scale
 
     def delta_weight(self) -> torch.Tensor:
-        """alpha/dim · up @ down in fp32 (what a merge adds to W at multiplier 1)."""
-        return self.scale * (self.lora_up.weight @ self.lora_down.weight)
+        """alpha/dim · up @ down in fp32 (what a merge adds to W at multiplier 1); with DoRA W' − W."""
+        dw = self.scale * (self.lora_up.weight @ self.lora_down.weight)
+        if not self.dora_wd:
+            return dw
+        w = self._org[0].weight.to(torch.float32)
+        merged = w + dw
+        norm = merged.norm(dim=0, keepdim=True) + torch.finfo(torch.float32).eps  # ComfyUI's eps
+        return merged * (self.dora_scale / norm) - w
 
     def check_file(self, slot: dict[str, tuple[str, torch.Tensor]], path: Path, net_alpha: float) -> None:
-        if not set(self.SUFFIXES) <= set(slot):
+        if not {".lora_down.weight", ".lora_up.weight"} <= set(slot):
             raise NetworkError(f"{path}: module {self.path}: no lora_down/lora_up weights (has {sorted(slot)})")
         down, up = slot[".lora_down.weight"][1], slot[".lora_up.weight"][1]
         if down.dim() != 2 or up.dim() != 2 or down.shape[1] != self.in_features or up.shape[0] != self.out_features:
@@ -78,4 +102,6 @@ class LoRAModule(AdapterModule):
 
 
 def build(dit: nn.Module, dim: int, alpha: float, dropout: float | None, args: dict[str, Any]) -> AdapterNetwork:
-    return AdapterNetwork(dit, LoRAModule, dim, alpha, dropout, args, algo="lora")
+    kw = {"dora_wd": parse_bool("dora_wd", args.get("dora_wd", False))}
+    return AdapterNetwork(dit, LoRAModule, dim, alpha, dropout, args, algo="lora", module_kwargs=kw,
+                          extra_known=("dora_wd",))

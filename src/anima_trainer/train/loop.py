@@ -237,6 +237,25 @@ def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainC
                      weighting_scheme=cfg.weighting_scheme, mask=mask, sample_weights=sample_weights)
 
 
+def build_network(cfg: TrainConfig, dit):
+    """The network to train: configured (optionally initialised from network_weights), or with
+    dim_from_weights exactly the network of that file."""
+    from anima_trainer.networks import create_network, create_network_from_weights
+
+    if cfg.dim_from_weights:
+        network = create_network_from_weights(dit, cfg.network_weights, dropout=cfg.network_dropout,
+                                              **cfg.network_args)
+        if network.algo != cfg.network_module:
+            raise ConfigError(f"dim_from_weights: {cfg.network_weights} is a {network.algo} network but "
+                              f"network_module is {cfg.network_module}")
+        return network
+    network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
+                             dropout=cfg.network_dropout, **cfg.network_args)
+    if cfg.network_weights:
+        network.load_weights(cfg.network_weights)
+    return network
+
+
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
     """(max_train_steps, epochs); `max_train_epochs` overrides `max_train_steps` as in kohya."""
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
@@ -281,7 +300,6 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     from accelerate import Accelerator
 
     from anima_trainer.data import build_dataset, load_dataset_config
-    from anima_trainer.networks import create_network
 
     plan = SavePlan(Path(cfg.output_dir), cfg.output_name, every_n_steps=cfg.save_every_n_steps,
                     every_n_epochs=cfg.save_every_n_epochs, keep_last_n_steps=cfg.save_last_n_steps,
@@ -301,10 +319,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     models = load_models(cfg, device, dtype)
     dit = models.dit
     dit.gradient_checkpointing = cfg.gradient_checkpointing
-    network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
-                             dropout=cfg.network_dropout, **cfg.network_args)
-    if cfg.network_weights:
-        network.load_weights(cfg.network_weights)
+    network = build_network(cfg, dit)
     network.to(device)
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     max_steps, epochs = total_steps(cfg, len(dataset))
@@ -384,20 +399,23 @@ def run_training(cfg: TrainConfig) -> TrainRun:
                 preview(f"{step:06d}")
             if plan.due_at_step(step) and step < max_steps:
                 path = network.save(plan.step_path(step), metadata=meta(epoch), dtype=save_dtype,
-                                    overwrite=cfg.overwrite)
+                                    overwrite=cfg.overwrite,
+                                    save_format=cfg.save_format)
                 plan.record_step(step, path)
             if step >= max_steps:
                 break
         if plan.due_at_epoch(epoch) and epoch < epochs and step < max_steps:
             path = network.save(plan.epoch_path(epoch), metadata=meta(epoch), dtype=save_dtype,
-                                overwrite=cfg.overwrite)
+                                overwrite=cfg.overwrite,
+                                    save_format=cfg.save_format)
             plan.record_epoch(epoch, path)
         if previews and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             preview(f"e{epoch:06d}")
         if step >= max_steps:
             break
     bar.close()
-    final = network.save(plan.final_path, metadata=meta(epoch), dtype=save_dtype, overwrite=cfg.overwrite)
+    final = network.save(plan.final_path, metadata=meta(epoch), dtype=save_dtype, overwrite=cfg.overwrite,
+                                    save_format=cfg.save_format)
     if cfg.log_with:
         accelerator.end_training()
     log.info("saved %s", final)
