@@ -1,0 +1,307 @@
+"""Benchmark: one LoRA training step exactly as `anima_trainer.train.loop.run_training` runs it → JSON.
+
+One step is the loop's own code path, called here, not re-implemented:
+
+    loss = training_step(dit, latents, context, cfg, generator, mask, weights)   # noise, σ, DiT + LoRA, loss
+    scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+    scaler.unscale_(optimizer); clip_grad_norm_(params, cfg.max_grad_norm)
+    scaler.step(optimizer); scaler.update(); scheduler.step()
+    optimizer.zero_grad(set_to_none=True); loss.item()
+
+with the DiT (random weights, frozen, built straight on the device), `create_network` (LoRA on the default
+targets), `build_optimizer` (AdamW, fused on CUDA) and `build_scheduler` as in the loop.  Inputs are what a
+cached run feeds the step: fp32 latents [B, 16, 1, H/8, W/8] and an adapter context [B, 512, crossattn_dim]
+in the model dtype (a cached or frozen LLM adapter: no text encoder, VAE or data loading is timed).
+
+Timing: CUDA events around every step (CPU: time.perf_counter); the first `--warmup` steps are left out of
+the statistics and the very first step is reported alone (`first_step_ms`: kernel selection, optimizer state
+allocation).  Peak memory is torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps
+(weights included).  MFU uses bench/dit_step.py's FLOP count of a frozen-base LoRA step,
+2 × linear + 3 × attention forward FLOPs (LoRA's own rank-r matmuls and gradient-checkpointing recompute are
+not counted; `hfu` adds the recomputed forward), against dit_step.peak_tflops (dense bf16/fp16 peak).
+
+Usage:  python bench/train_step.py --config 2b --resolution 1024 --batch 1 [--grad_ckpt] [--steps 20 --warmup 3]
+        python bench/train_step.py --table --json-out out/train_step.json      # the standard table, one process
+        python bench/train_step.py --config tiny --resolution 128 --batch 1 --steps 2 --warmup 1   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from anima_trainer.config import TrainConfig
+from anima_trainer.models.dit import AnimaDiT
+from anima_trainer.networks import create_network
+from anima_trainer.train.loop import WEIGHT_DTYPES, training_step
+from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
+
+try:  # run as a script: bench/ is sys.path[0]
+    from dit_step import CONFIGS, CONTEXT_ROWS, forward_flops, peak_tflops
+except ImportError:  # imported as bench.train_step from the repository root
+    from bench.dit_step import CONFIGS, CONTEXT_ROWS, forward_flops, peak_tflops
+
+REPO = Path(__file__).resolve().parent.parent
+# (resolution, batch, gradient checkpointing): the standard table, run in this order by --table
+TABLE = [(1024, 1, False), (1024, 1, True), (1024, 4, False), (1024, 4, True), (512, 4, False)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # TrainConfig.mixed_precision per dtype
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+def git_commit() -> dict:
+    """{"commit": short hash or None, "dirty": bool or None}; ANIMA_BENCH_COMMIT overrides (a copy of the
+    tree without .git, e.g. on a lent GPU machine)."""
+    if os.environ.get("ANIMA_BENCH_COMMIT"):
+        return {"commit": os.environ["ANIMA_BENCH_COMMIT"], "dirty": None}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return {"commit": head or None, "dirty": bool(status.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        **git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "python": sys.version.split()[0],
+    }
+
+
+def train_config(args: argparse.Namespace, dtype_name: str, grad_ckpt: bool) -> TrainConfig:
+    """A validated TrainConfig with the loop's defaults (timestep sampling, loss, clipping, AdamW, constant
+    lr); the model/data paths are placeholders that the step never reads."""
+    unused = Path("unused-by-bench")
+    return TrainConfig(pretrained_model_name_or_path=unused / "dit.safetensors", qwen3=unused / "qwen3.safetensors",
+                       vae=unused / "vae.safetensors", output_dir=unused, dataset_config=unused / "dataset.toml",
+                       network_module="lora", network_dim=args.rank,
+                       network_alpha=float(args.alpha if args.alpha is not None else args.rank),
+                       learning_rate=args.lr, mixed_precision=MIXED_PRECISION[dtype_name],
+                       gradient_checkpointing=grad_ckpt, max_train_steps=args.warmup + args.steps, seed=args.seed)
+
+
+def build_dit(name: str, device: torch.device, dtype: torch.dtype) -> AnimaDiT:
+    """Random (default-initialised) weights built directly on the device, cast, frozen."""
+    with torch.device(device):
+        dit = AnimaDiT(CONFIGS[name])
+    return dit.to(dtype).requires_grad_(False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, resolution: int, batch: int,
+               grad_ckpt: bool) -> dict:
+    """Set up one (resolution, batch, checkpointing) case as `run_training` does and time its steps."""
+    dtype = DTYPES[dtype_name]
+    cfg = train_config(args, dtype_name, grad_ckpt)
+    assert WEIGHT_DTYPES[cfg.mixed_precision] == dtype
+    torch.manual_seed(args.seed)
+    dit = build_dit(args.config, device, dtype)
+    dit.gradient_checkpointing = cfg.gradient_checkpointing
+    network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
+                             dropout=cfg.network_dropout, **cfg.network_args)
+    network.to(device)
+    lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+    max_steps = cfg.max_train_steps
+    optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, resolve_warmup(cfg.lr_warmup_steps, max_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    params = network.trainable_parameters()
+
+    c = dit.config
+    lat = resolution // 8
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    latents = torch.randn(batch, c.in_channels, 1, lat, lat, generator=gen).to(device)  # fp32, as cached
+    context = torch.randn(batch, CONTEXT_ROWS, c.crossattn_dim, generator=gen).to(device, dtype)
+
+    def step() -> float:
+        loss = training_step(dit, latents, context, cfg, generator, None, None)
+        scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+        scaler.unscale_(optimizer)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    cuda = device.type == "cuda"
+    _sync(device)
+    if cuda:
+        setup_gib = torch.cuda.memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    ms, wall_ms, losses = [], [], []
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step())  # ends in loss.item(): the step is complete on the device
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+        else:
+            losses.append(step())
+        wall_ms.append((time.perf_counter() - t0) * 1000)
+        if not cuda:
+            ms.append(wall_ms[-1])
+    timed = ms[args.warmup:] or ms
+    median = statistics.median(timed)
+
+    tokens = math.ceil(lat / c.patch_spatial) ** 2
+    f = forward_flops(c, tokens, CONTEXT_ROWS)
+    model_flop = (2 * f["linear"] + 3 * f["attention"]) * batch  # frozen-base LoRA step (dit_step.py)
+    hw_flop = model_flop + (f["linear"] + f["attention"]) * batch * grad_ckpt  # + the recomputed forward
+    peak = peak_tflops(device) if dtype != torch.float32 else None  # dense bf16/fp16 peak only
+    achieved = model_flop / (median / 1000) / 1e12
+    row = {
+        "config": args.config, "blocks": c.num_blocks, "width": c.model_channels, "resolution": resolution,
+        "batch": batch, "tokens": tokens, "grad_ckpt": grad_ckpt, "rank": cfg.network_dim,
+        "alpha": cfg.network_alpha, "dtype": dtype_name, "optimizer": type(optimizer).__name__,
+        "fused_adamw": bool(optimizer.defaults.get("fused")), "lora_modules": len(network.modules_by_name),
+        "lora_params": sum(p.numel() for p in params), "steps": args.steps, "warmup": args.warmup,
+        "first_step_ms": round(ms[0], 2), "ms_per_step_median": round(median, 2),
+        "ms_per_step_mean": round(statistics.fmean(timed), 2), "ms_per_step_min": round(min(timed), 2),
+        "ms_per_step_max": round(max(timed), 2), "wall_ms_per_step_median": round(statistics.median(
+            wall_ms[args.warmup:] or wall_ms), 2), "samples_per_s": round(batch / (median / 1000), 3),
+        "loss_first": losses[0], "loss_last": losses[-1], "loss_finite": all(math.isfinite(x) for x in losses),
+        "setup_memory_gib": round(setup_gib, 2) if cuda else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2) if cuda else None,
+        "tflop_per_step": round(model_flop / 1e12, 4), "achieved_tflops": round(achieved, 2),
+        "peak_tflops": peak, "mfu": round(achieved / peak, 4) if peak else None,
+        "hfu": round(hw_flop / (median / 1000) / 1e12 / peak, 4) if peak else None, "oom": False,
+    }
+    network.remove()
+    return row
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(args: argparse.Namespace, device: torch.device, dtype_name: str, resolution: int, batch: int,
+            grad_ckpt: bool, catch_oom: bool) -> dict:
+    """One case; with `catch_oom` a CUDA OOM becomes {"oom": true, ...} and the memory is freed for the next."""
+    case = {"config": args.config, "resolution": resolution, "batch": batch, "grad_ckpt": grad_ckpt,
+            "rank": args.rank, "dtype": dtype_name}
+    try:
+        row = run_config(args, device, dtype_name, resolution, batch, grad_ckpt)
+    except OOM_ERRORS as e:
+        if not catch_oom:
+            raise
+        row = {**case, "oom": True, "error": str(e).strip().splitlines()[0][:300] if str(e).strip() else "OOM"}
+    free_memory(device)  # the failed frames are gone with the except block: their tensors can be freed now
+    return row
+
+
+def config_label(r: dict) -> str:
+    return (f"{r['config']} {r['resolution']}px b{r['batch']} ckpt {'on' if r['grad_ckpt'] else 'off'} "
+            f"r{r['rank']} {r['dtype']}")
+
+
+def markdown_table(env: dict, rows: list[dict]) -> str:
+    """The README's Results columns, one line per case (OOM cases say so)."""
+    def fmt(v, spec: str = "") -> str:
+        return "–" if v is None else format(v, spec)
+
+    commit = f"{env['commit']}{'+dirty' if env.get('dirty') else ''}" if env["commit"] else "?"
+    lines = ["| date | commit | device | torch | config | ms/step | peak GiB | MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("oom"):
+            ms, mem, mfu = "OOM", "OOM", "–"
+        else:
+            ms = fmt(r["ms_per_step_median"], ".1f")
+            mem = fmt(r["peak_memory_gib"], ".2f")
+            mfu = "–" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {env['date']} | {commit} | {env['device']} | {env['torch']} | {config_label(r)} | {ms} "
+                     f"| {mem} | {mfu} |")
+    return "\n".join(lines)
+
+
+def write_json(path: str | None, env: dict, rows: list[dict], args: argparse.Namespace) -> None:
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".part")
+    tmp.write_text(json.dumps({"meta": {**env, "argv": sys.argv[1:], "args": vars(args)}, "results": rows},
+                              indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="2b", help="DiT size (dit_step.CONFIGS)")
+    p.add_argument("--resolution", type=int, default=1024, help="square image side in pixels (latent = /8)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (network_dim)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+    p.add_argument("--grad_ckpt", action="store_true", help="dit.gradient_checkpointing = True")
+    p.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one is reported alone)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="also write {meta, results} here (after every "
+                                                                     "case, so a cut-off run keeps what it measured)")
+    p.add_argument("--table", action="store_true",
+                   help="run the standard table " + ", ".join(f"({r},{b},{'on' if g else 'off'})" for r, b, g in TABLE)
+                        + " for --config in one process (--resolution/--batch/--grad_ckpt ignored), CUDA OOMs "
+                          "recorded, and print a markdown table at the end")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rank < 1 or args.resolution < 16:
+        p.error("need --steps >= 1, --warmup >= 0, --batch >= 1, --rank >= 1, --resolution >= 16")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    env = environment(device)
+    cases = TABLE if args.table else [(args.resolution, args.batch, args.grad_ckpt)]
+    rows = []
+    for resolution, batch, grad_ckpt in cases:
+        print(f"[train_step] {args.config} {resolution}px batch {batch} grad_ckpt {grad_ckpt} rank {args.rank} "
+              f"{dtype_name} on {env['device']}", file=sys.stderr, flush=True)
+        row = {**env, **measure(args, device, dtype_name, resolution, batch, grad_ckpt, catch_oom=args.table)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_json(args.json_out, env, rows, args)
+    if args.table:
+        print(markdown_table(env, rows), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""CPU smoke test of bench/train_step.py: the tiny DiT, a few steps of the real training step, a full JSON row.
+
+No timing is asserted (only that the numbers exist and are positive); the GPU table is run by hand
+(bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+FIELDS = ("date", "commit", "device", "torch", "config", "resolution", "batch", "tokens", "grad_ckpt", "rank",
+          "dtype", "steps", "warmup", "first_step_ms", "ms_per_step_median", "ms_per_step_mean", "samples_per_s",
+          "loss_first", "loss_last", "loss_finite", "peak_memory_gib", "peak_reserved_gib", "tflop_per_step",
+          "achieved_tflops", "peak_tflops", "mfu", "oom", "lora_modules", "lora_params")
+
+
+@pytest.fixture
+def train_step(monkeypatch):
+    """bench/train_step.py imported as the script sees itself (bench/ first on sys.path), on one CPU thread
+    (the tiny case needs no more, and a busy machine makes 2 threads much slower)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delitem(sys.modules, "train_step", raising=False)
+    import train_step
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield train_step
+    torch.set_num_threads(threads)
+
+
+SMOKE = ["--config", "tiny", "--resolution", "128", "--batch", "1", "--steps", "2", "--warmup", "1",
+         "--device", "cpu"]
+
+
+def test_one_case_on_cpu_writes_a_complete_row(train_step, tmp_path, capsys):
+    out = tmp_path / "res" / "train_step.json"
+    rows = train_step.main([*SMOKE, "--grad_ckpt", "--json-out", str(out)])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert printed == rows == saved["results"] and len(rows) == 1
+    row = rows[0]
+    assert all(k in row for k in FIELDS), [k for k in FIELDS if k not in row]
+    assert row["device"] == "cpu" and row["dtype"] == "fp32" and row["oom"] is False
+    assert row["config"] == "tiny" and row["resolution"] == 128 and row["tokens"] == 64 and row["grad_ckpt"]
+    assert row["rank"] == 32 and row["lora_modules"] > 0 and row["lora_params"] > 0
+    assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"]) and row["loss_finite"]
+    assert row["first_step_ms"] > 0 and row["ms_per_step_median"] > 0 and row["ms_per_step_mean"] > 0
+    assert row["tflop_per_step"] > 0
+    assert row["peak_memory_gib"] is None and row["mfu"] is None  # no memory or MFU numbers on the CPU
+    assert saved["meta"]["torch"] == torch.__version__
+
+
+def test_table_records_oom_and_goes_on(train_step, monkeypatch, capsys):
+    """--table runs every case in one process; an out-of-memory case becomes {"oom": true} and the rest run."""
+    monkeypatch.setattr(train_step, "TABLE", [(128, 1, False), (128, 2, True)])
+    real = train_step.run_config
+
+    def run_config(args, device, dtype_name, resolution, batch, grad_ckpt):
+        if batch == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(args, device, dtype_name, resolution, batch, grad_ckpt)
+
+    monkeypatch.setattr(train_step, "run_config", run_config)
+    rows = train_step.main([*SMOKE[:2], "--steps", "1", "--warmup", "0", "--device", "cpu", "--table"])
+    assert [r["oom"] for r in rows] == [False, True]
+    assert rows[1]["batch"] == 2 and "out of memory" in rows[1]["error"]
+    table = capsys.readouterr().out.split("| date | commit | device | torch | config | ms/step | peak GiB | MFU |")[1]
+    assert "tiny 128px b1 ckpt off r32 fp32" in table and "| OOM | OOM |" in table
