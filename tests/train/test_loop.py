@@ -63,7 +63,11 @@ def test_file_keys_metadata_and_intermediate_saves(setup, tmp_path):
                   "--save_precision", "bf16", "--output_name", "shapes", "--gradient_checkpointing", steps=12)
     run = run_training(cfg)
     out = tmp_path / "output"
-    assert sorted(p.name for p in out.iterdir()) == ["shapes-step00000008.safetensors", "shapes.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "shapes-step00000008.safetensors", "shapes.events.jsonl",
+                                                     "shapes.safetensors"]  # TensorBoard by default
+    assert list((out / "logs").glob("shapes_*/network_train/events.out.tfevents.*"))
+    events = [json.loads(line)["type"] for line in (out / "shapes.events.jsonl").read_text().splitlines()]
+    assert events[:2] == ["config", "start"] and events.count("save") == 3 and events[-1] == "end"  # steps 4, 8, final
     with safe_open(run.final_path, "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
         assert f.get_tensor("diffusion_model.blocks.0.self_attn.q_proj.lora_up.weight").dtype == torch.bfloat16

@@ -16,6 +16,11 @@ ALIASES: dict[str, str] = {
     "anima_timestep_sampling": "timestep_sampling",
     "anima_sigmoid_scale": "sigmoid_scale",
     "anima_flow_shift": "discrete_flow_shift",
+    # monitoring (seed_system.md §5); for the two ratios 0 means "the default", as in sd-scripts-anima
+    "anima_monitor_memory": "monitor_memory",
+    "anima_monitor_alert_policy": "monitor_alert_policy",
+    "anima_monitor_memory_warn_ratio": "memory_warn_ratio",
+    "anima_monitor_loss_spike_ratio": "loss_spike_ratio",
 }
 
 # sd-scripts-anima's `anima_timestep_sampling` values → kohya's `timestep_sampling` values.  Its `logit_normal`
@@ -28,8 +33,8 @@ SD_SCRIPTS_ANIMA_TIMESTEP_ALIASES = ("anima_timestep_sampling", "anima_sigmoid_s
 SD_SCRIPTS_ANIMA_TIMESTEP_DEFAULTS = {"timestep_sampling": "shift", "discrete_flow_shift": 3.0}
 
 # --- optimizers / schedulers / network modules ---------------------------------------------------------------
-IMPLEMENTED_OPTIMIZERS = {"adamw": "AdamW", "torch.optim.adamw": "AdamW", "torch.optim.adamw.adamw": "AdamW"}
-# kohya's `--optimizer_type` names (kohya_anima.md §1.3); matching is case-insensitive as in kohya.
+# kohya's `--optimizer_type` names (kohya_anima.md §1.3); matching is case-insensitive as in kohya.  All are
+# implemented (train/optim.py SPECS, which also takes torch.optim / pytorch_optimizer classes and module.Class).
 KOHYA_OPTIMIZERS = [
     "AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit", "PagedLion8bit",
     "SGDNesterov", "SGDNesterov8bit", "DAdaptation", "DAdaptAdamPreprint", "DAdaptAdaGrad", "DAdaptAdam",
@@ -42,14 +47,10 @@ OPTIMIZER_ALIASES = {
     "adamw_schedulefree": "AdamWScheduleFree",
     "sgd_schedulefree": "SGDScheduleFree",
 }
-# Keyword arguments of torch.optim.AdamW that `optimizer_args` may set (lr comes from learning_rate).
-ADAMW_ARGS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
-              "fused")
-
-IMPLEMENTED_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-KOHYA_SCHEDULERS = IMPLEMENTED_SCHEDULERS + (
-    "cosine_with_restarts", "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
-    "piecewise_constant", "adafactor",
+# kohya's `--lr_scheduler` names (all implemented in train/schedulers.py)
+KOHYA_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt",
+    "cosine_with_min_lr", "warmup_stable_decay", "piecewise_constant", "adafactor",
 )
 
 # network_module → our algorithm; "lycoris" means: take it from network_args algo (LyCORIS convention)
@@ -102,26 +103,19 @@ def _table() -> dict[str, tuple[tuple, str]]:
     add("disable_mmap_load_safetensors", OFF)
     add("blocks_to_swap", ("", 0))
     # §1.3 generic train_network flags
-    add("no_metadata output_config network_train_text_encoder_only persistent_data_loader_workers use_8bit_adam "
-        "use_lion_optimizer full_bf16 full_fp16 cpu_offload_checkpointing lowram highvram "
+    add("no_metadata output_config network_train_text_encoder_only persistent_data_loader_workers "
+        "full_bf16 full_fp16 cpu_offload_checkpointing lowram highvram "
         "skip_cache_check torch_compile deepspeed ddp_gradient_as_bucket_view "
-        "ddp_static_graph ip_noise_gamma_random_strength masked_loss alpha_mask save_state "
-        "save_state_on_train_end skip_until_initial_step save_state_to_huggingface resume_from_huggingface "
+        "ddp_static_graph ip_noise_gamma_random_strength masked_loss alpha_mask "
+        "skip_until_initial_step save_state_to_huggingface resume_from_huggingface "
         "async_upload log_config console_log_simple", OFF)
     add("training_comment metadata_title metadata_author metadata_description metadata_license metadata_tags "
         "metadata_trigger_phrase metadata_usage_hint metadata_thumbnail metadata_merged_from text_encoder_lr "
-        "scale_weight_norms base_weights base_weights_multiplier lr_scheduler_timescale lr_scheduler_min_lr_ratio "
-        "lr_scheduler_args ddp_timeout ip_noise_gamma save_n_epoch_ratio save_last_n_epochs_state "
-        "save_last_n_steps_state resume initial_epoch initial_step huggingface_repo_id log_tracker_name "
-        "log_tracker_config wandb_run_name wandb_api_key console_log_level console_log_file validation_seed "
-        "validate_every_n_steps validate_every_n_epochs max_validation_steps", UNSET)
-    add("lr_scheduler_type", ("",))
-    add("lr_decay_steps", (0,))
-    add("lr_scheduler_num_cycles lr_scheduler_power", (1,))
+        "scale_weight_norms base_weights base_weights_multiplier ddp_timeout ip_noise_gamma save_n_epoch_ratio "
+        "initial_epoch initial_step huggingface_repo_id console_log_level console_log_file", UNSET)
     add("zero_stage", (2,))
     add("huber_schedule", ("constant",))  # our huber_c is used as a constant (kohya's "constant" schedule)
     add("huber_scale", (1.0,))
-    add("validation_split", (0.0,))
     # dataset-on-CLI options (kohya_anima.md §1.3, §1.4)
     add("train_data_dir reg_data_dir in_json resolution skip_image_resolution", UNSET, _DATASET_HINT)
     add("enable_bucket bucket_no_upscale shuffle_caption color_aug random_crop flip_aug", OFF, _DATASET_HINT)
@@ -134,12 +128,9 @@ def _table() -> dict[str, tuple[tuple, str]]:
     # seed_system.md §1.2 (sd-scripts-anima)
     add("anima_seq_len", (512,))
     add("auto_download_t5_tokenizer t5_tokenizer_modelscope_fallback t5_tokenizer_validate_strict xfomers "
-        "train_norm anima_monitor_memory anima_resume_snapshot_strict resume_ignore_optimizer_mismatch "
-        "auto_start_tensorboard", OFF)
+        "train_norm anima_resume_snapshot_strict resume_ignore_optimizer_mismatch", OFF)
     add("t5_tokenizer_repo_id t5_tokenizer_subfolder t5_tokenizer_modelscope_repo_id "
-        "t5_tokenizer_modelscope_revision t5_tokenizer_modelscope_subfolder anima_monitor_alert_policy "
-        "anima_monitor_memory_warn_ratio anima_monitor_loss_spike_ratio tensorboard_host tensorboard_port "
-        "tensorboard_logdir", UNSET)
+        "t5_tokenizer_modelscope_revision t5_tokenizer_modelscope_subfolder", UNSET)
     add("anima_noise_offset", (0.0,))
     # network_train_unet_only: anima-trainer trains the DiT only, which is what `true` asks for
     add("network_train_unet_only", (True,), "anima-trainer trains the DiT only (network_train_unet_only = true); "

@@ -22,7 +22,7 @@ from anima_trainer.config import kohya_options as ko
 from anima_trainer.config.errors import ConfigError, did_you_mean
 from anima_trainer.config.train import TrainConfig, make_train_config
 
-_LIST_FIELDS = ("network_args", "optimizer_args")
+_LIST_FIELDS = ("network_args", "optimizer_args", "lr_scheduler_args")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,8 +37,10 @@ def _field_names() -> list[str]:
 def _add(parser: argparse.ArgumentParser, flag: str, field: str, help_text: str) -> None:
     info = TrainConfig.model_fields[field]
     kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": flag}
-    if info.annotation is bool:
-        kw["action"] = "store_true"
+    if info.annotation is bool:  # `--flag` is true; `--flag=false`, `--flag false` or `--no-flag` is false
+        kw.update(nargs="?", const="true", metavar="BOOL")
+        parser.add_argument(f"--no-{flag}", dest=flag, action="store_const", const="false", default=argparse.SUPPRESS,
+                            help=f"same as --{flag}=false")
     elif field in _LIST_FIELDS:
         kw.update(nargs="*", metavar="KEY=VALUE")
     else:

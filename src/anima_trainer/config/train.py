@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,11 +21,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticUseDefault
 
 from anima_trainer.config import kohya_options as ko
 from anima_trainer.config.errors import ConfigError, did_you_mean
 
 _NONNEG = {"ge": 0}
+_log = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
@@ -48,6 +51,14 @@ class TrainConfig(BaseModel):
     save_last_n_steps: int | None = Field(None, ge=1, description="keep step saves of the last N steps only")
     save_last_n_epochs: int | None = Field(None, ge=1, description="keep the last N epoch saves only")
     overwrite: bool = Field(False, description="replace existing output files (anima-trainer option)")
+    # training states (exact resume)
+    save_state: bool = Field(False, description="also save a training state folder with every network save")
+    save_state_on_train_end: bool = Field(False, description="save a training state when training ends")
+    save_last_n_steps_state: int | None = Field(None, ge=1, description="keep step states of the last N steps")
+    save_last_n_epochs_state: int | None = Field(None, ge=1, description="keep the last N epoch states")
+    resume: str | None = Field(None, description="a state folder, or 'latest' (newest state of output_name)")
+    resume_snapshot_strict: bool = Field(True, description="changed critical settings on resume: error (true) "
+                                                           "or warning (false)")
     # network
     network_module: Literal["lora", "lokr", "loha", "lycoris"] = Field(
         "lora", description="networks.lora_anima (= lora), networks.lokr (= lokr), networks.loha (= loha), "
@@ -66,10 +77,28 @@ class TrainConfig(BaseModel):
     # optimisation
     learning_rate: float = Field(2e-6, gt=0, description="base learning rate (kohya default 2e-6)")
     unet_lr: float | None = Field(None, gt=0, description="learning rate of the DiT LoRA (default: learning_rate)")
-    optimizer_type: Literal["AdamW"] = Field("AdamW", description="optimizer (AdamW)")
+    optimizer_type: str = Field("AdamW", description="kohya name (AdamW, AdamW8bit, Lion, Prodigy, AdaFactor, "
+                                                     "RAdamScheduleFree, ...), a torch.optim or pytorch_optimizer "
+                                                     "class, or module.Class")
     optimizer_args: dict[str, Any] = Field(default_factory=dict, description="key=value ... for the optimizer")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    use_8bit_adam: bool = Field(False, description="kohya's legacy flag: optimizer_type AdamW8bit")
+    use_lion_optimizer: bool = Field(False, description="kohya's legacy flag: optimizer_type Lion")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+                          "piecewise_constant", "adafactor"] = "constant"
     lr_warmup_steps: int | float = Field(0, description="warm-up steps, or a fraction < 1 of all steps")
+    lr_decay_steps: int | float = Field(0, description="warmup_stable_decay: decay steps, or a fraction < 1")
+    lr_scheduler_num_cycles: float = Field(0.5, gt=0, description="cosine periods over the decay (0.5 = one "
+                                                                  "descent to the minimum at the last step)")
+    lr_scheduler_power: float = Field(1.0, gt=0, description="polynomial: exponent of the decay")
+    lr_scheduler_min_lr_ratio: float = Field(0.0, ge=0, le=1, description="end lr / lr (cosine_with_min_lr, "
+                                                                          "warmup_stable_decay, polynomial)")
+    lr_scheduler_timescale: int | None = Field(None, ge=1, description="inverse_sqrt (default: warm-up steps, "
+                                                                       "else 10000)")
+    lr_scheduler_type: str | None = Field(None, description="a torch.optim.lr_scheduler class or module.Class "
+                                                            "(replaces lr_scheduler)")
+    lr_scheduler_args: dict[str, Any] = Field(default_factory=dict, description="key=value ... for "
+                                              "lr_scheduler_type, or step_rules for piecewise_constant")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = off)")
     max_train_steps: int = Field(1600, ge=1)
     max_train_epochs: int | None = Field(None, ge=1, description="overrides max_train_steps")
@@ -91,13 +120,41 @@ class TrainConfig(BaseModel):
     huber_c: float = Field(0.1, gt=0)
     # data / logging / sampling
     dataset_config: Path = Field(description="kohya dataset TOML")
-    logging_dir: Path | None = None
-    log_with: Literal["tensorboard", "wandb", "all"] | None = None
-    log_prefix: str | None = None
+    logging_dir: Path | None = Field(None, description="tracker folder (default with TensorBoard: <output_dir>/logs)")
+    log_with: Literal["tensorboard", "wandb", "all", "none"] | None = Field(
+        None, description="trackers (default: tensorboard when installed; none = off)")
+    log_prefix: str | None = Field(None, description="run folder prefix (default: <output_name>_)")
+    # monitoring / logging (train/monitor.py, events.py, tracking.py)
+    log_every_n_steps: int = Field(1, ge=1, description="scalars every N optimizer steps (reads the loss then)")
+    log_tracker_name: str | None = Field(None, description="tracker project name (default: network_train)")
+    log_tracker_config: Path | None = Field(None, description="TOML of tracker init arguments ([wandb] ...)")
+    wandb_run_name: str | None = Field(None, description="wandb run name (default: the run folder name)")
+    wandb_api_key: str | None = Field(None, repr=False, description="wandb login key (never written to logs)")
+    auto_start_tensorboard: bool = Field(False, description="serve the logs with TensorBoard during the run")
+    tensorboard_host: str = Field("127.0.0.1", min_length=1)
+    tensorboard_port: int = Field(6006, ge=0, le=65535, description="first port tried (+20 more; 0 = any)")
+    tensorboard_logdir: Path | None = Field(None, description="folder served (default: logging_dir)")
+    monitor_memory: bool = Field(True, description="log CUDA memory (gpu/*) and check memory_warn_ratio")
+    monitor_alert_policy: Literal["warn", "raise"] = Field("warn", description="raise: stop on memory_near_limit")
+    nonfinite_loss_policy: Literal["warn", "raise", "skip_step"] | None = Field(
+        None, description="NaN/Inf loss or grad norm (default: skip_step; raise when monitor_alert_policy = raise)")
+    max_consecutive_nonfinite: int = Field(5, ge=1, description="skip_step: stop after N non-finite steps in a row")
+    loss_spike_ratio: float = Field(3.0, gt=1, description="alert when loss > ratio × recent median (0 = default)")
+    memory_warn_ratio: float = Field(0.95, gt=0, le=1, description="alert when peak allocated / card memory >= "
+                                                                   "ratio (0 = default)")
     sample_every_n_steps: int | None = Field(None, ge=1)
     sample_every_n_epochs: int | None = Field(None, ge=1)
     sample_prompts: Path | None = None
     sample_at_first: bool = False
+    # validation loss on held-out images (train/validation.py); split/seed: defaults for dataset.toml
+    validation_split: float = Field(0.0, ge=0, lt=1, description="fraction of each dataset's (non-reg) images held "
+                                    "out for validation, where dataset_config does not set it")
+    validation_seed: int | None = Field(None, ge=0, description="seed of the held-out choice and the validation "
+                                        "noise, where dataset_config does not set it (default: seed)")
+    validate_every_n_steps: int | None = Field(None, ge=1, description="validation loss every N optimizer steps")
+    validate_every_n_epochs: int | None = Field(None, ge=1, description="validation loss every N epochs (default: "
+                                                "every epoch when images are held out)")
+    max_validation_steps: int | None = Field(None, ge=1, description="use at most N validation batches")
     # caches of the frozen encoders (content-addressed safetensors beside the images when *_to_disk)
     cache_latents: bool = False
     cache_latents_to_disk: bool = False
@@ -112,12 +169,38 @@ class TrainConfig(BaseModel):
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
     @field_validator("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
                      "t5_tokenizer_path", "output_dir", "network_weights", "dataset_config", "logging_dir",
-                     "sample_prompts", mode="before")
+                     "sample_prompts", "log_tracker_config", "tensorboard_logdir", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         if isinstance(v, str):
             return None if v == "" else Path(v).expanduser()
         return v.expanduser() if isinstance(v, Path) else v
+
+    @field_validator("loss_spike_ratio", "memory_warn_ratio", mode="before")
+    @classmethod
+    def _zero_ratio_is_default(cls, v: Any, info: Any) -> Any:
+        # sd-scripts-anima (anima_monitor_*_ratio): 0 means "use the default" (its `ratio or default`)
+        try:
+            zero = not isinstance(v, bool) and float(v) == 0
+        except (TypeError, ValueError):
+            return v
+        return cls.model_fields[info.field_name].default if zero else v
+
+    @field_validator("log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, v: Any) -> Any:
+        return None if v == "" else (str(v) if isinstance(v, Path) else v)
+
+    @field_validator("validation_seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+                     mode="before")
+    @classmethod
+    def _unset_validation(cls, v: Any) -> Any:
+        return None if v == "" else v  # "" = kohya's unset, as GUI-written TOMLs say it
 
     @field_validator("save_model_as", mode="before")
     @classmethod
@@ -147,27 +230,34 @@ class TrainConfig(BaseModel):
     def _optimizer_type(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        name = ko.OPTIMIZER_ALIASES.get(v.strip().lower(), v.strip())
-        if name.lower() in ko.IMPLEMENTED_OPTIMIZERS:
-            return ko.IMPLEMENTED_OPTIMIZERS[name.lower()]
-        known = {k.lower(): k for k in ko.KOHYA_OPTIMIZERS}
-        if name.lower() in known or "." in name:
-            raise ValueError(f"'{known.get(name.lower(), name)}' is not implemented yet (only AdamW is)")
-        raise ValueError(f"unknown optimizer {v!r}{did_you_mean(name, ko.KOHYA_OPTIMIZERS)} (only AdamW is "
-                         "implemented)")
+        from anima_trainer.train import optim  # imports torch; lazily, so config stays importable alone
+
+        name = optim.canonical_optimizer_name(v)
+        optim.resolve_optimizer(name)  # the package must be installed (error names `pip install ...`)
+        return name
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod
     def _lr_scheduler(cls, v: Any) -> Any:
-        if isinstance(v, str) and v not in ko.IMPLEMENTED_SCHEDULERS:
-            implemented = ", ".join(ko.IMPLEMENTED_SCHEDULERS)
-            if v in ko.KOHYA_SCHEDULERS:
-                raise ValueError(f"'{v}' is not implemented yet; implemented: {implemented}")
+        if isinstance(v, str) and v not in ko.KOHYA_SCHEDULERS:
             raise ValueError(f"unknown scheduler {v!r}{did_you_mean(v, ko.KOHYA_SCHEDULERS)}; "
-                             f"implemented: {implemented}")
+                             f"accepted: {', '.join(ko.KOHYA_SCHEDULERS)}")
         return v
 
-    @field_validator("lr_warmup_steps", mode="before")
+    @field_validator("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_min_lr_ratio",
+                     "lr_scheduler_timescale", "lr_scheduler_type", mode="before")
+    @classmethod
+    def _scheduler_number(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip() in ("", "None"):
+            raise PydanticUseDefault()  # "" = kohya's unset, as GUI-written TOMLs say it
+        if isinstance(v, str) and v.strip().endswith("%"):  # kohya's int_or_float: "50%" → 0.5
+            try:
+                return float(v.strip()[:-1]) / 100
+            except ValueError:
+                raise ValueError(f"expected a number, got {v!r}") from None
+        return v
+
+    @field_validator("lr_warmup_steps", "lr_decay_steps", mode="before")
     @classmethod
     def _lr_warmup_steps(cls, v: Any) -> Any:
         # kohya's int_or_float: "100" → 100, "0.1" → 0.1, "10%" → 0.1; a float < 1 is a fraction of all steps
@@ -196,15 +286,18 @@ class TrainConfig(BaseModel):
     @classmethod
     def _optimizer_args(cls, v: Any) -> Any:
         args = _kv_pairs(v, "optimizer_args", literal=True)
-        for k in args if isinstance(args, dict) else ():
-            if k == "lr":
-                raise ValueError("'lr' cannot be set here; use learning_rate")
-            if k not in ko.ADAMW_ARGS:
-                raise ValueError(f"AdamW has no argument {k!r}{did_you_mean(k, ko.ADAMW_ARGS)}")
-        return args
+        if isinstance(args, dict) and "lr" in args:
+            raise ValueError("'lr' cannot be set here; use learning_rate")
+        return args  # the keys are checked against the optimizer in _check_optimizer_schedule
+
+    @field_validator("lr_scheduler_args", mode="before")
+    @classmethod
+    def _lr_scheduler_args(cls, v: Any) -> Any:
+        return {} if v == "" else _kv_pairs(v, "lr_scheduler_args", literal=True)
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
+        self._check_optimizer_schedule()
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
             raise ValueError("lr_warmup_steps: the 'constant' scheduler has no warm-up; use lr_scheduler = "
                              "\"constant_with_warmup\" or lr_warmup_steps = 0")
@@ -222,15 +315,114 @@ class TrainConfig(BaseModel):
         self.network_args = {k: v for k, v in self.network_args.items() if k != "algo"}
         if self.log_with in ("tensorboard", "all") and self.logging_dir is None:
             raise ValueError(f"log_with: '{self.log_with}' needs logging_dir")
+        if self.nonfinite_loss_policy is None:  # sd-scripts-anima's policy=raise also aborts on a non-finite loss
+            self.nonfinite_loss_policy = "raise" if self.monitor_alert_policy == "raise" else "skip_step"
         for k in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
             if getattr(self, k) and self.sample_prompts is None:
                 raise ValueError(f"{k}: needs sample_prompts")
         return self
 
+    def _check_optimizer_schedule(self) -> None:
+        """Rules between optimizer and schedule settings (train/optim.py, train/schedulers.py), checked at start-up
+        so that a mistake fails before the models load.  Messages name every option involved."""
+        from anima_trainer.train import optim
+        from anima_trainer.train import schedulers as sch
+
+        given = self.model_fields_set
+        if self.use_8bit_adam or self.use_lion_optimizer:  # kohya's legacy flags select the optimizer
+            flag, wanted = ("use_8bit_adam", "AdamW8bit") if self.use_8bit_adam else ("use_lion_optimizer", "Lion")
+            if self.use_8bit_adam and self.use_lion_optimizer:
+                raise ValueError("use_8bit_adam and use_lion_optimizer: only one of them may be set")
+            if "optimizer_type" in given and self.optimizer_type not in ("AdamW", wanted):
+                raise ValueError(f"{flag}: kohya's legacy flag for optimizer_type = \"{wanted}\" conflicts with "
+                                 f"optimizer_type = \"{self.optimizer_type}\"; remove one of them")
+            try:
+                optim.resolve_optimizer(wanted)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+            self.optimizer_type = wanted
+        try:
+            optim.check_optimizer_args(self.optimizer_type, self.optimizer_args, self.unet_lr or self.learning_rate)
+        except ValueError as e:
+            raise ValueError(f"optimizer_args: {e}") from None
+        spec, cls = optim.resolve_optimizer(self.optimizer_type)
+        name = spec.name
+        if optim.is_schedule_free_class(cls):
+            if self.lr_scheduler != "constant" or self.lr_warmup_steps or self.lr_scheduler_type:
+                hint = ("; for a warm-up use its own optimizer_args warmup_steps=N"
+                        if "warmup_steps" in optim.accepted_args(cls) else "")
+                raise ValueError(
+                    f"optimizer_type: '{name}' is schedule-free and needs lr_scheduler = \"constant\" and "
+                    f"lr_warmup_steps = 0 (got lr_scheduler = '{self.lr_scheduler_type or self.lr_scheduler}', "
+                    f"lr_warmup_steps = {self.lr_warmup_steps}){hint}")
+        if optim.uses_relative_step(self.optimizer_type, self.optimizer_args):
+            if "lr_scheduler" not in given:
+                self.lr_scheduler = "adafactor"  # kohya switches to its `adafactor` schedule the same way
+            if self.lr_scheduler != "adafactor" or self.lr_warmup_steps or self.lr_scheduler_type:
+                raise ValueError(
+                    f"optimizer_type: AdaFactor with relative_step=True (its default) computes its own step size, "
+                    f"so it needs lr_scheduler = \"adafactor\" and lr_warmup_steps = 0 (got lr_scheduler = "
+                    f"'{self.lr_scheduler_type or self.lr_scheduler}', lr_warmup_steps = {self.lr_warmup_steps}); "
+                    "for a warm-up use optimizer_args warmup_init=True, or set optimizer_args relative_step=False "
+                    "(usually with scale_parameter=False) to use learning_rate with any lr_scheduler")
+            if {"learning_rate", "unet_lr"} & given:
+                _log.warning("learning_rate/unet_lr: not used by AdaFactor with relative_step=True (it computes "
+                             "its own step size)")
+        elif self.lr_scheduler == "adafactor":
+            raise ValueError("lr_scheduler: 'adafactor' reports AdaFactor's own step size; it needs optimizer_type = "
+                             "\"AdaFactor\" with relative_step=True (its default)")
+        options = {"lr_scheduler_num_cycles": ("num_cycles", self.lr_scheduler_num_cycles, (0.5, 1)),
+                   "lr_scheduler_power": ("power", self.lr_scheduler_power, (1,)),
+                   "lr_scheduler_min_lr_ratio": ("min_lr_ratio", self.lr_scheduler_min_lr_ratio, (0,)),
+                   "lr_decay_steps": ("decay_steps", self.lr_decay_steps, (0,)),
+                   "lr_scheduler_timescale": ("timescale", self.lr_scheduler_timescale, (None,)),
+                   "lr_scheduler_args": ("scheduler_args", self.lr_scheduler_args, ({},))}
+        if self.lr_scheduler_type:
+            if "lr_scheduler" in given and self.lr_scheduler != "constant":
+                raise ValueError(f"lr_scheduler_type: replaces lr_scheduler (got lr_scheduler = "
+                                 f"'{self.lr_scheduler}'); leave lr_scheduler unset")
+            if self.lr_warmup_steps:
+                raise ValueError("lr_scheduler_type: a custom scheduler class has no warm-up; set lr_warmup_steps "
+                                 "= 0 (as kohya)")
+            cls_s = sch.resolve_scheduler_class(self.lr_scheduler_type)
+            self.lr_scheduler_type = f"{cls_s.__module__}.{cls_s.__name__}"
+            sch.check_scheduler_args(cls_s, self.lr_scheduler_args)
+            used_by: tuple[str, ...] = ("scheduler_args",)
+        else:
+            used_by = tuple(k for k, names in sch.USES.items() if self.lr_scheduler in names)
+        for option, (key, value, inert) in options.items():
+            if key not in used_by and value not in inert:
+                users = "lr_scheduler_type" if key == "scheduler_args" and not self.lr_scheduler_type else ""
+                where = ", ".join(sch.USES[key]) + (f" and {users}" if users else "")
+                raise ValueError(f"{option}: not used by lr_scheduler '{self.lr_scheduler_type or self.lr_scheduler}'"
+                                 f" (only by {where}); remove it")
+        if self.lr_scheduler == "warmup_stable_decay" and not self.lr_decay_steps:
+            raise ValueError("lr_decay_steps: warmup_stable_decay needs a decay (steps, or a fraction < 1)")
+        if self.lr_scheduler == "piecewise_constant" and not self.lr_scheduler_type:
+            if set(self.lr_scheduler_args) != {"step_rules"}:
+                raise ValueError("lr_scheduler_args: piecewise_constant needs exactly step_rules=\"1:100,0.1:200,"
+                                 f"0.01\" (got {sorted(self.lr_scheduler_args) or 'nothing'})")
+            try:
+                sch.parse_step_rules(self.lr_scheduler_args["step_rules"])
+            except ValueError as e:
+                raise ValueError(f"lr_scheduler_args: {e}") from None
+        if self.max_train_epochs is None:  # the step count is known: build the schedule once (as the loop will)
+            import torch
+
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            sch.build_scheduler(dummy, self.lr_scheduler, self.max_train_steps, **sch.schedule_options(self))
+        if ("lr_scheduler_num_cycles" in given and self.lr_scheduler in sch.COSINE_SCHEDULERS
+                and float(self.lr_scheduler_num_cycles).is_integer()):
+            _log.warning("lr_scheduler_num_cycles = %g counts full cosine periods in anima-trainer (0.5 = one "
+                         "descent to the minimum; a whole number ends at the maximum for %s); kohya counts descents "
+                         "(and ignores it for cosine): for kohya's schedule use half the value",
+                         self.lr_scheduler_num_cycles, self.lr_scheduler)
+
     # --- metadata ----------------------------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, str]:
         """Training settings as kohya-style `ss_*` strings for the LoRA file header (None → "None")."""
-        opt = ",".join(f"{k}={v}" for k, v in self.optimizer_args.items())
+        from anima_trainer.train.optim import optimizer_description
+
         meta: dict[str, Any] = {
             "ss_base_model_version": "anima",
             "ss_output_name": self.output_name,
@@ -241,7 +433,7 @@ class TrainConfig(BaseModel):
             "ss_network_args": json.dumps(self.network_args),
             "ss_learning_rate": self.learning_rate,
             "ss_unet_lr": self.unet_lr,
-            "ss_optimizer": f"torch.optim.adamw.AdamW({opt})" if opt else "torch.optim.adamw.AdamW",
+            "ss_optimizer": optimizer_description(self.optimizer_type, self.optimizer_args),
             "ss_lr_scheduler": self.lr_scheduler,
             "ss_lr_warmup_steps": self.lr_warmup_steps,
             "ss_max_grad_norm": self.max_grad_norm,
@@ -261,6 +453,11 @@ class TrainConfig(BaseModel):
             "ss_mode_scale": self.mode_scale,
             "ss_loss_type": self.loss_type,
             "ss_huber_c": self.huber_c,
+            "ss_validation_split": self.validation_split,
+            "ss_validation_seed": self.validation_seed,
+            "ss_validate_every_n_steps": self.validate_every_n_steps,
+            "ss_validate_every_n_epochs": self.validate_every_n_epochs,
+            "ss_max_validation_steps": self.max_validation_steps,
         }
         return {k: str(v) for k, v in meta.items()}
 

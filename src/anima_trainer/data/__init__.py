@@ -7,6 +7,7 @@ from .dataset import AnimaDataset, Batch, ImageItem
 from .images import IMAGE_EXTENSIONS, ImageReadError
 from .params import CaptionParams, DatasetParams, SubsetParams, resolve_datasets
 from .scan import build_dataset
+from .validation import ValidationSet
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -21,6 +22,7 @@ __all__ = [
     "ImageItem",
     "ImageReadError",
     "SubsetParams",
+    "ValidationSet",
     "build_dataset",
     "load_dataset_config",
     "make_bucket_resolutions",

@@ -56,6 +56,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -71,6 +72,9 @@ from .images import (
     resize_and_crop,
     to_tensor,
 )
+
+if TYPE_CHECKING:  # data/validation.py imports this module
+    from .validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,14 @@ class AnimaDataset:
         if not self.validation_items:
             return None
         return AnimaDataset(self.params, list(self.validation_items), seed=self.seed)
+
+    @property
+    def validation(self) -> ValidationSet | None:
+        """The held-out items for the validation loss: fixed captions, centre crops, fixed batches and
+        per-item noise seeds (`data.validation.ValidationSet`); None without validation_split."""
+        from .validation import ValidationSet
+
+        return ValidationSet.from_dataset(self)
 
     # --- sizes -------------------------------------------------------------------------------------------
     def __len__(self) -> int:

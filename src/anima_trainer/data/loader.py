@@ -18,16 +18,16 @@ Captions = Callable[[int, list[list[int]]], list[list[str]]]
 
 
 class RunBatches(torch.utils.data.Dataset):
-    """Map-style view of every batch of `epochs` epochs starting at epoch 0."""
+    """Map-style view of every batch of `epochs` epochs from run batch `start` on (a resume starts mid-run)."""
 
-    def __init__(self, dataset, epochs: int, captions: Captions | None = None) -> None:
-        self.dataset, self.epochs = dataset, epochs
+    def __init__(self, dataset, epochs: int, captions: Captions | None = None, start: int = 0) -> None:
+        self.dataset, self.epochs, self.start = dataset, epochs, start
         self.captions = captions  # e.g. cached caption variants' `pick`; default: the dataset's own processing
         self.per_epoch = len(dataset)
         self._epoch: tuple[int, tuple] | None = None
 
     def __len__(self) -> int:
-        return self.epochs * self.per_epoch
+        return max(0, self.epochs * self.per_epoch - self.start)
 
     def _arguments(self, epoch: int) -> tuple:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -38,15 +38,15 @@ class RunBatches(torch.utils.data.Dataset):
         return self._epoch[1]
 
     def __getitem__(self, g: int):
-        epoch, k = divmod(g, self.per_epoch)
+        epoch, k = divmod(g + self.start, self.per_epoch)
         plan, captions, flips, occurrences = self._arguments(epoch)
         return self.dataset.load_batch(plan[k], epoch=epoch, captions=captions[k], flips=flips[k],
                                        occurrences=occurrences[k])
 
 
-def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = None) -> Iterator:
-    """Iterator over all batches of the run, decoded by `workers` processes (0 = in this process)."""
-    source = RunBatches(dataset, epochs, captions)
+def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = None, start: int = 0) -> Iterator:
+    """Iterator over the batches of the run from run batch `start`, decoded by `workers` processes (0 = here)."""
+    source = RunBatches(dataset, epochs, captions, start)
     workers = min(workers, os.cpu_count() or 1)
     if workers <= 0:
         return (source[g] for g in range(len(source)))

@@ -151,12 +151,19 @@ def resolve_datasets(
     *,
     default_batch_size: int | None = None,
     default_resolution: int | tuple[int, int] | None = None,
+    default_validation_split: float | None = None,
+    default_validation_seed: int | None = None,
 ) -> list[DatasetParams]:
     """Apply kohya's precedence (subset > dataset > general > caller defaults > built-ins) and check
-    the combinations.  Duplicate subsets (same image_dir) within one dataset are dropped, as in kohya."""
+    the combinations.  Duplicate subsets (same image_dir) within one dataset are dropped, as in kohya.
+    The `default_*` arguments are kohya's command-line level (train args such as `--validation_split`)."""
     if isinstance(default_resolution, int):
         default_resolution = (default_resolution, default_resolution)
-    caller = {"batch_size": default_batch_size, "resolution": default_resolution}
+    if default_validation_split is not None and not 0.0 <= default_validation_split < 1.0:
+        raise DatasetConfigError(f"validation_split (train args) must be a fraction in [0, 1), got "
+                                 f"{default_validation_split:g}")
+    caller = {"batch_size": default_batch_size, "resolution": default_resolution,
+              "validation_split": default_validation_split, "validation_seed": default_validation_seed}
     g = cfg.general
     out = []
     for i, ds in enumerate(cfg.datasets):

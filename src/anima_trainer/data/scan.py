@@ -126,33 +126,49 @@ def _metadata_subset(sub: SubsetParams, source_dir: Path | None
     return meta, rejected, f"metadata_file {metadata_file}"
 
 
+def validation_rank(seed: int, item: ImageItem) -> tuple[str, str]:
+    """Sort key of the held-out choice: a hash of (seed, file name), the full path only breaking ties.  The
+    name, not the path, so that the split survives moving or copying the dataset folder."""
+    return hashlib.sha256(f"anima-trainer/validation/{seed}/{item.path.name}".encode()).hexdigest(), str(item.path)
+
+
 def split_validation(params: list[DatasetParams], items: list[ImageItem], seed: int = 0
                      ) -> tuple[list[ImageItem], list[ImageItem]]:
     """(training items, validation items), both in scan order, by each dataset's validation_split (kohya:
-    per subset; reg subsets are never split).  Per subset, floor(n * validation_split) of its n usable
-    images are held out: those with the smallest sha256(validation_seed (else `seed`), file name, path).
-    So the split does not depend on scan order, and the same image_dir in several [[datasets]]
-    (multi-resolution) holds out the same images."""
+    per subset; reg subsets are never split: they are not the distribution being learnt).  Per subset,
+    floor(n * validation_split) of its n usable images are held out (at most n - 1): those ranked first by
+    `validation_rank` with the dataset's validation_seed (else `seed`).  So the split depends on neither scan
+    order nor folder location, adding images moves at most as many as were added, and the same image_dir in
+    several [[datasets]] (multi-resolution) holds out the same images.  A dataset whose non-zero split holds
+    out no image at all is an error (the user asked for validation and would silently get none)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for k, item in enumerate(items):
         groups.setdefault((item.dataset_index, item.subset_index), []).append(k)
     held: set[int] = set()
+    sizes: dict[int, list[int]] = {}  # dataset -> image counts of its split subsets
     for (d, s), members in groups.items():
         p, sub = params[d], params[d].subsets[s]
-        if p.validation_split <= 0 or getattr(sub, "is_reg", False):
+        if p.validation_split <= 0 or sub.is_reg:
             continue
-        n_val = math.floor(len(members) * p.validation_split + 1e-9)
-        if n_val == 0:
+        sizes.setdefault(d, []).append(len(members))
+        n_val = min(math.floor(len(members) * p.validation_split + 1e-9), len(members) - 1)
+        if n_val <= 0:
             log.warning("%s: validation_split %g of %d image(s) holds out none", sub.where, p.validation_split,
                         len(members))
             continue
         vseed = p.validation_seed if p.validation_seed is not None else seed
-
-        def rank(k: int, vseed: int = vseed) -> str:
-            return hashlib.sha256(f"{vseed}/{items[k].path.name}/{items[k].path}".encode()).hexdigest()
-
-        held.update(sorted(members, key=rank)[:n_val])
+        held.update(sorted(members, key=lambda k, vseed=vseed: validation_rank(vseed, items[k]))[:n_val])
         log.info("%s: %d of %d image(s) held out for validation", sub.where, n_val, len(members))
+    for d, counts in sizes.items():
+        if not any(items[k].dataset_index == d for k in held):
+            p = params[d]
+            fix = (f"use validation_split >= {math.ceil(1000 / max(counts)) / 1000:g} there" if max(counts) > 1
+                   else "a subset needs at least 2 images to hold one out")
+            raise DatasetConfigError(
+                f"{p.where}: validation_split {p.validation_split:g} holds out no image (floor(n x split) per "
+                f"subset, n = {', '.join(map(str, counts))} non-reg image(s)); {fix}, or set validation_split = 0 "
+                f"for this dataset"
+            )
     return ([item for k, item in enumerate(items) if k not in held],
             [item for k, item in enumerate(items) if k in held])
 
@@ -291,14 +307,20 @@ def build_dataset(
     seed: int = 0,
     default_resolution: int | tuple[int, int] | None = None,
     verify_images: bool = False,
+    default_validation_split: float | None = None,
+    default_validation_seed: int | None = None,
 ) -> AnimaDataset:
     """Scan every subset (image headers, file ends and caption files only) and assign buckets.
 
     Unusable files are skipped and reported (module docstring); `verify_images=True` also decodes every
     image once, so that corruption inside the compressed data is caught at start-up too (slow).
-    `default_batch_size` / `default_resolution` play kohya's command-line level (`--train_batch_size`,
-    `--resolution`): used when neither the subset, the dataset nor [general] sets the option."""
-    params = resolve_datasets(cfg, default_batch_size=default_batch_size, default_resolution=default_resolution)
+    `default_batch_size` / `default_resolution` / `default_validation_split` / `default_validation_seed` play
+    kohya's command-line level (`--train_batch_size`, `--resolution`, `--validation_split`,
+    `--validation_seed`): used when neither the dataset nor [general] sets the option.  Held-out images are
+    `ds.validation_items`; `ds.validation` serves them for the validation loss (data/validation.py)."""
+    params = resolve_datasets(cfg, default_batch_size=default_batch_size, default_resolution=default_resolution,
+                              default_validation_split=default_validation_split,
+                              default_validation_seed=default_validation_seed)
     items: list[ImageItem] = []
     report = _ScanReport()
     for i, p in enumerate(params):
@@ -315,8 +337,9 @@ def build_dataset(
     if ds.notices:
         log.warning("dataset: %d file(s) used with a caveat (see ds.notices): %s", len(ds.notices),
                     _summarize(ds.notices))
-    log.info("dataset: %d images, %d items with repeats, %d batches per epoch", ds.num_images,
-             ds.num_train_items, len(ds))
+    log.info("dataset: %d images, %d items with repeats, %d batches per epoch%s", ds.num_images,
+             ds.num_train_items, len(ds),
+             f"; {len(validation_items)} image(s) held out for validation" if validation_items else "")
     for w, h, n in ds.bucket_table():
         log.info("  bucket %dx%d: %d", w, h, n)
     return ds

@@ -1,9 +1,9 @@
 """The training loop: batch → latents + context → noise and σ → DiT with injected LoRA → loss → step → save.
 
-Read it like minRF: `train()` sets up (models, data, network, optimizer) and runs `training_step` until
-`max_train_steps`.  Text conditioning and latents are computed on the fly (frozen Qwen3/VAE under
-no_grad; Qwen states are memoised per caption in RAM because captions repeat every epoch); persistent
-caches come with the dataset issue.
+Read it like minRF: `run_training()` sets up (data, models, network, optimizer, schedule, resume, logging) and
+`_loop()` runs `training_step` until `max_train_steps`.  Inputs and caches: train/inputs.py; saves, states and
+resume checks: train/checkpoints.py and train/resume.py; metrics and alerts: train/monitor.py; the validation
+loss: train/validation.py.
 """
 
 from __future__ import annotations
@@ -20,16 +20,26 @@ from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.data.loader import run_batches
-from anima_trainer.models.adapter import pad_context
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
-from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
-from anima_trainer.train.state import SavePlan
+from anima_trainer.train.inputs import Caches as Caches
+from anima_trainer.train.inputs import StepInput as StepInput
+from anima_trainer.train.inputs import TextConditioner as TextConditioner
+from anima_trainer.train.inputs import epoch_inputs as epoch_inputs
+from anima_trainer.train.inputs import prepare_caches as prepare_caches
+from anima_trainer.train.inputs import report_long_captions as report_long_captions
+from anima_trainer.train.checkpoints import Checkpointer, check_resume, resolve_resume, snapshot_fields
+from anima_trainer.train.events import EventLog, config_for_log, events_path
+from anima_trainer.train.monitor import Monitor
+from anima_trainer.train.optim import build_optimizer, build_scheduler, effective_lrs, set_optimizer_train_mode
+from anima_trainer.train.resume import Progress, load_state
+from anima_trainer.train.schedulers import schedule_options
+from anima_trainer.train.tracking import log_images, resolve_tracking, start_tensorboard, start_trackers
+from anima_trainer.train.validation import build_validator, check_validation
 
 log = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -51,173 +61,6 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
     vae = load_vae(cfg.vae, dtype=vae_dtype, device=device)
     return Models(dit, te, vae)
-
-
-class TextConditioner:
-    """Captions → DiT context; Qwen3 states memoised per caption (frozen encoder, captions repeat)."""
-
-    def __init__(self, dit, text_encoder, max_cached: int = 100_000, cache_contexts: bool = False,
-                 train_adapter: bool = False) -> None:
-        self.dit, self.te, self.max_cached = dit, text_encoder, max_cached
-        self.train_adapter = train_adapter  # adapter LoRA/norms are trained: run it with autograd
-        self._cache: dict[str, tuple[torch.Tensor, list[int], list[float]]] = {}
-        # frozen adapter: its output rows per caption never change, so compute them once (ComfyUI's
-        # per-prompt result) and skip the adapter in every later step
-        self.cache_contexts = cache_contexts
-        self._contexts: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def _encode_missing(self, captions: list[str]) -> None:
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if not missing or len(self._cache) >= self.max_cached:
-            return  # nothing to do, or no room: `context` encodes the batch directly
-        enc = self.te.encode(missing)
-        for i, caption in enumerate(missing):
-            n, m = int(enc.qwen_mask[i].sum()), int(enc.t5_mask[i].sum())
-            if len(self._cache) < self.max_cached:
-                self._cache[caption] = (enc.qwen_hidden[i, :n].cpu(), enc.t5_ids[i, :m].tolist(),
-                                        enc.t5_weights[i, :m].tolist())
-
-    def prefill(self, rows: dict[str, tuple[torch.Tensor, list[int], list[float]]]) -> None:
-        """Take pre-encoded captions (from the text cache)."""
-        self._cache.update(rows)
-
-    def context(self, captions: list[str]) -> torch.Tensor:
-        """[B, ≥512, 1024] context, exactly `dit.encode_context` on the right-padded batch (Qwen3 always
-        without gradient; the adapter with gradient only when it is trained)."""
-        if not self.cache_contexts or self.max_cached == 0:  # random captions: nothing would repeat
-            with torch.set_grad_enabled(self.train_adapter and torch.is_grad_enabled()):
-                return self._context(captions)
-        missing = list(dict.fromkeys(c for c in captions if c not in self._contexts))
-        if missing:
-            with torch.no_grad():
-                ctx = self._context(missing)
-            for caption, row in zip(missing, ctx, strict=True):
-                n = len(self.te.tokenize([caption])[0].t5_ids)  # the adapter's real rows; the rest are 0
-                self._contexts[caption] = row[:n].clone()
-        rows = [self._contexts[c] for c in captions]
-        return pad_context(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True))
-
-    def _context(self, captions: list[str]) -> torch.Tensor:
-        self._encode_missing(captions)
-        rows = [self._cache.get(c) for c in captions]
-        if any(r is None for r in rows):  # cache full: encode this batch directly
-            with torch.no_grad():
-                enc = self.te.encode(captions)
-            return self.dit.encode_context(enc.qwen_hidden, enc.t5_ids, qwen_mask=enc.qwen_mask,
-                                           t5_mask=enc.t5_mask, t5_weights=enc.t5_weights)
-        sq, st = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-        b, dim = len(rows), rows[0][0].shape[-1]
-        hidden = torch.zeros(b, sq, dim, dtype=rows[0][0].dtype)
-        qmask = torch.zeros(b, sq, dtype=torch.long)
-        ids = torch.zeros(b, st, dtype=torch.long)
-        tmask = torch.zeros(b, st, dtype=torch.long)
-        weights = torch.zeros(b, st)
-        for i, (h, t, w) in enumerate(rows):
-            hidden[i, : len(h)], qmask[i, : len(h)] = h, 1
-            ids[i, : len(t)], tmask[i, : len(t)], weights[i, : len(t)] = torch.tensor(t), 1, torch.tensor(w)
-        return self.dit.encode_context(hidden, ids, qwen_mask=qmask, t5_mask=tmask, t5_weights=weights)
-
-
-@dataclass
-class Caches:
-    """What `prepare_caches` built: latents per dataset item, and caption variants (random captions + text
-    cache); None where that part is computed per step."""
-
-    latents: dict[int, torch.Tensor] | None = None
-    variants: object | None = None
-
-
-def prepare_caches(cfg: TrainConfig, dataset, models: Models, conditioner: TextConditioner | None, *,
-                   force_disk: bool = False) -> Caches:
-    """Build/reuse the caches the config asks for (all of them on disk with `force_disk`, the `cache`
-    command)."""
-    from anima_trainer.cache import cache_latents, cache_text, model_fingerprint
-    from anima_trainer.cache.store import store_for
-    from anima_trainer.cache.variants import CaptionVariants
-
-    caches = Caches()
-    if (cfg.cache_latents or cfg.cache_latents_to_disk) and dataset.uses_random_pixels:
-        raise ConfigError("cache_latents: random_crop / color_aug in dataset_config change the pixels every epoch, "
-                          "so cached latents would be wrong; turn the latent cache or those options off")
-    if force_disk and dataset.uses_random_pixels:
-        log.warning("random_crop / color_aug change pixels every epoch: no latent cache is built")
-    elif force_disk or cfg.cache_latents or cfg.cache_latents_to_disk:
-        vae_dtype = next(models.vae.model.parameters()).dtype
-        caches.latents, summary = cache_latents(dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae),
-                                                dtype=vae_dtype, to_disk=force_disk or cfg.cache_latents_to_disk,
-                                                batch_size=cfg.vae_batch_size)
-        log.info("latent cache: %s", summary)
-    if force_disk or cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
-        to_disk = force_disk or cfg.cache_text_encoder_outputs_to_disk
-        where = lambda i: store_for(dataset.items[i].path) if to_disk else None  # noqa: E731
-        if dataset.captions_are_static:
-            captions = {dataset.caption_for(i, 0): where(i) for i in range(len(dataset.items))}
-        else:
-            try:
-                caches.variants = CaptionVariants(dataset, cfg.caption_variants)
-            except ValueError as e:
-                raise ConfigError(f"cache_text_encoder_outputs: {e}") from None
-            captions = {"": where(0)}
-            for i, rows in caches.variants.table.items():
-                captions.update({c: where(i) for c in rows if c not in captions})
-            log.info("captions change every step: %d variants per caption are cached (caption_variants)",
-                     cfg.caption_variants)
-        rows, summary = cache_text(captions, models.text_encoder, qwen_fingerprint=model_fingerprint(cfg.qwen3),
-                                   batch_size=cfg.text_encoder_batch_size or 8)
-        log.info("text cache: %s", summary)
-        if conditioner is not None:
-            conditioner.prefill(rows)
-    return caches
-
-
-@dataclass
-class StepInput:
-    """One batch as the step needs it: latents on the device, captions, loss mask, reg flags."""
-
-    latents: torch.Tensor
-    captions: list[str]
-    mask: torch.Tensor | None  # [B, 1, 1, h, w] at latent resolution, or None
-    is_reg: list[bool]
-
-
-def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device, images=None):
-    """StepInputs of one epoch: latents from the cache (flipped ones where the epoch flips), or by encoding
-    the next `len(dataset)` augmented image batches from `images` (see `data.loader.run_batches`)."""
-    from anima_trainer.cache.build import latent_mask
-
-    if caches.latents is None:
-        for _ in range(len(dataset)):
-            batch = next(images)
-            with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
-                latents = vae.encode(batch.images.to(device)).to(device)
-            mask = None if batch.masks is None else latent_mask(batch.masks, latents.shape[-2:]).to(device)
-            yield StepInput(latents, batch.captions, mask, list(batch.is_reg))
-        return
-    plan = dataset.batch_plan(epoch)
-    captions = caches.variants.pick(epoch, plan) if caches.variants else dataset.epoch_captions(epoch, plan)
-    flips = dataset.epoch_flips(epoch, plan)
-    for k, indices in enumerate(plan):
-        latents, mask = caches.latents.batch(indices, flips[k])
-        yield StepInput(latents.to(device), captions[k], None if mask is None else mask.to(device),
-                        [dataset.items[i].is_reg for i in indices])
-
-
-def report_long_captions(dataset, text_encoder, limit: int = 512) -> list[tuple[Path, int, int]]:
-    """Captions over `limit` tokens on either side, reported once at start-up (file, Qwen and T5 counts).
-
-    They are kept whole, as ComfyUI does at inference (no silent truncation); the context just gets longer.
-    """
-    long = []
-    for i, item in enumerate(dataset.items):
-        tokens = text_encoder.tokenize([dataset.caption_for(i, 0)])[0]
-        if len(tokens.qwen_ids) > limit or len(tokens.t5_ids) > limit:
-            long.append((item.path, len(tokens.qwen_ids), len(tokens.t5_ids)))
-    if long:
-        shown = "; ".join(f"{p.name} ({q} Qwen / {t} T5 tokens)" for p, q, t in long[:10])
-        log.warning("%d captions are longer than %d tokens and are used whole (ComfyUI does not truncate "
-                    "either): %s%s", len(long), limit, shown, " …" if len(long) > 10 else "")
-    return long
 
 
 def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
@@ -256,9 +99,13 @@ def build_network(cfg: TrainConfig, dit):
     return network
 
 
-def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """(max_train_steps, epochs); `max_train_epochs` overrides `max_train_steps` as in kohya."""
-    updates_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1) -> tuple[int, int]:
+    """(optimizer steps, epochs); `max_train_epochs` overrides `max_train_steps` as in kohya.
+
+    An epoch's batches are shared by the processes, and each process steps every `gradient_accumulation_steps`
+    micro-batches and at the epoch's end: ceil(ceil(batches / processes) / accumulation) steps per epoch."""
+    per_process = math.ceil(batches_per_epoch / num_processes)
+    updates_per_epoch = math.ceil(per_process / cfg.gradient_accumulation_steps)
     if cfg.max_train_epochs:
         return cfg.max_train_epochs * updates_per_epoch, cfg.max_train_epochs
     return cfg.max_train_steps, math.ceil(cfg.max_train_steps / updates_per_epoch)
@@ -288,6 +135,7 @@ class TrainRun:
     network: torch.nn.Module
     losses: list[float]
     steps: int
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -301,19 +149,18 @@ def run_training(cfg: TrainConfig) -> TrainRun:
 
     from anima_trainer.data import build_dataset, load_dataset_config
 
-    plan = SavePlan(Path(cfg.output_dir), cfg.output_name, every_n_steps=cfg.save_every_n_steps,
-                    every_n_epochs=cfg.save_every_n_epochs, keep_last_n_steps=cfg.save_last_n_steps,
-                    keep_last_n_epochs=cfg.save_last_n_epochs, overwrite=cfg.overwrite)
-    plan.check_start()
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
     # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
     # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
     cached = cfg.cache_latents or cfg.cache_latents_to_disk
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=seed, verify_images=not cached)
-    accelerator = Accelerator(mixed_precision="no", log_with=cfg.log_with if cfg.log_with else None,
-                              project_dir=str(cfg.logging_dir) if cfg.logging_dir else None)
+                            seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
+                            default_validation_seed=cfg.validation_seed)
+    check_validation(cfg, dataset)
+    resume_from = resolve_resume(cfg)
+    tracking = resolve_tracking(cfg)
+    accelerator = Accelerator(mixed_precision="no", **tracking.accelerator_kwargs())
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     models = load_models(cfg, device, dtype)
@@ -322,12 +169,26 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     network = build_network(cfg, dit)
     network.to(device)
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    max_steps, epochs = total_steps(cfg, len(dataset))
-    optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, resolve_warmup(cfg.lr_warmup_steps, max_steps))
+    max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
+    optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device,
+                                optimizer_type=cfg.optimizer_type)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if cfg.log_with:
-        accelerator.init_trackers(cfg.log_prefix or "network_train", config={"max_train_steps": max_steps})
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    snapshot = snapshot_fields(cfg, network, dataset)
+    started = time.time()
+    events = EventLog(events_path(cfg.output_dir, cfg.output_name) if accelerator.is_main_process else None,
+                      run=tracking.run_name)
+    checkpoints = Checkpointer(
+        cfg, network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator,
+        snapshot=snapshot, events=events, metadata=lambda step, epoch: build_metadata(
+            cfg, step=step, epoch=epoch, num_images=dataset.num_images, batches_per_epoch=len(dataset),
+            max_steps=max_steps, started=started, buckets=dataset.bucket_table()),
+        before_save=lambda: set_optimizer_train_mode(optimizer, False),
+        after_save=lambda: set_optimizer_train_mode(optimizer, True))
+    checkpoints.check_start()
+    events.write("config", config=config_for_log(cfg))
+    start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
     report_long_captions(dataset, models.text_encoder)
     if cfg.cache_llm_adapter_outputs and network.trains_llm_adapter:
@@ -341,82 +202,164 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     caches = prepare_caches(cfg, dataset, models, conditioner)
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
+    validator = build_validator(cfg, dataset, models.vae.encode, device, seed)
+    progress = Progress()
+    if resume_from is not None:
+        check_resume(resume_from, cfg, snapshot)
+        progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
+                              scaler=scaler, generator=generator)
+        if progress.batch_in_epoch >= len(dataset):  # saved at an epoch's end: start the next one
+            progress = Progress(progress.step, progress.epoch + 1, 0)
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", resume_from, progress.step, progress.epoch,
+                 progress.batch_in_epoch)
+        events.write("resume", step=progress.step, epoch=progress.epoch, state=str(resume_from))
     images = None
     if caches.latents is None:  # decode images in worker processes, ahead of the GPU
         images = run_batches(dataset, epochs, cfg.max_data_loader_n_workers,
-                             caches.variants.pick if caches.variants is not None else None)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    params = network.trainable_parameters()
+                             caches.variants.pick if caches.variants is not None else None,
+                             start=(progress.epoch - 1) * len(dataset) + progress.batch_in_epoch)
+    monitor = Monitor.from_config(cfg, device, max_steps=max_steps,
+                                  steps_per_epoch=math.ceil(len(dataset) / cfg.gradient_accumulation_steps),
+                                  events=events, log_fn=accelerator.log if tracking.log_with else None)
     log.info("training %d %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
              len(network.modules_by_name), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)
+    run = _Run(cfg, accelerator, models, network, dataset, conditioner, caches, images, optimizer, scheduler,
+               scaler, generator, checkpoints, monitor, events, validator, progress, max_steps, epochs)
+    with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events:
+        events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)
+        try:
+            _loop(run)
+            final = checkpoints.final(progress)
+        except BaseException as e:
+            events.write("error", step=progress.step, epoch=progress.epoch, error=type(e).__name__, message=str(e))
+            raise
+        events.write("end", step=progress.step, epoch=progress.epoch, **monitor.summary())
+    accelerator.end_training()
+    log.info("saved %s", final)
+    return TrainRun(final, dit, network, monitor.losses, progress.step, optimizer)
 
+
+@dataclass
+class _Run:
+    """Everything the loop uses, built by `run_training`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    models: Models
+    network: torch.nn.Module
+    dataset: object
+    conditioner: TextConditioner
+    caches: Caches
+    images: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    checkpoints: Checkpointer
+    monitor: Monitor
+    events: EventLog
+    validator: object
+    progress: Progress
+    max_steps: int
+    epochs: int
+
+
+def _loop(r: _Run) -> None:
+    """The epochs: micro-batches → loss → backward; every `gradient_accumulation_steps` micro-batches and at
+    each epoch's end an optimizer step, then logging, validation, previews and saves as they fall due."""
+    cfg, progress, monitor, network, optimizer = r.cfg, r.progress, r.monitor, r.network, r.optimizer
+    dit = r.models.dit
+    params = network.trainable_parameters()
     previews = load_sample_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
-    preview_dir = Path(cfg.output_dir) / "sample"
+
+    def pause_training(fn):  # previews/validation: eval mode (also for schedule-free optimizers), not step time
+        with monitor.paused():
+            network.eval()
+            set_optimizer_train_mode(optimizer, False)
+            try:
+                return fn()
+            finally:
+                set_optimizer_train_mode(optimizer, True)
+                network.train()
 
     def preview(tag: str) -> None:
-        network.eval()
-        render_previews(dit, models.text_encoder, models.vae, previews, preview_dir, tag, cfg.output_name)
-        network.train()
+        paths = pause_training(lambda: render_previews(dit, r.models.text_encoder, r.models.vae, previews,
+                                                       Path(cfg.output_dir) / "sample", tag, cfg.output_name))
+        log_images(r.accelerator, "sample", paths, progress.step)
 
-    if previews and cfg.sample_at_first:
+    def validate() -> None:
+        logs = pause_training(lambda: r.validator.run(dit, r.conditioner.context, r.accelerator.device))
+        log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        r.events.write("validation", step=progress.step, epoch=progress.epoch, **logs)
+        if r.accelerator.trackers:
+            r.accelerator.log(logs, step=progress.step)
+
+    if previews and cfg.sample_at_first and progress.step == 0:
         preview("000000")
-    started = time.time()
-    step, micro, losses = 0, 0, []
-    meta = lambda ep: build_metadata(cfg, step=step, epoch=ep, num_images=dataset.num_images,  # noqa: E731
-                                     batches_per_epoch=len(dataset), max_steps=max_steps, started=started,
-                                     buckets=dataset.bucket_table())
-    save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
-    bar = tqdm(total=max_steps, desc="training", unit="step", dynamic_ncols=True)
-    for epoch in range(1, epochs + 1):
-        for batch in epoch_inputs(dataset, epoch - 1, models.vae, caches, device, images):
-            context = conditioner.context(batch.captions)
+    accum, per_epoch, fp16 = cfg.gradient_accumulation_steps, len(r.dataset), r.scaler.is_enabled()
+    validated_at: int | None = None
+    bar = tqdm(total=r.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True)
+    monitor.start()
+    for epoch in range(progress.epoch, r.epochs + 1):
+        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+        progress.epoch, progress.batch_in_epoch = epoch, skip
+        pending = 0  # micro-batches accumulated since the last optimizer step
+        batches = epoch_inputs(r.dataset, epoch - 1, r.models.vae, r.caches, r.accelerator.device, r.images, skip=skip)
+        for batch in monitor.timed(batches):
+            context = r.conditioner.context(batch.captions)
             weights = None
             if any(batch.is_reg) and cfg.prior_loss_weight != 1.0:
-                weights = torch.tensor([cfg.prior_loss_weight if r else 1.0 for r in batch.is_reg])
-            loss = training_step(dit, batch.latents, context, cfg, generator, batch.mask, weights)
-            scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            micro += 1
-            if micro % cfg.gradient_accumulation_steps:
+                weights = torch.tensor([cfg.prior_loss_weight if reg else 1.0 for reg in batch.is_reg])
+            loss = training_step(dit, batch.latents, context, cfg, r.generator, batch.mask, weights)
+            r.scaler.scale(loss / accum).backward()
+            monitor.add_micro_batch(loss, len(batch.captions))
+            progress.batch_in_epoch += 1
+            pending += 1
+            # kohya/accelerate: step every `accum` micro-batches and at the end of each epoch
+            if pending < accum and progress.batch_in_epoch < per_epoch:
                 continue
-            scaler.unscale_(optimizer)
+            pending = 0
+            r.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            apply = True
+            if monitor.checks_before_update:  # a NaN/Inf loss never reaches the weights (nonfinite_loss_policy)
+                apply = monitor.check_update(progress.step + 1, None if fp16 else grad_norm)
+            if apply:
+                r.scaler.step(optimizer)
+            r.scaler.update()
+            r.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = loss.item()
-            losses.append(loss_value)
+            progress.step += 1
+            logs = monitor.end_step(progress.step, epoch, optimizer=optimizer, grad_norm=grad_norm,
+                                    extra_lrs=_extra_lrs(optimizer))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", epoch=epoch)
-            if cfg.log_with:
-                logs = {"loss/current": loss_value, "lr/unet": scheduler.get_last_lr()[0]}
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=step)
-            if previews and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
-                preview(f"{step:06d}")
-            if plan.due_at_step(step) and step < max_steps:
-                path = network.save(plan.step_path(step), metadata=meta(epoch), dtype=save_dtype,
-                                    overwrite=cfg.overwrite,
-                                    save_format=cfg.save_format)
-                plan.record_step(step, path)
-            if step >= max_steps:
+            if logs:
+                bar.set_postfix(monitor.postfix(), refresh=False)
+            if r.validator is not None and r.validator.due_at_step(progress.step):
+                validate()
+                validated_at = progress.step
+            if previews and cfg.sample_every_n_steps and progress.step % cfg.sample_every_n_steps == 0:
+                preview(f"{progress.step:06d}")
+            with monitor.paused():
+                r.checkpoints.at_step(progress, last=progress.step >= r.max_steps)
+            if progress.step >= r.max_steps:
                 break
-        if plan.due_at_epoch(epoch) and epoch < epochs and step < max_steps:
-            path = network.save(plan.epoch_path(epoch), metadata=meta(epoch), dtype=save_dtype,
-                                overwrite=cfg.overwrite,
-                                    save_format=cfg.save_format)
-            plan.record_epoch(epoch, path)
+        monitor.end_epoch(epoch, progress.step)
+        if r.validator is not None and r.validator.due_at_epoch(epoch) and validated_at != progress.step:
+            validate()
+        with monitor.paused():
+            r.checkpoints.at_epoch_end(progress, last=epoch >= r.epochs or progress.step >= r.max_steps)
         if previews and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             preview(f"e{epoch:06d}")
-        if step >= max_steps:
+        if progress.step >= r.max_steps:
             break
+    monitor.flush()
     bar.close()
-    final = network.save(plan.final_path, metadata=meta(epoch), dtype=save_dtype, overwrite=cfg.overwrite,
-                                    save_format=cfg.save_format)
-    if cfg.log_with:
-        accelerator.end_training()
-    log.info("saved %s", final)
-    return TrainRun(final, dit, network, losses, step)
+
+
+def _extra_lrs(optimizer) -> dict[str, float]:
+    """Adaptive optimizers' effective lr (Prodigy/D-Adaptation d·lr, schedule-free warm-up, Adafactor's relative
+    step) as `lr/d*lr/<group>` (kohya's name); nothing for optimizers that step with the scheduled lr."""
+    scheduled = {str(g.get("name", f"group{i}")): g.get("lr") for i, g in enumerate(optimizer.param_groups)}
+    return {f"d*lr/{name}": v for name, v in effective_lrs(optimizer).items() if v != scheduled.get(name)}

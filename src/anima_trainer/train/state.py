@@ -2,11 +2,13 @@
 
 Names: `<output_name>.safetensors` (final), `<output_name>-step<NNNNNNNN>.safetensors` (every N steps),
 `<output_name>-<NNNNNN>.safetensors` (every N epochs, as kohya).  `save_last_n_*` deletes only files
-this run wrote itself, never anything else in the folder.
+this run wrote itself, never anything else in the folder.  Training states (train/resume.py) follow the same
+rules with folders: `<output_name>-step<NNNNNNNN>-state`, `<output_name>-<NNNNNN>-state`, `<output_name>-state`.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from anima_trainer.fileio import OutputExistsError
@@ -64,8 +66,27 @@ class SavePlan:
         removed = []
         for unit, path in list(written):
             if unit <= now - keep:
-                if path.exists():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
                     path.unlink()
                 removed.append(path)
                 written.remove((unit, path))
         return removed
+
+
+class StatePlan(SavePlan):
+    """The same schedule and retention for training-state folders (`save_state`, `save_last_n_*_state`)."""
+
+    @property
+    def final_path(self) -> Path:
+        return self.output_dir / f"{self.output_name}-state"
+
+    def step_path(self, step: int) -> Path:
+        return self.output_dir / f"{self.output_name}-step{step:08d}-state"
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.output_dir / f"{self.output_name}-{epoch:06d}-state"
+
+    def check_start(self) -> None:  # states are replaced only with --overwrite, checked when written
+        return None
