@@ -149,6 +149,12 @@ class Checkpointer:
             (lambda: self.states.record_epoch(progress.epoch, self._state(
                 self.states.epoch_path(progress.epoch), progress))) if self.cfg.save_state else None)
 
+    def interrupted(self, progress: states.Progress) -> Path:
+        """A state at the current step after SIGINT/SIGTERM (whatever save_state says): nothing is lost."""
+        folder: list[Path] = []
+        self._save(lambda: None, lambda: folder.append(self._state(self.states.step_path(progress.step), progress)))
+        return folder[0]
+
     def final(self, progress: states.Progress) -> Path:
         paths: list[Path] = []
         state = None

@@ -16,6 +16,14 @@ from anima_trainer.models.adapter import pad_context
 log = logging.getLogger(__name__)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → GPU without stalling the host: through pinned memory with a non-blocking copy (the caching host
+    allocator keeps the pinned buffer alive until the copy is done).  Elsewhere a plain `.to`."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class TextConditioner:
     """Captions → DiT context; Qwen3 states memoised per caption (frozen encoder, captions repeat)."""
 
@@ -79,7 +87,9 @@ class TextConditioner:
         for i, (h, t, w) in enumerate(rows):
             hidden[i, : len(h)], qmask[i, : len(h)] = h, 1
             ids[i, : len(t)], tmask[i, : len(t)], weights[i, : len(t)] = torch.tensor(t), 1, torch.tensor(w)
-        return self.dit.encode_context(hidden, ids, qwen_mask=qmask, t5_mask=tmask, t5_weights=weights)
+        device = next(self.dit.parameters()).device
+        return self.dit.encode_context(to_device(hidden, device), to_device(ids, device), qwen_mask=qmask,
+                                       t5_mask=tmask, t5_weights=to_device(weights, device))
 
 
 @dataclass
@@ -154,7 +164,7 @@ def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device,
         for _ in range(len(dataset) - skip):
             batch = next(images)
             with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
-                latents = vae.encode(batch.images.to(device)).to(device)
+                latents = vae.encode(to_device(batch.images, device)).to(device)
             mask = None if batch.masks is None else latent_mask(batch.masks, latents.shape[-2:]).to(device)
             yield StepInput(latents, batch.captions, mask, list(batch.is_reg))
         return
@@ -165,7 +175,7 @@ def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device,
         if k < skip:
             continue
         latents, mask = caches.latents.batch(indices, flips[k])
-        yield StepInput(latents.to(device), captions[k], None if mask is None else mask.to(device),
+        yield StepInput(to_device(latents, device), captions[k], None if mask is None else to_device(mask, device),
                         [dataset.items[i].is_reg for i in indices])
 
 

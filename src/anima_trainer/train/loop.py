@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from anima_trainer.train.inputs import TextConditioner as TextConditioner
 from anima_trainer.train.inputs import epoch_inputs as epoch_inputs
 from anima_trainer.train.inputs import prepare_caches as prepare_caches
 from anima_trainer.train.inputs import report_long_captions as report_long_captions
+from anima_trainer.train.inputs import to_device
 from anima_trainer.train.checkpoints import Checkpointer, check_resume, resolve_resume, snapshot_fields
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.monitor import Monitor
@@ -39,6 +42,44 @@ from anima_trainer.train.tracking import log_images, resolve_tracking, start_ten
 from anima_trainer.train.validation import build_validator, check_validation
 
 log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after the current step; `state` is where it can be resumed from."""
+
+    def __init__(self, step: int, state: Path) -> None:
+        super().__init__(f"training interrupted at step {step}; a state was saved to {state}. Resume with "
+                         f"--resume latest (or --resume {state}) and the same settings")
+        self.step, self.state = step, state
+
+
+class StopSignals:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step (a state is saved); the second one
+    stops at once with KeyboardInterrupt — every file is written atomically, so nothing is corrupted either way.
+    Handlers are installed only in the main thread and restored afterwards."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {name}: stopping immediately")
+        self.requested = name
+        log.warning("%s: finishing the current step, saving a state and stopping (send it again to stop now)", name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -68,12 +109,13 @@ def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainC
                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0."""
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+    noise = to_device(torch.randn(latents.shape, generator=generator, device=generator.device), device)
     patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
     sigma = sample_sigmas(latents.shape[0], method=cfg.timestep_sampling, sigmoid_scale=cfg.sigmoid_scale,
                           shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
                           logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
-                          patches=patches, generator=generator, device=generator.device).to(device)
+                          patches=patches, generator=generator, device=generator.device)
+    sigma = to_device(sigma, device)
     x_t = noisy_input(latents, noise, sigma)
     pred = dit(x_t, sigma, context)
     return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
@@ -226,10 +268,13 @@ def run_training(cfg: TrainConfig) -> TrainRun:
              len(dataset), max_steps, epochs)
     run = _Run(cfg, accelerator, models, network, dataset, conditioner, caches, images, optimizer, scheduler,
                scaler, generator, checkpoints, monitor, events, validator, progress, max_steps, epochs)
-    with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events:
+    with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
+            StopSignals() as stop:
         events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)
         try:
-            _loop(run)
+            if not _loop(run, stop):
+                state = checkpoints.interrupted(progress)
+                raise TrainingInterrupted(progress.step, state)
             final = checkpoints.final(progress)
         except BaseException as e:
             events.write("error", step=progress.step, epoch=progress.epoch, error=type(e).__name__, message=str(e))
@@ -265,9 +310,10 @@ class _Run:
     epochs: int
 
 
-def _loop(r: _Run) -> None:
+def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     """The epochs: micro-batches → loss → backward; every `gradient_accumulation_steps` micro-batches and at
-    each epoch's end an optimizer step, then logging, validation, previews and saves as they fall due."""
+    each epoch's end an optimizer step, then logging, validation, previews and saves as they fall due.
+    Returns False when a stop signal ended it early (after a whole optimizer step)."""
     cfg, progress, monitor, network, optimizer = r.cfg, r.progress, r.monitor, r.network, r.optimizer
     dit = r.models.dit
     params = network.trainable_parameters()
@@ -345,6 +391,10 @@ def _loop(r: _Run) -> None:
                 r.checkpoints.at_step(progress, last=progress.step >= r.max_steps)
             if progress.step >= r.max_steps:
                 break
+            if stop is not None and stop.requested:
+                monitor.flush()
+                bar.close()
+                return False
         monitor.end_epoch(epoch, progress.step)
         if r.validator is not None and r.validator.due_at_epoch(epoch) and validated_at != progress.step:
             validate()
@@ -356,6 +406,7 @@ def _loop(r: _Run) -> None:
             break
     monitor.flush()
     bar.close()
+    return True
 
 
 def _extra_lrs(optimizer) -> dict[str, float]:
