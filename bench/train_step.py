@@ -43,8 +43,7 @@ import torch
 
 from anima_trainer.config import TrainConfig
 from anima_trainer.models.dit import AnimaDiT
-from anima_trainer.networks import create_network
-from anima_trainer.train.loop import WEIGHT_DTYPES, training_step
+from anima_trainer.train.loop import WEIGHT_DTYPES, prepare_dit, training_step
 from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
 
 try:  # run as a script: bench/ is sys.path[0]
@@ -55,6 +54,16 @@ except ImportError:  # imported as bench.train_step from the repository root
 REPO = Path(__file__).resolve().parent.parent
 # (resolution, batch, gradient checkpointing): the standard table, run in this order by --table
 TABLE = [(1024, 1, False), (1024, 1, True), (1024, 4, False), (1024, 4, True), (512, 4, False)]
+# --levers: the issue-7 levers on top of the defaults, (resolution, batch, checkpointing, TrainConfig overrides)
+LEVERS = [
+    (1024, 1, False, {"fuse_qkv": False, "attention_backend": "math"}),  # the old path: no fusion, no kernel pick
+    (1024, 1, False, {"compile_blocks": True}),
+    (1024, 1, True, {"checkpoint_mode": "selective"}),
+    (1024, 1, True, {"compile_blocks": True}),
+    (1024, 4, False, {"compile_blocks": True}),
+    (1024, 1, True, {"blocks_to_swap": 26}),
+    (1024, 1, False, {"fp8_base": True}),
+]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # TrainConfig.mixed_precision per dtype
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
@@ -86,7 +95,7 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def train_config(args: argparse.Namespace, dtype_name: str, grad_ckpt: bool) -> TrainConfig:
+def train_config(args: argparse.Namespace, dtype_name: str, grad_ckpt: bool, **levers) -> TrainConfig:
     """A validated TrainConfig with the loop's defaults (timestep sampling, loss, clipping, AdamW, constant
     lr); the model/data paths are placeholders that the step never reads."""
     unused = Path("unused-by-bench")
@@ -95,7 +104,8 @@ def train_config(args: argparse.Namespace, dtype_name: str, grad_ckpt: bool) -> 
                        network_module="lora", network_dim=args.rank,
                        network_alpha=float(args.alpha if args.alpha is not None else args.rank),
                        learning_rate=args.lr, mixed_precision=MIXED_PRECISION[dtype_name],
-                       gradient_checkpointing=grad_ckpt, max_train_steps=args.warmup + args.steps, seed=args.seed)
+                       gradient_checkpointing=grad_ckpt, max_train_steps=args.warmup + args.steps, seed=args.seed,
+                       **levers)
 
 
 def build_dit(name: str, device: torch.device, dtype: torch.dtype) -> AnimaDiT:
@@ -111,17 +121,17 @@ def _sync(device: torch.device) -> None:
 
 
 def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, resolution: int, batch: int,
-               grad_ckpt: bool) -> dict:
-    """Set up one (resolution, batch, checkpointing) case as `run_training` does and time its steps."""
+               grad_ckpt: bool, levers: dict | None = None) -> dict:
+    """Set up one (resolution, batch, checkpointing, levers) case exactly as `run_training` does
+    (`prepare_dit`: fused q/k/v, memory options, network, attention kernel, compile) and time its steps."""
     dtype = DTYPES[dtype_name]
-    cfg = train_config(args, dtype_name, grad_ckpt)
+    levers = dict(levers or {})
+    cfg = train_config(args, dtype_name, grad_ckpt, **levers)
     assert WEIGHT_DTYPES[cfg.mixed_precision] == dtype
     torch.manual_seed(args.seed)
-    dit = build_dit(args.config, device, dtype)
-    dit.gradient_checkpointing = cfg.gradient_checkpointing
-    network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
-                             dropout=cfg.network_dropout, **cfg.network_args)
-    network.to(device)
+    dit = build_dit(args.config, torch.device("cpu") if cfg.blocks_to_swap else device, dtype)
+    c = dit.config
+    network, kernel = prepare_dit(cfg, dit, device, dtype, tokens={(resolution // 16) ** 2}, batch=batch)
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     max_steps = cfg.max_train_steps
     optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device)
@@ -130,7 +140,6 @@ def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, 
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     params = network.trainable_parameters()
 
-    c = dit.config
     lat = resolution // 8
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     latents = torch.randn(batch, c.in_channels, 1, lat, lat, generator=gen).to(device)  # fp32, as cached
@@ -179,7 +188,8 @@ def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, 
     achieved = model_flop / (median / 1000) / 1e12
     row = {
         "config": args.config, "blocks": c.num_blocks, "width": c.model_channels, "resolution": resolution,
-        "batch": batch, "tokens": tokens, "grad_ckpt": grad_ckpt, "rank": cfg.network_dim,
+        "batch": batch, "tokens": tokens, "grad_ckpt": grad_ckpt, "levers": levers, "attention_kernel": kernel,
+        "rank": cfg.network_dim,
         "alpha": cfg.network_alpha, "dtype": dtype_name, "optimizer": type(optimizer).__name__,
         "fused_adamw": bool(optimizer.defaults.get("fused")), "lora_modules": len(network.modules_by_name),
         "lora_params": sum(p.numel() for p in params), "steps": args.steps, "warmup": args.warmup,
@@ -208,23 +218,29 @@ def free_memory(device: torch.device) -> None:
 
 
 def measure(args: argparse.Namespace, device: torch.device, dtype_name: str, resolution: int, batch: int,
-            grad_ckpt: bool, catch_oom: bool) -> dict:
-    """One case; with `catch_oom` a CUDA OOM becomes {"oom": true, ...} and the memory is freed for the next."""
+            grad_ckpt: bool, catch_oom: bool, levers: dict | None = None) -> dict:
+    """One case; with `catch_oom` a CUDA OOM (or, in a table, any error of a lever) becomes {"oom"/"error": …}
+    and the memory is freed for the next."""
     case = {"config": args.config, "resolution": resolution, "batch": batch, "grad_ckpt": grad_ckpt,
-            "rank": args.rank, "dtype": dtype_name}
+            "rank": args.rank, "dtype": dtype_name, "levers": levers or {}}
     try:
-        row = run_config(args, device, dtype_name, resolution, batch, grad_ckpt)
+        row = run_config(args, device, dtype_name, resolution, batch, grad_ckpt, levers)
     except OOM_ERRORS as e:
         if not catch_oom:
             raise
         row = {**case, "oom": True, "error": str(e).strip().splitlines()[0][:300] if str(e).strip() else "OOM"}
+    except Exception as e:  # noqa: BLE001 - a lever that fails on this machine is a result, not the end
+        if not catch_oom:
+            raise
+        row = {**case, "oom": False, "failed": True, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     free_memory(device)  # the failed frames are gone with the except block: their tensors can be freed now
     return row
 
 
 def config_label(r: dict) -> str:
+    levers = " ".join(f"{k}={v}" for k, v in (r.get("levers") or {}).items())
     return (f"{r['config']} {r['resolution']}px b{r['batch']} ckpt {'on' if r['grad_ckpt'] else 'off'} "
-            f"r{r['rank']} {r['dtype']}")
+            f"r{r['rank']} {r['dtype']}{' ' + levers if levers else ''}")
 
 
 def markdown_table(env: dict, rows: list[dict]) -> str:
@@ -238,6 +254,8 @@ def markdown_table(env: dict, rows: list[dict]) -> str:
     for r in rows:
         if r.get("oom"):
             ms, mem, mfu = "OOM", "OOM", "–"
+        elif r.get("failed"):
+            ms, mem, mfu = "failed", "–", "–"
         else:
             ms = fmt(r["ms_per_step_median"], ".1f")
             mem = fmt(r["peak_memory_gib"], ".2f")
@@ -278,6 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run the standard table " + ", ".join(f"({r},{b},{'on' if g else 'off'})" for r, b, g in TABLE)
                         + " for --config in one process (--resolution/--batch/--grad_ckpt ignored), CUDA OOMs "
                           "recorded, and print a markdown table at the end")
+    p.add_argument("--levers", action="store_true", help="also run the lever cases (LEVERS) after the table")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rank < 1 or args.resolution < 16:
         p.error("need --steps >= 1, --warmup >= 0, --batch >= 1, --rank >= 1, --resolution >= 16")
@@ -289,16 +308,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     env = environment(device)
-    cases = TABLE if args.table else [(args.resolution, args.batch, args.grad_ckpt)]
+    cases = [(r, b, g, {}) for r, b, g in TABLE] if args.table else [(args.resolution, args.batch, args.grad_ckpt, {})]
+    if args.levers:
+        cases += LEVERS
     rows = []
-    for resolution, batch, grad_ckpt in cases:
+    for resolution, batch, grad_ckpt, levers in cases:
         print(f"[train_step] {args.config} {resolution}px batch {batch} grad_ckpt {grad_ckpt} rank {args.rank} "
-              f"{dtype_name} on {env['device']}", file=sys.stderr, flush=True)
-        row = {**env, **measure(args, device, dtype_name, resolution, batch, grad_ckpt, catch_oom=args.table)}
+              f"{dtype_name} {levers} on {env['device']}", file=sys.stderr, flush=True)
+        row = {**env, **measure(args, device, dtype_name, resolution, batch, grad_ckpt,
+                                catch_oom=args.table or args.levers, levers=levers)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_json(args.json_out, env, rows, args)
-    if args.table:
+    if args.table or args.levers:
         print(markdown_table(env, rows), flush=True)
     return rows
 

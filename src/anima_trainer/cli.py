@@ -3,7 +3,8 @@
 Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build disk caches), `inspect FILE...`
 (what a file is; network files get a full report), `convert-network` (ComfyUI ↔ kohya names), `merge` (bake
 networks into a DiT checkpoint), `demo` (tiny built-in model: train a LoRA, sample before/after), `sample`
-(text → PNG with the flow Euler sampler).
+(text → PNG with the flow Euler sampler), `convert-config` (root-style Anima_Trainer TOML → kohya pair),
+`config-reference` (every training setting as markdown), `download` (the models and tokenizers, verified).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 """
 
@@ -69,6 +70,15 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged DiT weights (default: as in --dit)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    p = sub.add_parser("convert-config", help="root-style Anima_Trainer TOML → kohya train.toml + dataset.toml",
+                       description="Maps every key of the root schema (docs/migration.md), prints what went where "
+                       "and what has no equivalent, and writes that table as train.toml's comment header.")
+    p.add_argument("input", help="the root-style TOML ([model] transformer_path, [dataset] data_dir, ...)")
+    p.add_argument("--out", required=True, help="folder for train.toml and dataset.toml")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
+
+    sub.add_parser("config-reference", help="print docs/config_reference.md (every training setting) to stdout")
+
     p = sub.add_parser("demo", help="tiny built-in Anima + synthetic dataset: train a LoRA on CPU, sample before/after")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--steps", type=int, default=300, help="training steps")
@@ -92,6 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no_progress", action="store_true")
+
+    from anima_trainer.download.command import add_download_parser
+
+    add_download_parser(sub)
     return parser
 
 
@@ -190,16 +204,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample, "convert-network": cmd_convert_network,
-            "merge": cmd_merge}
+def cmd_convert_config(args: argparse.Namespace) -> int:
+    from anima_trainer.config.convert_files import run_convert_config
+
+    return run_convert_config(args.input, args.out, overwrite=args.overwrite)
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from anima_trainer.config.reference import render_reference
+
+    sys.stdout.write(render_reference())
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from anima_trainer.download.command import cmd_download as run
+
+    return run(args)
+
+
+COMMANDS = {"download": cmd_download, "inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample,
+            "convert-network": cmd_convert_network, "merge": cmd_merge, "convert-config": cmd_convert_config,
+            "config-reference": cmd_config_reference}
 
 
 def cmd_train(argv: list[str]) -> int:
     """`train` has kohya's own flag set (and `--config_file`), parsed by the config package."""
     from anima_trainer.config import parse_train_args
-    from anima_trainer.train.loop import train
+    from anima_trainer.train.loop import TrainingInterrupted, train
 
-    print(train(parse_train_args(argv)))
+    cfg = parse_train_args(argv)
+    try:
+        print(train(cfg))
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -212,7 +251,10 @@ def cmd_cache(argv: list[str]) -> int:
     cfg = parse_train_args(argv)
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
                             seed=cfg.seed or 0)
+    from anima_trainer.download import ensure_tokenizers
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ensure_tokenizers(cfg)
     models = load_models(cfg, device, WEIGHT_DTYPES[cfg.mixed_precision])
     prepare_caches(cfg, dataset, models, None, force_disk=True)
     return 0
@@ -220,6 +262,7 @@ def cmd_cache(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `anima-trainer` script; user errors print one line and exit 2."""
+    from anima_trainer.download.errors import DownloadError
     from anima_trainer.fileio import OutputExistsError
     from anima_trainer.models.checkpoint import CheckpointError
 
@@ -232,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_cache(argv[1:])
         args = _build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (CheckpointError, OutputExistsError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, OutputExistsError, ValueError, OSError, DownloadError) as e:  # one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
 

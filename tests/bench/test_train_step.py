@@ -61,10 +61,10 @@ def test_table_records_oom_and_goes_on(train_step, monkeypatch, capsys):
     monkeypatch.setattr(train_step, "TABLE", [(128, 1, False), (128, 2, True)])
     real = train_step.run_config
 
-    def run_config(args, device, dtype_name, resolution, batch, grad_ckpt):
+    def run_config(args, device, dtype_name, resolution, batch, grad_ckpt, levers=None):
         if batch == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-        return real(args, device, dtype_name, resolution, batch, grad_ckpt)
+        return real(args, device, dtype_name, resolution, batch, grad_ckpt, levers)
 
     monkeypatch.setattr(train_step, "run_config", run_config)
     rows = train_step.main([*SMOKE[:2], "--steps", "1", "--warmup", "0", "--device", "cpu", "--table"])
@@ -72,3 +72,11 @@ def test_table_records_oom_and_goes_on(train_step, monkeypatch, capsys):
     assert rows[1]["batch"] == 2 and "out of memory" in rows[1]["error"]
     table = capsys.readouterr().out.split("| date | commit | device | torch | config | ms/step | peak GiB | MFU |")[1]
     assert "tiny 128px b1 ckpt off r32 fp32" in table and "| OOM | OOM |" in table
+
+
+def test_a_failing_lever_is_a_result_not_the_end(train_step, monkeypatch):
+    monkeypatch.setattr(train_step, "TABLE", [(128, 1, False)])
+    monkeypatch.setattr(train_step, "LEVERS", [(128, 1, False, {"blocks_to_swap": 99})])  # more than 10 blocks
+    rows = train_step.main([*SMOKE[:2], "--steps", "1", "--warmup", "0", "--device", "cpu", "--table", "--levers"])
+    assert rows[0]["oom"] is False and "failed" not in rows[0]
+    assert rows[1]["failed"] and "blocks_to_swap" in rows[1]["error"]

@@ -70,13 +70,16 @@ def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor
 
 @torch.no_grad()
 def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_disk: bool, batch_size: int = 1,
-                  progress: bool = True) -> tuple[LatentCache, CacheSummary]:
+                  progress: bool = True, owned=None) -> tuple[LatentCache, CacheSummary]:
     """Latents for every dataset item (both orientations with flip_aug; loss masks with alpha_mask), built
-    only where missing."""
+    only where missing.  `owned(index)`, when given, limits the pass to the items it accepts (one process's
+    share of a cache built by several: train/distributed.py `Distributed.build_cache`)."""
     summary = CacheSummary()
     cache = LatentCache()
     todo: dict[tuple, list[tuple[int, bool, str]]] = defaultdict(list)
     for index, item in enumerate(dataset.items):
+        if owned is not None and not owned(index):
+            continue
         sub = dataset.subset_params(index)
         sha = file_sha256(item.path)
         for flip in ((False, True) if sub.flip_aug else (False,)):

@@ -21,6 +21,9 @@ ALIASES: dict[str, str] = {
     "anima_monitor_alert_policy": "monitor_alert_policy",
     "anima_monitor_memory_warn_ratio": "memory_warn_ratio",
     "anima_monitor_loss_spike_ratio": "loss_spike_ratio",
+    # kohya-ss/sd-scripts 0.11.1 per-block compile (kohya_anima.md §4.11); compile_mode, compile_backend,
+    # compile_fullgraph and compile_cache_size_limit are TrainConfig fields under kohya's own names
+    "compile": "compile_blocks",
 }
 
 # sd-scripts-anima's `anima_timestep_sampling` values → kohya's `timestep_sampling` values.  Its `logit_normal`
@@ -74,6 +77,10 @@ KOHYA_NETWORK_MODULE_NAME = {"lora": "networks.lora_anima", "lokr": "networks.lo
 OFF: tuple = (False,)  # store_true flags: `x = false` is what we do anyway
 UNSET: tuple = ("",)  # options whose kohya default is None: a TOML can only say "unset" with ""
 _DATASET_HINT = "dataset settings are read only from the --dataset_config TOML"
+_ATTENTION_HINT = ("attention always runs on torch SDPA; choose its kernel with attention_backend = auto | cudnn | "
+                   "flash | efficient | math (xformers, the flash-attn package and SageAttention are not supported)")
+_COMPILE_HINT = ("whole-model compile through accelerate is not implemented; use compile_blocks (kohya's --compile: "
+                 "per-block torch.compile) with compile_backend / compile_mode")
 
 
 def _table() -> dict[str, tuple[tuple, str]]:
@@ -85,27 +92,32 @@ def _table() -> dict[str, tuple[tuple, str]]:
 
     # kohya_anima.md §1.1 (Anima flags) and the options it lists as ignored/unsupported for Anima
     add("qwen3_max_token_length t5_max_token_length", (512,))
-    add("attn_mode", ("", "torch", "sdpa"))
-    add("anima_attention_backend", ("torch",))
-    add("sdpa", (True, False))  # our attention is always torch SDPA
-    add("split_attn vae_disable_cache unsloth_offload_checkpointing qwen_image_vae_2d compile compile_fullgraph "
-        "cuda_allow_tf32 cuda_cudnn_benchmark fp8_base fp8_base_unet fp8_scaled v2 v_parameterization "
-        "weighted_captions debiased_estimation_loss fused_backward_pass xformers noise_offset_random_strength",
+    # attention is always torch SDPA (its kernel: attention_backend); torch/sdpa values say just that
+    add("attn_mode", ("", "torch", "sdpa"), _ATTENTION_HINT)
+    add("anima_attention_backend", ("torch",), _ATTENTION_HINT)
+    add("sdpa", (True, False), _ATTENTION_HINT)
+    add("xformers xfomers", OFF, _ATTENTION_HINT)
+    # kohya's --compile family: compile (alias), compile_mode/_backend/_fullgraph/_cache_size_limit are fields
+    add("compile_dynamic", ("", False, "false", "False"), "anima-trainer compiles static shapes, one graph per "
+        "bucket token count (compile_blocks); dynamic shapes are not offered")
+    add("torch_compile", OFF, _COMPILE_HINT)
+    add("dynamo_backend", ("", "inductor", "no", "NO"), _COMPILE_HINT)
+    add("split_attn vae_disable_cache qwen_image_vae_2d "
+        "cuda_allow_tf32 cuda_cudnn_benchmark v2 v_parameterization "
+        "weighted_captions debiased_estimation_loss fused_backward_pass noise_offset_random_strength",
         OFF)
-    add("vae_chunk_size self_attn_lr cross_attn_lr mlp_lr mod_lr llm_adapter_lr compile_mode compile_dynamic "
-        "compile_cache_size_limit show_timesteps clip_skip max_token_length noise_offset multires_noise_iterations "
+    add("vae_chunk_size self_attn_lr cross_attn_lr mlp_lr mod_lr llm_adapter_lr "
+        "show_timesteps clip_skip max_token_length noise_offset multires_noise_iterations "
         "adaptive_noise_scale min_snr_gamma v_pred_like_loss min_timestep max_timestep", UNSET)
-    add("compile_backend dynamo_backend", ("", "inductor"))
     add("show_timesteps_resolution", ("", 1024))
     add("multires_noise_discount", (0.3,))
     add("sample_sampler", ("", "euler"), "the sampler is always Euler (flow matching)")
     # §1.2 DiT-shared
     add("disable_mmap_load_safetensors", OFF)
-    add("blocks_to_swap", ("", 0))
     # §1.3 generic train_network flags
     add("no_metadata output_config network_train_text_encoder_only persistent_data_loader_workers "
-        "full_bf16 full_fp16 cpu_offload_checkpointing lowram highvram "
-        "skip_cache_check torch_compile deepspeed ddp_gradient_as_bucket_view "
+        "full_bf16 full_fp16 lowram highvram "
+        "skip_cache_check deepspeed ddp_gradient_as_bucket_view "
         "ddp_static_graph ip_noise_gamma_random_strength masked_loss alpha_mask "
         "skip_until_initial_step save_state_to_huggingface resume_from_huggingface "
         "async_upload log_config console_log_simple", OFF)
@@ -127,10 +139,8 @@ def _table() -> dict[str, tuple[tuple, str]]:
     add("caption_dropout_rate caption_tag_dropout_rate", (0.0,), _DATASET_HINT)
     # seed_system.md §1.2 (sd-scripts-anima)
     add("anima_seq_len", (512,))
-    add("auto_download_t5_tokenizer t5_tokenizer_modelscope_fallback t5_tokenizer_validate_strict xfomers "
-        "train_norm anima_resume_snapshot_strict resume_ignore_optimizer_mismatch", OFF)
-    add("t5_tokenizer_repo_id t5_tokenizer_subfolder t5_tokenizer_modelscope_repo_id "
-        "t5_tokenizer_modelscope_revision t5_tokenizer_modelscope_subfolder", UNSET)
+    # (the t5_tokenizer_* download/validation flags are TrainConfig fields: download/startup.py)
+    add("train_norm anima_resume_snapshot_strict resume_ignore_optimizer_mismatch", OFF)
     add("anima_noise_offset", (0.0,))
     # network_train_unet_only: anima-trainer trains the DiT only, which is what `true` asks for
     add("network_train_unet_only", (True,), "anima-trainer trains the DiT only (network_train_unet_only = true); "

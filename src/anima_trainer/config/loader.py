@@ -20,6 +20,7 @@ from pydantic_core import PydanticUndefined
 
 from anima_trainer.config import kohya_options as ko
 from anima_trainer.config.errors import ConfigError, did_you_mean
+from anima_trainer.config.root_schema import root_style_evidence
 from anima_trainer.config.train import TrainConfig, make_train_config
 
 _LIST_FIELDS = ("network_args", "optimizer_args", "lr_scheduler_args")
@@ -104,19 +105,31 @@ def _is_number(tok: str) -> bool:
 def read_train_toml(path: str | Path) -> tuple[dict[str, Any], str]:
     """The flattened contents of a training TOML and the file name used in messages."""
     p = Path(path).expanduser()
-    if not p.is_file() and p.suffix.lower() != ".toml":
+    if not p.is_file() and p.suffix.lower() != ".toml" and p.name:  # "" and "." have no name to extend
         alt = p.with_name(p.name + ".toml")
         if alt.is_file():
             p = alt
         else:
             raise ConfigError(f"config_file: '{p}' not found (also tried '{alt}')")
     if not p.is_file():
-        raise ConfigError(f"config_file: '{p}' not found")
+        what = "is a folder, not a TOML file" if p.is_dir() else "is not a regular file" if p.exists() else "not found"
+        raise ConfigError(f"config_file: '{p}' {what}")
     try:
         with p.open("rb") as f:
             data = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config_file: '{p}' is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config_file: '{p}' is not valid TOML: {e} (TOML files are UTF-8; save it as UTF-8)") \
+            from None
+    except OSError as e:
+        raise ConfigError(f"config_file: '{p}' cannot be read: {e.strerror or e}") from None
+    if evidence := root_style_evidence(data):  # its tables are not cosmetic: flattening would mangle it
+        raise ConfigError(
+            f"config_file: '{p}' is a root-style Anima_Trainer config (it has {', '.join(evidence[:3])}), not a "
+            f"kohya training TOML; convert it once with `anima-trainer convert-config {p} --out DIR` and train "
+            "with `--config_file DIR/train.toml` (or run it through `anima_train_network.py`, which converts it "
+            "on the fly)")
     flat: dict[str, Any] = {}
     where: dict[str, str] = {}
     for top, value in data.items():
@@ -209,4 +222,24 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     # a canonical name counts as "set through an alias" when the layer that won for it used the alias
     via_alias = cli_alias | {k for k in toml_alias if k not in cli}
     _sd_scripts_anima_timesteps(merged, via_alias)
-    return make_train_config(merged)
+    try:
+        for key in ("optimizer_type", "lr_scheduler_type"):  # importlib raises TypeError for relative modules
+            v = merged.get(key)
+            if isinstance(v, str) and v.strip().rpartition(".")[0].startswith("."):
+                raise ConfigError(f"{key}: {v!r} is not a class name or a module.Class path (a module name "
+                                  "cannot start with '.')")
+        return make_train_config(merged)
+    except ConfigError as e:
+        if not toml:
+            raise
+        raise ConfigError(_name_file(str(e), set(toml) - set(cli), name)) from None
+
+
+def _name_file(message: str, from_toml: set[str], name: str) -> str:
+    """Each line of a TrainConfig message that starts with a key the TOML set (and the command line did not)
+    gets " (in NAME)": the user learns which file to edit."""
+    lines = []
+    for line in message.split("\n"):
+        key = line.split(":", 1)[0].split(" ", 1)[0]
+        lines.append(f"{line} (in {name})" if key in from_toml else line)
+    return "\n".join(lines)

@@ -24,7 +24,10 @@ from pydantic import (
 from pydantic_core import PydanticUseDefault
 
 from anima_trainer.config import kohya_options as ko
+from anima_trainer.config.optimizer_rules import check_optimizer_schedule
 from anima_trainer.config.errors import ConfigError, did_you_mean
+from anima_trainer.download.sources import T5_TOKENIZER as _t5
+from anima_trainer.download.urls import parse_source
 
 _NONNEG = {"ge": 0}
 _log = logging.getLogger(__name__)
@@ -40,6 +43,19 @@ class TrainConfig(BaseModel):
     llm_adapter_path: Path | None = Field(None, description="separate LLM-adapter weights (else taken from the DiT)")
     qwen3_tokenizer_path: Path | None = Field(None, description="Qwen tokenizer folder (when --qwen3 is one file)")
     t5_tokenizer_path: Path | None = Field(None, description="T5 tokenizer folder")
+    # tokenizer download at start-up (sd-scripts-anima's flags; download/startup.py)
+    auto_download_t5_tokenizer: bool = Field(True, description="download missing T5 (and Qwen) tokenizer files "
+                                                               "into their folders at start-up")
+    t5_tokenizer_repo_id: str = Field(_t5.hf_repo, description="T5 tokenizer source: HF repo id, huggingface.co "
+                                                               "or modelscope.cn URL")
+    t5_tokenizer_subfolder: str = Field(_t5.subfolder, description="subfolder tried first (then the repo root)")
+    t5_tokenizer_modelscope_fallback: bool = Field(True, description="try ModelScope when Hugging Face fails")
+    t5_tokenizer_modelscope_repo_id: str = Field(_t5.modelscope_repo, description="ModelScope fallback repo id "
+                                                                                  "or URL")
+    t5_tokenizer_modelscope_revision: str = Field(_t5.modelscope_revision, description="ModelScope revision")
+    t5_tokenizer_modelscope_subfolder: str = Field(_t5.modelscope_subfolder, description="ModelScope subfolder")
+    t5_tokenizer_validate_strict: bool = Field(False, description="check the T5 tokenizer is exactly Anima's "
+                                                                  "(special ids, 32100 tokens, a known encoding)")
     # output
     output_dir: Path = Field(description="folder for the saved LoRA files")
     output_name: str = Field("last", min_length=1, description="file name stem (default: last)")
@@ -57,6 +73,9 @@ class TrainConfig(BaseModel):
     save_last_n_steps_state: int | None = Field(None, ge=1, description="keep step states of the last N steps")
     save_last_n_epochs_state: int | None = Field(None, ge=1, description="keep the last N epoch states")
     resume: str | None = Field(None, description="a state folder, or 'latest' (newest state of output_name)")
+    vram_budget_gb: float | Literal["auto"] | None = Field(
+        None, description="fit the run into this much GPU memory (GiB) or 'auto' (92 % of the card): picks "
+                          "checkpointing depth, offload, block swap and adapter-output caching, printed at start")
     resume_snapshot_strict: bool = Field(True, description="changed critical settings on resume: error (true) "
                                                            "or warning (false)")
     # network
@@ -107,7 +126,36 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int | None = Field(None, ge=0, lt=2**32)
     gradient_checkpointing: bool = False
+    # memory levers (models/memory.py, docs/performance.md); all give the same gradients as without
+    checkpoint_blocks: int | None = Field(None, ge=0, description="with gradient_checkpointing: checkpoint only the "
+                                          "first N DiT blocks (default: all); the rest keep activations (faster)")
+    checkpoint_mode: Literal["full", "selective"] = Field(
+        "full", description="full: recompute whole blocks; selective: keep matmul/attention outputs, recompute the "
+                            "cheap ops (norms, modulation, GELU, RoPE)")
+    cpu_offload_checkpointing: bool = Field(False, description="the residual each checkpointed block keeps goes to "
+                                                               "pinned CPU memory (needs gradient_checkpointing)")
+    unsloth_offload_checkpointing: bool = Field(False, description="kohya's name for the same offload as "
+                                                                   "cpu_offload_checkpointing")
+    blocks_to_swap: int = Field(0, ge=0, description="keep the weights of the last N DiT blocks in CPU memory, "
+                                                     "streamed to the GPU when used (0 = off)")
+    fp8_base: bool = Field(False, description="store the DiT blocks' attention/MLP weights in fp8 with a per-tensor "
+                                             "scale (half their memory)")
+    fp8_base_unet: bool = Field(False, description="kohya's name: the same as fp8_base (only the DiT is stored in fp8)")
+    fp8_scaled: bool = Field(False, description="kohya's flag; fp8 storage here is always scaled (needs fp8_base)")
+    fp8_format: Literal["e4m3fn", "e5m2"] = Field("e4m3fn", description="fp8 storage format of fp8_base")
     max_data_loader_n_workers: int = Field(8, ge=0)
+    # speed levers (docs/performance.md); each is exact within a stated tolerance
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
+        "auto", description="SDPA kernel of the DiT attention; auto = fastest measured at start-up on CUDA >= 8.0")
+    fuse_qkv: bool = Field(True, description="one GEMM for self-attention q/k/v (weights packed, keys unchanged)")
+    compile_blocks: bool = Field(False, description="torch.compile each DiT block, static shapes (alias compile)")
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode of the blocks (CUDA-graph modes are not supported)")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend (aot_eager/eager: debugging)")
+    compile_fullgraph: bool = Field(False, description="fail on a graph break inside a block instead of splitting")
+    compile_cache_size_limit: int | None = Field(
+        None, ge=1, description="dynamo cache entries per block (default: from the bucket count)")
     # flow matching
     timestep_sampling: Literal["sigmoid", "uniform", "sigma", "shift", "flux_shift"] = "sigmoid"
     discrete_flow_shift: float = Field(1.0, gt=0)
@@ -176,6 +224,20 @@ class TrainConfig(BaseModel):
             return None if v == "" else Path(v).expanduser()
         return v.expanduser() if isinstance(v, Path) else v
 
+    @field_validator("t5_tokenizer_repo_id", "t5_tokenizer_subfolder", "t5_tokenizer_modelscope_repo_id",
+                     "t5_tokenizer_modelscope_revision", "t5_tokenizer_modelscope_subfolder", mode="before")
+    @classmethod
+    def _t5_source(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, str) and not v.strip():  # sd-scripts-anima: an empty value means the default
+            return cls.model_fields[info.field_name].default
+        if isinstance(v, str) and info.field_name.endswith("repo_id"):
+            modelscope = "modelscope" in info.field_name
+            ref = parse_source(v, default_provider="modelscope" if modelscope else "hf")
+            if modelscope and ref.provider != "modelscope":
+                raise ValueError(f"'{v}' is not a ModelScope repo id or modelscope.cn URL")
+            return v.strip()
+        return v.strip().strip("/") if isinstance(v, str) else v
+
     @field_validator("loss_spike_ratio", "memory_warn_ratio", mode="before")
     @classmethod
     def _zero_ratio_is_default(cls, v: Any, info: Any) -> Any:
@@ -214,6 +276,28 @@ class TrainConfig(BaseModel):
     @classmethod
     def _save_precision(cls, v: Any) -> Any:
         return "fp32" if v == "float" else (None if v == "" else v)
+
+    @field_validator("attention_backend", mode="before")
+    @classmethod
+    def _attention_backend(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if v.strip() == "":
+            raise PydanticUseDefault()
+        from anima_trainer.models.attention_backend import check_backend_name  # says why xformers is not one
+
+        return check_backend_name(v)
+
+    @field_validator("compile_mode", "compile_backend", "compile_cache_size_limit", mode="before")
+    @classmethod
+    def _compile_options(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, str) and v.strip() in ("", "None"):
+            raise PydanticUseDefault()  # kohya's unset (its default None), as GUI-written TOMLs say it
+        if info.field_name == "compile_mode" and isinstance(v, str):
+            from anima_trainer.models.compile import check_compile_mode  # explains the CUDA-graph modes
+
+            return check_compile_mode(v)
+        return v
 
     @field_validator("network_module", mode="before")
     @classmethod
@@ -288,7 +372,7 @@ class TrainConfig(BaseModel):
         args = _kv_pairs(v, "optimizer_args", literal=True)
         if isinstance(args, dict) and "lr" in args:
             raise ValueError("'lr' cannot be set here; use learning_rate")
-        return args  # the keys are checked against the optimizer in _check_optimizer_schedule
+        return args  # the keys are checked against the optimizer in config/optimizer_rules.py
 
     @field_validator("lr_scheduler_args", mode="before")
     @classmethod
@@ -297,7 +381,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
-        self._check_optimizer_schedule()
+        check_optimizer_schedule(self)
+        self._check_memory_options()
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
             raise ValueError("lr_warmup_steps: the 'constant' scheduler has no warm-up; use lr_scheduler = "
                              "\"constant_with_warmup\" or lr_warmup_steps = 0")
@@ -322,101 +407,35 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"{k}: needs sample_prompts")
         return self
 
-    def _check_optimizer_schedule(self) -> None:
-        """Rules between optimizer and schedule settings (train/optim.py, train/schedulers.py), checked at start-up
-        so that a mistake fails before the models load.  Messages name every option involved."""
-        from anima_trainer.train import optim
-        from anima_trainer.train import schedulers as sch
+    @field_validator("checkpoint_blocks", "blocks_to_swap", mode="before")
+    @classmethod
+    def _unset_memory_counts(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and v.strip() in ("", "None")):
+            raise PydanticUseDefault()  # kohya's unset (None; blocks_to_swap None = no swap)
+        return v
 
-        given = self.model_fields_set
-        if self.use_8bit_adam or self.use_lion_optimizer:  # kohya's legacy flags select the optimizer
-            flag, wanted = ("use_8bit_adam", "AdamW8bit") if self.use_8bit_adam else ("use_lion_optimizer", "Lion")
-            if self.use_8bit_adam and self.use_lion_optimizer:
-                raise ValueError("use_8bit_adam and use_lion_optimizer: only one of them may be set")
-            if "optimizer_type" in given and self.optimizer_type not in ("AdamW", wanted):
-                raise ValueError(f"{flag}: kohya's legacy flag for optimizer_type = \"{wanted}\" conflicts with "
-                                 f"optimizer_type = \"{self.optimizer_type}\"; remove one of them")
-            try:
-                optim.resolve_optimizer(wanted)
-            except ValueError as e:
-                raise ValueError(f"{flag}: {e}") from None
-            self.optimizer_type = wanted
-        try:
-            optim.check_optimizer_args(self.optimizer_type, self.optimizer_args, self.unet_lr or self.learning_rate)
-        except ValueError as e:
-            raise ValueError(f"optimizer_args: {e}") from None
-        spec, cls = optim.resolve_optimizer(self.optimizer_type)
-        name = spec.name
-        if optim.is_schedule_free_class(cls):
-            if self.lr_scheduler != "constant" or self.lr_warmup_steps or self.lr_scheduler_type:
-                hint = ("; for a warm-up use its own optimizer_args warmup_steps=N"
-                        if "warmup_steps" in optim.accepted_args(cls) else "")
-                raise ValueError(
-                    f"optimizer_type: '{name}' is schedule-free and needs lr_scheduler = \"constant\" and "
-                    f"lr_warmup_steps = 0 (got lr_scheduler = '{self.lr_scheduler_type or self.lr_scheduler}', "
-                    f"lr_warmup_steps = {self.lr_warmup_steps}){hint}")
-        if optim.uses_relative_step(self.optimizer_type, self.optimizer_args):
-            if "lr_scheduler" not in given:
-                self.lr_scheduler = "adafactor"  # kohya switches to its `adafactor` schedule the same way
-            if self.lr_scheduler != "adafactor" or self.lr_warmup_steps or self.lr_scheduler_type:
-                raise ValueError(
-                    f"optimizer_type: AdaFactor with relative_step=True (its default) computes its own step size, "
-                    f"so it needs lr_scheduler = \"adafactor\" and lr_warmup_steps = 0 (got lr_scheduler = "
-                    f"'{self.lr_scheduler_type or self.lr_scheduler}', lr_warmup_steps = {self.lr_warmup_steps}); "
-                    "for a warm-up use optimizer_args warmup_init=True, or set optimizer_args relative_step=False "
-                    "(usually with scale_parameter=False) to use learning_rate with any lr_scheduler")
-            if {"learning_rate", "unet_lr"} & given:
-                _log.warning("learning_rate/unet_lr: not used by AdaFactor with relative_step=True (it computes "
-                             "its own step size)")
-        elif self.lr_scheduler == "adafactor":
-            raise ValueError("lr_scheduler: 'adafactor' reports AdaFactor's own step size; it needs optimizer_type = "
-                             "\"AdaFactor\" with relative_step=True (its default)")
-        options = {"lr_scheduler_num_cycles": ("num_cycles", self.lr_scheduler_num_cycles, (0.5, 1)),
-                   "lr_scheduler_power": ("power", self.lr_scheduler_power, (1,)),
-                   "lr_scheduler_min_lr_ratio": ("min_lr_ratio", self.lr_scheduler_min_lr_ratio, (0,)),
-                   "lr_decay_steps": ("decay_steps", self.lr_decay_steps, (0,)),
-                   "lr_scheduler_timescale": ("timescale", self.lr_scheduler_timescale, (None,)),
-                   "lr_scheduler_args": ("scheduler_args", self.lr_scheduler_args, ({},))}
-        if self.lr_scheduler_type:
-            if "lr_scheduler" in given and self.lr_scheduler != "constant":
-                raise ValueError(f"lr_scheduler_type: replaces lr_scheduler (got lr_scheduler = "
-                                 f"'{self.lr_scheduler}'); leave lr_scheduler unset")
-            if self.lr_warmup_steps:
-                raise ValueError("lr_scheduler_type: a custom scheduler class has no warm-up; set lr_warmup_steps "
-                                 "= 0 (as kohya)")
-            cls_s = sch.resolve_scheduler_class(self.lr_scheduler_type)
-            self.lr_scheduler_type = f"{cls_s.__module__}.{cls_s.__name__}"
-            sch.check_scheduler_args(cls_s, self.lr_scheduler_args)
-            used_by: tuple[str, ...] = ("scheduler_args",)
-        else:
-            used_by = tuple(k for k, names in sch.USES.items() if self.lr_scheduler in names)
-        for option, (key, value, inert) in options.items():
-            if key not in used_by and value not in inert:
-                users = "lr_scheduler_type" if key == "scheduler_args" and not self.lr_scheduler_type else ""
-                where = ", ".join(sch.USES[key]) + (f" and {users}" if users else "")
-                raise ValueError(f"{option}: not used by lr_scheduler '{self.lr_scheduler_type or self.lr_scheduler}'"
-                                 f" (only by {where}); remove it")
-        if self.lr_scheduler == "warmup_stable_decay" and not self.lr_decay_steps:
-            raise ValueError("lr_decay_steps: warmup_stable_decay needs a decay (steps, or a fraction < 1)")
-        if self.lr_scheduler == "piecewise_constant" and not self.lr_scheduler_type:
-            if set(self.lr_scheduler_args) != {"step_rules"}:
-                raise ValueError("lr_scheduler_args: piecewise_constant needs exactly step_rules=\"1:100,0.1:200,"
-                                 f"0.01\" (got {sorted(self.lr_scheduler_args) or 'nothing'})")
-            try:
-                sch.parse_step_rules(self.lr_scheduler_args["step_rules"])
-            except ValueError as e:
-                raise ValueError(f"lr_scheduler_args: {e}") from None
-        if self.max_train_epochs is None:  # the step count is known: build the schedule once (as the loop will)
-            import torch
+    def _check_memory_options(self) -> None:
+        """Options that only act together with another one; fp8 storage and DoRA (models/memory.py)."""
+        if not self.gradient_checkpointing:
+            needs = [k for k in ("cpu_offload_checkpointing", "unsloth_offload_checkpointing") if getattr(self, k)]
+            needs += ["checkpoint_blocks"] if self.checkpoint_blocks is not None else []
+            needs += ["checkpoint_mode"] if self.checkpoint_mode != "full" else []
+            if needs:
+                raise ValueError(f"{', '.join(needs)}: needs gradient_checkpointing = true")
+        fp8 = self.fp8_base or self.fp8_base_unet
+        if self.fp8_scaled and not fp8:
+            raise ValueError("fp8_scaled: needs fp8_base (fp8 storage is always scaled in anima-trainer)")
+        if fp8 and str(self.network_args.get("dora_wd", "false")).strip().lower() in ("true", "1", "yes", "on"):
+            raise ValueError("fp8_base: DoRA (network_args dora_wd) needs the full-precision base weights; turn one "
+                             "of them off")
 
-            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            sch.build_scheduler(dummy, self.lr_scheduler, self.max_train_steps, **sch.schedule_options(self))
-        if ("lr_scheduler_num_cycles" in given and self.lr_scheduler in sch.COSINE_SCHEDULERS
-                and float(self.lr_scheduler_num_cycles).is_integer()):
-            _log.warning("lr_scheduler_num_cycles = %g counts full cosine periods in anima-trainer (0.5 = one "
-                         "descent to the minimum; a whole number ends at the maximum for %s); kohya counts descents "
-                         "(and ignores it for cosine): for kohya's schedule use half the value",
-                         self.lr_scheduler_num_cycles, self.lr_scheduler)
+    def memory_options(self) -> dict[str, Any]:
+        """Keyword arguments of models.memory.setup_memory / estimate_training_memory for this config."""
+        return {"gradient_checkpointing": self.gradient_checkpointing, "checkpoint_blocks": self.checkpoint_blocks,
+                "checkpoint_mode": self.checkpoint_mode,
+                "cpu_offload_checkpointing": self.cpu_offload_checkpointing or self.unsloth_offload_checkpointing,
+                "blocks_to_swap": self.blocks_to_swap, "fp8_base": self.fp8_base or self.fp8_base_unet,
+                "fp8_format": self.fp8_format}
 
     # --- metadata ----------------------------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, str]:

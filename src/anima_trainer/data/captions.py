@@ -35,7 +35,11 @@ def caption_path(image: Path, extension: str) -> Path:
 def read_caption(path: Path, *, all_lines: bool = False) -> str:
     """First line, stripped; with `all_lines` (kohya's enable_wildcard) every non-empty stripped line,
     joined by "\n"."""
-    text = read_text(path)  # UTF-8, else a reported fallback (textfiles.py)
+    try:
+        text = read_text(path)  # UTF-8, else a reported fallback (textfiles.py)
+    except OSError as e:
+        raise DatasetConfigError(f"caption file {path} cannot be read: {e.strerror or e} (fix its permissions, "
+                                 "or remove it to use class_tokens)") from None
     lines = text.splitlines()
     if all_lines:
         caption = "\n".join(line.strip() for line in lines if line.strip())

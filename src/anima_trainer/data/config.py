@@ -382,11 +382,15 @@ def load_dataset_config(path: str | Path) -> DatasetConfig:
     if path.suffix == "" and not path.exists() and path.with_suffix(".toml").exists():
         path = path.with_suffix(".toml")
     if not path.is_file():
-        raise DatasetConfigError(f"dataset config {path} does not exist")
+        what = "is a folder, not a TOML file" if path.is_dir() else "is not a file" if path.exists() else \
+            "does not exist"
+        raise DatasetConfigError(f"dataset_config: {path} {what}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise DatasetConfigError(f"dataset config {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise DatasetConfigError(f"dataset_config: {path} cannot be read: {e.strerror or e}") from None
     try:
         return parse_dataset_config(raw, source_dir=path.resolve().parent)
     except DatasetConfigError as e:

@@ -108,6 +108,8 @@ class Batch:
     masks: torch.Tensor | None = None
     is_reg: list[bool] = field(default_factory=list)  # per sample: a regularisation image
     flipped: list[bool] = field(default_factory=list)  # per sample: mirrored horizontally
+    indices: list[int] = field(default_factory=list)  # per sample: the item's index in the dataset
+    occurrences: list[int] = field(default_factory=list)  # per sample: earlier appearances in the epoch's plan
 
 
 class AnimaDataset:
@@ -362,6 +364,8 @@ class AnimaDataset:
             masks=masks,
             is_reg=[item.is_reg for item in items],
             flipped=[bool(f) for f in flips],
+            indices=list(indices),
+            occurrences=list(occurrences),
         )
 
     def epoch(self, epoch: int, *, prefetch: int = 0) -> Iterator[Batch]:

@@ -73,8 +73,9 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _JPEG_EOI = b"\xff\xd9"
 
 
-class ImageReadError(OSError):
-    """An image file exists but cannot be decoded."""
+class ImageReadError(OSError, ValueError):
+    """An image file exists but cannot be decoded.  Also a ValueError: a bad input of the user, which the
+    command line reports as one `error:` line (exit 2), e.g. when the latent cache decodes a damaged image."""
 
 
 class ImageRejected(ImageReadError):

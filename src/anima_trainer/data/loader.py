@@ -20,10 +20,12 @@ Captions = Callable[[int, list[list[int]]], list[list[str]]]
 class RunBatches(torch.utils.data.Dataset):
     """Map-style view of every batch of `epochs` epochs from run batch `start` on (a resume starts mid-run)."""
 
-    def __init__(self, dataset, epochs: int, captions: Captions | None = None, start: int = 0) -> None:
+    def __init__(self, dataset, epochs: int, captions: Captions | None = None, start: int = 0,
+                 shard: list[int] | None = None) -> None:
         self.dataset, self.epochs, self.start = dataset, epochs, start
         self.captions = captions  # e.g. cached caption variants' `pick`; default: the dataset's own processing
-        self.per_epoch = len(dataset)
+        self.shard = list(shard) if shard is not None else list(range(len(dataset)))  # this process's batches
+        self.per_epoch = len(self.shard)
         self._epoch: tuple[int, tuple] | None = None
 
     def __len__(self) -> int:
@@ -38,15 +40,18 @@ class RunBatches(torch.utils.data.Dataset):
         return self._epoch[1]
 
     def __getitem__(self, g: int):
-        epoch, k = divmod(g + self.start, self.per_epoch)
+        epoch, j = divmod(g + self.start, self.per_epoch)
+        k = self.shard[j]
         plan, captions, flips, occurrences = self._arguments(epoch)
         return self.dataset.load_batch(plan[k], epoch=epoch, captions=captions[k], flips=flips[k],
                                        occurrences=occurrences[k])
 
 
-def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = None, start: int = 0) -> Iterator:
-    """Iterator over the batches of the run from run batch `start`, decoded by `workers` processes (0 = here)."""
-    source = RunBatches(dataset, epochs, captions, start)
+def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = None, start: int = 0,
+                shard: list[int] | None = None) -> Iterator:
+    """Iterator over this process's batches (`shard`: positions in each epoch's plan; default all) from run
+    batch `start` on, decoded by `workers` processes (0 = in this process)."""
+    source = RunBatches(dataset, epochs, captions, start, shard)
     workers = min(workers, os.cpu_count() or 1)
     if workers <= 0:
         return (source[g] for g in range(len(source)))

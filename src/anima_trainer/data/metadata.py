@@ -12,10 +12,11 @@ Per entry: `caption` and `tags` are optional strings (missing = ""); `image_size
 (e.g. `train_resolution` from kohya's old bucketing script) are ignored, as buckets are computed here.
 
 Image keys (kohya): an absolute path is used as is; a relative one is joined to the subset's `image_dir`
-(required then).  If the key has no extension, or that file does not exist, `<key><ext>` is tried for each
-image extension (images.EXTENSION_PREFERENCE order, lower then upper case): keys without extension, as
-kohya's merge scripts write them, work.  Images that cannot be found are one DatasetConfigError listing
-them (kohya would look for latent .npz files instead; we need the image).
+(required then) and must stay inside it: `../x.png` (also `a/../../x.png`) is an error naming the entries
+(kohya would follow it out of the dataset).  If the key has no extension, or that file does not exist,
+`<key><ext>` is tried for each image extension (images.EXTENSION_PREFERENCE order, lower then upper case):
+keys without extension, as kohya's merge scripts write them, work.  Images that cannot be found are one
+DatasetConfigError listing them (kohya would look for latent .npz files instead; we need the image).
 
 Caption (kohya): `tags` is appended to the caption with the subset's `caption_separator` ("caption,tags"),
 or is the caption when that is empty.  With `enable_wildcard` every non-empty caption line gets the tags
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,8 +170,12 @@ def resolve_image(key: str, image_dir: Path | None) -> Path | None:
 def resolve_metadata_subset(entries: list[MetadataEntry], image_dir: Path | None, metadata_file: Path,
                             where: str) -> list[tuple[Path, MetadataEntry]]:
     """(image path, entry) per entry; DatasetConfigError listing every image that cannot be found."""
-    found, missing = [], []
+    found, missing, escaping = [], [], []
     for entry in entries:
+        if image_dir is not None and not Path(entry.key).is_absolute() \
+                and os.path.normpath(entry.key).split(os.sep)[0] == os.pardir:
+            escaping.append(entry)
+            continue
         try:
             path = resolve_image(entry.key, image_dir)
         except ValueError:
@@ -179,6 +185,13 @@ def resolve_metadata_subset(entries: list[MetadataEntry], image_dir: Path | None
             missing.append(entry)
         else:
             found.append((path, entry))
+    if escaping:
+        shown = "; ".join(f"{e.key!r} ({e.where})" for e in escaping[:5])
+        more = f" and {len(escaping) - 5} more" if len(escaping) > 5 else ""
+        raise DatasetConfigError(
+            f"{where}: {len(escaping)} relative image path(s) in metadata_file {metadata_file} lead outside "
+            f"image_dir {image_dir}: {shown}{more}; move the images into image_dir, or write absolute paths"
+        )
     if missing:
         shown = "; ".join(f"{e.key!r} ({e.where})" for e in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

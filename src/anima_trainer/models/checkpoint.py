@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 # Prefixes that wrap the DiT inside real files, most specific first.
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net.")
@@ -137,20 +137,57 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a .safetensors file")
-    with open(path, "rb") as f:
+    if not path.is_file():  # a FIFO would block the read forever
+        raise CheckpointError(f"{path} is not a regular file (a pipe or device?); pass a .safetensors file")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+            raise CheckpointError(f"{path} is not a safetensors file (too short: {len(head)} bytes)")
         size = int.from_bytes(head, "little")
-        if size <= 0 or size > 100_000_000 or size > path.stat().st_size:
+        file_size = path.stat().st_size
+        if size <= 0 or size > 100_000_000:
             raise CheckpointError(f"{path} is not a safetensors file (only .safetensors weights are loaded; "
                                   "convert .ckpt/.pt/.bin files, which could run code when unpickled)")
+        if 8 + size > file_size:
+            raise CheckpointError(f"{path}: header length {size} points past the end of the file ({file_size} "
+                                  "bytes): the file is truncated (download or copy it again) or not a safetensors file")
         try:
             header = json.loads(f.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path} is not a safetensors file: bad header ({e})") from None
+    return _parse_header(path, header, file_size - 8 - size)
+
+
+def _parse_header(path: Path, header: object, data_size: int
+                  ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """Check the decoded JSON header's structure and that the file holds exactly the tensor data it describes."""
+    bad = f"{path} is not a safetensors file: bad header"
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} (a JSON {type(header).__name__}, not an object)")
     meta = header.pop("__metadata__", None) or {}
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}, meta
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{bad} (__metadata__ is not an object)")
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    end = 0
+    for k, v in header.items():
+        entry = v if isinstance(v, dict) else {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(d, int) and d >= 0 for d in [*shape, *offsets]) and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{bad} (tensor {k!r} needs dtype, shape and data_offsets, got {str(v)[:80]})")
+        out[k] = (dtype, tuple(shape))
+        end = max(end, offsets[1])
+    if end > data_size:
+        raise CheckpointError(f"{path} is truncated: its header describes {end} bytes of tensor data, the file holds "
+                              f"{data_size} (an interrupted download or copy? get the file again)")
+    if end < data_size:
+        raise CheckpointError(f"{path} is corrupt: {data_size - end} bytes follow the {end} bytes of tensor data its "
+                              "header describes (not a valid safetensors file; get the file again)")
+    return out, meta
 
 
 def detect_prefix(keys: Iterable[str], candidates: Iterable[str] = DIT_PREFIXES, marker: str = "blocks.0.") -> str:
@@ -301,12 +338,13 @@ def _inspect_folder(path: Path) -> FileInfo:
     cfg = path / "config.json"
     if cfg.exists():
         try:
-            model_type = json.loads(cfg.read_text()).get("model_type")
-        except json.JSONDecodeError:
-            model_type = None
-        if model_type == "qwen3":
+            data = json.loads(cfg.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None  # an unreadable or broken config.json: an unrecognised folder
+        data = data if isinstance(data, dict) else {}
+        if data.get("model_type") == "qwen3":
             return FileInfo(path=path, kind="hf_qwen3_folder")
-        if json.loads(cfg.read_text()).get("_class_name"):
+        if data.get("_class_name"):
             return FileInfo(path=path, kind="diffusers_folder")
     return FileInfo(path=path, kind="unknown")
 
@@ -320,10 +358,13 @@ def expect_kind(path: str | Path, flag: str, accepted: Iterable[str]) -> FileInf
         raise WrongModelFileError(f"{flag}: {e}") from None
     if info.kind not in accepted:
         wanted = " or ".join(KIND_DESCRIPTIONS.get(a, a) for a in accepted)
+        if info.kind == "unknown" and Path(path).is_dir():
+            raise WrongModelFileError(f"{flag} expects {wanted}, but {path} is a folder with no recognised model "
+                                      "in it; pass the .safetensors file")
+        keys = list(read_header(path)[0]) if info.kind == "unknown" else []
         raise WrongModelFileError(
             f"{flag} expects {wanted}, but {path} looks like {info.description}"
-            + (f" (keys such as {next(iter(read_header(path)[0]))!r})" if info.kind == "unknown" and
-               Path(path).is_file() else ""))
+            + (f" (keys such as {keys[0]!r})" if keys else " (no tensors)" if info.kind == "unknown" else ""))
     return info
 
 
@@ -331,15 +372,18 @@ def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | 
                     device: str | torch.device = "cpu", drop_ignored: bool = True) -> dict[str, torch.Tensor]:
     """Tensors under `prefix` (stripped), each cast straight to dtype/device as it is read from the mmap."""
     out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix):]
-            if drop_ignored and is_ignored_key(name):
-                continue
-            t = f.get_tensor(key)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype=dtype)
-            out[name] = t.to(device) if str(device) != "cpu" else t
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if not key.startswith(prefix):
+                    continue
+                name = key[len(prefix):]
+                if drop_ignored and is_ignored_key(name):
+                    continue
+                t = f.get_tensor(key)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype=dtype)
+                out[name] = t.to(device) if str(device) != "cpu" else t
+    except SafetensorError as e:  # a file that changed or broke after its header was checked
+        raise CheckpointError(f"{path} cannot be read as safetensors ({e}); get the file again") from None
     return out

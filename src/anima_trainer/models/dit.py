@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from anima_trainer.models.adapter import LLMAdapter, build_context
 from anima_trainer.models.checkpoint import (CheckpointError, DitConfig, expect_kind, infer_dit_config,
                                              load_state_dict, read_header)
 from anima_trainer.models.layers import QKNormAttentionBase, RMSNorm, apply_rotary, attention
+from anima_trainer.models.memory import run_blocks
 
 
 class Patchify(nn.Module):
@@ -86,11 +86,16 @@ def _adaln(dim: int, rank: int, chunks: int) -> nn.Sequential:
 
 
 class Attention(QKNormAttentionBase):
-    """DiT attention: RoPE only when tables are given (self-attention), no mask (zero context rows count)."""
+    """DiT attention: RoPE only when tables are given (self-attention), no mask (zero context rows count).
+
+    `sdpa_backends`: SDPA kernels in priority order, set by models.attention_backend.configure_attention
+    (None = torch's choice); `fuse_qkv`: see QKNormAttentionBase.
+    """
 
     def __init__(self, dim: int, context_dim: int, heads: int) -> None:
         super().__init__(dim, context_dim, heads)
         self.output_proj = nn.Linear(dim, dim, bias=False)
+        self.sdpa_backends: tuple | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -98,7 +103,7 @@ class Attention(QKNormAttentionBase):
         if rope is not None:
             q = apply_rotary(q, *rope, in_fp32=True)
             k = apply_rotary(k, *rope, in_fp32=True)
-        return self.output_proj(attention(q, k, v))
+        return self.output_proj(attention(q, k, v, backends=self.sdpa_backends))
 
 
 class MLP(nn.Module):
@@ -206,6 +211,12 @@ class AnimaDiT(nn.Module):
         # bf16 halves its error against ComfyUI's fp32 output (rel. L2 0.0105 → 0.0057 on the fixture).
         self.residual_fp32: bool | None = None
         self.gradient_checkpointing = False  # recompute each block in backward (non-reentrant: LoRA hooks work)
+        # memory options (models/memory.py setup_memory): checkpoint the first N blocks (None = all), "full" or
+        # "selective" recompute, residuals parked on the CPU, block weights streamed from the CPU
+        self.checkpoint_blocks: int | None = None
+        self.checkpoint_mode = "full"
+        self.activation_offloader = None
+        self.block_swapper = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -262,11 +273,7 @@ class AnimaDiT(nn.Module):
         fp32_residual = self.residual_fp32 if self.residual_fp32 is not None else self.dtype != torch.float32
         if fp32_residual:
             tokens = tokens.float()
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, emb, adaln_lora, context, rope, use_reentrant=False)
-            else:
-                tokens = block(tokens, emb, adaln_lora, context, rope)
+        tokens = run_blocks(self, tokens, emb, adaln_lora, context, rope)  # checkpointing, offload, block swap
         out = self.final_layer(tokens, emb, adaln_lora)
         out = self.unpatchify(out, frames, height, width)[:, :, :, :h0, :w0]
         return out.to(in_dtype)

@@ -1,10 +1,28 @@
-"""Small building blocks shared by the DiT and the LLM adapter (norms, rotary embedding, attention)."""
+"""Small building blocks shared by the DiT and the LLM adapter (norms, rotary embedding, attention).
+
+Two speed levers live here because they are properties of one attention layer (docs/performance.md):
+* `attention(..., backends=)`: the SDPA kernels to try first, in order (set per DiT attention module by
+  `models.attention_backend.configure_attention`); the flags are a context manager, no host sync.
+* fused q/k/v (`QKNormAttentionBase.fuse_qkv`): self-attention runs one GEMM against the three weights
+  packed into one storage.  The weights stay three Parameters (views into that storage) under their own
+  state-dict keys, so checkpoints, LoRA targets and merges are unchanged and no memory is added.
+"""
 
 from __future__ import annotations
+
+import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_log = logging.getLogger(__name__)
+# torch >= 2.6 can take the backend list as a priority order; older torch only as an allowed set
+_SDPA_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
+# the hook `networks.base.AdapterModule.forward`: out = org(x) (+ multiplier · branch(x)); see hooked_linear()
+_ADAPTER_FORWARD = ("anima_trainer.networks.base", "AdapterModule.forward")
 
 
 class RMSNorm(nn.Module):
@@ -36,12 +54,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, in_fp
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+              backends: tuple[SDPBackend, ...] | None = None) -> torch.Tensor:
     """SDPA over [B, S, H, D] tensors (returns [B, S, H*D]).
 
     `key_mask` is [B, S_k] with True = attend.  Rows whose keys are all masked return 0 on every PyTorch
     version (older SDPA gave NaN there), which is what caption dropout with an all-masked text produces.
+    `backends`: SDPA kernels in priority order (None = torch's own choice); on torch without priority
+    support only the first is allowed.
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     mask = None
@@ -49,11 +69,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         key_mask = key_mask.to(torch.bool)
         mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
         mask = mask.masked_fill(~key_mask, torch.finfo(q.dtype).min)[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if backends:
+        if _SDPA_PRIORITY:
+            with sdpa_kernel(list(backends), set_priority=True):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            with sdpa_kernel([backends[0]]):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if key_mask is not None:
         out = out * key_mask.any(dim=-1).to(out.dtype)[:, None, None, None]
     b, h, s, d = out.shape
     return out.transpose(1, 2).reshape(b, s, h * d)
+
+
+def hooked_linear(linear: nn.Linear, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` given `base` = the Linear's own output F.linear(x, W): adds what an injected network adds.
+
+    A network (networks/inject.py) replaces the Linear's forward by `AdapterModule.forward`, which returns
+    org(x) + multiplier · branch(x) (nothing at multiplier 0 or when module_dropout skips the module); that
+    rule is repeated here so the fused GEMM can stand in for org(x).  Any other hook runs whole (exact, one
+    more GEMM).  Random draws happen in the same order as the hooked forward, so dropout masks match.
+    """
+    if not getattr(linear, "_anima_network_hooked", False):
+        return base
+    fwd = linear.forward
+    owner = getattr(fwd, "__self__", None)
+    func = getattr(type(owner), "forward", None)
+    if (getattr(func, "__module__", None), getattr(func, "__qualname__", None)) != _ADAPTER_FORWARD:
+        return linear(x)
+    if owner.multiplier == 0.0:
+        return base
+    if owner.module_dropout and owner.training and float(torch.rand(())) < owner.module_dropout:
+        return base
+    return base + owner.branch(x) * owner.multiplier
 
 
 class QKNormAttentionBase(nn.Module):
@@ -61,6 +111,12 @@ class QKNormAttentionBase(nn.Module):
 
     Subclasses add the output projection under the checkpoint's name (`output_proj` in the DiT, `o_proj` in
     the adapter) and decide where RoPE applies.
+
+    With `fuse_qkv` (set by `set_fused_qkv`), self-attention (`project(x, x)`) computes q, k, v with one GEMM.
+    The three weights are packed into one [3·out, in] storage and each Parameter is a view of it
+    (`pack_qkv`); `.to()`/`.cuda()` and `load_state_dict` re-pack, in-place writes (merges) go straight into
+    the packed storage.  Whenever the weights are not packed (moved by assigning `.data` as block swap does,
+    trainable, different dtypes, fp8 Linears) the separate projections run instead, with the same result.
     """
 
     def __init__(self, dim: int, context_dim: int, heads: int) -> None:
@@ -71,11 +127,96 @@ class QKNormAttentionBase(nn.Module):
         self.v_proj = nn.Linear(context_dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
+        self.fuse_qkv = False
+        self.qkv_packed = False  # last result of check_qkv_packed() (what a compiled forward relies on)
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
+    # --- packing ---------------------------------------------------------------------------------------------
+    def _qkv(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def _qkv_fusable(self) -> bool:
+        """Plain Linears (an fp8 Linear's product is not F.linear on its weight) of one shape, dtype, device."""
+        q = self.q_proj.weight
+        return (q.device.type != "meta"
+                and all(type(lin).forward is nn.Linear.forward and lin.bias is None for lin in self._qkv())
+                and all(lin.weight.shape == q.shape and lin.weight.dtype == q.dtype and lin.weight.device == q.device
+                        for lin in self._qkv()))
+
+    def check_qkv_packed(self) -> bool:
+        """Whether the fused GEMM may read the three weights as one [3·out, in] tensor (host-side checks only)."""
+        q, k, v = (lin.weight for lin in self._qkv())
+        ok = (self._qkv_fusable() and not (q.requires_grad or k.requires_grad or v.requires_grad)
+              and q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+        if ok:
+            step = q.numel() * q.element_size()
+            base = q.untyped_storage().data_ptr()
+            ok = (k.data_ptr() == q.data_ptr() + step and v.data_ptr() == q.data_ptr() + 2 * step
+                  and k.untyped_storage().data_ptr() == base and v.untyped_storage().data_ptr() == base)
+        self.qkv_packed = ok
+        return ok
+
+    @torch.no_grad()
+    def pack_qkv(self) -> bool:
+        """Copy q/k/v weights into one new storage and make each Parameter a view of its rows (no-op when
+        already packed).  Returns whether the fused GEMM can now run."""
+        if self.check_qkv_packed():
+            return True
+        if not self._qkv_fusable():
+            return False
+        q, k, v = (lin.weight for lin in self._qkv())
+        packed = torch.cat([q.detach(), k.detach(), v.detach()])
+        for w, rows in zip((q, k, v), packed.split(q.shape[0])):
+            w.data = rows
+        return self.check_qkv_packed()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (torch's signature)
+        out = super()._apply(fn, recurse)
+        if self.fuse_qkv:  # .to()/.cuda()/.half() convert each weight on its own: pack them again
+            self.pack_qkv()
+        return out
+
+    # --- forward ---------------------------------------------------------------------------------------------
     def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised q, k and plain v as [B, S, heads, head_dim]."""
         b, s, _ = x.shape
+        if self.fuse_qkv and context is x and (
+                self.qkv_packed if torch.compiler.is_compiling() else self.check_qkv_packed()):
+            return self._project_fused(x)
         sk = context.shape[1]
         q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(context).view(b, sk, self.heads, self.head_dim))
         return q, k, self.v_proj(context).view(b, sk, self.heads, self.head_dim)
+
+    def _project_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One GEMM against the packed weights, then each projection's network branch (if hooked) added."""
+        b, s, _ = x.shape
+        wq = self.q_proj.weight
+        n, d_in = wq.shape
+        fused = wq.detach().as_strided((3 * n, d_in), (d_in, 1))  # rows of q, k, v (checked adjacent)
+        parts = F.linear(x, fused).split(n, dim=-1)
+        q, k, v = (hooked_linear(lin, x, part).view(b, s, self.heads, self.head_dim)
+                   for lin, part in zip(self._qkv(), parts))
+        return self.q_norm(q), self.k_norm(k), v
+
+
+def _repack_after_load(module: QKNormAttentionBase, incompatible_keys: object) -> None:
+    """load_state_dict(assign=True) puts new tensors in the Parameters: pack them again."""
+    if module.fuse_qkv:
+        module.pack_qkv()
+
+
+def set_fused_qkv(model: nn.Module, enabled: bool) -> int:
+    """Turn fused q/k/v on or off for every self-attention of `model`'s DiT blocks (`blocks.N.self_attn`).
+
+    On: the weights are packed now (a copy of q/k/v weights while packing, freed after: no lasting memory).
+    Off: the views stay valid Parameters; the separate projections run.  Returns how many layers are packed.
+    """
+    packed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, QKNormAttentionBase) and name.startswith("blocks.") and name.endswith(".self_attn"):
+            module.fuse_qkv = bool(enabled)
+            packed += bool(enabled) and module.pack_qkv()
+    if enabled:
+        _log.info("fused q/k/v: %d self-attention layer(s) packed", packed)
+    return packed

@@ -29,6 +29,7 @@ from anima_trainer.networks.formats import (
     KOHYA_PREFIX,
     NetworkError,
     check_comfy_keys,
+    check_network_file,
 )
 from anima_trainer.networks.inject import ForwardHook, check_network_args, find_targets, first_match
 
@@ -220,6 +221,12 @@ class AdapterNetwork(nn.Module):
         targets = {p: m for p, m in targets.items() if specs[p][0] > 0}
         if not targets:
             raise NetworkError("no DiT module left: network_reg_dims gives dim 0 to every target")
+        widest = max(min(m.in_features, m.out_features) for m in targets.values())
+        biggest = max(specs[p][0] for p in targets)
+        if module_specs is None and algo in ("lora", "loha") and biggest > widest:  # LoKr: dims >= 100000 = full
+            raise NetworkError(f"network_dim: dim {biggest} is larger than the rank of any target module (at most "
+                               f"{widest} = min(in, out) of the widest), so it would only waste memory (a huge dim "
+                               f"cannot even be allocated); use a dim <= {widest}")
         self.lora_modules = nn.ModuleList(module_cls(p, m, specs[p][0], specs[p][1], dropout, **{**kw, **specs[p][2]})
                                           for p, m in targets.items())
         self.modules_by_name: dict[str, AdapterModule] = {m.path: m for m in self.lora_modules}
@@ -383,6 +390,7 @@ class AdapterNetwork(nn.Module):
         """Load a file of this algorithm and layout, strictly: ComfyUI (`diffusion_model.*`), kohya
         (`lora_unet_*`) or PEFT/diffusers names (converted first, networks/convert.py)."""
         path = Path(path)
+        check_network_file(path)
         sd = read_comfy_named(path, self._dit[0])
         names = {COMFY_PREFIX + p: p for p in [*self.modules_by_name, *self.norms_by_name]}
         suffixes: dict[str, str] = {".alpha": ".alpha"}

@@ -42,6 +42,18 @@ class NetworkError(ValueError):
     """A network file or network setup that cannot work; the message names the key/module and the fix."""
 
 
+def check_network_file(path: str | Path) -> None:
+    """NetworkError saying why an existing `path` is not a readable safetensors file (a folder, a pipe, no read
+    permission, truncated, a bad header), from its header alone; a missing file is left to the reader."""
+    from anima_trainer.models.checkpoint import CheckpointError, read_header
+
+    if Path(path).exists():
+        try:
+            read_header(path)
+        except CheckpointError as e:
+            raise NetworkError(f"network file {e}") from None
+
+
 def comfy_key_map(dit: nn.Module) -> dict[str, str]:
     """Accepted adapter-name prefix → DiT parameter name, in ComfyUI's insertion order.
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from anima_trainer.networks.base import AdapterNetwork, find_norms
 from anima_trainer.networks.convert import read_comfy_named, read_network
-from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, NetworkError
+from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, NetworkError, check_network_file
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float
     """The network `path` describes, injected into `dit`, with the file's weights loaded."""
     from anima_trainer.networks import loha, lokr, lora
 
+    check_network_file(path)
     sd = read_comfy_named(path, dit)
     _, meta = read_network(path)
     order = {name: i for i, (name, _) in enumerate(dit.named_modules())}  # the DiT's module order

@@ -20,6 +20,7 @@ import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.train import resume as states
+from anima_trainer.train.distributed import Distributed, write_rank_rngs
 from anima_trainer.train.events import write_resolved_config
 from anima_trainer.train.monitor import check_finite_state
 from anima_trainer.train.state import SavePlan, StatePlan
@@ -29,7 +30,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "bf16": torch.bflo
 # snapshot fields whose change makes a resume wrong (the rest of the config is compared and logged)
 CRITICAL = ("dit", "qwen3", "vae", "llm_adapter", "network_module", "network_dim", "network_alpha", "network_args",
             "network_targets", "network_dropout", "dataset", "buckets", "batches_per_epoch",
-            "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision")
+            "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision", "fp8_base")
 # config keys that legitimately differ between the interrupted run and its resume
 NOT_COMPARED = ("resume", "overwrite", "resume_snapshot_strict")
 
@@ -57,6 +58,7 @@ def snapshot_fields(cfg: TrainConfig, network, dataset) -> dict:
         "dataset": _sha(items), "buckets": [list(b) for b in dataset.bucket_table()],
         "batches_per_epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "optimizer_type": cfg.optimizer_type, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision,
+        "fp8_base": f"{cfg.fp8_base or cfg.fp8_base_unet}/{cfg.fp8_format}",  # a different base model
     }
 
 
@@ -94,12 +96,15 @@ class Checkpointer:
 
     def __init__(self, cfg: TrainConfig, network, *, optimizer, scheduler, scaler, generator: torch.Generator,
                  snapshot: dict, metadata: Callable[[int, int], dict[str, str]], events: Any = None,
+                 dist: Any = None,
                  before_save: Callable[[], None] = lambda: None, after_save: Callable[[], None] = lambda: None,
                  ) -> None:
         out = Path(cfg.output_dir)
         self.cfg, self.network = cfg, network
         self.optimizer, self.scheduler, self.scaler, self.generator = optimizer, scheduler, scaler, generator
         self.snapshot, self.metadata, self.events = snapshot, metadata, events
+        self.dist = dist or Distributed()  # several processes: all gather RNG states, the main one writes
+        self._rank_rngs: list[dict] | None = None
         self.before_save, self.after_save = before_save, after_save  # e.g. schedule-free eval/train switch
         self.files = SavePlan(out, cfg.output_name, every_n_steps=cfg.save_every_n_steps,
                               every_n_epochs=cfg.save_every_n_epochs, keep_last_n_steps=cfg.save_last_n_steps,
@@ -113,7 +118,8 @@ class Checkpointer:
 
     def check_start(self) -> None:
         self.files.check_start()
-        states.remove_stale_temporaries(self.cfg.output_dir)
+        if self.dist.is_main:
+            states.remove_stale_temporaries(self.cfg.output_dir)
 
     def _network_file(self, path: Path, step: int, epoch: int) -> Path:
         check_finite_state(self.network.state_dict(), str(path))  # never a NaN over a good file
@@ -127,7 +133,7 @@ class Checkpointer:
         folder = states.save_state(folder, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler,
                                    scaler=self.scaler, generator=self.generator, progress=progress,
                                    snapshot=self.snapshot, config=config_record(self.cfg), overwrite=True,
-                                   extra=lambda tmp: write_resolved_config(tmp, self.cfg))
+                                   extra=self._extra_files)
         if self.events is not None:
             self.events.write("save_state", step=progress.step, epoch=progress.epoch, path=str(folder))
         return folder
@@ -149,11 +155,16 @@ class Checkpointer:
             (lambda: self.states.record_epoch(progress.epoch, self._state(
                 self.states.epoch_path(progress.epoch), progress))) if self.cfg.save_state else None)
 
+    def _extra_files(self, tmp: Path) -> None:
+        write_resolved_config(tmp, self.cfg)
+        if self._rank_rngs is not None:
+            write_rank_rngs(tmp, self._rank_rngs)
+
     def interrupted(self, progress: states.Progress) -> Path:
         """A state at the current step after SIGINT/SIGTERM (whatever save_state says): nothing is lost."""
         folder: list[Path] = []
         self._save(lambda: None, lambda: folder.append(self._state(self.states.step_path(progress.step), progress)))
-        return folder[0]
+        return folder[0] if folder else self.states.step_path(progress.step)
 
     def final(self, progress: states.Progress) -> Path:
         paths: list[Path] = []
@@ -162,9 +173,14 @@ class Checkpointer:
             state = lambda: self._state(self.states.final_path, progress)  # noqa: E731
         self._save(lambda: paths.append(self._network_file(self.files.final_path, progress.step, progress.epoch)),
                    state)
-        return paths[0]
+        return paths[0] if paths else self.files.final_path
 
     def _save(self, network_file: Callable[[], Any], state: Callable[[], Any] | None) -> None:
+        # every process's RNG goes into a state (each resumes its own streams); only the main one writes
+        self._rank_rngs = (self.dist.gather_objects(states.capture_rng(self.generator))
+                           if state is not None and self.dist.enabled else None)
+        if not self.dist.is_main:
+            return
         self.before_save()
         try:
             network_file()

@@ -102,9 +102,12 @@ class Caches:
 
 
 def prepare_caches(cfg: TrainConfig, dataset, models, conditioner: TextConditioner | None, *,
-                   force_disk: bool = False) -> Caches:
+                   force_disk: bool = False, dist=None) -> Caches:
     """Build/reuse the caches the config asks for (all of them on disk with `force_disk`, the `cache`
-    command)."""
+    command).  With several processes (`dist`), disk caches are built in shares, then read by everyone."""
+    from anima_trainer.train.distributed import Distributed, take_owned
+
+    dist = dist or Distributed()
     from anima_trainer.cache import cache_latents, cache_text, model_fingerprint
     from anima_trainer.cache.store import store_for
     from anima_trainer.cache.variants import CaptionVariants
@@ -117,9 +120,10 @@ def prepare_caches(cfg: TrainConfig, dataset, models, conditioner: TextCondition
         log.warning("random_crop / color_aug change pixels every epoch: no latent cache is built")
     elif force_disk or cfg.cache_latents or cfg.cache_latents_to_disk:
         vae_dtype = next(models.vae.model.parameters()).dtype
-        caches.latents, summary = cache_latents(dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae),
-                                                dtype=vae_dtype, to_disk=force_disk or cfg.cache_latents_to_disk,
-                                                batch_size=cfg.vae_batch_size)
+        to_disk = force_disk or cfg.cache_latents_to_disk
+        caches.latents, summary = dist.build_cache(lambda owned: cache_latents(
+            dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae), dtype=vae_dtype, to_disk=to_disk,
+            batch_size=cfg.vae_batch_size, progress=dist.is_main, owned=owned), to_disk=to_disk)
         log.info("latent cache: %s", summary)
     if force_disk or cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         to_disk = force_disk or cfg.cache_text_encoder_outputs_to_disk
@@ -136,8 +140,9 @@ def prepare_caches(cfg: TrainConfig, dataset, models, conditioner: TextCondition
                 captions.update({c: where(i) for c in rows if c not in captions})
             log.info("captions change every step: %d variants per caption are cached (caption_variants)",
                      cfg.caption_variants)
-        rows, summary = cache_text(captions, models.text_encoder, qwen_fingerprint=model_fingerprint(cfg.qwen3),
-                                   batch_size=cfg.text_encoder_batch_size or 8)
+        rows, summary = dist.build_cache(lambda owned: cache_text(
+            take_owned(captions, owned), models.text_encoder, qwen_fingerprint=model_fingerprint(cfg.qwen3),
+            batch_size=cfg.text_encoder_batch_size or 8, progress=dist.is_main), to_disk=to_disk)
         log.info("text cache: %s", summary)
         if conditioner is not None:
             conditioner.prefill(rows)
@@ -152,31 +157,36 @@ class StepInput:
     captions: list[str]
     mask: torch.Tensor | None  # [B, 1, 1, h, w] at latent resolution, or None
     is_reg: list[bool]
+    samples: list[tuple[int, int]]  # per sample (dataset item index, occurrence in the epoch): seeds its noise
 
 
-def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device, images=None, skip: int = 0):
-    """StepInputs of one epoch from its batch `skip` on (a resume): latents from the cache (flipped ones where
-    the epoch flips), or by encoding the next batches from `images` (see `data.loader.run_batches`, which
-    starts at the same place)."""
+def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device, images=None, skip: int = 0,
+                 shard: list[int] | None = None):
+    """StepInputs of one epoch: the batches of the epoch's plan at the positions `shard` lists (this process's
+    share; default all), from position `skip` of it on (a resume).  Latents come from the cache (flipped ones
+    where the epoch flips), or by encoding the next batches from `images` (`data.loader.run_batches`, which
+    starts at the same place with the same shard).  Captions and flips depend on the whole plan."""
     from anima_trainer.cache.build import latent_mask
 
+    positions = list(shard) if shard is not None else list(range(len(dataset)))
     if caches.latents is None:
-        for _ in range(len(dataset) - skip):
+        for _ in range(len(positions) - skip):
             batch = next(images)
             with torch.no_grad():  # never yield inside no_grad: the caller's step would run without autograd
                 latents = vae.encode(to_device(batch.images, device)).to(device)
             mask = None if batch.masks is None else latent_mask(batch.masks, latents.shape[-2:]).to(device)
-            yield StepInput(latents, batch.captions, mask, list(batch.is_reg))
+            yield StepInput(latents, batch.captions, mask, list(batch.is_reg),
+                            list(zip(batch.indices, batch.occurrences, strict=True)))
         return
     plan = dataset.batch_plan(epoch)
     captions = caches.variants.pick(epoch, plan) if caches.variants else dataset.epoch_captions(epoch, plan)
     flips = dataset.epoch_flips(epoch, plan)
-    for k, indices in enumerate(plan):
-        if k < skip:
-            continue
+    occurrences = dataset.plan_occurrences(plan)
+    for k in positions[skip:]:
+        indices = plan[k]
         latents, mask = caches.latents.batch(indices, flips[k])
         yield StepInput(to_device(latents, device), captions[k], None if mask is None else to_device(mask, device),
-                        [dataset.items[i].is_reg for i in indices])
+                        [dataset.items[i].is_reg for i in indices], list(zip(indices, occurrences[k], strict=True)))
 
 
 def report_long_captions(dataset, text_encoder, limit: int = 512) -> list[tuple[Path, int, int]]:

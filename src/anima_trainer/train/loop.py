@@ -8,6 +8,7 @@ loss: train/validation.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -22,6 +23,8 @@ from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.data.loader import run_batches
+from anima_trainer.download import ensure_tokenizers
+from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
@@ -33,13 +36,21 @@ from anima_trainer.train.inputs import prepare_caches as prepare_caches
 from anima_trainer.train.inputs import report_long_captions as report_long_captions
 from anima_trainer.train.inputs import to_device
 from anima_trainer.train.checkpoints import Checkpointer, check_resume, resolve_resume, snapshot_fields
+from anima_trainer.train.distributed import (
+    Distributed,
+    check_state_world,
+    check_supported,
+    needs_cpu_backend,
+    read_rank_rng,
+)
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.monitor import Monitor
 from anima_trainer.train.optim import build_optimizer, build_scheduler, effective_lrs, set_optimizer_train_mode
-from anima_trainer.train.resume import Progress, load_state
+from anima_trainer.train.resume import Progress, load_state, restore_rng
 from anima_trainer.train.schedulers import schedule_options
 from anima_trainer.train.tracking import log_images, resolve_tracking, start_tensorboard, start_trackers
 from anima_trainer.train.validation import build_validator, check_validation
+from anima_trainer.train.vram_plan import adapter_trained, apply_plan
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +107,10 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     """Load the three parts with start-up validation (wrong files are named with their flag)."""
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
 
-    dit = load_dit(cfg.pretrained_model_name_or_path, dtype=dtype, device=device, adapter_path=cfg.llm_adapter_path)
+    # with block swap the DiT stays on the CPU until setup_memory places the parts that live on the device
+    dit_device = "cpu" if cfg.blocks_to_swap else device
+    dit = load_dit(cfg.pretrained_model_name_or_path, dtype=dtype, device=dit_device,
+                   adapter_path=cfg.llm_adapter_path)
     te = load_text_encoder(cfg.qwen3, tokenizer_dir=cfg.qwen3_tokenizer_path, t5_tokenizer_dir=cfg.t5_tokenizer_path,
                            dtype=dtype, device=device)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
@@ -106,27 +120,82 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
 
 def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
                   generator: torch.Generator, mask: torch.Tensor | None = None,
-                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0."""
+                  sample_weights: torch.Tensor | None = None, sample_seeds: list[int] | None = None) -> torch.Tensor:
+    """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0.
+
+    With `sample_seeds` each sample's noise and σ come from its own seed (the loop derives it from the seed,
+    the epoch and the item), so they do not depend on how samples are batched or sharded across processes;
+    otherwise they are drawn from `generator`."""
     device = latents.device
-    noise = to_device(torch.randn(latents.shape, generator=generator, device=generator.device), device)
     patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-    sigma = sample_sigmas(latents.shape[0], method=cfg.timestep_sampling, sigmoid_scale=cfg.sigmoid_scale,
-                          shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
-                          logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
-                          patches=patches, generator=generator, device=generator.device)
-    sigma = to_device(sigma, device)
+
+    def draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn((n, *latents.shape[1:]), generator=gen, device=gen.device)
+        sigma = sample_sigmas(n, method=cfg.timestep_sampling, sigmoid_scale=cfg.sigmoid_scale,
+                              shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
+                              logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                              patches=patches, generator=gen, device=gen.device)
+        return noise, sigma
+
+    if sample_seeds is None:
+        noise, sigma = draw(latents.shape[0], generator)
+    else:
+        pairs = [draw(1, torch.Generator().manual_seed(s)) for s in sample_seeds]
+        noise, sigma = torch.cat([n for n, _ in pairs]), torch.cat([s for _, s in pairs])
+    noise, sigma = to_device(noise, device), to_device(sigma, device)
     x_t = noisy_input(latents, noise, sigma)
     pred = dit(x_t, sigma, context)
     return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
                      weighting_scheme=cfg.weighting_scheme, mask=mask, sample_weights=sample_weights)
 
 
+def sample_seed(seed: int, epoch: int, index: int, occurrence: int) -> int:
+    """The noise/σ seed of one sample: a hash of (seed, epoch, dataset item, occurrence in the epoch)."""
+    digest = hashlib.blake2b(f"anima-trainer/noise/{seed}/{epoch}/{index}/{occurrence}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype, *, tokens: set[int],
+                batch: int, extra_shapes: int = 0):
+    """Speed and memory levers, then the network, in the only order that works: fused q/k/v packing →
+    memory options (fp8 storage, block swap, checkpointing) → network injection → attention kernel choice →
+    torch.compile of the blocks (last: it traces the injected hooks).  Returns (network, attention kernel)."""
+    from anima_trainer.models.attention_backend import configure_attention
+    from anima_trainer.models.compile import compile_dit_blocks
+    from anima_trainer.models.layers import set_fused_qkv
+    from anima_trainer.models.memory import check_network_fp8, setup_memory
+
+    set_fused_qkv(dit, cfg.fuse_qkv)
+    try:
+        setup_memory(dit, device=device, **cfg.memory_options())
+    except ValueError as e:
+        raise ConfigError(f"memory options: {e}") from None
+    network = build_network(cfg, dit)
+    try:
+        check_network_fp8(dit, network)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    network.to(device)
+    kernel = configure_attention(dit, cfg.attention_backend, device, dtype, tokens=max(tokens), batch=batch)
+    if cfg.compile_blocks:
+        compile_dit_blocks(dit, mode=cfg.compile_mode, backend=cfg.compile_backend, fullgraph=cfg.compile_fullgraph,
+                           cache_size_limit=cfg.compile_cache_size_limit,
+                           max_shapes=2 * len(tokens) + extra_shapes)
+    return network, kernel
+
+
 def build_network(cfg: TrainConfig, dit):
     """The network to train: configured (optionally initialised from network_weights), or with
     dim_from_weights exactly the network of that file."""
-    from anima_trainer.networks import create_network, create_network_from_weights
+    from anima_trainer.networks import NetworkError, create_network, create_network_from_weights
 
+    try:
+        return _build_network(cfg, dit, create_network, create_network_from_weights)
+    except NetworkError as e:
+        raise NetworkError(f"network_weights: {e}" if cfg.network_weights else str(e)) from None
+
+
+def _build_network(cfg: TrainConfig, dit, create_network, create_network_from_weights):
     if cfg.dim_from_weights:
         network = create_network_from_weights(dit, cfg.network_weights, dropout=cfg.network_dropout,
                                               **cfg.network_args)
@@ -202,28 +271,40 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     check_validation(cfg, dataset)
     resume_from = resolve_resume(cfg)
     tracking = resolve_tracking(cfg)
-    accelerator = Accelerator(mixed_precision="no", **tracking.accelerator_kwargs())
+    accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
+    check_supported(accelerator)
+    dist = Distributed.from_accelerator(accelerator)
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    cfg = apply_plan(cfg, dataset, device, adapter_trained=adapter_trained(cfg))  # vram_budget_gb
+    with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
+        if dist.is_main:
+            ensure_tokenizers(cfg)
     models = load_models(cfg, device, dtype)
     dit = models.dit
-    dit.gradient_checkpointing = cfg.gradient_checkpointing
-    network = build_network(cfg, dit)
-    network.to(device)
+    tokens = {image_tokens(w, h) for w, h, *_ in dataset.bucket_table()}
+    batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
+    previews_and_validation = 2 * len(load_sample_prompts(cfg.sample_prompts)) if cfg.sample_prompts else 0
+    network, kernel = prepare_dit(cfg, dit, device, dtype, tokens=tokens, batch=batch,
+                                  extra_shapes=previews_and_validation + 4)
+    dist.broadcast_parameters(network.trainable_parameters())  # every process starts from the same weights
+    if dist.enabled:
+        torch.manual_seed(dist.seed(seed))  # dropout differs per process
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
     optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device,
                                 optimizer_type=cfg.optimizer_type)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(dist.seed(seed))
+    shard = dist.shard(len(dataset))  # this process's batches of every epoch
     snapshot = snapshot_fields(cfg, network, dataset)
     started = time.time()
     events = EventLog(events_path(cfg.output_dir, cfg.output_name) if accelerator.is_main_process else None,
                       run=tracking.run_name)
     checkpoints = Checkpointer(
         cfg, network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator,
-        snapshot=snapshot, events=events, metadata=lambda step, epoch: build_metadata(
+        snapshot=snapshot, events=events, dist=dist, metadata=lambda step, epoch: build_metadata(
             cfg, step=step, epoch=epoch, num_images=dataset.num_images, batches_per_epoch=len(dataset),
             max_steps=max_steps, started=started, buckets=dataset.bucket_table()),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
@@ -241,16 +322,20 @@ def run_training(cfg: TrainConfig) -> TrainRun:
                                   max_cached=100_000 if dataset.captions_are_static else 0,
                                   cache_contexts=cfg.cache_llm_adapter_outputs,
                                   train_adapter=network.trains_llm_adapter)
-    caches = prepare_caches(cfg, dataset, models, conditioner)
+    caches = prepare_caches(cfg, dataset, models, conditioner, dist=dist)
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
-    validator = build_validator(cfg, dataset, models.vae.encode, device, seed)
+    validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
     progress = Progress()
     if resume_from is not None:
         check_resume(resume_from, cfg, snapshot)
+        check_state_world(resume_from, dist.world_size)
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
                               scaler=scaler, generator=generator)
-        if progress.batch_in_epoch >= len(dataset):  # saved at an epoch's end: start the next one
+        rng = read_rank_rng(resume_from, dist.rank, dist.world_size)
+        if rng is not None:
+            restore_rng(rng, generator)
+        if progress.batch_in_epoch >= len(shard):  # saved at an epoch's end: start the next one
             progress = Progress(progress.step, progress.epoch + 1, 0)
         log.info("resuming from %s at step %d (epoch %d, batch %d)", resume_from, progress.step, progress.epoch,
                  progress.batch_in_epoch)
@@ -259,15 +344,16 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     if caches.latents is None:  # decode images in worker processes, ahead of the GPU
         images = run_batches(dataset, epochs, cfg.max_data_loader_n_workers,
                              caches.variants.pick if caches.variants is not None else None,
-                             start=(progress.epoch - 1) * len(dataset) + progress.batch_in_epoch)
+                             start=(progress.epoch - 1) * len(shard) + progress.batch_in_epoch, shard=shard)
     monitor = Monitor.from_config(cfg, device, max_steps=max_steps,
-                                  steps_per_epoch=math.ceil(len(dataset) / cfg.gradient_accumulation_steps),
+                                  steps_per_epoch=math.ceil(len(shard) / cfg.gradient_accumulation_steps),
                                   events=events, log_fn=accelerator.log if tracking.log_with else None)
     log.info("training %d %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
              len(network.modules_by_name), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)
     run = _Run(cfg, accelerator, models, network, dataset, conditioner, caches, images, optimizer, scheduler,
-               scaler, generator, checkpoints, monitor, events, validator, progress, max_steps, epochs)
+               scaler, generator, checkpoints, monitor, events, validator, progress, max_steps, epochs, seed, dist,
+               shard)
     with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
             StopSignals() as stop:
         events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)
@@ -280,6 +366,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
             events.write("error", step=progress.step, epoch=progress.epoch, error=type(e).__name__, message=str(e))
             raise
         events.write("end", step=progress.step, epoch=progress.epoch, **monitor.summary())
+    dist.barrier()
     accelerator.end_training()
     log.info("saved %s", final)
     return TrainRun(final, dit, network, monitor.losses, progress.step, optimizer)
@@ -308,6 +395,9 @@ class _Run:
     progress: Progress
     max_steps: int
     epochs: int
+    seed: int
+    dist: Distributed
+    shard: list[int]
 
 
 def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
@@ -341,31 +431,36 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
         if r.accelerator.trackers:
             r.accelerator.log(logs, step=progress.step)
 
+    previews = previews if r.dist.is_main else []  # one process renders the previews
     if previews and cfg.sample_at_first and progress.step == 0:
         preview("000000")
-    accum, per_epoch, fp16 = cfg.gradient_accumulation_steps, len(r.dataset), r.scaler.is_enabled()
+    accum, per_epoch, fp16 = cfg.gradient_accumulation_steps, len(r.shard), r.scaler.is_enabled()
     validated_at: int | None = None
-    bar = tqdm(total=r.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=r.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not r.dist.is_main)
     monitor.start()
     for epoch in range(progress.epoch, r.epochs + 1):
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
         progress.epoch, progress.batch_in_epoch = epoch, skip
         pending = 0  # micro-batches accumulated since the last optimizer step
-        batches = epoch_inputs(r.dataset, epoch - 1, r.models.vae, r.caches, r.accelerator.device, r.images, skip=skip)
+        batches = epoch_inputs(r.dataset, epoch - 1, r.models.vae, r.caches, r.accelerator.device, r.images, skip=skip,
+                               shard=r.shard)
         for batch in monitor.timed(batches):
             context = r.conditioner.context(batch.captions)
             weights = None
             if any(batch.is_reg) and cfg.prior_loss_weight != 1.0:
                 weights = torch.tensor([cfg.prior_loss_weight if reg else 1.0 for reg in batch.is_reg])
-            loss = training_step(dit, batch.latents, context, cfg, r.generator, batch.mask, weights)
+            seeds = [sample_seed(r.seed, epoch, i, o) for i, o in batch.samples]
+            loss = training_step(dit, batch.latents, context, cfg, r.generator, batch.mask, weights, seeds)
             r.scaler.scale(loss / accum).backward()
-            monitor.add_micro_batch(loss, len(batch.captions))
+            monitor.add_micro_batch(r.dist.reduce_mean(loss.detach()), len(batch.captions) * r.dist.world_size)
             progress.batch_in_epoch += 1
             pending += 1
             # kohya/accelerate: step every `accum` micro-batches and at the end of each epoch
             if pending < accum and progress.batch_in_epoch < per_epoch:
                 continue
             pending = 0
+            r.dist.average_gradients(params)  # data parallel: every process steps with the global mean
             r.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             apply = True
@@ -391,7 +486,7 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                 r.checkpoints.at_step(progress, last=progress.step >= r.max_steps)
             if progress.step >= r.max_steps:
                 break
-            if stop is not None and stop.requested:
+            if stop is not None and r.dist.any_true(stop.requested is not None):
                 monitor.flush()
                 bar.close()
                 return False

@@ -1,0 +1,434 @@
+"""kohya's `anima_train_network.py` command line → anima-trainer's, for GUIs that launch sd-scripts
+(kohya_ss, lora-scripts) and for root-style Anima_Trainer files (sd-scripts-anima's in-memory mode, §6.4).
+
+`anima-trainer train` reads kohya's train-args TOML as is, strictly.  What a kohya user's files carry beyond that,
+and what this module translates, is:
+
+* the dataset on the command line / in the train-args TOML (`train_data_dir` with `<N>_<name>/` folders,
+  `reg_data_dir`, `in_json`, `resolution`, `enable_bucket`, caption and bucket options): a dataset.toml is
+  generated.  With a `dataset_config`, those options are kohya's fallback level under `[general]`;
+* kohya's `lr_scheduler_num_cycles`, which counts descents (halved for cosine_with_min_lr and WSD, ignored for
+  cosine): converted to anima-trainer's cosine periods;
+* LyCORIS `network_args` that do nothing for Anima's Linear layers (conv_dim, use_tucker, ...) and its `preset`;
+* options sd-scripts reads but ignores for Anima or that GUIs always write (sample_sampler, huber_schedule with an
+  l2 loss, xformers, full_bf16, persistent_data_loader_workers, kohya_ss's `epoch`, ...): dropped with a notice;
+* a root-style Anima_Trainer config: converted (convert_root.py) with a notice.
+
+Generated files go to `<output_dir>/<output_name>_config/` (train.toml, dataset.toml), are rewritten on every
+launch and show what actually ran.  Everything else still goes through `parse_train_args`, so anything
+unsupported fails there with the usual message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from anima_trainer.config.errors import ConfigError
+from anima_trainer.config.tomlw import dumps
+
+
+def _resolution(v: Any) -> Any:
+    """kohya's "W,H" / "N" / N → N or [W, H]."""
+    if isinstance(v, str):
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"resolution: expected 'N' or 'W,H', got {v!r}") from None
+        if len(nums) not in (1, 2):
+            raise ConfigError(f"resolution: expected 'N' or 'W,H', got {v!r}")
+        return nums[0] if len(nums) == 1 or nums[0] == nums[1] else nums
+    return v
+
+
+def _flag(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+# kohya's dataset-on-CLI options (kohya_anima.md §1.3, §2.2): name → argparse type ("flag" = store_true)
+DATASET_OPTIONS: dict[str, Any] = {
+    "train_data_dir": str, "reg_data_dir": str, "in_json": str, "resolution": str, "enable_bucket": "flag",
+    "min_bucket_reso": int, "max_bucket_reso": int, "bucket_reso_steps": int, "bucket_no_upscale": "flag",
+    "caption_extension": str, "shuffle_caption": "flag", "keep_tokens": int, "keep_tokens_separator": str,
+    "secondary_separator": str, "caption_separator": str, "caption_prefix": str, "caption_suffix": str,
+    "enable_wildcard": "flag", "caption_dropout_rate": float, "caption_dropout_every_n_epochs": int,
+    "caption_tag_dropout_rate": float, "token_warmup_min": int, "token_warmup_step": float, "color_aug": "flag",
+    "flip_aug": "flag", "random_crop": "flag", "skip_image_resolution": str, "resize_interpolation": str,
+}
+_FOLDER_OPTIONS = ("train_data_dir", "reg_data_dir", "in_json")
+# keys written by GUIs or read-and-ignored by sd-scripts for Anima: (values that are dropped, reason)
+ANY = object()
+IGNORED: dict[str, tuple[Any, str]] = {
+    "epoch": (ANY, "kohya_ss bookkeeping; sd-scripts does not read it (max_train_steps / max_train_epochs do)"),
+    "noise_offset_type": (ANY, "kohya_ss GUI setting; sd-scripts does not read it"),
+    "sample_sampler": (ANY, "kohya's Anima sampler is always Euler; so is anima-trainer's"),
+    "persistent_data_loader_workers": (ANY, "data workers always stay alive for the whole run"),
+    "xformers": (ANY, "attention runs on torch SDPA (same math; pick the kernel with attention_backend)"),
+    "mem_eff_attn": (ANY, "attention runs on torch SDPA"),
+    "full_bf16": (ANY, "adapters and optimizer state stay fp32 (bf16 would round small updates away)"),
+    "full_fp16": (ANY, "adapters and optimizer state stay fp32"),
+    "max_timestep": ((1000, "1000"), "1000 = the whole range, which is what is sampled"),
+    "min_timestep": ((0, "0"), "0 = the whole range, which is what is sampled"),
+}
+LYCORIS_CONV_ARGS = ("conv_dim", "conv_alpha", "use_tucker", "use_cp")
+LYCORIS_OFF_ARGS = ("bypass_mode", "use_scalar", "rank_dropout_scale", "dora_wd")
+LYCORIS_FULL_PRESET = ("train_adaln=true", "train_final_layer=true", "train_embedders=true", "train_llm_adapter=true")
+# consumed from the command line so they can be translated (peeked ones are put back as given)
+_PEEK = ("config_file", "dataset_config", "output_dir", "output_name", "lr_scheduler", "lr_scheduler_type",
+         "loss_type", "network_module", "network_train_unet_only", "cache_text_encoder_outputs")
+_TRANSLATED = ("lr_scheduler_num_cycles", "network_args", "huber_schedule", "text_encoder_lr")
+_BOOL_PEEK = ("network_train_unet_only", "cache_text_encoder_outputs")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"command line: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False, allow_abbrev=False)
+    for name, kind in {**DATASET_OPTIONS, **dict.fromkeys(IGNORED, "flag")}.items():
+        if kind == "flag":
+            p.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS)
+        else:
+            p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS)
+    for name in _PEEK + _TRANSLATED:
+        if name in _BOOL_PEEK:
+            p.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS)
+        else:
+            p.add_argument(f"--{name}", nargs="*" if name in ("network_args", "text_encoder_lr") else None,
+                           default=argparse.SUPPRESS)
+    return p
+
+
+def _literal(v: str) -> Any:
+    low = v.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _strip_inert_cli(tokens: list[str], notices: list[str]) -> list[str]:
+    """Drop command-line uses of kohya options that anima-trainer does not implement when their value changes
+    nothing (`--sdpa`, `--max_bucket_reso 1024` ...): kohya's script accepts them, and the TOML path already does."""
+    from anima_trainer.config import kohya_options as ko
+
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        name, eq, val = tok.lstrip("-").partition("=")
+        if not tok.startswith("--") or name not in ko.UNIMPLEMENTED:
+            out.append(tok)
+            i += 1
+            continue
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        takes_next = not eq and nxt is not None and not (nxt.startswith("--") and _number(nxt) is None)
+        value: Any = _literal(val) if eq else (_literal(nxt) if takes_next else True)
+        used = 1 if eq or not takes_next else 2
+        if ko.is_inert(name, value):
+            shown = f"--{name}" if value is True and not eq else f"--{name} {value!r}"
+            notices.append(f"{shown} ignored: it changes nothing here")
+        else:
+            out += tokens[i:i + used]
+        i += used
+    return out
+
+
+def _to_cli(name: str, value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [f"--{name}", *map(str, value)]
+    if isinstance(value, bool):
+        return [f"--{name}={'true' if value else 'false'}"]
+    return [f"--{name}", str(value)]
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, str) and v.strip().endswith("%"):
+        v = v.strip()[:-1]
+        try:
+            return float(v) / 100
+        except ValueError:
+            return None
+    try:
+        return None if isinstance(v, bool) else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _truthy(v: Any) -> bool:
+    return _flag(v) if isinstance(v, str) else bool(v)
+
+
+class DropIn:
+    """Holds the two layers (TOML, command line) while they are translated; `argv()` is the result."""
+
+    def __init__(self, argv: list[str]) -> None:
+        ns, rest = _parser().parse_known_args(argv)
+        self.notices: list[str] = []
+        self.rest = _strip_inert_cli(rest, self.notices)
+        self.cli: dict[str, Any] = vars(ns)
+        for name, kind in [*DATASET_OPTIONS.items(), *dict.fromkeys(_BOOL_PEEK, "flag").items()]:
+            if kind == "flag" and name in self.cli:
+                self.cli[name] = _flag(self.cli[name])
+        self.toml: dict[str, Any] = {}
+        self.toml_changed = False
+        self.dataset_doc: dict[str, Any] | None = None
+        self.source = self.cli.get("config_file")
+        if self.source is not None:
+            self._read_toml(self.source)
+
+    # --- layers --------------------------------------------------------------------------------------------
+    def _read_toml(self, source: str) -> None:
+        from anima_trainer.config.loader import read_train_toml
+        from anima_trainer.config.root_schema import is_root_style
+
+        path = Path(source).expanduser()
+        if not path.is_file() and path.with_name(path.name + ".toml").is_file():
+            path = path.with_name(path.name + ".toml")
+        raw = None
+        if path.is_file():
+            try:
+                raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                raw = None  # read_train_toml reports it
+        if raw is not None and is_root_style(raw):
+            self._convert_root(raw, path)
+        else:
+            self.toml, _ = read_train_toml(path)
+
+    def _convert_root(self, raw: dict[str, Any], path: Path) -> None:
+        from anima_trainer.config.convert_root import convert_root_config
+
+        conv = convert_root_config(raw, ".")
+        self.toml, self.toml_changed = dict(conv.train), True
+        if "dataset_config" in self.cli:
+            self.notices.append("both the root-style [dataset] and --dataset_config are given; using --dataset_config")
+        else:
+            self.dataset_doc = conv.dataset
+        hidden = [r for r in conv.rows if r.status in ("approximate", "unsupported", "unknown")]
+        self.notices.append(f"{path.name} is a root-style Anima_Trainer config: converted on the fly ("
+                            f"`anima-trainer convert-config {path} --out DIR` writes it out with the full table)"
+                            + "".join(f"\n  {r.key} = {r.value!r}: {r.status}, {r.note}" for r in hidden))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.cli.get(name, self.toml.get(name, default))
+
+    def has(self, name: str) -> bool:
+        return name in self.cli or name in self.toml
+
+    def drop(self, name: str, reason: str) -> None:
+        """Remove `name` from both layers; a notice unless its value was off/empty anyway."""
+        shown = self.get(name)
+        self.cli.pop(name, None)
+        if self.toml.pop(name, None) is not None:
+            self.toml_changed = True
+        if shown not in (None, False, 0, "", [], "false", "False", "0"):
+            self.notices.append(f"{name} = {shown!r} ignored: {reason}")
+
+    def replace(self, name: str, fn: Any) -> None:
+        """Apply `fn` to the value in each layer that has `name` (None → remove it there)."""
+        for layer in (self.cli, self.toml):
+            if name in layer:
+                new = fn(layer[name])
+                if layer is self.toml:
+                    self.toml_changed = True
+                if new is None:
+                    del layer[name]
+                else:
+                    layer[name] = new
+
+    # --- translations -------------------------------------------------------------------------------------
+    def ignored_options(self) -> None:
+        for name, (values, reason) in IGNORED.items():
+            if self.has(name) and (values is ANY or self.get(name) in values):
+                self.drop(name, reason)
+        loss = str(self.get("loss_type", "l2"))
+        if self.has("huber_schedule") and loss in ("l2", "l1"):
+            self.drop("huber_schedule", f"only used by the huber / smooth_l1 losses (loss_type is {loss})")
+        te = self.get("text_encoder_lr")
+        unet_only = _truthy(self.get("network_train_unet_only", False)) or _truthy(
+            self.get("cache_text_encoder_outputs", False))
+        if self.has("text_encoder_lr") and (unet_only or not any(_number(x) for x in
+                                                                  (te if isinstance(te, list) else [te]))):
+            self.drop("text_encoder_lr", "the text encoder is not trained (network_train_unet_only)")
+        if _truthy(self.get("network_train_unet_only", False)):
+            self.drop("network_train_unet_only", "anima-trainer trains the DiT only, which is what it asks for")
+
+    def num_cycles(self) -> None:
+        """kohya counts descents (cosine_with_restarts; halved to diffusers' periods for cosine_with_min_lr and
+        warmup_stable_decay) and ignores num_cycles for the rest; anima-trainer counts periods everywhere."""
+        if not self.has("lr_scheduler_num_cycles") or self.has("lr_scheduler_type"):
+            return
+        sched = str(self.get("lr_scheduler", "constant") or "constant")
+        if sched not in ("cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay"):
+            self.drop("lr_scheduler_num_cycles", f"kohya does not use it for lr_scheduler '{sched}'"
+                      + (" (one descent, = anima-trainer's 0.5)" if sched == "cosine" else ""))
+            return
+        old = self.get("lr_scheduler_num_cycles")
+
+        def half(v: Any) -> Any:
+            n = _number(v)
+            return v if n is None else n / 2  # a bad value: the loader names it
+
+        self.replace("lr_scheduler_num_cycles", half)
+        if (n := _number(old)) is not None:
+            self.notices.append(f"lr_scheduler_num_cycles = {old!r} (kohya's count of descents for {sched}) → "
+                                f"{n / 2:g} cosine periods")
+
+    def network_args(self) -> None:
+        module = str(self.get("network_module", ""))
+        if module not in ("lycoris.kohya", "networks.lokr", "networks.loha"):
+            return
+
+        def edit(values: Any) -> Any:
+            items = values.split() if isinstance(values, str) else list(values or [])
+            out: list[str] = []
+            for item in items:
+                key, _, val = str(item).partition("=")
+                key, val = key.strip(), val.strip()
+                if key in LYCORIS_CONV_ARGS:
+                    if _number(val) or _truthy(val) and val.lower() != "false":
+                        self.notices.append(f"network_args {item} ignored: only for convolutions; Anima trains "
+                                            "Linears")
+                elif key in LYCORIS_OFF_ARGS and not _truthy(val):
+                    continue
+                elif key == "preset" and module == "lycoris.kohya":
+                    out += self._preset(val)
+                else:
+                    out.append(str(item))
+            return out
+
+        self.replace("network_args", edit)
+
+    def _preset(self, preset: str) -> list[str]:
+        if preset in ("attn-mlp", "attn_mlp"):
+            return []
+        if preset == "full":
+            self.notices.append("network_args preset=full: trained as kohya's Anima targets (attention and MLP "
+                                "Linears of every block); add " + ", ".join(LYCORIS_FULL_PRESET)
+                                + " to network_args for more")
+            return []
+        raise ConfigError(f"network_args: LyCORIS preset={preset!r} is not supported; use preset=full, "
+                          "preset=attn-mlp, or include_patterns / exclude_patterns")
+
+    # --- dataset ------------------------------------------------------------------------------------------
+    def dataset(self, out_dir: Path) -> None:
+        options = {k: self.get(k) for k in DATASET_OPTIONS if self.has(k)}
+        for k in options:
+            self.cli.pop(k, None)
+            if self.toml.pop(k, None) is not None:
+                self.toml_changed = True
+        options = {k: v for k, v in options.items() if v not in (None, "")}
+        general = {k: (_resolution(v) if k in ("resolution", "skip_image_resolution") else v)
+                   for k, v in options.items() if k not in _FOLDER_OPTIONS}
+        if self.dataset_doc is not None:  # root-style [dataset]
+            doc = self.dataset_doc
+        elif self.has("dataset_config"):
+            ignored = sorted(k for k in _FOLDER_OPTIONS if k in options)
+            if ignored:
+                self.notices.append(f"{', '.join(ignored)} ignored: dataset_config is given (as in kohya)")
+            if not general:
+                return
+            doc = self._fallbacks(Path(str(self.get("dataset_config"))), general)
+            self.notices.append(f"dataset options {sorted(general)} apply where {self.get('dataset_config')} does "
+                                "not set them (kohya's command-line level)")
+        elif any(k in options for k in _FOLDER_OPTIONS):
+            doc = {"general": general, "datasets": [{"subsets": self._folder_subsets(options)}]}
+        else:
+            return
+        path = out_dir / "dataset.toml"
+        from anima_trainer.fileio import atomic_write_bytes
+
+        atomic_write_bytes(dumps(doc, "generated by anima_train_network.py from the kohya options").encode(), path)
+        self.cli["dataset_config"] = str(path)
+        self.notices.append(f"dataset: {path}")
+
+    def _folder_subsets(self, options: dict[str, Any]) -> list[dict[str, Any]]:
+        from anima_trainer.config.folders import kohya_folder_subsets
+
+        if "in_json" in options:
+            if "train_data_dir" not in options:
+                raise ConfigError("in_json: needs train_data_dir (the image folder of the metadata file)")
+            return [{"image_dir": str(options["train_data_dir"]), "metadata_file": str(options["in_json"])}]
+        subsets: list[dict[str, Any]] = []
+        for key, reg in (("train_data_dir", False), ("reg_data_dir", True)):
+            if key not in options:
+                continue
+            try:
+                found, notes = kohya_folder_subsets(options[key], key)
+            except FileNotFoundError as e:
+                raise ConfigError(str(e)) from None
+            self.notices += notes
+            if not found and not reg:
+                raise ConfigError(f"{key}: no <repeats>_<name> folder with images in {options[key]} (kohya's "
+                                  "layout: e.g. 10_mychar/ holding the images and their caption files)")
+            for s in found:
+                sub = {"image_dir": str(s.image_dir), "num_repeats": s.num_repeats, "class_tokens": s.class_tokens}
+                subsets.append({**sub, "is_reg": True} if reg else sub)
+        return subsets
+
+    def _fallbacks(self, path: Path, general: dict[str, Any]) -> dict[str, Any]:
+        """The user's dataset.toml with the command-line level under [general] (where [general] does not set the
+        key), relative paths made absolute so the copy finds the same files."""
+        if not path.is_file() and path.suffix == "" and path.with_suffix(".toml").is_file():
+            path = path.with_suffix(".toml")
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"dataset_config: cannot read {path}: {e}") from None
+        doc.setdefault("general", {})
+        for k, v in general.items():
+            doc["general"].setdefault(k, v)
+        for ds in doc.get("datasets", []) if isinstance(doc.get("datasets"), list) else []:
+            for sub in ds.get("subsets", []) if isinstance(ds, dict) else []:
+                for key in ("image_dir", "metadata_file"):
+                    if isinstance(sub, dict) and isinstance(sub.get(key), str):
+                        p = Path(sub[key]).expanduser()
+                        if not p.is_absolute():
+                            alt = path.resolve().parent / p
+                            sub[key] = str(p.absolute() if p.exists() or not alt.exists() else alt)
+        return doc
+
+    # --- result -------------------------------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        self.ignored_options()
+        self.num_cycles()
+        self.network_args()
+        needs_files = self.toml_changed or self.dataset_doc is not None or any(
+            self.has(k) for k in DATASET_OPTIONS)
+        out_dir = None
+        if needs_files:
+            if not self.get("output_dir"):
+                raise ConfigError("output_dir: required (set --output_dir or output_dir in the --config_file TOML)")
+            out_dir = Path(str(self.get("output_dir"))).expanduser() / f"{self.get('output_name', 'last')}_config"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.dataset(out_dir)
+        argv = list(self.rest)
+        for name, value in self.cli.items():
+            if name == "config_file" and self.toml_changed:
+                continue
+            argv += _to_cli(name, value)
+        if self.toml_changed and out_dir is not None:
+            from anima_trainer.fileio import atomic_write_bytes
+
+            path = out_dir / "train.toml"
+            header = f"generated by anima_train_network.py from {self.source}"
+            atomic_write_bytes(dumps(self.toml, header).encode(), path)
+            argv = ["--config_file", str(path), *argv]
+            self.notices.append(f"settings: {path}")
+        return argv
+
+
+def translate_kohya_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv for `parse_train_args`, notices to show).  Writes the generated files (module docstring)."""
+    d = DropIn(argv)
+    return d.argv(), d.notices

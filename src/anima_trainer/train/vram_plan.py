@@ -1,0 +1,125 @@
+"""`vram_budget_gb`: choose the memory settings that make a run fit a GPU, fastest first, and say so.
+
+The estimate is `models.memory.estimate_training_memory` (calibrated on H200 measurements, bench/README.md)
+for the largest bucket and batch of the dataset, plus what else lives on the device: the text encoder and VAE
+unless their outputs are cached, and a fixed reserve for the CUDA context and allocator slack.  Candidates, in
+the order of their speed cost (measured on an H200, bench/README.md): cache the LLM adapter's output (free when
+the adapter is not trained), no checkpointing, checkpointing of the first k blocks (k growing), all blocks,
+all blocks with CPU-offloaded block inputs, then block swap of more and more blocks.  The first that fits wins;
+nothing fitting is a start-up error that shows the smallest estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from anima_trainer.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+RESERVE_GIB = 1.0  # CUDA context, allocator slack, cuBLAS/cuDNN workspaces
+TEXT_ENCODER_GIB = 1.3  # Qwen3-0.6B in bf16 (+ buffers), on the device unless its outputs are cached
+VAE_GIB = 0.5  # Qwen-Image VAE encoder + a 1024² encode, unless latents are cached
+
+
+@dataclass
+class MemoryPlan:
+    settings: dict[str, Any]  # the TrainConfig fields the plan sets
+    estimate_gib: float
+    budget_gib: float
+    table: list[tuple[str, float]]  # (candidate, estimated GiB) in the order tried
+
+    def describe(self) -> str:
+        rows = "\n".join(f"  {'→' if i == self.chosen else ' '} {name:<44} {g:6.2f} GiB"
+                         for i, (name, g) in enumerate(self.table))
+        chosen = ", ".join(f"{k} = {v}" for k, v in self.settings.items())
+        return (f"vram_budget_gb {self.budget_gib:.1f}: estimated peak {self.estimate_gib:.2f} GiB with {chosen}\n"
+                f"{rows}")
+
+    @property
+    def chosen(self) -> int:
+        return len(self.table) - 1
+
+
+def resolve_budget(value: float | str, device: Any) -> float:
+    """A number of GiB, or `auto`: 92 % of the device's memory (CUDA only)."""
+    if value != "auto":
+        return float(value)
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        raise ConfigError("vram_budget_gb = auto needs a CUDA device; give the budget in GiB instead")
+    return torch.cuda.get_device_properties(device).total_memory / 2**30 * 0.92
+
+
+def candidates(num_blocks: int, adapter_cacheable: bool) -> list[tuple[str, dict[str, Any]]]:
+    """Memory settings from the fastest to the most frugal."""
+    base = {"cache_llm_adapter_outputs": True} if adapter_cacheable else {}
+    out = [("no checkpointing", {**base, "gradient_checkpointing": False, "checkpoint_blocks": None,
+                                 "cpu_offload_checkpointing": False, "blocks_to_swap": 0})]
+    for k in range(4, num_blocks, 4):
+        out.append((f"checkpointing of {k} blocks", {**base, "gradient_checkpointing": True, "checkpoint_blocks": k,
+                                                      "cpu_offload_checkpointing": False, "blocks_to_swap": 0}))
+    full = {**base, "gradient_checkpointing": True, "checkpoint_blocks": None, "blocks_to_swap": 0}
+    out.append(("checkpointing of all blocks", {**full, "cpu_offload_checkpointing": False}))
+    out.append(("all blocks + offloaded block inputs", {**full, "cpu_offload_checkpointing": True}))
+    for n in range(4, num_blocks - 1, 4):
+        out.append((f"… + block swap of {n} blocks", {**full, "cpu_offload_checkpointing": True, "blocks_to_swap": n}))
+    out.append((f"… + block swap of {num_blocks - 2} blocks", {**full, "cpu_offload_checkpointing": True,
+                                                                "blocks_to_swap": num_blocks - 2}))
+    return out
+
+
+def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
+                budget_gib: float, adapter_trained: bool) -> MemoryPlan:
+    """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does)."""
+    from anima_trainer.models.memory import estimate_training_memory
+
+    extra = RESERVE_GIB
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+        extra += TEXT_ENCODER_GIB
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
+        extra += VAE_GIB
+    dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
+    table: list[tuple[str, float]] = []
+    for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not adapter_trained):
+        options = {**cfg.memory_options(), **{k: v for k, v in settings.items() if k != "cache_llm_adapter_outputs"}}
+        est = estimate_training_memory(dit_config, resolution=resolution, batch=batch, rank=cfg.network_dim,
+                                       dtype=dtype, network_args=cfg.network_args,
+                                       include_llm_adapter=not settings.get("cache_llm_adapter_outputs", False),
+                                       **options)
+        total = est["total_gib"] + extra
+        table.append((name, total))
+        if total <= budget_gib:
+            return MemoryPlan(settings, total, budget_gib, table)
+    smallest = min(g for _, g in table)
+    raise ConfigError(f"vram_budget_gb {budget_gib:.1f}: no memory setting fits; the most frugal one needs about "
+                      f"{smallest:.1f} GiB at {resolution[1]}×{resolution[0]} px, batch {batch} (lower the "
+                      "resolution or batch size, cache latents and text encoder outputs, or use fp8_base)")
+
+
+def apply_plan(cfg: TrainConfig, dataset, device: Any, *, adapter_trained: bool) -> TrainConfig:
+    """`cfg` with the memory settings of its `vram_budget_gb` (unchanged without one); logs the plan."""
+    if cfg.vram_budget_gb is None:
+        return cfg
+    from anima_trainer.models.checkpoint import expect_kind
+
+    info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
+                       ("anima_dit", "anima_bundle"))
+    buckets = dataset.bucket_table()
+    width, height = max(((w, h) for w, h, *_ in buckets), key=lambda wh: wh[0] * wh[1])
+    batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
+    plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch,
+                       budget_gib=resolve_budget(cfg.vram_budget_gb, device), adapter_trained=adapter_trained)
+    log.info("%s", plan.describe())
+    return cfg.model_copy(update=plan.settings)
+
+
+def adapter_trained(cfg: TrainConfig) -> bool:
+    """Whether the network trains anything inside the LLM adapter (then its output cannot be cached)."""
+    from anima_trainer.networks.inject import parse_bool
+
+    if cfg.dim_from_weights:
+        return True  # decided by the file; assume the worst
+    return any(parse_bool(k, cfg.network_args.get(k, False)) for k in ("train_llm_adapter", "train_norm"))

@@ -1,0 +1,64 @@
+"""vram_budget_gb: the fastest memory settings that fit, from the calibrated estimate; printed; errors when
+nothing fits."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from anima_trainer.config import ConfigError, make_train_config
+from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.train.vram_plan import candidates, plan_memory, resolve_budget
+
+REQUIRED = {"pretrained_model_name_or_path": "dit.safetensors", "qwen3": "q.safetensors", "vae": "v.safetensors",
+            "output_dir": "out", "dataset_config": "dataset.toml", "mixed_precision": "bf16", "network_dim": 32}
+
+
+def _plan(budget: float, **kw):
+    cfg = make_train_config({**REQUIRED, **kw})
+    return plan_memory(cfg, DitConfig(), resolution=(1024, 1024), batch=1, budget_gib=budget, adapter_trained=False)
+
+
+def test_plans_get_more_frugal_as_the_budget_shrinks():
+    roomy = _plan(40)
+    assert roomy.settings["gradient_checkpointing"] is False and roomy.settings["cache_llm_adapter_outputs"]
+    assert roomy.table[0][0] == "no checkpointing" and len(roomy.table) == 1
+    consumer = _plan(16)  # a 16 GB card: partial checkpointing, no swap
+    assert consumer.settings["gradient_checkpointing"] and consumer.settings["checkpoint_blocks"] is not None
+    assert consumer.settings["blocks_to_swap"] == 0 and consumer.estimate_gib <= 16
+    small = _plan(8)
+    assert small.settings["checkpoint_blocks"] is None and small.settings["blocks_to_swap"] == 0
+    tiny = _plan(5.0)  # needs block swap (2.8 GiB of it are the reserve, Qwen3 and the VAE)
+    assert tiny.settings["blocks_to_swap"] > 0 and tiny.estimate_gib <= 5.0
+    assert all(g > 5.0 for _, g in tiny.table[:-1])  # every faster candidate was tried and did not fit
+    assert "→ " in tiny.describe() and "vram_budget_gb 5.0" in tiny.describe()
+
+
+def test_cached_encoders_free_their_memory_and_nothing_fitting_is_an_error():
+    uncached, cached = _plan(8), _plan(8, cache_latents=True, cache_text_encoder_outputs=True)
+    assert cached.table[0][1] == pytest.approx(uncached.table[0][1] - 1.8, abs=1e-6)  # same candidate: −TE −VAE
+    assert len(cached.table) <= len(uncached.table)  # so a faster setting fits
+    with pytest.raises(ConfigError, match=r"vram_budget_gb 1.0: no memory setting fits; the most frugal one needs"):
+        _plan(1.0)
+
+
+def test_candidates_order_and_auto_budget_needs_cuda():
+    names = [n for n, _ in candidates(28, True)]
+    assert names[0] == "no checkpointing" and names[-1] == "… + block swap of 26 blocks"
+    assert all(s["cache_llm_adapter_outputs"] for _, s in candidates(28, True))
+    assert not any("cache_llm_adapter_outputs" in s for _, s in candidates(28, False))
+    with pytest.raises(ConfigError, match="vram_budget_gb = auto needs a CUDA device"):
+        resolve_budget("auto", "cpu")
+    assert resolve_budget(12.5, "cpu") == 12.5
+
+
+def test_a_run_with_a_budget_prints_its_plan_and_trains(setup, tmp_path, caplog):
+    from anima_trainer.config import parse_train_args
+    from anima_trainer.demo import write_demo_configs
+    from anima_trainer.train.loop import run_training
+
+    toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 2, seed=1)
+    with caplog.at_level(logging.INFO):
+        run = run_training(parse_train_args(["--config_file", str(toml), "--vram_budget_gb", "3.5"]))
+    assert run.steps == 2 and "vram_budget_gb 3.5: estimated peak" in caplog.text
