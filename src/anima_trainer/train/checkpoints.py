@@ -119,7 +119,7 @@ class Checkpointer:
     def check_start(self) -> None:
         self.files.check_start()
         if self.dist.is_main:
-            states.remove_stale_temporaries(self.cfg.output_dir)
+            states.remove_stale_temporaries(self.cfg.output_dir, self.cfg.output_name)
 
     def _network_file(self, path: Path, step: int, epoch: int) -> Path:
         check_finite_state(self.network.state_dict(), str(path))  # never a NaN over a good file

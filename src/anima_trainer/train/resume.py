@@ -17,6 +17,7 @@ during a save leaves the previous state valid and no partial folder under a fina
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -29,10 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from anima_trainer.config import ConfigError
-from anima_trainer.fileio import OutputExistsError
+from anima_trainer.fileio import OutputExistsError, SaveError
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +152,17 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
                config: dict | None = None, overwrite: bool = False,
                extra: Callable[[Path], Any] | None = None) -> Path:
     """Write a whole state atomically (see the module doc); `extra(tmp_folder)` may add files (the resolved
-    config TOML); returns the folder."""
+    config TOML); returns the folder.  A failing write (disk full, no permission) raises SaveError naming the
+    folder and the reason, and leaves the previous state as it was."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise OutputExistsError(f"{folder} already exists; pass --overwrite to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in network.state_dict().items()}
         save_file(weights, str(tmp / "network.safetensors"))
@@ -178,7 +181,12 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         if folder.exists():  # overwrite: keep the old one until the new one is in place
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old is not None:  # put the previous state back under its name
+                os.replace(old, folder)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         dir_fd = os.open(folder.parent, os.O_RDONLY)
@@ -186,6 +194,8 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except (OSError, SafetensorError) as e:
+        raise SaveError(folder, e, what="the training state ") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -256,10 +266,24 @@ def find_latest_state(output_dir: str | Path, output_name: str) -> Path:
     return max(candidates)[2]
 
 
-def remove_stale_temporaries(output_dir: str | Path) -> None:
-    """Folders of saves that crashed half-way (hidden `.…-state.tmp-*`): never valid, removed at start."""
-    for d in Path(output_dir).glob(".*-state.tmp-*"):
+def remove_stale_temporaries(output_dir: str | Path, output_name: str | None = None) -> None:
+    """What saves killed half-way leave (removed at start): folders of states being written (hidden
+    `.…-state.tmp-*`, never valid); a state moved aside to be replaced (`.…-state.old-*`: put back when the new
+    one did not take its name, else removed); with `output_name`, that run's temporary files (`.<name>….tmp`)."""
+    out = Path(output_dir)
+    for d in out.glob(".*-state.old-*"):
+        final = d.with_name(d.name[1:].rsplit(".old-", 1)[0])
+        if d.is_dir() and (d / TRAIN_STATE).is_file() and not final.exists():
+            os.replace(d, final)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in out.glob(".*-state.tmp-*"):
         shutil.rmtree(d, ignore_errors=True)
+    if output_name:
+        name = glob.escape(output_name)
+        for f in [*out.glob(f".{name}*.tmp"), *out.glob(f"..{name}*.tmp")]:
+            if f.is_file():
+                f.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- snapshot --
