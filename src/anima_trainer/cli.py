@@ -232,6 +232,7 @@ def cmd_train(argv: list[str]) -> int:
     """`train` has kohya's own flag set (and `--config_file`), parsed by the config package."""
     from anima_trainer.config import parse_train_args
     from anima_trainer.train.loop import TrainingInterrupted, train
+    from anima_trainer.train.monitor import MonitorAlertError
 
     cfg = parse_train_args(argv)
     try:
@@ -239,6 +240,12 @@ def cmd_train(argv: list[str]) -> int:
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130
+    except MonitorAlertError as e:  # NaN/Inf or an alert with policy raise: say where good weights are
+        state = getattr(e, "last_good_state", None)
+        hint = (f"; the last good state is {state}: resume from it (--resume {state}) with a lower learning rate"
+                if state else "; no state was saved before it (save_state = true keeps resumable states)")
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -110,3 +110,23 @@ def test_previews_go_to_tensorboard_and_the_event_log_records_the_run(setup, tmp
     assert acc.Tags()["images"] == ["sample/00"] and [e.step for e in acc.Images("sample/00")] == [2]
     kinds = [e["type"] for e in _events(tmp_path / "output")]
     assert kinds[0] == "config" and kinds[-1] == "end" and "save" in kinds
+
+
+def test_the_nonfinite_stop_message_offers_the_last_good_state(setup, tmp_path, monkeypatch, capsys):
+    from anima_trainer.cli import main
+
+    real = loop.training_step
+    calls = {"n": 0}
+
+    def nan_from_three(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(loop, "training_step", nan_from_three)
+    toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 6, seed=5)
+    code = main(["train", "--config_file", str(toml), "--save_state", "--save_every_n_steps", "2",
+                 "--nonfinite_loss_policy", "raise"])
+    err = capsys.readouterr().err
+    assert code == 1 and "monitor stopped training at step 3" in err
+    assert "the last good state is" in err and "demo_lora-step00000002-state" in err and "--resume" in err

@@ -44,7 +44,7 @@ from anima_trainer.train.distributed import (
     read_rank_rng,
 )
 from anima_trainer.train.events import EventLog, config_for_log, events_path
-from anima_trainer.train.monitor import Monitor
+from anima_trainer.train.monitor import Monitor, MonitorAlertError
 from anima_trainer.train.optim import build_optimizer, build_scheduler, effective_lrs, set_optimizer_train_mode
 from anima_trainer.train.resume import Progress, load_state, restore_rng
 from anima_trainer.train.schedulers import schedule_options
@@ -364,6 +364,8 @@ def run_training(cfg: TrainConfig) -> TrainRun:
             final = checkpoints.final(progress)
         except BaseException as e:
             events.write("error", step=progress.step, epoch=progress.epoch, error=type(e).__name__, message=str(e))
+            if isinstance(e, MonitorAlertError):
+                e.last_good_state = _last_good_state(cfg)
             raise
         events.write("end", step=progress.step, epoch=progress.epoch, **monitor.summary())
     dist.barrier()
@@ -502,6 +504,16 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     monitor.flush()
     bar.close()
     return True
+
+
+def _last_good_state(cfg: TrainConfig) -> Path | None:
+    """The newest state of this run (states are only written from finite weights), for the stop message."""
+    from anima_trainer.train.resume import find_latest_state
+
+    try:
+        return find_latest_state(cfg.output_dir, cfg.output_name)
+    except ConfigError:
+        return None
 
 
 def _extra_lrs(optimizer) -> dict[str, float]:
