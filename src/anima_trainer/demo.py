@@ -162,23 +162,30 @@ def _toml_path(p: Path) -> str:
     return json.dumps(str(p))  # a JSON string is a valid TOML basic string (escapes backslashes on Windows)
 
 
-def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, steps: int, seed: int) -> Path:
-    """The two kohya-style files a user would write: dataset.toml and train.toml; returns train.toml."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "dataset.toml").write_text(f"""[general]
+def write_demo_dataset_toml(path: Path, images: Path, *, batch_size: int = 4, num_repeats: int = 1,
+                            extra: str = "") -> Path:
+    """The demo's dataset.toml (64 px buckets); `extra` adds `[general]` lines (e.g. "flip_aug = true")."""
+    path.write_text(f"""[general]
 caption_extension = ".txt"
 enable_bucket = true
 resolution = 64
 min_bucket_reso = 32
 max_bucket_reso = 128
 bucket_reso_steps = 16
-batch_size = 4
-
+batch_size = {batch_size}
+{extra}
 [[datasets]]
   [[datasets.subsets]]
   image_dir = {_toml_path(images)}
-  num_repeats = 1
+  num_repeats = {num_repeats}
 """, encoding="utf-8")
+    return path
+
+
+def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, steps: int, seed: int) -> Path:
+    """The two kohya-style files a user would write: dataset.toml and train.toml; returns train.toml."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_demo_dataset_toml(out_dir / "dataset.toml", images)
     train_toml = out_dir / "train.toml"
     train_toml.write_text(f"""[model]
 pretrained_model_name_or_path = {_toml_path(models["dit"])}

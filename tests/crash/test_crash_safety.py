@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 
 import anima_trainer.fileio as fileio
 from anima_trainer.config import ConfigError, parse_train_args
-from anima_trainer.demo import _toml_path, write_demo_configs, write_demo_models, write_shapes_dataset
+from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml, write_demo_models, write_shapes_dataset
 from anima_trainer.train import resume as states
+from tests.train.test_resume import RANDOM_CAPTIONS_AND_FLIPS
 from anima_trainer.train.loop import run_training
 
 STEPS, SAVE_EVERY, NAME = 24, 2, "demo_lora"  # 8 batches per epoch: 3 epochs, states every 2 steps
@@ -37,6 +38,7 @@ CHILD_TIMEOUT = 150
 _CHILD = r'''
 import json, os, signal, sys, threading
 plan = json.loads(os.environ["ANIMA_CRASH_PLAN"])
+
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 import anima_trainer.fileio as fileio
@@ -91,23 +93,8 @@ sys.exit(main(["train", *sys.argv[1:]]))
 def _write_setup(root: Path, models: dict, images: Path) -> list[str]:
     """A tiny demo run (4 images × 2 repeats, batch 1, flips and shuffled captions, dropout), as CLI args."""
     toml = write_demo_configs(root, models, images, STEPS, seed=5)
-    (root / "dataset.toml").write_text(f"""[general]
-caption_extension = ".txt"
-enable_bucket = true
-resolution = 64
-min_bucket_reso = 32
-max_bucket_reso = 128
-bucket_reso_steps = 16
-batch_size = 1
-flip_aug = true
-shuffle_caption = true
-caption_tag_dropout_rate = 0.2
-
-[[datasets]]
-  [[datasets.subsets]]
-  image_dir = {_toml_path(images)}
-  num_repeats = 2
-""", encoding="utf-8")
+    write_demo_dataset_toml(root / "dataset.toml", images, batch_size=1, num_repeats=2,
+                            extra=RANDOM_CAPTIONS_AND_FLIPS)
     return ["--config_file", str(toml), "--save_every_n_steps", str(SAVE_EVERY), "--save_state",
             "--learning_rate", "1e-2", "--lr_scheduler", "linear", "--network_dropout", "0.1",
             "--network_args", "rank_dropout=0.2", "module_dropout=0.1",

@@ -11,31 +11,18 @@ from safetensors.torch import load_file
 
 import anima_trainer.train.loop as loop
 from anima_trainer.config import ConfigError, parse_train_args
-from anima_trainer.demo import _toml_path, write_demo_configs
+from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
 from anima_trainer.train import resume as states
 from anima_trainer.train.loop import run_training
 
 
+RANDOM_CAPTIONS_AND_FLIPS = "flip_aug = true\nshuffle_caption = true\ncaption_tag_dropout_rate = 0.2\n"
+
 def _config(setup: dict, out: Path, *extra: str, steps: int = 7, accum: int = 1, cache: bool = False):
     toml = write_demo_configs(out, setup["models"], setup["images"], steps, seed=5)
     # 4 images × 2 repeats, batch 1 → 8 batches per epoch; flips and shuffled captions depend on the epoch
-    (out / "dataset.toml").write_text(f"""[general]
-caption_extension = ".txt"
-enable_bucket = true
-resolution = 64
-min_bucket_reso = 32
-max_bucket_reso = 128
-bucket_reso_steps = 16
-batch_size = 1
-flip_aug = true
-shuffle_caption = true
-caption_tag_dropout_rate = 0.2
-
-[[datasets]]
-  [[datasets.subsets]]
-  image_dir = {_toml_path(setup["images"])}
-  num_repeats = 2
-""", encoding="utf-8")
+    write_demo_dataset_toml(out / "dataset.toml", setup["images"], batch_size=1, num_repeats=2,
+                            extra=RANDOM_CAPTIONS_AND_FLIPS)
     args = ["--config_file", str(toml), "--save_every_n_steps", "2", "--save_state",
             "--gradient_accumulation_steps", str(accum), "--learning_rate", "1e-2", "--lr_scheduler", "linear",
             "--network_dropout", "0.1", "--network_args", "rank_dropout=0.2", "module_dropout=0.1", *extra]
