@@ -22,7 +22,6 @@ _log = logging.getLogger(__name__)
 # torch >= 2.6 can take the backend list as a priority order; older torch only as an allowed set
 _SDPA_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 # the hook `networks.base.AdapterModule.forward`: out = org(x) (+ multiplier · branch(x)); see hooked_linear()
-_ADAPTER_FORWARD = ("anima_trainer.networks.base", "AdapterModule.forward")
 
 
 class RMSNorm(nn.Module):
@@ -87,23 +86,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
 def hooked_linear(linear: nn.Linear, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """`linear(x)` given `base` = the Linear's own output F.linear(x, W): adds what an injected network adds.
 
-    A network (networks/inject.py) replaces the Linear's forward by `AdapterModule.forward`, which returns
-    org(x) + multiplier · branch(x) (nothing at multiplier 0 or when module_dropout skips the module); that
-    rule is repeated here so the fused GEMM can stand in for org(x).  Any other hook runs whole (exact, one
-    more GEMM).  Random draws happen in the same order as the hooked forward, so dropout masks match.
-    """
+    A network (networks/inject.py) replaces the Linear's forward by its adapter module's forward, which is
+    `add_to_output(org(x), x)`; the fused GEMM stands in for org(x) and calls the same method, so the rule
+    (multiplier, module_dropout, the random draws in the same order) exists once.  Any other hook runs whole
+    (exact, one more GEMM)."""
     if not getattr(linear, "_anima_network_hooked", False):
         return base
-    fwd = linear.forward
-    owner = getattr(fwd, "__self__", None)
-    func = getattr(type(owner), "forward", None)
-    if (getattr(func, "__module__", None), getattr(func, "__qualname__", None)) != _ADAPTER_FORWARD:
-        return linear(x)
-    if owner.multiplier == 0.0:
-        return base
-    if owner.module_dropout and owner.training and float(torch.rand(())) < owner.module_dropout:
-        return base
-    return base + owner.branch(x) * owner.multiplier
+    add = getattr(getattr(linear.forward, "__self__", None), "add_to_output", None)
+    return add(base, x) if callable(add) else linear(x)
 
 
 class QKNormAttentionBase(nn.Module):

@@ -109,7 +109,11 @@ class AdapterModule(HookedModule):
         return F.linear(x, dw.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._hook.org_forward(x)
+        return self.add_to_output(self._hook.org_forward(x), x)
+
+    def add_to_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out` (the Linear's own output for `x`) plus this module's contribution; also used by the fused
+        q/k/v GEMM (models/layers.py `hooked_linear`), which computes `out` for three Linears at once."""
         if self.multiplier == 0.0:
             return out
         # module_dropout (training): the whole branch is skipped for this forward with probability p
