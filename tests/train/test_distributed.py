@@ -478,6 +478,7 @@ backend = torch.distributed.get_backend() if torch.distributed.is_initialized() 
 with open(f"{sys.argv[1]}/rank{d.rank}.json", "w") as f:
     json.dump({"rank": d.rank, "world": d.world_size, "backend": backend, "mean": mean,
                "type": str(acc.distributed_type), "main": d.is_main}, f)
+d.shutdown()
 """
 
 

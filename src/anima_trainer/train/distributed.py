@@ -206,6 +206,18 @@ class Distributed:
         if self.enabled:
             tdist.barrier()
 
+    def shutdown(self) -> None:
+        """End of a run: wait for every process, then destroy the process groups.  Exiting with live gloo
+        groups while a peer is already gone can abort a process ("terminate called without an active
+        exception") and turn a finished run into a failed exit code."""
+        if not self.enabled or not tdist.is_initialized():
+            return
+        self.barrier()
+        if self.control is not None:
+            tdist.destroy_process_group(self.control)
+            self.control = None
+        tdist.destroy_process_group()
+
     @contextmanager
     def main_first(self) -> Iterator[None]:
         """The main process runs the block first; the others run it once it has finished (e.g. download or

@@ -368,8 +368,8 @@ def run_training(cfg: TrainConfig) -> TrainRun:
                 e.last_good_state = _last_good_state(cfg)
             raise
         events.write("end", step=progress.step, epoch=progress.epoch, **monitor.summary())
-    dist.barrier()
     accelerator.end_training()
+    dist.shutdown()
     log.info("saved %s", final)
     return TrainRun(final, dit, network, monitor.losses, progress.step, optimizer)
 
