@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from anima_trainer.config import parse_train_args
 from anima_trainer.models.memory import estimate_training_memory, setup_memory
 from tests.config.test_train_config import REQUIRED, error, write
@@ -44,3 +46,14 @@ def test_options_that_need_another_one():
     assert "DoRA" in error([*REQUIRED, "--fp8_base", "--network_args", "dora_wd=true"])
     assert "blocks_to_swap" in error([*REQUIRED, "--blocks_to_swap", "-1"])
     assert "fp8_format" in error([*REQUIRED, "--fp8_format", "e4m3"])
+
+
+def test_selective_checkpointing_with_compile_is_refused_at_start_up():
+    from anima_trainer.config import ConfigError, make_train_config
+
+    values = {"pretrained_model_name_or_path": "d.safetensors", "qwen3": "q.safetensors", "vae": "v.safetensors",
+              "output_dir": "out", "dataset_config": "dataset.toml", "gradient_checkpointing": True,
+              "checkpoint_mode": "selective", "compile_blocks": True}
+    with pytest.raises(ConfigError, match=r"checkpoint_mode: 'selective' does not work with compile_blocks"):
+        make_train_config(values)
+    assert make_train_config({**values, "checkpoint_mode": "full"}).compile_blocks

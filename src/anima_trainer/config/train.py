@@ -422,6 +422,12 @@ class TrainConfig(BaseModel):
             needs += ["checkpoint_mode"] if self.checkpoint_mode != "full" else []
             if needs:
                 raise ValueError(f"{', '.join(needs)}: needs gradient_checkpointing = true")
+        if self.checkpoint_mode == "selective" and self.compile_blocks:
+            # measured on an H200 (torch 2.11): torch raises "Tensor cached during selective activation checkpoint
+            # has been mutated" in the first backward of a compiled block
+            raise ValueError("checkpoint_mode: 'selective' does not work with compile_blocks (torch fails in the "
+                             "backward); use checkpoint_mode = \"full\" with compile_blocks (faster anyway: "
+                             "bench/README.md), or turn compile_blocks off")
         fp8 = self.fp8_base or self.fp8_base_unet
         if self.fp8_scaled and not fp8:
             raise ValueError("fp8_scaled: needs fp8_base (fp8 storage is always scaled in anima-trainer)")
