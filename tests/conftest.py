@@ -31,6 +31,22 @@ def dit_io() -> dict:
 
 
 @pytest.fixture(scope="session")
+def dit_file(tmp_path_factory) -> Path:
+    """The demo's tiny DiT (2 blocks, width 64) in the real file format, written once per session."""
+    from anima_trainer.demo import write_tiny_dit
+
+    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
+
+
+@pytest.fixture
+def dit(dit_file: Path):
+    """A fresh fp32 tiny DiT per test (networks hook into it, levers pack its weights)."""
+    from anima_trainer.models import load_dit
+
+    return load_dit(dit_file, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
 def tiny_dit_path() -> Path:
     """The fixture's tiny Anima DiT (10 blocks, width 256, full LLM adapter, `net.` keys, F32)."""
     return reference_model("tiny_dit")

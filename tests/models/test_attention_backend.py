@@ -10,21 +10,10 @@ from torch.nn.attention import SDPBackend
 from anima_trainer.config import TrainConfig
 from anima_trainer.config.errors import ConfigError
 from anima_trainer.config.loader import parse_train_args
-from anima_trainer.demo import write_tiny_dit
 from anima_trainer.models import attention_backend as ab
-from anima_trainer.models import layers, load_dit
+from anima_trainer.models import layers
 from anima_trainer.models.layers import attention
 from anima_trainer.networks import create_network
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
-
-
-@pytest.fixture
-def dit(dit_file):
-    return load_dit(dit_file, dtype=torch.float32)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:

@@ -10,17 +10,11 @@ from torch._dynamo.utils import counters
 
 from anima_trainer.config.errors import ConfigError
 from anima_trainer.config.loader import parse_train_args
-from anima_trainer.demo import write_tiny_dit
 from anima_trainer.models import load_dit
 from anima_trainer.models.compile import (cache_limit_for, check_compile_mode, compile_dit_blocks, image_tokens,
                                           is_compiled, uncompile_dit_blocks)
 from anima_trainer.models.layers import set_fused_qkv
 from anima_trainer.networks import create_network
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
 
 
 @pytest.fixture

@@ -7,22 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anima_trainer.demo import write_tiny_dit
 from anima_trainer.models import load_dit
 from anima_trainer.models.layers import QKNormAttentionBase, hooked_linear, set_fused_qkv
 from anima_trainer.networks import apply_network_file, create_network
 
 RTOL = 1e-5  # fp32: a different GEMM blocking only reorders sums
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
-
-
-@pytest.fixture
-def dit(dit_file):
-    return load_dit(dit_file, dtype=torch.float32)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:

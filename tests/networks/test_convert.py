@@ -37,11 +37,6 @@ def convert(src, dst, to, *extra):
 
 
 @pytest.fixture(scope="module")
-def dit_file(tmp_path_factory):
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_dit.safetensors")
-
-
-@pytest.fixture(scope="module")
 def dit(dit_file):
     return load_dit(dit_file, dtype=torch.float32)
 
