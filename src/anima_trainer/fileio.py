@@ -28,6 +28,26 @@ class SaveError(OSError):
         self.path = Path(path)
 
 
+def fsync_file(path: str | Path) -> None:
+    """Force a written file's bytes to disk (a rename alone survives a crash, not a power loss)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Force a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def check_writable(path: str | Path, overwrite: bool) -> Path:
     """Raise OutputExistsError if `path` exists and overwriting was not asked for."""
     path = Path(path)
