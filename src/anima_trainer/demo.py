@@ -6,12 +6,14 @@ and random weights, so every loader path is exercised without downloading multi-
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from anima_trainer.fileio import atomic_save
+from anima_trainer.fileio import atomic_save, atomic_write_bytes
 from anima_trainer.models.checkpoint import DitConfig
 
 TINY_DIT_CONFIG = DitConfig(num_blocks=2, model_channels=64, num_heads=4, head_dim=16, mlp_dim=256,
@@ -74,14 +76,16 @@ def write_tiny_tokenizers(folder: str | Path) -> Path:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(TINY_CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"],
                           show_progress=False)
-    bpe.save_model(str(folder / "qwen"))
+    with tempfile.TemporaryDirectory() as scratch:  # the library writes in place; ours go through fileio
+        for f in bpe.save_model(scratch):
+            atomic_write_bytes(Path(f).read_bytes(), folder / "qwen" / Path(f).name)
     words = sorted({w for s in TINY_CORPUS for w in s.split()})
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz(),:."]
     t5 = Tokenizer(models.Unigram(pieces, unk_id=2))
     t5.pre_tokenizer, t5.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
     t5.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    t5.save(str(folder / "t5" / "tokenizer.json"))
+    atomic_write_bytes(t5.to_str().encode("utf-8"), folder / "t5" / "tokenizer.json")
     return folder
 
 
@@ -153,8 +157,10 @@ def write_shapes_dataset(folder: str | Path, count: int = 8, size: int = 64, see
             draw.rectangle(box, fill=COLOURS[colour])
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-        image.save(folder / f"shape_{i:02d}.png")
-        (folder / f"shape_{i:02d}.txt").write_text(f"a {colour} {shape} on a white background", encoding="utf-8")
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        atomic_write_bytes(png.getvalue(), folder / f"shape_{i:02d}.png")
+        atomic_write_bytes(f"a {colour} {shape} on a white background".encode(), folder / f"shape_{i:02d}.txt")
     return folder
 
 
@@ -165,7 +171,7 @@ def _toml_path(p: Path) -> str:
 def write_demo_dataset_toml(path: Path, images: Path, *, batch_size: int = 4, num_repeats: int = 1,
                             extra: str = "") -> Path:
     """The demo's dataset.toml (64 px buckets); `extra` adds `[general]` lines (e.g. "flip_aug = true")."""
-    path.write_text(f"""[general]
+    atomic_write_bytes(f"""[general]
 caption_extension = ".txt"
 enable_bucket = true
 resolution = 64
@@ -178,7 +184,7 @@ batch_size = {batch_size}
   [[datasets.subsets]]
   image_dir = {_toml_path(images)}
   num_repeats = {num_repeats}
-""", encoding="utf-8")
+""".encode(), path)
     return path
 
 
@@ -187,7 +193,7 @@ def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, ste
     out_dir.mkdir(parents=True, exist_ok=True)
     write_demo_dataset_toml(out_dir / "dataset.toml", images)
     train_toml = out_dir / "train.toml"
-    train_toml.write_text(f"""[model]
+    atomic_write_bytes(f"""[model]
 pretrained_model_name_or_path = {_toml_path(models["dit"])}
 qwen3 = {_toml_path(models["qwen3"])}
 qwen3_tokenizer_path = {_toml_path(models["tokenizers"] / "qwen")}
@@ -210,7 +216,7 @@ seed = {seed}
 timestep_sampling = "sigmoid"
 max_data_loader_n_workers = 0
 overwrite = true
-""", encoding="utf-8")
+""".encode(), train_toml)
     return train_toml
 
 

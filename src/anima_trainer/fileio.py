@@ -1,14 +1,24 @@
-"""Atomic output: every file we write appears whole or not at all, and never replaces a user's file unasked."""
+"""Atomic output: every file we write appears whole or not at all, and never replaces a user's file unasked.
+
+Every final file (network, merged/converted checkpoint, cache entry, PNG, TOML) goes through `_write_atomic`:
+temp file in the same folder (created 0o666 & ~umask, like any file the user makes), written, fsync'd, renamed
+into place, folder fsync'd, so the promise holds across a power loss too.  safetensors writes (`atomic_save`)
+refuse NaN/Inf by default, checked on the tensors exactly as written (after any dtype cast).  Temporaries are
+named `.<final>.<pid>-<hex>.tmp`; `remove_stale_temporaries` clears those of killed writers."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
-import tempfile
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 
 class OutputExistsError(FileExistsError):
@@ -56,37 +66,197 @@ def check_writable(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors write to a temp file in the same folder, then rename: no half-written file ever shows."""
-    path = Path(path)
-    tmp = None
+# ----------------------------------------------------------------------------------------- temporaries --
+# `.<final name>.<writer pid>-<8 hex>.tmp` beside the final file: hidden, names its writer, never a user's name.
+_TEMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+STALE_TEMP_AGE_S = 24 * 3600  # a live pid this old is a reused pid: no write of ours takes a day
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new temp file beside `path`, opened for writing.  Created by os.open with mode 0o666 so the kernel
+    applies the umask (and any default ACL) as for any file the user makes; mkstemp's 0600 would lock out a
+    ComfyUI running as another user."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of one of our temporaries (`_create_temp`); a user's file never matches."""
+    return _TEMP_RE.match(name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill would terminate it there; only the age rule applies
+        return True
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        raise SaveError(path, e) from e
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove our temporaries in `folder` left by a killed writer (its pid is gone, or the file is a day old).
+
+    Only names `_create_temp` makes are touched, never a user's file; a temp of a live process (another run
+    or rank writing into the same cache folder now) is left alone.  Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_AGE_S
+            if old or not _pid_alive(int(m["pid"])):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+# --------------------------------------------------------------------------------------------- finiteness --
+class NonFiniteError(ValueError):
+    """Tensors about to be written hold NaN/Inf: the file is not written (whatever had its name is unchanged)."""
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors holding NaN or Inf (one device read per device, not one per tensor)."""
+    names = [k for k, t in tensors.items() if t.is_floating_point() or t.is_complex()]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, name in enumerate(names):
+        by_device.setdefault(tensors[name].device, []).append(i)
+    bad = []
+    for idx in by_device.values():
+        flags = torch.stack([_all_finite(tensors[names[i]]) for i in idx]).tolist()
+        bad += [names[i] for i, ok in zip(idx, flags, strict=True) if not ok]
+    return sorted(bad)
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.itemsize == 1:  # float8: isfinite is not implemented for it everywhere
+        t = t.float()
+    return torch.isfinite(t).all()
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path, what: str = "") -> None:
+    """Raise NonFiniteError naming the file and the tensors that hold NaN/Inf."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(f"{what}{path}: not written, {len(bad)} tensor(s) hold NaN/Inf: {shown}")
+
+
+# ----------------------------------------------------------------------------------------- the write path --
+def _write_atomic(path: str | Path, write: Callable[[int], None], *, what: str = "",
+                  check: Callable[[Path], None] | None = None) -> Path:
+    """The one write path of every final file: a temp file in the target folder (mode from the umask),
+    `write(fd)` fills it, fsync, `check(tmp)` may still refuse it, rename onto `path`, fsync the folder.
+
+    A crash at any point leaves `path` as it was (or the new file whole, after a power loss too).  OS and
+    write failures become SaveError naming `path`; what `check` raises passes through unchanged."""
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _create_temp(path)
+            try:
+                write(fd)
+            finally:
+                os.close(fd)
+            fsync_file(tmp)
+        except OSError as e:
+            raise SaveError(path, e, what) from e
+        if check is not None:
+            check(tmp)
+        try:
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            raise SaveError(path, e, what) from e
+        fsync_dir(path.parent)
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return path
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
-    """Write bytes via temp file + rename in the target folder."""
+# safetensors dtype names (the format's spec); optional ones only where this torch has them
+_ST_DTYPES = {getattr(torch, t): n for t, n in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64"), ("uint16", "U16"), ("uint32", "U32"),
+    ("uint64", "U64")) if hasattr(torch, t)}
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_safetensors(fd: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+    """Stream `tensors` in the safetensors format to `fd` (no second in-memory copy of a multi-GB checkpoint,
+    and no writer-owned temporary: safetensors' own save_file renames a `.tmpXXXXXX` of its own, mode 0600,
+    over its target).  Layout as safetensors writes it: largest item size first, then by name, so every
+    tensor's offset is aligned to its item size; header padded with spaces to 8 bytes."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("safetensors metadata keys and values must be str")
+    order = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
+        size = t.numel() * t.dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    _write_all(fd, len(head).to_bytes(8, "little") + head)
+    for name in order:
+        t = tensors[name].detach()
+        if t.numel():
+            _write_all(fd, t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None,
+                *, require_finite: bool = True, what: str = "", check: Callable[[Path], None] | None = None) -> Path:
+    """Write a safetensors file through the one write path.
+
+    `tensors` are written as given (cast them to the file's dtype first): with `require_finite` (the default:
+    networks, merged and converted checkpoints, cache entries) the check runs on exactly these tensors, so an
+    fp32 value beyond fp16's range that became Inf in the cast is refused, and NonFiniteError names the file
+    and the tensors; nothing is written.  Pass False only for a file that may legitimately hold NaN/Inf.
+    `what` prefixes messages ("network file "); `check(tmp)` may refuse the written file before it takes
+    `path`'s name (e.g. ComfyUI's key rules)."""
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise SaveError(path, e) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    if require_finite:
+        check_finite(tensors, path, what)
+    return _write_atomic(path, lambda fd: _write_safetensors(fd, tensors, metadata), what=what, check=check)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path, *, what: str = "") -> Path:
+    """Write bytes (PNG, TOML, JSON, text) through the one write path."""
+    return _write_atomic(path, lambda fd: _write_all(fd, data), what=what)

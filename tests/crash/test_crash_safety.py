@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import anima_trainer.fileio as fileio
@@ -54,11 +54,13 @@ def half_then_die(path, data):  # the process dies with half of the bytes at the
         f.write(data[: len(data) // 2])
     die()
 real_fileio_save, real_state_save, real_json, real_replace = (
-    fileio.save_file, resume.save_file, resume._write_json, os.replace)
-def fileio_save(tensors, filename, metadata=None):
-    if hit("cache" if ".anima_cache" in str(filename) else "network"):
-        half_then_die(filename, serialize(tensors, metadata))
-    return real_fileio_save(tensors, filename, metadata=metadata)
+    fileio._write_safetensors, resume.save_file, resume._write_json, os.replace)
+def fileio_save(fd, tensors, metadata=None):  # fileio's one write path, writing its temporary
+    if hit("cache" if ".anima_cache" in os.readlink(f"/proc/self/fd/{fd}") else "network"):
+        data = serialize(tensors, metadata)
+        os.write(fd, data[: len(data) // 2])
+        die()
+    return real_fileio_save(fd, tensors, metadata)
 def state_save(tensors, filename, metadata=None):
     if hit("state"):
         half_then_die(filename, serialize(tensors, metadata))
@@ -73,7 +75,8 @@ def replace(src, dst, *args, **kwargs):
             real_replace(src, dst, *args, **kwargs)
         die()
     return real_replace(src, dst, *args, **kwargs)
-fileio.save_file, resume.save_file, resume._write_json, os.replace = fileio_save, state_save, write_json, replace
+fileio._write_safetensors, resume.save_file, resume._write_json, os.replace = (
+    fileio_save, state_save, write_json, replace)
 real_at_step = checkpoints.Checkpointer.at_step
 steps = open(plan["steps_file"], "a", buffering=1)
 def at_step(self, progress, last):
@@ -264,6 +267,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tiny, tmp_path
     assert states.read_progress(out / f"{NAME}-state").step == STEPS
     # what the killed saves left (hidden temporaries, state folders being written) is removed at the next start
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".")]  # the killed cache write's too
     print(f"kills (target, reached step, resumed from): {kills}; {time.monotonic() - started:.1f} s")
 
 
@@ -279,17 +283,16 @@ def _reference_shape(proc: subprocess.Popen, root: Path) -> dict:
 # ------------------------------------------------------------------ disk full / no permission during a save --
 
 def _disk_full_network(monkeypatch, out: Path) -> str:
-    real = fileio.save_file
+    real = fileio._write_safetensors
 
-    def save_file(tensors, filename, metadata=None):  # what safetensors raises when the disk fills up
-        if str(filename).startswith(str(out)):
-            Path(filename).write_bytes(b"\0" * 100)
-            raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at '
-                                  f'path "{Path(filename).parent / ".tmpAbC123"}"')
-        return real(tensors, filename, metadata=metadata)
+    def write(fd, tensors, metadata=None):  # a write() that fails half-way: the OS names no file
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(out)):
+            os.write(fd, b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, tensors, metadata)
 
-    monkeypatch.setattr(fileio, "save_file", save_file)
-    return "No space left on device"
+    monkeypatch.setattr(fileio, "_write_safetensors", write)
+    return os.strerror(errno.ENOSPC)
 
 
 def _disk_full_state(monkeypatch, out: Path) -> str:
@@ -302,14 +305,14 @@ def _disk_full_state(monkeypatch, out: Path) -> str:
 
 
 def _no_permission(monkeypatch, out: Path) -> str:
-    real = fileio.tempfile.mkstemp
+    real = fileio._create_temp
 
-    def mkstemp(*args, dir=None, **kwargs):  # noqa: A002 (tempfile's name)
-        if dir is not None and str(dir).startswith(str(out)):  # an output folder that is not writable
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(Path(dir) / "tmpXyZ"))
-        return real(*args, dir=dir, **kwargs)
+    def create_temp(path):
+        if str(path).startswith(str(out)):  # an output folder that is not writable
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent / ".x.1-ab.tmp"))
+        return real(path)
 
-    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(fileio, "_create_temp", create_temp)
     return os.strerror(errno.EACCES)
 
 

@@ -106,7 +106,7 @@ def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_
                         entry["mask"] = masks[k].clone()
                     cache[(index, flip)] = entry
                     if to_disk:
-                        store_for(dataset.items[index].path).put(key, entry)
+                        store_for(dataset.items[index].path).put(key, entry, source=str(dataset.items[index].path))
                     summary.built += 1
                 bar.update(len(chunk))
     return cache, summary
@@ -143,7 +143,7 @@ def cache_text(captions: dict[str, CacheStore | None], text_encoder, *, qwen_fin
                 hidden = enc.qwen_hidden[i, : len(tokens.qwen_ids)].cpu().clone()
                 rows[caption] = (hidden, tokens.t5_ids, tokens.t5_weights)
                 if captions[caption] is not None:
-                    captions[caption].put(key, {"qwen_hidden": hidden})
+                    captions[caption].put(key, {"qwen_hidden": hidden}, source=f"caption {caption[:60]!r}")
                 summary.built += 1
             bar.update(len(chunk))
     return rows, summary

@@ -4,7 +4,10 @@ An entry's file name is a hash of everything it depends on (image bytes, bucket 
 model file fingerprints, dtype, cache format version), and the same description is stored in the file's
 metadata and compared on read.  Editing a caption, replacing an image or switching the VAE therefore
 simply misses the old entry and builds a new one for exactly that item; nothing is ever reused wrongly.
-Entries are written atomically; a corrupt or foreign file is treated as missing and rebuilt.
+Entries are written through fileio's one write path (temp file, fsync, rename, folder fsync; mode from the
+umask) and refused if they hold NaN/Inf (latents and text states are always finite: a non-finite one would
+poison every epoch, so it stops the cache build naming the image or caption).  A corrupt or foreign file is
+treated as missing and rebuilt; temporaries of a killed writer are removed when the folder is next opened.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from anima_trainer.fileio import atomic_save
+from anima_trainer.fileio import atomic_save, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 CACHE_FOLDER = ".anima_cache"
 _SAMPLE = 1 << 20
+_swept: set[Path] = set()  # folders whose stale temporaries this process already removed
 
 
 def file_sha256(path: str | Path) -> str:
@@ -63,6 +67,11 @@ class CacheStore:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        key = self.folder.absolute()
+        if key not in _swept:  # once per folder and process (a store is opened per image)
+            _swept.add(key)
+            for p in remove_stale_temporaries(self.folder):
+                log.info("removed %s, left by a killed cache write", p)
 
     def path_for(self, key: str) -> Path:
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
@@ -84,10 +93,12 @@ class CacheStore:
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         return self.lookup(key)[0]
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> Path:
+    def put(self, key: str, tensors: dict[str, torch.Tensor], source: str = "") -> Path:
+        """Write one entry; NonFiniteError (naming `source`, the image or caption) if a tensor holds NaN/Inf."""
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        return atomic_save(tensors, self.path_for(key), {"anima_cache_key": key})
+        what = f"cache entry of {source}: " if source else "cache entry "
+        return atomic_save(tensors, self.path_for(key), {"anima_cache_key": key}, what=what)
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None

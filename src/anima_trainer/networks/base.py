@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import anima_trainer
-from anima_trainer.fileio import atomic_save, check_writable
+from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
 from anima_trainer.networks.convert import read_comfy_named
 from anima_trainer.networks.formats import (
     COMFY_PREFIX,
@@ -372,23 +371,29 @@ class AdapterNetwork(nn.Module):
 
     def save(self, path: str | Path, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
              overwrite: bool = False, save_format: str = "comfy") -> Path:
-        """Atomic write; the file is checked against ComfyUI's key rules before it takes `path`'s name.
+        """Atomic, fsync'd write (fileio); refused (NonFiniteError, nothing written) when a weight is NaN/Inf as
+        written, e.g. beyond fp16's range after the cast; checked against ComfyUI's key rules before the file
+        takes `path`'s name.
 
         save_format: "comfy" (`diffusion_model.*`, default) or "kohya" (`lora_unet_*`); both load in ComfyUI."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise NetworkError(f"{path}: network files are .safetensors")
         check_writable(path, overwrite)
-        tmp = path.with_name(f".{path.name}.check.tmp")
-        atomic_save(self.state_tensors(dtype, save_format), tmp, self.metadata(metadata))
-        try:
+
+        def check(tmp: Path) -> None:
             check_comfy_keys(tmp, self._dit[0])
-            check_writable(path, overwrite)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+            check_writable(path, overwrite)  # a file that appeared meanwhile is still not replaced unasked
+
+        tensors = self.state_tensors(dtype, save_format)
+        try:
+            return atomic_save(tensors, path, self.metadata(metadata), what="network file ", check=check)
+        except NonFiniteError as e:
+            if dtype not in (None, torch.float32) and not nonfinite_tensors(self.state_tensors(None, save_format)):
+                name = str(dtype).removeprefix("torch.")
+                raise NonFiniteError(f"{e} (finite in fp32, beyond {name}'s range: set save_precision to "
+                                     "fp32 or bf16)") from None
+            raise
 
     def load_weights(self, path: str | Path) -> None:
         """Load a file of this algorithm and layout, strictly: ComfyUI (`diffusion_model.*`), kohya

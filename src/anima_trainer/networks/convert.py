@@ -22,6 +22,7 @@ Suffix policy (documented in docs/formats.md):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from anima_trainer.fileio import atomic_save, check_writable
+from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, KOHYA_PREFIX, NetworkError, check_comfy_keys
 
 LORA_AB_META = "anima_trainer_lora_AB_modules"
@@ -224,15 +225,29 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
         raise NetworkError(f"{dst}: output and input are the same file; choose another output name")
     dit = dit if dit is not None else build_meta_dit()
     sd, meta = read_network(src)
+    check_finite_network(sd, src)
     try:
         out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit))
     except NetworkError as e:
         raise NetworkError(f"{e}; nothing written") from e
     check_comfy_keys(list(out), dit)  # both spellings must still load in ComfyUI; before anything is written
+
+    def check(tmp: Path) -> None:  # the written file, before it takes dst's name
+        check_comfy_keys(tmp, dit)
+        check_writable(dst, overwrite)
+
     check_writable(dst, overwrite)
-    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta)
-    check_comfy_keys(dst, dit)
+    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta, what="converted network ", check=check)
     return {"keys": len(out), "written": str(dst)}
+
+
+def check_finite_network(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A network holding NaN/Inf is broken (a diverged run): refuse to convert or merge it, naming the tensors."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(f"{path}: {len(bad)} tensor(s) hold NaN/Inf ({shown}); a broken network, "
+                             "nothing written (use an earlier step's file)")
 
 
 # ------------------------------------------------------------------------------------------------- merge --
@@ -242,9 +257,13 @@ def parse_network_arg(text: str) -> tuple[str, float]:
     head, sep, tail = text.rpartition(":")
     if sep and head:
         try:
-            return head, float(tail)
+            mul = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(mul):
+            raise NetworkError(f"--network {text}: the multiplier {tail!r} is not a finite number; give one like "
+                               f"{head}:0.8 (a file whose name ends in ':{tail}': add ':1')")
+        return head, mul
     return text, 1.0
 
 
@@ -265,8 +284,11 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     check_writable(out, overwrite)
     if not networks:
         raise NetworkError("merge needs at least one --network")
-    for f, _ in networks:
+    for f, mul in networks:
         expect_kind(f, "--network", ("network",))
+        if not math.isfinite(mul):
+            raise NetworkError(f"--network {f}: the multiplier {mul} is not a finite number")
+        check_finite_network(read_network(f)[0], f)
     info = expect_kind(base, "--dit", ("anima_dit", "anima_bundle"))
     prefix = info.components.get("dit", info.prefix)
     header, meta = read_header(base)
@@ -298,6 +320,6 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     meta = dict(meta)
     meta["anima_trainer_merged_networks"] = json.dumps([[Path(f).name, m] for f, m in networks])
     check_writable(out, overwrite)
-    atomic_save(tensors, out, meta)
+    atomic_save(tensors, out, meta, what="merged checkpoint ")  # refuses NaN/Inf (e.g. fp16 overflow)
     return {"written": str(out), "networks": {f: len(r["patched"]) for f, r in reports.items()},
             "not_loaded": {f: r["not_loaded"] for f, r in reports.items() if r["not_loaded"]}}

@@ -78,7 +78,7 @@ def png_bytes(image: Image.Image, params: SampleParams) -> bytes:
 def save_png(image: Image.Image, params: SampleParams, path: str | Path, overwrite: bool = False) -> Path:
     """Atomic PNG write with the parameters embedded; refuses to replace an existing file unless asked."""
     check_writable(path, overwrite)
-    return atomic_write_bytes(png_bytes(image, params), path)
+    return atomic_write_bytes(png_bytes(image, params), path, what="image ")
 
 
 def read_png_parameters(path: str | Path) -> dict:
