@@ -27,8 +27,8 @@ class OutputExistsError(FileExistsError):
 
 class SaveError(OSError):
     """A write failed (disk full, no permission, ...): the message names what was being written and why (the
-    OS's own write errors name no file; safetensors' name its temporary).  Writes are atomic, so whatever had
-    that name before is unchanged."""
+    OS's own write errors name no file, or only the temporary).  Writes are atomic, so whatever had that name
+    before is unchanged."""
 
     def __init__(self, path: str | Path, cause: BaseException, what: str = "") -> None:
         self.reason = getattr(cause, "reason", None) or (
@@ -69,6 +69,7 @@ def check_writable(path: str | Path, overwrite: bool) -> Path:
 # ----------------------------------------------------------------------------------------- temporaries --
 # `.<final name>.<writer pid>-<8 hex>.tmp` beside the final file: hidden, names its writer, never a user's name.
 _TEMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+_TEMP_NAME_HEAD = 200
 STALE_TEMP_AGE_S = 24 * 3600  # a live pid this old is a reused pid: no write of ours takes a day
 
 
@@ -78,17 +79,13 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     ComfyUI running as another user."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        # the final name's head only: the temporary's name must fit NAME_MAX (255) whenever the final one does
+        tmp = path.with_name(f".{path.name[:_TEMP_NAME_HEAD]}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
-
-
-def is_temp_name(name: str) -> bool:
-    """True for the name of one of our temporaries (`_create_temp`); a user's file never matches."""
-    return _TEMP_RE.match(name) is not None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -105,8 +102,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove our temporaries in `folder` left by a killed writer (its pid is gone, or the file is a day old).
+def remove_stale_temporaries(folder: str | Path, final_prefix: str = "") -> list[Path]:
+    """Remove our temporaries in `folder` left by a killed writer (its pid is gone, or the file is a day old),
+    only those of final names starting with `final_prefix` when given.
 
     Only names `_create_temp` makes are touched, never a user's file; a temp of a live process (another run
     or rank writing into the same cache folder now) is left alone.  Returns what was removed."""
@@ -118,7 +116,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     now = time.time()
     for entry in entries:
         m = _TEMP_RE.match(entry.name)
-        if m is None:
+        if m is None or not m["final"].startswith(final_prefix):
             continue
         try:
             if not entry.is_file(follow_symlinks=False):

@@ -169,3 +169,13 @@ def test_a_failing_write_leaves_no_temporary_and_the_old_file(tmp_path, monkeypa
     with pytest.raises(ValueError, match="refused"):
         fileio._write_atomic(path, lambda fd: fileio._write_all(fd, b"new"), check=check)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.toml"]
+
+
+def test_temporaries_of_long_names_fit_and_a_prefix_limits_the_sweep(tmp_path):
+    long = tmp_path / ("n" * 240 + ".safetensors")  # 252 characters: a legal name
+    assert fileio.atomic_save({"w": torch.ones(1)}, long).exists()
+    dead = _dead_pid()
+    mine, other = (tmp_path / f".{n}.safetensors.{dead}-0a1b2c3d.tmp" for n in ("run-step00000002", "other"))
+    for p in (mine, other):
+        p.write_bytes(b"x")
+    assert fileio.remove_stale_temporaries(tmp_path, "run") == [mine] and other.exists()
