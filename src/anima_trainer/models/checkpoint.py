@@ -175,6 +175,10 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
         if not isinstance(layers, dict):
             raise CheckpointError(f"{path}: bad {QUANT_METADATA} metadata (no \"layers\" object); {_DEQUANT_FIX}")
         confs.update({k: v for k, v in layers.items() if k.startswith(prefix)})
+    for key in header:
+        if key.startswith(prefix) and key.endswith(UNSUPPORTED_QUANT_SUFFIXES):  # named first: the clearest reason
+            raise CheckpointError(f"{path}: {key!r} belongs to a block-quantised (NVFP4) weight, which anima-trainer "
+                                  f"cannot dequantise; {_DEQUANT_FIX}")
     for key, (dtype, shape) in header.items():
         if not key.startswith(prefix):
             continue
@@ -191,9 +195,6 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
                                                                                        f"{key!r}")
         elif key.endswith(INPUT_SCALE_SUFFIXES):
             plan.skipped.add(key)
-        elif key.endswith(UNSUPPORTED_QUANT_SUFFIXES):
-            raise CheckpointError(f"{path}: {key!r} belongs to a block-quantised (NVFP4) weight, which anima-trainer "
-                                  f"cannot dequantise; {_DEQUANT_FIX}")
         elif key.endswith(SCALE_SUFFIXES):
             weight = key.rsplit(".", 1)[0] + ".weight"
             if weight not in header:
