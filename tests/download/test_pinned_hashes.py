@@ -12,7 +12,10 @@ import hashlib
 import json
 import os
 
+import pytest
+
 from anima_trainer.download import sources
+from anima_trainer.download.errors import SourceError
 from anima_trainer.download.command import RECORD
 from tests.download.test_command import ANIMA, _run, model_bytes, test_pins  # noqa: F401 (fixture)
 
@@ -91,3 +94,31 @@ def test_present_file_recorded_with_another_hash_is_not_taken_for_the_pinned_one
     err = capsys.readouterr().err
     assert f"exists but its SHA-256 (recorded when it was downloaded from Hugging Face {sources.ANIMA_REPO}@abc123" \
            in err and f"while anima-trainer pins {sources.DIT.sha256}" in err and "pass --force" in err
+
+
+DEEP = "[" * 100_000
+
+
+def test_deeply_nested_json_in_download_bookkeeping_and_tokenizers_is_no_traceback(hub, tmp_path, test_pins,
+                                                                                  tokenizers_dir):
+    """Issue 13 item 15: every JSON the download code reads (its record, a partial's note, tokenizer files)."""
+    from anima_trainer.download import t5
+    from anima_trainer.download.transfer import _prepare_partial
+
+    hub.add_hf(sources.ANIMA_REPO, sources.VAE.path, ANIMA["vae"], lfs=True)
+    (tmp_path / RECORD).write_text(DEEP)
+    assert _run(hub, tmp_path, "--only", "vae") == 0  # a damaged record costs a re-check, nothing more
+    (tmp_path / "x.part.json").write_text(DEEP)
+    assert _prepare_partial(tmp_path / "x", "id") == tmp_path / "x.part"
+
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(DEEP)
+    with pytest.raises(t5.TokenizerCheckError, match=r"tokenizer\.json: not a tokenizers file \(RecursionError"):
+        t5.validate_t5_tokenizer(folder)
+    with pytest.raises(SourceError, match=r"tokenizer\.json is not JSON \(RecursionError"):
+        t5.check_downloaded(folder)
+    folder.joinpath("tokenizer.json").write_bytes((tokenizers_dir / "t5" / "tokenizer.json").read_bytes())
+    (folder / "config.json").write_text(DEEP)
+    with pytest.raises(t5.TokenizerCheckError, match=r"config\.json: not a JSON file \(RecursionError"):
+        t5.validate_t5_tokenizer(folder)

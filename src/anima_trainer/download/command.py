@@ -87,9 +87,10 @@ def selected(only: list[str] | None) -> list[str]:
 
 def _record(dest: Path) -> dict:
     try:
-        return json.loads((dest / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads((dest / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # a damaged record only costs a re-hash
         return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
 
 def _remember(dest: Path, path: Path, sha: str, source: str) -> None:

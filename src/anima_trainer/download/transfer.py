@@ -144,7 +144,7 @@ def _prepare_partial(dest: Path, identity: str) -> Path:
     part, meta = _part_paths(dest)
     try:
         same = json.loads(meta.read_text(encoding="utf-8")).get("identity") == identity
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # missing, damaged or not ours: start over
         same = False
     if part.exists() and not same:
         log.info("discarding %s: it belongs to another version of the file", part)
