@@ -9,6 +9,7 @@ headers.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def _fp8(t: dict) -> None:
 
 
 REFUSED = [
-    ("nvfp4", lambda t: (t.update({W: t[W].to(torch.uint8), W + "_scale": torch.ones(4), W + "_scale_2": torch.ones(())})),
+    ("nvfp4", lambda t: t.update({W: t[W].to(torch.uint8), W + "_scale": torch.ones(4),
+                                  W + "_scale_2": torch.ones(())}),
      r"'net\.blocks\.0\.mlp\.layer1\.weight_scale_2' belongs to a block-quantised \(NVFP4\) weight"),
     ("int8_format", lambda t: (_fp8(t), t.update({"net.blocks.0.mlp.layer1.comfy_quant": torch.tensor(
         list(b'{"format": "int8_tensorwise"}'), dtype=torch.uint8)})),
@@ -155,7 +157,12 @@ def test_dit_missing_one_key_names_the_key(dit_file: Path, tmp_path: Path, key: 
     with pytest.raises(CheckpointError) as e:
         load_dit(path, dtype=torch.float32)
     assert key in str(e.value) and str(path) in str(e.value) and "LLM-adapter" not in str(e.value)
-    assert inspect_file(path).kind == "anima_dit" if key.startswith(("blocks.1", "t_")) else True
+    assert cli.main(["inspect", str(path)]) == (0 if key.startswith(("blocks.1", "t_")) else 2)
+    out = capsys.readouterr()
+    if key.startswith(("blocks.1", "t_")):  # the config does not need it: inspect still says what the file is
+        assert json.loads(out.out)["kind"] == "anima_dit"
+    else:  # the config needs it: inspect names it
+        assert out.err.count("\n") == 1 and key in out.err and "LLM-adapter" not in out.err
 
 
 # ------------------------------------------------------------------------------------ forged headers
@@ -173,7 +180,8 @@ FORGED = [
      r"tensor 'w' declares the unknown dtype 'Q4_K'"),
     ("size_mismatch", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, 4,
      r"tensor 'w' \(F32, shape \[2\]\) needs 8 bytes but its data_offsets \[0, 4\] span 4"),
-    ("overlap", {"a": F32x2, "b": F32x2}, 8, r"starts at byte 0 of the data, expected 8 \(overlapping another tensor\)"),
+    ("overlap", {"a": F32x2, "b": F32x2}, 8,
+     r"starts at byte 0 of the data, expected 8 \(overlapping another tensor\)"),
     ("gap", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, r"tensor 'w' starts at byte 4 of the "
      r"data, expected 0 \(a gap\)"),
     ("bool_shape", {"w": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8, r"needs dtype, shape"),
@@ -194,7 +202,7 @@ def test_forged_header_is_refused_before_any_tensor_is_read(tmp_path, monkeypatc
     assert cli.main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {path}") and "Traceback" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     for read in (read_header, load_state_dict, lambda p: load_dit(p, dtype=torch.float32)):
         with pytest.raises(CheckpointError, match=message):
             read(path)

@@ -11,7 +11,8 @@ Facts (checked on the Hub's file pages, 2026): the Anima repo `circlestone-labs/
 split files under `split_files/{diffusion_models,text_encoders,vae}/` (anima_arch.md §4.3/§6 name the text
 encoder and VAE files; the DiT file is the one docs/models.md names).  The SHA-256 values are the LFS hashes
 the Hub shows for those files and are authoritative: a Hub reporting another hash, a download with another
-hash, or a ModelScope fallback (no hash metadata) delivering other bytes is an error, and nothing is installed.  No ModelScope mirror of the Anima files is known, so they have no default fallback (pass
+hash, or a ModelScope fallback (no hash metadata) delivering other bytes is an error, and nothing is
+installed.  No ModelScope mirror of the Anima files is known, so they have no default fallback (pass
 `--modelscope-source dit=...` if you know one).  The T5 defaults are sd-scripts-anima's (seed_system.md §3.1):
 `google/t5-v1_1-base` (its files are at the repo root, so the `tokenizer` subfolder is tried first and then
 the root), falling back to ModelScope `nv-community/Cosmos-Predict2-2B-Text2Image` @ `master`, `tokenizer/`.

@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -162,7 +162,7 @@ class QuantPlan:
 
 
 def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta: dict[str, str], prefix: str = "",
-               read_conf=None) -> QuantPlan:  # noqa: ANN001 (read_conf: key -> uint8 tensor, or None)
+               read_conf: Callable[[str], torch.Tensor] | None = None) -> QuantPlan:
     """Check the scaled-fp8 keys under `prefix` (see SCALE_SUFFIXES) and plan their use; anything whose meaning
     anima-trainer does not implement (NVFP4, int8, per-channel or non-float8 scaled weights, an unknown format) is
     refused here, so a quantised file is either dequantised exactly or not loaded.  `read_conf` reads the
@@ -174,7 +174,7 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
         layers = data.get("layers") if isinstance(data, dict) else None
         if not isinstance(layers, dict):
             raise CheckpointError(f"{path}: bad {QUANT_METADATA} metadata (no \"layers\" object); {_DEQUANT_FIX}")
-        confs.update({k: v for k, v in layers.items() if k.startswith(prefix)})
+        confs.update(layers)  # every layer's format is checked: some exporters name them without the prefix
     for key in header:
         if key.startswith(prefix) and key.endswith(UNSUPPORTED_QUANT_SUFFIXES):  # named first: the clearest reason
             raise CheckpointError(f"{path}: {key!r} belongs to a block-quantised (NVFP4) weight, which anima-trainer "
@@ -212,7 +212,7 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
         if fmt not in FP8_FORMATS.values():
             raise CheckpointError(f"{path}: layer {layer!r} is quantised as {str(fmt)[:40]!r}; anima-trainer only "
                                   f"dequantises float8 (e4m3fn/e5m2) weights; {_DEQUANT_FIX}")
-        weight = header.get(layer + ".weight")
+        weight = header.get(layer + ".weight") or header.get(prefix + layer + ".weight")
         if weight is not None and FP8_FORMATS.get(weight[0]) != fmt:
             raise CheckpointError(f"{path}: layer {layer!r} says {fmt} but its weight is stored as {weight[0]}; the "
                                   "file is damaged")
