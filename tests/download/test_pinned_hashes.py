@@ -31,6 +31,9 @@ def test_fake_endpoint_with_another_9mb_file_installs_nothing(hub, tmp_path, cap
     """The real pins: a fake HF_ENDPOINT serving a 9 MB file under the DiT's name is refused before download."""
     fake = os.urandom(9 * 1024 * 1024)
     hub.add_hf(sources.ANIMA_REPO, sources.DIT.path, fake, lfs=True)
+    stale = tmp_path / "diffusion_models" / f"{DIT_FILE}.part"  # left by an earlier, interrupted run
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(fake[:1000])
     assert _run(hub, tmp_path, "--only", "dit", "--no-modelscope-fallback") == 2
     err = capsys.readouterr().err
     sha = hashlib.sha256(fake).hexdigest()

@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
 from anima_trainer.download.errors import DownloadError, NotFoundError, SourceError, VerificationError
-from anima_trainer.download.transfer import SHA1_RE, SHA256_RE, Expected, Options, download
+from anima_trainer.download.transfer import SHA1_RE, SHA256_RE, Expected, Options, discard_partial, download
 from anima_trainer.download.urls import SourceRef
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def hf_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None
     etag = (meta.etag or "").lower()
     sha = etag if SHA256_RE.fullmatch(etag) else None
     if pin and sha and sha != pin:
+        discard_partial(dest)  # a partial of it from an earlier run is no more trustworthy
         raise VerificationError(
             f"{label}: {url} reports SHA-256 {sha}, but anima-trainer pins {pin} for this file; nothing was "
             f"downloaded.  The file there is not the one anima-trainer was made for (changed upstream, or "
