@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import replace
 
 import pytest
+import torch
+from safetensors.torch import save
 
 from anima_trainer.cli import main
 from anima_trainer.download import sources
@@ -15,6 +17,11 @@ from anima_trainer.download.command import RECORD, selected
 
 ANIMA = {"dit": b"D" * 5000, "qwen3": b"Q" * 3000, "vae": b"V" * 2000}
 T5_JSON = json.dumps({"model": {"type": "Unigram", "vocab": []}}).encode()
+
+
+def model_bytes(tag: str) -> bytes:
+    """A small valid .safetensors file, different for each tag (what an unpinned model download must be)."""
+    return save({tag: torch.arange(len(tag), dtype=torch.float32)})
 
 
 def _serve_all(hub):
@@ -70,23 +77,23 @@ def test_download_everything_then_nothing(hub, tmp_path, capsys, test_pins):
     assert _run(hub, dest, "--only", "vae", "--force") == 0 and files["vae"].read_bytes() == ANIMA["vae"]
 
 
-def test_overrides_fallback_and_errors(hub, tmp_path, capsys):
-    hub.add_hf("me/mirror", "vae/qwen_image_vae.safetensors", b"mirror", lfs=True)
+def test_overrides_fallback_and_errors(hub, tmp_path, capsys, test_pins):
+    hub.add_hf("me/mirror", "vae/qwen_image_vae.safetensors", model_bytes("mirror"), lfs=True)
     assert _run(hub, tmp_path, "--only", "vae", "--source", "vae=https://huggingface.co/me/mirror/tree/main/vae") == 0
-    assert (tmp_path / "vae" / "qwen_image_vae.safetensors").read_bytes() == b"mirror"
+    assert (tmp_path / "vae" / "qwen_image_vae.safetensors").read_bytes() == model_bytes("mirror")
     capsys.readouterr()
     hub.status[sources.ANIMA_REPO] = (403, "GatedRepo")
-    hub.add_ms("ms/anima", "dit.safetensors", b"from modelscope")
+    hub.add_ms("ms/anima", "dit.safetensors", ANIMA["dit"])  # the pinned bytes, under another name
     assert _run(hub, tmp_path, "--only", "dit", "--modelscope-source",
                 "dit=https://www.modelscope.cn/models/ms/anima/resolve/master/dit.safetensors") == 0
     # the file keeps the primary source's name, whatever the mirror calls it
-    assert (tmp_path / "diffusion_models" / "anima-base-v1.0.safetensors").read_bytes() == b"from modelscope"
+    assert (tmp_path / "diffusion_models" / "anima-base-v1.0.safetensors").read_bytes() == ANIMA["dit"]
     assert _run(hub, tmp_path, "--only", "qwen3") == 2
     err = capsys.readouterr().err
     assert "error: could not download the Qwen3-0.6B text encoder (qwen_3_06b_base.safetensors):" in err
     assert "gated repo (HTTP 403)" in err and "no ModelScope fallback: pass --modelscope-source qwen3=" in err
     # a ModelScope file with the table's (versioned) name is checked against the table's SHA-256
-    hub.add_ms("ms/anima", sources.QWEN3.path, b"not the real text encoder")
+    hub.add_ms("ms/anima", sources.QWEN3.path, model_bytes("not the real text encoder"))
     assert _run(hub, tmp_path, "--only", "qwen3", "--modelscope-source", "qwen3=ms/anima") == 2
     assert f"ModelScope ms/anima@master {sources.QWEN3.path}: SHA-256 " in capsys.readouterr().err
     assert not (tmp_path / "text_encoders").exists() or not any((tmp_path / "text_encoders").iterdir())
@@ -103,19 +110,23 @@ def test_selection():
         selected(["unet"])
 
 
-def test_file_updated_upstream_is_kept_on_rerun(hub, tmp_path, caplog):
-    hub.add_hf(sources.ANIMA_REPO, sources.VAE.path, b"a newer VAE", lfs=True)  # not the table's SHA-256
-    assert _run(hub, tmp_path, "--only", "vae") == 0
-    assert "the file was updated" in caplog.text
+def test_file_updated_upstream_at_a_named_revision_is_kept_on_rerun(hub, tmp_path):
+    """The way to take a file that no longer matches the pin on purpose: name its revision (checked against the
+    Hub's own hash); a re-run with that source finds it present."""
+    newer = model_bytes("a newer VAE")  # not the table's SHA-256
+    hub.add_hf(sources.ANIMA_REPO, sources.VAE.path, newer, lfs=True, rev="abc123")
+    source = f"vae=https://huggingface.co/{sources.ANIMA_REPO}/blob/abc123/{sources.VAE.path}"
+    assert _run(hub, tmp_path, "--only", "vae", "--source", source) == 0
+    assert (tmp_path / "vae" / "qwen_image_vae.safetensors").read_bytes() == newer
     n = len(hub.seen)
-    assert _run(hub, tmp_path, "--only", "vae") == 0 and len(hub.seen) == n  # verified at download: kept
+    assert _run(hub, tmp_path, "--only", "vae", "--source", source) == 0 and len(hub.seen) == n  # verified: kept
 
 
 def test_a_failing_part_does_not_stop_the_others(hub, tmp_path, capsys):
     hub.status[sources.ANIMA_REPO] = (403, "GatedRepo")
-    hub.add_hf("me/mirror", sources.VAE.path, b"vae", lfs=True)  # a repo id: the table's layout
+    hub.add_hf("me/mirror", sources.VAE.path, model_bytes("vae"), lfs=True)  # a repo id: the table's layout
     assert _run(hub, tmp_path, "--only", "dit", "vae", "--source", "vae=me/mirror") == 2
     captured = capsys.readouterr()
     assert "could not download the Anima DiT" in captured.err
     vae = tmp_path / "vae" / "qwen_image_vae.safetensors"
-    assert vae.read_bytes() == b"vae" and f"vae = {json.dumps(str(vae))}" in captured.out
+    assert vae.read_bytes() == model_bytes("vae") and f"vae = {json.dumps(str(vae))}" in captured.out

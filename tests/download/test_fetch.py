@@ -214,9 +214,11 @@ def test_not_found_is_typed(hub, ctx, tmp_path):
         hf_file(HF, "missing.json", tmp_path / "x", ctx)
 
 
-def test_pin_differing_from_the_hub_warns_and_trusts_the_hub(hub, ctx, tmp_path, caplog):
+def test_pin_differing_from_the_hub_is_an_error_before_any_byte(hub, ctx, tmp_path):
     hub.add_hf(REPO, FILE, DATA, lfs=True)
-    with caplog.at_level(logging.WARNING):
-        got = _file(hub, ctx, tmp_path / "m", [(HF, FILE, "0" * 64)])
-    assert got.sha256 == SHA and "the file was updated" in caplog.text
+    with pytest.raises(DownloadError) as e:
+        _file(hub, ctx, tmp_path / "m", [(HF, FILE, "0" * 64)])
+    assert f"reports SHA-256 {SHA}, but anima-trainer pins {'0' * 64}" in str(e.value)
+    assert f"{hub.hf_url}/{REPO}/resolve/main/{FILE}" in str(e.value) and "/blob/<commit>/" in str(e.value)
+    assert hub.requests("hf", "GET", "/cdn/") == [] and list(tmp_path.iterdir()) == []
     assert sources.DIT.sha256 and replace(sources.DIT).sha256 == sources.DIT.sha256  # the table keeps its pins

@@ -36,16 +36,21 @@ def test_every_prefix_loads_to_the_same_model(tmp_path, prefix):
     torch.testing.assert_close(_velocity(dit), _velocity(ref), atol=1e-5, rtol=1e-5)
 
 
-def test_known_extras_are_ignored(tmp_path):
+def test_known_extras_are_ignored(tmp_path, caplog):
+    """RoPE tables and quantisation bookkeeping that does not change any weight (ComfyUI's `scaled_fp8` marker,
+    activation scales) are skipped and counted; scales that do change weights are tests/badinput's business."""
     extra = {"net.pos_embedder.dim_spatial_range": torch.zeros(21), "net.pos_embedder.seq": torch.zeros(256),
-             "net.blocks.0.mlp.layer1.comfy_quant": torch.zeros(4, dtype=torch.uint8),
-             "net.blocks.0.mlp.layer1.weight_scale": torch.ones(()),
+             "net.scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn),
+             "net.blocks.0.mlp.layer1.scale_input": torch.ones(()),
              "net.blocks.0.mlp.layer1.input_scale": torch.ones(())}
     path = write_tiny_dit(tmp_path / "m.safetensors", extra=extra)
     info = inspect_file(path)
-    assert info.ignored_keys == 5
-    dit = load_dit(path, dtype=torch.float32)
-    assert torch.isfinite(_velocity(dit)).all()
+    assert info.ignored_keys == 5 and info.fp8_scaled_weights == 0
+    with caplog.at_level("INFO", logger="anima_trainer.models.checkpoint"):
+        dit = load_dit(path, dtype=torch.float32)
+    assert "skipped 5 non-weight keys (3 quantisation keys" in caplog.text
+    ref = load_dit(write_tiny_dit(tmp_path / "ref.safetensors"), dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in dit.state_dict().items())
 
 
 def test_config_inferred_from_shapes_40_blocks(tmp_path):

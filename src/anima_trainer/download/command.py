@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anima_trainer.download import sources, t5
-from anima_trainer.download.errors import DownloadError
+from anima_trainer.download.errors import DownloadError, VerificationError
 from anima_trainer.download.fetch import Context, Fetched, fetch_file, fetch_folder, source_chain
 from anima_trainer.download.sources import FileEntry, FolderEntry
 from anima_trainer.download.transfer import Options, sha256_file
@@ -87,9 +87,10 @@ def selected(only: list[str] | None) -> list[str]:
 
 def _record(dest: Path) -> dict:
     try:
-        return json.loads((dest / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads((dest / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # a damaged record only costs a re-hash
         return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
 
 
 def _remember(dest: Path, path: Path, sha: str, source: str) -> None:
@@ -109,7 +110,11 @@ def _present(dest: Path, path: Path, pin: str | None, progress: bool) -> bool:
     st = path.stat()
     known = _record(dest).get(path.relative_to(dest).as_posix(), {})
     if known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
-        return True  # verified when it was downloaded (against the Hub's hash, which wins over the table's)
+        if not pin or known.get("sha256") == pin:
+            return True  # verified when it was downloaded
+        raise DownloadError(f"{path} exists but its SHA-256 (recorded when it was downloaded from "
+                            f"{known.get('source')}) is {known.get('sha256')}, while anima-trainer pins {pin} for "
+                            "it; delete it or pass --force to download the pinned file")
     if not pin:
         log.warning("%s exists; no known SHA-256 to check it against (pass --force to download it again)", path)
         return True
@@ -122,13 +127,26 @@ def _present(dest: Path, path: Path, pin: str | None, progress: bool) -> bool:
 
 
 def _file_chain(entry: FileEntry, primary: SourceRef, fallback: SourceRef | None):
+    """[(source, file path, pinned SHA-256 or None)]: a fallback stands in for the primary's file, so when the
+    primary is pinned the fallback must deliver the very same bytes (the pin applies whatever it is named)."""
     name = entry.path.rsplit("/", 1)[-1]
     chain = []
     for ref in source_chain(primary, fallback):
         path = ref.path if ref.is_file else (f"{ref.path}/{name}" if ref.path else name)
         pinned = sources.is_default_file(entry, SourceRef(ref.provider, ref.repo_id, ref.revision, path, True))
-        chain.append((ref, path, entry.sha256 if pinned else None))
+        chain.append((ref, path, entry.sha256 if pinned or chain and chain[0][2] else None))
     return chain
+
+
+def _safetensors_check(part: Path) -> None:
+    """What an unpinned model file must pass before it is installed: a safetensors header (known dtypes, tensors
+    filling the file exactly).  Catches an HTML error page, a truncated file, a pickle or another format."""
+    from anima_trainer.models.checkpoint import CheckpointError, read_header
+
+    try:
+        read_header(part)
+    except CheckpointError as e:
+        raise VerificationError(f"the downloaded file is not a usable model: {e}") from None
 
 
 def _get_file(entry: FileEntry, dest: Path, ctx: Context, primary: SourceRef, fallback: SourceRef | None,
@@ -140,7 +158,7 @@ def _get_file(entry: FileEntry, dest: Path, ctx: Context, primary: SourceRef, fa
     note = "" if len(chain) > 1 or primary.provider != "hf" else (
         "(no ModelScope fallback: pass --modelscope-source "
         f"{entry.name}=<repo or URL> to add one)" if fallback is None else "")
-    fetched = fetch_file(f"the {entry.title} ({target.name})", chain, target, ctx, note)
+    fetched = fetch_file(f"the {entry.title} ({target.name})", chain, target, ctx, note, check=_safetensors_check)
     _remember(dest, target, fetched.sha256, fetched.source)
     return Outcome(entry, target, "downloaded", [fetched])
 

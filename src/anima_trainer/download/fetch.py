@@ -3,8 +3,11 @@
 Hugging Face: `huggingface_hub` resolves the file (`hf_hub_url` + `get_hf_file_metadata`: token handling,
 the typed gated / not-found / auth errors, the LFS SHA-256 or git SHA-1, the size and the CDN location);
 `transfer.download` then fetches the bytes resumably.  ModelScope: a plain GET of
-`<endpoint>/models/<repo>/resolve/<rev>/<path>` (no hash metadata: a file anima-trainer knows is checked
-against the SHA-256 in `sources.py`, anything else by size and, for tokenizers, by parsing it).
+`<endpoint>/models/<repo>/resolve/<rev>/<path>` (no hash metadata).  A SHA-256 pinned in `sources.py` is
+authoritative for both: a Hub reporting another hash, or bytes with another hash, is an error and nothing is
+installed.  A file with no pin is checked against the Hub's hash (Hugging Face), its announced size, and the
+caller's `check` (model files: a valid safetensors header whose tensors fill the file exactly; tokenizers:
+parsed).
 
 Fallback rule (as sd-scripts-anima): a Hugging Face primary falls back to ModelScope on *any* failure
 (unreachable, timeout, gated, 401/403/404, wrong hash); a ModelScope primary has no fallback.  When every
@@ -22,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
-from anima_trainer.download.errors import DownloadError, NotFoundError, SourceError
-from anima_trainer.download.transfer import SHA1_RE, SHA256_RE, Expected, Options, download
+from anima_trainer.download.errors import DownloadError, NotFoundError, SourceError, VerificationError
+from anima_trainer.download.transfer import SHA1_RE, SHA256_RE, Expected, Options, discard_partial, download
 from anima_trainer.download.urls import SourceRef
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,11 @@ def _is_entry_not_found(e: Exception) -> bool:
     return any(c.__name__ == "EntryNotFoundError" for c in type(e).__mro__)
 
 
-def hf_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None = None) -> Fetched:
-    """One file from a Hugging Face repo; `pin` = the SHA-256 anima-trainer knows for it (or None)."""
+def hf_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None = None,
+            check: Callable[[Path], None] | None = None) -> Fetched:
+    """One file from a Hugging Face repo.  `pin` = the SHA-256 anima-trainer pins for it: authoritative, a Hub
+    reporting another hash is an error before a byte is downloaded; without a pin the Hub's own SHA-256 (or git
+    SHA-1) is checked, and `check(partial)` (e.g. a safetensors header check) before the file is installed."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
@@ -90,9 +96,14 @@ def hf_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None
     etag = (meta.etag or "").lower()
     sha = etag if SHA256_RE.fullmatch(etag) else None
     if pin and sha and sha != pin:
-        log.warning("%s: the Hub's SHA-256 is %s, anima-trainer knows %s (the file was updated); verifying "
-                    "against the Hub's", label, sha, pin)
-    expected = Expected(size=meta.size, sha256=sha or pin, git_sha1=etag if SHA1_RE.fullmatch(etag) else None)
+        discard_partial(dest)  # a partial of it from an earlier run is no more trustworthy
+        raise VerificationError(
+            f"{label}: {url} reports SHA-256 {sha}, but anima-trainer pins {pin} for this file; nothing was "
+            f"downloaded.  The file there is not the one anima-trainer was made for (changed upstream, or "
+            f"{ctx.hf_endpoint} is not the real Hub): check the endpoint; to use the new file on purpose, name its "
+            f"revision in --source (…/blob/<commit>/{path}), which checks it against the Hub's hash instead")
+    expected = Expected(size=meta.size, sha256=pin or sha, git_sha1=etag if SHA1_RE.fullmatch(etag) else None,
+                        check=None if pin else check)
     location = urljoin(url, meta.location or url)
     headers = dict(build_hf_headers(token=ctx.token, user_agent=ctx.opts.user_agent))
     if urlsplit(location).netloc != urlsplit(ctx.hf_endpoint).netloc:
@@ -103,19 +114,22 @@ def hf_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None
     return Fetched(dest, label, digest)
 
 
-def modelscope_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None = None) -> Fetched:
-    """One file from a ModelScope repo (resolve URL, Range resume, size check; SHA-256 when `pin`)."""
+def modelscope_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None = None,
+                    check: Callable[[Path], None] | None = None) -> Fetched:
+    """One file from a ModelScope repo (resolve URL, Range resume).  ModelScope reports no hash: with a `pin` the
+    bytes must have that SHA-256; without one only the announced size and `check(partial)` are verified."""
     label = ref.describe(path)
     url = (f"{ctx.modelscope_endpoint}/models/{quote(ref.repo_id)}/resolve/{quote(ref.revision, safe='')}/"
            f"{quote(path)}")
     identity = f"ms|{ref.repo_id}|{ref.revision}|{path}|{pin}"
-    digest = download(url, dest, headers={}, expected=Expected(sha256=pin), identity=identity, label=label,
-                      opts=ctx.opts)
+    digest = download(url, dest, headers={}, expected=Expected(sha256=pin, check=None if pin else check),
+                      identity=identity, label=label, opts=ctx.opts)
     return Fetched(dest, label, digest)
 
 
-def file_from(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None = None) -> Fetched:
-    return (hf_file if ref.provider == "hf" else modelscope_file)(ref, path, dest, ctx, pin)
+def file_from(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None = None,
+              check: Callable[[Path], None] | None = None) -> Fetched:
+    return (hf_file if ref.provider == "hf" else modelscope_file)(ref, path, dest, ctx, pin, check)
 
 
 def source_chain(primary: SourceRef, fallback: SourceRef | None) -> list[SourceRef]:
@@ -137,13 +151,14 @@ def _check_online(what: str) -> None:
 
 
 def fetch_file(what: str, chain: Sequence[tuple[SourceRef, str, str | None]], dest: Path, ctx: Context,
-               note: str = "") -> Fetched:
-    """Try (source, file path, pinned SHA-256) in order; the first success wins."""
+               note: str = "", check: Callable[[Path], None] | None = None) -> Fetched:
+    """Try (source, file path, pinned SHA-256) in order; the first success wins.  `check` validates a file that
+    no pin covers before it is installed."""
     _check_online(what)
     failures: list[tuple[SourceRef, Exception]] = []
     for i, (ref, path, pin) in enumerate(chain):
         try:
-            fetched = file_from(ref, path, dest, ctx, pin)
+            fetched = file_from(ref, path, dest, ctx, pin, check)
             if i:
                 log.warning("%s; downloaded %s from %s instead", failures[-1][1], what, fetched.source)
             return fetched

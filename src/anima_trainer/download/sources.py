@@ -10,8 +10,9 @@ entry can be overridden without editing code: `anima-trainer download --source N
 Facts (checked on the Hub's file pages, 2026): the Anima repo `circlestone-labs/Anima` ships ComfyUI's
 split files under `split_files/{diffusion_models,text_encoders,vae}/` (anima_arch.md §4.3/§6 name the text
 encoder and VAE files; the DiT file is the one docs/models.md names).  The SHA-256 values are the LFS hashes
-the Hub shows for those files; a download from a mirror that has no hash metadata (ModelScope) is checked
-against them.  No ModelScope mirror of the Anima files is known, so they have no default fallback (pass
+the Hub shows for those files and are authoritative: a Hub reporting another hash, a download with another
+hash, or a ModelScope fallback (no hash metadata) delivering other bytes is an error, and nothing is
+installed.  No ModelScope mirror of the Anima files is known, so they have no default fallback (pass
 `--modelscope-source dit=...` if you know one).  The T5 defaults are sd-scripts-anima's (seed_system.md §3.1):
 `google/t5-v1_1-base` (its files are at the repo root, so the `tokenizer` subfolder is tried first and then
 the root), falling back to ModelScope `nv-community/Cosmos-Predict2-2B-Text2Image` @ `master`, `tokenizer/`.
@@ -140,8 +141,11 @@ def fallback_source(entry: FileEntry | FolderEntry, spec: str | None = None,
 
 
 def is_default_file(entry: FileEntry, ref: SourceRef) -> bool:
-    """True when `entry.sha256` applies to `ref`: the table's own Hugging Face file, or on ModelScope (which has
-    no hash metadata) any file with the same, versioned, name (`anima-base-v1.0.safetensors` is one release)."""
+    """True when `entry.sha256` applies to `ref` (and is then authoritative: another hash is an error): the
+    table's own Hugging Face file at the table's revision, or on ModelScope (which has no hash metadata) any file
+    with the same, versioned, name (`anima-base-v1.0.safetensors` is one release).  Naming another revision
+    (`--source dit=https://huggingface.co/<repo>/blob/<commit>/<path>`) or another repo is choosing another
+    file on purpose: it is checked against the Hub's own hash instead."""
     if ref.provider == "hf":
-        return (ref.repo_id, ref.path) == (entry.hf_repo, entry.path)
+        return (ref.repo_id, ref.path, ref.revision) == (entry.hf_repo, entry.path, entry.revision)
     return ref.path.rsplit("/", 1)[-1] == (entry.modelscope_path or entry.path).rsplit("/", 1)[-1]

@@ -94,7 +94,7 @@ def _qwen_check(folder: Path) -> None:
 
     try:
         json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise SourceError(f"the downloaded vocab.json is broken: {e}") from None
 
 

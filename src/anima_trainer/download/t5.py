@@ -204,8 +204,8 @@ def _check_files(folder: Path) -> None:
         if (folder / name).is_file():
             try:
                 data = json.loads((folder / name).read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"{name} is not JSON ({e})") from None
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise ValueError(f"{name} is not JSON ({type(e).__name__}: {e})") from None
             if not isinstance(data, dict):
                 raise ValueError(f"{name} is not a JSON object")
     if (folder / "spiece.model").is_file():
@@ -226,7 +226,7 @@ def validate_t5_tokenizer(folder: Path) -> None:
         model = json.loads(tj.read_text(encoding="utf-8"))["model"]
         if not isinstance(model, dict):
             raise TypeError("'model' is not an object")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
         raise TokenizerCheckError(f"{tj}: not a tokenizers file ({type(e).__name__}: {e})") from None
     if model.get("type") != "Unigram":
         problems.append(f"tokenizer.json model type is {model.get('type')!r}, expected 'Unigram'")
@@ -235,7 +235,12 @@ def validate_t5_tokenizer(folder: Path) -> None:
                         f"({SPM_PIECES} SentencePiece pieces + {EXTRA_IDS} <extra_id_N>)")
     config = folder / "config.json"
     if config.is_file():
-        cfg = json.loads(config.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise TokenizerCheckError(f"{config}: not a JSON file ({type(e).__name__}: {e})") from None
+        if not isinstance(cfg, dict):
+            raise TokenizerCheckError(f"{config}: not a JSON object")
         if cfg.get("vocab_size") != MODEL_VOCAB:
             problems.append(f"config.json vocab_size is {cfg.get('vocab_size')}, expected {MODEL_VOCAB}")
     try:

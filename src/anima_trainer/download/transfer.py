@@ -30,6 +30,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -61,6 +62,7 @@ class Expected:
     size: int | None = None
     sha256: str | None = None
     git_sha1: str | None = None  # the Hub's ETag of a file stored in git (not LFS)
+    check: Callable[[Path], None] | None = None  # validates the finished bytes (raises VerificationError)
 
 
 class _Transient(Exception):
@@ -142,7 +144,7 @@ def _prepare_partial(dest: Path, identity: str) -> Path:
     part, meta = _part_paths(dest)
     try:
         same = json.loads(meta.read_text(encoding="utf-8")).get("identity") == identity
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # missing, damaged or not ours: start over
         same = False
     if part.exists() and not same:
         log.info("discarding %s: it belongs to another version of the file", part)
@@ -221,6 +223,11 @@ def _verify(part: Path, expected: Expected, label: str, progress: bool) -> str:
         raise VerificationError(f"{label}: SHA-256 {digest}, expected {expected.sha256.lower()}")
     if expected.git_sha1 and (blob := git_sha1_file(part)) != expected.git_sha1.lower():
         raise VerificationError(f"{label}: git blob SHA-1 {blob}, expected {expected.git_sha1.lower()}")
+    if expected.check is not None:
+        try:
+            expected.check(part)
+        except VerificationError as e:
+            raise VerificationError(f"{label}: {e}") from None
     return digest
 
 
@@ -261,7 +268,9 @@ def download(url: str, dest: Path, *, headers: dict[str, str], expected: Expecte
                 restarted = True
                 part = _prepare_partial(dest, identity)
                 continue
-            raise VerificationError(f"{e}; the downloaded file was deleted") from None
+            raise VerificationError(f"{e}; the downloaded file was deleted (it came from {url}: check the endpoint "
+                                    "and the source, HF_ENDPOINT / --hf-endpoint / --source / --modelscope-source)"
+                                    ) from None
         os.replace(part, dest)
         _part_paths(dest)[1].unlink(missing_ok=True)
         return digest

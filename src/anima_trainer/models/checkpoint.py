@@ -8,26 +8,39 @@ at a time straight into the requested dtype/device, so a file is never held twic
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+log = logging.getLogger(__name__)
 
 # Prefixes that wrap the DiT inside real files, most specific first.
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net.")
 QWEN_BUNDLE_PREFIX = "text_encoders.qwen3_06b.transformer."
 VAE_BUNDLE_PREFIX = "vae."
-# Known non-weight extras that some exports carry; never an error, never loaded.
-IGNORED_KEY_PATTERNS = (
-    re.compile(r"^pos_embedder\."),
-    re.compile(r"\.comfy_quant$"),
-    re.compile(r"\.weight_scale$"),
-    re.compile(r"\.input_scale$"),
-)
+# Known non-weight extras that some exports carry (RoPE tables); never an error, never loaded.
+IGNORED_KEY_PATTERNS = (re.compile(r"^pos_embedder\."),)
+# ComfyUI's scaled-fp8 files (comfy/utils.py convert_old_quants, comfy/ops.py mixed_precision_ops): a float8 weight
+# `L.weight` whose value is weight.float() * `L.weight_scale` (older files: `L.scale_weight`, plus a top-level
+# `scaled_fp8` marker tensor); per-layer `L.comfy_quant` (uint8 bytes of JSON {"format": ...}) or the metadata entry
+# `_quantization_metadata` ({"layers": {L: {...}}}) name the format; `L.input_scale` / `L.scale_input` only scale
+# activations for fp8 matmuls and do not change the weight.
+SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
+INPUT_SCALE_SUFFIXES = (".input_scale", ".scale_input")
+QUANT_CONF_SUFFIX = ".comfy_quant"
+QUANT_MARKER = "scaled_fp8"
+QUANT_METADATA = "_quantization_metadata"
+UNSUPPORTED_QUANT_SUFFIXES = (".weight_scale_2",)  # NVFP4's second-level scale: block-quantised weights
+FP8_FORMATS = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+QUANT_KEY_SUFFIXES = (*SCALE_SUFFIXES, *INPUT_SCALE_SUFFIXES, QUANT_CONF_SUFFIX, *UNSUPPORTED_QUANT_SUFFIXES)
+_DEQUANT_FIX = "use the bf16/fp16 release of the model, or a file with one per-tensor scale per float8 weight"
 
 KIND_DESCRIPTIONS = {
     "anima_dit": "an Anima DiT (MiniTrainDIT) checkpoint",
@@ -44,6 +57,12 @@ KIND_DESCRIPTIONS = {
     "hf_qwen3_folder": "a Hugging Face Qwen3 folder",
     "unknown": "an unrecognised file",
 }
+
+
+# Bytes per element of every dtype the safetensors format names and torch can hold; anything else is refused
+# while reading the header, before a tensor is touched.
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class CheckpointError(ValueError):
@@ -96,6 +115,7 @@ class FileInfo:
     components: dict[str, str] = field(default_factory=dict)  # component -> key prefix (bundles)
     metadata: dict[str, str] = field(default_factory=dict)
     ignored_keys: int = 0
+    fp8_scaled_weights: int = 0
 
     @property
     def description(self) -> str:
@@ -121,6 +141,8 @@ class FileInfo:
             out["components"] = self.components
         if self.ignored_keys:
             out["ignored_non_weight_keys"] = self.ignored_keys
+        if self.fp8_scaled_weights:
+            out["fp8_scaled_weights"] = self.fp8_scaled_weights  # dequantised with their scales when loaded
         if self.kind == "unknown" and self.path.is_file():
             out["first_keys"] = sorted(read_header(self.path)[0])[:8]
         return out
@@ -128,6 +150,73 @@ class FileInfo:
 
 def is_ignored_key(key: str) -> bool:
     return any(p.search(key) for p in IGNORED_KEY_PATTERNS)
+
+
+@dataclass
+class QuantPlan:
+    """What a file's quantisation keys mean for loading: which float8 weights are multiplied by which scale,
+    and which keys are bookkeeping only (markers, layer configs, activation scales), skipped and counted."""
+
+    scales: dict[str, str] = field(default_factory=dict)  # weight key -> its per-tensor scale key
+    skipped: set[str] = field(default_factory=set)
+
+
+def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta: dict[str, str], prefix: str = "",
+               read_conf: Callable[[str], torch.Tensor] | None = None) -> QuantPlan:
+    """Check the scaled-fp8 keys under `prefix` (see SCALE_SUFFIXES) and plan their use; anything whose meaning
+    anima-trainer does not implement (NVFP4, int8, per-channel or non-float8 scaled weights, an unknown format) is
+    refused here, so a quantised file is either dequantised exactly or not loaded.  `read_conf` reads the
+    `.comfy_quant` tensors (loading); without it only the header is checked (inspect)."""
+    plan = QuantPlan()
+    confs: dict[str, object] = {}
+    if QUANT_METADATA in meta:
+        data = parse_json(meta[QUANT_METADATA], f"{path}: bad {QUANT_METADATA} metadata")
+        layers = data.get("layers") if isinstance(data, dict) else None
+        if not isinstance(layers, dict):
+            raise CheckpointError(f"{path}: bad {QUANT_METADATA} metadata (no \"layers\" object); {_DEQUANT_FIX}")
+        confs.update(layers)  # every layer's format is checked: some exporters name them without the prefix
+    for key in header:
+        if key.startswith(prefix) and key.endswith(UNSUPPORTED_QUANT_SUFFIXES):  # named first: the clearest reason
+            raise CheckpointError(f"{path}: {key!r} belongs to a block-quantised (NVFP4) weight, which anima-trainer "
+                                  f"cannot dequantise; {_DEQUANT_FIX}")
+    for key, (dtype, shape) in header.items():
+        if not key.startswith(prefix):
+            continue
+        if key[len(prefix):] == QUANT_MARKER or key.endswith("." + QUANT_MARKER):
+            plan.skipped.add(key)
+        elif key.endswith(QUANT_CONF_SUFFIX):
+            plan.skipped.add(key)
+            if read_conf is not None:
+                raw = read_conf(key)
+                if raw.dtype != torch.uint8 or raw.dim() != 1:
+                    raise CheckpointError(f"{path}: {key!r} is not a ComfyUI layer config (uint8 JSON bytes); "
+                                          f"{_DEQUANT_FIX}")
+                confs[key[:-len(QUANT_CONF_SUFFIX)]] = parse_json(bytes(raw.tolist()), f"{path}: bad layer config "
+                                                                                       f"{key!r}")
+        elif key.endswith(INPUT_SCALE_SUFFIXES):
+            plan.skipped.add(key)
+        elif key.endswith(SCALE_SUFFIXES):
+            weight = key.rsplit(".", 1)[0] + ".weight"
+            if weight not in header:
+                raise CheckpointError(f"{path}: {key!r} scales {weight!r}, which the file does not have; the file is "
+                                      "damaged or of an unknown layout")
+            if header[weight][0] not in FP8_FORMATS:
+                raise CheckpointError(f"{path}: {key!r} scales a {header[weight][0]} weight {weight!r}; only float8 "
+                                      f"weights with a scale are understood; {_DEQUANT_FIX}")
+            if math.prod(shape) != 1 or dtype not in ("F32", "F16", "BF16"):
+                raise CheckpointError(f"{path}: {key!r} is not one per-tensor scale ({dtype}, shape {list(shape)}); "
+                                      f"{_DEQUANT_FIX}")
+            plan.scales[weight] = key
+    for layer, conf in confs.items():
+        fmt = conf.get("format") if isinstance(conf, dict) else None
+        if fmt not in FP8_FORMATS.values():
+            raise CheckpointError(f"{path}: layer {layer!r} is quantised as {str(fmt)[:40]!r}; anima-trainer only "
+                                  f"dequantises float8 (e4m3fn/e5m2) weights; {_DEQUANT_FIX}")
+        weight = header.get(layer + ".weight") or header.get(prefix + layer + ".weight")
+        if weight is not None and FP8_FORMATS.get(weight[0]) != fmt:
+            raise CheckpointError(f"{path}: layer {layer!r} says {fmt} but its weight is stored as {weight[0]}; the "
+                                  "file is damaged")
+    return plan
 
 
 def read_header(path: str | Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
@@ -155,11 +244,19 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]
         if 8 + size > file_size:
             raise CheckpointError(f"{path}: header length {size} points past the end of the file ({file_size} "
                                   "bytes): the file is truncated (download or copy it again) or not a safetensors file")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is not a safetensors file: bad header ({e})") from None
+        header = parse_json(f.read(size), f"{path} is not a safetensors file: bad header")
     return _parse_header(path, header, file_size - 8 - size)
+
+
+def parse_json(text: str | bytes, bad: str) -> object:
+    """`json.loads` for text from a file: any decoding failure, including nesting deep enough to exhaust the
+    recursion limit (`[[[[...` 100000 levels), becomes one CheckpointError starting with `bad`."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{bad} ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{bad} (JSON nested too deeply)") from None
 
 
 def _parse_header(path: Path, header: object, data_size: int
@@ -171,16 +268,34 @@ def _parse_header(path: Path, header: object, data_size: int
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{bad} (__metadata__ is not an object)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{bad} (__metadata__ values must be strings)")
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    end = 0
+    spans: list[tuple[int, int, str]] = []
     for k, v in header.items():
         entry = v if isinstance(v, dict) else {}
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(d, int) and d >= 0 for d in [*shape, *offsets]) and offsets[0] <= offsets[1]):
+                and all(type(d) is int and d >= 0 for d in [*shape, *offsets]) and offsets[0] <= offsets[1]):
             raise CheckpointError(f"{bad} (tensor {k!r} needs dtype, shape and data_offsets, got {str(v)[:80]})")
+        if dtype not in DTYPE_SIZES:
+            raise CheckpointError(f"{path}: tensor {k[:80]!r} declares the unknown dtype {dtype[:40]!r} (known: "
+                                  f"{', '.join(DTYPE_SIZES)}); the file is damaged or from a newer format — nothing "
+                                  "was loaded from it")
+        numel = math.prod(shape)
+        if numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{path} is corrupt: tensor {k[:80]!r} ({dtype}, shape {shape}) needs "
+                                  f"{numel * DTYPE_SIZES[dtype]} bytes but its data_offsets {offsets} span "
+                                  f"{offsets[1] - offsets[0]}; get the file again")
         out[k] = (dtype, tuple(shape))
-        end = max(end, offsets[1])
+        spans.append((offsets[0], offsets[1], k))
+    end = 0
+    for start, stop, k in sorted(spans):
+        if start != end:  # safetensors packs tensors back to back: a gap or an overlap is a forged/broken header
+            raise CheckpointError(f"{path} is corrupt: tensor {k[:80]!r} starts at byte {start} of the data, "
+                                  f"expected {end} ({'overlapping another tensor' if start < end else 'a gap'}); "
+                                  "get the file again")
+        end = stop
     if end > data_size:
         raise CheckpointError(f"{path} is truncated: its header describes {end} bytes of tensor data, the file holds "
                               f"{data_size} (an interrupted download or copy? get the file again)")
@@ -214,7 +329,8 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DitConfig:
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise CheckpointError(f"not an Anima DiT: key {key!r} is missing")
+            raise CheckpointError(f"the Anima DiT key {key!r} is missing (the file is incomplete or damaged; get it "
+                                  "again)")
         return shapes[key]
 
     width, in_feats = shape("x_embedder.proj.1.weight")
@@ -263,6 +379,12 @@ def _network_types(keys: list[str]) -> list[str]:
     return [name for name, suffixes in _NETWORK_SUFFIXES.items() if any(k.endswith(suffixes) for k in keys)]
 
 
+# Keys only a MiniTrainDIT has (an LLM-adapter file has none of them); two of these make a file a DiT, so one
+# missing key is reported by name instead of the file being taken for something else.
+_DIT_MARKERS = ("x_embedder.proj.1.weight", "blocks.0.mlp.layer1.weight", "t_embedder.1.linear_1.weight",
+                "final_layer.linear.weight", "blocks.0.adaln_modulation_self_attn.1.weight")
+
+
 def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str, dict[str, str]]:
     """(kind, prefix, components) from the key set."""
     keys = list(shapes)
@@ -273,7 +395,7 @@ def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str, dict[str, s
         return "network", "", {}
     components: dict[str, str] = {}
     dit_prefix = detect_prefix(keys)
-    if f"{dit_prefix}x_embedder.proj.1.weight" in shapes and f"{dit_prefix}blocks.0.mlp.layer1.weight" in shapes:
+    if sum(f"{dit_prefix}{k}" in shapes for k in _DIT_MARKERS) >= 2:  # a DiT missing a key is still a DiT
         components["dit"] = dit_prefix
     if f"{QWEN_BUNDLE_PREFIX}model.layers.0.post_attention_layernorm.weight" in shapes:
         components["qwen3"] = QWEN_BUNDLE_PREFIX
@@ -314,10 +436,14 @@ def inspect_file(path: str | Path) -> FileInfo:
     kind, prefix, components = _classify(shapes)
     info = FileInfo(path=path, kind=kind, prefix=prefix, metadata=meta, components=components,
                     num_tensors=len(shapes))
+    plan = quant_plan(path, shapes_dt, meta)
+    info.fp8_scaled_weights = len(plan.scales)
     ignored = 0
     for k, (dt, s) in shapes_dt.items():
-        if is_ignored_key(k[len(prefix):] if k.startswith(prefix) else k):
+        if k in plan.skipped or is_ignored_key(k[len(prefix):] if k.startswith(prefix) else k):
             ignored += 1
+            continue
+        if k in plan.scales.values():
             continue
         info.dtypes[dt] = info.dtypes.get(dt, 0) + 1
         n = 1
@@ -326,7 +452,10 @@ def inspect_file(path: str | Path) -> FileInfo:
         info.num_params += n
     info.ignored_keys = ignored
     if kind in ("anima_dit", "anima_bundle") and "dit" in components:
-        info.dit_config = infer_dit_config(_strip(shapes, components["dit"]))
+        try:
+            info.dit_config = infer_dit_config(_strip(shapes, components["dit"]))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if kind == "network":
         info.network_types = _network_types(list(shapes))
     return info
@@ -339,8 +468,8 @@ def _inspect_folder(path: Path) -> FileInfo:
     if cfg.exists():
         try:
             data = json.loads(cfg.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            data = None  # an unreadable or broken config.json: an unrecognised folder
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = None  # an unreadable, broken or absurdly nested config.json: an unrecognised folder
         data = data if isinstance(data, dict) else {}
         if data.get("model_type") == "qwen3":
             return FileInfo(path=path, kind="hf_qwen3_folder")
@@ -370,20 +499,37 @@ def expect_kind(path: str | Path, flag: str, accepted: Iterable[str]) -> FileInf
 
 def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", drop_ignored: bool = True) -> dict[str, torch.Tensor]:
-    """Tensors under `prefix` (stripped), each cast straight to dtype/device as it is read from the mmap."""
+    """Tensors under `prefix` (stripped), each cast straight to dtype/device as it is read from the mmap.
+
+    The header is checked first (read_header: dtypes, offsets) and scaled-fp8 weights are dequantised as ComfyUI
+    does (float8 weight × its per-tensor scale, see SCALE_SUFFIXES); quantisation bookkeeping keys are skipped
+    and counted in the log; a quantisation anima-trainer does not implement is refused (quant_plan)."""
+    path = Path(path)
+    header, meta = read_header(path)
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
+            plan = quant_plan(path, header, meta, prefix, read_conf=f.get_tensor)
+            scale_keys = set(plan.scales.values())
+            ignored = 0
             for key in f.keys():
-                if not key.startswith(prefix):
+                if not key.startswith(prefix) or key in scale_keys:
                     continue
                 name = key[len(prefix):]
-                if drop_ignored and is_ignored_key(name):
+                if key in plan.skipped or drop_ignored and is_ignored_key(name):
+                    ignored += 1
                     continue
                 t = f.get_tensor(key)
+                if key in plan.scales:  # ComfyUI's rule: the float8 weight times its per-tensor scale
+                    t = t.float() * f.get_tensor(plan.scales[key]).float().reshape(())
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype=dtype)
                 out[name] = t.to(device) if str(device) != "cpu" else t
     except SafetensorError as e:  # a file that changed or broke after its header was checked
         raise CheckpointError(f"{path} cannot be read as safetensors ({e}); get the file again") from None
+    if plan.scales:
+        log.info("%s: dequantised %d scaled float8 weights (weight × weight_scale)", path, len(plan.scales))
+    if ignored:
+        log.info("%s: skipped %d non-weight keys (%d quantisation keys such as .comfy_quant / input_scale / "
+                 "scaled_fp8)", path, ignored, len(plan.skipped))
     return out

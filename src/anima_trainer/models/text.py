@@ -23,7 +23,6 @@ on exactly these tensors:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +34,14 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from anima_trainer.models.checkpoint import (
     KIND_DESCRIPTIONS,
+    QUANT_KEY_SUFFIXES,
+    QUANT_MARKER,
+    QUANT_METADATA,
     CheckpointError,
     WrongModelFileError,
     expect_kind,
     load_state_dict,
+    parse_json,
     read_header,
 )
 from anima_trainer.models.prompt_syntax import tokenizer_chunks
@@ -53,7 +56,6 @@ T5_EOS_ID = 1
 ROPE_THETA = 1_000_000.0
 RMS_EPS = 1e-6
 _ACCEPTED_KINDS = ("qwen3", "anima_bundle", "hf_qwen3_folder")
-_QUANT_SUFFIXES = (".weight_scale", ".input_scale", ".comfy_quant")  # + ComfyUI's top-level "scaled_fp8" marker
 
 
 @dataclass
@@ -176,8 +178,16 @@ def qwen3_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Qwen3Config:
 def _folder_weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
+        bad = f"{QWEN_FLAG}: {index} is not a valid safetensors index"
+        try:
+            data = parse_json(index.read_bytes(), bad)
+        except OSError as e:
+            raise CheckpointError(f"{QWEN_FLAG}: {index} cannot be read: {e.strerror or e}") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and Path(v).name == v
+                                                       for v in weight_map.values()):
+            raise CheckpointError(f"{bad} (needs a \"weight_map\" of tensor name → file name in this folder)")
+        return [folder / n for n in sorted(set(weight_map.values()))]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -210,8 +220,9 @@ def load_qwen3(path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
     sources, config = _weight_sources(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file, prefix in sources:
-        header = read_header(file)[0]
-        quant = [k for k in header if k == "scaled_fp8" or k.startswith(prefix) and k.endswith(_QUANT_SUFFIXES)]
+        header, meta = read_header(file)
+        quant = [k for k in header if k == QUANT_MARKER or k.startswith(prefix) and k.endswith(QUANT_KEY_SUFFIXES)]
+        quant += [QUANT_METADATA] if QUANT_METADATA in meta else []
         if quant:
             raise CheckpointError(f"{QWEN_FLAG}: {file} is a scaled/quantised export ({quant[0]!r}); "
                                   "use the bf16 or fp16 Qwen3-0.6B file")
