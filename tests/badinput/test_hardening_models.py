@@ -223,3 +223,33 @@ def test_deeply_nested_quantisation_metadata_and_index_are_one_line_errors(dit_f
         _folder_weight_files(tmp_path)
     (tmp_path / "config.json").write_text(deep)  # a folder with a hostile config.json is just not a model folder
     assert inspect_file(tmp_path).kind == "unknown"
+
+
+@pytest.mark.parametrize("style", ["comfy_quant", "old", "metadata"])
+def test_merge_over_a_scaled_fp8_base_writes_dequantised_weights_without_scales(dit_file: Path, tmp_path: Path,
+                                                                                 style: str) -> None:
+    """`merge` on a scaled-fp8 DiT: the merged weights are the dequantised ones patched, and no scale, marker or
+    quantisation metadata is copied (ComfyUI would scale the merged weights a second time)."""
+    from anima_trainer.networks import apply_network_file, create_network
+
+    tensors, meta, quantised = _quantise(load_file(dit_file), style)
+    base = tmp_path / "dit_fp8.safetensors"
+    save_file(tensors, base, metadata=meta)
+    net = create_network(load_dit(dit_file, dtype=torch.float32), dim=4, alpha=2.0)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    lora = net.save(tmp_path / "lora.safetensors")
+    out = tmp_path / "merged.safetensors"
+    assert cli.main(["merge", "--dit", str(base), "--network", str(lora), "--out", str(out)]) == 0
+
+    header, out_meta = read_header(out)
+    assert not [k for k in header if k.endswith(("scale", "_scale", "scale_weight", "scale_input", "comfy_quant",
+                                                "scaled_fp8"))]
+    assert "_quantization_metadata" not in out_meta
+    assert {dt for k, (dt, _) in header.items() if k in quantised} == {"F32"}  # dequantised, not float8
+    reference = load_dit(base, dtype=torch.float32)  # the dequantised base, patched with ComfyUI's math
+    apply_network_file(reference, lora, 1.0)
+    merged = load_dit(out, dtype=torch.float32).state_dict()  # loads: no scale applied a second time
+    for k, v in reference.state_dict().items():
+        assert torch.equal(merged[k], v), k

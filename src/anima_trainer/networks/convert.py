@@ -274,7 +274,7 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     The DiT is loaded once, in the checkpoint's dominant floating dtype (ComfyUI patches in fp32 and rounds to
     the weight dtype); tensors that are not DiT weights (other bundle parts, ignored buffers) are copied as is.
     """
-    from anima_trainer.models.checkpoint import expect_kind, read_header
+    from anima_trainer.models.checkpoint import QUANT_METADATA, expect_kind, quant_plan, read_header
     from anima_trainer.models.dit import load_dit
     from anima_trainer.networks.formats import apply_network_file
 
@@ -292,6 +292,10 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     info = expect_kind(base, "--dit", ("anima_dit", "anima_bundle"))
     prefix = info.components.get("dit", info.prefix)
     header, meta = read_header(base)
+    # a scaled-fp8 base is merged dequantised: its scales and quantisation bookkeeping would make ComfyUI scale
+    # the merged (already dequantised) weights a second time, so they are not copied
+    plan = quant_plan(Path(base), header, meta, prefix)
+    dropped = set(plan.scales.values()) | plan.skipped
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
     float_counts: dict[str, int] = {}
     for dt, _ in header.values():
@@ -310,6 +314,8 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(base), "pt") as fh:
         for key, (dt, _) in header.items():
+            if key in dropped:
+                continue
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name is not None and name in state:
                 t = state[name]
@@ -317,7 +323,7 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
                 tensors[key] = t.to(target).contiguous()
             else:
                 tensors[key] = fh.get_tensor(key)
-    meta = dict(meta)
+    meta = {k: v for k, v in meta.items() if k != QUANT_METADATA}
     meta["anima_trainer_merged_networks"] = json.dumps([[Path(f).name, m] for f, m in networks])
     check_writable(out, overwrite)
     atomic_save(tensors, out, meta, what="merged checkpoint ")  # refuses NaN/Inf (e.g. fp16 overflow)
