@@ -17,6 +17,7 @@ import pytest
 from anima_trainer.download import sources
 from anima_trainer.download.errors import SourceError
 from anima_trainer.download.command import RECORD
+from tests.crash.test_write_path import fsyncs  # noqa: F401 (fixture)
 from tests.download.test_command import ANIMA, _run, model_bytes, test_pins  # noqa: F401 (fixture)
 
 DIT_FILE = sources.DIT.path.rsplit("/", 1)[-1]
@@ -125,3 +126,13 @@ def test_deeply_nested_json_in_download_bookkeeping_and_tokenizers_is_no_traceba
     (folder / "config.json").write_text(DEEP)
     with pytest.raises(t5.TokenizerCheckError, match=r"config\.json: not a JSON file \(RecursionError"):
         t5.validate_t5_tokenizer(folder)
+
+
+def test_a_downloaded_model_file_is_fsynced_before_and_after_its_rename(hub, tmp_path, test_pins, fsyncs):
+    """Issue 13 item 7: a finished download survives a power loss like every other final file."""
+    hub.add_hf(sources.ANIMA_REPO, sources.DIT.path, ANIMA["dit"], lfs=True)
+    assert _run(hub, tmp_path, "--only", "dit", "--no-modelscope-fallback") == 0
+    path = tmp_path / "diffusion_models" / DIT_FILE
+    assert path.read_bytes() == ANIMA["dit"]
+    assert (path.stat().st_ino, False) in fsyncs and (path.parent.stat().st_ino, True) in fsyncs
+    assert fsyncs.index((path.stat().st_ino, False)) < fsyncs.index((path.parent.stat().st_ino, True))

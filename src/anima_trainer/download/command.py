@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from anima_trainer.download.fetch import Context, Fetched, fetch_file, fetch_fol
 from anima_trainer.download.sources import FileEntry, FolderEntry
 from anima_trainer.download.transfer import Options, sha256_file
 from anima_trainer.download.urls import SourceRef
+from anima_trainer.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 RECORD = ".anima-trainer-downloads.json"
@@ -98,9 +98,7 @@ def _remember(dest: Path, path: Path, sha: str, source: str) -> None:
     st = path.stat()
     rec[path.relative_to(dest).as_posix()] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha,
                                               "source": source}
-    tmp = dest / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1), encoding="utf-8")
-    os.replace(tmp, dest / RECORD)
+    atomic_write_bytes(json.dumps(rec, indent=1).encode("utf-8"), dest / RECORD)
 
 
 def _present(dest: Path, path: Path, pin: str | None, progress: bool) -> bool:

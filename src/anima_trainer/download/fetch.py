@@ -28,6 +28,7 @@ from urllib.parse import quote, urljoin, urlsplit
 from anima_trainer.download.errors import DownloadError, NotFoundError, SourceError, VerificationError
 from anima_trainer.download.transfer import SHA1_RE, SHA256_RE, Expected, Options, discard_partial, download
 from anima_trainer.download.urls import SourceRef
+from anima_trainer.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ def fetch_folder(what: str, chain: Sequence[SourceRef], target: Path, ctx: Conte
                 continue
             os.replace(f, final)
             placed.append(final)
+        fsync_dir(target)
         shutil.rmtree(staging, ignore_errors=True)
         if failures:
             log.warning("%s; downloaded %s from %s instead", failures[-1][1], what, ref.describe())

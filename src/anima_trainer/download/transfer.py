@@ -36,6 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from anima_trainer.download.errors import NotFoundError, SourceError, VerificationError
+from anima_trainer.fileio import fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -271,6 +272,8 @@ def download(url: str, dest: Path, *, headers: dict[str, str], expected: Expecte
             raise VerificationError(f"{e}; the downloaded file was deleted (it came from {url}: check the endpoint "
                                     "and the source, HF_ENDPOINT / --hf-endpoint / --source / --modelscope-source)"
                                     ) from None
+        fsync_file(part)  # a resumable .part is written in place, so it takes the write path's last steps here
         os.replace(part, dest)
+        fsync_dir(dest.parent)
         _part_paths(dest)[1].unlink(missing_ok=True)
         return digest
