@@ -172,7 +172,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if report["broken"]:
                 status = max(status, 1)
         except (CheckpointError, NetworkError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}" if str(f) in str(e) else f"error: {f}: {e}", file=sys.stderr)  # name the file
             status = 2
     return status
 
@@ -372,6 +372,11 @@ def _dispatch(argv: list[str]) -> int:
     return COMMANDS[args.command](args)
 
 
+def _interrupted(e: BaseException) -> bool:
+    loop = sys.modules.get("anima_trainer.train.loop")  # only loaded (with torch) when a command trained
+    return loop is not None and isinstance(e, loop.TrainingInterrupted)
+
+
 def report_error(e: BaseException, *, user: bool) -> None:
     """The one line a failed command prints (after the traceback when debugging)."""
     import traceback
@@ -406,6 +411,9 @@ def guarded(body: Callable[[list[str]], int], argv: list[str]) -> int:
                 report_error(e, user=True)
                 return 2
             except Exception as e:  # noqa: BLE001 - never a bare traceback for the user
+                if _interrupted(e):  # the loop stopped on Ctrl-C / SIGTERM after saving (e.g. under `demo`)
+                    print(f"stopped: {e}", file=sys.stderr)
+                    return 130
                 report_error(e, user=False)
                 return 1
     except KeyboardInterrupt:  # a second signal while the first was being reported
