@@ -381,6 +381,7 @@ def report_error(e: BaseException, *, user: bool) -> None:
     """The one line a failed command prints (after the traceback when debugging)."""
     import traceback
 
+    console.close_bars()
     if console.debugging():
         traceback.print_exception(e, file=sys.stderr)
     if user:
@@ -403,6 +404,7 @@ def guarded(body: Callable[[list[str]], int], argv: list[str]) -> int:
             except SystemExit as e:  # argparse: --help / --version (0) and usage errors (2)
                 return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
             except KeyboardInterrupt as e:
+                console.close_bars()
                 why = f" ({e})" if str(e) else ""
                 print(f"interrupted{why}: stopped; files already written are complete (every write is atomic)",
                       file=sys.stderr)
@@ -412,6 +414,7 @@ def guarded(body: Callable[[list[str]], int], argv: list[str]) -> int:
                 return 2
             except Exception as e:  # noqa: BLE001 - never a bare traceback for the user
                 if _interrupted(e):  # the loop stopped on Ctrl-C / SIGTERM after saving (e.g. under `demo`)
+                    console.close_bars()
                     print(f"stopped: {e}", file=sys.stderr)
                     return 130
                 report_error(e, user=False)

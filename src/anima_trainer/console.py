@@ -124,3 +124,13 @@ def describe_error(e: BaseException) -> str:
             text += " (a file stands where a folder is needed: remove it or choose another path)"
         return text
     return str(e) or type(e).__name__
+
+
+def close_bars() -> None:
+    """Close every open progress bar (an exception left it open), so that the error line is the last line and
+    no bar is redrawn after it."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001, S110 - a bar that cannot close must not hide the error
+            pass
