@@ -119,8 +119,9 @@ def describe_error(e: BaseException) -> str:
         if e.errno == errnos.ENOSPC:
             text += " (the disk is full: free space there, or point output_dir / the cache at another disk)"
         elif e.errno in (errnos.EACCES, errnos.EPERM, errnos.EROFS):
-            text += " (no permission to write there: choose a folder you own)"
-        elif e.errno in (errnos.EEXIST, errnos.ENOTDIR) and e.filename is not None:
+            text += " (no permission for that path: fix its permissions or choose a path you own)"
+        elif e.filename is not None and (e.errno == errnos.ENOTDIR or e.errno == errnos.EEXIST
+                                         and os.path.isfile(e.filename)):
             text += " (a file stands where a folder is needed: remove it or choose another path)"
         return text
     return str(e) or type(e).__name__
