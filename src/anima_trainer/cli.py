@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import signal
 import sys
 import threading
@@ -30,7 +29,6 @@ from anima_trainer import __version__, console
 # torch is imported by the commands, not here: `--help`, `--version` and a Ctrl-C during start-up stay fast and
 # inside main()'s error handling
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
-log = logging.getLogger(__name__)
 
 
 def _dtype(name: str) -> Any:
@@ -295,10 +293,10 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_cache(argv: list[str]) -> int:
     """`cache` takes the same flags/TOML as `train` and builds every cache on disk, then stops."""
-    from anima_trainer.config import parse_train_args
-    from anima_trainer.data import build_dataset, load_dataset_config
     import torch
 
+    from anima_trainer.config import parse_train_args
+    from anima_trainer.data import build_dataset, load_dataset_config
     from anima_trainer.train.loop import WEIGHT_DTYPES, load_models, prepare_caches
 
     cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
@@ -401,7 +399,9 @@ def guarded(body: Callable[[list[str]], int], argv: list[str]) -> int:
                 argv, debug, level = _take_global_options(argv)
                 console.setup("DEBUG" if debug else level)
                 return body(argv)
-            except SystemExit as e:  # argparse: --help / --version (0) and usage errors (2)
+            except SystemExit as e:  # argparse: --help / --version (0) and usage errors (2, already printed)
+                if isinstance(e.code, str):  # sys.exit("message")
+                    print(f"error: {e.code}", file=sys.stderr)
                 return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
             except KeyboardInterrupt as e:
                 console.close_bars()
