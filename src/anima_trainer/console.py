@@ -4,8 +4,9 @@ Why one module: log lines and tqdm bars share the terminal.  A plain `StreamHand
 bar's line, so every record goes through `tqdm.write`, which clears the bars, prints the line and redraws them.
 The level (`--log_level` before the command, `console_log_level` in the training settings, or the environment
 variable ANIMA_TRAINER_LOG_LEVEL) is set here; at INFO and above the HTTP libraries' per-request INFO lines
-(httpx, urllib3, huggingface_hub, filelock) are hidden.  `TQDM_DISABLE=1` turns every bar off, also those created
-with an explicit `disable=` (tqdm itself only reads the variable for bars that leave `disable` at its default).
+(httpx, urllib3, huggingface_hub, filelock) are hidden.  `TQDM_DISABLE=1` turns a bar off also when it is created
+with an explicit `disable=` (tqdm itself only reads the variable for bars that leave `disable` at its default):
+bars pass `disable=progress_disabled(...)`.
 
 In a multi-process launch (RANK > 0) only warnings and errors are shown, prefixed with the rank, so the console
 shows one copy of the run's progress.
