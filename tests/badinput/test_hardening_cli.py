@@ -414,3 +414,18 @@ def test_every_new_nonfinite_episode_is_shown(caplog):
     warned = [r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage()]
     assert [m.split(":")[1].strip() for m in warned] == ["step 3", "step 10", "step 60"]
     assert mon.alerts["nonfinite_loss"].count == 5
+
+
+def test_tqdm_disable_turns_the_sampling_bar_off(monkeypatch, capsys):
+    from anima_trainer.sample.sampler import sample_euler, simple_schedule
+
+    def velocity(x, sigma):
+        return torch.zeros_like(x)
+
+    noise = torch.ones(1, 4)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    sample_euler(velocity, noise, simple_schedule(3, 3.0), progress=True)
+    assert "sampling" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = sample_euler(velocity, noise, simple_schedule(3, 3.0), progress=True)
+    assert "sampling" not in capsys.readouterr().err and torch.equal(out, noise)
