@@ -170,6 +170,23 @@ def test_deeply_nested_toml_names_the_file(tmp_path, capsys):
     assert f"'{deep}' is nested too deeply" in _one_error_line(capsys.readouterr().err)
 
 
+def test_deeply_nested_dataset_toml_and_metadata_json_name_the_file(tiny, tmp_path, capsys):
+    deep = tmp_path / "dataset.toml"
+    deep.write_text("a = " + "[" * 50000 + "]" * 50000 + "\n")
+    base = ["train", "--config_file", str(tiny["toml"]), "--output_dir", str(tmp_path / "out")]
+    assert cli.main([*base, "--dataset_config", str(deep)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"error: dataset_config: {deep} is nested too deeply to be read (a broken or hostile TOML; dataset.toml "
+        "files are a few tables deep)")
+    meta = tmp_path / "meta.json"
+    meta.write_text("[" * 50000 + "]" * 50000)
+    deep.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tiny['images']}'\n"
+                    f"metadata_file = '{meta}'\n")
+    assert cli.main([*base, "--dataset_config", str(deep)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert str(meta) in line and "nested too deeply to be read" in line, line
+
+
 @pytest.mark.parametrize("args, message", [
     (["--width", "0"], "width and height must be positive multiples of 16 (8 for the VAE × 2 for the DiT patch), "
                        "got 0x1024"),
