@@ -112,11 +112,12 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, RecursionError):
         return (f"an input is nested too deeply to be read ({e}); check the files given for this command "
                 "(a TOML, JSON or safetensors header nested hundreds of levels deep is not a real config)")
-    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+    if isinstance(e, OSError) and e.errno is not None:
         import errno as errnos
 
         where = "".join(f" {p!r}" for p in (e.filename, e.filename2) if p is not None)
-        text = f"{e.strerror}{':' if where else ''}{where}"
+        # the OS's "[Errno N] text: 'path'", or the text of an OSError that says it itself (fileio.SaveError)
+        text = f"{e.strerror}{':' if where else ''}{where}" if e.strerror else str(e)
         if e.errno == errnos.ENOSPC:
             text += " (the disk is full: free space there, or point output_dir / the cache at another disk)"
         elif e.errno in (errnos.EACCES, errnos.EPERM, errnos.EROFS):

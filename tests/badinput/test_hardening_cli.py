@@ -281,6 +281,12 @@ def test_os_errors_lose_errno_and_say_what_to_do():
     assert console.describe_error(full) == ("No space left on device: '/data/out/x.safetensors' (the disk is full: "
                                             "free space there, or point output_dir / the cache at another disk)")
     assert "[Errno" not in console.describe_error(FileExistsError(17, "File exists", "out"))
+    from anima_trainer.fileio import SaveError
+
+    saved = SaveError("/data/out/x.safetensors", OSError(28, "No space left on device"))
+    assert console.describe_error(saved) == ("could not write /data/out/x.safetensors: No space left on device (the "
+                                             "disk is full: free space there, or point output_dir / the cache at "
+                                             "another disk)")
     assert console.describe_error(RecursionError("maximum recursion depth exceeded")).startswith(
         "an input is nested too deeply to be read")
 
