@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Model files: a JSON summary.  Network files: algorithms, ranks/alphas, targets, "
                        "per-module delta norms, NaN/Inf, unknown and duplicate keys (text, or JSON with --json); "
                        "exit 1 when a network file is broken.")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".safetensors files (models or networks)")
     p.add_argument("--json", action="store_true", help="network files: print the report as JSON")
     p.add_argument("--dit", default=None, help="network files: take module names/shapes from this DiT's header "
                    "(default: the 28-block 2B layout)")
@@ -89,9 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="ComfyUI names: diffusion_model.<module path>.<suffix>; kohya names: "
                        "lora_unet_<module_path>.<suffix>.  PEFT/diffusers inputs (lora_A/lora_B, transformer., "
                        "base_model.model., Cosmos transformer_blocks.N...) are read too.  See docs/formats.md.")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--to", choices=("comfy", "kohya"), required=True)
+    p.add_argument("input", help="adapter .safetensors (ComfyUI, kohya, PEFT or diffusers names)")
+    p.add_argument("output", help="where to write the renamed file")
+    p.add_argument("--to", choices=("comfy", "kohya"), required=True, help="the naming to write")
     p.add_argument("--dit", default=None, help="read the model layout from this DiT checkpoint's header "
                    "(default: the 28-block 2B layout)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
