@@ -12,21 +12,31 @@ anima-trainer does not support stops with a message naming the option (docs/migr
 
 import sys
 
+HELP_DESCRIPTION = ("Drop-in for kohya-ss/sd-scripts' anima_train_network.py: kohya's flags and TOML files (and "
+                    "root-style Anima_Trainer configs), trained by anima-trainer.  The options below are "
+                    "`anima-trainer train`'s; the ones after them are translated first.")
 
-def main(argv: list[str] | None = None) -> int:
-    """Translate kohya's command line, print the notices, then run `anima-trainer train` with the result."""
-    from anima_trainer.cli import main as cli_main
-    from anima_trainer.config.dropin import translate_kohya_argv
-    from anima_trainer.config.errors import ConfigError
 
-    try:
-        args, notices = translate_kohya_argv(list(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _run(argv: list[str]) -> int:
+    from anima_trainer.cli import cmd_train
+    from anima_trainer.config import parse_train_args
+    from anima_trainer.config.dropin import help_epilog, translate_kohya_argv
+
+    if "-h" in argv or "--help" in argv:  # exits 0 after printing (SystemExit, handled by `guarded`)
+        parse_train_args(["--help"], prog="anima_train_network.py", description=HELP_DESCRIPTION,
+                         epilog=help_epilog())
+    args, notices = translate_kohya_argv(argv)
     for line in notices:
         print(f"anima_train_network: {line}", file=sys.stderr)
-    return cli_main(["train", *args])
+    return cmd_train(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Translate kohya's command line, print the notices, then run `anima-trainer train` with the result; errors
+    as `anima-trainer` reports them (one line, exit 2 for a user's mistake; `--debug` for the traceback)."""
+    from anima_trainer.cli import guarded
+
+    return guarded(_run, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ prefixed with their rank, so the console shows one copy of the run's progress.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -17,8 +16,11 @@ def _quiet_other_ranks() -> None:
         rank = int(os.environ.get("RANK", "0"))
     except ValueError:
         rank = 0
-    if rank > 0:  # before cli.main's basicConfig, which then leaves this configuration alone
-        logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if rank > 0:  # early (imports log too); console.setup prefixes the rank and keeps ranks > 0 at WARNING, and
+        # cli.main's setup replaces this handler instead of adding a second one
+        from anima_trainer import console
+
+        console.setup()
 
 
 def main() -> int:

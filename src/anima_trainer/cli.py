@@ -6,19 +6,35 @@ networks into a DiT checkpoint), `demo` (tiny built-in model: train a LoRA, samp
 (text → PNG with the flow Euler sampler), `convert-config` (root-style Anima_Trainer TOML → kohya pair),
 `config-reference` (every training setting as markdown), `download` (the models and tokenizers, verified).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
+
+Errors: a user's mistake (a bad setting, a missing or wrong file) prints one `error:` line and exits 2; any other
+failure prints one line naming the exception and exits 1; Ctrl-C or SIGTERM outside the training loop exits 130.
+`--debug` (anywhere on the command line) or `--log_level DEBUG` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import torch
+from anima_trainer import __version__, console
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# torch is imported by the commands, not here: `--help`, `--version` and a Ctrl-C during start-up stay fast and
+# inside main()'s error handling
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,21 +47,40 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qwen3_tokenizer", default=None, help="folder with the Qwen tokenizer (vocab.json, merges.txt)")
     g.add_argument("--t5_tokenizer", default=None, help="folder with the T5 tokenizer (tokenizer.json)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="weight/compute dtype (default bf16 on GPU, fp32 on CPU)")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless it says its default already or has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or action.required or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {'empty' if d == '' else '%(default)s'})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anima-trainer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="anima-trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="version", version=f"anima-trainer {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also accepted after the command)")
+    parser.add_argument("--log_level", choices=console.LEVELS, default=None, type=str.upper,
+                        help=f"console log level (default: ${console.LEVEL_ENV} or INFO; DEBUG also shows "
+                        "tracebacks and the HTTP libraries' request lines)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train a LoRA (kohya flags; `anima-trainer train --help`)", add_help=False)
-    sub.add_parser("cache", help="build the latent and text caches on disk (same flags as train)", add_help=False)
+    sub.add_parser("cache", help="build the latent and text caches on disk (same flags as train; "
+                   "`anima-trainer cache --help`)", add_help=False)
 
     p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)",
                        description="Model files: a JSON summary.  Network files: algorithms, ranks/alphas, targets, "
                        "per-module delta norms, NaN/Inf, unknown and duplicate keys (text, or JSON with --json); "
                        "exit 1 when a network file is broken.")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".safetensors files (models or networks)")
     p.add_argument("--json", action="store_true", help="network files: print the report as JSON")
     p.add_argument("--dit", default=None, help="network files: take module names/shapes from this DiT's header "
                    "(default: the 28-block 2B layout)")
@@ -54,9 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="ComfyUI names: diffusion_model.<module path>.<suffix>; kohya names: "
                        "lora_unet_<module_path>.<suffix>.  PEFT/diffusers inputs (lora_A/lora_B, transformer., "
                        "base_model.model., Cosmos transformer_blocks.N...) are read too.  See docs/formats.md.")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--to", choices=("comfy", "kohya"), required=True)
+    p.add_argument("input", help="adapter .safetensors (ComfyUI, kohya, PEFT or diffusers names)")
+    p.add_argument("output", help="where to write the renamed file")
+    p.add_argument("--to", choices=("comfy", "kohya"), required=True, help="the naming to write")
     p.add_argument("--dit", default=None, help="read the model layout from this DiT checkpoint's header "
                    "(default: the 28-block 2B layout)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -66,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", action="append", required=True, metavar="FILE[:MUL]",
                    help="network file with optional strength (default 1.0); repeatable, applied in order")
     p.add_argument("--out", required=True, help="merged .safetensors")
-    p.add_argument("--save_precision", choices=sorted(DTYPES), default=None,
+    p.add_argument("--save_precision", choices=DTYPE_NAMES, default=None,
                    help="dtype of the merged DiT weights (default: as in --dit)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -79,29 +114,32 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config-reference", help="print docs/config_reference.md (every training setting) to stdout")
 
-    p = sub.add_parser("demo", help="tiny built-in Anima + synthetic dataset: train a LoRA on CPU, sample before/after")
+    p = sub.add_parser("demo", help="tiny built-in Anima + synthetic dataset: train a LoRA on CPU, sample before/after",
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--steps", type=int, default=300, help="training steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models, the images and the training")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier demo run")
 
-    p = sub.add_parser("sample", help="generate one image with the flow Euler sampler (ComfyUI's shift-3 schedule)")
+    p = sub.add_parser("sample", help="generate one image with the flow Euler sampler (ComfyUI's shift-3 schedule)",
+                       description="Text → one PNG (its settings are stored in the PNG's `parameters` text).",
+                       formatter_class=_DefaultsFormatter)
     _add_model_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative_prompt", default="")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--prompt", required=True, help="the text to draw (Anima's tag / natural-language prompts)")
+    p.add_argument("--negative_prompt", default="", help="what to steer away from (used when --cfg > 1)")
+    p.add_argument("--steps", type=int, default=30, help="sampler steps")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = no guidance)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels (a multiple of 16)")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels (a multiple of 16)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (same seed and settings → same image)")
+    p.add_argument("--shift", type=float, default=3.0, help="flow shift of the sigma schedule (ComfyUI's 3.0)")
     p.add_argument("--network", action="append", default=[], metavar="FILE",
                    help="LoRA/LoKr/LoHa file applied with ComfyUI's rules (repeatable)")
     p.add_argument("--network_mul", action="append", type=float, default=[], metavar="M",
-                   help="strength per --network (default 1.0)")
+                   help="strength per --network, in order (missing ones: 1.0)")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
     from anima_trainer.download.command import add_download_parser
 
@@ -132,7 +170,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if report["broken"]:
                 status = max(status, 1)
         except (CheckpointError, NetworkError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}" if str(f) in str(e) else f"error: {f}: {e}", file=sys.stderr)  # name the file
             status = 2
     return status
 
@@ -150,7 +188,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from anima_trainer.networks.convert import merge_networks, parse_network_arg
 
     result = merge_networks(args.dit, [parse_network_arg(n) for n in args.network], args.out,
-                            save_dtype=DTYPES[args.save_precision] if args.save_precision else None,
+                            save_dtype=_dtype(args.save_precision) if args.save_precision else None,
                             overwrite=args.overwrite)
     for f, keys in result["not_loaded"].items():
         print(f"warning: {f}: {len(keys)} keys ComfyUI would not load either: {keys[:5]}", file=sys.stderr)
@@ -167,8 +205,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from anima_trainer.networks import apply_network_file
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png
 
+    import torch
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    dtype = _dtype(args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
     params = SampleParams(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg,
                           width=args.width, height=args.height, seed=args.seed, shift=args.shift,
                           models={"dit": Path(args.dit).name, "qwen3": Path(args.qwen3).name,
@@ -235,6 +275,8 @@ def cmd_train(argv: list[str]) -> int:
     from anima_trainer.train.monitor import MonitorAlertError
 
     cfg = parse_train_args(argv)
+    if cfg.console_log_level:
+        console.set_level(cfg.console_log_level)
     try:
         print(train(cfg))
     except TrainingInterrupted as e:
@@ -251,11 +293,15 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_cache(argv: list[str]) -> int:
     """`cache` takes the same flags/TOML as `train` and builds every cache on disk, then stops."""
+    import torch
+
     from anima_trainer.config import parse_train_args
     from anima_trainer.data import build_dataset, load_dataset_config
     from anima_trainer.train.loop import WEIGHT_DTYPES, load_models, prepare_caches
 
-    cfg = parse_train_args(argv)
+    cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
+    if cfg.console_log_level:
+        console.set_level(cfg.console_log_level)
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
                             seed=cfg.seed or 0)
     from anima_trainer.download import ensure_tokenizers
@@ -267,24 +313,119 @@ def cmd_cache(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `anima-trainer` script; user errors print one line and exit 2."""
-    from anima_trainer.download.errors import DownloadError
-    from anima_trainer.fileio import OutputExistsError
-    from anima_trainer.models.checkpoint import CheckpointError
+CACHE_DESCRIPTION = ("Build the latent and text-encoder caches on disk and stop.  Takes the same options and "
+                     "--config_file TOML as `anima-trainer train` (only the model, dataset and cache settings matter).")
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the user's input is wrong" (settings, files, downloads): one line, exit 2."""
+    from anima_trainer.download.errors import DownloadError
+
+    return (ValueError, OSError, DownloadError, RecursionError)
+
+
+def _take_global_options(argv: list[str]) -> tuple[list[str], bool, str | None]:
+    """Remove `--debug` (anywhere: users append it to a failed command line) and a `--log_level X` given before
+    the command; returns (the rest, debug, level)."""
+    debug = "--debug" in argv
+    rest = [a for a in argv if a != "--debug"]
+    level = None
+    while rest[:1] and rest[0].startswith("--log_level"):
+        name, eq, value = rest[0].partition("=")
+        if name != "--log_level":
+            break
+        if eq:
+            level, rest = value, rest[1:]
+        elif len(rest) > 1:
+            level, rest = rest[1], rest[2:]
+        else:
+            raise ValueError("--log_level: expected one of " + ", ".join(console.LEVELS))
+    return rest, debug, level
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, `docker stop`, a scheduler) takes the Ctrl-C path: clean-ups run, one line, exit 130.
+    The training loop installs its own handlers (stop after the step, save a state) while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handle)
     try:
-        if argv[:1] == ["train"]:
-            return cmd_train(argv[1:])
-        if argv[:1] == ["cache"]:
-            return cmd_cache(argv[1:])
-        args = _build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
-    except (CheckpointError, OutputExistsError, ValueError, OSError, DownloadError) as e:  # one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ["train"]:
+        return cmd_train(argv[1:])
+    if argv[:1] == ["cache"]:
+        return cmd_cache(argv[1:])
+    args = _build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+def _interrupted(e: BaseException) -> bool:
+    loop = sys.modules.get("anima_trainer.train.loop")  # only loaded (with torch) when a command trained
+    return loop is not None and isinstance(e, loop.TrainingInterrupted)
+
+
+def report_error(e: BaseException, *, user: bool) -> None:
+    """The one line a failed command prints (after the traceback when debugging)."""
+    import traceback
+
+    console.close_bars()
+    if console.debugging():
+        traceback.print_exception(e, file=sys.stderr)
+    if user:
+        print(f"error: {console.describe_error(e)}", file=sys.stderr)
+    else:
+        print(f"error: unexpected {type(e).__name__}: {e} (this is a bug in anima-trainer or a library; run with "
+              "--debug for the traceback and report it)", file=sys.stderr)
+
+
+def guarded(body: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Run a command body the way every entry point does: global options taken out (`--debug`, `--log_level`),
+    the console set up, SIGTERM treated as Ctrl-C, and every exception turned into one line and an exit status:
+    0 done, 1 unexpected failure (or a monitor stop), 2 a user error (naming the key or file), 130 interrupted."""
+    try:
+        with _sigterm_as_ctrl_c():
+            try:
+                argv, debug, level = _take_global_options(argv)
+                console.setup("DEBUG" if debug else level)
+                return body(argv)
+            except SystemExit as e:  # argparse: --help / --version (0) and usage errors (2, already printed)
+                if isinstance(e.code, str):  # sys.exit("message")
+                    print(f"error: {e.code}", file=sys.stderr)
+                return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+            except KeyboardInterrupt as e:
+                console.close_bars()
+                why = f" ({e})" if str(e) else ""
+                print(f"interrupted{why}: stopped; files already written are complete (every write is atomic)",
+                      file=sys.stderr)
+                return 130
+            except _user_errors() as e:
+                report_error(e, user=True)
+                return 2
+            except Exception as e:  # noqa: BLE001 - never a bare traceback for the user
+                if _interrupted(e):  # the loop stopped on Ctrl-C / SIGTERM after saving (e.g. under `demo`)
+                    console.close_bars()
+                    print(f"stopped: {e}", file=sys.stderr)
+                    return 130
+                report_error(e, user=False)
+                return 1
+    except KeyboardInterrupt:  # a second signal while the first was being reported
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `anima-trainer` script (exit statuses: `guarded`)."""
+    return guarded(_dispatch, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

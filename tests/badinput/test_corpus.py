@@ -159,7 +159,7 @@ def make_setup(root: Path, files: dict[str, Path]) -> Setup:
     return s
 
 
-class StepReached(Exception):
+class StepReached(BaseException):  # not an Exception: cli.main reports every Exception as an error line
     pass
 
 

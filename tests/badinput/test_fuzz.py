@@ -10,7 +10,9 @@ that CI is stable.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
 import math
 import tempfile
@@ -169,13 +171,20 @@ def toml_document(doc: dict[str, Any]) -> str:
     return "\n".join(top) + "\n" + "\n".join(tables)
 
 
-def parse_or_config_error(argv: list[str]) -> TrainConfig | ConfigError:
-    """parse_train_args' result; a ConfigError is returned (with a message), anything else propagates."""
+def parse_or_config_error(argv: list[str]) -> TrainConfig | ConfigError | str:
+    """parse_train_args' result; a ConfigError is returned (with a message), anything else propagates.  `-h` /
+    `--help` print the help and exit 0 (argparse's SystemExit): the printed help is returned."""
+    out = io.StringIO()
     try:
-        cfg = parse_train_args(argv)
+        with contextlib.redirect_stdout(out):
+            cfg = parse_train_args(argv)
     except ConfigError as e:
         assert str(e).strip(), "a ConfigError without a message"
         return e
+    except SystemExit as e:
+        assert e.code == 0 and ("-h" in argv or "--help" in argv), (e.code, argv)
+        assert out.getvalue().startswith("usage: anima-trainer train "), out.getvalue()[:200]
+        return out.getvalue()
     assert isinstance(cfg, TrainConfig)
     return cfg
 
@@ -200,7 +209,8 @@ def test_any_bytes_as_toml_give_config_or_config_error(data):
         parse_or_config_error(["--config_file", str(path)])
 
 
-FLAG_TOKENS = [f"--{n}" for n in NAMES] + [f"--no-{n}" for n in FIELDS] + ["--", "-", "-x", "--=", "--no-"]
+FLAG_TOKENS = [f"--{n}" for n in NAMES] + [f"--no-{n}" for n in FIELDS] + ["--", "-", "-x", "--=", "--no-",
+                                                                         "-h", "--help"]
 
 
 @st.composite
@@ -211,8 +221,6 @@ def command_lines(draw) -> list[str]:
             tokens += [f"--{k}", v]
     for _ in range(draw(st.integers(0, 6))):
         flag = draw(st.one_of(st.sampled_from([f"--{n}" for n in FIELDS]), st.sampled_from(FLAG_TOKENS), text))
-        if flag in ("-h", "--help"):  # prints the help and exits: not a parse result
-            continue
         tokens.append(flag)
         name = flag.removeprefix("--")
         value = draw(field_values(name).filter(lambda v: not isinstance(v, (list, dict))).map(toml_value)
@@ -235,6 +243,8 @@ REQUIRED_ARGV = [t for k, v in REQUIRED.items() for t in (f"--{k}", v)]
 @example(argv=[*REQUIRED_ARGV, "--lr_scheduler_type", ".."])  # found by this test: importlib's TypeError
 @example(argv=[*REQUIRED_ARGV, "--optimizer_type", "..Adam"])
 @example(argv=[*REQUIRED_ARGV, "--optimizer_type", ".x.Adam"])
+@example(argv=["--help"])  # issue 13: a % in a setting's description crashed the help
+@example(argv=[*REQUIRED_ARGV, "--vram_budget_gb", "auto", "-h"])
 def test_any_command_line_gives_config_or_config_error(argv):
     parse_or_config_error(argv)
 

@@ -197,8 +197,8 @@ class DropIn:
         raw = None
         if path.is_file():
             try:
-                raw = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                raw = _read_toml_text(path)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
                 raw = None  # read_train_toml reports it
         if raw is not None and is_root_style(raw):
             self._convert_root(raw, path)
@@ -385,6 +385,9 @@ class DropIn:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"dataset_config: cannot read {path}: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"dataset_config: {path} is nested too deeply to be read (a hostile or broken "
+                              "TOML)") from None
         doc.setdefault("general", {})
         for k, v in general.items():
             doc["general"].setdefault(k, v)
@@ -426,6 +429,33 @@ class DropIn:
             argv = ["--config_file", str(path), *argv]
             self.notices.append(f"settings: {path}")
         return argv
+
+
+def help_epilog() -> str:
+    """What `anima_train_network.py --help` adds below `anima-trainer train`'s options: the kohya options it
+    translates first (module docstring)."""
+    import textwrap
+
+    items = [
+        "the dataset on the command line (written as a dataset.toml): "
+        + ", ".join(f"--{n}" for n in DATASET_OPTIONS),
+        "--lr_scheduler_num_cycles (kohya counts descents), LyCORIS --network_args (conv_dim, preset, ...)",
+        "dropped with a notice (sd-scripts ignores them for Anima): " + ", ".join(f"--{n}" for n in IGNORED),
+        "--config_file may be a root-style Anima_Trainer config (converted on the fly)",
+    ]
+    head = ("also accepted, translated before training (a notice says what was done; generated files go to "
+            "<output_dir>/<output_name>_config/; see docs/migration.md):")
+    return "\n".join([textwrap.fill(head, 100),
+                      *(textwrap.fill(i, 100, initial_indent="  ", subsequent_indent="    ") for i in items)])
+
+
+def _read_toml_text(path: Path) -> dict[str, Any]:
+    """tomllib.loads of a file; a document nested too deeply for the parser is a ConfigError naming the file."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ConfigError(f"config_file: '{path}' is nested too deeply to be read (a hostile or broken TOML; "
+                          "kohya's TOMLs are one level of tables)") from None
 
 
 def translate_kohya_argv(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -124,7 +124,7 @@ def _table() -> dict[str, tuple[tuple, str]]:
     add("training_comment metadata_title metadata_author metadata_description metadata_license metadata_tags "
         "metadata_trigger_phrase metadata_usage_hint metadata_thumbnail metadata_merged_from text_encoder_lr "
         "scale_weight_norms base_weights base_weights_multiplier ddp_timeout ip_noise_gamma save_n_epoch_ratio "
-        "initial_epoch initial_step huggingface_repo_id console_log_level console_log_file", UNSET)
+        "initial_epoch initial_step huggingface_repo_id console_log_file", UNSET)
     add("zero_stage", (2,))
     add("huber_schedule", ("constant",))  # our huber_c is used as a constant (kohya's "constant" schedule)
     add("huber_scale", (1.0,))

@@ -35,9 +35,15 @@ def _field_names() -> list[str]:
     return list(TrainConfig.model_fields)
 
 
+def help_escape(text: str) -> str:
+    """argparse %-formats every help string (for `%(default)s`): text taken from elsewhere (Field descriptions,
+    kohya's option tables) must have its `%` doubled, or `--help` crashes on e.g. "92 % of the card"."""
+    return text.replace("%", "%%")
+
+
 def _add(parser: argparse.ArgumentParser, flag: str, field: str, help_text: str) -> None:
     info = TrainConfig.model_fields[field]
-    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": flag}
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_escape(help_text), "dest": flag}
     if info.annotation is bool:  # `--flag` is true; `--flag=false`, `--flag false` or `--no-flag` is false
         kw.update(nargs="?", const="true", metavar="BOOL")
         parser.add_argument(f"--no-{flag}", dest=flag, action="store_const", const="false", default=argparse.SUPPRESS,
@@ -51,13 +57,20 @@ def _add(parser: argparse.ArgumentParser, flag: str, field: str, help_text: str)
     parser.add_argument(f"--{flag}", **kw)
 
 
-def build_train_parser() -> argparse.ArgumentParser:
+TRAIN_DESCRIPTION = ("Train an Anima LoRA. Options use kohya-ss/sd-scripts names; all of them can also be set in "
+                     "a --config_file TOML (the command line wins).")
+
+
+def build_train_parser(prog: str = "anima-trainer train", description: str = TRAIN_DESCRIPTION,
+                       epilog: str | None = None) -> argparse.ArgumentParser:
     """The `anima-trainer train` parser (kohya flag names, `allow_abbrev=False`).  Every option defaults to
     "absent" (argparse.SUPPRESS) so that a TOML value is only overridden by an option actually given; values stay
-    strings here and are typed by `TrainConfig`.  Mistakes raise ConfigError instead of exiting."""
-    parser = _Parser(prog="anima-trainer train", allow_abbrev=False,
-                     description="Train an Anima LoRA. Options use kohya-ss/sd-scripts names; all of them can also "
-                                 "be set in a --config_file TOML (the command line wins).")
+    strings here and are typed by `TrainConfig`.  Mistakes raise ConfigError instead of exiting; `--help` prints
+    the help and exits 0 (SystemExit).  `prog`/`description`/`epilog`: the same options under `cache` and the
+    drop-in script."""
+    parser = _Parser(prog=prog, allow_abbrev=False, description=help_escape(description),
+                     epilog=help_escape(epilog) if epilog else None,
+                     formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
     parser.add_argument("--config_file", default=argparse.SUPPRESS, metavar="TOML",
                         help="training TOML (kohya format; '.toml' may be omitted; tables are flattened)")
     for name, info in TrainConfig.model_fields.items():
@@ -124,6 +137,9 @@ def read_train_toml(path: str | Path) -> tuple[dict[str, Any], str]:
             from None
     except OSError as e:
         raise ConfigError(f"config_file: '{p}' cannot be read: {e.strerror or e}") from None
+    except RecursionError:  # tomllib recurses per nesting level: thousands of `[[[...` exhaust the stack
+        raise ConfigError(f"config_file: '{p}' is nested too deeply to be read (a hostile or broken TOML; kohya's "
+                          "training TOMLs use one level of tables)") from None
     if evidence := root_style_evidence(data):  # its tables are not cosmetic: flattening would mangle it
         raise ConfigError(
             f"config_file: '{p}' is a root-style Anima_Trainer config (it has {', '.join(evidence[:3])}), not a "
@@ -205,9 +221,11 @@ def _is_one(v: Any) -> bool:
         return False  # a bad value: TrainConfig reports it
 
 
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    """Build the TrainConfig from `argv` (without the `train` word; None → sys.argv[1:]) and its --config_file."""
-    parser = build_train_parser()
+def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-trainer train",
+                     description: str = TRAIN_DESCRIPTION, epilog: str | None = None) -> TrainConfig:
+    """Build the TrainConfig from `argv` (without the `train` word; None → sys.argv[1:]) and its --config_file.
+    `prog`/`description`/`epilog` only change what `--help` prints."""
+    parser = build_train_parser(prog, description, epilog)
     ns, extras = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     _check_extras(extras)
     cli_raw = vars(ns)

@@ -94,8 +94,11 @@ class TrainConfig(BaseModel):
         "comfy", description="key names of saved networks: comfy (diffusion_model.*) or kohya (lora_unet_*); "
                              "anima-trainer option, both load in ComfyUI")
     # optimisation
-    learning_rate: float = Field(2e-6, gt=0, description="base learning rate (kohya default 2e-6)")
-    unet_lr: float | None = Field(None, gt=0, description="learning rate of the DiT LoRA (default: learning_rate)")
+    # upper bounds: a rate beyond them is a typo (1e39 overflows float32 inside the optimizer); Prodigy and
+    # D-Adaptation use about 1
+    learning_rate: float = Field(2e-6, gt=0, le=1000, description="base learning rate (kohya default 2e-6)")
+    unet_lr: float | None = Field(None, gt=0, le=1000,
+                                  description="learning rate of the DiT LoRA (default: learning_rate)")
     optimizer_type: str = Field("AdamW", description="kohya name (AdamW, AdamW8bit, Lion, Prodigy, AdaFactor, "
                                                      "RAdamScheduleFree, ...), a torch.optim or pytorch_optimizer "
                                                      "class, or module.Class")
@@ -119,8 +122,10 @@ class TrainConfig(BaseModel):
     lr_scheduler_args: dict[str, Any] = Field(default_factory=dict, description="key=value ... for "
                                               "lr_scheduler_type, or step_rules for piecewise_constant")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = off)")
-    max_train_steps: int = Field(1600, ge=1)
-    max_train_epochs: int | None = Field(None, ge=1, description="overrides max_train_steps")
+    # bounded so that step and epoch counters fit every index type (2**63-1 overflowed at the first batch):
+    # 100 million steps is years of training
+    max_train_steps: int = Field(1600, ge=1, le=100_000_000)
+    max_train_epochs: int | None = Field(None, ge=1, le=1_000_000, description="overrides max_train_steps")
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -172,6 +177,8 @@ class TrainConfig(BaseModel):
     log_with: Literal["tensorboard", "wandb", "all", "none"] | None = Field(
         None, description="trackers (default: tensorboard when installed; none = off)")
     log_prefix: str | None = Field(None, description="run folder prefix (default: <output_name>_)")
+    console_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
+        None, description="console log level (kohya's option; default INFO; DEBUG adds tracebacks to errors)")
     # monitoring / logging (train/monitor.py, events.py, tracking.py)
     log_every_n_steps: int = Field(1, ge=1, description="scalars every N optimizer steps (reads the loss then)")
     log_tracker_name: str | None = Field(None, description="tracker project name (default: network_train)")
@@ -247,6 +254,24 @@ class TrainConfig(BaseModel):
         except (TypeError, ValueError):
             return v
         return cls.model_fields[info.field_name].default if zero else v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_can_be_a_folder(cls, v: Path) -> Path:
+        # checked here, before minutes of model loading; a file in its place failed later with "[Errno 17]"
+        for p in (v, *v.parents):
+            if p.exists():
+                if not p.is_dir():
+                    what = "is" if p == v else f"is inside '{p}', which is"
+                    raise ValueError(f"'{v}' {what} a file, not a folder; remove that file or choose another "
+                                     "output_dir")
+                break
+        return v
+
+    @field_validator("console_log_level", mode="before")
+    @classmethod
+    def _level_name(cls, v: Any) -> Any:
+        return (v.strip().upper() or None) if isinstance(v, str) else v  # kohya's choices are upper case
 
     @field_validator("log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key", mode="before")
     @classmethod

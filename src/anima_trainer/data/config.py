@@ -391,6 +391,9 @@ def load_dataset_config(path: str | Path) -> DatasetConfig:
         raise DatasetConfigError(f"dataset config {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise DatasetConfigError(f"dataset_config: {path} cannot be read: {e.strerror or e}") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise DatasetConfigError(f"dataset_config: {path} is nested too deeply to be read (a broken or hostile "
+                                 "TOML; dataset.toml files are a few tables deep)") from None
     try:
         return parse_dataset_config(raw, source_dir=path.resolve().parent)
     except DatasetConfigError as e:

@@ -338,6 +338,11 @@ def load_image_with_alpha(path: Path, *, alpha: bool = True) -> tuple[Image.Imag
                     mask = mask.transpose(_TRANSPOSE[orientation])
             return out, mask
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes an error naming the file
+        if isinstance(e, OSError) and not path.is_file() or isinstance(e, (FileNotFoundError, PermissionError)):
+            raise ImageReadError(
+                f"image {path} was removed or became unreadable during the run ({type(e).__name__}: "
+                f"{getattr(e, 'strerror', None) or e}); it was there at start-up: put it back (a state saved "
+                "earlier resumes with --resume latest) or remove it from the dataset and start again") from None
         raise ImageReadError(
             f"cannot decode image {path}: {type(e).__name__}: {e} (it passed the start-up checks, so the damage "
             "is inside the compressed data; remove or re-export the file, or scan with verify_images=True)"

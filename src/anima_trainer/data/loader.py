@@ -4,6 +4,9 @@ Batch g of the run is batch g mod n of epoch g div n (n = batches per epoch, the
 worker recomputes an epoch's plan, captions, flips and crops itself — they are deterministic in
 (seed, epoch) — so batches are identical to `ds.epoch(e)` whatever the worker count, and the workers stay
 alive across epochs (no start-up cost per epoch).
+
+An image that cannot be read any more during the run (deleted, moved, permissions changed) stops the run with one
+line naming it, in the training process, whatever the worker count (docs/troubleshooting.md).
 """
 
 from __future__ import annotations
@@ -14,7 +17,24 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from anima_trainer.data.images import ImageReadError
+
 Captions = Callable[[int, list[list[int]]], list[list[str]]]
+
+
+class _Failed:
+    """An ImageReadError raised in a worker, carried to the training process as a value.  Raised as is, torch
+    would re-create it there with the worker's whole traceback as its message; the user gets the one line."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _reraise_failures(batches: Iterator) -> Iterator:
+    for batch in batches:
+        if isinstance(batch, _Failed):
+            raise ImageReadError(batch.message)
+        yield batch
 
 
 class RunBatches(torch.utils.data.Dataset):
@@ -43,8 +63,13 @@ class RunBatches(torch.utils.data.Dataset):
         epoch, j = divmod(g + self.start, self.per_epoch)
         k = self.shard[j]
         plan, captions, flips, occurrences = self._arguments(epoch)
-        return self.dataset.load_batch(plan[k], epoch=epoch, captions=captions[k], flips=flips[k],
-                                       occurrences=occurrences[k])
+        try:
+            return self.dataset.load_batch(plan[k], epoch=epoch, captions=captions[k], flips=flips[k],
+                                           occurrences=occurrences[k])
+        except ImageReadError as e:  # e.g. an image deleted during the run: stop with its one line
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return _Failed(str(e))
 
 
 def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = None, start: int = 0,
@@ -57,4 +82,4 @@ def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = 
         return (source[g] for g in range(len(source)))
     loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=True,
                         prefetch_factor=2)
-    return iter(loader)
+    return _reraise_failures(iter(loader))

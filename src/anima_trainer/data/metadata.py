@@ -119,6 +119,8 @@ def read_metadata(path: Path, *, separator: str = ",", enable_wildcard: bool = F
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _fail(where, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise _fail(where, "nested too deeply to be read (a broken or hostile file)") from None
             if not isinstance(record, dict):
                 raise _fail(where, f"each line must be a JSON object, got {type(record).__name__}")
             key_name = next((k for k in JSONL_PATH_KEYS if k in record), None)
@@ -134,6 +136,8 @@ def read_metadata(path: Path, *, separator: str = ",", enable_wildcard: bool = F
         return list(entries.values())
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise _fail(str(path), "nested too deeply to be read (a broken or hostile file)") from None
     except json.JSONDecodeError as e:
         raise _fail(f"{path}:{e.lineno}", f"not valid JSON ({e.msg} at column {e.colno}); a JSON Lines file "
                                           f"must be named *.jsonl") from None

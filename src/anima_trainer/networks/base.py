@@ -27,6 +27,7 @@ from anima_trainer.networks.formats import (
     COMFY_PREFIX,
     KOHYA_PREFIX,
     NetworkError,
+    alpha_value,
     check_comfy_keys,
     check_network_file,
 )
@@ -135,7 +136,8 @@ class AdapterModule(HookedModule):
         if not self.alpha_matters:
             return
         # ComfyUI: no alpha means scale 1, i.e. the same as alpha = rank
-        file_alpha = float(slot[".alpha"][1]) if ".alpha" in slot else float(self.rank)
+        file_alpha = (alpha_value(slot[".alpha"][1], f"{path}: {slot['.alpha'][0]}") if ".alpha" in slot
+                      else float(self.rank))
         if file_alpha != float(torch.tensor(net_alpha, dtype=torch.float32)):
             raise NetworkError(f"{path}: module {self.path}: file has alpha {file_alpha:g}, network has alpha "
                                f"{net_alpha:g}; create the network with alpha={file_alpha:g}")

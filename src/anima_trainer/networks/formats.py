@@ -42,6 +42,15 @@ class NetworkError(ValueError):
     """A network file or network setup that cannot work; the message names the key/module and the fix."""
 
 
+def alpha_value(t: torch.Tensor, key: str) -> float:
+    """The number stored as a module's `.alpha` (a scalar or a one-element tensor).  Anything bigger (a matrix)
+    is a NetworkError naming the key, not torch's "cannot be converted to Scalar" traceback."""
+    if t.numel() != 1:
+        raise NetworkError(f"{key}: alpha must be one number, but it is a tensor of shape {list(t.shape)} (a "
+                           "damaged or hand-edited file; re-export it from the trainer that made it)")
+    return float(t)
+
+
 def check_network_file(path: str | Path) -> None:
     """NetworkError saying why an existing `path` is not a readable safetensors file (a folder, a pipe, no read
     permission, truncated, a bad header), from its header alone; a missing file is left to the reader."""
@@ -99,8 +108,10 @@ def check_comfy_keys(keys: Iterable[str] | str | Path, dit: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- loading --
 
-def parse_patches(sd: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple[dict[str, tuple], set[str]]:
-    """ComfyUI's `load_lora`: {DiT tensor name: patch} and the set of keys it counts as loaded."""
+def parse_patches(sd: dict[str, torch.Tensor], key_map: dict[str, str],
+                  source: str | Path | None = None) -> tuple[dict[str, tuple], set[str]]:
+    """ComfyUI's `load_lora`: {DiT tensor name: patch} and the set of keys it counts as loaded.  `source` (the
+    file) is named in errors."""
     patches: dict[str, tuple] = {}
     loaded: set[str] = set()
 
@@ -112,7 +123,7 @@ def parse_patches(sd: dict[str, torch.Tensor], key_map: dict[str, str]) -> tuple
 
     for x, target in key_map.items():
         alpha = get(x + ".alpha")
-        alpha = float(alpha) if alpha is not None else None
+        alpha = alpha_value(alpha, f"{source}: {x}.alpha" if source else f"{x}.alpha") if alpha is not None else None
         dora = get(x + ".dora_scale")
         for up_s, down_s, mid_s in LORA_SPELLINGS:  # LoRA: the up key decides
             if x + up_s in sd and x + down_s in sd:
@@ -228,7 +239,7 @@ def apply_network_file(dit: nn.Module, path: str | Path, multiplier: float = 1.0
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except Exception as e:  # any parse failure means a bad file
         raise NetworkError(f"{path} is not a readable .safetensors file: {e}") from e
-    patches, loaded = parse_patches(sd, comfy_key_map(dit))
+    patches, loaded = parse_patches(sd, comfy_key_map(dit), source=path)
     params = dit.state_dict(keep_vars=True)
     report: dict = {"patched": [], "not_loaded": sorted(set(sd) - loaded), "not_in_model": [], "errors": {}}
     for name, patch in patches.items():

@@ -23,7 +23,13 @@ from torch import nn
 
 from anima_trainer.networks.base import AdapterNetwork, find_norms
 from anima_trainer.networks.convert import read_comfy_named, read_network
-from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, NetworkError, check_network_file
+from anima_trainer.networks.formats import (
+    ALL_SUFFIXES,
+    COMFY_PREFIX,
+    NetworkError,
+    alpha_value,
+    check_network_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +62,8 @@ def _algorithm(path: str, slot: dict[str, torch.Tensor]) -> str:
     return kinds.pop()
 
 
-def _alpha(slot: dict[str, torch.Tensor], rank: int) -> float:
-    return float(slot[".alpha"]) if ".alpha" in slot else float(rank)
+def _alpha(slot: dict[str, torch.Tensor], rank: int, key: str = ".alpha") -> float:
+    return alpha_value(slot[".alpha"], key) if ".alpha" in slot else float(rank)
 
 
 def lora_spec(path: str, slot: dict[str, torch.Tensor], org: nn.Linear) -> tuple[int, float, dict[str, Any]]:
@@ -69,7 +75,7 @@ def lora_spec(path: str, slot: dict[str, torch.Tensor], org: nn.Linear) -> tuple
     if dora is not None and tuple(dora.shape) != (1, org.in_features):
         raise NetworkError(f"module {path}: dora_scale {tuple(dora.shape)} is not input-axis DoRA "
                            f"[1, {org.in_features}], the only form ComfyUI reproduces and this trainer trains")
-    return rank, _alpha(slot, rank), {"dora_wd": dora is not None}
+    return rank, _alpha(slot, rank, f"{path}.alpha"), {"dora_wd": dora is not None}
 
 
 def loha_spec(path: str, slot: dict[str, torch.Tensor], org: nn.Linear) -> tuple[int, float, dict[str, Any]]:
@@ -80,7 +86,7 @@ def loha_spec(path: str, slot: dict[str, torch.Tensor], org: nn.Linear) -> tuple
     if slot[".hada_w2_b"].shape[0] != rank:
         raise NetworkError(f"module {path}: hada_w1 and hada_w2 have different ranks "
                            f"({rank}, {slot['.hada_w2_b'].shape[0]}); this trainer uses one rank per module")
-    return rank, _alpha(slot, rank), {}
+    return rank, _alpha(slot, rank, f"{path}.alpha"), {}
 
 
 def lokr_spec(path: str, slot: dict[str, torch.Tensor], org: nn.Linear,
@@ -97,7 +103,7 @@ def lokr_spec(path: str, slot: dict[str, torch.Tensor], org: nn.Linear,
     w1_rank = slot[".lokr_w1_b"].shape[0] if w1_dec else 0
     rank = slot[".lokr_w2_b"].shape[0] if w2_dec else (w1_rank if w1_dec else full_dim)
     layout = (tuple(int(v) for v in w1_shape), w1_dec, w2_dec, w1_rank or rank)
-    return rank, _alpha(slot, rank), {"layout": layout}
+    return rank, _alpha(slot, rank, f"{path}.alpha"), {"layout": layout}
 
 
 def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float | None = None,
@@ -128,12 +134,15 @@ def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float
     specs = {}
     for p, slot in modules.items():
         org = dit.get_submodule(p)  # convert_state_dict checked that the module exists
-        if algo == "lora":
-            specs[p] = lora_spec(p, slot, org)
-        elif algo == "loha":
-            specs[p] = loha_spec(p, slot, org)
-        else:
-            specs[p] = lokr_spec(p, slot, org, full_dim)
+        try:
+            if algo == "lora":
+                specs[p] = lora_spec(p, slot, org)
+            elif algo == "loha":
+                specs[p] = loha_spec(p, slot, org)
+            else:
+                specs[p] = lokr_spec(p, slot, org, full_dim)
+        except NetworkError as e:  # name the file too
+            raise (NetworkError(f"{path}: {e}") if str(path) not in str(e) else e) from None
     ignored = sorted(k for k in network_args if k in STRUCTURAL_ARGS)
     if ignored:
         log.warning("%s: the file decides %s (dim_from_weights); the given network_args %s are ignored",

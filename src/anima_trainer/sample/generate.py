@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,11 +37,20 @@ class SampleParams:
     networks: dict[str, float] = field(default_factory=dict)  # file name → strength
 
     def validate(self) -> None:
-        if self.width % 16 or self.height % 16:
-            raise ValueError(f"width and height must be multiples of 16 (8 for the VAE × 2 for the DiT patch), "
-                             f"got {self.width}x{self.height}")
+        """Refuse what cannot make an image, before any model is loaded: a size that is not a positive multiple
+        of 16 (0 crashed in the VAE), fewer than one step, and non-finite numbers (`cfg = nan` made a black PNG)."""
+        if self.width < 16 or self.height < 16 or self.width % 16 or self.height % 16:
+            raise ValueError(f"width and height must be positive multiples of 16 (8 for the VAE × 2 for the DiT "
+                             f"patch), got {self.width}x{self.height}")
         if self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if not math.isfinite(self.cfg):
+            raise ValueError(f"--cfg must be a finite number (1 = no guidance, 4 is usual), got {self.cfg}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"--shift must be a finite number > 0 (ComfyUI uses 3.0), got {self.shift}")
+        for name, strength in self.networks.items():
+            if not math.isfinite(strength):
+                raise ValueError(f"network {name}: strength must be a finite number, got {strength}")
 
 
 def encode_prompts(dit, text_encoder, prompts: list[str]) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from anima_trainer.console import progress_disabled
 from anima_trainer.train.flow import shift_sigma  # the same σ shift training uses
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,7 +60,7 @@ def cfg_velocity(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tor
 def sample_euler(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """Integrate the flow from σ = sigmas[0] to sigmas[-1] (= 0) with Euler steps; returns x0 (normalised)."""
     x = noise * sigmas[0]  # σ_max = 1 for the shift-3 table, so this is pure noise (ComfyUI noise_scaling)
-    for i in tqdm(range(len(sigmas) - 1), desc="sampling", disable=not progress):
+    for i in tqdm(range(len(sigmas) - 1), desc="sampling", disable=progress_disabled(not progress)):
         sigma, nxt = sigmas[i].to(x.device), sigmas[i + 1].to(x.device)
         v = velocity(x, sigma.reshape(1)).float()
         x = x + (nxt - sigma) * v

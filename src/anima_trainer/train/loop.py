@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.console import progress_disabled
 from anima_trainer.data.loader import run_batches
 from anima_trainer.download import ensure_tokenizers
 from anima_trainer.models.compile import image_tokens
@@ -439,7 +440,7 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     accum, per_epoch, fp16 = cfg.gradient_accumulation_steps, len(r.shard), r.scaler.is_enabled()
     validated_at: int | None = None
     bar = tqdm(total=r.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
-               disable=not r.dist.is_main)
+               disable=progress_disabled(not r.dist.is_main))  # TQDM_DISABLE=1 too (console.py)
     monitor.start()
     for epoch in range(progress.epoch, r.epochs + 1):
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0

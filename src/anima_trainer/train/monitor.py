@@ -15,7 +15,9 @@ Alerts (`alert/<name>` scalars, 1.0 on the logged step that covers the firing st
 flow-matching losses swing several-fold with σ), `memory_near_limit` (peak *allocated* / card memory ≥ ratio;
 reserved memory is routinely near the card size because of the caching allocator, so it would cry wolf) and
 `data_starvation` (the steps waited for data a large share of their time; never fatal).  Each alert warns on the
-console and in the event log at most once per `warn_every_n_steps` per name, with a count of repeats.
+console and in the event log at most once per `warn_every_n_steps` per name, with a count of repeats.  The first
+firing of an alert is always shown, and so is every new non-finite episode (a NaN/Inf after a finite step):
+only repeats are rate-limited (a NaN that keeps coming back every step, a memory level that stays high).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 ALERTS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "memory_near_limit", "data_starvation")
+NONFINITE_ALERTS = ("nonfinite_loss", "nonfinite_grad")
 MB = 1024 * 1024
 
 
@@ -138,6 +141,7 @@ class _Alert:
     active: bool = False  # fired since the last logged step
     last_warned: int | None = None
     suppressed: int = 0  # firings not warned about since last_warned
+    last_fired: int | None = None  # step of the latest firing (a firing at the next step is a repeat)
 
 
 @dataclass
@@ -439,7 +443,10 @@ class Monitor:
         a = self.alerts[name]
         a.count += 1
         a.active = True
-        if fatal or a.last_warned is None or step - a.last_warned >= self.warn_every_n_steps:
+        # a non-finite value after finite steps is news (a new episode), not a repeat
+        episode = name in NONFINITE_ALERTS and (a.last_fired is None or step - a.last_fired > 1)
+        a.last_fired = step
+        if fatal or episode or a.last_warned is None or step - a.last_warned >= self.warn_every_n_steps:
             repeats = a.suppressed
             text = message + (f" ({repeats} more since step {a.last_warned})" if repeats else "")
             log.warning("monitor: step %d: %s", step, text)
