@@ -451,3 +451,43 @@ def test_tqdm_disable_turns_the_sampling_bar_off(monkeypatch, capsys):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     out = sample_euler(velocity, noise, simple_schedule(3, 3.0), progress=True)
     assert "sampling" not in capsys.readouterr().err and torch.equal(out, noise)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (always-full device)")
+def test_a_full_disk_in_the_event_log_names_the_log():
+    """Item 15: "[Errno 28]" alone named no file; the event log's own writes say which file and why."""
+    from anima_trainer.fileio import SaveError
+    from anima_trainer.train.events import EventLog
+
+    log = EventLog("/dev/full")
+    with pytest.raises(SaveError) as e:
+        log.write("start", step=0)
+    log.close()
+    assert str(e.value) == "could not write the event log /dev/full: No space left on device"
+
+
+def test_tqdm_disable_turns_the_cache_and_download_bars_off(tmp_path, monkeypatch, capsys):
+    """Item 16: every bar honours TQDM_DISABLE, not only the training and sampling bars."""
+    from anima_trainer.cache import cache_latents, model_fingerprint
+    from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.download.transfer import _bar
+    from anima_trainer.models.vae import load_vae
+
+    models = write_demo_models(tmp_path / "models")
+    write_shapes_dataset(tmp_path / "data", count=2)
+    write_demo_configs(tmp_path / "cfg", models, tmp_path / "data", steps=1, seed=0)
+
+    def cache(folder: str) -> None:
+        dataset = build_dataset(load_dataset_config(tmp_path / "cfg" / "dataset.toml"), default_batch_size=1)
+        vae = load_vae(models["vae"], dtype=torch.float32)
+        cache_latents(dataset, vae, vae_fingerprint=model_fingerprint(models["vae"]), dtype=torch.float32,
+                      to_disk=False, batch_size=1, progress=True)
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    cache("a")
+    assert "caching latents" in capsys.readouterr().err
+    assert _bar(10, "downloading x", True).disable is False
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    cache("b")
+    assert "caching latents" not in capsys.readouterr().err
+    assert _bar(10, "downloading x", True).disable is True

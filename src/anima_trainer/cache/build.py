@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from anima_trainer.cache.store import CacheStore, entry_key, file_sha256, store_for
+from anima_trainer.console import progress_disabled
 
 log = logging.getLogger(__name__)
 TextRow = tuple[torch.Tensor, list[int], list[float]]  # Qwen states [n, 1024], T5 ids, T5 weights
@@ -93,7 +94,8 @@ def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_
                     continue
             todo[(item.bucket, flip)].append((index, flip, key))
     total = sum(len(v) for v in todo.values())
-    with tqdm(total=total, desc="caching latents", unit="img", disable=not progress or not total) as bar:
+    with tqdm(total=total, desc="caching latents", unit="img",
+              disable=progress_disabled(not progress or not total)) as bar:
         for (_, flip), entries in todo.items():
             for start in range(0, len(entries), batch_size):
                 chunk = entries[start: start + batch_size]
@@ -135,7 +137,8 @@ def cache_text(captions: dict[str, CacheStore | None], text_encoder, *, qwen_fin
                 summary.reused += 1
                 continue
         todo.append((caption, tokens, key))
-    with tqdm(total=len(todo), desc="caching text", unit="caption", disable=not progress or not todo) as bar:
+    with tqdm(total=len(todo), desc="caching text", unit="caption",
+              disable=progress_disabled(not progress or not todo)) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start: start + batch_size]
             enc = text_encoder.encode_tokens([t for _, t, _ in chunk])

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from anima_trainer.console import progress_disabled
 from anima_trainer.download.errors import NotFoundError, SourceError, VerificationError
 from anima_trainer.fileio import fsync_dir, fsync_file
 
@@ -120,8 +121,8 @@ def git_sha1_file(path: Path) -> str:
 def _bar(total: int | None, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
-                leave=False)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=progress_disabled(not enabled), leave=False)
 
 
 def _part_paths(dest: Path) -> tuple[Path, Path]:

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from anima_trainer.fileio import atomic_write_bytes
+from anima_trainer.fileio import SaveError, atomic_write_bytes
 
 EVENT_TYPES = ("config", "start", "resume", "step", "save", "save_state", "alert", "validation", "sample", "end",
                "error")
@@ -60,23 +60,31 @@ class EventLog:
         self.run = run or datetime.now().strftime("%Y%m%d_%H%M%S")
         self._file = None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a+b")  # noqa: SIM115 (kept open for the run; closed in close())
-            self._file.seek(0, os.SEEK_END)
-            if self._file.tell() > 0:
-                self._file.seek(-1, os.SEEK_END)
-                if self._file.read(1) != b"\n":  # a crash tore the last line: end it so ours start clean
-                    self._file.seek(0, os.SEEK_END)
-                    self._write_bytes(b"\n")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a+b")  # noqa: SIM115 (kept open for the run; closed in close())
+                self._file.seek(0, os.SEEK_END)
+                if self._file.tell() > 0:
+                    self._file.seek(-1, os.SEEK_END)
+                    if self._file.read(1) != b"\n":  # a crash tore the last line: end it so ours start clean
+                        self._file.seek(0, os.SEEK_END)
+                        self._write_bytes(b"\n")
+            except SaveError:
+                raise
+            except OSError as e:
+                raise SaveError(self.path, e, what="the event log ") from e
 
     @property
     def enabled(self) -> bool:
         return self._file is not None
 
     def _write_bytes(self, data: bytes) -> None:
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # a full disk names the log, not just "[Errno 28]"
+            raise SaveError(self.path, e, what="the event log ") from e
 
     def write(self, type: str, *, step: int | None = None, epoch: int | None = None, **fields: Any) -> dict:
         """Append one event and force it to disk; returns the record (also when disabled)."""
@@ -95,8 +103,11 @@ class EventLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # only bytes whose write already failed (and was reported) can still be pending
+                pass
 
     def __enter__(self) -> EventLog:
         return self
