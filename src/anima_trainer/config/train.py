@@ -59,7 +59,9 @@ class TrainConfig(BaseModel):
                                                                   "(special ids, 32100 tokens, a known encoding)")
     # output
     output_dir: Path = Field(description="folder for the saved LoRA files")
-    output_name: str = Field("last", min_length=1, description="file name stem (default: last)")
+    output_name: str = Field("last", min_length=1, description="file name stem (default: last): a plain file name "
+                                                               "(no / \\ .. or control characters), at most 180 "
+                                                               "bytes")
     save_model_as: Literal["safetensors"] = Field("safetensors", description="only safetensors is written")
     save_precision: Literal["fp32", "fp16", "bf16"] | None = Field(
         None, description="dtype of saved weights (fp32/float, fp16, bf16; default: as trained)")
@@ -193,7 +195,8 @@ class TrainConfig(BaseModel):
                                                                    "ratio (0 = default)")
     sample_every_n_steps: int | None = Field(None, ge=1)
     sample_every_n_epochs: int | None = Field(None, ge=1)
-    sample_prompts: Path | None = None
+    sample_prompts: Path | None = Field(None, description="kohya prompt file (.txt with --n --w --h --d --s --l "
+                                        "--fs, .toml or .json), checked whole at start-up; sizes at most 4096 px")
     sample_at_first: bool = False
     # validation loss on held-out images (train/validation.py); split/seed: defaults for dataset.toml
     validation_split: float = Field(0.0, ge=0, lt=1, description="fraction of each dataset's (non-reg) images held "
