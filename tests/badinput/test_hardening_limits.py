@@ -172,13 +172,20 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_models_load(setup, t
         run_training(parse_train_args(_argv(setup, tmp_path)))
 
 
-def test_the_memory_estimate_matches_a_real_step_within_the_checked_order(setup):  # noqa: F811
-    # the check compares an estimate with the machine: it must count the tiny model's bytes, not zero
-    cfg = parse_train_args(["--pretrained_model_name_or_path", str(setup["models"]["dit"]), "--qwen3", "q",
-                            "--vae", "v", "--output_dir", "o", "--dataset_config", "d"])
-    budget.check_step_memory(cfg, (64, 64), 4, torch.device("cpu"))  # this machine has room for the tiny model
-    have, where = budget.available_memory(torch.device("cpu"))
-    assert have is not None and have > 2**20 and "RAM" in where
+def test_the_memory_estimate_counts_the_models_and_grows_with_the_step(setup):  # noqa: F811
+    # the check compares an estimate with the machine: it must count the tiny model's bytes and activations
+    models = setup["models"]
+    cfg = parse_train_args(["--pretrained_model_name_or_path", str(models["dit"]), "--qwen3", str(models["qwen3"]),
+                            "--vae", str(models["vae"]), "--output_dir", "o", "--dataset_config", "d"])
+    cpu = torch.device("cpu")
+    one, est = budget.step_memory_gib(cfg, (64, 64), 1, cpu)
+    four, _ = budget.step_memory_gib(cfg, (64, 64), 4, cpu)
+    big, _ = budget.step_memory_gib(cfg, (1024, 1024), 4, cpu)
+    files = sum(models[k].stat().st_size for k in ("dit", "qwen3", "vae")) / 2**30
+    assert files * 0.5 < one < four < big and est["weights_gib"] > 0 and est["activations_gib"] > 0
+    budget.check_step_memory(cfg, (64, 64), 4, cpu)  # this machine has room for the tiny model
+    have, where = budget.available_memory(cpu)
+    assert have is not None and have > big * 2**30 and "RAM" in where
 
 
 def test_a_preview_larger_than_the_limit_is_refused_before_models_load(setup, tmp_path, monkeypatch):  # noqa: F811

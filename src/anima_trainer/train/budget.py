@@ -70,35 +70,15 @@ def largest_step(dataset: Any) -> tuple[int, int, int]:
 def check_step_memory(cfg: TrainConfig, size: tuple[int, int], batch: int, device: torch.device) -> None:
     """ConfigError when one step's estimated peak memory exceeds what the device has free now.
 
-    The estimate is skipped (with a debug line) where it cannot be made: an unreadable DiT header is reported by
-    the model loader with its own message, an unknown machine has no number to compare with."""
-    from anima_trainer.models.checkpoint import expect_kind
-    from anima_trainer.models.memory import estimate_training_memory
-    from anima_trainer.train.vram_plan import RESERVE_GIB
-
+    Skipped (with a debug line) where no estimate can be made (`step_memory_gib`) or the machine gives no number."""
     have, where = available_memory(device)
     if have is None:
         log.debug("start-up budget: the free memory of %s is unknown; memory not checked", device)
         return
-    try:
-        info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
-                           ("anima_dit", "anima_bundle"))
-        dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
-        est = estimate_training_memory(info.dit_config, resolution=(size[1], size[0]), batch=batch,
-                                       rank=cfg.network_dim, dtype=dtype, network_args=cfg.network_args,
-                                       include_llm_adapter=None if not cfg.cache_llm_adapter_outputs else False,
-                                       **cfg.memory_options())
-    except Exception as e:  # noqa: BLE001 - the loaders report bad files and options with better messages
-        log.debug("start-up budget: no memory estimate (%s: %s)", type(e).__name__, e)
+    estimate = step_memory_gib(cfg, size, batch, device)
+    if estimate is None:
         return
-    # the text encoder and VAE at their size on disk (a lower bound: the check must never refuse a run that fits),
-    # and on a GPU the CUDA context
-    extra = RESERVE_GIB * _GIB if device.type == "cuda" else 0
-    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
-        extra += _file_bytes(cfg.qwen3)
-    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
-        extra += _file_bytes(cfg.vae)
-    need = est["total_gib"] + extra / _GIB
+    need, est = estimate
     log.info("start-up budget: one step needs about %.2f GiB (%d×%d px, batch %d); %.2f GiB %s", need, size[0],
              size[1], batch, have / _GIB, where)
     if need * _GIB > have:
@@ -109,6 +89,36 @@ def check_step_memory(cfg: TrainConfig, size: tuple[int, int], batch: int, devic
                           f"{size[0]}×{size[1]} px, batch {batch}, weights {est['weights_gib']:.1f} GiB, "
                           f"activations {est['activations_gib']:.1f} GiB) but {device} has {have / _GIB:.1f} GiB "
                           f"{where}; lower resolution or batch_size in dataset_config, or set {levers}")
+
+
+def step_memory_gib(cfg: TrainConfig, size: tuple[int, int], batch: int,
+                    device: torch.device) -> tuple[float, dict[str, float]] | None:
+    """(GiB, estimate details) one training step of `batch` images of `size` (w, h) needs on `device`, or None
+    where no estimate can be made: an unreadable DiT header or bad network options are reported by the loaders
+    with their own messages, later."""
+    from anima_trainer.models.checkpoint import expect_kind
+    from anima_trainer.models.memory import estimate_training_memory
+    from anima_trainer.train.vram_plan import RESERVE_GIB
+
+    try:
+        info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
+                           ("anima_dit", "anima_bundle"))
+        dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
+        est = estimate_training_memory(info.dit_config, resolution=(size[1], size[0]), batch=batch,
+                                       rank=cfg.network_dim, dtype=dtype, network_args=cfg.network_args,
+                                       include_llm_adapter=False if cfg.cache_llm_adapter_outputs else None,
+                                       **cfg.memory_options())
+    except Exception as e:  # noqa: BLE001 - the loaders report bad files and options with better messages
+        log.debug("start-up budget: no memory estimate (%s: %s)", type(e).__name__, e)
+        return None
+    # the text encoder and VAE at their size on disk (a lower bound: the check must never refuse a run that
+    # fits), and on a GPU the CUDA context
+    extra = RESERVE_GIB * _GIB if device.type == "cuda" else 0
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+        extra += _file_bytes(cfg.qwen3)
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
+        extra += _file_bytes(cfg.vae)
+    return est["total_gib"] + extra / _GIB, est
 
 
 def _file_bytes(path: Path) -> int:
