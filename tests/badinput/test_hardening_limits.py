@@ -152,12 +152,23 @@ def test_a_caption_over_the_token_limit_stops_before_any_step(setup, tmp_path): 
     assert not list((tmp_path / "output").glob("*.safetensors"))
 
 
+def test_a_preview_prompt_over_the_token_limit_stops_before_any_step(setup, tmp_path):  # noqa: F811
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --w 64 --h 64\n" + " ".join(f"word{i}" for i in range(3000)) + " --s 2\n",
+                       encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"sample_prompts: {prompts} line 2: the prompt is \d+ tokens long, above "
+                                          r"the limit of 2048; shorten it"):
+        run_training(parse_train_args(_argv(setup, tmp_path, "--sample_prompts", str(prompts),
+                                            "--sample_every_n_steps", "1")))
+    assert not list((tmp_path / "output").glob("*.safetensors"))
+
+
 def test_too_many_tokens_per_micro_batch_are_refused_before_models_load(tmp_path, setup, monkeypatch):  # noqa: F811
     monkeypatch.setattr(loop, "load_models", lambda *a: pytest.fail("models loaded before the budget check"))
     argv = _argv(setup, tmp_path)
     images = write_shapes_dataset(tmp_path / "images", count=17, size=16)
     _dataset_toml(tmp_path, images, "resolution = 4096\nbatch_size = 17")  # no buckets: 17 × 4096² per batch
-    with pytest.raises(ConfigError, match=r"batch_size × resolution: the largest micro-batch is 17 × 4096×4096 px "
+    with pytest.raises(ConfigError, match=r"resolution × batch_size: the largest micro-batch is 17 × 4096×4096 px "
                                           r"= 1114112 image tokens, above the limit of 1048576; lower batch_size"):
         run_training(parse_train_args(argv))
 

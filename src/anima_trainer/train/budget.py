@@ -48,7 +48,7 @@ def check_before_models(cfg: TrainConfig, dataset: Any, device: torch.device) ->
     width, height, batch = largest_step(dataset)
     tokens = batch * image_tokens(width, height)
     if tokens > MAX_STEP_TOKENS:
-        raise ConfigError(f"batch_size × resolution: the largest micro-batch is {batch} × {width}×{height} px = "
+        raise ConfigError(f"resolution × batch_size: the largest micro-batch is {batch} × {width}×{height} px = "
                           f"{tokens} image tokens, above the limit of {MAX_STEP_TOKENS}; lower batch_size "
                           "(train_batch_size or dataset_config) or resolution, and use gradient_accumulation_steps "
                           "for a larger effective batch")
