@@ -82,7 +82,7 @@ def test_the_longest_output_name_fits_every_file_the_run_writes(setup, tmp_path)
     prompts.write_text(f"a red circle --w 64 --h 64 --s 1 --d {2**64 - 1}\n", encoding="utf-8")
     run = run_training(parse_train_args(_argv(setup, tmp_path, "--output_name", name, "--save_every_n_steps", "1",
                                               "--save_state", "--sample_prompts", str(prompts),
-                                              "--sample_every_n_steps", "1", "--sample_every_n_epochs", "1")))
+                                              "--sample_every_n_epochs", "1")))
     out = tmp_path / "output"
     written = [p for p in out.rglob("*") if name in p.name]
     assert run.final_path == out / f"{name}.safetensors" and run.final_path.is_file()
@@ -112,8 +112,8 @@ def _dataset_toml(tmp_path: Path, images: Path, general: str, subset: str = "") 
      r"'num_repeats' in \[\[datasets\]\] #1 > \[\[datasets.subsets\]\] #1: 1000000000 is above the limit of "
      r"10000; .* max_train_steps"),
 ])
-def test_dataset_sizes_beyond_the_limits_are_refused_naming_file_and_table(setup, tmp_path, general, subset,  # noqa: F811
-                                                                            message):
+def test_dataset_sizes_beyond_the_limits_are_refused_naming_file_and_table(
+        setup, tmp_path, general, subset, message):  # noqa: F811
     path = _dataset_toml(tmp_path, setup["images"], general, subset)
     with pytest.raises(DatasetConfigError, match=message) as e:
         load_dataset_config(path)
@@ -285,7 +285,8 @@ def test_a_bad_prompt_file_stops_the_run_before_models_load(setup, tmp_path, mon
                                             "--sample_every_n_steps", "1")))
 
 
-def test_a_failing_preview_never_costs_the_save_and_training_goes_on(setup, tmp_path, monkeypatch, caplog):  # noqa: F811
+def test_a_failing_preview_never_costs_the_save_and_training_goes_on(
+        setup, tmp_path, monkeypatch, caplog):  # noqa: F811
     def broken(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
