@@ -15,7 +15,7 @@ def test_txt_line_options():
     assert parse_prompt_line("cat --ss euler --g 3").prompt == "cat"  # parsed-but-unused kohya options
     with pytest.raises(ValueError, match="--x is not known"):
         parse_prompt_line("cat --x 1")
-    with pytest.raises(ValueError, match="invalid literal"):
+    with pytest.raises(ValueError, match="--w must be an integer, got .wide.; write e.g. --w 768"):
         parse_prompt_line("cat --w wide")
 
 

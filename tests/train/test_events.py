@@ -84,7 +84,9 @@ def _config(tmp_path: Path, *extra: str) -> TrainConfig:
 
 
 def test_resolved_config_reads_back_equal(tmp_path):
-    cfg = _config(tmp_path, "--output_name", 'my "lora" ü\\x', "--network_module", "lycoris.kohya",
+    # quotes, non-ASCII and a backslash survive the TOML round trip (a backslash is no longer valid in output_name)
+    cfg = _config(tmp_path, "--output_name", 'my "lora" ü', "--wandb_run_name", 'run "one" ü\\x',
+                  "--network_module", "lycoris.kohya",
                   "--network_args", "algo=lokr", "factor=8", "train_norm=True", "--optimizer_args",
                   "weight_decay=0.01", "betas=(0.9,0.99)", "--lr_scheduler", "cosine", "--lr_warmup_steps", "10%",
                   "--seed", "7", "--monitor_alert_policy", "raise", "--loss_spike_ratio", "2.5",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +59,9 @@ class TrainConfig(BaseModel):
                                                                   "(special ids, 32100 tokens, a known encoding)")
     # output
     output_dir: Path = Field(description="folder for the saved LoRA files")
-    output_name: str = Field("last", min_length=1, description="file name stem (default: last)")
+    output_name: str = Field("last", min_length=1, description="file name stem (default: last): a plain file name "
+                                                               "(no / \\ .. or control characters), at most 180 "
+                                                               "bytes")
     save_model_as: Literal["safetensors"] = Field("safetensors", description="only safetensors is written")
     save_precision: Literal["fp32", "fp16", "bf16"] | None = Field(
         None, description="dtype of saved weights (fp32/float, fp16, bf16; default: as trained)")
@@ -199,7 +202,8 @@ class TrainConfig(BaseModel):
                                                                    "ratio (0 = default)")
     sample_every_n_steps: int | None = Field(None, ge=1)
     sample_every_n_epochs: int | None = Field(None, ge=1)
-    sample_prompts: Path | None = None
+    sample_prompts: Path | None = Field(None, description="kohya prompt file (.txt with --n --w --h --d --s --l "
+                                        "--fs, .toml or .json), checked whole at start-up; sizes at most 4096 px")
     sample_at_first: bool = False
     # validation loss on held-out images (train/validation.py); split/seed: defaults for dataset.toml
     validation_split: float = Field(0.0, ge=0, lt=1, description="fraction of each dataset's (non-reg) images held "
@@ -277,6 +281,11 @@ class TrainConfig(BaseModel):
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return None if v == "" else v
+
+    @field_validator("output_name", mode="before")
+    @classmethod
+    def _output_name(cls, v: Any) -> Any:
+        return check_output_name(v) if isinstance(v, str) else v
 
     @field_validator("resume", mode="before")
     @classmethod
@@ -510,6 +519,49 @@ class TrainConfig(BaseModel):
             "ss_max_validation_steps": self.max_validation_steps,
         }
         return {k: str(v) for k, v in meta.items()}
+
+
+# File names are limited to 255 bytes (ext4, XFS, btrfs, APFS, NTFS).  The longest name derived from
+# output_name is a preview's temporary file, `.<name>_e<epoch>_<NN>_<seed>.png.<8 random>.tmp` (up to ~55 bytes
+# more); the others are `<name>-step<NNNNNNNN>.safetensors` and its `.….tmp`, `.<name>-step<NNNNNNNN>-state.tmp-
+# <pid>`, `<name>.events.jsonl`, `.<name>.lock`, `<name>.dataset_report.txt`, `<name>_config/`, the TensorBoard
+# run folder `<name>_<timestamp>`.  75 bytes are kept free for them (tests/badinput/test_hardening_limits.py
+# checks the real names).
+FILE_NAME_MAX_BYTES = 255
+OUTPUT_NAME_MAX_BYTES = FILE_NAME_MAX_BYTES - 75
+
+
+def _shorten(v: str, keep: int = 40) -> str:
+    return repr(v) if len(v) <= keep else f"{v[:keep]!r}… ({len(v)} characters)"
+
+
+def check_output_name(name: str) -> str:
+    """`name` when it is a plain file name stem that every derived file name can use; else ValueError.
+
+    Why: output_name is joined to output_dir, so a path in it ("../../x", "/abs") would write outside
+    output_dir, and a long one trains for hours and then fails at the first save ("File name too long")."""
+    fix = "use a plain file name such as \"my_lora\" (output_dir chooses the folder)"
+    bad = None
+    if not name.strip():
+        bad = "is empty"
+    elif "/" in name or "\\" in name:
+        bad = "contains a path separator (/ or \\)"
+    elif ".." in name or name == ".":
+        bad = "contains '..' (or is '.')"
+    elif Path(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
+        bad = "is an absolute path"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        bad = "contains a control character"
+    else:
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if size > OUTPUT_NAME_MAX_BYTES:
+            bad = (f"is {size} bytes long (UTF-8); at most {OUTPUT_NAME_MAX_BYTES} bytes fit, since the names derived "
+                   f"from it (`.<name>_e000001_00_<seed>.png.<tmp>`, `<name>-step00000100.safetensors`, ...) must "
+                   f"stay within the {FILE_NAME_MAX_BYTES}-byte file name limit")
+            fix = "use a shorter name"
+    if bad:
+        raise ValueError(f"{_shorten(name)} {bad}; {fix}")
+    return name
 
 
 def _kv_pairs(v: Any, key: str, literal: bool) -> Any:

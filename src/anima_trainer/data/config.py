@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 # DiT patch size 2 x VAE downscale 8: every bucket side must be a multiple of this.
 ANIMA_PIXEL_MULTIPLE = 16
 
+# Fixed sanity limits (docs/training.md "Limits"; the start-up budget in train/budget.py adds the machine's memory).
+MAX_RESOLUTION_SIDE = 4096  # px per side of `resolution`: 4096² = 65536 image tokens, the DiT's RoPE range
+MAX_BUCKET_SIDE = 8192  # px: max_bucket_reso (2 × the largest resolution, kohya's usual ratio)
+MAX_NUM_REPEATS = 10_000  # per subset
+MAX_EPOCH_ITEMS = 1_000_000  # images × repeats of one epoch (the epoch's plan is held in memory)
+MAX_CAPTION_BYTES = 65_536  # UTF-8 bytes of one caption (~16 000 tokens; the token limit is checked later)
+
 
 class DatasetConfigError(ValueError):
     """A mistake in the dataset config or in the files it points at (message names the key / file and fix)."""
@@ -177,6 +184,14 @@ class _Ascendable(_Strict):
     random_crop: StrictBool | None = None
     color_aug: StrictBool | None = None
 
+    @field_validator("num_repeats")
+    @classmethod
+    def _num_repeats(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_NUM_REPEATS:
+            raise ValueError(f"{v} is above the limit of {MAX_NUM_REPEATS}; an epoch is every image × its "
+                             "repeats, so train longer with max_train_steps / max_train_epochs instead")
+        return v
+
     @field_validator("caption_dropout_rate", "caption_tag_dropout_rate", mode="before")
     @classmethod
     def _rate(cls, v: Any) -> Any:
@@ -236,7 +251,7 @@ class _DatasetLevel(_Ascendable):
 
     @field_validator("resolution", "skip_image_resolution", mode="before")
     @classmethod
-    def _resolution(cls, v: Any) -> Any:
+    def _resolution(cls, v: Any, info: Any) -> Any:
         if v is None:
             return None
         if isinstance(v, bool):
@@ -249,7 +264,18 @@ class _DatasetLevel(_Ascendable):
             raise ValueError(f"expected an int or [width, height] of ints, got {v!r}")
         if min(v) < 1:
             raise ValueError(f"must be positive, got {list(v)}")
+        if info.field_name == "resolution" and max(v) > MAX_RESOLUTION_SIDE:
+            raise ValueError(f"{list(v)} has a side above the limit of {MAX_RESOLUTION_SIDE} px; use at most "
+                             f"{MAX_RESOLUTION_SIDE} (Anima's native size is 1024)")
         return tuple(v)
+
+    @field_validator("min_bucket_reso", "max_bucket_reso")
+    @classmethod
+    def _bucket_side(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_BUCKET_SIDE:
+            raise ValueError(f"{v} is above the limit of {MAX_BUCKET_SIDE} px; use at most {MAX_BUCKET_SIDE} "
+                             "(2 × resolution is usual)")
+        return v
 
     @field_validator("bucket_reso_steps")
     @classmethod

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .buckets import BucketSelector
 from .captions import captions_for_images
-from .config import DatasetConfig, DatasetConfigError
+from .config import MAX_CAPTION_BYTES, MAX_EPOCH_ITEMS, DatasetConfig, DatasetConfigError
 from .params import DatasetParams, SubsetParams, resolve_datasets
 from .images import (
     IMAGE_EXTENSIONS,
@@ -253,6 +253,11 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
         for path, message in notes:
             report.note(path, message)
         for path, caption in zip(kept, captions):
+            size = len(caption.encode("utf-8", "surrogatepass"))
+            if size > MAX_CAPTION_BYTES:  # a runaway caption would be tokenised and encoded whole every step
+                origin = meta[path].where if meta is not None else f"its {sub.caption_extension} file"
+                raise DatasetConfigError(f"{sub.where}: the caption of {path} ({origin}) is {size} bytes, above "
+                                         f"the limit of {MAX_CAPTION_BYTES}; shorten it (captions are used whole)")
             choice = choices[path]
             items.append(ImageItem(path, caption, infos[path].size, choice.bucket, choice.resized, i, j,
                                    sub.num_repeats, custom_attributes=copy.deepcopy(sub.custom_attributes)))
@@ -329,6 +334,11 @@ def build_dataset(
     items = balance_reg_items(params, items)
     if not items:
         raise DatasetConfigError("the dataset config yields no training images (all subsets skipped?)")
+    epoch_items = sum(item.num_repeats for item in items)
+    if epoch_items > MAX_EPOCH_ITEMS:  # checked before the epoch's plan (a list per item and repeat) is built
+        raise DatasetConfigError(f"num_repeats: one epoch would be {epoch_items} images × repeats ({len(items)} "
+                                 f"images), above the limit of {MAX_EPOCH_ITEMS}; lower num_repeats and train longer "
+                                 "with max_train_steps / max_train_epochs")
     ds = AnimaDataset(params, items, seed=seed, skipped=list(report.skipped), notices=list(report.notices))
     ds.validation_items = validation_items
     if ds.skipped:

@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -62,13 +63,14 @@ def encode_prompts(dit, text_encoder, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_latents(dit, cond: torch.Tensor, uncond: torch.Tensor | None, params: SampleParams,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, cancel: Callable[[], bool] | None = None) -> torch.Tensor:
     """Normalised latents [1, 16, 1, H/8, W/8] for one image."""
     params.validate()
     device = next(dit.parameters()).device
     noise = initial_noise((1, 16, 1, params.height // 8, params.width // 8), params.seed).to(device)
     velocity = cfg_velocity(dit, cond.to(device), None if uncond is None else uncond.to(device), params.cfg)
-    return sample_euler(velocity, noise, simple_schedule(params.steps, params.shift), progress=progress)
+    return sample_euler(velocity, noise, simple_schedule(params.steps, params.shift), progress=progress,
+                        cancel=cancel)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -98,23 +100,27 @@ def read_png_parameters(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def generate_image(dit, text_encoder, vae, params: SampleParams, progress: bool = True) -> Image.Image:
+def generate_image(dit, text_encoder, vae, params: SampleParams, progress: bool = True,
+                   cancel: Callable[[], bool] | None = None) -> Image.Image:
     """Full text-to-image; the negative prompt is encoded the ComfyUI way (empty = `<|endoftext|>` state)."""
     params.validate()
     prompts = [params.prompt] if params.cfg == 1.0 else [params.prompt, params.negative_prompt]
     contexts = [encode_prompts(dit, text_encoder, [p]) for p in prompts]
-    latents = generate_latents(dit, contexts[0], contexts[1] if len(contexts) > 1 else None, params, progress)
+    latents = generate_latents(dit, contexts[0], contexts[1] if len(contexts) > 1 else None, params, progress,
+                               cancel)
     return to_pil(vae.decode(latents)[0])
 
 
-def render_previews(dit, text_encoder, vae, prompts, out_dir: str | Path, tag: str, output_name: str) -> list[Path]:
+def render_previews(dit, text_encoder, vae, prompts, out_dir: str | Path, tag: str, output_name: str,
+                    cancel: Callable[[], bool] | None = None) -> list[Path]:
     """Training previews: `<out_dir>/<output_name>_<tag>_<NN>_<seed>.png` with ComfyUI's schedule (what the user
-    will see after loading the LoRA in ComfyUI), one image per prompt."""
+    will see after loading the LoRA in ComfyUI), one image per prompt; `cancel` (checked between sampler
+    steps) stops them with SamplingCancelled."""
     written = []
     for i, p in enumerate(prompts):
         params = SampleParams(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, cfg=p.cfg,
                               width=p.width, height=p.height, seed=p.seed, shift=p.shift)
         path = Path(out_dir) / f"{output_name}_{tag}_{i:02d}_{p.seed}.png"
-        written.append(save_png(generate_image(dit, text_encoder, vae, params, progress=False), params, path,
-                                overwrite=True))
+        written.append(save_png(generate_image(dit, text_encoder, vae, params, progress=False, cancel=cancel),
+                                params, path, overwrite=True))
     return written

@@ -56,11 +56,21 @@ def cfg_velocity(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tor
     return velocity
 
 
+class SamplingCancelled(Exception):
+    """`cancel()` returned true between two sampler steps (a training preview and a stop signal)."""
+
+
 @torch.no_grad()
-def sample_euler(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, progress: bool = True) -> torch.Tensor:
-    """Integrate the flow from σ = sigmas[0] to sigmas[-1] (= 0) with Euler steps; returns x0 (normalised)."""
+def sample_euler(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, progress: bool = True,
+                 cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Integrate the flow from σ = sigmas[0] to sigmas[-1] (= 0) with Euler steps; returns x0 (normalised).
+
+    `cancel` is asked before every step; when it returns true, SamplingCancelled is raised (so a SIGTERM during
+    a long training preview is honoured within one step)."""
     x = noise * sigmas[0]  # σ_max = 1 for the shift-3 table, so this is pure noise (ComfyUI noise_scaling)
     for i in tqdm(range(len(sigmas) - 1), desc="sampling", disable=progress_disabled(not progress)):
+        if cancel is not None and cancel():
+            raise SamplingCancelled(f"sampling cancelled before step {i + 1} of {len(sigmas) - 1}")
         sigma, nxt = sigmas[i].to(x.device), sigmas[i + 1].to(x.device)
         v = velocity(x, sigma.reshape(1)).float()
         x = x + (nxt - sigma) * v

@@ -189,16 +189,23 @@ def epoch_inputs(dataset, epoch: int, vae, caches: Caches, device: torch.device,
                         [dataset.items[i].is_reg for i in indices], list(zip(indices, occurrences[k], strict=True)))
 
 
-def report_long_captions(dataset, text_encoder, limit: int = 512) -> list[tuple[Path, int, int]]:
+def report_long_captions(dataset, text_encoder, limit: int = 512,
+                         max_tokens: int | None = None) -> list[tuple[Path, int, int]]:
     """Captions over `limit` tokens on either side, reported once at start-up (file, Qwen and T5 counts).
 
     They are kept whole, as ComfyUI does at inference (no silent truncation); the context just gets longer.
+    One over `max_tokens` (train/budget.py) is a ConfigError naming its image: it would be encoded whole in
+    every step.
     """
     long = []
     for i, item in enumerate(dataset.items):
         tokens = text_encoder.tokenize([dataset.caption_for(i, 0)])[0]
         if len(tokens.qwen_ids) > limit or len(tokens.t5_ids) > limit:
             long.append((item.path, len(tokens.qwen_ids), len(tokens.t5_ids)))
+    for path, q, t in long:
+        if max_tokens is not None and max(q, t) > max_tokens:
+            raise ConfigError(f"dataset_config: the caption of {path} is {q} Qwen / {t} T5 tokens long, above the "
+                              f"limit of {max_tokens} tokens; shorten it (captions are used whole, never truncated)")
     if long:
         shown = "; ".join(f"{p.name} ({q} Qwen / {t} T5 tokens)" for p, q, t in long[:10])
         log.warning("%d captions are longer than %d tokens and are used whole (ComfyUI does not truncate "

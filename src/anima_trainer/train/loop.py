@@ -28,6 +28,7 @@ from anima_trainer.download import ensure_tokenizers
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
+from anima_trainer.sample.sampler import SamplingCancelled
 from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
 from anima_trainer.train.inputs import Caches as Caches
 from anima_trainer.train.inputs import StepInput as StepInput
@@ -36,6 +37,7 @@ from anima_trainer.train.inputs import epoch_inputs as epoch_inputs
 from anima_trainer.train.inputs import prepare_caches as prepare_caches
 from anima_trainer.train.inputs import report_long_captions as report_long_captions
 from anima_trainer.train.inputs import to_device
+from anima_trainer.train.budget import MAX_TEXT_TOKENS, check_before_models, check_text_tokens
 from anima_trainer.train.checkpoints import Checkpointer, check_resume, resolve_resume, snapshot_fields
 from anima_trainer.train.distributed import (
     Distributed,
@@ -278,6 +280,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     cfg = apply_plan(cfg, dataset, device, adapter_trained=adapter_trained(cfg))  # vram_budget_gb
+    prompts = check_before_models(cfg, dataset, device)  # sizes, memory, prompt file: before any model loads
     with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
         if dist.is_main:
             ensure_tokenizers(cfg)
@@ -285,7 +288,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     dit = models.dit
     tokens = {image_tokens(w, h) for w, h, *_ in dataset.bucket_table()}
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
-    previews_and_validation = 2 * len(load_sample_prompts(cfg.sample_prompts)) if cfg.sample_prompts else 0
+    previews_and_validation = 2 * len(prompts)
     network, kernel = prepare_dit(cfg, dit, device, dtype, tokens=tokens, batch=batch,
                                   extra_shapes=previews_and_validation + 4)
     dist.broadcast_parameters(network.trainable_parameters())  # every process starts from the same weights
@@ -314,7 +317,8 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     events.write("config", config=config_for_log(cfg))
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
-    report_long_captions(dataset, models.text_encoder)
+    report_long_captions(dataset, models.text_encoder, max_tokens=MAX_TEXT_TOKENS)
+    check_text_tokens(prompts, models.text_encoder)
     if cfg.cache_llm_adapter_outputs and network.trains_llm_adapter:
         raise ConfigError("cache_llm_adapter_outputs: the LLM adapter is trained (train_llm_adapter or train_norm), "
                           "so its output changes every step and cannot be cached; turn one of them off")
@@ -423,8 +427,27 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                 network.train()
 
     def preview(tag: str) -> None:
-        paths = pause_training(lambda: render_previews(dit, r.models.text_encoder, r.models.vae, previews,
-                                                       Path(cfg.output_dir) / "sample", tag, cfg.output_name))
+        """Previews run after the step's save and never stop training: a failure is logged and recorded as a
+        `sample` event with status "failed"; a stop signal cancels them between sampler steps."""
+        cancel = None if stop is None else (lambda: stop.requested is not None)
+        try:
+            paths = pause_training(lambda: render_previews(dit, r.models.text_encoder, r.models.vae, previews,
+                                                           Path(cfg.output_dir) / "sample", tag, cfg.output_name,
+                                                           cancel=cancel))
+        except SamplingCancelled:
+            log.warning("step %d: preview %s cancelled (%s)", progress.step, tag, stop.requested if stop else "")
+            r.events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="cancelled")
+            return
+        except Exception as e:  # noqa: BLE001 - a preview is optional; the run and its saves are not
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an out-of-memory preview leaves its blocks cached
+            log.error("step %d: preview %s failed, training goes on: %s: %s", progress.step, tag,
+                      type(e).__name__, e)
+            r.events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="failed",
+                           error=type(e).__name__, message=str(e))
+            return
+        r.events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="written",
+                       files=[p.name for p in paths])
         log_images(r.accelerator, "sample", paths, progress.step)
 
     def validate() -> None:
@@ -483,10 +506,10 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             if r.validator is not None and r.validator.due_at_step(progress.step):
                 validate()
                 validated_at = progress.step
+            with monitor.paused():  # the save first: a failing preview must never cost the step's files
+                r.checkpoints.at_step(progress, last=progress.step >= r.max_steps)
             if previews and cfg.sample_every_n_steps and progress.step % cfg.sample_every_n_steps == 0:
                 preview(f"{progress.step:06d}")
-            with monitor.paused():
-                r.checkpoints.at_step(progress, last=progress.step >= r.max_steps)
             if progress.step >= r.max_steps:
                 break
             if stop is not None and r.dist.any_true(stop.requested is not None):
@@ -502,6 +525,10 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             preview(f"e{epoch:06d}")
         if progress.step >= r.max_steps:
             break
+        if stop is not None and r.dist.any_true(stop.requested is not None):  # e.g. during the epoch's preview
+            monitor.flush()
+            bar.close()
+            return False
     monitor.flush()
     bar.close()
     return True
