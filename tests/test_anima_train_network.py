@@ -227,3 +227,16 @@ def test_unsupported_options_fail_clearly(setup, tmp_path, capsys, extra, messag
             "--output_dir", str(tmp_path), "--dataset_config", str(tmp_path / "d.toml")]
     assert _load_script().main(base + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_path_in_output_name_creates_no_folder_outside_output_dir(setup, tmp_path, capsys):
+    """Issue 13 item 9: the drop-in's generated `<output_name>_config` folder is named after output_name too."""
+    m = setup["models"]
+    work = tmp_path / "a" / "b"
+    argv = ["--pretrained_model_name_or_path", str(m["dit"]), "--qwen3", str(m["qwen3"]), "--vae", str(m["vae"]),
+            "--output_dir", str(work), "--train_data_dir", str(setup["root"] / "img"), "--resolution", "64",
+            "--output_name", "../../escaped"]
+    assert _load_script().main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output_name: '../../escaped' contains a path separator" in err[0], err
+    assert not list(tmp_path.rglob("escaped*"))

@@ -191,6 +191,7 @@ def test_deeply_nested_dataset_toml_and_metadata_json_name_the_file(tiny, tmp_pa
                        "got 0x1024"),
     (["--height", "-16"], "got 1024x-16"),
     (["--width", "24"], "got 24x1024"),
+    (["--width", "8192", "--height", "8192"], "width and height must be at most 4096 px"),
     (["--cfg", "nan"], "--cfg must be a finite number (1 = no guidance, 4 is usual), got nan"),
     (["--cfg", "inf"], "--cfg must be a finite number"),
     (["--shift", "0"], "--shift must be a finite number > 0"),

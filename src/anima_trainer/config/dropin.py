@@ -412,7 +412,13 @@ class DropIn:
         if needs_files:
             if not self.get("output_dir"):
                 raise ConfigError("output_dir: required (set --output_dir or output_dir in the --config_file TOML)")
-            out_dir = Path(str(self.get("output_dir"))).expanduser() / f"{self.get('output_name', 'last')}_config"
+            from anima_trainer.config.train import check_output_name
+
+            try:  # the generated folder is named after output_name: never a path outside output_dir
+                name = check_output_name(str(self.get("output_name", "last")))
+            except ValueError as e:
+                raise ConfigError(f"output_name: {e}") from None
+            out_dir = Path(str(self.get("output_dir"))).expanduser() / f"{name}_config"
             out_dir.mkdir(parents=True, exist_ok=True)
             self.dataset(out_dir)
         argv = list(self.rest)

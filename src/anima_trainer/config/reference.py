@@ -47,7 +47,6 @@ FALLBACK_MEANINGS: dict[str, str] = {
     "tensorboard_host": "address the TensorBoard server binds to",
     "sample_every_n_steps": "preview images every N optimizer steps (needs sample_prompts)",
     "sample_every_n_epochs": "preview images every N epochs (needs sample_prompts)",
-    "sample_prompts": "kohya prompt file (.txt with --n --w --h --d --s --l, .toml or .json)",
     "sample_at_first": "also sample before the first step",
     "cache_latents": "encode every image once before training and keep the latents in RAM",
     "cache_latents_to_disk": "the latent cache as safetensors files beside the images (reused across runs)",

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from anima_trainer.fileio import atomic_write_bytes, check_writable
+from anima_trainer.sample.prompts import PREVIEW_MAX_SIDE
 from anima_trainer.sample.sampler import cfg_velocity, initial_noise, sample_euler, simple_schedule
 
 
@@ -43,6 +44,9 @@ class SampleParams:
         if self.width < 16 or self.height < 16 or self.width % 16 or self.height % 16:
             raise ValueError(f"width and height must be positive multiples of 16 (8 for the VAE × 2 for the DiT "
                              f"patch), got {self.width}x{self.height}")
+        if max(self.width, self.height) > PREVIEW_MAX_SIDE:
+            raise ValueError(f"width and height must be at most {PREVIEW_MAX_SIDE} px (1024 is Anima's native size), "
+                             f"got {self.width}x{self.height}")
         if self.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {self.steps}")
         if not math.isfinite(self.cfg):
