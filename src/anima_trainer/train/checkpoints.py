@@ -114,7 +114,10 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     progress = states.read_progress(folder)
     final_state = folder.name == f"{cfg.output_name}-state"
     final_file = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
-    if progress.step > max_steps or (progress.step == max_steps and (final_file.exists() or not final_state)):
+    # the final state without its final file (killed, or the disk filled up, between the two): the resume
+    # only writes the file; a final file of an earlier, shorter end of the run does not count
+    unfinished = final_state and (_saved_step(final_file) or 0) < progress.step
+    if progress.step > max_steps or (progress.step == max_steps and not unfinished):
         raise ConfigError(f"resume: {folder} is at step {progress.step} and max_train_steps is {max_steps}: nothing "
                           f"is left to train; raise max_train_steps (or max_train_epochs) above {progress.step} to "
                           "train on")
@@ -132,6 +135,17 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
         log.info("resume: the learning rate or its schedule changed: the schedule is rebuilt from the current "
                  "settings and continues at step %d", progress.step)
     return progress, rebuild
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step a network file of ours was saved at (its `ss_steps`); None when missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("ss_steps", ""))
+    except Exception:  # noqa: BLE001 (missing or damaged: not a finished final file)
+        return None
 
 
 class Checkpointer:
@@ -177,12 +191,13 @@ class Checkpointer:
                     f"{self.cfg.output_name!r}; continue that run with resume = \"latest\" (--resume latest), or "
                     "choose another output_name, or set overwrite = true to replace them")
 
-    def resumed(self, state: states.Progress, *, at_epoch_end: bool, max_steps: int) -> None:
-        """After loading `state`: the files after it may be written again, and a network file due at the state
-        itself that is missing (the run was killed between the state and its file) is written now."""
+    def resumed(self, folder: Path, state: states.Progress, *, at_epoch_end: bool, max_steps: int) -> None:
+        """After loading `state` (from `folder`): the files after it may be written again, and a network file
+        due at the state itself that is missing (the run was killed between the state and its file) is written
+        now.  A final state has no step or epoch file (the last step gets the final file, written at the end)."""
         done_epochs = state.epoch if at_epoch_end else state.epoch - 1
         self.files.resumed_at = self.states.resumed_at = (state.step, done_epochs)
-        if state.step >= max_steps or not self.dist.is_main:  # the final save happens at the end
+        if state.step >= max_steps or not self.dist.is_main or Path(folder).name == self.states.final_path.name:
             return
         self.before_save()
         try:

@@ -372,7 +372,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         if rng is not None:
             restore_rng(rng, generator)
         at_epoch_end = progress.batch_in_epoch >= len(shard)
-        checkpoints.resumed(progress, at_epoch_end=at_epoch_end, max_steps=max_steps)
+        checkpoints.resumed(resume_from, progress, at_epoch_end=at_epoch_end, max_steps=max_steps)
         if at_epoch_end:  # saved at an epoch's end: start the next one
             progress = Progress(progress.step, progress.epoch + 1, 0)
         log.info("resuming from %s at step %d (epoch %d, batch %d)", resume_from, progress.step, progress.epoch,
