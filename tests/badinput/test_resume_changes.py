@@ -82,3 +82,16 @@ def test_a_changed_batch_size_is_a_critical_change(setup, finished, tmp_path):  
                             extra=RANDOM_CAPTIONS_AND_FLIPS)
     with pytest.raises(ConfigError, match=r"batch_size: \[1\] → \[2\]"):
         run_training(cfg)
+
+
+def test_changed_optimizer_args_are_applied_and_a_changed_network_weights_is_listed_as_not_applied(
+        setup, finished, tmp_path, caplog):  # noqa: F811
+    """The loaded optimizer state carries the old group settings: a changed optimizer_args value is put back
+    into the groups; network_weights cannot apply on a resume (the state's weights win) and is said so."""
+    out = _copy(finished, tmp_path)
+    with caplog.at_level("INFO"):
+        run = run_training(_config(setup, tmp_path, "--resume", "latest", "--optimizer_args", "weight_decay=0.5",
+                                   "--network_weights", str(out / f"{NAME}.safetensors"), steps=3))
+    assert {g["weight_decay"] for g in run.optimizer.param_groups} == {0.5}
+    assert "optimizer_args weight_decay = 0.5 applied" in caplog.text
+    assert "changed settings NOT applied" in caplog.text and "network_weights: null →" in caplog.text

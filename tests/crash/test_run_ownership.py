@@ -171,7 +171,8 @@ def test_a_resumed_run_rewrites_its_own_files_after_the_resume_point(setup, refe
     shutil.rmtree(out / f"{NAME}-state")
     (out / f"{NAME}-step00000004.safetensors").write_bytes(b"stale")  # proves it is written again
     run_training(_config(setup, tmp_path, *DEFAULTS, "--resume", str(out / f"{NAME}-step00000002-state"), steps=6))
-    a, b = load_file(reference / f"{NAME}-step00000004.safetensors"), load_file(out / f"{NAME}-step00000004.safetensors")
+    name = f"{NAME}-step00000004.safetensors"
+    a, b = load_file(reference / name), load_file(out / name)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -209,7 +210,8 @@ def test_resuming_from_the_final_state_whose_file_is_missing_writes_it(setup, re
 
 # ------------------------------------------------------- item 6: SIGTERM under nonfinite_loss_policy = warn --
 
-def test_sigterm_after_nan_weights_saves_no_state_and_names_the_last_good_one(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_sigterm_after_nan_weights_saves_no_state_and_names_the_last_good_one(
+        setup, tmp_path, monkeypatch):  # noqa: F811
     real = loop.training_step
     count = {"n": 0}
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +108,24 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return folder
 
 
-def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int) -> tuple[states.Progress, bool]:
+# changed settings a resume cannot apply: the state's value wins (listed as not applied)
+STATE_WINS = {"network_weights": "the state's network weights are loaded instead",
+              "dim_from_weights": "the state's network is loaded instead"}
+
+
+@dataclass
+class ResumeCheck:
+    """What `check_resume` found: the state's position, whether the lr schedule must be rebuilt, and the
+    optimizer_args keys whose value changed (re-applied to the loaded optimizer's groups)."""
+
+    progress: states.Progress
+    rebuild_schedule: bool
+    optimizer_args: list[str]
+
+
+def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int) -> ResumeCheck:
     """Before anything is loaded: the state's position against `max_steps`, critical changes (error, or a
-    warning with resume_snapshot_strict = false), the others logged.  Returns (the state's progress, whether
-    the learning-rate schedule changed and must be rebuilt)."""
+    warning with resume_snapshot_strict = false), the others logged as applied or not applied."""
     progress = states.read_progress(folder)
     final_state = folder.name == f"{cfg.output_name}-state"
     final_file = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
@@ -125,16 +140,42 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict, critical=CRITICAL)
     rebuild = saved.get("lr_schedule") != snapshot.get("lr_schedule")
     old = states.read_config(folder)
+    optimizer_args: list[str] = []
     if old is not None:
         new = config_record(cfg)
-        changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                   if k not in NOT_COMPARED and k not in CRITICAL and old.get(k) != new.get(k)]
-        if changed:
-            log.info("resume: settings changed since the state was saved (applied):\n  %s", "\n  ".join(changed))
+        keys = [k for k in sorted(set(old) | set(new))
+                if k not in NOT_COMPARED and k not in CRITICAL and old.get(k) != new.get(k)]
+        applied = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in keys if k not in STATE_WINS]
+        refused = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))} ({STATE_WINS[k]})" for k in keys
+                   if k in STATE_WINS]
+        if applied:
+            log.info("resume: settings changed since the state was saved (applied):\n  %s", "\n  ".join(applied))
+        if refused:
+            log.warning("resume: changed settings NOT applied:\n  %s", "\n  ".join(refused))
+        if "optimizer_args" in keys:
+            was, now = old.get("optimizer_args") or {}, new.get("optimizer_args") or {}
+            optimizer_args = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
     if rebuild:
         log.info("resume: the learning rate or its schedule changed: the schedule is rebuilt from the current "
                  "settings and continues at step %d", progress.step)
-    return progress, rebuild
+    return ResumeCheck(progress, rebuild, optimizer_args)
+
+
+def apply_optimizer_args(optimizer: torch.optim.Optimizer, fresh_groups: list[dict], keys: list[str]) -> None:
+    """After a resume: the optimizer_args that changed take their new value in every group (the loaded state
+    carries the old ones); a key that is not a group setting cannot be applied and is said so."""
+    for key in keys:
+        if all(key in g for g in fresh_groups) and len(fresh_groups) == len(optimizer.param_groups):
+            for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+                group[key] = fresh[key]
+            log.info("resume: optimizer_args %s = %r applied", key, fresh_groups[0][key])
+        else:
+            log.warning("resume: optimizer_args %s changed but is not a setting of the optimizer's parameter "
+                        "groups: NOT applied (the saved optimizer state is used as it is)", key)
+
+
+def _short(value: Any) -> str:
+    return states._short(value)
 
 
 def _saved_step(path: Path) -> int | None:
@@ -175,21 +216,23 @@ class Checkpointer:
 
     def check_start(self, *, resuming: bool, max_steps: int, epochs: int) -> None:
         """Before training: a new run refuses to start over files of the same output_name it would write later
-        (step/epoch saves, states, the final file) unless overwrite; a resumed run may write its own files
+        (step/epoch saves, the final file) or over its states unless overwrite; a resumed run may write its own files
         after its state again, but not an existing final file."""
         if resuming or self.cfg.overwrite:
             self.files.check_start()
         else:
             found = self.files.collisions(max_steps, epochs)
-            if self.cfg.save_state or self.cfg.save_state_on_train_end:
-                found += [p for p in self.states.collisions(max_steps, epochs)
-                          if self.cfg.save_state or p == self.states.final_path]
+            # every earlier state of this name: a SIGINT state could replace one, and `resume = latest` after
+            # this run would pick up the other run's newer states
+            pattern = states.state_name_pattern(self.cfg.output_name)
+            out = Path(self.cfg.output_dir)
+            found += sorted(p for p in (out.iterdir() if out.is_dir() else ()) if pattern.fullmatch(p.name))
             if found:
                 names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
                 raise OutputExistsError(
-                    f"{self.cfg.output_dir}: this run would write over {names} of an earlier run named "
-                    f"{self.cfg.output_name!r}; continue that run with resume = \"latest\" (--resume latest), or "
-                    "choose another output_name, or set overwrite = true to replace them")
+                    f"{self.cfg.output_dir} holds {names} of an earlier run named {self.cfg.output_name!r}, which "
+                    "this new run would write over or mix with; continue that run with resume = \"latest\" "
+                    "(--resume latest), or choose another output_name, or set overwrite = true to replace them")
 
     def resumed(self, folder: Path, state: states.Progress, *, at_epoch_end: bool, max_steps: int) -> None:
         """After loading `state` (from `folder`): the files after it may be written again, and a network file

@@ -38,6 +38,7 @@ from anima_trainer.train.inputs import report_long_captions as report_long_capti
 from anima_trainer.train.inputs import to_device
 from anima_trainer.train.checkpoints import (
     Checkpointer,
+    apply_optimizer_args,
     check_resume,
     rebuild_schedule,
     resolve_resume,
@@ -328,10 +329,10 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     shard = dist.shard(len(dataset))  # this process's batches of every epoch
     snapshot = snapshot_fields(cfg, network, dataset)
     snapshot["lr_schedule"] = schedule_fields(cfg, optimizer, max_steps)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    rebuild = False
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    resume_check = None
     if resume_from is not None:  # fail fast: before caching, and before any file is touched
-        _, rebuild = check_resume(resume_from, cfg, snapshot, max_steps)
+        resume_check = check_resume(resume_from, cfg, snapshot, max_steps)
         check_state_world(resume_from, dist.world_size)
     started = time.time()
     events = EventLog(events_path(cfg.output_dir, cfg.output_name) if accelerator.is_main_process else None,
@@ -361,13 +362,15 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
     validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
     progress = Progress()
-    if resume_from is not None:
+    if resume_from is not None and resume_check is not None:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
-                              scaler=scaler, generator=generator, restore_scheduler=not rebuild,
+                              scaler=scaler, generator=generator, restore_scheduler=not resume_check.rebuild_schedule,
                               strict_optimizer=cfg.resume_snapshot_strict)
-        if rebuild:  # a changed lr or schedule: the current settings from the resume point on
-            scheduler = checkpoints.scheduler = rebuild_schedule(optimizer, base_lrs, lambda: build_scheduler(
-                optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg)), progress.step)
+        apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
+        if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
+            scheduler = checkpoints.scheduler = rebuild_schedule(
+                optimizer, [g["lr"] for g in fresh_groups],
+                lambda: build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg)), progress.step)
         rng = read_rank_rng(resume_from, dist.rank, dist.world_size)
         if rng is not None:
             restore_rng(rng, generator)
