@@ -230,9 +230,10 @@ class Checkpointer:
             if found:
                 names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
                 raise OutputExistsError(
-                    f"{self.cfg.output_dir} holds {names} of an earlier run named {self.cfg.output_name!r}, which "
-                    "this new run would write over or mix with; continue that run with resume = \"latest\" "
-                    "(--resume latest), or choose another output_name, or set overwrite = true to replace them")
+                    f"{names} already exist{'s' if len(found) == 1 else ''} in {self.cfg.output_dir} (an earlier "
+                    f"run named {self.cfg.output_name!r}); this new run would write over or mix with them: continue "
+                    "that run with resume = \"latest\" (--resume latest), or choose another output_name, or set "
+                    "overwrite = true to replace them")
 
     def resumed(self, folder: Path, state: states.Progress, *, at_epoch_end: bool, max_steps: int) -> None:
         """After loading `state` (from `folder`): the files after it may be written again, and a network file
