@@ -88,8 +88,13 @@ def rebuild_schedule(optimizer: torch.optim.Optimizer, base_lrs: list[float], bu
     scheduler = build()
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": replaying, not training
         warnings.simplefilter("ignore")
-        for _ in range(step):
-            scheduler.step()
+        try:
+            for _ in range(step):
+                scheduler.step()
+        except (TypeError, ValueError) as e:  # e.g. a scheduler that steps on a metric (ReduceLROnPlateau)
+            raise ConfigError(f"resume: the changed learning-rate schedule ({type(scheduler).__name__}) cannot be "
+                              f"advanced to step {step} ({e}); resume with the schedule settings the state was "
+                              "saved with") from None
     return scheduler
 
 
