@@ -62,16 +62,29 @@ def test_a_changed_learning_rate_or_schedule_applies_from_the_resume_point(setup
         assert got == pytest.approx([want] * len(got), rel=1e-12), (got, want)
 
 
-@pytest.mark.parametrize("steps", [2, 1])
-def test_max_train_steps_at_or_below_the_states_step_is_refused(setup, finished, tmp_path, steps):  # noqa: F811
+@pytest.mark.parametrize(("steps", "state"), [(1, f"{NAME}-state"), (2, f"{NAME}-step00000002-state")],
+                         ids=["below", "at-a-step-state"])
+def test_max_train_steps_at_or_below_the_states_step_is_refused(setup, finished, tmp_path, steps, state):  # noqa: F811
     out = _copy(finished, tmp_path)
+    if not (out / state).exists():  # a state at step 2 under a step name (as an interrupted run leaves)
+        shutil.copytree(out / f"{NAME}-state", out / state)
     final = (out / f"{NAME}.safetensors").read_bytes()
     with pytest.raises(ConfigError) as info:
-        run_training(_config(setup, tmp_path, "--resume", "latest", steps=steps))
+        run_training(_config(setup, tmp_path, "--resume", str(out / state), steps=steps))
     message = str(info.value)
-    assert f"{NAME}-state is at step 2 and max_train_steps is {steps}" in message
+    assert f"{state} is at step 2 and max_train_steps is {steps}" in message
     assert "raise max_train_steps" in message and "\n" not in message
     assert (out / f"{NAME}.safetensors").read_bytes() == final  # no final file written over
+
+
+def test_resuming_a_run_that_had_already_ended_writes_nothing(setup, finished, tmp_path):  # noqa: F811
+    """Killed after its final state and file were both written: the same command with --resume latest
+    says there is nothing to do and leaves every file as it is."""
+    out = _copy(finished, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    run = run_training(_config(setup, tmp_path, "--resume", "latest", steps=2))
+    assert run.steps == 2 and run.final_path == out / f"{NAME}.safetensors"
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_a_changed_batch_size_is_a_critical_change(setup, finished, tmp_path):  # noqa: F811

@@ -120,12 +120,14 @@ STATE_WINS = {"network_weights": "the state's network weights are loaded instead
 
 @dataclass
 class ResumeCheck:
-    """What `check_resume` found: the state's position, whether the lr schedule must be rebuilt, and the
-    optimizer_args keys whose value changed (re-applied to the loaded optimizer's groups)."""
+    """What `check_resume` found: the state's position, whether the lr schedule must be rebuilt, the
+    optimizer_args keys whose value changed (re-applied to the loaded optimizer's groups), and the final file
+    when the state is the end of a run that was already complete (killed after its last write)."""
 
     progress: states.Progress
     rebuild_schedule: bool
     optimizer_args: list[str]
+    finished: Path | None = None  # the run had already ended: its final file
 
 
 def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int) -> ResumeCheck:
@@ -136,7 +138,12 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     final_file = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
     # the final state without its final file (killed, or the disk filled up, between the two): the resume
     # only writes the file; a final file of an earlier, shorter end of the run does not count
-    unfinished = final_state and (_saved_step(final_file) or 0) < progress.step
+    final_step = _saved_step(final_file) if final_state else None
+    unfinished = final_state and (final_step or 0) < progress.step
+    if progress.step == max_steps and final_state and final_step == progress.step:
+        log.info("resume: %s is the end of this run (step %d of %d) and %s was written from it: nothing to do",
+                 folder, progress.step, max_steps, final_file)
+        return ResumeCheck(progress, False, [], finished=final_file)
     if progress.step > max_steps or (progress.step == max_steps and not unfinished):
         raise ConfigError(f"resume: {folder} is at step {progress.step} and max_train_steps is {max_steps}: nothing "
                           f"is left to train; raise max_train_steps (or max_train_epochs) above {progress.step} to "

@@ -334,6 +334,11 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     if resume_from is not None:  # fail fast: before caching, and before any file is touched
         resume_check = check_resume(resume_from, cfg, snapshot, max_steps)
         check_state_world(resume_from, dist.world_size)
+        if resume_check.finished is not None:  # already complete (killed after its last write): nothing to write
+            progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=scaler, generator=generator, strict_optimizer=False)
+            dist.shutdown()
+            return TrainRun(resume_check.finished, dit, network, [], progress.step, optimizer)
     started = time.time()
     events = EventLog(events_path(cfg.output_dir, cfg.output_name) if accelerator.is_main_process else None,
                       run=tracking.run_name)
