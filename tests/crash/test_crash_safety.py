@@ -217,7 +217,8 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(tiny, tmp_path
     ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
     ref_args = _write_setup(ref_root, tiny["models"], write_shapes_dataset(ref_root / "images", count=4, seed=3))
     images = write_shapes_dataset(cut_root / "images", count=4, seed=3)
-    args = _write_setup(cut_root, tiny["models"], images)
+    # the default overwrite = false (the demo config sets true): a resume must never need it (issue 13, item 2)
+    args = [*_write_setup(cut_root, tiny["models"], images), "--overwrite=false"]
     out, cache = cut_root / "output", images / ".anima_cache"
     steps_file = cut_root / "steps.txt"
     base = {"k": 0, "after": False, "delay": 0.0, "steps_file": str(steps_file), "out": str(out)}
@@ -342,11 +343,12 @@ def saved_run(tiny) -> dict:
     return {"root": root, "args": args}
 
 
+# a save writes the state first, then the network file: a folder without write permission fails at the state
 @pytest.mark.parametrize(("fault", "saving"), [(_disk_full_network, f"{NAME}.safetensors"),
                                                (_disk_full_state, f"{NAME}-state"),
-                                               (_no_permission, f"{NAME}.safetensors"),
+                                               (_no_permission, f"{NAME}-state"),
                                                (_no_permission_state, f"{NAME}-state")],
-                         ids=["disk-full-network", "disk-full-state", "no-permission-network", "no-permission-state"])
+                         ids=["disk-full-network", "disk-full-state", "no-permission-folder", "no-permission-state"])
 def test_a_failing_save_stops_with_a_clear_error_and_keeps_the_previous_files(saved_run, tmp_path, monkeypatch,
                                                                                fault, saving, one_thread):
     out = tmp_path / "output"
@@ -366,15 +368,19 @@ def test_a_failing_save_stops_with_a_clear_error_and_keeps_the_previous_files(sa
             assert after[name] == data, name
     assert set(after) == set(before)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
-    # the network file written before a failing state save is the new, whole one
+    # the state is written before the network file: a failing network save leaves the new state (the resume
+    # writes the file from it), a failing state save leaves the previous state and network file
     load_file(out / f"{NAME}.safetensors")
-    assert states.read_progress(states.find_latest_state(out, NAME)).step == 2
+    assert states.read_progress(states.find_latest_state(out, NAME)).step == (4 if saving.endswith(".safetensors")
+                                                                              else 2)
     # the run stopped, and the event log says why
     events = [json.loads(line) for line in (out / f"{NAME}.events.jsonl").read_text().splitlines()]
     assert events[-1]["type"] == "error" and events[-1]["step"] == 4 and reason in events[-1]["message"]
     # once the disk has room again, the same command resumes from the intact state and finishes
     run = run_training(parse_train_args(args))
     assert run.steps == 4 and states.read_progress(out / f"{NAME}-state").step == 4
+    with safe_open(str(out / f"{NAME}.safetensors"), framework="pt") as f:
+        assert f.metadata()["ss_steps"] == "4"
 
 
 def test_stale_temporaries_of_killed_saves_are_cleaned_up_and_a_state_moved_aside_is_put_back(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -77,8 +78,11 @@ def test_state_contents_retention_and_latest(setup, tmp_path):
     assert {p.name for p in state.iterdir()} >= {"network.safetensors", "optimizer.json", "optimizer.safetensors",
                                                  "scheduler.json", "scaler.json", "rng.json", "rng.safetensors",
                                                  "train_state.json", "resume_snapshot.json", "config.json"}
-    assert json.loads((state / "train_state.json").read_text()) == {
-        "format": states.STATE_FORMAT, "step": 4, "epoch": 1, "batch_in_epoch": 4}
+    record = json.loads((state / "train_state.json").read_text())
+    checksums = record.pop("files")  # the manifest: every other file of the state with its sha256
+    assert record == {"format": states.STATE_FORMAT, "step": 4, "epoch": 1, "batch_in_epoch": 4}
+    assert set(checksums) == {p.name for p in state.iterdir()} - {"train_state.json"}
+    assert checksums["network.safetensors"] == hashlib.sha256((state / "network.safetensors").read_bytes()).hexdigest()
     snapshot = json.loads((state / "resume_snapshot.json").read_text())["fields"]
     assert snapshot["network_dim"] == 8 and snapshot["batches_per_epoch"] == 8 and len(snapshot["dit"]) == 64
     assert states.find_latest_state(out, "demo_lora").name == "demo_lora-state"

@@ -2,9 +2,11 @@
 
 `Checkpointer` decides at each optimizer step / epoch end what is due (kohya's save_every_n_* rules, states
 with `save_state`), writes it atomically, applies retention, records saves in the event log, and refuses to
-write a network whose weights are not finite (NonFiniteStateError).  `snapshot_fields` lists what must not
-change across a resume; `resolve_resume` finds the state folder and `check_resume` checks the snapshot and
-logs the other changed settings.
+write a network or a state whose weights are not finite (NonFiniteStateError).  A save writes the state
+first and the network file after it: a run killed between the two resumes from that state and writes the
+missing file (`Checkpointer.resumed`); a resumed run may write again its own files after its resume point.
+`snapshot_fields` lists what must not change across a resume; `resolve_resume` finds the state folder and
+`check_resume` checks the snapshot, the step count and logs the other changed settings.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.fileio import OutputExistsError
 from anima_trainer.train import resume as states
 from anima_trainer.train.distributed import Distributed, write_rank_rngs
 from anima_trainer.train.events import write_resolved_config
-from anima_trainer.train.monitor import check_finite_state
+from anima_trainer.train.monitor import NonFiniteStateError, check_finite_state
+from anima_trainer.train.schedulers import schedule_options
 from anima_trainer.train.state import SavePlan, StatePlan
 
 log = logging.getLogger(__name__)
@@ -30,7 +35,7 @@ SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "bf16": torch.bflo
 # snapshot fields whose change makes a resume wrong (the rest of the config is compared and logged)
 CRITICAL = ("dit", "qwen3", "vae", "llm_adapter", "network_module", "network_dim", "network_alpha", "network_args",
             "network_targets", "network_dropout", "dataset", "buckets", "batches_per_epoch",
-            "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision", "fp8_base")
+            "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision", "fp8_base", "batch_size")
 # config keys that legitimately differ between the interrupted run and its resume
 NOT_COMPARED = ("resume", "overwrite", "resume_snapshot_strict")
 
@@ -59,7 +64,38 @@ def snapshot_fields(cfg: TrainConfig, network, dataset) -> dict:
         "batches_per_epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "optimizer_type": cfg.optimizer_type, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision,
         "fp8_base": f"{cfg.fp8_base or cfg.fp8_base_unet}/{cfg.fp8_format}",  # a different base model
+        # the effective batch size of each [[datasets]] (a dataset.toml's batch_size overrides train_batch_size)
+        "batch_size": [p.batch_size for p in dataset.params],
     }
+
+
+def schedule_fields(cfg: TrainConfig, optimizer: torch.optim.Optimizer, max_steps: int) -> dict:
+    """What the learning-rate schedule is built from: each group's base lr, the length and the schedule's own
+    settings.  Stored in the snapshot; when it changed on resume the schedule is rebuilt (`rebuild_schedule`)."""
+    options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in schedule_options(cfg).items()}
+    return json.loads(json.dumps({"lrs": [g["lr"] for g in optimizer.param_groups], "max_train_steps": max_steps,
+                                  "lr_scheduler": cfg.lr_scheduler, **options}, default=str))
+
+
+def rebuild_schedule(optimizer: torch.optim.Optimizer, base_lrs: list[float], build: Callable[[], Any],
+                     step: int) -> Any:
+    """A schedule for the current settings advanced to `step` (a resume whose lr or schedule changed): the
+    groups' base lr is reset first, so the restored optimizer state cannot bring the old rate back."""
+    import warnings
+
+    for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = group["initial_lr"] = lr
+    scheduler = build()
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": replaying, not training
+        warnings.simplefilter("ignore")
+        try:
+            for _ in range(step):
+                scheduler.step()
+        except (TypeError, ValueError) as e:  # e.g. a scheduler that steps on a metric (ReduceLROnPlateau)
+            raise ConfigError(f"resume: the changed learning-rate schedule ({type(scheduler).__name__}) cannot be "
+                              f"advanced to step {step} ({e}); resume with the schedule settings the state was "
+                              "saved with") from None
+    return scheduler
 
 
 def config_record(cfg: TrainConfig) -> dict:
@@ -77,18 +113,92 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return folder
 
 
-def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict) -> None:
-    """Critical changes: error (or warning with resume_snapshot_strict = false); others: logged."""
-    states.read_progress(folder)
-    states.check_snapshot(states.read_snapshot(folder), snapshot, strict=cfg.resume_snapshot_strict,
-                          critical=CRITICAL)
+# changed settings a resume cannot apply: the state's value wins (listed as not applied)
+STATE_WINS = {"network_weights": "the state's network weights are loaded instead",
+              "dim_from_weights": "the state's network is loaded instead"}
+
+
+@dataclass
+class ResumeCheck:
+    """What `check_resume` found: the state's position, whether the lr schedule must be rebuilt, the
+    optimizer_args keys whose value changed (re-applied to the loaded optimizer's groups), and the final file
+    when the state is the end of a run that was already complete (killed after its last write)."""
+
+    progress: states.Progress
+    rebuild_schedule: bool
+    optimizer_args: list[str]
+    finished: Path | None = None  # the run had already ended: its final file
+
+
+def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int) -> ResumeCheck:
+    """Before anything is loaded: the state's position against `max_steps`, critical changes (error, or a
+    warning with resume_snapshot_strict = false), the others logged as applied or not applied."""
+    progress = states.read_progress(folder)
+    final_state = folder.name == f"{cfg.output_name}-state"
+    final_file = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
+    # the final state without its final file (killed, or the disk filled up, between the two): the resume
+    # only writes the file; a final file of an earlier, shorter end of the run does not count
+    final_step = _saved_step(final_file) if final_state else None
+    unfinished = final_state and (final_step or 0) < progress.step
+    if progress.step == max_steps and final_state and final_step == progress.step:
+        log.info("resume: %s is the end of this run (step %d of %d) and %s was written from it: nothing to do",
+                 folder, progress.step, max_steps, final_file)
+        return ResumeCheck(progress, False, [], finished=final_file)
+    if progress.step > max_steps or (progress.step == max_steps and not unfinished):
+        raise ConfigError(f"resume: {folder} is at step {progress.step} and max_train_steps is {max_steps}: nothing "
+                          f"is left to train; raise max_train_steps (or max_train_epochs) above {progress.step} to "
+                          "train on")
+    saved = states.read_snapshot(folder)
+    states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict, critical=CRITICAL)
+    rebuild = saved.get("lr_schedule") != snapshot.get("lr_schedule")
     old = states.read_config(folder)
+    optimizer_args: list[str] = []
     if old is not None:
         new = config_record(cfg)
-        changed = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                   if k not in NOT_COMPARED and k not in CRITICAL and old.get(k) != new.get(k)]
-        if changed:
-            log.info("resume: settings changed since the state was saved (allowed):\n  %s", "\n  ".join(changed))
+        keys = [k for k in sorted(set(old) | set(new))
+                if k not in NOT_COMPARED and k not in CRITICAL and old.get(k) != new.get(k)]
+        applied = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in keys if k not in STATE_WINS]
+        refused = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))} ({STATE_WINS[k]})" for k in keys
+                   if k in STATE_WINS]
+        if applied:
+            log.info("resume: settings changed since the state was saved (applied):\n  %s", "\n  ".join(applied))
+        if refused:
+            log.warning("resume: changed settings NOT applied:\n  %s", "\n  ".join(refused))
+        if "optimizer_args" in keys:
+            was, now = old.get("optimizer_args") or {}, new.get("optimizer_args") or {}
+            optimizer_args = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if rebuild:
+        log.info("resume: the learning rate or its schedule changed: the schedule is rebuilt from the current "
+                 "settings and continues at step %d", progress.step)
+    return ResumeCheck(progress, rebuild, optimizer_args)
+
+
+def apply_optimizer_args(optimizer: torch.optim.Optimizer, fresh_groups: list[dict], keys: list[str]) -> None:
+    """After a resume: the optimizer_args that changed take their new value in every group (the loaded state
+    carries the old ones); a key that is not a group setting cannot be applied and is said so."""
+    for key in keys:
+        if all(key in g for g in fresh_groups) and len(fresh_groups) == len(optimizer.param_groups):
+            for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+                group[key] = fresh[key]
+            log.info("resume: optimizer_args %s = %r applied", key, fresh_groups[0][key])
+        else:
+            log.warning("resume: optimizer_args %s changed but is not a setting of the optimizer's parameter "
+                        "groups: NOT applied (the saved optimizer state is used as it is)", key)
+
+
+def _short(value: Any) -> str:
+    return states._short(value)
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step a network file of ours was saved at (its `ss_steps`); None when missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("ss_steps", ""))
+    except Exception:  # noqa: BLE001 (missing or damaged: not a finished final file)
+        return None
 
 
 class Checkpointer:
@@ -116,20 +226,68 @@ class Checkpointer:
         self.save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
         self.written: list[Path] = []
 
-    def check_start(self) -> None:
-        self.files.check_start()
-        if self.dist.is_main:
-            states.remove_stale_temporaries(self.cfg.output_dir, self.cfg.output_name)
+    def check_start(self, *, resuming: bool, max_steps: int, epochs: int) -> None:
+        """Before training: a new run refuses to start over files of the same output_name it would write later
+        (step/epoch saves, the final file) or over its states unless overwrite; a resumed run may write its own files
+        after its state again, but not an existing final file."""
+        if resuming or self.cfg.overwrite:
+            self.files.check_start()
+        else:
+            found = self.files.collisions(max_steps, epochs)
+            # every earlier state of this name: a SIGINT state could replace one, and `resume = latest` after
+            # this run would pick up the other run's newer states
+            pattern = states.state_name_pattern(self.cfg.output_name)
+            out = Path(self.cfg.output_dir)
+            found += sorted(p for p in (out.iterdir() if out.is_dir() else ()) if pattern.fullmatch(p.name))
+            if found:
+                names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+                raise OutputExistsError(
+                    f"{names} already exist{'s' if len(found) == 1 else ''} in {self.cfg.output_dir} (an earlier "
+                    f"run named {self.cfg.output_name!r}); this new run would write over or mix with them: continue "
+                    "that run with resume = \"latest\" (--resume latest), or choose another output_name, or set "
+                    "overwrite = true to replace them")
+
+    def resumed(self, folder: Path, state: states.Progress, *, at_epoch_end: bool, max_steps: int) -> None:
+        """After loading `state` (from `folder`): the files after it may be written again, and a network file
+        due at the state itself that is missing (the run was killed between the state and its file) is written
+        now.  A final state has no step or epoch file (the last step gets the final file, written at the end)."""
+        done_epochs = state.epoch if at_epoch_end else state.epoch - 1
+        self.files.resumed_at = self.states.resumed_at = (state.step, done_epochs)
+        if state.step >= max_steps or not self.dist.is_main or Path(folder).name == self.states.final_path.name:
+            return
+        self.before_save()
+        try:
+            path = self.files.step_path(state.step)
+            if self.files.due_at_step(state.step) and not path.exists():
+                log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
+                self.files.record_step(state.step, self._network_file(path, state.step, state.epoch))
+            path = self.files.epoch_path(state.epoch)
+            if at_epoch_end and self.files.due_at_epoch(state.epoch) and not path.exists():
+                log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
+                self.files.record_epoch(state.epoch, self._network_file(path, state.step, state.epoch))
+        finally:
+            self.after_save()
 
     def _network_file(self, path: Path, step: int, epoch: int) -> Path:
         check_finite_state(self.network.state_dict(), str(path))  # never a NaN over a good file
+        if path == self.files.step_path(step):
+            overwrite = self.files.may_replace_step(step)
+        elif path == self.files.epoch_path(epoch):
+            overwrite = self.files.may_replace_epoch(epoch)
+        else:
+            overwrite = self.cfg.overwrite
         path = self.network.save(path, metadata=self.metadata(step, epoch), dtype=self.save_dtype,
-                                 overwrite=self.cfg.overwrite, save_format=self.cfg.save_format)
+                                 overwrite=overwrite, save_format=self.cfg.save_format)
         if self.events is not None:
             self.events.write("save", step=step, epoch=epoch, path=str(path))
         return path
 
     def _state(self, folder: Path, progress: states.Progress) -> Path:
+        # a state is only ever written from finite weights and optimizer moments (it is what a resume trusts)
+        check_finite_state(self.network.state_dict(), str(folder))
+        moments = {f"optimizer.{i}.{k}": v for i, s in enumerate(self.optimizer.state.values()) for k, v in s.items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        check_finite_state(moments, str(folder))
         folder = states.save_state(folder, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler,
                                    scaler=self.scaler, generator=self.generator, progress=progress,
                                    snapshot=self.snapshot, config=config_record(self.cfg), overwrite=True,
@@ -160,10 +318,16 @@ class Checkpointer:
         if self._rank_rngs is not None:
             write_rank_rngs(tmp, self._rank_rngs)
 
-    def interrupted(self, progress: states.Progress) -> Path:
-        """A state at the current step after SIGINT/SIGTERM (whatever save_state says): nothing is lost."""
+    def interrupted(self, progress: states.Progress) -> Path | None:
+        """A state at the current step after SIGINT/SIGTERM (whatever save_state says): nothing is lost.  None
+        when the weights are not finite (nonfinite_loss_policy = "warn"): no state is written from them."""
         folder: list[Path] = []
-        self._save(lambda: None, lambda: folder.append(self._state(self.states.step_path(progress.step), progress)))
+        try:
+            self._save(lambda: None,
+                       lambda: folder.append(self._state(self.states.step_path(progress.step), progress)))
+        except NonFiniteStateError as e:
+            log.error("%s", e)
+            return None
         return folder[0] if folder else self.states.step_path(progress.step)
 
     def final(self, progress: states.Progress) -> Path:
@@ -182,9 +346,9 @@ class Checkpointer:
         if not self.dist.is_main:
             return
         self.before_save()
-        try:
-            network_file()
+        try:  # the state first: killed before the network file, the resume writes that file (`resumed`)
             if state is not None:
                 state()
+            network_file()
         finally:
             self.after_save()

@@ -8,6 +8,7 @@ loss: train/validation.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +39,15 @@ from anima_trainer.train.inputs import prepare_caches as prepare_caches
 from anima_trainer.train.inputs import report_long_captions as report_long_captions
 from anima_trainer.train.inputs import to_device
 from anima_trainer.train.budget import MAX_TEXT_TOKENS, check_before_models, check_text_tokens
-from anima_trainer.train.checkpoints import Checkpointer, check_resume, resolve_resume, snapshot_fields
+from anima_trainer.train.checkpoints import (
+    Checkpointer,
+    apply_optimizer_args,
+    check_resume,
+    rebuild_schedule,
+    resolve_resume,
+    schedule_fields,
+    snapshot_fields,
+)
 from anima_trainer.train.distributed import (
     Distributed,
     check_state_world,
@@ -47,9 +56,10 @@ from anima_trainer.train.distributed import (
     read_rank_rng,
 )
 from anima_trainer.train.events import EventLog, config_for_log, events_path
+from anima_trainer.train.lock import RunLock
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
 from anima_trainer.train.optim import build_optimizer, build_scheduler, effective_lrs, set_optimizer_train_mode
-from anima_trainer.train.resume import Progress, load_state, restore_rng
+from anima_trainer.train.resume import Progress, load_state, remove_stale_temporaries, restore_rng
 from anima_trainer.train.schedulers import schedule_options
 from anima_trainer.train.tracking import log_images, resolve_tracking, start_tensorboard, start_trackers
 from anima_trainer.train.validation import build_validator, check_validation
@@ -59,12 +69,21 @@ log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped the run after the current step; `state` is where it can be resumed from."""
+    """SIGINT/SIGTERM stopped the run after the current step; `state` is where it can be resumed from (None:
+    the weights were not finite, so no state was saved; `last_good` is the newest earlier state, if any)."""
 
-    def __init__(self, step: int, state: Path) -> None:
-        super().__init__(f"training interrupted at step {step}; a state was saved to {state}. Resume with "
-                         f"--resume latest (or --resume {state}) and the same settings")
-        self.step, self.state = step, state
+    def __init__(self, step: int, state: Path | None, last_good: Path | None = None) -> None:
+        if state is not None:
+            text = (f"training interrupted at step {step}; a state was saved to {state}. Resume with "
+                    f"--resume latest (or --resume {state}) and the same settings")
+        elif last_good is not None:
+            text = (f"training interrupted at step {step}; NO state was saved: the weights hold NaN/Inf. The last "
+                    f"good state is {last_good}: resume from it (--resume {last_good}) with a lower learning rate")
+        else:
+            text = (f"training interrupted at step {step}; NO state was saved: the weights hold NaN/Inf and no "
+                    "earlier state exists; start again with a lower learning rate")
+        super().__init__(text)
+        self.step, self.state, self.last_good = step, state, last_good
 
 
 class StopSignals:
@@ -258,7 +277,13 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def run_training(cfg: TrainConfig) -> TrainRun:
-    """The loop behind `train`, returning the live model too (tests, notebooks)."""
+    """The loop behind `train`, returning the live model too (tests, notebooks).  The run holds the lock of
+    its output_dir/output_name (train/lock.py) from before it writes anything until it ends, however it ends."""
+    with contextlib.ExitStack() as cleanup:
+        return _run_training(cfg, cleanup)
+
+
+def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     from accelerate import Accelerator
 
     from anima_trainer.data import build_dataset, load_dataset_config
@@ -272,11 +297,15 @@ def run_training(cfg: TrainConfig) -> TrainRun:
                             seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
                             default_validation_seed=cfg.validation_seed)
     check_validation(cfg, dataset)
-    resume_from = resolve_resume(cfg)
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
+    with dist.main_first():  # one run per output_name: locked before any file of it is written or cleaned up
+        if dist.is_main:
+            cleanup.enter_context(RunLock(cfg.output_dir, cfg.output_name))
+            remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # may put back a state being replaced
+    resume_from = resolve_resume(cfg)
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     cfg = apply_plan(cfg, dataset, device, adapter_trained=adapter_trained(cfg))  # vram_budget_gb
@@ -303,6 +332,17 @@ def run_training(cfg: TrainConfig) -> TrainRun:
     generator = torch.Generator(device="cpu").manual_seed(dist.seed(seed))
     shard = dist.shard(len(dataset))  # this process's batches of every epoch
     snapshot = snapshot_fields(cfg, network, dataset)
+    snapshot["lr_schedule"] = schedule_fields(cfg, optimizer, max_steps)
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    resume_check = None
+    if resume_from is not None:  # fail fast: before caching, and before any file is touched
+        resume_check = check_resume(resume_from, cfg, snapshot, max_steps)
+        check_state_world(resume_from, dist.world_size)
+        if resume_check.finished is not None:  # already complete (killed after its last write): nothing to write
+            progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=scaler, generator=generator, strict_optimizer=False)
+            dist.shutdown()
+            return TrainRun(resume_check.finished, dit, network, [], progress.step, optimizer)
     started = time.time()
     events = EventLog(events_path(cfg.output_dir, cfg.output_name) if accelerator.is_main_process else None,
                       run=tracking.run_name)
@@ -313,7 +353,7 @@ def run_training(cfg: TrainConfig) -> TrainRun:
             max_steps=max_steps, started=started, buckets=dataset.bucket_table()),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
-    checkpoints.check_start()
+    checkpoints.check_start(resuming=resume_from is not None, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg))
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
@@ -332,15 +372,21 @@ def run_training(cfg: TrainConfig) -> TrainRun:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
     validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
     progress = Progress()
-    if resume_from is not None:
-        check_resume(resume_from, cfg, snapshot)
-        check_state_world(resume_from, dist.world_size)
+    if resume_from is not None and resume_check is not None:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
-                              scaler=scaler, generator=generator)
+                              scaler=scaler, generator=generator, restore_scheduler=not resume_check.rebuild_schedule,
+                              strict_optimizer=cfg.resume_snapshot_strict)
+        apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
+        if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
+            scheduler = checkpoints.scheduler = rebuild_schedule(
+                optimizer, [g["lr"] for g in fresh_groups],
+                lambda: build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg)), progress.step)
         rng = read_rank_rng(resume_from, dist.rank, dist.world_size)
         if rng is not None:
             restore_rng(rng, generator)
-        if progress.batch_in_epoch >= len(shard):  # saved at an epoch's end: start the next one
+        at_epoch_end = progress.batch_in_epoch >= len(shard)
+        checkpoints.resumed(resume_from, progress, at_epoch_end=at_epoch_end, max_steps=max_steps)
+        if at_epoch_end:  # saved at an epoch's end: start the next one
             progress = Progress(progress.step, progress.epoch + 1, 0)
         log.info("resuming from %s at step %d (epoch %d, batch %d)", resume_from, progress.step, progress.epoch,
                  progress.batch_in_epoch)
@@ -363,9 +409,10 @@ def run_training(cfg: TrainConfig) -> TrainRun:
             StopSignals() as stop:
         events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)
         try:
-            if not _loop(run, stop):
+            # a resume from the final state (killed before the final file was written) only writes that file
+            if progress.step < max_steps and not _loop(run, stop):
                 state = checkpoints.interrupted(progress)
-                raise TrainingInterrupted(progress.step, state)
+                raise TrainingInterrupted(progress.step, state, None if state else _last_good_state(cfg))
             final = checkpoints.final(progress)
         except BaseException as e:
             events.write("error", step=progress.step, epoch=progress.epoch, error=type(e).__name__, message=str(e))

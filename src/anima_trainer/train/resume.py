@@ -12,16 +12,19 @@ A state is a folder (kohya's names: `<output_name>-step<NNNNNNNN>-state`, `<outp
 * `config.json`: the resolved full config (non-critical changes are logged from it).
 
 The folder is written under a hidden temporary name, every file fsync'd, then renamed into place: a crash
-during a save leaves the previous state valid and no partial folder under a final name.
+during a save leaves the previous state valid and no partial folder under a final name.  `train_state.json`
+is written last and carries a manifest (sha256 of every other file): a damaged or hand-edited state is
+refused at load with a one-line ConfigError naming the folder, the file and what is wrong.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,13 +37,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from anima_trainer.config import ConfigError
-from anima_trainer.fileio import OutputExistsError, SaveError
+from anima_trainer.fileio import OutputExistsError, SaveError, fsync_dir, fsync_file
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "anima_trainer_state/v1"
 SNAPSHOT_SCHEMA = "anima_resume_snapshot/v1"
 TRAIN_STATE = "train_state.json"
+MAX_COUNTER = 2**53  # steps/epochs/batches beyond this are not a real run (and overflow torch/numpy ints)
+
+
+def state_name_pattern(output_name: str) -> re.Pattern[str]:
+    """The state folders of exactly this run: `<name>-step<8 digits>-state`, `<name>-<6 digits>-state`,
+    `<name>-state` (so output_name `r` never matches `r_v2-state` or `r-lowlr-step00000002-state`)."""
+    return re.compile(re.escape(output_name) + r"(?:-step\d{8}|-\d{6})?-state")
+
+
+class StateError(ConfigError):
+    """A state folder that cannot be used (missing, damaged or hand-edited file): names folder, file, reason."""
+
+    def __init__(self, folder: Path, file: str, reason: str, fix: str = "") -> None:
+        super().__init__(f"resume: {Path(folder) / file}: {reason}"
+                         + (f"; {fix}" if fix else "; the state is damaged: resume from another state folder"))
 
 
 @dataclass
@@ -76,20 +94,33 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> An
 
 
 def unflatten(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `flatten`; ValueError (saying what) on data `flatten` cannot have written."""
     if isinstance(data, dict):
         if "__tensor__" in data:
-            return tensors[data["__tensor__"]]
+            key = data["__tensor__"]
+            if not isinstance(key, str) or key not in tensors:
+                raise ValueError(f"refers to a tensor {key!r} that is not in the .safetensors file")
+            return tensors[key]
         if "__tuple__" in data:
+            if not isinstance(data["__tuple__"], list):
+                raise ValueError("a tuple that is not a list")
             return tuple(unflatten(v, tensors) for v in data["__tuple__"])
-        return {k: unflatten(v, tensors) for k, v in data["__dict__"]}
+        items = data.get("__dict__")
+        if not isinstance(items, list) or not all(
+                isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], (str, int)) for kv in items):
+            raise ValueError("an object that is not a tagged tensor, tuple or dict")
+        return {k: unflatten(v, tensors) for k, v in items}
     if isinstance(data, list):
         return [unflatten(v, tensors) for v in data]
     return data
 
 
-def _fsync_file(path: Path) -> None:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -105,14 +136,40 @@ def _write_nested(folder: Path, name: str, state: Any) -> None:
     data = flatten(state, tensors)
     if tensors:
         save_file(tensors, str(folder / f"{name}.safetensors"))
-        _fsync_file(folder / f"{name}.safetensors")
+        fsync_file(folder / f"{name}.safetensors")
     _write_json(folder / f"{name}.json", data)
 
 
+def read_json(folder: Path, name: str) -> Any:
+    """A JSON file of a state; StateError naming it when missing or not JSON."""
+    path = Path(folder) / name
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StateError(folder, name, "missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise StateError(folder, name, f"not readable JSON ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a state; StateError naming it when missing or damaged."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise StateError(folder, name, "missing")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise StateError(folder, name, f"not a readable safetensors file ({str(e)[:120]})") from None
+
+
 def _read_nested(folder: Path, name: str) -> Any:
-    data = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    tensor_file = folder / f"{name}.safetensors"
-    return unflatten(data, load_file(str(tensor_file)) if tensor_file.exists() else {})
+    folder = Path(folder)
+    data = read_json(folder, f"{name}.json")
+    tensors = read_tensors(folder, f"{name}.safetensors") if (folder / f"{name}.safetensors").exists() else {}
+    try:
+        return unflatten(data, tensors)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise StateError(folder, f"{name}.json", str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ RNG --
@@ -166,7 +223,7 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in network.state_dict().items()}
         save_file(weights, str(tmp / "network.safetensors"))
-        _fsync_file(tmp / "network.safetensors")
+        fsync_file(tmp / "network.safetensors")
         _write_nested(tmp, "optimizer", optimizer.state_dict())
         _write_nested(tmp, "scheduler", scheduler.state_dict())
         _write_nested(tmp, "scaler", scaler.state_dict())
@@ -176,7 +233,9 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
             _write_json(tmp / "config.json", config)
         if extra is not None:
             extra(tmp)
-        _write_json(tmp / TRAIN_STATE, {"format": STATE_FORMAT, **asdict(progress)})  # last: marks completeness
+        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != TRAIN_STATE}
+        # last: marks completeness, and lists every other file's checksum
+        _write_json(tmp / TRAIN_STATE, {"format": STATE_FORMAT, **asdict(progress), "files": manifest})
         old = None
         if folder.exists():  # overwrite: keep the old one until the new one is in place
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -189,11 +248,7 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        dir_fd = os.open(folder.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(folder.parent)
     except (OSError, SafetensorError) as e:
         raise SaveError(folder, e, what="the training state ") from e
     finally:
@@ -202,88 +257,199 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
     return folder
 
 
+def _counter(folder: Path, data: dict, key: str, low: int) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < MAX_COUNTER:
+        raise StateError(folder, TRAIN_STATE, f"{key} is {str(value)[:40]!r}, not a whole number from {low}")
+    return value
+
+
 def read_progress(folder: str | Path) -> Progress:
+    """Where the state in `folder` stands (train_state.json, checked: a state folder, this format, sane numbers)."""
     folder = Path(folder)
-    path = folder / TRAIN_STATE
-    if not path.is_file():
-        raise ConfigError(f"resume: {folder} is not a training state folder (no {TRAIN_STATE})")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    if not (folder / TRAIN_STATE).is_file():
+        raise ConfigError(f"resume: {folder} is not a training state folder (no {TRAIN_STATE}); give a state folder "
+                          "'<output_name>-…-state' or 'latest'")
+    data = read_json(folder, TRAIN_STATE)
+    if not isinstance(data, dict):
+        raise StateError(folder, TRAIN_STATE, "not a JSON object")
     if data.get("format") != STATE_FORMAT:
-        raise ConfigError(f"resume: {folder} has format {data.get('format')!r}, expected {STATE_FORMAT} "
+        raise ConfigError(f"resume: {folder} has format {str(data.get('format'))[:40]!r}, expected {STATE_FORMAT} "
                           "(a state written by another trainer or version)")
-    return Progress(int(data["step"]), int(data["epoch"]), int(data["batch_in_epoch"]))
+    return Progress(_counter(folder, data, "step", 0), _counter(folder, data, "epoch", 1),
+                    _counter(folder, data, "batch_in_epoch", 0))
+
+
+def verify_state(folder: str | Path) -> Progress:
+    """read_progress, then every file against the checksums train_state.json lists (states written before
+    checksums existed are accepted unchecked)."""
+    folder = Path(folder)
+    progress = read_progress(folder)
+    manifest = read_json(folder, TRAIN_STATE).get("files")
+    if manifest is None:
+        log.warning("resume: %s has no checksums (an older state); its files are not verified", folder)
+        return progress
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        raise StateError(folder, TRAIN_STATE, "the file checksums ('files') are not a name → sha256 table")
+    for name, digest in sorted(manifest.items()):
+        path = folder / name
+        if os.sep in name or "/" in name or not path.is_file():
+            raise StateError(folder, name, "missing (listed in train_state.json)")
+        if _sha256(path) != digest:
+            raise StateError(folder, name, "does not match its checksum in train_state.json (changed or damaged "
+                             "after it was saved)")
+    return progress
 
 
 def read_snapshot(folder: str | Path) -> dict:
-    data = json.loads((Path(folder) / "resume_snapshot.json").read_text(encoding="utf-8"))
-    return data.get("fields", data) if isinstance(data, dict) else {}
+    data = read_json(Path(folder), "resume_snapshot.json")
+    fields = data.get("fields", data) if isinstance(data, dict) else None
+    if not isinstance(fields, dict):
+        raise StateError(Path(folder), "resume_snapshot.json", "'fields' is not a JSON object")
+    return fields
 
 
 def read_config(folder: str | Path) -> dict | None:
     path = Path(folder) / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = read_json(Path(folder), "config.json")
+    return data if isinstance(data, dict) else None
+
+
+_NOT_ELEMENTWISE = ("row", "col", "absmax", "qmap")  # Adafactor's factored and bitsandbytes' quantisation states
+
+
+def check_optimizer_state(folder: Path, saved: Any, optimizer: torch.optim.Optimizer) -> str | None:
+    """Check a saved optimizer state dict against the live optimizer before loading it.  Damage (wrong
+    structure, a tensor whose shape is not its parameter's) raises StateError; a state of another optimizer
+    (other hyperparameter names in its groups) returns the reason, for the caller to refuse or start fresh."""
+    name = "optimizer.json"
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list) \
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved["param_groups"]):
+        raise StateError(folder, name, "not an optimizer state (needs 'state' and 'param_groups' with 'params')")
+    groups = optimizer.param_groups
+    counts = [len(g["params"]) for g in saved["param_groups"]]
+    if counts != [len(g["params"]) for g in groups]:
+        return (f"its parameter groups hold {counts} parameters, this optimizer's hold "
+                f"{[len(g['params']) for g in groups]}")
+    for i, (old, new) in enumerate(zip(saved["param_groups"], groups, strict=True)):
+        if set(old) - {"initial_lr"} != set(new) - {"initial_lr"}:
+            diff = sorted(set(old) ^ set(new) - {"initial_lr"})
+            return f"group {i} has other settings ({', '.join(map(str, diff[:6]))}): written by another optimizer"
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    by_id = dict(zip(ids, params, strict=True))
+    for pid, entry in saved["state"].items():
+        if pid not in by_id or not isinstance(entry, dict):
+            raise StateError(folder, name, f"state entry {str(pid)[:20]!r} belongs to no parameter")
+        p = by_id[pid]
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() == p.dim() and value.numel() > 1 \
+                    and tuple(value.shape) != tuple(p.shape) and not any(k in str(key) for k in _NOT_ELEMENTWISE):
+                raise StateError(folder, "optimizer.safetensors",
+                                 f"'{key}' of parameter {pid} has shape {list(value.shape)}, the parameter has "
+                                 f"{list(p.shape)}")
+    return None
 
 
 def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               scaler: Any, generator: torch.Generator) -> Progress:
+               scaler: Any, generator: torch.Generator, restore_scheduler: bool = True,
+               strict_optimizer: bool = True) -> Progress:
     """Restore everything `save_state` wrote into live objects (built from the same config); returns where
-    to continue."""
+    to continue.  Every file is read and checked (checksums, structure, shapes) before anything is changed.
+    `restore_scheduler=False` keeps the live (rebuilt) schedule; an optimizer state written by another optimizer
+    is an error, or with `strict_optimizer=False` a warning and a fresh optimizer state."""
     folder = Path(folder)
-    progress = read_progress(folder)
-    weights = load_file(str(folder / "network.safetensors"))
+    progress = verify_state(folder)
+    weights = read_tensors(folder, "network.safetensors")
     own = network.state_dict()
     if set(weights) != set(own) or any(tuple(weights[k].shape) != tuple(own[k].shape) for k in own):
         diff = sorted(set(weights) ^ set(own))[:5] or [
             k for k in own if tuple(weights[k].shape) != tuple(own[k].shape)][:5]
         raise ConfigError(f"resume: the network in {folder} does not match this config's network (e.g. {diff}); "
                           "the network settings changed since the state was saved")
+    saved_optimizer = _read_nested(folder, "optimizer")
+    misfit = check_optimizer_state(folder, saved_optimizer, optimizer)
+    if misfit is not None:
+        if strict_optimizer:
+            raise ConfigError(f"resume: the optimizer state in {folder} does not fit this optimizer ({misfit}); "
+                              "use the optimizer_type/optimizer_args it was saved with, or set "
+                              "resume_snapshot_strict = false to continue with a fresh optimizer state")
+        log.warning("resume: the optimizer state in %s does not fit this optimizer (%s): continuing with a FRESH "
+                    "optimizer state (moments restart from zero)", folder, misfit)
+        saved_optimizer = None
+    scheduler_state = _read_nested(folder, "scheduler") if restore_scheduler else None
+    scaler_state = _read_nested(folder, "scaler")
+    rng_state = _read_nested(folder, "rng")
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(weights[k].to(t.dtype))
+    if saved_optimizer is not None:
+        try:
+            optimizer.load_state_dict(saved_optimizer)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ConfigError(f"resume: the optimizer state in {folder} does not fit this optimizer ({e}); "
+                              "optimizer_type or the parameter groups changed") from None
+    for file, state, target in (("scheduler.json", scheduler_state, scheduler), ("scaler.json", scaler_state, scaler)):
+        if state is None:
+            continue
+        try:
+            target.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            raise StateError(folder, file, f"does not fit this {type(target).__name__} "
+                             f"({type(e).__name__}: {str(e)[:120]})") from None
     try:
-        optimizer.load_state_dict(_read_nested(folder, "optimizer"))
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"resume: the optimizer state in {folder} does not fit this optimizer ({e}); "
-                          "optimizer_type or the parameter groups changed") from None
-    scheduler.load_state_dict(_read_nested(folder, "scheduler"))
-    scaler.load_state_dict(_read_nested(folder, "scaler"))
-    restore_rng(_read_nested(folder, "rng"), generator)
+        restore_rng(rng_state, generator)
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as e:
+        raise StateError(folder, "rng.json", f"not a valid random-generator state ({type(e).__name__}: "
+                         f"{str(e)[:120]})") from None
     return progress
 
 
 def find_latest_state(output_dir: str | Path, output_name: str) -> Path:
-    """The state folder of `output_name` in `output_dir` with the highest step (`--resume latest`)."""
+    """This run's state folder in `output_dir` with the highest step (`--resume latest`): only the exact
+    names of `output_name`'s states count, never another run's (`<name>_v2-state`, `<name>-lowlr-…-state`)."""
+    pattern = state_name_pattern(output_name)
     candidates = []
-    for d in Path(output_dir).glob(f"{output_name}*-state"):
-        if d.is_dir() and (d / TRAIN_STATE).is_file():
+    out = Path(output_dir)
+    for d in out.iterdir() if out.is_dir() else ():
+        if pattern.fullmatch(d.name) and d.is_dir() and (d / TRAIN_STATE).is_file():
             try:
                 candidates.append((read_progress(d).step, d.stat().st_mtime, d))
-            except (ConfigError, ValueError, KeyError):
-                continue
+            except (ConfigError, OSError) as e:
+                log.warning("resume = latest: skipping %s (%s)", d, e)
     if not candidates:
-        raise ConfigError(f"resume = latest: no state folder '{output_name}*-state' in {output_dir} (states are "
-                          "written with save_state = true)")
+        raise ConfigError(f"resume = latest: no state folder of output_name {output_name!r} ('{output_name}-state', "
+                          f"'{output_name}-step<N>-state', '{output_name}-<epoch>-state') in {output_dir}; states "
+                          "are written with save_state = true")
     return max(candidates)[2]
 
 
-def remove_stale_temporaries(output_dir: str | Path, output_name: str | None = None) -> None:
-    """What saves killed half-way leave (removed at start): folders of states being written (hidden
-    `.…-state.tmp-*`, never valid); a state moved aside to be replaced (`.…-state.old-*`: put back when the new
-    one did not take its name, else removed); with `output_name`, that run's temporary files (`.<name>….tmp`)."""
+def remove_stale_temporaries(output_dir: str | Path, output_name: str) -> None:
+    """What this run's saves killed half-way leave (removed at start; other runs' are never touched): folders of
+    states being written (hidden `.<name>…-state.tmp-*`, never valid); a state moved aside to be replaced
+    (`.<name>…-state.old-*`: put back when the new one did not take its name, else removed); temporary
+    network files (`.<name>….tmp`)."""
     out = Path(output_dir)
-    for d in out.glob(".*-state.old-*"):
-        final = d.with_name(d.name[1:].rsplit(".old-", 1)[0])
-        if d.is_dir() and (d / TRAIN_STATE).is_file() and not final.exists():
-            os.replace(d, final)
-        else:
+    if not out.is_dir():
+        return
+    name = re.escape(output_name)
+    state = re.compile(r"\.(" + name + r"(?:-step\d{8}|-\d{6})?-state)\.(tmp|old)-\d+")
+    network = re.compile(r"\.+" + name + r"(?:-step\d{8}|-\d{6})?\.[^/]*\.tmp")
+    for d in sorted(out.iterdir()):
+        m = state.fullmatch(d.name)
+        if m and m.group(2) == "old":
+            final = d.with_name(m.group(1))
+            if d.is_dir() and (d / TRAIN_STATE).is_file() and not final.exists():
+                os.replace(d, final)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+        elif m:
             shutil.rmtree(d, ignore_errors=True)
-    for d in out.glob(".*-state.tmp-*"):
-        shutil.rmtree(d, ignore_errors=True)
-    if output_name:
-        name = glob.escape(output_name)
-        for f in [*out.glob(f".{name}*.tmp"), *out.glob(f"..{name}*.tmp")]:
-            if f.is_file():
-                f.unlink(missing_ok=True)
+        elif network.fullmatch(d.name) and d.is_file():
+            d.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------- snapshot --
@@ -299,7 +465,7 @@ def check_snapshot(saved: dict, current: dict, *, strict: bool, critical: tuple[
                 out.append(f"{k}: {_short(old)} → {_short(new)}")
         return out
 
-    crit = changed([k for k in current if k in critical])
+    crit = changed([k for k in current if k in critical and k in saved])  # older states lack newer fields
     other = changed(sorted((set(current) | set(saved)) - set(critical)))
     if crit:
         text = "resume: settings that must not change across a resume changed:\n  " + "\n  ".join(crit)

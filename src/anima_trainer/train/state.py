@@ -8,6 +8,7 @@ rules with folders: `<output_name>-step<NNNNNNNN>-state`, `<output_name>-<NNNNNN
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class SavePlan:
         self.overwrite = overwrite
         self.written_steps: list[tuple[int, Path]] = []
         self.written_epochs: list[tuple[int, Path]] = []
+        self.resumed_at: tuple[int, int] | None = None  # (step, epochs completed) of the state a run resumed from
 
     @property
     def final_path(self) -> Path:
@@ -42,6 +44,31 @@ class SavePlan:
         if self.final_path.exists() and not self.overwrite:
             raise OutputExistsError(f"{self.final_path} already exists; choose another output_name or pass "
                                     "--overwrite to replace it")
+
+    def _numbered(self) -> tuple[re.Pattern[str], re.Pattern[str]]:
+        name = re.escape(self.output_name)
+        return (re.compile(name + r"-step(\d{8})" + re.escape(self.step_path(0).name[len(self.output_name) + 13:])),
+                re.compile(name + r"-(\d{6})" + re.escape(self.epoch_path(0).name[len(self.output_name) + 7:])))
+
+    def collisions(self, max_steps: int, epochs: int) -> list[Path]:
+        """The existing files a new run of `max_steps` steps / `epochs` epochs would write over (its step and
+        epoch saves on this schedule, its final save): found at start, not after hours of training."""
+        step_re, epoch_re = self._numbered()
+        found = [self.final_path] if self.final_path.exists() else []
+        for p in sorted(self.output_dir.iterdir()) if self.output_dir.is_dir() else ():
+            if (m := step_re.fullmatch(p.name)) and int(m.group(1)) < max_steps and self.due_at_step(int(m.group(1))):
+                found.append(p)
+            elif (m := epoch_re.fullmatch(p.name)) and int(m.group(1)) < epochs \
+                    and self.due_at_epoch(int(m.group(1))):
+                found.append(p)
+        return found
+
+    def may_replace_step(self, step: int) -> bool:
+        """A resumed run re-trains the steps after its state: it may write again the files it wrote there."""
+        return self.overwrite or (self.resumed_at is not None and step > self.resumed_at[0])
+
+    def may_replace_epoch(self, epoch: int) -> bool:
+        return self.overwrite or (self.resumed_at is not None and epoch > self.resumed_at[1])
 
     def due_at_step(self, step: int) -> bool:
         return bool(self.every_n_steps) and step % self.every_n_steps == 0
@@ -88,5 +115,5 @@ class StatePlan(SavePlan):
     def epoch_path(self, epoch: int) -> Path:
         return self.output_dir / f"{self.output_name}-{epoch:06d}-state"
 
-    def check_start(self) -> None:  # states are replaced only with --overwrite, checked when written
+    def check_start(self) -> None:  # a resumed run replaces its own states; a new run checks `collisions` first
         return None
