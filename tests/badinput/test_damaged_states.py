@@ -22,6 +22,7 @@ from anima_trainer.config import ConfigError
 from anima_trainer.train import resume as states
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.optim import build_scheduler
+from tests.support.cli_output import one_error_line
 from tests.train.conftest import setup  # noqa: F401 (the shared tiny training setup fixture)
 from tests.train.test_resume import _config
 
@@ -149,9 +150,9 @@ def test_a_damaged_state_through_the_cli_is_one_error_line(saved, tmp_path, caps
     _train_state('{<BODY>, "batch_in_epoch": [3]}')(folder)
     code = cli.main(["train", "--config_file", str(saved["root"] / "train.toml"), "--max_train_steps", "4",
                      "--resume", str(folder)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), err
-    assert str(folder / states.TRAIN_STATE) in err[0] and "batch_in_epoch is '[3]'" in err[0]
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith("error: ")
+    assert str(folder / states.TRAIN_STATE) in line and "batch_in_epoch is '[3]'" in line
 
 
 def test_a_changed_optimizer_with_strict_false_starts_a_fresh_optimizer_state(saved, tmp_path, caplog):

@@ -27,6 +27,7 @@ from anima_trainer.demo import write_demo_configs, write_demo_models, write_shap
 from anima_trainer.sample.generate import SampleParams
 from anima_trainer.train import loop
 from anima_trainer.train.monitor import Monitor
+from tests.support.cli_output import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "anima_train_network.py"
@@ -62,13 +63,6 @@ def _script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _one_error_line(err: str) -> str:
-    """The stderr of a failed command: no traceback, and its last line is the error."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    return lines[-1]
 
 
 # --- item 14: help and version ------------------------------------------------------------------------------
@@ -145,7 +139,7 @@ def test_sample_options_all_have_help_and_show_defaults(capsys):
 ])
 def test_out_of_range_numbers_are_config_errors(args, message, tmp_path, capsys):
     assert cli.main(["train", *FAKE_MODELS, "--output_dir", str(tmp_path / "out"), *args]) == 2
-    assert _one_error_line(capsys.readouterr().err) == f"error: {message}"
+    assert one_error_line(capsys.readouterr().err) == f"error: {message}"
 
 
 def test_output_dir_that_is_a_file_is_named_before_loading(tmp_path, capsys):
@@ -153,7 +147,7 @@ def test_output_dir_that_is_a_file_is_named_before_loading(tmp_path, capsys):
     blocker.write_text("x")
     for out in (blocker, blocker / "sub"):
         assert cli.main(["train", *FAKE_MODELS, "--output_dir", str(out)]) == 2
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert line.startswith(f"error: output_dir: '{out}'") and "[Errno" not in line
         assert f"'{blocker}'" in line or out == blocker
         assert "a file, not a folder" in line
@@ -163,10 +157,10 @@ def test_deeply_nested_toml_names_the_file(tmp_path, capsys):
     deep = tmp_path / "deep.toml"
     deep.write_text("a = " + "[" * 50000 + "]" * 50000 + "\n")
     assert cli.main(["train", "--config_file", str(deep)]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: config_file: '{deep}' is nested too deeply")
     assert _script().main(["--config_file", str(deep)]) == 2
-    assert f"'{deep}' is nested too deeply" in _one_error_line(capsys.readouterr().err)
+    assert f"'{deep}' is nested too deeply" in one_error_line(capsys.readouterr().err)
 
 
 def test_deeply_nested_dataset_toml_and_metadata_json_name_the_file(tiny, tmp_path, capsys):
@@ -174,7 +168,7 @@ def test_deeply_nested_dataset_toml_and_metadata_json_name_the_file(tiny, tmp_pa
     deep.write_text("a = " + "[" * 50000 + "]" * 50000 + "\n")
     base = ["train", "--config_file", str(tiny["toml"]), "--output_dir", str(tmp_path / "out")]
     assert cli.main([*base, "--dataset_config", str(deep)]) == 2
-    assert _one_error_line(capsys.readouterr().err) == (
+    assert one_error_line(capsys.readouterr().err) == (
         f"error: dataset_config: {deep} is nested too deeply to be read (a broken or hostile TOML; dataset.toml "
         "files are a few tables deep)")
     meta = tmp_path / "meta.json"
@@ -182,7 +176,7 @@ def test_deeply_nested_dataset_toml_and_metadata_json_name_the_file(tiny, tmp_pa
     deep.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{tiny['images']}'\n"
                     f"metadata_file = '{meta}'\n")
     assert cli.main([*base, "--dataset_config", str(deep)]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert str(meta) in line and "nested too deeply to be read" in line, line
 
 
@@ -201,7 +195,7 @@ def test_sample_refuses_impossible_settings_before_loading(args, message, tmp_pa
     rc = cli.main(["sample", "--dit", "no_dit.safetensors", "--qwen3", "q", "--vae", "v", "--prompt", "x",
                    "--out", str(tmp_path / "o.png"), *args])
     assert rc == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: ") and message in line
     assert not (tmp_path / "o.png").exists()
 
@@ -247,7 +241,7 @@ def test_alpha_matrix_is_one_line_naming_file_and_key(tiny, matrix_alpha_lora, t
     }
     for name, argv in runs.items():
         assert cli.main(argv) == 2, name
-        line = _one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
         assert str(path.name) in line and expected.split(": ", 1)[1] in line, (name, line)
         assert key.removeprefix("diffusion_model.") in line, (name, line)
     assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "s.png").exists()
@@ -261,7 +255,7 @@ def test_unexpected_exception_is_one_line_and_debug_shows_the_traceback(monkeypa
 
     monkeypatch.setattr(reference, "render_reference", boom)
     assert cli.main(["config-reference"]) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: unexpected RuntimeError: boom") and "--debug" in line
     assert cli.main(["config-reference", "--debug"]) == 1
     err = capsys.readouterr().err
@@ -300,10 +294,10 @@ def test_ctrl_c_at_start_up_and_in_cache_is_one_line(monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(data_pkg, "load_dataset_config", interrupt)
     assert cli.main(["cache", *FAKE_MODELS, "--output_dir", str(tmp_path)]) == 130
-    assert _one_error_line(capsys.readouterr().err).startswith("interrupted: stopped;")
+    assert one_error_line(capsys.readouterr().err).startswith("interrupted: stopped;")
     monkeypatch.setattr(config_pkg, "parse_train_args", interrupt)
     assert cli.main(["train", "--config_file", "x.toml"]) == 130
-    assert _one_error_line(capsys.readouterr().err).startswith("interrupted")
+    assert one_error_line(capsys.readouterr().err).startswith("interrupted")
 
 
 def test_second_ctrl_c_in_the_loop_is_one_line(tiny, monkeypatch, tmp_path, capsys):
@@ -312,7 +306,7 @@ def test_second_ctrl_c_in_the_loop_is_one_line(tiny, monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(loop, "training_step", second_signal)
     assert cli.main(["train", "--config_file", str(tiny["toml"]), "--output_dir", str(tmp_path)]) == 130
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith("interrupted (second SIGINT: stopping immediately): stopped;")
 
 
@@ -336,7 +330,7 @@ def test_image_removed_mid_run_names_it_with_workers(tiny, tmp_path, monkeypatch
     rc = cli.main(["train", "--config_file", str(tiny["toml"]), "--dataset_config", str(dataset),
                    "--output_dir", str(tmp_path / "out"), "--max_data_loader_n_workers", "2",
                    "--train_batch_size", "1", "--max_train_steps", "40"])
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert rc == 2, line
     assert f"image {victim} was removed or became unreadable during the run (FileNotFoundError" in line
     assert "damage" not in line and "DataLoader worker" not in line
@@ -357,7 +351,7 @@ def test_sigterm_at_start_up_is_the_ctrl_c_path(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(data_pkg, "load_dataset_config", _sigterm_self)
     previous = signal.getsignal(signal.SIGTERM)
     assert cli.main(["cache", *FAKE_MODELS, "--output_dir", str(tmp_path)]) == 130
-    assert _one_error_line(capsys.readouterr().err).startswith("interrupted (SIGTERM): stopped;")
+    assert one_error_line(capsys.readouterr().err).startswith("interrupted (SIGTERM): stopped;")
     assert signal.getsignal(signal.SIGTERM) == previous  # restored
 
 
@@ -372,7 +366,7 @@ def test_sigterm_to_demo_in_the_loop_saves_and_stops(monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(loop, "training_step", step_then_sigterm)
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1000"]) == 130
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert line.startswith("stopped: training interrupted at step 1; a state was saved to ")
     assert (tmp_path / "demo" / "output" / "demo_lora-step00000001-state").is_dir()
     assert not (tmp_path / "demo" / "output" / "demo_lora.safetensors").exists()
@@ -422,7 +416,7 @@ def test_log_level_option_and_environment(monkeypatch, capsys):
     assert cli.main(["--log_level", "warning", "config-reference"]) == 0
     assert logging.getLogger().level == logging.WARNING
     assert cli.main(["--log_level", "loud", "config-reference"]) == 2
-    assert "log level: expected one of" in _one_error_line(capsys.readouterr().err)
+    assert "log level: expected one of" in one_error_line(capsys.readouterr().err)
 
 
 def test_every_new_nonfinite_episode_is_shown(caplog):

@@ -53,18 +53,14 @@ def half_then_die(path, data):  # the process dies with half of the bytes at the
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     die()
-real_fileio_save, real_state_save, real_json, real_replace = (
-    fileio._write_safetensors, resume.save_file, resume._write_json, os.replace)
+real_fileio_save, real_json, real_replace = fileio._write_safetensors, resume._write_json, os.replace
 def fileio_save(fd, tensors, metadata=None):  # fileio's one write path, writing its temporary
-    if hit("cache" if ".anima_cache" in os.readlink(f"/proc/self/fd/{fd}") else "network"):
+    where = os.readlink(f"/proc/self/fd/{fd}")
+    if hit("cache" if ".anima_cache" in where else "state" if "-state.tmp-" in where else "network"):
         data = serialize(tensors, metadata)
         os.write(fd, data[: len(data) // 2])
         die()
     return real_fileio_save(fd, tensors, metadata)
-def state_save(tensors, filename, metadata=None):
-    if hit("state"):
-        half_then_die(filename, serialize(tensors, metadata))
-    return real_state_save(tensors, filename, metadata=metadata)
 def write_json(path, data):
     if hit("json"):
         half_then_die(path, json.dumps(data, indent=1).encode())
@@ -75,8 +71,7 @@ def replace(src, dst, *args, **kwargs):
             real_replace(src, dst, *args, **kwargs)
         die()
     return real_replace(src, dst, *args, **kwargs)
-fileio._write_safetensors, resume.save_file, resume._write_json, os.replace = (
-    fileio_save, state_save, write_json, replace)
+fileio._write_safetensors, resume._write_json, os.replace = fileio_save, write_json, replace
 real_at_step = checkpoints.Checkpointer.at_step
 steps = open(plan["steps_file"], "a", buffering=1)
 def at_step(self, progress, last):
@@ -191,7 +186,7 @@ def _check_after_kill(out: Path, cache: Path, reference: dict, reached: int) -> 
     assert step <= reached and reached - step <= SAVE_EVERY, (reached, step)
     if folder is not None:
         for name in ("optimizer", "scheduler", "scaler", "rng"):
-            states._read_nested(folder, name)
+            states.read_nested(folder, name)
     return step
 
 
@@ -287,7 +282,8 @@ def _disk_full_network(monkeypatch, out: Path) -> str:
     real = fileio._write_safetensors
 
     def write(fd, tensors, metadata=None):  # a write() that fails half-way: the OS names no file
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(out)):
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        if where.startswith(str(out)) and "-state.tmp-" not in where:  # the network file, not the state's
             os.write(fd, b"\0" * 100)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, tensors, metadata)

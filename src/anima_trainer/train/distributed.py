@@ -349,27 +349,14 @@ def write_rank_rngs(folder: str | Path, states: list[dict]) -> None:
     streams are the state's `rng` files already, and single-process states stay as they were."""
     if len(states) <= 1:
         return
-    from safetensors.torch import save_file
-
-    from anima_trainer.train.resume import flatten
-
-    def synced(path: Path) -> None:  # like every file of a state: on disk before the folder is renamed
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    from anima_trainer.fileio import atomic_write_bytes
+    from anima_trainer.train.resume import write_nested
 
     folder = Path(folder)
     for rank, state in enumerate(states):
-        tensors: dict[str, torch.Tensor] = {}
-        data = flatten(state, tensors)
-        name = RANK_RNG.format(rank=rank)
-        if tensors:
-            save_file(tensors, str(folder / f"{name}.safetensors"))
-            synced(folder / f"{name}.safetensors")
-        (folder / f"{name}.json").write_text(json.dumps(data), encoding="utf-8")
-        synced(folder / f"{name}.json")
-    (folder / RANKS_FILE).write_text(json.dumps({"world_size": len(states), "batch_in_epoch": "per process"}),
-                                     encoding="utf-8")
-    synced(folder / RANKS_FILE)
+        write_nested(folder, RANK_RNG.format(rank=rank), state)
+    atomic_write_bytes(json.dumps({"world_size": len(states), "batch_in_epoch": "per process"}).encode("utf-8"),
+                       folder / RANKS_FILE)
 
 
 def saved_world_size(folder: str | Path) -> int:
@@ -396,12 +383,6 @@ def read_rank_rng(folder: str | Path, rank: int, world_size: int) -> dict | None
     check_state_world(folder, world_size)
     if world_size == 1:
         return None
-    from safetensors.torch import load_file
+    from anima_trainer.train.resume import read_nested
 
-    from anima_trainer.train.resume import unflatten
-
-    folder = Path(folder)
-    name = RANK_RNG.format(rank=rank)
-    tensor_file = folder / f"{name}.safetensors"
-    data = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    return unflatten(data, load_file(str(tensor_file)) if tensor_file.exists() else {})
+    return read_nested(Path(folder), RANK_RNG.format(rank=rank))

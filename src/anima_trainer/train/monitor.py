@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from anima_trainer.fileio import nonfinite_tensors
+
 log = logging.getLogger(__name__)
 ALERTS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "memory_near_limit", "data_starvation")
 NONFINITE_ALERTS = ("nonfinite_loss", "nonfinite_grad")
@@ -57,19 +59,6 @@ class NonFiniteStateError(ValueError):
 
 
 # --- saved-state guard ----------------------------------------------------------------------------------------
-def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the tensors holding NaN or Inf (one device read per device, not one per tensor)."""
-    names = list(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, name in enumerate(names):
-        by_device.setdefault(tensors[name].device, []).append(i)
-    bad = []
-    for idx in by_device.values():
-        flags = torch.stack([torch.isfinite(tensors[names[i]]).all() for i in idx]).tolist()
-        bad += [names[i] for i, ok in zip(idx, flags, strict=True) if not ok]
-    return sorted(bad)
-
-
 def is_finite_state(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> bool:
     """True when every tensor is free of NaN/Inf: call before writing a network file or state."""
     if not isinstance(tensors, Mapping):

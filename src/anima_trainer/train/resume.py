@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from anima_trainer.config import ConfigError
-from anima_trainer.fileio import OutputExistsError, SaveError, fsync_dir, fsync_file
+from anima_trainer.fileio import OutputExistsError, SaveError, atomic_save, atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +124,16 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_bytes(json.dumps(data, indent=1, sort_keys=False).encode("utf-8"), path)
 
 
-def _write_nested(folder: Path, name: str, state: Any) -> None:
-    """`<name>.json` (+ `<name>.safetensors` when there are tensors)."""
+def write_nested(folder: Path, name: str, state: Any) -> None:
+    """`<name>.json` (+ `<name>.safetensors` when there are tensors), each through the one write path (fsync'd,
+    mode from the umask); a state may hold non-finite optimizer values, so finiteness is checked elsewhere."""
     tensors: dict[str, torch.Tensor] = {}
     data = flatten(state, tensors)
     if tensors:
-        save_file(tensors, str(folder / f"{name}.safetensors"))
-        fsync_file(folder / f"{name}.safetensors")
+        atomic_save(tensors, folder / f"{name}.safetensors", require_finite=False)
     _write_json(folder / f"{name}.json", data)
 
 
@@ -162,7 +159,8 @@ def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
         raise StateError(folder, name, f"not a readable safetensors file ({str(e)[:120]})") from None
 
 
-def _read_nested(folder: Path, name: str) -> Any:
+def read_nested(folder: Path, name: str) -> Any:
+    """What `write_nested` wrote; StateError naming the file when it is missing, damaged or malformed."""
     folder = Path(folder)
     data = read_json(folder, f"{name}.json")
     tensors = read_tensors(folder, f"{name}.safetensors") if (folder / f"{name}.safetensors").exists() else {}
@@ -222,12 +220,11 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         tmp.mkdir()
         weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in network.state_dict().items()}
-        save_file(weights, str(tmp / "network.safetensors"))
-        fsync_file(tmp / "network.safetensors")
-        _write_nested(tmp, "optimizer", optimizer.state_dict())
-        _write_nested(tmp, "scheduler", scheduler.state_dict())
-        _write_nested(tmp, "scaler", scaler.state_dict())
-        _write_nested(tmp, "rng", capture_rng(generator))
+        atomic_save(weights, tmp / "network.safetensors", require_finite=False)  # checked before the save
+        write_nested(tmp, "optimizer", optimizer.state_dict())
+        write_nested(tmp, "scheduler", scheduler.state_dict())
+        write_nested(tmp, "scaler", scaler.state_dict())
+        write_nested(tmp, "rng", capture_rng(generator))
         _write_json(tmp / "resume_snapshot.json", {"schema": SNAPSHOT_SCHEMA, "fields": snapshot})
         if config is not None:
             _write_json(tmp / "config.json", config)
@@ -370,7 +367,7 @@ def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
             k for k in own if tuple(weights[k].shape) != tuple(own[k].shape)][:5]
         raise ConfigError(f"resume: the network in {folder} does not match this config's network (e.g. {diff}); "
                           "the network settings changed since the state was saved")
-    saved_optimizer = _read_nested(folder, "optimizer")
+    saved_optimizer = read_nested(folder, "optimizer")
     misfit = check_optimizer_state(folder, saved_optimizer, optimizer)
     if misfit is not None:
         if strict_optimizer:
@@ -380,9 +377,9 @@ def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         log.warning("resume: the optimizer state in %s does not fit this optimizer (%s): continuing with a FRESH "
                     "optimizer state (moments restart from zero)", folder, misfit)
         saved_optimizer = None
-    scheduler_state = _read_nested(folder, "scheduler") if restore_scheduler else None
-    scaler_state = _read_nested(folder, "scaler")
-    rng_state = _read_nested(folder, "rng")
+    scheduler_state = read_nested(folder, "scheduler") if restore_scheduler else None
+    scaler_state = read_nested(folder, "scaler")
+    rng_state = read_nested(folder, "rng")
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(weights[k].to(t.dtype))
