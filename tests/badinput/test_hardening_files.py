@@ -11,22 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from anima_trainer import fileio
 from anima_trainer.cli import main
-from anima_trainer.networks import create_network
 from anima_trainer.networks.convert import parse_network_arg
 from anima_trainer.networks.formats import NetworkError
-
-
-def _network(dit, seed: int = 1):
-    net = create_network(dit, dim=4, alpha=2.0)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return net
+from tests.support.networks import random_network
 
 
 def _good_file(dit, path: Path) -> Path:
-    net = _network(dit)
+    net = random_network(dit)
     try:
         return net.save(path)
     finally:
@@ -43,7 +34,7 @@ def _nan_file(dit, tmp_path: Path) -> tuple[Path, str]:
 
 
 def test_fp16_save_of_weights_beyond_fp16s_range_is_refused_and_keeps_the_previous_file(dit, tmp_path):
-    net = _network(dit)
+    net = random_network(dit)
     try:
         path = net.save(tmp_path / "lora.safetensors", dtype=torch.float16)
         before = path.read_bytes()
@@ -68,7 +59,7 @@ def test_fp16_save_of_weights_beyond_fp16s_range_is_refused_and_keeps_the_previo
 
 
 def test_a_nan_weight_is_never_saved(dit, tmp_path):
-    net = _network(dit)
+    net = random_network(dit)
     try:
         with torch.no_grad():
             net.lora_modules[1].lora_down.weight[0, 0] = float("nan")

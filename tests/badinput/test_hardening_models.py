@@ -230,16 +230,13 @@ def test_merge_over_a_scaled_fp8_base_writes_dequantised_weights_without_scales(
                                                                                  style: str) -> None:
     """`merge` on a scaled-fp8 DiT: the merged weights are the dequantised ones patched, and no scale, marker or
     quantisation metadata is copied (ComfyUI would scale the merged weights a second time)."""
-    from anima_trainer.networks import apply_network_file, create_network
+    from anima_trainer.networks import apply_network_file
+    from tests.support.networks import random_network
 
     tensors, meta, quantised = _quantise(load_file(dit_file), style)
     base = tmp_path / "dit_fp8.safetensors"
     save_file(tensors, base, metadata=meta)
-    net = create_network(load_dit(dit_file, dtype=torch.float32), dim=4, alpha=2.0)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
-    lora = net.save(tmp_path / "lora.safetensors")
+    lora = random_network(load_dit(dit_file, dtype=torch.float32)).save(tmp_path / "lora.safetensors")
     out = tmp_path / "merged.safetensors"
     assert cli.main(["merge", "--dit", str(base), "--network", str(lora), "--out", str(out)]) == 0
 

@@ -17,17 +17,8 @@ from safetensors.torch import load_file, save
 from anima_trainer import fileio
 from anima_trainer.cache.store import CACHE_FOLDER, CacheStore, store_for
 from anima_trainer.cli import main
-from anima_trainer.networks import create_network
 from anima_trainer.sample.generate import SampleParams, read_png_parameters, save_png
-
-
-def _network(dit, seed: int = 1):
-    net = create_network(dit, dim=4, alpha=2.0)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return net
+from tests.support.networks import random_network
 
 
 def _png(path: Path) -> Path:
@@ -50,7 +41,7 @@ def umask():
 @pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_every_final_file_takes_its_mode_from_the_umask(dit, dit_file, tmp_path, umask, mask, mode):
     umask(mask)
-    net = _network(dit)
+    net = random_network(dit)
     try:
         lora = net.save(tmp_path / "lora.safetensors")
     finally:
@@ -85,7 +76,7 @@ def fsyncs(monkeypatch):
 def test_file_and_folder_are_fsynced_before_and_after_the_rename(dit, dit_file, tmp_path, fsyncs, kind):
     folder = tmp_path / "out"
     if kind == "network":
-        net = _network(dit)
+        net = random_network(dit)
         try:
             path = net.save(folder / "lora.safetensors")
         finally:
@@ -106,7 +97,7 @@ def test_file_and_folder_are_fsynced_before_and_after_the_rename(dit, dit_file, 
 
 
 def _network_file(dit, tmp_path: Path) -> Path:
-    net = _network(dit)
+    net = random_network(dit)
     try:
         return net.save(tmp_path / "source.safetensors")
     finally:
