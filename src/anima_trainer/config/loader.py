@@ -171,7 +171,7 @@ def _canonical(values: dict[str, Any], source: str, from_cli: bool) -> tuple[dic
     via_alias: set[str] = set()
     lines: list[str] = []
     for key, value in values.items():
-        if key in ko.UNIMPLEMENTED:
+        if key in ko.UNIMPLEMENTED and key not in fields:  # a TrainConfig field is implemented
             if from_cli or not ko.is_inert(key, value):
                 lines.append(ko.unimplemented_message(key, shown=f"--{key}" if from_cli else key))
         elif key in ko.ALIASES:

@@ -6,7 +6,10 @@ the DiT receives σ ∈ [0, 1] in **fp32** (kohya rounds it to bf16 first; we do
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 TIMESTEP_SAMPLINGS = ("sigmoid", "uniform", "sigma", "shift", "flux_shift")
 WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+_log = logging.getLogger(__name__)
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -102,3 +106,169 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, *, 
     if sample_weights is not None:
         per_sample = per_sample * sample_weights.to(per_sample.device, torch.float32)
     return per_sample.mean()
+
+
+# --- kohya's noise and timestep options (issue 14) ------------------------------------------------------------
+# kohya's generic formulas (library/train_util.get_noise_noisy_latents_and_timesteps, custom_train_functions.
+# apply_noise_offset / pyramid_noise_like) and its flow path's input perturbation (flux_train_utils.
+# get_noisy_model_input_and_timesteps).  Every draw comes from the one generator of the sample (or batch) being
+# noised, so a sample's noise stays a function of its own seed: exact resume and data-parallel equivalence.
+
+
+@dataclass(frozen=True)
+class NoiseOptions:
+    """The noise/timestep options of a run, as `draw_noise_and_sigma` applies them (None / 0 = off)."""
+
+    noise_offset: float | None = None
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    ip_noise_gamma_random_strength: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> NoiseOptions:
+        """The options of a TrainConfig (or anything with the same attribute names; missing = off)."""
+        return cls(**{f.name: getattr(cfg, f.name, f.default) for f in fields(cls)})
+
+
+def offset_noise(noise: torch.Tensor, x0: torch.Tensor, offset: float, generator: torch.Generator, *,
+                 random_strength: bool = False, adaptive_scale: float | None = None) -> torch.Tensor:
+    """kohya's noise offset: ε + o·z with z ~ N(0,1) per (sample, channel), constant over T, H, W.
+
+    With `random_strength` o = U(0,1)·offset per sample (kohya draws one per batch; one per sample keeps the
+    noise a function of the sample's seed).  With `adaptive_scale` o += scale·|mean of x0 over T,H,W| per
+    channel, clamped at 0 (kohya's `adaptive_noise_scale`).  The draws: U (if random) then z."""
+    n, c = noise.shape[:2]
+    ones = [1] * (noise.dim() - 2)
+    o = torch.full((n, 1), float(offset))
+    if random_strength:
+        o = torch.rand(n, 1, generator=generator, device=generator.device).cpu() * offset
+    o = o.view(n, 1, *ones).to(noise.device)
+    if adaptive_scale is not None:
+        mean = x0.float().mean(dim=tuple(range(2, x0.dim())), keepdim=True).abs().to(noise.device)
+        o = (o + adaptive_scale * mean).clamp(min=0.0)
+    z = torch.randn((n, c, *ones), generator=generator, device=generator.device).to(noise.device)
+    return noise + o * z
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int,
+                  discount: float = 0.3) -> torch.Tensor:
+    """kohya's multires (pyramid) noise: for i = 0 … iterations−1, add bilinear-upsampled N(0,1) noise of size
+    (H, W)/rⁱ, r ~ U(2, 4) per level, × discountⁱ; stop after a level with a side of 1; rescale to unit std.
+
+    Differences from kohya, both to keep a sample's noise a function of its own seed: r and the levels come
+    from `generator` (kohya: Python's `random` and torch's global RNG), and each sample is divided by its own
+    std (kohya: the std of the whole batch).  T frames (T = 1 for images) are noised as separate channels."""
+    shape = noise.shape
+    n, h, w = shape[0], shape[-2], shape[-1]
+    x = noise.reshape(n, -1, h, w).clone()
+    up = torch.nn.Upsample(size=(h, w), mode="bilinear")
+    for i in range(iterations):
+        r = float(torch.rand((), generator=generator, device=generator.device)) * 2 + 2
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        level = torch.randn((n, x.shape[1], hn, wn), generator=generator, device=generator.device)
+        x = x + up(level.to(x.device, x.dtype)) * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    x = x / x.reshape(n, -1).std(dim=1).view(n, 1, 1, 1)
+    return x.reshape(shape)
+
+
+def timestep_range(sigma: torch.Tensor, min_timestep: int | None, max_timestep: int | None) -> torch.Tensor:
+    """kohya's `min_timestep`/`max_timestep` (0…1000 = σ·1000) for flow matching: σ ∈ [0, 1] from any
+    `timestep_sampling` is mapped affinely onto [min/1000, max/1000] (kohya's flow trainers, e.g. musubi-tuner:
+    t·(t_max − t_min) + t_min, which keeps the shape of the distribution); min = max fixes σ = min/1000."""
+    if min_timestep is None and max_timestep is None:
+        return sigma
+    lo = (min_timestep if min_timestep is not None else 0) / 1000.0
+    hi = (max_timestep if max_timestep is not None else 1000) / 1000.0
+    return sigma * (hi - lo) + lo
+
+
+def draw_noise_and_sigma(n: int, shape: tuple[int, ...], generator: torch.Generator, options: NoiseOptions, *,
+                         x0: torch.Tensor | None = None, **sigma_kwargs: Any
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ε, σ, ε_in) for `n` samples of latent `shape` (C, T, H, W), all drawn from `generator`, in this order:
+    ε ~ N(0, I), σ (`sample_sigmas(**sigma_kwargs)`), then only where enabled: the noise offset (strength,
+    z), the multires levels, the input perturbation (strength, ξ).  ε is the noise of the target v = ε − x0
+    (with offset/multires); ε_in = ε + γ·ξ is the noise of the model input (kohya's `ip_noise_gamma`: the
+    input is perturbed, the target is not).  `x0` (the n samples' latents) is needed for adaptive_noise_scale.
+    With every option off the draws are exactly ε then σ (runs from before these options are unchanged)."""
+    gen_device = generator.device
+    noise = torch.randn((n, *shape), generator=generator, device=gen_device)
+    sigma = sample_sigmas(n, generator=generator, device=gen_device, **sigma_kwargs)
+    sigma = timestep_range(sigma, options.min_timestep, options.max_timestep)
+    if options.noise_offset:
+        if options.adaptive_noise_scale is not None and x0 is None:
+            raise ValueError("adaptive_noise_scale needs the latents (x0)")
+        noise = offset_noise(noise, x0 if x0 is not None else noise, options.noise_offset, generator,
+                             random_strength=options.noise_offset_random_strength,
+                             adaptive_scale=options.adaptive_noise_scale)
+    if options.multires_noise_iterations:
+        noise = pyramid_noise(noise, generator, options.multires_noise_iterations, options.multires_noise_discount)
+    noise_in = noise
+    if options.ip_noise_gamma:
+        gamma = torch.full((n,), float(options.ip_noise_gamma))
+        if options.ip_noise_gamma_random_strength:
+            gamma = torch.rand(n, generator=generator, device=gen_device).cpu() * options.ip_noise_gamma
+        xi = torch.randn((n, *shape), generator=generator, device=gen_device)
+        noise_in = noise + gamma.view(n, *([1] * len(shape))).to(xi.device) * xi
+    return noise, sigma, noise_in
+
+
+# --- start-up notices: options that do nothing for Anima, or do more here than in kohya's Anima trainer ---------
+_NO_FLOW_MEANING = ("kohya's Anima trainer ignores it too (its post_process_loss does nothing for flow matching: "
+                    "this loss re-weighting is defined for ε/v-prediction noise schedules); to weight the loss by "
+                    "σ here use weighting_scheme = \"sigma_sqrt\" or \"cosmap\"")
+_SHIFT_USERS = ("shift", "sigma")  # timestep_sampling methods that read discrete_flow_shift
+_SIGMOID_USERS = ("sigmoid", "shift", "flux_shift")  # … that read sigmoid_scale
+_DENSITY_SCHEMES = ("logit_normal", "mode")  # weighting schemes that only shape the σ density of `sigma`
+
+
+def objective_notices(cfg: Any) -> list[str]:
+    """One line per noise/timestep/loss option that has no effect for Anima with these settings, or that
+    anima-trainer applies where kohya's anima_train_network silently does not (so results differ from kohya)."""
+    out: list[str] = []
+    g = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731
+    if g("min_snr_gamma"):
+        out.append(f"min_snr_gamma = {g('min_snr_gamma')}: no effect for Anima; {_NO_FLOW_MEANING}")
+    if g("debiased_estimation_loss"):
+        out.append(f"debiased_estimation_loss = true: no effect for Anima; {_NO_FLOW_MEANING}")
+    if g("v_pred_like_loss"):
+        out.append(f"v_pred_like_loss = {g('v_pred_like_loss')}: no effect for Anima; {_NO_FLOW_MEANING}")
+    if g("scale_v_pred_loss_like_noise_pred"):
+        out.append("scale_v_pred_loss_like_noise_pred = true: no effect for Anima (it rescales a v-prediction "
+                   "loss; Anima predicts the flow velocity ε − x0, so there is nothing to rescale)")
+    method = g("timestep_sampling", "sigmoid")
+    shift = g("discrete_flow_shift", 1.0)
+    if shift != 1.0 and method not in _SHIFT_USERS:
+        out.append(f"discrete_flow_shift = {shift}: no effect with timestep_sampling = \"{method}\" (only \"shift\" "
+                   "and \"sigma\" use it); to shift σ set timestep_sampling = \"shift\"")
+    scale = g("sigmoid_scale", 1.0)
+    if scale != 1.0 and method not in _SIGMOID_USERS:
+        out.append(f"sigmoid_scale = {scale}: no effect with timestep_sampling = \"{method}\" (only \"sigmoid\", "
+                   "\"shift\" and \"flux_shift\" use it)")
+    scheme = g("weighting_scheme", "uniform")
+    if scheme in _DENSITY_SCHEMES and method != "sigma":
+        out.append(f"weighting_scheme = \"{scheme}\": no effect with timestep_sampling = \"{method}\" (for Anima "
+                   f"it only shapes the σ density of timestep_sampling = \"sigma\"; \"sigma_sqrt\" and \"cosmap\" "
+                   "weight the loss with every sampling)")
+    applied = [f"{k} = {g(k)}" for k in ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations")
+               if g(k)] + [f"{k} = {g(k)}" for k in ("min_timestep", "max_timestep") if g(k) is not None]
+    if applied:
+        out.append(f"{', '.join(applied)}: applied to the flow-matching noise/σ as kohya's SD trainers do; note "
+                   "kohya's own anima_train_network ignores these options, so the same config trains "
+                   "differently there")
+    return out
+
+
+def log_objective_notices(cfg: Any, logger: logging.Logger | None = None) -> list[str]:
+    """Log `objective_notices` once each (warning level), at start-up; returns them (for the run's events)."""
+    notes = objective_notices(cfg)
+    for line in notes:
+        (logger or _log).warning(line)
+    return notes

@@ -30,7 +30,7 @@ from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled
-from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
+from anima_trainer.train.flow import NoiseOptions, draw_noise_and_sigma, flow_loss, noisy_input
 from anima_trainer.train.inputs import Caches as Caches
 from anima_trainer.train.inputs import StepInput as StepInput
 from anima_trainer.train.inputs import TextConditioner as TextConditioner
@@ -151,21 +151,21 @@ def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainC
     device = latents.device
     patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
-    def draw(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = torch.randn((n, *latents.shape[1:]), generator=gen, device=gen.device)
-        sigma = sample_sigmas(n, method=cfg.timestep_sampling, sigmoid_scale=cfg.sigmoid_scale,
-                              shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
-                              logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
-                              patches=patches, generator=gen, device=gen.device)
-        return noise, sigma
+    options = NoiseOptions.from_config(cfg)  # noise offset, multires, input perturbation, timestep range
+
+    def draw(x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return draw_noise_and_sigma(
+            x0.shape[0], tuple(latents.shape[1:]), gen, options, x0=x0, method=cfg.timestep_sampling,
+            sigmoid_scale=cfg.sigmoid_scale, shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
+            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, patches=patches)
 
     if sample_seeds is None:
-        noise, sigma = draw(latents.shape[0], generator)
+        noise, sigma, noise_in = draw(latents, generator)
     else:
-        pairs = [draw(1, torch.Generator().manual_seed(s)) for s in sample_seeds]
-        noise, sigma = torch.cat([n for n, _ in pairs]), torch.cat([s for _, s in pairs])
-    noise, sigma = to_device(noise, device), to_device(sigma, device)
-    x_t = noisy_input(latents, noise, sigma)
+        drawn = [draw(latents[i:i + 1], torch.Generator().manual_seed(s)) for i, s in enumerate(sample_seeds)]
+        noise, sigma, noise_in = (torch.cat(parts) for parts in zip(*drawn, strict=True))
+    noise, sigma, noise_in = to_device(noise, device), to_device(sigma, device), to_device(noise_in, device)
+    x_t = noisy_input(latents, noise_in, sigma)  # ip_noise_gamma perturbs the input only, not the target
     pred = dit(x_t, sigma, context)
     return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
                      weighting_scheme=cfg.weighting_scheme, mask=mask, sample_weights=sample_weights)
