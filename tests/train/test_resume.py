@@ -173,3 +173,25 @@ def test_resume_from_an_epoch_end_state(setup, tmp_path, monkeypatch):
     resumed = run_training(_config(setup, tmp_path / "cut", *extra, "--resume", str(state), steps=10))
     ref, got = load_file(reference.final_path), load_file(resumed.final_path)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+NOISE_OPTIONS = ("--noise_offset", "0.05", "--noise_offset_random_strength", "--adaptive_noise_scale", "0.01",
+                 "--multires_noise_iterations", "4", "--multires_noise_discount", "0.3", "--ip_noise_gamma", "0.1",
+                 "--ip_noise_gamma_random_strength", "--min_timestep", "100", "--max_timestep", "900",
+                 "--min_snr_gamma", "5")
+
+
+def test_noise_and_timestep_options_train_and_resume_bit_identically(setup, tmp_path, monkeypatch, caplog):
+    """Issue 14: with every noise/timestep option on, a run resumed after step 1 ends bit-identical (all their
+    randomness comes from each sample's own generator); the options without effect get their notice."""
+    extra = (*NOISE_OPTIONS, "--save_every_n_steps", "1")
+    with caplog.at_level("WARNING", logger="anima_trainer.train.flow"):
+        reference = run_training(_config(setup, tmp_path / "ref", *extra, steps=2))
+    assert any(r.getMessage().startswith("min_snr_gamma = 5.0: no effect for Anima") for r in caplog.records)
+    _crash_after(monkeypatch, 1)
+    with pytest.raises(Crash):
+        run_training(_config(setup, tmp_path / "cut", *extra, steps=2))
+    monkeypatch.undo()
+    resumed = run_training(_config(setup, tmp_path / "cut", *extra, "--resume", "latest", steps=2))
+    ref, got = load_file(reference.final_path), load_file(resumed.final_path)
+    assert resumed.steps == 2 and all(torch.equal(ref[k], got[k]) for k in ref)

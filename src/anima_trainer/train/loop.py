@@ -30,7 +30,13 @@ from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled
-from anima_trainer.train.flow import NoiseOptions, draw_noise_and_sigma, flow_loss, noisy_input
+from anima_trainer.train.flow import (
+    NoiseOptions,
+    draw_noise_and_sigma,
+    flow_loss,
+    log_objective_notices,
+    noisy_input,
+)
 from anima_trainer.train.inputs import Caches as Caches
 from anima_trainer.train.inputs import StepInput as StepInput
 from anima_trainer.train.inputs import TextConditioner as TextConditioner
@@ -301,6 +307,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
+    if dist.is_main:
+        log_objective_notices(cfg)  # noise/timestep/loss options without effect for Anima (issue 14)
     with dist.main_first():  # one run per output_name: locked before any file of it is written or cleaned up
         if dist.is_main:
             cleanup.enter_context(RunLock(cfg.output_dir, cfg.output_name))
