@@ -156,6 +156,8 @@ def test_min_max_timestep_map_sigma_onto_the_range(method):
     assert float(hi.max()) <= 0.1
     fixed = draw_noise_and_sigma(5, (1, 1, 2, 2), _gen(), NoiseOptions(min_timestep=500, max_timestep=500), **kw)[1]
     assert torch.equal(fixed, torch.full((5,), 0.5))
+    full = draw_noise_and_sigma(50, (1, 1, 2, 2), _gen(), NoiseOptions(min_timestep=0, max_timestep=1000), **kw)[1]
+    assert torch.equal(full, draw_noise_and_sigma(50, (1, 1, 2, 2), _gen(), NoiseOptions(), **kw)[1])
 
 
 class _Recorder(torch.nn.Module):
@@ -205,6 +207,10 @@ def test_config_accepts_kohya_values_and_checks_them(tmp_path):
                             "--ip_noise_gamma", "0.1", "--min_timestep", "100", "--max_timestep", "900",
                             "--min_snr_gamma", "5", "--debiased_estimation_loss"])
     assert NoiseOptions.from_config(cfg) == NoiseOptions(0.05, True, 0.01, 6, 0.3, 0.1, False, 100, 900)
+    toml = tmp_path / "gui.toml"  # GUIs write kohya's None as ""
+    toml.write_text('noise_offset = ""\nip_noise_gamma = ""\nmin_snr_gamma = ""\nmax_timestep = 1000\n')
+    assert NoiseOptions.from_config(parse_train_args([*base, "--config_file", str(toml)])) == NoiseOptions(
+        max_timestep=1000)
     with pytest.raises(ConfigError, match="adaptive_noise_scale: needs noise_offset"):
         parse_train_args([*base, "--adaptive_noise_scale", "0.01"])
     with pytest.raises(ConfigError, match="min_timestep: 600 is above max_timestep 500"):
@@ -234,8 +240,9 @@ def test_start_up_notices(caplog):
     assert objective_notices(_cfg(timestep_sampling="uniform", sigmoid_scale=2.0))[0].startswith(
         'sigmoid_scale = 2.0: no effect with timestep_sampling = "uniform"')
     # applied here though kohya's Anima trainer drops them: said once, so a comparison with kohya is not puzzling
-    [applied] = objective_notices(_cfg(noise_offset=0.05, min_timestep=0))
-    assert applied.startswith("noise_offset = 0.05, min_timestep = 0: applied")
+    [applied] = objective_notices(_cfg(noise_offset=0.05, min_timestep=10, max_timestep=1000))
+    assert applied.startswith("noise_offset = 0.05, min_timestep = 10: applied")
+    assert objective_notices(_cfg(min_timestep=0, max_timestep=1000)) == []  # the full range, as GUIs write it
     assert objective_notices(_cfg(ip_noise_gamma=0.1)) == []  # kohya's Anima trainer applies it too
     with caplog.at_level(logging.WARNING, logger="anima_trainer.train.flow"):
         logged = log_objective_notices(_cfg(min_snr_gamma=5.0))

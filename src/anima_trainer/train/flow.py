@@ -182,8 +182,8 @@ def timestep_range(sigma: torch.Tensor, min_timestep: int | None, max_timestep: 
     """kohya's `min_timestep`/`max_timestep` (0…1000 = σ·1000) for flow matching: σ ∈ [0, 1] from any
     `timestep_sampling` is mapped affinely onto [min/1000, max/1000] (kohya's flow trainers, e.g. musubi-tuner:
     t·(t_max − t_min) + t_min, which keeps the shape of the distribution); min = max fixes σ = min/1000."""
-    if min_timestep is None and max_timestep is None:
-        return sigma
+    if min_timestep in (None, 0) and max_timestep in (None, 1000):
+        return sigma  # the full range: σ unchanged (GUIs write max_timestep = 1000)
     lo = (min_timestep if min_timestep is not None else 0) / 1000.0
     hi = (max_timestep if max_timestep is not None else 1000) / 1000.0
     return sigma * (hi - lo) + lo
@@ -258,7 +258,8 @@ def objective_notices(cfg: Any) -> list[str]:
                    f"it only shapes the σ density of timestep_sampling = \"sigma\"; \"sigma_sqrt\" and \"cosmap\" "
                    "weight the loss with every sampling)")
     applied = [f"{k} = {g(k)}" for k in ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations")
-               if g(k)] + [f"{k} = {g(k)}" for k in ("min_timestep", "max_timestep") if g(k) is not None]
+               if g(k)] + [f"{k} = {g(k)}" for k, full in (("min_timestep", 0), ("max_timestep", 1000))
+                           if g(k) not in (None, full)]  # the full range 0…1000 changes nothing
     if applied:
         out.append(f"{', '.join(applied)}: applied to the flow-matching noise/σ as kohya's SD trainers do; note "
                    "kohya's own anima_train_network ignores these options, so the same config trains "
