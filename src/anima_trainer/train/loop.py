@@ -153,7 +153,8 @@ def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainC
 
     With `sample_seeds` each sample's noise and σ come from its own seed (the loop derives it from the seed,
     the epoch and the item), so they do not depend on how samples are batched or sharded across processes;
-    otherwise they are drawn from `generator`."""
+    otherwise they are drawn from `generator`.  kohya's noise options (noise offset, multires, input
+    perturbation, timestep range: flow.draw_noise_and_sigma) draw from the same generator."""
     device = latents.device
     patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
