@@ -9,11 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anima_trainer.config import parse_train_args
+from anima_trainer.cache import model_fingerprint
+from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.demo import write_demo_configs
 from anima_trainer.models import load_dit
+from anima_trainer.train.checkpoints import CRITICAL, snapshot_fields
 from anima_trainer.train.events import events_path
 from anima_trainer.train.loop import run_training
+from anima_trainer.train.resume import check_snapshot
 from tests.support.networks import random_network
 
 
@@ -52,3 +55,22 @@ def test_kohya_network_options_in_a_run(setup, tmp_path):
     assert last["max_norm/keys_scaled"] >= 1
     assert last["max_norm/max_key_norm"] == pytest.approx(max_norm, rel=1e-2)
     assert 0 < last["norm/avg_key_norm"] <= last["max_norm/max_key_norm"]
+    # a resume with other base_weights would continue on another base model: a critical snapshot change
+    snap = snapshot_fields(cfg, run.network, _NoData())
+    assert snap["base_weights"] == [[model_fingerprint(base), 0.5]]
+    changed = {**snap, "base_weights": [[model_fingerprint(base), 1.0]]}
+    with pytest.raises(ConfigError, match="base_weights"):
+        check_snapshot(changed, snap, strict=True, critical=CRITICAL)
+
+
+class _NoData:
+    """The dataset fields snapshot_fields reads, empty."""
+
+    items: list = []
+    params: list = []
+
+    def bucket_table(self) -> list:
+        return []
+
+    def __len__(self) -> int:
+        return 0
