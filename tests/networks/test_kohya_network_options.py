@@ -119,6 +119,10 @@ def test_base_weights_options(tmp_path):
     f.write_bytes(b"")
     cfg = parse_train_args([*REQUIRED, "--base_weights", str(f), str(f), "--base_weights_multiplier", "0.5"])
     assert cfg.base_weights == [f, f] and cfg.base_weights_multiplier == [0.5]
+    toml = tmp_path / "train.toml"
+    toml.write_text(f"base_weights = '{f}'\nbase_weights_multiplier = 0.25\n")  # kohya TOMLs: one value
+    cfg = parse_train_args([*REQUIRED, "--config_file", str(toml)])
+    assert cfg.base_weights == [f] and cfg.base_weights_multiplier == [0.25]
     with pytest.raises(ConfigError, match="base_weights.*does not exist"):
         parse_train_args([*REQUIRED, "--base_weights", str(tmp_path / "missing.safetensors")])
 
@@ -159,6 +163,14 @@ def test_component_lrs_param_groups(dit):
         assert id(p) not in lr_of and not p.requires_grad
     opt = build_optimizer(groups, 1e-3)
     assert {g["name"]: g["lr"] for g in opt.param_groups}["self_attn/plus"] == pytest.approx(8e-3)
+
+
+def test_component_lr_without_a_trained_module_warns(dit, caplog):
+    net = create_network(dit, dim=2)  # default targets: no LLM-adapter and no modulation modules
+    groups = net.param_groups(1e-3, {"llm_adapter": 5e-4, "mod": 0})
+    assert {g["name"] for g in groups} == {"base"}
+    assert "llm_adapter_lr = 0.0005: no trained module belongs to llm_adapter" in caplog.text
+    assert "train_llm_adapter=true" in caplog.text and "mod_lr = 0: no trained module" in caplog.text
 
 
 # --- full_bf16 / full_fp16 -------------------------------------------------------------------------------------
