@@ -115,7 +115,7 @@ def test_required_and_cross_field_rules():
 
 @pytest.mark.parametrize("argv, shown", [
     (["--vae_disable_cache"], "--vae_disable_cache"),
-    (["--full_bf16"], "--full_bf16"),
+    (["--lowram"], "--lowram"),
     (["--skip_cache_check"], "--skip_cache_check"),
     (["--no-train_norm"], "--no-train_norm"),
 ])
@@ -125,10 +125,10 @@ def test_unimplemented_kohya_option_on_cli(argv, shown):
 
 
 def test_unimplemented_kohya_option_in_toml(tmp_path):
-    toml = write(tmp_path, "[m]\nlowram = true\nfull_bf16 = true\n")
+    toml = write(tmp_path, "[m]\nlowram = true\nhighvram = true\n")
     msg = error([*REQUIRED, "--config_file", str(toml)])
     assert "option 'lowram' is a kohya/sd-scripts-anima option that anima-trainer does not implement yet" \
-        in msg and "option 'full_bf16'" in msg
+        in msg and "option 'highvram'" in msg
     assert "--dataset_config" in error([*REQUIRED, "--config_file", str(write(tmp_path, "enable_bucket = true\n"))])
     # values that ask for nothing (kohya's "off") are accepted: GUI-written TOMLs list every option
     ok = write(tmp_path, "fp8_base = false\nblocks_to_swap = 0\ncache_latents = false\nsdpa = true\n")

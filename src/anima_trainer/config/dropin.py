@@ -68,8 +68,6 @@ IGNORED: dict[str, tuple[Any, str]] = {
     "persistent_data_loader_workers": (ANY, "data workers always stay alive for the whole run"),
     "xformers": (ANY, "attention runs on torch SDPA (same math; pick the kernel with attention_backend)"),
     "mem_eff_attn": (ANY, "attention runs on torch SDPA"),
-    "full_bf16": (ANY, "adapters and optimizer state stay fp32 (bf16 would round small updates away)"),
-    "full_fp16": (ANY, "adapters and optimizer state stay fp32"),
     "max_timestep": ((1000, "1000"), "1000 = the whole range, which is what is sampled"),
     "min_timestep": ((0, "0"), "0 = the whole range, which is what is sampled"),
 }

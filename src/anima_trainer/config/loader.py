@@ -24,6 +24,7 @@ from anima_trainer.config.root_schema import root_style_evidence
 from anima_trainer.config.train import TrainConfig, make_train_config
 
 _LIST_FIELDS = ("network_args", "optimizer_args", "lr_scheduler_args")
+_LIST_VALUE_FIELDS = ("base_weights", "base_weights_multiplier")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +51,8 @@ def _add(parser: argparse.ArgumentParser, flag: str, field: str, help_text: str)
                             help=f"same as --{flag}=false")
     elif field in _LIST_FIELDS:
         kw.update(nargs="*", metavar="KEY=VALUE")
+    elif field in _LIST_VALUE_FIELDS:  # kohya's nargs="*" options of plain values
+        kw.update(nargs="*", metavar=field.upper())
     else:
         choices = [c for a in get_args(info.annotation) for c in (get_args(a) if not isinstance(a, str) else (a,))
                    if isinstance(c, str)]

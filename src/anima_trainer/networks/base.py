@@ -94,6 +94,15 @@ class AdapterModule(HookedModule):
         """The rank ComfyUI divides alpha by (used when a file has no alpha: ComfyUI then applies scale 1)."""
         return self.dim
 
+    def delta_norm(self) -> torch.Tensor:
+        """Frobenius norm of the weight max-norm regularisation bounds (scale_weight_norms): scale · ΔW.
+        Subclasses compute it without materialising ΔW where the algebra allows."""
+        return self.delta_weight().norm()
+
+    def norm_factors(self) -> list[nn.Parameter]:
+        """The tensors ΔW is a product of (one factor each): scaling each by r^(1/n) scales ΔW by r."""
+        return list(self.tensors().values())
+
     # --- shared ----------------------------------------------------------------------------------------------
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """scale · ΔW x (dropout on the branch input in training); ΔW materialised per forward.
@@ -186,6 +195,21 @@ def _linear(dit: nn.Module, path: str) -> nn.Linear:
     if not isinstance(module, nn.Linear):
         raise NetworkError(f"module {path} is not a Linear of this DiT (a different model size or family?)")
     return module
+
+
+COMPONENTS = ("self_attn", "cross_attn", "mlp", "mod", "llm_adapter")
+
+
+def anima_component(path: str) -> str:
+    """kohya's get_anima_param_groups rule for a DiT path: anything under `llm_adapter` first, then
+    `.self_attn`, `.cross_attn`, `.mlp`, `.adaln_modulation` (→ "mod") as substrings, else "base"."""
+    if "llm_adapter" in path:
+        return "llm_adapter"
+    for key, name in ((".self_attn", "self_attn"), (".cross_attn", "cross_attn"), (".mlp", "mlp"),
+                      (".adaln_modulation", "mod")):
+        if key in path:
+            return name
+    return "base"
 
 
 def find_norms(dit: nn.Module) -> dict[str, nn.Module]:
@@ -303,23 +327,100 @@ class AdapterNetwork(nn.Module):
         for module in self._all():
             module.multiplier = float(m)
 
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's scale_weight_norms, after each optimizer step: per module the norm of scale · ΔW (LoRA:
+        alpha/dim · up @ down) is clamped to `max_norm` by scaling its factors (LoRA: up and down by √ratio, as
+        kohya; LoKr/LoHa: each factor by ratio^(1/n), as LyCORIS).  Norm gains are not touched.
+
+        Returns kohya's (keys_scaled, mean norm, max norm) of the norms after scaling; one host read."""
+        mods = list(self.lora_modules)
+        norms = torch.stack([m.delta_norm().float() for m in mods])
+        clamped = norms.clamp(min=max_norm / 2)  # kohya: avoids 0/0; below max/2 the ratio is 1 anyway
+        ratio = clamped.clamp(max=max_norm) / clamped
+        for m, r in zip(mods, ratio, strict=True):
+            factors = m.norm_factors()
+            step = r ** (1.0 / len(factors))
+            for t in factors:
+                t.mul_(step.to(t.dtype))
+        after = norms * ratio
+        keys, mean, top = torch.stack([(ratio != 1).sum().float(), after.mean(), after.max()]).tolist()
+        return int(keys), mean, top
+
+    def max_norm_notice(self) -> str | None:
+        """What scale_weight_norms means for this algorithm when it differs from kohya's own module (a notice)."""
+        if self.algo == "lora":
+            return None
+        return (f"scale_weight_norms with {self.algo}: kohya's networks.{self.algo} has no max-norm and trains "
+                "without it (with a warning); here it is applied as LyCORIS (lycoris.kohya) does: each factor "
+                "scaled so that ‖scale·ΔW‖ <= scale_weight_norms; remove scale_weight_norms for kohya's result")
+
+    def cast_trainable(self, dtype: torch.dtype) -> None:
+        """full_bf16 / full_fp16 (kohya): the trained tensors themselves in half precision, so the optimizer's
+        state follows; the DiT, alphas and norm bases are left as they are."""
+        for p in self.trainable_parameters():
+            p.data = p.data.to(dtype)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*(p for m in self.lora_modules for p in m.tensors().values()),
                 *(m.weight for m in self.norm_modules)]
 
-    def param_groups(self, lr: float) -> list[dict]:
+    def param_groups(self, lr: float, component_lrs: dict[str, float | None] | None = None) -> list[dict]:
         """Optimizer groups: one per lr (the base `lr`, then each distinct network_reg_lrs value in module
         order), each split in two with loraplus_lr_ratio (the algorithm's PLUS_SUFFIXES at lr × ratio).
-        Norm gains train at the base lr.  A group whose lr is 0 is dropped (kohya): those factors stay fixed.
-        Every group has a `name`: `base` or `reg_lr=<lr>`, with `/plus` for the LoRA+ half."""
+        A group whose lr is 0 is dropped (kohya): those factors stay fixed.
+
+        component_lrs ({"self_attn"|"cross_attn"|"mlp"|"mod"|"llm_adapter": lr or None}, kohya v0.11's
+        --self_attn_lr ...): a module (or norm gain) of that component (`anima_component`) trains in a group
+        named after it at that lr; None = the base lr; 0 = frozen (requires_grad off, as kohya's
+        get_anima_param_groups).  A network_reg_lrs rule matching the module wins over its component's lr.
+        Every group has a `name`: `base`, `reg_lr=<lr>` or the component, with `/plus` for the LoRA+ half."""
+        comp = {k: v for k, v in (component_lrs or {}).items() if v is not None}
+        unknown = sorted(set(comp) - set(COMPONENTS))
+        if unknown:
+            raise NetworkError(f"component learning rates: unknown component(s) {unknown}; known: {COMPONENTS}")
         buckets: dict[str, tuple[float, list[nn.Parameter], list[nn.Parameter]]] = {"base": (float(lr), [], [])}
         ratio = self.loraplus_lr_ratio
+        counts: dict[str, int] = dict.fromkeys(comp, 0)
+        frozen: list[nn.Parameter] = []
+
+        def group_of(path: str) -> tuple[str, float]:
+            if path in self.reg_lrs:
+                return f"reg_lr={self.reg_lrs[path]:g}", self.reg_lrs[path]
+            c = anima_component(path)
+            if c in comp:
+                counts[c] += 1
+                return c, float(comp[c])
+            return "base", float(lr)
+
         for p, m in self.modules_by_name.items():
-            name = f"reg_lr={self.reg_lrs[p]:g}" if p in self.reg_lrs else "base"
-            _, plain, plus = buckets.setdefault(name, (self.reg_lrs.get(p, float(lr)), [], []))
+            name, group_lr = group_of(p)
+            if name in comp and group_lr == 0:
+                frozen.extend(m.tensors().values())
+                continue
+            _, plain, plus = buckets.setdefault(name, (group_lr, [], []))
             for suffix, t in m.tensors().items():
                 (plus if ratio is not None and suffix in m.PLUS_SUFFIXES else plain).append(t)
-        buckets["base"][1].extend(m.weight for m in self.norm_modules)
+        for p, m in self.norms_by_name.items():
+            c = anima_component(p)
+            name, group_lr = (c, float(comp[c])) if c in comp else ("base", float(lr))
+            if name in comp:
+                counts[c] += 1
+                if group_lr == 0:
+                    frozen.append(m.weight)
+                    continue
+            buckets.setdefault(name, (group_lr, [], []))[1].append(m.weight)
+        for t in frozen:
+            t.requires_grad_(False)
+        if comp:
+            logger.info("component learning rates (kohya's --*_lr): %s", ", ".join(
+                f"{c} {'frozen' if v == 0 else f'{v:g}'} ({counts[c]} module(s))" for c, v in comp.items()))
+            for c in (c for c, n in counts.items() if n == 0):
+                hint = {"llm_adapter": " (set network_args train_llm_adapter=true to train it)",
+                        "mod": " (the AdaLN modulation Linears are excluded by default; include_patterns "
+                               "['.*adaln_modulation.*'] trains them)"}.get(c, "")
+                logger.warning("%s_lr = %g: no trained module belongs to %s, so it changes nothing%s", c, comp[c],
+                               c, hint)
         groups = []
         for name, (group_lr, plain, plus) in buckets.items():
             if plain:
@@ -328,7 +429,8 @@ class AdapterNetwork(nn.Module):
                 groups.append({"params": plus, "lr": group_lr * ratio, "name": name + "/plus"})
         groups = [g for g in groups if g["lr"] > 0]
         if not groups:
-            raise NetworkError("every parameter group has lr 0 (learning rate / network_reg_lrs): nothing to train")
+            raise NetworkError("every parameter group has lr 0 (learning rate / network_reg_lrs / component "
+                               "lrs): nothing to train")
         return groups
 
     # ----------------------------------------------------------------------------------------- files --

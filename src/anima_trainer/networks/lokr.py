@@ -115,6 +115,11 @@ class LoKrModule(AdapterModule):
         w2 = self.lokr_w2_a @ self.lokr_w2_b if self.w2_decomposed else self.lokr_w2
         return w1, w2
 
+    def delta_norm(self) -> torch.Tensor:
+        """‖scale · kron(w1, w2)‖_F = |scale| · ‖w1‖_F · ‖w2‖_F (no Kronecker product materialised)."""
+        w1, w2 = self.factors()
+        return abs(self.scale) * w1.float().norm() * w2.float().norm()
+
     def delta_weight(self) -> torch.Tensor:
         w1, w2 = self.factors()
         return self.scale * torch.kron(w1, w2)

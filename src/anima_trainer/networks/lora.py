@@ -78,6 +78,16 @@ class LoRAModule(AdapterModule):
             scale = scale / (1.0 - self.rank_dropout)
         return F.linear(lx, self.lora_up.weight.to(lx.dtype)) * scale
 
+    def delta_norm(self) -> torch.Tensor:
+        """‖alpha/dim · up @ down‖_F from the rank×rank Gram matrices (never the out×in product); with DoRA the
+        low-rank part too, as LyCORIS bounds it."""
+        up, down = self.lora_up.weight.float(), self.lora_down.weight.float()
+        sq = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0)
+        return sq.sqrt() * abs(self.scale)
+
+    def norm_factors(self) -> list[nn.Parameter]:
+        return [self.lora_up.weight, self.lora_down.weight]  # kohya: both by √ratio (not dora_scale)
+
     def delta_weight(self) -> torch.Tensor:
         """alpha/dim · up @ down in fp32 (what a merge adds to W at multiplier 1); with DoRA W' − W."""
         dw = self.scale * (self.lora_up.weight @ self.lora_down.weight)

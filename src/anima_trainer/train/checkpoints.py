@@ -35,7 +35,8 @@ SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "bf16": torch.bflo
 # snapshot fields whose change makes a resume wrong (the rest of the config is compared and logged)
 CRITICAL = ("dit", "qwen3", "vae", "llm_adapter", "network_module", "network_dim", "network_alpha", "network_args",
             "network_targets", "network_dropout", "dataset", "buckets", "batches_per_epoch",
-            "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision", "fp8_base", "batch_size")
+            "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision", "fp8_base", "batch_size",
+            "base_weights")
 # config keys that legitimately differ between the interrupted run and its resume
 NOT_COMPARED = ("resume", "overwrite", "resume_snapshot_strict")
 
@@ -48,6 +49,7 @@ def snapshot_fields(cfg: TrainConfig, network, dataset) -> dict:
     """The settings an exact resume depends on: model files (fingerprints), network, data, batching, optimizer,
     seed and precision."""
     from anima_trainer.cache import model_fingerprint
+    from anima_trainer.networks.merge import base_weight_multipliers
 
     def fingerprint(path) -> str | None:
         return model_fingerprint(path) if path is not None and Path(path).exists() else None
@@ -66,6 +68,9 @@ def snapshot_fields(cfg: TrainConfig, network, dataset) -> dict:
         "fp8_base": f"{cfg.fp8_base or cfg.fp8_base_unet}/{cfg.fp8_format}",  # a different base model
         # the effective batch size of each [[datasets]] (a dataset.toml's batch_size overrides train_batch_size)
         "batch_size": [p.batch_size for p in dataset.params],
+        # issue 14: files merged into the base before training (a different base model when they change)
+        "base_weights": [[fingerprint(p), m] for p, m in zip(cfg.base_weights or [], base_weight_multipliers(
+            cfg.base_weights or [], cfg.base_weights_multiplier), strict=True)],
     }
 
 

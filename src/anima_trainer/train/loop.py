@@ -27,6 +27,7 @@ from anima_trainer.console import progress_disabled
 from anima_trainer.data.loader import run_batches
 from anima_trainer.download import ensure_tokenizers
 from anima_trainer.models.compile import image_tokens
+from anima_trainer.networks.merge import merge_base_weights
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled
@@ -64,7 +65,14 @@ from anima_trainer.train.distributed import (
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.lock import RunLock
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
-from anima_trainer.train.optim import build_optimizer, build_scheduler, effective_lrs, set_optimizer_train_mode
+from anima_trainer.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    component_lrs,
+    effective_lrs,
+    set_optimizer_train_mode,
+    use_full_half,
+)
 from anima_trainer.train.resume import Progress, load_state, remove_stale_temporaries, restore_rng
 from anima_trainer.train.schedulers import schedule_options
 from anima_trainer.train.tracking import log_images, resolve_tracking, start_tensorboard, start_trackers
@@ -324,6 +332,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
             ensure_tokenizers(cfg)
     models = load_models(cfg, device, dtype)
     dit = models.dit
+    if cfg.base_weights:  # kohya: merged into the base before the network exists (issue 14)
+        merge_base_weights(dit, cfg.base_weights, cfg.base_weights_multiplier)
     tokens = {image_tokens(w, h) for w, h, *_ in dataset.bucket_table()}
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
     previews_and_validation = 2 * len(prompts)
@@ -334,10 +344,14 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
-    optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device,
+    optimizer = build_optimizer(network.param_groups(lr, component_lrs(cfg)), lr, cfg.optimizer_args, device,
                                 optimizer_type=cfg.optimizer_type)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if cfg.full_bf16 or cfg.full_fp16:  # before the first step creates the optimizer state (issue 14)
+        use_full_half(network, dtype, scaler)
+    if cfg.scale_weight_norms and (note := network.max_norm_notice()):
+        log.warning("%s", note)
     generator = torch.Generator(device="cpu").manual_seed(dist.seed(seed))
     shard = dist.shard(len(dataset))  # this process's batches of every epoch
     snapshot = snapshot_fields(cfg, network, dataset)
@@ -553,9 +567,13 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             r.scaler.update()
             r.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            norm_logs = None
+            if cfg.scale_weight_norms:  # kohya's max-norm after every optimizer step, logged under its names
+                keys, mean, top = network.apply_max_norm_regularization(cfg.scale_weight_norms)
+                norm_logs = {"max_norm/keys_scaled": keys, "max_norm/max_key_norm": top, "norm/avg_key_norm": mean}
             progress.step += 1
             logs = monitor.end_step(progress.step, epoch, optimizer=optimizer, grad_norm=grad_norm,
-                                    extra_lrs=_extra_lrs(optimizer))
+                                    extra_lrs=_extra_lrs(optimizer), extra_logs=norm_logs)
             bar.update(1)
             if logs:
                 bar.set_postfix(monitor.postfix(), refresh=False)

@@ -290,10 +290,12 @@ class Monitor:
         return False
 
     def end_step(self, step: int, epoch: int, *, optimizer: Any = None, grad_norm: torch.Tensor | float | None = None,
-                 extra_lrs: Mapping[str, Any] | None = None) -> dict[str, float] | None:
+                 extra_lrs: Mapping[str, Any] | None = None,
+                 extra_logs: Mapping[str, float] | None = None) -> dict[str, float] | None:
         """After optimizer step `step` (applied or skipped).  On logging steps (every `log_every_n_steps` and the
         last) reads the pending values, logs the scalars through `log_fn` and returns them; else returns None
-        without touching the device.  `extra_lrs` adds `lr/<key>` values (e.g. {"d*lr": ...})."""
+        without touching the device.  `extra_lrs` adds `lr/<key>` values (e.g. {"d*lr": ...}); `extra_logs` adds
+        host values under their own names (e.g. scale_weight_norms' `max_norm/keys_scaled`)."""
         now = self.clock()
         step_time = max(now - self._mark - self._paused, 0.0)
         self._mark, self._paused = now, 0.0
@@ -305,6 +307,7 @@ class Monitor:
                                                      iv.seconds + step_time, iv.wait + self._step_wait)
         lrs = lr_logs(optimizer) if optimizer is not None else {}
         lrs.update({f"lr/{k}": v for k, v in (extra_lrs or {}).items()})
+        lrs.update(extra_logs or {})
         if self._checked is not None and self._checked[0] == step:
             _, loss, gnorm, skipped = self._checked
             rec = _Step(step, epoch, loss, gnorm, lrs, skipped=skipped, reported=True)

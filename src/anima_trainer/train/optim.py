@@ -20,8 +20,8 @@ from anima_trainer.config.errors import ConfigError, did_you_mean
 from anima_trainer.train.schedulers import build_scheduler, resolve_warmup
 
 __all__ = ["OptimizerSpec", "build_optimizer", "build_scheduler", "canonical_optimizer_name", "check_optimizer_args",
-           "effective_lrs", "is_schedule_free", "is_schedule_free_class", "optimizer_description",
-           "resolve_optimizer", "resolve_warmup", "set_optimizer_train_mode", "uses_relative_step"]
+           "component_lrs", "effective_lrs", "is_schedule_free", "is_schedule_free_class", "optimizer_description",
+           "resolve_optimizer", "resolve_warmup", "set_optimizer_train_mode", "use_full_half", "uses_relative_step"]
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,43 @@ def effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
             lr = optimizer._get_lr(g, state) if state and "step" in state else 0.0
         out[name] = float(lr or 0.0) * float(g.get("d", 1.0))
     return out
+
+
+COMPONENT_LR_FIELDS = {"self_attn": "self_attn_lr", "cross_attn": "cross_attn_lr", "mlp": "mlp_lr", "mod": "mod_lr",
+                       "llm_adapter": "llm_adapter_lr"}
+
+
+def component_lrs(cfg: Any) -> dict[str, float | None]:
+    """kohya v0.11's --self_attn_lr ... --llm_adapter_lr as {component: lr or None} for network.param_groups."""
+    return {c: getattr(cfg, f) for c, f in COMPONENT_LR_FIELDS.items()}
+
+
+def use_full_half(network: Any, dtype: torch.dtype, scaler: torch.amp.GradScaler | None = None) -> None:
+    """full_bf16 / full_fp16 (kohya: `network.to(weight_dtype)`): the trained tensors in `dtype`, so gradients
+    and the optimizer's state (built afterwards) are half precision too.  fp16 gradients are unscaled by the
+    gradient scaler as kohya's patch_accelerator_for_fp16_training allows (torch refuses them otherwise).
+
+    Refused (ConfigError) for LoKr with a full-matrix w2: ComfyUI applies it at scale 1 (alpha ignored), so the
+    factors hold O(1/√n) values that lr-sized updates move by far less than half precision resolves
+    (bf16: 2⁻⁸ relative) — the updates would round away and the factor would not train."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ConfigError(f"full_bf16/full_fp16 need a half-precision dtype, got {dtype}")
+    flag = "full_bf16" if dtype == torch.bfloat16 else "full_fp16"
+    full = [m.path for m in network.lora_modules if getattr(m, "w2_decomposed", True) is False]
+    if full:
+        raise ConfigError(f"{flag}: LoKr with a full-matrix w2 ({len(full)} module(s), e.g. {full[0]}; full_matrix "
+                          "or a network_dim >= half the factor size) trains at scale 1, where half-precision "
+                          "factors round lr-sized updates away; remove " + flag + " (the adapter stays fp32) or "
+                          "use a smaller network_dim")
+    network.cast_trainable(dtype)
+    if dtype == torch.float16 and scaler is not None and scaler.is_enabled():
+        unscale = scaler._unscale_grads_
+
+        def allow_fp16(optimizer: Any, inv_scale: torch.Tensor, found_inf: torch.Tensor, _allow: bool) -> Any:
+            return unscale(optimizer, inv_scale, found_inf, True)
+
+        scaler._unscale_grads_ = allow_fp16  # type: ignore[method-assign]
+    log.info("%s: adapter weights, gradients and optimizer state in %s", flag, str(dtype).removeprefix("torch."))
 
 
 def _literal(value: Any) -> Any:
