@@ -171,7 +171,7 @@ def _canonical(values: dict[str, Any], source: str, from_cli: bool) -> tuple[dic
     via_alias: set[str] = set()
     lines: list[str] = []
     for key, value in values.items():
-        if key in ko.UNIMPLEMENTED:
+        if key in ko.UNIMPLEMENTED and key not in fields:  # a TrainConfig field is implemented
             if from_cli or not ko.is_inert(key, value):
                 lines.append(ko.unimplemented_message(key, shown=f"--{key}" if from_cli else key))
         elif key in ko.ALIASES:
@@ -214,6 +214,19 @@ def _sd_scripts_anima_timesteps(merged: dict[str, Any], via_alias: set[str]) -> 
             "or use timestep_sampling = \"shift\" (logit-normal, shifted)")
 
 
+SD_SCRIPTS_ANIMA_NAMES = ("anima_transformer", "qwen", "t5_tokenizer_dir")
+
+
+def uses_sd_scripts_anima_names(raw: dict[str, Any]) -> list[str]:
+    """The names in `raw` (as the user wrote them) that only sd-scripts-anima uses: anima_transformer, qwen,
+    t5_tokenizer_dir, any anima_* option, network_module = networks.lokr_anima.  Such a config was written for
+    sd-scripts-anima and gets its defaults (TrainConfig.sd_scripts_anima_defaults)."""
+    names = [k for k in raw if k in SD_SCRIPTS_ANIMA_NAMES or k.startswith("anima_")]
+    if raw.get("network_module") == "networks.lokr_anima":
+        names.append("network_module = networks.lokr_anima")
+    return names
+
+
 def _is_one(v: Any) -> bool:
     try:
         return float(v) == 1.0
@@ -237,6 +250,8 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
         raw, name = read_train_toml(config_file)
         toml, toml_alias = _canonical(raw, f"in {name}", from_cli=False)
     merged = {**toml, **cli}
+    if uses_sd_scripts_anima_names({**raw, **cli_raw} if config_file is not None else cli_raw):
+        merged.setdefault("sd_scripts_anima_defaults", True)
     # a canonical name counts as "set through an alias" when the layer that won for it used the alias
     via_alias = cli_alias | {k for k in toml_alias if k not in cli}
     _sd_scripts_anima_timesteps(merged, via_alias)

@@ -37,7 +37,8 @@ CRITICAL = ("dit", "qwen3", "vae", "llm_adapter", "network_module", "network_dim
             "network_targets", "network_dropout", "dataset", "buckets", "batches_per_epoch",
             "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision", "fp8_base", "batch_size")
 # config keys that legitimately differ between the interrupted run and its resume
-NOT_COMPARED = ("resume", "overwrite", "resume_snapshot_strict")
+NOT_COMPARED = ("resume", "overwrite", "resume_snapshot_strict", "anima_resume_snapshot_strict",
+                "resume_ignore_optimizer_mismatch")
 
 
 def _sha(data: Any) -> str:
@@ -128,6 +129,7 @@ class ResumeCheck:
     rebuild_schedule: bool
     optimizer_args: list[str]
     finished: Path | None = None  # the run had already ended: its final file
+    fresh_optimizer: bool = False  # the optimizer changed (resume_ignore_optimizer_mismatch): do not load its state
 
 
 def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int) -> ResumeCheck:
@@ -149,7 +151,20 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
                           f"is left to train; raise max_train_steps (or max_train_epochs) above {progress.step} to "
                           "train on")
     saved = states.read_snapshot(folder)
-    states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict, critical=CRITICAL)
+    # resume_ignore_optimizer_mismatch: a changed optimizer is not critical, it restarts from a fresh state
+    fresh_optimizer = (cfg.optimizer_mismatch_ignored() and not cfg.anima_resume_snapshot_strict
+                       and "optimizer_type" in saved and saved["optimizer_type"] != snapshot.get("optimizer_type"))
+    critical = tuple(k for k in CRITICAL if not (fresh_optimizer and k == "optimizer_type"))
+    other = states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict or
+                                  cfg.anima_resume_snapshot_strict, critical=critical)
+    if cfg.anima_resume_snapshot_strict and other:  # sd-scripts-anima's strict mode: any change aborts
+        raise ConfigError("resume: saved settings changed and anima_resume_snapshot_strict = true:\n  "
+                          + "\n  ".join(other) + "\n(set anima_resume_snapshot_strict = false to allow changes that "
+                          "do not break the resume)")
+    if fresh_optimizer:
+        log.warning("resume: optimizer_type changed (%s → %s) and resume_ignore_optimizer_mismatch is on: the "
+                    "optimizer starts from a fresh state (moments restart from zero)", saved["optimizer_type"],
+                    snapshot.get("optimizer_type"))
     rebuild = saved.get("lr_schedule") != snapshot.get("lr_schedule")
     old = states.read_config(folder)
     optimizer_args: list[str] = []
@@ -170,7 +185,7 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     if rebuild:
         log.info("resume: the learning rate or its schedule changed: the schedule is rebuilt from the current "
                  "settings and continues at step %d", progress.step)
-    return ResumeCheck(progress, rebuild, optimizer_args)
+    return ResumeCheck(progress, rebuild, optimizer_args, fresh_optimizer=fresh_optimizer)
 
 
 def apply_optimizer_args(optimizer: torch.optim.Optimizer, fresh_groups: list[dict], keys: list[str]) -> None:
