@@ -218,7 +218,7 @@ def find_target_modules(dit: nn.Module, targets: list[str]) -> dict[str, nn.Line
     for t in targets:
         hits = [(n, m) for n, m in linears if target_matches(t, n)]
         if not hits:
-            example = linears[0][0] if linears else "?"
+            example = next((n for n, _ in linears if n.startswith("blocks.")), linears[0][0] if linears else "?")
             raise NetworkError(f"network_args target_modules: {t!r} matches no Linear module of the DiT (names look "
                                f"like {example!r}; an entry is re:<regex>, a glob with * or ?, a dotted suffix such "
                                "as self_attn.q_proj, or a last name such as q_proj)")
