@@ -44,7 +44,7 @@ def help_escape(text: str) -> str:
 def _add(parser: argparse.ArgumentParser, flag: str, field: str, help_text: str) -> None:
     info = TrainConfig.model_fields[field]
     kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_escape(help_text), "dest": flag}
-    if info.annotation is bool:  # `--flag` is true; `--flag=false`, `--flag false` or `--no-flag` is false
+    if info.annotation in (bool, bool | None):  # `--flag` is true; `--flag=false`, `--flag false`, `--no-flag`: false
         kw.update(nargs="?", const="true", metavar="BOOL")
         parser.add_argument(f"--no-{flag}", dest=flag, action="store_const", const="false", default=argparse.SUPPRESS,
                             help=f"same as --{flag}=false")

@@ -158,8 +158,16 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     other = states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict or
                                   cfg.anima_resume_snapshot_strict, critical=critical)
     if cfg.anima_resume_snapshot_strict and other:  # sd-scripts-anima's strict mode: any change aborts
+        lines = []
+        for k in sorted(set(saved) | set(snapshot)):
+            old_v, new_v = saved.get(k, "<missing>"), snapshot.get(k, "<missing>")
+            if isinstance(old_v, dict) and isinstance(new_v, dict):  # name the changed entries (lr_schedule)
+                lines += [f"{k}.{s}: {_short(old_v.get(s))} → {_short(new_v.get(s))}"
+                          for s in sorted(set(old_v) | set(new_v)) if old_v.get(s) != new_v.get(s)]
+            elif old_v != new_v:
+                lines.append(f"{k}: {_short(old_v)} → {_short(new_v)}")
         raise ConfigError("resume: saved settings changed and anima_resume_snapshot_strict = true:\n  "
-                          + "\n  ".join(other) + "\n(set anima_resume_snapshot_strict = false to allow changes that "
+                          + "\n  ".join(lines) + "\n(set anima_resume_snapshot_strict = false to allow changes that "
                           "do not break the resume)")
     if fresh_optimizer:
         log.warning("resume: optimizer_type changed (%s → %s) and resume_ignore_optimizer_mismatch is on: the "
