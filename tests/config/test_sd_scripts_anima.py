@@ -259,6 +259,6 @@ def test_changed_optimizer_on_resume(setup, tmp_path, caplog):
         run = run_training(_resume_cfg(setup, tmp_path / "r", "--resume", state, "--optimizer_type", "SGDNesterov",
                                        "--resume_ignore_optimizer_mismatch", steps=2))
     assert run.steps == 2 and type(run.optimizer).__name__ == "SGD"
-    assert ("optimizer_type changed (AdamW → SGDNesterov) and resume_ignore_optimizer_mismatch is on: the optimizer "
-            "starts from a fresh state") in caplog.text
+    assert ("optimizer_type changed (AdamW → SGDNesterov) and resume_ignore_optimizer_mismatch is on: continuing "
+            "with a FRESH optimizer state") in caplog.text
     assert "momentum_buffer" in run.optimizer.state[run.optimizer.param_groups[0]["params"][0]]

@@ -152,7 +152,7 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
                           "train on")
     saved = states.read_snapshot(folder)
     # resume_ignore_optimizer_mismatch: a changed optimizer is not critical, it restarts from a fresh state
-    fresh_optimizer = (cfg.optimizer_mismatch_ignored() and not cfg.anima_resume_snapshot_strict
+    fresh_optimizer = (cfg.resume_ignore_optimizer_mismatch is True and not cfg.anima_resume_snapshot_strict
                        and "optimizer_type" in saved and saved["optimizer_type"] != snapshot.get("optimizer_type"))
     critical = tuple(k for k in CRITICAL if not (fresh_optimizer and k == "optimizer_type"))
     other = states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict or
@@ -170,8 +170,8 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
                           + "\n  ".join(lines) + "\n(set anima_resume_snapshot_strict = false to allow changes that "
                           "do not break the resume)")
     if fresh_optimizer:
-        log.warning("resume: optimizer_type changed (%s → %s) and resume_ignore_optimizer_mismatch is on: the "
-                    "optimizer starts from a fresh state (moments restart from zero)", saved["optimizer_type"],
+        log.warning("resume: optimizer_type changed (%s → %s) and resume_ignore_optimizer_mismatch is on: "
+                    "continuing with a FRESH optimizer state (moments restart from zero)", saved["optimizer_type"],
                     snapshot.get("optimizer_type"))
     rebuild = saved.get("lr_schedule") != snapshot.get("lr_schedule")
     old = states.read_config(folder)
