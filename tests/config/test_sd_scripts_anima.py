@@ -165,7 +165,7 @@ def test_each_sd_scripts_anima_name_asks_for_its_defaults(tmp_path, names):
 
 def test_kohya_names_get_kohyas_defaults(tmp_path):
     cfg = parse_train_args([*KOHYA, "--output_dir", str(tmp_path), "--network_module", "networks.lokr"])
-    assert cfg.sd_scripts_anima_defaults is None and cfg.network_args == {}
+    assert cfg.sd_scripts_anima_defaults is False and cfg.network_args == {}
     assert (cfg.gradient_checkpointing, cfg.train_norm, cfg.timestep_sampling) == (False, None, "sigmoid")
     assert cfg.sd_scripts_anima_notices() == [] and cfg.optimizer_mismatch_ignored() is False
 
@@ -266,3 +266,17 @@ def test_changed_optimizer_on_resume(setup, tmp_path, caplog):
     assert ("optimizer_type changed (AdamW → SGDNesterov) and resume_ignore_optimizer_mismatch is on: continuing "
             "with a FRESH optimizer state") in caplog.text
     assert "momentum_buffer" in run.optimizer.state[run.optimizer.param_groups[0]["params"][0]]
+
+
+def test_resolved_config_of_a_sd_scripts_anima_run_reads_back_equal(tmp_path):
+    """The resolved config (train_config.toml) holds the applied defaults: read back it is the same config, and
+    a kohya config's resolved file does not turn into a sd-scripts-anima one (it has anima_* fields)."""
+    from anima_trainer.train.events import write_resolved_config
+
+    for argv in (_args(tmp_path, "--network_module", "networks.lokr_anima", "--anima_seq_len", "256"),
+                 [*KOHYA, "--output_dir", str(tmp_path / "o")]):
+        cfg = parse_train_args(argv)
+        back = parse_train_args(["--config_file", str(write_resolved_config(tmp_path / "r.toml", cfg))])
+        absolute = {k: Path.cwd() / v for k, v in cfg.model_dump().items() if isinstance(v, Path)}
+        assert back == cfg.model_copy(update=absolute)  # the resolved file makes paths absolute
+        assert back.sd_scripts_anima_defaults is cfg.sd_scripts_anima_defaults

@@ -44,6 +44,17 @@ SD_SCRIPTS_ANIMA_EMPTY = {"lokr_factor": str(SD_SCRIPTS_ANIMA_LOKR_FACTOR), "lok
                           "lokr_decompose_both": "false", "lokr_rank_dropout": "0", "lokr_module_dropout": "0"}
 
 
+class _Notices(tuple):
+    """Start-up notices of a config: they describe how it was written, not what it is, so two configs that train
+    the same compare equal whatever their notices (a resolved config read back has other ones)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Notices)
+
+    def __hash__(self) -> int:
+        return 0
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
 
@@ -235,8 +246,8 @@ class TrainConfig(BaseModel):
     prior_loss_weight: float = Field(1.0, ge=0)  # loss weight of regularisation (is_reg) images
     cache_llm_adapter_outputs: bool = False  # ours: frozen adapter → its output per caption computed once
     # --- issue 14 (sd-scripts-anima configs) ---
-    sd_scripts_anima_defaults: bool | None = Field(
-        None, description="apply sd-scripts-anima's defaults where the config sets nothing: train_norm on, LLM-adapter "
+    sd_scripts_anima_defaults: bool = Field(
+        False, description="apply sd-scripts-anima's defaults where the config sets nothing: train_norm on, LLM-adapter "
                           "targets, gradient_checkpointing on, LoKr factor 8, logit-normal timesteps with shift 3, "
                           "resume_ignore_optimizer_mismatch on (default: on when the config uses sd-scripts-anima's "
                           "names: anima_transformer, qwen, t5_tokenizer_dir, anima_*, networks.lokr_anima)")
@@ -254,7 +265,7 @@ class TrainConfig(BaseModel):
     anima_resume_snapshot_strict: bool = Field(
         False, description="sd-scripts-anima's strict resume: any change of a saved setting (not only the critical "
                            "ones) is an error")
-    _sd_notices: list[str] = PrivateAttr(default_factory=list)
+    _sd_notices: _Notices = PrivateAttr(default_factory=lambda: _Notices())
 
 
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
@@ -564,7 +575,7 @@ class TrainConfig(BaseModel):
                 + ("a shorter context (as sd-scripts-anima trains it) would train a model ComfyUI does not run"
                    if n < 512 else "nothing to change"))
         self.network_args = args
-        self._sd_notices = notices
+        self._sd_notices = _Notices(notices)
 
     def sd_scripts_anima_notices(self) -> list[str]:
         """The start-up notices of sd-scripts-anima's options: the defaults applied (one line listing them),
