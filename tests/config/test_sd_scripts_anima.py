@@ -215,6 +215,11 @@ def test_lokr_anima_network_args(tmp_path):
                                               "rank_dropout": "0.1", "module_dropout": "0.2"}
     assert net("lokr_factor=", "lokr_rank_dropout=") == {"factor": "8", "rank_dropout": "0"}  # its `v or default`
     assert net("lokr_factor=4", "factor=4") == {"factor": "4"}
+    cfg = parse_train_args([*KOHYA, "--output_dir", str(tmp_path), "--network_module", "networks.lokr_anima",
+                            "--sd_scripts_anima_defaults=false", "--network_args", "lokr_factor=-1"])
+    assert cfg.network_args == {"factor": "-1"} and cfg.sd_scripts_anima_notices() == [
+        "network_args lokr_factor=-1: the most balanced factorisation, as in LyCORIS (sd-scripts-anima clamped it "
+        "to 1: a 1×1 lokr_w1 and the whole matrix in lokr_w2)"]
     with pytest.raises(ConfigError, match=r"network_args: lokr_factor=4 \(sd-scripts-anima's name\) and factor=2 "
                                           "disagree; keep one of them"):
         net("lokr_factor=4", "factor=2")

@@ -520,6 +520,9 @@ class TrainConfig(BaseModel):
                                "LoKr (sd-scripts-anima's LoRA ignores it too)")
                 continue
             v = v or SD_SCRIPTS_ANIMA_EMPTY.get(theirs, v)  # its `int(v or 8)` / `float(v or 0)`
+            if theirs == "lokr_factor" and v == "-1":
+                notices.append("network_args lokr_factor=-1: the most balanced factorisation, as in LyCORIS "
+                               "(sd-scripts-anima clamped it to 1: a 1×1 lokr_w1 and the whole matrix in lokr_w2)")
             if ours in args and str(args[ours]).strip() != v:
                 raise ValueError(f"network_args: {theirs}={v} (sd-scripts-anima's name) and {ours}={args[ours]} "
                                  "disagree; keep one of them")
