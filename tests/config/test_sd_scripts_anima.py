@@ -78,8 +78,9 @@ num_repeats = 1
 """
 DEFAULTS_LINE = ("sd-scripts-anima defaults (the config uses sd-scripts-anima's names): gradient_checkpointing = true "
                  "(the config's false is overridden as sd-scripts-anima does; same result, less memory; "
-                 "sd_scripts_anima_defaults = false keeps it off), train_norm = true, LLM-adapter targets (network_args "
-                 "train_llm_adapter = true), LoKr factor 8, timestep_sampling = shift, discrete_flow_shift = 3.0, "
+                 "sd_scripts_anima_defaults = false keeps it off), train_norm = true, LLM-adapter targets "
+                 "(network_args train_llm_adapter = true), LoKr factor 8, timestep_sampling = shift, "
+                 "discrete_flow_shift = 3.0, "
                  "resume_ignore_optimizer_mismatch = true")
 SEQ_LEN_LINE = ("anima_seq_len = 128: the text context is always padded to 512 rows and captions are not cut at 128 "
                 "tokens, because ComfyUI runs Anima that way; a shorter context (as sd-scripts-anima trains it) would "

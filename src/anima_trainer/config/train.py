@@ -247,10 +247,11 @@ class TrainConfig(BaseModel):
     cache_llm_adapter_outputs: bool = False  # ours: frozen adapter → its output per caption computed once
     # --- issue 14 (sd-scripts-anima configs) ---
     sd_scripts_anima_defaults: bool = Field(
-        False, description="apply sd-scripts-anima's defaults where the config sets nothing: train_norm on, LLM-adapter "
-                          "targets, gradient_checkpointing on, LoKr factor 8, logit-normal timesteps with shift 3, "
-                          "resume_ignore_optimizer_mismatch on (default: on when the config uses sd-scripts-anima's "
-                          "names: anima_transformer, qwen, t5_tokenizer_dir, anima_*, networks.lokr_anima)")
+        False, description="apply sd-scripts-anima's defaults where the config sets nothing: train_norm on, "
+                           "LLM-adapter targets, gradient_checkpointing on, LoKr factor 8, logit-normal timesteps "
+                           "with shift 3, resume_ignore_optimizer_mismatch on (default: on when the config uses "
+                           "sd-scripts-anima's names: anima_transformer, qwen, t5_tokenizer_dir, anima_*, "
+                           "networks.lokr_anima)")
     train_norm: bool | None = Field(
         None, description="also train the RMSNorm gains of the DiT and the LLM adapter (sd-scripts-anima's flag; "
                           "wins over network_args train_norm, with a notice; default: network_args train_norm, else "
