@@ -217,7 +217,6 @@ def test_translations_without_training(setup, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--network_module", "networks.lokr_anima"], "networks.lokr_anima"),
     (["--v_parameterization"], "--v_parameterization"),
     (["--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "preset=attn-only"], "preset='attn-only'"),
 ])

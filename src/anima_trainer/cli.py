@@ -108,8 +108,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-config", help="root-style Anima_Trainer TOML → kohya train.toml + dataset.toml",
                        description="Maps every key of the root schema (docs/migration.md), prints what went where "
                        "and what has no equivalent, and writes that table as train.toml's comment header.")
-    p.add_argument("input", help="the root-style TOML ([model] transformer_path, [dataset] data_dir, ...)")
-    p.add_argument("--out", required=True, help="folder for train.toml and dataset.toml")
+    p.add_argument("input", nargs="?", help="the root-style TOML ([model] transformer_path, [dataset] data_dir, ...)")
+    # sd-scripts-anima's converter flags (tools/convert_anima_root_to_kohya.py) are accepted as they are
+    p.add_argument("--input", dest="input_flag", metavar="INPUT", help="the same as INPUT (sd-scripts-anima's name)")
+    p.add_argument("--out", "--output_dir", dest="out", default=None,
+                   help="folder for the two files (default: <input folder>/kohya_converted, as sd-scripts-anima)")
+    p.add_argument("--train_args_name", default="train.toml", help="file name of the train args (default: %(default)s)")
+    p.add_argument("--dataset_name", default="dataset.toml", help="file name of the dataset (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out")
 
     sub.add_parser("config-reference", help="print docs/config_reference.md (every training setting) to stdout")
@@ -247,7 +252,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert_config(args: argparse.Namespace) -> int:
     from anima_trainer.config.convert_files import run_convert_config
 
-    return run_convert_config(args.input, args.out, overwrite=args.overwrite)
+    from anima_trainer.config.errors import ConfigError
+
+    if (args.input is None) == (args.input_flag is None):
+        raise ConfigError("convert-config: give the root-style TOML once, as INPUT or as --input INPUT")
+    source = Path(args.input if args.input is not None else args.input_flag).expanduser()
+    out = args.out if args.out is not None else source.parent / "kohya_converted"
+    return run_convert_config(source, out, overwrite=args.overwrite, train_name=args.train_args_name,
+                              dataset_name=args.dataset_name)
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:

@@ -384,3 +384,28 @@ def test_root_style_detection(models, tmp_path):
     root.write_text(model_table(models) + "[training]\nepochs = 2\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"root-style Anima_Trainer config .*`anima-trainer convert-config "):
         parse_train_args(["--config_file", str(root)])
+
+
+def test_sd_scripts_anima_converter_flags(models, tmp_path, capsys):
+    """sd-scripts-anima's converter command line (--input, --output_dir, --train_args_name, --dataset_name; default
+    output folder <input folder>/kohya_converted) converts the same way as `convert-config INPUT --out DIR`."""
+    write_shapes_dataset(tmp_path / "imgs", count=1)
+    src = tmp_path / "cfg" / "root.toml"
+    src.parent.mkdir()
+    src.write_text(model_table(models) + f"[dataset]\ndata_dir = {q(tmp_path / 'imgs')}\n[training]\n",
+                   encoding="utf-8")
+    assert main(["convert-config", "--input", str(src), "--train_args_name", "train_args.toml",
+                 "--dataset_name", "ds.toml"]) == 0
+    out = tmp_path / "cfg" / "kohya_converted"
+    assert sorted(p.name for p in out.iterdir()) == ["ds.toml", "train_args.toml"]
+    cfg = parse_train_args(["--config_file", str(out / "train_args.toml")])
+    assert cfg.dataset_config == out / "ds.toml" and cfg.pretrained_model_name_or_path == models["dit"]
+    assert main(["convert-config", "--input", str(src), "--output_dir", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["dataset.toml", "train.toml"]
+    capsys.readouterr()
+    assert main(["convert-config", str(src), "--input", str(src)]) == 2
+    assert "give the root-style TOML once, as INPUT or as --input INPUT" in capsys.readouterr().err
+    assert main(["convert-config", "--input", str(src), "--output_dir", str(tmp_path / "p"),
+                 "--dataset_name", "sub/ds.toml"]) == 2
+    assert "--dataset_name: 'sub/ds.toml' is not a plain file name" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -33,8 +33,17 @@ def load_root_toml(path: str | Path) -> dict[str, Any]:
         raise ConversionError(f"{p}: not valid TOML: {e}") from None
 
 
-def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, overwrite: bool = False
-                     ) -> dict[str, Path]:
+def check_file_name(name: str, flag: str) -> str:
+    """A plain `.toml` file name for `--train_args_name` / `--dataset_name` (the files go into the output folder)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConversionError(f"{flag}: {name!r} is not a plain file name; choose the folder with --output_dir")
+    if not name.endswith(".toml"):
+        raise ConversionError(f"{flag}: {name!r} must end in .toml")
+    return name
+
+
+def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, overwrite: bool = False,
+                     train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME) -> dict[str, Path]:
     """Validate the converted settings, then write train.toml (report as its comment header), dataset.toml and,
     for wandb init arguments, tracker.toml into `out_dir`; nothing is written when any file exists and
     `overwrite` is false, or when the result would not load."""
@@ -43,7 +52,11 @@ def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, 
     from anima_trainer.fileio import atomic_write_bytes, check_writable
 
     out = Path(out_dir).expanduser()
-    paths = {"train": out / TRAIN_NAME, "dataset": out / DATASET_NAME}
+    train_name = check_file_name(train_name, "--train_args_name")
+    dataset_name = check_file_name(dataset_name, "--dataset_name")
+    if train_name == dataset_name:
+        raise ConversionError(f"--train_args_name and --dataset_name are both {train_name!r}; give two names")
+    paths = {"train": out / train_name, "dataset": out / dataset_name}
     if conv.tracker:
         paths["tracker"] = out / TRACKER_NAME
         conv.train["log_tracker_config"] = str(paths["tracker"].absolute())
@@ -69,16 +82,19 @@ def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, 
     return paths
 
 
-def convert_root_file(source: str | Path, out_dir: str | Path, overwrite: bool = False
+def convert_root_file(source: str | Path, out_dir: str | Path, overwrite: bool = False,
+                      train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME
                       ) -> tuple[Conversion, dict[str, Path]]:
     """Read, convert and write (see `write_conversion`)."""
     conv = convert_root_config(load_root_toml(source), out_dir)
-    return conv, write_conversion(conv, source, out_dir, overwrite)
+    return conv, write_conversion(conv, source, out_dir, overwrite, train_name, dataset_name)
 
 
-def run_convert_config(source: str | Path, out_dir: str | Path, overwrite: bool = False) -> int:
-    """The `convert-config` command: convert, print the report table and the files written."""
-    conv, paths = convert_root_file(source, out_dir, overwrite)
+def run_convert_config(source: str | Path, out_dir: str | Path, overwrite: bool = False,
+                       train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME) -> int:
+    """The `convert-config` command: convert, print the report table and the files written.  `train_name` /
+    `dataset_name`: sd-scripts-anima's converter flags --train_args_name / --dataset_name."""
+    conv, paths = convert_root_file(source, out_dir, overwrite, train_name, dataset_name)
     print(conv.table())
     counts = {s: sum(r.status == s for r in conv.rows) for s in STATUSES}
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))

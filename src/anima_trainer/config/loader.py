@@ -45,7 +45,7 @@ def help_escape(text: str) -> str:
 def _add(parser: argparse.ArgumentParser, flag: str, field: str, help_text: str) -> None:
     info = TrainConfig.model_fields[field]
     kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_escape(help_text), "dest": flag}
-    if info.annotation is bool:  # `--flag` is true; `--flag=false`, `--flag false` or `--no-flag` is false
+    if info.annotation in (bool, bool | None):  # `--flag` is true; `--flag=false`, `--flag false`, `--no-flag`: false
         kw.update(nargs="?", const="true", metavar="BOOL")
         parser.add_argument(f"--no-{flag}", dest=flag, action="store_const", const="false", default=argparse.SUPPRESS,
                             help=f"same as --{flag}=false")
@@ -217,6 +217,19 @@ def _sd_scripts_anima_timesteps(merged: dict[str, Any], via_alias: set[str]) -> 
             "or use timestep_sampling = \"shift\" (logit-normal, shifted)")
 
 
+SD_SCRIPTS_ANIMA_NAMES = ("anima_transformer", "qwen", "t5_tokenizer_dir")
+
+
+def uses_sd_scripts_anima_names(raw: dict[str, Any]) -> list[str]:
+    """The names in `raw` (as the user wrote them) that only sd-scripts-anima uses: anima_transformer, qwen,
+    t5_tokenizer_dir, any anima_* option, network_module = networks.lokr_anima.  Such a config was written for
+    sd-scripts-anima and gets its defaults (TrainConfig.sd_scripts_anima_defaults)."""
+    names = [k for k in raw if k in SD_SCRIPTS_ANIMA_NAMES or k.startswith("anima_")]
+    if raw.get("network_module") == "networks.lokr_anima":
+        names.append("network_module = networks.lokr_anima")
+    return names
+
+
 def _is_one(v: Any) -> bool:
     try:
         return float(v) == 1.0
@@ -240,6 +253,8 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
         raw, name = read_train_toml(config_file)
         toml, toml_alias = _canonical(raw, f"in {name}", from_cli=False)
     merged = {**toml, **cli}
+    if uses_sd_scripts_anima_names({**raw, **cli_raw} if config_file is not None else cli_raw):
+        merged.setdefault("sd_scripts_anima_defaults", True)
     # a canonical name counts as "set through an alias" when the layer that won for it used the alias
     via_alias = cli_alias | {k for k in toml_alias if k not in cli}
     _sd_scripts_anima_timesteps(merged, via_alias)

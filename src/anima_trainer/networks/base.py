@@ -31,7 +31,13 @@ from anima_trainer.networks.formats import (
     check_comfy_keys,
     check_network_file,
 )
-from anima_trainer.networks.inject import ForwardHook, check_network_args, find_targets, first_match
+from anima_trainer.networks.inject import (
+    ForwardHook,
+    check_network_args,
+    find_target_modules,
+    find_targets,
+    first_match,
+)
 
 logger = logging.getLogger(__name__)
 SAVE_FORMATS = ("comfy", "kohya")
@@ -232,6 +238,8 @@ class AdapterNetwork(nn.Module):
         parsed = check_network_args(network_args, algo, extra_known)
         if module_specs is not None:
             targets = {p: _linear(dit, p) for p in module_specs}
+        elif parsed["target_modules"] is not None:  # sd-scripts-anima's target list
+            targets = find_target_modules(dit, parsed["target_modules"])
         else:
             targets = find_targets(dit, parsed["include_patterns"], parsed["exclude_patterns"],
                                    parsed["train_llm_adapter"])

@@ -17,6 +17,7 @@ puts the original forward back.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import math
 import re
 from collections.abc import Callable
@@ -37,7 +38,15 @@ OPTIONAL_TARGETS = {
 }
 KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", "train_norm", "rank_dropout",
               "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "network_reg_dims",
-              "network_reg_lrs", "verbose", *OPTIONAL_TARGETS)
+              "network_reg_lrs", "verbose", "target_modules", *OPTIONAL_TARGETS)
+# sd-scripts-anima's default `target_modules` (DEFAULT_TARGETS_V101, seed_system.md §2.2): the same 10 Linears
+# per DiT block as kohya's defaults, plus the 10 per LLM-adapter block
+SD_SCRIPTS_ANIMA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "self_attn.output_proj", "cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj",
+                            "cross_attn.o_proj", "cross_attn.output_proj", "mlp.layer1", "mlp.layer2", "mlp.0",
+                            "mlp.2")
+# network_args that choose targets kohya's way; target_modules (sd-scripts-anima's way) replaces all of them
+_KOHYA_TARGET_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", *OPTIONAL_TARGETS)
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -136,7 +145,14 @@ def check_network_args(network_args: dict[str, Any], algo: str = "lora",
         raise NetworkError(f"unknown network_args {unknown}; supported for algo={algo}: {list(known)}")
     ratios = [parse_float(k, network_args[k], 0.0, low_open=True) if k in network_args else None
               for k in ("loraplus_unet_lr_ratio", "loraplus_lr_ratio")]
+    target_modules = parse_target_modules(network_args.get("target_modules"))
+    if target_modules is not None:
+        both = [k for k in _KOHYA_TARGET_ARGS if k in network_args]
+        if both:
+            raise NetworkError(f"network_args target_modules (sd-scripts-anima's target list) cannot be combined "
+                               f"with {both} (kohya's way of choosing targets); use one of the two")
     return {
+        "target_modules": target_modules,
         "train_norm": parse_bool("train_norm", network_args.get("train_norm", False)),
         "include_patterns": parse_patterns("include_patterns", network_args.get("include_patterns")) + [
             re.compile(OPTIONAL_TARGETS[k]) for k in OPTIONAL_TARGETS if parse_bool(k, network_args.get(k, False))],
@@ -150,6 +166,66 @@ def check_network_args(network_args: dict[str, Any], algo: str = "lora",
         "network_reg_lrs": parse_regex_values("network_reg_lrs", network_args.get("network_reg_lrs"), float),
         "verbose": parse_bool("verbose", network_args.get("verbose", False)),
     }
+
+
+def parse_target_modules(value: Any) -> list[str] | None:
+    """sd-scripts-anima's `target_modules`: a comma-separated string (or a list, or the Python list literal its
+    converter writes for a TOML list) → the stripped, non-empty entries; None when not given."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError) as e:
+            raise NetworkError(f"network_args target_modules={value!r} is neither 'a,b,c' nor a list literal") from e
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise NetworkError(f"network_args target_modules must be a comma-separated string, got {value!r}")
+    out = [v.strip() for v in items if v.strip()]
+    if not out:
+        raise NetworkError("network_args target_modules is empty; name at least one module (e.g. "
+                           "target_modules=self_attn.q_proj,mlp.layer1) or leave it out for the defaults")
+    for t in out:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except re.error as e:
+                raise NetworkError(f"network_args target_modules: bad regex {t!r}: {e}") from e
+    return out
+
+
+def target_matches(target: str, name: str) -> bool:
+    """sd-scripts-anima's rule for one `target_modules` entry against a module's dotted name:
+    `re:<regex>` → regex search; else a leading `transformer.` is dropped, then `*`/`?` → glob on the whole
+    name, a dotted entry → the name itself or its suffix at a dot boundary (`mlp.2` is not `..._mlp.2`), and a
+    bare word → the last name component."""
+    if target.startswith("re:"):
+        return re.search(target[3:], name) is not None
+    target = target.removeprefix("transformer.")
+    if "*" in target or "?" in target:
+        return fnmatch.fnmatchcase(name, target)
+    if "." in target:
+        return name == target or name.endswith("." + target)
+    return name.rsplit(".", 1)[-1] == target
+
+
+def find_target_modules(dit: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    """{dotted path: Linear} of every Linear of the DiT (LLM adapter included) that one of `targets` matches,
+    in module order.  An entry that matches no Linear is an error naming it: a typo would otherwise train
+    fewer modules than asked for without a word."""
+    linears = [(n, m) for n, m in dit.named_modules() if isinstance(m, nn.Linear) and n]
+    found: dict[str, nn.Linear] = {}
+    for t in targets:
+        hits = [(n, m) for n, m in linears if target_matches(t, n)]
+        if not hits:
+            example = next((n for n, _ in linears if n.startswith("blocks.")), linears[0][0] if linears else "?")
+            raise NetworkError(f"network_args target_modules: {t!r} matches no Linear module of the DiT (names look "
+                               f"like {example!r}; an entry is re:<regex>, a glob with * or ?, a dotted suffix such "
+                               "as self_attn.q_proj, or a last name such as q_proj)")
+        for n, m in hits:
+            found.setdefault(n, m)
+    order = {n: i for i, (n, _) in enumerate(linears)}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
 
 
 def find_targets(dit: nn.Module, include: list[re.Pattern] = (), exclude: list[re.Pattern] = (),

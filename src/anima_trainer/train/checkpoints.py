@@ -38,7 +38,8 @@ CRITICAL = ("dit", "qwen3", "vae", "llm_adapter", "network_module", "network_dim
             "gradient_accumulation_steps", "optimizer_type", "seed", "mixed_precision", "fp8_base", "batch_size",
             "base_weights")
 # config keys that legitimately differ between the interrupted run and its resume
-NOT_COMPARED = ("resume", "overwrite", "resume_snapshot_strict")
+NOT_COMPARED = ("resume", "overwrite", "resume_snapshot_strict", "anima_resume_snapshot_strict",
+                "resume_ignore_optimizer_mismatch")
 
 
 def _sha(data: Any) -> str:
@@ -133,6 +134,7 @@ class ResumeCheck:
     rebuild_schedule: bool
     optimizer_args: list[str]
     finished: Path | None = None  # the run had already ended: its final file
+    fresh_optimizer: bool = False  # the optimizer changed (resume_ignore_optimizer_mismatch): do not load its state
 
 
 def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int) -> ResumeCheck:
@@ -154,7 +156,28 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
                           f"is left to train; raise max_train_steps (or max_train_epochs) above {progress.step} to "
                           "train on")
     saved = states.read_snapshot(folder)
-    states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict, critical=CRITICAL)
+    # resume_ignore_optimizer_mismatch: a changed optimizer is not critical, it restarts from a fresh state
+    fresh_optimizer = (cfg.resume_ignore_optimizer_mismatch is True and not cfg.anima_resume_snapshot_strict
+                       and "optimizer_type" in saved and saved["optimizer_type"] != snapshot.get("optimizer_type"))
+    critical = tuple(k for k in CRITICAL if not (fresh_optimizer and k == "optimizer_type"))
+    other = states.check_snapshot(saved, snapshot, strict=cfg.resume_snapshot_strict or
+                                  cfg.anima_resume_snapshot_strict, critical=critical)
+    if cfg.anima_resume_snapshot_strict and other:  # sd-scripts-anima's strict mode: any change aborts
+        lines = []
+        for k in sorted(set(saved) | set(snapshot)):
+            old_v, new_v = saved.get(k, "<missing>"), snapshot.get(k, "<missing>")
+            if isinstance(old_v, dict) and isinstance(new_v, dict):  # name the changed entries (lr_schedule)
+                lines += [f"{k}.{s}: {_short(old_v.get(s))} → {_short(new_v.get(s))}"
+                          for s in sorted(set(old_v) | set(new_v)) if old_v.get(s) != new_v.get(s)]
+            elif old_v != new_v:
+                lines.append(f"{k}: {_short(old_v)} → {_short(new_v)}")
+        raise ConfigError("resume: saved settings changed and anima_resume_snapshot_strict = true:\n  "
+                          + "\n  ".join(lines) + "\n(set anima_resume_snapshot_strict = false to allow changes that "
+                          "do not break the resume)")
+    if fresh_optimizer:
+        log.warning("resume: optimizer_type changed (%s → %s) and resume_ignore_optimizer_mismatch is on: "
+                    "continuing with a FRESH optimizer state (moments restart from zero)", saved["optimizer_type"],
+                    snapshot.get("optimizer_type"))
     rebuild = saved.get("lr_schedule") != snapshot.get("lr_schedule")
     old = states.read_config(folder)
     optimizer_args: list[str] = []
@@ -175,7 +198,7 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     if rebuild:
         log.info("resume: the learning rate or its schedule changed: the schedule is rebuilt from the current "
                  "settings and continues at step %d", progress.step)
-    return ResumeCheck(progress, rebuild, optimizer_args)
+    return ResumeCheck(progress, rebuild, optimizer_args, fresh_optimizer=fresh_optimizer)
 
 
 def apply_optimizer_args(optimizer: torch.optim.Optimizer, fresh_groups: list[dict], keys: list[str]) -> None:

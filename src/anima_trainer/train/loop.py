@@ -303,6 +303,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
 
     from anima_trainer.data import build_dataset, load_dataset_config
 
+    for line in cfg.sd_scripts_anima_notices():  # issue 14: sd-scripts-anima defaults and options, once each
+        log.warning("notice: %s", line)
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
     # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
@@ -377,7 +379,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
     checkpoints.check_start(resuming=resume_from is not None, max_steps=max_steps, epochs=epochs)
-    events.write("config", config=config_for_log(cfg))
+    events.write("config", config=config_for_log(cfg), notices=cfg.sd_scripts_anima_notices())
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
     report_long_captions(dataset, models.text_encoder, max_tokens=MAX_TEXT_TOKENS)
@@ -398,7 +400,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     if resume_from is not None and resume_check is not None:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
                               scaler=scaler, generator=generator, restore_scheduler=not resume_check.rebuild_schedule,
-                              strict_optimizer=cfg.resume_snapshot_strict)
+                              strict_optimizer=not cfg.optimizer_mismatch_ignored(),
+                              fresh_optimizer=resume_check.fresh_optimizer)
         apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
         if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
             scheduler = checkpoints.scheduler = rebuild_schedule(

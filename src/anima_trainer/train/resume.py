@@ -353,11 +353,12 @@ def check_optimizer_state(folder: Path, saved: Any, optimizer: torch.optim.Optim
 
 def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                scaler: Any, generator: torch.Generator, restore_scheduler: bool = True,
-               strict_optimizer: bool = True) -> Progress:
+               strict_optimizer: bool = True, fresh_optimizer: bool = False) -> Progress:
     """Restore everything `save_state` wrote into live objects (built from the same config); returns where
     to continue.  Every file is read and checked (checksums, structure, shapes) before anything is changed.
     `restore_scheduler=False` keeps the live (rebuilt) schedule; an optimizer state written by another optimizer
-    is an error, or with `strict_optimizer=False` a warning and a fresh optimizer state."""
+    is an error, or with `strict_optimizer=False` a warning and a fresh optimizer state.  `fresh_optimizer`: the
+    optimizer was changed on purpose (resume_ignore_optimizer_mismatch): its saved state is not loaded at all."""
     folder = Path(folder)
     progress = verify_state(folder)
     weights = read_tensors(folder, "network.safetensors")
@@ -368,12 +369,15 @@ def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         raise ConfigError(f"resume: the network in {folder} does not match this config's network (e.g. {diff}); "
                           "the network settings changed since the state was saved")
     saved_optimizer = read_nested(folder, "optimizer")
-    misfit = check_optimizer_state(folder, saved_optimizer, optimizer)
+    misfit = None if fresh_optimizer else check_optimizer_state(folder, saved_optimizer, optimizer)
+    if fresh_optimizer:
+        saved_optimizer = None
     if misfit is not None:
         if strict_optimizer:
             raise ConfigError(f"resume: the optimizer state in {folder} does not fit this optimizer ({misfit}); "
                               "use the optimizer_type/optimizer_args it was saved with, or set "
-                              "resume_snapshot_strict = false to continue with a fresh optimizer state")
+                              "resume_ignore_optimizer_mismatch = true (or resume_snapshot_strict = false) to "
+                              "continue with a fresh optimizer state")
         log.warning("resume: the optimizer state in %s does not fit this optimizer (%s): continuing with a FRESH "
                     "optimizer state (moments restart from zero)", folder, misfit)
         saved_optimizer = None

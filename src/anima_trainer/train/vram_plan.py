@@ -122,4 +122,6 @@ def adapter_trained(cfg: TrainConfig) -> bool:
 
     if cfg.dim_from_weights:
         return True  # decided by the file; assume the worst
+    if "target_modules" in cfg.network_args:  # sd-scripts-anima's list may name adapter modules: assume it does
+        return True
     return any(parse_bool(k, cfg.network_args.get(k, False)) for k in ("train_llm_adapter", "train_norm"))
