@@ -1,0 +1,6 @@
+# launch: Anima-Standalone-Trainer merges this template with its Global Settings (model paths) and a generated
+# dataset.toml, then runs sd-scripts' anima_train_network.py (issue #15,
+# https://github.com/gazingstars123/Anima-Standalone-Trainer/issues/15: "Loading settings from ...\_merged_config.toml",
+# "Loading dataset config from ...\dataset.toml"). Harness-written: the model paths, dataset and output folder go on
+# the command line; the dataset is the harness's own (harness.dataset.toml).
+accelerate launch anima_train_network.py --config_file @CONFIG_FILE@ --pretrained_model_name_or_path @DIT@ --qwen3 @QWEN3@ --vae @VAE@ --dataset_config @DATASET_CONFIG@ --output_dir @OUTPUT_DIR@
