@@ -1,0 +1,28 @@
+# source: kohya-ss/sd-scripts docs/anima_train_network.md @ 063ef100648c016b6b4d804a6de6f5afab7ebd58, §4 "Example command"
+# plus the same guide's §5.3 "LLM Adapter LoRA" arguments: --network_args "train_llm_adapter=True" and its suggested
+# "network_reg_lrs=.*llm_adapter.*=5e-5" (both appended as one --network_args, as kohya's parser takes them).
+# Dataset: kohya_ss_dataset.dataset.toml.
+accelerate launch --num_cpu_threads_per_process 1 anima_train_network.py \
+  --pretrained_model_name_or_path="@DIT@" \
+  --qwen3="@QWEN3@" \
+  --vae="@VAE@" \
+  --dataset_config="@DATASET_CONFIG@" \
+  --output_dir="@OUTPUT_DIR@" \
+  --output_name="my_anima_lora" \
+  --save_model_as=safetensors \
+  --network_module=networks.lora_anima \
+  --network_dim=8 \
+  --learning_rate=1e-4 \
+  --optimizer_type="AdamW8bit" \
+  --lr_scheduler="constant" \
+  --timestep_sampling="sigmoid" \
+  --discrete_flow_shift=1.0 \
+  --max_train_epochs=10 \
+  --save_every_n_epochs=1 \
+  --mixed_precision="bf16" \
+  --gradient_checkpointing \
+  --cache_latents \
+  --cache_text_encoder_outputs \
+  --vae_chunk_size=64 \
+  --vae_disable_cache \
+  --network_args "train_llm_adapter=True" "network_reg_lrs=.*llm_adapter.*=5e-5"
