@@ -136,7 +136,7 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     te = load_text_encoder(cfg.qwen3, tokenizer_dir=cfg.qwen3_tokenizer_path, t5_tokenizer_dir=cfg.t5_tokenizer_path,
                            dtype=dtype, device=device)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
-    vae = load_vae(cfg.vae, dtype=vae_dtype, device=device)
+    vae = load_vae(cfg.vae, dtype=vae_dtype, device=device, two_d=cfg.qwen_image_vae_2d, chunk_rows=cfg.vae_chunk_size)
     return Models(dit, te, vae)
 
 
@@ -290,6 +290,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
 
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
+    for note in cfg.vae_compile_notices():  # issue 14: options accepted with another effect, said once
+        log.warning("notice: %s", note)
     # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
     # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
     cached = cfg.cache_latents or cfg.cache_latents_to_disk
