@@ -34,6 +34,7 @@ from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas
 from anima_trainer.train.inputs import Caches as Caches
 from anima_trainer.train.inputs import StepInput as StepInput
 from anima_trainer.train.inputs import TextConditioner as TextConditioner
+from anima_trainer.train.inputs import check_masked_loss
 from anima_trainer.train.inputs import epoch_inputs as epoch_inputs
 from anima_trainer.train.inputs import prepare_caches as prepare_caches
 from anima_trainer.train.inputs import report_long_captions as report_long_captions
@@ -299,6 +300,9 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                             seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
                             default_validation_seed=cfg.validation_seed)
     check_validation(cfg, dataset)
+    masked_note = check_masked_loss(cfg, dataset)  # issue 14: masked_loss / conditioning_data_dir
+    if masked_note:
+        log.warning("notice: %s", masked_note)
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
