@@ -35,6 +35,7 @@ def test_dynamo_backend_no_compiles_nothing_and_alone_has_no_effect() -> None:
     c = TrainConfig(**PATHS, dynamo_backend="eager")
     assert not c.compile_blocks
     assert c.vae_compile_notices() == ["dynamo_backend = 'eager' has no effect without torch_compile (as in kohya)"]
+    assert TrainConfig(**PATHS, dynamo_backend="no").vae_compile_notices() == []  # what kohya_ss writes
 
 
 def test_vae_disable_cache_and_chunk_on_3d_get_one_notice_each() -> None:

@@ -272,7 +272,7 @@ class TrainConfig(BaseModel):
                 notes.append(f"torch_compile = true: compiled per DiT block (compile_blocks, as kohya's --compile) "
                              f"with backend {shown}{extra} instead of the whole model; the same math, faster to "
                              "compile")
-        elif backend != "inductor":
+        elif backend not in ("inductor", "no"):  # kohya_ss writes "no": nothing compiled, as asked
             notes.append(f"dynamo_backend = '{self.dynamo_backend}' has no effect without torch_compile (as in kohya)")
         return notes
 
