@@ -2,8 +2,9 @@
 
 Builds the full-size Qwen-Image VAE (base_dim 96) with random weights, then times `AnimaVAE.encode`
 (what the latent cache runs) and `decode` (what previews run) of a batch of random images on both paths,
-plus the 2-D path with `--chunk` rows (vae_chunk_size). Prints one JSON line per case with seconds
-(median of --repeat after one warm-up) and, on CUDA, the peak allocated memory.
+plus the 2-D path with `--chunk` rows (vae_chunk_size). The cases run interleaved after one warm-up each
+(so load from other processes hits them alike); one JSON line per case with the min and median seconds of
+--repeat runs and, on CUDA, the peak memory above the weights; then the 2-D speedups.
 
 Usage:  python bench/vae_2d.py --size 256 --batch 1 --repeat 3            # CPU (fp32 by default)
         python bench/vae_2d.py --size 1024 --batch 4 --device cuda       # GPU (bf16 by default)
@@ -29,20 +30,14 @@ def build(device: torch.device, dtype: torch.dtype, two_d: bool, chunk: int | No
     return AnimaVAE(model, dtype=dtype, device=device, batch_size=64, two_d=two_d, chunk_rows=chunk)
 
 
-def timed(fn, device: torch.device, repeat: int) -> tuple[float, float | None]:
-    fn()  # warm-up (kernel selection)
+def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -59,24 +54,38 @@ def main() -> None:
                                                                             else "fp32")]
     images = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     cases = [("3d", False, None), ("2d", True, None)] + ([("2d_chunk", True, args.chunk)] if args.chunk else [])
+    vaes = {name: build(device, dtype, two_d, chunk) for name, two_d, chunk in cases}
+    latents = vaes["3d"].encode(images)
+    times: dict[str, dict[str, list[float]]] = {name: {"encode": [], "decode": []} for name in vaes}
+    for name, vae in vaes.items():  # warm-up (kernel selection)
+        vae.encode(images), vae.decode(latents)
+    # interleaved, so that load from other processes hits every case alike; min and median reported
+    for _ in range(args.repeat):
+        for name, vae in vaes.items():
+            times[name]["encode"].append(timed(lambda: vae.encode(images), device))
+            times[name]["decode"].append(timed(lambda: vae.decode(latents), device))
+    peaks = {}
+    if device.type == "cuda":
+        for name, vae in vaes.items():
+            for op, fn in (("encode", lambda: vae.encode(images)), ("decode", lambda: vae.decode(latents))):
+                torch.cuda.reset_peak_memory_stats()
+                base_mem = torch.cuda.memory_allocated()
+                timed(fn, device)
+                peaks[(name, op)] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**30, 3)
     results = {}
     for name, two_d, chunk in cases:
-        vae = build(device, dtype, two_d, chunk)
-        latents = vae.encode(images)
-        enc_s, enc_peak = timed(lambda: vae.encode(images), device, args.repeat)
-        dec_s, dec_peak = timed(lambda: vae.decode(latents), device, args.repeat)
         row = {"case": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "size": args.size,
-               "batch": args.batch, "chunk": chunk, "encode_s": round(enc_s, 4), "decode_s": round(dec_s, 4),
-               "encode_peak_gib": enc_peak and round(enc_peak, 3), "decode_peak_gib": dec_peak and round(dec_peak, 3)}
+               "batch": args.batch, "chunk": chunk, "repeat": args.repeat}
+        for op in ("encode", "decode"):
+            row[f"{op}_s_min"] = round(min(times[name][op]), 4)
+            row[f"{op}_s_median"] = round(statistics.median(times[name][op]), 4)
+            row[f"{op}_peak_gib"] = peaks.get((name, op))
         results[name] = row
         print(json.dumps(row), flush=True)
-        del vae
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     base = results["3d"]
-    print(json.dumps({"speedup_2d_encode": round(base["encode_s"] / results["2d"]["encode_s"], 2),
-                      "speedup_2d_decode": round(base["decode_s"] / results["2d"]["decode_s"], 2)}))
+    print(json.dumps({f"speedup_2d_{op}_{stat}": round(base[f"{op}_s_{stat}"] / results["2d"][f"{op}_s_{stat}"], 2)
+                      for op in ("encode", "decode") for stat in ("min", "median")}))
 
 
 if __name__ == "__main__":
