@@ -41,13 +41,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def latent_key(item, image_sha: str, vae_fingerprint: str, dtype: torch.dtype, interpolation: str | None = None,
-               flip: bool = False, alpha_mask: bool = False) -> str:
+               flip: bool = False, alpha_mask: bool = False, mask_sha: str | None = None) -> str:
     fields = {"kind": "latent", "image": image_sha, "bucket": list(item.bucket), "resized": list(item.resized),
               "crop": "center", "flip": flip, "vae": vae_fingerprint, "dtype": _dtype_name(dtype)}
     if interpolation:  # only when set, so entries made with the default filters stay valid
         fields["interpolation"] = interpolation
     if alpha_mask:
         fields["alpha_mask"] = True
+    if mask_sha:  # a conditioning_data_dir loss mask: its bytes are part of the entry
+        fields["mask"] = mask_sha
     return entry_key(fields)
 
 
@@ -72,7 +74,8 @@ def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor
 @torch.no_grad()
 def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_disk: bool, batch_size: int = 1,
                   progress: bool = True, owned=None) -> tuple[LatentCache, CacheSummary]:
-    """Latents for every dataset item (both orientations with flip_aug; loss masks with alpha_mask), built
+    """Latents for every dataset item (both orientations with flip_aug; loss masks with alpha_mask or a
+    conditioning_data_dir), encoded with the VAE's 2-D path unless qwen_image_vae_2d = false (models/vae.py), built
     only where missing.  `owned(index)`, when given, limits the pass to the items it accepts (one process's
     share of a cache built by several: train/distributed.py `Distributed.build_cache`)."""
     summary = CacheSummary()
@@ -84,7 +87,9 @@ def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_
         sub = dataset.subset_params(index)
         sha = file_sha256(item.path)
         for flip in ((False, True) if sub.flip_aug else (False,)):
-            key = latent_key(item, sha, vae_fingerprint, dtype, sub.resize_interpolation, flip, sub.alpha_mask)
+            mask_sha = file_sha256(item.mask_path) if item.mask_path is not None else None
+            key = latent_key(item, sha, vae_fingerprint, dtype, sub.resize_interpolation, flip, sub.alpha_mask,
+                             mask_sha)
             if to_disk:
                 found, invalid = store_for(item.path).lookup(key)
                 summary.invalid += invalid
@@ -104,7 +109,8 @@ def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_
                 masks = None if batch.masks is None else latent_mask(batch.masks, encoded.shape[-2:])
                 for k, (index, _, key) in enumerate(chunk):
                     entry = {"latent": encoded[k].clone()}
-                    if masks is not None and dataset.subset_params(index).alpha_mask:
+                    if masks is not None and (dataset.subset_params(index).alpha_mask
+                                              or dataset.items[index].mask_path is not None):
                         entry["mask"] = masks[k].clone()
                     cache[(index, flip)] = entry
                     if to_disk:

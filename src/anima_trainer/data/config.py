@@ -58,7 +58,7 @@ AUGMENT_KEYS = frozenset({"flip_aug", "random_crop", "color_aug"})
 # Subset options that may also be set at dataset / general level ("ascendable" in kohya).
 ASCENDABLE_KEYS = frozenset({"num_repeats", "caption_extension", "class_tokens"}) | CAPTION_KEYS | AUGMENT_KEYS
 # Only inside [[datasets.subsets]] (kohya's DreamBooth "distinct" subset keys).
-SUBSET_ONLY_KEYS = frozenset({"image_dir", "is_reg", "alpha_mask"})
+SUBSET_ONLY_KEYS = frozenset({"image_dir", "is_reg", "alpha_mask", "conditioning_data_dir"})
 # More subset options that may be set at any level, and the fine-tuning style subset's metadata file
 # (kohya_anima.md §2.2; read by dataset.py / metadata.py).
 MISC_SUBSET_KEYS = frozenset({"resize_interpolation", "custom_attributes", "cache_info"})
@@ -79,8 +79,6 @@ NOT_IMPLEMENTED_KEYS = frozenset(
     {
         # dataset level
         "network_multiplier",
-        # other dataset styles (ControlNet)
-        "conditioning_data_dir",
     }
 )
 
@@ -132,6 +130,7 @@ DEFAULTS: dict[str, Any] = {
     "color_aug": False,
     "is_reg": False,
     "alpha_mask": False,
+    "conditioning_data_dir": None,  # loss-mask folder (kohya's masked_loss), same stems as image_dir
 }
 
 
@@ -293,6 +292,7 @@ class SubsetConfig(_Ascendable):
     metadata_file: StrictStr | None = None
     is_reg: StrictBool | None = None
     alpha_mask: StrictBool | None = None
+    conditioning_data_dir: StrictStr | None = None  # mask images for masked_loss (same file stems)
 
 
 class GeneralConfig(_DatasetLevel):

@@ -23,6 +23,9 @@ with (seed, epoch, item index, occurrence), so switching one on does not change 
   * alpha_mask: the image's alpha channel (before compositing on white) is resized, cropped and flipped
     exactly like the pixels and returned as `Batch.masks` (1 = train on this pixel; 1 for images without
     alpha and for items of other subsets in the same batch; None when no item is from an alpha_mask subset);
+  * conditioning_data_dir (kohya's masked_loss): the mask image with the image's stem, its red channel
+    / 255 (kohya's `conditioning_images[:, 0]` mapped to [0, 1]), resized, cropped and flipped like the
+    pixels, is the item's `Batch.masks` entry the same way;
   * is_reg: regularisation items (`ImageItem.is_reg`, `Batch.is_reg`; the trainer weights their loss by
     prior_loss_weight), balanced against the training items of their [[datasets]] entry by
     `balance_reg_items` (kohya's DreamBooth rule).
@@ -68,6 +71,7 @@ from .captions import process_caption
 from .params import CaptionParams, DatasetParams, SubsetParams
 from .images import (
     ImageReadError,
+    load_image,
     load_image_with_alpha,
     resize_and_crop,
     to_tensor,
@@ -94,6 +98,8 @@ class ImageItem:
     is_reg: bool = False  # from an is_reg subset: a regularisation image
     # the subset's custom_attributes table (a copy per item), for later code; kohya passes it to the batch
     custom_attributes: dict = field(default_factory=dict, hash=False, compare=False)
+    # the loss-mask image of a conditioning_data_dir subset (masked_loss), same stem as `path`
+    mask_path: Path | None = None
 
 
 @dataclass
@@ -103,8 +109,8 @@ class Batch:
     paths: list[Path]
     bucket: Size  # (width, height)
     items: list[ImageItem]
-    # float32 [B, 1, H, W] in [0, 1], the loss mask at image resolution (alpha_mask subsets; 1 elsewhere);
-    # None when no item of the batch comes from an alpha_mask subset
+    # float32 [B, 1, H, W] in [0, 1], the loss mask at image resolution (alpha_mask and conditioning_data_dir
+    # subsets; 1 elsewhere); None when no item of the batch comes from such a subset
     masks: torch.Tensor | None = None
     is_reg: list[bool] = field(default_factory=list)  # per sample: a regularisation image
     flipped: list[bool] = field(default_factory=list)  # per sample: mirrored horizontally
@@ -247,6 +253,11 @@ class AnimaDataset:
         return any(sub.alpha_mask for p in self.params for sub in p.subsets)
 
     @property
+    def uses_mask_folders(self) -> bool:
+        """True when some subset has conditioning_data_dir (loss masks for masked_loss)."""
+        return any(sub.conditioning_data_dir is not None for p in self.params for sub in p.subsets)
+
+    @property
     def uses_reg(self) -> bool:
         """True when some item is a regularisation image (the trainer applies prior_loss_weight)."""
         return any(item.is_reg for item in self.items)
@@ -310,6 +321,11 @@ class AnimaDataset:
         im, alpha = load_image_with_alpha(item.path, alpha=sub.alpha_mask)
         if im.size != item.size:
             raise ImageReadError(f"{item.path} changed since the dataset was scanned ({item.size} -> {im.size})")
+        if item.mask_path is not None:
+            alpha = load_image(item.mask_path).getchannel("R")
+            if alpha.size != item.size:
+                raise ImageReadError(f"mask {item.mask_path} changed since the dataset was scanned: "
+                                     f"{alpha.size} is not its image's {item.size}")
         offset = self.crop_for(index, epoch, occurrence=occurrence)
         im = resize_and_crop(im, item.resized, item.bucket, offset, interpolation=sub.resize_interpolation)
         if alpha is not None:
@@ -347,7 +363,7 @@ class AnimaDataset:
                      else [self.flip_for(i, epoch, occurrence=o) for i, o in zip(indices, occurrences)])
         samples = [self._load_sample(i, epoch, o, bool(f)) for i, o, f in zip(indices, occurrences, flips)]
         masks = None
-        if any(self.subset_params(i).alpha_mask for i in indices):
+        if any(self.subset_params(i).alpha_mask or self.items[i].mask_path is not None for i in indices):
             w, h = items[0].bucket
             masks = torch.ones(len(indices), 1, h, w)
             for k, (_, alpha) in enumerate(samples):

@@ -77,6 +77,7 @@ class SubsetParams:
     color_aug: bool = False  # kohya's weak hue / gamma jitter (augment.color_aug)
     is_reg: bool = False  # regularisation images (balanced against the dataset's training images)
     alpha_mask: bool = False  # the image's alpha channel is the loss mask (Batch.masks)
+    conditioning_data_dir: Path | None = None  # loss-mask images, one per image stem (masked_loss; Batch.masks)
 
     @property
     def uses_random_pixels(self) -> bool:
@@ -144,6 +145,19 @@ def _cache_info(where: str, value: bool) -> bool:
         log.info("%s: cache_info = true has no effect in anima-trainer (start-up reads image headers only; "
                  "no metadata_cache.json is written)", where)
     return bool(value)
+
+
+def _mask_dir(where: str, sub: Any) -> Path | None:
+    """conditioning_data_dir of a subset: kohya's ControlNet-style subset, here the loss-mask folder."""
+    if sub.conditioning_data_dir is None:
+        return None
+    if sub.metadata_file is not None:
+        raise DatasetConfigError(f"{where}: conditioning_data_dir needs an image_dir subset (kohya's ControlNet-style "
+                                 "subset), not metadata_file; list the images with image_dir")
+    if sub.alpha_mask:
+        raise DatasetConfigError(f"{where}: alpha_mask and conditioning_data_dir both give this subset's loss mask; "
+                                 "keep one of them")
+    return Path(sub.conditioning_data_dir)
 
 
 def resolve_datasets(
@@ -230,6 +244,7 @@ def resolve_datasets(
                     color_aug=_pick("color_aug", sub, ds, g, caller),
                     is_reg=_pick("is_reg", sub),
                     alpha_mask=_pick("alpha_mask", sub),
+                    conditioning_data_dir=_mask_dir(swhere, sub),
                 )
             )
         if subsets and all(s.is_reg for s in subsets):

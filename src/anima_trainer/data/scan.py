@@ -173,6 +173,47 @@ def split_validation(params: list[DatasetParams], items: list[ImageItem], seed: 
             [item for k, item in enumerate(items) if k in held])
 
 
+def _mask_images(sub: SubsetParams, kept: list[Path], infos: dict[Path, ImageInfo], candidates: list[Path],
+                 source_dir: Path | None) -> dict[Path, Path]:
+    """image -> its loss-mask image in the subset's conditioning_data_dir (kohya: same file stem, any image
+    extension, same size as the image).  Every missing, unreadable or wrongly sized mask is reported at once."""
+    if sub.conditioning_data_dir is None:
+        return {}
+    folder = sub.conditioning_data_dir
+    if not folder.is_dir() and not folder.is_absolute() and source_dir is not None and (source_dir / folder).is_dir():
+        folder = source_dir / folder  # as image_dir: the working directory first, then the config's folder
+    if not folder.is_dir():
+        raise DatasetConfigError(f"{sub.where}: conditioning_data_dir {sub.conditioning_data_dir} is not a folder")
+    by_stem: dict[str, Path] = {}
+    for path in sorted(scan_folder(folder)[0]):
+        by_stem.setdefault(path.stem, path)
+    found, problems = {}, []
+    for image in kept:
+        mask = by_stem.get(image.stem)
+        if mask is None:
+            problems.append(f"{image.name}: no mask {image.stem}.* ")
+            continue
+        try:
+            size = probe_image(mask).size
+        except ImageRejected as e:
+            problems.append(f"{mask}: {e}")
+            continue
+        if size != infos[image].size:
+            problems.append(f"{mask.name} is {size[0]}x{size[1]} but {image.name} is "
+                            f"{infos[image].size[0]}x{infos[image].size[1]}")
+            continue
+        found[image] = mask
+    if problems:
+        raise DatasetConfigError(f"{sub.where}: conditioning_data_dir {folder}: {len(problems)} image(s) without a "
+                                 f"usable loss mask (a mask is an image with the same file stem and the same size, "
+                                 f"as in kohya): " + "; ".join(p.strip() for p in problems))
+    extra = sorted(set(by_stem) - {c.stem for c in candidates})
+    if extra:
+        log.warning("%s: %d mask(s) in %s match no image and are not used: %s", sub.where, len(extra), folder,
+                    ", ".join(extra[:5]) + (" …" if len(extra) > 5 else ""))
+    return found
+
+
 def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _ScanReport,
                   verify_images: bool) -> list[ImageItem]:
     if p.enable_bucket:
@@ -246,6 +287,7 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
             raise DatasetConfigError(
                 f"{sub.where}: no usable images in {source}: {_summarize(rejected)}"
             )
+        masks = _mask_images(sub, kept, infos, candidates, source_dir)
         with collect_decode_notes() as notes:
             captions = ([meta[path].caption for path in kept] if meta is not None
                         else captions_for_images(kept, sub.caption_extension, sub.class_tokens, sub.where,
@@ -260,7 +302,8 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
                                          f"the limit of {MAX_CAPTION_BYTES}; shorten it (captions are used whole)")
             choice = choices[path]
             items.append(ImageItem(path, caption, infos[path].size, choice.bucket, choice.resized, i, j,
-                                   sub.num_repeats, custom_attributes=copy.deepcopy(sub.custom_attributes)))
+                                   sub.num_repeats, custom_attributes=copy.deepcopy(sub.custom_attributes),
+                                   mask_path=masks.get(path)))
     return items
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from anima_trainer.models.checkpoint import (
     VAE_BUNDLE_PREFIX,
@@ -34,6 +36,7 @@ __all__ = [
     "LATENTS_STD",
     "VAE_CONFIG",
     "AnimaVAE",
+    "VAE2D",
     "assign_state_dict",
     "build_vae_skeleton",
     "comfyui_to_diffusers_key",
@@ -221,6 +224,191 @@ def assign_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The 2-D path for single images (kohya's --qwen_image_vae_2d, sd-scripts PR #2382)
+# ---------------------------------------------------------------------------------------------------
+#
+# Every image is one frame (T = 1) and the encoder/decoder run their first (and only) chunk, so:
+# * a causal Conv3d pads 2·p_t zero frames *before* the frame; with T = 1 only the last temporal slice of
+#   its kernel ever meets data, so it equals a Conv2d with weight[:, :, -1] (1×1×1 convs: the only slice);
+# * the temporal resamplers skip `time_conv` on the first chunk (downsample3d caches the frame,
+#   upsample3d marks "Rep"), so they are their spatial Sequential alone;
+# * the feature cache only carries frames to the next chunk, which never comes (why kohya's
+#   --vae_disable_cache changes nothing for images and is a no-op on this path);
+# * RMS norms and the single-head attention act per frame already.
+# The same arithmetic with no 5-D reshapes, cache clones or zero frames: faster and less memory.
+
+
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, chunk_rows: int | None) -> torch.Tensor:
+    """`conv(x)`, computed `chunk_rows` output rows at a time when set (kohya's --vae_chunk_size).
+
+    Exact: each chunk reads the padded input rows its outputs depend on. Only the peak workspace of the
+    convolution shrinks; the output is the same tensor.
+    """
+    kh = conv.kernel_size[0]
+    if not chunk_rows or kh == 1:
+        return conv(x)
+    ph, pw = conv.padding
+    sh = conv.stride[0]
+    x = F.pad(x, (pw, pw, ph, ph))
+    out_h = (x.shape[2] - kh) // sh + 1
+    if out_h <= chunk_rows:
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride)
+    parts = []
+    for y0 in range(0, out_h, chunk_rows):
+        y1 = min(y0 + chunk_rows, out_h)
+        parts.append(F.conv2d(x[:, :, y0 * sh: (y1 - 1) * sh + kh], conv.weight, conv.bias, conv.stride))
+    return torch.cat(parts, dim=2)
+
+
+def _conv2d_from_causal(conv3d: nn.Module) -> nn.Conv2d:
+    """A `QwenImageCausalConv3d` as the Conv2d it is for one frame: the last temporal kernel slice."""
+    w = conv3d.weight[:, :, -1]
+    pad = conv3d._padding[2]  # (w, w, h, h, 2t, 0): spatial padding is symmetric
+    out = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[-2:]), stride=tuple(conv3d.stride[1:]),
+                    padding=(pad, conv3d._padding[0]), bias=conv3d.bias is not None, device="meta")
+    out.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+    if conv3d.bias is not None:
+        out.bias = nn.Parameter(conv3d.bias.detach().clone(), requires_grad=False)
+    return out
+
+
+class _RMS2d(nn.Module):
+    """`QwenImageRMS_norm` over the channels of [B, C, H, W]."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.scale = norm.scale
+        self.gamma = nn.Parameter(norm.gamma.detach().reshape(-1, 1, 1).clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class _Convs(nn.Module):
+    """Holds the row-chunk size shared by every 2-D conv of the model."""
+
+    chunk_rows: int | None = None
+
+    def conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        return _conv_rows(conv, x, self.chunk_rows)
+
+
+class _Residual2d(nn.Module):
+    def __init__(self, block: nn.Module, convs: _Convs) -> None:
+        super().__init__()
+        self._convs = [convs]  # a list: not a submodule
+        self.norm1, self.norm2 = _RMS2d(block.norm1), _RMS2d(block.norm2)
+        self.conv1, self.conv2 = _conv2d_from_causal(block.conv1), _conv2d_from_causal(block.conv2)
+        self.shortcut = (_conv2d_from_causal(block.conv_shortcut)
+                         if not isinstance(block.conv_shortcut, nn.Identity) else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self._convs[0]
+        h = x if self.shortcut is None else self.shortcut(x)
+        x = c.conv(self.conv1, F.silu(self.norm1(x)))
+        x = c.conv(self.conv2, F.silu(self.norm2(x)))  # dropout is 0 and the model is in eval
+        return x + h
+
+
+class _Attention2d(nn.Module):
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn  # diffusers' block works per frame; T = 1 makes its reshapes free
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x.unsqueeze(2)).squeeze(2)
+
+
+class _Resample2d(nn.Module):
+    def __init__(self, resample: nn.Module, convs: _Convs) -> None:
+        super().__init__()
+        self._convs = [convs]
+        layers = list(resample.resample)
+        self.pre = layers[0]  # ZeroPad2d (down) or nearest-exact Upsample (up)
+        self.conv = layers[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._convs[0].conv(self.conv, self.pre(x))
+
+
+def _layer2d(layer: nn.Module, convs: _Convs) -> nn.Module:
+    kind = type(layer).__name__
+    if kind == "QwenImageResidualBlock":
+        return _Residual2d(layer, convs)
+    if kind == "QwenImageAttentionBlock":
+        return _Attention2d(layer)
+    if kind == "QwenImageResample":
+        return _Resample2d(layer, convs)
+    raise TypeError(f"no 2-D form for VAE layer {kind}")
+
+
+class _Coder2d(nn.Module):
+    """The encoder or decoder: conv_in, layers, norm_out, SiLU, conv_out, for one frame."""
+
+    def __init__(self, coder: nn.Module, convs: _Convs, encoder: bool) -> None:
+        super().__init__()
+        self._convs = [convs]
+        self.conv_in = _conv2d_from_causal(coder.conv_in)
+        mid = [coder.mid_block.resnets[0]]
+        for attn, res in zip(coder.mid_block.attentions, coder.mid_block.resnets[1:]):
+            mid += [attn, res]
+        mid_layers = [_layer2d(m, convs) for m in mid]
+        if encoder:
+            body = [_layer2d(m, convs) for m in coder.down_blocks] + mid_layers
+        else:
+            body = list(mid_layers)
+            for up in coder.up_blocks:
+                body += [_layer2d(m, convs) for m in up.resnets]
+                body += [_layer2d(m, convs) for m in (up.upsamplers or [])]
+        self.layers = nn.ModuleList(body)
+        self.norm_out = _RMS2d(coder.norm_out)
+        self.conv_out = _conv2d_from_causal(coder.conv_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self._convs[0]
+        x = c.conv(self.conv_in, x)
+        for layer in self.layers:
+            x = layer(x)
+        return c.conv(self.conv_out, F.silu(self.norm_out(x)))
+
+
+class VAE2D(nn.Module):
+    """The Qwen-Image VAE for single images with 2-D convolutions (kohya's `--qwen_image_vae_2d`).
+
+    Built from a loaded `AutoencoderKLQwenImage` (weights converted on load, as kohya does). Equal to the 3-D model on one frame up to float rounding (tests/models/
+    test_vae_2d.py); bench/vae_2d.py measures the speed. `chunk_rows` = kohya's --vae_chunk_size.
+    """
+
+    def __init__(self, model3d: nn.Module, chunk_rows: int | None = None) -> None:
+        super().__init__()
+        self._convs_holder = _Convs()
+        self.chunk_rows = chunk_rows
+        self.encoder = _Coder2d(model3d.encoder, self._convs_holder, encoder=True)
+        self.decoder = _Coder2d(model3d.decoder, self._convs_holder, encoder=False)
+        self.quant_conv = _conv2d_from_causal(model3d.quant_conv)
+        self.post_quant_conv = _conv2d_from_causal(model3d.post_quant_conv)
+
+    @property
+    def chunk_rows(self) -> int | None:
+        return self._convs_holder.chunk_rows
+
+    @chunk_rows.setter
+    def chunk_rows(self, rows: int | None) -> None:
+        if rows is not None and rows < 1:
+            raise ValueError(f"vae_chunk_size must be >= 1, got {rows}")
+        self._convs_holder.chunk_rows = rows
+
+    def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [−1, 1] -> posterior mean [B, 16, H/8, W/8]."""
+        moments = self.quant_conv(self.encoder(x))
+        return moments[:, : moments.shape[1] // 2]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latent [B, 16, h, w] -> pixels [B, 3, 8h, 8w] clamped to [−1, 1] (as diffusers does)."""
+        return self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0)
+
+
 def _check_images(images: torch.Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(f"VAE.encode expects float images shaped [B, 3, H, W] in [0, 1], "
@@ -240,8 +428,11 @@ class AnimaVAE:
     """
 
     def __init__(self, model: torch.nn.Module, *, dtype: torch.dtype, device: torch.device,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-        self.model = model.eval().requires_grad_(False)
+                 batch_size: int = DEFAULT_BATCH_SIZE, two_d: bool = True, chunk_rows: int | None = None) -> None:
+        self.model = model.eval().requires_grad_(False)  # the 3-D diffusers model (the weights as loaded)
+        # the 2-D path for single images: its own copy of the last temporal kernel slices (~1/3 of the
+        # conv weights more; the activation memory it saves is far larger)
+        self.model2d = VAE2D(self.model, chunk_rows).eval() if two_d else None
         self.dtype = dtype
         self.device = device
         self.batch_size = batch_size
@@ -259,8 +450,11 @@ class AnimaVAE:
         out = []
         for chunk in self._chunks(images, batch_size):
             # One image = one frame: the batch dimension, never the time dimension.
-            x = (chunk.to(self.device, torch.float32) * 2.0 - 1.0).to(self.dtype).unsqueeze(2)
-            moments = self.model.encode(x).latent_dist.mean
+            x = (chunk.to(self.device, torch.float32) * 2.0 - 1.0).to(self.dtype)
+            if self.model2d is not None:
+                moments = self.model2d.encode_mean(x).unsqueeze(2)
+            else:
+                moments = self.model.encode(x.unsqueeze(2)).latent_dist.mean
             out.append(moments.float().to(images.device))
         return torch.cat(out)
 
@@ -277,8 +471,11 @@ class AnimaVAE:
         out = []
         for chunk in self._chunks(latents, batch_size):
             z = chunk.to(self.device, self.dtype)
-            pixels = self.model.decode(z).sample  # diffusers clamps to [-1, 1]
-            out.append(pixels[:, :, 0].float().to(latents.device))
+            if self.model2d is not None:
+                pixels = self.model2d.decode(z[:, :, 0])
+            else:
+                pixels = self.model.decode(z).sample[:, :, 0]  # diffusers clamps to [-1, 1]
+            out.append(pixels.float().to(latents.device))
         return torch.cat(out)
 
     def decode(self, latents: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
@@ -299,8 +496,12 @@ def _state_dict_prefix(path: str | Path) -> str:
 
 
 def load_vae(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-             batch_size: int = DEFAULT_BATCH_SIZE) -> AnimaVAE:
+             batch_size: int = DEFAULT_BATCH_SIZE, two_d: bool = True, chunk_rows: int | None = None) -> AnimaVAE:
     """Load the Anima VAE from a single .safetensors file (ComfyUI or diffusers layout, or a `vae.` bundle).
+
+    `two_d` (default, kohya's --qwen_image_vae_2d) converts it to the 2-D model for single images (faster,
+    less memory, equal up to rounding); False keeps diffusers' 3-D model. `chunk_rows` = --vae_chunk_size
+    (2-D path only).
 
     Wrong files (a DiT, a LoRA, the 48-channel Wan 2.2 VAE, …) raise `WrongModelFileError` naming `--vae`.
     Tensors are read one at a time straight into `dtype`/`device` and assigned to a meta skeleton, so
@@ -315,4 +516,4 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
         assign_state_dict(model, state_dict, source=str(path))
     except CheckpointError as e:
         raise WrongModelFileError(f"{VAE_FLAG}: {e}") from None
-    return AnimaVAE(model, dtype=dtype, device=device, batch_size=batch_size)
+    return AnimaVAE(model, dtype=dtype, device=device, batch_size=batch_size, two_d=two_d, chunk_rows=chunk_rows)

@@ -211,3 +211,17 @@ def report_long_captions(dataset, text_encoder, limit: int = 512,
         log.warning("%d captions are longer than %d tokens and are used whole (ComfyUI does not truncate "
                     "either): %s%s", len(long), limit, shown, " …" if len(long) > 10 else "")
     return long
+
+
+def check_masked_loss(cfg, dataset) -> str | None:
+    """kohya's masked_loss against the dataset (right after `build_dataset`): a conditioning_data_dir without
+    masked_loss is a ConfigError (kohya accepts the key only with masked_loss, for its loss mask); masked_loss
+    with no mask source anywhere returns a notice (kohya then trains unmasked without a word)."""
+    if dataset.uses_mask_folders and not cfg.masked_loss:
+        raise ConfigError("masked_loss: the dataset_config has conditioning_data_dir mask folders, which are the "
+                          "loss mask only with masked_loss (kohya's ControlNet-style subsets); set masked_loss = true "
+                          "or remove conditioning_data_dir")
+    if cfg.masked_loss and not dataset.uses_mask_folders and not dataset.uses_alpha_mask:
+        return ("masked_loss = true: no subset has conditioning_data_dir or alpha_mask, so there is no mask and the "
+                "loss is unmasked (as in kohya); add conditioning_data_dir mask folders to the subsets to mask it")
+    return None

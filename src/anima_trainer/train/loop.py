@@ -41,6 +41,7 @@ from anima_trainer.train.flow import (
 from anima_trainer.train.inputs import Caches as Caches
 from anima_trainer.train.inputs import StepInput as StepInput
 from anima_trainer.train.inputs import TextConditioner as TextConditioner
+from anima_trainer.train.inputs import check_masked_loss
 from anima_trainer.train.inputs import epoch_inputs as epoch_inputs
 from anima_trainer.train.inputs import prepare_caches as prepare_caches
 from anima_trainer.train.inputs import report_long_captions as report_long_captions
@@ -150,7 +151,7 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     te = load_text_encoder(cfg.qwen3, tokenizer_dir=cfg.qwen3_tokenizer_path, t5_tokenizer_dir=cfg.t5_tokenizer_path,
                            dtype=dtype, device=device)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
-    vae = load_vae(cfg.vae, dtype=vae_dtype, device=device)
+    vae = load_vae(cfg.vae, dtype=vae_dtype, device=device, two_d=cfg.qwen_image_vae_2d, chunk_rows=cfg.vae_chunk_size)
     return Models(dit, te, vae)
 
 
@@ -307,6 +308,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         log.warning("notice: %s", line)
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
+    for note in cfg.vae_compile_notices():  # issue 14: options accepted with another effect, said once
+        log.warning("notice: %s", note)
     # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
     # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
     cached = cfg.cache_latents or cfg.cache_latents_to_disk
@@ -314,6 +317,9 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                             seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
                             default_validation_seed=cfg.validation_seed)
     check_validation(cfg, dataset)
+    masked_note = check_masked_loss(cfg, dataset)  # issue 14: masked_loss / conditioning_data_dir
+    if masked_note:
+        log.warning("notice: %s", masked_note)
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
