@@ -168,14 +168,45 @@ def test_bitsandbytes_wiring(fake_bnb, name, cls, extra):
     assert type(opt) is getattr(fake_bnb, cls)
     assert opt.kwargs["weight_decay"] == 0.1 and all(opt.kwargs[k] == v for k, v in extra.items())
     loss_step(opt, gs)
-    with pytest.raises(ConfigError, match=rf"optimizer_type: {name} \(bitsandbytes\) runs on CUDA only; the "
-                                          r"training device is cpu"):
-        build_optimizer(groups(), 1e-2, None, torch.device("cpu"), optimizer_type=name)
-    with pytest.raises(ConfigError, match="runs on CUDA only"):  # device taken from the parameters
-        build_optimizer(groups(), 1e-2, None, optimizer_type=name)
+    if name.startswith("bitsandbytes."):  # a class path is taken literally: no stand-in
+        with pytest.raises(ConfigError, match=rf"optimizer_type: {name} \(bitsandbytes\) runs on CUDA only; the "
+                                              r"training device is cpu"):
+            build_optimizer(groups(), 1e-2, None, torch.device("cpu"), optimizer_type=name)
+        with pytest.raises(ConfigError, match="runs on CUDA only"):  # device taken from the parameters
+            build_optimizer(groups(), 1e-2, None, optimizer_type=name)
+
+
+@pytest.mark.parametrize("name, stand_in", [
+    ("AdamW8bit", torch.optim.AdamW), ("PagedAdamW", torch.optim.AdamW), ("PagedAdamW8bit", torch.optim.AdamW),
+    ("PagedAdamW32bit", torch.optim.AdamW), ("SGDNesterov8bit", torch.optim.SGD),
+])
+def test_bitsandbytes_without_cuda_runs_its_fp32_stand_in_with_a_notice(monkeypatch, caplog, name, stand_in):
+    """Issue 14 (compatibility rule 2): 8-bit/paged states only save GPU memory, so on a machine without CUDA the
+    same algorithm runs with fp32 states — a kohya config naming AdamW8bit trains unchanged (CI, CPU users)."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not even installed: nothing of it is imported
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    c = parse_train_args([*REQUIRED, "--optimizer_type", name, "--optimizer_args", "weight_decay=0.1",
+                          "optim_bits=8"])
+    assert (c.optimizer_type, c.optimizer_args) == (name, {"weight_decay": 0.1, "optim_bits": 8})
+    gs, ref_gs = groups(), groups()
+    with caplog.at_level("WARNING", logger="anima_trainer.train.optim"):
+        opt = build_optimizer(gs, 1e-2, c.optimizer_args, torch.device("cpu"), optimizer_type=name)
+    assert type(opt) is stand_in and opt.defaults["weight_decay"] == 0.1 and "optim_bits" not in opt.defaults
+    assert (f"notice: optimizer_type = {name}: bitsandbytes' 8-bit/paged optimizer states exist to save GPU memory "
+            f"and need CUDA; this run trains on cpu, so {stand_in.__name__.replace('SGD', 'SGDNesterov')} with fp32 "
+            "states runs instead (the same algorithm; its own optimizer_args optim_bits have no meaning there; "
+            "nothing to change)") in caplog.text
+    plain = "AdamW" if stand_in is torch.optim.AdamW else "SGDNesterov"
+    ref = build_optimizer(ref_gs, 1e-2, {"weight_decay": 0.1}, torch.device("cpu"), optimizer_type=plain)
+    for _ in range(2):
+        loss_step(opt, gs), loss_step(ref, ref_gs)
+    for g, r in zip(gs, ref_gs, strict=True):  # exactly the plain optimizer's steps
+        assert torch.equal(g["params"][0], r["params"][0])
 
 
 def test_bitsandbytes_config_with_and_without_the_package(fake_bnb, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: bitsandbytes itself is used
     c = parse_train_args([*REQUIRED, "--optimizer_type", "adamw8bit", "--optimizer_args", "optim_bits=8"])
     assert (c.optimizer_type, c.optimizer_args) == ("AdamW8bit", {"optim_bits": 8})
     assert c.to_metadata()["ss_optimizer"] == "fake.AdamW8bit(optim_bits=8)"

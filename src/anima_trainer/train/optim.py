@@ -123,9 +123,24 @@ _PIP = {"bitsandbytes": "bitsandbytes", "pytorch_optimizer": "pytorch-optimizer"
         "prodigyopt": "prodigyopt", "schedulefree": "schedulefree", "lion_pytorch": "lion-pytorch"}
 
 
-def resolve_optimizer(optimizer_type: str) -> tuple[OptimizerSpec, type[torch.optim.Optimizer]]:
+# bitsandbytes' 8-bit and paged optimizer states exist to save GPU memory and run on CUDA only; on a machine without
+# CUDA the same algorithm runs with ordinary fp32 states (a notice says so: the compatibility rule's "no meaning here")
+NO_CUDA_EQUIVALENTS = {"adamw8bit": "AdamW", "pagedadamw": "AdamW", "pagedadamw8bit": "AdamW",
+                       "pagedadamw32bit": "AdamW", "lion8bit": "Lion", "pagedlion8bit": "Lion",
+                       "sgdnesterov8bit": "SGDNesterov"}
+
+
+def without_cuda(optimizer_type: str) -> str | None:
+    """The fp32 optimizer that stands in for a bitsandbytes one where there is no CUDA device, else None."""
+    return NO_CUDA_EQUIVALENTS.get(canonical_optimizer_name(optimizer_type).lower())
+
+
+def resolve_optimizer(optimizer_type: str, cuda: bool | None = None) -> tuple[OptimizerSpec, type[torch.optim.Optimizer]]:
     """The spec and the imported class of a canonical optimizer_type; ValueError naming `pip install` when the
-    package is missing, or when a dotted path is not an optimizer class."""
+    package is missing, or when a dotted path is not an optimizer class.  Without CUDA (`cuda`, default: this
+    machine) a bitsandbytes optimizer resolves to its fp32 equivalent (NO_CUDA_EQUIVALENTS)."""
+    if not (torch.cuda.is_available() if cuda is None else cuda) and without_cuda(optimizer_type):
+        optimizer_type = without_cuda(optimizer_type)
     name = canonical_optimizer_name(optimizer_type)
     spec = SPECS.get(name.lower())
     if spec is None:  # dotted path
@@ -197,6 +212,8 @@ def accepted_args(cls: type) -> list[str]:
 def check_optimizer_args(optimizer_type: str, optimizer_args: dict[str, Any], lr: float | None = None) -> None:
     """Every key must be an argument of the optimizer; then the optimizer is built once on a dummy tensor so that
     bad values fail at start-up, not after the models are loaded.  ValueError with the reason."""
+    if without_cuda(optimizer_type) and not torch.cuda.is_available():
+        return  # its fp32 stand-in runs here (build_optimizer): bitsandbytes-only arguments are dropped there
     spec, cls = resolve_optimizer(optimizer_type)
     _check_keys(spec, cls, optimizer_args)
     if spec.needs_cuda:
@@ -218,19 +235,28 @@ def build_optimizer(params: list[dict] | list[torch.nn.Parameter], lr: float, op
                     device: torch.device | None = None, *, optimizer_type: str = "AdamW") -> torch.optim.Optimizer:
     """The optimizer over `params` (tensors or param groups with their own "lr"/"name").  AdamW is fused on CUDA
     and foreach elsewhere unless optimizer_args set either; schedule-free ones are returned in train mode."""
-    try:
-        spec, cls = resolve_optimizer(optimizer_type)
-    except ValueError as e:
-        raise ConfigError(f"optimizer_type: {e}") from None
-    args = {k: _literal(v) for k, v in (optimizer_args or {}).items()}
-    try:
-        _check_keys(spec, cls, args)
-    except ValueError as e:
-        raise ConfigError(f"optimizer_args: {e}") from None
     params = list(params)
     if device is None:
         first = next((p for g in params for p in (g["params"] if isinstance(g, dict) else [g])), None)
         device = first.device if first is not None else torch.device("cpu")
+    stand_in = without_cuda(optimizer_type) if device.type != "cuda" else None
+    try:
+        spec, cls = resolve_optimizer(optimizer_type, cuda=device.type == "cuda")
+    except ValueError as e:
+        raise ConfigError(f"optimizer_type: {e}") from None
+    args = {k: _literal(v) for k, v in (optimizer_args or {}).items()}
+    if stand_in:
+        accepted = set(accepted_args(cls))
+        dropped = sorted(k for k in args if k not in accepted)  # optim_bits, min_8bit_size, percentile_clipping …
+        args = {k: v for k, v in args.items() if k in accepted}
+        log.warning("notice: optimizer_type = %s: bitsandbytes' 8-bit/paged optimizer states exist to save GPU memory "
+                    "and need CUDA; this run trains on %s, so %s with fp32 states runs instead (the same algorithm%s; "
+                    "nothing to change)", optimizer_type, device.type, stand_in,
+                    f"; its own optimizer_args {', '.join(dropped)} have no meaning there" if dropped else "")
+    try:
+        _check_keys(spec, cls, args)
+    except ValueError as e:
+        raise ConfigError(f"optimizer_args: {e}") from None
     if spec.needs_cuda and device.type != "cuda":
         raise ConfigError(f"optimizer_type: {spec.name} (bitsandbytes) runs on CUDA only; the training device is "
                           f"{device.type} (use AdamW there)")
