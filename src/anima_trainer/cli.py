@@ -277,6 +277,8 @@ def cmd_train(argv: list[str]) -> int:
     cfg = parse_train_args(argv)
     if cfg.console_log_level:
         console.set_level(cfg.console_log_level)
+    for line in cfg.notices:  # one per option accepted without effect (also written to the run's events)
+        print(f"notice: {line}", file=sys.stderr)
     try:
         print(train(cfg))
     except TrainingInterrupted as e:
