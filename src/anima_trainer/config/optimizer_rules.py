@@ -69,8 +69,11 @@ def check_optimizer_schedule(self: Any) -> None:
         cls_s = sch.resolve_scheduler_class(self.lr_scheduler_type)
         self.lr_scheduler_type = f"{cls_s.__module__}.{cls_s.__name__}"
         sch.check_scheduler_args(cls_s, self.lr_scheduler_args)
-    # options the chosen scheduler does not use are accepted with a notice, as kohya ignores them
-    # (schedulers.schedule_notices, printed at start-up)
+    # the other options the chosen scheduler does not use are accepted with a notice, as kohya ignores them
+    # (schedulers.schedule_notices); lr_scheduler_args kohya passes to every schedule function, which fails
+    elif self.lr_scheduler_args and self.lr_scheduler != "piecewise_constant":
+        raise ValueError(f"lr_scheduler_args: not used by lr_scheduler '{self.lr_scheduler}' (only by "
+                         "piecewise_constant and lr_scheduler_type); remove it")
     if self.lr_scheduler == "warmup_stable_decay" and not self.lr_decay_steps:
         raise ValueError("lr_decay_steps: warmup_stable_decay needs a decay (steps, or a fraction < 1)")
     if self.lr_scheduler == "piecewise_constant" and not self.lr_scheduler_type:

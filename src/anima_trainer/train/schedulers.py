@@ -206,6 +206,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, max_steps: int,
         raise ConfigError(f"lr_scheduler: {name!r} is not one of {', '.join(SCHEDULERS)}")
     if name == "adafactor":
         return AdafactorLR(optimizer)
+    if name == "constant" and warmup:
+        raise ConfigError("lr_warmup_steps: the 'constant' scheduler has no warm-up (kohya refuses it too); use "
+                          "lr_scheduler = \"constant_with_warmup\" or lr_warmup_steps = 0")
     if warmup and warmup >= max_steps:
         raise ConfigError(f"lr_warmup_steps ({warmup}) must be less than the number of optimizer steps ({max_steps})")
     if name == "warmup_stable_decay":
@@ -327,8 +330,9 @@ def describe_schedule(scheduler: LRScheduler, name: str, max_steps: int, base_lr
     notice = None
     floor = min_lr_ratio if name in ("cosine_with_min_lr", "warmup_stable_decay", "polynomial") else 0.0
     if name == "polynomial" and not min_lr_ratio:
-        floor = min(values)
-    if name in _ENDS_AT_MINIMUM and min(values) - floor > 0.05 * max(peak - floor, 1e-12):
+        floor = POLYNOMIAL_LR_END / base_lr if base_lr > 0 else 0.0
+    lowest = min(values[values.index(peak):])  # after the warm-up
+    if name in _ENDS_AT_MINIMUM and lowest - floor > 0.05 * max(peak - floor, 1e-12):
         notice = (f"lr never reaches its minimum ({floor * base_lr:.3g}): it ends at {values[-1] * base_lr:.3g}"
                   + (" (kohya halves lr_scheduler_num_cycles for this scheduler: 1 is one descent to the minimum)"
                      if name in ("cosine_with_min_lr", "warmup_stable_decay") else ""))
