@@ -127,6 +127,10 @@ def test_kohya_ss_gui_toml_trains_one_step(setup, tmp_path, capsys):
                    "text encoder (Qwen3) stays frozen", "folder 'unprefixed'"):
         assert err.count(notice) == 1, notice
     assert "lr_scheduler_num_cycles" not in err  # 1 with cosine: kohya's default, one descent
+    events = [json.loads(line) for line in (tmp_path / "out" / "gui_lora.events.jsonl").read_text().splitlines()]
+    recorded = [e["message"] for e in events if e["type"] == "notice"]
+    assert len(recorded) == len(set(recorded)) and any(m.startswith("xformers = true: attention runs") for m in
+                                                        recorded) and any(m.startswith("epoch = 1") for m in recorded)
     out = tmp_path / "out"
     assert any(k.endswith(".lora_down.weight") for k in _keys(out / "gui_lora.safetensors"))
     generated = out / "gui_lora_config"
