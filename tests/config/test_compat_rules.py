@@ -226,3 +226,13 @@ def test_option_table_prints_totals(capsys):
     assert option_table.main([]) == 0
     out = capsys.readouterr()
     assert out.out.startswith(option_table.BEGIN) and out.err.startswith("totals: {'implemented': ")
+
+
+def test_flow_settings_without_effect_are_said():
+    c = parse_train_args([*REQUIRED, "--discrete_flow_shift", "3", "--weighting_scheme", "logit_normal"])
+    assert c.notices == [
+        "discrete_flow_shift = 3: not used by timestep_sampling 'sigmoid' (only by shift and sigma); no effect",
+        "weighting_scheme = 'logit_normal': for Anima it only shapes the timestep density of timestep_sampling = "
+        "\"sigma\" (it is no loss weight); no effect with 'sigmoid'"]
+    assert parse_train_args([*REQUIRED, "--timestep_sampling", "sigma", "--discrete_flow_shift", "3",
+                             "--weighting_scheme", "logit_normal"]).notices == []

@@ -361,7 +361,25 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
 
     cfg.set_compat(notices=notices, sd_scripts_anima=seed_style)
     cfg.notices.extend(schedule_notices(cfg, given=set(merged)))
+    cfg.notices.extend(flow_notices(cfg, given=set(merged)))
     return cfg
+
+
+def flow_notices(cfg: TrainConfig, given: set[str]) -> list[str]:
+    """Flow-matching settings that have no effect with the chosen timestep_sampling (kohya v0.11.1 logs the same,
+    kohya_anima.md §1.1-1.2): said once at start-up instead of being silently ignored."""
+    out, ts = [], cfg.timestep_sampling
+    if "discrete_flow_shift" in given and cfg.discrete_flow_shift != 1.0 and ts in ("sigmoid", "uniform",
+                                                                                     "flux_shift"):
+        out.append(f"discrete_flow_shift = {cfg.discrete_flow_shift:g}: not used by timestep_sampling '{ts}' (only "
+                   "by shift and sigma); no effect")
+    if "sigmoid_scale" in given and cfg.sigmoid_scale != 1.0 and ts in ("uniform", "sigma"):
+        out.append(f"sigmoid_scale = {cfg.sigmoid_scale:g}: not used by timestep_sampling '{ts}' (only by "
+                   "sigmoid, shift and flux_shift); no effect")
+    if cfg.weighting_scheme in ("logit_normal", "mode") and ts != "sigma":
+        out.append(f"weighting_scheme = '{cfg.weighting_scheme}': for Anima it only shapes the timestep density of "
+                   f"timestep_sampling = \"sigma\" (it is no loss weight); no effect with '{ts}'")
+    return out
 
 
 def _judge_rules(rules: dict[str, tuple[Any, str, str]], settings: dict[str, Any]) -> list[str]:
