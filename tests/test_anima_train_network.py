@@ -214,7 +214,7 @@ def test_translations_without_training(setup, tmp_path):
                   'image_dir = "rel_images"\n', encoding="utf-8")
     (tmp_path / "rel_images").mkdir()
     argv, notes = translate_kohya_argv(["--dataset_config", str(ds), "--resolution", "64", "--shuffle_caption",
-                                        "--caption_extension", ".txt", "--output_dir", str(tmp_path / "o")])
+                                        "--caption_extention", ".txt", "--output_dir", str(tmp_path / "o")])
     generated = Path(argv[argv.index("--dataset_config") + 1])
     doc = tomllib.loads(generated.read_text())
     assert doc["general"] == {"shuffle_caption": False, "resolution": 64, "caption_extension": ".txt"}

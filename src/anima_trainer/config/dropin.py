@@ -56,6 +56,7 @@ DATASET_OPTIONS: dict[str, Any] = {
     "enable_wildcard": "flag", "caption_dropout_rate": float, "caption_dropout_every_n_epochs": int,
     "caption_tag_dropout_rate": float, "token_warmup_min": int, "token_warmup_step": float, "color_aug": "flag",
     "flip_aug": "flag", "random_crop": "flag", "skip_image_resolution": str, "resize_interpolation": str,
+    "caption_extention": str,  # kohya's old misspelling, still accepted by it for caption_extension
 }
 _FOLDER_OPTIONS = ("train_data_dir", "reg_data_dir", "in_json")
 LYCORIS_CONV_ARGS = ("conv_dim", "conv_alpha", "use_tucker", "use_cp")
@@ -231,6 +232,9 @@ class DropIn:
             if self.toml.pop(k, None) is not None:
                 self.toml_changed = True
         options = {k: v for k, v in options.items() if v not in (None, "")}
+        if "caption_extention" in options:  # kohya: used when caption_extension is not given
+            options.setdefault("caption_extension", options["caption_extention"])
+            del options["caption_extention"]
         general = {k: (_resolution(v) if k in ("resolution", "skip_image_resolution") else v)
                    for k, v in options.items() if k not in _FOLDER_OPTIONS}
         if self.dataset_doc is not None:  # root-style [dataset]

@@ -268,7 +268,7 @@ def _rules() -> dict[str, Rule]:
     # dataset-on-CLI options (kohya_anima.md §1.3): the drop-in translates them; `train` needs a dataset TOML
     for n in ("train_data_dir reg_data_dir in_json resolution skip_image_resolution caption_prefix caption_suffix "
               "caption_separator keep_tokens_separator secondary_separator resize_interpolation dataset_repeats "
-              "face_crop_aug_range caption_extention").split():
+              "face_crop_aug_range caption_extention").split():  # caption_extention: kohya's old spelling
         t[n] = Rule("error", _DATASET, UNSET, UNSET)
     for n in ("enable_bucket bucket_no_upscale shuffle_caption color_aug random_crop flip_aug enable_wildcard"
               ).split():
