@@ -89,8 +89,8 @@ def test_kohyas_default_values_say_so(tmp_path):
     toml = tmp_path / "t.toml"
     toml.write_text("xformers = false\nqwen3_max_token_length = 512\nhuber_schedule = \"snr\"\n", encoding="utf-8")
     assert parse_train_args([*REQUIRED, "--config_file", str(toml)]).notices == [
-        f"xformers = false: kohya's default, nothing to do here ({ko.RULES['xformers'].text})",
-        f"qwen3_max_token_length = 512: kohya's default, nothing to do here ({ko.RULES['qwen3_max_token_length'].text})",
+        f"xformers = false: already what anima-trainer does ({ko.RULES['xformers'].text})",
+        f"qwen3_max_token_length = 512: already what anima-trainer does ({ko.RULES['qwen3_max_token_length'].text})",
         "huber_schedule = 'snr': only used by the huber and smooth_l1 losses (loss_type is l2); no effect"]
 
 

@@ -239,7 +239,7 @@ def _rules() -> dict[str, Rule]:
     notice("huggingface_path_in_repo huggingface_repo_type huggingface_repo_visibility huggingface_token "
            "async_upload save_state_to_huggingface", _HF, OFF)
     notice("text_encoder_lr", _NO_TE, UNSET + (0, 0.0, [], "0"))
-    notice("network_train_unet_only", _NO_TE + "; that is what `true` asks for", (True, "true", "True"))
+    notice("network_train_unet_only", _NO_TE, (True, "true", "True"))
     notice("metadata_is_negative_embedding", "a modelspec field of textual-inversion embeddings; a LoRA file is "
            "not one")
     notice("metadata_preprocessor", "a modelspec field of ControlNet models; not written for a LoRA", UNSET)
@@ -359,7 +359,7 @@ def rule_message(name: str, value: object, shown: str, settings: dict[str, objec
                                         for a in rule.accepted):
         return "error", f"{shown} = {v}: {rule.text}"
     if inert(rule, value):
-        return "notice", f"{shown} = {v}: kohya's default, nothing to do here ({rule.text})"
+        return "notice", f"{shown} = {v}: already what anima-trainer does ({rule.text})"
     return "notice", f"{shown} = {v}: {rule.text}"
 
 
