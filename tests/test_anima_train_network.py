@@ -127,6 +127,7 @@ def test_kohya_ss_gui_toml_trains_one_step(setup, tmp_path, capsys):
                    "text encoder (Qwen3) stays frozen", "folder 'unprefixed'"):
         assert err.count(notice) == 1, notice
     assert "lr_scheduler_num_cycles" not in err  # 1 with cosine: kohya's default, one descent
+    assert "lr schedule: cosine, 1 steps: start 0.0001, peak 0.0001 (step 0), end 0.0001, 0 descents" in err
     events = [json.loads(line) for line in (tmp_path / "out" / "gui_lora.events.jsonl").read_text().splitlines()]
     recorded = [e["message"] for e in events if e["type"] == "notice"]
     assert len(recorded) == len(set(recorded)) and any(m.startswith("xformers = true: attention runs") for m in
