@@ -137,7 +137,7 @@ def test_type_errors_name_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("old, new", [("dit_path", "pretrained_model_name_or_path"), ("qwen3_path", "qwen3"),
-                                      ("vae_path", "vae"), ("timestep_sample_method", "timestep_sampling"),
+                                      ("vae_path", "vae"), ("t5_tokenizer", "t5_tokenizer_path"),
                                       ("timestep_bias_begin", "min_timestep")])
 def test_did_you_mean_knows_renamed_keys(tmp_path, old, new):
     toml = tmp_path / "t.toml"
@@ -236,3 +236,19 @@ def test_flow_settings_without_effect_are_said():
         "\"sigma\" (it is no loss weight); no effect with 'sigmoid'"]
     assert parse_train_args([*REQUIRED, "--timestep_sampling", "sigma", "--discrete_flow_shift", "3",
                              "--weighting_scheme", "logit_normal"]).notices == []
+
+
+def test_anima_standalone_trainer_template_keys(tmp_path):
+    # gazingstars123/Anima-Standalone-Trainer training-ui/templates/config_template.toml (its PR-era names)
+    toml = tmp_path / "ast.toml"
+    toml.write_text('[training_arguments]\nflash_attn = false\ntimestep_bias_strategy = "none"\n'
+                    'persistent_data_loader_workers = true\n[anima_arguments]\ntimestep_sample_method = '
+                    '"logit_normal"\nweighting_scheme = "logit_normal"\n', encoding="utf-8")
+    c = parse_train_args([*REQUIRED, "--config_file", str(toml)])
+    assert (c.timestep_sampling, c.discrete_flow_shift) == ("shift", 3.0)  # the PR's logit-normal, shift 3
+    assert sorted(n.split(":")[0] for n in c.notices) == [
+        "flash_attn = false", "persistent_data_loader_workers = true", "timestep_bias_strategy = 'none'",
+        "timestep_sample_method = 'logit_normal'", "weighting_scheme = 'logit_normal'"]
+    toml.write_text('timestep_bias_strategy = "later"\n', encoding="utf-8")
+    assert error([*REQUIRED, "--config_file", str(toml)]).startswith(
+        "timestep_bias_strategy = 'later': diffusers' timestep bias is not a kohya option")

@@ -26,6 +26,15 @@ ALIASES: dict[str, str] = {
     # kohya-ss/sd-scripts 0.11.1 per-block compile (kohya_anima.md §4.11); compile_mode, compile_backend,
     # compile_fullgraph and compile_cache_size_limit are TrainConfig fields under kohya's own names
     "compile": "compile_blocks",
+    # the name of kohya's Anima pull request (#2260, before 2026-02-09), still written by Anima-Standalone-Trainer;
+    # its values and default shift 3.0 are sd-scripts-anima's (see below)
+    "timestep_sample_method": "timestep_sampling",
+}
+# aliases that are another trainer's name rather than sd-scripts-anima's: one start-up notice says what they became
+ALIAS_NOTICES: dict[str, str] = {
+    "timestep_sample_method": "the name of kohya's Anima pull request (Anima-Standalone-Trainer writes it), mapped "
+                              "to timestep_sampling (logit_normal = \"shift\": logit-normal t shifted by "
+                              "discrete_flow_shift, default 3.0 as there)",
 }
 
 # sd-scripts-anima's `anima_timestep_sampling` values → kohya's `timestep_sampling` values.  Its `logit_normal`
@@ -34,7 +43,8 @@ ALIASES: dict[str, str] = {
 ANIMA_TIMESTEP_SAMPLING_VALUES: dict[str, str] = {"logit_normal": "shift", "uniform": "uniform"}
 
 # sd-scripts-anima defaults that apply when one of its timestep aliases is used (seed_system.md §1.2).
-SD_SCRIPTS_ANIMA_TIMESTEP_ALIASES = ("anima_timestep_sampling", "anima_sigmoid_scale", "anima_flow_shift")
+SD_SCRIPTS_ANIMA_TIMESTEP_ALIASES = ("anima_timestep_sampling", "anima_sigmoid_scale", "anima_flow_shift",
+                                     "timestep_sample_method")
 SD_SCRIPTS_ANIMA_TIMESTEP_DEFAULTS = {"timestep_sampling": "shift", "discrete_flow_shift": 3.0}
 
 # --- optimizers / schedulers / network modules ---------------------------------------------------------------
@@ -296,6 +306,10 @@ def _rules() -> dict[str, Rule]:
     notice("max_resolution", "kohya_ss GUI bookkeeping; sd-scripts reads resolution (dataset)", source=gui)
     notice("noise_offset_type", "kohya_ss GUI bookkeeping; sd-scripts does not read it", source=gui)
     ls = "lora-scripts(-next) GUI"
+    ast = "Anima-Standalone-Trainer"
+    notice("flash_attn", _ATTENTION, source=ast)
+    error("timestep_bias_strategy", "diffusers' timestep bias is not a kohya option; shape the timesteps with "
+          "timestep_sampling, sigmoid_scale and discrete_flow_shift", ("", None, "none"), source=ast)
     notice("model_train_type lora_type enable_preview positive_prompts negative_prompts sample_width sample_height "
            "sample_cfg sample_seed sample_steps randomly_choice_prompt prompt_file lycoris_algo conv_dim conv_alpha "
            "dropout lokr_factor dylora_unit enable_base_weight enable_block_weights ui_custom_params "
@@ -315,7 +329,6 @@ RENAMED: dict[str, str] = {
     "qwen3_path": "qwen3", "text_encoder": "qwen3", "text_encoder_path": "qwen3", "qwen_path": "qwen3",
     "vae_path": "vae", "t5_tokenizer": "t5_tokenizer_path", "qwen3_tokenizer": "qwen3_tokenizer_path",
     "llm_adapter": "llm_adapter_path",
-    "timestep_sample_method": "timestep_sampling", "timestep_bias_strategy": "timestep_sampling",
     "timestep_bias_begin": "min_timestep", "timestep_bias_end": "max_timestep",
     "timestep_bias_multiplier": "timestep_sampling", "timestep_bias_portion": "timestep_sampling",
     "flow_shift": "discrete_flow_shift", "shift": "discrete_flow_shift",

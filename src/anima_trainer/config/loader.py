@@ -85,7 +85,8 @@ def build_train_parser(prog: str = "anima-trainer train", description: str = TRA
         text = (info.description or "") + (" [required]" if req else default)
         _add(parser, name, name, text.strip())
     for alias, canonical in ko.ALIASES.items():
-        _add(parser, alias, canonical, f"sd-scripts-anima name of --{canonical}")
+        _add(parser, alias, canonical, f"{'another' if alias in ko.ALIAS_NOTICES else 'sd-scripts-anima'} name of "
+                                       f"--{canonical}")
     fields = TrainConfig.model_fields
     for name in [*ko.RULES, *ko.PENDING_FIELDS]:  # accepted (notice) or refused by value; a field wins
         if name not in fields and name not in ko.ALIASES:
@@ -278,9 +279,11 @@ def _canonical(values: dict[str, Any], src: TomlSource | None, rules: dict[str, 
             canonical = ko.ALIASES[key]
             if value == "":  # sd-scripts-anima's "unset"
                 continue
-            if key == "anima_timestep_sampling":
+            if key in ko.ALIAS_NOTICES:
+                rules[key] = (value, f"--{key}" if src is None else key, where(key))
+            if key in ("anima_timestep_sampling", "timestep_sample_method"):
                 if value not in ko.ANIMA_TIMESTEP_SAMPLING_VALUES:
-                    lines.append(f"anima_timestep_sampling: expected one of "
+                    lines.append(f"{key}: expected one of "
                                  f"{', '.join(map(repr, ko.ANIMA_TIMESTEP_SAMPLING_VALUES))}, got {value!r} "
                                  f"({where(key)})")
                     continue
@@ -386,6 +389,9 @@ def _judge_rules(rules: dict[str, tuple[Any, str, str]], settings: dict[str, Any
     """One notice per accepted rule option; all refused ones at once as a ConfigError naming file and line."""
     notices, errors = [], []
     for name, (value, shown, where) in rules.items():
+        if name in ko.ALIAS_NOTICES:
+            notices.append(f"{shown} = {value!r}: {ko.ALIAS_NOTICES[name]}")
+            continue
         kind, text = ko.rule_message(name, value, shown, settings)
         if kind == "error":
             errors.append(f"{text} ({where})")

@@ -42,6 +42,8 @@ def classify(name: str, source: str) -> Row:
     fields = TrainConfig.model_fields
     if name in fields:
         return Row(name, source, "implemented", fields[name].description or "a setting (config_reference.md)")
+    if name in ko.ALIAS_NOTICES:
+        return Row(name, source, "implemented", f"mapped to `{ko.ALIASES[name]}`: {ko.ALIAS_NOTICES[name]} (a notice)")
     if name in ko.ALIASES:
         return Row(name, source, "implemented", f"sd-scripts-anima name of `{ko.ALIASES[name]}`")
     if name in LOADER_OPTIONS:
@@ -70,6 +72,7 @@ def rows() -> tuple[list[Row], list[Row]]:
     main = [classify(n, "kohya v0.11" if n in v11_only else "kohya") for n in ko.KOHYA_OPTIONS]
     main += [classify(n, "sd-scripts-anima") for n in ko.SD_SCRIPTS_ANIMA_OPTIONS if n not in ko.KOHYA_OPTIONS]
     gui = [classify(n, r.source) for n, r in ko.RULES.items() if r.source not in ("kohya", "sd-scripts-anima")]
+    gui += [classify(n, "Anima-Standalone-Trainer") for n in ko.ALIAS_NOTICES]
     return sorted(main, key=lambda r: r.name), sorted(gui, key=lambda r: r.name.lower())
 
 
@@ -98,8 +101,8 @@ def render_table() -> str:
         "| option | from | anima-trainer | what happens |", "|---|---|---|---|",
         *(f"| `{r.name}` | {r.source} | {r.outcome} | {_cell(r.what)} |" for r in main), "",
         f"### Keys GUIs write ({len(gui)})", "",
-        "Bookkeeping keys kohya_ss and lora-scripts(-next) put into the TOMLs they save: each is accepted with a "
-        "notice.", "",
+        "Keys kohya_ss, lora-scripts(-next) and Anima-Standalone-Trainer put into the TOMLs they save: each is "
+        "known (mapped, or accepted with a notice saying it has no effect here).", "",
         "| key | written by | anima-trainer | what happens |", "|---|---|---|---|",
         *(f"| `{r.name}` | {r.source} | {r.outcome} | {_cell(r.what)} |" for r in gui), "",
         END,
