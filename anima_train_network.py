@@ -3,11 +3,12 @@
     accelerate launch anima_train_network.py --config_file config_lora.toml [kohya flags]
     python anima_train_network.py --config_file root_style.toml     # a root-style Anima_Trainer config
 
-GUIs that launch sd-scripts (kohya_ss, lora-scripts) can point at this file.  What kohya reads differently from
-`anima-trainer train` (the dataset on the command line, `lr_scheduler_num_cycles`, LyCORIS arguments, options
-sd-scripts ignores for Anima, root-style files) is translated by `anima_trainer.config.dropin`, which prints a
-notice for each translation and writes what it generated under `<output_dir>/<output_name>_config/`.  Anything
-anima-trainer does not support stops with a message naming the option (docs/migration.md).
+GUIs that launch sd-scripts (kohya_ss, lora-scripts) can point at this file.  What `anima-trainer train` reads
+differently (the dataset on the command line, LyCORIS arguments, root-style files) is translated by
+`anima_trainer.config.dropin`, which prints a notice for each translation and writes what it generated under
+`<output_dir>/<output_name>_config/`.  Every other kohya option is judged by `anima-trainer train` itself: an
+option without meaning for Anima prints one notice, one that cannot be honoured stops with a message naming
+the option, your file and line (docs/migration.md, "Every option").
 """
 
 import sys

@@ -289,6 +289,8 @@ def cmd_train(argv: list[str]) -> int:
     cfg = parse_train_args(argv)
     if cfg.console_log_level:
         console.set_level(cfg.console_log_level)
+    for line in cfg.notices:  # one per option accepted without effect (also written to the run's events)
+        print(f"notice: {line}", file=sys.stderr)
     try:
         print(train(cfg))
     except TrainingInterrupted as e:
@@ -314,6 +316,8 @@ def cmd_cache(argv: list[str]) -> int:
     cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
     if cfg.console_log_level:
         console.set_level(cfg.console_log_level)
+    for line in cfg.notices:
+        print(f"notice: {line}", file=sys.stderr)
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
                             seed=cfg.seed or 0)
     from anima_trainer.download import ensure_tokenizers

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -274,20 +275,24 @@ def test_cosine_num_cycles_keeps_its_meaning(models, tmp_path):
     _, cfg = _schedule_cfg(models, tmp_path, 'lr_scheduler = "cosine"\nlr_min_ratio = 0.1\n'
                                              'lr_scheduler_num_cycles = 0.5\nlr_warmup_ratio = 0.1\n')
     assert (cfg.lr_scheduler, cfg.lr_scheduler_min_lr_ratio, cfg.lr_scheduler_num_cycles) == (
-        "cosine_with_min_lr", 0.1, 0.5)
+        "cosine_with_min_lr", 0.1, 1.0)  # kohya's meaning: 1 = one descent (kohya halves it into 0.5 periods)
     assert cfg.lr_warmup_steps == 0.1
     lrs = _lr_curve(cfg, 100)
-    assert lrs[9] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)  # warm-up done, ends at the minimum
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # one monotone descent
+    # kohya's (transformers') curve: warm-up 0, 0.1, ... 0.9, full lr at step 10; the last step (99 of 100) is
+    # 1/90 of the descent short of the end: 0.1 + 0.9 * ½(1 + cos(π·89/90))
+    end = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90))
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(end) and end < 0.1003
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # one monotone descent
 
 
 def test_restarts_count_descents(models, tmp_path):
     conv, cfg = _schedule_cfg(models, tmp_path, 'lr_scheduler = "cosine_with_restarts"\n'
                                                 'lr_scheduler_num_cycles = 2\n')
-    assert cfg.lr_scheduler_num_cycles == 1.0  # 2 descents = 1 period in anima-trainer's count
+    assert cfg.lr_scheduler_num_cycles == 2.0  # kohya's meaning too: 2 restart cycles
     lrs = _lr_curve(cfg, 100)
     rises = sum(b > a + 1e-9 for a, b in zip(lrs, lrs[1:], strict=False))
-    assert rises == 1 and lrs[-1] == pytest.approx(0.0, abs=1e-6)  # two descents: one restart, ends at 0
+    # two descents (one restart at step 50); the last step is 1/100 before the end of the second
+    assert rises == 1 and lrs[50] == 1.0 and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.98)))
 
 
 def test_missing_t5_tokenizer_is_an_error_naming_the_key(models, tmp_path):

@@ -1,5 +1,6 @@
-"""LR schedules: the factor at key steps against hand-computed values (every cosine variant at num_cycles 0.5 /
-1.0 / 1.5), warm-up and decay as fractions, custom torch classes, and exact resume through state_dict."""
+"""LR schedules: kohya's curves step for step (transformers' schedule functions called as kohya's get_scheduler_fix
+calls them, for every scheduler x num_cycles 0.5/1/2/3 x warm-up), sd-scripts-anima's num_cycles meaning, the
+start-up line and notices, custom torch classes, and exact resume through state_dict."""
 
 from __future__ import annotations
 
@@ -8,22 +9,28 @@ import math
 
 import pytest
 import torch
+import transformers.optimization as tro
 
-from anima_trainer.train.schedulers import build_scheduler, parse_step_rules, resolve_warmup
+from anima_trainer.train.schedulers import (
+    build_scheduler,
+    describe_schedule,
+    parse_step_rules,
+    resolve_warmup,
+)
 
 BASE_LR = 2.0
-N, W = 13, 2  # 13 optimizer steps, 2 warm-up steps: decay progress p = (step - 2) / 10, p = 0.5 at step 7
 
 
 def cos_(p: float, cycles: float) -> float:
     return 0.5 * (1 + math.cos(2 * math.pi * cycles * p))
 
 
-def run(name: str, steps: int = N, warmup: int | float = W, **kw) -> list[float]:
-    """The lr each optimizer step uses (read before the step, as the training loop does), / BASE_LR."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=BASE_LR)
-    sched = build_scheduler(opt, name, steps, warmup, **kw)
+def _opt() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+
+
+def curve(opt: torch.optim.Optimizer, sched, steps: int) -> list[float]:
+    """The lr each optimizer step uses (read before the step, as kohya's loop and ours do), / BASE_LR."""
     out = []
     for _ in range(steps):
         out.append(opt.param_groups[0]["lr"] / BASE_LR)
@@ -32,66 +39,99 @@ def run(name: str, steps: int = N, warmup: int | float = W, **kw) -> list[float]
     return out
 
 
-WARM = {0: 0.5, 1: 1.0, 2: 1.0}  # (step + 1) / W during the warm-up, then the full lr at decay progress 0
-TABLE = [
-    ("constant", {}, 0, {0: 1.0, 6: 1.0, 12: 1.0}),
-    ("constant_with_warmup", {}, W, {**WARM, 7: 1.0, 12: 1.0}),
-    ("linear", {}, W, {**WARM, 7: 0.5, 10: 0.2, 12: 0.0}),
-    ("cosine", {"num_cycles": 0.5}, W, {**WARM, 4: cos_(0.2, 0.5), 7: 0.5, 12: 0.0}),
-    ("cosine", {"num_cycles": 1.0}, W, {**WARM, 4: cos_(0.2, 1.0), 7: 0.0, 9: cos_(0.7, 1.0), 12: 1.0}),
-    ("cosine", {"num_cycles": 1.5}, W, {**WARM, 4: cos_(0.2, 1.5), 5: cos_(0.3, 1.5), 7: 0.5, 12: 0.0}),
-    ("cosine_with_min_lr", {"num_cycles": 0.5, "min_lr_ratio": 0.1}, W, {**WARM, 7: 0.55, 12: 0.1}),
-    ("cosine_with_min_lr", {"num_cycles": 1.0, "min_lr_ratio": 0.1}, W,
-     {**WARM, 4: 0.1 + 0.9 * cos_(0.2, 1.0), 7: 0.1, 12: 1.0}),
-    ("cosine_with_min_lr", {"num_cycles": 1.5, "min_lr_ratio": 0.1}, W, {**WARM, 7: 0.55, 12: 0.1}),
-    # restarts: the same descents as cosine, each rise replaced by a jump back up (0.5 → 1 descent, 1.0 → 2, ...)
-    ("cosine_with_restarts", {"num_cycles": 0.5}, W, {**WARM, 4: cos_(0.2, 0.5), 7: 0.5, 12: 0.0}),
-    ("cosine_with_restarts", {"num_cycles": 1.0}, W,
-     {**WARM, 4: cos_(0.2, 1.0), 7: 0.0, 8: 1 - cos_(0.6, 1.0), 10: 1 - cos_(0.8, 1.0), 12: 0.0}),
-    ("cosine_with_restarts", {"num_cycles": 1.5}, W,
-     {**WARM, 5: cos_(0.3, 1.5), 6: 1 - cos_(0.4, 1.5), 7: 0.5, 12: 0.0}),
-    # warmup_stable_decay, 5 decay steps (8..12): progress (step - 7) / 5, last stable step 7
-    ("warmup_stable_decay", {"decay_steps": 5, "min_lr_ratio": 0.1, "num_cycles": 0.5}, W,
-     {**WARM, 7: 1.0, 8: 0.1 + 0.9 * cos_(0.2, 0.5), 10: 0.1 + 0.9 * cos_(0.6, 0.5), 12: 0.1}),
-    ("warmup_stable_decay", {"decay_steps": 4, "num_cycles": 1.0}, W, {**WARM, 8: 1.0, 9: 0.5, 10: 0.0, 12: 1.0}),
-    ("warmup_stable_decay", {"decay_steps": 6, "num_cycles": 1.5}, W, {**WARM, 6: 1.0, 8: 0.0, 10: 1.0, 12: 0.0}),
-    ("polynomial", {"power": 2.0}, W, {**WARM, 7: 0.25, 12: 0.0}),
-    ("polynomial", {"power": 2.0, "min_lr_ratio": 0.1}, W, {**WARM, 7: 0.1 + 0.9 * 0.25, 12: 0.1}),
-    ("polynomial", {"power": 0.5}, W, {**WARM, 7: math.sqrt(0.5), 12: 0.0}),
-    # inverse_sqrt (diffusers): 1 / sqrt((step + timescale - W) / timescale), timescale default = W
-    ("inverse_sqrt", {}, W, {**WARM, 7: math.sqrt(2 / 7), 12: math.sqrt(2 / 12)}),
-    ("inverse_sqrt", {"timescale": 10}, W, {**WARM, 7: math.sqrt(10 / 15), 12: math.sqrt(10 / 20)}),
-    ("inverse_sqrt", {}, 0, {0: 1.0, 12: math.sqrt(10_000 / 10_012)}),
-    # piecewise_constant: rule steps are absolute optimizer steps; the warm-up ramps towards the rule's value
-    ("piecewise_constant", {"scheduler_args": {"step_rules": "1:5,0.1:10,0.01"}}, W,
-     {**WARM, 4: 1.0, 5: 0.1, 9: 0.1, 10: 0.01, 12: 0.01}),
-    ("piecewise_constant", {"scheduler_args": {"step_rules": "0.5:3,1"}}, W, {0: 0.25, 1: 0.5, 2: 0.5, 3: 1.0}),
-]
+def run(name: str, steps: int = 13, warmup: int | float = 2, **kw) -> list[float]:
+    opt = _opt()
+    return curve(opt, build_scheduler(opt, name, steps, warmup, **kw), steps)
 
 
-@pytest.mark.parametrize("name, kw, warmup, expected", TABLE,
-                         ids=[f"{t[0]}-{'-'.join(f'{k}={v}' for k, v in t[1].items())}" for t in TABLE])
-def test_lr_at_key_steps(name, kw, warmup, expected):
-    lrs = run(name, warmup=warmup, **kw)
-    for step, value in expected.items():
-        assert lrs[step] == pytest.approx(value, abs=1e-12), (step, lrs)
+def kohya_reference(name: str, steps: int, warmup: int | float, num_cycles: float, *, power: float = 1.0,
+                    min_lr_ratio: float = 0.0, decay: int | float = 0, timescale: int | None = None) -> list[float]:
+    """transformers' schedule with the arguments kohya v0.11.1 `get_scheduler_fix` passes (one process)."""
+    opt = _opt()
+    w = int(warmup * steps) if isinstance(warmup, float) else warmup
+    d = int(decay * steps) if isinstance(decay, float) else decay
+    fn = tro.TYPE_TO_SCHEDULER_FUNCTION[tro.SchedulerType(name)]
+    if name == "constant":
+        s = fn(opt)
+    elif name == "constant_with_warmup":
+        s = fn(opt, num_warmup_steps=w)
+    elif name == "inverse_sqrt":
+        s = fn(opt, num_warmup_steps=w, timescale=timescale)
+    elif name == "cosine_with_restarts":
+        s = fn(opt, num_warmup_steps=w, num_training_steps=steps, num_cycles=num_cycles)
+    elif name == "polynomial":
+        s = fn(opt, num_warmup_steps=w, num_training_steps=steps, power=power)
+    elif name == "cosine_with_min_lr":
+        s = fn(opt, num_warmup_steps=w, num_training_steps=steps, num_cycles=num_cycles / 2, min_lr_rate=min_lr_ratio)
+    elif name in ("linear", "cosine"):
+        s = fn(opt, num_warmup_steps=w, num_training_steps=steps)
+    else:  # warmup_stable_decay
+        s = fn(opt, num_warmup_steps=w, num_stable_steps=steps - w - d, num_decay_steps=d, num_cycles=num_cycles / 2,
+               min_lr_ratio=min_lr_ratio)
+    return curve(opt, s, steps)
 
 
-@pytest.mark.parametrize("name, kw", [("cosine", {}), ("cosine_with_restarts", {}), ("linear", {}),
-                                      ("cosine_with_min_lr", {"min_lr_ratio": 0.2}), ("polynomial", {"power": 3.0}),
-                                      ("warmup_stable_decay", {"decay_steps": 3, "min_lr_ratio": 0.2})])
-def test_default_num_cycles_is_one_descent_ending_on_the_last_step(name, kw):
-    for steps, warmup in ((13, 2), (7, 0), (100, 10), (4, 1)):
-        lrs = run(name, steps=steps, warmup=warmup, **kw)
-        assert lrs[-1] == pytest.approx(kw.get("min_lr_ratio", 0.0), abs=1e-12)
-        assert all(a >= b - 1e-12 for a, b in zip(lrs[warmup:], lrs[warmup + 1:], strict=False)), lrs
+KOHYA = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+         "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"]
+EXTRA = {"polynomial": {"power": 2.0}, "cosine_with_min_lr": {"min_lr_ratio": 0.1},
+         "warmup_stable_decay": {"min_lr_ratio": 0.1, "decay": 0.4}, "inverse_sqrt": {"timescale": 7}}
+
+
+@pytest.mark.parametrize("warmup", [0, 3, 0.1])
+@pytest.mark.parametrize("num_cycles", [0.5, 1, 2, 3])
+@pytest.mark.parametrize("name", KOHYA)
+def test_same_curve_as_kohya_step_by_step(name, num_cycles, warmup):
+    if name == "constant" and warmup:
+        pytest.raises(ValueError, run, name, 40, warmup)  # kohya refuses it too
+        return
+    kw = dict(EXTRA.get(name, {}))
+    ours = run(name, 40, warmup, num_cycles=num_cycles, **{("decay_steps" if k == "decay" else k): v
+                                                             for k, v in kw.items()})
+    assert ours == pytest.approx(kohya_reference(name, 40, warmup, num_cycles, **kw), abs=1e-12)
+
+
+def test_hand_computed_kohya_values():
+    # 12 steps, warm-up 2: progress p = (step - 2) / 10
+    lrs = run("cosine_with_min_lr", 12, 2, num_cycles=1, min_lr_ratio=0.1)  # kohya halves 1 → 0.5 periods
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0]) and lrs[7] == pytest.approx(0.55)
+    assert lrs[11] == pytest.approx(0.1 + 0.9 * cos_(0.9, 0.5))  # one step short of the end: above 0.1
+    assert run("cosine", 12, 2, num_cycles=3) == run("cosine", 12, 2, num_cycles=1)  # kohya ignores it
+    restarts = run("cosine_with_restarts", 12, 2, num_cycles=2)  # two descents, restart at p = 0.5 (step 7)
+    assert restarts[7] == 1.0 and restarts[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.8)))
+
+
+def test_sd_scripts_anima_num_cycles_counts_periods():
+    # sd-scripts-anima documents 0.5 as one descent ending at the minimum (kohya's halving gave 0.56 x lr)
+    ours = run("cosine_with_min_lr", 100, 0, num_cycles=0.5, min_lr_ratio=0.1, sd_scripts_anima=True)
+    kohya = run("cosine_with_min_lr", 100, 0, num_cycles=0.5, min_lr_ratio=0.1)
+    assert ours[-1] == pytest.approx(0.1 + 0.9 * cos_(0.99, 0.5)) and ours[-1] < 0.1003
+    assert kohya[-1] == pytest.approx(0.1 + 0.9 * cos_(0.99, 0.25)) and kohya[-1] > 0.55
+    assert run("cosine", 20, 0, num_cycles=1.0, sd_scripts_anima=True)[10] == pytest.approx(0.0)  # down, up
 
 
 def test_fractions_of_the_total_steps():
     assert resolve_warmup(0.1, 200) == 20 and resolve_warmup(5, 200) == 5 and resolve_warmup(None, 9) == 0
     lrs = run("warmup_stable_decay", steps=10, warmup=0.2, decay_steps=0.3)  # 2 warm-up, 5 stable, 3 decay steps
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.25, 0.0], abs=1e-12)
-    assert run("linear", steps=10, warmup=0.25)[:3] == pytest.approx([0.5, 1.0, 1.0])  # int(2.5) = 2 steps
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.25], abs=1e-12)
+    assert run("linear", steps=10, warmup=0.25)[:3] == pytest.approx([0.0, 0.5, 1.0])  # int(2.5) = 2 steps
+
+
+def test_piecewise_constant_ignores_the_warm_up_like_kohya():
+    lrs = run("piecewise_constant", 12, 2, scheduler_args={"step_rules": "1:5,0.1:10,0.01"})
+    assert lrs == [1.0] * 5 + [0.1] * 5 + [0.01] * 2
+
+
+def test_start_up_line_and_never_reaching_the_minimum():
+    opt = _opt()
+    s = build_scheduler(opt, "cosine_with_min_lr", 100, 10, num_cycles=0.5, min_lr_ratio=0.1)
+    line, notice = describe_schedule(s, "cosine_with_min_lr", 100, 1e-4, min_lr_ratio=0.1)
+    end = 1e-4 * (0.1 + 0.9 * cos_(89 / 90, 0.25))
+    assert line == f"lr schedule: cosine_with_min_lr, 100 steps: start 0, peak 0.0001 (step 10), end {end:.3g}, " \
+                   "1 descent"
+    assert notice is not None and notice.startswith(f"lr never reaches its minimum (1e-05): it ends at {end:.3g}")
+    s = build_scheduler(_opt(), "cosine_with_restarts", 100, 0, num_cycles=3)
+    line, notice = describe_schedule(s, "cosine_with_restarts", 100, 1.0)
+    assert line.endswith("3 descents") and notice is None
 
 
 def test_schedule_errors():
@@ -188,4 +228,4 @@ def test_loading_the_schedule_alone_sets_the_optimizer_lr():
     opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched2 = build_scheduler(opt2, "linear", 10)
     sched2.load_state_dict(sched.state_dict())
-    assert opt2.param_groups[0]["lr"] == pytest.approx(1 - 4 / 9) == sched2.get_last_lr()[0]
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1 - 4 / 10) == sched2.get_last_lr()[0]  # (10 - 4) / 10

@@ -11,8 +11,9 @@ root meaning:
   in optimizer steps with anima-trainer's buckets);
 * a parent `data_dir` of `N_name/` folders becomes one subset per folder with `num_repeats = N`;
 * `lr_scheduler_num_cycles` follows diffusers' convention, the one the root keys were written for: cosine
-  periods for cosine / cosine_with_min_lr / WSD (0.5 = one descent, identical to ours), descents for
-  cosine_with_restarts (ours counts periods there too, so the value is halved);
+  periods for cosine / cosine_with_min_lr / WSD (0.5 = one descent), restarts for cosine_with_restarts; the
+  written train.toml uses kohya's meaning (train/schedulers.py): periods × 2 for cosine_with_min_lr / WSD, the
+  same count for cosine_with_restarts, and a cosine of other than one descent becomes cosine_with_min_lr;
 * `train_parts` (default `dit_llm_adapter`) puts adapters in the LLM adapter too → `train_llm_adapter`;
 * the fixed flow settings of the root trainer (logit-normal t, shift 3) are written out.
 """
@@ -405,12 +406,16 @@ class _Converter:
         cycles = self.number("training", "lr_scheduler_num_cycles")
         if cycles is None:
             return
-        if name in ("cosine", "cosine_with_min_lr", "warmup_stable_decay"):
-            self.put("training", "lr_scheduler_num_cycles", "lr_scheduler_num_cycles", cycles,
-                     note="cosine periods in both (0.5 = one descent ending at the minimum)")
+        if name == "cosine" and cycles == 0.5:
+            self.row("training", "lr_scheduler_num_cycles", "", "not needed", "cosine is one descent in both")
+        elif name in ("cosine", "cosine_with_min_lr", "warmup_stable_decay"):
+            if name == "cosine":  # kohya's cosine is always one descent: the same curve with a floor of 0
+                self.c.train["lr_scheduler"] = "cosine_with_min_lr"
+            self.put("training", "lr_scheduler_num_cycles", "lr_scheduler_num_cycles", cycles * 2,
+                     note=f"{cycles:g} cosine periods = kohya's {cycles * 2:g} (kohya halves it; 1 = one descent)")
         elif name == "cosine_with_restarts":
-            self.put("training", "lr_scheduler_num_cycles", "lr_scheduler_num_cycles", cycles / 2,
-                     note=f"{cycles:g} descents = {cycles / 2:g} periods (anima-trainer counts periods)")
+            self.put("training", "lr_scheduler_num_cycles", "lr_scheduler_num_cycles", cycles,
+                     note="restarts in both")
         else:
             self.row("training", "lr_scheduler_num_cycles", "", "not needed", f"not used by {name}")
 

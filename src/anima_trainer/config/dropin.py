@@ -7,16 +7,15 @@ and what this module translates, is:
 * the dataset on the command line / in the train-args TOML (`train_data_dir` with `<N>_<name>/` folders,
   `reg_data_dir`, `in_json`, `resolution`, `enable_bucket`, caption and bucket options): a dataset.toml is
   generated.  With a `dataset_config`, those options are kohya's fallback level under `[general]`;
-* kohya's `lr_scheduler_num_cycles`, which counts descents (halved for cosine_with_min_lr and WSD, ignored for
-  cosine): converted to anima-trainer's cosine periods;
 * LyCORIS `network_args` that do nothing for Anima's Linear layers (conv_dim, use_tucker, ...) and its `preset`;
-* options sd-scripts reads but ignores for Anima or that GUIs always write (sample_sampler, huber_schedule with an
-  l2 loss, xformers, full_bf16, persistent_data_loader_workers, kohya_ss's `epoch`, ...): dropped with a notice;
 * a root-style Anima_Trainer config: converted (convert_root.py) with a notice.
+
+Options sd-scripts ignores for Anima and keys GUIs write are not handled here: `parse_train_args` accepts them
+with one notice each (kohya_options.RULES), and `lr_scheduler_num_cycles` keeps kohya's meaning there.
 
 Generated files go to `<output_dir>/<output_name>_config/` (train.toml, dataset.toml), are rewritten on every
 launch and show what actually ran.  Everything else still goes through `parse_train_args`, so anything
-unsupported fails there with the usual message.
+refused fails there with the usual message (naming the user's file and line, not the generated train.toml).
 """
 
 from __future__ import annotations
@@ -57,28 +56,15 @@ DATASET_OPTIONS: dict[str, Any] = {
     "enable_wildcard": "flag", "caption_dropout_rate": float, "caption_dropout_every_n_epochs": int,
     "caption_tag_dropout_rate": float, "token_warmup_min": int, "token_warmup_step": float, "color_aug": "flag",
     "flip_aug": "flag", "random_crop": "flag", "skip_image_resolution": str, "resize_interpolation": str,
+    "caption_extention": str,  # kohya's old misspelling, still accepted by it for caption_extension
 }
 _FOLDER_OPTIONS = ("train_data_dir", "reg_data_dir", "in_json")
-# keys written by GUIs or read-and-ignored by sd-scripts for Anima: (values that are dropped, reason)
-ANY = object()
-IGNORED: dict[str, tuple[Any, str]] = {
-    "epoch": (ANY, "kohya_ss bookkeeping; sd-scripts does not read it (max_train_steps / max_train_epochs do)"),
-    "noise_offset_type": (ANY, "kohya_ss GUI setting; sd-scripts does not read it"),
-    "sample_sampler": (ANY, "kohya's Anima sampler is always Euler; so is anima-trainer's"),
-    "persistent_data_loader_workers": (ANY, "data workers always stay alive for the whole run"),
-    "xformers": (ANY, "attention runs on torch SDPA (same math; pick the kernel with attention_backend)"),
-    "mem_eff_attn": (ANY, "attention runs on torch SDPA"),
-    "max_timestep": ((1000, "1000"), "1000 = the whole range, which is what is sampled"),
-    "min_timestep": ((0, "0"), "0 = the whole range, which is what is sampled"),
-}
 LYCORIS_CONV_ARGS = ("conv_dim", "conv_alpha", "use_tucker", "use_cp")
 LYCORIS_OFF_ARGS = ("bypass_mode", "use_scalar", "rank_dropout_scale", "dora_wd")
 LYCORIS_FULL_PRESET = ("train_adaln=true", "train_final_layer=true", "train_embedders=true", "train_llm_adapter=true")
 # consumed from the command line so they can be translated (peeked ones are put back as given)
-_PEEK = ("config_file", "dataset_config", "output_dir", "output_name", "lr_scheduler", "lr_scheduler_type",
-         "loss_type", "network_module", "network_train_unet_only", "cache_text_encoder_outputs")
-_TRANSLATED = ("lr_scheduler_num_cycles", "network_args", "huber_schedule", "text_encoder_lr")
-_BOOL_PEEK = ("network_train_unet_only", "cache_text_encoder_outputs")
+_PEEK = ("config_file", "dataset_config", "output_dir", "output_name", "network_module")
+_TRANSLATED = ("network_args",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,57 +74,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(add_help=False, allow_abbrev=False)
-    for name, kind in {**DATASET_OPTIONS, **dict.fromkeys(IGNORED, "flag")}.items():
+    for name, kind in DATASET_OPTIONS.items():
         if kind == "flag":
             p.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS)
         else:
             p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS)
     for name in _PEEK + _TRANSLATED:
-        if name in _BOOL_PEEK:
-            p.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS)
-        else:
-            p.add_argument(f"--{name}", nargs="*" if name in ("network_args", "text_encoder_lr") else None,
-                           default=argparse.SUPPRESS)
+        p.add_argument(f"--{name}", nargs="*" if name == "network_args" else None, default=argparse.SUPPRESS)
     return p
-
-
-def _literal(v: str) -> Any:
-    low = v.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
-
-
-def _strip_inert_cli(tokens: list[str], notices: list[str]) -> list[str]:
-    """Drop command-line uses of kohya options that anima-trainer does not implement when their value changes
-    nothing (`--sdpa`, `--max_bucket_reso 1024` ...): kohya's script accepts them, and the TOML path already does."""
-    from anima_trainer.config import kohya_options as ko
-
-    out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        name, eq, val = tok.lstrip("-").partition("=")
-        if not tok.startswith("--") or name not in ko.UNIMPLEMENTED:
-            out.append(tok)
-            i += 1
-            continue
-        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-        takes_next = not eq and nxt is not None and not (nxt.startswith("--") and _number(nxt) is None)
-        value: Any = _literal(val) if eq else (_literal(nxt) if takes_next else True)
-        used = 1 if eq or not takes_next else 2
-        if ko.is_inert(name, value):
-            shown = f"--{name}" if value is True and not eq else f"--{name} {value!r}"
-            notices.append(f"{shown} ignored: it changes nothing here")
-        else:
-            out += tokens[i:i + used]
-        i += used
-    return out
 
 
 def _to_cli(name: str, value: Any) -> list[str]:
@@ -172,9 +115,9 @@ class DropIn:
     def __init__(self, argv: list[str]) -> None:
         ns, rest = _parser().parse_known_args(argv)
         self.notices: list[str] = []
-        self.rest = _strip_inert_cli(rest, self.notices)
+        self.rest = rest
         self.cli: dict[str, Any] = vars(ns)
-        for name, kind in [*DATASET_OPTIONS.items(), *dict.fromkeys(_BOOL_PEEK, "flag").items()]:
+        for name, kind in DATASET_OPTIONS.items():
             if kind == "flag" and name in self.cli:
                 self.cli[name] = _flag(self.cli[name])
         self.toml: dict[str, Any] = {}
@@ -245,43 +188,6 @@ class DropIn:
                     layer[name] = new
 
     # --- translations -------------------------------------------------------------------------------------
-    def ignored_options(self) -> None:
-        for name, (values, reason) in IGNORED.items():
-            if self.has(name) and (values is ANY or self.get(name) in values):
-                self.drop(name, reason)
-        loss = str(self.get("loss_type", "l2"))
-        if self.has("huber_schedule") and loss in ("l2", "l1"):
-            self.drop("huber_schedule", f"only used by the huber / smooth_l1 losses (loss_type is {loss})")
-        te = self.get("text_encoder_lr")
-        unet_only = _truthy(self.get("network_train_unet_only", False)) or _truthy(
-            self.get("cache_text_encoder_outputs", False))
-        if self.has("text_encoder_lr") and (unet_only or not any(_number(x) for x in
-                                                                  (te if isinstance(te, list) else [te]))):
-            self.drop("text_encoder_lr", "the text encoder is not trained (network_train_unet_only)")
-        if _truthy(self.get("network_train_unet_only", False)):
-            self.drop("network_train_unet_only", "anima-trainer trains the DiT only, which is what it asks for")
-
-    def num_cycles(self) -> None:
-        """kohya counts descents (cosine_with_restarts; halved to diffusers' periods for cosine_with_min_lr and
-        warmup_stable_decay) and ignores num_cycles for the rest; anima-trainer counts periods everywhere."""
-        if not self.has("lr_scheduler_num_cycles") or self.has("lr_scheduler_type"):
-            return
-        sched = str(self.get("lr_scheduler", "constant") or "constant")
-        if sched not in ("cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay"):
-            self.drop("lr_scheduler_num_cycles", f"kohya does not use it for lr_scheduler '{sched}'"
-                      + (" (one descent, = anima-trainer's 0.5)" if sched == "cosine" else ""))
-            return
-        old = self.get("lr_scheduler_num_cycles")
-
-        def half(v: Any) -> Any:
-            n = _number(v)
-            return v if n is None else n / 2  # a bad value: the loader names it
-
-        self.replace("lr_scheduler_num_cycles", half)
-        if (n := _number(old)) is not None:
-            self.notices.append(f"lr_scheduler_num_cycles = {old!r} (kohya's count of descents for {sched}) → "
-                                f"{n / 2:g} cosine periods")
-
     def network_args(self) -> None:
         module = str(self.get("network_module", ""))
         if module not in ("lycoris.kohya", "networks.lokr", "networks.loha"):
@@ -326,6 +232,9 @@ class DropIn:
             if self.toml.pop(k, None) is not None:
                 self.toml_changed = True
         options = {k: v for k, v in options.items() if v not in (None, "")}
+        if "caption_extention" in options:  # kohya: used when caption_extension is not given
+            options.setdefault("caption_extension", options["caption_extention"])
+            del options["caption_extention"]
         general = {k: (_resolution(v) if k in ("resolution", "skip_image_resolution") else v)
                    for k, v in options.items() if k not in _FOLDER_OPTIONS}
         if self.dataset_doc is not None:  # root-style [dataset]
@@ -401,8 +310,6 @@ class DropIn:
 
     # --- result -------------------------------------------------------------------------------------------
     def argv(self) -> list[str]:
-        self.ignored_options()
-        self.num_cycles()
         self.network_args()
         needs_files = self.toml_changed or self.dataset_doc is not None or any(
             self.has(k) for k in DATASET_OPTIONS)
@@ -443,8 +350,7 @@ def help_epilog() -> str:
     items = [
         "the dataset on the command line (written as a dataset.toml): "
         + ", ".join(f"--{n}" for n in DATASET_OPTIONS),
-        "--lr_scheduler_num_cycles (kohya counts descents), LyCORIS --network_args (conv_dim, preset, ...)",
-        "dropped with a notice (sd-scripts ignores them for Anima): " + ", ".join(f"--{n}" for n in IGNORED),
+        "LyCORIS --network_args (conv_dim, preset, ...)",
         "--config_file may be a root-style Anima_Trainer config (converted on the fly)",
     ]
     head = ("also accepted, translated before training (a notice says what was done; generated files go to "

@@ -3,16 +3,21 @@
 TOML semantics follow kohya's `read_config_from_file` (kohya_anima.md §1.5): `.toml` is appended to the path when
 the path as given does not exist; every top-level table is flattened (table names are cosmetic, top-level keys are
 allowed too), list options are TOML arrays.  Stricter than kohya: a key in two tables, an unknown key and a value
-of the wrong type are errors (kohya silently overwrites / accepts them), and so is any kohya or sd-scripts-anima
-option that anima-trainer does not implement, unless its value asks for nothing (e.g. `fp8_base = false`).
+of the wrong type are errors (kohya silently overwrites / accepts them).  Every kohya / sd-scripts-anima option is
+either a TrainConfig field, or a rule of kohya_options.RULES: accepted with one start-up notice (what happens
+instead; `TrainConfig.notices`), or refused where honouring is impossible and ignoring would change the result.
+Errors name the file and line of the key (tomllib gives no positions: the key is found in the file text).
 Relative paths in the TOML are relative to the current working directory, as in kohya (not to the TOML's folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
@@ -83,26 +88,58 @@ def build_train_parser(prog: str = "anima-trainer train", description: str = TRA
         text = (info.description or "") + (" [required]" if req else default)
         _add(parser, name, name, text.strip())
     for alias, canonical in ko.ALIASES.items():
-        _add(parser, alias, canonical, f"sd-scripts-anima name of --{canonical}")
+        _add(parser, alias, canonical, f"{'another' if alias in ko.ALIAS_NOTICES else 'sd-scripts-anima'} name of "
+                                       f"--{canonical}")
+    fields = TrainConfig.model_fields
+    for name in [*ko.RULES, *ko.PENDING_FIELDS]:  # accepted (notice) or refused by value; a field wins
+        if name not in fields and name not in ko.ALIASES:
+            parser.add_argument(f"--{name}", dest=f"{_RULE_PREFIX}{name}", nargs="?", const=True,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            parser.add_argument(f"--no-{name}", dest=f"{_RULE_PREFIX}{name}", action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+_RULE_PREFIX = "rule:"  # argparse dest of the options that are rules, not fields (kept apart from field names)
+
+
+def _cli_value(v: object) -> object:
+    """A rule option's command-line string as kohya's argparse would type it (true/false, numbers)."""
+    if not isinstance(v, str):
+        return v
+    low = v.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _cli_names() -> list[str]:
     return ["config_file", *_field_names(), *ko.ALIASES]
 
 
+def suggest(name: str, prefix: str = "") -> str:
+    """"; did you mean 'x'?" for an unknown name: kohya's renamed keys first (dit_path → pretrained_model_name_or_path
+    ...), then the closest spelling among the settings."""
+    if name in ko.RENAMED or name.lower() in ko.RENAMED:
+        new = ko.RENAMED.get(name) or ko.RENAMED[name.lower()]
+        return f"; did you mean '{prefix}{new}'? ('{name}' is an older or another trainer's name for it)"
+    return did_you_mean(name, _cli_names(), prefix) or did_you_mean(name, [n for n in ko.RULES if n[:1].islower()],
+                                                                    prefix)
+
+
 def _check_extras(extras: list[str]) -> None:
-    """Errors for everything argparse did not recognise (unknown or unimplemented flags, stray words)."""
+    """Errors for everything argparse did not recognise (unknown flags, stray words)."""
     lines: list[str] = []
     after_flag = False
     for tok in extras:
         if tok.startswith("-") and not _is_number(tok):
             name = tok.lstrip("-").split("=", 1)[0]
-            base = name[3:] if name[:3] in ("no-", "no_") and name[3:] in ko.UNIMPLEMENTED else name
-            if base in ko.UNIMPLEMENTED:
-                lines.append(ko.unimplemented_message(base, shown=f"--{name}"))
-            else:
-                lines.append(f"unknown option '--{name}'{did_you_mean(name, _cli_names(), '--')}")
+            lines.append(f"unknown option '--{name}'{suggest(name, '--')}")
             after_flag = True
         elif not after_flag:
             lines.append(f"unexpected argument {tok!r} on the command line")
@@ -118,8 +155,44 @@ def _is_number(tok: str) -> bool:
         return False
 
 
+@dataclass
+class TomlSource:
+    """A training TOML, flattened: `values`, the file `name` used in messages and the `lines` of its keys.  For a
+    TOML the drop-in generated, `name` and `lines` are those of the user's file it was generated from."""
+
+    values: dict[str, Any]
+    name: str
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def at(self, key: str) -> str:
+        """"in NAME line N" (or "in NAME" when the key is not found in the file text)."""
+        line = self.lines.get(key)
+        return f"in {self.name} line {line}" if line else f"in {self.name}"
+
+
+_KEY_LINE = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_\-]+))\s*=""")
+_GENERATED = re.compile(r"^# generated by anima_train_network\.py from (.+)$")
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """The 1-based line of each key's first assignment (tomllib keeps no positions; tables are flattened, so the
+    bare key is enough)."""
+    out: dict[str, int] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        m = _KEY_LINE.match(line)
+        if m:
+            out.setdefault(next(g for g in m.groups() if g is not None), i)
+    return out
+
+
 def read_train_toml(path: str | Path) -> tuple[dict[str, Any], str]:
     """The flattened contents of a training TOML and the file name used in messages."""
+    src = read_train_toml_source(path)
+    return src.values, src.name
+
+
+def read_train_toml_source(path: str | Path) -> TomlSource:
+    """`read_train_toml` with the line of every key, for messages that name file and line."""
     p = Path(path).expanduser()
     if not p.is_file() and p.suffix.lower() != ".toml" and p.name:  # "" and "." have no name to extend
         alt = p.with_name(p.name + ".toml")
@@ -163,40 +236,69 @@ def read_train_toml(path: str | Path) -> tuple[dict[str, Any], str]:
             flat[k], where[k] = v, table
     if "config_file" in flat:
         raise ConfigError(f"config_file: cannot be set inside a config file ({p.name})")
-    return flat, p.name
+    return _source(flat, p)
 
 
-def _canonical(values: dict[str, Any], source: str, from_cli: bool) -> tuple[dict[str, Any], set[str]]:
-    """Aliases → canonical names (conflicts are errors); unknown and unimplemented names are errors.
-    Returns the canonical values and the canonical names that were set through an alias."""
+def _source(flat: dict[str, Any], p: Path) -> TomlSource:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return TomlSource(flat, p.name)
+    first = text.split("\n", 1)[0]
+    if (m := _GENERATED.match(first)) is not None:  # the drop-in's copy: point at the user's own file
+        user = Path(m.group(1)).expanduser()
+        if not user.is_file() and user.with_name(user.name + ".toml").is_file():
+            user = user.with_name(user.name + ".toml")
+        try:
+            return TomlSource(flat, user.name, key_lines(user.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            return TomlSource(flat, user.name)
+    return TomlSource(flat, p.name, key_lines(text))
+
+
+def _canonical(values: dict[str, Any], src: TomlSource | None, rules: dict[str, tuple[Any, str, str]]
+               ) -> tuple[dict[str, Any], set[str]]:
+    """Aliases → canonical names (conflicts are errors); unknown names are errors.  `src` is the TOML (None: the
+    command line).  Returns the canonical values and the canonical names that were set through an alias; the
+    options that are rules (kohya_options.RULES) go to `rules` as name → (value, as written, where), judged once
+    all settings are known (the command line, read last, replaces the TOML's)."""
     fields = set(_field_names())
     out: dict[str, Any] = {}
     via_alias: set[str] = set()
     lines: list[str] = []
+
+    def where(key: str) -> str:
+        return src.at(key) if src is not None else "on the command line"
+
     for key, value in values.items():
-        if key in ko.UNIMPLEMENTED and key not in fields:  # a TrainConfig field is implemented
-            if from_cli or not ko.is_inert(key, value):
-                lines.append(ko.unimplemented_message(key, shown=f"--{key}" if from_cli else key))
+        from_cli = src is None and key.startswith(_RULE_PREFIX)
+        if from_cli:
+            key, value = key[len(_RULE_PREFIX):], _cli_value(value)
+        if key in fields:  # a field always wins over the tables: it is implemented
+            out.setdefault(key, value)
+        elif ko.rule_for(key) is not None:
+            rules[key] = (value, f"--{key}" if src is None else key, where(key))
         elif key in ko.ALIASES:
             canonical = ko.ALIASES[key]
             if value == "":  # sd-scripts-anima's "unset"
                 continue
-            if key == "anima_timestep_sampling":
+            if key in ko.ALIAS_NOTICES:
+                rules[key] = (value, f"--{key}" if src is None else key, where(key))
+            if key in ("anima_timestep_sampling", "timestep_sample_method"):
                 if value not in ko.ANIMA_TIMESTEP_SAMPLING_VALUES:
-                    lines.append(f"anima_timestep_sampling: expected one of "
-                                 f"{', '.join(map(repr, ko.ANIMA_TIMESTEP_SAMPLING_VALUES))}, got {value!r}")
+                    lines.append(f"{key}: expected one of "
+                                 f"{', '.join(map(repr, ko.ANIMA_TIMESTEP_SAMPLING_VALUES))}, got {value!r} "
+                                 f"({where(key)})")
                     continue
                 value = ko.ANIMA_TIMESTEP_SAMPLING_VALUES[value]
             if canonical in values and values[canonical] != value:
                 lines.append(f"'{key}' (sd-scripts-anima name of '{canonical}') and '{canonical}' are both set "
-                             f"{source}, to different values ({values[key]!r} and {values[canonical]!r})")
+                             f"{where(key)}, to different values ({values[key]!r} and {values[canonical]!r})")
                 continue
             out[canonical] = value
             via_alias.add(canonical)
-        elif key in fields:
-            out.setdefault(key, value)
         else:
-            lines.append(f"unknown key '{key}' {source}{did_you_mean(key, [*fields, *ko.ALIASES])}")
+            lines.append(f"unknown key '{key}' {where(key)}{suggest(key)}")
     if lines:
         raise ConfigError("\n".join(lines))
     return out, via_alias
@@ -217,19 +319,6 @@ def _sd_scripts_anima_timesteps(merged: dict[str, Any], via_alias: set[str]) -> 
             "or use timestep_sampling = \"shift\" (logit-normal, shifted)")
 
 
-SD_SCRIPTS_ANIMA_NAMES = ("anima_transformer", "qwen", "t5_tokenizer_dir")
-
-
-def uses_sd_scripts_anima_names(raw: dict[str, Any]) -> list[str]:
-    """The names in `raw` (as the user wrote them) that only sd-scripts-anima uses: anima_transformer, qwen,
-    t5_tokenizer_dir, any anima_* option, network_module = networks.lokr_anima.  Such a config was written for
-    sd-scripts-anima and gets its defaults (TrainConfig.sd_scripts_anima_defaults)."""
-    names = [k for k in raw if k in SD_SCRIPTS_ANIMA_NAMES or k.startswith("anima_")]
-    if raw.get("network_module") == "networks.lokr_anima":
-        names.append("network_module = networks.lokr_anima")
-    return names
-
-
 def _is_one(v: Any) -> bool:
     try:
         return float(v) == 1.0
@@ -240,21 +329,26 @@ def _is_one(v: Any) -> bool:
 def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-trainer train",
                      description: str = TRAIN_DESCRIPTION, epilog: str | None = None) -> TrainConfig:
     """Build the TrainConfig from `argv` (without the `train` word; None → sys.argv[1:]) and its --config_file.
-    `prog`/`description`/`epilog` only change what `--help` prints."""
+    `prog`/`description`/`epilog` only change what `--help` prints.  The start-up notices (one per option that
+    is accepted without effect, and the schedule's) are `TrainConfig.notices`."""
     parser = build_train_parser(prog, description, epilog)
     ns, extras = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     _check_extras(extras)
     cli_raw = vars(ns)
     config_file = cli_raw.pop("config_file", None)
-    cli, cli_alias = _canonical(cli_raw, "on the command line", from_cli=True)
+    rules: dict[str, tuple[Any, str, str]] = {}
     toml: dict[str, Any] = {}
     toml_alias: set[str] = set()
+    src: TomlSource | None = None
     if config_file is not None:
-        raw, name = read_train_toml(config_file)
-        toml, toml_alias = _canonical(raw, f"in {name}", from_cli=False)
+        src = read_train_toml_source(config_file)
+        toml, toml_alias = _canonical(src.values, src, rules)
+    cli, cli_alias = _canonical(cli_raw, None, rules)
     merged = {**toml, **cli}
-    if uses_sd_scripts_anima_names({**raw, **cli_raw} if config_file is not None else cli_raw):
+    seed_style = ko.is_sd_scripts_anima({**(src.values if src else {}), **cli_raw})
+    if seed_style:  # written for sd-scripts-anima: its defaults where the config sets nothing
         merged.setdefault("sd_scripts_anima_defaults", True)
+    notices = _judge_rules(rules, merged)
     # a canonical name counts as "set through an alias" when the layer that won for it used the alias
     via_alias = cli_alias | {k for k in toml_alias if k not in cli}
     _sd_scripts_anima_timesteps(merged, via_alias)
@@ -264,18 +358,68 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
             if isinstance(v, str) and v.strip().rpartition(".")[0].startswith("."):
                 raise ConfigError(f"{key}: {v!r} is not a class name or a module.Class path (a module name "
                                   "cannot start with '.')")
-        return make_train_config(merged)
+            if isinstance(v, str) and "." in v.strip():
+                _cwd_importable()
+        cfg = make_train_config(merged)
     except ConfigError as e:
-        if not toml:
+        if src is None:
             raise
-        raise ConfigError(_name_file(str(e), set(toml) - set(cli), name)) from None
+        raise ConfigError(_name_file(str(e), set(toml) - set(cli), src)) from None
+    from anima_trainer.train.schedulers import schedule_notices
+
+    cfg.set_compat(notices=notices, sd_scripts_anima=seed_style)
+    cfg.notices.extend(schedule_notices(cfg, given=set(merged)))
+    cfg.notices.extend(flow_notices(cfg, given=set(merged)))
+    return cfg
 
 
-def _name_file(message: str, from_toml: set[str], name: str) -> str:
+def flow_notices(cfg: TrainConfig, given: set[str]) -> list[str]:
+    """Flow-matching settings that have no effect with the chosen timestep_sampling (kohya v0.11.1 logs the same,
+    kohya_anima.md §1.1-1.2): said once at start-up instead of being silently ignored."""
+    out, ts = [], cfg.timestep_sampling
+    if "discrete_flow_shift" in given and cfg.discrete_flow_shift != 1.0 and ts in ("sigmoid", "uniform",
+                                                                                     "flux_shift"):
+        out.append(f"discrete_flow_shift = {cfg.discrete_flow_shift:g}: not used by timestep_sampling '{ts}' (only "
+                   "by shift and sigma); no effect")
+    if "sigmoid_scale" in given and cfg.sigmoid_scale != 1.0 and ts in ("uniform", "sigma"):
+        out.append(f"sigmoid_scale = {cfg.sigmoid_scale:g}: not used by timestep_sampling '{ts}' (only by "
+                   "sigmoid, shift and flux_shift); no effect")
+    if cfg.weighting_scheme in ("logit_normal", "mode") and ts != "sigma":
+        out.append(f"weighting_scheme = '{cfg.weighting_scheme}': for Anima it only shapes the timestep density of "
+                   f"timestep_sampling = \"sigma\" (it is no loss weight); no effect with '{ts}'")
+    return out
+
+
+def _judge_rules(rules: dict[str, tuple[Any, str, str]], settings: dict[str, Any]) -> list[str]:
+    """One notice per accepted rule option; all refused ones at once as a ConfigError naming file and line."""
+    notices, errors = [], []
+    for name, (value, shown, where) in rules.items():
+        if name in ko.ALIAS_NOTICES:
+            notices.append(f"{shown} = {value!r}: {ko.ALIAS_NOTICES[name]}")
+            continue
+        kind, text = ko.rule_message(name, value, shown, settings)
+        if kind == "error":
+            errors.append(f"{text} ({where})")
+        else:
+            notices.append(text)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return notices
+
+
+def _cwd_importable() -> None:
+    """kohya users keep their own optimizer / scheduler package next to the script (kohya runs with the script's
+    folder on sys.path): `optimizer_type = "pkg.module.Class"` imports from the working directory here too."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def _name_file(message: str, from_toml: set[str], src: TomlSource) -> str:
     """Each line of a TrainConfig message that starts with a key the TOML set (and the command line did not)
-    gets " (in NAME)": the user learns which file to edit."""
+    gets " (in NAME line N)": the user learns which file and line to edit."""
     lines = []
     for line in message.split("\n"):
         key = line.split(":", 1)[0].split(" ", 1)[0]
-        lines.append(f"{line} (in {name})" if key in from_toml else line)
+        lines.append(f"{line} ({src.at(key)})" if key in from_toml else line)
     return "\n".join(lines)

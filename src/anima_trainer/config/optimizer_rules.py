@@ -59,12 +59,6 @@ def check_optimizer_schedule(self: Any) -> None:
     elif self.lr_scheduler == "adafactor":
         raise ValueError("lr_scheduler: 'adafactor' reports AdaFactor's own step size; it needs optimizer_type = "
                          "\"AdaFactor\" with relative_step=True (its default)")
-    options = {"lr_scheduler_num_cycles": ("num_cycles", self.lr_scheduler_num_cycles, (0.5, 1)),
-               "lr_scheduler_power": ("power", self.lr_scheduler_power, (1,)),
-               "lr_scheduler_min_lr_ratio": ("min_lr_ratio", self.lr_scheduler_min_lr_ratio, (0,)),
-               "lr_decay_steps": ("decay_steps", self.lr_decay_steps, (0,)),
-               "lr_scheduler_timescale": ("timescale", self.lr_scheduler_timescale, (None,)),
-               "lr_scheduler_args": ("scheduler_args", self.lr_scheduler_args, ({},))}
     if self.lr_scheduler_type:
         if "lr_scheduler" in given and self.lr_scheduler != "constant":
             raise ValueError(f"lr_scheduler_type: replaces lr_scheduler (got lr_scheduler = "
@@ -75,15 +69,11 @@ def check_optimizer_schedule(self: Any) -> None:
         cls_s = sch.resolve_scheduler_class(self.lr_scheduler_type)
         self.lr_scheduler_type = f"{cls_s.__module__}.{cls_s.__name__}"
         sch.check_scheduler_args(cls_s, self.lr_scheduler_args)
-        used_by: tuple[str, ...] = ("scheduler_args",)
-    else:
-        used_by = tuple(k for k, names in sch.USES.items() if self.lr_scheduler in names)
-    for option, (key, value, inert) in options.items():
-        if key not in used_by and value not in inert:
-            users = "lr_scheduler_type" if key == "scheduler_args" and not self.lr_scheduler_type else ""
-            where = ", ".join(sch.USES[key]) + (f" and {users}" if users else "")
-            raise ValueError(f"{option}: not used by lr_scheduler '{self.lr_scheduler_type or self.lr_scheduler}'"
-                             f" (only by {where}); remove it")
+    # the other options the chosen scheduler does not use are accepted with a notice, as kohya ignores them
+    # (schedulers.schedule_notices); lr_scheduler_args kohya passes to every schedule function, which fails
+    elif self.lr_scheduler_args and self.lr_scheduler != "piecewise_constant":
+        raise ValueError(f"lr_scheduler_args: not used by lr_scheduler '{self.lr_scheduler}' (only by "
+                         "piecewise_constant and lr_scheduler_type); remove it")
     if self.lr_scheduler == "warmup_stable_decay" and not self.lr_decay_steps:
         raise ValueError("lr_decay_steps: warmup_stable_decay needs a decay (steps, or a fraction < 1)")
     if self.lr_scheduler == "piecewise_constant" and not self.lr_scheduler_type:
@@ -99,9 +89,3 @@ def check_optimizer_schedule(self: Any) -> None:
 
         dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         sch.build_scheduler(dummy, self.lr_scheduler, self.max_train_steps, **sch.schedule_options(self))
-    if ("lr_scheduler_num_cycles" in given and self.lr_scheduler in sch.COSINE_SCHEDULERS
-            and float(self.lr_scheduler_num_cycles).is_integer()):
-        _log.warning("lr_scheduler_num_cycles = %g counts full cosine periods in anima-trainer (0.5 = one "
-                     "descent to the minimum; a whole number ends at the maximum for %s); kohya counts descents "
-                     "(and ignores it for cosine): for kohya's schedule use half the value",
-                     self.lr_scheduler_num_cycles, self.lr_scheduler)

@@ -108,16 +108,6 @@ def _train_rows() -> list[str]:
     return rows
 
 
-def _inert_rows() -> list[str]:
-    rows = ["| option | accepted values (anything else is an error) | note |", "|---|---|---|"]
-    for name in sorted(ko.UNIMPLEMENTED):
-        inert, hint = ko.UNIMPLEMENTED[name]
-        shown = ", ".join("`\"\"`" if v == "" else f"`{str(v).lower() if isinstance(v, bool) else v}`"
-                          for v in inert)
-        rows.append(f"| `{name}` | {shown} | {_cell(hint)} |")
-    return rows
-
-
 def _dataset_rows() -> list[str]:
     from anima_trainer.data import config as dc
 
@@ -151,12 +141,11 @@ def render_reference() -> str:
         "",
         *_train_rows(),
         "",
-        "## kohya / sd-scripts-anima options that are recognised but not implemented",
+        "## Other kohya / sd-scripts-anima options and GUI keys",
         "",
-        "A GUI-written TOML lists every option; these are accepted only with values that change nothing (an "
-        "error names the option otherwise; on the command line they are always an error).",
-        "",
-        *_inert_rows(),
+        "Every other option of kohya's Anima trainer and of sd-scripts-anima, and the keys GUIs write, is accepted "
+        "with one start-up notice saying what happens instead, or refused where ignoring it would change the "
+        "result: the per-option table is in [migration.md](migration.md#every-option).",
         "",
         "## dataset.toml keys",
         "",

@@ -134,8 +134,10 @@ class TrainConfig(BaseModel):
                           "piecewise_constant", "adafactor"] = "constant"
     lr_warmup_steps: int | float = Field(0, description="warm-up steps, or a fraction < 1 of all steps")
     lr_decay_steps: int | float = Field(0, description="warmup_stable_decay: decay steps, or a fraction < 1")
-    lr_scheduler_num_cycles: float = Field(0.5, gt=0, description="cosine periods over the decay (0.5 = one "
-                                                                  "descent to the minimum at the last step)")
+    lr_scheduler_num_cycles: float = Field(1.0, gt=0, description="kohya's meaning: restarts of "
+                                           "cosine_with_restarts; 2 x the cosine periods of cosine_with_min_lr and "
+                                           "warmup_stable_decay (1 = one descent); not used by cosine (one descent). "
+                                           "sd-scripts-anima configs: cosine periods (0.5 = one descent)")
     lr_scheduler_power: float = Field(1.0, gt=0, description="polynomial: exponent of the decay")
     lr_scheduler_min_lr_ratio: float = Field(0.0, ge=0, le=1, description="end lr / lr (cosine_with_min_lr, "
                                                                           "warmup_stable_decay, polynomial)")
@@ -388,6 +390,27 @@ class TrainConfig(BaseModel):
             notes.append(f"dynamo_backend = '{self.dynamo_backend}' has no effect without torch_compile (as in kohya)")
         return notes
 
+
+    # --- issue 14 (config): start-up notices and the dialect of the config (set by the loader; not settings) ------
+    _notices: list[str] = PrivateAttr(default_factory=list)
+    _seed_style: bool = PrivateAttr(False)
+
+    def set_compat(self, *, notices: list[str], sd_scripts_anima: bool) -> None:
+        """Called by the loader: the notices of options accepted without effect, and whether the config was
+        written for sd-scripts-anima (its meanings apply, e.g. of lr_scheduler_num_cycles)."""
+        self._notices = list(notices)
+        self._seed_style = sd_scripts_anima
+
+    @property
+    def notices(self) -> list[str]:
+        """One line per option that is accepted but changes nothing here (printed at start-up, written to the
+        run's events)."""
+        return self._notices
+
+    @property
+    def sd_scripts_anima(self) -> bool:
+        """True when the config uses sd-scripts-anima's own names (kohya_options.is_sd_scripts_anima)."""
+        return self._seed_style
 
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
     @field_validator("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",

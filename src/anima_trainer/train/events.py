@@ -22,7 +22,7 @@ from typing import Any
 from anima_trainer.fileio import SaveError, atomic_write_bytes
 
 EVENT_TYPES = ("config", "start", "resume", "step", "save", "save_state", "alert", "validation", "sample", "end",
-               "error")
+               "error", "notice")
 # settings never written to the event log or a resolved config (they would leak into shared folders)
 SECRET_FIELDS = ("wandb_api_key",)
 RESOLVED_CONFIG_NAME = "train_config.toml"

@@ -75,7 +75,7 @@ from anima_trainer.train.optim import (
     use_full_half,
 )
 from anima_trainer.train.resume import Progress, load_state, remove_stale_temporaries, restore_rng
-from anima_trainer.train.schedulers import schedule_options
+from anima_trainer.train.schedulers import describe_schedule, schedule_options
 from anima_trainer.train.tracking import log_images, resolve_tracking, start_tensorboard, start_trackers
 from anima_trainer.train.validation import build_validator, check_validation
 from anima_trainer.train.vram_plan import adapter_trained, apply_plan
@@ -386,6 +386,14 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
     checkpoints.check_start(resuming=resume_from is not None, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg), notices=cfg.sd_scripts_anima_notices())
+    # issue 14: one start-up notice per option accepted without effect (config/kohya_options.py), and the schedule
+    sched_line, sched_notice = describe_schedule(scheduler, cfg.lr_scheduler_type or cfg.lr_scheduler, max_steps, lr,
+                                                 min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
+    log.info(sched_line)
+    if sched_notice:
+        log.warning("notice: %s", sched_notice)
+    for line in [*cfg.notices, *([sched_notice] if sched_notice else [])]:  # cfg.notices: printed by the CLI
+        events.write("notice", message=line)
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
     report_long_captions(dataset, models.text_encoder, max_tokens=MAX_TEXT_TOKENS)

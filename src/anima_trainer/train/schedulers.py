@@ -1,14 +1,18 @@
-"""Learning-rate schedules: kohya's `--lr_scheduler` names, one shared definition of every cosine variant.
+"""Learning-rate schedules: kohya's `--lr_scheduler` names, with the curves kohya gets from transformers.
 
-Conventions (docs/training.md, "Learning-rate schedules"):
-- `factor(step)` multiplies each group's base lr; `step` counts optimizer steps from 0 to `max_steps - 1`.
-- Warm-up is linear: step i < W uses (i + 1) / W, so step W - 1 is at the full lr (and nothing is spent at 0).
-- Decay runs from the first step after the warm-up (progress 0, full lr) to the LAST step (progress 1), so every
-  decaying schedule reaches its end value on the last optimizer step.
-- `num_cycles` counts cosine periods over the decay: ½·(1 + cos(2π·num_cycles·progress)).  0.5 is one descent
-  ending at the minimum on the last step; 1.0 goes down and back up; 1.5 down, up and down again.  The same
-  definition holds for cosine, cosine_with_min_lr and warmup_stable_decay's decay; cosine_with_restarts follows
-  the same descents but replaces every rise by a hard restart (so 2·num_cycles descents).
+kohya (`get_scheduler_fix`) builds every named schedule with transformers' (piecewise_constant: diffusers')
+schedule functions; anima-trainer computes the same multipliers step for step (tests/train/test_schedulers.py
+compares them with transformers for every scheduler, num_cycles and warm-up):
+- `factor(step)` multiplies each group's base lr; `step` counts optimizer steps from 0 (the first step) to
+  `max_steps - 1`.  A warm-up of W steps is linear from 0: step i < W uses i / W (kohya's first step has lr 0).
+- The decay runs from step W (full lr, progress 0) towards step `max_steps` (progress 1), which is one past the
+  last step: a cosine therefore ends just above its minimum, as in kohya.
+- `lr_scheduler_num_cycles` keeps kohya's meaning (`kohya_cycles`): the number of restarts of
+  cosine_with_restarts; halved into cosine periods for cosine_with_min_lr and warmup_stable_decay (1 = one descent
+  to the minimum); not used by cosine (always one descent).  A config written for sd-scripts-anima keeps its
+  documented meaning: cosine periods for cosine, cosine_with_min_lr and warmup_stable_decay (0.5 = one descent).
+- polynomial ends at `min_lr_ratio` when set, else at transformers' lr_end = 1e-7 (absolute, as kohya).
+- piecewise_constant ignores a warm-up, as kohya does.
 """
 
 from __future__ import annotations
@@ -47,19 +51,21 @@ def resolve_warmup(warmup: int | float | None, max_steps: int) -> int:
     return int(warmup)
 
 
-def cosine_value(progress: float, num_cycles: float) -> float:
-    """½·(1 + cos(2π·num_cycles·progress)) ∈ [0, 1]: 1 at progress 0; 0 at progress 1 when num_cycles is 0.5."""
-    return 0.5 * (1.0 + math.cos(2.0 * math.pi * num_cycles * progress))
+def cosine_periods(name: str, num_cycles: float, sd_scripts_anima: bool = False) -> float:
+    """The cosine periods over the decay that `lr_scheduler_num_cycles` asks of scheduler `name` (kohya's meaning,
+    or sd-scripts-anima's for its configs); for cosine_with_restarts: the number of restarts."""
+    if name == "cosine_with_restarts":
+        return num_cycles
+    if sd_scripts_anima and name in ("cosine", "cosine_with_min_lr", "warmup_stable_decay"):
+        return num_cycles
+    if name in ("cosine_with_min_lr", "warmup_stable_decay"):
+        return num_cycles / 2
+    return 0.5  # cosine: kohya does not pass num_cycles (transformers' default, one descent)
 
 
-def restart_value(progress: float, num_cycles: float) -> float:
-    """Like `cosine_value`, but each rise is replaced by a jump back to 1: 2·num_cycles descents, every one
-    reaching 0 at its own last step (the next step restarts at 1)."""
-    x = 2.0 * num_cycles * progress  # descents done so far
-    if x <= 0:
-        return 1.0
-    local = x - (math.ceil(x) - 1)  # in (0, 1]: 1 exactly at the end of a descent
-    return 0.5 * (1.0 + math.cos(math.pi * local))
+def cosine_value(progress: float, periods: float) -> float:
+    """½·(1 + cos(2π·periods·progress)) ∈ [0, 1]: 1 at progress 0; 0 at progress 1 when periods is 0.5."""
+    return 0.5 * (1.0 + math.cos(2.0 * math.pi * periods * progress))
 
 
 def parse_step_rules(rules: str) -> tuple[list[tuple[int, float]], float]:
@@ -115,52 +121,67 @@ class AdafactorLR(LRScheduler):
         return out
 
 
-def _factor(name: str, max_steps: int, warmup: int, *, num_cycles: float, power: float, min_lr_ratio: float,
-            decay_steps: int, timescale: int | None, rules: tuple[list[tuple[int, float]], float] | None
-            ) -> Callable[[int], float]:
-    """The multiplier of the base lr at each optimizer step."""
-    end = max_steps - 1  # the last step, where decaying schedules reach their end value
-    # progress 0 (full lr) is the first step after the warm-up; for warmup_stable_decay it is the last stable step,
-    # so that all `decay_steps` steps are below the full lr and the last one is at the minimum
-    decay_start = end - decay_steps if name == "warmup_stable_decay" else warmup
-    span = max(1, end - decay_start)
-    r = min_lr_ratio
+def _factor(name: str, max_steps: int, warmup: int, *, periods: float, power: float, min_lr_ratio: float,
+            decay_steps: int, timescale: int | None, rules: tuple[list[tuple[int, float]], float] | None,
+            lr_init: float) -> Callable[[int], float]:
+    """The multiplier of the base lr at each optimizer step (transformers' formulas, as kohya calls them)."""
+    total, r = max_steps, min_lr_ratio
+    span = max(1, total - warmup)
     ts = timescale or warmup or DEFAULT_TIMESCALE
+    lr_end_ratio = r if r else min(1.0, POLYNOMIAL_LR_END / lr_init) if lr_init > 0 else 0.0
+    stable_end = total - decay_steps  # warmup_stable_decay: warm-up, then stable until the decay starts
 
-    def shape(step: int) -> float:
-        p = min(1.0, max(0.0, (step - decay_start) / span))
-        if name in ("constant", "constant_with_warmup"):
-            return 1.0
-        if name == "linear":
-            return 1.0 - p
-        if name == "polynomial":
-            return r + (1.0 - r) * (1.0 - p) ** power
-        if name in ("cosine", "cosine_with_min_lr"):
-            return r + (1.0 - r) * cosine_value(p, num_cycles)
-        if name == "cosine_with_restarts":
-            return restart_value(p, num_cycles)
-        if name == "warmup_stable_decay":
-            return 1.0 if step <= decay_start else r + (1.0 - r) * cosine_value(p, num_cycles)
-        if name == "inverse_sqrt":
-            return 1.0 / math.sqrt((max(step, warmup) + ts - warmup) / ts)
+    def factor(step: int) -> float:
         if name == "piecewise_constant":
             assert rules is not None
             return next((v for s, v in rules[0] if step < s), rules[1])
+        if name == "constant":
+            return 1.0
+        if name == "warmup_stable_decay":
+            if step < warmup:
+                return max(0.0, step / max(1, warmup) * (1.0 - r) + r)
+            if step < stable_end:
+                return 1.0
+            if step < total:
+                p = (step - stable_end) / max(1, decay_steps)
+                return max(0.0, cosine_value(p, periods) * (1.0 - r) + r)
+            return r
+        if step < warmup:
+            return step / max(1, warmup)
+        p = (step - warmup) / span
+        if name == "constant_with_warmup":
+            return 1.0
+        if name == "linear":
+            return max(0.0, (total - step) / span)
+        if name == "cosine":
+            return max(0.0, cosine_value(p, periods))
+        if name == "cosine_with_min_lr":
+            return max(0.0, cosine_value(p, periods) * (1.0 - r) + r)
+        if name == "cosine_with_restarts":
+            if p >= 1.0:
+                return 0.0
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((periods * p) % 1.0))))
+        if name == "polynomial":
+            if step > total:
+                return lr_end_ratio
+            return (1.0 - lr_end_ratio) * (1.0 - p) ** power + lr_end_ratio
+        if name == "inverse_sqrt":
+            return 1.0 / math.sqrt((step + ts - warmup) / ts)
         raise AssertionError(name)
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup * (shape(step) if name == "piecewise_constant" else 1.0)
-        return shape(step)
 
     return factor
 
 
+POLYNOMIAL_LR_END = 1e-7  # transformers' get_polynomial_decay_schedule_with_warmup default, which kohya keeps
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, max_steps: int, warmup_steps: int | float = 0, *,
-                    num_cycles: float = 0.5, power: float = 1.0, min_lr_ratio: float = 0.0,
+                    num_cycles: float = 1.0, power: float = 1.0, min_lr_ratio: float = 0.0,
                     decay_steps: int | float = 0, timescale: int | None = None, scheduler_type: str | None = None,
-                    scheduler_args: dict[str, Any] | None = None) -> LRScheduler:
+                    scheduler_args: dict[str, Any] | None = None, sd_scripts_anima: bool = False) -> LRScheduler:
     """The schedule for `max_steps` OPTIMIZER steps (the caller divides by gradient accumulation).
+
+    `num_cycles`: kohya's lr_scheduler_num_cycles (module docstring); `sd_scripts_anima`: its meaning instead.
 
     `warmup_steps` / `decay_steps`: steps, or a fraction < 1 of `max_steps`.  `scheduler_type` (kohya's
     lr_scheduler_type) builds any torch.optim.lr_scheduler class or dotted path with `scheduler_args` instead;
@@ -185,6 +206,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, max_steps: int,
         raise ConfigError(f"lr_scheduler: {name!r} is not one of {', '.join(SCHEDULERS)}")
     if name == "adafactor":
         return AdafactorLR(optimizer)
+    if name == "constant" and warmup:
+        raise ConfigError("lr_warmup_steps: the 'constant' scheduler has no warm-up (kohya refuses it too); use "
+                          "lr_scheduler = \"constant_with_warmup\" or lr_warmup_steps = 0")
     if warmup and warmup >= max_steps:
         raise ConfigError(f"lr_warmup_steps ({warmup}) must be less than the number of optimizer steps ({max_steps})")
     if name == "warmup_stable_decay":
@@ -200,8 +224,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, max_steps: int,
             raise ConfigError("lr_scheduler_args: piecewise_constant takes exactly step_rules=\"1:100,0.1:200,0.01\" "
                              f"(got {sorted(args)})")
         rules = parse_step_rules(args["step_rules"])
-    factor = _factor(name, max_steps, warmup, num_cycles=num_cycles, power=power, min_lr_ratio=min_lr_ratio,
-                     decay_steps=decay, timescale=timescale, rules=rules)
+    factor = _factor(name, max_steps, warmup, periods=cosine_periods(name, num_cycles, sd_scripts_anima),
+                     power=power, min_lr_ratio=min_lr_ratio, decay_steps=decay, timescale=timescale, rules=rules,
+                     lr_init=float(optimizer.defaults.get("lr") or 0.0))
     return Schedule(optimizer, factor)
 
 
@@ -211,7 +236,8 @@ def schedule_options(cfg: Any) -> dict[str, Any]:
     return {"warmup_steps": cfg.lr_warmup_steps, "num_cycles": cfg.lr_scheduler_num_cycles,
             "power": cfg.lr_scheduler_power, "min_lr_ratio": cfg.lr_scheduler_min_lr_ratio,
             "decay_steps": cfg.lr_decay_steps, "timescale": cfg.lr_scheduler_timescale,
-            "scheduler_type": cfg.lr_scheduler_type, "scheduler_args": cfg.lr_scheduler_args}
+            "scheduler_type": cfg.lr_scheduler_type, "scheduler_args": cfg.lr_scheduler_args,
+            "sd_scripts_anima": bool(getattr(cfg, "sd_scripts_anima", False))}
 
 
 def resolve_scheduler_class(path: str) -> type[LRScheduler]:
@@ -243,3 +269,71 @@ def check_scheduler_args(cls: type, args: dict[str, Any]) -> None:
         if k not in accepted:
             raise ConfigError(f"lr_scheduler_args: {cls.__name__} has no argument {k!r}{did_you_mean(k, accepted)} "
                              f"({cls.__name__} accepts: {', '.join(accepted) or 'nothing'})")
+
+
+# --- start-up report ----------------------------------------------------------------------------------------
+_ENDS_AT_MINIMUM = ("linear", "cosine", "cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay",
+                    "polynomial")
+_OPTIONS = {"lr_scheduler_num_cycles": ("num_cycles", (1, 1.0)), "lr_scheduler_power": ("power", (1, 1.0)),
+            "lr_scheduler_min_lr_ratio": ("min_lr_ratio", (0, 0.0)), "lr_decay_steps": ("decay_steps", (0, 0.0)),
+            "lr_scheduler_timescale": ("timescale", (None,)), "lr_scheduler_args": ("scheduler_args", ({},))}
+
+
+def schedule_notices(cfg: Any, given: set[str]) -> list[str]:
+    """Start-up notices about the schedule's options: one per option set that the chosen scheduler does not use
+    (kohya accepts and ignores them too), and what lr_scheduler_num_cycles means for this config."""
+    out: list[str] = []
+    name = cfg.lr_scheduler_type or cfg.lr_scheduler
+    sd_anima = bool(getattr(cfg, "sd_scripts_anima", False))
+    used = ("scheduler_args",) if cfg.lr_scheduler_type else tuple(
+        k for k, names in USES.items() if cfg.lr_scheduler in names)
+    for option, (key, inert) in _OPTIONS.items():
+        value = getattr(cfg, option)
+        if option not in given or value in inert:
+            continue
+        if key == "num_cycles" and name == "cosine" and not sd_anima:
+            out.append(f"lr_scheduler_num_cycles = {value:g}: kohya's cosine is always one descent to the minimum "
+                       "(it does not pass num_cycles); use cosine_with_restarts or cosine_with_min_lr for more")
+        elif key not in used:
+            out.append(f"{option} = {value}: not used by lr_scheduler '{name}' (kohya ignores it too); no effect")
+        elif key == "num_cycles" and sd_anima and name != "cosine_with_restarts":
+            out.append(f"lr_scheduler_num_cycles = {value:g}: an sd-scripts-anima config, so it counts cosine "
+                       "periods as sd-scripts-anima documents (0.5 = one descent to the minimum)")
+    if cfg.lr_scheduler == "piecewise_constant" and not cfg.lr_scheduler_type and cfg.lr_warmup_steps:
+        out.append(f"lr_warmup_steps = {cfg.lr_warmup_steps}: piecewise_constant has no warm-up (kohya ignores it "
+                   "too); the step_rules give the lr from the first step")
+    return out
+
+
+def describe_schedule(scheduler: LRScheduler, name: str, max_steps: int, base_lr: float, *,
+                      min_lr_ratio: float = 0.0) -> tuple[str, str | None]:
+    """One line for the start-up report (start, peak and end lr, number of descents) and a notice when a
+    decaying schedule never reaches its minimum (e.g. kohya's cosine_with_min_lr with num_cycles 0.5)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not isinstance(scheduler, Schedule) or not lambdas:
+        return f"lr schedule: {type(scheduler).__name__} over {max_steps} steps (its own curve)", None
+    f = lambdas[0]
+    stride = max(1, max_steps // 20_000)  # a very long run is sampled; descents are long anyway
+    steps = [*range(0, max_steps, stride), max_steps - 1]
+    values = [f(i) for i in steps]
+    descents, falling = 0, False
+    for a, b in zip(values, values[1:], strict=False):
+        if b < a - 1e-12:
+            descents += 0 if falling else 1
+            falling = True
+        elif b > a + 1e-12:
+            falling = False
+    peak = max(values)
+    line = (f"lr schedule: {name}, {max_steps} steps: start {values[0] * base_lr:.3g}, peak {peak * base_lr:.3g} "
+            f"(step {steps[values.index(peak)]}), end {values[-1] * base_lr:.3g}, "
+            f"{descents} descent{'s' if descents != 1 else ''}")
+    notice = None
+    floor = min_lr_ratio if name in ("cosine_with_min_lr", "warmup_stable_decay", "polynomial") else 0.0
+    if name == "polynomial" and not min_lr_ratio:
+        floor = POLYNOMIAL_LR_END / base_lr if base_lr > 0 else 0.0
+    lowest = min(values[values.index(peak):])  # after the warm-up
+    if name in _ENDS_AT_MINIMUM and lowest - floor > 0.05 * max(peak - floor, 1e-12):
+        notice = (f"lr never reaches its minimum ({floor * base_lr:.3g}): it ends at {values[-1] * base_lr:.3g}"
+                  + (" (kohya halves lr_scheduler_num_cycles for this scheduler: 1 is one descent to the minimum)"
+                     if name in ("cosine_with_min_lr", "warmup_stable_decay") else ""))
+    return line, notice
