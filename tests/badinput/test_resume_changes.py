@@ -46,14 +46,14 @@ def _record_lrs(monkeypatch) -> list[list[float]]:
 
 
 @pytest.mark.parametrize(("change", "expected"), [
-    (("--learning_rate", "5e-3"), [5e-3 * (1 - 2 / 5), 5e-3 * (1 - 3 / 5)]),
-    (("--unet_lr", "5e-3"), [5e-3 * (1 - 2 / 5), 5e-3 * (1 - 3 / 5)]),
+    (("--learning_rate", "5e-3"), [5e-3 * (6 - 2) / 6, 5e-3 * (6 - 3) / 6]),
+    (("--unet_lr", "5e-3"), [5e-3 * (6 - 2) / 6, 5e-3 * (6 - 3) / 6]),
     (("--lr_scheduler", "constant"), [1e-2, 1e-2]),
 ], ids=["learning_rate", "unet_lr", "lr_scheduler"])
 def test_a_changed_learning_rate_or_schedule_applies_from_the_resume_point(setup, finished, tmp_path, monkeypatch,
                                                                            change, expected):  # noqa: F811
-    """Resumed at step 2 with 6 steps instead of 2: step 3 uses the NEW schedule's lr at index 2 (linear over
-    6 steps: lr × (1 − 2/5)), not the old rate the saved scheduler carried."""
+    """Resumed at step 2 with 6 steps instead of 2: step 3 uses the NEW schedule's lr at index 2 (kohya's linear
+    over 6 steps: lr × (6 − 2)/6), not the old rate the saved scheduler carried."""
     _copy(finished, tmp_path)
     seen = _record_lrs(monkeypatch)
     run = run_training(_config(setup, tmp_path, "--resume", "latest", *change, steps=6))

@@ -130,7 +130,7 @@ def test_smoke_config_trains_with_sd_scripts_anima_defaults(setup, caplog):
     assert notices == [f"notice: {DEFAULTS_LINE}", f"notice: {SEQ_LEN_LINE}"]
     events = [json.loads(line) for line in (cfg.output_dir / "anima_smoke_10steps.events.jsonl").read_text(
         encoding="utf-8").splitlines()]
-    assert [e["notices"] for e in events if e["type"] == "config"] == [[DEFAULTS_LINE, SEQ_LEN_LINE]]
+    assert [e["message"] for e in events if e["type"] == "notice"] == [DEFAULTS_LINE, SEQ_LEN_LINE]
     net = run.network
     # the LLM adapter's 10 Linears are trained too, every RMSNorm gain, LoKr with w1 = 8×8 (factor 8 of 64)
     assert sum(p.startswith("llm_adapter.") for p in net.modules_by_name) == 10

@@ -6,7 +6,6 @@ the DiT receives σ ∈ [0, 1] in **fp32** (kohya rounds it to bf16 first; we do
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 TIMESTEP_SAMPLINGS = ("sigmoid", "uniform", "sigma", "shift", "flux_shift")
 WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
-_log = logging.getLogger(__name__)
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -243,20 +241,7 @@ def objective_notices(cfg: Any) -> list[str]:
     if g("scale_v_pred_loss_like_noise_pred"):
         out.append("scale_v_pred_loss_like_noise_pred = true: no effect for Anima (it rescales a v-prediction "
                    "loss; Anima predicts the flow velocity ε − x0, so there is nothing to rescale)")
-    method = g("timestep_sampling", "sigmoid")
-    shift = g("discrete_flow_shift", 1.0)
-    if shift != 1.0 and method not in _SHIFT_USERS:
-        out.append(f"discrete_flow_shift = {shift}: no effect with timestep_sampling = \"{method}\" (only \"shift\" "
-                   "and \"sigma\" use it); to shift σ set timestep_sampling = \"shift\"")
-    scale = g("sigmoid_scale", 1.0)
-    if scale != 1.0 and method not in _SIGMOID_USERS:
-        out.append(f"sigmoid_scale = {scale}: no effect with timestep_sampling = \"{method}\" (only \"sigmoid\", "
-                   "\"shift\" and \"flux_shift\" use it)")
-    scheme = g("weighting_scheme", "uniform")
-    if scheme in _DENSITY_SCHEMES and method != "sigma":
-        out.append(f"weighting_scheme = \"{scheme}\": no effect with timestep_sampling = \"{method}\" (for Anima "
-                   f"it only shapes the σ density of timestep_sampling = \"sigma\"; \"sigma_sqrt\" and \"cosmap\" "
-                   "weight the loss with every sampling)")
+    # discrete_flow_shift / sigmoid_scale / weighting_scheme without effect: config/loader.py flow_notices
     applied = [f"{k} = {g(k)}" for k in ("noise_offset", "adaptive_noise_scale", "multires_noise_iterations")
                if g(k)] + [f"{k} = {g(k)}" for k, full in (("min_timestep", 0), ("max_timestep", 1000))
                            if g(k) not in (None, full)]  # the full range 0…1000 changes nothing
@@ -265,11 +250,3 @@ def objective_notices(cfg: Any) -> list[str]:
                    "kohya's own anima_train_network ignores these options, so the same config trains "
                    "differently there")
     return out
-
-
-def log_objective_notices(cfg: Any, logger: logging.Logger | None = None) -> list[str]:
-    """Log `objective_notices` once each (warning level), at start-up; returns them (for the run's events)."""
-    notes = objective_notices(cfg)
-    for line in notes:
-        (logger or _log).warning(line)
-    return notes

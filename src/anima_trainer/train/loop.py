@@ -35,7 +35,7 @@ from anima_trainer.train.flow import (
     NoiseOptions,
     draw_noise_and_sigma,
     flow_loss,
-    log_objective_notices,
+    objective_notices,
     noisy_input,
 )
 from anima_trainer.train.inputs import Caches as Caches
@@ -304,12 +304,11 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
 
     from anima_trainer.data import build_dataset, load_dataset_config
 
-    for line in cfg.sd_scripts_anima_notices():  # issue 14: sd-scripts-anima defaults and options, once each
-        log.warning("notice: %s", line)
+    # issue 14: options accepted with another or no effect, said once each at start-up (the loader's own notices,
+    # cfg.notices, are printed by the CLI); all of them are written to the run's events below
+    run_notices = [*cfg.sd_scripts_anima_notices(), *cfg.vae_compile_notices(), *objective_notices(cfg)]
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
-    for note in cfg.vae_compile_notices():  # issue 14: options accepted with another effect, said once
-        log.warning("notice: %s", note)
     # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
     # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
     cached = cfg.cache_latents or cfg.cache_latents_to_disk
@@ -318,14 +317,14 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                             default_validation_seed=cfg.validation_seed)
     check_validation(cfg, dataset)
     masked_note = check_masked_loss(cfg, dataset)  # issue 14: masked_loss / conditioning_data_dir
-    if masked_note:
-        log.warning("notice: %s", masked_note)
+    run_notices += [masked_note] if masked_note else []
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
     if dist.is_main:
-        log_objective_notices(cfg)  # noise/timestep/loss options without effect for Anima (issue 14)
+        for line in run_notices:
+            log.warning("notice: %s", line)
     with dist.main_first():  # one run per output_name: locked before any file of it is written or cleaned up
         if dist.is_main:
             cleanup.enter_context(RunLock(cfg.output_dir, cfg.output_name))
@@ -385,14 +384,14 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
     checkpoints.check_start(resuming=resume_from is not None, max_steps=max_steps, epochs=epochs)
-    events.write("config", config=config_for_log(cfg), notices=cfg.sd_scripts_anima_notices())
+    events.write("config", config=config_for_log(cfg))
     # issue 14: one start-up notice per option accepted without effect (config/kohya_options.py), and the schedule
     sched_line, sched_notice = describe_schedule(scheduler, cfg.lr_scheduler_type or cfg.lr_scheduler, max_steps, lr,
                                                  min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
     log.info(sched_line)
     if sched_notice:
         log.warning("notice: %s", sched_notice)
-    for line in [*cfg.notices, *([sched_notice] if sched_notice else [])]:  # cfg.notices: printed by the CLI
+    for line in [*cfg.notices, *run_notices, *([sched_notice] if sched_notice else [])]:
         events.write("notice", message=line)
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
