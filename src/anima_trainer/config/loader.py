@@ -171,7 +171,7 @@ def _canonical(values: dict[str, Any], source: str, from_cli: bool) -> tuple[dic
     via_alias: set[str] = set()
     lines: list[str] = []
     for key, value in values.items():
-        if key in ko.UNIMPLEMENTED:
+        if key in ko.UNIMPLEMENTED and key not in fields:  # a TrainConfig field is implemented
             if from_cli or not ko.is_inert(key, value):
                 lines.append(ko.unimplemented_message(key, shown=f"--{key}" if from_cli else key))
         elif key in ko.ALIASES:
@@ -233,6 +233,9 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
     cli, cli_alias = _canonical(cli_raw, "on the command line", from_cli=True)
     toml: dict[str, Any] = {}
     toml_alias: set[str] = set()
+    output_config = _output_config_asked(cli.pop("output_config", None), config_file)
+    if output_config:  # kohya: --config_file is then the file to write, not read
+        config_file = None
     if config_file is not None:
         raw, name = read_train_toml(config_file)
         toml, toml_alias = _canonical(raw, f"in {name}", from_cli=False)
@@ -246,11 +249,36 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
             if isinstance(v, str) and v.strip().rpartition(".")[0].startswith("."):
                 raise ConfigError(f"{key}: {v!r} is not a class name or a module.Class path (a module name "
                                   "cannot start with '.')")
-        return make_train_config(merged)
+        if toml.pop("output_config", None) not in (None, False, "false", "False"):
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "output_config in %s: no effect there (kohya reads it only on the command line, where it writes "
+                "the settings to the --config_file path and exits); training goes on", name)
+        merged.pop("output_config", None)
+        cfg = make_train_config(merged)
     except ConfigError as e:
         if not toml:
             raise
         raise ConfigError(_name_file(str(e), set(toml) - set(cli), name)) from None
+    if output_config:
+        from anima_trainer.config.output_config import write_output_config
+
+        write_output_config(cfg, output_config)
+        raise SystemExit(0)
+    return cfg
+
+
+def _output_config_asked(value: Any, config_file: str | None) -> str | None:
+    """The --config_file path when --output_config asks to write it; None when not asked."""
+    if value is None or str(value).strip().lower() in ("false", "0", "no", "off", ""):
+        return None
+    if str(value).strip().lower() not in ("true", "1", "yes", "on"):
+        raise ConfigError(f"output_config: expected true or false, got {value!r}")
+    if config_file is None:
+        raise ConfigError("output_config: needs --config_file naming the TOML file to write (kohya's "
+                          "--output_config writes the settings there and exits)")
+    return config_file
 
 
 def _name_file(message: str, from_toml: set[str], name: str) -> str:

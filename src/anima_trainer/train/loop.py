@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.config.train import MINIMUM_METADATA_KEYS
 from anima_trainer.console import progress_disabled
 from anima_trainer.data.loader import run_batches
 from anima_trainer.download import ensure_tokenizers
@@ -246,7 +247,8 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1
 
 def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, batches_per_epoch: int,
                    max_steps: int, started: float, buckets: list) -> dict[str, str]:
-    """kohya-style `ss_*` metadata (all strings) describing how the file was trained."""
+    """kohya-style `ss_*` metadata (all strings) describing how the file was trained, with kohya's `modelspec.*`
+    keys (training_comment, metadata_*); `no_metadata` keeps only kohya's minimum ss_* keys."""
     meta = dict(cfg.to_metadata())
     meta.update({
         "ss_output_name": cfg.output_name, "ss_steps": str(step), "ss_epoch": str(epoch),
@@ -254,9 +256,43 @@ def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, 
         "ss_num_batches_per_epoch": str(batches_per_epoch), "ss_base_model_version": "anima",
         "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name, "ss_vae_name": Path(cfg.vae).name,
         "ss_training_started_at": str(started), "ss_training_finished_at": str(time.time()),
-        "ss_bucket_info": json.dumps({"buckets": [list(b) for b in buckets]}),
+        "ss_bucket_info": json.dumps({"buckets": [list(b) for b in buckets]}), "ss_v2": "False",
     })
+    if cfg.no_metadata:  # kohya: only the minimum ss_* keys (+ modelspec)
+        meta = {k: meta[k] for k in MINIMUM_METADATA_KEYS if k in meta}
+    meta.update(cfg.modelspec_metadata(time.time()))  # kohya dates each save
     return meta
+
+
+def initial_progress(cfg: TrainConfig, *, batches_per_epoch: int, max_steps: int, epochs: int,
+                     resumed: bool = False) -> Progress:
+    """Where a run with kohya's initial_step / initial_epoch starts (train_network.py's semantics, arithmetic in
+    optimizer steps): initial_step wins, initial_epoch N means step (N − 1) × steps per epoch.  The epoch
+    counter starts at the epoch holding that step; with skip_until_initial_step the data batches before it are
+    skipped (whole epochs, then micro-batches of the epoch) and the step counter continues from it, otherwise
+    the step counter starts at 0.  The LR schedule is not moved (kohya).  A state's own step count is ignored
+    when they are given, as in kohya."""
+    per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)  # optimizer steps per epoch
+    key = "initial_step" if cfg.initial_step is not None else "initial_epoch"
+    step = cfg.initial_step if cfg.initial_step is not None else (cfg.initial_epoch - 1) * per_epoch
+    if step and step >= max_steps:
+        raise ConfigError(f"{key}: starts at step {step}, but the run has {max_steps} steps (max_train_steps must "
+                          f"be greater than the initial step, as in kohya); lower {key} or raise max_train_steps")
+    epoch, rest = divmod(step, per_epoch)
+    if epoch + 1 > epochs:
+        raise ConfigError(f"{key}: starts in epoch {epoch + 1}, after the run's last epoch ({epochs}); lower {key} or "
+                          "raise max_train_epochs")
+    if resumed:
+        log.warning("%s is set: the state's step count is ignored (kohya)", key)
+    if not cfg.skip_until_initial_step:
+        if step:
+            log.info("%s: counting starts in epoch %d at step 0 (no data is skipped without "
+                     "skip_until_initial_step)", key, epoch + 1)
+        return Progress(0, epoch + 1, 0)
+    if step:
+        log.info("%s: skipping the data of %d step(s): training starts in epoch %d at step %d (the LR schedule "
+                 "starts from its beginning)", key, step, epoch + 1, step)
+    return Progress(step, epoch + 1, rest * cfg.gradient_accumulation_steps)
 
 
 @dataclass
@@ -325,6 +361,10 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
+    if cfg.save_n_epoch_ratio:  # kohya: floor(epochs / ratio) or 1, replacing save_every_n_epochs
+        cfg = cfg.model_copy(update={"save_every_n_epochs": max(1, epochs // cfg.save_n_epoch_ratio)})
+        log.info("save_n_epoch_ratio = %d: an epoch file every %d epoch(s) of %d", cfg.save_n_epoch_ratio,
+                 cfg.save_every_n_epochs, epochs)
     optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device,
                                 optimizer_type=cfg.optimizer_type)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
@@ -391,6 +431,9 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         log.info("resuming from %s at step %d (epoch %d, batch %d)", resume_from, progress.step, progress.epoch,
                  progress.batch_in_epoch)
         events.write("resume", step=progress.step, epoch=progress.epoch, state=str(resume_from))
+    if cfg.initial_step is not None or cfg.initial_epoch is not None:
+        progress = initial_progress(cfg, batches_per_epoch=len(shard), max_steps=max_steps, epochs=epochs,
+                                    resumed=resume_from is not None)
     images = None
     if caches.latents is None:  # decode images in worker processes, ahead of the GPU
         images = run_batches(dataset, epochs, cfg.max_data_loader_n_workers,
