@@ -275,8 +275,8 @@ def cmd_train(argv: list[str]) -> int:
     from anima_trainer.train.monitor import MonitorAlertError
 
     cfg = parse_train_args(argv)
-    if cfg.console_log_level:
-        console.set_level(cfg.console_log_level)
+    console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
+                                    log_file=cfg.console_log_file)
     try:
         print(train(cfg))
     except TrainingInterrupted as e:
@@ -300,8 +300,8 @@ def cmd_cache(argv: list[str]) -> int:
     from anima_trainer.train.loop import WEIGHT_DTYPES, load_models, prepare_caches
 
     cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
-    if cfg.console_log_level:
-        console.set_level(cfg.console_log_level)
+    console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
+                                    log_file=cfg.console_log_file)
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
                             seed=cfg.seed or 0)
     from anima_trainer.download import ensure_tokenizers

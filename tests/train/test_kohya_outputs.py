@@ -161,3 +161,46 @@ def test_output_config_writes_the_resolved_config_and_trains_nothing(setup, tmp_
     with pytest.raises(ConfigError, match="output_config: needs --config_file"):
         parse_train_args([*args, "--output_config"])
     assert train_toml.exists()
+
+
+@pytest.fixture
+def fresh_console():
+    from anima_trainer import console
+
+    console.setup("INFO")
+    yield console
+    console.setup("INFO")  # removes (and closes) a log file handler again
+    import logging
+
+    for h in list(logging.getLogger().handlers):
+        if getattr(h, "_anima_console", False):
+            logging.getLogger().removeHandler(h)
+
+
+def test_console_log_simple_and_file(fresh_console, tmp_path, capsys):
+    import logging
+
+    fresh_console.apply_training_settings(None, simple=True)
+    logging.getLogger("anima_trainer.x").info("plain line")
+    logging.getLogger("anima_trainer.x").warning("careful")
+    assert capsys.readouterr().err.splitlines() == ["plain line", "WARNING: careful"]
+    log = tmp_path / "run.log"
+    log.write_text("earlier run\n")
+    fresh_console.apply_training_settings("WARNING", log_file=log)
+    logging.getLogger("anima_trainer.x").info("hidden at WARNING")
+    logging.getLogger("anima_trainer.x").error("to the file")
+    assert capsys.readouterr().err == ""  # instead of the console, as kohya
+    lines = log.read_text().splitlines()
+    assert lines[0] == "earlier run" and len(lines) == 2  # appended, never truncated
+    assert lines[1].endswith(" ERROR anima_trainer.x: to the file")
+
+
+def test_console_log_file_from_the_train_command(fresh_console, setup, tmp_path, capsys):
+    from anima_trainer.cli import main
+
+    toml = write_demo_configs(tmp_path / "run", setup["models"], setup["images"], 1, seed=5)
+    log = tmp_path / "train.log"
+    assert main(["train", "--config_file", str(toml), "--console_log_file", str(log), "--console_log_simple"]) == 0
+    text = log.read_text()
+    assert "training 20 lora modules" in text and "\nsaved " in text and "INFO" not in text
+    assert "training 20 lora modules" not in capsys.readouterr().err
