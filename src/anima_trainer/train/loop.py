@@ -27,6 +27,7 @@ from anima_trainer.config.train import MINIMUM_METADATA_KEYS
 from anima_trainer.console import progress_disabled
 from anima_trainer.data.loader import run_batches
 from anima_trainer.download import ensure_tokenizers
+from anima_trainer.download.startup import with_tokenizer_dirs
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
@@ -323,32 +324,48 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     from accelerate import Accelerator
 
     from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.data.scan import write_dataset_report
 
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
-    # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
-    # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
-    cached = cfg.cache_latents or cfg.cache_latents_to_disk
-    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
-                            default_validation_seed=cfg.validation_seed)
-    check_validation(cfg, dataset)
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
+    # Start-up, before any model file is opened (issue 14 item 4): the options were checked by TrainConfig;
+    # tokenizers (unset folders: the per-user cache) → the dataset scan, all problems at once → the run lock and
+    # the output-exists check → the dataset report file.
+    with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
+        if dist.is_main:
+            ensure_tokenizers(cfg)
+    cfg = with_tokenizer_dirs(cfg)
+    # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
+    # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
+    cached = cfg.cache_latents or cfg.cache_latents_to_disk
+    report_path = Path(cfg.output_dir) / f"{cfg.output_name}.dataset_report.txt"
+    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
+                            seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
+                            default_validation_seed=cfg.validation_seed, strict_captions=cfg.strict_captions,
+                            report_name=str(report_path))
+    check_validation(cfg, dataset)
     with dist.main_first():  # one run per output_name: locked before any file of it is written or cleaned up
         if dist.is_main:
             cleanup.enter_context(RunLock(cfg.output_dir, cfg.output_name))
             remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # may put back a state being replaced
     resume_from = resolve_resume(cfg)
+    max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
+    if cfg.save_n_epoch_ratio:  # kohya: floor(epochs / ratio) or 1, replacing save_every_n_epochs
+        cfg = cfg.model_copy(update={"save_every_n_epochs": max(1, epochs // cfg.save_n_epoch_ratio)})
+        log.info("save_n_epoch_ratio = %d: an epoch file every %d epoch(s) of %d", cfg.save_n_epoch_ratio,
+                 cfg.save_every_n_epochs, epochs)
+    if resume_from is None:  # a resumed run is checked after its state (a finished run's final file is fine)
+        _check_outputs(cfg, resuming=False, max_steps=max_steps, epochs=epochs)
+    if dist.is_main:
+        write_dataset_report(dataset, report_path)
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     cfg = apply_plan(cfg, dataset, device, adapter_trained=adapter_trained(cfg))  # vram_budget_gb
     prompts = check_before_models(cfg, dataset, device)  # sizes, memory, prompt file: before any model loads
-    with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
-        if dist.is_main:
-            ensure_tokenizers(cfg)
     models = load_models(cfg, device, dtype)
     dit = models.dit
     tokens = {image_tokens(w, h) for w, h, *_ in dataset.bucket_table()}
@@ -360,11 +377,6 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     if dist.enabled:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
-    if cfg.save_n_epoch_ratio:  # kohya: floor(epochs / ratio) or 1, replacing save_every_n_epochs
-        cfg = cfg.model_copy(update={"save_every_n_epochs": max(1, epochs // cfg.save_n_epoch_ratio)})
-        log.info("save_n_epoch_ratio = %d: an epoch file every %d epoch(s) of %d", cfg.save_n_epoch_ratio,
-                 cfg.save_every_n_epochs, epochs)
     optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device,
                                 optimizer_type=cfg.optimizer_type)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
@@ -393,7 +405,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
             max_steps=max_steps, started=started, buckets=dataset.bucket_table()),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
-    checkpoints.check_start(resuming=resume_from is not None, max_steps=max_steps, epochs=epochs)
+    if resume_from is not None:
+        checkpoints.check_start(resuming=True, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg))
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
@@ -622,6 +635,13 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     monitor.flush()
     bar.close()
     return True
+
+
+def _check_outputs(cfg: TrainConfig, *, resuming: bool, max_steps: int, epochs: int) -> None:
+    """The output-exists check (Checkpointer.check_start), before any model is loaded: it needs only the
+    output names the run will write."""
+    Checkpointer(cfg, None, optimizer=None, scheduler=None, scaler=None, generator=None, snapshot={},
+                 metadata=lambda step, epoch: {}).check_start(resuming=resuming, max_steps=max_steps, epochs=epochs)
 
 
 def _last_good_state(cfg: TrainConfig) -> Path | None:
