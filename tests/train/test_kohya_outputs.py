@@ -204,3 +204,19 @@ def test_console_log_file_from_the_train_command(fresh_console, setup, tmp_path,
     text = log.read_text()
     assert "training 20 lora modules" in text and "\nsaved " in text and "INFO" not in text
     assert "training 20 lora modules" not in capsys.readouterr().err
+
+
+def test_output_config_through_the_drop_in(setup, tmp_path):
+    from anima_trainer.config.dropin import translate_kohya_argv
+
+    m = setup["models"]
+    target = tmp_path / "kohya_args"  # kohya appends ".toml"
+    argv, _ = translate_kohya_argv(["--pretrained_model_name_or_path", str(m["dit"]), "--qwen3", str(m["qwen3"]),
+                                    "--vae", str(m["vae"]), "--dataset_config", str(tmp_path / "ds.toml"),
+                                    "--output_dir", str(tmp_path / "out"), "--network_dim", "16",
+                                    "--output_config", "--config_file", str(target)])
+    with pytest.raises(SystemExit) as e:
+        parse_train_args(argv)
+    assert e.value.code == 0
+    data = tomllib.loads((tmp_path / "kohya_args.toml").read_text())
+    assert data["network_dim"] == 16 and data["vae"] == str(m["vae"])
