@@ -56,6 +56,12 @@ def test_no_class_tokens_means_an_empty_caption(shapes, tmp_path):
     assert report.read_text().splitlines() == [
         "no caption file (trains with the caption shown: the subset's class_tokens, else empty): 2",
         f"  {shapes / 'shape_01.png'}: caption ''", f"  {shapes / 'shape_03.png'}: caption ''"]
+    clean = tmp_path / "clean"
+    shutil.copytree(shapes, clean)
+    for n in ("shape_01", "shape_03"):
+        (clean / f"{n}.txt").write_text("a shape")
+    assert write_dataset_report(build_dataset(parse_dataset_config(_raw(clean))), report) is None
+    assert not report.exists()  # a report of another scan is not left behind
 
 
 def test_strict_captions_is_an_error_naming_the_images(shapes):

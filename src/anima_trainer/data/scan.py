@@ -387,11 +387,13 @@ def dataset_report(ds: AnimaDataset) -> str:
 
 
 def write_dataset_report(ds: AnimaDataset, path: Path) -> Path | None:
-    """Write `dataset_report(ds)` to `path` (through the one write path); nothing when there is nothing to say.
-    The file belongs to the run of that output_name (its lock is held), so an earlier run's report is replaced."""
+    """Write `dataset_report(ds)` to `path` (through the one write path).  The file belongs to the run of that
+    output_name (its lock is held), so an earlier run's report is replaced, and removed when this scan found
+    nothing to report (it would describe another dataset)."""
     from anima_trainer.fileio import atomic_write_bytes
 
     text = dataset_report(ds)
     if not text:
+        path.unlink(missing_ok=True)
         return None
     return atomic_write_bytes(text.encode("utf-8", "backslashreplace"), path, what="the dataset report")

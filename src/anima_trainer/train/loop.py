@@ -265,7 +265,7 @@ def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, 
     return meta
 
 
-def initial_progress(cfg: TrainConfig, *, batches_per_epoch: int, max_steps: int, epochs: int,
+def initial_progress(cfg: TrainConfig, *, batches_per_epoch: int, max_steps: int,
                      resumed: bool = False) -> Progress:
     """Where a run with kohya's initial_step / initial_epoch starts (train_network.py's semantics, arithmetic in
     optimizer steps): initial_step wins, initial_epoch N means step (N − 1) × steps per epoch.  The epoch
@@ -279,10 +279,7 @@ def initial_progress(cfg: TrainConfig, *, batches_per_epoch: int, max_steps: int
     if step and step >= max_steps:
         raise ConfigError(f"{key}: starts at step {step}, but the run has {max_steps} steps (max_train_steps must "
                           f"be greater than the initial step, as in kohya); lower {key} or raise max_train_steps")
-    epoch, rest = divmod(step, per_epoch)
-    if epoch + 1 > epochs:
-        raise ConfigError(f"{key}: starts in epoch {epoch + 1}, after the run's last epoch ({epochs}); lower {key} or "
-                          "raise max_train_epochs")
+    epoch, rest = divmod(step, per_epoch)  # step < max_steps <= epochs × per_epoch: inside the run
     if resumed:
         log.warning("%s is set: the state's step count is ignored (kohya)", key)
     if not cfg.skip_until_initial_step:
@@ -445,7 +442,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                  progress.batch_in_epoch)
         events.write("resume", step=progress.step, epoch=progress.epoch, state=str(resume_from))
     if cfg.initial_step is not None or cfg.initial_epoch is not None:
-        progress = initial_progress(cfg, batches_per_epoch=len(shard), max_steps=max_steps, epochs=epochs,
+        progress = initial_progress(cfg, batches_per_epoch=len(shard), max_steps=max_steps,
                                     resumed=resume_from is not None)
     images = None
     if caches.latents is None:  # decode images in worker processes, ahead of the GPU
