@@ -302,14 +302,14 @@ def cmd_cache(argv: list[str]) -> int:
     cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
     console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
                                     log_file=cfg.console_log_file)
+    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
+                            seed=cfg.seed or 0, strict_captions=cfg.strict_captions)
     from anima_trainer.download import ensure_tokenizers
     from anima_trainer.download.startup import with_tokenizer_dirs
 
-    ensure_tokenizers(cfg)  # before the scan, as in training (issue 14 item 4)
-    cfg = with_tokenizer_dirs(cfg)
-    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=cfg.seed or 0, strict_captions=cfg.strict_captions)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ensure_tokenizers(cfg)
+    cfg = with_tokenizer_dirs(cfg)  # unset tokenizer folders: the tokenizer cache
     models = load_models(cfg, device, WEIGHT_DTYPES[cfg.mixed_precision])
     prepare_caches(cfg, dataset, models, None, force_disk=True)
     return 0
