@@ -220,3 +220,24 @@ def test_output_config_through_the_drop_in(setup, tmp_path):
     assert e.value.code == 0
     data = tomllib.loads((tmp_path / "kohya_args.toml").read_text())
     assert data["network_dim"] == 16 and data["vae"] == str(m["vae"])
+
+
+def test_start_up_order_tokenizers_then_outputs_then_the_scan(setup, tmp_path, monkeypatch):
+    import anima_trainer.data as data_pkg
+    from anima_trainer.fileio import OutputExistsError
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the dataset was scanned")
+
+    monkeypatch.setattr(data_pkg, "build_dataset", no_scan)
+    toml = write_demo_configs(tmp_path / "run", setup["models"], setup["images"], 1, seed=5)
+    out = tmp_path / "run" / "output"
+    out.mkdir()
+    (out / "demo_lora.safetensors").write_bytes(b"an earlier run's file")
+    with pytest.raises(OutputExistsError, match="demo_lora.safetensors already exists"):
+        run_training(parse_train_args(["--config_file", str(toml), "--overwrite=false"]))
+    # tokenizers come first: an unfilled tokenizer cache with auto-download off stops before the output check
+    with pytest.raises(ConfigError, match="t5_tokenizer_path: not set, and the tokenizer cache folder"):
+        run_training(parse_train_args(["--config_file", str(toml), "--overwrite=false", "--t5_tokenizer_path", "",
+                                       "--tokenizer_cache_dir", str(tmp_path / "c"),
+                                       "--no-auto_download_t5_tokenizer"]))

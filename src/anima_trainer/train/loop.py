@@ -330,12 +330,15 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
     # Start-up, before any model file is opened (issue 14 item 4): the options were checked by TrainConfig;
-    # tokenizers (unset folders: the per-user cache) → the dataset scan, all problems at once → the run lock and
-    # the output-exists check → the dataset report file.
+    # tokenizers (unset folders: the per-user cache) → the output-exists check (final file, states) → the dataset
+    # scan, all problems at once → the run lock and the output-exists check of every file the run will write →
+    # the dataset report file.
     with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
         if dist.is_main:
             ensure_tokenizers(cfg)
     cfg = with_tokenizer_dirs(cfg)
+    if not cfg.resume:  # the final file and earlier states, before a scan that may take minutes (all files: below)
+        _check_outputs(cfg, resuming=False, max_steps=0, epochs=0)
     # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
     # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
     cached = cfg.cache_latents or cfg.cache_latents_to_disk
