@@ -64,13 +64,20 @@ def test_no_class_tokens_means_an_empty_caption(shapes, tmp_path):
     assert not report.exists()  # a report of another scan is not left behind
 
 
-def test_strict_captions_is_an_error_naming_the_images(shapes):
+def test_strict_captions_is_one_error_naming_the_images_of_every_subset(shapes, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(shapes, other)
+    (other / "shape_00.caption").write_text("x")
+    raw = _raw(shapes, class_tokens="sks")
+    raw["datasets"][0]["subsets"].append({"image_dir": str(other), "caption_extension": ".caption"})
     with pytest.raises(DatasetConfigError) as e:
-        build_dataset(parse_dataset_config(_raw(shapes, class_tokens="sks")), strict_captions=True)
+        build_dataset(parse_dataset_config(raw), strict_captions=True)
     msg = str(e.value)
-    assert "2 image(s) have no caption file (.txt) and strict_captions is on: " in msg
-    assert "shape_01.png" in msg and "shape_03.png" in msg and msg.endswith(
-        "add the caption files, or set strict_captions = false to train them with class_tokens 'sks'")
+    # subset 1: shape_01, shape_03; subset 2 (.caption): shape_01..03 (shape_00 has its .caption)
+    assert msg.startswith("5 image(s) have no caption file (.caption, .txt) and strict_captions is on: "
+                          f"{shapes / 'shape_01.png'}, {shapes / 'shape_03.png'}, {other / 'shape_01.png'} and 2 more")
+    assert msg.endswith("add the caption files, or set strict_captions = false to train them with their subset's "
+                        "class_tokens, else an empty caption (kohya)")
 
 
 def test_report_lists_skipped_and_uncaptioned_together(shapes, tmp_path):

@@ -53,13 +53,13 @@ def read_caption(path: Path, *, all_lines: bool = False) -> str:
 
 def captions_for_images(
     images: list[Path], extension: str, class_tokens: str | None, where: str = "", *, enable_wildcard: bool = False,
-    strict: bool = False, uncaptioned: list[tuple[Path, str]] | None = None,
+    uncaptioned: list[tuple[Path, str]] | None = None,
 ) -> list[str]:
     """One raw caption per image.  An image without a caption file trains as in kohya: with the subset's
     `class_tokens`, else with an empty caption; it is appended to `uncaptioned` as (image, caption used) for the
-    start-up report.  `strict` (strict_captions) makes any image without a caption file a DatasetConfigError
-    listing them.  A folder standing where a caption file should be is always an error.  `enable_wildcard` keeps
-    all lines of multi-line caption files (see `read_caption`)."""
+    start-up report (and for `missing_captions_error` under strict_captions).  A folder standing where a caption
+    file should be is always an error.  `enable_wildcard` keeps all lines of multi-line caption files (see
+    `read_caption`)."""
     captions, missing, blocked = [], [], []
     for image in images:
         path = caption_path(image, extension)
@@ -68,25 +68,30 @@ def captions_for_images(
             continue
         (blocked if path.exists() else missing).append(image)
         captions.append(class_tokens if class_tokens is not None else "")
-    prefix = f"{where}: " if where else ""
     if blocked:
+        prefix = f"{where}: " if where else ""
         raise DatasetConfigError(
             f"{prefix}{len(blocked)} image(s) have no caption file ({extension}): something that is not a file "
             f"stands where it should be: {_shown(blocked)}; remove or rename it (an image without a caption file "
             "trains with the subset's class_tokens, else an empty caption)")
-    if missing and strict:
-        hint = ""
-        for ext in _COMMON_EXTENSIONS:
-            if ext != extension and caption_path(missing[0], ext).is_file():
-                hint = f"; found {caption_path(missing[0], ext).name}: set caption_extension = \"{ext}\""
-                break
-        raise DatasetConfigError(
-            f"{prefix}{len(missing)} image(s) have no caption file ({extension}) and strict_captions is on: "
-            f"{_shown(missing)}{hint}; add the caption files, or set strict_captions = false to train them with "
-            f"{'class_tokens ' + repr(class_tokens) if class_tokens is not None else 'an empty caption'}")
     if uncaptioned is not None:
         uncaptioned.extend((image, class_tokens if class_tokens is not None else "") for image in missing)
     return captions
+
+
+def missing_captions_error(missing: list[Path], extensions: dict[Path, str]) -> DatasetConfigError:
+    """strict_captions: one error naming every image of every subset without a caption file (`extensions`:
+    each image's caption_extension), with a hint when the first has a caption under another common extension."""
+    exts = sorted({extensions[p] for p in missing})
+    hint = ""
+    for ext in _COMMON_EXTENSIONS:
+        if ext != extensions[missing[0]] and caption_path(missing[0], ext).is_file():
+            hint = f"; found {caption_path(missing[0], ext).name}: set caption_extension = \"{ext}\""
+            break
+    return DatasetConfigError(
+        f"{len(missing)} image(s) have no caption file ({', '.join(exts)}) and strict_captions is on: "
+        f"{_shown(missing)}{hint}; add the caption files, or set strict_captions = false to train them with their "
+        "subset's class_tokens, else an empty caption (kohya)")
 
 
 def _shown(paths: list[Path]) -> str:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .buckets import BucketSelector
-from .captions import captions_for_images
+from .captions import captions_for_images, missing_captions_error
 from .config import MAX_CAPTION_BYTES, MAX_EPOCH_ITEMS, DatasetConfig, DatasetConfigError
 from .params import DatasetParams, SubsetParams, resolve_datasets
 from .images import (
@@ -60,7 +60,7 @@ class _ScanReport:
         self.notices: dict[tuple[Path, str], None] = {}
         self.probes: dict[tuple[Path, bool], ImageInfo | ImageRejected] = {}  # shared by datasets
         self.uncaptioned: list[tuple[Path, str]] = []  # (image, caption used) without a caption file
-        self.strict_captions = False
+        self.caption_extensions: dict[Path, str] = {}  # of those images (for the strict_captions error)
 
     def skip(self, path: Path, reason: str) -> None:
         self.skipped[(path, reason)] = None
@@ -252,7 +252,9 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
             captions = ([meta[path].caption for path in kept] if meta is not None
                         else captions_for_images(kept, sub.caption_extension, sub.class_tokens, sub.where,
                                                  enable_wildcard=sub.caption.enable_wildcard,
-                                                 strict=report.strict_captions, uncaptioned=report.uncaptioned))
+                                                 uncaptioned=report.uncaptioned))
+            report.caption_extensions.update((p, sub.caption_extension) for p, _ in report.uncaptioned
+                                             if p not in report.caption_extensions)
         for path, message in notes:
             report.note(path, message)
         for path, caption in zip(kept, captions):
@@ -336,9 +338,10 @@ def build_dataset(
                               default_validation_seed=default_validation_seed)
     items: list[ImageItem] = []
     report = _ScanReport()
-    report.strict_captions = strict_captions
     for i, p in enumerate(params):
         items.extend(_scan_dataset(i, p, cfg.source_dir, report, verify_images))
+    if strict_captions and report.uncaptioned:  # after every subset: one error naming them all
+        raise missing_captions_error([p for p, _ in report.uncaptioned], report.caption_extensions)
     items, validation_items = split_validation(params, items, seed)
     items = balance_reg_items(params, items)
     if not items:
