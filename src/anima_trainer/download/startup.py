@@ -6,8 +6,7 @@ wrong tokenizer fails in seconds, not after the DiT has loaded):
 * the T5 folder (`t5_tokenizer_path`, else `<qwen3_tokenizer_path or qwen3 folder>/t5`, as the loader
   resolves it) must hold `tokenizer.json` or `spiece.model`;
 * the Qwen folder, only when `qwen3_tokenizer_path` is set, must hold `vocab.json` + `merges.txt` (or
-  `tokenizer.json`), directly or under `qwen/`.
-
+  `tokenizer.json`), directly or under `qwen/`;
 * a folder that is not set (no `t5_tokenizer_path` and no `t5/` beside the Qwen tokenizer; no
   `qwen3_tokenizer_path` while `qwen3` is one file) is a per-user cache folder (`tokenizer_cache_dir`, else
   huggingface_hub's `$HF_HOME`, see `tokenizer_cache_root`), so a config that names only `qwen3` works; once
