@@ -74,3 +74,16 @@ def tokenizers_dir() -> Path:
     if not (path / "qwen" / "vocab.json").exists() or not (path / "t5" / "tokenizer.json").exists():
         raise FileNotFoundError(f"{TOKENIZERS_ENV}={value} has no qwen/vocab.json or t5/tokenizer.json")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tokenizer_cache_outside_home(tmp_path_factory):
+    """Unset tokenizer folders resolve to the per-user tokenizer cache under HF_HOME (download/startup.py): in
+    tests that is a temporary folder, never the user's own cache."""
+    old = os.environ.get("HF_HOME")
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+    yield
+    if old is None:
+        os.environ.pop("HF_HOME", None)
+    else:
+        os.environ["HF_HOME"] = old

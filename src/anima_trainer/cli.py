@@ -287,8 +287,8 @@ def cmd_train(argv: list[str]) -> int:
     from anima_trainer.train.monitor import MonitorAlertError
 
     cfg = parse_train_args(argv)
-    if cfg.console_log_level:
-        console.set_level(cfg.console_log_level)
+    console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
+                                    log_file=cfg.console_log_file)
     for line in cfg.notices:  # one per option accepted without effect (also written to the run's events)
         print(f"notice: {line}", file=sys.stderr)
     try:
@@ -314,16 +314,18 @@ def cmd_cache(argv: list[str]) -> int:
     from anima_trainer.train.loop import WEIGHT_DTYPES, load_models, prepare_caches
 
     cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
-    if cfg.console_log_level:
-        console.set_level(cfg.console_log_level)
-    for line in cfg.notices:
+    console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
+                                    log_file=cfg.console_log_file)
+    for line in cfg.notices:  # one per option accepted without effect (also written to the run's events)
         print(f"notice: {line}", file=sys.stderr)
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=cfg.seed or 0)
+                            seed=cfg.seed or 0, strict_captions=cfg.strict_captions)
     from anima_trainer.download import ensure_tokenizers
+    from anima_trainer.download.startup import with_tokenizer_dirs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensure_tokenizers(cfg)
+    cfg = with_tokenizer_dirs(cfg)  # unset tokenizer folders: the tokenizer cache
     models = load_models(cfg, device, WEIGHT_DTYPES[cfg.mixed_precision])
     prepare_caches(cfg, dataset, models, None, force_disk=True)
     return 0

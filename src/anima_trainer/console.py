@@ -8,6 +8,9 @@ variable ANIMA_TRAINER_LOG_LEVEL) is set here; at INFO and above the HTTP librar
 with an explicit `disable=` (tqdm itself only reads the variable for bars that leave `disable` at its default):
 bars pass `disable=progress_disabled(...)`.
 
+kohya's `console_log_simple` (message only) and `console_log_file` (log lines into a file instead of the console)
+are applied by `apply_training_settings` once the training settings are read.
+
 In a multi-process launch (RANK > 0) only warnings and errors are shown, prefixed with the rank, so the console
 shows one copy of the run's progress.
 """
@@ -68,16 +71,68 @@ def setup(level: str | int | None = None) -> int:
     lvl = logging.INFO if lvl is None else lvl
     rank = _rank()
     root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_anima_console", False):
-            root.removeHandler(h)
+    _remove_handlers(root)
     handler = TqdmHandler()
     handler._anima_console = True  # type: ignore[attr-defined]
-    prefix = f"[rank {rank}] " if rank > 0 else ""
-    handler.setFormatter(logging.Formatter(prefix + "%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(_prefix() + "%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     set_level(max(lvl, logging.WARNING) if rank > 0 else lvl)
     return root.level
+
+
+def _prefix() -> str:
+    rank = _rank()
+    return f"[rank {rank}] " if rank > 0 else ""
+
+
+def _remove_handlers(root: logging.Logger) -> None:
+    for h in list(root.handlers):
+        if getattr(h, "_anima_console", False):
+            root.removeHandler(h)
+            if isinstance(h, logging.FileHandler):
+                h.close()
+
+
+class SimpleFormatter(logging.Formatter):
+    """kohya's console_log_simple: the message alone; warnings and errors keep their level word, so that they
+    still stand out in a plain log."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__(prefix + "%(message)s")
+        self._loud = logging.Formatter(prefix + "%(levelname)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._loud.format(record) if record.levelno >= logging.WARNING else super().format(record)
+
+
+def apply_training_settings(level: str | None, *, simple: bool = False, log_file: str | os.PathLike | None = None
+                            ) -> None:
+    """kohya's console options from the training settings: `console_log_level` (the level), `console_log_simple`
+    (plain lines: `SimpleFormatter`) and `console_log_file` (the lines go to that file instead of the console;
+    appended, so an earlier run's log is kept).  The one-line error report and the progress bars stay on the
+    console."""
+    if level:
+        set_level(level)
+    if not simple and log_file is None:
+        return
+    root = logging.getLogger()
+    formatter = SimpleFormatter(_prefix()) if simple else logging.Formatter(
+        _prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    if log_file is None:
+        handlers = [h for h in root.handlers if getattr(h, "_anima_console", False)] or [_install(TqdmHandler())]
+        for h in handlers:
+            h.setFormatter(formatter)
+        return
+    path = os.fspath(os.path.expanduser(log_file))
+    file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")  # opens now: a bad path fails at once
+    _remove_handlers(root)
+    _install(file_handler).setFormatter(formatter)
+
+
+def _install(handler: logging.Handler) -> logging.Handler:
+    handler._anima_console = True  # type: ignore[attr-defined]
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def set_level(level: str | int) -> None:

@@ -316,13 +316,15 @@ def test_no_bucket_and_no_upscale(folder):
                                                            "c.png": (256, 256)}
 
 
-def test_missing_caption_without_class_tokens(folder):
+def test_missing_caption_without_class_tokens_with_strict_captions(folder):
+    # the default (kohya: an empty caption, reported) is tested in tests/data/test_uncaptioned.py
     raw = {"datasets": [{"resolution": 512, "subsets": [{"image_dir": str(folder / "one")}]}]}
-    with pytest.raises(DatasetConfigError, match=r"1 image\(s\) have no caption file \(.caption\).*c.png"):
-        build_dataset(parse_dataset_config(raw))
+    with pytest.raises(DatasetConfigError, match=r"1 image\(s\) have no caption file \(.caption\) and "
+                                                 r"strict_captions is on: .*c.png"):
+        build_dataset(parse_dataset_config(raw), strict_captions=True)
     _write(folder / "one" / "c.txt", "green")
     with pytest.raises(DatasetConfigError, match=r'found c.txt: set caption_extension = ".txt"'):
-        build_dataset(parse_dataset_config(raw))
+        build_dataset(parse_dataset_config(raw), strict_captions=True)
 
 
 def test_empty_image_dir(tmp_path):

@@ -36,8 +36,9 @@ def closed_url() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _online(monkeypatch):
+def _online(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # the tokenizer cache: never the user's own
     for name in ("HF_ENDPOINT", "ANIMA_TRAINER_MODELSCOPE_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
 

@@ -11,7 +11,7 @@ from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.download import sources
 from anima_trainer.download.errors import DownloadError
 from anima_trainer.download.fetch import Context
-from anima_trainer.download.startup import ensure_tokenizers
+from anima_trainer.download.startup import ensure_tokenizers, with_tokenizer_dirs
 
 REQUIRED = ["--pretrained_model_name_or_path", "dit.safetensors", "--qwen3", "qwen3.safetensors", "--vae", "v",
             "--output_dir", "o", "--dataset_config", "ds.toml"]
@@ -20,6 +20,13 @@ NV = "nv-community/Cosmos-Predict2-2B-Text2Image"
 
 def cfg(*args: str):
     return parse_train_args([*REQUIRED, *args])
+
+
+@pytest.fixture(autouse=True)
+def _qwen_in_the_cache(_online, tokenizers_dir):
+    """qwen3 is one file here: its tokenizer comes from the tokenizer cache (HF_HOME), filled as by an earlier run;
+    these tests are about the T5 folder (tests/download/test_tokenizer_cache.py: the cache itself)."""
+    shutil.copytree(tokenizers_dir / "qwen", with_tokenizer_dirs(cfg()).qwen3_tokenizer_path)
 
 
 def test_flags_defaults_and_negation(tmp_path):
@@ -64,8 +71,9 @@ def test_missing_folders_without_auto_download_name_the_key(tmp_path):
             "--no-auto_download_t5_tokenizer")
     with pytest.raises(ConfigError, match=f"qwen3_tokenizer_path: the folder {tmp_path / 'qwen'} lacks merges.txt"):
         ensure_tokenizers(c)
-    with pytest.raises(ConfigError, match="t5_tokenizer_path: not set"):
-        ensure_tokenizers(cfg())
+    with pytest.raises(ConfigError, match="t5_tokenizer_path: not set, and the tokenizer cache folder .* is not "
+                                          "filled"):
+        ensure_tokenizers(cfg("--no-auto_download_t5_tokenizer", "--tokenizer_cache_dir", str(tmp_path / "c")))
 
 
 def test_complete_folders_need_no_network(tokenizers_dir, tmp_path, closed_url):

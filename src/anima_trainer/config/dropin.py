@@ -124,7 +124,7 @@ class DropIn:
         self.toml_changed = False
         self.dataset_doc: dict[str, Any] | None = None
         self.source = self.cli.get("config_file")
-        if self.source is not None:
+        if self.source is not None and not _writes_config(self.rest):  # output_config: the file is written
             self._read_toml(self.source)
 
     # --- layers --------------------------------------------------------------------------------------------
@@ -340,6 +340,17 @@ class DropIn:
             argv = ["--config_file", str(path), *argv]
             self.notices.append(f"settings: {path}")
         return argv
+
+
+def _writes_config(rest: list[str]) -> bool:
+    """`--output_config` (kohya: --config_file names the file to write, not one to read) is on the command line."""
+    asked = False
+    for tok in rest:
+        if tok == "--output_config" or tok.startswith("--output_config="):
+            asked = tok.partition("=")[2].strip().lower() not in ("false", "0", "no", "off")
+        elif tok == "--no-output_config":
+            asked = False
+    return asked
 
 
 def help_epilog() -> str:

@@ -340,6 +340,9 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
     toml: dict[str, Any] = {}
     toml_alias: set[str] = set()
     src: TomlSource | None = None
+    output_config = _output_config_asked(cli_raw.pop("output_config", None), config_file)
+    if output_config:  # kohya: --config_file is then the file to write, not read
+        config_file = None
     if config_file is not None:
         src = read_train_toml_source(config_file)
         toml, toml_alias = _canonical(src.values, src, rules)
@@ -360,17 +363,39 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
                                   "cannot start with '.')")
             if isinstance(v, str) and "." in v.strip():
                 _cwd_importable()
+        if toml.pop("output_config", None) not in (None, False, "false", "False"):
+            notices.append(f"output_config in {config_file}: no effect there (kohya reads it only on the command "
+                           "line, where it writes the settings to the --config_file path and exits); training goes "
+                           "on")
+        merged.pop("output_config", None)
         cfg = make_train_config(merged)
     except ConfigError as e:
         if src is None:
             raise
         raise ConfigError(_name_file(str(e), set(toml) - set(cli), src)) from None
+    if output_config:
+        from anima_trainer.config.output_config import write_output_config
+
+        write_output_config(cfg, output_config)
+        raise SystemExit(0)
     from anima_trainer.train.schedulers import schedule_notices
 
     cfg.set_compat(notices=notices, sd_scripts_anima=seed_style)
     cfg.notices.extend(schedule_notices(cfg, given=set(merged)))
     cfg.notices.extend(flow_notices(cfg, given=set(merged)))
     return cfg
+
+
+def _output_config_asked(value: Any, config_file: str | None) -> str | None:
+    """The --config_file path when --output_config asks to write it; None when not asked."""
+    if value is None or str(value).strip().lower() in ("false", "0", "no", "off", ""):
+        return None
+    if str(value).strip().lower() not in ("true", "1", "yes", "on"):
+        raise ConfigError(f"output_config: expected true or false, got {value!r}")
+    if config_file is None:
+        raise ConfigError("output_config: needs --config_file naming the TOML file to write (kohya's "
+                          "--output_config writes the settings there and exits)")
+    return config_file
 
 
 def flow_notices(cfg: TrainConfig, given: set[str]) -> list[str]:

@@ -411,11 +411,57 @@ class TrainConfig(BaseModel):
     def sd_scripts_anima(self) -> bool:
         """True when the config uses sd-scripts-anima's own names (kohya_options.is_sd_scripts_anima)."""
         return self._seed_style
+    # --- issue 14 (outputs) ---
+    # file metadata (kohya's train_network.py / library/sai_model_spec.py)
+    training_comment: str | None = Field(None, description="free text written as ss_training_comment into the "
+                                                           "saved files' metadata")
+    no_metadata: bool = Field(False, description="write only kohya's minimum ss_* keys (ss_v2, "
+                                                 "ss_base_model_version, ss_network_module/_dim/_alpha/_args) and "
+                                                 "the modelspec.* keys, as kohya does")
+    metadata_title: str | None = Field(None, description="modelspec.title (default: output_name)")
+    metadata_author: str | None = Field(None, description="modelspec.author")
+    metadata_description: str | None = Field(None, description="modelspec.description")
+    metadata_license: str | None = Field(None, description="modelspec.license")
+    metadata_tags: str | None = Field(None, description="modelspec.tags (comma separated)")
+    metadata_usage_hint: str | None = Field(None, description="modelspec.usage_hint")
+    metadata_thumbnail: str | None = Field(None, description="modelspec.thumbnail: a data: URL, or an image file "
+                                                             "(written as a data: URL)")
+    metadata_merged_from: str | None = Field(None, description="modelspec.merged_from")
+    metadata_trigger_phrase: str | None = Field(None, description="modelspec.trigger_phrase")
+    metadata_preprocessor: str | None = Field(None, description="modelspec.preprocessor")
+    metadata_is_negative_embedding: str | None = Field(None, description="modelspec.is_negative_embedding")
+    # start-up and run bookkeeping
+    output_config: bool = Field(False, description="command line only, with --config_file: write the resolved "
+                                                   "settings (those not at their default) to the --config_file "
+                                                   "path, which must not exist yet, and exit 0 without training "
+                                                   "(kohya's --output_config)")
+    save_n_epoch_ratio: int | None = Field(None, ge=1, description="save about N epoch files over the run: "
+                                           "save_every_n_epochs = max(1, epochs // N) (replaces "
+                                           "save_every_n_epochs, as in kohya)")
+    initial_epoch: int | None = Field(None, ge=1, description="start counting at this epoch (1 = the first); "
+                                      "initial_step wins. Without skip_until_initial_step only the epoch number "
+                                      "(and its data order) moves, as in kohya; the LR schedule starts at 0")
+    initial_step: int | None = Field(None, ge=0, description="start counting at this optimizer step (0 = the "
+                                     "first); with skip_until_initial_step the data batches up to it are skipped "
+                                     "and step numbers continue from it; the LR schedule starts at 0, as in kohya")
+    skip_until_initial_step: bool = Field(False, description="skip the data up to initial_step / initial_epoch "
+                                                             "(same data order as a run that trained them)")
+    console_log_file: Path | None = Field(None, description="write the log lines to this file instead of the "
+                                                            "console (appended; kohya's option)")
+    console_log_simple: bool = Field(False, description="plain log lines: the message only (warnings and errors "
+                                                        "keep their level word)")
+    tokenizer_cache_dir: Path | None = Field(None, description="folder for downloaded tokenizers when their "
+                                             "folders are not set (default: $HF_HOME/anima-trainer/tokenizers, "
+                                             "~/.cache/huggingface/...); reused offline")
+    strict_captions: bool = Field(False, description="an image without a caption file is an error (default: it "
+                                                     "trains with the subset's class_tokens, else an empty caption, "
+                                                     "with a warning listing it, as kohya)")
 
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
     @field_validator("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
                      "t5_tokenizer_path", "output_dir", "network_weights", "dataset_config", "logging_dir",
-                     "sample_prompts", "log_tracker_config", "tensorboard_logdir", mode="before")
+                     "sample_prompts", "log_tracker_config", "tensorboard_logdir", "console_log_file",
+                     "tokenizer_cache_dir", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -463,6 +509,20 @@ class TrainConfig(BaseModel):
     @classmethod
     def _level_name(cls, v: Any) -> Any:
         return (v.strip().upper() or None) if isinstance(v, str) else v  # kohya's choices are upper case
+
+    @field_validator("save_n_epoch_ratio", "initial_epoch", "initial_step", mode="before")
+    @classmethod
+    def _unset_counts(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip() in ("", "None") else v  # kohya's unset, as GUIs write it
+
+    @field_validator("metadata_thumbnail")
+    @classmethod
+    def _thumbnail(cls, v: str | None) -> str | None:
+        # checked here, not at the first save hours later; kohya drops an unreadable thumbnail with a warning
+        if v is not None and v and not v.startswith("data:") and not Path(v).expanduser().is_file():
+            raise ValueError(f"'{v}' is neither a data: URL nor an image file; give the path of the thumbnail "
+                             "image (it is written into the metadata as a data: URL)")
+        return v
 
     @field_validator("log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key", mode="before")
     @classmethod
@@ -835,8 +895,30 @@ class TrainConfig(BaseModel):
             "ss_max_validation_steps": self.max_validation_steps,
             "ss_scale_weight_norms": self.scale_weight_norms,
             "ss_full_fp16": bool(self.full_fp16),
+            "ss_training_comment": self.training_comment,
         }
         return {k: str(v) for k, v in meta.items()}
+
+    def modelspec_metadata(self, timestamp: float) -> dict[str, str]:
+        """kohya's `modelspec.*` keys (ModelSpec 1.0.1, library/sai_model_spec.py) for an Anima LoRA: the fixed
+        architecture/implementation/resolution, the title (metadata_title, else output_name), the date of
+        `timestamp`, and every metadata_* option that is set.  Written also with no_metadata, as in kohya."""
+        import datetime
+
+        meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "anima-preview/lora",
+                "modelspec.implementation": "https://huggingface.co/circlestone-labs/Anima",
+                "modelspec.title": self.metadata_title if self.metadata_title is not None else self.output_name,
+                "modelspec.resolution": "1024x1024",
+                "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat()}
+        for name in ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+                     "trigger_phrase", "preprocessor", "is_negative_embedding"):
+            value = getattr(self, f"metadata_{name}")
+            if value is None:
+                continue
+            if name == "thumbnail" and value and not value.startswith("data:"):
+                value = _data_url(Path(value).expanduser())
+            meta[f"modelspec.{name}"] = value
+        return meta
 
 
 # File names are limited to 255 bytes (ext4, XFS, btrfs, APFS, NTFS).  The longest name derived from
@@ -847,6 +929,20 @@ class TrainConfig(BaseModel):
 # checks the real names).
 FILE_NAME_MAX_BYTES = 255
 OUTPUT_NAME_MAX_BYTES = FILE_NAME_MAX_BYTES - 75
+
+
+def _data_url(path: Path) -> str:
+    """An image file as a `data:<mime>;base64,...` URL (kohya's thumbnail conversion)."""
+    import base64
+    import mimetypes
+
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+# kohya's SS_METADATA_MINIMUM_KEYS: what no_metadata keeps of the ss_* keys (the modelspec.* keys stay too)
+MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+                         "ss_network_alpha", "ss_network_args")
 
 
 def _shorten(v: str, keep: int = 40) -> str:

@@ -4,7 +4,8 @@ Reading happens once, at scan time: the caption file next to the image (`<stem><
 UTF-8 (a BOM is dropped; other encodings: see textfiles.py), stripped.  Without `enable_wildcard` only the
 first line is kept (kohya); with it, every non-empty line is kept (joined by "\n") and `process_caption`
 picks one per step.
-No caption file -> the subset's `class_tokens`; neither -> DatasetConfigError naming the images.
+No caption file -> the subset's `class_tokens`, else an empty caption, as in kohya (listed in the start-up
+report; `strict_captions` makes it a DatasetConfigError naming the images).
 An existing but empty caption file gives the empty caption (a deliberate unconditional sample).
 
 `process_caption` turns that raw caption into the text of one training sample (kohya_anima.md §2.3).
@@ -51,33 +52,50 @@ def read_caption(path: Path, *, all_lines: bool = False) -> str:
 
 
 def captions_for_images(
-    images: list[Path], extension: str, class_tokens: str | None, where: str = "", *, enable_wildcard: bool = False
+    images: list[Path], extension: str, class_tokens: str | None, where: str = "", *, enable_wildcard: bool = False,
+    uncaptioned: list[tuple[Path, str]] | None = None,
 ) -> list[str]:
-    """One raw caption per image; raises DatasetConfigError listing images without caption and class_tokens.
-    `enable_wildcard` keeps all lines of multi-line caption files (see `read_caption`)."""
-    captions, missing = [], []
+    """One raw caption per image.  An image without a caption file trains as in kohya: with the subset's
+    `class_tokens`, else with an empty caption; it is appended to `uncaptioned` as (image, caption used) for the
+    start-up report (and for `missing_captions_error` under strict_captions).  A folder standing where a caption
+    file should be is always an error.  `enable_wildcard` keeps all lines of multi-line caption files (see
+    `read_caption`)."""
+    captions, missing, blocked = [], [], []
     for image in images:
         path = caption_path(image, extension)
         if path.is_file():
             captions.append(read_caption(path, all_lines=enable_wildcard))
-        elif class_tokens is not None:
-            captions.append(class_tokens)
-        else:
-            missing.append(image)
-            captions.append("")
-    if missing:
-        shown = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        hint = ""
-        for ext in _COMMON_EXTENSIONS:
-            if ext != extension and caption_path(missing[0], ext).is_file():
-                hint = f"; found {caption_path(missing[0], ext).name}: set caption_extension = \"{ext}\""
-                break
+            continue
+        (blocked if path.exists() else missing).append(image)
+        captions.append(class_tokens if class_tokens is not None else "")
+    if blocked:
         prefix = f"{where}: " if where else ""
         raise DatasetConfigError(
-            f"{prefix}{len(missing)} image(s) have no caption file ({extension}) and the subset sets no "
-            f"class_tokens: {shown}{hint}"
-        )
+            f"{prefix}{len(blocked)} image(s) have no caption file ({extension}): something that is not a file "
+            f"stands where it should be: {_shown(blocked)}; remove or rename it (an image without a caption file "
+            "trains with the subset's class_tokens, else an empty caption)")
+    if uncaptioned is not None:
+        uncaptioned.extend((image, class_tokens if class_tokens is not None else "") for image in missing)
     return captions
+
+
+def missing_captions_error(missing: list[Path], extensions: dict[Path, str]) -> DatasetConfigError:
+    """strict_captions: one error naming every image of every subset without a caption file (`extensions`:
+    each image's caption_extension), with a hint when the first has a caption under another common extension."""
+    exts = sorted({extensions[p] for p in missing})
+    hint = ""
+    for ext in _COMMON_EXTENSIONS:
+        if ext != extensions[missing[0]] and caption_path(missing[0], ext).is_file():
+            hint = f"; found {caption_path(missing[0], ext).name}: set caption_extension = \"{ext}\""
+            break
+    return DatasetConfigError(
+        f"{len(missing)} image(s) have no caption file ({', '.join(exts)}) and strict_captions is on: "
+        f"{_shown(missing)}{hint}; add the caption files, or set strict_captions = false to train them with their "
+        "subset's class_tokens, else an empty caption (kohya)")
+
+
+def _shown(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
 # --- per-step processing (kohya's BaseDataset.process_caption) ---------------------------------------------

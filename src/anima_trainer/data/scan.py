@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .buckets import BucketSelector
-from .captions import captions_for_images
+from .captions import captions_for_images, missing_captions_error
 from .config import MAX_CAPTION_BYTES, MAX_EPOCH_ITEMS, DatasetConfig, DatasetConfigError
 from .params import DatasetParams, SubsetParams, resolve_datasets
 from .images import (
@@ -59,6 +59,8 @@ class _ScanReport:
         self.skipped: dict[tuple[Path, str], None] = {}
         self.notices: dict[tuple[Path, str], None] = {}
         self.probes: dict[tuple[Path, bool], ImageInfo | ImageRejected] = {}  # shared by datasets
+        self.uncaptioned: list[tuple[Path, str]] = []  # (image, caption used) without a caption file
+        self.caption_extensions: dict[Path, str] = {}  # of those images (for the strict_captions error)
 
     def skip(self, path: Path, reason: str) -> None:
         self.skipped[(path, reason)] = None
@@ -291,7 +293,10 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
         with collect_decode_notes() as notes:
             captions = ([meta[path].caption for path in kept] if meta is not None
                         else captions_for_images(kept, sub.caption_extension, sub.class_tokens, sub.where,
-                                                 enable_wildcard=sub.caption.enable_wildcard))
+                                                 enable_wildcard=sub.caption.enable_wildcard,
+                                                 uncaptioned=report.uncaptioned))
+            report.caption_extensions.update((p, sub.caption_extension) for p, _ in report.uncaptioned
+                                             if p not in report.caption_extensions)
         for path, message in notes:
             report.note(path, message)
         for path, caption in zip(kept, captions):
@@ -357,6 +362,8 @@ def build_dataset(
     verify_images: bool = False,
     default_validation_split: float | None = None,
     default_validation_seed: int | None = None,
+    strict_captions: bool = False,
+    report_name: str | None = None,
 ) -> AnimaDataset:
     """Scan every subset (image headers, file ends and caption files only) and assign buckets.
 
@@ -365,7 +372,10 @@ def build_dataset(
     `default_batch_size` / `default_resolution` / `default_validation_split` / `default_validation_seed` play
     kohya's command-line level (`--train_batch_size`, `--resolution`, `--validation_split`,
     `--validation_seed`): used when neither the dataset nor [general] sets the option.  Held-out images are
-    `ds.validation_items`; `ds.validation` serves them for the validation loss (data/validation.py)."""
+    `ds.validation_items`; `ds.validation` serves them for the validation loss (data/validation.py).
+    Images without a caption file train with class_tokens or an empty caption (`ds.uncaptioned`);
+    `strict_captions` makes them an error.  Every problem is collected before anything is reported; the
+    warnings name `report_name`, the file `write_dataset_report` fills with the full lists."""
     params = resolve_datasets(cfg, default_batch_size=default_batch_size, default_resolution=default_resolution,
                               default_validation_split=default_validation_split,
                               default_validation_seed=default_validation_seed)
@@ -373,6 +383,8 @@ def build_dataset(
     report = _ScanReport()
     for i, p in enumerate(params):
         items.extend(_scan_dataset(i, p, cfg.source_dir, report, verify_images))
+    if strict_captions and report.uncaptioned:  # after every subset: one error naming them all
+        raise missing_captions_error([p for p, _ in report.uncaptioned], report.caption_extensions)
     items, validation_items = split_validation(params, items, seed)
     items = balance_reg_items(params, items)
     if not items:
@@ -384,15 +396,50 @@ def build_dataset(
                                  "with max_train_steps / max_train_epochs")
     ds = AnimaDataset(params, items, seed=seed, skipped=list(report.skipped), notices=list(report.notices))
     ds.validation_items = validation_items
+    ds.uncaptioned = list(report.uncaptioned)
+    where = f"full list in {report_name}" if report_name else "listed in full in the dataset report"
     if ds.skipped:
-        log.warning("dataset: skipped %d file(s) that cannot be trained on (see ds.skipped): %s",
-                    len(ds.skipped), _summarize(ds.skipped))
+        log.warning("dataset: skipped %d file(s) that cannot be trained on (%s): %s",
+                    len(ds.skipped), where, _summarize(ds.skipped))
     if ds.notices:
-        log.warning("dataset: %d file(s) used with a caveat (see ds.notices): %s", len(ds.notices),
+        log.warning("dataset: %d file(s) used with a caveat (%s): %s", len(ds.notices), where,
                     _summarize(ds.notices))
+    if ds.uncaptioned:
+        log.warning("dataset: %d image(s) have no caption file and train with the subset's class_tokens or an "
+                    "empty caption, as in kohya (strict_captions = true makes this an error; %s): %s",
+                    len(ds.uncaptioned), where,
+                    _summarize([(p, f"caption {c!r}") for p, c in ds.uncaptioned]))
     log.info("dataset: %d images, %d items with repeats, %d batches per epoch%s", ds.num_images,
              ds.num_train_items, len(ds),
              f"; {len(validation_items)} image(s) held out for validation" if validation_items else "")
     for w, h, n in ds.bucket_table():
         log.info("  bucket %dx%d: %d", w, h, n)
     return ds
+
+
+def dataset_report(ds: AnimaDataset) -> str:
+    """The full text of the start-up dataset report: every skipped file with why, every file used with a caveat
+    (converted text encodings, upscales, ...), every image without a caption file with the caption it trains
+    with.  Empty when there is nothing to report."""
+    sections = [("skipped (not trained on)", [(p, r) for p, r in ds.skipped]),
+                ("used with a caveat", [(p, m) for p, m in ds.notices]),
+                ("no caption file (trains with the caption shown: the subset's class_tokens, else empty)",
+                 [(p, f"caption {c!r}") for p, c in getattr(ds, "uncaptioned", [])])]
+    lines: list[str] = []
+    for title, entries in sections:
+        if entries:
+            lines += [f"{title}: {len(entries)}", *(f"  {p}: {why}" for p, why in entries), ""]
+    return "\n".join(lines)
+
+
+def write_dataset_report(ds: AnimaDataset, path: Path) -> Path | None:
+    """Write `dataset_report(ds)` to `path` (through the one write path).  The file belongs to the run of that
+    output_name (its lock is held), so an earlier run's report is replaced, and removed when this scan found
+    nothing to report (it would describe another dataset)."""
+    from anima_trainer.fileio import atomic_write_bytes
+
+    text = dataset_report(ds)
+    if not text:
+        path.unlink(missing_ok=True)
+        return None
+    return atomic_write_bytes(text.encode("utf-8", "backslashreplace"), path, what="the dataset report")

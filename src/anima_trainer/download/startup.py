@@ -6,7 +6,11 @@ wrong tokenizer fails in seconds, not after the DiT has loaded):
 * the T5 folder (`t5_tokenizer_path`, else `<qwen3_tokenizer_path or qwen3 folder>/t5`, as the loader
   resolves it) must hold `tokenizer.json` or `spiece.model`;
 * the Qwen folder, only when `qwen3_tokenizer_path` is set, must hold `vocab.json` + `merges.txt` (or
-  `tokenizer.json`), directly or under `qwen/`.
+  `tokenizer.json`), directly or under `qwen/`;
+* a folder that is not set (no `t5_tokenizer_path` and no `t5/` beside the Qwen tokenizer; no
+  `qwen3_tokenizer_path` while `qwen3` is one file) is a per-user cache folder (`tokenizer_cache_dir`, else
+  huggingface_hub's `$HF_HOME`, see `tokenizer_cache_root`), so a config that names only `qwen3` works; once
+  filled it is used offline.  `with_tokenizer_dirs` gives the loader those folders.
 
 What is missing is downloaded into that folder when `auto_download_t5_tokenizer` is on (the default; the one
 switch covers both tokenizers): T5 from `t5_tokenizer_repo_id` / `t5_tokenizer_subfolder` (then the repo
@@ -19,6 +23,8 @@ folder (see `t5.validate_t5_tokenizer`).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +34,7 @@ from anima_trainer.download import sources, t5
 from anima_trainer.download.errors import SourceError
 from anima_trainer.download.fetch import Context, Fetched, fetch_folder, source_chain
 from anima_trainer.download.transfer import Options
-from anima_trainer.download.urls import parse_source
+from anima_trainer.download.urls import SourceRef, parse_source
 
 if TYPE_CHECKING:
     from anima_trainer.config import TrainConfig
@@ -56,15 +62,52 @@ def _qwen_missing(folder: Path) -> list[str]:
     return [n for n in ("vocab.json", "merges.txt") if not (folder / n).is_file()]
 
 
+def tokenizer_cache_root(cfg: TrainConfig, env: Mapping[str, str] | None = None) -> Path:
+    """Where tokenizers go whose folder is not set: `tokenizer_cache_dir`, else huggingface_hub's per-user cache
+    home (`$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`) + `anima-trainer/tokenizers`.
+    Read now, not at import, so that HF_HOME set by the caller counts."""
+    if cfg.tokenizer_cache_dir is not None:
+        return Path(cfg.tokenizer_cache_dir).expanduser()
+    env = os.environ if env is None else env
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"),
+                                              "huggingface")
+    return Path(home).expanduser() / "anima-trainer" / "tokenizers"
+
+
+def _cache_folder(root: Path, kind: str, ref: SourceRef) -> Path:
+    """One folder per tokenizer and source (`t5-hf-google--t5-v1_1-base`): another source is another folder."""
+    return root / f"{kind}-{ref.provider}-{ref.repo_id.replace('/', '--')}"
+
+
+def _qwen_cached(cfg: TrainConfig) -> Path | None:
+    """The cache folder of the Qwen tokenizer when no folder gives one: qwen3_tokenizer_path unset and qwen3
+    one file (a Hugging Face Qwen3 folder holds its own tokenizer); else None."""
+    if cfg.qwen3_tokenizer_path is not None or Path(cfg.qwen3).is_dir():
+        return None
+    return _cache_folder(tokenizer_cache_root(cfg), "qwen", sources.primary_source(sources.QWEN_TOKENIZER))
+
+
 def t5_dir_of(cfg: TrainConfig) -> Path:
-    """The T5 folder the loader will use (models/text.py resolves it the same way)."""
+    """The T5 folder the loader will use (models/text.py resolves it the same way); unset and not found beside
+    the Qwen tokenizer: the tokenizer cache folder (`tokenizer_cache_root`), as kohya and huggingface_hub keep
+    downloaded tokenizers in a per-user cache."""
     if cfg.t5_tokenizer_path is not None:
         return Path(cfg.t5_tokenizer_path)
     base = cfg.qwen3_tokenizer_path or (cfg.qwen3 if Path(cfg.qwen3).is_dir() else None)
     if base is not None and (Path(base) / "t5").is_dir():
         return Path(base) / "t5"
-    raise ConfigError("t5_tokenizer_path: not set; set it to the T5 tokenizer folder (missing files are "
-                      "downloaded into it while auto_download_t5_tokenizer is on)")
+    return _cache_folder(tokenizer_cache_root(cfg), "t5", t5_sources(cfg)[0])
+
+
+def with_tokenizer_dirs(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the unset tokenizer folders filled in by the folders `ensure_tokenizers` completes (the cache
+    folders), so that the loader reads exactly those."""
+    update: dict[str, Path] = {}
+    if cfg.t5_tokenizer_path is None:
+        update["t5_tokenizer_path"] = t5_dir_of(cfg)
+    if (qwen := _qwen_cached(cfg)) is not None:
+        update["qwen3_tokenizer_path"] = qwen
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def _missing_message(key: str, folder: Path, missing: list[str]) -> str:
@@ -102,9 +145,14 @@ def ensure_tokenizers(cfg: TrainConfig, *, ctx: Context | None = None) -> Tokeni
     """Complete (download) the tokenizer folders `cfg` names; ConfigError / DownloadError otherwise."""
     ctx = ctx or Context(sources.hf_endpoint(), sources.modelscope_endpoint(), opts=Options())
     t5_dir = t5_dir_of(cfg)
-    result = TokenizerDirs(Path(cfg.qwen3_tokenizer_path) if cfg.qwen3_tokenizer_path else None, t5_dir)
+    qwen_cache = _qwen_cached(cfg)
+    result = TokenizerDirs(Path(cfg.qwen3_tokenizer_path) if cfg.qwen3_tokenizer_path else qwen_cache, t5_dir)
     if t5.missing_files(t5_dir):
         if not cfg.auto_download_t5_tokenizer:
+            if cfg.t5_tokenizer_path is None:
+                raise ConfigError(f"t5_tokenizer_path: not set, and the tokenizer cache folder {t5_dir} is not filled; "
+                                  "set it to the T5 tokenizer folder, or turn auto_download_t5_tokenizer on (the "
+                                  "default) to download it into the cache")
             raise ConfigError(_missing_message("t5_tokenizer_path", t5_dir, t5.missing_files(t5_dir)))
         primary, fallback = t5_sources(cfg)
         log.warning("T5 tokenizer files missing in %s; downloading them from %s", t5_dir, primary.describe())
@@ -123,6 +171,10 @@ def ensure_tokenizers(cfg: TrainConfig, *, ctx: Context | None = None) -> Tokeni
                               f"made from it ({err}); install `sentencepiece` or add tokenizer.json") from None
     qwen_dir = result.qwen
     if qwen_dir is not None and (missing := _qwen_missing(qwen_dir)):
+        if not cfg.auto_download_t5_tokenizer and qwen_cache is not None:
+            raise ConfigError(f"qwen3_tokenizer_path: not set, qwen3 is one file, and the tokenizer cache folder "
+                              f"{qwen_dir} is not filled; set it to the Qwen tokenizer folder, or turn "
+                              "auto_download_t5_tokenizer on (the default) to download it into the cache")
         if not cfg.auto_download_t5_tokenizer:
             raise ConfigError(_missing_message("qwen3_tokenizer_path", qwen_dir, missing))
         e = sources.QWEN_TOKENIZER

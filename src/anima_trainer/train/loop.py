@@ -23,9 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.config.train import MINIMUM_METADATA_KEYS
 from anima_trainer.console import progress_disabled
 from anima_trainer.data.loader import run_batches
 from anima_trainer.download import ensure_tokenizers
+from anima_trainer.download.startup import with_tokenizer_dirs
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.networks.merge import merge_base_weights
 from anima_trainer.sample.generate import render_previews
@@ -262,7 +264,8 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1
 
 def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, batches_per_epoch: int,
                    max_steps: int, started: float, buckets: list) -> dict[str, str]:
-    """kohya-style `ss_*` metadata (all strings) describing how the file was trained."""
+    """kohya-style `ss_*` metadata (all strings) describing how the file was trained, with kohya's `modelspec.*`
+    keys (training_comment, metadata_*); `no_metadata` keeps only kohya's minimum ss_* keys."""
     meta = dict(cfg.to_metadata())
     meta.update({
         "ss_output_name": cfg.output_name, "ss_steps": str(step), "ss_epoch": str(epoch),
@@ -270,9 +273,40 @@ def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, 
         "ss_num_batches_per_epoch": str(batches_per_epoch), "ss_base_model_version": "anima",
         "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name, "ss_vae_name": Path(cfg.vae).name,
         "ss_training_started_at": str(started), "ss_training_finished_at": str(time.time()),
-        "ss_bucket_info": json.dumps({"buckets": [list(b) for b in buckets]}),
+        "ss_bucket_info": json.dumps({"buckets": [list(b) for b in buckets]}), "ss_v2": "False",
     })
+    if cfg.no_metadata:  # kohya: only the minimum ss_* keys (+ modelspec)
+        meta = {k: meta[k] for k in MINIMUM_METADATA_KEYS if k in meta}
+    meta.update(cfg.modelspec_metadata(time.time()))  # kohya dates each save
     return meta
+
+
+def initial_progress(cfg: TrainConfig, *, batches_per_epoch: int, max_steps: int,
+                     resumed: bool = False) -> Progress:
+    """Where a run with kohya's initial_step / initial_epoch starts (train_network.py's semantics, arithmetic in
+    optimizer steps): initial_step wins, initial_epoch N means step (N − 1) × steps per epoch.  The epoch
+    counter starts at the epoch holding that step; with skip_until_initial_step the data batches before it are
+    skipped (whole epochs, then micro-batches of the epoch) and the step counter continues from it, otherwise
+    the step counter starts at 0.  The LR schedule is not moved (kohya).  A state's own step count is ignored
+    when they are given, as in kohya."""
+    per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)  # optimizer steps per epoch
+    key = "initial_step" if cfg.initial_step is not None else "initial_epoch"
+    step = cfg.initial_step if cfg.initial_step is not None else (cfg.initial_epoch - 1) * per_epoch
+    if step and step >= max_steps:
+        raise ConfigError(f"{key}: starts at step {step}, but the run has {max_steps} steps (max_train_steps must "
+                          f"be greater than the initial step, as in kohya); lower {key} or raise max_train_steps")
+    epoch, rest = divmod(step, per_epoch)  # step < max_steps <= epochs × per_epoch: inside the run
+    if resumed:
+        log.warning("%s is set: the state's step count is ignored (kohya)", key)
+    if not cfg.skip_until_initial_step:
+        if step:
+            log.info("%s: counting starts in epoch %d at step 0 (no data is skipped without "
+                     "skip_until_initial_step)", key, epoch + 1)
+        return Progress(0, epoch + 1, 0)
+    if step:
+        log.info("%s: skipping the data of %d step(s): training starts in epoch %d at step %d (the LR schedule "
+                 "starts from its beginning)", key, step, epoch + 1, step)
+    return Progress(step, epoch + 1, rest * cfg.gradient_accumulation_steps)
 
 
 @dataclass
@@ -303,25 +337,38 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     from accelerate import Accelerator
 
     from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.data.scan import write_dataset_report
 
     # issue 14: options accepted with another or no effect, said once each at start-up (the loader's own notices,
     # cfg.notices, are printed by the CLI); all of them are written to the run's events below
     run_notices = [*cfg.sd_scripts_anima_notices(), *cfg.vae_compile_notices(), *objective_notices(cfg)]
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
-    # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
-    # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
-    cached = cfg.cache_latents or cfg.cache_latents_to_disk
-    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
-                            default_validation_seed=cfg.validation_seed)
-    check_validation(cfg, dataset)
-    masked_note = check_masked_loss(cfg, dataset)  # issue 14: masked_loss / conditioning_data_dir
-    run_notices += [masked_note] if masked_note else []
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
+    # Start-up, before any model file is opened (issue 14 item 4): the options were checked by TrainConfig;
+    # tokenizers (unset folders: the per-user cache) → the output-exists check (final file, states) → the dataset
+    # scan, all problems at once → the run lock and the output-exists check of every file the run will write →
+    # the dataset report file.
+    with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
+        if dist.is_main:
+            ensure_tokenizers(cfg)
+    cfg = with_tokenizer_dirs(cfg)
+    if not cfg.resume:  # the final file and earlier states, before a scan that may take minutes (all files: below)
+        _check_outputs(cfg, resuming=False, max_steps=0, epochs=0)
+    # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
+    # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
+    cached = cfg.cache_latents or cfg.cache_latents_to_disk
+    report_path = Path(cfg.output_dir) / f"{cfg.output_name}.dataset_report.txt"
+    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
+                            seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
+                            default_validation_seed=cfg.validation_seed, strict_captions=cfg.strict_captions,
+                            report_name=str(report_path))
+    check_validation(cfg, dataset)
+    masked_note = check_masked_loss(cfg, dataset)  # issue 14: masked_loss / conditioning_data_dir
+    run_notices += [masked_note] if masked_note else []
     if dist.is_main:
         for line in run_notices:
             log.warning("notice: %s", line)
@@ -330,13 +377,19 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
             cleanup.enter_context(RunLock(cfg.output_dir, cfg.output_name))
             remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # may put back a state being replaced
     resume_from = resolve_resume(cfg)
+    max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
+    if cfg.save_n_epoch_ratio:  # kohya: floor(epochs / ratio) or 1, replacing save_every_n_epochs
+        cfg = cfg.model_copy(update={"save_every_n_epochs": max(1, epochs // cfg.save_n_epoch_ratio)})
+        log.info("save_n_epoch_ratio = %d: an epoch file every %d epoch(s) of %d", cfg.save_n_epoch_ratio,
+                 cfg.save_every_n_epochs, epochs)
+    if resume_from is None:  # a resumed run is checked after its state (a finished run's final file is fine)
+        _check_outputs(cfg, resuming=False, max_steps=max_steps, epochs=epochs)
+    if dist.is_main:
+        write_dataset_report(dataset, report_path)
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     cfg = apply_plan(cfg, dataset, device, adapter_trained=adapter_trained(cfg))  # vram_budget_gb
     prompts = check_before_models(cfg, dataset, device)  # sizes, memory, prompt file: before any model loads
-    with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
-        if dist.is_main:
-            ensure_tokenizers(cfg)
     models = load_models(cfg, device, dtype)
     dit = models.dit
     if cfg.base_weights:  # kohya: merged into the base before the network exists (issue 14)
@@ -350,7 +403,6 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     if dist.enabled:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
     optimizer = build_optimizer(network.param_groups(lr, component_lrs(cfg)), lr, cfg.optimizer_args, device,
                                 optimizer_type=cfg.optimizer_type)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
@@ -383,7 +435,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
             max_steps=max_steps, started=started, buckets=dataset.bucket_table()),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
-    checkpoints.check_start(resuming=resume_from is not None, max_steps=max_steps, epochs=epochs)
+    if resume_from is not None:
+        checkpoints.check_start(resuming=True, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg))
     # issue 14: one start-up notice per option accepted without effect (config/kohya_options.py), and the schedule
     sched_line, sched_notice = describe_schedule(scheduler, cfg.lr_scheduler_type or cfg.lr_scheduler, max_steps, lr,
@@ -430,6 +483,9 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         log.info("resuming from %s at step %d (epoch %d, batch %d)", resume_from, progress.step, progress.epoch,
                  progress.batch_in_epoch)
         events.write("resume", step=progress.step, epoch=progress.epoch, state=str(resume_from))
+    if cfg.initial_step is not None or cfg.initial_epoch is not None:
+        progress = initial_progress(cfg, batches_per_epoch=len(shard), max_steps=max_steps,
+                                    resumed=resume_from is not None)
     images = None
     if caches.latents is None:  # decode images in worker processes, ahead of the GPU
         images = run_batches(dataset, epochs, cfg.max_data_loader_n_workers,
@@ -622,6 +678,13 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     monitor.flush()
     bar.close()
     return True
+
+
+def _check_outputs(cfg: TrainConfig, *, resuming: bool, max_steps: int, epochs: int) -> None:
+    """The output-exists check (Checkpointer.check_start), before any model is loaded: it needs only the
+    output names the run will write."""
+    Checkpointer(cfg, None, optimizer=None, scheduler=None, scaler=None, generator=None, snapshot={},
+                 metadata=lambda step, epoch: {}).check_start(resuming=resuming, max_steps=max_steps, epochs=epochs)
 
 
 def _last_good_state(cfg: TrainConfig) -> Path | None:
