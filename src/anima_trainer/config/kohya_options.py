@@ -15,6 +15,7 @@ ALIASES: dict[str, str] = {
     "anima_transformer": "pretrained_model_name_or_path",
     "qwen": "qwen3",
     "t5_tokenizer_dir": "t5_tokenizer_path",
+    "anima_noise_offset": "noise_offset",  # sd-scripts-anima: the same per-(sample, channel) offset · N(0,1)
     "anima_timestep_sampling": "timestep_sampling",
     "anima_sigmoid_scale": "sigmoid_scale",
     "anima_flow_shift": "discrete_flow_shift",
@@ -136,26 +137,6 @@ resume_ignore_optimizer_mismatch auto_start_tensorboard tensorboard_host tensorb
 input train_args_name dataset_name
 """.split())
 
-# Names that the other parts of issue 14 add as TrainConfig fields (noise, networks, sd-scripts-anima, outputs,
-# VAE, compile).  Once a name is a field it is implemented by definition (a field always wins over every table
-# here), so nothing needs editing when those fields merge; this table can then be emptied.  Until then a value
-# that asks for nothing (kohya's off/unset, listed here) is accepted with a notice and any other is refused.
-PENDING_FIELDS: dict[str, tuple] = {
-    **dict.fromkeys("""noise_offset adaptive_noise_scale multires_noise_iterations ip_noise_gamma
-        scale_weight_norms base_weights base_weights_multiplier self_attn_lr cross_attn_lr mlp_lr mod_lr llm_adapter_lr
-        training_comment metadata_title metadata_author metadata_description metadata_license metadata_tags
-        metadata_trigger_phrase metadata_usage_hint metadata_thumbnail metadata_merged_from output_config
-        save_n_epoch_ratio initial_epoch initial_step console_log_file tokenizer_cache_dir vae_chunk_size
-        conditioning_data_dir input train_args_name dataset_name""".split(), ("", None)),
-    **dict.fromkeys("""noise_offset_random_strength ip_noise_gamma_random_strength full_bf16 full_fp16 train_norm
-        resume_ignore_optimizer_mismatch anima_resume_snapshot_strict no_metadata skip_until_initial_step
-        console_log_simple qwen_image_vae_2d masked_loss alpha_mask torch_compile""".split(), (False, "", None)),
-    "multires_noise_discount": (0.3, "", None), "min_timestep": (0, "", None), "max_timestep": (1000, "", None),
-    "anima_noise_offset": (0.0, 0, "", None), "anima_seq_len": (512, "", None),
-    "dynamo_backend": ("", None, "no", "NO", "inductor"),
-}
-
-
 # --- the rule for every option that is not a TrainConfig field --------------------------------------------
 @dataclass(frozen=True)
 class Rule:
@@ -217,8 +198,6 @@ def _rules() -> dict[str, Rule]:
            "(compile_blocks): the same math; nothing to change", ("", None, False, "false", "auto"))
     notice("fused_backward_pass", "kohya's LoRA trainer ignores it too (only its full fine-tune uses it); the "
            "optimizer steps after the backward pass")
-    notice("vae_disable_cache", "images are single frames: the 3-D VAE's causal cache is never used for them, so "
-           "turning it off changes nothing")
     notice("deepspeed", _DEEPSPEED)
     notice("zero_stage", _DEEPSPEED, (2, "", None))
     notice("zero3_init_flag zero3_save_16bit_model fp16_master_weights_and_gradients", _DEEPSPEED)
@@ -235,9 +214,7 @@ def _rules() -> dict[str, Rule]:
            UNSET)
     notice("max_token_length", "SD's CLIP token limit; Anima's limits are qwen3/t5_max_token_length", UNSET)
     notice("no_half_vae", "the VAE runs in float32 under fp16 and in bf16/float32 otherwise, which is already safe")
-    notice("min_snr_gamma", _LOSS_SD, UNSET)
-    notice("debiased_estimation_loss scale_v_pred_loss_like_noise_pred zero_terminal_snr", _LOSS_SD)
-    notice("v_pred_like_loss", _LOSS_SD, UNSET)
+    notice("zero_terminal_snr", _LOSS_SD)
     notice("qwen3_max_token_length t5_max_token_length", _CONTEXT, (512, "512", "", None))
     notice("sample_sampler", "previews always use Euler (flow matching), as kohya's Anima sampler does",
            ("", None, "euler"))
@@ -250,9 +227,6 @@ def _rules() -> dict[str, Rule]:
            "async_upload save_state_to_huggingface", _HF, OFF)
     notice("text_encoder_lr", _NO_TE, UNSET + (0, 0.0, [], "0"))
     notice("network_train_unet_only", _NO_TE, (True, "true", "True"))
-    notice("metadata_is_negative_embedding", "a modelspec field of textual-inversion embeddings; a LoRA file is "
-           "not one")
-    notice("metadata_preprocessor", "a modelspec field of ControlNet models; not written for a LoRA", UNSET)
     notice("huber_scale", "huber_c is used as the constant threshold (kohya's huber_schedule = \"constant\")",
            (1.0, 1, "", None))
     # honouring is impossible and ignoring would change what was asked: refused, with the fix
@@ -316,6 +290,12 @@ def _rules() -> dict[str, Rule]:
            "network_args_custom optimizer_args_custom lr_restart_cycles prefer_json_caption",
            "lora-scripts GUI key: the GUI turns it into sd-scripts options itself; sd-scripts does not read it, "
            "and neither does anima-trainer", source=ls)
+    # the last options without a field after issue 14's merge
+    error("alpha_mask", _DATASET)  # kohya's dataset-on-CLI switch; `alpha_mask = true` per subset in a dataset TOML
+    notice("conditioning_data_dir", "on the command line kohya's LoRA trainer ignores it: mask folders come only "
+           "from a [[datasets.subsets]] conditioning_data_dir (with masked_loss); move it there", UNSET)
+    notice("input train_args_name dataset_name", "a flag of sd-scripts-anima's config converter (anima-trainer "
+           "convert-config takes it); it changes nothing in training", UNSET, source="sd-scripts-anima")
     return t
 
 
@@ -339,16 +319,11 @@ RENAMED: dict[str, str] = {
 }
 
 
-_PENDING_TEXT = ("its TrainConfig field comes with another part of issue 14, not merged into this build: only kohya's "
-                 "default is accepted here")
-
 
 def rule_for(name: str) -> Rule | None:
     """The rule of an option that is not a field (None: unknown).  Callers check TrainConfig fields first."""
     if name in RULES:
         return RULES[name]
-    if name in PENDING_FIELDS:
-        return Rule("error", _PENDING_TEXT, PENDING_FIELDS[name], PENDING_FIELDS[name], "kohya")
     return None
 
 
@@ -380,12 +355,16 @@ def rule_message(name: str, value: object, shown: str, settings: dict[str, objec
 # defaults apply, e.g. lr_scheduler_num_cycles counts cosine periods there).
 SD_SCRIPTS_ANIMA_MARKERS = frozenset(
     n for n in SD_SCRIPTS_ANIMA_OPTIONS
-    if n.startswith("anima_") or n in ("qwen", "t5_tokenizer_dir", "xfomers", "train_norm",
-                                       "resume_ignore_optimizer_mismatch"))
+    if n.startswith("anima_") or n in ("qwen", "t5_tokenizer_dir"))
 
 
 def is_sd_scripts_anima(values: dict[str, object]) -> bool:
-    """True for a config written for sd-scripts-anima: it uses one of its own option names or its LoKr module."""
-    names = {k.split(":", 1)[-1] for k in values}  # the loader's command-line rule options carry a prefix
+    """True for a config written for sd-scripts-anima: it sets one of its own option names or uses its LoKr
+    module.  A name whose value is off/unset asks for nothing (a resolved kohya config lists every field, its
+    `anima_resume_snapshot_strict = false` too) and does not count; `sd_scripts_anima_defaults = false` wins."""
+    if values.get("sd_scripts_anima_defaults") in (False, "false", "False"):
+        return False
+    names = {k.split(":", 1)[-1] for k, v in values.items()  # command-line rule options carry a prefix
+             if v not in (None, False, "", "false", "False")}
     return bool(names & SD_SCRIPTS_ANIMA_MARKERS) or any(
         str(values.get(k, "")).strip() in ("networks.lokr_anima",) for k in ("network_module",))

@@ -91,7 +91,7 @@ def build_train_parser(prog: str = "anima-trainer train", description: str = TRA
         _add(parser, alias, canonical, f"{'another' if alias in ko.ALIAS_NOTICES else 'sd-scripts-anima'} name of "
                                        f"--{canonical}")
     fields = TrainConfig.model_fields
-    for name in [*ko.RULES, *ko.PENDING_FIELDS]:  # accepted (notice) or refused by value; a field wins
+    for name in ko.RULES:  # accepted (notice) or refused by value; a field wins
         if name not in fields and name not in ko.ALIASES:
             parser.add_argument(f"--{name}", dest=f"{_RULE_PREFIX}{name}", nargs="?", const=True,
                                 default=argparse.SUPPRESS, help=argparse.SUPPRESS)

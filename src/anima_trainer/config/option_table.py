@@ -29,7 +29,7 @@ LOADER_OPTIONS = {"config_file": "the training TOML (kohya's read_config_from_fi
 class Row:
     name: str
     source: str
-    outcome: str  # "implemented" | "notice" | "error" | "pending" (a field of another issue-14 change, unmerged)
+    outcome: str  # "implemented" | "notice" | "error"
     what: str
 
 
@@ -49,9 +49,6 @@ def classify(name: str, source: str) -> Row:
     if name in LOADER_OPTIONS:
         return Row(name, source, "implemented", LOADER_OPTIONS[name])
     rule = ko.rule_for(name)
-    if name in ko.PENDING_FIELDS:
-        return Row(name, source, "pending", "becomes a setting with another issue-14 change (until then only kohya's "
-                   "default is accepted)")
     if name in DATASET_OPTIONS:
         return Row(name, source, "implemented", "anima_train_network.py writes it into a generated dataset.toml; "
                    "`anima-trainer train`: put it in the --dataset_config TOML (error otherwise)")
@@ -81,10 +78,10 @@ def _cell(text: str) -> str:
 
 
 def totals(table: list[Row]) -> dict[str, int]:
-    out = {"implemented": 0, "notice": 0, "error": 0, "pending": 0}
+    out = {"implemented": 0, "notice": 0, "error": 0}
     for r in table:
         out[r.outcome] += 1
-    return out if out["pending"] else {k: v for k, v in out.items() if k != "pending"}
+    return out
 
 
 def render_table() -> str:
@@ -95,9 +92,7 @@ def render_table() -> str:
         BEGIN, "",
         f"**{len(main)} options** of kohya's Anima LoRA trainer (v0.10.1 and v0.11.1 parsers, dataset-on-command-line "
         f"options included) and of sd-scripts-anima: **{t['implemented']} implemented, {t['notice']} accepted with "
-        f"a notice, {t['error']} refused**"
-        + (f", {t['pending']} pending" if t.get("pending") else "")
-        + " (an error names the option, the file and line, and the fix).", "",
+        f"a notice, {t['error']} refused** (an error names the option, the file and line, and the fix).", "",
         "| option | from | anima-trainer | what happens |", "|---|---|---|---|",
         *(f"| `{r.name}` | {r.source} | {r.outcome} | {_cell(r.what)} |" for r in main), "",
         f"### Keys GUIs write ({len(gui)})", "",

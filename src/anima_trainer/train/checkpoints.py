@@ -79,6 +79,8 @@ def schedule_fields(cfg: TrainConfig, optimizer: torch.optim.Optimizer, max_step
     """What the learning-rate schedule is built from: each group's base lr, the length and the schedule's own
     settings.  Stored in the snapshot; when it changed on resume the schedule is rebuilt (`rebuild_schedule`)."""
     options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in schedule_options(cfg).items()}
+    if cfg.lr_scheduler not in ("cosine", "cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay"):
+        options.pop("sd_scripts_anima", None)  # the dialect only changes what num_cycles means for these
     return json.loads(json.dumps({"lrs": [g["lr"] for g in optimizer.param_groups], "max_train_steps": max_steps,
                                   "lr_scheduler": cfg.lr_scheduler, **options}, default=str))
 
