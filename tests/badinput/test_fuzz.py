@@ -29,7 +29,7 @@ FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 FIELDS = list(TrainConfig.model_fields)
-NAMES = sorted({*FIELDS, *ko.ALIASES, *ko.RULES, *ko.PENDING_FIELDS, "config_file"})
+NAMES = sorted({*FIELDS, *ko.ALIASES, *ko.RULES, "config_file"})
 REQUIRED = {"pretrained_model_name_or_path": "dit.safetensors", "qwen3": "qwen3.safetensors",
             "vae": "vae.safetensors", "output_dir": "out", "dataset_config": "dataset.toml"}
 

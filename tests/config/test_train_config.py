@@ -108,7 +108,9 @@ def test_required_and_cross_field_rules():
     assert c.lr_warmup_steps == 0.1
     assert parse_train_args([*REQUIRED, "--lr_scheduler", "linear", "--lr_warmup_steps", "50"]).lr_warmup_steps == 50
     assert "log_with: 'tensorboard' needs logging_dir" in error([*REQUIRED, "--log_with", "tensorboard"])
-    assert "sample_every_n_steps: needs sample_prompts" in error([*REQUIRED, "--sample_every_n_steps", "100"])
+    assert parse_train_args([*REQUIRED, "--sample_every_n_steps", "100"]).notices == [
+        "sample_every_n_steps = 100: no sample_prompts are given, so no previews are made (as in kohya); set "
+        "sample_prompts to a prompt file to get them"]
     assert "dim_from_weights: needs network_weights" in error([*REQUIRED, "--dim_from_weights"])
     assert "network_dropout: must be < 1" in error([*REQUIRED, "--network_dropout", "1"])
 

@@ -383,7 +383,16 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
     cfg.set_compat(notices=notices, sd_scripts_anima=seed_style)
     cfg.notices.extend(schedule_notices(cfg, given=set(merged)))
     cfg.notices.extend(flow_notices(cfg, given=set(merged)))
+    cfg.notices.extend(sample_notices(cfg))
     return cfg
+
+
+def sample_notices(cfg: TrainConfig) -> list[str]:
+    """Preview schedules without a prompt file: kohya makes no previews then (GUIs write the schedule anyway)."""
+    return [f"{k} = {getattr(cfg, k)}: no sample_prompts are given, so no previews are made (as in kohya); set "
+            "sample_prompts to a prompt file to get them"
+            for k in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first")
+            if getattr(cfg, k) and cfg.sample_prompts is None]
 
 
 def _output_config_asked(value: Any, config_file: str | None) -> str | None:

@@ -723,9 +723,6 @@ class TrainConfig(BaseModel):
             raise ValueError(f"log_with: '{self.log_with}' needs logging_dir")
         if self.nonfinite_loss_policy is None:  # sd-scripts-anima's policy=raise also aborts on a non-finite loss
             self.nonfinite_loss_policy = "raise" if self.monitor_alert_policy == "raise" else "skip_step"
-        for k in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first"):
-            if getattr(self, k) and self.sample_prompts is None:
-                raise ValueError(f"{k}: needs sample_prompts")
         return self
 
     @field_validator("checkpoint_blocks", "blocks_to_swap", mode="before")

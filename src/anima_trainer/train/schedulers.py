@@ -209,8 +209,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, max_steps: int,
     if name == "constant" and warmup:
         raise ConfigError("lr_warmup_steps: the 'constant' scheduler has no warm-up (kohya refuses it too); use "
                           "lr_scheduler = \"constant_with_warmup\" or lr_warmup_steps = 0")
-    if warmup and warmup >= max_steps:
-        raise ConfigError(f"lr_warmup_steps ({warmup}) must be less than the number of optimizer steps ({max_steps})")
+    # warmup >= max_steps: kohya (transformers' schedules) accepts it and the run ends in warm-up;
+    # describe_schedule's start-up notice says so
     if name == "warmup_stable_decay":
         if decay < 1:
             raise ConfigError("lr_decay_steps: warmup_stable_decay needs a decay (steps, or a fraction < 1)")
@@ -328,6 +328,10 @@ def describe_schedule(scheduler: LRScheduler, name: str, max_steps: int, base_lr
             f"(step {steps[values.index(peak)]}), end {values[-1] * base_lr:.3g}, "
             f"{descents} descent{'s' if descents != 1 else ''}")
     notice = None
+    if peak < 1.0 - 1e-9 and values[-1] >= peak - 1e-12 and name not in ("constant", "adafactor"):
+        return line, (f"the warm-up is not shorter than the run's {max_steps} optimizer steps: the lr rises to "
+                      f"{peak * base_lr:.3g} and never reaches {base_lr:.3g} (kohya accepts this too); lower "
+                      "lr_warmup_steps to train at the full rate")
     floor = min_lr_ratio if name in ("cosine_with_min_lr", "warmup_stable_decay", "polynomial") else 0.0
     if name == "polynomial" and not min_lr_ratio:
         floor = POLYNOMIAL_LR_END / base_lr if base_lr > 0 else 0.0
