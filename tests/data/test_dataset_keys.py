@@ -253,3 +253,20 @@ def test_multi_resolution_same_image_dir(tmp_path):
     ds = _build([{"resolution": 64, "validation_split": 0.34, **bucket, "subsets": subsets},
                  {"resolution": 32, "validation_split": 0.34, **bucket, "subsets": subsets}])
     assert len({i.path for i in ds.validation_items}) == 1 and len(ds.validation_items) == 2
+
+
+def test_network_multiplier_is_refused_with_the_reason_unless_it_is_kohyas_default(tmp_path):
+    """Issue 14: no "not implemented yet" survives; a per-dataset LoRA strength would change the result, so it is
+    refused with the reason and the fix, while kohya's default 1.0 is accepted."""
+    from anima_trainer.data import load_dataset_config
+    from anima_trainer.data.config import DatasetConfigError
+
+    (tmp_path / "img").mkdir()
+    path = tmp_path / "d.toml"
+    path.write_text('[[datasets]]\nnetwork_multiplier = 0.5\n[[datasets.subsets]]\nimage_dir = "img"\n')
+    with pytest.raises(DatasetConfigError, match=r"dataset option 'network_multiplier' is not supported \(found in "
+                                                 r"\[\[datasets\]\] #1\): kohya trains that dataset with the LoRA at "
+                                                 r"another strength .*remove it, or split the run by dataset"):
+        load_dataset_config(path)
+    path.write_text('[[datasets]]\nnetwork_multiplier = 1.0\n[[datasets.subsets]]\nimage_dir = "img"\n')
+    assert str(load_dataset_config(path).datasets[0].subsets[0].image_dir).endswith("img")

@@ -350,8 +350,10 @@ class _Converter:
         if (v := self.number("training", "caption_tag_dropout_rate")) is not None:
             self.put("training", "caption_tag_dropout_rate", "general.caption_tag_dropout_rate", v)
         if (v := self.number("training", "noise_offset")) is not None:
-            self.row("training", "noise_offset", "", "unsupported" if v else "not needed",
-                     "anima-trainer has no noise offset" if v else "0 = off")
+            if v:
+                self.put("training", "noise_offset", "noise_offset", v)
+            else:
+                self.row("training", "noise_offset", "", "not needed", "0 = off")
         if self.typed("training", "resume", str):
             self.row("training", "resume", "", "unsupported", "a root .state.pt cannot be resumed; start a new run "
                      "(network_weights = the saved LoRA continues from its weights)")

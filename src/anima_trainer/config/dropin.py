@@ -155,7 +155,10 @@ class DropIn:
             self.notices.append("both the root-style [dataset] and --dataset_config are given; using --dataset_config")
         else:
             self.dataset_doc = conv.dataset
-        hidden = [r for r in conv.rows if r.status in ("approximate", "unsupported", "unknown")]
+        # one line per setting that is not simply mapped: approximations, refusals, and options set to something
+        # that has no effect here (the compatibility rule's notices)
+        hidden = [r for r in conv.rows if r.status in ("approximate", "unsupported", "unknown")
+                  or (r.status == "not needed" and r.value not in (None, False, 0, 0.0, ""))]
         self.notices.append(f"{path.name} is a root-style Anima_Trainer config: converted on the fly ("
                             f"`anima-trainer convert-config {path} --out DIR` writes it out with the full table)"
                             + "".join(f"\n  {r.key} = {r.value!r}: {r.status}, {r.note}" for r in hidden))

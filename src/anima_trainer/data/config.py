@@ -75,15 +75,13 @@ RESIZE_INTERPOLATIONS = {
 }
 
 # kohya options we recognise but do not implement yet: always an error, never silently ignored.
-NOT_IMPLEMENTED_KEYS = frozenset(
-    {
-        # dataset level
-        "network_multiplier",
-    }
-)
-
 # kohya options we recognise and will not implement: an error explaining why.
 UNSUPPORTED_KEYS: dict[str, str] = {
+    "network_multiplier": (
+        "kohya trains that dataset with the LoRA at another strength (differential training); anima-trainer trains "
+        "every dataset at strength 1.0, so ignoring it would change the result: remove it, or split the run by "
+        "dataset"
+    ),
     "face_crop_aug_range": (
         "kohya's face crop reads face coordinates encoded in each image's file name (name_cx_cy_w_h.png, "
         "written by its face-detection preprocessing script), which anima-trainer does not read; remove "
@@ -322,15 +320,16 @@ def _closest(key: str, names: set[str] | frozenset[str]) -> str:
 def _check_table(table: dict, where: str, allowed: frozenset[str], level: str) -> None:
     if not isinstance(table, dict):
         raise DatasetConfigError(f"{where} must be a table, got {type(table).__name__}")
-    for key in table:
+    for key in list(table):
         if key in allowed:
+            continue
+        if key == "network_multiplier" and table[key] in (1, 1.0) and not isinstance(table[key], bool):
+            del table[key]  # kohya's default strength: what anima-trainer does anyway
             continue
         if key in UNSUPPORTED_KEYS:
             raise DatasetConfigError(
                 f"dataset option '{key}' is not supported (found in {where}): {UNSUPPORTED_KEYS[key]}"
             )
-        if key in NOT_IMPLEMENTED_KEYS:
-            raise DatasetConfigError(f"dataset option '{key}' is not implemented yet (found in {where})")
         if level == "subset" and key in DATASET_KEYS:
             raise DatasetConfigError(
                 f"'{key}' in {where} is a dataset-level option; set it in [[datasets]] or [general] instead"
