@@ -588,8 +588,6 @@ class TrainConfig(BaseModel):
         if isinstance(v, str) and v in ko.NETWORK_MODULE_ALGOS:
             return ko.NETWORK_MODULE_ALGOS[v]  # "lycoris" is resolved with network_args algo after validation
         accepted = ", ".join(ko.ACCEPTED_NETWORK_MODULES)
-        if v in ko.KNOWN_UNIMPLEMENTED_NETWORK_MODULES:
-            raise ValueError(f"'{v}' is not implemented yet; accepted: {accepted}")
         raise ValueError(f"unknown network module {v!r}; accepted: {accepted}")
 
     @field_validator("optimizer_type", mode="before")

@@ -3,7 +3,7 @@
 Loading happens in two steps:
 
 1. `load_dataset_config` / `parse_dataset_config` check every key by hand first (so a typo, a key in the
-   wrong table or a kohya option we do not implement yet gets a message naming the key, the table and the
+   wrong table or a kohya option that cannot be honoured gets a message naming the key, the table and the
    fix), then build the pydantic `DatasetConfig`.  Every option is Optional there: `None` means "not set
    at this level".
 2. `resolve_datasets` applies kohya's precedence, subset > dataset > general > caller defaults (kohya's
@@ -74,8 +74,8 @@ RESIZE_INTERPOLATIONS = {
     "bicubic": "BICUBIC", "cubic": "BICUBIC", "area": "BOX", "box": "BOX",
 }
 
-# kohya options we recognise but do not implement yet: always an error, never silently ignored.
-# kohya options we recognise and will not implement: an error explaining why.
+# kohya options whose honouring is impossible here and whose dropping would change the result: an error saying why
+# and the fix (the compatibility rule, docs/migration.md).
 UNSUPPORTED_KEYS: dict[str, str] = {
     "network_multiplier": (
         "kohya trains that dataset with the LoRA at another strength (differential training); anima-trainer trains "
