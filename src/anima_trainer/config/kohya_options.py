@@ -78,7 +78,6 @@ NETWORK_MODULE_ALGOS = {
 }
 ACCEPTED_NETWORK_MODULES = tuple(NETWORK_MODULE_ALGOS)
 LYCORIS_ALGOS = ("lokr", "loha")  # `algo=` values accepted with lycoris.kohya
-# sd-scripts-anima's LoKr module: implemented by the sd-scripts-anima work of issue 14 (seed)
 # What the `ss_network_module` metadata says for our modules (kohya's name for the same file format).
 KOHYA_NETWORK_MODULE_NAME = {"lora": "networks.lora_anima", "lokr": "networks.lokr", "loha": "networks.loha"}
 
