@@ -11,6 +11,8 @@ the overflow is centre-cropped (offset = overflow // 2).
 `bucket_no_upscale`: one bucket per image size.  Images larger than A are scaled to area A keeping the aspect
 ratio, rounding either the width or the height to the step (whichever variant keeps the aspect ratio better);
 smaller images keep their size; the bucket is the (resized) size floored to multiples of s.
+`bucket_free_fit` (beautifulrem/sd-scripts): no bucket list; each image gets its own bucket of area <= A that keeps
+its aspect ratio (upscaling allowed), see `free_fit_bucket`; the image is then covered + centre-cropped as usual.
 """
 
 from __future__ import annotations
@@ -45,6 +47,35 @@ def _round_to_step(x: float, step: int) -> int:
     return n - n % step
 
 
+def free_fit_bucket(image: Size, max_area: int, min_size: int, max_size: int, step: int) -> Size:
+    """The `bucket_free_fit` bucket of one image: its aspect ratio at area `max_area`, within the side bounds.
+
+    Why this shape: it crops (almost) nothing, unlike the nearest predefined bucket.  Rules, in order:
+      1. ideal sides w = sqrt(A * r), h = sqrt(A / r) for r = image_w / image_h (area exactly A);
+      2. a side above `max_size` scales both sides down (aspect kept, area shrinks);
+      3. a side below `min_size` is raised to it, and the other side becomes min(max_size, the aspect-kept
+         length, A / min_size), so the area still does not exceed A;
+      4. each side is rounded DOWN to a multiple of `step`, so the area never exceeds A (the caller keeps
+         min_size / max_size multiples of `step`, so the bounds still hold).
+    """
+    iw, ih = image
+    if iw < 1 or ih < 1:
+        raise ValueError(f"invalid image size {image}")
+    ratio = iw / ih
+    w, h = math.sqrt(max_area * ratio), math.sqrt(max_area / ratio)
+    if max(w, h) > max_size:
+        k = max_size / max(w, h)
+        w, h = w * k, h * k
+    if min(w, h) < min_size:
+        if w <= h:
+            w, h = min_size, min(max_size, min_size / ratio, max_area / min_size)
+        else:
+            w, h = min(max_size, min_size * ratio, max_area / min_size), min_size
+    # the epsilon keeps float noise (sqrt(1024**2) = 1023.9999...) from dropping a whole step
+    bw, bh = (int(side + 1e-9) // step * step for side in (w, h))
+    return max(bw, step), max(bh, step)
+
+
 @dataclass(frozen=True)
 class BucketChoice:
     bucket: Size  # training size (width, height)
@@ -70,12 +101,18 @@ def crop_offsets(resized: Size, bucket: Size) -> tuple[int, int]:
 class BucketSelector:
     """Assigns image sizes to buckets for one dataset."""
 
-    def __init__(self, max_reso: Size, min_size: int, max_size: int, step: int, no_upscale: bool = False):
+    def __init__(self, max_reso: Size, min_size: int, max_size: int, step: int, no_upscale: bool = False,
+                 free_fit: bool = False):
+        if no_upscale and free_fit:
+            raise ValueError("bucket_no_upscale and bucket_free_fit are mutually exclusive")
         self.max_reso = max_reso
         self.max_area = max_reso[0] * max_reso[1]
         self.step = step
         self.no_upscale = no_upscale
-        self.predefined: list[Size] = [] if no_upscale else make_bucket_resolutions(max_reso, min_size, max_size, step)
+        self.free_fit = free_fit
+        self.min_size, self.max_size = min_size, max_size
+        self.predefined: list[Size] = ([] if no_upscale or free_fit
+                                       else make_bucket_resolutions(max_reso, min_size, max_size, step))
         self._predefined_set = set(self.predefined)
 
     @classmethod
@@ -83,6 +120,7 @@ class BucketSelector:
         """enable_bucket = false: a single bucket equal to `resolution` (images are covered + centre-cropped)."""
         sel = cls.__new__(cls)
         sel.max_reso, sel.max_area, sel.step, sel.no_upscale = resolution, resolution[0] * resolution[1], 1, False
+        sel.free_fit, sel.min_size, sel.max_size = False, min(resolution), max(resolution)
         sel.predefined = [tuple(resolution)]
         sel._predefined_set = set(sel.predefined)
         return sel
@@ -93,6 +131,9 @@ class BucketSelector:
             raise ValueError(f"invalid image size {image}")
         if self.no_upscale:
             return self._select_no_upscale(image)
+        if self.free_fit:
+            bucket = free_fit_bucket(image, self.max_area, self.min_size, self.max_size, self.step)
+            return BucketChoice(bucket, cover_size(image, bucket))
         if image in self._predefined_set:
             bucket = image
         else:

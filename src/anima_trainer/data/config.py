@@ -45,7 +45,7 @@ class DatasetConfigError(ValueError):
 # Dataset-level: allowed in [general] and [[datasets]], not in subsets.
 DATASET_KEYS = frozenset(
     {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-     "bucket_no_upscale", "validation_split", "validation_seed", "skip_image_resolution"}
+     "bucket_no_upscale", "bucket_free_fit", "validation_split", "validation_seed", "skip_image_resolution"}
 )
 # Caption processing (kohya_anima.md §2.2/§2.3; applied per step by captions.process_caption).
 CAPTION_KEYS = frozenset(
@@ -98,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "max_bucket_reso": 1024,
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
+    "bucket_free_fit": False,  # beautifulrem/sd-scripts: a per-image bucket of the target area (buckets.free_fit_bucket)
     "num_repeats": 1,
     "caption_extension": ".caption",  # kohya's DreamBooth default
     "class_tokens": None,
@@ -232,6 +233,7 @@ class _DatasetLevel(_Ascendable):
     max_bucket_reso: StrictInt | None = Field(default=None, ge=1)
     bucket_reso_steps: StrictInt | None = Field(default=None, ge=1)
     bucket_no_upscale: StrictBool | None = None
+    bucket_free_fit: StrictBool | None = None  # beautifulrem/sd-scripts fork key
     validation_split: float | None = None
     validation_seed: StrictInt | None = None
     skip_image_resolution: tuple[StrictInt, StrictInt] | None = None  # an int n means (n, n)

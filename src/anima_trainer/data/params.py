@@ -99,6 +99,7 @@ class DatasetParams:
     validation_split: float = 0.0  # fraction of each (non-reg) subset held out (dataset.split_validation)
     validation_seed: int | None = None  # None: the dataset seed
     skip_image_resolution: tuple[int, int] | None = None  # skip images with w*h <= this area
+    bucket_free_fit: bool = False  # per-image bucket of area <= resolution w*h, aspect kept (buckets.free_fit_bucket)
 
     @property
     def max_area(self) -> int:
@@ -188,7 +189,17 @@ def resolve_datasets(
         steps = _pick("bucket_reso_steps", ds, g, caller)
         enable_bucket = _pick("enable_bucket", ds, g, caller)
         no_upscale = _pick("bucket_no_upscale", ds, g, caller)
+        free_fit = _pick("bucket_free_fit", ds, g, caller)
         lo, hi = _pick("min_bucket_reso", ds, g, caller), _pick("max_bucket_reso", ds, g, caller)
+        if free_fit and no_upscale:
+            raise DatasetConfigError(
+                f"{where}: bucket_free_fit = true and bucket_no_upscale = true are mutually exclusive (free fit "
+                f"upscales every image to the target area; no_upscale keeps small images at their size); set one "
+                f"of them to false"
+            )
+        if free_fit and not enable_bucket:
+            log.warning("%s: bucket_free_fit = true has no effect without enable_bucket = true (every image is "
+                        "trained at resolution %s); set enable_bucket = true to use it", where, list(resolution))
         if enable_bucket and not no_upscale:
             if lo % steps:
                 log.warning("%s: min_bucket_reso %d rounded down to a multiple of %d", where, lo, steps)
@@ -214,6 +225,10 @@ def resolve_datasets(
                 f"{where}: without enable_bucket, resolution {list(resolution)} is the training size and each "
                 f"side must be a multiple of {ANIMA_PIXEL_MULTIPLE} for Anima"
             )
+        if free_fit and enable_bucket:  # a start-up notice: the fork option is honoured, and how
+            log.info("%s: bucket_free_fit = true: each image gets its own bucket of area <= %dx%d keeping its aspect "
+                     "ratio (sides in steps of %d, %d-%d px), instead of the nearest predefined bucket", where,
+                     resolution[0], resolution[1], steps, lo, hi)
         subsets, seen = [], set()
         for j, sub in enumerate(ds.subsets):
             swhere = subset_table(i, j)
@@ -266,6 +281,7 @@ def resolve_datasets(
                 validation_split=_pick("validation_split", ds, g, caller),
                 validation_seed=_pick("validation_seed", ds, g, caller),
                 skip_image_resolution=_pick("skip_image_resolution", ds, g, caller),
+                bucket_free_fit=bool(free_fit and enable_bucket),
             )
         )
     return out

@@ -220,7 +220,7 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
                   verify_images: bool) -> list[ImageItem]:
     if p.enable_bucket:
         selector = BucketSelector(p.resolution, p.min_bucket_reso, p.max_bucket_reso, p.bucket_reso_steps,
-                                  no_upscale=p.bucket_no_upscale)
+                                  no_upscale=p.bucket_no_upscale, free_fit=p.bucket_free_fit)
     else:
         selector = BucketSelector.fixed(p.resolution)
     items = []
