@@ -263,9 +263,10 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1
 
 
 def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, batches_per_epoch: int,
-                   max_steps: int, started: float, buckets: list) -> dict[str, str]:
+                   max_steps: int, started: float, buckets: list, bucket_free_fit: bool = False) -> dict[str, str]:
     """kohya-style `ss_*` metadata (all strings) describing how the file was trained, with kohya's `modelspec.*`
-    keys (training_comment, metadata_*); `no_metadata` keeps only kohya's minimum ss_* keys."""
+    keys (training_comment, metadata_*); `no_metadata` keeps only kohya's minimum ss_* keys.  `bucket_free_fit`:
+    a dataset used the beautifulrem/sd-scripts per-image buckets (written as that fork's ss_bucket_free_fit)."""
     meta = dict(cfg.to_metadata())
     meta.update({
         "ss_output_name": cfg.output_name, "ss_steps": str(step), "ss_epoch": str(epoch),
@@ -274,6 +275,7 @@ def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, 
         "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name, "ss_vae_name": Path(cfg.vae).name,
         "ss_training_started_at": str(started), "ss_training_finished_at": str(time.time()),
         "ss_bucket_info": json.dumps({"buckets": [list(b) for b in buckets]}), "ss_v2": "False",
+        "ss_bucket_free_fit": str(bool(bucket_free_fit)),
     })
     if cfg.no_metadata:  # kohya: only the minimum ss_* keys (+ modelspec)
         meta = {k: meta[k] for k in MINIMUM_METADATA_KEYS if k in meta}
@@ -432,7 +434,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         cfg, network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator,
         snapshot=snapshot, events=events, dist=dist, metadata=lambda step, epoch: build_metadata(
             cfg, step=step, epoch=epoch, num_images=dataset.num_images, batches_per_epoch=len(dataset),
-            max_steps=max_steps, started=started, buckets=dataset.bucket_table()),
+            max_steps=max_steps, started=started, buckets=dataset.bucket_table(),
+            bucket_free_fit=any(p.bucket_free_fit for p in dataset.params)),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
     if resume_from is not None:
