@@ -125,3 +125,6 @@ def test_build_dataset_uses_free_fit_buckets_and_prints_a_notice(tmp_path: Path,
     # A = 4096; 3:2 -> 78.4 x 52.3 -> 64 x 48 (covered at 72 x 48); 20x20 -> 64 x 64 (upscaled)
     assert got == {"wide": ((64, 48), (72, 48)), "tiny": ((64, 64), (64, 64))}
     assert "bucket_free_fit = true: each image gets its own bucket of area <= 64x64" in caplog.text
+    notices = {path.name: msg for path, msg in ds.notices}
+    assert notices == {"tiny.png": "upscaled: 20x20 -> 64x64 (3.2x) for bucket 64x64 (bucket_free_fit upscales to "
+                                   "the target area)"}

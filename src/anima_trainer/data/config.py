@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "max_bucket_reso": 1024,
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
-    "bucket_free_fit": False,  # beautifulrem/sd-scripts: a per-image bucket of the target area (buckets.free_fit_bucket)
+    "bucket_free_fit": False,  # beautifulrem/sd-scripts fork: per-image bucket (buckets.free_fit_bucket)
     "num_repeats": 1,
     "caption_extension": ".caption",  # kohya's DreamBooth default
     "class_tokens": None,

@@ -274,8 +274,10 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
                 rejected.append((path, reason))
                 continue
             if rw > UPSCALE_NOTE_FACTOR * size[0] and rh > UPSCALE_NOTE_FACTOR * size[1]:
+                why = ("bucket_free_fit upscales to the target area" if p.bucket_free_fit
+                       else "kohya semantics; bucket_no_upscale = true trains it at its own size")
                 report.note(path, f"upscaled: {size[0]}x{size[1]} -> {rw}x{rh} ({rw / size[0]:.1f}x) for bucket "
-                                  f"{bw}x{bh} (kohya semantics; bucket_no_upscale = true trains it at its own size)")
+                                  f"{bw}x{bh} ({why})")
             choices[path] = choice
         rejected.sort()
         for path, reason in rejected:
