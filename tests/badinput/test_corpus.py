@@ -450,7 +450,6 @@ CORPUS: list[tuple[str, Callable[[Setup], None], tuple[str, ...]]] = [
      (r"use_8bit_adam and use_lion_optimizer", TOML, r"only one of them")),
     ("warmup_with_constant", train(lr_warmup_steps=10, max_train_steps=100),
      (r"lr_warmup_steps", TOML, r"'constant' scheduler has no warm-up", r"constant_with_warmup")),
-    ("sampling_without_prompts", train(sample_every_n_steps=10), (r"sample_every_n_steps", TOML, r"sample_prompts")),
     ("lycoris_without_algo", train(network_module="lycoris.kohya"),
      (r"network_module", TOML, r"algo=lokr or algo=loha")),
     # missing files

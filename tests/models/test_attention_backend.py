@@ -123,13 +123,14 @@ def test_config_option_and_kohya_names(tmp_path):
     assert parse_train_args([*base, "--attention_backend", "cudnn"]).attention_backend == "cudnn"
     with pytest.raises(ConfigError, match="xformers is not supported"):
         parse_train_args([*base, "--attention_backend", "xformers"])
-    with pytest.raises(ConfigError, match="attention_backend"):
-        parse_train_args([*base, "--xformers"])
+    cfg = parse_train_args([*base, "--xformers"])  # issue 14: accepted with one notice saying what runs instead
+    assert cfg.attention_backend == "auto"
+    assert [n for n in cfg.notices if "xformers" in n and "torch SDPA" in n] == cfg.notices and len(cfg.notices) == 1
     toml = tmp_path / "t.toml"
     toml.write_text('attn_mode = "torch"\nsdpa = true\nxformers = false\nanima_attention_backend = "torch"\n'
                     'attention_backend = "flash"\n')
     assert parse_train_args([*base, "--config_file", str(toml)]).attention_backend == "flash"
     toml.write_text('attn_mode = "xformers"\n')
-    with pytest.raises(ConfigError, match="attention_backend = auto"):
-        parse_train_args([*base, "--config_file", str(toml)])
+    [notice] = parse_train_args([*base, "--config_file", str(toml)]).notices
+    assert notice.startswith("attn_mode = 'xformers'") and "torch SDPA" in notice, notice
     assert TrainConfig.model_fields["attention_backend"].default == "auto"

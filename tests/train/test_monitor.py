@@ -390,7 +390,7 @@ def test_monitor_option_errors(tmp_path):
     toml.write_text("anima_monitor_loss_spike_ratio = 2.5\nloss_spike_ratio = 4.0\n", encoding="utf-8")
     assert error([*REQUIRED, "--config_file", str(toml)]) == (
         f"'anima_monitor_loss_spike_ratio' (sd-scripts-anima name of 'loss_spike_ratio') and 'loss_spike_ratio' are "
-        f"both set in {toml.name}, to different values (2.5 and 4.0)")
+        f"both set in {toml.name} line 1, to different values (2.5 and 4.0)")
     assert error([*REQUIRED, "--loss_spike_ratio", "1"]) == "loss_spike_ratio: must be > 1.0, got '1'"
     assert error([*REQUIRED, "--memory_warn_ratio", "1.5"]) == "memory_warn_ratio: must be <= 1.0, got '1.5'"
     assert error([*REQUIRED, "--anima_monitor_alert_policy", "stop"]).startswith(

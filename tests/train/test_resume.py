@@ -185,9 +185,9 @@ def test_noise_and_timestep_options_train_and_resume_bit_identically(setup, tmp_
     """Issue 14: with every noise/timestep option on, a run resumed after step 1 ends bit-identical (all their
     randomness comes from each sample's own generator); the options without effect get their notice."""
     extra = (*NOISE_OPTIONS, "--save_every_n_steps", "1")
-    with caplog.at_level("WARNING", logger="anima_trainer.train.flow"):
+    with caplog.at_level("WARNING", logger="anima_trainer.train.loop"):
         reference = run_training(_config(setup, tmp_path / "ref", *extra, steps=2))
-    assert any(r.getMessage().startswith("min_snr_gamma = 5.0: no effect for Anima") for r in caplog.records)
+    assert any(r.getMessage().startswith("notice: min_snr_gamma = 5.0: no effect for Anima") for r in caplog.records)
     _crash_after(monkeypatch, 1)
     with pytest.raises(Crash):
         run_training(_config(setup, tmp_path / "cut", *extra, steps=2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,10 @@ class Checkpointer:
             self.files.check_start()
         else:
             found = self.files.collisions(max_steps, epochs)
+            if not max_steps:  # before the scan the run's length is unknown: any step/epoch file of this name
+                saves = re.compile(rf"{re.escape(self.cfg.output_name)}-(step\d{{8}}|\d{{6}})\.safetensors")
+                out = Path(self.cfg.output_dir)
+                found += sorted(p for p in (out.iterdir() if out.is_dir() else ()) if saves.fullmatch(p.name))
             # every earlier state of this name: a SIGINT state could replace one, and `resume = latest` after
             # this run would pick up the other run's newer states
             pattern = states.state_name_pattern(self.cfg.output_name)
