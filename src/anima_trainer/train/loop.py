@@ -37,8 +37,8 @@ from anima_trainer.train.flow import (
     NoiseOptions,
     draw_noise_and_sigma,
     flow_loss,
-    objective_notices,
     noisy_input,
+    objective_notices,
 )
 from anima_trainer.train.inputs import Caches as Caches
 from anima_trainer.train.inputs import StepInput as StepInput
