@@ -241,3 +241,21 @@ def test_start_up_order_tokenizers_then_outputs_then_the_scan(setup, tmp_path, m
         run_training(parse_train_args(["--config_file", str(toml), "--overwrite=false", "--t5_tokenizer_path", "",
                                        "--tokenizer_cache_dir", str(tmp_path / "c"),
                                        "--no-auto_download_t5_tokenizer"]))
+
+
+def test_bad_network_args_stop_before_the_dataset_scan(setup, tmp_path, monkeypatch):
+    """Issue 14 item 4: network_args are checked after the output check and before the scan (on a DiT of the
+    file's shape on the meta device), so a typo fails in a second, not after the scan and the model loads."""
+    import anima_trainer.data as data_pkg
+    from anima_trainer.networks import NetworkError
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the dataset was scanned")
+
+    monkeypatch.setattr(data_pkg, "build_dataset", no_scan)
+    toml = write_demo_configs(tmp_path / "run", setup["models"], setup["images"], 1, seed=5)
+    with pytest.raises(NetworkError, match=r"network_args: unknown network_args \['rank_dropuot'\]"):
+        run_training(parse_train_args(["--config_file", str(toml), "--network_args", "rank_dropuot=0.1"]))
+    with pytest.raises(NetworkError, match="target_modules"):
+        run_training(parse_train_args(["--config_file", str(toml), "--network_args",
+                                       "target_modules=['no_such_module']"]))

@@ -224,6 +224,27 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     return network, kernel
 
 
+def check_network_options(cfg: TrainConfig) -> None:
+    """network_module, network_dim/alpha and network_args (target_modules included) tried on a DiT of the file's
+    shape on the meta device, before the dataset scan and any model load: a typo in network_args fails in a
+    second, not after minutes of scanning and loading (issue 14's start-up order)."""
+    from anima_trainer.models.checkpoint import CheckpointError
+    from anima_trainer.networks import NetworkError, create_network
+    from anima_trainer.networks.convert import build_meta_dit
+
+    if cfg.dim_from_weights:
+        return  # the network is the file's (checked when the file is read)
+    try:
+        dit = build_meta_dit(cfg.pretrained_model_name_or_path)
+    except (CheckpointError, OSError, ValueError):
+        return  # a bad model file is named by its loader, with its own message
+    try:
+        create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
+                       dropout=cfg.network_dropout, **cfg.network_args)
+    except NetworkError as e:
+        raise NetworkError(f"network_args: {e}" if cfg.network_args else str(e)) from None
+
+
 def build_network(cfg: TrainConfig, dit):
     """The network to train: configured (optionally initialised from network_weights), or with
     dim_from_weights exactly the network of that file."""
@@ -360,6 +381,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     cfg = with_tokenizer_dirs(cfg)
     if not cfg.resume:  # the final file and earlier states, before a scan that may take minutes (all files: below)
         _check_outputs(cfg, resuming=False, max_steps=0, epochs=0)
+    check_network_options(cfg)
     # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
     # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
     cached = cfg.cache_latents or cfg.cache_latents_to_disk
