@@ -12,7 +12,7 @@ What the harness changes, and only this:
 * the tokenizers: `--qwen3` is a Hugging Face Qwen3 folder holding the tiny tokenizers (`qwen/`, `t5/`), which
   kohya also accepts for `--qwen3`, so entries that name only the model files need no download;
 * the image size, in the copies the harness writes (the stored files keep theirs): `resolution` becomes 64 and the
-  bucket range 32-128 in steps of 16 (`_small`), because one step at 1024 px takes ~25 s on two CPU cores even with
+  bucket range 64-128 in steps of 16 (`_small`), because one step at 1024 px takes ~25 s on two CPU cores even with
   the tiny models.  ANIMA_COMPAT_FULL_SIZE=1 keeps the sizes as found (for a run on a GPU).
 """
 
@@ -93,8 +93,8 @@ def _substitute(text: str, paths: dict[str, str]) -> str:
 
 
 FULL_SIZE = os.environ.get("ANIMA_COMPAT_FULL_SIZE", "") == "1"
-SMALL = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 16,
-         "min_reso": 32, "max_reso": 128, "reso_step": 16}  # kohya's names and the root-style ones
+SMALL = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128, "bucket_reso_steps": 16,
+         "min_reso": 64, "max_reso": 128, "reso_step": 16}  # kohya's names and the root-style ones; min 64 >= any step
 
 
 def _small_value(name: str, value: str) -> str:

@@ -243,6 +243,8 @@ def check_network_options(cfg: TrainConfig) -> None:
                        dropout=cfg.network_dropout, **cfg.network_args)
     except NetworkError as e:
         raise NetworkError(f"network_args: {e}" if cfg.network_args else str(e)) from None
+    except (RuntimeError, NotImplementedError) as e:  # needs real weights (e.g. DoRA's norms): checked at the build
+        log.debug("network options: not checked before the models load (%s)", e)
 
 
 def build_network(cfg: TrainConfig, dit):

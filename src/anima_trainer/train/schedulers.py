@@ -329,9 +329,9 @@ def describe_schedule(scheduler: LRScheduler, name: str, max_steps: int, base_lr
             f"{descents} descent{'s' if descents != 1 else ''}")
     notice = None
     if peak < 1.0 - 1e-9 and values[-1] >= peak - 1e-12 and name not in ("constant", "adafactor"):
-        return line, (f"the warm-up is not shorter than the run's {max_steps} optimizer steps: the lr rises to "
-                      f"{peak * base_lr:.3g} and never reaches {base_lr:.3g} (kohya accepts this too); lower "
-                      "lr_warmup_steps to train at the full rate")
+        return line, (f"lr_warmup_steps: the warm-up is not shorter than the run's {max_steps} optimizer steps: "
+                      f"the lr rises to {peak * base_lr:.3g} and never reaches {base_lr:.3g} (kohya accepts this "
+                      "too); lower lr_warmup_steps to train at the full rate")
     floor = min_lr_ratio if name in ("cosine_with_min_lr", "warmup_stable_decay", "polynomial") else 0.0
     if name == "polynomial" and not min_lr_ratio:
         floor = POLYNOMIAL_LR_END / base_lr if base_lr > 0 else 0.0
