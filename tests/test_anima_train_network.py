@@ -224,7 +224,7 @@ def test_translations_without_training(setup, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--v_parameterization"], "--v_parameterization"),
+    (["--weighted_captions"], "--weighted_captions = true: Anima's tokenizer has no weighted captions"),
     (["--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "preset=attn-only"], "preset='attn-only'"),
 ])
 def test_unsupported_options_fail_clearly(setup, tmp_path, capsys, extra, message):
@@ -246,3 +246,14 @@ def test_a_path_in_output_name_creates_no_folder_outside_output_dir(setup, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "output_name: '../../escaped' contains a path separator" in err[0], err
     assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_an_option_without_meaning_is_accepted_with_one_notice():
+    """Issue 14 rule 2: kohya's --v_parameterization means nothing for flow matching: accepted, one notice."""
+    from anima_trainer.config import parse_train_args
+
+    argv, _ = translate_kohya_argv(["--pretrained_model_name_or_path", "d.safetensors", "--qwen3", "q", "--vae", "v",
+                                    "--output_dir", "o", "--dataset_config", "d.toml", "--v_parameterization"])
+    notices = parse_train_args(argv).notices
+    assert [n for n in notices if n.startswith("--v_parameterization = true: Anima is trained with flow matching")] \
+        == notices
