@@ -8,7 +8,6 @@ a TOML, is relative to the current working directory, as in kohya.  An empty str
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import unicodedata
 from pathlib import Path
@@ -18,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,34 +26,34 @@ from pydantic_core import PydanticUseDefault
 from anima_trainer.config import kohya_options as ko
 from anima_trainer.config.optimizer_rules import check_optimizer_schedule
 from anima_trainer.config.errors import ConfigError, did_you_mean
+from anima_trainer.config.network_settings import NetworkSettings
+from anima_trainer.config.noise_settings import NoiseSettings
+from anima_trainer.config.output_settings import MINIMUM_METADATA_KEYS, OutputSettings, _data_url
+from anima_trainer.config.sd_scripts_anima import (
+    SD_SCRIPTS_ANIMA_EMPTY,
+    SD_SCRIPTS_ANIMA_LOKR_FACTOR,
+    SD_SCRIPTS_ANIMA_MODULES,
+    SD_SCRIPTS_ANIMA_NETWORK_ARGS,
+    SdScriptsAnimaSettings,
+    _Notices,
+)
+from anima_trainer.config.vae_settings import VaeSettings
 from anima_trainer.download.sources import T5_TOKENIZER as _t5
 from anima_trainer.download.urls import parse_source
 
 _NONNEG = {"ge": 0}
 _log = logging.getLogger(__name__)
-# sd-scripts-anima's network modules (seed_system.md §2) → our algorithms; its LoKr factor default
-SD_SCRIPTS_ANIMA_MODULES = {"networks.lokr_anima": "lokr"}
-SD_SCRIPTS_ANIMA_LOKR_FACTOR = 8
-# its LoKr network_args names → ours (same meaning); an empty value means its default
-SD_SCRIPTS_ANIMA_NETWORK_ARGS = {"lokr_factor": "factor", "lokr_full_matrix": "full_matrix",
-                                 "lokr_decompose_both": "decompose_both", "lokr_rank_dropout": "rank_dropout",
-                                 "lokr_module_dropout": "module_dropout"}
-SD_SCRIPTS_ANIMA_EMPTY = {"lokr_factor": str(SD_SCRIPTS_ANIMA_LOKR_FACTOR), "lokr_full_matrix": "false",
-                          "lokr_decompose_both": "false", "lokr_rank_dropout": "0", "lokr_module_dropout": "0"}
+# re-exported: importable from here as before the option groups moved to their own modules
+__all__ = ["FILE_NAME_MAX_BYTES", "MINIMUM_METADATA_KEYS", "OUTPUT_NAME_MAX_BYTES", "SD_SCRIPTS_ANIMA_EMPTY",
+           "SD_SCRIPTS_ANIMA_LOKR_FACTOR", "SD_SCRIPTS_ANIMA_MODULES", "SD_SCRIPTS_ANIMA_NETWORK_ARGS", "TrainConfig",
+           "check_output_name", "make_train_config", "_Notices", "_data_url"]
 
 
-class _Notices(tuple):
-    """Start-up notices of a config: they describe how it was written, not what it is, so two configs that train
-    the same compare equal whatever their notices (a resolved config read back has other ones)."""
+class TrainConfig(NetworkSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSettings, OutputSettings, BaseModel):
+    """Every training setting.  The option groups of kohya's later versions and of sd-scripts-anima are mixins
+    with their fields, validators and methods (network_settings, noise_settings, sd_scripts_anima, vae_settings,
+    output_settings); the cross-field check below runs after their model validators."""
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Notices)
-
-    def __hash__(self) -> int:
-        return 0
-
-
-class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
 
     # models
@@ -247,215 +245,6 @@ class TrainConfig(BaseModel):
     caption_variants: int = Field(8, ge=1, le=1024)  # ours: encodings per caption when captions are random
     prior_loss_weight: float = Field(1.0, ge=0)  # loss weight of regularisation (is_reg) images
     cache_llm_adapter_outputs: bool = False  # ours: frozen adapter → its output per caption computed once
-    # --- issue 14 (nets: max-norm, base weights, component lrs, full half precision) ---
-    scale_weight_norms: float | None = Field(
-        None, ge=0, description="kohya's max-norm regularisation: after every optimizer step each module's "
-        "‖scale·ΔW‖ above this value is scaled down to it (LoRA: up and down by √ratio, as kohya; LoKr/LoHa: each "
-        "factor, as LyCORIS; kohya's own networks.lokr/loha ignore it); logs max_norm/keys_scaled, "
-        "max_norm/max_key_norm, norm/avg_key_norm (0 or unset = off; 1 is kohya's suggested start)")
-    base_weights: list[Path] | None = Field(
-        None, description="network files merged into the DiT before training (ComfyUI's merge, in order); the "
-        "trained network learns on top of them")
-    base_weights_multiplier: list[float] | None = Field(
-        None, description="strength of each base_weights file, in the same order (missing values: 1.0)")
-    self_attn_lr: float | None = Field(
-        None, ge=0, description="kohya v0.11 component lr: modules under `.self_attn` (unset = base lr, 0 = frozen); "
-        "kohya applies these in full fine-tuning only, here to the adapter modules by the same name rules; a "
-        "network_reg_lrs rule wins")
-    cross_attn_lr: float | None = Field(None, ge=0, description="component lr of `.cross_attn` modules (as "
-                                        "self_attn_lr)")
-    mlp_lr: float | None = Field(None, ge=0, description="component lr of `.mlp` modules (as self_attn_lr)")
-    mod_lr: float | None = Field(None, ge=0, description="component lr of `.adaln_modulation` modules (excluded by "
-                                 "default; as self_attn_lr)")
-    llm_adapter_lr: float | None = Field(None, ge=0, description="component lr of everything under `llm_adapter` "
-                                         "(needs train_llm_adapter; as self_attn_lr)")
-    full_bf16: bool = Field(False, description="kohya: the adapter weights, their gradients and the optimizer state "
-                            "in bf16 (needs mixed_precision bf16); saves memory, small updates may round away")
-    full_fp16: bool = Field(False, description="kohya: as full_bf16 in fp16 with the gradient scaler (needs "
-                            "mixed_precision fp16)")
-
-    # --- issue 14 (noise and timestep options) ---
-    noise_offset: float | None = Field(None, ge=0, description="kohya's noise offset: noise += value·N(0,1) per "
-                                       "sample and channel (around 0.05–0.1; kohya's own Anima trainer ignores it)")
-    noise_offset_random_strength: bool = Field(False, description="noise offset strength drawn from U(0, "
-                                               "noise_offset) per sample")
-    adaptive_noise_scale: float | None = Field(None, description="adds value·|latent channel mean| to noise_offset "
-                                               "(needs noise_offset)")
-    multires_noise_iterations: int | None = Field(None, ge=0, description="kohya's multires (pyramid) noise with "
-                                                  "this many levels (6–10 usual; 0/unset = off)")
-    multires_noise_discount: float = Field(0.3, ge=0, description="weight ratio between multires noise levels")
-    ip_noise_gamma: float | None = Field(None, ge=0, description="input perturbation: the model input uses noise "
-                                         "ε + γ·ξ, the target keeps ε (around 0.1; as kohya's Anima trainer)")
-    ip_noise_gamma_random_strength: bool = Field(False, description="γ drawn from U(0, ip_noise_gamma) per sample")
-    min_timestep: int | None = Field(None, ge=0, le=1000, description="lowest timestep on kohya's 0–1000 scale: "
-                                     "σ is mapped from [0, 1] onto [min_timestep, max_timestep]/1000")
-    max_timestep: int | None = Field(None, ge=0, le=1000, description="highest timestep on kohya's 0–1000 scale "
-                                     "(see min_timestep)")
-    min_snr_gamma: float | None = Field(None, ge=0, description="accepted for kohya configs; no effect for Anima "
-                                        "(flow matching), as in kohya: a start-up notice says so")
-    debiased_estimation_loss: bool = Field(False, description="accepted for kohya configs; no effect for Anima, as "
-                                           "in kohya: a start-up notice says so")
-    v_pred_like_loss: float | None = Field(None, ge=0, description="accepted for kohya configs; no effect for Anima, "
-                                           "as in kohya: a start-up notice says so")
-    scale_v_pred_loss_like_noise_pred: bool = Field(False, description="accepted for kohya configs; no effect for "
-                                                    "Anima (no v-prediction): a start-up notice says so")
-
-    @field_validator("noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "ip_noise_gamma",
-                     "min_timestep", "max_timestep", "min_snr_gamma", "v_pred_like_loss", mode="before")
-    @classmethod
-    def _unset_noise_option(cls, v: Any) -> Any:
-        return None if v == "" else v  # kohya's None written by GUIs as ""
-
-    @model_validator(mode="after")
-    def _noise_options(self) -> TrainConfig:
-        if self.adaptive_noise_scale is not None and not self.noise_offset:
-            raise ValueError("adaptive_noise_scale: needs noise_offset (kohya: adaptive_noise_scale requires "
-                             "noise_offset); set noise_offset too or remove adaptive_noise_scale")
-        lo, hi = self.min_timestep, self.max_timestep
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"min_timestep: {lo} is above max_timestep {hi}; set min_timestep <= max_timestep")
-        return self
-    # --- issue 14 (sd-scripts-anima configs) ---
-    sd_scripts_anima_defaults: bool = Field(
-        False, description="apply sd-scripts-anima's defaults where the config sets nothing: train_norm on, "
-                           "LLM-adapter targets, gradient_checkpointing on, LoKr factor 8, logit-normal timesteps "
-                           "with shift 3, resume_ignore_optimizer_mismatch on (default: on when the config uses "
-                           "sd-scripts-anima's names: anima_transformer, qwen, t5_tokenizer_dir, anima_*, "
-                           "networks.lokr_anima)")
-    train_norm: bool | None = Field(
-        None, description="also train the RMSNorm gains of the DiT and the LLM adapter (sd-scripts-anima's flag; "
-                          "wins over network_args train_norm, with a notice; default: network_args train_norm, else "
-                          "off, on with sd-scripts-anima defaults)")
-    anima_seq_len: int | None = Field(
-        None, ge=1, description="sd-scripts-anima's text length; any value is accepted with a notice: the context is "
-                                "always padded to 512 rows and captions are not cut, as ComfyUI runs Anima")
-    resume_ignore_optimizer_mismatch: bool | None = Field(
-        None, description="on resume, a changed optimizer_type or an optimizer state that does not fit restarts the "
-                          "optimizer from a fresh state with a warning instead of an error (default: on with "
-                          "sd-scripts-anima defaults, else off unless resume_snapshot_strict = false)")
-    anima_resume_snapshot_strict: bool = Field(
-        False, description="sd-scripts-anima's strict resume: any change of a saved setting (not only the critical "
-                           "ones) is an error")
-    _sd_notices: _Notices = PrivateAttr(default_factory=lambda: _Notices())
-
-
-    # --- issue 14 (vae) ---
-    qwen_image_vae_2d: bool = Field(True, description="encode/decode single images with the 2-D form of the "
-                                    "Qwen-Image VAE (kohya's --qwen_image_vae_2d: the last temporal slice of each "
-                                    "causal conv; equal to the 3-D model up to rounding, faster, less memory); on "
-                                    "by default here, false = diffusers' 3-D model")
-    vae_chunk_size: int | None = Field(None, ge=1, description="VAE convolutions computed this many rows at a "
-                                       "time (kohya's --vae_chunk_size: less peak memory, same result; 2-D path)")
-    vae_disable_cache: bool = Field(False, description="kohya's switch for the 3-D VAE's feature cache between "
-                                    "video chunks; single images never use it, so it changes nothing (a notice)")
-    masked_loss: bool = Field(False, description="kohya's --masked_loss: the loss is multiplied by a mask image "
-                              "of each subset's conditioning_data_dir (same file stem, red channel, 0..255 -> "
-                              "0..1, resized like the image), or by the alpha mask of alpha_mask subsets")
-    torch_compile: bool = Field(False, description="kohya's legacy whole-model compile; here it turns on "
-                                "compile_blocks (the same math, compiled per DiT block) with a notice")
-    dynamo_backend: str = Field("inductor", description="kohya's backend of torch_compile: inductor, aot_eager and "
-                                "eager map onto compile_backend; others compile with inductor (a notice)")
-
-    @model_validator(mode="after")
-    def _issue14_vae_compile(self) -> TrainConfig:
-        """torch_compile/dynamo_backend -> compile_blocks/compile_backend (kohya's --compile is the same idea)."""
-        backend = self.dynamo_backend.strip().lower()
-        if self.torch_compile and backend != "no":
-            self.compile_blocks = True
-            if backend in ("inductor", "aot_eager", "eager"):
-                self.compile_backend = backend
-        return self
-
-    def vae_compile_notices(self) -> list[str]:
-        """One start-up notice per issue-14 VAE/compile option that is accepted with a different effect."""
-        notes = []
-        if self.vae_disable_cache:
-            notes.append("vae_disable_cache = true: the VAE's feature cache only carries frames between video "
-                         "chunks and a single image never uses it (the 2-D path has none); latents are the same "
-                         "either way; nothing to change")
-        if self.vae_chunk_size and not self.qwen_image_vae_2d:
-            notes.append(f"vae_chunk_size = {self.vae_chunk_size}: chunked convolutions run on the 2-D VAE path; "
-                         "with qwen_image_vae_2d = false the 3-D model runs unchunked (same latents, more memory)")
-        backend = self.dynamo_backend.strip().lower()
-        if self.torch_compile:
-            if backend == "no":
-                notes.append("torch_compile = true with dynamo_backend = 'no': nothing is compiled (as in kohya)")
-            else:
-                shown = backend if backend in ("inductor", "aot_eager", "eager") else "inductor"
-                extra = "" if shown == backend else f" (dynamo_backend '{self.dynamo_backend}' is not available here)"
-                notes.append(f"torch_compile = true: compiled per DiT block (compile_blocks, as kohya's --compile) "
-                             f"with backend {shown}{extra} instead of the whole model; the same math, faster to "
-                             "compile")
-        elif backend not in ("inductor", "no"):  # kohya_ss writes "no": nothing compiled, as asked
-            notes.append(f"dynamo_backend = '{self.dynamo_backend}' has no effect without torch_compile (as in kohya)")
-        return notes
-
-
-    # --- issue 14 (config): start-up notices and the dialect of the config (set by the loader; not settings) ------
-    _notices: list[str] = PrivateAttr(default_factory=list)
-    _seed_style: bool = PrivateAttr(False)
-
-    def set_compat(self, *, notices: list[str], sd_scripts_anima: bool) -> None:
-        """Called by the loader: the notices of options accepted without effect, and whether the config was
-        written for sd-scripts-anima (its meanings apply, e.g. of lr_scheduler_num_cycles)."""
-        self._notices = list(notices)
-        self._seed_style = sd_scripts_anima
-
-    @property
-    def notices(self) -> list[str]:
-        """One line per option that is accepted but changes nothing here (printed at start-up, written to the
-        run's events)."""
-        return self._notices
-
-    @property
-    def sd_scripts_anima(self) -> bool:
-        """True when the config uses sd-scripts-anima's own names (kohya_options.is_sd_scripts_anima)."""
-        return self._seed_style
-    # --- issue 14 (outputs) ---
-    # file metadata (kohya's train_network.py / library/sai_model_spec.py)
-    training_comment: str | None = Field(None, description="free text written as ss_training_comment into the "
-                                                           "saved files' metadata")
-    no_metadata: bool = Field(False, description="write only kohya's minimum ss_* keys (ss_v2, "
-                                                 "ss_base_model_version, ss_network_module/_dim/_alpha/_args) and "
-                                                 "the modelspec.* keys, as kohya does")
-    metadata_title: str | None = Field(None, description="modelspec.title (default: output_name)")
-    metadata_author: str | None = Field(None, description="modelspec.author")
-    metadata_description: str | None = Field(None, description="modelspec.description")
-    metadata_license: str | None = Field(None, description="modelspec.license")
-    metadata_tags: str | None = Field(None, description="modelspec.tags (comma separated)")
-    metadata_usage_hint: str | None = Field(None, description="modelspec.usage_hint")
-    metadata_thumbnail: str | None = Field(None, description="modelspec.thumbnail: a data: URL, or an image file "
-                                                             "(written as a data: URL)")
-    metadata_merged_from: str | None = Field(None, description="modelspec.merged_from")
-    metadata_trigger_phrase: str | None = Field(None, description="modelspec.trigger_phrase")
-    metadata_preprocessor: str | None = Field(None, description="modelspec.preprocessor")
-    metadata_is_negative_embedding: str | None = Field(None, description="modelspec.is_negative_embedding")
-    # start-up and run bookkeeping
-    output_config: bool = Field(False, description="command line only, with --config_file: write the resolved "
-                                                   "settings (those not at their default) to the --config_file "
-                                                   "path, which must not exist yet, and exit 0 without training "
-                                                   "(kohya's --output_config)")
-    save_n_epoch_ratio: int | None = Field(None, ge=1, description="save about N epoch files over the run: "
-                                           "save_every_n_epochs = max(1, epochs // N) (replaces "
-                                           "save_every_n_epochs, as in kohya)")
-    initial_epoch: int | None = Field(None, ge=1, description="start counting at this epoch (1 = the first); "
-                                      "initial_step wins. Without skip_until_initial_step only the epoch number "
-                                      "(and its data order) moves, as in kohya; the LR schedule starts at 0")
-    initial_step: int | None = Field(None, ge=0, description="start counting at this optimizer step (0 = the "
-                                     "first); with skip_until_initial_step the data batches up to it are skipped "
-                                     "and step numbers continue from it; the LR schedule starts at 0, as in kohya")
-    skip_until_initial_step: bool = Field(False, description="skip the data up to initial_step / initial_epoch "
-                                                             "(same data order as a run that trained them)")
-    console_log_file: Path | None = Field(None, description="write the log lines to this file instead of the "
-                                                            "console (appended; kohya's option)")
-    console_log_simple: bool = Field(False, description="plain log lines: the message only (warnings and errors "
-                                                        "keep their level word)")
-    tokenizer_cache_dir: Path | None = Field(None, description="folder for downloaded tokenizers when their "
-                                             "folders are not set (default: $HF_HOME/anima-trainer/tokenizers, "
-                                             "~/.cache/huggingface/...); reused offline")
-    strict_captions: bool = Field(False, description="an image without a caption file is an error (default: it "
-                                                     "trains with the subset's class_tokens, else an empty caption, "
-                                                     "with a warning listing it, as kohya)")
 
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
     @field_validator("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
@@ -510,19 +299,6 @@ class TrainConfig(BaseModel):
     def _level_name(cls, v: Any) -> Any:
         return (v.strip().upper() or None) if isinstance(v, str) else v  # kohya's choices are upper case
 
-    @field_validator("save_n_epoch_ratio", "initial_epoch", "initial_step", mode="before")
-    @classmethod
-    def _unset_counts(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and v.strip() in ("", "None") else v  # kohya's unset, as GUIs write it
-
-    @field_validator("metadata_thumbnail")
-    @classmethod
-    def _thumbnail(cls, v: str | None) -> str | None:
-        # checked here, not at the first save hours later; kohya drops an unreadable thumbnail with a warning
-        if v is not None and v and not v.startswith("data:") and not Path(v).expanduser().is_file():
-            raise ValueError(f"'{v}' is neither a data: URL nor an image file; give the path of the thumbnail "
-                             "image (it is written into the metadata as a data: URL)")
-        return v
 
     @field_validator("log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key", mode="before")
     @classmethod
@@ -660,43 +436,6 @@ class TrainConfig(BaseModel):
     def _lr_scheduler_args(cls, v: Any) -> Any:
         return {} if v == "" else _kv_pairs(v, "lr_scheduler_args", literal=True)
 
-    @field_validator("scale_weight_norms", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "llm_adapter_lr",
-                     "base_weights", "base_weights_multiplier", mode="before")
-    @classmethod
-    def _issue14_nets_unset(cls, v: Any, info: Any) -> Any:
-        if v == "" or v == []:
-            return None  # kohya's unset, as GUI-written TOMLs say it
-        if info.field_name == "base_weights" and isinstance(v, (str, Path)):
-            v = [v]  # kohya's nargs="*": one file may come as a plain string
-        if info.field_name == "base_weights_multiplier" and isinstance(v, (int, float, str)):
-            v = [v]
-        if info.field_name == "base_weights":
-            paths = [Path(x).expanduser() if isinstance(x, str) else x for x in v]
-            for p in paths:
-                if isinstance(p, Path) and not p.is_file():
-                    raise ValueError(f"'{p}' does not exist (a network .safetensors to merge before training)")
-            return paths
-        return v
-
-    @model_validator(mode="after")
-    def _issue14_full_precision(self) -> TrainConfig:
-        # kohya asserts the same pairs (train_network.py: "full_fp16 requires mixed precision='fp16'")
-        if self.full_fp16 and self.full_bf16:
-            raise ValueError("full_fp16 and full_bf16 are both set; keep the one matching mixed_precision")
-        for flag, mp in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
-            if getattr(self, flag) and self.mixed_precision != mp:
-                raise ValueError(f"{flag} requires mixed_precision = \"{mp}\" (kohya asserts the same; got "
-                                 f"\"{self.mixed_precision}\"): set mixed_precision = \"{mp}\" or remove {flag}")
-        return self
-    @model_validator(mode="before")
-    @classmethod
-    def _lokr_anima_asks_for_defaults(cls, data: Any) -> Any:
-        # sd-scripts-anima's own LoKr module name is a sd-scripts-anima config (the loader detects the other names)
-        if (isinstance(data, dict) and data.get("network_module") == "networks.lokr_anima"
-                and data.get("sd_scripts_anima_defaults") is None):
-            data = {**data, "sd_scripts_anima_defaults": True}
-        return data
-
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
         self._sd_scripts_anima()
@@ -729,88 +468,6 @@ class TrainConfig(BaseModel):
         if v is None or (isinstance(v, str) and v.strip() in ("", "None")):
             raise PydanticUseDefault()  # kohya's unset (None; blocks_to_swap None = no swap)
         return v
-
-    def _sd_scripts_anima(self) -> None:
-        """sd-scripts-anima's network_args names, its defaults (sd_scripts_anima_defaults), the train_norm flag and
-        anima_seq_len; what was done is kept for the start-up report (`sd_scripts_anima_notices`)."""
-        notices: list[str] = []
-        args = dict(self.network_args)
-        algo = self.network_module
-        if algo == "lycoris":
-            algo = str(args.get("algo", "")).strip().lower()
-        for theirs, ours in SD_SCRIPTS_ANIMA_NETWORK_ARGS.items():
-            if theirs not in args:
-                continue
-            v = str(args.pop(theirs)).strip()
-            if algo != "lokr":
-                notices.append(f"network_args {theirs}={v} ignored: the network is {algo or self.network_module}, not "
-                               "LoKr (sd-scripts-anima's LoRA ignores it too)")
-                continue
-            v = v or SD_SCRIPTS_ANIMA_EMPTY.get(theirs, v)  # its `int(v or 8)` / `float(v or 0)`
-            if theirs == "lokr_factor" and v == "-1":
-                notices.append("network_args lokr_factor=-1: the most balanced factorisation, as in LyCORIS "
-                               "(sd-scripts-anima clamped it to 1: a 1×1 lokr_w1 and the whole matrix in lokr_w2)")
-            if ours in args and str(args[ours]).strip() != v:
-                raise ValueError(f"network_args: {theirs}={v} (sd-scripts-anima's name) and {ours}={args[ours]} "
-                                 "disagree; keep one of them")
-            args[ours] = v
-        explicit = self.model_fields_set
-        if self.sd_scripts_anima_defaults:
-            applied = []
-            if not self.gradient_checkpointing:  # sd-scripts-anima forces it on (its default config OOMs without)
-                was_off = "gradient_checkpointing" in explicit
-                self.gradient_checkpointing = True
-                applied.append("gradient_checkpointing = true" + (
-                    " (the config's false is overridden as sd-scripts-anima does; same result, less memory; "
-                    "sd_scripts_anima_defaults = false keeps it off)" if was_off else ""))
-            if self.train_norm is None and "train_norm" not in args:
-                self.train_norm = True
-                applied.append("train_norm = true")
-            elif self.train_norm is None:
-                notices.append(f"network_args train_norm={args['train_norm']} is used as written (sd-scripts-anima "
-                               "would have replaced it by its --train_norm default, true; set train_norm to choose)")
-            if not {"target_modules", "train_llm_adapter"} & set(args):
-                args["train_llm_adapter"] = "true"
-                applied.append("LLM-adapter targets (network_args train_llm_adapter = true)")
-            if algo == "lokr" and "factor" not in args:
-                args["factor"] = str(SD_SCRIPTS_ANIMA_LOKR_FACTOR)
-                applied.append(f"LoKr factor {SD_SCRIPTS_ANIMA_LOKR_FACTOR}")
-            for k, v in ko.SD_SCRIPTS_ANIMA_TIMESTEP_DEFAULTS.items():
-                if k not in explicit:
-                    setattr(self, k, v)
-                    applied.append(f"{k} = {v}")
-            if self.resume_ignore_optimizer_mismatch is None:
-                self.resume_ignore_optimizer_mismatch = True
-                applied.append("resume_ignore_optimizer_mismatch = true")
-            notices.insert(0, "sd-scripts-anima defaults (the config uses sd-scripts-anima's names): "
-                              + (", ".join(applied) if applied else "none needed, the config sets all of them"))
-        if self.train_norm is not None:
-            if "train_norm" in args and "train_norm" in explicit:
-                from anima_trainer.networks.inject import parse_bool  # no torch import: inject needs only nn
-                from anima_trainer.networks.formats import NetworkError
-
-                try:
-                    old = parse_bool("train_norm", args["train_norm"])
-                except NetworkError as e:
-                    raise ValueError(str(e)) from None
-                if old != self.train_norm:
-                    notices.append(f"train_norm = {str(self.train_norm).lower()} wins over network_args "
-                                   f"train_norm={args['train_norm']} (as in sd-scripts-anima: the flag wins)")
-            args["train_norm"] = "true" if self.train_norm else "false"
-        if self.anima_seq_len is not None:
-            n = self.anima_seq_len
-            notices.append(
-                f"anima_seq_len = {n}: the text context is always padded to 512 rows and captions are not cut at {n} "
-                "tokens, because ComfyUI runs Anima that way; "
-                + ("a shorter context (as sd-scripts-anima trains it) would train a model ComfyUI does not run"
-                   if n < 512 else "nothing to change"))
-        self.network_args = args
-        self._sd_notices = _Notices(notices)
-
-    def sd_scripts_anima_notices(self) -> list[str]:
-        """The start-up notices of sd-scripts-anima's options: the defaults applied (one line listing them),
-        network_args names ignored, the train_norm flag overriding network_args, anima_seq_len."""
-        return list(self._sd_notices)
 
     def optimizer_mismatch_ignored(self) -> bool:
         """Whether a resume continues with a fresh optimizer state when the optimizer changed or its state does
@@ -848,73 +505,6 @@ class TrainConfig(BaseModel):
                 "blocks_to_swap": self.blocks_to_swap, "fp8_base": self.fp8_base or self.fp8_base_unet,
                 "fp8_format": self.fp8_format}
 
-    # --- metadata ----------------------------------------------------------------------------------------------
-    def to_metadata(self) -> dict[str, str]:
-        """Training settings as kohya-style `ss_*` strings for the LoRA file header (None → "None")."""
-        from anima_trainer.train.optim import optimizer_description
-
-        meta: dict[str, Any] = {
-            "ss_base_model_version": "anima",
-            "ss_output_name": self.output_name,
-            "ss_network_module": ko.KOHYA_NETWORK_MODULE_NAME[self.network_module],
-            "ss_network_dim": self.network_dim,
-            "ss_network_alpha": self.network_alpha,
-            "ss_network_dropout": self.network_dropout,
-            "ss_network_args": json.dumps(self.network_args),
-            "ss_learning_rate": self.learning_rate,
-            "ss_unet_lr": self.unet_lr,
-            "ss_optimizer": optimizer_description(self.optimizer_type, self.optimizer_args),
-            "ss_lr_scheduler": self.lr_scheduler,
-            "ss_lr_warmup_steps": self.lr_warmup_steps,
-            "ss_max_grad_norm": self.max_grad_norm,
-            "ss_max_train_steps": self.max_train_steps,
-            "ss_max_train_epochs": self.max_train_epochs,
-            "ss_batch_size_per_device": self.train_batch_size,
-            "ss_gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "ss_gradient_checkpointing": self.gradient_checkpointing,
-            "ss_mixed_precision": self.mixed_precision,
-            "ss_seed": self.seed,
-            "ss_timestep_sampling": self.timestep_sampling,
-            "ss_discrete_flow_shift": self.discrete_flow_shift,
-            "ss_sigmoid_scale": self.sigmoid_scale,
-            "ss_weighting_scheme": self.weighting_scheme,
-            "ss_logit_mean": self.logit_mean,
-            "ss_logit_std": self.logit_std,
-            "ss_mode_scale": self.mode_scale,
-            "ss_loss_type": self.loss_type,
-            "ss_huber_c": self.huber_c,
-            "ss_validation_split": self.validation_split,
-            "ss_validation_seed": self.validation_seed,
-            "ss_validate_every_n_steps": self.validate_every_n_steps,
-            "ss_validate_every_n_epochs": self.validate_every_n_epochs,
-            "ss_max_validation_steps": self.max_validation_steps,
-            "ss_scale_weight_norms": self.scale_weight_norms,
-            "ss_full_fp16": bool(self.full_fp16),
-            "ss_training_comment": self.training_comment,
-        }
-        return {k: str(v) for k, v in meta.items()}
-
-    def modelspec_metadata(self, timestamp: float) -> dict[str, str]:
-        """kohya's `modelspec.*` keys (ModelSpec 1.0.1, library/sai_model_spec.py) for an Anima LoRA: the fixed
-        architecture/implementation/resolution, the title (metadata_title, else output_name), the date of
-        `timestamp`, and every metadata_* option that is set.  Written also with no_metadata, as in kohya."""
-        import datetime
-
-        meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "anima-preview/lora",
-                "modelspec.implementation": "https://huggingface.co/circlestone-labs/Anima",
-                "modelspec.title": self.metadata_title if self.metadata_title is not None else self.output_name,
-                "modelspec.resolution": "1024x1024",
-                "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat()}
-        for name in ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
-                     "trigger_phrase", "preprocessor", "is_negative_embedding"):
-            value = getattr(self, f"metadata_{name}")
-            if value is None:
-                continue
-            if name == "thumbnail" and value and not value.startswith("data:"):
-                value = _data_url(Path(value).expanduser())
-            meta[f"modelspec.{name}"] = value
-        return meta
-
 
 # File names are limited to 255 bytes (ext4, XFS, btrfs, APFS, NTFS).  The longest name derived from
 # output_name is a preview's temporary file, `.<name>_e<epoch>_<NN>_<seed>.png.<8 random>.tmp` (up to ~55 bytes
@@ -926,18 +516,6 @@ FILE_NAME_MAX_BYTES = 255
 OUTPUT_NAME_MAX_BYTES = FILE_NAME_MAX_BYTES - 75
 
 
-def _data_url(path: Path) -> str:
-    """An image file as a `data:<mime>;base64,...` URL (kohya's thumbnail conversion)."""
-    import base64
-    import mimetypes
-
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
-
-
-# kohya's SS_METADATA_MINIMUM_KEYS: what no_metadata keeps of the ss_* keys (the modelspec.* keys stay too)
-MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
-                         "ss_network_alpha", "ss_network_args")
 
 
 def _shorten(v: str, keep: int = 40) -> str:

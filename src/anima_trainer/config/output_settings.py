@@ -1,0 +1,155 @@
+"""Output options of `TrainConfig`: file metadata (kohya's ss_* and modelspec.* keys), output_config, initial
+epoch/step, console log file, tokenizer cache and strict captions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from anima_trainer.config import kohya_options as ko
+
+# kohya's SS_METADATA_MINIMUM_KEYS: what no_metadata keeps of the ss_* keys (the modelspec.* keys stay too)
+MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
+                         "ss_network_alpha", "ss_network_args")
+
+
+def _data_url(path: Path) -> str:
+    """An image file as a `data:<mime>;base64,...` URL (kohya's thumbnail conversion)."""
+    import base64
+    import mimetypes
+
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+class OutputSettings(BaseModel):
+    """Fields, validators and the metadata of the saved files (a mixin of TrainConfig)."""
+
+    # file metadata (kohya's train_network.py / library/sai_model_spec.py)
+    training_comment: str | None = Field(None, description="free text written as ss_training_comment into the "
+                                                           "saved files' metadata")
+    no_metadata: bool = Field(False, description="write only kohya's minimum ss_* keys (ss_v2, "
+                                                 "ss_base_model_version, ss_network_module/_dim/_alpha/_args) and "
+                                                 "the modelspec.* keys, as kohya does")
+    metadata_title: str | None = Field(None, description="modelspec.title (default: output_name)")
+    metadata_author: str | None = Field(None, description="modelspec.author")
+    metadata_description: str | None = Field(None, description="modelspec.description")
+    metadata_license: str | None = Field(None, description="modelspec.license")
+    metadata_tags: str | None = Field(None, description="modelspec.tags (comma separated)")
+    metadata_usage_hint: str | None = Field(None, description="modelspec.usage_hint")
+    metadata_thumbnail: str | None = Field(None, description="modelspec.thumbnail: a data: URL, or an image file "
+                                                             "(written as a data: URL)")
+    metadata_merged_from: str | None = Field(None, description="modelspec.merged_from")
+    metadata_trigger_phrase: str | None = Field(None, description="modelspec.trigger_phrase")
+    metadata_preprocessor: str | None = Field(None, description="modelspec.preprocessor")
+    metadata_is_negative_embedding: str | None = Field(None, description="modelspec.is_negative_embedding")
+    # start-up and run bookkeeping
+    output_config: bool = Field(False, description="command line only, with --config_file: write the resolved "
+                                                   "settings (those not at their default) to the --config_file "
+                                                   "path, which must not exist yet, and exit 0 without training "
+                                                   "(kohya's --output_config)")
+    save_n_epoch_ratio: int | None = Field(None, ge=1, description="save about N epoch files over the run: "
+                                           "save_every_n_epochs = max(1, epochs // N) (replaces "
+                                           "save_every_n_epochs, as in kohya)")
+    initial_epoch: int | None = Field(None, ge=1, description="start counting at this epoch (1 = the first); "
+                                      "initial_step wins. Without skip_until_initial_step only the epoch number "
+                                      "(and its data order) moves, as in kohya; the LR schedule starts at 0")
+    initial_step: int | None = Field(None, ge=0, description="start counting at this optimizer step (0 = the "
+                                     "first); with skip_until_initial_step the data batches up to it are skipped "
+                                     "and step numbers continue from it; the LR schedule starts at 0, as in kohya")
+    skip_until_initial_step: bool = Field(False, description="skip the data up to initial_step / initial_epoch "
+                                                             "(same data order as a run that trained them)")
+    console_log_file: Path | None = Field(None, description="write the log lines to this file instead of the "
+                                                            "console (appended; kohya's option)")
+    console_log_simple: bool = Field(False, description="plain log lines: the message only (warnings and errors "
+                                                        "keep their level word)")
+    tokenizer_cache_dir: Path | None = Field(None, description="folder for downloaded tokenizers when their "
+                                             "folders are not set (default: $HF_HOME/anima-trainer/tokenizers, "
+                                             "~/.cache/huggingface/...); reused offline")
+    strict_captions: bool = Field(False, description="an image without a caption file is an error (default: it "
+                                                     "trains with the subset's class_tokens, else an empty caption, "
+                                                     "with a warning listing it, as kohya)")
+
+    @field_validator("save_n_epoch_ratio", "initial_epoch", "initial_step", mode="before")
+    @classmethod
+    def _unset_counts(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip() in ("", "None") else v  # kohya's unset, as GUIs write it
+
+    @field_validator("metadata_thumbnail")
+    @classmethod
+    def _thumbnail(cls, v: str | None) -> str | None:
+        # checked here, not at the first save hours later; kohya drops an unreadable thumbnail with a warning
+        if v is not None and v and not v.startswith("data:") and not Path(v).expanduser().is_file():
+            raise ValueError(f"'{v}' is neither a data: URL nor an image file; give the path of the thumbnail "
+                             "image (it is written into the metadata as a data: URL)")
+        return v
+
+    # --- metadata ----------------------------------------------------------------------------------------------
+    def to_metadata(self) -> dict[str, str]:
+        """Training settings as kohya-style `ss_*` strings for the LoRA file header (None → "None")."""
+        from anima_trainer.train.optim import optimizer_description
+
+        meta: dict[str, Any] = {
+            "ss_base_model_version": "anima",
+            "ss_output_name": self.output_name,
+            "ss_network_module": ko.KOHYA_NETWORK_MODULE_NAME[self.network_module],
+            "ss_network_dim": self.network_dim,
+            "ss_network_alpha": self.network_alpha,
+            "ss_network_dropout": self.network_dropout,
+            "ss_network_args": json.dumps(self.network_args),
+            "ss_learning_rate": self.learning_rate,
+            "ss_unet_lr": self.unet_lr,
+            "ss_optimizer": optimizer_description(self.optimizer_type, self.optimizer_args),
+            "ss_lr_scheduler": self.lr_scheduler,
+            "ss_lr_warmup_steps": self.lr_warmup_steps,
+            "ss_max_grad_norm": self.max_grad_norm,
+            "ss_max_train_steps": self.max_train_steps,
+            "ss_max_train_epochs": self.max_train_epochs,
+            "ss_batch_size_per_device": self.train_batch_size,
+            "ss_gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "ss_gradient_checkpointing": self.gradient_checkpointing,
+            "ss_mixed_precision": self.mixed_precision,
+            "ss_seed": self.seed,
+            "ss_timestep_sampling": self.timestep_sampling,
+            "ss_discrete_flow_shift": self.discrete_flow_shift,
+            "ss_sigmoid_scale": self.sigmoid_scale,
+            "ss_weighting_scheme": self.weighting_scheme,
+            "ss_logit_mean": self.logit_mean,
+            "ss_logit_std": self.logit_std,
+            "ss_mode_scale": self.mode_scale,
+            "ss_loss_type": self.loss_type,
+            "ss_huber_c": self.huber_c,
+            "ss_validation_split": self.validation_split,
+            "ss_validation_seed": self.validation_seed,
+            "ss_validate_every_n_steps": self.validate_every_n_steps,
+            "ss_validate_every_n_epochs": self.validate_every_n_epochs,
+            "ss_max_validation_steps": self.max_validation_steps,
+            "ss_scale_weight_norms": self.scale_weight_norms,
+            "ss_full_fp16": bool(self.full_fp16),
+            "ss_training_comment": self.training_comment,
+        }
+        return {k: str(v) for k, v in meta.items()}
+
+    def modelspec_metadata(self, timestamp: float) -> dict[str, str]:
+        """kohya's `modelspec.*` keys (ModelSpec 1.0.1, library/sai_model_spec.py) for an Anima LoRA: the fixed
+        architecture/implementation/resolution, the title (metadata_title, else output_name), the date of
+        `timestamp`, and every metadata_* option that is set.  Written also with no_metadata, as in kohya."""
+        import datetime
+
+        meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "anima-preview/lora",
+                "modelspec.implementation": "https://huggingface.co/circlestone-labs/Anima",
+                "modelspec.title": self.metadata_title if self.metadata_title is not None else self.output_name,
+                "modelspec.resolution": "1024x1024",
+                "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat()}
+        for name in ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
+                     "trigger_phrase", "preprocessor", "is_negative_embedding"):
+            value = getattr(self, f"metadata_{name}")
+            if value is None:
+                continue
+            if name == "thumbnail" and value and not value.startswith("data:"):
+                value = _data_url(Path(value).expanduser())
+            meta[f"modelspec.{name}"] = value
+        return meta
