@@ -100,7 +100,10 @@ def _aliases() -> dict[str, list[str]]:
 def _train_rows() -> list[str]:
     aliases = _aliases()
     rows = ["| key | type | default | meaning | also accepted as |", "|---|---|---|---|---|"]
-    for name, info in TrainConfig.model_fields.items():
+    # TrainConfig's own settings first, then the option groups it mixes in (pydantic lists parents' fields first)
+    own = [n for n in TrainConfig.model_fields if n in vars(TrainConfig).get("__annotations__", {})]
+    for name in [*own, *(n for n in TrainConfig.model_fields if n not in own)]:
+        info = TrainConfig.model_fields[name]
         meaning = info.description or FALLBACK_MEANINGS.get(name, "")
         also = ", ".join(f"`{a}`" for a in aliases.get(name, []))
         rows.append(f"| `{name}` | {_cell(_type_name(info.annotation))} | {_default(name)} | {_cell(meaning)} | "
