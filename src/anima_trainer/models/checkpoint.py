@@ -164,7 +164,7 @@ class QuantPlan:
 def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta: dict[str, str], prefix: str = "",
                read_conf: Callable[[str], torch.Tensor] | None = None) -> QuantPlan:
     """Check the scaled-fp8 keys under `prefix` (see SCALE_SUFFIXES) and plan their use; anything whose meaning
-    anima-trainer does not implement (NVFP4, int8, per-channel or non-float8 scaled weights, an unknown format) is
+    anima-trainer cannot dequantise exactly (NVFP4, int8, per-channel or non-float8 scaled weights, an unknown format) is
     refused here, so a quantised file is either dequantised exactly or not loaded.  `read_conf` reads the
     `.comfy_quant` tensors (loading); without it only the header is checked (inspect)."""
     plan = QuantPlan()
@@ -503,7 +503,7 @@ def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | 
 
     The header is checked first (read_header: dtypes, offsets) and scaled-fp8 weights are dequantised as ComfyUI
     does (float8 weight × its per-tensor scale, see SCALE_SUFFIXES); quantisation bookkeeping keys are skipped
-    and counted in the log; a quantisation anima-trainer does not implement is refused (quant_plan)."""
+    and counted in the log; a quantisation anima-trainer cannot dequantise exactly is refused (quant_plan)."""
     path = Path(path)
     header, meta = read_header(path)
     out: dict[str, torch.Tensor] = {}
