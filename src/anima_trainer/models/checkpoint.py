@@ -163,8 +163,8 @@ class QuantPlan:
 
 def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta: dict[str, str], prefix: str = "",
                read_conf: Callable[[str], torch.Tensor] | None = None) -> QuantPlan:
-    """Check the scaled-fp8 keys under `prefix` (see SCALE_SUFFIXES) and plan their use; anything whose meaning
-    anima-trainer cannot dequantise exactly (NVFP4, int8, per-channel or non-float8 scaled weights, an unknown format) is
+    """Check the scaled-fp8 keys under `prefix` (see SCALE_SUFFIXES) and plan their use; anything anima-trainer
+    cannot dequantise exactly (NVFP4, int8, per-channel or non-float8 scaled weights, an unknown format) is
     refused here, so a quantised file is either dequantised exactly or not loaded.  `read_conf` reads the
     `.comfy_quant` tensors (loading); without it only the header is checked (inspect)."""
     plan = QuantPlan()
