@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from anima_trainer.fileio import nonfinite_tensors
+from anima_trainer.fileio import NonFiniteError, nonfinite_tensors
 
 log = logging.getLogger(__name__)
 ALERTS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "memory_near_limit", "data_starvation")
@@ -54,8 +54,9 @@ class NonFiniteLossError(MonitorAlertError):
     """A non-finite loss or gradient under nonfinite_loss_policy `raise`, or `max_consecutive_nonfinite` skips."""
 
 
-class NonFiniteStateError(ValueError):
-    """A tensor about to be saved holds NaN/Inf; the file is not written."""
+class NonFiniteStateError(NonFiniteError):
+    """A training state about to be saved holds NaN/Inf (weights or optimizer moments); nothing is written.
+    One family with fileio's NonFiniteError, which the write path raises for files."""
 
 
 # --- saved-state guard ----------------------------------------------------------------------------------------
