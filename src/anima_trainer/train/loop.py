@@ -67,6 +67,9 @@ from anima_trainer.train.distributed import (
 )
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.lock import RunLock
+from anima_trainer.train.model_setup import WEIGHT_DTYPES as WEIGHT_DTYPES
+from anima_trainer.train.model_setup import Models as Models
+from anima_trainer.train.model_setup import check_network_options, load_models, prepare_dit
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
 from anima_trainer.train.optim import (
     build_optimizer,
@@ -130,33 +133,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class Models:
-    """The frozen base: DiT (with the LoRA injected later), text encoder, VAE."""
-
-    dit: torch.nn.Module
-    text_encoder: object
-    vae: object
-
-
-def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
-    """Load the three parts with start-up validation (wrong files are named with their flag)."""
-    from anima_trainer.models import load_dit, load_text_encoder, load_vae
-
-    # with block swap the DiT stays on the CPU until setup_memory places the parts that live on the device
-    dit_device = "cpu" if cfg.blocks_to_swap else device
-    dit = load_dit(cfg.pretrained_model_name_or_path, dtype=dtype, device=dit_device,
-                   adapter_path=cfg.llm_adapter_path)
-    te = load_text_encoder(cfg.qwen3, tokenizer_dir=cfg.qwen3_tokenizer_path, t5_tokenizer_dir=cfg.t5_tokenizer_path,
-                           dtype=dtype, device=device)
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
-    vae = load_vae(cfg.vae, dtype=vae_dtype, device=device, two_d=cfg.qwen_image_vae_2d, chunk_rows=cfg.vae_chunk_size)
-    return Models(dit, te, vae)
-
-
 def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
                   generator: torch.Generator, mask: torch.Tensor | None = None,
                   sample_weights: torch.Tensor | None = None, sample_seeds: list[int] | None = None) -> torch.Tensor:
@@ -193,84 +169,6 @@ def sample_seed(seed: int, epoch: int, index: int, occurrence: int) -> int:
     """The noise/σ seed of one sample: a hash of (seed, epoch, dataset item, occurrence in the epoch)."""
     digest = hashlib.blake2b(f"anima-trainer/noise/{seed}/{epoch}/{index}/{occurrence}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
-
-
-def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype, *, tokens: set[int],
-                batch: int, extra_shapes: int = 0):
-    """Speed and memory levers, then the network, in the only order that works: fused q/k/v packing →
-    memory options (fp8 storage, block swap, checkpointing) → network injection → attention kernel choice →
-    torch.compile of the blocks (last: it traces the injected hooks).  Returns (network, attention kernel)."""
-    from anima_trainer.models.attention_backend import configure_attention
-    from anima_trainer.models.compile import compile_dit_blocks
-    from anima_trainer.models.layers import set_fused_qkv
-    from anima_trainer.models.memory import check_network_fp8, setup_memory
-
-    set_fused_qkv(dit, cfg.fuse_qkv)
-    try:
-        setup_memory(dit, device=device, **cfg.memory_options())
-    except ValueError as e:
-        raise ConfigError(f"memory options: {e}") from None
-    network = build_network(cfg, dit)
-    try:
-        check_network_fp8(dit, network)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    network.to(device)
-    kernel = configure_attention(dit, cfg.attention_backend, device, dtype, tokens=max(tokens), batch=batch)
-    if cfg.compile_blocks:
-        compile_dit_blocks(dit, mode=cfg.compile_mode, backend=cfg.compile_backend, fullgraph=cfg.compile_fullgraph,
-                           cache_size_limit=cfg.compile_cache_size_limit,
-                           max_shapes=2 * len(tokens) + extra_shapes)
-    return network, kernel
-
-
-def check_network_options(cfg: TrainConfig) -> None:
-    """network_module, network_dim/alpha and network_args (target_modules included) tried on a DiT of the file's
-    shape on the meta device, before the dataset scan and any model load: a typo in network_args fails in a
-    second, not after minutes of scanning and loading (issue 14's start-up order)."""
-    from anima_trainer.models.checkpoint import CheckpointError
-    from anima_trainer.networks import NetworkError, create_network
-    from anima_trainer.networks.convert import build_meta_dit
-
-    if cfg.dim_from_weights:
-        return  # the network is the file's (checked when the file is read)
-    try:
-        dit = build_meta_dit(cfg.pretrained_model_name_or_path)
-    except (CheckpointError, OSError, ValueError):
-        return  # a bad model file is named by its loader, with its own message
-    try:
-        create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
-                       dropout=cfg.network_dropout, **cfg.network_args)
-    except NetworkError as e:
-        raise NetworkError(f"network_args: {e}" if cfg.network_args else str(e)) from None
-    except (RuntimeError, NotImplementedError) as e:  # needs real weights (e.g. DoRA's norms): checked at the build
-        log.debug("network options: not checked before the models load (%s)", e)
-
-
-def build_network(cfg: TrainConfig, dit):
-    """The network to train: configured (optionally initialised from network_weights), or with
-    dim_from_weights exactly the network of that file."""
-    from anima_trainer.networks import NetworkError, create_network, create_network_from_weights
-
-    try:
-        return _build_network(cfg, dit, create_network, create_network_from_weights)
-    except NetworkError as e:
-        raise NetworkError(f"network_weights: {e}" if cfg.network_weights else str(e)) from None
-
-
-def _build_network(cfg: TrainConfig, dit, create_network, create_network_from_weights):
-    if cfg.dim_from_weights:
-        network = create_network_from_weights(dit, cfg.network_weights, dropout=cfg.network_dropout,
-                                              **cfg.network_args)
-        if network.algo != cfg.network_module:
-            raise ConfigError(f"dim_from_weights: {cfg.network_weights} is a {network.algo} network but "
-                              f"network_module is {cfg.network_module}")
-        return network
-    network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
-                             dropout=cfg.network_dropout, **cfg.network_args)
-    if cfg.network_weights:
-        network.load_weights(cfg.network_weights)
-    return network
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1) -> tuple[int, int]:
