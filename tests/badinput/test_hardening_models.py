@@ -22,44 +22,8 @@ from anima_trainer.demo import write_tiny_vae
 from anima_trainer.models import checkpoint, inspect_file, load_dit
 from anima_trainer.models.checkpoint import CheckpointError, load_state_dict, read_header
 from anima_trainer.models.vae import load_vae
-
-FP8_MAX = 448.0  # largest float8_e4m3fn
-
-
-def _quantise(state: dict[str, torch.Tensor], style: str) -> tuple[dict[str, torch.Tensor], dict | None, list[str]]:
-    """ComfyUI's scaled-fp8 form of `state`: every matrix (or conv kernel) weight becomes float8_e4m3fn with one
-    per-tensor scale = amax / 448; `style` picks which of ComfyUI's spellings carries the scale."""
-    out, layers, quantised = dict(state), {}, []
-    for key, w in state.items():
-        if not key.endswith(".weight") or w.dim() < 2 or not w.is_floating_point():
-            continue
-        layer = key[:-len(".weight")]
-        scale = (w.abs().max().float() / FP8_MAX).reshape(())
-        out[key] = (w.float() / scale).to(torch.float8_e4m3fn)
-        quantised.append(key)
-        if style == "old":  # scale_weight + scale_input + the top-level scaled_fp8 marker
-            out[f"{layer}.scale_weight"] = scale
-            out[f"{layer}.scale_input"] = torch.ones(())
-        else:
-            out[f"{layer}.weight_scale"] = scale
-            out[f"{layer}.input_scale"] = torch.full((), 0.25)
-            if style == "comfy_quant":
-                out[f"{layer}.comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
-            layers[layer] = {"format": "float8_e4m3fn"}
-    if style == "old":
-        prefix = quantised[0].split(".", 1)[0] + "." if quantised[0].startswith("net.") else ""
-        out[prefix + "scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
-    meta = {"_quantization_metadata": json.dumps({"layers": layers})} if style == "metadata" else None
-    return out, meta, quantised
-
-
-def _within_fp8(loaded: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """How far each element is from the original, in units of the worst error e4m3 rounding can make (3 mantissa
-    bits: half a step is |v|/16 for normal numbers, scale * 2^-10 in the subnormal range); <= 1 means correct."""
-    scale = original.abs().max().float() / FP8_MAX
-    bound = original.float().abs() / 16 + scale * 2.0 ** -10 + 1e-12
-    return ((loaded.float() - original.float()).abs() / bound).max()
-
+from tests.support.fp8 import quantise as _quantise
+from tests.support.fp8 import within_fp8 as _within_fp8
 
 @pytest.mark.parametrize("style", ["comfy_quant", "old", "metadata"])
 def test_scaled_fp8_dit_is_dequantised_like_comfyui(dit_file: Path, tmp_path: Path, style: str, caplog) -> None:
@@ -215,12 +179,12 @@ def test_deeply_nested_quantisation_metadata_and_index_are_one_line_errors(dit_f
     with pytest.raises(CheckpointError, match=r"bad _quantization_metadata metadata \(JSON nested too deeply\)"):
         load_dit(tmp_path / "m.safetensors", dtype=torch.float32)
 
-    from anima_trainer.models.text import _folder_weight_files
+    from anima_trainer.models.diffusers_layout import weight_files
 
     (tmp_path / "model.safetensors.index.json").write_text(deep)
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not a valid safetensors index "
                                               r"\(JSON nested too deeply\)"):
-        _folder_weight_files(tmp_path)
+        weight_files(tmp_path, "--qwen3")
     (tmp_path / "config.json").write_text(deep)  # a folder with a hostile config.json is just not a model folder
     assert inspect_file(tmp_path).kind == "unknown"
 

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from anima_trainer.models.diffusers_layout import anima_key_to_diffusers
+
 DIT_PREFIX = "net."
 ADAPTER_PREFIX = "llm_adapter."
 CONTEXT_ROWS = 512  # ComfyUI and diffusers both zero-pad the adapter output to at least 512 rows
@@ -48,37 +50,9 @@ VAE_SCALE = 8  # the diffusers pipeline builds its padding mask at pixel resolut
 IGNORED_SOURCE_KEYS = re.compile(r"^pos_embedder\.(seq|dim_spatial_range|dim_temporal_range)$")
 
 # --- key mapping -------------------------------------------------------------------------------------
-# ComfyUI / NVIDIA MiniTrainDIT name  ->  diffusers CosmosTransformer3DModel name (prefix `net.` stripped).
-DIT_TOP_LEVEL = {
-    "x_embedder.proj.1.weight": "patch_embed.proj.weight",
-    "t_embedder.1.linear_1.weight": "time_embed.t_embedder.linear_1.weight",
-    "t_embedder.1.linear_2.weight": "time_embed.t_embedder.linear_2.weight",
-    "t_embedding_norm.weight": "time_embed.norm.weight",
-    "final_layer.adaln_modulation.1.weight": "norm_out.linear_1.weight",
-    "final_layer.adaln_modulation.2.weight": "norm_out.linear_2.weight",
-    "final_layer.linear.weight": "proj_out.weight",
-}
-# `blocks.{i}.<suffix>` -> `transformer_blocks.{i}.<suffix>`
-DIT_BLOCK = {
-    "adaln_modulation_self_attn.1.weight": "norm1.linear_1.weight",
-    "adaln_modulation_self_attn.2.weight": "norm1.linear_2.weight",
-    "adaln_modulation_cross_attn.1.weight": "norm2.linear_1.weight",
-    "adaln_modulation_cross_attn.2.weight": "norm2.linear_2.weight",
-    "adaln_modulation_mlp.1.weight": "norm3.linear_1.weight",
-    "adaln_modulation_mlp.2.weight": "norm3.linear_2.weight",
-    "mlp.layer1.weight": "ff.net.0.proj.weight",
-    "mlp.layer2.weight": "ff.net.2.weight",
-}
-for _src, _dst in (("self_attn", "attn1"), ("cross_attn", "attn2")):
-    DIT_BLOCK.update({
-        f"{_src}.q_proj.weight": f"{_dst}.to_q.weight",
-        f"{_src}.k_proj.weight": f"{_dst}.to_k.weight",
-        f"{_src}.v_proj.weight": f"{_dst}.to_v.weight",
-        f"{_src}.output_proj.weight": f"{_dst}.to_out.0.weight",
-        f"{_src}.q_norm.weight": f"{_dst}.norm_q.weight",
-        f"{_src}.k_norm.weight": f"{_dst}.norm_k.weight",
-    })
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# ComfyUI / NVIDIA MiniTrainDIT name -> diffusers CosmosTransformer3DModel name: the models layer's table
+# (anima_trainer.models.diffusers_layout, which also loads diffusers-layout folders).  Loading diffusers' own
+# modules strictly with it, and the outputs matching ours, is what checks that table.
 # `llm_adapter.<name>` -> AnimaTextConditioner `<name>`: diffusers kept ComfyUI's adapter names verbatim
 # (embed, blocks.{i}.{self,cross}_attn.{q,k,v,o}_proj / {q,k}_norm, norm_{self_attn,cross_attn,mlp},
 # mlp.0 / mlp.2 (weight+bias), out_proj (weight+bias), norm), so the adapter mapping is the identity on
@@ -93,11 +67,9 @@ def map_key(key: str) -> tuple[str, str] | None:
     name = key[len(DIT_PREFIX):] if key.startswith(DIT_PREFIX) else key
     if name.startswith(ADAPTER_PREFIX):
         return "conditioner", name[len(ADAPTER_PREFIX):]
-    if name in DIT_TOP_LEVEL:
-        return "transformer", DIT_TOP_LEVEL[name]
-    m = _BLOCK_KEY.match(name)
-    if m and m.group(2) in DIT_BLOCK:
-        return "transformer", f"transformer_blocks.{m.group(1)}.{DIT_BLOCK[m.group(2)]}"
+    mapped = anima_key_to_diffusers(name)
+    if mapped is not None:
+        return "transformer", mapped
     if IGNORED_SOURCE_KEYS.match(name):
         return None
     raise KeyError(f"no diffusers mapping for checkpoint key {key!r}")

@@ -7,7 +7,6 @@ at a time straight into the requested dtype/device, so a file is never held twic
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -19,14 +18,32 @@ from typing import Callable, Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from anima_trainer.models.diffusers_layout import (
+    COMPONENT_FOLDERS,
+    anima_dit_shapes,
+    find_layout,
+    read_config,
+    weight_files,
+)
+from anima_trainer.models.safetensors_file import (  # noqa: F401 (re-exported: the names callers import from here)
+    DTYPE_SIZES,
+    CheckpointError,
+    WrongModelFileError,
+    parse_json,
+    read_header,
+)
+
 log = logging.getLogger(__name__)
 
 # Prefixes that wrap the DiT inside real files, most specific first.
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net.")
 QWEN_BUNDLE_PREFIX = "text_encoders.qwen3_06b.transformer."
 VAE_BUNDLE_PREFIX = "vae."
-# Known non-weight extras that some exports carry (RoPE tables); never an error, never loaded.
-IGNORED_KEY_PATTERNS = (re.compile(r"^pos_embedder\."),)
+# Known non-weight extras that exports and merges carry; never an error, never loaded (each load logs them): RoPE
+# tables, Cosmos-Predict2's training counters and loss-weighting net (`logvar.*`, used by its training loss only),
+# TransformerEngine's `_extra_state` (fp8 bookkeeping).  diffusers' Cosmos converter drops the same keys.
+IGNORED_KEY_PATTERNS = (re.compile(r"^pos_embedder\."), re.compile(r"^logvar\."), re.compile(r"(^|\.)_extra_state$"),
+                        re.compile(r"^accum_(video_sample_counter|image_sample_counter|iteration|train_in_hours)$"))
 # ComfyUI's scaled-fp8 files (comfy/utils.py convert_old_quants, comfy/ops.py mixed_precision_ops): a float8 weight
 # `L.weight` whose value is weight.float() * `L.weight_scale` (older files: `L.scale_weight`, plus a top-level
 # `scaled_fp8` marker tensor); per-layer `L.comfy_quant` (uint8 bytes of JSON {"format": ...}) or the metadata entry
@@ -42,6 +59,9 @@ FP8_FORMATS = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 QUANT_KEY_SUFFIXES = (*SCALE_SUFFIXES, *INPUT_SCALE_SUFFIXES, QUANT_CONF_SUFFIX, *UNSUPPORTED_QUANT_SUFFIXES)
 _DEQUANT_FIX = "use the bf16/fp16 release of the model, or a file with one per-tensor scale per float8 weight"
 
+# What the DiT flag accepts: single files, all-in-one bundles and diffusers-layout folders.
+DIT_KINDS = ("anima_dit", "anima_bundle", "anima_diffusers")
+
 KIND_DESCRIPTIONS = {
     "anima_dit": "an Anima DiT (MiniTrainDIT) checkpoint",
     "llm_adapter": "a separate Anima LLM-adapter file",
@@ -53,24 +73,11 @@ KIND_DESCRIPTIONS = {
     "sd1": "a Stable Diffusion 1.x/2.x checkpoint",
     "flux": "a Flux checkpoint",
     "wan22_vae": "a Wan 2.2 VAE (48 latent channels; Anima needs the 16-channel Qwen-Image VAE)",
-    "diffusers_folder": "a diffusers model folder",
+    "anima_diffusers": "a diffusers-layout Anima folder (transformer/, text_conditioner/, text_encoder/, vae/)",
+    "diffusers_folder": "a diffusers model folder (not Anima's layout)",
     "hf_qwen3_folder": "a Hugging Face Qwen3 folder",
     "unknown": "an unrecognised file",
 }
-
-
-# Bytes per element of every dtype the safetensors format names and torch can hold; anything else is refused
-# while reading the header, before a tensor is touched.
-DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-class CheckpointError(ValueError):
-    """A file can't be read as a model (missing, not safetensors, bad keys)."""
-
-
-class WrongModelFileError(CheckpointError):
-    """The user passed a file of the wrong kind to a flag."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,9 @@ class FileInfo:
             c = self.dit_config
             text += f" ({c.num_blocks} blocks, width {c.model_channels}, " + (
                 "with LLM adapter)" if c.has_llm_adapter else "without LLM adapter)")
+        if self.kind == "anima_diffusers":
+            text = KIND_DESCRIPTIONS[self.kind].split(" (")[0] + " (has " + ", ".join(
+                COMPONENT_FOLDERS[c] + "/" for c in self.components) + ")"
         if self.kind == "network" and self.network_types:
             text += f" ({', '.join(self.network_types)})"
         return text
@@ -217,92 +227,6 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
             raise CheckpointError(f"{path}: layer {layer!r} says {fmt} but its weight is stored as {weight[0]}; the "
                                   "file is damaged")
     return plan
-
-
-def read_header(path: str | Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """{key: (dtype, shape)} and metadata, from the safetensors JSON header only (no tensor data)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a .safetensors file")
-    if not path.is_file():  # a FIFO would block the read forever
-        raise CheckpointError(f"{path} is not a regular file (a pipe or device?); pass a .safetensors file")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
-    with f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is not a safetensors file (too short: {len(head)} bytes)")
-        size = int.from_bytes(head, "little")
-        file_size = path.stat().st_size
-        if size <= 0 or size > 100_000_000:
-            raise CheckpointError(f"{path} is not a safetensors file (only .safetensors weights are loaded; "
-                                  "convert .ckpt/.pt/.bin files, which could run code when unpickled)")
-        if 8 + size > file_size:
-            raise CheckpointError(f"{path}: header length {size} points past the end of the file ({file_size} "
-                                  "bytes): the file is truncated (download or copy it again) or not a safetensors file")
-        header = parse_json(f.read(size), f"{path} is not a safetensors file: bad header")
-    return _parse_header(path, header, file_size - 8 - size)
-
-
-def parse_json(text: str | bytes, bad: str) -> object:
-    """`json.loads` for text from a file: any decoding failure, including nesting deep enough to exhaust the
-    recursion limit (`[[[[...` 100000 levels), becomes one CheckpointError starting with `bad`."""
-    try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{bad} ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{bad} (JSON nested too deeply)") from None
-
-
-def _parse_header(path: Path, header: object, data_size: int
-                  ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """Check the decoded JSON header's structure and that the file holds exactly the tensor data it describes."""
-    bad = f"{path} is not a safetensors file: bad header"
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{bad} (a JSON {type(header).__name__}, not an object)")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{bad} (__metadata__ is not an object)")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise CheckpointError(f"{bad} (__metadata__ values must be strings)")
-    out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    spans: list[tuple[int, int, str]] = []
-    for k, v in header.items():
-        entry = v if isinstance(v, dict) else {}
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(type(d) is int and d >= 0 for d in [*shape, *offsets]) and offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{bad} (tensor {k!r} needs dtype, shape and data_offsets, got {str(v)[:80]})")
-        if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{path}: tensor {k[:80]!r} declares the unknown dtype {dtype[:40]!r} (known: "
-                                  f"{', '.join(DTYPE_SIZES)}); the file is damaged or from a newer format — nothing "
-                                  "was loaded from it")
-        numel = math.prod(shape)
-        if numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
-            raise CheckpointError(f"{path} is corrupt: tensor {k[:80]!r} ({dtype}, shape {shape}) needs "
-                                  f"{numel * DTYPE_SIZES[dtype]} bytes but its data_offsets {offsets} span "
-                                  f"{offsets[1] - offsets[0]}; get the file again")
-        out[k] = (dtype, tuple(shape))
-        spans.append((offsets[0], offsets[1], k))
-    end = 0
-    for start, stop, k in sorted(spans):
-        if start != end:  # safetensors packs tensors back to back: a gap or an overlap is a forged/broken header
-            raise CheckpointError(f"{path} is corrupt: tensor {k[:80]!r} starts at byte {start} of the data, "
-                                  f"expected {end} ({'overlapping another tensor' if start < end else 'a gap'}); "
-                                  "get the file again")
-        end = stop
-    if end > data_size:
-        raise CheckpointError(f"{path} is truncated: its header describes {end} bytes of tensor data, the file holds "
-                              f"{data_size} (an interrupted download or copy? get the file again)")
-    if end < data_size:
-        raise CheckpointError(f"{path} is corrupt: {data_size - end} bytes follow the {end} bytes of tensor data its "
-                              "header describes (not a valid safetensors file; get the file again)")
-    return out, meta
 
 
 def detect_prefix(keys: Iterable[str], candidates: Iterable[str] = DIT_PREFIXES, marker: str = "blocks.0.") -> str:
@@ -462,20 +386,54 @@ def inspect_file(path: str | Path) -> FileInfo:
 
 
 def _inspect_folder(path: Path) -> FileInfo:
-    if (path / "model_index.json").exists() or (path / "transformer").is_dir():
+    """A diffusers-layout Anima folder or one of its component folders, a Hugging Face Qwen3 folder, another
+    diffusers folder, or nothing recognised."""
+    found = find_layout(path)
+    if found is not None:
+        return _inspect_layout(path, *found)
+    data = read_config(path)
+    if data.get("model_type") == "qwen3":
+        return FileInfo(path=path, kind="hf_qwen3_folder")
+    if data.get("_class_name") or any((path / n).is_file() for n in ("model_index.json", "modular_model_index.json")):
         return FileInfo(path=path, kind="diffusers_folder")
-    cfg = path / "config.json"
-    if cfg.exists():
-        try:
-            data = json.loads(cfg.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            data = None  # an unreadable, broken or absurdly nested config.json: an unrecognised folder
-        data = data if isinstance(data, dict) else {}
-        if data.get("model_type") == "qwen3":
-            return FileInfo(path=path, kind="hf_qwen3_folder")
-        if data.get("_class_name"):
-            return FileInfo(path=path, kind="diffusers_folder")
     return FileInfo(path=path, kind="unknown")
+
+
+def _inspect_layout(path: Path, layout, component: str | None) -> FileInfo:  # noqa: ANN001 (DiffusersLayout)
+    """FileInfo of a diffusers-layout folder: the root offers every component it has; a component folder is
+    that component (the DiT with its sibling text_conditioner/, the text encoder with the tokenizers)."""
+    folders = dict(layout.folders)
+    if component == "dit":
+        folders = {c: f for c, f in folders.items() if c in ("dit", "llm_adapter")}
+    elif component == "qwen3":
+        folders = {c: f for c, f in folders.items() if c in ("qwen3", "qwen_tokenizer", "t5_tokenizer")}
+    elif component is not None:
+        folders = {component: folders[component]}
+    kind = {None: "anima_diffusers", "dit": "anima_diffusers", "qwen3": "hf_qwen3_folder",
+            "llm_adapter": "llm_adapter", "vae": "qwen_image_vae"}.get(component, "diffusers_folder")
+    info = FileInfo(path=path, kind=kind, components={c: str(f) for c, f in folders.items()})
+    flag = "inspect"
+    for c, folder in folders.items():
+        if c in ("qwen_tokenizer", "t5_tokenizer"):
+            continue
+        try:
+            files = weight_files(folder, flag)
+        except CheckpointError:
+            continue  # reported by the loader of that part, with its flag
+        for f in files:
+            header, meta = read_header(f)
+            info.num_tensors += len(header)
+            for dt, s in header.values():
+                info.dtypes[dt] = info.dtypes.get(dt, 0) + 1
+                info.num_params += math.prod(s)
+    if kind == "qwen_image_vae" and read_config(folders["vae"]).get("z_dim", 16) != 16:
+        info.kind = "wan22_vae"
+    if "dit" in folders:
+        try:
+            info.dit_config = infer_dit_config(anima_dit_shapes(layout, flag))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {COMPONENT_FOLDERS['dit']}/: {e}") from None
+    return info
 
 
 def expect_kind(path: str | Path, flag: str, accepted: Iterable[str]) -> FileInfo:

@@ -15,6 +15,7 @@ no einops; every block is a module callable on its own (checkpointing, block swa
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -23,10 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from anima_trainer.models.adapter import LLMAdapter, build_context
-from anima_trainer.models.checkpoint import (CheckpointError, DitConfig, expect_kind, infer_dit_config,
-                                             load_state_dict, read_header)
+from anima_trainer.models.checkpoint import (DIT_KINDS, DIT_PREFIXES, CheckpointError, DitConfig, FileInfo,
+                                             expect_kind, infer_dit_config, load_state_dict, read_header)
+from anima_trainer.models.diffusers_layout import (DiffusersLayout, anima_dit_shapes, check_component_config,
+                                                   diffusers_key_to_anima, find_layout, weight_files)
 from anima_trainer.models.layers import QKNormAttentionBase, RMSNorm, apply_rotary, attention
 from anima_trainer.models.memory import run_blocks
+
+log = logging.getLogger(__name__)
 
 
 class Patchify(nn.Module):
@@ -281,30 +286,40 @@ class AnimaDiT(nn.Module):
 
 def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
              adapter_path: str | Path | None = None, flag: str = "--pretrained_model_name_or_path") -> AnimaDiT:
-    """Load an Anima DiT (28/40-block or tiny) from a single .safetensors file, config inferred from shapes.
+    """Load an Anima DiT (28/40-block or tiny) from a single .safetensors file or a diffusers-layout folder,
+    config inferred from shapes.
 
-    Accepts `net.`, `model.diffusion_model.`, `diffusion_model.` or no prefix and all-in-one bundles;
-    `adapter_path` supplies (or replaces) the LLM adapter from a separate file.  Tensors are read one at a
-    time from the mmap straight into `dtype` on `device`; the model itself is built on the meta device.
+    Accepts `net.`, `model.diffusion_model.`, `diffusion_model.` or no prefix, all-in-one bundles, and a
+    diffusers folder (its root or `transformer/`; the adapter then comes from `text_conditioner/`);
+    `adapter_path` supplies (or replaces) the LLM adapter from a separate file or `text_conditioner/` folder.
+    Known non-weight keys (RoPE tables, training counters, `_extra_state`) are skipped with a log line; keys
+    outside the DiT's prefix are ignored as ComfyUI ignores them, unless they are DiT weights (then the file is
+    refused, naming one).  Tensors are read one at a time from the mmap straight into `dtype` on `device`; the
+    model itself is built on the meta device.
     """
-    info = expect_kind(path, flag, ("anima_dit", "anima_bundle"))
-    prefix = info.components.get("dit", info.prefix)
-    shapes = {k[len(prefix):]: s for k, (_, s) in read_header(path)[0].items() if k.startswith(prefix)}
-    adapter_prefix = None
+    info = expect_kind(path, flag, DIT_KINDS)
+    if info.kind == "anima_diffusers":
+        layout = find_layout(path)[0]
+        shapes = anima_dit_shapes(layout, flag, with_adapter=adapter_path is None)
+        state = _diffusers_state(layout, flag, dtype, device, with_adapter=adapter_path is None)
+    else:
+        prefix = info.components.get("dit", info.prefix)
+        header = read_header(path)[0]
+        shapes = {k[len(prefix):]: s for k, (_, s) in header.items() if k.startswith(prefix)}
+        _check_outside_prefix(path, header, prefix, info.components)
+        state = load_state_dict(path, prefix=prefix, dtype=dtype, device=device)
     if adapter_path is not None:
         ainfo = expect_kind(adapter_path, "--llm_adapter_path", ("llm_adapter", "anima_dit"))
-        adapter_prefix = ainfo.prefix if ainfo.kind == "llm_adapter" else ainfo.prefix + "llm_adapter."
         shapes = {k: s for k, s in shapes.items() if not k.startswith("llm_adapter.")}
-        shapes.update({"llm_adapter." + k[len(adapter_prefix):]: s for k, (_, s) in
-                       read_header(adapter_path)[0].items() if k.startswith(adapter_prefix)})
+        state = {k: v for k, v in state.items() if not k.startswith("llm_adapter.")}
+        for file, adapter_prefix in _adapter_sources(Path(adapter_path), ainfo):
+            shapes.update({"llm_adapter." + k[len(adapter_prefix):]: s for k, (_, s) in
+                           read_header(file)[0].items() if k.startswith(adapter_prefix)})
+            state.update({"llm_adapter." + k: v for k, v in
+                          load_state_dict(file, prefix=adapter_prefix, dtype=dtype, device=device).items()})
     config = infer_dit_config(shapes)
     with torch.device("meta"):
         model = AnimaDiT(config)
-    state = load_state_dict(path, prefix=prefix, dtype=dtype, device=device)
-    if adapter_path is not None:
-        state = {k: v for k, v in state.items() if not k.startswith("llm_adapter.")}
-        state.update({"llm_adapter." + k: v for k, v in
-                      load_state_dict(adapter_path, prefix=adapter_prefix, dtype=dtype, device=device).items()})
     if info.kind == "anima_bundle":  # other components share the file; keep only DiT keys
         state = {k: v for k, v in state.items() if k in shapes}
     expected = set(model.state_dict())
@@ -314,3 +329,67 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
                               f"keys {unexpected[:5]} for an Anima DiT with {config.num_blocks} blocks")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _adapter_sources(path: Path, info: FileInfo) -> list[tuple[Path, str]]:
+    """[(file, key prefix)] of an LLM adapter: a file (bare or `llm_adapter.` keys, or a whole DiT) or a
+    diffusers `text_conditioner/` folder (its shards, bare keys)."""
+    if path.is_dir():
+        return [(f, "") for f in weight_files(Path(info.components["llm_adapter"]), "--llm_adapter_path")]
+    return [(path, info.prefix if info.kind == "llm_adapter" else info.prefix + "llm_adapter.")]
+
+
+def _diffusers_state(layout: DiffusersLayout, flag: str, dtype: torch.dtype, device: str | torch.device,
+                     with_adapter: bool) -> dict[str, torch.Tensor]:
+    """The DiT state dict (our names) of a diffusers-layout folder: `transformer/` renamed key by key (a key with
+    no DiT name is an error naming it), `text_conditioner/` as `llm_adapter.*`; configs checked for settings
+    the shapes cannot show."""
+    dit_dir = layout.folder("dit", flag)
+    check_component_config(dit_dir, flag)
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(dit_dir, flag):
+        for key, t in load_state_dict(file, dtype=dtype, device=device).items():
+            name = diffusers_key_to_anima(key)
+            if name is None:
+                raise CheckpointError(f"{flag}: {file}: the key {key!r} is no CosmosTransformer3DModel weight of an "
+                                      "Anima DiT (another model in Anima's folder layout?)")
+            state[name] = t
+    if with_adapter:
+        adapter_dir = layout.folder("llm_adapter", flag)
+        check_component_config(adapter_dir, flag)
+        for file in weight_files(adapter_dir, flag):
+            state.update({"llm_adapter." + k: v for k, v in load_state_dict(file, dtype=dtype, device=device).items()})
+    return state
+
+
+def _check_outside_prefix(path: str | Path, header: dict, prefix: str, components: dict[str, str]) -> None:
+    """Keys outside the DiT's prefix (and outside a bundle's other parts): ignored like ComfyUI ignores them,
+    with a log line; but DiT weights stored under a second prefix would be lost, so they stop the load."""
+    if not prefix:
+        return
+    others = tuple(p for c, p in components.items() if c != "dit" and p)
+    outside = [k for k in header if not k.startswith(prefix) and not (others and k.startswith(others))]
+    if not outside:
+        return
+    lost = [k for k in outside if _is_dit_weight(_strip_known_prefix(k))]
+    if lost:
+        raise CheckpointError(f"{path}: the DiT is stored under {prefix!r}, but {lost[0]!r} ({len(lost)} such "
+                              "keys) is a DiT weight under another prefix, which ComfyUI would not load either; "
+                              "re-save the file with one prefix")
+    log.info("%s: ignored %d keys outside the DiT's prefix %r, as ComfyUI does (e.g. %s)", path, len(outside),
+             prefix, ", ".join(repr(k) for k in outside[:3]))
+
+
+def _strip_known_prefix(key: str) -> str:
+    for p in DIT_PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def _is_dit_weight(name: str) -> bool:
+    head = name.split(".", 1)[0]
+    return head in _DIT_TOP_MODULES and name.endswith((".weight", ".bias"))
+
+
+_DIT_TOP_MODULES = frozenset({"x_embedder", "t_embedder", "t_embedding_norm", "blocks", "final_layer", "llm_adapter"})

@@ -34,16 +34,13 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from anima_trainer.models.checkpoint import (
     KIND_DESCRIPTIONS,
-    QUANT_KEY_SUFFIXES,
-    QUANT_MARKER,
-    QUANT_METADATA,
     CheckpointError,
     WrongModelFileError,
     expect_kind,
     load_state_dict,
-    parse_json,
     read_header,
 )
+from anima_trainer.models.diffusers_layout import find_layout, tokenizer_dirs, weight_files
 from anima_trainer.models.prompt_syntax import tokenizer_chunks
 
 logger = logging.getLogger(__name__)
@@ -55,7 +52,7 @@ QWEN_PAD_ID = 151643  # ComfyUI hard-codes this id for the empty prompt
 T5_EOS_ID = 1
 ROPE_THETA = 1_000_000.0
 RMS_EPS = 1e-6
-_ACCEPTED_KINDS = ("qwen3", "anima_bundle", "hf_qwen3_folder")
+_ACCEPTED_KINDS = ("qwen3", "anima_bundle", "hf_qwen3_folder", "anima_diffusers")
 
 
 @dataclass
@@ -89,8 +86,9 @@ def _has_bpe_files(folder: Path) -> bool:
 
 
 def _resolve_tokenizer_dirs(tokenizer_dir: str | Path | None, t5_tokenizer_dir: str | Path | None,
-                            default_qwen_dir: Path | None) -> tuple[Path, Path]:
-    """(Qwen folder, T5 folder).  `tokenizer_dir` may also be a folder holding `qwen/` and `t5/`."""
+                            default_qwen_dir: Path | None, default_t5_dir: Path | None = None) -> tuple[Path, Path]:
+    """(Qwen folder, T5 folder).  `tokenizer_dir` may also be a folder holding `qwen/` and `t5/`; the defaults
+    are what the --qwen3 folder offers (a diffusers folder's `tokenizer/` and `t5_tokenizer/`)."""
     if tokenizer_dir is None and default_qwen_dir is None:
         raise ValueError("tokenizer_dir is required with a single-file Qwen3 checkpoint: pass the folder with "
                          "the Qwen2 tokenizer (vocab.json + merges.txt, or tokenizer.json)")
@@ -100,6 +98,8 @@ def _resolve_tokenizer_dirs(tokenizer_dir: str | Path | None, t5_tokenizer_dir: 
         name = "tokenizer_dir" if tokenizer_dir is not None else "tokenizer_dir (defaulting to the Qwen3 folder)"
         raise FileNotFoundError(f"{name}={base} has no Qwen tokenizer (vocab.json + merges.txt or tokenizer.json, "
                                 "directly or under qwen/)")
+    if t5_tokenizer_dir is None and not (base / "t5").is_dir() and default_t5_dir is not None:
+        t5_tokenizer_dir = default_t5_dir
     if t5_tokenizer_dir is None:
         if not (base / "t5").is_dir():
             raise ValueError("t5_tokenizer_dir is required: pass the folder with the T5 tokenizer "
@@ -175,32 +175,13 @@ def qwen3_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Qwen3Config:
         attn_implementation="sdpa")
 
 
-def _folder_weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        bad = f"{QWEN_FLAG}: {index} is not a valid safetensors index"
-        try:
-            data = parse_json(index.read_bytes(), bad)
-        except OSError as e:
-            raise CheckpointError(f"{QWEN_FLAG}: {index} cannot be read: {e.strerror or e}") from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and Path(v).name == v
-                                                       for v in weight_map.values()):
-            raise CheckpointError(f"{bad} (needs a \"weight_map\" of tensor name → file name in this folder)")
-        return [folder / n for n in sorted(set(weight_map.values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = f" (only {', '.join(found)}, which are never unpickled; convert them)" if found else ""
-        raise CheckpointError(f"{QWEN_FLAG}: {folder} has no .safetensors weights{hint}")
-    return files
-
-
 def _weight_sources(path: Path) -> tuple[list[tuple[Path, str]], Qwen3Config | None]:
     """[(file, key prefix)] and the folder's config (None: infer it from the shapes)."""
     info = expect_kind(path, QWEN_FLAG, _ACCEPTED_KINDS)
-    if info.kind == "hf_qwen3_folder":
-        files = _folder_weight_files(path)
+    if info.kind == "anima_diffusers":  # the root of a diffusers-layout folder: its text_encoder/
+        path = find_layout(path)[0].folder("qwen3", QWEN_FLAG)
+    if info.kind in ("hf_qwen3_folder", "anima_diffusers"):
+        files = weight_files(path, QWEN_FLAG)
         # Qwen3ForCausalLM folders say `model.*`, Qwen3Model folders have bare keys; decide once for all shards.
         prefix = "model." if any("model.embed_tokens.weight" in read_header(f)[0] for f in files) else ""
         config = Qwen3Config.from_pretrained(str(path), attn_implementation="sdpa")
@@ -215,17 +196,15 @@ def _weight_sources(path: Path) -> tuple[list[tuple[Path, str]], Qwen3Config | N
 
 def load_qwen3(path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device = "cpu") -> Qwen3Model:
-    """Frozen `Qwen3Model` in eval mode (single file, bundle or HF folder)."""
+    """Frozen `Qwen3Model` in eval mode (single file, bundle, HF folder or diffusers-layout folder).
+
+    float8 files load cast to `dtype`; ComfyUI's scaled-fp8 exports are dequantised (weight × its per-tensor
+    scale) by `load_state_dict`, as for every model file."""
     path = Path(path)
     sources, config = _weight_sources(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file, prefix in sources:
-        header, meta = read_header(file)
-        quant = [k for k in header if k == QUANT_MARKER or k.startswith(prefix) and k.endswith(QUANT_KEY_SUFFIXES)]
-        quant += [QUANT_METADATA] if QUANT_METADATA in meta else []
-        if quant:
-            raise CheckpointError(f"{QWEN_FLAG}: {file} is a scaled/quantised export ({quant[0]!r}); "
-                                  "use the bf16 or fp16 Qwen3-0.6B file")
+        header, _ = read_header(file)
         shapes.update({k[len(prefix):]: s for k, (_, s) in header.items() if k.startswith(prefix)})
     if config is None:
         config = qwen3_config_from_shapes(shapes)
@@ -308,16 +287,20 @@ def _right_pad(rows: Sequence[Sequence[float]], pad: float, dtype: torch.dtype) 
 def load_text_encoder(path: str | Path, *, tokenizer_dir: str | Path | None = None,
                       t5_tokenizer_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
                       device: str | torch.device = "cpu") -> AnimaTextEncoder:
-    """Qwen3-0.6B (single file, bundle or HF folder) plus the Qwen and T5 tokenizers.
+    """Qwen3-0.6B (single file, bundle, HF folder or diffusers-layout folder) plus the Qwen and T5 tokenizers.
 
-    `tokenizer_dir` defaults to the folder for a Hugging Face Qwen3 folder; it may also be a folder with
-    `qwen/` and `t5/` subfolders, in which case `t5_tokenizer_dir` defaults to its `t5/`.
+    `tokenizer_dir` defaults to the folder for a Hugging Face Qwen3 folder, and for a diffusers-layout folder
+    (its root or `text_encoder/`) to the root's `tokenizer/`, `t5_tokenizer_dir` to its `t5_tokenizer/`;
+    `tokenizer_dir` may also be a folder with `qwen/` and `t5/` subfolders (`t5_tokenizer_dir` then defaults
+    to its `t5/`).
     """
     path = Path(path)
     # A wrong --qwen3 file is reported first, then a missing tokenizer, all before any weights are read.
     info = expect_kind(path, QWEN_FLAG, _ACCEPTED_KINDS)
-    default_dir = path if info.kind == "hf_qwen3_folder" else None
-    qwen_dir, t5_dir = _resolve_tokenizer_dirs(tokenizer_dir, t5_tokenizer_dir, default_dir)
+    qwen_default, t5_default = tokenizer_dirs(path)
+    if qwen_default is None and info.kind == "hf_qwen3_folder":
+        qwen_default = path
+    qwen_dir, t5_dir = _resolve_tokenizer_dirs(tokenizer_dir, t5_tokenizer_dir, qwen_default, t5_default)
     tokenizer = AnimaTokenizer.from_dirs(qwen_dir, t5_dir)
     model = load_qwen3(path, dtype=dtype, device=device)
     return AnimaTextEncoder(model, tokenizer)

@@ -26,10 +26,12 @@ from torch import nn
 from anima_trainer.models.checkpoint import (
     VAE_BUNDLE_PREFIX,
     CheckpointError,
+    FileInfo,
     WrongModelFileError,
     expect_kind,
     load_state_dict,
 )
+from anima_trainer.models.diffusers_layout import check_component_config, find_layout, weight_files
 
 __all__ = [
     "LATENTS_MEAN",
@@ -484,9 +486,20 @@ class AnimaVAE:
         return ((pixels + 1.0) / 2.0).clamp_(0.0, 1.0)
 
 
-def _state_dict_prefix(path: str | Path) -> str:
-    """Check the file is a 16-channel Qwen-Image VAE (alone or in a bundle); its key prefix."""
-    info = expect_kind(path, VAE_FLAG, ("qwen_image_vae", "anima_bundle"))
+def _sources(path: str | Path) -> list[tuple[Path, str]]:
+    """Check the file is a 16-channel Qwen-Image VAE (alone, in a bundle or a diffusers-layout folder);
+    [(file, key prefix)] to read it from."""
+    info = expect_kind(path, VAE_FLAG, ("qwen_image_vae", "anima_bundle", "anima_diffusers"))
+    if Path(path).is_dir():  # a diffusers-layout root or its vae/ folder
+        folder = Path(info.components["vae"]) if "vae" in info.components else find_layout(path)[0].folder(
+            "vae", VAE_FLAG)
+        check_component_config(folder, VAE_FLAG)
+        return [(f, "") for f in weight_files(folder, VAE_FLAG)]
+    return [(Path(path), _state_dict_prefix(path, info))]
+
+
+def _state_dict_prefix(path: str | Path, info: FileInfo) -> str:
+    """The key prefix of the VAE in a single file (alone or in a bundle)."""
     if info.kind == "anima_bundle":
         if "vae" not in info.components:
             raise WrongModelFileError(f"{VAE_FLAG} expects a Qwen-Image / Wan 2.1 VAE, but {path} is "
@@ -497,7 +510,8 @@ def _state_dict_prefix(path: str | Path) -> str:
 
 def load_vae(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
              batch_size: int = DEFAULT_BATCH_SIZE, two_d: bool = True, chunk_rows: int | None = None) -> AnimaVAE:
-    """Load the Anima VAE from a single .safetensors file (ComfyUI or diffusers layout, or a `vae.` bundle).
+    """Load the Anima VAE from a single .safetensors file (ComfyUI or diffusers layout, or a `vae.` bundle) or a
+    diffusers-layout folder (its root or `vae/`).
 
     `two_d` (default, kohya's --qwen_image_vae_2d) converts it to the 2-D model for single images (faster,
     less memory, equal up to rounding); False keeps diffusers' 3-D model. `chunk_rows` = --vae_chunk_size
@@ -507,9 +521,11 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     Tensors are read one at a time straight into `dtype`/`device` and assigned to a meta skeleton, so
     peak memory is one copy of the weights.
     """
-    prefix = _state_dict_prefix(path)
     device = torch.device(device)
-    state_dict = convert_vae_state_dict(load_state_dict(path, prefix=prefix, dtype=dtype, device=device))
+    state: dict[str, torch.Tensor] = {}
+    for file, prefix in _sources(path):
+        state.update(load_state_dict(file, prefix=prefix, dtype=dtype, device=device))
+    state_dict = convert_vae_state_dict(state)
     conv_in = state_dict.get("encoder.conv_in.weight")
     model = build_vae_skeleton(conv_in.shape[0] if conv_in is not None else VAE_CONFIG["base_dim"])
     try:

@@ -31,6 +31,8 @@ from safetensors import safe_open
 from torch import nn
 
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
+from anima_trainer.models.diffusers_layout import DIFFUSERS_BLOCK, DIFFUSERS_TOP  # noqa: F401 (re-exported)
+from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as _diffusers_to_comfy
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, KOHYA_PREFIX, NetworkError, check_comfy_keys
 
 LORA_AB_META = "anima_trainer_lora_AB_modules"
@@ -43,49 +45,15 @@ SOURCE_SUFFIXES = tuple(sorted(set(ALL_SUFFIXES) | set(PEFT_SUFFIXES), key=len, 
 OUTER_PREFIXES = ("base_model.model.",)
 INNER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "net.")
 
-# diffusers CosmosTransformer3DModel module name → ComfyUI module name (facts from diffusers' module names; the
-# same mapping is checked against diffusers itself in tests/support/diffusers_oracle.py)
-DIFFUSERS_TOP = {
-    "patch_embed.proj": "x_embedder.proj.1",
-    "time_embed.t_embedder.linear_1": "t_embedder.1.linear_1",
-    "time_embed.t_embedder.linear_2": "t_embedder.1.linear_2",
-    "time_embed.norm": "t_embedding_norm",
-    "norm_out.linear_1": "final_layer.adaln_modulation.1",
-    "norm_out.linear_2": "final_layer.adaln_modulation.2",
-    "proj_out": "final_layer.linear",
-}
-DIFFUSERS_BLOCK = {
-    "norm1.linear_1": "adaln_modulation_self_attn.1", "norm1.linear_2": "adaln_modulation_self_attn.2",
-    "norm2.linear_1": "adaln_modulation_cross_attn.1", "norm2.linear_2": "adaln_modulation_cross_attn.2",
-    "norm3.linear_1": "adaln_modulation_mlp.1", "norm3.linear_2": "adaln_modulation_mlp.2",
-    "ff.net.0.proj": "mlp.layer1", "ff.net.2": "mlp.layer2",
-}
-for _d, _c in (("attn1", "self_attn"), ("attn2", "cross_attn")):
-    DIFFUSERS_BLOCK.update({f"{_d}.to_q": f"{_c}.q_proj", f"{_d}.to_k": f"{_c}.k_proj", f"{_d}.to_v": f"{_c}.v_proj",
-                            f"{_d}.to_out.0": f"{_c}.output_proj", f"{_d}.norm_q": f"{_c}.q_norm",
-                            f"{_d}.norm_k": f"{_c}.k_norm"})
-
-
-def _diffusers_to_comfy(path: str) -> str | None:
-    if path in DIFFUSERS_TOP:
-        return DIFFUSERS_TOP[path]
-    head = "transformer_blocks."
-    if path.startswith(head):
-        index, _, rest = path[len(head):].partition(".")
-        if index.isdigit() and rest in DIFFUSERS_BLOCK:
-            return f"blocks.{index}.{DIFFUSERS_BLOCK[rest]}"
-    return None
-
-
 def build_meta_dit(dit_file: str | Path | None = None) -> nn.Module:
     """An AnimaDiT on the meta device (names and shapes only): the 2B config, or the config of `dit_file`."""
-    from anima_trainer.models.checkpoint import DitConfig, expect_kind
+    from anima_trainer.models.checkpoint import DIT_KINDS, DitConfig, expect_kind
     from anima_trainer.models.dit import AnimaDiT
 
     if dit_file is None:
         config = DitConfig()
     else:
-        config = expect_kind(dit_file, "--dit", ("anima_dit", "anima_bundle")).dit_config
+        config = expect_kind(dit_file, "--dit", DIT_KINDS).dit_config
     with torch.device("meta"):
         return AnimaDiT(config)
 
@@ -289,6 +257,10 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
         if not math.isfinite(mul):
             raise NetworkError(f"--network {f}: the multiplier {mul} is not a finite number")
         check_finite_network(read_network(f)[0], f)
+    if Path(base).is_dir():
+        raise NetworkError(f"--dit {base}: merge writes the merged DiT in the base file's own layout and needs a "
+                           "single .safetensors DiT file (a diffusers-layout folder is read for training, not "
+                           "rewritten); pass the single-file DiT")
     info = expect_kind(base, "--dit", ("anima_dit", "anima_bundle"))
     prefix = info.components.get("dit", info.prefix)
     header, meta = read_header(base)
