@@ -320,27 +320,6 @@ def test_hf_folder_with_only_pickles_is_refused(tmp_path: Path, tiny: dict) -> N
         load_text_encoder(folder, tokenizer_dir=tiny["tok"])
 
 
-@pytest.mark.parametrize("extra_key", ["model.layers.0.self_attn.q_proj.weight_scale",
-                                       "model.layers.0.self_attn.q_proj.scale_weight", "scaled_fp8",
-                                       "model.layers.0.self_attn.q_proj.comfy_quant", "_quantization_metadata"])
-def test_scaled_fp8_export_is_refused(tmp_path: Path, tiny: dict, extra_key: str) -> None:
-    """A ComfyUI scaled-fp8 text encoder (float8 weight + its scale, in every spelling ComfyUI reads) is refused
-    by name, never loaded with its scales dropped."""
-    path = tmp_path / "qwen3_fp8_scaled.safetensors"
-    state = {"model." + k: v for k, v in tiny["state"].items()}
-    q = "model.layers.0.self_attn.q_proj.weight"
-    state[q] = state[q].to(torch.float8_e4m3fn)
-    conf = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
-    meta = None
-    if extra_key == "_quantization_metadata":
-        meta = {extra_key: '{"layers": {"model.layers.0.self_attn.q_proj": {"format": "float8_e4m3fn"}}}'}
-    else:
-        state[extra_key] = conf if extra_key.endswith("comfy_quant") else torch.full((), 0.5)
-    save_file(state, path, metadata=meta)
-    with pytest.raises(CheckpointError, match=f"is a scaled/quantised export \\('{extra_key}'\\)"):
-        load_text_encoder(path, tokenizer_dir=tiny["tok"])
-
-
 def test_missing_tokenizer_arguments_are_named(tiny: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tokenizer_dir is required"):
         load_text_encoder(tiny["single"])

@@ -45,8 +45,8 @@ def model_fingerprint(path: str | Path) -> str:
     bytes (the safetensors header alone lists every tensor's dtype, shape and offset).
     """
     path = Path(path)
-    if path.is_dir():
-        return hashlib.sha256("".join(model_fingerprint(p) for p in sorted(path.glob("*.safetensors")))
+    if path.is_dir():  # every weight file below it: a diffusers-layout root keeps them in subfolders
+        return hashlib.sha256("".join(model_fingerprint(p) for p in sorted(path.rglob("*.safetensors")))
                               .encode()).hexdigest()
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())

@@ -3,8 +3,8 @@
 `ensure_tokenizers(cfg)` runs before `load_models` (it needs no GPU and no model weights, so a missing or
 wrong tokenizer fails in seconds, not after the DiT has loaded):
 
-* the T5 folder (`t5_tokenizer_path`, else `<qwen3_tokenizer_path or qwen3 folder>/t5`, as the loader
-  resolves it) must hold `tokenizer.json` or `spiece.model`;
+* the T5 folder (`t5_tokenizer_path`, else `<qwen3_tokenizer_path or qwen3 folder>/t5`, else a diffusers-layout
+  qwen3 folder's `t5_tokenizer/`, as the loader resolves it) must hold `tokenizer.json` or `spiece.model`;
 * the Qwen folder, only when `qwen3_tokenizer_path` is set, must hold `vocab.json` + `merges.txt` (or
   `tokenizer.json`), directly or under `qwen/`;
 * a folder that is not set (no `t5_tokenizer_path` and no `t5/` beside the Qwen tokenizer; no
@@ -35,6 +35,7 @@ from anima_trainer.download.errors import SourceError
 from anima_trainer.download.fetch import Context, Fetched, fetch_folder, source_chain
 from anima_trainer.download.transfer import Options
 from anima_trainer.download.urls import SourceRef, parse_source
+from anima_trainer.models.diffusers_layout import tokenizer_dirs
 
 if TYPE_CHECKING:
     from anima_trainer.config import TrainConfig
@@ -96,6 +97,8 @@ def t5_dir_of(cfg: TrainConfig) -> Path:
     base = cfg.qwen3_tokenizer_path or (cfg.qwen3 if Path(cfg.qwen3).is_dir() else None)
     if base is not None and (Path(base) / "t5").is_dir():
         return Path(base) / "t5"
+    if cfg.qwen3_tokenizer_path is None and (offered := tokenizer_dirs(cfg.qwen3)[1]) is not None:
+        return offered  # a diffusers-layout folder's t5_tokenizer/
     return _cache_folder(tokenizer_cache_root(cfg), "t5", t5_sources(cfg)[0])
 
 

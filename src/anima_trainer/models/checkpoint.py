@@ -469,13 +469,15 @@ def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | 
         with safe_open(str(path), framework="pt", device="cpu") as f:
             plan = quant_plan(path, header, meta, prefix, read_conf=f.get_tensor)
             scale_keys = set(plan.scales.values())
-            ignored = 0
+            ignored, extras = 0, []
             for key in f.keys():
                 if not key.startswith(prefix) or key in scale_keys:
                     continue
                 name = key[len(prefix):]
                 if key in plan.skipped or drop_ignored and is_ignored_key(name):
                     ignored += 1
+                    if key not in plan.skipped:
+                        extras.append(name)
                     continue
                 t = f.get_tensor(key)
                 if key in plan.scales:  # ComfyUI's rule: the float8 weight times its per-tensor scale
@@ -489,5 +491,7 @@ def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | 
         log.info("%s: dequantised %d scaled float8 weights (weight × weight_scale)", path, len(plan.scales))
     if ignored:
         log.info("%s: skipped %d non-weight keys (%d quantisation keys such as .comfy_quant / input_scale / "
-                 "scaled_fp8)", path, ignored, len(plan.skipped))
+                 "scaled_fp8%s)", path, ignored, len(plan.skipped),
+                 f"; {len(extras)} RoPE tables, training counters or _extra_state such as "
+                 + ", ".join(repr(k) for k in sorted(extras)[:3]) if extras else "")
     return out

@@ -377,7 +377,7 @@ def _check_outside_prefix(path: str | Path, header: dict, prefix: str, component
                               "keys) is a DiT weight under another prefix, which ComfyUI would not load either; "
                               "re-save the file with one prefix")
     log.info("%s: ignored %d keys outside the DiT's prefix %r, as ComfyUI does (e.g. %s)", path, len(outside),
-             prefix, ", ".join(repr(k) for k in outside[:3]))
+             prefix, ", ".join(repr(k) for k in sorted(outside)[:3]))
 
 
 def _strip_known_prefix(key: str) -> str:

@@ -96,13 +96,13 @@ def step_memory_gib(cfg: TrainConfig, size: tuple[int, int], batch: int,
     """(GiB, estimate details) one training step of `batch` images of `size` (w, h) needs on `device`, or None
     where no estimate can be made: an unreadable DiT header or bad network options are reported by the loaders
     with their own messages, later."""
-    from anima_trainer.models.checkpoint import expect_kind
+    from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
     from anima_trainer.models.memory import estimate_training_memory
     from anima_trainer.train.vram_plan import RESERVE_GIB
 
     try:
         info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
-                           ("anima_dit", "anima_bundle"))
+                           DIT_KINDS)
         dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
         est = estimate_training_memory(info.dit_config, resolution=(size[1], size[0]), batch=batch,
                                        rank=cfg.network_dim, dtype=dtype, network_args=cfg.network_args,

@@ -103,10 +103,10 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, adapter_trained: bool)
     """`cfg` with the memory settings of its `vram_budget_gb` (unchanged without one); logs the plan."""
     if cfg.vram_budget_gb is None:
         return cfg
-    from anima_trainer.models.checkpoint import expect_kind
+    from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
 
     info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
-                       ("anima_dit", "anima_bundle"))
+                       DIT_KINDS)
     buckets = dataset.bucket_table()
     width, height = max(((w, h) for w, h, *_ in buckets), key=lambda wh: wh[0] * wh[1])
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
