@@ -38,12 +38,14 @@ def _dtype(name: str) -> Any:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models (ComfyUI single files, as distributed)")
+    g = p.add_argument_group("models (ComfyUI single files as distributed, or one diffusers-layout Anima folder)")
     g.add_argument("--pretrained_model_name_or_path", "--dit", dest="dit", required=True,
-                   help="Anima DiT .safetensors (e.g. anima-base-v1.0.safetensors)")
-    g.add_argument("--qwen3", required=True, help="Qwen3-0.6B .safetensors or Hugging Face folder")
-    g.add_argument("--vae", required=True, help="Qwen-Image VAE .safetensors")
-    g.add_argument("--llm_adapter_path", default=None, help="separate LLM-adapter file (if the DiT has none)")
+                   help="Anima DiT .safetensors (e.g. anima-base-v1.0.safetensors) or diffusers-layout folder")
+    g.add_argument("--qwen3", required=True,
+                   help="Qwen3-0.6B .safetensors, Hugging Face folder or diffusers-layout folder")
+    g.add_argument("--vae", required=True, help="Qwen-Image VAE .safetensors or diffusers-layout folder")
+    g.add_argument("--llm_adapter_path", default=None,
+                   help="separate LLM-adapter file or text_conditioner/ folder (if the DiT has none)")
     g.add_argument("--qwen3_tokenizer", default=None, help="folder with the Qwen tokenizer (vocab.json, merges.txt)")
     g.add_argument("--t5_tokenizer", default=None, help="folder with the T5 tokenizer (tokenizer.json)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")

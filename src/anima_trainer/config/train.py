@@ -57,10 +57,14 @@ class TrainConfig(NetworkSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSet
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
 
     # models
-    pretrained_model_name_or_path: Path = Field(description="Anima DiT .safetensors")
-    qwen3: Path = Field(description="Qwen3-0.6B .safetensors or Hugging Face folder")
-    vae: Path = Field(description="Qwen-Image VAE .safetensors")
-    llm_adapter_path: Path | None = Field(None, description="separate LLM-adapter weights (else taken from the DiT)")
+    pretrained_model_name_or_path: Path = Field(description="Anima DiT .safetensors, or a diffusers-layout Anima "
+                                                               "folder (its root or transformer/)")
+    qwen3: Path = Field(description="Qwen3-0.6B .safetensors, Hugging Face folder, or a diffusers-layout "
+                                     "Anima folder (its root or text_encoder/)")
+    vae: Path = Field(description="Qwen-Image VAE .safetensors, or a diffusers-layout Anima folder (its root or "
+                                   "vae/)")
+    llm_adapter_path: Path | None = Field(None, description="separate LLM-adapter weights: a file or a "
+                                                              "text_conditioner/ folder (else taken from the DiT)")
     qwen3_tokenizer_path: Path | None = Field(None, description="Qwen tokenizer folder (when --qwen3 is one file)")
     t5_tokenizer_path: Path | None = Field(None, description="T5 tokenizer folder")
     # tokenizer download at start-up (sd-scripts-anima's flags; download/startup.py)

@@ -5,7 +5,7 @@ diffusers (>= 0.42) publishes Anima as a folder (e.g. `circlestone-labs/Anima-Ba
 
 | subfolder | diffusers class | here |
 |---|---|---|
-| `transformer/` | `CosmosTransformer3DModel` (config.json + `diffusion_pytorch_model*.safetensors`, sharded with an index json) | the DiT, keys renamed by `DIFFUSERS_TOP` / `DIFFUSERS_BLOCK` |
+| `transformer/` | `CosmosTransformer3DModel` (shards + index json) | the DiT, keys renamed |
 | `text_conditioner/` | `AnimaTextConditioner` | the LLM adapter: the same names as our `llm_adapter.*` |
 | `text_encoder/` | transformers `Qwen3Model` | a Hugging Face Qwen3 folder |
 | `tokenizer/`, `t5_tokenizer/` | Qwen2 and T5 tokenizers | the tokenizer folders |
@@ -178,8 +178,9 @@ def weight_files(folder: Path, flag: str) -> list[Path]:
     every `*.safetensors` in it.  A folder with only pickled weights (.bin/.pt) is refused by name."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
-        raise CheckpointError(f"{flag}: {folder} has {len(indexes)} shard indexes ({', '.join(i.name for i in indexes)})"
-                              "; keep the one of the weights in use")
+        names = ", ".join(i.name for i in indexes)
+        raise CheckpointError(f"{flag}: {folder} has {len(indexes)} shard indexes ({names}); keep the one of the "
+                              "weights in use")
     if indexes:
         index = indexes[0]
         bad = f"{flag}: {index} is not a valid safetensors index"
