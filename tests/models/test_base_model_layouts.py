@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,24 @@ def test_modular_index_and_an_unsharded_transformer_load_too(tiny):
     assert not (folder / "model_index.json").exists()
     assert [p.name for p in (folder / "transformer").glob("*.safetensors")] == ["diffusion_pytorch_model.safetensors"]
     _same_state(load_dit(folder, dtype=torch.float32), load_dit(tiny["models"]["dit"], dtype=torch.float32))
+
+
+def test_one_diffusers_transformer_file_is_a_dit(tiny, tmp_path):
+    """The weights file of transformer/ passed alone (a fine-tune saved in diffusers names): recognised, renamed,
+    its adapter taken from the sibling text_conditioner/ when there is one."""
+    folder = write_diffusers_anima(tiny["tmp"] / "unsharded", tiny["models"], shard_kb=None)
+    file = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    info = inspect_file(file)
+    single = inspect_file(tiny["models"]["dit"]).dit_config
+    assert info.kind == "diffusers_dit" and not info.dit_config.has_llm_adapter  # the file alone has no adapter
+    assert replace(info.dit_config, **{k: v for k, v in asdict(single).items() if k.startswith(("adapter", "has_"))}) \
+        == single
+    ref = load_dit(tiny["models"]["dit"], dtype=torch.float32)
+    _same_state(load_dit(file, dtype=torch.float32), ref)
+    alone = tmp_path / "finetune.safetensors"
+    shutil.copy(file, alone)
+    assert load_dit(alone, dtype=torch.float32).llm_adapter is None
+    _same_state(load_dit(alone, dtype=torch.float32, adapter_path=tiny["models"]["dit"]), ref)
 
 
 @pytest.mark.parametrize(("missing", "call"), [

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from anima_trainer.models.diffusers_layout import (
     COMPONENT_FOLDERS,
     anima_dit_shapes,
+    diffusers_key_to_anima,
     find_layout,
     read_config,
     weight_files,
@@ -60,7 +61,7 @@ QUANT_KEY_SUFFIXES = (*SCALE_SUFFIXES, *INPUT_SCALE_SUFFIXES, QUANT_CONF_SUFFIX,
 _DEQUANT_FIX = "use the bf16/fp16 release of the model, or a file with one per-tensor scale per float8 weight"
 
 # What the DiT flag accepts: single files, all-in-one bundles and diffusers-layout folders.
-DIT_KINDS = ("anima_dit", "anima_bundle", "anima_diffusers")
+DIT_KINDS = ("anima_dit", "anima_bundle", "anima_diffusers", "diffusers_dit")
 
 KIND_DESCRIPTIONS = {
     "anima_dit": "an Anima DiT (MiniTrainDIT) checkpoint",
@@ -73,6 +74,7 @@ KIND_DESCRIPTIONS = {
     "sd1": "a Stable Diffusion 1.x/2.x checkpoint",
     "flux": "a Flux checkpoint",
     "wan22_vae": "a Wan 2.2 VAE (48 latent channels; Anima needs the 16-channel Qwen-Image VAE)",
+    "diffusers_dit": "an Anima DiT in diffusers names (a CosmosTransformer3DModel weights file)",
     "anima_diffusers": "a diffusers-layout Anima folder (transformer/, text_conditioner/, text_encoder/, vae/)",
     "diffusers_folder": "a diffusers model folder (not Anima's layout)",
     "hf_qwen3_folder": "a Hugging Face Qwen3 folder",
@@ -332,6 +334,8 @@ def _classify(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str, dict[str, s
         return ("qwen_image_vae" if z2 == 32 else "wan22_vae"), VAE_BUNDLE_PREFIX, {}
     if "dit" in components:
         return "anima_dit", dit_prefix, components
+    if "patch_embed.proj.weight" in shapes and "transformer_blocks.0.attn1.to_q.weight" in shapes:
+        return "diffusers_dit", "", {}
     for p in ("llm_adapter.", dit_prefix + "llm_adapter.", ""):
         if f"{p}embed.weight" in shapes and f"{p}blocks.0.cross_attn.q_proj.weight" in shapes \
                 and f"{p}out_proj.weight" in shapes:
@@ -378,6 +382,12 @@ def inspect_file(path: str | Path) -> FileInfo:
     if kind in ("anima_dit", "anima_bundle") and "dit" in components:
         try:
             info.dit_config = infer_dit_config(_strip(shapes, components["dit"]))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    if kind == "diffusers_dit":
+        try:
+            info.dit_config = infer_dit_config({n: s for k, s in shapes.items()
+                                                if (n := diffusers_key_to_anima(k)) is not None})
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     if kind == "network":

@@ -240,7 +240,8 @@ def anima_dit_shapes(layout: DiffusersLayout, flag: str, with_adapter: bool = Tr
     """Our DiT key -> shape for the layout's transformer (+ text conditioner as `llm_adapter.*`): what
     `infer_dit_config` reads.  A transformer key with no DiT name is an error naming it."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for key, (_, shape) in folder_shapes(layout.folder("dit", flag), flag).items():
+    dit = layout.folder("dit", flag)  # a folder, or one weights file of it
+    for key, (_, shape) in (read_header(dit)[0] if dit.is_file() else folder_shapes(dit, flag)).items():
         name = diffusers_key_to_anima(key)
         if name is not None:
             shapes[name] = shape

@@ -298,7 +298,15 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     model itself is built on the meta device.
     """
     info = expect_kind(path, flag, DIT_KINDS)
-    if info.kind == "anima_diffusers":
+    if info.kind == "diffusers_dit":  # one transformer weights file; its text_conditioner/ sibling if it has one
+        found = find_layout(Path(path).parent)
+        layout = DiffusersLayout(None, {"dit": Path(path)})
+        if found is not None and found[1] == "dit" and "llm_adapter" in found[0].folders:
+            layout.folders["llm_adapter"] = found[0].folders["llm_adapter"]
+        with_adapter = adapter_path is None and "llm_adapter" in layout.folders
+        shapes = anima_dit_shapes(layout, flag, with_adapter=with_adapter)
+        state = _diffusers_state(layout, flag, dtype, device, with_adapter=with_adapter)
+    elif info.kind == "anima_diffusers":
         layout = find_layout(path)[0]
         shapes = anima_dit_shapes(layout, flag, with_adapter=adapter_path is None)
         state = _diffusers_state(layout, flag, dtype, device, with_adapter=adapter_path is None)
@@ -345,9 +353,10 @@ def _diffusers_state(layout: DiffusersLayout, flag: str, dtype: torch.dtype, dev
     no DiT name is an error naming it), `text_conditioner/` as `llm_adapter.*`; configs checked for settings
     the shapes cannot show."""
     dit_dir = layout.folder("dit", flag)
-    check_component_config(dit_dir, flag)
+    files = [dit_dir] if dit_dir.is_file() else weight_files(dit_dir, flag)
+    check_component_config(dit_dir.parent if dit_dir.is_file() else dit_dir, flag)
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files(dit_dir, flag):
+    for file in files:
         for key, t in load_state_dict(file, dtype=dtype, device=device).items():
             name = diffusers_key_to_anima(key)
             if name is None:
