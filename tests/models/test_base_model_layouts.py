@@ -167,9 +167,14 @@ def test_without_text_conditioner_the_adapter_file_or_folder_is_used(tiny):
 
 def test_a_missing_shard_and_a_foreign_transformer_are_named(tiny):
     folder = _copy_without(tiny, "missing_shard", "diffusion_pytorch_model-00002-of-*")
-    with pytest.raises(CheckpointError, match=r"names shards missing from .*transformer: "
-                                              r"diffusion_pytorch_model-00002-of-"):
+    with pytest.raises(CheckpointError, match=r"--pretrained_model_name_or_path: .*missing_shard: transformer/: .*index\.json "
+                                              r"names shards missing from .*transformer: "
+                                              r"diffusion_pytorch_model-00002-of-\d+\.safetensors; the download is "
+                                              r"incomplete"):
         load_dit(folder)
+    assert "names shards missing" in inspect_file(folder).summary()["dit_error"]
+    _same_state(load_vae(folder, dtype=torch.float32).model,  # the other parts of the folder still load
+                load_vae(tiny["models"]["vae"], dtype=torch.float32).model)
     folder = _copy_without(tiny, "other_rope", "nothing")
     config = json.loads((folder / "transformer" / "config.json").read_text())
     (folder / "transformer" / "config.json").write_text(json.dumps({**config, "rope_scale": [2.0, 1.0, 1.0]}))

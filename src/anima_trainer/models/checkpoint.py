@@ -125,6 +125,7 @@ class FileInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     ignored_keys: int = 0
     fp8_scaled_weights: int = 0
+    dit_error: str = ""  # a diffusers-layout folder whose transformer/ cannot be read: an error for the DiT flag only
 
     @property
     def description(self) -> str:
@@ -155,6 +156,8 @@ class FileInfo:
             out["ignored_non_weight_keys"] = self.ignored_keys
         if self.fp8_scaled_weights:
             out["fp8_scaled_weights"] = self.fp8_scaled_weights  # dequantised with their scales when loaded
+        if self.dit_error:
+            out["dit_error"] = self.dit_error
         if self.kind == "unknown" and self.path.is_file():
             out["first_keys"] = sorted(read_header(self.path)[0])[:8]
         return out
@@ -441,8 +444,8 @@ def _inspect_layout(path: Path, layout, component: str | None) -> FileInfo:  # n
     if "dit" in folders:
         try:
             info.dit_config = infer_dit_config(anima_dit_shapes(layout, flag))
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {COMPONENT_FOLDERS['dit']}/: {e}") from None
+        except CheckpointError as e:  # the VAE and text encoder of the folder may still be fine
+            info.dit_error = f"{path}: {COMPONENT_FOLDERS['dit']}/: {e}".replace("inspect: ", "")
     return info
 
 
@@ -453,6 +456,8 @@ def expect_kind(path: str | Path, flag: str, accepted: Iterable[str]) -> FileInf
         info = inspect_file(path)
     except CheckpointError as e:
         raise WrongModelFileError(f"{flag}: {e}") from None
+    if info.dit_error and info.kind in accepted and "anima_dit" in accepted:
+        raise WrongModelFileError(f"{flag}: {info.dit_error}")
     if info.kind not in accepted:
         wanted = " or ".join(KIND_DESCRIPTIONS.get(a, a) for a in accepted)
         if info.kind == "unknown" and Path(path).is_dir():

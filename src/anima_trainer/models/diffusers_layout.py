@@ -165,12 +165,13 @@ def find_layout(path: str | Path) -> tuple[DiffusersLayout, str | None] | None:
 
 def tokenizer_dirs(path: str | Path) -> tuple[Path | None, Path | None]:
     """(Qwen tokenizer folder, T5 tokenizer folder) a diffusers-layout folder offers when `path` (its root or
-    `text_encoder/`) is the text-encoder flag: the root's `tokenizer/` and `t5_tokenizer/` (None where absent)."""
+    `text_encoder/`) is the text-encoder flag: the root's `tokenizer/` (else `text_encoder/`) and `t5_tokenizer/`
+    (None where absent)."""
     found = find_layout(path)
     if found is None or found[1] not in (None, "qwen3"):
         return None, None
-    folders = found[0].folders
-    return folders.get("qwen_tokenizer"), folders.get("t5_tokenizer")
+    folders = found[0].folders  # without tokenizer/, a Hugging Face text_encoder/ may hold the Qwen tokenizer
+    return folders.get("qwen_tokenizer", folders.get("qwen3")), folders.get("t5_tokenizer")
 
 
 def weight_files(folder: Path, flag: str) -> list[Path]:
