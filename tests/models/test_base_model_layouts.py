@@ -231,6 +231,23 @@ def test_dit_weights_under_a_second_prefix_are_refused_by_name(tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"the DiT is stored under 'net\.', but 'llm_adapter\.[a-z_.0-9]+' "
                                               r"\(\d+ such keys\) is a DiT weight under another prefix"):
         load_dit(path)
+    # with the adapter given separately those keys are replaced anyway: ignored with the others
+    ref = load_dit(tiny["models"]["dit"], dtype=torch.float32)
+    _same_state(load_dit(path, dtype=torch.float32, adapter_path=tiny["models"]["dit"]), ref)
+
+
+def test_a_second_copy_under_another_prefix_is_ignored_like_comfyui(tiny, tmp_path, caplog):
+    """A merge saved with both `model.diffusion_model.*` and the original `net.*` names: ComfyUI takes the most
+    frequent prefix (its prefix filter drops the rest), and so does anima-trainer, saying so."""
+    state = load_file(tiny["models"]["dit"])
+    both = {**{"model.diffusion_model." + k.removeprefix("net."): v for k, v in state.items()},
+            **{k: v * 2 for k, v in list(state.items())[:5]}}
+    save_file(both, tmp_path / "both.safetensors")
+    with caplog.at_level("INFO", logger="anima_trainer.models.dit"):
+        dit = load_dit(tmp_path / "both.safetensors", dtype=torch.float32)
+    _same_state(dit, load_dit(tiny["models"]["dit"], dtype=torch.float32))
+    assert "ignored 5 keys outside the DiT's prefix 'model.diffusion_model.'" in caplog.text
+    assert "5 of them repeat names the DiT has under 'model.diffusion_model.'" in caplog.text
 
 
 def test_an_unknown_weight_in_a_merge_is_an_error_naming_it(tiny, tmp_path):

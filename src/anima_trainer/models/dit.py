@@ -314,7 +314,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
         prefix = info.components.get("dit", info.prefix)
         header = read_header(path)[0]
         shapes = {k[len(prefix):]: s for k, (_, s) in header.items() if k.startswith(prefix)}
-        _check_outside_prefix(path, header, prefix, info.components)
+        _check_outside_prefix(path, header, prefix, info.components, adapter_given=adapter_path is not None)
         state = load_state_dict(path, prefix=prefix, dtype=dtype, device=device)
     if adapter_path is not None:
         ainfo = expect_kind(adapter_path, "--llm_adapter_path", ("llm_adapter", "anima_dit"))
@@ -371,22 +371,29 @@ def _diffusers_state(layout: DiffusersLayout, flag: str, dtype: torch.dtype, dev
     return state
 
 
-def _check_outside_prefix(path: str | Path, header: dict, prefix: str, components: dict[str, str]) -> None:
-    """Keys outside the DiT's prefix (and outside a bundle's other parts): ignored like ComfyUI ignores them,
-    with a log line; but DiT weights stored under a second prefix would be lost, so they stop the load."""
+def _check_outside_prefix(path: str | Path, header: dict, prefix: str, components: dict[str, str],
+                          adapter_given: bool) -> None:
+    """Keys outside the DiT's prefix (and outside a bundle's other parts) are ignored as ComfyUI's prefix filter
+    ignores them, with a log line: EMA counters, stray parts of other models, a second copy of the DiT under
+    another prefix.  DiT weights that exist only under another prefix (an adapter saved bare next to `net.*`
+    blocks) would be lost, giving another model than the file holds, so they stop the load, naming one."""
     if not prefix:
         return
     others = tuple(p for c, p in components.items() if c != "dit" and p)
     outside = [k for k in header if not k.startswith(prefix) and not (others and k.startswith(others))]
     if not outside:
         return
-    lost = [k for k in outside if _is_dit_weight(_strip_known_prefix(k))]
+    main = {k[len(prefix):] for k in header if k.startswith(prefix)}
+    lost = [k for k in outside if (n := _strip_known_prefix(k)) not in main and _is_dit_weight(n)
+            and not (adapter_given and n.startswith("llm_adapter."))]
     if lost:
         raise CheckpointError(f"{path}: the DiT is stored under {prefix!r}, but {lost[0]!r} ({len(lost)} such "
                               "keys) is a DiT weight under another prefix, which ComfyUI would not load either; "
                               "re-save the file with one prefix")
-    log.info("%s: ignored %d keys outside the DiT's prefix %r, as ComfyUI does (e.g. %s)", path, len(outside),
-             prefix, ", ".join(repr(k) for k in sorted(outside)[:3]))
+    copies = sum(_strip_known_prefix(k) in main for k in outside)
+    log.info("%s: ignored %d keys outside the DiT's prefix %r, as ComfyUI does (e.g. %s)%s", path, len(outside),
+             prefix, ", ".join(repr(k) for k in sorted(outside)[:3]),
+             f"; {copies} of them repeat names the DiT has under {prefix!r}" if copies else "")
 
 
 def _strip_known_prefix(key: str) -> str:
