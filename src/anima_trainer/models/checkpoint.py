@@ -1,8 +1,9 @@
-"""Single-file checkpoint reading: what a file is, which prefix it uses, and the DiT config its shapes imply.
+"""Checkpoint reading: what a file (or folder) is, which prefix it uses, and the DiT config its shapes imply.
 
-Only safetensors are ever deserialised (headers are JSON, data is mmapped), so a malicious file can't
-run code.  Everything here works from the header alone except `load_state_dict`, which reads tensors one
-at a time straight into the requested dtype/device, so a file is never held twice in RAM.
+Only safetensors are ever deserialised (headers are JSON, data is mmapped; safetensors_file.py checks the header),
+so a malicious file can't run code.  Everything here works from the header alone except `load_state_dict`, which
+reads tensors one at a time straight into the requested dtype/device (float8 weights dequantised), so a file is
+never held twice in RAM.  Folders in diffusers' layout are described by diffusers_layout.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from anima_trainer.models.diffusers_layout import (
     COMPONENT_FOLDERS,
+    INDEX_FILES,
     anima_dit_shapes,
     diffusers_key_to_anima,
     find_layout,
@@ -135,7 +137,7 @@ class FileInfo:
             text += f" ({c.num_blocks} blocks, width {c.model_channels}, " + (
                 "with LLM adapter)" if c.has_llm_adapter else "without LLM adapter)")
         if self.kind == "anima_diffusers":
-            text = KIND_DESCRIPTIONS[self.kind].split(" (")[0] + " (has " + ", ".join(
+            text = "a diffusers-layout Anima folder (has " + ", ".join(
                 COMPONENT_FOLDERS[c] + "/" for c in self.components) + ")"
         if self.kind == "network" and self.network_types:
             text += f" ({', '.join(self.network_types)})"
@@ -407,7 +409,7 @@ def _inspect_folder(path: Path) -> FileInfo:
     data = read_config(path)
     if data.get("model_type") == "qwen3":
         return FileInfo(path=path, kind="hf_qwen3_folder")
-    if data.get("_class_name") or any((path / n).is_file() for n in ("model_index.json", "modular_model_index.json")):
+    if data.get("_class_name") or any((path / n).is_file() for n in INDEX_FILES):
         return FileInfo(path=path, kind="diffusers_folder")
     return FileInfo(path=path, kind="unknown")
 
