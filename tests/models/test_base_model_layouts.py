@@ -163,6 +163,10 @@ def test_without_text_conditioner_the_adapter_file_or_folder_is_used(tiny):
     bare = tiny["tmp"] / "dit_without_adapter.safetensors"
     save_file({k: v for k, v in load_file(tiny["models"]["dit"]).items() if ".llm_adapter." not in k}, bare)
     _same_state(load_dit(bare, dtype=torch.float32, adapter_path=tiny["folder"] / "text_conditioner"), ref)
+    _same_state(load_dit(bare, dtype=torch.float32, adapter_path=tiny["folder"]), ref)
+    with pytest.raises(CheckpointError, match=r"--llm_adapter_path: .*no_text_conditioner is a diffusers-layout Anima "
+                                              r"folder without text_conditioner/"):
+        load_dit(bare, adapter_path=folder)
 
 
 def test_a_missing_shard_and_a_foreign_transformer_are_named(tiny):

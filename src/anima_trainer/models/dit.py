@@ -290,11 +290,11 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     config inferred from shapes.
 
     Accepts `net.`, `model.diffusion_model.`, `diffusion_model.` or no prefix, all-in-one bundles, and a
-    diffusers folder (its root or `transformer/`; the adapter then comes from `text_conditioner/`);
-    `adapter_path` supplies (or replaces) the LLM adapter from a separate file or `text_conditioner/` folder.
-    Known non-weight keys (RoPE tables, training counters, `_extra_state`) are skipped with a log line; keys
-    outside the DiT's prefix are ignored as ComfyUI ignores them, unless they are DiT weights (then the file is
-    refused, naming one).  Tensors are read one at a time from the mmap straight into `dtype` on `device`; the
+    diffusers folder (its root or `transformer/`; the adapter then comes from `text_conditioner/`) or one
+    diffusers transformer weights file; `adapter_path` supplies (or replaces) the LLM adapter from a separate
+    file, a `text_conditioner/` folder or a diffusers-layout root.  Known non-weight keys (RoPE tables, training
+    counters, `_extra_state`) are skipped with a log line; keys outside the DiT's prefix are ignored as ComfyUI
+    ignores them, unless they are DiT weights found nowhere else (then the file is refused, naming one).  Tensors are read one at a time from the mmap straight into `dtype` on `device`; the
     model itself is built on the meta device.
     """
     info = expect_kind(path, flag, DIT_KINDS)
@@ -317,7 +317,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
         _check_outside_prefix(path, header, prefix, info.components, adapter_given=adapter_path is not None)
         state = load_state_dict(path, prefix=prefix, dtype=dtype, device=device)
     if adapter_path is not None:
-        ainfo = expect_kind(adapter_path, "--llm_adapter_path", ("llm_adapter", "anima_dit"))
+        ainfo = expect_kind(adapter_path, "--llm_adapter_path", ("llm_adapter", "anima_dit", "anima_diffusers"))
         shapes = {k: s for k, s in shapes.items() if not k.startswith("llm_adapter.")}
         state = {k: v for k, v in state.items() if not k.startswith("llm_adapter.")}
         for file, adapter_prefix in _adapter_sources(Path(adapter_path), ainfo):
@@ -342,8 +342,10 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
 def _adapter_sources(path: Path, info: FileInfo) -> list[tuple[Path, str]]:
     """[(file, key prefix)] of an LLM adapter: a file (bare or `llm_adapter.` keys, or a whole DiT) or a
     diffusers `text_conditioner/` folder (its shards, bare keys)."""
-    if path.is_dir():
-        return [(f, "") for f in weight_files(Path(info.components["llm_adapter"]), "--llm_adapter_path")]
+    if path.is_dir():  # text_conditioner/ itself, or a diffusers-layout root that has one
+        folder = Path(info.components["llm_adapter"]) if "llm_adapter" in info.components else find_layout(
+            path)[0].folder("llm_adapter", "--llm_adapter_path")
+        return [(f, "") for f in weight_files(folder, "--llm_adapter_path")]
     return [(path, info.prefix if info.kind == "llm_adapter" else info.prefix + "llm_adapter.")]
 
 
