@@ -294,8 +294,9 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     diffusers transformer weights file; `adapter_path` supplies (or replaces) the LLM adapter from a separate
     file, a `text_conditioner/` folder or a diffusers-layout root.  Known non-weight keys (RoPE tables, training
     counters, `_extra_state`) are skipped with a log line; keys outside the DiT's prefix are ignored as ComfyUI
-    ignores them, unless they are DiT weights found nowhere else (then the file is refused, naming one).  Tensors are read one at a time from the mmap straight into `dtype` on `device`; the
-    model itself is built on the meta device.
+    ignores them, unless they are DiT weights found nowhere else (then the file is refused, naming one).
+    Tensors are read one at a time from the mmap straight into `dtype` on `device`; the model itself is built on
+    the meta device.
     """
     info = expect_kind(path, flag, DIT_KINDS)
     if info.kind == "diffusers_dit":  # one transformer weights file; its text_conditioner/ sibling if it has one
