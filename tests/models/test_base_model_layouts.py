@@ -187,6 +187,16 @@ def test_a_missing_shard_and_a_foreign_transformer_are_named(tiny):
         load_dit(folder)
 
 
+def test_a_vae_folder_with_other_latent_statistics_is_refused(tiny):
+    folder = _copy_without(tiny, "other_vae_stats", "nothing")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    assert config["latents_mean"][0] == -0.7571  # what diffusers wrote: Anima's (Wan 2.1) statistics
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, "latents_mean": [0.0] * 16}))
+    with pytest.raises(CheckpointError, match=r"--vae: .*config\.json sets latents_mean = \[0\.0, .*not the Wan 2\.1 "
+                                              r"latent statistics"):
+        load_vae(folder)
+
+
 def test_a_folder_of_another_model_is_refused_by_name(tiny, tmp_path):
     cosmos = tmp_path / "Cosmos-Predict2"  # a Cosmos pipeline: transformer, T5 text encoder, no conditioner
     shutil.copytree(tiny["folder"] / "transformer", cosmos / "transformer")

@@ -31,7 +31,7 @@ from anima_trainer.models.checkpoint import (
     expect_kind,
     load_state_dict,
 )
-from anima_trainer.models.diffusers_layout import check_component_config, find_layout, weight_files
+from anima_trainer.models.diffusers_layout import check_component_config, find_layout, read_config, weight_files
 
 __all__ = [
     "LATENTS_MEAN",
@@ -494,6 +494,11 @@ def _sources(path: str | Path) -> list[tuple[Path, str]]:
         folder = Path(info.components["vae"]) if "vae" in info.components else find_layout(path)[0].folder(
             "vae", VAE_FLAG)
         check_component_config(folder, VAE_FLAG)
+        config = read_config(folder)
+        for key, ours in (("latents_mean", LATENTS_MEAN), ("latents_std", LATENTS_STD)):
+            if key in config and config[key] is not None and [float(v) for v in config[key]] != list(ours):
+                raise CheckpointError(f"{VAE_FLAG}: {folder / 'config.json'} sets {key} = {config[key]}, not the "
+                                      "Wan 2.1 latent statistics Anima (and ComfyUI) normalise with: another VAE")
         return [(f, "") for f in weight_files(folder, VAE_FLAG)]
     return [(Path(path), _state_dict_prefix(path, info))]
 
