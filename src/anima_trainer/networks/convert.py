@@ -31,6 +31,7 @@ from safetensors import safe_open
 from torch import nn
 
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
+from anima_trainer.networks.hashes import with_hashes  # issue 15 (metadata)
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, KOHYA_PREFIX, NetworkError, check_comfy_keys
 
 LORA_AB_META = "anima_trainer_lora_AB_modules"
@@ -237,7 +238,8 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
         check_writable(dst, overwrite)
 
     check_writable(dst, overwrite)
-    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta, what="converted network ", check=check)
+    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, with_hashes(out, meta),  # sshs_*: the new tensors'
+                what="converted network ", check=check)
     return {"keys": len(out), "written": str(dst)}
 
 
