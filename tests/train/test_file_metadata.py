@@ -210,3 +210,16 @@ def test_inspect_prints_the_metadata_sections(trained):
     assert f"    hash sshs_legacy_hash: {meta['sshs_legacy_hash']} [ok]" in text
     assert "    modelspec: " in text and "architecture=anima-preview/lora" in text
     json.dumps(report)  # --json output stays serialisable
+
+
+def test_converted_file_gets_its_own_hashes(trained, tmp_path):
+    from anima_trainer.cli import main
+    from anima_trainer.networks.hashes import verify_hashes
+
+    path, meta = trained
+    kohya = tmp_path / "kohya.safetensors"
+    assert main(["convert-network", str(path), str(kohya), "--to", "kohya"]) == 0
+    assert verify_hashes(kohya) == {"sshs_model_hash": "ok", "modelspec.hash_sha256": "ok", "sshs_legacy_hash": "ok"}
+    back = tmp_path / "back.safetensors"
+    assert main(["convert-network", str(kohya), str(back), "--to", "comfy"]) == 0
+    assert _metadata(back)["sshs_model_hash"] == meta["sshs_model_hash"]  # same tensors, same names: same hash

@@ -238,8 +238,9 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
         check_writable(dst, overwrite)
 
     check_writable(dst, overwrite)
-    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, with_hashes(out, meta),  # sshs_*: the new tensors'
-                what="converted network ", check=check)
+    if meta and "sshs_model_hash" in meta:  # kohya's hashes of the source describe its tensors: recomputed
+        meta = with_hashes(out, meta)
+    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta, what="converted network ", check=check)
     return {"keys": len(out), "written": str(dst)}
 
 
