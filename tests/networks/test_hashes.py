@@ -17,8 +17,9 @@ from anima_trainer.networks.hashes import precalculate_hashes, verify_hashes, wi
 def _tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     # > 1 MiB + 64 KiB of data, so kohya's legacy window (64 KiB at 1 MiB) lies in the tensor data
-    return {"b.lora_up.weight": torch.randn(600, 512, generator=g), "a.lora_down.weight": torch.randn(8, 64, generator=g),
-            "a.alpha": torch.tensor(4.0), "c.half": torch.randn(16, generator=g).to(torch.bfloat16)}
+    return {"b.lora_up.weight": torch.randn(600, 512, generator=g),
+            "a.lora_down.weight": torch.randn(8, 64, generator=g), "a.alpha": torch.tensor(4.0),
+            "c.half": torch.randn(16, generator=g).to(torch.bfloat16)}
 
 
 def _by_hand(tensors: dict[str, torch.Tensor], ss: dict[str, str]) -> tuple[str, str]:

@@ -30,7 +30,7 @@ Data keys (data/kohya_summary.py computes kohya's counts):
   ss_face_crop_aug_range: "None" (not supported here).
 Paths: only basenames are written (model files, subset folders, metadata files), as kohya does; ss_sd_model_hash
 / ss_new_sd_model_hash and ss_vae_hash / ss_new_vae_hash are kohya's webui hashes of the base files ("IsADirectory"
-for a folder, as kohya), computed once per file and run.
+for a folder, as kohya), computed once per file and run (at its first save; kohya hashes at start-up).
 `no_metadata`: kohya keeps only its SS_METADATA_MINIMUM_KEYS of the ss_* keys, plus the modelspec block (and
 the sshs_* hashes the save adds).
 """
@@ -195,8 +195,8 @@ def _datasets_resolution(dataset: AnimaDataset) -> tuple[int, int] | None:
 
 
 class RunMetadata:
-    """Everything but the per-save keys is assembled once, at the start of the run (the base files are hashed
-    then); calling it with (step, epoch) gives a save's metadata, all strings."""
+    """Everything but the per-save keys is assembled once, at the start of the run (the base files are hashed at
+    the first save, once); calling it with (step, epoch) gives a save's metadata, all strings."""
 
     def __init__(self, cfg: TrainConfig, dataset: AnimaDataset, *, max_steps: int, epochs: int, started: float,
                  batches_per_epoch: int | None = None, num_processes: int = 1) -> None:
@@ -210,12 +210,15 @@ class RunMetadata:
             "ss_training_started_at": started,
             "ss_num_batches_per_epoch": batches_per_epoch if batches_per_epoch is not None else len(dataset),
             "ss_num_epochs": epochs, "ss_max_train_steps": max_steps})
-        meta.update(model_file_keys(Path(cfg.pretrained_model_name_or_path), "ss_sd_model_name", "ss_sd_model_hash",
-                                    "ss_new_sd_model_hash"))
-        meta.update(model_file_keys(Path(cfg.vae), "ss_vae_name", "ss_vae_hash", "ss_new_vae_hash"))
         self.meta = {k: str(v) for k, v in meta.items()}
+        self._models_hashed = False
 
     def __call__(self, step: int, epoch: int) -> dict[str, str]:
+        if not self._models_hashed:  # at the first save: a process that never saves never reads the base files
+            self.meta.update(model_file_keys(Path(self.cfg.pretrained_model_name_or_path), "ss_sd_model_name",
+                                             "ss_sd_model_hash", "ss_new_sd_model_hash"))
+            self.meta.update(model_file_keys(Path(self.cfg.vae), "ss_vae_name", "ss_vae_hash", "ss_new_vae_hash"))
+            self._models_hashed = True
         meta = dict(self.meta)
         meta.update({"ss_training_finished_at": str(time.time()), "ss_steps": str(step), "ss_epoch": str(epoch)})
         if self.cfg.no_metadata:  # kohya: only the minimum ss_* keys (+ modelspec, + the save's sshs_* hashes)
