@@ -32,8 +32,8 @@ class OutputSettings(BaseModel):
     training_comment: str | None = Field(None, description="free text written as ss_training_comment into the "
                                                            "saved files' metadata")
     no_metadata: bool = Field(False, description="write only kohya's minimum ss_* keys (ss_v2, "
-                                                 "ss_base_model_version, ss_network_module/_dim/_alpha/_args) and "
-                                                 "the modelspec.* keys, as kohya does")
+                                                 "ss_base_model_version, ss_network_module/_dim/_alpha/_args), "
+                                                 "the modelspec.* keys and the sshs_* hashes, as kohya does")
     metadata_title: str | None = Field(None, description="modelspec.title (default: output_name)")
     metadata_author: str | None = Field(None, description="modelspec.author")
     metadata_description: str | None = Field(None, description="modelspec.description")
