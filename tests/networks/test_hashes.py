@@ -14,6 +14,11 @@ from anima_trainer.networks import create_network
 from anima_trainer.networks.hashes import precalculate_hashes, verify_hashes, with_hashes
 
 
+def _metadata_of(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
+
+
 def _tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     # > 1 MiB + 64 KiB of data, so kohya's legacy window (64 KiB at 1 MiB) lies in the tensor data
@@ -77,6 +82,12 @@ def test_saved_network_hashes_are_the_files_and_verify(tmp_path, dit):
     assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + n:]).hexdigest()
     assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
     assert verify_hashes(path) == {"sshs_model_hash": "ok", "modelspec.hash_sha256": "ok", "sshs_legacy_hash": "ok"}
+    # bf16 weights with fp32 alphas: our writer lays the data out as safetensors does, so the hashes hold too
+    half = net.save(tmp_path / "half.safetensors", metadata={"ss_steps": "5"}, dtype=torch.bfloat16)
+    raw = half.read_bytes()
+    data = raw[8 + int.from_bytes(raw[:8], "little"):]
+    assert _metadata_of(half)["sshs_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert verify_hashes(half) == {"sshs_model_hash": "ok", "sshs_legacy_hash": "ok"}
     # a file edited afterwards (one weight changed, metadata kept) is reported
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
