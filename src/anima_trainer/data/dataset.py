@@ -77,7 +77,8 @@ from .images import (
     to_tensor,
 )
 
-if TYPE_CHECKING:  # data/validation.py imports this module
+if TYPE_CHECKING:  # data/validation.py and data/kohya_summary.py import this module
+    from .kohya_summary import DatasetSummary
     from .validation import ValidationSet
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class AnimaDataset:
         # held out by validation_split (split_validation); not in `items`, see `validation_dataset()`
         self.validation_items: list[ImageItem] = []
         # kohya's description of each [[datasets]] entry for the file metadata (kohya_summary.py), set by the scan
-        self.kohya_summary: list | None = None
+        self.kohya_summary: list[DatasetSummary] | None = None
         # per dataset: bucket -> item indices with repeats, in scan order
         self._buckets: list[dict[Size, list[int]]] = [{} for _ in params]
         for idx, item in enumerate(items):
