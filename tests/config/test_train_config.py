@@ -244,7 +244,9 @@ sample_every_n_epochs = 1
     meta = c.to_metadata()
     assert meta["ss_network_module"] == "networks.lora_anima"
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_seed"]) == ("32", "16.0", "42")
-    assert meta["ss_network_args"] == '{"train_llm_adapter": "True", "exclude_patterns": "[\'.*final.*\']"}'
+    # kohya's net_kwargs: the arguments as given, then its "dropout" (network_dropout, here unset)
+    assert meta["ss_network_args"] == ('{"train_llm_adapter": "True", "exclude_patterns": "[\'.*final.*\']", '
+                                       '"dropout": null}')
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"
     assert all(isinstance(v, str) for v in meta.values())
 

@@ -47,20 +47,26 @@ def test_comment_and_modelspec_fields_are_in_the_saved_file(setup, tmp_path):
         "modelspec.implementation": "https://huggingface.co/circlestone-labs/Anima", "modelspec.title": "Shapes",
         "modelspec.author": "me", "modelspec.tags": "a,b", "modelspec.license": "CC-BY-4.0",
         "modelspec.description": "shapes LoRA", "modelspec.trigger_phrase": "shp",
-        "modelspec.usage_hint": "weight 0.8", "modelspec.merged_from": "x,y", "modelspec.resolution": "1024x1024"}
+        "modelspec.usage_hint": "weight 0.8", "modelspec.merged_from": "x,y", "modelspec.resolution": "64x64"}  # the dataset's
     assert meta["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(thumb.read_bytes()).decode()
     assert meta["ss_steps"] == "2" and meta["ss_v2"] == "False"
 
 
 def test_no_metadata_keeps_kohyas_minimum_and_modelspec(setup, tmp_path):
     meta = _metadata(run_training(_config(setup, tmp_path / "run", "--no_metadata", "--training_comment",
-                                          "c")).final_path)
+                                          "c", "--network_args", "train_llm_adapter=False")).final_path)
     ss = {k for k in meta if k.startswith("ss_")}
-    assert ss == set(MINIMUM_METADATA_KEYS)
+    assert ss == set(MINIMUM_METADATA_KEYS)  # ss_v2, base model version, network module/dim/alpha/args
+    assert meta["ss_network_args"] == '{"train_llm_adapter": "False", "dropout": null}'  # kohya's net_kwargs
     assert meta["modelspec.title"] == "demo_lora"  # default title: output_name
+    # kohya keeps the modelspec block, and its save adds the sshs_* hashes (over the kept ss_* keys)
     assert set(meta) - ss - {"anima_trainer_version"} == {
         "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title",
-        "modelspec.resolution", "modelspec.date"}
+        "modelspec.resolution", "modelspec.date", "modelspec.prediction_type", "modelspec.implementation_version",
+        "modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"}
+    # without network_args kohya has no ss_network_args to keep
+    meta = _metadata(run_training(_config(setup, tmp_path / "run2", "--no_metadata")).final_path)
+    assert {k for k in meta if k.startswith("ss_")} == set(MINIMUM_METADATA_KEYS) - {"ss_network_args"}
 
 
 def test_missing_thumbnail_is_an_error_at_start_up(setup, tmp_path):

@@ -32,8 +32,8 @@ class OutputSettings(BaseModel):
     training_comment: str | None = Field(None, description="free text written as ss_training_comment into the "
                                                            "saved files' metadata")
     no_metadata: bool = Field(False, description="write only kohya's minimum ss_* keys (ss_v2, "
-                                                 "ss_base_model_version, ss_network_module/_dim/_alpha/_args) and "
-                                                 "the modelspec.* keys, as kohya does")
+                                                 "ss_base_model_version, ss_network_module/_dim/_alpha/_args), "
+                                                 "the modelspec.* keys and the sshs_* hashes, as kohya does")
     metadata_title: str | None = Field(None, description="modelspec.title (default: output_name)")
     metadata_author: str | None = Field(None, description="modelspec.author")
     metadata_description: str | None = Field(None, description="modelspec.description")
@@ -89,61 +89,111 @@ class OutputSettings(BaseModel):
 
     # --- metadata ----------------------------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, str]:
-        """Training settings as kohya-style `ss_*` strings for the LoRA file header (None → "None")."""
+        """The `ss_*` keys kohya's Anima trainer derives from its arguments alone (train_network.py's metadata
+        dict and anima_train_network.py's update_metadata), as kohya's strings: `str(value)`, so None → "None",
+        booleans "True"/"False".  Keys for options we do not have carry kohya's default (ss_v2, ss_clip_skip,
+        ss_max_token_length, ss_lowram, ss_zero_terminal_snr, ss_huber_scale) or the value of our equivalent
+        (ss_huber_schedule "constant": huber_c is a constant threshold here).  ss_sd_scripts_commit_hash is
+        "(unknown)", kohya's own value when its revision is unknown (anima_trainer_version says ours).  The run's
+        numbers, data description, model names and hashes are added by train/file_metadata.py."""
         from anima_trainer.train.optim import optimizer_description
 
         meta: dict[str, Any] = {
-            "ss_base_model_version": "anima",
             "ss_output_name": self.output_name,
+            "ss_learning_rate": self.learning_rate,
+            "ss_text_encoder_lr": getattr(self, "text_encoder_lr", None),  # the TE field arrives with issue 15
+            "ss_unet_lr": self.unet_lr,
+            "ss_gradient_checkpointing": self.gradient_checkpointing,
+            "ss_gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "ss_max_train_steps": self.max_train_steps,
+            "ss_lr_warmup_steps": self.lr_warmup_steps,
+            "ss_lr_scheduler": self.lr_scheduler,
             "ss_network_module": ko.KOHYA_NETWORK_MODULE_NAME[self.network_module],
             "ss_network_dim": self.network_dim,
             "ss_network_alpha": self.network_alpha,
             "ss_network_dropout": self.network_dropout,
-            "ss_network_args": json.dumps(self.network_args),
-            "ss_learning_rate": self.learning_rate,
-            "ss_unet_lr": self.unet_lr,
-            "ss_optimizer": optimizer_description(self.optimizer_type, self.optimizer_args),
-            "ss_lr_scheduler": self.lr_scheduler,
-            "ss_lr_warmup_steps": self.lr_warmup_steps,
-            "ss_max_grad_norm": self.max_grad_norm,
-            "ss_max_train_steps": self.max_train_steps,
-            "ss_max_train_epochs": self.max_train_epochs,
-            "ss_batch_size_per_device": self.train_batch_size,
-            "ss_gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "ss_gradient_checkpointing": self.gradient_checkpointing,
             "ss_mixed_precision": self.mixed_precision,
+            "ss_full_fp16": bool(self.full_fp16),
+            "ss_v2": False,
+            "ss_base_model_version": "anima",
+            "ss_clip_skip": None,
+            "ss_max_token_length": None,
+            "ss_cache_latents": bool(self.cache_latents),
             "ss_seed": self.seed,
-            "ss_timestep_sampling": self.timestep_sampling,
-            "ss_discrete_flow_shift": self.discrete_flow_shift,
-            "ss_sigmoid_scale": self.sigmoid_scale,
+            "ss_lowram": False,
+            "ss_noise_offset": self.noise_offset,
+            "ss_multires_noise_iterations": self.multires_noise_iterations,
+            "ss_multires_noise_discount": self.multires_noise_discount,
+            "ss_adaptive_noise_scale": self.adaptive_noise_scale,
+            "ss_zero_terminal_snr": False,
+            "ss_training_comment": self.training_comment,
+            "ss_sd_scripts_commit_hash": "(unknown)",
+            "ss_optimizer": optimizer_description(self.optimizer_type, self.optimizer_args),
+            "ss_max_grad_norm": self.max_grad_norm,
+            "ss_prior_loss_weight": self.prior_loss_weight,
+            "ss_min_snr_gamma": self.min_snr_gamma,
+            "ss_scale_weight_norms": self.scale_weight_norms,
+            "ss_ip_noise_gamma": self.ip_noise_gamma,
+            "ss_debiased_estimation": bool(self.debiased_estimation_loss),
+            "ss_noise_offset_random_strength": self.noise_offset_random_strength,
+            "ss_ip_noise_gamma_random_strength": self.ip_noise_gamma_random_strength,
+            "ss_loss_type": self.loss_type,
+            "ss_huber_schedule": "constant",
+            "ss_huber_scale": 1.0,
+            "ss_huber_c": self.huber_c,
+            "ss_fp8_base": bool(self.fp8_base),
+            "ss_fp8_base_unet": bool(self.fp8_base_unet),
+            "ss_validation_seed": self.validation_seed,
+            "ss_validation_split": self.validation_split,
+            "ss_max_validation_steps": self.max_validation_steps,
+            "ss_validate_every_n_epochs": self.validate_every_n_epochs,
+            "ss_validate_every_n_steps": self.validate_every_n_steps,
+            # anima_train_network.py update_metadata
             "ss_weighting_scheme": self.weighting_scheme,
             "ss_logit_mean": self.logit_mean,
             "ss_logit_std": self.logit_std,
             "ss_mode_scale": self.mode_scale,
-            "ss_loss_type": self.loss_type,
-            "ss_huber_c": self.huber_c,
-            "ss_validation_split": self.validation_split,
-            "ss_validation_seed": self.validation_seed,
-            "ss_validate_every_n_steps": self.validate_every_n_steps,
-            "ss_validate_every_n_epochs": self.validate_every_n_epochs,
-            "ss_max_validation_steps": self.max_validation_steps,
-            "ss_scale_weight_norms": self.scale_weight_norms,
-            "ss_full_fp16": bool(self.full_fp16),
-            "ss_training_comment": self.training_comment,
+            "ss_timestep_sampling": self.timestep_sampling,
+            "ss_sigmoid_scale": self.sigmoid_scale,
+            "ss_discrete_flow_shift": self.discrete_flow_shift,
+            # ours, beyond kohya's keys
+            "ss_max_train_epochs": self.max_train_epochs,
+            "ss_batch_size_per_device": self.train_batch_size,
         }
+        if self.network_args:  # kohya: only with network_args, and its dropout added (train_network.py net_kwargs)
+            args: dict[str, Any] = dict(self.network_args)
+            if not self.dim_from_weights and "dropout" not in args:
+                args["dropout"] = self.network_dropout
+            meta["ss_network_args"] = json.dumps(args)
         return {k: str(v) for k, v in meta.items()}
 
-    def modelspec_metadata(self, timestamp: float) -> dict[str, str]:
-        """kohya's `modelspec.*` keys (ModelSpec 1.0.1, library/sai_model_spec.py) for an Anima LoRA: the fixed
-        architecture/implementation/resolution, the title (metadata_title, else output_name), the date of
-        `timestamp`, and every metadata_* option that is set.  Written also with no_metadata, as in kohya."""
+    def modelspec_metadata(self, timestamp: float, resolution: tuple[int, int] | None = None) -> dict[str, str]:
+        """kohya's `modelspec.*` keys for an Anima LoRA (library/sai_model_spec.py `build_metadata_dataclass` as
+        anima_train_network.py calls it): spec 1.0.1, architecture "anima-preview/lora", implementation, title
+        (metadata_title, else output_name), resolution "WxH" (`resolution`, the datasets' common one; else
+        kohya's Anima default 1024x1024), the local date of `timestamp` (ISO 8601, whole seconds),
+        prediction_type "epsilon" (what kohya writes for every non-Flux model), timestep_range "min,max" when
+        min/max_timestep is set (defaults 0 and 1000), implementation_version (kohya "sd-scripts/<commit>", here
+        "anima-trainer/<version>"), and author/description/license/tags when set.  Beyond kohya's Anima trainer
+        (whose dataclass path drops them although it accepts the options): usage_hint, thumbnail (a file becomes
+        a data: URL), merged_from, trigger_phrase, preprocessor, is_negative_embedding.  Written also with
+        no_metadata, as in kohya; modelspec.hash_sha256 is added at save time (networks/hashes.py)."""
         import datetime
 
+        import anima_trainer
+
+        w, h = resolution if resolution is not None else (1024, 1024)
         meta = {"modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "anima-preview/lora",
                 "modelspec.implementation": "https://huggingface.co/circlestone-labs/Anima",
                 "modelspec.title": self.metadata_title if self.metadata_title is not None else self.output_name,
-                "modelspec.resolution": "1024x1024",
-                "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat()}
+                "modelspec.resolution": f"{w}x{h}",
+                "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+                "modelspec.prediction_type": "epsilon",
+                "modelspec.implementation_version": f"anima-trainer/{anima_trainer.__version__}"}
+        if self.min_timestep is not None or self.max_timestep is not None:
+            low = self.min_timestep if self.min_timestep is not None else 0
+            high = self.max_timestep if self.max_timestep is not None else 1000
+            meta["modelspec.timestep_range"] = f"{low},{high}"
         for name in ("author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
                      "trigger_phrase", "preprocessor", "is_negative_embedding"):
             value = getattr(self, f"metadata_{name}")

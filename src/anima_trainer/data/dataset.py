@@ -77,7 +77,8 @@ from .images import (
     to_tensor,
 )
 
-if TYPE_CHECKING:  # data/validation.py imports this module
+if TYPE_CHECKING:  # data/validation.py and data/kohya_summary.py import this module
+    from .kohya_summary import DatasetSummary
     from .validation import ValidationSet
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class ImageItem:
     custom_attributes: dict = field(default_factory=dict, hash=False, compare=False)
     # the loss-mask image of a conditioning_data_dir subset (masked_loss), same stem as `path`
     mask_path: Path | None = None
+    # metadata_file subsets: the entry's tags as kohya counts them for ss_tag_frequency (metadata.MetadataEntry)
+    tags: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -133,6 +136,8 @@ class AnimaDataset:
         self.notices: list[tuple[Path, str]] = list(notices or [])  # files used with a caveat
         # held out by validation_split (split_validation); not in `items`, see `validation_dataset()`
         self.validation_items: list[ImageItem] = []
+        # kohya's description of each [[datasets]] entry for the file metadata (kohya_summary.py), set by the scan
+        self.kohya_summary: list[DatasetSummary] | None = None
         # per dataset: bucket -> item indices with repeats, in scan order
         self._buckets: list[dict[Size, list[int]]] = [{} for _ in params]
         for idx, item in enumerate(items):

@@ -53,6 +53,9 @@ class MetadataEntry:
     caption: str  # raw caption (tags appended), before per-sample processing
     image_size: Size | None  # as given in the file, if any
     where: str  # "file:line" (JSONL) or "file: key" (JSON), for messages
+    # the tags as kohya lists them for ss_tag_frequency (its FineTuningDataset `tags_list`): with enable_wildcard
+    # newlines → separator, else as written; None where kohya lists nothing (no tags; empty without wildcard)
+    tags: str | None = None
 
 
 def _fail(where: str, message: str) -> DatasetConfigError:
@@ -87,7 +90,9 @@ def _entry(key: Any, record: Any, where: str, separator: str, enable_wildcard: b
                 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size)):
             raise _fail(where, f"'image_size' must be [width, height] (positive ints), got {size!r}")
         size = (size[0], size[1])
-    return MetadataEntry(key, join_caption(caption or "", tags or "", separator, enable_wildcard), size, stored)
+    listed = (tags.replace("\n", separator) if tags is not None else None) if enable_wildcard else (tags or None)
+    return MetadataEntry(key, join_caption(caption or "", tags or "", separator, enable_wildcard), size, stored,
+                         listed)
 
 
 def join_caption(caption: str, tags: str, separator: str, enable_wildcard: bool) -> str:

@@ -25,6 +25,7 @@ from .images import (
     scan_folder,
 )
 from .dataset import AnimaDataset, ImageItem
+from .kohya_summary import summarize_datasets
 from .metadata import MetadataEntry, read_metadata, resolve_metadata_subset
 from .textfiles import collect_decode_notes
 
@@ -310,7 +311,7 @@ def _scan_dataset(i: int, p: DatasetParams, source_dir: Path | None, report: _Sc
             choice = choices[path]
             items.append(ImageItem(path, caption, infos[path].size, choice.bucket, choice.resized, i, j,
                                    sub.num_repeats, custom_attributes=copy.deepcopy(sub.custom_attributes),
-                                   mask_path=masks.get(path)))
+                                   mask_path=masks.get(path), tags=meta[path].tags if meta is not None else None))
     return items
 
 
@@ -388,6 +389,7 @@ def build_dataset(
     if strict_captions and report.uncaptioned:  # after every subset: one error naming them all
         raise missing_captions_error([p for p, _ in report.uncaptioned], report.caption_extensions)
     items, validation_items = split_validation(params, items, seed)
+    summary = summarize_datasets(params, items)  # kohya counts before balancing the reg images
     items = balance_reg_items(params, items)
     if not items:
         raise DatasetConfigError("the dataset config yields no training images (all subsets skipped?)")
@@ -398,6 +400,7 @@ def build_dataset(
                                  "with max_train_steps / max_train_epochs")
     ds = AnimaDataset(params, items, seed=seed, skipped=list(report.skipped), notices=list(report.notices))
     ds.validation_items = validation_items
+    ds.kohya_summary = summary
     ds.uncaptioned = list(report.uncaptioned)
     where = f"full list in {report_name}" if report_name else "listed in full in the dataset report"
     if ds.skipped:

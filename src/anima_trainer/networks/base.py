@@ -22,6 +22,7 @@ from torch import nn
 
 import anima_trainer
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
+from anima_trainer.networks.hashes import with_hashes  # issue 15 (metadata): kohya's sshs_* hashes
 from anima_trainer.networks.convert import read_comfy_named
 from anima_trainer.networks.formats import (
     COMFY_PREFIX,
@@ -499,7 +500,8 @@ class AdapterNetwork(nn.Module):
 
         tensors = self.state_tensors(dtype, save_format)
         try:
-            return atomic_save(tensors, path, self.metadata(metadata), what="network file ", check=check)
+            return atomic_save(tensors, path, with_hashes(tensors, self.metadata(metadata)), what="network file ",
+                               check=check)
         except NonFiniteError as e:
             if dtype not in (None, torch.float32) and not nonfinite_tensors(self.state_tensors(None, save_format)):
                 name = str(dtype).removeprefix("torch.")

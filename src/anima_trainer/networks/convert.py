@@ -33,6 +33,7 @@ from torch import nn
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
 from anima_trainer.models.diffusers_layout import DIFFUSERS_BLOCK, DIFFUSERS_TOP  # noqa: F401 (re-exported)
 from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as _diffusers_to_comfy
+from anima_trainer.networks.hashes import with_hashes  # issue 15 (metadata)
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, KOHYA_PREFIX, NetworkError, check_comfy_keys
 
 LORA_AB_META = "anima_trainer_lora_AB_modules"
@@ -205,6 +206,8 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
         check_writable(dst, overwrite)
 
     check_writable(dst, overwrite)
+    if meta and "sshs_model_hash" in meta:  # kohya's hashes of the source describe its tensors: recomputed
+        meta = with_hashes(out, meta)
     atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta, what="converted network ", check=check)
     return {"keys": len(out), "written": str(dst)}
 

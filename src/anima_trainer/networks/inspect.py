@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from anima_trainer.networks.convert import build_meta_dit, read_network
+from anima_trainer.networks.metadata_report import format_metadata_report, metadata_report
 from anima_trainer.networks.formats import comfy_key_map, delta_weight, parse_patches, split_key
 
 KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "diff": "diff", "set": "set_weight"}
@@ -159,6 +160,7 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
         "norm_diffs": norm_diffs,
         "metadata": {k: meta[k] for k in METADATA_SHOWN if k in meta},
         "metadata_keys": len(meta),
+        "file_metadata": metadata_report(path, meta),  # issue 15: ss_* summary, tags, hashes, modelspec
         "nonfinite": nonfinite, "zero_tensors": zero_tensors, "zero_branches": zero_branches,
         "unknown_keys": unknown, "duplicate_modules": duplicates, "shape_errors": shape_errors,
         "per_module": modules,
@@ -179,6 +181,7 @@ def format_report(r: dict) -> str:
         lines.append("  metadata: " + "; ".join(f"{k}={v if len(v) < 80 else v[:77] + '...'}"
                                                 for k, v in r["metadata"].items())
                      + f" ({r['metadata_keys']} keys in all)")
+    lines.extend(format_metadata_report(r["file_metadata"]) if r.get("file_metadata") else [])
     lines.append("  per-module delta norm (ComfyUI math, strength 1):")
     for target, e in r["per_module"].items():
         extra = f" rank {e['rank']} alpha {e['alpha']} scale {e['scale']:g}" if "rank" in e else ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import signal
@@ -23,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
-from anima_trainer.config.train import MINIMUM_METADATA_KEYS
 from anima_trainer.console import progress_disabled
 from anima_trainer.data.loader import run_batches
 from anima_trainer.download import ensure_tokenizers
@@ -65,6 +63,7 @@ from anima_trainer.train.distributed import (
     needs_cpu_backend,
     read_rank_rng,
 )
+from anima_trainer.train.file_metadata import RunMetadata
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.lock import RunLock
 from anima_trainer.train.model_setup import WEIGHT_DTYPES as WEIGHT_DTYPES
@@ -181,27 +180,6 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1
     if cfg.max_train_epochs:
         return cfg.max_train_epochs * updates_per_epoch, cfg.max_train_epochs
     return cfg.max_train_steps, math.ceil(cfg.max_train_steps / updates_per_epoch)
-
-
-def build_metadata(cfg: TrainConfig, *, step: int, epoch: int, num_images: int, batches_per_epoch: int,
-                   max_steps: int, started: float, buckets: list, bucket_free_fit: bool = False) -> dict[str, str]:
-    """kohya-style `ss_*` metadata (all strings) describing how the file was trained, with kohya's `modelspec.*`
-    keys (training_comment, metadata_*); `no_metadata` keeps only kohya's minimum ss_* keys.  `bucket_free_fit`:
-    a dataset used the beautifulrem/sd-scripts per-image buckets (written as that fork's ss_bucket_free_fit)."""
-    meta = dict(cfg.to_metadata())
-    meta.update({
-        "ss_output_name": cfg.output_name, "ss_steps": str(step), "ss_epoch": str(epoch),
-        "ss_max_train_steps": str(max_steps), "ss_num_train_images": str(num_images),
-        "ss_num_batches_per_epoch": str(batches_per_epoch), "ss_base_model_version": "anima",
-        "ss_sd_model_name": Path(cfg.pretrained_model_name_or_path).name, "ss_vae_name": Path(cfg.vae).name,
-        "ss_training_started_at": str(started), "ss_training_finished_at": str(time.time()),
-        "ss_bucket_info": json.dumps({"buckets": [list(b) for b in buckets]}), "ss_v2": "False",
-        "ss_bucket_free_fit": str(bool(bucket_free_fit)),
-    })
-    if cfg.no_metadata:  # kohya: only the minimum ss_* keys (+ modelspec)
-        meta = {k: meta[k] for k in MINIMUM_METADATA_KEYS if k in meta}
-    meta.update(cfg.modelspec_metadata(time.time()))  # kohya dates each save
-    return meta
 
 
 def initial_progress(cfg: TrainConfig, *, batches_per_epoch: int, max_steps: int,
@@ -354,10 +332,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                       run=tracking.run_name)
     checkpoints = Checkpointer(
         cfg, network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator,
-        snapshot=snapshot, events=events, dist=dist, metadata=lambda step, epoch: build_metadata(
-            cfg, step=step, epoch=epoch, num_images=dataset.num_images, batches_per_epoch=len(dataset),
-            max_steps=max_steps, started=started, buckets=dataset.bucket_table(),
-            bucket_free_fit=any(p.bucket_free_fit for p in dataset.params)),
+        snapshot=snapshot, events=events, dist=dist, metadata=RunMetadata(
+            cfg, dataset, max_steps=max_steps, epochs=epochs, started=started, num_processes=dist.world_size),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
     if resume_from is not None:
