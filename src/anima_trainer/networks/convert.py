@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
@@ -42,6 +44,9 @@ SOURCE_SUFFIXES = tuple(sorted(set(ALL_SUFFIXES) | set(PEFT_SUFFIXES), key=len, 
 # outer prefixes of PEFT / diffusers / checkpoint-style names, stripped in this order (each at most once)
 OUTER_PREFIXES = ("base_model.model.",)
 INNER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "net.")
+# diffusers' Anima pipeline components (networks/diffusers_format.py): the DiT under diffusers' names, and the
+# LLM adapter (`llm_adapter.*` here) under its own names
+TRANSFORMER_PREFIX, CONDITIONER_PREFIX = "transformer.", "text_conditioner."
 
 # diffusers CosmosTransformer3DModel module name → ComfyUI module name (facts from diffusers' module names; the
 # same mapping is checked against diffusers itself in tests/support/diffusers_oracle.py)
@@ -66,7 +71,8 @@ for _d, _c in (("attn1", "self_attn"), ("attn2", "cross_attn")):
                             f"{_d}.norm_k": f"{_c}.k_norm"})
 
 
-def _diffusers_to_comfy(path: str) -> str | None:
+def diffusers_to_comfy_path(path: str) -> str | None:
+    """ComfyUI module path of a CosmosTransformer3DModel module path, or None."""
     if path in DIFFUSERS_TOP:
         return DIFFUSERS_TOP[path]
     head = "transformer_blocks."
@@ -75,6 +81,11 @@ def _diffusers_to_comfy(path: str) -> str | None:
         if index.isdigit() and rest in DIFFUSERS_BLOCK:
             return f"blocks.{index}.{DIFFUSERS_BLOCK[rest]}"
     return None
+
+
+def linear_paths(dit: nn.Module) -> frozenset[str]:
+    """Module paths of every Linear of the DiT (LoRA in diffusers' layout exists only for those)."""
+    return frozenset(n for n, m in dit.named_modules() if isinstance(m, nn.Linear))
 
 
 def build_meta_dit(dit_file: str | Path | None = None) -> nn.Module:
@@ -97,6 +108,7 @@ class ModuleTable:
     modules: frozenset[str]
     others: frozenset[str]
     kohya: dict[str, str]  # `M` with `_` → `M`
+    linears: frozenset[str] = frozenset()  # the `M` that are nn.Linear (diffusers' layout has LoRA only there)
 
     @classmethod
     def from_dit(cls, dit: nn.Module) -> ModuleTable:
@@ -109,7 +121,7 @@ class ModuleTable:
             if flat in kohya:  # cannot happen for AnimaDiT; guards against a future ambiguous name
                 raise NetworkError(f"modules {kohya[flat]} and {m} have the same kohya name {flat}")
             kohya[flat] = m
-        return cls(modules, others, kohya)
+        return cls(modules, others, kohya, linear_paths(dit))
 
     def resolve(self, stem: str) -> tuple[str, str] | None:
         """(ComfyUI path, source style 'comfy'|'kohya'|'peft') of a key stem, or None."""
@@ -117,6 +129,9 @@ class ModuleTable:
             m = self.kohya.get(stem[len(KOHYA_PREFIX):])
             return (m, "kohya") if m else None
         rest, style, outer = stem, "peft", False
+        if rest.startswith(CONDITIONER_PREFIX):  # diffusers' AnimaTextConditioner = the DiT's llm_adapter
+            path = "llm_adapter." + rest[len(CONDITIONER_PREFIX):]
+            return (path, "peft") if path in self.modules or path in self.others else None
         for p in OUTER_PREFIXES:
             if rest.startswith(p):
                 rest, outer = rest[len(p):], True
@@ -128,7 +143,7 @@ class ModuleTable:
                 break
         if rest in self.modules or rest in self.others:
             return rest, style
-        mapped = _diffusers_to_comfy(rest)
+        mapped = diffusers_to_comfy_path(rest)
         if mapped is not None and mapped in self.modules:
             return mapped, "peft"
         return None
@@ -157,9 +172,18 @@ def read_network(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: str,
                        table: ModuleTable) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Rename every key of an adapter state dict to ComfyUI (`to="comfy"`) or kohya (`to="kohya"`) names."""
-    if to not in ("comfy", "kohya"):
-        raise NetworkError(f"--to must be 'comfy' or 'kohya', got {to!r}")
+    """Rename every key of an adapter state dict to ComfyUI (`to="comfy"`), kohya (`to="kohya"`) or diffusers'
+    layout (`to="diffusers"`: networks/diffusers_format.py, the scale folded into lora_B)."""
+    if to not in ("comfy", "kohya", "diffusers"):
+        raise NetworkError(f"--to must be 'comfy', 'kohya' or 'diffusers', got {to!r}")
+    from anima_trainer.networks import diffusers_format as dfmt
+
+    if to == "diffusers":
+        comfy, meta = convert_state_dict(sd, meta, "comfy", table)
+        out, extra = dfmt.comfy_to_diffusers(comfy, table.linears)
+        return out, {**{k: v for k, v in meta.items() if k != LORA_AB_META}, **extra}
+    if dfmt.is_diffusers_layout(sd):  # diffusers' own layout: alphas back from our record, else scale 1
+        sd, meta = dfmt.diffusers_to_comfy(sd, meta, table.linears)
     parsed, unknown = {}, []
     for key in sd:
         hit = parse_key(key, table)
@@ -218,7 +242,8 @@ def read_comfy_named(path: str | Path, dit: nn.Module) -> dict[str, torch.Tensor
 
 def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module | None = None,
                     overwrite: bool = False) -> dict:
-    """Convert one file; returns {"keys": n, "written": path}.  ComfyUI output is checked with check_comfy_keys."""
+    """Convert one file; returns {"keys": n, "written": path}.  ComfyUI/kohya output is checked with
+    check_comfy_keys, diffusers output with diffusers_format.check_diffusers_keys (ComfyUI does not read it)."""
     dst = Path(dst)
     check_writable(dst, overwrite)
     if Path(src).resolve() == dst.resolve():
@@ -230,10 +255,14 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
         out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit))
     except NetworkError as e:
         raise NetworkError(f"{e}; nothing written") from e
-    check_comfy_keys(list(out), dit)  # both spellings must still load in ComfyUI; before anything is written
+    if to == "diffusers":
+        from anima_trainer.networks.diffusers_format import check_diffusers_keys as key_check
+    else:
+        key_check = check_comfy_keys
+    key_check(list(out), dit)  # both spellings must still load in ComfyUI (diffusers); before anything is written
 
     def check(tmp: Path) -> None:  # the written file, before it takes dst's name
-        check_comfy_keys(tmp, dit)
+        key_check(tmp, dit)
         check_writable(dst, overwrite)
 
     check_writable(dst, overwrite)
@@ -265,6 +294,23 @@ def parse_network_arg(text: str) -> tuple[str, float]:
                                f"{head}:0.8 (a file whose name ends in ':{tail}': add ':1')")
         return head, mul
     return text, 1.0
+
+
+def _comfy_named_file(path: str | Path, dit: nn.Module, tmp: Path) -> Path:
+    """`path`, or for a file in diffusers' layout (which ComfyUI's rules do not read) a ComfyUI-named copy at
+    `tmp` (a scratch file, deleted with its folder)."""
+    from anima_trainer.networks.diffusers_format import is_diffusers_layout
+
+    with safe_open(str(path), "pt") as f:
+        if not is_diffusers_layout(f.keys()):
+            return Path(path)
+    sd, meta = read_network(path)
+    try:
+        out, _ = convert_state_dict(sd, meta, "comfy", ModuleTable.from_dit(dit))
+    except NetworkError as e:
+        raise NetworkError(f"{path}: {e}; nothing written") from None
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+    return tmp
 
 
 def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str | Path, *,
@@ -304,12 +350,14 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     load_dtype = dtypes[max(float_counts, key=float_counts.get)] if float_counts else torch.float32
     dit = load_dit(base, dtype=load_dtype, flag="--dit")
     reports = {}
-    for f, mul in networks:
-        report = apply_network_file(dit, f, multiplier=mul)
-        if report["errors"]:
-            raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
-                               f"{dict(list(report['errors'].items())[:3])}")
-        reports[f] = report
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (f, mul) in enumerate(networks):
+            report = apply_network_file(dit, _comfy_named_file(f, dit, Path(tmp) / f"{i}.safetensors"),
+                                        multiplier=mul)
+            if report["errors"]:
+                raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
+                                   f"{dict(list(report['errors'].items())[:3])}")
+            reports[f] = report
     state = dit.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(base), "pt") as fh:
