@@ -289,18 +289,24 @@ def test_merge_and_inspect_read_the_diffusers_file(files, tmp_path, dit_file, ca
     assert "48 module(s) from 96 tensor(s)" in text and "scales: {'0.75': 38, '0.375': 10}" in text
 
 
-def test_a_third_party_diffusers_file_without_our_record_reads_with_scale_1(dit, tmp_path):
+def test_a_third_party_diffusers_file_without_our_record_reads_with_scale_1(dit):
+    """No ALPHAS_META record: alpha = rank (scale 1, what diffusers applies).  A PEFT-style file under
+    `transformer.` with our own module paths is not diffusers' layout and keeps the generic reading."""
     g = torch.Generator().manual_seed(0)
-    sd = {"text_conditioner.blocks.0.mlp.0.lora_A.weight": torch.randn(2, dit.llm_adapter.blocks[0].mlp[0].in_features,
-                                                                      generator=g),
-          "text_conditioner.blocks.0.mlp.0.lora_B.weight": torch.randn(dit.llm_adapter.blocks[0].mlp[0].out_features, 2,
-                                                                      generator=g)}
-    out, _ = convert_state_dict(sd, {}, "comfy", ModuleTable.from_dit(dit))
+    mlp = dit.llm_adapter.blocks[0].mlp[0]
+    a, b = torch.randn(2, mlp.in_features, generator=g), torch.randn(mlp.out_features, 2, generator=g)
+    table = ModuleTable.from_dit(dit)
+    out, _ = convert_state_dict({"text_conditioner.blocks.0.mlp.0.lora_A.weight": a,
+                                 "text_conditioner.blocks.0.mlp.0.lora_B.weight": b}, {}, "comfy", table)
     stem = "diffusion_model.llm_adapter.blocks.0.mlp.0"
-    assert torch.equal(out[stem + ".lora_up.weight"], sd["text_conditioner.blocks.0.mlp.0.lora_B.weight"])
+    assert torch.equal(out[stem + ".lora_down.weight"], a) and torch.equal(out[stem + ".lora_up.weight"], b)
     assert float(out[stem + ".alpha"]) == 2.0
-    assert unmatched_diffusers_keys([*sd, "transformer.transformer_blocks.0.attn1.norm_q.lora_A.weight"],
-                                    linear_paths(dit)) == ["transformer.transformer_blocks.0.attn1.norm_q.lora_A.weight"]
+    ours = {"transformer.blocks.0.mlp.layer1.lora_A.weight": torch.zeros(2, 64),
+            "transformer.blocks.0.mlp.layer1.lora_B.weight": torch.zeros(256, 2)}
+    assert unmatched_diffusers_keys(ours, linear_paths(dit)) == sorted(ours)
+    out, _ = convert_state_dict(ours, {}, "comfy", table)
+    assert sorted(out) == [f"diffusion_model.blocks.0.mlp.layer1.{s}" for s in ("alpha", "lora_A.weight",
+                                                                             "lora_B.weight")]
 
 
 # ------------------------------------------------------------------------------------------- refusals --

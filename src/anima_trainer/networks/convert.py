@@ -182,7 +182,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: st
         comfy, meta = convert_state_dict(sd, meta, "comfy", table)
         out, extra = dfmt.comfy_to_diffusers(comfy, table.linears)
         return out, {**{k: v for k, v in meta.items() if k != LORA_AB_META}, **extra}
-    if dfmt.is_diffusers_layout(sd):  # diffusers' own layout: alphas back from our record, else scale 1
+    if dfmt.reads_as_diffusers(sd, meta, table.linears):  # diffusers' layout: alphas from our record, else 1
         sd, meta = dfmt.diffusers_to_comfy(sd, meta, table.linears)
     parsed, unknown = {}, []
     for key in sd:
@@ -299,12 +299,11 @@ def parse_network_arg(text: str) -> tuple[str, float]:
 def _comfy_named_file(path: str | Path, dit: nn.Module, tmp: Path) -> Path:
     """`path`, or for a file in diffusers' layout (which ComfyUI's rules do not read) a ComfyUI-named copy at
     `tmp` (a scratch file, deleted with its folder)."""
-    from anima_trainer.networks.diffusers_format import is_diffusers_layout
+    from anima_trainer.networks.diffusers_format import reads_as_diffusers
 
-    with safe_open(str(path), "pt") as f:
-        if not is_diffusers_layout(f.keys()):
-            return Path(path)
     sd, meta = read_network(path)
+    if not reads_as_diffusers(sd, meta, linear_paths(dit)):
+        return Path(path)
     try:
         out, _ = convert_state_dict(sd, meta, "comfy", ModuleTable.from_dit(dit))
     except NetworkError as e:

@@ -43,12 +43,13 @@ from anima_trainer.networks.convert import (
     diffusers_to_comfy_path,
     linear_paths,
 )
-from anima_trainer.networks.formats import COMFY_PREFIX, NetworkError, alpha_value
+from anima_trainer.networks.formats import COMFY_PREFIX, LORA_SPELLINGS, NetworkError, alpha_value
 
 ADAPTER_PREFIX = "llm_adapter."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
-DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
-UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight")
+# every LoRA spelling ComfyUI reads, longest first (a lora_mid core is refused)
+DOWN_SUFFIXES = tuple(sorted((d for _, d, _ in LORA_SPELLINGS), key=len, reverse=True))
+UP_SUFFIXES = tuple(sorted((u for u, _, _ in LORA_SPELLINGS), key=len, reverse=True))
 # {diffusers key stem: alpha} of the modules whose scale alpha/rank was folded into lora_B
 ALPHAS_META = "anima_trainer_diffusers_alphas"
 ALTERNATIVE = 'save_format = "comfy" (ComfyUI; convert-network --to kohya for kohya) carries it'
@@ -168,9 +169,19 @@ def comfy_to_diffusers(sd: Mapping[str, torch.Tensor], linears: Iterable[str],
 
 
 def is_diffusers_layout(keys: Iterable[str]) -> bool:
-    """Whether a file's keys are in diffusers' layout (every key under `transformer.` / `text_conditioner.`)."""
+    """Whether every key has the form of diffusers' layout: `transformer.` / `text_conditioner.` + a module +
+    `.lora_A.weight` / `.lora_B.weight` (the module names are checked by `reads_as_diffusers`)."""
     keys = list(keys)
-    return bool(keys) and all(k.startswith((TRANSFORMER_PREFIX, CONDITIONER_PREFIX)) for k in keys)
+    return bool(keys) and all(k.startswith((TRANSFORMER_PREFIX, CONDITIONER_PREFIX)) and k.endswith((LORA_A, LORA_B))
+                              for k in keys)
+
+
+def reads_as_diffusers(keys: Iterable[str], meta: Mapping[str, str], linears: Iterable[str]) -> bool:
+    """Whether a file is read as diffusers' layout (`diffusers_to_comfy`): a file this trainer wrote (the
+    ALPHAS_META record), or every key a LoRA key of a Linear of diffusers' models.  Other PEFT-style files
+    (e.g. `transformer.<our module path>`) keep the generic reading of networks/convert.py."""
+    keys = list(keys)
+    return ALPHAS_META in meta or (is_diffusers_layout(keys) and not unmatched_diffusers_keys(keys, linears))
 
 
 def diffusers_to_comfy(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str],

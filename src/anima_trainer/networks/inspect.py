@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from anima_trainer.networks.convert import build_meta_dit, linear_paths, read_network
-from anima_trainer.networks.diffusers_format import diffusers_to_comfy, is_diffusers_layout, unmatched_diffusers_keys
+from anima_trainer.networks.diffusers_format import diffusers_to_comfy, reads_as_diffusers, unmatched_diffusers_keys
 from anima_trainer.networks.formats import comfy_key_map, delta_weight, parse_patches, split_key
 
 KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "diff": "diff", "set": "set_weight"}
@@ -77,9 +77,9 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
     dit = dit if dit is not None else build_meta_dit()
     sd, meta = read_network(path)
     layout, diffusers_bad, file_tensors = "comfy", [], len(sd)
-    if is_diffusers_layout(sd):  # diffusers' own layout: analysed under ComfyUI names (diffusers_format.py)
-        layout, linears = "diffusers", linear_paths(dit)
-        diffusers_bad = unmatched_diffusers_keys(sd, linears)
+    linears = linear_paths(dit)
+    if reads_as_diffusers(sd, meta, linears):  # diffusers' layout: analysed under ComfyUI names
+        layout, diffusers_bad = "diffusers", unmatched_diffusers_keys(sd, linears)
         if not diffusers_bad:
             sd = diffusers_to_comfy(sd, meta, linears)[0]
     key_map = comfy_key_map(dit)
