@@ -24,6 +24,8 @@ from anima_trainer.networks import NetworkError, apply_network_file, create_netw
 from anima_trainer.networks.convert import ModuleTable, convert_state_dict, linear_paths
 from anima_trainer.networks.diffusers_format import (
     ALPHAS_META,
+    check_diffusers_compatible,
+    check_network_diffusers,
     comfy_path,
     comfy_to_diffusers,
     diffusers_stem,
@@ -189,36 +191,36 @@ def test_default_network_fuses_bit_exactly(dit, files, dit_file):
         dit.load_state_dict(base)
 
 
+KINDS = {"lora": {}, "dora": {"dora_wd": True}, "lokr": {"algo": "lokr"}, "loha": {"algo": "loha"},
+         "train_norm": {"train_norm": True}}
+
+
 def test_what_each_loader_reads(dit, tmp_path, dit_file):
-    """The measured rows of docs/formats.md's loader table (DiT side): diffusers' Anima loader refuses our
-    ComfyUI file (its `.alpha` keys), loads kohya names without error but injects nothing, refuses LoKr/LoHa;
-    ComfyUI's key rules load no key of the diffusers layout."""
-    net = create_network(dit, dim=4, alpha=1.0)
-    try:
-        randomise(net, 1)
-        comfy = net.save(tmp_path / "c.safetensors")
-        kohya = net.save(tmp_path / "k.safetensors", save_format="kohya")
-        diffusers = net.save(tmp_path / "d.safetensors", save_format="diffusers")
-    finally:
-        net.remove()
-    lyco = {}
-    for algo in ("lokr", "loha"):
-        n = create_network(dit, algo=algo, dim=4, alpha=1.0)
-        try:
-            lyco[algo] = n.save(tmp_path / f"{algo}.safetensors")
-        finally:
-            n.remove()
+    """The measured rows of docs/formats.md's loader table (DiT side).  diffusers' Anima loader: every ComfyUI-
+    named file is refused ("Invalid LoRA checkpoint": `.alpha`, `lokr_*`, `hada_*`, `w_norm` keys lack "lora";
+    DoRA's dora_scale is dropped with a warning first); every kohya-named file loads without error and injects
+    nothing; the diffusers layout injects every module.  ComfyUI's key rules: comfy and kohya names load, no key
+    of the diffusers layout does."""
     pipe = pipeline(dit_file)
-    for f in (comfy, lyco["lokr"], lyco["loha"]):
+    for kind, kwargs in KINDS.items():
+        net = create_network(dit, dim=4, alpha=1.0, **kwargs)
+        try:
+            randomise(net, 1)
+            comfy = net.save(tmp_path / f"{kind}_c.safetensors")
+            kohya = net.save(tmp_path / f"{kind}_k.safetensors", save_format="kohya")
+            if kind == "lora":
+                diffusers = net.save(tmp_path / "d.safetensors", save_format="diffusers")
+        finally:
+            net.remove()
         with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
-            pipe.load_lora_weights(str(f))
-    pipe.load_lora_weights(str(kohya), adapter_name="kohya")
-    assert lora_layers(pipe) == {}
-    pipe.load_lora_weights(str(diffusers), adapter_name="ours")
+            pipe.load_lora_weights(str(comfy))
+        pipe.load_lora_weights(str(kohya))
+        assert lora_layers(pipe) == {}, kind
+        assert unmatched_keys(read(comfy)[0], dit) == unmatched_keys(read(kohya)[0], dit) == []
+    pipe.load_lora_weights(str(diffusers))
     assert len(lora_layers(pipe)) == 20
     keys = list(read(diffusers)[0])
     assert unmatched_keys(keys, dit) == sorted(keys)  # ComfyUI: "lora key not loaded" for every key
-    assert unmatched_keys(read(comfy)[0], dit) == unmatched_keys(read(kohya)[0], dit) == []
 
 
 # ----------------------------------------------------------------------------------------- round trips --
@@ -322,10 +324,24 @@ def test_save_refuses_what_the_layout_cannot_carry(dit, tmp_path, kind, kwargs, 
     try:
         with pytest.raises(NetworkError) as e:
             net.save(tmp_path / "x.safetensors", save_format="diffusers")
+        with pytest.raises(NetworkError) as at_start:  # what training calls after building the network
+            check_network_diffusers(net)
     finally:
         net.remove()
-    assert words in str(e.value) and 'save_format = "comfy"' in str(e.value)
+    for err in (e, at_start):
+        assert words in str(err.value) and 'save_format = "comfy"' in str(err.value)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_start_up_check_passes_lora_and_refuses_text_encoder_modules(dit):
+    net = create_network(dit, **ALL_TARGETS)
+    try:
+        check_network_diffusers(net)
+    finally:
+        net.remove()
+    with pytest.raises(NetworkError, match=r"text-encoder modules \(diffusers' Anima loader \(AnimaLoraLoaderMixin\) "
+                                           r"has no Qwen3 text encoder; train with network_train_unet_only = true\)"):
+        check_diffusers_compatible("lora", {}, text_encoder=True)
 
 
 def test_conversion_refusals_name_modules_and_the_alternative(fixture_dir, tmp_path, capsys):
