@@ -171,7 +171,7 @@ def test_diffusers_loads_every_key_and_fuses_to_comfyuis_merge(dit, files, comfy
         if name not in patched:
             assert err == 0.0, name
         worst = max(worst, err)
-    assert worst <= 1e-5, worst
+    assert worst <= 1e-5, worst  # measured: 1.5e-8 (the 10-block fixture DiT: 3e-8)
 
 
 def test_default_network_fuses_bit_exactly(dit, files, dit_file):
