@@ -238,6 +238,11 @@ def test_comfy_diffusers_comfy_round_trip(files, tmp_path, dit_file):
                 assert a.dtype == b.dtype and torch.equal(a, b), k
             else:
                 assert (a - b).abs().max() <= 2e-7 * a.abs().max(), k
+    # through kohya names too: diffusers → kohya → comfy
+    kohya = _convert(files["default"]["diffusers"], tmp_path / "k.safetensors", dit_file, "kohya")
+    (ta, ma), (tb, mb) = read(files["default"]["comfy"]), read(_convert(kohya, tmp_path / "kc.safetensors", dit_file,
+                                                                        "comfy"))
+    assert sorted(ta) == sorted(tb) and ma == mb and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def _convert(src, dst, dit_file, to, *extra):
@@ -369,4 +374,8 @@ def test_config_refuses_diffusers_with_what_it_cannot_carry(tmp_path):
     assert "train.toml line 1" in str(e.value) and 'save_format = "comfy"' in str(e.value)
     with pytest.raises(ConfigError, match="dora_wd"):
         parse_train_args([*required, "--save_format", "diffusers", "--network_args", "dora_wd=true"])
+    with pytest.raises(ConfigError, match="sd-scripts-anima turns it on by default: set train_norm = false"):
+        parse_train_args([*required, "--save_format", "diffusers", "--sd_scripts_anima_defaults", "true"])
+    assert parse_train_args([*required, "--save_format", "diffusers", "--sd_scripts_anima_defaults", "true",
+                             "--train_norm", "false"]).save_format == "diffusers"
     assert parse_train_args([*required, "--save_format", "diffusers"]).save_format == "diffusers"
