@@ -210,6 +210,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
     from anima_trainer.models.checkpoint import expect_kind
     from anima_trainer.networks import apply_network_file
+    from anima_trainer.networks.convert import comfy_named_file
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png
 
     import torch
@@ -230,7 +231,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         expect_kind(f, "--network", ("network",))
     dit = load_dit(args.dit, dtype=dtype, device=device, adapter_path=args.llm_adapter_path)
     for f, m in zip(args.network, muls, strict=True):
-        report = apply_network_file(dit, f, multiplier=m)
+        with comfy_named_file(f, dit) as comfy:  # a file in diffusers' layout: read under ComfyUI names
+            report = apply_network_file(dit, comfy, multiplier=m)
         if report["not_loaded"]:
             print(f"warning: {f}: {len(report['not_loaded'])} keys ComfyUI would not load either: "
                   f"{report['not_loaded'][:5]}", file=sys.stderr)

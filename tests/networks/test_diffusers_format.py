@@ -32,6 +32,7 @@ from anima_trainer.networks.diffusers_format import (
     unmatched_diffusers_keys,
 )
 from anima_trainer.networks.formats import unmatched_keys
+from anima_trainer.networks.merge import merge_base_weights
 from anima_trainer.networks.rebuild import create_network_from_weights
 from tests.support.diffusers_oracle import load_diffusers_oracle, map_key
 
@@ -281,13 +282,22 @@ def test_network_weights_and_dim_from_weights_read_the_diffusers_file(dit, files
         net.remove()
 
 
-def test_merge_and_inspect_read_the_diffusers_file(files, tmp_path, dit_file, capsys):
+def test_merge_and_inspect_read_the_diffusers_file(dit, files, tmp_path, dit_file, capsys):
     merged = {}
     for layout in ("comfy", "diffusers"):
         out = tmp_path / f"m_{layout}.safetensors"
         assert main(["merge", "--dit", str(dit_file), "--network", str(files["default"][layout]),
                      "--out", str(out)]) == 0
         merged[layout] = read(out)[0]
+    assert all(torch.equal(merged["comfy"][k], merged["diffusers"][k]) for k in merged["comfy"])
+    base = {k: v.clone() for k, v in dit.state_dict().items()}
+    try:  # base_weights (and `sample --network`) read it the same way
+        for layout in ("comfy", "diffusers"):
+            dit.load_state_dict(base)
+            assert merge_base_weights(dit, [files["default"][layout]])[0][2] == 20
+            merged[layout] = {k: v.clone() for k, v in dit.state_dict().items()}
+    finally:
+        dit.load_state_dict(base)
     assert all(torch.equal(merged["comfy"][k], merged["diffusers"][k]) for k in merged["comfy"])
     capsys.readouterr()
     assert main(["inspect", str(files["all"]["diffusers"]), "--dit", str(dit_file)]) == 0

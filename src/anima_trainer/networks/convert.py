@@ -21,9 +21,11 @@ Suffix policy (documented in docs/formats.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,20 +298,25 @@ def parse_network_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _comfy_named_file(path: str | Path, dit: nn.Module, tmp: Path) -> Path:
-    """`path`, or for a file in diffusers' layout (which ComfyUI's rules do not read) a ComfyUI-named copy at
-    `tmp` (a scratch file, deleted with its folder)."""
+@contextlib.contextmanager
+def comfy_named_file(path: str | Path, dit: nn.Module) -> Iterator[Path]:
+    """`path`, or for a file in diffusers' layout (which ComfyUI's rules, i.e. `apply_network_file`, do not
+    read) a ComfyUI-named copy with its alphas restored, in a scratch folder removed on exit.  For the tools that
+    apply files (merge, sample, base_weights)."""
     from anima_trainer.networks.diffusers_format import reads_as_diffusers
 
     sd, meta = read_network(path)
     if not reads_as_diffusers(sd, meta, linear_paths(dit)):
-        return Path(path)
+        yield Path(path)
+        return
     try:
         out, _ = convert_state_dict(sd, meta, "comfy", ModuleTable.from_dit(dit))
     except NetworkError as e:
-        raise NetworkError(f"{path}: {e}; nothing written") from None
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
-    return tmp
+        raise NetworkError(f"{path}: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / Path(path).name
+        save_file({k: v.contiguous() for k, v in out.items()}, str(copy))
+        yield copy
 
 
 def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str | Path, *,
@@ -349,14 +356,13 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     load_dtype = dtypes[max(float_counts, key=float_counts.get)] if float_counts else torch.float32
     dit = load_dit(base, dtype=load_dtype, flag="--dit")
     reports = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (f, mul) in enumerate(networks):
-            report = apply_network_file(dit, _comfy_named_file(f, dit, Path(tmp) / f"{i}.safetensors"),
-                                        multiplier=mul)
-            if report["errors"]:
-                raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
-                                   f"{dict(list(report['errors'].items())[:3])}")
-            reports[f] = report
+    for f, mul in networks:
+        with comfy_named_file(f, dit) as comfy:  # diffusers' layout: read under ComfyUI names
+            report = apply_network_file(dit, comfy, multiplier=mul)
+        if report["errors"]:
+            raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
+                               f"{dict(list(report['errors'].items())[:3])}")
+        reports[f] = report
     state = dit.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(base), "pt") as fh:
