@@ -34,7 +34,9 @@ from anima_trainer.networks.diffusers_format import (
 from anima_trainer.networks.formats import unmatched_keys
 from anima_trainer.networks.merge import merge_base_weights
 from anima_trainer.networks.rebuild import create_network_from_weights
+from anima_trainer.demo import write_demo_configs
 from tests.support.diffusers_oracle import load_diffusers_oracle, map_key
+from tests.train.conftest import setup  # noqa: F401 - the demo models and shapes dataset (a fixture)
 
 # every optional DiT target group plus the LLM adapter, and two ranks: all of diffusers' module names are used
 ALL_TARGETS = {"train_llm_adapter": True, "train_adaln": True, "train_final_layer": True, "train_embedders": True,
@@ -389,3 +391,35 @@ def test_config_refuses_diffusers_with_what_it_cannot_carry(tmp_path):
     assert parse_train_args([*required, "--save_format", "diffusers", "--sd_scripts_anima_defaults", "true",
                              "--train_norm", "false"]).save_format == "diffusers"
     assert parse_train_args([*required, "--save_format", "diffusers"]).save_format == "diffusers"
+
+
+# ------------------------------------------------------------------------------------------- training --
+
+def test_a_training_run_saves_what_diffusers_loads(setup, tmp_path):
+    """`save_format = "diffusers"` in a real run (the demo config, alpha 4 on dim 8: scale 1/2, plus the LLM
+    adapter): the final file loads in diffusers' loader with every module injected and fuses to ComfyUI's merge
+    of the same network; network_weights reads it back into the same factors."""
+    from anima_trainer.train.loop import run_training
+
+    toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 2, seed=2)
+    cfg = parse_train_args(["--config_file", str(toml), "--save_format", "diffusers", "--network_alpha", "4",
+                            "--network_args", "train_llm_adapter=true"])
+    run = run_training(cfg)
+    tensors, meta = read(run.final_path)
+    assert all(k.startswith(("transformer.", "text_conditioner.")) for k in tensors) and "ss_network_dim" in meta
+    assert all(m.lora_up.weight.abs().max() > 0 for m in run.network.lora_modules)  # trained: every ΔW ≠ 0
+    comfy = run.network.save(tmp_path / "comfy.safetensors")
+    dit_path = setup["models"]["dit"]
+    merged = load_dit(dit_path, dtype=torch.float32)
+    apply_network_file(merged, comfy)
+    pipe = pipeline(dit_path)
+    pipe.load_lora_weights(str(run.final_path))
+    assert len(lora_layers(pipe)) == len(run.network.lora_modules) == len(tensors) // 2
+    pipe.fuse_lora()
+    for m in run.network.lora_modules:  # scale 1/2 is a power of two: bit-exact
+        assert torch.equal(fused_in_diffusers(pipe, m.path + ".weight"), merged.state_dict()[m.path + ".weight"])
+    fresh = create_network(load_dit(dit_path, dtype=torch.float32), dim=8, alpha=4.0, train_llm_adapter=True)
+    fresh.load_weights(run.final_path)
+    for a, b in zip(fresh.lora_modules, run.network.lora_modules, strict=True):
+        assert a.path == b.path and all(torch.equal(p, q) for p, q in zip(a.tensors().values(),
+                                                                          b.tensors().values(), strict=True))
