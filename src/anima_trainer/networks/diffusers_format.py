@@ -44,6 +44,7 @@ from anima_trainer.networks.convert import (
     linear_paths,
 )
 from anima_trainer.networks.formats import COMFY_PREFIX, LORA_SPELLINGS, NetworkError, alpha_value
+from anima_trainer.networks.inject import parse_bool
 
 ADAPTER_PREFIX = "llm_adapter."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -86,10 +87,6 @@ def comfy_path(stem: str) -> str | None:
     return None
 
 
-def _on(value: Any) -> bool:
-    return str(value).strip().lower() in ("true", "1", "yes", "on")
-
-
 def check_diffusers_compatible(algo: str, network_args: Mapping[str, Any] | None = None, *,
                                text_encoder: bool = False, option: str = 'save_format = "diffusers"') -> None:
     """NetworkError when a network of this kind cannot be written in diffusers' layout; call it at start-up
@@ -100,9 +97,9 @@ def check_diffusers_compatible(algo: str, network_args: Mapping[str, Any] | None
         what.append(f"network_module {algo} ({LOADER} reads only LoRA lora_A/lora_B keys)")
     elif algo != "lora":
         what.append(f"network_module {algo}")
-    if _on(args.get("dora_wd", False)):
+    if parse_bool("dora_wd", args.get("dora_wd", False)):
         what.append("network_args dora_wd (DoRA: diffusers drops dora_scale, which changes the result)")
-    if _on(args.get("train_norm", False)):
+    if parse_bool("train_norm", args.get("train_norm", False)):
         what.append("train_norm (norm-gain diffs have no LoRA key in diffusers' layout; sd-scripts-anima turns it "
                     "on by default: set train_norm = false)")
     if text_encoder:
