@@ -87,13 +87,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit", default=None, help="network files: take module names/shapes from this DiT's header "
                    "(default: the 28-block 2B layout)")
 
-    p = sub.add_parser("convert-network", help="rename an adapter file between ComfyUI and kohya names (lossless)",
+    p = sub.add_parser("convert-network", help="rename an adapter file between ComfyUI, kohya and diffusers names",
                        description="ComfyUI names: diffusion_model.<module path>.<suffix>; kohya names: "
-                       "lora_unet_<module_path>.<suffix>.  PEFT/diffusers inputs (lora_A/lora_B, transformer., "
+                       "lora_unet_<module_path>.<suffix> (both lossless); diffusers: the layout diffusers' Anima "
+                       "loader reads (transformer./text_conditioner. lora_A/lora_B, alpha/rank folded into lora_B; "
+                       "LoRA only).  PEFT/diffusers inputs (lora_A/lora_B, transformer., text_conditioner., "
                        "base_model.model., Cosmos transformer_blocks.N...) are read too.  See docs/formats.md.")
     p.add_argument("input", help="adapter .safetensors (ComfyUI, kohya, PEFT or diffusers names)")
     p.add_argument("output", help="where to write the renamed file")
-    p.add_argument("--to", choices=("comfy", "kohya"), required=True, help="the naming to write")
+    p.add_argument("--to", choices=("comfy", "kohya", "diffusers"), required=True, help="the naming to write")
     p.add_argument("--dit", default=None, help="read the model layout from this DiT checkpoint's header "
                    "(default: the 28-block 2B layout)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -210,6 +212,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
     from anima_trainer.models.checkpoint import expect_kind
     from anima_trainer.networks import apply_network_file
+    from anima_trainer.networks.convert import comfy_named_file
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png
 
     import torch
@@ -230,7 +233,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         expect_kind(f, "--network", ("network",))
     dit = load_dit(args.dit, dtype=dtype, device=device, adapter_path=args.llm_adapter_path)
     for f, m in zip(args.network, muls, strict=True):
-        report = apply_network_file(dit, f, multiplier=m)
+        with comfy_named_file(f, dit) as comfy:  # a file in diffusers' layout: read under ComfyUI names
+            report = apply_network_file(dit, comfy, multiplier=m)
         if report["not_loaded"]:
             print(f"warning: {f}: {len(report['not_loaded'])} keys ComfyUI would not load either: "
                   f"{report['not_loaded'][:5]}", file=sys.stderr)

@@ -41,7 +41,7 @@ from anima_trainer.networks.inject import (
 )
 
 logger = logging.getLogger(__name__)
-SAVE_FORMATS = ("comfy", "kohya")
+SAVE_FORMATS = ("comfy", "kohya", "diffusers")
 
 
 class HookedModule(nn.Module):
@@ -448,6 +448,9 @@ class AdapterNetwork(nn.Module):
         (`diffusion_model.<path>`) or, with save_format="kohya", `lora_unet_<path with _>`."""
         if save_format not in SAVE_FORMATS:
             raise NetworkError(f"save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
+        if save_format == "diffusers":  # diffusers' layout (scale folded into lora_B): networks/diffusers_format.py
+            from anima_trainer.networks.diffusers_format import diffusers_tensors
+            return diffusers_tensors(self, dtype)[0]
         dtype = dtype or torch.float32
 
         def name(path: str) -> str:
@@ -488,7 +491,11 @@ class AdapterNetwork(nn.Module):
         written, e.g. beyond fp16's range after the cast; checked against ComfyUI's key rules before the file
         takes `path`'s name.
 
-        save_format: "comfy" (`diffusion_model.*`, default) or "kohya" (`lora_unet_*`); both load in ComfyUI."""
+        save_format: "comfy" (`diffusion_model.*`, default) or "kohya" (`lora_unet_*`); both load in ComfyUI;
+        "diffusers": diffusers' Anima loader's layout (LoRA only; ComfyUI does not read it)."""
+        if save_format == "diffusers":  # its own layout and key check: networks/diffusers_format.py
+            from anima_trainer.networks.diffusers_format import save_diffusers
+            return save_diffusers(self, path, metadata=metadata, dtype=dtype, overwrite=overwrite)
         path = Path(path)
         if path.suffix != ".safetensors":
             raise NetworkError(f"{path}: network files are .safetensors")

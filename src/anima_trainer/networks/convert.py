@@ -21,18 +21,21 @@ Suffix policy (documented in docs/formats.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
-from anima_trainer.models.diffusers_layout import DIFFUSERS_BLOCK, DIFFUSERS_TOP  # noqa: F401 (re-exported)
-from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as _diffusers_to_comfy
+from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as diffusers_to_comfy_path
 from anima_trainer.networks.hashes import with_hashes  # issue 15 (metadata)
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, KOHYA_PREFIX, NetworkError, check_comfy_keys
 
@@ -45,6 +48,14 @@ SOURCE_SUFFIXES = tuple(sorted(set(ALL_SUFFIXES) | set(PEFT_SUFFIXES), key=len, 
 # outer prefixes of PEFT / diffusers / checkpoint-style names, stripped in this order (each at most once)
 OUTER_PREFIXES = ("base_model.model.",)
 INNER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "net.")
+# diffusers' Anima pipeline components (networks/diffusers_format.py): the DiT under diffusers' names, and the
+# LLM adapter (`llm_adapter.*` here) under its own names
+TRANSFORMER_PREFIX, CONDITIONER_PREFIX = "transformer.", "text_conditioner."
+
+def linear_paths(dit: nn.Module) -> frozenset[str]:
+    """Module paths of every Linear of the DiT (LoRA in diffusers' layout exists only for those)."""
+    return frozenset(n for n, m in dit.named_modules() if isinstance(m, nn.Linear))
+
 
 def build_meta_dit(dit_file: str | Path | None = None) -> nn.Module:
     """An AnimaDiT on the meta device (names and shapes only): the 2B config, or the config of `dit_file`."""
@@ -66,6 +77,7 @@ class ModuleTable:
     modules: frozenset[str]
     others: frozenset[str]
     kohya: dict[str, str]  # `M` with `_` → `M`
+    linears: frozenset[str] = frozenset()  # the `M` that are nn.Linear (diffusers' layout has LoRA only there)
 
     @classmethod
     def from_dit(cls, dit: nn.Module) -> ModuleTable:
@@ -78,7 +90,7 @@ class ModuleTable:
             if flat in kohya:  # cannot happen for AnimaDiT; guards against a future ambiguous name
                 raise NetworkError(f"modules {kohya[flat]} and {m} have the same kohya name {flat}")
             kohya[flat] = m
-        return cls(modules, others, kohya)
+        return cls(modules, others, kohya, linear_paths(dit))
 
     def resolve(self, stem: str) -> tuple[str, str] | None:
         """(ComfyUI path, source style 'comfy'|'kohya'|'peft') of a key stem, or None."""
@@ -86,6 +98,9 @@ class ModuleTable:
             m = self.kohya.get(stem[len(KOHYA_PREFIX):])
             return (m, "kohya") if m else None
         rest, style, outer = stem, "peft", False
+        if rest.startswith(CONDITIONER_PREFIX):  # diffusers' AnimaTextConditioner = the DiT's llm_adapter
+            path = "llm_adapter." + rest[len(CONDITIONER_PREFIX):]
+            return (path, "peft") if path in self.modules or path in self.others else None
         for p in OUTER_PREFIXES:
             if rest.startswith(p):
                 rest, outer = rest[len(p):], True
@@ -97,7 +112,7 @@ class ModuleTable:
                 break
         if rest in self.modules or rest in self.others:
             return rest, style
-        mapped = _diffusers_to_comfy(rest)
+        mapped = diffusers_to_comfy_path(rest)
         if mapped is not None and mapped in self.modules:
             return mapped, "peft"
         return None
@@ -126,9 +141,18 @@ def read_network(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: str,
                        table: ModuleTable) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Rename every key of an adapter state dict to ComfyUI (`to="comfy"`) or kohya (`to="kohya"`) names."""
-    if to not in ("comfy", "kohya"):
-        raise NetworkError(f"--to must be 'comfy' or 'kohya', got {to!r}")
+    """Rename every key of an adapter state dict to ComfyUI (`to="comfy"`), kohya (`to="kohya"`) or diffusers'
+    layout (`to="diffusers"`: networks/diffusers_format.py, the scale folded into lora_B)."""
+    if to not in ("comfy", "kohya", "diffusers"):
+        raise NetworkError(f"--to must be 'comfy', 'kohya' or 'diffusers', got {to!r}")
+    from anima_trainer.networks import diffusers_format as dfmt
+
+    if to == "diffusers":
+        comfy, meta = convert_state_dict(sd, meta, "comfy", table)
+        out, extra = dfmt.comfy_to_diffusers(comfy, table.linears)
+        return out, {**{k: v for k, v in meta.items() if k != LORA_AB_META}, **extra}
+    if dfmt.reads_as_diffusers(sd, meta, table.linears):  # diffusers' layout: alphas from our record, else 1
+        sd, meta = dfmt.diffusers_to_comfy(sd, meta, table.linears)
     parsed, unknown = {}, []
     for key in sd:
         hit = parse_key(key, table)
@@ -187,7 +211,8 @@ def read_comfy_named(path: str | Path, dit: nn.Module) -> dict[str, torch.Tensor
 
 def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module | None = None,
                     overwrite: bool = False) -> dict:
-    """Convert one file; returns {"keys": n, "written": path}.  ComfyUI output is checked with check_comfy_keys."""
+    """Convert one file; returns {"keys": n, "written": path}.  ComfyUI/kohya output is checked with
+    check_comfy_keys, diffusers output with diffusers_format.check_diffusers_keys (ComfyUI does not read it)."""
     dst = Path(dst)
     check_writable(dst, overwrite)
     if Path(src).resolve() == dst.resolve():
@@ -199,10 +224,14 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
         out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit))
     except NetworkError as e:
         raise NetworkError(f"{e}; nothing written") from e
-    check_comfy_keys(list(out), dit)  # both spellings must still load in ComfyUI; before anything is written
+    if to == "diffusers":
+        from anima_trainer.networks.diffusers_format import check_diffusers_keys as key_check
+    else:
+        key_check = check_comfy_keys
+    key_check(list(out), dit)  # both spellings must still load in ComfyUI (diffusers); before anything is written
 
     def check(tmp: Path) -> None:  # the written file, before it takes dst's name
-        check_comfy_keys(tmp, dit)
+        key_check(tmp, dit)
         check_writable(dst, overwrite)
 
     check_writable(dst, overwrite)
@@ -236,6 +265,27 @@ def parse_network_arg(text: str) -> tuple[str, float]:
                                f"{head}:0.8 (a file whose name ends in ':{tail}': add ':1')")
         return head, mul
     return text, 1.0
+
+
+@contextlib.contextmanager
+def comfy_named_file(path: str | Path, dit: nn.Module) -> Iterator[Path]:
+    """`path`, or for a file in diffusers' layout (which ComfyUI's rules, i.e. `apply_network_file`, do not
+    read) a ComfyUI-named copy with its alphas restored, in a scratch folder removed on exit.  For the tools that
+    apply files (merge, sample, base_weights)."""
+    from anima_trainer.networks.diffusers_format import reads_as_diffusers
+
+    sd, meta = read_network(path)
+    if not reads_as_diffusers(sd, meta, linear_paths(dit)):
+        yield Path(path)
+        return
+    try:
+        out, _ = convert_state_dict(sd, meta, "comfy", ModuleTable.from_dit(dit))
+    except NetworkError as e:
+        raise NetworkError(f"{path}: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / Path(path).name
+        save_file({k: v.contiguous() for k, v in out.items()}, str(copy))
+        yield copy
 
 
 def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str | Path, *,
@@ -280,7 +330,8 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     dit = load_dit(base, dtype=load_dtype, flag="--dit")
     reports = {}
     for f, mul in networks:
-        report = apply_network_file(dit, f, multiplier=mul)
+        with comfy_named_file(f, dit) as comfy:  # diffusers' layout: read under ComfyUI names
+            report = apply_network_file(dit, comfy, multiplier=mul)
         if report["errors"]:
             raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
                                f"{dict(list(report['errors'].items())[:3])}")

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anima_trainer.networks.convert import build_meta_dit, read_network
+from anima_trainer.networks.convert import build_meta_dit, linear_paths, read_network
+from anima_trainer.networks.diffusers_format import diffusers_to_comfy, reads_as_diffusers, unmatched_diffusers_keys
 from anima_trainer.networks.metadata_report import format_metadata_report, metadata_report
 from anima_trainer.networks.formats import comfy_key_map, delta_weight, parse_patches, split_key
 
@@ -76,6 +77,12 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
     """
     dit = dit if dit is not None else build_meta_dit()
     sd, meta = read_network(path)
+    layout, diffusers_bad, file_tensors = "comfy", [], len(sd)
+    linears = linear_paths(dit)
+    if reads_as_diffusers(sd, meta, linears):  # diffusers' layout: analysed under ComfyUI names
+        layout, diffusers_bad = "diffusers", unmatched_diffusers_keys(sd, linears)
+        if not diffusers_bad:
+            sd = diffusers_to_comfy(sd, meta, linears)[0]
     key_map = comfy_key_map(dit)
     patches, loaded = parse_patches(sd, key_map)
     params = dict(dit.state_dict(keep_vars=True))
@@ -131,12 +138,13 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
     zero_branches = sorted(t for t, e in modules.items() if e.get("delta_norm") == 0.0)
     norm_diffs = sorted(t for t, p in params.items() if t in patches and p.dim() == 1)
     by_group = Counter(e["group"] for e in modules.values())
-    unknown = sorted(set(sd) - loaded)
+    unknown = diffusers_bad or sorted(set(sd) - loaded)
     broken = []
     if nonfinite:
         broken.append(f"{sum(nonfinite.values())} NaN/Inf value(s) in {len(nonfinite)} tensor(s)")
     if unknown:
-        broken.append(f"{len(unknown)} key(s) ComfyUI would not load")
+        loader = "diffusers' Anima loader" if layout == "diffusers" else "ComfyUI"
+        broken.append(f"{len(unknown)} key(s) {loader} would not load")
     if shape_errors:
         broken.append(f"{len(shape_errors)} patch(es) do not fit the model's weights")
     if duplicates:
@@ -150,9 +158,9 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
     alphas = Counter(e["alpha"] for e in modules.values() if "rank" in e)
     scales = Counter(e["scale"] for e in modules.values() if "rank" in e)
     return {
-        "file": str(path), "kind": "network",
+        "file": str(path), "kind": "network", "layout": layout,
         "algorithms": sorted({e["algorithm"] for e in modules.values()}),
-        "tensors": len(sd), "modules": len(modules),
+        "tensors": file_tensors, "modules": len(modules),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {str(k): v for k, v in alphas.items()},
         "scales": {f"{k:g}": v for k, v in scales.items()},
@@ -172,6 +180,10 @@ def format_report(r: dict) -> str:
     """Human-readable text for `anima-trainer inspect` (JSON with --json)."""
     lines = [(f"{r['file']}: network file, {', '.join(r['algorithms']) or 'no patches'}; "
               f"{r['modules']} module(s) from {r['tensors']} tensor(s)")]
+    if r.get("layout") == "diffusers":
+        lines.append("  layout: diffusers (transformer./text_conditioner. lora_A/lora_B, alpha/rank folded into "
+                     "lora_B; shown below under ComfyUI names): diffusers' Anima loader reads it, ComfyUI and kohya "
+                     "do not (convert-network --to comfy)")
     if r["ranks"]:
         lines.append(f"  ranks: {r['ranks']}  alphas: {r['alphas']}  scales: {r['scales']}")
     lines.append("  targets: " + ", ".join(f"{g} {n}" for g, n in r["targets_by_group"].items()))
@@ -198,5 +210,6 @@ def format_report(r: dict) -> str:
         lines.append(f"  shape error {t}: {msg}")
     for w in r["warnings"]:
         lines.append(f"  warning: {w}")
-    lines.append("  BROKEN: " + "; ".join(r["broken"]) if r["broken"] else "  OK: ComfyUI loads every key")
+    loader = "diffusers' Anima loader" if r.get("layout") == "diffusers" else "ComfyUI"
+    lines.append("  BROKEN: " + "; ".join(r["broken"]) if r["broken"] else f"  OK: {loader} loads every key")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from anima_trainer.networks.convert import comfy_named_file
 from anima_trainer.networks.formats import NetworkError, apply_network_file
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def merge_base_weights(dit: nn.Module, files: Sequence[str | Path],
     for path, m in zip(files, base_weight_multipliers(files, multipliers), strict=True):
         path = Path(path)
         try:
-            report = apply_network_file(dit, path, m)
+            with comfy_named_file(path, dit) as comfy:  # a file in diffusers' layout: under ComfyUI names
+                report = apply_network_file(dit, comfy, m)
         except NetworkError as e:
             raise NetworkError(f"base_weights: {e}") from None
         problems = []

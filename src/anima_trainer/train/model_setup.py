@@ -58,6 +58,10 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     except ValueError as e:
         raise ConfigError(f"memory options: {e}") from None
     network = build_network(cfg, dit)
+    if cfg.save_format == "diffusers":  # issue 15: what that layout cannot carry fails now, not at the first save
+        from anima_trainer.networks.diffusers_format import check_network_diffusers
+
+        check_network_diffusers(network)
     try:
         check_network_fp8(dit, network)
     except ValueError as e:
