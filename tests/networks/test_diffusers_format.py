@@ -234,7 +234,13 @@ def test_comfy_diffusers_comfy_round_trip(files, tmp_path, dit_file):
     for name in ("default", "all"):
         src, back = files[name]["comfy"], tmp_path / f"{name}_back.safetensors"
         (ta, ma), (tb, mb) = read(src), read(_convert(files[name]["diffusers"], back, dit_file, "comfy"))
-        assert sorted(ta) == sorted(tb) and ma == mb
+        assert sorted(ta) == sorted(tb)
+        if name == "default":
+            assert ma == mb
+        else:  # lora_up differs by one fp32 rounding, so the hashes of the tensors (recomputed) differ too
+            hashes = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+            assert {k: v for k, v in ma.items() if k not in hashes} == {k: v for k, v in mb.items() if k not in hashes}
+            assert ma["sshs_model_hash"] != mb["sshs_model_hash"]
         for k, a in ta.items():
             b = tb[k]
             if name == "default" or not k.endswith(".lora_up.weight"):

@@ -260,6 +260,7 @@ def save_diffusers(network: Any, path: str | Path, *, metadata: dict[str, str] |
     """AdapterNetwork.save for save_format "diffusers": refused before anything is written when the network
     has parts the layout cannot carry; atomic write; the written file's keys checked against diffusers' models."""
     from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable
+    from anima_trainer.networks.hashes import with_hashes
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -273,8 +274,8 @@ def save_diffusers(network: Any, path: str | Path, *, metadata: dict[str, str] |
         check_writable(path, overwrite)
 
     try:
-        return atomic_save(tensors, path, {**network.metadata(metadata), **extra}, what="network file ",
-                           check=check)
+        return atomic_save(tensors, path, with_hashes(tensors, {**network.metadata(metadata), **extra}),
+                           what="network file ", check=check)
     except NonFiniteError as e:
         if dtype not in (None, torch.float32):
             name = str(dtype).removeprefix("torch.")
