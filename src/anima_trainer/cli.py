@@ -240,7 +240,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from anima_trainer.fileio import check_writable
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
     from anima_trainer.models.checkpoint import expect_kind
-    from anima_trainer.networks import apply_network_file
+    from anima_trainer.networks import apply_network_file, apply_text_encoder_file, comfy_skipped_keys
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png
 
     import torch
@@ -260,13 +260,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for f in args.network:
         expect_kind(f, "--network", ("network",))
     dit = load_dit(args.dit, dtype=dtype, device=device, adapter_path=args.llm_adapter_path)
-    for f, m in zip(args.network, muls, strict=True):
-        report = apply_network_file(dit, f, multiplier=m)
-        if report["not_loaded"]:
-            print(f"warning: {f}: {len(report['not_loaded'])} keys ComfyUI would not load either: "
-                  f"{report['not_loaded'][:5]}", file=sys.stderr)
     te = load_text_encoder(args.qwen3, tokenizer_dir=args.qwen3_tokenizer, t5_tokenizer_dir=args.t5_tokenizer,
                            dtype=dtype, device=device)
+    for f, m in zip(args.network, muls, strict=True):
+        report = apply_network_file(dit, f, multiplier=m)
+        te_report = apply_text_encoder_file(te.model, f, multiplier=m)  # its text-encoder modules (LoraLoader)
+        not_loaded = sorted(set(report["not_loaded"]) & set(te_report["not_loaded"]))
+        if not_loaded:
+            print(f"warning: {f}: {len(not_loaded)} keys ComfyUI would not load either: {not_loaded[:5]}",
+                  file=sys.stderr)
+        skipped = comfy_skipped_keys(set(report["not_loaded"]) - set(te_report["not_loaded"]))
+        if skipped:
+            print(f"note: {f}: its text-encoder modules use kohya's lora_te_* names: applied here, but ComfyUI "
+                  "skips them (convert-network --to comfy)", file=sys.stderr)
     vae = load_vae(args.vae, dtype=dtype, device=device)
     image = generate_image(dit, te, vae, params, progress=not args.no_progress)
     print(save_png(image, params, args.out, overwrite=args.overwrite))

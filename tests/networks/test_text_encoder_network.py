@@ -365,3 +365,31 @@ def test_apply_text_encoder_file_math_is_formats(qwen3, tmp_path):
     report = apply_text_encoder_file(qwen3, tmp_path / "one.safetensors", 0.5)
     assert report["patched"] == ["layers.1.self_attn.o_proj.weight"]
     torch.testing.assert_close(qwen3.layers[1].self_attn.o_proj.weight, w0 + 0.5 * 0.5 * up @ down)
+
+
+def test_sample_command_applies_the_text_encoder_modules(tmp_path, capsys):
+    """`sample --network` merges a file's text-encoder modules into Qwen3 too (ComfyUI's LoraLoader does)."""
+    from anima_trainer.demo import write_demo_models
+    from anima_trainer.models import load_dit
+
+    models = write_demo_models(tmp_path / "models")
+    dit = load_dit(models["dit"], dtype=torch.float32)
+    qwen3 = load_qwen3(models["qwen3"], dtype=torch.float32)
+    net = create_network(dit, "lora", 4, 4.0, text_encoder=qwen3, train_dit=False)
+    randomise(net, seed=5)
+    te_only = net.save(tmp_path / "te_only.safetensors")
+
+    def sample(out, *extra):
+        return main(["sample", "--dit", str(models["dit"]), "--qwen3", str(models["qwen3"]), "--vae",
+                     str(models["vae"]), "--qwen3_tokenizer", str(models["tokenizers"]), "--prompt", "a red circle",
+                     "--steps", "2", "--width", "32", "--height", "32", "--seed", "1", "--no_progress", "--out",
+                     str(tmp_path / out), *extra])
+
+    assert sample("base.png") == 0
+    assert sample("zero.png", "--network", str(te_only), "--network_mul", "0") == 0
+    assert sample("te.png", "--network", str(te_only)) == 0
+    assert "would not load" not in capsys.readouterr().err
+    from PIL import Image
+
+    pixels = [Image.open(tmp_path / f).tobytes() for f in ("base.png", "zero.png", "te.png")]
+    assert pixels[0] == pixels[1] and pixels[2] != pixels[0]
