@@ -88,8 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-network", help="rename an adapter file between ComfyUI and kohya names (lossless)",
                        description="ComfyUI names: diffusion_model.<module path>.<suffix> (text encoder: "
                        "text_encoders.qwen3_06b.transformer.model.<path>.<suffix>); kohya names: "
-                       "lora_unet_<module_path>.<suffix> (text encoder: lora_te_<path>.<suffix>).  PEFT/diffusers inputs (lora_A/lora_B, transformer., "
-                       "base_model.model., Cosmos transformer_blocks.N...) are read too.  See docs/formats.md.")
+                       "lora_unet_<module_path>.<suffix> (text encoder: lora_te_<path>.<suffix>).  PEFT/diffusers "
+                       "inputs (lora_A/lora_B, transformer., base_model.model., Cosmos transformer_blocks.N..., "
+                       "text_encoder.<path>) are read too.  See docs/formats.md.")
     p.add_argument("input", help="adapter .safetensors (ComfyUI, kohya, PEFT or diffusers names)")
     p.add_argument("output", help="where to write the renamed file")
     p.add_argument("--to", choices=("comfy", "kohya"), required=True, help="the naming to write")

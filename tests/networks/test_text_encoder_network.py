@@ -3,8 +3,8 @@ kohya names, the save check, learning rates, rebuild from a file, base_weights a
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -90,7 +90,8 @@ def test_text_encoder_targets_are_kohyas(meta_models):
                    for m in net.text_encoder_modules())
         # the DiT modules come first and keep their names and state_dict positions (resume files)
         assert list(net.modules_by_name)[:2] == ["blocks.0.self_attn.q_proj", "blocks.0.self_attn.k_proj"]
-        assert net.lora_modules[0].model == "dit" and net.lora_modules[280].name == "text_encoder.layers.0.self_attn.q_proj"
+        assert net.lora_modules[0].model == "dit"
+        assert net.lora_modules[280].name == "text_encoder.layers.0.self_attn.q_proj"
     finally:
         net.remove()
 
@@ -196,7 +197,8 @@ def test_save_check_covers_the_text_encoder(dit, qwen3, tmp_path):
     with pytest.raises(NetworkError, match="lora_te_layers_0_self_attn_qq_proj"):
         check_comfy_keys([*kohya_keys, "lora_te_layers_0_self_attn_qq_proj.alpha"], dit, qwen3)
     skipped = comfy_skipped_keys(kohya_keys)
-    assert skipped == sorted(k for k in kohya_keys if k.startswith("lora_te_")) and len({k.split(".")[0] for k in skipped}) == 14
+    assert skipped == sorted(k for k in kohya_keys if k.startswith("lora_te_"))
+    assert len({k.split(".")[0] for k in skipped}) == 14
     assert comfy_skipped_keys(comfy_keys) == []
 
     def wrong(dtype=None, save_format="comfy"):  # a save whose TE name is misspelt is refused, nothing written
@@ -292,8 +294,8 @@ def test_load_weights_errors_name_what_to_change(dit, qwen3, tmp_path):
         dit_only.load_weights(with_te)
     dit_only.remove()
     te_net = create_network(dit, "lora", 4, 1.0, text_encoder=qwen3)
-    with pytest.raises(NetworkError, match=r"no lora_down\.weight/lora_up\.weight weights for 14 module\(s\).*trained for the DiT "
-                                           r"only.*network_train_unet_only = true"):
+    with pytest.raises(NetworkError, match=r"no lora_down\.weight/lora_up\.weight weights for 14 module\(s\).*"
+                                           r"trained for the DiT only.*network_train_unet_only = true"):
         te_net.load_weights(without_te)
     te_net.remove()
     te_only = create_network(dit, "lora", 4, 1.0, text_encoder=qwen3, train_dit=False)
