@@ -395,3 +395,24 @@ def test_sample_command_applies_the_text_encoder_modules(tmp_path, capsys):
 
     pixels = [Image.open(tmp_path / f).tobytes() for f in ("base.png", "zero.png", "te.png")]
     assert pixels[0] == pixels[1] and pixels[2] != pixels[0]
+
+
+def test_peft_style_text_encoder_names_load(dit, qwen3, qwen3_file, tmp_path, capsys):
+    net = create_network(dit, "lora", 4, 2.0, text_encoder=qwen3, train_dit=False)
+    randomise(net)
+    spelling = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight", ".alpha": ".alpha"}
+    peft = {}
+    for key, t in net.state_tensors().items():
+        stem, suffix = next((key[: -len(s)], s) for s in spelling if key.endswith(s))
+        peft["text_encoder." + stem[len(TE_COMFY_PREFIX):] + spelling[suffix]] = t
+    save_file(peft, tmp_path / "peft.safetensors")
+    net.remove()
+    fresh = create_network(dit, "lora", 4, 2.0, text_encoder=load_qwen3(qwen3_file, dtype=torch.float32),
+                           train_dit=False)
+    fresh.load_weights(tmp_path / "peft.safetensors")
+    assert all(torch.equal(fresh.state_tensors()[n], t) for n, t in net.state_tensors().items())
+    # convert-network --to kohya: the note that ComfyUI loads only the DiT part of such a file
+    assert main(["convert-network", str(tmp_path / "peft.safetensors"), str(tmp_path / "k.safetensors"), "--to",
+                 "kohya"]) == 0
+    assert "42 text-encoder key(s) use kohya's lora_te_* names, which ComfyUI does not load" in capsys.readouterr().err
+    assert "lora_te_layers_0_mlp_up_proj.lora_down.weight" in load_file(tmp_path / "k.safetensors")
