@@ -21,6 +21,7 @@ from anima_trainer.networks import (
     create_network_from_weights,
 )
 from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3, convert_network
+from anima_trainer.networks.files import save_format_notice
 from anima_trainer.networks.inspect import inspect_network
 from anima_trainer.networks.merge import merge_base_weights
 
@@ -213,6 +214,10 @@ def test_save_check_covers_the_text_encoder(dit, qwen3, tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
     del net.state_tensors
     assert comfy_skipped_keys(net.save(tmp_path / "k.safetensors", save_format="kohya")) == skipped
+    assert "ComfyUI loads only the DiT part" in save_format_notice(net, "kohya")
+    assert save_format_notice(net, "comfy") is None
+    net.remove()
+    assert save_format_notice(create_network(dit, "lora"), "kohya") is None  # no TE modules: every key loads
 
 
 # ------------------------------------------------------------------------------------------- param groups --
