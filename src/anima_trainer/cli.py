@@ -111,7 +111,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qwen3-out", "--qwen3_out", dest="qwen3_out", default=None,
                    help="merged Qwen3 .safetensors (with --qwen3)")
     p.add_argument("--save_precision", choices=DTYPE_NAMES, default=None,
-                   help="dtype of the merged DiT weights (default: as in --dit)")
+                   help="dtype of the merged weights (DiT, and Qwen3 with --qwen3; default: as in the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("convert-config", help="root-style Anima_Trainer TOML → kohya train.toml + dataset.toml",
