@@ -421,3 +421,20 @@ def test_peft_style_text_encoder_names_load(dit, qwen3, qwen3_file, tmp_path, ca
                  "kohya"]) == 0
     assert "42 text-encoder key(s) use kohya's lora_te_* names, which ComfyUI does not load" in capsys.readouterr().err
     assert "lora_te_layers_0_mlp_up_proj.lora_down.weight" in load_file(tmp_path / "k.safetensors")
+
+
+@pytest.mark.parametrize("case", ["lora", "lokr", "loha", "lora-dora"])
+def test_bf16_encoder_trains_fp32_factors(dit, qwen3_file, case):
+    """As training runs it: a frozen bf16 Qwen3, fp32 factors; every factor gets a finite gradient once the
+    zero-initialised one is non-zero."""
+    algo, args = ALGOS[case]
+    qwen3 = load_qwen3(qwen3_file, dtype=torch.bfloat16)
+    net = create_network(dit, algo, 4, 2.0, text_encoder=qwen3, train_dit=False, **args)
+    randomise(net)
+    out = qwen3(input_ids=IDS).last_hidden_state
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    for m in net.text_encoder_modules():
+        for suffix, p in m.tensors().items():
+            assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), (m.name, suffix)
+    assert all(p.grad is None for p in qwen3.parameters())  # the encoder itself stays frozen
