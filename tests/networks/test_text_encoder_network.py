@@ -409,7 +409,8 @@ def test_peft_style_text_encoder_names_load(dit, qwen3, qwen3_file, tmp_path, ca
     peft = {}
     for key, t in net.state_tensors().items():
         stem, suffix = next((key[: -len(s)], s) for s in spelling if key.endswith(s))
-        peft["text_encoder." + stem[len(TE_COMFY_PREFIX):] + spelling[suffix]] = t
+        head = "text_encoder.model." if ".mlp." in stem else "text_encoder."  # Qwen3ForCausalLM's PEFT names too
+        peft[head + stem[len(TE_COMFY_PREFIX):] + spelling[suffix]] = t
     save_file(peft, tmp_path / "peft.safetensors")
     net.remove()
     fresh = create_network(dit, "lora", 4, 2.0, text_encoder=load_qwen3(qwen3_file, dtype=torch.float32),

@@ -172,7 +172,9 @@ class ModuleTable:
         if stem.startswith(KOHYA_TE_PREFIX):
             m = self.te_kohya.get(stem[len(KOHYA_TE_PREFIX):])
             return (m, "kohya") if m else None
-        for prefix, style in ((TE_COMFY_PREFIX, "comfy"), (TE_NAME_PREFIX, "peft")):
+        # PEFT on a Qwen3ForCausalLM names the Qwen3Model part `model.`: `text_encoder.model.layers.0...`
+        for prefix, style in ((TE_COMFY_PREFIX, "comfy"), (TE_NAME_PREFIX, "peft"), (TE_NAME_PREFIX + "model.",
+                                                                                   "peft")):
             if stem.startswith(prefix) and stem[len(prefix):] in self.te_modules:
                 return stem[len(prefix):], style
         return None
