@@ -62,7 +62,7 @@ def test_no_metadata_keeps_kohyas_minimum_and_modelspec(setup, tmp_path):
     # kohya keeps the modelspec block, and its save adds the sshs_* hashes (over the kept ss_* keys)
     assert set(meta) - ss - {"anima_trainer_version"} == {
         "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title",
-        "modelspec.resolution", "modelspec.date", "modelspec.prediction_type", "modelspec.implementation_version",
+        "modelspec.resolution", "modelspec.date", "modelspec.implementation_version",
         "modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"}
     # without network_args kohya has no ss_network_args to keep
     meta = _metadata(run_training(_config(setup, tmp_path / "run2", "--no_metadata")).final_path)

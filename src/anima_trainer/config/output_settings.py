@@ -172,7 +172,8 @@ class OutputSettings(BaseModel):
         anima_train_network.py calls it): spec 1.0.1, architecture "anima-preview/lora", implementation, title
         (metadata_title, else output_name), resolution "WxH" (`resolution`, the datasets' common one; else
         kohya's Anima default 1024x1024), the local date of `timestamp` (ISO 8601, whole seconds),
-        prediction_type "epsilon" (what kohya writes for every non-Flux model), timestep_range "min,max" when
+        no prediction_type (kohya writes "epsilon" for every non-Flux model, Anima included; Anima is a
+        rectified-flow model, so the key is left out, as kohya does for Flux), timestep_range "min,max" when
         min/max_timestep is set (defaults 0 and 1000), implementation_version (kohya "sd-scripts/<commit>", here
         "anima-trainer/<version>"), and author/description/license/tags when set.  Beyond kohya's Anima trainer
         (whose dataclass path drops them although it accepts the options): usage_hint, thumbnail (a file becomes
@@ -188,7 +189,6 @@ class OutputSettings(BaseModel):
                 "modelspec.title": self.metadata_title if self.metadata_title is not None else self.output_name,
                 "modelspec.resolution": f"{w}x{h}",
                 "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
-                "modelspec.prediction_type": "epsilon",
                 "modelspec.implementation_version": f"anima-trainer/{anima_trainer.__version__}"}
         if self.min_timestep is not None or self.max_timestep is not None:
             low = self.min_timestep if self.min_timestep is not None else 0
