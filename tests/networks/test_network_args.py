@@ -173,7 +173,7 @@ def test_verbose_logs_target_table(dit, caplog):
     ({"network_reg_lrs": ".*=-1e-4"}, "network_reg_lrs"),
     ({"network_reg_lrs": ".*=fast"}, "network_reg_lrs"),
     ({"verbose": "loud"}, "verbose must be true or false"),
-    ({"loraplus_text_encoder_lr_ratio": "4"}, "unknown network_args"),
+    ({"loraplus_text_encoder_lr_ratio": "0"}, r"loraplus_text_encoder_lr_ratio must be a number in \(0, inf\)"),
 ])
 @pytest.mark.parametrize("algo", ["lora", "lokr"])
 def test_bad_values(dit, algo, args, message):

@@ -2,8 +2,11 @@
 
 * `convert_network(src, dst, to="comfy"|"kohya")`: lossless renaming of every key (tensors and metadata are
   copied bit for bit).  ComfyUI names are `diffusion_model.<module path>.<suffix>`, kohya names
-  `lora_unet_<module path with . → _>.<suffix>`.  Since `_` is ambiguous, module paths are recovered from the
-  structure of an AnimaDiT built on the meta device (`module_table`), the same reasoning as `comfy_key_map`.
+  `lora_unet_<module path with . → _>.<suffix>`; text-encoder modules `text_encoders.qwen3_06b.transformer.
+  model.<Qwen3 path>.<suffix>` (ComfyUI) and `lora_te_<Qwen3 path with _>.<suffix>` (kohya), PEFT-style
+  `text_encoder.<Qwen3 path>` read too.  Since `_` is ambiguous, module paths are recovered from the
+  structure of an AnimaDiT and a Qwen3-0.6B built on the meta device (`ModuleTable`), the same reasoning as
+  `comfy_key_map`.
   PEFT / diffusers inputs (`lora_A`/`lora_B`, optional `.default`, prefixes `transformer.`,
   `base_model.model.`, `diffusion_model.`, `net.`, diffusers' Cosmos module names) are read too.
 * `merge_networks(base, networks, out)`: ComfyUI's application math (`apply_network_file`) baked into the
@@ -31,7 +34,17 @@ from safetensors import safe_open
 from torch import nn
 
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
-from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, KOHYA_PREFIX, NetworkError, check_comfy_keys
+from anima_trainer.networks.formats import (
+    ALL_SUFFIXES,
+    COMFY_PREFIX,
+    KOHYA_PREFIX,
+    KOHYA_TE_PREFIX,
+    TE_COMFY_PREFIX,
+    TE_NAME_PREFIX,
+    NetworkError,
+    check_comfy_keys,
+    is_text_encoder_key,
+)
 
 LORA_AB_META = "anima_trainer_lora_AB_modules"
 # PEFT spellings → what we write for ComfyUI (ComfyUI reads all of them; one spelling keeps files uniform)
@@ -90,29 +103,82 @@ def build_meta_dit(dit_file: str | Path | None = None) -> nn.Module:
         return AnimaDiT(config)
 
 
+def build_meta_qwen3(qwen3_file: str | Path | None = None) -> nn.Module:
+    """A transformers Qwen3Model on the meta device (names and shapes only): Qwen3-0.6B (Anima's text encoder),
+    or the config implied by the shapes of `qwen3_file` (a single file, bundle or HF folder)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from anima_trainer.models.text import qwen3_config_from_shapes
+
+    if qwen3_file is None:  # Qwen3-0.6B's published config (the shapes ComfyUI's Anima Qwen3 has)
+        config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                             tie_word_embeddings=True)
+    else:
+        config = qwen3_config_from_shapes(qwen3_shapes(qwen3_file))
+    with torch.device("meta"):
+        return Qwen3Model(config)
+
+
+def qwen3_shapes(qwen3_file: str | Path) -> dict[str, tuple[int, ...]]:
+    """{Qwen3Model parameter name: shape} from the header(s) of a Qwen3 file, bundle or HF folder."""
+    from anima_trainer.models.checkpoint import read_header
+    from anima_trainer.models.text import _weight_sources
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, prefix in _weight_sources(Path(qwen3_file))[0]:
+        header, _ = read_header(file)
+        shapes.update({k[len(prefix):]: tuple(s) for k, (_, s) in header.items() if k.startswith(prefix)})
+    return shapes
+
+
+def _kohya_names(modules: frozenset[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for m in modules:
+        flat = m.replace(".", "_")
+        if flat in out:  # cannot happen for AnimaDiT / Qwen3; guards against a future ambiguous name
+            raise NetworkError(f"{what} modules {out[flat]} and {m} have the same kohya name {flat}")
+        out[flat] = m
+    return out
+
+
 @dataclass(frozen=True)
 class ModuleTable:
-    """Name tables of one DiT: weight modules (`M` of `M.weight`) and other parameters (`M.bias`, …)."""
+    """Name tables of one DiT (and optionally its Qwen3 text encoder): weight modules (`M` of `M.weight`) and
+    other parameters (`M.bias`, …)."""
 
     modules: frozenset[str]
     others: frozenset[str]
     kohya: dict[str, str]  # `M` with `_` → `M`
+    te_modules: frozenset[str] | None = None  # None: no text encoder to resolve text-encoder keys against
+    te_kohya: dict[str, str] | None = None
 
     @classmethod
-    def from_dit(cls, dit: nn.Module) -> ModuleTable:
+    def from_dit(cls, dit: nn.Module, text_encoder: nn.Module | None = None) -> ModuleTable:
         names = list(dit.state_dict(keep_vars=True))
         modules = frozenset(n[: -len(".weight")] for n in names if n.endswith(".weight"))
         others = frozenset(n for n in names if not n.endswith(".weight"))
-        kohya: dict[str, str] = {}
-        for m in modules:
-            flat = m.replace(".", "_")
-            if flat in kohya:  # cannot happen for AnimaDiT; guards against a future ambiguous name
-                raise NetworkError(f"modules {kohya[flat]} and {m} have the same kohya name {flat}")
-            kohya[flat] = m
-        return cls(modules, others, kohya)
+        te_modules = te_kohya = None
+        if text_encoder is not None:  # ComfyUI's CLIP map has weights only (no bias names)
+            te_modules = frozenset(n[: -len(".weight")] for n in text_encoder.state_dict(keep_vars=True)
+                                   if n.endswith(".weight"))
+            te_kohya = _kohya_names(te_modules, "text-encoder")
+        return cls(modules, others, _kohya_names(modules, "DiT"), te_modules, te_kohya)
+
+    def resolve_te(self, stem: str) -> tuple[str, str] | None:
+        """(Qwen3 path, style) of a text-encoder key stem (ComfyUI, kohya `lora_te_`, PEFT `text_encoder.`)."""
+        if self.te_modules is None:
+            return None
+        if stem.startswith(KOHYA_TE_PREFIX):
+            m = self.te_kohya.get(stem[len(KOHYA_TE_PREFIX):])
+            return (m, "kohya") if m else None
+        for prefix, style in ((TE_COMFY_PREFIX, "comfy"), (TE_NAME_PREFIX, "peft")):
+            if stem.startswith(prefix) and stem[len(prefix):] in self.te_modules:
+                return stem[len(prefix):], style
+        return None
 
     def resolve(self, stem: str) -> tuple[str, str] | None:
-        """(ComfyUI path, source style 'comfy'|'kohya'|'peft') of a key stem, or None."""
+        """(ComfyUI path, source style 'comfy'|'kohya'|'peft') of a DiT key stem, or None."""
         if stem.startswith(KOHYA_PREFIX):
             m = self.kohya.get(stem[len(KOHYA_PREFIX):])
             return (m, "kohya") if m else None
@@ -134,13 +200,16 @@ class ModuleTable:
         return None
 
 
-def parse_key(key: str, table: ModuleTable) -> tuple[str, str, str] | None:
-    """(ComfyUI path, suffix as in the file, source style) of one adapter key, or None if unknown."""
+def parse_key(key: str, table: ModuleTable) -> tuple[str, str, str, str] | None:
+    """(model "dit"|"text_encoder", path in that model, suffix as in the file, source style) of one adapter
+    key, or None if unknown."""
+    te = is_text_encoder_key(key)
     for suffix in SOURCE_SUFFIXES:
         if key.endswith(suffix):
-            hit = table.resolve(key[: -len(suffix)])
+            stem = key[: -len(suffix)]
+            hit = table.resolve_te(stem) if te else table.resolve(stem)
             if hit is not None:
-                return hit[0], suffix, hit[1]
+                return ("text_encoder" if te else "dit"), hit[0], suffix, hit[1]
     return None
 
 
@@ -167,6 +236,14 @@ def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: st
             unknown.append(key)
         else:
             parsed[key] = hit
+    te_unknown = [k for k in unknown if is_text_encoder_key(k)]
+    if te_unknown and table.te_modules is None:
+        raise NetworkError(f"{len(te_unknown)} key(s) are text-encoder (Qwen3) keys, e.g. {sorted(te_unknown)[:3]}, "
+                           "but no text encoder was given to resolve them against")
+    if te_unknown:
+        raise NetworkError(f"{len(te_unknown)} text-encoder key(s) name no Linear/weight of this Qwen3 (or an "
+                           f"unknown suffix): {sorted(te_unknown)[:10]} (a different text encoder? pass --qwen3 "
+                           "with its file)")
     if unknown:
         raise NetworkError(f"{len(unknown)} key(s) name no module of this DiT (or an unknown suffix): "
                            f"{sorted(unknown)[:10]}{' ...' if len(unknown) > 10 else ''} "
@@ -175,50 +252,73 @@ def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: st
     ab_modules = set(json.loads(meta.pop(LORA_AB_META, "[]"))) if to == "comfy" else set()
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    lora_peft: dict[str, torch.Tensor] = {}  # PEFT-named LoRA modules → their down tensor (for a missing alpha)
-    has_alpha: set[str] = set()
+    # PEFT-named LoRA modules → their down tensor (for a missing alpha); keyed by (model, path)
+    lora_peft: dict[tuple[str, str], torch.Tensor] = {}
+    has_alpha: set[tuple[str, str]] = set()
     renamed_ab: set[str] = set()
-    for key, (path, suffix, style) in parsed.items():
+    for key, (model, path, suffix, style) in parsed.items():
         suffix = PEFT_SUFFIXES.get(suffix, suffix)
-        is_module = path in table.modules
+        te = model == "text_encoder"
+        comfy_prefix, kohya_prefix = (TE_COMFY_PREFIX, KOHYA_TE_PREFIX) if te else (COMFY_PREFIX, KOHYA_PREFIX)
+        ab_name = TE_NAME_PREFIX + path if te else path  # how LORA_AB_META names the module
+        is_module = te or path in table.modules
         if to == "comfy":
-            if style == "kohya" and path in ab_modules:
+            if style == "kohya" and ab_name in ab_modules:
                 suffix = {v: k for k, v in KOHYA_LORA.items()}.get(suffix, suffix)
-            new = COMFY_PREFIX + path + suffix
+            new = comfy_prefix + path + suffix
             if style == "peft" and suffix == ".lora_A.weight":
-                lora_peft[path] = sd[key]
+                lora_peft[(model, path)] = sd[key]
         elif is_module:
             if suffix in KOHYA_LORA:
-                renamed_ab.add(path)
+                renamed_ab.add(ab_name)
                 suffix = KOHYA_LORA[suffix]
-            new = KOHYA_PREFIX + path.replace(".", "_") + suffix
+            new = kohya_prefix + path.replace(".", "_") + suffix
         else:  # a bias/buffer: ComfyUI has no kohya name for it, keep the ComfyUI one
             new = COMFY_PREFIX + path + suffix
         if suffix == ".alpha":
-            has_alpha.add(path)
+            has_alpha.add((model, path))
         if new in out:
             raise NetworkError(f"{origin[new]} and {key} both become {new} (the same module under two names)")
         out[new], origin[new] = sd[key], key
-    for path, down in lora_peft.items():
-        if path not in has_alpha:  # scale = alpha / rank = 1, as ComfyUI applies an alpha-less file
-            out[COMFY_PREFIX + path + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+    for (model, path), down in lora_peft.items():
+        if (model, path) not in has_alpha:  # scale = alpha / rank = 1, as ComfyUI applies an alpha-less file
+            prefix = TE_COMFY_PREFIX if model == "text_encoder" else COMFY_PREFIX
+            out[prefix + path + ".alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
     if renamed_ab:
         meta[LORA_AB_META] = json.dumps(sorted(renamed_ab))
     return out, meta
 
 
-def read_comfy_named(path: str | Path, dit: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter file in any supported naming, renamed to ComfyUI names for `dit`."""
+def read_comfy_named(path: str | Path, dit: nn.Module, text_encoder: nn.Module | None = None, *,
+                     network_has_te: bool | None = None, network_has_dit: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file in any supported naming, renamed to ComfyUI names for `dit` (and
+    `text_encoder`).  `network_has_te` / `network_has_dit` (the loading network's sides; None: whether a text
+    encoder is given) turn a file for the other side into a NetworkError that says what to change."""
     sd, meta = read_network(path)
+    has_te = text_encoder is not None if network_has_te is None else network_has_te
+    te_keys = sorted(k for k in sd if is_text_encoder_key(k))
+    if te_keys and not has_te:
+        raise NetworkError(f"{path}: the file has {len(te_keys)} text-encoder (Qwen3) key(s), e.g. {te_keys[:2]}, "
+                           "but this network has no text-encoder modules; train the text encoder too (kohya: leave "
+                           "network_train_unet_only off and cache_text_encoder_outputs off) to load it, or use a "
+                           "DiT-only file")
+    if not network_has_dit and len(te_keys) < len(sd):
+        dit_keys = sorted(k for k in sd if not is_text_encoder_key(k))
+        raise NetworkError(f"{path}: the file has {len(dit_keys)} DiT key(s), e.g. {dit_keys[:2]}, but this network "
+                           "trains the text encoder only (network_train_text_encoder_only); turn that off to load it")
     try:
-        return convert_state_dict(sd, meta, "comfy", ModuleTable.from_dit(dit))[0]
+        return convert_state_dict(sd, meta, "comfy", ModuleTable.from_dit(dit, text_encoder))[0]
     except NetworkError as e:
         raise NetworkError(f"{path}: {e}") from e
 
 
 def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module | None = None,
-                    overwrite: bool = False) -> dict:
-    """Convert one file; returns {"keys": n, "written": path}.  ComfyUI output is checked with check_comfy_keys."""
+                    text_encoder: nn.Module | None = None, overwrite: bool = False) -> dict:
+    """Convert one file; returns {"keys": n, "written": path, "comfy_skips": [keys]}.  The output is checked
+    with check_comfy_keys; `comfy_skips` are kohya `lora_te_*` keys ComfyUI does not load (--to kohya).
+    Text-encoder keys are resolved against `text_encoder` (default: Qwen3-0.6B built on meta)."""
+    from anima_trainer.networks.formats import comfy_skipped_keys
+
     dst = Path(dst)
     check_writable(dst, overwrite)
     if Path(src).resolve() == dst.resolve():
@@ -226,19 +326,22 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
     dit = dit if dit is not None else build_meta_dit()
     sd, meta = read_network(src)
     check_finite_network(sd, src)
+    if text_encoder is None and any(is_text_encoder_key(k) for k in sd):
+        text_encoder = build_meta_qwen3()
     try:
-        out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit))
+        out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit, text_encoder))
     except NetworkError as e:
         raise NetworkError(f"{e}; nothing written") from e
-    check_comfy_keys(list(out), dit)  # both spellings must still load in ComfyUI; before anything is written
+    # both spellings must still load in ComfyUI (kohya TE names: name a Qwen3 module); before anything is written
+    check_comfy_keys(list(out), dit, text_encoder)
 
     def check(tmp: Path) -> None:  # the written file, before it takes dst's name
-        check_comfy_keys(tmp, dit)
+        check_comfy_keys(tmp, dit, text_encoder)
         check_writable(dst, overwrite)
 
     check_writable(dst, overwrite)
     atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta, what="converted network ", check=check)
-    return {"keys": len(out), "written": str(dst)}
+    return {"keys": len(out), "written": str(dst), "comfy_skips": comfy_skipped_keys(out)}
 
 
 def check_finite_network(tensors: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -1,9 +1,19 @@
 """Adapter file names and math exactly as ComfyUI reads them for Anima (docs: comfyui_formats.md).
 
-* `comfy_key_map(dit)`: every accepted adapter-name prefix → DiT parameter name (§2).
-* `check_comfy_keys(keys, dit)`: the save-time check that ComfyUI would load every key of a file.
+* `comfy_key_map(dit, text_encoder=None)`: every accepted adapter-name prefix → DiT parameter name (§2), and
+  with the Qwen3 text encoder ComfyUI's CLIP names `text_encoders.qwen3_06b.transformer.model.<module>` →
+  `text_encoder.<Qwen3 parameter>`.
+* `check_comfy_keys(keys, dit, text_encoder=None)`: the save-time check that ComfyUI would load every key of a
+  file (kohya's `lora_te_*` text-encoder names are checked against the Qwen3 module tree instead: ComfyUI
+  skips them, `comfy_skipped_keys` lists them).
 * `apply_network_file(dit, path, multiplier)`: merge a LoRA / LoHa / LoKr / diff / set_weight file into the
-  DiT weights for inference, computed in fp32 and cast back to each weight's dtype (§3, §4).
+  DiT weights for inference, computed in fp32 and cast back to each weight's dtype (§3, §4);
+  `apply_text_encoder_file(qwen3, path, multiplier)` does the same for the file's text-encoder keys.
+
+Text encoder (Qwen3-0.6B): ComfyUI's `model_lora_keys_clip` maps, for every `.weight` of the CLIP model's state
+dict (Anima: `qwen3_06b.transformer.model.<HF Qwen3Model path>`), the generic name `text_encoders.<key without
+.weight>`; it has no `lora_te_*` names for this encoder (only CLIP-L/G/H, T5, HunyuanDiT's BERT), so kohya's
+`lora_te_<path with _>` text-encoder keys are skipped by ComfyUI ("lora key not loaded").
 
 The rules are re-implemented from the notes, not borrowed: ComfyUI walks its key map in insertion order and a
 later name for the same weight replaces an earlier patch (so `diffusion_model.M` beats `lora_unet_M`).
@@ -20,6 +30,10 @@ from torch import nn
 
 COMFY_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
+TE_COMFY_PREFIX = "text_encoders.qwen3_06b.transformer.model."  # ComfyUI's generic CLIP name for Anima's Qwen3
+KOHYA_TE_PREFIX = "lora_te_"  # kohya's lora_anima text-encoder names (not mapped by ComfyUI for Qwen3)
+TE_NAME_PREFIX = "text_encoder."  # network-level names of text-encoder modules (and PEFT/diffusers-style keys)
+TE_KEY_PREFIXES = (TE_COMFY_PREFIX, KOHYA_TE_PREFIX, TE_NAME_PREFIX, "text_encoders.")
 
 # (up suffix, down suffix, mid suffix or None) in ComfyUI's order: the first present up key wins.
 LORA_SPELLINGS = (
@@ -63,11 +77,13 @@ def check_network_file(path: str | Path) -> None:
             raise NetworkError(f"network file {e}") from None
 
 
-def comfy_key_map(dit: nn.Module) -> dict[str, str]:
+def comfy_key_map(dit: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, str]:
     """Accepted adapter-name prefix → DiT parameter name, in ComfyUI's insertion order.
 
     For `M.weight` (any rank, norm gains included): `lora_unet_<M with _>` then `diffusion_model.M`;
-    for any other tensor `P` (biases): `diffusion_model.P`.
+    for any other tensor `P` (biases): `diffusion_model.P`.  With `text_encoder` (a transformers Qwen3Model),
+    also ComfyUI's CLIP map: `text_encoders.qwen3_06b.transformer.model.M` → `text_encoder.M.weight` (the
+    network-level name of the Qwen3 parameter; `te_comfy_key_map` gives the bare Qwen3 names).
     """
     out: dict[str, str] = {}
     for name in dit.state_dict(keep_vars=True):
@@ -77,7 +93,38 @@ def comfy_key_map(dit: nn.Module) -> dict[str, str]:
             out[COMFY_PREFIX + module] = name
         else:
             out[COMFY_PREFIX + name] = name
+    if text_encoder is not None:
+        out.update({k: TE_NAME_PREFIX + v for k, v in te_comfy_key_map(text_encoder).items()})
     return out
+
+
+def te_comfy_key_map(text_encoder: nn.Module) -> dict[str, str]:
+    """ComfyUI's `model_lora_keys_clip` for Anima's Qwen3: `text_encoders.qwen3_06b.transformer.model.M` →
+    the Qwen3Model parameter `M.weight`, for every `.weight` (only weights: ComfyUI's CLIP map has no bias
+    names)."""
+    return {TE_COMFY_PREFIX + name[: -len(".weight")]: name for name in text_encoder.state_dict(keep_vars=True)
+            if name.endswith(".weight")}
+
+
+def kohya_te_key_map(text_encoder: nn.Module) -> dict[str, str]:
+    """kohya's text-encoder names `lora_te_<M with _>` → the Qwen3Model parameter `M.weight` (every weight)."""
+    return {KOHYA_TE_PREFIX + name[: -len(".weight")].replace(".", "_"): name
+            for name in text_encoder.state_dict(keep_vars=True) if name.endswith(".weight")}
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """Whether an adapter key names a text-encoder module in any naming we know (ComfyUI, kohya, PEFT)."""
+    return key.startswith(TE_KEY_PREFIXES)
+
+
+def comfy_skipped_keys(keys: Iterable[str] | str | Path) -> list[str]:
+    """The keys ComfyUI (commit 41444b5) does not load for Anima although they are valid kohya names: kohya's
+    `lora_te_*` text-encoder keys (its CLIP map has no `lora_te_` names for Qwen3).  A file with them loads its
+    DiT part only; `convert-network --to comfy` (or save_format="comfy") gives ComfyUI-loadable TE names."""
+    if isinstance(keys, (str, Path)):
+        with safe_open(str(keys), "pt") as f:
+            keys = list(f.keys())
+    return sorted(k for k in keys if k.startswith(KOHYA_TE_PREFIX))
 
 
 def split_key(key: str, key_map: dict[str, str]) -> tuple[str, str] | None:
@@ -88,22 +135,37 @@ def split_key(key: str, key_map: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def unmatched_keys(keys: Iterable[str], dit: nn.Module) -> list[str]:
-    """Keys whose name does not map onto a DiT parameter under ComfyUI's rules."""
-    key_map = comfy_key_map(dit)
-    return sorted(k for k in keys if split_key(k, key_map) is None)
+def unmatched_keys(keys: Iterable[str], dit: nn.Module, text_encoder: nn.Module | None = None) -> list[str]:
+    """Keys whose name does not map onto a model parameter under ComfyUI's rules; kohya's `lora_te_*` keys are
+    matched against kohya's names for `text_encoder` instead (ComfyUI skips them: `comfy_skipped_keys`)."""
+    key_map = comfy_key_map(dit, text_encoder)
+    te_kohya = kohya_te_key_map(text_encoder) if text_encoder is not None else {}
+    return sorted(k for k in keys if split_key(k, key_map) is None and split_key(k, te_kohya) is None)
 
 
-def check_comfy_keys(keys: Iterable[str] | str | Path, dit: nn.Module) -> None:
-    """Raise NetworkError listing every key (of a list or a .safetensors file) that ComfyUI would not load."""
+def check_comfy_keys(keys: Iterable[str] | str | Path, dit: nn.Module, text_encoder: nn.Module | None = None) -> None:
+    """Raise NetworkError listing every key (of a list or a .safetensors file) that ComfyUI would not load.
+
+    Text-encoder keys need `text_encoder` (the Qwen3Model, or one built on meta: convert.build_meta_qwen3):
+    ComfyUI names (`text_encoders.qwen3_06b.transformer.model.<module>.<suffix>`) must map under ComfyUI's CLIP
+    map; kohya's `lora_te_<module_>` names must name a Qwen3 weight (ComfyUI skips them; not an error here)."""
     if isinstance(keys, (str, Path)):
         with safe_open(str(keys), "pt") as f:
             keys = list(f.keys())
-    bad = unmatched_keys(keys, dit)
+    keys = list(keys)
+    bad = unmatched_keys(keys, dit, text_encoder)
     if bad:
+        te = [k for k in bad if is_text_encoder_key(k)]
+        hint = ""
+        if te and text_encoder is None:
+            hint = (f"; {len(te)} of them are text-encoder keys, checked only against a Qwen3 text encoder "
+                    "(none was given)")
+        elif te:
+            hint = (f"; text-encoder keys are '{TE_COMFY_PREFIX}<module path>.<suffix>' (or kohya's "
+                    f"'{KOHYA_TE_PREFIX}<module_path>.<suffix>') for a module of this Qwen3")
         raise NetworkError(f"{len(bad)} key(s) would not be loaded by ComfyUI (expected "
                            f"'{COMFY_PREFIX}<module path>.<suffix>' or '{KOHYA_PREFIX}<module_path>.<suffix>' for a "
-                           f"module of this DiT): {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+                           f"module of this DiT{hint}): {bad[:10]}{' ...' if len(bad) > 10 else ''}")
 
 
 # ---------------------------------------------------------------------------------------------- loading --
@@ -223,24 +285,23 @@ def delta_weight(patch: tuple, w: torch.Tensor, strength: float) -> torch.Tensor
     return w + (strength * scale) * diff
 
 
-@torch.no_grad()
-def apply_network_file(dit: nn.Module, path: str | Path, multiplier: float = 1.0) -> dict:
-    """Merge an adapter file into the DiT's weights for inference, as ComfyUI's LoraLoaderModelOnly does.
-
-    Returns {"patched": [DiT tensor names], "not_loaded": [file keys ComfyUI ignores],
-    "not_in_model": [patch targets the DiT lacks, e.g. norm biases], "errors": {tensor: message}}.
-    A patch that cannot be applied (wrong shape) leaves its weight unchanged and is listed in "errors".
-    """
+def _read_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise NetworkError(f"network file {path} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except Exception as e:  # any parse failure means a bad file
         raise NetworkError(f"{path} is not a readable .safetensors file: {e}") from e
-    patches, loaded = parse_patches(sd, comfy_key_map(dit), source=path)
-    params = dit.state_dict(keep_vars=True)
+
+
+@torch.no_grad()
+def apply_patches(model: nn.Module, sd: dict[str, torch.Tensor], key_map: dict[str, str], multiplier: float,
+                  source: str | Path | None = None) -> dict:
+    """ComfyUI's load_lora + calculate_weight of `sd` on `model` under `key_map` (see apply_network_file)."""
+    patches, loaded = parse_patches(sd, key_map, source=source)
+    params = model.state_dict(keep_vars=True)
     report: dict = {"patched": [], "not_loaded": sorted(set(sd) - loaded), "not_in_model": [], "errors": {}}
     for name, patch in patches.items():
         if name not in params:
@@ -256,3 +317,23 @@ def apply_network_file(dit: nn.Module, path: str | Path, multiplier: float = 1.0
         report["patched"].append(name)
     report["patched"].sort()
     return report
+
+
+def apply_network_file(dit: nn.Module, path: str | Path, multiplier: float = 1.0) -> dict:
+    """Merge an adapter file into the DiT's weights for inference, as ComfyUI's LoraLoaderModelOnly does.
+
+    Returns {"patched": [DiT tensor names], "not_loaded": [file keys ComfyUI ignores for the DiT, text-encoder
+    keys included], "not_in_model": [patch targets the DiT lacks, e.g. norm biases], "errors": {tensor: message}}.
+    A patch that cannot be applied (wrong shape) leaves its weight unchanged and is listed in "errors".
+    """
+    return apply_patches(dit, _read_file(path), comfy_key_map(dit), multiplier, source=Path(path))
+
+
+def apply_text_encoder_file(text_encoder: nn.Module, path: str | Path, multiplier: float = 1.0,
+                            kohya_names: bool = True) -> dict:
+    """Merge the text-encoder part of an adapter file into a Qwen3Model's weights with ComfyUI's math (the CLIP
+    side of LoraLoader): ComfyUI's names `text_encoders.qwen3_06b.transformer.model.*`, and with `kohya_names`
+    (default) kohya's `lora_te_*` too — ComfyUI itself skips those, kohya's converter renames them first.
+    The report is as apply_network_file's, with Qwen3 parameter names; DiT keys are in "not_loaded"."""
+    key_map = {**(kohya_te_key_map(text_encoder) if kohya_names else {}), **te_comfy_key_map(text_encoder)}
+    return apply_patches(text_encoder, _read_file(path), key_map, multiplier, source=Path(path))

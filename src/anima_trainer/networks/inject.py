@@ -9,6 +9,11 @@ Named options add the excluded groups back (as include patterns, so they win ove
 `train_adaln` the blocks' adaLN modulation Linears (6 per block), `train_final_layer` the final layer's
 Linear and its adaLN modulation, `train_embedders` the patch embedding and the timestep MLP.
 
+Text encoder (kohya's `TEXT_ENCODER_TARGET_REPLACE_MODULE`): every `nn.Linear` inside the Qwen3 modules
+whose class is `Qwen3Attention` / `Qwen3MLP` (and the SDPA / FlashAttention2 variants of older transformers),
+7 per layer (q/k/v/o_proj, gate/up/down_proj); the same exclude (built-in one included) / include regexes
+are full-matched against the Qwen3 path (`layers.0.self_attn.q_proj`).
+
 Injection is kohya style: the target Linear's `forward` is replaced by the adapter module's forward, which
 calls the original.  The module tree and parameter names (= checkpoint keys) never change; `restore`
 puts the original forward back.
@@ -30,6 +35,7 @@ from anima_trainer.networks.formats import NetworkError
 DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
 DIT_TARGET_CLASSES = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
 ADAPTER_TARGET_CLASSES = ("AdapterBlock",)
+TE_TARGET_CLASSES = ("Qwen3Attention", "Qwen3MLP", "Qwen3SdpaAttention", "Qwen3FlashAttention2")
 # named optional target groups → the module paths they add (full match)
 OPTIONAL_TARGETS = {
     "train_adaln": r"blocks\.\d+\.adaln_modulation_(self_attn|cross_attn|mlp)\.\d+",
@@ -38,7 +44,7 @@ OPTIONAL_TARGETS = {
 }
 KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", "train_norm", "rank_dropout",
               "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "network_reg_dims",
-              "network_reg_lrs", "verbose", "target_modules", *OPTIONAL_TARGETS)
+              "network_reg_lrs", "verbose", "target_modules", "loraplus_text_encoder_lr_ratio", *OPTIONAL_TARGETS)
 # sd-scripts-anima's default `target_modules` (DEFAULT_TARGETS_V101, seed_system.md §2.2): the same 10 Linears
 # per DiT block as kohya's defaults, plus the 10 per LLM-adapter block
 SD_SCRIPTS_ANIMA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -143,8 +149,9 @@ def check_network_args(network_args: dict[str, Any], algo: str = "lora",
     unknown = sorted(set(network_args) - set(known))
     if unknown:
         raise NetworkError(f"unknown network_args {unknown}; supported for algo={algo}: {list(known)}")
-    ratios = [parse_float(k, network_args[k], 0.0, low_open=True) if k in network_args else None
-              for k in ("loraplus_unet_lr_ratio", "loraplus_lr_ratio")]
+    unet_ratio, te_ratio, ratio = [parse_float(k, network_args[k], 0.0, low_open=True) if k in network_args
+                                   else None for k in ("loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+                                                       "loraplus_lr_ratio")]
     target_modules = parse_target_modules(network_args.get("target_modules"))
     if target_modules is not None:
         both = [k for k in _KOHYA_TARGET_ARGS if k in network_args]
@@ -160,8 +167,9 @@ def check_network_args(network_args: dict[str, Any], algo: str = "lora",
         "train_llm_adapter": parse_bool("train_llm_adapter", network_args.get("train_llm_adapter", False)),
         "rank_dropout": parse_float("rank_dropout", network_args.get("rank_dropout", 0.0), 0.0, 1.0),
         "module_dropout": parse_float("module_dropout", network_args.get("module_dropout", 0.0), 0.0, 1.0),
-        # kohya: the unet ratio wins over the general one for the DiT (we train no text encoder)
-        "loraplus_lr_ratio": next((r for r in ratios if r is not None), None),
+        # kohya: the unet ratio wins over the general one for the DiT, the text-encoder ratio for the TE
+        "loraplus_lr_ratio": unet_ratio if unet_ratio is not None else ratio,
+        "loraplus_text_encoder_lr_ratio": te_ratio if te_ratio is not None else ratio,
         "network_reg_dims": parse_regex_values("network_reg_dims", network_args.get("network_reg_dims"), int),
         "network_reg_lrs": parse_regex_values("network_reg_lrs", network_args.get("network_reg_lrs"), float),
         "verbose": parse_bool("verbose", network_args.get("verbose", False)),
@@ -243,6 +251,24 @@ def find_targets(dit: nn.Module, include: list[re.Pattern] = (), exclude: list[r
             path = f"{name}.{child_name}" if name else child_name
             excluded = any(p.fullmatch(path) for p in excludes)
             if excluded and not any(p.fullmatch(path) for p in include):
+                continue
+            targets.setdefault(path, child)
+    return targets
+
+
+def find_text_encoder_targets(text_encoder: nn.Module, include: list[re.Pattern] = (),
+                              exclude: list[re.Pattern] = ()) -> dict[str, nn.Linear]:
+    """{Qwen3 module path: Linear} to train in the text encoder, in module order (kohya's rule, module doc)."""
+    excludes = [re.compile(DEFAULT_EXCLUDE), *exclude]
+    targets: dict[str, nn.Linear] = {}
+    for name, module in text_encoder.named_modules():
+        if type(module).__name__ not in TE_TARGET_CLASSES:
+            continue
+        for child_name, child in module.named_modules():
+            if not isinstance(child, nn.Linear) or not child_name:
+                continue
+            path = f"{name}.{child_name}" if name else child_name
+            if any(p.fullmatch(path) for p in excludes) and not any(p.fullmatch(path) for p in include):
                 continue
             targets.setdefault(path, child)
     return targets

@@ -41,5 +41,6 @@ class LoHaModule(AdapterModule):
         return self.scale * ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b))
 
 
-def build(dit: nn.Module, dim: int, alpha: float, dropout: float | None, args: dict[str, Any]) -> AdapterNetwork:
-    return AdapterNetwork(dit, LoHaModule, dim, alpha, dropout, args, algo="loha")
+def build(dit: nn.Module, dim: int, alpha: float, dropout: float | None, args: dict[str, Any],
+          **where: Any) -> AdapterNetwork:
+    return AdapterNetwork(dit, LoHaModule, dim, alpha, dropout, args, algo="loha", **where)

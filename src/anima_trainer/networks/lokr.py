@@ -135,9 +135,10 @@ def parse_factor(value: Any) -> int:
     return factor
 
 
-def build(dit: nn.Module, dim: int, alpha: float, dropout: float | None, args: dict[str, Any]) -> AdapterNetwork:
+def build(dit: nn.Module, dim: int, alpha: float, dropout: float | None, args: dict[str, Any],
+          **where: Any) -> AdapterNetwork:
     kw = {"factor": parse_factor(args.get("factor", -1)),
           "full_matrix": parse_bool("full_matrix", args.get("full_matrix", False)) or dim >= FULL_MATRIX_DIM_SENTINEL,
           "decompose_both": parse_bool("decompose_both", args.get("decompose_both", False))}
     return AdapterNetwork(dit, LoKrModule, dim, alpha, dropout, args, algo="lokr", module_kwargs=kw,
-                          extra_known=EXTRA_ARGS)
+                          extra_known=EXTRA_ARGS, **where)

@@ -100,18 +100,19 @@ class LoRAModule(AdapterModule):
 
     def check_file(self, slot: dict[str, tuple[str, torch.Tensor]], path: Path, net_alpha: float) -> None:
         if not {".lora_down.weight", ".lora_up.weight"} <= set(slot):
-            raise NetworkError(f"{path}: module {self.path}: no lora_down/lora_up weights (has {sorted(slot)})")
+            raise NetworkError(f"{path}: module {self.name}: no lora_down/lora_up weights (has {sorted(slot)})")
         down, up = slot[".lora_down.weight"][1], slot[".lora_up.weight"][1]
         if down.dim() != 2 or up.dim() != 2 or down.shape[1] != self.in_features or up.shape[0] != self.out_features:
-            raise NetworkError(f"{path}: module {self.path}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} "
+            raise NetworkError(f"{path}: module {self.name}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} "
                                f"do not fit Linear({self.in_features}->{self.out_features})")
         if down.shape[0] != self.dim or up.shape[1] != self.dim:
-            raise NetworkError(f"{path}: module {self.path}: file has dim (rank) {down.shape[0]}, network has dim "
+            raise NetworkError(f"{path}: module {self.name}: file has dim (rank) {down.shape[0]}, network has dim "
                                f"{self.dim}; create the network with dim={down.shape[0]}")
         super().check_file(slot, path, net_alpha)
 
 
-def build(dit: nn.Module, dim: int, alpha: float, dropout: float | None, args: dict[str, Any]) -> AdapterNetwork:
+def build(dit: nn.Module, dim: int, alpha: float, dropout: float | None, args: dict[str, Any],
+          **where: Any) -> AdapterNetwork:
     kw = {"dora_wd": parse_bool("dora_wd", args.get("dora_wd", False))}
     return AdapterNetwork(dit, LoRAModule, dim, alpha, dropout, args, algo="lora", module_kwargs=kw,
-                          extra_known=("dora_wd",))
+                          extra_known=("dora_wd",), **where)

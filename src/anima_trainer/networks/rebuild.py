@@ -3,6 +3,8 @@
 The tensors decide everything structural: the algorithm, the target modules, each module's rank and alpha,
 LoKr's factor shapes and which factors are decomposed, DoRA (`.dora_scale`), and `train_norm` (`.w_norm`).
 Any naming the loaders read works (ComfyUI, kohya, PEFT/diffusers: converted by networks/convert.py first).
+Text-encoder modules (`text_encoders.qwen3_06b.transformer.model.*`, `lora_te_*`) are rebuilt on the Qwen3
+given as `text_encoder=`; a file without DiT modules gives a text-encoder-only network.
 A module without `.alpha` gets alpha = rank, i.e. scale 1, which is what ComfyUI applies to such a file.
 Only LoKr with both factors full has no rank in its tensors: its `dim` is taken from `ss_network_dim` when
 that is a number (it does not change the math: ComfyUI applies such a module with scale 1).
@@ -26,6 +28,8 @@ from anima_trainer.networks.convert import read_comfy_named, read_network
 from anima_trainer.networks.formats import (
     ALL_SUFFIXES,
     COMFY_PREFIX,
+    TE_COMFY_PREFIX,
+    TE_NAME_PREFIX,
     NetworkError,
     alpha_value,
     check_network_file,
@@ -42,13 +46,17 @@ LORA_NAMES = {".lora_down.weight": "down", ".lora_A.weight": "down", ".lora_up.w
 
 
 def group_modules(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {suffix: tensor}} of a ComfyUI-named state dict."""
+    """{module name: {suffix: tensor}} of a ComfyUI-named state dict (DiT path, or `text_encoder.<path>`)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         suffix = next((s for s in ALL_SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(COMFY_PREFIX):
+        if suffix is not None and key.startswith(TE_COMFY_PREFIX):
+            name = TE_NAME_PREFIX + key[len(TE_COMFY_PREFIX): -len(suffix)]
+        elif suffix is not None and key.startswith(COMFY_PREFIX):
+            name = key[len(COMFY_PREFIX): -len(suffix)]
+        else:
             raise NetworkError(f"key {key} is not an adapter weight")
-        out.setdefault(key[len(COMFY_PREFIX): -len(suffix)], {})[suffix] = t
+        out.setdefault(name, {})[suffix] = t
     return out
 
 
@@ -106,15 +114,20 @@ def lokr_spec(path: str, slot: dict[str, torch.Tensor], org: nn.Linear,
     return rank, _alpha(slot, rank, f"{path}.alpha"), {"layout": layout}
 
 
-def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float | None = None,
-                                **network_args: Any) -> AdapterNetwork:
-    """The network `path` describes, injected into `dit`, with the file's weights loaded."""
+def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float | None = None, *,
+                                text_encoder: nn.Module | None = None, **network_args: Any) -> AdapterNetwork:
+    """The network `path` describes, injected into `dit` (and `text_encoder`), with the file's weights loaded.
+
+    A file with text-encoder modules needs `text_encoder` (the Qwen3Model); a NetworkError says so otherwise."""
     from anima_trainer.networks import loha, lokr, lora
 
     check_network_file(path)
-    sd = read_comfy_named(path, dit)
+    sd = read_comfy_named(path, dit, text_encoder, network_has_te=text_encoder is not None)
     _, meta = read_network(path)
     order = {name: i for i, (name, _) in enumerate(dit.named_modules())}  # the DiT's module order
+    if text_encoder is not None:  # then the text encoder's, after every DiT module
+        order.update({TE_NAME_PREFIX + name: len(order) + i for i, (name, _) in
+                      enumerate(text_encoder.named_modules())})
     modules = dict(sorted(group_modules(sd).items(), key=lambda kv: order.get(kv[0], len(order))))
     norm_paths = {p for p, slot in modules.items() if ".w_norm" in slot}
     for p in norm_paths:
@@ -133,7 +146,9 @@ def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float
     full_dim = _int(meta.get("ss_network_dim")) or lokr.FULL_MATRIX_DIM_SENTINEL
     specs = {}
     for p, slot in modules.items():
-        org = dit.get_submodule(p)  # convert_state_dict checked that the module exists
+        # convert_state_dict checked that the module exists
+        org = (text_encoder.get_submodule(p[len(TE_NAME_PREFIX):]) if p.startswith(TE_NAME_PREFIX)
+               else dit.get_submodule(p))
         try:
             if algo == "lora":
                 specs[p] = lora_spec(p, slot, org)
@@ -155,7 +170,8 @@ def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float
     extra = {"lora": ("dora_wd",), "loha": (), "lokr": lokr.EXTRA_ARGS}[algo]
     first_dim, first_alpha = next(iter(specs.values()))[:2]
     network = AdapterNetwork(dit, cls, first_dim, first_alpha, dropout, args, algo=algo, extra_known=extra,
-                             module_specs=specs)
+                             module_specs=specs, text_encoder=text_encoder,
+                             train_dit=any(not p.startswith(TE_NAME_PREFIX) for p in specs) or bool(norm_paths))
     network.load_weights(path)
     return network
 

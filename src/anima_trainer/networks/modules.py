@@ -1,0 +1,179 @@
+"""The modules a network hooks in: one `AdapterModule` per adapted Linear, one `NormModule` per trained gain.
+
+An algorithm is a subclass of `AdapterModule` (one per target Linear) that defines its factors (fp32
+Parameters), the file suffix of each (`tensors()`), its `scale` (what ComfyUI applies for that file) and its
+`delta_weight()`; the default branch is `dropout(x) @ ΔWᵀ`, LoRA overrides it to stay factored.  A module
+adapts a Linear of the DiT (`model == "dit"`) or of the Qwen3 text encoder (`model == "text_encoder"`); its
+`path` is the Linear's dotted path inside that model, its `name` the network-level unique name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anima_trainer.networks.formats import TE_NAME_PREFIX, NetworkError, alpha_value
+from anima_trainer.networks.inject import ForwardHook
+
+MODELS = ("dit", "text_encoder")
+
+
+class HookedModule(nn.Module):
+    """A module that takes over the forward of `self._org[0]` while injected (see inject.ForwardHook)."""
+
+    def inject(self) -> None:
+        self._hook = ForwardHook(self._org[0], self.forward)
+
+    def restore(self) -> None:
+        if self._hook is not None:
+            self._hook.restore()
+            self._hook = None
+
+
+class AdapterModule(HookedModule):
+    """The adapter branch for one Linear: y = W x + multiplier · scale · branch(x); hooked in by `inject()`."""
+
+    NETWORK_MODULE: ClassVar[str] = ""
+    SUFFIXES: ClassVar[tuple[str, ...]] = ()  # every suffix of this algorithm's files (all layouts)
+    LOAD_ALIASES: ClassVar[dict[str, str]] = {}  # other spellings a file may use → our suffix
+    PLUS_SUFFIXES: ClassVar[tuple[str, ...]] = ()  # the LoRA+ "up" factors (lr × loraplus_lr_ratio)
+    # which model the adapted Linear belongs to: "dit" or "text_encoder" (set by AdapterNetwork)
+    model: str = "dit"
+
+    def __init__(self, path: str, org: nn.Linear, dim: int, alpha: float, dropout: float | None) -> None:
+        super().__init__()
+        self.path = path
+        self.in_features, self.out_features = org.in_features, org.out_features
+        self.device = org.weight.device  # fp32 on the DiT's device (meta stays meta: shapes only)
+        self.dim = dim
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32, device=self.device))
+        self.scale = float(alpha) / dim
+        self.dropout = dropout
+        self.rank_dropout = 0.0  # network_args; set by AdapterNetwork (training only)
+        self.module_dropout = 0.0
+        self.multiplier = 1.0
+        self._org = (org,)  # a tuple: not registered as a submodule, so no DiT weights in our state_dict
+        self._hook: ForwardHook | None = None
+
+    @property
+    def name(self) -> str:
+        """The module's unique name in its network: the DiT path, or `text_encoder.<Qwen3 path>`."""
+        return TE_NAME_PREFIX + self.path if self.model == "text_encoder" else self.path
+
+    def new_param(self, *shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, device=self.device, dtype=torch.float32))
+
+    # --- what an algorithm defines ---------------------------------------------------------------------------
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """{file suffix: Parameter} of this module's layout, e.g. {".lokr_w1": w1, ".lokr_w2_a": ..., ...}."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · ΔW in fp32: what a merge adds to W at multiplier 1 (ComfyUI's result for the saved file)."""
+        raise NotImplementedError
+
+    @property
+    def alpha_matters(self) -> bool:
+        """False when ComfyUI ignores the file's alpha for this layout (LoKr with both factors full)."""
+        return True
+
+    @property
+    def rank(self) -> int:
+        """The rank ComfyUI divides alpha by (used when a file has no alpha: ComfyUI then applies scale 1)."""
+        return self.dim
+
+    def delta_norm(self) -> torch.Tensor:
+        """Frobenius norm of the weight max-norm regularisation bounds (scale_weight_norms): scale · ΔW.
+        Subclasses compute it without materialising ΔW where the algebra allows."""
+        return self.delta_weight().norm()
+
+    def norm_factors(self) -> list[nn.Parameter]:
+        """The tensors ΔW is a product of (one factor each): scaling each by r^(1/n) scales ΔW by r."""
+        return list(self.tensors().values())
+
+    # --- shared ----------------------------------------------------------------------------------------------
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """scale · ΔW x (dropout on the branch input in training); ΔW materialised per forward.
+
+        rank_dropout (training): kohya's LoKr rule, for LoKr and LoHa alike: each output row of ΔW is kept with
+        probability 1 − p (one mask per forward) and the kept rows are scaled by 1/(1 − p)."""
+        if self.dropout and self.training:
+            x = F.dropout(x, p=self.dropout)
+        dw = self.delta_weight()
+        if self.rank_dropout and self.training:
+            keep = torch.rand(dw.shape[0], 1, device=dw.device) >= self.rank_dropout
+            dw = dw * keep.to(dw.dtype) / (1.0 - self.rank_dropout)
+        return F.linear(x, dw.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_to_output(self._hook.org_forward(x), x)
+
+    def add_to_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out` (the Linear's own output for `x`) plus this module's contribution; also used by the fused
+        q/k/v GEMM (models/layers.py `hooked_linear`), which computes `out` for three Linears at once."""
+        if self.multiplier == 0.0:
+            return out
+        # module_dropout (training): the whole branch is skipped for this forward with probability p
+        if self.module_dropout and self.training and float(torch.rand(())) < self.module_dropout:
+            return out
+        return out + self.branch(x) * self.multiplier
+
+    def check_file(self, slot: dict[str, tuple[str, torch.Tensor]], path: Path, net_alpha: float) -> None:
+        """Raise NetworkError when the file's tensors for this module do not fit it (layout, shapes, alpha)."""
+        ours = self.tensors()
+        extra = sorted(set(slot) - set(ours) - {".alpha"})
+        if extra:
+            raise NetworkError(f"{path}: module {self.name}: file has {extra}, this network stores {sorted(ours)} "
+                               "(a different layout: check dim, factor, full_matrix, decompose_both, dora_wd)")
+        for suffix, p in ours.items():
+            t = slot[suffix][1]
+            if tuple(t.shape) != tuple(p.shape):
+                raise NetworkError(f"{path}: module {self.name}: {suffix[1:]} has shape {tuple(t.shape)} in the "
+                                   f"file, {tuple(p.shape)} in this network (check dim and factor)")
+        if not self.alpha_matters:
+            return
+        # ComfyUI: no alpha means scale 1, i.e. the same as alpha = rank
+        file_alpha = (alpha_value(slot[".alpha"][1], f"{path}: {slot['.alpha'][0]}") if ".alpha" in slot
+                      else float(self.rank))
+        if file_alpha != float(torch.tensor(net_alpha, dtype=torch.float32)):
+            raise NetworkError(f"{path}: module {self.name}: file has alpha {file_alpha:g}, network has alpha "
+                               f"{net_alpha:g}; create the network with alpha={file_alpha:g}")
+
+    @torch.no_grad()
+    def load_file(self, slot: dict[str, tuple[str, torch.Tensor]]) -> None:
+        for suffix, p in self.tensors().items():
+            p.copy_(slot[suffix][1].to(torch.float32))
+
+
+class NormModule(HookedModule):
+    """A trainable RMSNorm gain (train_norm): an fp32 master `weight` used by the norm's forward while injected.
+
+    The DiT's own tensor is not changed (remove() gives the exact original back); at multiplier m the gain is
+    base + m·(weight − base), as ComfyUI applies a `.w_norm` difference at strength m.
+    """
+
+    def __init__(self, path: str, org: nn.Module) -> None:
+        super().__init__()
+        self.path = path
+        base = org.weight.detach().to(torch.float32).clone()
+        self.weight = nn.Parameter(base.clone())
+        self.register_buffer("base", base)
+        self.eps = org.eps
+        self.multiplier = 1.0
+        self._org = (org,)
+        self._hook: ForwardHook | None = None
+
+    def gain(self) -> torch.Tensor:
+        if self.multiplier == 1.0:
+            return self.weight
+        return self.base + self.multiplier * (self.weight - self.base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the DiT RMSNorm's math with our gain
+        g = self.gain()
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), g, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * g.to(x.dtype)
