@@ -86,23 +86,32 @@ def _build_parser() -> argparse.ArgumentParser:
                    "(default: the 28-block 2B layout)")
 
     p = sub.add_parser("convert-network", help="rename an adapter file between ComfyUI and kohya names (lossless)",
-                       description="ComfyUI names: diffusion_model.<module path>.<suffix>; kohya names: "
-                       "lora_unet_<module_path>.<suffix>.  PEFT/diffusers inputs (lora_A/lora_B, transformer., "
-                       "base_model.model., Cosmos transformer_blocks.N...) are read too.  See docs/formats.md.")
+                       description="ComfyUI names: diffusion_model.<module path>.<suffix> (text encoder: "
+                       "text_encoders.qwen3_06b.transformer.model.<path>.<suffix>); kohya names: "
+                       "lora_unet_<module_path>.<suffix> (text encoder: lora_te_<path>.<suffix>).  PEFT/diffusers "
+                       "inputs (lora_A/lora_B, transformer., base_model.model., Cosmos transformer_blocks.N..., "
+                       "text_encoder.<path>) are read too.  See docs/formats.md.")
     p.add_argument("input", help="adapter .safetensors (ComfyUI, kohya, PEFT or diffusers names)")
     p.add_argument("output", help="where to write the renamed file")
     p.add_argument("--to", choices=("comfy", "kohya"), required=True, help="the naming to write")
     p.add_argument("--dit", default=None, help="read the model layout from this DiT checkpoint's header "
                    "(default: the 28-block 2B layout)")
+    p.add_argument("--qwen3", default=None, help="text-encoder keys: read the Qwen3 layout from this file's "
+                   "header (default: Qwen3-0.6B)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
-    p = sub.add_parser("merge", help="bake LoRA/LoKr/LoHa files into a DiT checkpoint (ComfyUI's math)")
-    p.add_argument("--dit", required=True, help="base DiT .safetensors (its key layout and dtype are kept)")
+    p = sub.add_parser("merge", help="bake LoRA/LoKr/LoHa files into a DiT checkpoint (ComfyUI's math), and "
+                       "their text-encoder modules into a Qwen3 file with --qwen3/--qwen3-out")
+    p.add_argument("--dit", default=None, help="base DiT .safetensors (its key layout and dtype are kept)")
     p.add_argument("--network", action="append", required=True, metavar="FILE[:MUL]",
                    help="network file with optional strength (default 1.0); repeatable, applied in order")
-    p.add_argument("--out", required=True, help="merged .safetensors")
+    p.add_argument("--out", default=None, help="merged DiT .safetensors (with --dit)")
+    p.add_argument("--qwen3", default=None, help="base Qwen3 text encoder (single file or bundle) to bake the "
+                   "networks' text-encoder modules into (its key layout and dtypes are kept)")
+    p.add_argument("--qwen3-out", "--qwen3_out", dest="qwen3_out", default=None,
+                   help="merged Qwen3 .safetensors (with --qwen3)")
     p.add_argument("--save_precision", choices=DTYPE_NAMES, default=None,
-                   help="dtype of the merged DiT weights (default: as in --dit)")
+                   help="dtype of the merged weights (DiT, and Qwen3 with --qwen3; default: as in the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("convert-config", help="root-style Anima_Trainer TOML → kohya train.toml + dataset.toml",
@@ -183,23 +192,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_convert_network(args: argparse.Namespace) -> int:
     from anima_trainer.networks.convert import build_meta_dit, convert_network
 
+    from anima_trainer.networks.convert import build_meta_qwen3
+
     result = convert_network(args.input, args.output, args.to, dit=build_meta_dit(args.dit),
+                             text_encoder=build_meta_qwen3(args.qwen3) if args.qwen3 else None,
                              overwrite=args.overwrite)
     print(f"{result['written']}: {result['keys']} tensors with {args.to} names")
+    if result["comfy_skips"]:
+        print(f"note: {len(result['comfy_skips'])} text-encoder key(s) use kohya's lora_te_* names, which ComfyUI "
+              "does not load for Anima (it loads the DiT part only); convert with --to comfy for ComfyUI",
+              file=sys.stderr)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from anima_trainer.fileio import check_writable
+    from anima_trainer.networks import NetworkError
+    from anima_trainer.networks.bake import merge_text_encoder
     from anima_trainer.networks.convert import merge_networks, parse_network_arg
 
-    result = merge_networks(args.dit, [parse_network_arg(n) for n in args.network], args.out,
-                            save_dtype=_dtype(args.save_precision) if args.save_precision else None,
-                            overwrite=args.overwrite)
-    for f, keys in result["not_loaded"].items():
-        print(f"warning: {f}: {len(keys)} keys ComfyUI would not load either: {keys[:5]}", file=sys.stderr)
-    for f, n in result["networks"].items():
-        print(f"{f}: {n} weights patched")
-    print(result["written"])
+    if (args.dit is None) != (args.out is None) or (args.qwen3 is None) != (args.qwen3_out is None):
+        raise NetworkError("merge: --dit needs --out and --qwen3 needs --qwen3-out (each base with its output)")
+    if args.dit is None and args.qwen3 is None:
+        raise NetworkError("merge: give --dit BASE --out OUT (the DiT), --qwen3 BASE --qwen3-out OUT (the text "
+                           "encoder), or both")
+    networks = [parse_network_arg(n) for n in args.network]
+    dtype = _dtype(args.save_precision) if args.save_precision else None
+    for out in (args.out, args.qwen3_out):  # refuse before minutes of merging, not after
+        if out is not None:
+            check_writable(out, args.overwrite)
+    if args.dit is not None:
+        result = merge_networks(args.dit, networks, args.out, save_dtype=dtype, overwrite=args.overwrite,
+                                text_encoder_merged=args.qwen3 is not None)
+        for f, keys in result["not_loaded"].items():
+            print(f"warning: {f}: {len(keys)} keys ComfyUI would not load either: {keys[:5]}", file=sys.stderr)
+        for f, n in result["networks"].items():
+            print(f"{f}: {n} DiT weights patched")
+        print(result["written"])
+    if args.qwen3 is not None:
+        result = merge_text_encoder(args.qwen3, networks, args.qwen3_out, save_dtype=dtype, overwrite=args.overwrite)
+        for f, n in result["networks"].items():
+            print(f"{f}: {n} text-encoder weights patched")
+        print(result["written"])
     return 0
 
 
@@ -207,7 +241,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from anima_trainer.fileio import check_writable
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
     from anima_trainer.models.checkpoint import expect_kind
-    from anima_trainer.networks import apply_network_file
+    from anima_trainer.networks import apply_network_file, apply_text_encoder_file, comfy_skipped_keys
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png
 
     import torch
@@ -227,13 +261,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for f in args.network:
         expect_kind(f, "--network", ("network",))
     dit = load_dit(args.dit, dtype=dtype, device=device, adapter_path=args.llm_adapter_path)
-    for f, m in zip(args.network, muls, strict=True):
-        report = apply_network_file(dit, f, multiplier=m)
-        if report["not_loaded"]:
-            print(f"warning: {f}: {len(report['not_loaded'])} keys ComfyUI would not load either: "
-                  f"{report['not_loaded'][:5]}", file=sys.stderr)
     te = load_text_encoder(args.qwen3, tokenizer_dir=args.qwen3_tokenizer, t5_tokenizer_dir=args.t5_tokenizer,
                            dtype=dtype, device=device)
+    for f, m in zip(args.network, muls, strict=True):
+        report = apply_network_file(dit, f, multiplier=m)
+        te_report = apply_text_encoder_file(te.model, f, multiplier=m)  # its text-encoder modules (LoraLoader)
+        not_loaded = sorted(set(report["not_loaded"]) & set(te_report["not_loaded"]))
+        if not_loaded:
+            print(f"warning: {f}: {len(not_loaded)} keys ComfyUI would not load either: {not_loaded[:5]}",
+                  file=sys.stderr)
+        skipped = comfy_skipped_keys(set(report["not_loaded"]) - set(te_report["not_loaded"]))
+        if skipped:
+            print(f"note: {f}: its text-encoder modules use kohya's lora_te_* names: applied here, but ComfyUI "
+                  "skips them (convert-network --to comfy)", file=sys.stderr)
     vae = load_vae(args.vae, dtype=dtype, device=device)
     image = generate_image(dit, te, vae, params, progress=not args.no_progress)
     print(save_png(image, params, args.out, overwrite=args.overwrite))

@@ -105,12 +105,13 @@ def test_base_weights_merge_w_plus_m_delta(dit, dit_file, tmp_path):
     assert base_weight_multipliers(["x", "y", "z"], [0.25, 2.0]) == [0.25, 2.0, 1.0]
 
 
-def test_base_weights_with_text_encoder_keys_is_an_error(dit, tmp_path):
+def test_base_weights_with_text_encoder_keys_and_no_text_encoder_is_an_error(dit, tmp_path):
     path = tmp_path / "te.safetensors"
     sd = random_network(dit).state_tensors()
     sd["lora_te_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(4, 8)
     save_file(sd, path)
-    with pytest.raises(NetworkError, match=r"base_weights: .*te\.safetensors: 1 key\(s\) are not DiT adapter keys"):
+    with pytest.raises(NetworkError, match=r"base_weights: .*te\.safetensors: 1 text-encoder key\(s\) and no text "
+                                           r"encoder to merge them into .*lora_te_layers_0_self_attn_q_proj"):
         merge_base_weights(dit, [path])
 
 

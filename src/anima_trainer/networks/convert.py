@@ -172,7 +172,9 @@ class ModuleTable:
         if stem.startswith(KOHYA_TE_PREFIX):
             m = self.te_kohya.get(stem[len(KOHYA_TE_PREFIX):])
             return (m, "kohya") if m else None
-        for prefix, style in ((TE_COMFY_PREFIX, "comfy"), (TE_NAME_PREFIX, "peft")):
+        # PEFT on a Qwen3ForCausalLM names the Qwen3Model part `model.`: `text_encoder.model.layers.0...`
+        for prefix, style in ((TE_COMFY_PREFIX, "comfy"), (TE_NAME_PREFIX, "peft"), (TE_NAME_PREFIX + "model.",
+                                                                                   "peft")):
             if stem.startswith(prefix) and stem[len(prefix):] in self.te_modules:
                 return stem[len(prefix):], style
         return None
@@ -371,12 +373,17 @@ def parse_network_arg(text: str) -> tuple[str, float]:
 
 
 def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str | Path, *,
-                   save_dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+                   save_dtype: torch.dtype | None = None, overwrite: bool = False,
+                   text_encoder_merged: bool = False) -> dict:
     """Bake networks into a DiT checkpoint with ComfyUI's math; same key layout, per-tensor dtype kept.
 
     The DiT is loaded once, in the checkpoint's dominant floating dtype (ComfyUI patches in fp32 and rounds to
     the weight dtype); tensors that are not DiT weights (other bundle parts, ignored buffers) are copied as is.
+    A network with text-encoder keys is an error unless `text_encoder_merged` (the caller bakes them into a
+    Qwen3 file too: networks/bake.py); a DiT checkpoint cannot hold them.
     """
+    from anima_trainer.networks.formats import is_text_encoder_key
+
     from anima_trainer.models.checkpoint import QUANT_METADATA, expect_kind, quant_plan, read_header
     from anima_trainer.models.dit import load_dit
     from anima_trainer.networks.formats import apply_network_file
@@ -391,7 +398,13 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
         expect_kind(f, "--network", ("network",))
         if not math.isfinite(mul):
             raise NetworkError(f"--network {f}: the multiplier {mul} is not a finite number")
-        check_finite_network(read_network(f)[0], f)
+        sd = read_network(f)[0]
+        check_finite_network(sd, f)
+        te_keys = sorted(k for k in sd if is_text_encoder_key(k))
+        if te_keys and not text_encoder_merged:
+            raise NetworkError(f"--network {f}: {len(te_keys)} text-encoder key(s) (e.g. {te_keys[0]}) cannot be "
+                               "baked into a DiT checkpoint; add --qwen3 QWEN3_FILE --qwen3-out OUT to bake them "
+                               "into the text encoder too, nothing written")
     info = expect_kind(base, "--dit", ("anima_dit", "anima_bundle"))
     prefix = info.components.get("dit", info.prefix)
     header, meta = read_header(base)
@@ -430,5 +443,7 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     meta["anima_trainer_merged_networks"] = json.dumps([[Path(f).name, m] for f, m in networks])
     check_writable(out, overwrite)
     atomic_save(tensors, out, meta, what="merged checkpoint ")  # refuses NaN/Inf (e.g. fp16 overflow)
+    not_loaded = {f: [k for k in r["not_loaded"] if not (text_encoder_merged and is_text_encoder_key(k))]
+                  for f, r in reports.items()}
     return {"written": str(out), "networks": {f: len(r["patched"]) for f, r in reports.items()},
-            "not_loaded": {f: r["not_loaded"] for f, r in reports.items() if r["not_loaded"]}}
+            "not_loaded": {f: keys for f, keys in not_loaded.items() if keys}}

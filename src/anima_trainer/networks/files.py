@@ -47,6 +47,16 @@ def module_key(model: str, path: str, save_format: str = "comfy") -> str:
     return prefix + (path if save_format == "comfy" else path.replace(".", "_"))
 
 
+def save_format_notice(network: AdapterNetwork, save_format: str) -> str | None:
+    """The start-up notice for a save format some loader reads only partly (None when every part loads):
+    kohya names with text-encoder modules — ComfyUI skips `lora_te_*` (formats.comfy_skipped_keys)."""
+    if save_format == "kohya" and network.trains_text_encoder:
+        return ("save_format=kohya with text-encoder modules: ComfyUI loads only the DiT part of these files (it has "
+                "no lora_te_* names for Anima's Qwen3); use save_format=comfy or `anima-trainer convert-network "
+                "FILE OUT --to comfy` for ComfyUI")
+    return None
+
+
 def state_tensors(network: AdapterNetwork, dtype: torch.dtype | None = None,
                   save_format: str = "comfy") -> dict[str, torch.Tensor]:
     """The tensors `save` writes: weights in `dtype` (default fp32), alpha fp32 (names: the module doc)."""

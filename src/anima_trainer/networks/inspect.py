@@ -4,6 +4,9 @@ Everything is read the way ComfyUI reads it (`parse_patches` on the key map of a
 2B config unless a `--dit` header is given).  Per-module deltas use ComfyUI's math (`delta_weight`) on a zero
 base weight, which is exact for every additive patch (LoRA, LoHa, LoKr, diff); DoRA and `set_weight` depend on
 the base weights, so for them the norm of the stored tensor/branch is reported and marked.
+Text-encoder modules (`text_encoders.qwen3_06b.transformer.model.*` as ComfyUI names them, kohya's
+`lora_te_*`) are read against a Qwen3-0.6B on meta (or the given `text_encoder`) and counted per model;
+kohya's `lora_te_*` keys are valid but ComfyUI skips them: a warning, not a break.
 A file is *broken* (non-zero exit) when it has NaN/Inf values, keys ComfyUI would not load, patches that do not
 fit the model's shapes, or the same module under two names.  All-zero factors or branches are warnings only
 (a freshly initialised LoRA has a zero `lora_up`).
@@ -19,8 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anima_trainer.networks.convert import build_meta_dit, read_network
-from anima_trainer.networks.formats import comfy_key_map, delta_weight, parse_patches, split_key
+from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3, read_network
+from anima_trainer.networks.formats import (
+    TE_NAME_PREFIX,
+    comfy_key_map,
+    comfy_skipped_keys,
+    delta_weight,
+    is_text_encoder_key,
+    kohya_te_key_map,
+    parse_patches,
+    split_key,
+)
 
 KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "diff": "diff", "set": "set_weight"}
 METADATA_SHOWN = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
@@ -29,7 +41,7 @@ METADATA_SHOWN = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss
 
 
 def _group(target: str) -> str:
-    m = re.match(r"(llm_adapter\.blocks\.\d+|blocks\.\d+)\.", target)
+    m = re.match(r"(llm_adapter\.blocks\.\d+|blocks\.\d+|text_encoder\.layers\.\d+)\.", target)
     if m:
         return m.group(1)
     return target.split(".")[0]
@@ -68,16 +80,26 @@ def _rank_alpha(patch: tuple) -> tuple[int | None, float | None, float]:
     return rank, alpha, scale
 
 
-def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes: bool = True) -> dict:
+def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes: bool = True,
+                    text_encoder: nn.Module | None = None) -> dict:
     """JSON-ready report on one adapter file; `report["broken"]` lists the reasons it is unusable.
 
     `check_shapes=False` when `dit` is only a guess of the model size (names are the same for every size).
+    Text-encoder keys are read against `text_encoder` (default: Qwen3-0.6B on meta); their targets are named
+    `text_encoder.<Qwen3 parameter>`, and `modules_by_model` counts modules per model.
     """
     dit = dit if dit is not None else build_meta_dit()
     sd, meta = read_network(path)
-    key_map = comfy_key_map(dit)
+    if text_encoder is None and any(is_text_encoder_key(k) for k in sd):
+        text_encoder = build_meta_qwen3()
+    key_map = comfy_key_map(dit, text_encoder)
+    skipped = comfy_skipped_keys(sd)
+    if skipped:  # kohya's TE names: valid, read by kohya and our loaders, skipped by ComfyUI (listed below)
+        key_map.update({k: TE_NAME_PREFIX + v for k, v in kohya_te_key_map(text_encoder).items()})
     patches, loaded = parse_patches(sd, key_map)
     params = dict(dit.state_dict(keep_vars=True))
+    if text_encoder is not None:
+        params.update({TE_NAME_PREFIX + k: v for k, v in text_encoder.state_dict(keep_vars=True).items()})
 
     nonfinite = {}
     zero_tensors = []
@@ -131,6 +153,12 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
     norm_diffs = sorted(t for t, p in params.items() if t in patches and p.dim() == 1)
     by_group = Counter(e["group"] for e in modules.values())
     unknown = sorted(set(sd) - loaded)
+    skip_notes = []
+    if skipped:
+        skip_notes.append(f"{len(skipped)} text-encoder key(s) use kohya's lora_te_* names, which ComfyUI does "
+                          "not load for Anima (it applies the DiT part only); `convert-network --to comfy` renames "
+                          "them")
+    by_model = Counter("text_encoder" if t.startswith(TE_NAME_PREFIX) else "dit" for t in modules)
     broken = []
     if nonfinite:
         broken.append(f"{sum(nonfinite.values())} NaN/Inf value(s) in {len(nonfinite)} tensor(s)")
@@ -140,7 +168,7 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
         broken.append(f"{len(shape_errors)} patch(es) do not fit the model's weights")
     if duplicates:
         broken.append(f"{len(duplicates)} module(s) appear under two names (ComfyUI keeps one)")
-    warnings = []
+    warnings = skip_notes
     if zero_tensors:
         warnings.append(f"{len(zero_tensors)} all-zero tensor(s): {zero_tensors[:5]}")
     if zero_branches:
@@ -151,7 +179,8 @@ def inspect_network(path: str | Path, dit: nn.Module | None = None, check_shapes
     return {
         "file": str(path), "kind": "network",
         "algorithms": sorted({e["algorithm"] for e in modules.values()}),
-        "tensors": len(sd), "modules": len(modules),
+        "tensors": len(sd), "modules": len(modules), "modules_by_model": dict(sorted(by_model.items())),
+        "comfy_skipped_keys": skipped,
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {str(k): v for k, v in alphas.items()},
         "scales": {f"{k:g}": v for k, v in scales.items()},
@@ -170,6 +199,8 @@ def format_report(r: dict) -> str:
     """Human-readable text for `anima-trainer inspect` (JSON with --json)."""
     lines = [(f"{r['file']}: network file, {', '.join(r['algorithms']) or 'no patches'}; "
               f"{r['modules']} module(s) from {r['tensors']} tensor(s)")]
+    if r.get("modules_by_model", {}).get("text_encoder"):
+        lines.append("  modules per model: " + ", ".join(f"{k} {v}" for k, v in r["modules_by_model"].items()))
     if r["ranks"]:
         lines.append(f"  ranks: {r['ranks']}  alphas: {r['alphas']}  scales: {r['scales']}")
     lines.append("  targets: " + ", ".join(f"{g} {n}" for g, n in r["targets_by_group"].items()))
@@ -195,5 +226,7 @@ def format_report(r: dict) -> str:
         lines.append(f"  shape error {t}: {msg}")
     for w in r["warnings"]:
         lines.append(f"  warning: {w}")
-    lines.append("  BROKEN: " + "; ".join(r["broken"]) if r["broken"] else "  OK: ComfyUI loads every key")
+    ok = ("  OK: ComfyUI loads every key" if not r.get("comfy_skipped_keys") else
+          "  OK: ComfyUI loads every key but the kohya-named text-encoder ones")
+    lines.append("  BROKEN: " + "; ".join(r["broken"]) if r["broken"] else ok)
     return "\n".join(lines)

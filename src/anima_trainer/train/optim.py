@@ -348,7 +348,7 @@ def use_full_half(network: Any, dtype: torch.dtype, scaler: torch.amp.GradScaler
     if dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError(f"full_bf16/full_fp16 need a half-precision dtype, got {dtype}")
     flag = "full_bf16" if dtype == torch.bfloat16 else "full_fp16"
-    full = [m.path for m in network.lora_modules if getattr(m, "w2_decomposed", True) is False]
+    full = [m.name for m in network.lora_modules if getattr(m, "w2_decomposed", True) is False]
     if full:
         raise ConfigError(f"{flag}: LoKr with a full-matrix w2 ({len(full)} module(s), e.g. {full[0]}; full_matrix "
                           "or a network_dim >= half the factor size) trains at scale 1, where half-precision "
