@@ -223,3 +223,17 @@ def test_resume_with_text_encoder_modules_is_exact(setup, tmp_path, monkeypatch)
     ref, got = load_file(reference.final_path), load_file(resumed.final_path)
     assert any(k.startswith(TE_PREFIX) for k in ref)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_the_cache_command_says_such_a_run_reads_no_text_cache(setup, tmp_path, capsys):
+    from anima_trainer.cli import main
+    from anima_trainer.demo import write_shapes_dataset
+
+    images = write_shapes_dataset(tmp_path / "images", count=1, seed=1)  # its cache goes beside these images
+    toml = write_demo_configs(tmp_path, setup["models"], images, 1, seed=5)
+    toml.write_text(toml.read_text().replace("network_train_unet_only = true\n", ""))
+    assert main(["cache", "--config_file", str(toml)]) == 0
+    assert capsys.readouterr().err.count("notice: this config trains a text-encoder LoRA (kohya's default), so its "
+                                         "training reads no text cache") == 1
+    assert main(["cache", "--config_file", str(toml), "--network_train_unet_only"]) == 0
+    assert "trains a text-encoder LoRA" not in capsys.readouterr().err
