@@ -100,10 +100,12 @@ def test_both_only_flags_train_nothing():
         parse("--network_train_unet_only", "--network_train_text_encoder_only")
 
 
-def test_unet_lr_without_dit_modules_says_so():
-    cfg = parse("--network_train_text_encoder_only", "--unet_lr", "1e-4")
-    assert cfg.text_encoder_notices() == ["unet_lr = 0.0001: no effect, network_train_text_encoder_only trains no "
-                                          "DiT module"]
+def test_dit_settings_without_dit_modules_say_so():
+    cfg = parse("--network_train_text_encoder_only", "--unet_lr", "1e-4", "--mlp_lr", "0", "--network_args",
+                "train_llm_adapter=true", "train_norm=false", "loraplus_lr_ratio=2")
+    assert cfg.text_encoder_notices() == [
+        "unet_lr = 0.0001, mlp_lr = 0, network_args train_llm_adapter=true: no effect, network_train_text_encoder_only "
+        "trains no DiT module (nor the LLM adapter or norm gains inside the DiT; as in kohya)"]
 
 
 def test_sd_scripts_anima_configs_stay_dit_only(tmp_path):

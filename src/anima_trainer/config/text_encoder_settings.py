@@ -14,6 +14,10 @@ from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 # the options whose cached values stand in for the text encoder's output: training it through them is impossible
 TEXT_CACHE_OPTIONS = ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "cache_llm_adapter_outputs")
+# settings that only act on DiT modules: without any (network_train_text_encoder_only) they change nothing
+DIT_LR_FIELDS = ("unet_lr", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "llm_adapter_lr")
+DIT_NETWORK_ARGS = ("train_llm_adapter", "train_norm", "train_adaln", "train_final_layer", "train_embedders",
+                    "loraplus_unet_lr_ratio")
 
 
 class TextEncoderSettings(BaseModel):
@@ -93,9 +97,12 @@ class TextEncoderSettings(BaseModel):
             if self.text_encoder_lr == 0:
                 raise ValueError("network_train_text_encoder_only with text_encoder_lr = 0: nothing would be "
                                  "trained; give text_encoder_lr a value (or leave it unset: learning_rate)")
-            if self.unet_lr is not None:
-                notes.append(f"unet_lr = {self.unet_lr:g}: no effect, network_train_text_encoder_only trains no "
-                             "DiT module")
+            dit_only = [f"{k} = {getattr(self, k):g}" for k in DIT_LR_FIELDS if getattr(self, k) is not None]
+            dit_only += [f"network_args {k}={v}" for k, v in self.network_args.items()
+                         if k in DIT_NETWORK_ARGS and str(v).strip().lower() not in ("false", "0", "no", "off", "")]
+            if dit_only:
+                notes.append(f"{', '.join(dit_only)}: no effect, network_train_text_encoder_only trains no DiT "
+                             "module (nor the LLM adapter or norm gains inside the DiT; as in kohya)")
         if not self.network_train_unet_only and cache is not None and self.text_encoder_lr != 0:
             notes.append(f"{cache} = true: the text encoder (Qwen3) is not trained, only the DiT, because its outputs "
                          "are cached (kohya refuses this combination with an assert; this run goes on as with "
