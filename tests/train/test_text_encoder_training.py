@@ -237,3 +237,21 @@ def test_the_cache_command_says_such_a_run_reads_no_text_cache(setup, tmp_path, 
                                          "training reads no text cache") == 1
     assert main(["cache", "--config_file", str(toml), "--network_train_unet_only"]) == 0
     assert "trains a text-encoder LoRA" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "counts"), [((), (280, 196)), (("--network_train_unet_only",), (280, 0)),
+                                               (("--network_train_text_encoder_only",), (0, 196)),
+                                               (("--cache_text_encoder_outputs",), (280, 0)),
+                                               (("--text_encoder_lr", "0"), (280, 0)),
+                                               (("--anima_flow_shift", "3"), (340, 0))],
+                         ids=["kohya-default", "unet-only", "te-only", "text-cache", "te-lr-0", "sd-scripts-anima"])
+def test_full_size_module_counts_on_meta_are_kohyas(extra, counts):
+    """What a config trains on the full-size models (built on meta): kohya's 28 blocks × 10 DiT Linears and 28
+    Qwen3 layers × 7 (q/k/v/o, gate/up/down); sd-scripts-anima's flavour adds the LLM adapter, never Qwen3."""
+    from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
+    from anima_trainer.train.model_setup import build_network
+
+    cfg = parse_train_args(["--pretrained_model_name_or_path", "d.safetensors", "--qwen3", "q.safetensors", "--vae",
+                            "v.safetensors", "--output_dir", "out", "--dataset_config", "ds.toml", *extra])
+    network = build_network(cfg, build_meta_dit(), build_meta_qwen3())
+    assert (len(network.dit_modules()), len(network.text_encoder_modules())) == counts
