@@ -255,3 +255,25 @@ def test_full_size_module_counts_on_meta_are_kohyas(extra, counts):
                             "v.safetensors", "--output_dir", "out", "--dataset_config", "ds.toml", *extra])
     network = build_network(cfg, build_meta_dit(), build_meta_qwen3())
     assert (len(network.dit_modules()), len(network.text_encoder_modules())) == counts
+
+
+@torch.no_grad()
+def test_the_conditioner_follows_a_trained_encoder_and_memoises_a_frozen_one(setup):
+    """Validation and the step get their context from TextConditioner.context: with a trained text encoder it is
+    the adapted encoder's current output (no per-caption memo, also under no_grad as in validation); a frozen
+    encoder's states are memoised (they never change)."""
+    dit, te = _fresh(setup)
+    network = create_network(dit, algo="lora", dim=4, alpha=4.0, text_encoder=te.model)
+    up = network.text_encoder_modules()[0].lora_up.weight
+    trained, frozen = TextConditioner(dit, te, train_text_encoder=True), TextConditioner(dit, te)
+    before, memo = trained.context(CAPTIONS), frozen.context(CAPTIONS)
+    assert torch.equal(before, memo)  # a fresh network leaves the encoder as it is
+    up.add_(0.5)  # a training step changes the encoder
+    enc = te.encode(CAPTIONS)
+    now = dit.encode_context(enc.qwen_hidden, enc.t5_ids, qwen_mask=enc.qwen_mask, t5_mask=enc.t5_mask,
+                             t5_weights=enc.t5_weights)
+    after = trained.context(CAPTIONS)
+    assert torch.equal(after, now) and not torch.allclose(after, before)
+    assert torch.equal(frozen.context(CAPTIONS), memo)  # the memo (why it is off while the encoder trains)
+    with pytest.raises(ValueError, match="cannot stand in for a text encoder that is trained"):
+        trained.prefill({})
