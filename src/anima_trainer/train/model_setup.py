@@ -1,5 +1,6 @@
 """The models a run trains on: the frozen base loaded with start-up validation, and the DiT prepared with its
-speed and memory levers and the network to train (checked early on a weightless DiT of the file's shape).
+speed and memory levers and the network to train (checked early on a weightless DiT of the file's shape, and a
+weightless Qwen3 when the text encoder gets modules too: kohya's default, issue 15).
 
 Split from train/loop.py so the loop reads top to bottom; bench/ uses `prepare_dit` and `WEIGHT_DTYPES` too.
 """
