@@ -84,6 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="network files: print the report as JSON")
     p.add_argument("--dit", default=None, help="network files: take module names/shapes from this DiT's header "
                    "(default: the 28-block 2B layout)")
+    p.add_argument("--qwen3", default=None, help="network files with text-encoder modules: take their names from "
+                   "this Qwen3's header (default: Qwen3-0.6B)")
 
     p = sub.add_parser("convert-network", help="rename an adapter file between ComfyUI and kohya names (lossless)",
                        description="ComfyUI names: diffusion_model.<module path>.<suffix> (text encoder: "
@@ -164,11 +166,11 @@ def _build_parser() -> argparse.ArgumentParser:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from anima_trainer.models.checkpoint import CheckpointError, _network_types, inspect_file, read_header
     from anima_trainer.networks import NetworkError
-    from anima_trainer.networks.convert import build_meta_dit
+    from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
     from anima_trainer.networks.inspect import format_report, inspect_network
 
     status = 0
-    meta_dit = None
+    meta_dit = meta_te = None
     for f in args.files:
         try:
             info = inspect_file(f)
@@ -178,7 +180,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(json.dumps(info.summary(), indent=2))
                 continue
             meta_dit = meta_dit or build_meta_dit(args.dit)
-            report = inspect_network(f, meta_dit, check_shapes=args.dit is not None)
+            meta_te = meta_te or (build_meta_qwen3(args.qwen3) if args.qwen3 else None)
+            report = inspect_network(f, meta_dit, check_shapes=args.dit is not None, text_encoder=meta_te)
             report = {**info.summary(), **report}
             print(json.dumps(report, indent=2) if args.json else format_report(report))
             if report["broken"]:

@@ -351,7 +351,7 @@ def test_merge_bakes_text_encoder_modules_into_a_qwen3_file(dit_file, qwen3_file
     assert not torch.allclose(hidden(load_qwen3(out_te2, dtype=torch.float32)), want, atol=1e-5)
 
 
-def test_inspect_counts_modules_per_model(dit, qwen3, tmp_path):
+def test_inspect_counts_modules_per_model(dit, qwen3, qwen3_file, tmp_path, capsys):
     net = create_network(dit, "lora", 4, 2.0, text_encoder=qwen3)
     kohya = net.save(tmp_path / "k.safetensors", save_format="kohya")
     comfy = net.save(tmp_path / "c.safetensors")
@@ -360,6 +360,10 @@ def test_inspect_counts_modules_per_model(dit, qwen3, tmp_path):
         assert r["modules_by_model"] == {"dit": len(net.dit_modules()), "text_encoder": 14}
         assert not r["broken"] and len(r["comfy_skipped_keys"]) == skipped
     net.remove()
+    assert main(["inspect", str(kohya), "--qwen3", str(qwen3_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"modules per model: dit {len(net.dit_modules())}, text_encoder 14" in out
+    assert "ComfyUI loads every key but the kohya-named text-encoder ones" in out and "lora_te_* names" in out
 
 
 def test_apply_text_encoder_file_math_is_formats(qwen3, tmp_path):
