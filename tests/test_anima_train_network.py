@@ -123,8 +123,8 @@ def test_kohya_ss_gui_toml_trains_one_step(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     for notice in ("notice: epoch = 1: kohya_ss GUI bookkeeping", "notice: sample_sampler = 'euler_a': previews "
                    "always use Euler", "notice: huber_schedule = 'snr': only used by the huber and smooth_l1 losses",
-                   "notice: xformers = true: attention runs on torch SDPA", "notice: text_encoder_lr = [0.0001]: the "
-                   "text encoder (Qwen3) stays frozen", "folder 'unprefixed'"):
+                   "notice: xformers = true: attention runs on torch SDPA", "notice: text_encoder_lr = 0.0001: no effect, "
+                   "the text encoder is not trained (network_train_unet_only = true)", "folder 'unprefixed'"):
         assert err.count(notice) == 1, notice
     assert "lr_scheduler_num_cycles" not in err  # 1 with cosine: kohya's default, one descent
     assert "lr schedule: cosine, 1 steps: start 0.0001, peak 0.0001 (step 0), end 0.0001, 0 descents" in err

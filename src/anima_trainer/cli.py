@@ -367,6 +367,10 @@ def cmd_cache(argv: list[str]) -> int:
                                     log_file=cfg.console_log_file)
     for line in cfg.notices:  # one per option accepted without effect (also written to the run's events)
         print(f"notice: {line}", file=sys.stderr)
+    if cfg.trains_text_encoder:  # issue 15: the text cache is still built, for a DiT-only run of the same data
+        print("notice: this config trains a text-encoder LoRA (kohya's default), so its training reads no text "
+              "cache; the text cache is built for runs with network_train_unet_only = true and "
+              "cache_text_encoder_outputs(_to_disk)", file=sys.stderr)
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
                             seed=cfg.seed or 0, strict_captions=cfg.strict_captions)
     from anima_trainer.download import ensure_tokenizers

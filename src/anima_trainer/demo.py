@@ -204,6 +204,8 @@ vae = {_toml_path(models["vae"])}
 network_module = "networks.lora_anima"
 network_dim = 8
 network_alpha = 8
+# the demo trains a DiT LoRA only; without this line a kohya config also trains a Qwen3 text-encoder LoRA
+network_train_unet_only = true
 
 [training]
 dataset_config = {_toml_path(out_dir / "dataset.toml")}

@@ -1,7 +1,8 @@
 """Issue 14 item 7: the compatibility corpus.  Real configs and command lines for kohya's `anima_train_network.py`,
 sd-scripts-anima and the GUIs (sources in tests/compat/SOURCES.md and each file's header) train one step
 unchanged through the drop-in `anima_train_network.py`, and print a start-up notice for each option listed in
-their `<name>.expect.toml`.
+their `<name>.expect.toml`; an entry with `text_encoder = true` there trains text-encoder modules too (kohya's
+default), the others do not.
 
 What the harness changes, and only this:
 * the `@NAME@` path placeholders (the files keep everything else as found) become the tiny demo models, one shared
@@ -182,6 +183,10 @@ def test_corpus_entry_trains_one_step_unchanged(name, world, tmp_path, monkeypat
     assert written, f"{name}: no adapter file in {tmp_path / 'out'}"
     state, _ = read_network(written[-1])
     assert any(k.endswith(ADAPTER_KEY_ENDINGS) for k in state), sorted(state)[:5]
+    # issue 15: kohya trains a text-encoder LoRA unless network_train_unet_only or a text cache (or the
+    # sd-scripts-anima flavour) says otherwise; `text_encoder = true` in the expect file marks those entries
+    te = any(k.startswith(("text_encoders.", "lora_te_")) for k in state)
+    assert te == expect.get("text_encoder", False), f"{name}: text-encoder modules {te}"
 
 
 def test_the_corpus_is_complete():

@@ -119,8 +119,8 @@ def test_error_options_name_file_and_line(tmp_path):
 def test_error_options_on_the_command_line():
     assert error([*REQUIRED, "--show_timesteps", "console"]) == \
         f"--show_timesteps = 'console': {ko.RULES['show_timesteps'].text} (on the command line)"
-    assert error([*REQUIRED, "--network_train_text_encoder_only"]).startswith(
-        "--network_train_text_encoder_only = true: anima-trainer trains the DiT only")
+    assert error([*REQUIRED, "--weighted_captions"]).startswith(
+        "--weighted_captions = true: Anima's tokenizer has no weighted captions")
 
 
 def test_field_wins_over_a_rule(monkeypatch):

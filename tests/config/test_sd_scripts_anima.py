@@ -78,7 +78,8 @@ num_repeats = 1
 """
 DEFAULTS_LINE = ("sd-scripts-anima defaults (the config uses sd-scripts-anima's names): gradient_checkpointing = true "
                  "(the config's false is overridden as sd-scripts-anima does; same result, less memory; "
-                 "sd_scripts_anima_defaults = false keeps it off), train_norm = true, LLM-adapter targets "
+                 "sd_scripts_anima_defaults = false keeps it off), network_train_unet_only = true (DiT only), "
+                 "train_norm = true, LLM-adapter targets "
                  "(network_args train_llm_adapter = true), LoKr factor 8, timestep_sampling = shift, "
                  "discrete_flow_shift = 3.0, "
                  "resume_ignore_optimizer_mismatch = true")
@@ -180,7 +181,8 @@ def test_what_the_config_sets_wins_over_the_defaults(tmp_path, tmp_path_factory)
     assert (cfg.discrete_flow_shift, cfg.gradient_checkpointing, cfg.optimizer_mismatch_ignored()) == (2.0, True,
                                                                                                       False)
     assert cfg.sd_scripts_anima_notices() == [
-        "sd-scripts-anima defaults (the config uses sd-scripts-anima's names): gradient_checkpointing = true"]
+        "sd-scripts-anima defaults (the config uses sd-scripts-anima's names): gradient_checkpointing = true, "
+        "network_train_unet_only = true (DiT only)"]
     # the opt-out: none of its defaults
     off = parse_train_args(_args(tmp_path, "--sd_scripts_anima_defaults=false"))
     assert (off.gradient_checkpointing, off.train_norm, off.network_args, off.sd_scripts_anima_notices()) == (

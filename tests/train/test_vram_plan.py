@@ -12,7 +12,8 @@ from anima_trainer.models.checkpoint import DitConfig
 from anima_trainer.train.vram_plan import candidates, plan_memory, resolve_budget
 
 REQUIRED = {"pretrained_model_name_or_path": "dit.safetensors", "qwen3": "q.safetensors", "vae": "v.safetensors",
-            "output_dir": "out", "dataset_config": "dataset.toml", "mixed_precision": "bf16", "network_dim": 32}
+            "output_dir": "out", "dataset_config": "dataset.toml", "mixed_precision": "bf16", "network_dim": 32,
+            "network_train_unet_only": True}
 
 
 def _plan(budget: float, **kw):
@@ -41,6 +42,19 @@ def test_cached_encoders_free_their_memory_and_nothing_fitting_is_an_error():
     assert len(cached.table) <= len(uncached.table)  # so a faster setting fits
     with pytest.raises(ConfigError, match=r"vram_budget_gb 1.0: no memory setting fits; the most frugal one needs"):
         _plan(1.0)
+
+
+def test_a_trained_text_encoder_counts_its_activations_and_keeps_the_adapter_uncached():
+    """Issue 15: kohya's default trains a Qwen3 LoRA: ~1 MiB per token × 512 tokens per image without
+    checkpointing, 1/16 with it; the adapter's output then changes every step, so it is never cached."""
+    from anima_trainer.train.vram_plan import adapter_trained
+
+    dit_only, both = _plan(40), _plan(40, network_train_unet_only=False)
+    assert both.table[0][0] == "no checkpointing" and both.table[0][1] == pytest.approx(dit_only.table[0][1] + 0.5)
+    ckpt = dict(_plan(8, network_train_unet_only=False).table)["checkpointing of all blocks"]
+    assert ckpt == pytest.approx(dict(_plan(8).table)["checkpointing of all blocks"] + 0.5 / 16)
+    assert adapter_trained(make_train_config({**REQUIRED, "network_train_unet_only": False}))
+    assert not adapter_trained(make_train_config(REQUIRED))
 
 
 def test_candidates_order_and_auto_budget_needs_cuda():

@@ -261,12 +261,15 @@ class _Converter:
             raise ConversionError(f"training.train_parts: expected dit_only, dit_llm_adapter or dit_llm_adapter_qwen, "
                                   f"got {parts!r}")
         adapter = parts != "dit_only"
+        self.c.train["network_train_unet_only"] = True  # issue 15: the root trainer always keeps Qwen3 frozen
         if parts == "dit_llm_adapter_qwen":
             self.row("training", "train_parts", "network_args train_llm_adapter=true", "approximate",
-                     "a full fine-tune of the LLM adapter is not supported: it gets adapters (LoRA/LoKr) instead")
+                     "a full fine-tune of the LLM adapter is not supported: it gets adapters (LoRA/LoKr) instead; "
+                     "Qwen3 stays frozen (network_train_unet_only = true)")
         else:
             self.row("training", "train_parts", f"network_args train_llm_adapter={str(adapter).lower()}", "mapped",
-                     "dit_llm_adapter = adapters in the DiT blocks and the LLM adapter blocks")
+                     "dit_llm_adapter = adapters in the DiT blocks and the LLM adapter blocks; every mode keeps "
+                     "Qwen3 frozen (network_train_unet_only = true)")
         targets = self.get("lora", "lora_targets")[0]
         if isinstance(targets, str):
             targets = [t.strip() for t in targets.split(",") if t.strip()]

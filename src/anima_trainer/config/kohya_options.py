@@ -158,7 +158,6 @@ _ATTENTION = ("attention runs on torch SDPA (the fastest kernel is measured at s
               "chooses it), which gives the same result; nothing to change")
 _DATASET = ("a dataset on the command line is translated by the drop-in anima_train_network.py, which writes it "
             "as a dataset.toml; with `anima-trainer train` put it into the --dataset_config TOML")
-_NO_TE = "the text encoder (Qwen3) stays frozen: only the DiT is trained (kohya's network_train_unet_only)"
 _DEEPSPEED = ("DeepSpeed is not used: a multi-GPU run uses DDP (docs/multi_gpu.md); the memory levers are "
               "gradient_checkpointing, blocks_to_swap, fp8_base and vram_budget_gb")
 _HF = "only used with huggingface_repo_id, which anima-trainer does not upload to"
@@ -223,13 +222,9 @@ def _rules() -> dict[str, Rule]:
            "written or read")
     notice("huggingface_path_in_repo huggingface_repo_type huggingface_repo_visibility huggingface_token "
            "async_upload save_state_to_huggingface", _HF, OFF)
-    notice("text_encoder_lr", _NO_TE, UNSET + (0, 0.0, [], "0"))
-    notice("network_train_unet_only", _NO_TE, (True, "true", "True"))
     notice("huber_scale", "huber_c is used as the constant threshold (kohya's huber_schedule = \"constant\")",
            (1.0, 1, "", None))
     # honouring is impossible and ignoring would change what was asked: refused, with the fix
-    error("network_train_text_encoder_only", "anima-trainer trains the DiT only (a text-encoder-only LoRA cannot "
-          "be trained here); remove it")
     error("huber_schedule", "anima-trainer uses huber_c as a constant threshold (kohya's \"constant\"; kohya's "
           "default \"snr\" fails for Anima); set huber_schedule = \"constant\"",
           ("", None, "constant"))

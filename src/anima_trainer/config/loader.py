@@ -29,7 +29,7 @@ from anima_trainer.config.root_schema import root_style_evidence
 from anima_trainer.config.train import TrainConfig, make_train_config
 
 _LIST_FIELDS = ("network_args", "optimizer_args", "lr_scheduler_args")
-_LIST_VALUE_FIELDS = ("base_weights", "base_weights_multiplier")
+_LIST_VALUE_FIELDS = ("base_weights", "base_weights_multiplier", "text_encoder_lr")
 
 
 class _Parser(argparse.ArgumentParser):

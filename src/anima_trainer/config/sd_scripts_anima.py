@@ -120,6 +120,13 @@ class SdScriptsAnimaSettings(BaseModel):
                 applied.append("gradient_checkpointing = true" + (
                     " (the config's false is overridden as sd-scripts-anima does; same result, less memory; "
                     "sd_scripts_anima_defaults = false keeps it off)" if was_off else ""))
+            # issue 15: sd-scripts-anima's network has no text-encoder modules (whatever these flags say)
+            if not self.network_train_unet_only and not self.network_train_text_encoder_only:
+                was_off = "network_train_unet_only" in explicit
+                self.network_train_unet_only = True
+                applied.append("network_train_unet_only = true (DiT only" + (
+                    "; the config's false is overridden as sd-scripts-anima trains no text-encoder LoRA; "
+                    "sd_scripts_anima_defaults = false gives kohya's text-encoder LoRA" if was_off else "") + ")")
             if self.train_norm is None and "train_norm" not in args:
                 self.train_norm = True
                 applied.append("train_norm = true")

@@ -37,6 +37,7 @@ from anima_trainer.config.sd_scripts_anima import (
     SdScriptsAnimaSettings,
     _Notices,
 )
+from anima_trainer.config.text_encoder_settings import TextEncoderSettings
 from anima_trainer.config.vae_settings import VaeSettings
 from anima_trainer.download.sources import T5_TOKENIZER as _t5
 from anima_trainer.download.urls import parse_source
@@ -49,10 +50,10 @@ __all__ = ["FILE_NAME_MAX_BYTES", "MINIMUM_METADATA_KEYS", "OUTPUT_NAME_MAX_BYTE
            "check_output_name", "make_train_config", "_Notices", "_data_url"]
 
 
-class TrainConfig(NetworkSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSettings, OutputSettings, BaseModel):
+class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSettings, OutputSettings, BaseModel):
     """Every training setting.  The option groups of kohya's later versions and of sd-scripts-anima are mixins
-    with their fields, validators and methods (network_settings, noise_settings, sd_scripts_anima, vae_settings,
-    output_settings); the cross-field check below runs after their model validators."""
+    with their fields, validators and methods (network_settings, text_encoder_settings, noise_settings,
+    sd_scripts_anima, vae_settings, output_settings); the cross-field check below runs after their model validators."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
 
@@ -444,6 +445,7 @@ class TrainConfig(NetworkSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSet
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
         self._sd_scripts_anima()
+        self._check_text_encoder()  # after sd-scripts-anima's defaults (its DiT-only default)
         check_optimizer_schedule(self)
         self._check_memory_options()
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
@@ -467,7 +469,8 @@ class TrainConfig(NetworkSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSet
             from anima_trainer.networks.formats import NetworkError
 
             try:
-                check_diffusers_compatible(self.network_module, self.network_args, option='save_format = "diffusers"')
+                check_diffusers_compatible(self.network_module, self.network_args, option='save_format = "diffusers"',
+                                           text_encoder=self.trains_text_encoder)
             except NetworkError as e:
                 raise ValueError(str(e)) from None
         # --- end issue 15 (diffusers format) ---

@@ -251,17 +251,23 @@ class AnimaTextEncoder:
     def tokenize(self, prompts: Sequence[str]) -> list[TokenizedPrompt]:
         return [self.tokenizer(p) for p in prompts]
 
-    def encode(self, prompts: Sequence[str]) -> TextEncoding:
-        """Encode a batch of prompts (see the module docstring for the ComfyUI rules)."""
+    def encode(self, prompts: Sequence[str], *, grad: bool = False) -> TextEncoding:
+        """Encode a batch of prompts (see the module docstring for the ComfyUI rules); `grad`: see
+        `encode_tokens`."""
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts, not a single string")
-        return self.encode_tokens(self.tokenize(prompts))
+        return self.encode_tokens(self.tokenize(prompts), grad=grad)
 
-    @torch.no_grad()  # not inference_mode: the outputs may feed a graph that is trained (the adapter)
-    def encode_tokens(self, batch: Sequence[TokenizedPrompt]) -> TextEncoding:
-        """Run Qwen3 on pre-tokenized prompts, right-padded into one batch."""
+    def encode_tokens(self, batch: Sequence[TokenizedPrompt], *, grad: bool = False) -> TextEncoding:
+        """Run Qwen3 on pre-tokenized prompts, right-padded into one batch.  Without autograd (not inference_mode:
+        the outputs may feed a graph that is trained, the adapter) unless `grad` asks for it where gradients are
+        enabled: a text-encoder LoRA is being trained through it."""
         if not batch:
             raise ValueError("encode() needs at least one prompt")
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self._encode_tokens(batch)
+
+    def _encode_tokens(self, batch: Sequence[TokenizedPrompt]) -> TextEncoding:
         qwen_ids, qwen_mask = _right_pad([t.qwen_ids for t in batch], self.tokenizer.qwen_pad_id, torch.long)
         t5_ids, t5_mask = _right_pad([t.t5_ids for t in batch], 0, torch.long)
         t5_weights, _ = _right_pad([t.t5_weights for t in batch], 0.0, torch.float32)

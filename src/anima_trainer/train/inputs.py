@@ -25,12 +25,15 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class TextConditioner:
-    """Captions → DiT context; Qwen3 states memoised per caption (frozen encoder, captions repeat)."""
+    """Captions → DiT context; Qwen3 states memoised per caption (frozen encoder, captions repeat).  With
+    `train_text_encoder` (a text-encoder LoRA is trained) Qwen3 and the adapter run with autograd on every batch and
+    nothing is memoised: the encoder changes with every step."""
 
     def __init__(self, dit, text_encoder, max_cached: int = 100_000, cache_contexts: bool = False,
-                 train_adapter: bool = False) -> None:
+                 train_adapter: bool = False, train_text_encoder: bool = False) -> None:
         self.dit, self.te, self.max_cached = dit, text_encoder, max_cached
         self.train_adapter = train_adapter  # adapter LoRA/norms are trained: run it with autograd
+        self.train_text_encoder = train_text_encoder
         self._cache: dict[str, tuple[torch.Tensor, list[int], list[float]]] = {}
         # frozen adapter: its output rows per caption never change, so compute them once (ComfyUI's
         # per-prompt result) and skip the adapter in every later step
@@ -50,12 +53,19 @@ class TextConditioner:
                                         enc.t5_weights[i, :m].tolist())
 
     def prefill(self, rows: dict[str, tuple[torch.Tensor, list[int], list[float]]]) -> None:
-        """Take pre-encoded captions (from the text cache)."""
+        """Take pre-encoded captions (from the text cache; never with a trained text encoder)."""
+        if self.train_text_encoder:
+            raise ValueError("cached text-encoder outputs cannot stand in for a text encoder that is trained")
         self._cache.update(rows)
 
     def context(self, captions: list[str]) -> torch.Tensor:
         """[B, ≥512, 1024] context, exactly `dit.encode_context` on the right-padded batch (Qwen3 always
-        without gradient; the adapter with gradient only when it is trained)."""
+        without gradient; the adapter with gradient only when it is trained), or with a trained text encoder
+        both with gradient (where gradients are enabled: validation runs under no_grad)."""
+        if self.train_text_encoder:
+            enc = self.te.encode(captions, grad=True)
+            return self.dit.encode_context(enc.qwen_hidden, enc.t5_ids, qwen_mask=enc.qwen_mask,
+                                           t5_mask=enc.t5_mask, t5_weights=enc.t5_weights)
         if not self.cache_contexts or self.max_cached == 0:  # random captions: nothing would repeat
             with torch.set_grad_enabled(self.train_adapter and torch.is_grad_enabled()):
                 return self._context(captions)

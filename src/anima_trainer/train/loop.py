@@ -68,7 +68,14 @@ from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.lock import RunLock
 from anima_trainer.train.model_setup import WEIGHT_DTYPES as WEIGHT_DTYPES
 from anima_trainer.train.model_setup import Models as Models
-from anima_trainer.train.model_setup import check_network_options, load_models, prepare_dit
+from anima_trainer.train.model_setup import (
+    check_network_options,
+    kohya_text_encoder_notice,
+    load_models,
+    module_counts,
+    prepare_dit,
+    prepare_text_encoder,
+)
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
 from anima_trainer.train.optim import (
     build_optimizer,
@@ -242,7 +249,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
 
     # issue 14: options accepted with another or no effect, said once each at start-up (the loader's own notices,
     # cfg.notices, are printed by the CLI); all of them are written to the run's events below
-    run_notices = [*cfg.sd_scripts_anima_notices(), *cfg.vae_compile_notices(), *objective_notices(cfg)]
+    run_notices = [*cfg.sd_scripts_anima_notices(), *cfg.text_encoder_notices(), *cfg.vae_compile_notices(),
+                   *objective_notices(cfg)]
     seed = cfg.seed if cfg.seed is not None else 42
     torch.manual_seed(seed)
     tracking = resolve_tracking(cfg)
@@ -300,13 +308,16 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
     previews_and_validation = 2 * len(prompts)
     network, kernel = prepare_dit(cfg, dit, device, dtype, tokens=tokens, batch=batch,
-                                  extra_shapes=previews_and_validation + 4)
+                                  extra_shapes=previews_and_validation + 4, text_encoder=models.text_encoder.model)
+    prepare_text_encoder(cfg, models.text_encoder, network)  # issue 15: train mode, HF checkpointing
     dist.broadcast_parameters(network.trainable_parameters())  # every process starts from the same weights
     if dist.enabled:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    optimizer = build_optimizer(network.param_groups(lr, component_lrs(cfg)), lr, cfg.optimizer_args, device,
-                                optimizer_type=cfg.optimizer_type)
+    # kohya: the DiT at unet_lr (else learning_rate), the text encoder at text_encoder_lr (else learning_rate)
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    optimizer = build_optimizer(network.param_groups(lr, component_lrs(cfg), text_encoder_lr=te_lr), lr,
+                                cfg.optimizer_args, device, optimizer_type=cfg.optimizer_type)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if cfg.full_bf16 or cfg.full_fp16:  # before the first step creates the optimizer state (issue 14)
@@ -345,6 +356,10 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     log.info(sched_line)
     if sched_notice:
         log.warning("notice: %s", sched_notice)
+    if (save_note := kohya_text_encoder_notice(cfg, network)) is not None:  # issue 15
+        if dist.is_main:
+            log.warning("notice: %s", save_note)
+        run_notices.append(save_note)
     for line in [*cfg.notices, *run_notices, *([sched_notice] if sched_notice else [])]:
         events.write("notice", message=line)
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
@@ -358,7 +373,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     conditioner = TextConditioner(dit, models.text_encoder,
                                   max_cached=100_000 if dataset.captions_are_static else 0,
                                   cache_contexts=cfg.cache_llm_adapter_outputs,
-                                  train_adapter=network.trains_llm_adapter)
+                                  train_adapter=network.trains_llm_adapter,
+                                  train_text_encoder=network.trains_text_encoder)
     caches = prepare_caches(cfg, dataset, models, conditioner, dist=dist)
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
@@ -395,8 +411,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     monitor = Monitor.from_config(cfg, device, max_steps=max_steps,
                                   steps_per_epoch=math.ceil(len(shard) / cfg.gradient_accumulation_steps),
                                   events=events, log_fn=accelerator.log if tracking.log_with else None)
-    log.info("training %d %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
-             len(network.modules_by_name), cfg.network_module, len(network.norms_by_name), dataset.num_images,
+    log.info("training %s %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
+             module_counts(network), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)
     run = _Run(cfg, accelerator, models, network, dataset, conditioner, caches, images, optimizer, scheduler,
                scaler, generator, checkpoints, monitor, events, validator, progress, max_steps, epochs, seed, dist,
@@ -459,15 +475,21 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     params = network.trainable_parameters()
     previews = load_sample_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
 
+    te_model = r.models.text_encoder.model if network.trains_text_encoder else None
+
     def pause_training(fn):  # previews/validation: eval mode (also for schedule-free optimizers), not step time
         with monitor.paused():
             network.eval()
+            if te_model is not None:  # a trained text encoder runs in training mode between them
+                te_model.eval()
             set_optimizer_train_mode(optimizer, False)
             try:
                 return fn()
             finally:
                 set_optimizer_train_mode(optimizer, True)
                 network.train()
+                if te_model is not None:
+                    te_model.train()
 
     def preview(tag: str) -> None:
         """Previews run after the step's save and never stop training: a failure is logged and recorded as a

@@ -1,5 +1,6 @@
 """The models a run trains on: the frozen base loaded with start-up validation, and the DiT prepared with its
-speed and memory levers and the network to train (checked early on a weightless DiT of the file's shape).
+speed and memory levers and the network to train (checked early on a weightless DiT of the file's shape, and a
+weightless Qwen3 when the text encoder gets modules too: kohya's default, issue 15).
 
 Split from train/loop.py so the loop reads top to bottom; bench/ uses `prepare_dit` and `WEIGHT_DTYPES` too.
 """
@@ -43,10 +44,11 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
 
 
 def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype, *, tokens: set[int],
-                batch: int, extra_shapes: int = 0):
+                batch: int, extra_shapes: int = 0, text_encoder: torch.nn.Module | None = None):
     """Speed and memory levers, then the network, in the only order that works: fused q/k/v packing →
     memory options (fp8 storage, block swap, checkpointing) → network injection → attention kernel choice →
-    torch.compile of the blocks (last: it traces the injected hooks).  Returns (network, attention kernel)."""
+    torch.compile of the blocks (last: it traces the injected hooks).  Returns (network, attention kernel).
+    `text_encoder`: the Qwen3Model, which gets adapter modules too when the config trains it (kohya's default)."""
     from anima_trainer.models.attention_backend import configure_attention
     from anima_trainer.models.compile import compile_dit_blocks
     from anima_trainer.models.layers import set_fused_qkv
@@ -57,7 +59,7 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
         setup_memory(dit, device=device, **cfg.memory_options())
     except ValueError as e:
         raise ConfigError(f"memory options: {e}") from None
-    network = build_network(cfg, dit)
+    network = build_network(cfg, dit, text_encoder)
     if cfg.save_format == "diffusers":  # issue 15: what that layout cannot carry fails now, not at the first save
         from anima_trainer.networks.diffusers_format import check_network_diffusers
 
@@ -81,44 +83,93 @@ def check_network_options(cfg: TrainConfig) -> None:
     second, not after minutes of scanning and loading (issue 14's start-up order)."""
     from anima_trainer.models.checkpoint import CheckpointError
     from anima_trainer.networks import NetworkError, create_network
-    from anima_trainer.networks.convert import build_meta_dit
+    from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
 
     if cfg.dim_from_weights:
         return  # the network is the file's (checked when the file is read)
     try:
         dit = build_meta_dit(cfg.pretrained_model_name_or_path)
+        text_encoder = build_meta_qwen3(cfg.qwen3) if cfg.trains_text_encoder else None
     except (CheckpointError, OSError, ValueError):
         return  # a bad model file is named by its loader, with its own message
     try:
         create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
-                       dropout=cfg.network_dropout, **cfg.network_args)
+                       dropout=cfg.network_dropout, text_encoder=text_encoder, train_dit=cfg.trains_dit,
+                       **cfg.network_args)
     except NetworkError as e:
         raise NetworkError(f"network_args: {e}" if cfg.network_args else str(e)) from None
     except (RuntimeError, NotImplementedError) as e:  # needs real weights (e.g. DoRA's norms): checked at the build
         log.debug("network options: not checked before the models load (%s)", e)
 
 
-def build_network(cfg: TrainConfig, dit):
+def build_network(cfg: TrainConfig, dit, text_encoder: torch.nn.Module | None = None):
     """The network to train: configured (optionally initialised from network_weights), or with
-    dim_from_weights exactly the network of that file."""
+    dim_from_weights exactly the network of that file.  `text_encoder` (the Qwen3Model) gets modules only when
+    the config trains it (`cfg.trains_text_encoder`)."""
     from anima_trainer.networks import NetworkError, create_network, create_network_from_weights
 
+    te = text_encoder if cfg.trains_text_encoder else None
     try:
-        return _build_network(cfg, dit, create_network, create_network_from_weights)
+        return _build_network(cfg, dit, te, create_network, create_network_from_weights)
     except NetworkError as e:
         raise NetworkError(f"network_weights: {e}" if cfg.network_weights else str(e)) from None
 
 
-def _build_network(cfg: TrainConfig, dit, create_network, create_network_from_weights):
+def _build_network(cfg: TrainConfig, dit, te, create_network, create_network_from_weights):
     if cfg.dim_from_weights:
+        if not cfg.trains_dit:
+            raise ConfigError("dim_from_weights: builds the file's whole network, so network_train_text_encoder_only "
+                              "cannot drop its DiT modules; remove one of them (network_weights without "
+                              "dim_from_weights continues a text-encoder-only network)")
         network = create_network_from_weights(dit, cfg.network_weights, dropout=cfg.network_dropout,
-                                              **cfg.network_args)
+                                              text_encoder=te, **cfg.network_args)
         if network.algo != cfg.network_module:
             raise ConfigError(f"dim_from_weights: {cfg.network_weights} is a {network.algo} network but "
                               f"network_module is {cfg.network_module}")
         return network
     network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
-                             dropout=cfg.network_dropout, **cfg.network_args)
+                             dropout=cfg.network_dropout, text_encoder=te, train_dit=cfg.trains_dit,
+                             **cfg.network_args)
     if cfg.network_weights:
         network.load_weights(cfg.network_weights)
     return network
+
+
+def prepare_text_encoder(cfg: TrainConfig, text_encoder, network) -> None:
+    """A trained text encoder (network.trains_text_encoder) runs in training mode, as kohya's `t_enc.train()`,
+    with Hugging Face gradient checkpointing when gradient_checkpointing is set (non-reentrant: the frozen
+    embedding output needs no requires_grad workaround; HF checkpoints only in training mode).  Qwen3 has no
+    dropout, so the mode changes nothing else.  A frozen one stays in eval mode."""
+    model = text_encoder.model
+    if not network.trains_text_encoder:
+        model.eval()
+        return
+    model.train()
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def module_counts(network) -> str:
+    """"N DiT + M text-encoder" for the start-up line (kohya logs both parts)."""
+    te, dit = len(network.text_encoder_modules()), len(network.dit_modules())
+    return f"{dit} DiT + {te} text-encoder" if te else f"{dit} DiT"
+
+
+def kohya_text_encoder_notice(cfg: TrainConfig, network) -> str | None:
+    """save_format = "kohya" with text-encoder modules: ComfyUI maps no `lora_te_*` name of Anima's Qwen3, so it
+    would load the DiT part only (kohya's docs send users to its converter for the same reason)."""
+    from anima_trainer.networks.formats import comfy_skipped_keys
+
+    if cfg.save_format != "kohya" or not network.trains_text_encoder:
+        return None
+    skipped = comfy_skipped_keys(list(network.state_tensors(save_format="kohya")))
+    if not skipped:
+        return None
+    return (f"save_format = \"kohya\": ComfyUI loads only the DiT part of the file; its {len(skipped)} text-encoder "
+            "keys (lora_te_*) have no ComfyUI name for Anima's Qwen3 and are skipped there. For ComfyUI use "
+            "save_format = \"comfy\" (the default), or convert the file with `anima-trainer convert-network --to "
+            "comfy`")

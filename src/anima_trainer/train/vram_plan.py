@@ -20,6 +20,18 @@ from anima_trainer.config import ConfigError, TrainConfig
 log = logging.getLogger(__name__)
 RESERVE_GIB = 1.0  # CUDA context, allocator slack, cuBLAS/cuDNN workspaces
 TEXT_ENCODER_GIB = 1.3  # Qwen3-0.6B in bf16 (+ buffers), on the device unless its outputs are cached
+# a trained text encoder (issue 15) keeps its activations for the backward pass: per token about 28 layers × ~18k
+# values (the LoRA inputs, q/k/v, the 3072-wide MLP) × 2 bytes ≈ 1 MiB, ~1/16 of that with gradient checkpointing
+# (one layer input each, plus the layer being recomputed).  A counted estimate, not a measurement.
+TEXT_ENCODER_TRAIN_MIB_PER_TOKEN = {False: 1.0, True: 0.0625}
+TEXT_TOKENS = 512  # the context's rows: a conservative caption length
+
+
+def text_encoder_training_gib(cfg: TrainConfig, batch: int) -> float:
+    """Extra GiB a trained text encoder needs in a step (0 when it is frozen)."""
+    if not cfg.trains_text_encoder:
+        return 0.0
+    return TEXT_ENCODER_TRAIN_MIB_PER_TOKEN[bool(cfg.gradient_checkpointing)] * TEXT_TOKENS * batch / 1024
 VAE_GIB = 0.5  # Qwen-Image VAE encoder + a 1024² encode, unless latents are cached
 
 
@@ -85,11 +97,13 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
     table: list[tuple[str, float]] = []
     for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not adapter_trained):
         options = {**cfg.memory_options(), **{k: v for k, v in settings.items() if k != "cache_llm_adapter_outputs"}}
+        te_gib = text_encoder_training_gib(cfg.model_copy(update={
+            "gradient_checkpointing": options["gradient_checkpointing"]}), batch)
         est = estimate_training_memory(dit_config, resolution=resolution, batch=batch, rank=cfg.network_dim,
                                        dtype=dtype, network_args=cfg.network_args,
                                        include_llm_adapter=not settings.get("cache_llm_adapter_outputs", False),
                                        **options)
-        total = est["total_gib"] + extra
+        total = est["total_gib"] + extra + te_gib
         table.append((name, total))
         if total <= budget_gib:
             return MemoryPlan(settings, total, budget_gib, table)
@@ -117,10 +131,11 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, adapter_trained: bool)
 
 
 def adapter_trained(cfg: TrainConfig) -> bool:
-    """Whether the network trains anything inside the LLM adapter (then its output cannot be cached)."""
+    """Whether the network trains anything inside the LLM adapter, or the text encoder before it (then the
+    adapter's output cannot be cached)."""
     from anima_trainer.networks.inject import parse_bool
 
-    if cfg.dim_from_weights:
+    if cfg.dim_from_weights or cfg.trains_text_encoder:
         return True  # decided by the file; assume the worst
     if "target_modules" in cfg.network_args:  # sd-scripts-anima's list may name adapter modules: assume it does
         return True
