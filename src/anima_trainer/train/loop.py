@@ -303,7 +303,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     models = load_models(cfg, device, dtype)
     dit = models.dit
     if cfg.base_weights:  # kohya: merged into the base before the network exists (issue 14)
-        merge_base_weights(dit, cfg.base_weights, cfg.base_weights_multiplier)
+        merge_base_weights(dit, cfg.base_weights, cfg.base_weights_multiplier, text_encoder=models.text_encoder.model)
     tokens = {image_tokens(w, h) for w, h, *_ in dataset.bucket_table()}
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
     previews_and_validation = 2 * len(prompts)
