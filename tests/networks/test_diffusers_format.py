@@ -396,7 +396,13 @@ def test_config_refuses_diffusers_with_what_it_cannot_carry(tmp_path):
         parse_train_args([*required, "--save_format", "diffusers", "--sd_scripts_anima_defaults", "true"])
     assert parse_train_args([*required, "--save_format", "diffusers", "--sd_scripts_anima_defaults", "true",
                              "--train_norm", "false"]).save_format == "diffusers"
-    assert parse_train_args([*required, "--save_format", "diffusers"]).save_format == "diffusers"
+    # kohya's default trains the text encoder too, which diffusers' Anima loader cannot take
+    with pytest.raises(ConfigError, match="cannot carry text-encoder modules.*network_train_unet_only = true"):
+        parse_train_args([*required, "--save_format", "diffusers"])
+    assert parse_train_args([*required, "--save_format", "diffusers", "--network_train_unet_only"]
+                            ).save_format == "diffusers"
+    assert parse_train_args([*required, "--save_format", "diffusers", "--cache_text_encoder_outputs"]
+                            ).save_format == "diffusers"  # a text cache: the DiT only
 
 
 # ------------------------------------------------------------------------------------------- training --

@@ -208,8 +208,8 @@ def test_console_log_file_from_the_train_command(fresh_console, setup, tmp_path,
     log = tmp_path / "train.log"
     assert main(["train", "--config_file", str(toml), "--console_log_file", str(log), "--console_log_simple"]) == 0
     text = log.read_text()
-    assert "training 20 lora modules" in text and "\nsaved " in text and "INFO" not in text
-    assert "training 20 lora modules" not in capsys.readouterr().err
+    assert "training 20 DiT lora modules" in text and "\nsaved " in text and "INFO" not in text
+    assert "training 20 DiT lora modules" not in capsys.readouterr().err
 
 
 def test_output_config_through_the_drop_in(setup, tmp_path):

@@ -126,6 +126,32 @@ def test_unet_only_and_text_encoder_only(setup, tmp_path):
         assert torch.equal(te_only.dit(x, s, ctx), fresh(x, s, ctx))
 
 
+def test_network_weights_without_text_encoder_modules_start_them_fresh(setup, tmp_path, caplog):
+    """kohya's network_weights load is non-strict: a DiT-only file continued by a config that also trains the
+    text encoder loads its DiT modules exactly and the text-encoder modules start as initialised (one notice)."""
+    from anima_trainer.networks.files import state_tensors
+    from anima_trainer.train.model_setup import build_network
+
+    dit_only = run_training(_config(setup, tmp_path / "u", "--network_train_unet_only", steps=1))
+    start = load_file(dit_only.final_path)
+    cfg = _config(setup, tmp_path / "c", "--network_weights", str(dit_only.final_path))
+    dit, te = _fresh(setup)
+    with caplog.at_level(logging.WARNING):
+        net = build_network(cfg, dit, te.model)
+    assert caplog.text.count("has no text-encoder module, so its 14 text-encoder modules start fresh") == 1
+    now = state_tensors(net)
+    dit_mods, te_mods = _modules(now)
+    assert (len(dit_mods), len(te_mods)) == (DIT_MODULES, TE_MODULES)
+    assert all(torch.equal(now[k], v.float()) for k, v in start.items())  # every DiT tensor as in the file
+    assert all(not now[f"{n}.lora_up.weight"].any() for n in te_mods)  # LoRA's fresh up factor is zero
+    run = run_training(cfg)  # and it trains on
+    assert len(_modules(load_file(run.final_path))[1]) == TE_MODULES
+    # the strict load (a file for the same network) still names a missing side as an error
+    dit, te = _fresh(setup)
+    with pytest.raises(Exception, match="the file has no text-encoder modules"):
+        create_network(dit, text_encoder=te.model).load_weights(dit_only.final_path)
+
+
 def test_a_text_cache_trains_the_dit_only_with_one_notice(setup, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         run = run_training(_config(setup, tmp_path, "--cache_text_encoder_outputs", "--save_format", "kohya",

@@ -292,12 +292,16 @@ class AdapterNetwork(nn.Module):
         return files.save(self, path, metadata_extra=metadata, dtype=dtype, overwrite=overwrite,
                           save_format=save_format)
 
-    def load_weights(self, path: str | Path) -> None:
+    def load_weights(self, path: str | Path, *, fresh_missing_side: bool = False) -> list[str]:
         """Load a file of this algorithm and layout, strictly: ComfyUI (`diffusion_model.*`,
         `text_encoders.qwen3_06b.transformer.model.*`), kohya (`lora_unet_*`, `lora_te_*`) or PEFT/diffusers
         names (converted first, networks/convert.py).  Text-encoder keys in a network without text-encoder
-        modules (or the reverse) are a NetworkError saying what to change."""
-        files.load_weights(self, path)
+        modules (or the reverse) are a NetworkError saying what to change.
+
+        `fresh_missing_side` (kohya's network_weights, a non-strict load): a file with no module at all for
+        one side (a DiT-only file into a network that also trains the text encoder, or the reverse) loads the
+        side it has and leaves the other side's modules as initialised.  Returns the names left fresh."""
+        return files.load_weights(self, path, fresh_missing_side=fresh_missing_side)
 
 
 def create_network(dit: nn.Module, algo: str = "lora", dim: int = 4, alpha: float | None = 1.0,

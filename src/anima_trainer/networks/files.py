@@ -127,7 +127,7 @@ def save(network: AdapterNetwork, path: str | Path, *, metadata_extra: dict[str,
         raise
 
 
-def load_weights(network: AdapterNetwork, path: str | Path) -> None:
+def load_weights(network: AdapterNetwork, path: str | Path, *, fresh_missing_side: bool = False) -> list[str]:
     """See AdapterNetwork.load_weights."""
     from anima_trainer.networks.convert import read_comfy_named
 
@@ -163,6 +163,13 @@ def load_weights(network: AdapterNetwork, path: str | Path) -> None:
         raise NetworkError(f"{path}: {len(unknown)} key(s) are not {network.algo} weights of this network's modules "
                            f"(different targets, algorithm or train_norm?): {sorted(unknown)[:8]}")
     missing = [n for n, m in network.modules_by_name.items() if not set(m.SUFFIXES) & set(found.get(n, {}))]
+    fresh: list[str] = []
+    if missing and fresh_missing_side:  # a whole side absent from the file: that side starts as initialised
+        for side in (network.text_encoder_modules(), network.dit_modules()):
+            names_of_side = {m.name for m in side}
+            if names_of_side and names_of_side <= set(missing) and not names_of_side & set(found):
+                fresh.extend(m.name for m in side)
+        missing = [n for n in missing if n not in fresh]
     if missing:
         words = "/".join(s.lstrip(".") for s in network.lora_modules[0].tensors())  # this layout's names
         te_missing = [n for n in missing if network.modules_by_name[n].model == "text_encoder"]
@@ -179,7 +186,8 @@ def load_weights(network: AdapterNetwork, path: str | Path) -> None:
     if missing:
         raise NetworkError(f"{path}: train_norm is on but the file has no .w_norm for {len(missing)} norm(s): "
                            f"{missing[:8]} (train without train_norm to load a file without norms)")
-    for n, m in network.modules_by_name.items():
+    loaded = {n: m for n, m in network.modules_by_name.items() if n not in fresh}
+    for n, m in loaded.items():
         m.check_file(found[n], path, float(m.alpha))
     for p, m in network.norms_by_name.items():
         w = found[p][".w_norm"][1]
@@ -187,7 +195,9 @@ def load_weights(network: AdapterNetwork, path: str | Path) -> None:
             raise NetworkError(f"{path}: norm {p}: w_norm has shape {tuple(w.shape)}, the gain "
                                f"{tuple(m.weight.shape)}")
     with torch.no_grad():
-        for n, m in network.modules_by_name.items():
+        for n, m in loaded.items():
             m.load_file(found[n])
         for p, m in network.norms_by_name.items():
             m.weight.copy_(m.base + found[p][".w_norm"][1].to(device=m.base.device, dtype=torch.float32))
+    return fresh
+

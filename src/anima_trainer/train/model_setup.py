@@ -130,8 +130,13 @@ def _build_network(cfg: TrainConfig, dit, te, create_network, create_network_fro
     network = create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
                              dropout=cfg.network_dropout, text_encoder=te, train_dit=cfg.trains_dit,
                              **cfg.network_args)
-    if cfg.network_weights:
-        network.load_weights(cfg.network_weights)
+    if cfg.network_weights:  # kohya loads it non-strictly: a side the file lacks starts as initialised
+        fresh = network.load_weights(cfg.network_weights, fresh_missing_side=True)
+        if fresh:
+            side = "text-encoder" if fresh[0].startswith("text_encoder.") else "DiT"
+            log.warning("notice: network_weights: %s has no %s module, so its %d %s modules start fresh (as in "
+                        "kohya); network_train_unet_only = true (or network_train_text_encoder_only) trains only "
+                        "the part the file has", cfg.network_weights, side, len(fresh), side)
     return network
 
 
