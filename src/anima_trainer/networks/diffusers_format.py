@@ -36,7 +36,7 @@ from torch import nn
 
 from anima_trainer.models.diffusers_layout import anima_module_to_diffusers, diffusers_module_to_anima
 from anima_trainer.networks.convert import CONDITIONER_PREFIX, TRANSFORMER_PREFIX, linear_paths
-from anima_trainer.networks.formats import COMFY_PREFIX, LORA_SPELLINGS, NetworkError, alpha_value
+from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, LORA_SPELLINGS, NetworkError, alpha_value
 from anima_trainer.networks.inject import parse_bool
 
 ADAPTER_PREFIX = "llm_adapter."
@@ -115,9 +115,13 @@ def comfy_to_diffusers(sd: Mapping[str, torch.Tensor], linears: Iterable[str],
     problems: dict[str, list[str]] = {}
     for key, t in sd.items():
         if not key.startswith(COMFY_PREFIX):
-            kind = ("text-encoder modules (text_encoders.*: no text-encoder component)"
-                    if key.startswith("text_encoders.") else "keys that are not DiT modules")
-            problems.setdefault(kind, []).append(key)
+            if key.startswith("text_encoders."):  # one entry per module, not per tensor
+                kind = "text-encoder modules (text_encoders.*: no text-encoder component)"
+                name = key[: -len(next((x for x in ALL_SUFFIXES if key.endswith(x)), ""))] or key
+            else:
+                kind, name = "keys that are not DiT modules", key
+            if name not in problems.setdefault(kind, []):
+                problems[kind].append(name)
             continue
         rest = key[len(COMFY_PREFIX):]
         suffix = next((s for s in (*DOWN_SUFFIXES, *UP_SUFFIXES, ".alpha") if rest.endswith(s)), None)

@@ -220,11 +220,13 @@ def format_report(r: dict) -> str:
     lines.append("  targets: " + ", ".join(f"{g} {n}" for g, n in r["targets_by_group"].items()))
     if r["norm_diffs"]:
         lines.append(f"  1-D params patched (norm gains, biases): {', '.join(r['norm_diffs'])}")
-    if r["metadata"]:
+    kohya_lines = format_metadata_report(r["file_metadata"]) if r.get("file_metadata") else []
+    if kohya_lines:  # the kohya metadata section (networks/metadata_report.py)
+        lines.extend(kohya_lines)
+    elif r["metadata"]:  # other trainers' files: the keys as they are
         lines.append("  metadata: " + "; ".join(f"{k}={v if len(v) < 80 else v[:77] + '...'}"
                                                 for k, v in r["metadata"].items())
                      + f" ({r['metadata_keys']} keys in all)")
-    lines.extend(format_metadata_report(r["file_metadata"]) if r.get("file_metadata") else [])
     lines.append("  per-module delta norm (ComfyUI math, strength 1):")
     for target, e in r["per_module"].items():
         extra = f" rank {e['rank']} alpha {e['alpha']} scale {e['scale']:g}" if "rank" in e else ""
