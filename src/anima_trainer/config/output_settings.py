@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -28,6 +28,12 @@ def _data_url(path: Path) -> str:
 class OutputSettings(BaseModel):
     """Fields, validators and the metadata of the saved files (a mixin of TrainConfig)."""
 
+    save_format: Literal["comfy", "kohya", "diffusers"] = Field(
+        "comfy", description="key names of saved networks: comfy (diffusion_model.*; text encoder "
+                             "text_encoders.qwen3_06b.*) loads in ComfyUI; kohya (lora_unet_*, lora_te_*): kohya's "
+                             "names, ComfyUI loads the DiT part; diffusers (transformer.*/text_conditioner.* "
+                             "lora_A/lora_B, scale folded into lora_B: diffusers' Anima loader; LoRA on the DiT "
+                             "only, ComfyUI does not read it); anima-trainer option")
     # file metadata (kohya's train_network.py / library/sai_model_spec.py)
     training_comment: str | None = Field(None, description="free text written as ss_training_comment into the "
                                                            "saved files' metadata")
@@ -86,6 +92,20 @@ class OutputSettings(BaseModel):
             raise ValueError(f"'{v}' is neither a data: URL nor an image file; give the path of the thumbnail "
                              "image (it is written into the metadata as a data: URL)")
         return v
+
+    def _check_save_format(self) -> None:
+        """save_format = "diffusers" carries LoRA on the DiT only: what it cannot carry is refused at start-up
+        (with the config's file and line), not at the first save hours later (networks/diffusers_format.py)."""
+        if self.save_format != "diffusers":
+            return
+        from anima_trainer.networks.diffusers_format import check_diffusers_compatible
+        from anima_trainer.networks.formats import NetworkError
+
+        try:
+            check_diffusers_compatible(self.network_module, self.network_args, option='save_format = "diffusers"',
+                                       text_encoder=self.trains_text_encoder)
+        except NetworkError as e:
+            raise ValueError(str(e)) from None
 
     # --- metadata ----------------------------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, str]:

@@ -117,10 +117,6 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     network_dropout: float | None = Field(None, ge=0, lt=1, description="neuron dropout on the down projection")
     dim_from_weights: bool = Field(False, description="build the network from --network_weights alone: algorithm, "
                                                       "targets, per-module dims/alphas, LoKr layout, DoRA, norms")
-    save_format: Literal["comfy", "kohya", "diffusers"] = Field(
-        "comfy", description="key names of saved networks: comfy (diffusion_model.*) or kohya (lora_unet_*), both "
-                             "load in ComfyUI; diffusers (transformer.*/text_conditioner.* lora_A/lora_B, scale "
-                             "folded into lora_B: diffusers' Anima loader; LoRA only); anima-trainer option")
     # optimisation
     # upper bounds: a rate beyond them is a typo (1e39 overflows float32 inside the optimizer); Prodigy and
     # D-Adaptation use about 1
@@ -463,17 +459,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
         elif algo is not None and algo.strip().lower() != self.network_module:
             raise ValueError(f"network_args: algo={algo} does not match network_module ({self.network_module})")
         self.network_args = {k: v for k, v in self.network_args.items() if k != "algo"}
-        # --- issue 15 (diffusers format) ---
-        if self.save_format == "diffusers":  # LoRA only: refused now rather than at the first save
-            from anima_trainer.networks.diffusers_format import check_diffusers_compatible
-            from anima_trainer.networks.formats import NetworkError
-
-            try:
-                check_diffusers_compatible(self.network_module, self.network_args, option='save_format = "diffusers"',
-                                           text_encoder=self.trains_text_encoder)
-            except NetworkError as e:
-                raise ValueError(str(e)) from None
-        # --- end issue 15 (diffusers format) ---
+        self._check_save_format()
         if self.log_with in ("tensorboard", "all") and self.logging_dir is None:
             raise ValueError(f"log_with: '{self.log_with}' needs logging_dir")
         if self.nonfinite_loss_policy is None:  # sd-scripts-anima's policy=raise also aborts on a non-finite loss
