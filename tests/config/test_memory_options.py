@@ -1,5 +1,5 @@
 """Memory options in TrainConfig: kohya names (blocks_to_swap, cpu/unsloth offload, fp8_base[_unet], fp8_scaled),
-their cross-checks, and `memory_options()` = the keyword arguments of models.memory.setup_memory."""
+their cross-checks, and `memory_options()` = the keyword arguments of models.block_runner.setup_memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import inspect
 import pytest
 
 from anima_trainer.config import parse_train_args
-from anima_trainer.models.memory import estimate_training_memory, setup_memory
+from anima_trainer.models.block_runner import setup_memory
+from anima_trainer.train.memory_estimate import estimate_training_memory
 from tests.config.test_train_config import REQUIRED, error, write
 
 

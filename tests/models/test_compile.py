@@ -63,7 +63,7 @@ def test_compiled_blocks_match_eager_with_checkpointing(trained, dynamo):
     assert compile_dit_blocks(dit, backend="aot_eager", fullgraph=True, max_shapes=2) == len(dit.blocks)
     assert is_compiled(dit)
     for ckpt in (False, True):  # non-reentrant checkpoint around each compiled block
-        dit.gradient_checkpointing = ckpt
+        dit.runner.gradient_checkpointing = ckpt
         out, grads = step(dit, network)
         assert close(out, ref_out), ckpt
         assert all(close(g, r) for g, r in zip(grads, ref_grads)), ckpt

@@ -14,9 +14,11 @@ import weakref
 import pytest
 import torch
 
-from anima_trainer.models.memory import SavedTensorLedger, quantize_fp8, setup_memory
+from anima_trainer.models.block_runner import setup_memory
+from anima_trainer.models.fp8 import quantize_fp8
 from anima_trainer.models.offload import ActivationOffloader, BlockSwapper, swap_indices
-from tests.models.test_memory import SMALL, TOL, inputs, lora, max_diff, small_dit, step
+from tests.support.ledger import SavedTensorLedger
+from tests.support.small_dit import SMALL, TOL, inputs, lora, max_diff, small_dit, step
 
 N = SMALL.num_blocks
 
@@ -29,7 +31,7 @@ def reference():
 
 def swapped_dit(blocks_to_swap: int, prefetch: int = 1, **options):
     dit = setup_memory(small_dit(), device="cpu", blocks_to_swap=blocks_to_swap, swap_prefetch=prefetch, **options)
-    dit.block_swapper.record_events = True
+    dit.runner.swapper.record_events = True
     return dit
 
 
@@ -52,12 +54,12 @@ def test_block_swap_gives_identical_outputs_and_gradients(reference, swap, prefe
     assert max_diff(grads, reference[1]) <= TOL
     # with prefetch every block arrives ahead of use; without, each is fetched on demand, forward and backward
     # (except the first, loaded at the start of forward, and the last, which stays for backward)
-    assert dit.block_swapper.stats.sync_loads == (2 * swap - 2 if prefetch == 0 else 0)
+    assert dit.runner.swapper.stats.sync_loads == (2 * swap - 2 if prefetch == 0 else 0)
 
 
 def test_residency_and_order_forward_then_backward():
     dit = swapped_dit(N, prefetch=1)
-    sw = dit.block_swapper
+    sw = dit.runner.swapper
     seen = []
     for i, block in enumerate(dit.blocks):
         block.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, sorted(sw.resident()))))
@@ -103,7 +105,7 @@ def test_lora_parameters_stay_put_and_optimizer_steps_match():
 def test_swapped_weights_are_not_kept_alive_by_autograd():
     """A non-checkpointed swapped block saves weight tokens: its device copy is freed when evicted."""
     dit = swapped_dit(N, prefetch=1)
-    sw = dit.block_swapper
+    sw = dit.runner.swapper
     copies: dict[int, weakref.ref] = {}
 
     def remember(i: int) -> None:
@@ -125,7 +127,7 @@ def test_sampling_without_grad_evicts_every_block_after_use():
     lora(dit)
     with torch.no_grad():
         a = dit(*inputs())
-        assert dit.block_swapper.resident() == set()
+        assert dit.runner.swapper.resident() == set()
         b = dit(*inputs())
     assert torch.equal(a, b)
     ref = small_dit()
@@ -190,7 +192,7 @@ def test_offloaded_residuals_leave_the_compute_side_and_come_back():
     assert all(alive0) and not any(alive1)
     assert off["offloaded"] == N * residual
     assert plain["total"] - off["total"] == N * residual  # the compute side counts 0 bytes for the residuals
-    stats = dit1.activation_offloader.stats
+    stats = dit1.runner.offloader.stats
     assert (stats.packed, stats.bytes) == (N, N * residual)
     assert stats.prefetched == N - 1 and stats.sync_fetches == 1  # the last block's input, then one ahead
 

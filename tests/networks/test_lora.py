@@ -134,8 +134,8 @@ def test_checkpointing_gives_same_gradients(dit):
 
     def run(use_ckpt: bool):
         net.zero_grad(set_to_none=True)
-        if hasattr(dit, "gradient_checkpointing"):
-            dit.gradient_checkpointing = use_ckpt
+        if hasattr(dit, "runner"):
+            dit.runner.gradient_checkpointing = use_ckpt
             out = dit(x, sigma, ctx)
         else:
             tokens, emb, adaln = dit.embed(x, sigma)

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from anima_trainer.models.adapter import LLMAdapter, build_context
+from anima_trainer.models.block_runner import BlockRunner
 from anima_trainer.models.checkpoint import (DIT_KINDS, DIT_PREFIXES, CheckpointError, DitConfig, FileInfo,
                                              expect_kind, infer_dit_config, load_state_dict, read_header)
 from anima_trainer.models.diffusers_layout import (DiffusersLayout, anima_dit_shapes, check_component_config,
                                                    diffusers_key_to_anima, find_layout, weight_files)
 from anima_trainer.models.layers import QKNormAttentionBase, RMSNorm, apply_rotary, attention
-from anima_trainer.models.memory import run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,9 @@ class AnimaDiT(nn.Module):
         # None = fp32 residual stream whenever weights are reduced precision: fp16 overflows without it and
         # bf16 halves its error against ComfyUI's fp32 output (rel. L2 0.0105 → 0.0057 on the fixture).
         self.residual_fp32: bool | None = None
-        self.gradient_checkpointing = False  # recompute each block in backward (non-reentrant: LoRA hooks work)
-        # memory options (models/memory.py setup_memory): checkpoint the first N blocks (None = all), "full" or
-        # "selective" recompute, residuals parked on the CPU, block weights streamed from the CPU
-        self.checkpoint_blocks: int | None = None
-        self.checkpoint_mode = "full"
-        self.activation_offloader = None
-        self.block_swapper = None
+        # the block loop's memory settings (block_runner.setup_memory): gradient checkpointing of the first N
+        # blocks, "full" or "selective" recompute, residuals parked on the CPU, block weights streamed from the CPU
+        self.runner = BlockRunner()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -278,7 +274,7 @@ class AnimaDiT(nn.Module):
         fp32_residual = self.residual_fp32 if self.residual_fp32 is not None else self.dtype != torch.float32
         if fp32_residual:
             tokens = tokens.float()
-        tokens = run_blocks(self, tokens, emb, adaln_lora, context, rope)  # checkpointing, offload, block swap
+        tokens = self.runner(self.blocks, tokens, emb, adaln_lora, context, rope)  # checkpointing, offload, swap
         out = self.final_layer(tokens, emb, adaln_lora)
         out = self.unpatchify(out, frames, height, width)[:, :, :, :h0, :w0]
         return out.to(in_dtype)

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-
-# Accounting observers (memory.SavedTensorLedger): the hooks below are the innermost saved-tensor hooks inside a
-# block, so an outer ledger would not see what they keep; they report it here instead.
+# Accounting observers (tests/support/ledger.py SavedTensorLedger): the hooks below are the innermost
+# saved-tensor hooks inside a block, so an outer ledger would not see what they keep; they report it here instead.
 SAVE_OBSERVERS: list = []
 
 

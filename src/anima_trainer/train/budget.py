@@ -12,7 +12,7 @@ later.  Fixed limits are checked where each value is read, so the message can na
 This module adds the checks that need the dataset scan, the config and the machine together:
 
 - image tokens of one micro-batch (largest bucket × batch size) ≤ `MAX_STEP_TOKENS`;
-- the estimated peak memory of one training step (`models.memory.estimate_training_memory`, the estimate
+- the estimated peak memory of one training step (`train.memory_estimate.estimate_training_memory`, the estimate
   `vram_budget_gb` plans with, plus the text encoder and VAE files and on a GPU the CUDA context) ≤ what the
   device has free now (GPU: `torch.cuda.mem_get_info`; CPU: available RAM).  The extras are lower bounds, so
   the check refuses only runs that cannot fit;
@@ -31,8 +31,11 @@ from typing import Any
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.prompts import SamplePrompt, load_sample_prompts
+from anima_trainer.train.memory_estimate import estimate_training_memory
+from anima_trainer.train.vram_plan import RESERVE_GIB
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +99,6 @@ def step_memory_gib(cfg: TrainConfig, size: tuple[int, int], batch: int,
     """(GiB, estimate details) one training step of `batch` images of `size` (w, h) needs on `device`, or None
     where no estimate can be made: an unreadable DiT header or bad network options are reported by the loaders
     with their own messages, later."""
-    from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
-    from anima_trainer.models.memory import estimate_training_memory
-    from anima_trainer.train.vram_plan import RESERVE_GIB
-
     try:
         info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
                            DIT_KINDS)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.models.fp8 import Fp8Linear, has_fp8
+from anima_trainer.networks import AdapterNetwork
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,17 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     return Models(dit, te, vae)
 
 
+def check_network_fp8(dit: torch.nn.Module, network: AdapterNetwork) -> None:
+    """DoRA reads the raw base weight (its column norms): refuse it on an fp8 DiT."""
+    if not has_fp8(dit):
+        return
+    dora = [m.path for m in network.dit_modules() if getattr(m, "dora_wd", False)
+            and isinstance(dit.get_submodule(m.path), Fp8Linear)]
+    if dora:
+        raise ValueError(f"fp8_base: DoRA (dora_wd) needs the full-precision base weight of {dora[:3]}...; "
+                         "turn off fp8_base or dora_wd")
+
+
 def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype, *, tokens: set[int],
                 batch: int, extra_shapes: int = 0, text_encoder: torch.nn.Module | None = None):
     """Speed and memory levers, then the network, in the only order that works: fused q/k/v packing →
@@ -50,9 +63,9 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     torch.compile of the blocks (last: it traces the injected hooks).  Returns (network, attention kernel).
     `text_encoder`: the Qwen3Model, which gets adapter modules too when the config trains it (kohya's default)."""
     from anima_trainer.models.attention_backend import configure_attention
+    from anima_trainer.models.block_runner import setup_memory
     from anima_trainer.models.compile import compile_dit_blocks
     from anima_trainer.models.layers import set_fused_qkv
-    from anima_trainer.models.memory import check_network_fp8, setup_memory
 
     set_fused_qkv(dit, cfg.fuse_qkv)
     try:

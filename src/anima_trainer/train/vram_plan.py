@@ -1,12 +1,12 @@
 """`vram_budget_gb`: choose the memory settings that make a run fit a GPU, fastest first, and say so.
 
-The estimate is `models.memory.estimate_training_memory` (calibrated on H200 measurements, bench/README.md)
-for the largest bucket and batch of the dataset, plus what else lives on the device: the text encoder and VAE
-unless their outputs are cached, and a fixed reserve for the CUDA context and allocator slack.  Candidates, in
-the order of their speed cost (measured on an H200, bench/README.md): cache the LLM adapter's output (free when
-the adapter is not trained), no checkpointing, checkpointing of the first k blocks (k growing), all blocks,
-all blocks with CPU-offloaded block inputs, then block swap of more and more blocks.  The first that fits wins;
-nothing fitting is a start-up error that shows the smallest estimate.
+The estimate is `train.memory_estimate.estimate_training_memory` (calibrated on H200 measurements,
+bench/README.md) for the largest bucket and batch of the dataset, plus what else lives on the device: the text
+encoder and VAE unless their outputs are cached, and a fixed reserve for the CUDA context and allocator slack.
+Candidates, in the order of their speed cost (measured on an H200, bench/README.md): cache the LLM adapter's
+output (free when the adapter is not trained), no checkpointing, checkpointing of the first k blocks (k growing),
+all blocks, all blocks with CPU-offloaded block inputs, then block swap of more and more blocks.  The first that
+fits wins; nothing fitting is a start-up error that shows the smallest estimate.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
+from anima_trainer.networks.inject import parse_bool
+from anima_trainer.train.memory_estimate import estimate_training_memory
 
 log = logging.getLogger(__name__)
 RESERVE_GIB = 1.0  # CUDA context, allocator slack, cuBLAS/cuDNN workspaces
@@ -58,8 +63,6 @@ def resolve_budget(value: float | str, device: Any) -> float:
     """A number of GiB, or `auto`: 92 % of the device's memory (CUDA only)."""
     if value != "auto":
         return float(value)
-    import torch
-
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         raise ConfigError("vram_budget_gb = auto needs a CUDA device; give the budget in GiB instead")
     return torch.cuda.get_device_properties(device).total_memory / 2**30 * 0.92
@@ -86,8 +89,6 @@ def candidates(num_blocks: int, adapter_cacheable: bool) -> list[tuple[str, dict
 def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
                 budget_gib: float, adapter_trained: bool) -> MemoryPlan:
     """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does)."""
-    from anima_trainer.models.memory import estimate_training_memory
-
     extra = RESERVE_GIB
     if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
         extra += TEXT_ENCODER_GIB
@@ -117,8 +118,6 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, adapter_trained: bool)
     """`cfg` with the memory settings of its `vram_budget_gb` (unchanged without one); logs the plan."""
     if cfg.vram_budget_gb is None:
         return cfg
-    from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
-
     info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
                        DIT_KINDS)
     buckets = dataset.bucket_table()
@@ -133,8 +132,6 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, adapter_trained: bool)
 def adapter_trained(cfg: TrainConfig) -> bool:
     """Whether the network trains anything inside the LLM adapter, or the text encoder before it (then the
     adapter's output cannot be cached)."""
-    from anima_trainer.networks.inject import parse_bool
-
     if cfg.dim_from_weights or cfg.trains_text_encoder:
         return True  # decided by the file; assume the worst
     if "target_modules" in cfg.network_args:  # sd-scripts-anima's list may name adapter modules: assume it does
