@@ -5,7 +5,7 @@
 
 GUIs that launch sd-scripts (kohya_ss, lora-scripts) can point at this file.  What `anima-trainer train` reads
 differently (the dataset on the command line, LyCORIS arguments, root-style files) is translated by
-`anima_trainer.config.dropin`, which prints a notice for each translation and writes what it generated under
+`anima_trainer.compat.dropin`, which prints a notice for each translation and writes what it generated under
 `<output_dir>/<output_name>_config/`.  Every other kohya option is judged by `anima-trainer train` itself: an
 option without meaning for Anima prints one notice, one that cannot be honoured stops with a message naming
 the option, your file and line (docs/migration.md, "Every option").
@@ -21,7 +21,7 @@ HELP_DESCRIPTION = ("Drop-in for kohya-ss/sd-scripts' anima_train_network.py: ko
 def _run(argv: list[str]) -> int:
     from anima_trainer.cli import cmd_train
     from anima_trainer.config import parse_train_args
-    from anima_trainer.config.dropin import help_epilog, translate_kohya_argv
+    from anima_trainer.compat.dropin import help_epilog, translate_kohya_argv
 
     if "-h" in argv or "--help" in argv:  # exits 0 after printing (SystemExit, handled by `guarded`)
         parse_train_args(["--help"], prog="anima_train_network.py", description=HELP_DESCRIPTION,

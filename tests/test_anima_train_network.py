@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from anima_trainer.config.dropin import translate_kohya_argv
+from anima_trainer.compat.dropin import translate_kohya_argv
 from anima_trainer.demo import write_demo_models, write_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -299,7 +299,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_config(args: argparse.Namespace) -> int:
-    from anima_trainer.config.convert_files import run_convert_config
+    from anima_trainer.compat.convert_files import run_convert_config
 
     from anima_trainer.config.errors import ConfigError
 
@@ -312,7 +312,7 @@ def cmd_convert_config(args: argparse.Namespace) -> int:
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from anima_trainer.config.reference import render_reference
+    from anima_trainer.compat.reference import render_reference
 
     sys.stdout.write(render_reference())
     return 0

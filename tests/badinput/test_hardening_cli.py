@@ -248,7 +248,7 @@ def test_alpha_matrix_is_one_line_naming_file_and_key(tiny, matrix_alpha_lora, t
 
 
 def test_unexpected_exception_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
-    from anima_trainer.config import reference
+    from anima_trainer.compat import reference
 
     def boom():
         raise RuntimeError("boom")

@@ -13,7 +13,7 @@ import pytest
 
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.config import kohya_options as ko
-from anima_trainer.config import option_table
+from anima_trainer.compat import option_table
 from anima_trainer.config.train import TrainConfig
 
 REQUIRED = ["--pretrained_model_name_or_path", "dit.safetensors", "--qwen3", "qwen3.safetensors",
@@ -194,7 +194,7 @@ def test_own_optimizer_and_scheduler_modules_in_the_working_directory(tmp_path, 
 
 
 def test_dropin_copy_reports_the_users_file(tmp_path):
-    from anima_trainer.config.dropin import translate_kohya_argv
+    from anima_trainer.compat.dropin import translate_kohya_argv
 
     user = tmp_path / "kohya.toml"
     user.write_text(f'[a]\noutput_dir = "{tmp_path / "o"}"\ntrain_data_dir = "{tmp_path}"\n[b]\n'
@@ -211,7 +211,7 @@ def test_migration_table_is_generated_from_the_code():
     doc = option_table.DOC_PATH.read_text(encoding="utf-8")
     assert doc == option_table.render_doc(doc), (
         "docs/migration.md's option table is out of date; regenerate it with "
-        "`python -m anima_trainer.config.option_table --write`")
+        "`python -m anima_trainer.compat.option_table --write`")
     main, gui = option_table.rows()
     assert {r.name for r in main} >= set(ko.KOHYA_OPTIONS) and len(gui) >= 60
     t = option_table.totals(main)

@@ -14,8 +14,8 @@ import torch
 
 from anima_trainer.cli import main
 from anima_trainer.config import ConfigError, parse_train_args
-from anima_trainer.config.convert_files import convert_root_file
-from anima_trainer.config.convert_root import STATUSES, ConversionError, convert_root_config, target_regex
+from anima_trainer.compat.convert_files import convert_root_file
+from anima_trainer.compat.convert_root import STATUSES, ConversionError, convert_root_config, target_regex
 from anima_trainer.config.root_schema import ROOT_SCHEMA, is_root_style
 from anima_trainer.data import build_dataset, load_dataset_config
 from anima_trainer.demo import write_demo_models, write_shapes_dataset

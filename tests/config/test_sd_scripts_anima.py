@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from anima_trainer.config import ConfigError, parse_train_args
-from anima_trainer.config.dropin import translate_kohya_argv
+from anima_trainer.compat.dropin import translate_kohya_argv
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml, write_demo_models, write_shapes_dataset
 from anima_trainer.train.loop import run_training
 

@@ -260,3 +260,14 @@ def test_bad_toml_and_direct_construction(tmp_path):
     c = TrainConfig(pretrained_model_name_or_path="d", qwen3="q", vae="v", output_dir="o", dataset_config="ds",
                     network_module="networks.lora_anima", network_args=["a=b"])
     assert (c.network_module, c.network_args) == ("lora", {"a": "b"})
+
+
+def test_t5_tokenizer_defaults_are_the_download_table():
+    """config (the lowest layer) spells the T5 tokenizer defaults itself; they must stay download's table."""
+    from anima_trainer.download.sources import T5_TOKENIZER as t5
+
+    fields = TrainConfig.model_fields
+    assert (fields["t5_tokenizer_repo_id"].default, fields["t5_tokenizer_subfolder"].default,
+            fields["t5_tokenizer_modelscope_repo_id"].default, fields["t5_tokenizer_modelscope_revision"].default,
+            fields["t5_tokenizer_modelscope_subfolder"].default) == (
+        t5.hf_repo, t5.subfolder, t5.modelscope_repo, t5.modelscope_revision, t5.modelscope_subfolder)

@@ -213,7 +213,7 @@ def test_console_log_file_from_the_train_command(fresh_console, setup, tmp_path,
 
 
 def test_output_config_through_the_drop_in(setup, tmp_path):
-    from anima_trainer.config.dropin import translate_kohya_argv
+    from anima_trainer.compat.dropin import translate_kohya_argv
 
     m = setup["models"]
     target = tmp_path / "kohya_args"  # kohya appends ".toml"

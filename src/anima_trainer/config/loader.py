@@ -25,7 +25,9 @@ from pydantic_core import PydanticUndefined
 
 from anima_trainer.config import kohya_options as ko
 from anima_trainer.config.errors import ConfigError, did_you_mean
+from anima_trainer.config.output_config import write_output_config
 from anima_trainer.config.root_schema import root_style_evidence
+from anima_trainer.config.schedule_rules import schedule_notices
 from anima_trainer.config.train import TrainConfig, make_train_config
 
 _LIST_FIELDS = ("network_args", "optimizer_args", "lr_scheduler_args")
@@ -374,12 +376,8 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
             raise
         raise ConfigError(_name_file(str(e), set(toml) - set(cli), src)) from None
     if output_config:
-        from anima_trainer.config.output_config import write_output_config
-
         write_output_config(cfg, output_config)
         raise SystemExit(0)
-    from anima_trainer.train.schedulers import schedule_notices
-
     cfg.set_compat(notices=notices, sd_scripts_anima=seed_style)
     cfg.notices.extend(schedule_notices(cfg, given=set(merged)))
     cfg.notices.extend(flow_notices(cfg, given=set(merged)))

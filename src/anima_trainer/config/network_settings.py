@@ -39,12 +39,9 @@ class NetworkSettings(BaseModel):
     full_fp16: bool = Field(False, description="kohya: as full_bf16 in fp16 with the gradient scaler (needs "
                             "mixed_precision fp16)")
 
-    @field_validator("scale_weight_norms", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "llm_adapter_lr",
-                     "base_weights", "base_weights_multiplier", mode="before")
+    @field_validator("base_weights", "base_weights_multiplier", mode="before")
     @classmethod
-    def _unset_network_options(cls, v: Any, info: Any) -> Any:
-        if v == "" or v == []:
-            return None  # kohya's unset, as GUI-written TOMLs say it
+    def _base_weights_lists(cls, v: Any, info: Any) -> Any:
         if info.field_name == "base_weights" and isinstance(v, (str, Path)):
             v = [v]  # kohya's nargs="*": one file may come as a plain string
         if info.field_name == "base_weights_multiplier" and isinstance(v, (int, float, str)):

@@ -3,9 +3,9 @@ range, and the loss options accepted without effect for Anima)."""
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Self
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 
 class NoiseSettings(BaseModel):
@@ -35,12 +35,6 @@ class NoiseSettings(BaseModel):
                                            "as in kohya: a start-up notice says so")
     scale_v_pred_loss_like_noise_pred: bool = Field(False, description="accepted for kohya configs; no effect for "
                                                     "Anima (no v-prediction): a start-up notice says so")
-
-    @field_validator("noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "ip_noise_gamma",
-                     "min_timestep", "max_timestep", "min_snr_gamma", "v_pred_like_loss", mode="before")
-    @classmethod
-    def _unset_noise_option(cls, v: Any) -> Any:
-        return None if v == "" else v  # kohya's None written by GUIs as ""
 
     @model_validator(mode="after")
     def _noise_options(self) -> Self:

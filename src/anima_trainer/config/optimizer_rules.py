@@ -70,7 +70,7 @@ def check_optimizer_schedule(self: Any) -> None:
         self.lr_scheduler_type = f"{cls_s.__module__}.{cls_s.__name__}"
         sch.check_scheduler_args(cls_s, self.lr_scheduler_args)
     # the other options the chosen scheduler does not use are accepted with a notice, as kohya ignores them
-    # (schedulers.schedule_notices); lr_scheduler_args kohya passes to every schedule function, which fails
+    # (config/schedule_rules.py); lr_scheduler_args kohya passes to every schedule function, which fails
     elif self.lr_scheduler_args and self.lr_scheduler != "piecewise_constant":
         raise ValueError(f"lr_scheduler_args: not used by lr_scheduler '{self.lr_scheduler}' (only by "
                          "piecewise_constant and lr_scheduler_type); remove it")

@@ -56,7 +56,9 @@ def settings_to_write(cfg: TrainConfig) -> dict[str, Any]:
 
 def write_output_config(cfg: TrainConfig, config_file: str | Path) -> Path:
     """Write `cfg` to the --config_file path (never over an existing file); returns the path written."""
-    from anima_trainer.fileio import atomic_write_bytes
+    from anima_trainer.fileio import (
+        atomic_write_bytes,  # fileio loads torch (tensor files); config must not
+    )
 
     path = config_path(config_file)
     if path.exists():

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from anima_trainer.config import kohya_options as ko
+from anima_trainer.config.rules import diffusers_refusal
 
 # kohya's SS_METADATA_MINIMUM_KEYS: what no_metadata keeps of the ss_* keys (the modelspec.* keys stay too)
 MINIMUM_METADATA_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim",
@@ -79,11 +80,6 @@ class OutputSettings(BaseModel):
                                                      "trains with the subset's class_tokens, else an empty caption, "
                                                      "with a warning listing it, as kohya)")
 
-    @field_validator("save_n_epoch_ratio", "initial_epoch", "initial_step", mode="before")
-    @classmethod
-    def _unset_counts(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and v.strip() in ("", "None") else v  # kohya's unset, as GUIs write it
-
     @field_validator("metadata_thumbnail")
     @classmethod
     def _thumbnail(cls, v: str | None) -> str | None:
@@ -98,14 +94,10 @@ class OutputSettings(BaseModel):
         (with the config's file and line), not at the first save hours later (networks/diffusers_format.py)."""
         if self.save_format != "diffusers":
             return
-        from anima_trainer.networks.diffusers_format import check_diffusers_compatible
-        from anima_trainer.networks.formats import NetworkError
-
-        try:
-            check_diffusers_compatible(self.network_module, self.network_args, option='save_format = "diffusers"',
-                                       text_encoder=self.trains_text_encoder)
-        except NetworkError as e:
-            raise ValueError(str(e)) from None
+        problem = diffusers_refusal(self.network_module, self.network_args, option='save_format = "diffusers"',
+                                    text_encoder=self.trains_text_encoder)
+        if problem is not None:
+            raise ValueError(problem)
 
     # --- metadata ----------------------------------------------------------------------------------------------
     def to_metadata(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, PrivateAttr, model_validator
 
 from anima_trainer.config import kohya_options as ko
+from anima_trainer.config.rules import parse_bool
 
 # sd-scripts-anima's network modules (seed_system.md §2) → our algorithms; its LoKr factor default
 SD_SCRIPTS_ANIMA_MODULES = {"networks.lokr_anima": "lokr"}
@@ -150,13 +151,7 @@ class SdScriptsAnimaSettings(BaseModel):
                               + (", ".join(applied) if applied else "none needed, the config sets all of them"))
         if self.train_norm is not None:
             if "train_norm" in args and "train_norm" in explicit:
-                from anima_trainer.networks.inject import parse_bool  # no torch import: inject needs only nn
-                from anima_trainer.networks.formats import NetworkError
-
-                try:
-                    old = parse_bool("train_norm", args["train_norm"])
-                except NetworkError as e:
-                    raise ValueError(str(e)) from None
+                old = parse_bool("train_norm", args["train_norm"])  # ValueError naming the words
                 if old != self.train_norm:
                     notices.append(f"train_norm = {str(self.train_norm).lower()} wins over network_args "
                                    f"train_norm={args['train_norm']} (as in sd-scripts-anima: the flag wins)")

@@ -41,8 +41,8 @@ class TextEncoderSettings(BaseModel):
     @field_validator("text_encoder_lr", mode="before")
     @classmethod
     def _text_encoder_lr(cls, v: Any) -> Any:
-        if v is None or v == "" or v == [] or (isinstance(v, str) and v.strip() in ("", "None")):
-            return None  # kohya's unset; GUIs write "" or []
+        if v is None:
+            return None
         values = v if isinstance(v, list | tuple) else [v]
         out = []
         for x in values:

@@ -21,14 +21,18 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticUseDefault
 
 from anima_trainer.config import kohya_options as ko
-from anima_trainer.config.optimizer_rules import check_optimizer_schedule
 from anima_trainer.config.errors import ConfigError, did_you_mean
 from anima_trainer.config.network_settings import NetworkSettings
 from anima_trainer.config.noise_settings import NoiseSettings
-from anima_trainer.config.output_settings import MINIMUM_METADATA_KEYS, OutputSettings, _data_url
+from anima_trainer.config.optimizer_rules import check_optimizer_schedule
+from anima_trainer.config.output_settings import (
+    MINIMUM_METADATA_KEYS,
+    OutputSettings,
+    _data_url,
+)
+from anima_trainer.config.rules import check_backend_name, check_compile_mode
 from anima_trainer.config.sd_scripts_anima import (
     SD_SCRIPTS_ANIMA_EMPTY,
     SD_SCRIPTS_ANIMA_LOKR_FACTOR,
@@ -37,10 +41,10 @@ from anima_trainer.config.sd_scripts_anima import (
     SdScriptsAnimaSettings,
     _Notices,
 )
+from anima_trainer.config.source_urls import parse_source
 from anima_trainer.config.text_encoder_settings import TextEncoderSettings
+from anima_trainer.config.unset import drop_unset
 from anima_trainer.config.vae_settings import VaeSettings
-from anima_trainer.download.sources import T5_TOKENIZER as _t5
-from anima_trainer.download.urls import parse_source
 
 _NONNEG = {"ge": 0}
 _log = logging.getLogger(__name__)
@@ -57,6 +61,11 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kohya_unset(cls, data: Any) -> Any:
+        return drop_unset(data)  # "" (and per option "None", []) = not given: config/unset.py
+
     # models
     pretrained_model_name_or_path: Path = Field(description="Anima DiT .safetensors, or a diffusers-layout Anima "
                                                                "folder (its root or transformer/)")
@@ -71,14 +80,15 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     # tokenizer download at start-up (sd-scripts-anima's flags; download/startup.py)
     auto_download_t5_tokenizer: bool = Field(True, description="download missing T5 (and Qwen) tokenizer files "
                                                                "into their folders at start-up")
-    t5_tokenizer_repo_id: str = Field(_t5.hf_repo, description="T5 tokenizer source: HF repo id, huggingface.co "
-                                                               "or modelscope.cn URL")
-    t5_tokenizer_subfolder: str = Field(_t5.subfolder, description="subfolder tried first (then the repo root)")
+    # the defaults are download/sources.py's T5_TOKENIZER entry (tests/config/test_train_config.py compares them)
+    t5_tokenizer_repo_id: str = Field("google/t5-v1_1-base", description="T5 tokenizer source: HF repo id, "
+                                      "huggingface.co or modelscope.cn URL")
+    t5_tokenizer_subfolder: str = Field("tokenizer", description="subfolder tried first (then the repo root)")
     t5_tokenizer_modelscope_fallback: bool = Field(True, description="try ModelScope when Hugging Face fails")
-    t5_tokenizer_modelscope_repo_id: str = Field(_t5.modelscope_repo, description="ModelScope fallback repo id "
-                                                                                  "or URL")
-    t5_tokenizer_modelscope_revision: str = Field(_t5.modelscope_revision, description="ModelScope revision")
-    t5_tokenizer_modelscope_subfolder: str = Field(_t5.modelscope_subfolder, description="ModelScope subfolder")
+    t5_tokenizer_modelscope_repo_id: str = Field("nv-community/Cosmos-Predict2-2B-Text2Image",
+                                                 description="ModelScope fallback repo id or URL")
+    t5_tokenizer_modelscope_revision: str = Field("master", description="ModelScope revision")
+    t5_tokenizer_modelscope_subfolder: str = Field("tokenizer", description="ModelScope subfolder")
     t5_tokenizer_validate_strict: bool = Field(False, description="check the T5 tokenizer is exactly Anima's "
                                                                   "(special ids, 32100 tokens, a known encoding)")
     # output
@@ -89,8 +99,9 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     save_model_as: Literal["safetensors"] = Field("safetensors", description="only safetensors is written")
     save_precision: Literal["fp32", "fp16", "bf16"] | None = Field(
         None, description="dtype of saved weights (fp32/float, fp16, bf16; default: as trained)")
-    save_every_n_steps: int | None = Field(None, ge=1)
-    save_every_n_epochs: int | None = Field(None, ge=1)
+    save_every_n_steps: int | None = Field(None, ge=1, description="save an intermediate network file every N "
+        "optimizer steps")
+    save_every_n_epochs: int | None = Field(None, ge=1, description="save an intermediate network file every N epochs")
     save_last_n_steps: int | None = Field(None, ge=1, description="keep step saves of the last N steps only")
     save_last_n_epochs: int | None = Field(None, ge=1, description="keep the last N epoch saves only")
     overwrite: bool = Field(False, description="replace existing output files (anima-trainer option)")
@@ -131,7 +142,8 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     use_lion_optimizer: bool = Field(False, description="kohya's legacy flag: optimizer_type Lion")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
-                          "piecewise_constant", "adafactor"] = "constant"
+                          "piecewise_constant", "adafactor"] = Field(
+        "constant", description="learning-rate schedule (docs/training.md, Learning-rate schedules)")
     lr_warmup_steps: int | float = Field(0, description="warm-up steps, or a fraction < 1 of all steps")
     lr_decay_steps: int | float = Field(0, description="warmup_stable_decay: decay steps, or a fraction < 1")
     lr_scheduler_num_cycles: float = Field(1.0, gt=0, description="kohya's meaning: restarts of "
@@ -150,13 +162,17 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = off)")
     # bounded so that step and epoch counters fit every index type (2**63-1 overflowed at the first batch):
     # 100 million steps is years of training
-    max_train_steps: int = Field(1600, ge=1, le=100_000_000)
+    max_train_steps: int = Field(1600, ge=1, le=100_000_000, description="optimizer steps to train (unless "
+        "max_train_epochs is set)")
     max_train_epochs: int | None = Field(None, ge=1, le=1_000_000, description="overrides max_train_steps")
-    train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int | None = Field(None, ge=0, lt=2**32)
-    gradient_checkpointing: bool = False
+    train_batch_size: int = Field(1, ge=1, description="images per batch, for datasets whose dataset.toml sets no "
+        "batch_size")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="dtype of the frozen models and the "
+        "compute (no = fp32); adapters stay fp32")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="seed of data order, noise and σ (unset: 42)")
+    gradient_checkpointing: bool = Field(False, description="recompute each DiT block in backward: much less "
+        "activation memory, slower")
     # memory levers (models/memory.py, docs/performance.md); all give the same gradients as without
     checkpoint_blocks: int | None = Field(None, ge=0, description="with gradient_checkpointing: checkpoint only the "
                                           "first N DiT blocks (default: all); the rest keep activations (faster)")
@@ -174,7 +190,8 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     fp8_base_unet: bool = Field(False, description="kohya's name: the same as fp8_base (only the DiT is stored in fp8)")
     fp8_scaled: bool = Field(False, description="kohya's flag; fp8 storage here is always scaled (needs fp8_base)")
     fp8_format: Literal["e4m3fn", "e5m2"] = Field("e4m3fn", description="fp8 storage format of fp8_base")
-    max_data_loader_n_workers: int = Field(8, ge=0)
+    max_data_loader_n_workers: int = Field(8, ge=0, description="image-decoding worker processes (0 = in the training "
+        "process)")
     # speed levers (docs/performance.md); each is exact within a stated tolerance
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="SDPA kernel of the DiT attention; auto = fastest measured at start-up on CUDA >= 8.0")
@@ -188,15 +205,20 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     compile_cache_size_limit: int | None = Field(
         None, ge=1, description="dynamo cache entries per block (default: from the bucket count)")
     # flow matching
-    timestep_sampling: Literal["sigmoid", "uniform", "sigma", "shift", "flux_shift"] = "sigmoid"
-    discrete_flow_shift: float = Field(1.0, gt=0)
-    sigmoid_scale: float = Field(1.0, gt=0)
-    weighting_scheme: Literal["uniform", "logit_normal", "sigma_sqrt", "cosmap", "mode", "none"] = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = Field(1.0, gt=0)
-    mode_scale: float = 1.29
-    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"
-    huber_c: float = Field(0.1, gt=0)
+    timestep_sampling: Literal["sigmoid", "uniform", "sigma", "shift", "flux_shift"] = Field(
+        "sigmoid", description="how σ is drawn (sigmoid = logit-normal; shift = logit-normal then shifted)")
+    discrete_flow_shift: float = Field(1.0, gt=0, description="shift s of σ ← s·σ / (1 + (s−1)·σ), for shift / "
+                                       "sigma sampling")
+    sigmoid_scale: float = Field(1.0, gt=0, description="scale of the normal before the sigmoid (sigmoid / shift / "
+        "flux_shift)")
+    weighting_scheme: Literal["uniform", "logit_normal", "sigma_sqrt", "cosmap", "mode", "none"] = Field(
+        "uniform", description="loss weight over σ (sigma_sqrt, cosmap) or σ density for sigma sampling")
+    logit_mean: float = Field(0.0, description="mean of the logit-normal weighting_scheme")
+    logit_std: float = Field(1.0, gt=0, description="standard deviation of the logit-normal weighting_scheme")
+    mode_scale: float = Field(1.29, description="scale of the mode weighting_scheme")
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field("l2", description="per-element loss: l2 (MSE), l1, "
+        "huber, smooth_l1")
+    huber_c: float = Field(0.1, gt=0, description="threshold of the huber / smooth_l1 loss")
     # data / logging / sampling
     dataset_config: Path = Field(description="kohya dataset TOML")
     logging_dir: Path | None = Field(None, description="tracker folder (default with TensorBoard: <output_dir>/logs)")
@@ -212,7 +234,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     wandb_run_name: str | None = Field(None, description="wandb run name (default: the run folder name)")
     wandb_api_key: str | None = Field(None, repr=False, description="wandb login key (never written to logs)")
     auto_start_tensorboard: bool = Field(False, description="serve the logs with TensorBoard during the run")
-    tensorboard_host: str = Field("127.0.0.1", min_length=1)
+    tensorboard_host: str = Field("127.0.0.1", min_length=1, description="address the TensorBoard server binds to")
     tensorboard_port: int = Field(6006, ge=0, le=65535, description="first port tried (+20 more; 0 = any)")
     tensorboard_logdir: Path | None = Field(None, description="folder served (default: logging_dir)")
     monitor_memory: bool = Field(True, description="log CUDA memory (gpu/*) and check memory_warn_ratio")
@@ -223,11 +245,13 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     loss_spike_ratio: float = Field(3.0, gt=1, description="alert when loss > ratio × recent median (0 = default)")
     memory_warn_ratio: float = Field(0.95, gt=0, le=1, description="alert when peak allocated / card memory >= "
                                                                    "ratio (0 = default)")
-    sample_every_n_steps: int | None = Field(None, ge=1)
-    sample_every_n_epochs: int | None = Field(None, ge=1)
+    sample_every_n_steps: int | None = Field(None, ge=1, description="preview images every N optimizer steps (needs "
+        "sample_prompts)")
+    sample_every_n_epochs: int | None = Field(None, ge=1, description="preview images every N epochs (needs "
+        "sample_prompts)")
     sample_prompts: Path | None = Field(None, description="kohya prompt file (.txt with --n --w --h --d --s --l "
                                         "--fs, .toml or .json), checked whole at start-up; sizes at most 4096 px")
-    sample_at_first: bool = False
+    sample_at_first: bool = Field(False, description="also sample before the first step")
     # validation loss on held-out images (train/validation.py); split/seed: defaults for dataset.toml
     validation_split: float = Field(0.0, ge=0, lt=1, description="fraction of each dataset's (non-reg) images held "
                                     "out for validation, where dataset_config does not set it")
@@ -238,15 +262,21 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
                                                 "every epoch when images are held out)")
     max_validation_steps: int | None = Field(None, ge=1, description="use at most N validation batches")
     # caches of the frozen encoders (content-addressed safetensors beside the images when *_to_disk)
-    cache_latents: bool = False
-    cache_latents_to_disk: bool = False
-    cache_text_encoder_outputs: bool = False
-    cache_text_encoder_outputs_to_disk: bool = False
-    vae_batch_size: int = Field(1, ge=1)
-    text_encoder_batch_size: int | None = Field(None, ge=1)
-    caption_variants: int = Field(8, ge=1, le=1024)  # ours: encodings per caption when captions are random
-    prior_loss_weight: float = Field(1.0, ge=0)  # loss weight of regularisation (is_reg) images
-    cache_llm_adapter_outputs: bool = False  # ours: frozen adapter → its output per caption computed once
+    cache_latents: bool = Field(False, description="encode every image once before training and keep the latents in "
+        "RAM")
+    cache_latents_to_disk: bool = Field(False, description="the latent cache as safetensors files beside the images "
+        "(reused across runs)")
+    cache_text_encoder_outputs: bool = Field(False, description="encode every caption once and keep the Qwen3 states "
+        "in RAM")
+    cache_text_encoder_outputs_to_disk: bool = Field(False, description="the text cache on disk")
+    vae_batch_size: int = Field(1, ge=1, description="images per VAE call while caching latents")
+    text_encoder_batch_size: int | None = Field(None, ge=1, description="captions per Qwen3 call while caching "
+        "(default 8)")
+    caption_variants: int = Field(8, ge=1, le=1024, description="random captions + text cache: processed variants "
+        "encoded per caption")
+    prior_loss_weight: float = Field(1.0, ge=0, description="loss weight of regularisation (is_reg) images")
+    cache_llm_adapter_outputs: bool = Field(False, description="frozen LLM adapter: its output per caption computed "
+        "once (RAM)")
 
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
     @field_validator("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
@@ -256,15 +286,13 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     @classmethod
     def _path(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return None if v == "" else Path(v).expanduser()
+            return Path(v).expanduser()
         return v.expanduser() if isinstance(v, Path) else v
 
     @field_validator("t5_tokenizer_repo_id", "t5_tokenizer_subfolder", "t5_tokenizer_modelscope_repo_id",
                      "t5_tokenizer_modelscope_revision", "t5_tokenizer_modelscope_subfolder", mode="before")
     @classmethod
     def _t5_source(cls, v: Any, info: Any) -> Any:
-        if isinstance(v, str) and not v.strip():  # sd-scripts-anima: an empty value means the default
-            return cls.model_fields[info.field_name].default
         if isinstance(v, str) and info.field_name.endswith("repo_id"):
             modelscope = "modelscope" in info.field_name
             ref = parse_source(v, default_provider="modelscope" if modelscope else "hf")
@@ -302,11 +330,6 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
         return (v.strip().upper() or None) if isinstance(v, str) else v  # kohya's choices are upper case
 
 
-    @field_validator("log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key", mode="before")
-    @classmethod
-    def _empty_is_unset(cls, v: Any) -> Any:
-        return None if v == "" else v
-
     @field_validator("output_name", mode="before")
     @classmethod
     def _output_name(cls, v: Any) -> Any:
@@ -315,13 +338,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     @field_validator("resume", mode="before")
     @classmethod
     def _resume(cls, v: Any) -> Any:
-        return None if v == "" else (str(v) if isinstance(v, Path) else v)
-
-    @field_validator("validation_seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
-                     mode="before")
-    @classmethod
-    def _unset_validation(cls, v: Any) -> Any:
-        return None if v == "" else v  # "" = kohya's unset, as GUI-written TOMLs say it
+        return str(v) if isinstance(v, Path) else v
 
     @field_validator("save_model_as", mode="before")
     @classmethod
@@ -334,29 +351,17 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     @field_validator("save_precision", mode="before")
     @classmethod
     def _save_precision(cls, v: Any) -> Any:
-        return "fp32" if v == "float" else (None if v == "" else v)
+        return "fp32" if v == "float" else v
 
     @field_validator("attention_backend", mode="before")
     @classmethod
     def _attention_backend(cls, v: Any) -> Any:
-        if not isinstance(v, str):
-            return v
-        if v.strip() == "":
-            raise PydanticUseDefault()
-        from anima_trainer.models.attention_backend import check_backend_name  # says why xformers is not one
+        return check_backend_name(v) if isinstance(v, str) else v  # says why xformers is not one
 
-        return check_backend_name(v)
-
-    @field_validator("compile_mode", "compile_backend", "compile_cache_size_limit", mode="before")
+    @field_validator("compile_mode", mode="before")
     @classmethod
-    def _compile_options(cls, v: Any, info: Any) -> Any:
-        if isinstance(v, str) and v.strip() in ("", "None"):
-            raise PydanticUseDefault()  # kohya's unset (its default None), as GUI-written TOMLs say it
-        if info.field_name == "compile_mode" and isinstance(v, str):
-            from anima_trainer.models.compile import check_compile_mode  # explains the CUDA-graph modes
-
-            return check_compile_mode(v)
-        return v
+    def _compile_mode(cls, v: Any) -> Any:
+        return check_compile_mode(v) if isinstance(v, str) else v  # explains the CUDA-graph modes
 
     @field_validator("network_module", mode="before")
     @classmethod
@@ -373,7 +378,9 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     def _optimizer_type(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        from anima_trainer.train import optim  # imports torch; lazily, so config stays importable alone
+        from anima_trainer.train import (
+            optim,  # imports torch; lazily, so config stays importable alone
+        )
 
         name = optim.canonical_optimizer_name(v)
         optim.resolve_optimizer(name)  # the package must be installed (error names `pip install ...`)
@@ -391,8 +398,6 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
                      "lr_scheduler_timescale", "lr_scheduler_type", mode="before")
     @classmethod
     def _scheduler_number(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.strip() in ("", "None"):
-            raise PydanticUseDefault()  # "" = kohya's unset, as GUI-written TOMLs say it
         if isinstance(v, str) and v.strip().endswith("%"):  # kohya's int_or_float: "50%" → 0.5
             try:
                 return float(v.strip()[:-1]) / 100
@@ -436,7 +441,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     @field_validator("lr_scheduler_args", mode="before")
     @classmethod
     def _lr_scheduler_args(cls, v: Any) -> Any:
-        return {} if v == "" else _kv_pairs(v, "lr_scheduler_args", literal=True)
+        return _kv_pairs(v, "lr_scheduler_args", literal=True)
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:
@@ -465,13 +470,6 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
         if self.nonfinite_loss_policy is None:  # sd-scripts-anima's policy=raise also aborts on a non-finite loss
             self.nonfinite_loss_policy = "raise" if self.monitor_alert_policy == "raise" else "skip_step"
         return self
-
-    @field_validator("checkpoint_blocks", "blocks_to_swap", mode="before")
-    @classmethod
-    def _unset_memory_counts(cls, v: Any) -> Any:
-        if v is None or (isinstance(v, str) and v.strip() in ("", "None")):
-            raise PydanticUseDefault()  # kohya's unset (None; blocks_to_swap None = no swap)
-        return v
 
     def optimizer_mismatch_ignored(self) -> bool:
         """Whether a resume continues with a fresh optimizer state when the optimizer changed or its state does

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from anima_trainer.config.rules import check_backend_name
+
 _log = logging.getLogger(__name__)
 
 BACKENDS: dict[str, SDPBackend] = {
@@ -38,21 +40,6 @@ MIN_CAPABILITY = (8, 0)
 CONTEXT_ROWS = 512
 # relative L2 error of output and input gradients against the fp32 math kernel that a kernel must meet
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-UNSUPPORTED = {
-    "xformers": "xformers is not supported: attention always runs on torch SDPA, whose flash / memory-efficient "
-                "kernels cover what xformers offered; choose one with attention_backend",
-    "sageattn": "SageAttention is inference-only (no backward) and not supported for training",
-}
-
-
-def check_backend_name(name: str) -> str:
-    """The validated backend name (lower case); ValueError naming the choices (and why xformers is not one)."""
-    key = str(name).strip().lower()
-    if key in UNSUPPORTED:
-        raise ValueError(f"attention_backend: {UNSUPPORTED[key]}")
-    if key not in CHOICES:
-        raise ValueError(f"attention_backend: expected one of {', '.join(CHOICES)}, got {name!r}")
-    return key
 
 
 def priority(name: str) -> tuple[SDPBackend, ...]:

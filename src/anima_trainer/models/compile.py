@@ -23,17 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from anima_trainer.config.rules import check_compile_mode
 from anima_trainer.models.layers import QKNormAttentionBase
 
 _log = logging.getLogger(__name__)
 
-MODES = ("default", "max-autotune-no-cudagraphs")
 BACKENDS = ("inductor", "aot_eager", "eager")
 # graphs per (batch, tokens) shape: block input with / without grad × training / eval-no-grad × q/k/v packed or
 # not (block swap points swapped blocks' weights at separate copies, which runs the separate projections)
 VARIANTS_PER_SHAPE = 8
 MARGIN = 8
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -44,17 +43,6 @@ def image_tokens(width: int, height: int) -> int:
 def cache_limit_for(max_shapes: int) -> int:
     """Dynamo cache entries per block code object needed for `max_shapes` distinct input shapes."""
     return max_shapes * VARIANTS_PER_SHAPE + MARGIN
-
-
-def check_compile_mode(mode: str | None) -> str:
-    mode = "default" if mode in (None, "") else str(mode)
-    if mode in CUDAGRAPH_MODES:
-        raise ValueError(f"compile_mode: '{mode}' uses CUDA graphs, which per-block training compile does not "
-                         "support (each block and bucket would pin its own graph memory); use "
-                         "'max-autotune-no-cudagraphs' (or 'default')")
-    if mode not in MODES:
-        raise ValueError(f"compile_mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    return mode
 
 
 def _refresh_qkv_packing(attentions: list[QKNormAttentionBase]) -> Any:

@@ -34,10 +34,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from anima_trainer.config.rules import DIFFUSERS_ALTERNATIVE as ALTERNATIVE
+from anima_trainer.config.rules import DIFFUSERS_LOADER as LOADER
+from anima_trainer.config.rules import diffusers_refusal
 from anima_trainer.models.diffusers_layout import anima_module_to_diffusers, diffusers_module_to_anima
 from anima_trainer.networks.convert import CONDITIONER_PREFIX, TRANSFORMER_PREFIX, linear_paths
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, LORA_SPELLINGS, NetworkError, alpha_value
-from anima_trainer.networks.inject import parse_bool
 
 ADAPTER_PREFIX = "llm_adapter."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -46,8 +48,6 @@ DOWN_SUFFIXES = tuple(sorted((d for _, d, _ in LORA_SPELLINGS), key=len, reverse
 UP_SUFFIXES = tuple(sorted((u for u, _, _ in LORA_SPELLINGS), key=len, reverse=True))
 # {diffusers key stem: alpha} of the modules whose scale alpha/rank was folded into lora_B
 ALPHAS_META = "anima_trainer_diffusers_alphas"
-ALTERNATIVE = 'save_format = "comfy" (ComfyUI; convert-network --to kohya for kohya) carries it'
-LOADER = "diffusers' Anima loader (AnimaLoraLoaderMixin)"
 
 # what a suffix means, for refusals
 _KINDS = (("LoHa", (".hada_",)), ("LoKr", (".lokr_",)), ("DoRA (dora_scale)", (".dora_scale",)),
@@ -76,23 +76,14 @@ def comfy_path(stem: str) -> str | None:
 def check_diffusers_compatible(algo: str, network_args: Mapping[str, Any] | None = None, *,
                                text_encoder: bool = False, option: str = 'save_format = "diffusers"') -> None:
     """NetworkError when a network of this kind cannot be written in diffusers' layout; call it at start-up
-    (train, config) so that a run does not train for hours and fail at its first save."""
-    args = network_args or {}
-    what = []
-    if algo in ("lokr", "loha"):
-        what.append(f"network_module {algo} ({LOADER} reads only LoRA lora_A/lora_B keys)")
-    elif algo != "lora":
-        what.append(f"network_module {algo}")
-    if parse_bool("dora_wd", args.get("dora_wd", False)):
-        what.append("network_args dora_wd (DoRA: diffusers drops dora_scale, which changes the result)")
-    if parse_bool("train_norm", args.get("train_norm", False)):
-        what.append("train_norm (norm-gain diffs have no LoRA key in diffusers' layout; sd-scripts-anima turns it "
-                    "on by default: set train_norm = false)")
-    if text_encoder:
-        what.append(f"text-encoder modules ({LOADER} has no Qwen3 text encoder; train with "
-                    "network_train_unet_only = true)")
-    if what:
-        raise NetworkError(f"{option}: cannot carry {'; '.join(what)}; {ALTERNATIVE}")
+    (train, config) so that a run does not train for hours and fail at its first save.  The rule itself is
+    torch-free and lives in config/rules.py (config validation applies it too)."""
+    try:
+        problem = diffusers_refusal(algo, network_args, text_encoder=text_encoder, option=option)
+    except ValueError as e:  # a network_args boolean that is not one
+        raise NetworkError(str(e)) from None
+    if problem is not None:
+        raise NetworkError(problem)
 
 
 def _refuse(problems: dict[str, list[str]]) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+from anima_trainer.config.rules import FALSE_WORDS, TRUE_WORDS
 from anima_trainer.networks.formats import NetworkError
 
 DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
@@ -53,7 +54,6 @@ SD_SCRIPTS_ANIMA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v
                             "mlp.2")
 # network_args that choose targets kohya's way; target_modules (sd-scripts-anima's way) replaces all of them
 _KOHYA_TARGET_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", *OPTIONAL_TARGETS)
-TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def parse_patterns(name: str, value: Any) -> list[re.Pattern]:

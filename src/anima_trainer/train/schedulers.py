@@ -29,16 +29,6 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from anima_trainer.config.errors import ConfigError, did_you_mean
 from anima_trainer.config.kohya_options import KOHYA_SCHEDULERS as SCHEDULERS
 
-COSINE_SCHEDULERS = ("cosine", "cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay")
-# which optional settings each scheduler reads (anything else set to a non-default value is a config error)
-USES: dict[str, tuple[str, ...]] = {
-    "num_cycles": COSINE_SCHEDULERS,
-    "power": ("polynomial",),
-    "min_lr_ratio": ("cosine_with_min_lr", "warmup_stable_decay", "polynomial"),
-    "decay_steps": ("warmup_stable_decay",),
-    "timescale": ("inverse_sqrt",),
-    "scheduler_args": ("piecewise_constant",),
-}
 DEFAULT_TIMESCALE = 10_000  # inverse_sqrt without warm-up or lr_scheduler_timescale (diffusers' default)
 
 
@@ -274,37 +264,6 @@ def check_scheduler_args(cls: type, args: dict[str, Any]) -> None:
 # --- start-up report ----------------------------------------------------------------------------------------
 _ENDS_AT_MINIMUM = ("linear", "cosine", "cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay",
                     "polynomial")
-_OPTIONS = {"lr_scheduler_num_cycles": ("num_cycles", (1, 1.0)), "lr_scheduler_power": ("power", (1, 1.0)),
-            "lr_scheduler_min_lr_ratio": ("min_lr_ratio", (0, 0.0)), "lr_decay_steps": ("decay_steps", (0, 0.0)),
-            "lr_scheduler_timescale": ("timescale", (None,)), "lr_scheduler_args": ("scheduler_args", ({},))}
-
-
-def schedule_notices(cfg: Any, given: set[str]) -> list[str]:
-    """Start-up notices about the schedule's options: one per option set that the chosen scheduler does not use
-    (kohya accepts and ignores them too), and what lr_scheduler_num_cycles means for this config."""
-    out: list[str] = []
-    name = cfg.lr_scheduler_type or cfg.lr_scheduler
-    sd_anima = bool(getattr(cfg, "sd_scripts_anima", False))
-    used = ("scheduler_args",) if cfg.lr_scheduler_type else tuple(
-        k for k, names in USES.items() if cfg.lr_scheduler in names)
-    for option, (key, inert) in _OPTIONS.items():
-        value = getattr(cfg, option)
-        if option not in given or value in inert:
-            continue
-        if key == "num_cycles" and name == "cosine" and not sd_anima:
-            out.append(f"lr_scheduler_num_cycles = {value:g}: kohya's cosine is always one descent to the minimum "
-                       "(it does not pass num_cycles); use cosine_with_restarts or cosine_with_min_lr for more")
-        elif key not in used:
-            out.append(f"{option} = {value}: not used by lr_scheduler '{name}' (kohya ignores it too); no effect")
-        elif key == "num_cycles" and sd_anima and name != "cosine_with_restarts":
-            out.append(f"lr_scheduler_num_cycles = {value:g}: an sd-scripts-anima config, so it counts cosine "
-                       "periods as sd-scripts-anima documents (0.5 = one descent to the minimum)")
-    if cfg.lr_scheduler == "piecewise_constant" and not cfg.lr_scheduler_type and cfg.lr_warmup_steps:
-        out.append(f"lr_warmup_steps = {cfg.lr_warmup_steps}: piecewise_constant has no warm-up (kohya ignores it "
-                   "too); the step_rules give the lr from the first step")
-    return out
-
-
 def describe_schedule(scheduler: LRScheduler, name: str, max_steps: int, base_lr: float, *,
                       min_lr_ratio: float = 0.0) -> tuple[str, str | None]:
     """One line for the start-up report (start, peak and end lr, number of descents) and a notice when a

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anima_trainer.compat.folders import root_folder_subsets
 from anima_trainer.config.errors import ConfigError
-from anima_trainer.config.folders import root_folder_subsets
 from anima_trainer.config.root_schema import INF, ROOT_SCHEMA, is_root_style
+from anima_trainer.data import build_dataset, parse_dataset_config
 
 STATUSES = ("mapped", "default", "approximate", "not needed", "unsupported", "unknown")
 TRAIN_NAME, DATASET_NAME, TRACKER_NAME = "train.toml", "dataset.toml", "tracker.toml"
@@ -526,8 +527,6 @@ class _Converter:
 
     def updates_per_epoch(self, out_dir: Path) -> tuple[int, str]:
         """Optimizer steps per epoch of the converted dataset (kohya's count: ceil(batches / accumulation))."""
-        from anima_trainer.data import build_dataset, parse_dataset_config
-
         cfg = parse_dataset_config(self.dataset_doc(), source_dir=out_dir)
         ds = build_dataset(cfg, default_batch_size=self.c.train["train_batch_size"], seed=self.c.train["seed"])
         per_epoch = math.ceil(len(ds) / self.c.train["gradient_accumulation_steps"])

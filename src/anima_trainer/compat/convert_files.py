@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from anima_trainer.config.convert_root import (
+from anima_trainer.compat.convert_root import (
     DATASET_NAME,
     STATUSES,
     TRACKER_NAME,
@@ -18,6 +18,9 @@ from anima_trainer.config.convert_root import (
 )
 from anima_trainer.config.errors import ConfigError
 from anima_trainer.config.tomlw import dumps
+from anima_trainer.config.train import make_train_config
+from anima_trainer.data import parse_dataset_config
+from anima_trainer.fileio import atomic_write_bytes, check_writable
 
 
 def load_root_toml(path: str | Path) -> dict[str, Any]:
@@ -47,10 +50,6 @@ def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, 
     """Validate the converted settings, then write train.toml (report as its comment header), dataset.toml and,
     for wandb init arguments, tracker.toml into `out_dir`; nothing is written when any file exists and
     `overwrite` is false, or when the result would not load."""
-    from anima_trainer.config.train import make_train_config
-    from anima_trainer.data import parse_dataset_config
-    from anima_trainer.fileio import atomic_write_bytes, check_writable
-
     out = Path(out_dir).expanduser()
     train_name = check_file_name(train_name, "--train_args_name")
     dataset_name = check_file_name(dataset_name, "--dataset_name")
