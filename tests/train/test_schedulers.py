@@ -243,5 +243,6 @@ def test_a_warm_up_longer_than_the_run_is_accepted_with_a_notice(name):
         sched.step()
     assert seen == pytest.approx([0.0, 0.01, 0.02])
     _, notice = describe_schedule(build_scheduler(torch.optim.SGD([p], lr=1.0), name, 3, 100), name, 3, 1.0)
-    assert notice == ("lr_warmup_steps: the warm-up is not shorter than the run's 3 optimizer steps: the lr rises to 0.02 and never "
-                      "reaches 1 (kohya accepts this too); lower lr_warmup_steps to train at the full rate")
+    assert notice == ("lr_warmup_steps: the warm-up is not shorter than the run's 3 optimizer steps: the lr rises "
+                      "to 0.02 and never reaches 1 (kohya accepts this too); lower lr_warmup_steps to train at the "
+                      "full rate")
