@@ -14,10 +14,10 @@ from collections import defaultdict
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import train_step as ts  # noqa: E402  (bench/ helper module)
+import train_step as ts  # bench/ helper module
 
-from anima_trainer.train.loop import prepare_dit, training_step  # noqa: E402
-from anima_trainer.train.optim import build_optimizer  # noqa: E402
+from anima_trainer.train.loop import prepare_dit, training_step
+from anima_trainer.train.optim import build_optimizer
 
 KINDS = (("attention", ("flash", "fmha", "cudnn", "sdpa", "attention", "efficient")),
          ("gemm", ("gemm", "sm90", "sm80", "cutlass", "matmul", "xmma", "nvjet")),

@@ -229,7 +229,7 @@ def measure(args: argparse.Namespace, device: torch.device, dtype_name: str, res
         if not catch_oom:
             raise
         row = {**case, "oom": True, "error": str(e).strip().splitlines()[0][:300] if str(e).strip() else "OOM"}
-    except Exception as e:  # noqa: BLE001 - a lever that fails on this machine is a result, not the end
+    except Exception as e:  # a lever that fails on this machine is a result, not the end
         if not catch_oom:
             raise
         row = {**case, "oom": False, "failed": True, "error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -57,23 +57,23 @@ def main() -> None:
     vaes = {name: build(device, dtype, two_d, chunk) for name, two_d, chunk in cases}
     latents = vaes["3d"].encode(images)
     times: dict[str, dict[str, list[float]]] = {name: {"encode": [], "decode": []} for name in vaes}
-    for name, vae in vaes.items():  # warm-up (kernel selection)
+    for _name, vae in vaes.items():  # warm-up (kernel selection)
         vae.encode(images), vae.decode(latents)
     # interleaved, so that load from other processes hits every case alike; min and median reported
     for _ in range(args.repeat):
         for name, vae in vaes.items():
-            times[name]["encode"].append(timed(lambda: vae.encode(images), device))
-            times[name]["decode"].append(timed(lambda: vae.decode(latents), device))
+            times[name]["encode"].append(timed(lambda: vae.encode(images), device))  # noqa: B023 - called at once
+            times[name]["decode"].append(timed(lambda: vae.decode(latents), device))  # noqa: B023 - called at once
     peaks = {}
     if device.type == "cuda":
         for name, vae in vaes.items():
-            for op, fn in (("encode", lambda: vae.encode(images)), ("decode", lambda: vae.decode(latents))):
+            for op, fn in (("encode", lambda: vae.encode(images)), ("decode", lambda: vae.decode(latents))):  # noqa: B023
                 torch.cuda.reset_peak_memory_stats()
                 base_mem = torch.cuda.memory_allocated()
                 timed(fn, device)
                 peaks[(name, op)] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**30, 3)
     results = {}
-    for name, two_d, chunk in cases:
+    for name, _two_d, chunk in cases:
         row = {"case": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "size": args.size,
                "batch": args.batch, "chunk": chunk, "repeat": args.repeat}

@@ -123,7 +123,8 @@ def test_kohya_ss_gui_toml_trains_one_step(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     for notice in ("notice: epoch = 1: kohya_ss GUI bookkeeping", "notice: sample_sampler = 'euler_a': previews "
                    "always use Euler", "notice: huber_schedule = 'snr': only used by the huber and smooth_l1 losses",
-                   "notice: xformers = true: attention runs on torch SDPA", "notice: text_encoder_lr = 0.0001: no effect, "
+                   "notice: xformers = true: attention runs on torch SDPA",
+                   "notice: text_encoder_lr = 0.0001: no effect, "
                    "the text encoder is not trained (network_train_unet_only = true)", "folder 'unprefixed'"):
         assert err.count(notice) == 1, notice
     assert "lr_scheduler_num_cycles" not in err  # 1 with cosine: kohya's default, one descent

@@ -17,7 +17,7 @@ def test_committed_reference_is_up_to_date():
 def test_every_setting_has_type_default_and_meaning():
     text = render_reference().split("## Training settings")[1].split("\n## ")[0]
     rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
-    for name, info in TrainConfig.model_fields.items():
+    for name, _info in TrainConfig.model_fields.items():
         cells = [c.strip() for c in rows[name].replace("\\|", "/").split("|")[1:-1]]
         assert cells[1] and cells[2], name  # type and default
         assert cells[3], f"{name}: add a Field description"

@@ -72,7 +72,7 @@ def test_scaled_fp8_vae_and_llm_adapter_files_are_dequantised(dit_file: Path, tm
     assert quantised and all(_within_fp8(got[k], adapter[k]) <= 1 for k in quantised)
 
 
-def _dit_with(dit_file: Path, tmp_path: Path, change) -> Path:  # noqa: ANN001 (change: dict -> None)
+def _dit_with(dit_file: Path, tmp_path: Path, change) -> Path:  # change: dict -> None
     tensors = load_file(dit_file)
     change(tensors)
     save_file(tensors, tmp_path / "odd.safetensors")
@@ -159,7 +159,7 @@ def test_forged_header_is_refused_before_any_tensor_is_read(tmp_path, monkeypatc
                                                             message) -> None:
     path = _raw(tmp_path / f"{name}.safetensors", header, bytes(size))
 
-    def no_tensor_reads(*args, **kwargs):  # noqa: ANN002, ANN003
+    def no_tensor_reads(*args, **kwargs):
         raise AssertionError("a tensor was read from a file whose header is invalid")
 
     monkeypatch.setattr(checkpoint, "safe_open", no_tensor_reads)

@@ -50,8 +50,8 @@ def _record_lrs(monkeypatch) -> list[list[float]]:
     (("--unet_lr", "5e-3"), [5e-3 * (6 - 2) / 6, 5e-3 * (6 - 3) / 6]),
     (("--lr_scheduler", "constant"), [1e-2, 1e-2]),
 ], ids=["learning_rate", "unet_lr", "lr_scheduler"])
-def test_a_changed_learning_rate_or_schedule_applies_from_the_resume_point(setup, finished, tmp_path, monkeypatch,
-                                                                           change, expected):  # noqa: F811
+def test_a_changed_learning_rate_or_schedule_applies_from_the_resume_point(setup, finished, tmp_path, monkeypatch,  # noqa: F811
+                                                                           change, expected):
     """Resumed at step 2 with 6 steps instead of 2: step 3 uses the NEW schedule's lr at index 2 (kohya's linear
     over 6 steps: lr × (6 − 2)/6), not the old rate the saved scheduler carried."""
     _copy(finished, tmp_path)

@@ -87,7 +87,7 @@ def test_report_lists_skipped_and_uncaptioned_together(shapes, tmp_path):
     ds = build_dataset(parse_dataset_config(_raw(folder)))
     text = dataset_report(ds)
     assert text.startswith(f"skipped (not trained on): 1\n  {folder / 'broken.png'}: ")
-    assert f"no caption file (trains with the caption shown: the subset's class_tokens, else empty): 2\n" in text
+    assert "no caption file (trains with the caption shown: the subset's class_tokens, else empty): 2\n" in text
 
 
 def test_training_writes_the_report_and_strict_captions_stops_it(setup_models, shapes, tmp_path):

@@ -46,7 +46,7 @@ def test_fake_endpoint_with_another_9mb_file_installs_nothing(hub, tmp_path, cap
     _nothing_installed(tmp_path)
 
 
-def test_endpoint_reporting_the_pin_but_serving_other_bytes_installs_nothing(hub, tmp_path, capsys, test_pins):
+def test_endpoint_reporting_the_pin_but_serving_other_bytes_installs_nothing(hub, tmp_path, capsys, test_pins):  # noqa: F811
     hub.add_hf(sources.ANIMA_REPO, sources.DIT.path, ANIMA["dit"], lfs=True)
     other = bytes(len(ANIMA["dit"]))
     hub.corrupt[(sources.ANIMA_REPO, "main", sources.DIT.path)] = other
@@ -57,7 +57,7 @@ def test_endpoint_reporting_the_pin_but_serving_other_bytes_installs_nothing(hub
     _nothing_installed(tmp_path)
 
 
-def test_modelscope_fallback_must_deliver_the_pinned_bytes(hub, tmp_path, capsys, test_pins):
+def test_modelscope_fallback_must_deliver_the_pinned_bytes(hub, tmp_path, capsys, test_pins):  # noqa: F811
     """Whatever the mirror calls the file, it stands in for the pinned one: wrong bytes are refused."""
     hub.status[sources.ANIMA_REPO] = (403, "GatedRepo")
     wrong = model_bytes("some other model")  # a valid safetensors file, just not the DiT
@@ -103,7 +103,7 @@ def test_present_file_recorded_with_another_hash_is_not_taken_for_the_pinned_one
 DEEP = "[" * 100_000
 
 
-def test_deeply_nested_json_in_download_bookkeeping_and_tokenizers_is_no_traceback(hub, tmp_path, test_pins,
+def test_deeply_nested_json_in_download_bookkeeping_and_tokenizers_is_no_traceback(hub, tmp_path, test_pins,  # noqa: F811
                                                                                   tokenizers_dir):
     """Issue 13 item 15: every JSON the download code reads (its record, a partial's note, tokenizer files)."""
     from anima_trainer.download import t5
@@ -128,7 +128,7 @@ def test_deeply_nested_json_in_download_bookkeeping_and_tokenizers_is_no_traceba
         t5.validate_t5_tokenizer(folder)
 
 
-def test_a_downloaded_model_file_is_fsynced_before_and_after_its_rename(hub, tmp_path, test_pins, fsyncs):
+def test_a_downloaded_model_file_is_fsynced_before_and_after_its_rename(hub, tmp_path, test_pins, fsyncs):  # noqa: F811
     """Issue 13 item 7: a finished download survives a power loss like every other final file."""
     hub.add_hf(sources.ANIMA_REPO, sources.DIT.path, ANIMA["dit"], lfs=True)
     assert _run(hub, tmp_path, "--only", "dit", "--no-modelscope-fallback") == 0

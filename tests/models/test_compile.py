@@ -142,7 +142,8 @@ def test_config_fields_and_kohya_names(tmp_path):
     assert notice.startswith("compile_dynamic = 'true'") and "static shapes" in notice, notice
     toml.write_text("torch_compile = true\n")
     cfg = parse_train_args([*base, "--config_file", str(toml)])
-    assert cfg.compile_blocks and cfg.vae_compile_notices()[0].startswith("torch_compile = true: compiled per DiT block")
+    assert cfg.compile_blocks and cfg.vae_compile_notices()[0].startswith(
+        "torch_compile = true: compiled per DiT block")
     toml.write_text('compile_mode = "reduce-overhead"\n')
     with pytest.raises(ConfigError, match="CUDA graphs"):
         parse_train_args([*base, "--config_file", str(toml)])

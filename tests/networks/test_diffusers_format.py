@@ -15,7 +15,6 @@ import logging
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from anima_trainer.cli import main
 from anima_trainer.config import ConfigError, parse_train_args
@@ -407,7 +406,7 @@ def test_config_refuses_diffusers_with_what_it_cannot_carry(tmp_path):
 
 # ------------------------------------------------------------------------------------------- training --
 
-def test_a_training_run_saves_what_diffusers_loads(setup, tmp_path):
+def test_a_training_run_saves_what_diffusers_loads(setup, tmp_path):  # noqa: F811
     """`save_format = "diffusers"` in a real run (the demo config, alpha 4 on dim 8: scale 1/2, plus the LLM
     adapter): the final file loads in diffusers' loader with every module injected and fuses to ComfyUI's merge
     of the same network; network_weights reads it back into the same factors."""

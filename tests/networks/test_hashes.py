@@ -90,7 +90,7 @@ def test_saved_network_hashes_are_the_files_and_verify(tmp_path, dit):
     assert verify_hashes(half) == {"sshs_model_hash": "ok", "sshs_legacy_hash": "ok"}
     # a file edited afterwards (one weight changed, metadata kept) is reported
     with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     first = sorted(tensors)[0]
     tensors[first] = tensors[first] + 1
     atomic_save(tensors, tmp_path / "edited.safetensors", meta)

@@ -68,7 +68,7 @@ def test_rebuilt_network_equals_the_saved_one(case, save_format, dit_file, tmp_p
         expected = dit(X, SIGMA, ctx(dit))
     path = net.save(tmp_path / "net.safetensors", save_format=save_format)
     with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())  # noqa: SIM118
+        keys = list(f.keys())
     prefix = "diffusion_model." if save_format == "comfy" else "lora_unet_"
     assert keys and all(k.startswith(prefix) for k in keys)
     check_comfy_keys(path, dit)

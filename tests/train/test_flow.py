@@ -1,4 +1,6 @@
-"""Flow maths: σ sampling methods, noising, target, loss types and weighting, schedules, save names."""
+"""Flow maths: σ sampling methods, noising, target, loss types and weighting, masked loss and sample weights.
+
+LR schedules are tested in test_schedulers.py, save names in test_state.py."""
 
 from __future__ import annotations
 
@@ -8,8 +10,6 @@ import pytest
 import torch
 
 from anima_trainer.train.flow import flow_loss, noisy_input, sample_sigmas, shift_sigma
-from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
-from anima_trainer.train.state import SavePlan
 
 
 def _gen(seed=0):
@@ -70,43 +70,6 @@ def test_loss_types_and_weighting():
     assert w == pytest.approx((1 * 0.5 ** -2 + 4 * 0.25 ** -2) / 2)
     with pytest.raises(ValueError, match="loss_type"):
         flow_loss(pred, target, sigma, loss_type="mse")
-
-
-def test_schedules_and_warmup():
-    p = torch.nn.Parameter(torch.zeros(2))
-    opt = build_optimizer([p], 1.0, {"weight_decay": "0.0", "betas": "(0.9, 0.99)"})
-    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["weight_decay"] == 0.0
-    sched = build_scheduler(opt, "cosine", max_steps=10, warmup_steps=2)
-    lrs = []
-    for _ in range(10):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    # kohya's (transformers') warm-up starts at 0: i / W, then the cosine from step W
-    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5)
-    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
-    assert resolve_warmup(0.1, 200) == 20 and resolve_warmup(5, 200) == 5 and resolve_warmup(None, 9) == 0
-    with pytest.raises(ValueError, match="lr_scheduler"):
-        build_scheduler(opt, "cosine_with_restarts_typo", 10)
-
-
-def test_save_plan_names_retention_and_refusal(tmp_path):
-    plan = SavePlan(tmp_path, "mylora", every_n_steps=10, keep_last_n_steps=20)
-    assert plan.step_path(10).name == "mylora-step00000010.safetensors"
-    assert plan.epoch_path(3).name == "mylora-000003.safetensors"
-    stranger = tmp_path / "mylora-step00000001.safetensors"
-    stranger.write_bytes(b"user file")
-    for step in (10, 20, 30, 40):
-        plan.step_path(step).write_bytes(b"x")
-        removed = plan.record_step(step, plan.step_path(step))
-    assert [p.name for p in removed] == ["mylora-step00000020.safetensors"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mylora-step00000001.safetensors",
-                                                         "mylora-step00000030.safetensors",
-                                                         "mylora-step00000040.safetensors"]
-    plan.final_path.write_bytes(b"old")
-    with pytest.raises(FileExistsError, match="already exists"):
-        plan.check_start()
-    SavePlan(tmp_path, "mylora", overwrite=True).check_start()
 
 
 def test_masked_loss_and_sample_weights():

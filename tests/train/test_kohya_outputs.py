@@ -47,7 +47,8 @@ def test_comment_and_modelspec_fields_are_in_the_saved_file(setup, tmp_path):
         "modelspec.implementation": "https://huggingface.co/circlestone-labs/Anima", "modelspec.title": "Shapes",
         "modelspec.author": "me", "modelspec.tags": "a,b", "modelspec.license": "CC-BY-4.0",
         "modelspec.description": "shapes LoRA", "modelspec.trigger_phrase": "shp",
-        "modelspec.usage_hint": "weight 0.8", "modelspec.merged_from": "x,y", "modelspec.resolution": "64x64"}  # the dataset's
+        "modelspec.usage_hint": "weight 0.8", "modelspec.merged_from": "x,y",
+        "modelspec.resolution": "64x64"}  # the dataset's
     assert meta["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(thumb.read_bytes()).decode()
     assert meta["ss_steps"] == "2" and meta["ss_v2"] == "False"
 

@@ -301,7 +301,7 @@ def test_dim_from_weights_continues_the_files_network_and_kohya_names(setup, tmp
     assert {p: (m.dim, float(m.alpha), m.dora_wd) for p, m in run.network.modules_by_name.items()} == {
         p: (m.dim, float(m.alpha), m.dora_wd) for p, m in first.network.modules_by_name.items()}
     with safe_open(run.final_path, "pt") as f:
-        keys, meta = list(f.keys()), f.metadata()  # noqa: SIM118
+        keys, meta = list(f.keys()), f.metadata()
         assert f.get_tensor("lora_unet_blocks_0_mlp_layer1.lora_down.weight").shape[0] == 2
     assert all(k.startswith("lora_unet_") for k in keys) and meta["ss_network_dim"] == "Dynamic"
     assert any(k.startswith("lora_unet_blocks_0_adaln_modulation_mlp_1.") for k in keys)

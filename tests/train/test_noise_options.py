@@ -3,7 +3,6 @@ generator of the sample being noised (so a sample's noise stays a function of it
 
 from __future__ import annotations
 
-import logging
 from types import SimpleNamespace
 
 import pytest

@@ -1,6 +1,7 @@
 """LR schedules: kohya's curves step for step (transformers' schedule functions called as kohya's get_scheduler_fix
 calls them, for every scheduler x num_cycles 0.5/1/2/3 x warm-up), sd-scripts-anima's num_cycles meaning, the
-start-up line and notices, custom torch classes, and exact resume through state_dict."""
+start-up line and notices, custom torch classes, exact resume through state_dict, and the scheduler options'
+validation at config time."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import pytest
 import torch
 import transformers.optimization as tro
 
+from anima_trainer.config import parse_train_args
+from anima_trainer.train.optim import build_optimizer
 from anima_trainer.train.schedulers import (
     build_scheduler,
     describe_schedule,
     parse_step_rules,
     resolve_warmup,
 )
+from tests.train.test_optim import REQUIRED, error
 
 BASE_LR = 2.0
 
@@ -243,5 +247,89 @@ def test_a_warm_up_longer_than_the_run_is_accepted_with_a_notice(name):
         sched.step()
     assert seen == pytest.approx([0.0, 0.01, 0.02])
     _, notice = describe_schedule(build_scheduler(torch.optim.SGD([p], lr=1.0), name, 3, 100), name, 3, 1.0)
-    assert notice == ("lr_warmup_steps: the warm-up is not shorter than the run's 3 optimizer steps: the lr rises to 0.02 and never "
-                      "reaches 1 (kohya accepts this too); lower lr_warmup_steps to train at the full rate")
+    assert notice == ("lr_warmup_steps: the warm-up is not shorter than the run's 3 optimizer steps: the lr rises "
+                      "to 0.02 and never reaches 1 (kohya accepts this too); lower lr_warmup_steps to train at the "
+                      "full rate")
+
+
+def test_schedules_and_warmup():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer([p], 1.0, {"weight_decay": "0.0", "betas": "(0.9, 0.99)"})
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["weight_decay"] == 0.0
+    sched = build_scheduler(opt, "cosine", max_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    # kohya's (transformers') warm-up starts at 0: i / W, then the cosine from step W
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5)
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert resolve_warmup(0.1, 200) == 20 and resolve_warmup(5, 200) == 5 and resolve_warmup(None, 9) == 0
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        build_scheduler(opt, "cosine_with_restarts_typo", 10)
+
+
+def test_scheduler_options_in_config(tmp_path, caplog):
+    c = parse_train_args([*REQUIRED, "--lr_scheduler", "cosine_with_min_lr", "--lr_scheduler_num_cycles", "1.5",
+                          "--lr_scheduler_min_lr_ratio", "0.1", "--lr_warmup_steps", "10%"])
+    assert (c.lr_scheduler_num_cycles, c.lr_scheduler_min_lr_ratio, c.lr_warmup_steps) == (1.5, 0.1, 0.1)
+    assert parse_train_args([*REQUIRED, "--lr_scheduler", "cosine", "--lr_scheduler_num_cycles", "50%"]) \
+        .lr_scheduler_num_cycles == 0.5
+    c = parse_train_args([*REQUIRED, "--lr_scheduler", "warmup_stable_decay", "--lr_decay_steps", "20%",
+                          "--lr_scheduler_min_lr_ratio", "0.05"])
+    assert (c.lr_decay_steps, c.lr_scheduler_min_lr_ratio) == (0.2, 0.05)
+    toml = tmp_path / "t.toml"
+    # a GUI-written TOML lists every option with kohya's "unset"/default values: accepted
+    toml.write_text('lr_scheduler = "polynomial"\nlr_scheduler_power = 2\nlr_scheduler_num_cycles = 1\n'
+                    'lr_scheduler_timescale = ""\nlr_scheduler_min_lr_ratio = ""\nlr_scheduler_type = ""\n'
+                    'lr_scheduler_args = ""\nlr_decay_steps = 0\n')
+    c = parse_train_args([*REQUIRED, "--config_file", str(toml)])
+    assert (c.lr_scheduler_power, c.lr_scheduler_timescale, c.lr_scheduler_type, c.lr_scheduler_args) == \
+        (2.0, None, None, {})
+    toml.write_text('lr_scheduler = "cosine_with_restarts"\nlr_scheduler_num_cycles = 1.5\n')
+    assert parse_train_args([*REQUIRED, "--config_file", str(toml)]).lr_scheduler_num_cycles == 1.5
+    # options kohya ignores for the chosen scheduler: accepted, one notice each (kohya's meaning of num_cycles)
+    assert parse_train_args([*REQUIRED, "--lr_scheduler", "cosine", "--lr_scheduler_num_cycles", "3"]).notices == [
+        "lr_scheduler_num_cycles = 3: kohya's cosine is always one descent to the minimum (it does not pass "
+        "num_cycles); use cosine_with_restarts or cosine_with_min_lr for more"]
+    assert parse_train_args([*REQUIRED, "--lr_scheduler", "linear", "--lr_scheduler_power", "2"]).notices == [
+        "lr_scheduler_power = 2.0: not used by lr_scheduler 'linear' (kohya ignores it too); no effect"]
+    c = parse_train_args([*REQUIRED, "--lr_scheduler", "cosine", "--lr_scheduler_min_lr_ratio", "0.1",
+                          "--lr_decay_steps", "10"])
+    assert [n.split(":")[0] for n in c.notices] == ["lr_scheduler_min_lr_ratio = 0.1", "lr_decay_steps = 10"]
+    assert error(["--lr_scheduler", "warmup_stable_decay"]) == \
+        "lr_decay_steps: warmup_stable_decay needs a decay (steps, or a fraction < 1)"
+    # with max_train_steps (no epochs) the schedule is built once at start-up
+    assert error(["--lr_scheduler", "warmup_stable_decay", "--lr_warmup_steps", "0.5", "--lr_decay_steps", "60",
+                  "--max_train_steps", "100"]) == \
+        "lr_warmup_steps + lr_decay_steps (50 + 60) exceed the number of optimizer steps (100)"
+    assert parse_train_args([*REQUIRED, "--lr_scheduler", "cosine", "--lr_warmup_steps", "100", "--max_train_epochs",
+                             "1"]).lr_warmup_steps == 100  # epochs: the step count is only known with the data
+    assert error(["--lr_scheduler_num_cycles", "0"]) == "lr_scheduler_num_cycles: must be > 0.0, got '0'"
+    assert error(["--lr_scheduler", "piecewise_constant"]).startswith(
+        "lr_scheduler_args: piecewise_constant needs exactly step_rules=")
+    assert error(["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", "step_rules=1:x,0.1"]).startswith(
+        "lr_scheduler_args: step_rules '1:x,0.1': expected 'factor:step,...,factor'")
+    c = parse_train_args([*REQUIRED, "--lr_scheduler", "piecewise_constant", "--lr_scheduler_args",
+                          "step_rules=1:10,0.1:20,0.01"])
+    assert c.lr_scheduler_args == {"step_rules": "1:10,0.1:20,0.01"}
+
+
+def test_custom_scheduler_class_in_config():
+    c = parse_train_args([*REQUIRED, "--lr_scheduler_type", "cosineannealinglr", "--lr_scheduler_args", "T_max=100"])
+    assert (c.lr_scheduler_type, c.lr_scheduler_args) == ("torch.optim.lr_scheduler.CosineAnnealingLR",
+                                                          {"T_max": 100})
+    assert error(["--lr_scheduler_type", "StepLR", "--lr_warmup_steps", "5", "--lr_scheduler",
+                  "constant_with_warmup"]).startswith("lr_scheduler_type: replaces lr_scheduler")
+    assert error(["--lr_scheduler_type", "StepLR", "--lr_scheduler_args", "step_size=2", "--lr_warmup_steps",
+                  "5"]) == \
+        "lr_scheduler_type: a custom scheduler class has no warm-up; set lr_warmup_steps = 0 (as kohya)"
+    assert error(["--lr_scheduler_type", "CosineAnnealingLR", "--lr_scheduler_args", "T_mx=3"]).startswith(
+        "lr_scheduler_args: CosineAnnealingLR has no argument 'T_mx'; did you mean 'T_max'?")
+    assert error(["--lr_scheduler_type", "OneCycleLR", "--lr_scheduler_args", "max_lr=1.0"]).startswith(
+        "lr_scheduler_args: OneCycleLR rejects {'max_lr': 1.0}: You must define either total_steps OR")
+    assert error(["--lr_scheduler_type", "NoSuchLR"]).startswith(
+        "lr_scheduler_type: 'NoSuchLR' is not a learning-rate scheduler class")
+    assert error(["--lr_scheduler_args", "T_max=3"]).startswith(
+        "lr_scheduler_args: not used by lr_scheduler 'constant' (only by piecewise_constant and lr_scheduler_type)")

@@ -85,7 +85,7 @@ class CacheStore:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 if (f.metadata() or {}).get("anima_cache_key") != key:
                     return None, True
-                return {k: f.get_tensor(k) for k in f.keys()}, False
+                return {k: f.get_tensor(k) for k in f.keys()}, False  # noqa: SIM118 - a safetensors handle, not a dict
         except (SafetensorError, OSError, ValueError) as e:
             log.warning("cache entry %s is unreadable (%s); rebuilding it", path, e)
             return None, True

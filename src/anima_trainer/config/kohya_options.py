@@ -277,7 +277,8 @@ def _rules() -> dict[str, Rule]:
     notice("flash_attn", _ATTENTION, source=ast)
     error("timestep_bias_strategy", "diffusers' timestep bias is not a kohya option; shape the timesteps with "
           "timestep_sampling, sigmoid_scale and discrete_flow_shift", ("", None, "none"), source=ast)
-    notice("template_version scope sample_scheduler model_train_type lora_type enable_preview positive_prompts negative_prompts sample_width sample_height "
+    notice("template_version scope sample_scheduler model_train_type lora_type enable_preview positive_prompts "
+           "negative_prompts sample_width sample_height "
            "sample_cfg sample_seed sample_steps randomly_choice_prompt prompt_file lycoris_algo conv_dim conv_alpha "
            "dropout lokr_factor dylora_unit enable_base_weight enable_block_weights ui_custom_params "
            "network_args_custom optimizer_args_custom lr_restart_cycles prefer_json_caption",

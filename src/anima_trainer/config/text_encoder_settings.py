@@ -47,7 +47,7 @@ class TextEncoderSettings(BaseModel):
         out = []
         for x in values:
             if isinstance(x, bool):
-                raise ValueError(f"expected a number or a list of numbers, got {v!r}")
+                raise ValueError(f"expected a number or a list of numbers, got {v!r}")  # noqa: TRY004 - pydantic wants ValueError
             try:
                 f = float(x)
             except (TypeError, ValueError):

@@ -54,7 +54,8 @@ __all__ = ["FILE_NAME_MAX_BYTES", "MINIMUM_METADATA_KEYS", "OUTPUT_NAME_MAX_BYTE
            "check_output_name", "make_train_config", "_Notices", "_data_url"]
 
 
-class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSettings, OutputSettings, BaseModel):
+class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSettings,
+                  OutputSettings, BaseModel):
     """Every training setting.  The option groups of kohya's later versions and of sd-scripts-anima are mixins
     with their fields, validators and methods (network_settings, text_encoder_settings, noise_settings,
     sd_scripts_anima, vae_settings, output_settings); the cross-field check below runs after their model validators."""

@@ -37,7 +37,7 @@ class Outcome:
     files: list[Fetched] = field(default_factory=list)
 
 
-def add_download_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers type)
+def add_download_parser(sub) -> None:  # sub: argparse's private subparsers type
     p = sub.add_parser(
         "download", help="download the Anima DiT, Qwen3-0.6B, the Qwen-Image VAE and the tokenizers",
         description="Download the models from Hugging Face (ModelScope as fallback), verify their size and "

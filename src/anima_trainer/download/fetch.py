@@ -90,7 +90,7 @@ def hf_file(ref: SourceRef, path: str, dest: Path, ctx: Context, pin: str | None
     url = hf_hub_url(ref.repo_id, path, revision=ref.revision, endpoint=ctx.hf_endpoint)
     try:
         meta = get_hf_file_metadata(url, token=ctx.token, timeout=ctx.opts.timeout)
-    except Exception as e:  # huggingface_hub's typed HTTP errors and whatever its HTTP client raises
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's typed HTTP errors and whatever its HTTP client raises
         if _is_entry_not_found(e):
             raise NotFoundError(f"{label}: no such file in the repo") from None
         raise SourceError(f"{label}: {_hf_reason(e, ctx.hf_endpoint, ctx.opts.timeout)}") from None

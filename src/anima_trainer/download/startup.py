@@ -169,7 +169,7 @@ def ensure_tokenizers(cfg: TrainConfig, *, ctx: Context | None = None) -> Tokeni
         try:
             if t5.make_loadable(t5_dir):
                 log.info("wrote %s from spiece.model", t5_dir / "tokenizer.json")
-        except Exception as err:  # unwritable folder, a broken spiece.model (protobuf / tokenizers errors)
+        except Exception as err:  # noqa: BLE001 - unwritable folder, a broken spiece.model (protobuf / tokenizers errors)
             raise ConfigError(f"t5_tokenizer_path: {t5_dir} has only spiece.model, and tokenizer.json could not be "
                               f"made from it ({err}); install `sentencepiece` or add tokenizer.json") from None
     qwen_dir = result.qwen

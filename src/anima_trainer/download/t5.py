@@ -195,7 +195,7 @@ def check_downloaded(folder: Path) -> None:
     try:
         _check_files(folder)
         make_loadable(folder)
-    except Exception as e:  # JSON / protobuf / tokenizers errors alike: this source's files are unusable
+    except Exception as e:  # noqa: BLE001 - JSON / protobuf / tokenizers errors alike: this source's files are unusable
         raise SourceError(f"the downloaded T5 tokenizer is broken: {e}") from None
 
 
@@ -245,7 +245,7 @@ def validate_t5_tokenizer(folder: Path) -> None:
             problems.append(f"config.json vocab_size is {cfg.get('vocab_size')}, expected {MODEL_VOCAB}")
     try:
         tok = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # whatever transformers raises for a broken folder
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises for a broken folder
         problems.append(f"cannot be loaded by T5TokenizerFast ({e})")
         raise TokenizerCheckError(f"{folder}: " + "; ".join(problems)) from None
     for token, want in SPECIAL_IDS.items():

@@ -72,7 +72,7 @@ class _Transient(Exception):
 
 
 class _NoForeignAuth(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib signature)
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # urllib's signature
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
             for name in list(new.headers):

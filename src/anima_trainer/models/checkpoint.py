@@ -414,7 +414,7 @@ def _inspect_folder(path: Path) -> FileInfo:
     return FileInfo(path=path, kind="unknown")
 
 
-def _inspect_layout(path: Path, layout, component: str | None) -> FileInfo:  # noqa: ANN001 (DiffusersLayout)
+def _inspect_layout(path: Path, layout, component: str | None) -> FileInfo:  # layout: DiffusersLayout
     """FileInfo of a diffusers-layout folder: the root offers every component it has; a component folder is
     that component (the DiT with its sibling text_conditioner/, the text encoder with the tokenizers)."""
     folders = dict(layout.folders)
@@ -487,7 +487,7 @@ def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | 
             plan = quant_plan(path, header, meta, prefix, read_conf=f.get_tensor)
             scale_keys = set(plan.scales.values())
             ignored, extras = 0, []
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if not key.startswith(prefix) or key in scale_keys:
                     continue
                 name = key[len(prefix):]

@@ -160,7 +160,7 @@ class QKNormAttentionBase(nn.Module):
             w.data = rows
         return self.check_qkv_packed()
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (torch's signature)
+    def _apply(self, fn, recurse: bool = True):  # torch's signature
         out = super()._apply(fn, recurse)
         if self.fuse_qkv:  # .to()/.cuda()/.half() convert each weight on its own: pack them again
             self.pack_qkv()

@@ -36,7 +36,7 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]
     if not path.is_file():  # a FIFO would block the read forever
         raise CheckpointError(f"{path} is not a regular file (a pipe or device?); pass a .safetensors file")
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - closed by the `with f:` below
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read: {e.strerror or e}") from None
     with f:

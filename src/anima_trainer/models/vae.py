@@ -378,8 +378,9 @@ class _Coder2d(nn.Module):
 class VAE2D(nn.Module):
     """The Qwen-Image VAE for single images with 2-D convolutions (kohya's `--qwen_image_vae_2d`).
 
-    Built from a loaded `AutoencoderKLQwenImage` (weights converted on load, as kohya does). Equal to the 3-D model on one frame up to float rounding (tests/models/
-    test_vae_2d.py); bench/vae_2d.py measures the speed. `chunk_rows` = kohya's --vae_chunk_size.
+    Built from a loaded `AutoencoderKLQwenImage` (weights converted on load, as kohya does). Equal to the 3-D model on
+    one frame up to float rounding (tests/models/test_vae_2d.py); bench/vae_2d.py measures the speed. `chunk_rows` =
+    kohya's --vae_chunk_size.
     """
 
     def __init__(self, model3d: nn.Module, chunk_rows: int | None = None) -> None:

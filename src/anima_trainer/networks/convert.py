@@ -331,7 +331,7 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
     if to == "diffusers":
         from anima_trainer.networks.diffusers_format import check_diffusers_keys
 
-        def key_check(keys, dit_, te_):  # noqa: ANN001 - one signature for both checks
+        def key_check(keys, dit_, te_):  # one signature for both checks
             check_diffusers_keys(keys, dit_)
     else:
         key_check = check_comfy_keys

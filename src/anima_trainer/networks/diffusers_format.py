@@ -213,7 +213,7 @@ def check_diffusers_keys(keys: Iterable[str] | str | Path, dit: nn.Module) -> No
     """The save-time check of a diffusers-layout file (ComfyUI's key rules do not apply to it)."""
     if isinstance(keys, (str, Path)):
         with safe_open(str(keys), "pt") as f:
-            keys = list(f.keys())  # noqa: SIM118
+            keys = list(f.keys())
     bad = unmatched_diffusers_keys(keys, linear_paths(dit))
     if bad:
         raise NetworkError(f"{len(bad)} key(s) would not be loaded by {LOADER}: {bad[:10]}")

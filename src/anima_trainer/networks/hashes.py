@@ -79,7 +79,7 @@ def verify_hashes(path: str | Path) -> dict[str, str]:
     path = Path(path)
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     with path.open("rb") as fh:
         data_hash = addnet_hash_safetensors(fh)
     buf = _hashed_bytes(tensors, meta)

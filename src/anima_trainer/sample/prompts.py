@@ -72,7 +72,7 @@ def _check_value(name: str, value: Any, style: str) -> Any:
     integer = name in ("width", "height", "seed", "steps")
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError
+            raise ValueError  # noqa: TRY004 - caught below, reported as the option's ValueError
         if integer:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -122,7 +122,7 @@ def _from_dict(entry: Any, defaults: dict) -> SamplePrompt:
     if isinstance(entry, str):
         entry = {"prompt": entry}
     if not isinstance(entry, dict):
-        raise ValueError(f"expected a prompt string or an object with \"prompt\", got {type(entry).__name__} "
+        raise ValueError(f"expected a prompt string or an object with \"prompt\", got {type(entry).__name__} "  # noqa: TRY004
                          f"{_short(entry)}")
     merged = {**defaults, **entry}
     unknown = sorted(set(merged) - set(_DICT_KEYS))

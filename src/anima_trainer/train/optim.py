@@ -135,7 +135,8 @@ def without_cuda(optimizer_type: str) -> str | None:
     return NO_CUDA_EQUIVALENTS.get(canonical_optimizer_name(optimizer_type).lower())
 
 
-def resolve_optimizer(optimizer_type: str, cuda: bool | None = None) -> tuple[OptimizerSpec, type[torch.optim.Optimizer]]:
+def resolve_optimizer(optimizer_type: str,
+                      cuda: bool | None = None) -> tuple[OptimizerSpec, type[torch.optim.Optimizer]]:
     """The spec and the imported class of a canonical optimizer_type; ValueError naming `pip install` when the
     package is missing, or when a dotted path is not an optimizer class.  Without CUDA (`cuda`, default: this
     machine) a bitsandbytes optimizer resolves to its fp32 equivalent (NO_CUDA_EQUIVALENTS)."""
