@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.dtypes import precision_name
 
 log = logging.getLogger(__name__)
 RESERVE_GIB = 1.0  # CUDA context, allocator slack, cuBLAS/cuDNN workspaces
@@ -93,7 +94,7 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
         extra += TEXT_ENCODER_GIB
     if not (cfg.cache_latents or cfg.cache_latents_to_disk):
         extra += VAE_GIB
-    dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
+    dtype = precision_name(cfg.mixed_precision)
     table: list[tuple[str, float]] = []
     for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not adapter_trained):
         options = {**cfg.memory_options(), **{k: v for k, v in settings.items() if k != "cache_llm_adapter_outputs"}}
