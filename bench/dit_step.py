@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from anima_trainer.models.adapter import CONTEXT_ROWS
 from anima_trainer.models.checkpoint import DitConfig
 from anima_trainer.models.dit import AnimaDiT
 
@@ -30,7 +31,6 @@ CONFIGS = {
                       has_llm_adapter=False),  # the fixture's tiny DiT
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
-CONTEXT_ROWS = 512
 
 
 def forward_flops(c: DitConfig, tokens: int, context_rows: int = CONTEXT_ROWS) -> dict[str, float]:

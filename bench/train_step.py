@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from anima_trainer.config import TrainConfig
+from anima_trainer.dtypes import PRECISION_DTYPES, PRECISIONS
 from anima_trainer.models.dit import AnimaDiT
 from anima_trainer.train.loop import WEIGHT_DTYPES, prepare_dit, training_step
 from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
@@ -64,7 +65,6 @@ LEVERS = [
     (1024, 1, True, {"blocks_to_swap": 26}),
     (1024, 1, False, {"fp8_base": True}),
 ]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # TrainConfig.mixed_precision per dtype
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
@@ -124,7 +124,7 @@ def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, 
                grad_ckpt: bool, levers: dict | None = None) -> dict:
     """Set up one (resolution, batch, checkpointing, levers) case exactly as `run_training` does
     (`prepare_dit`: fused q/k/v, memory options, network, attention kernel, compile) and time its steps."""
-    dtype = DTYPES[dtype_name]
+    dtype = PRECISION_DTYPES[dtype_name]
     levers = dict(levers or {})
     cfg = train_config(args, dtype_name, grad_ckpt, **levers)
     assert WEIGHT_DTYPES[cfg.mixed_precision] == dtype
@@ -289,7 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--json-out", default=None, metavar="FILE", help="also write {meta, results} here (after every "
                                                                      "case, so a cut-off run keeps what it measured)")
     p.add_argument("--table", action="store_true",

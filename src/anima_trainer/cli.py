@@ -28,13 +28,13 @@ from anima_trainer import __version__, console
 
 # torch is imported by the commands, not here: `--help`, `--version` and a Ctrl-C during start-up stay fast and
 # inside main()'s error handling
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # anima_trainer.dtypes.PRECISIONS (which imports torch)
 
 
 def _dtype(name: str) -> Any:
-    import torch
+    from anima_trainer.dtypes import PRECISION_DTYPES
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return PRECISION_DTYPES[name]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

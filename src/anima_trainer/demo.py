@@ -7,12 +7,12 @@ and random weights, so every loader path is exercised without downloading multi-
 from __future__ import annotations
 
 import io
-import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from anima_trainer.config.tomlw import toml_value
 from anima_trainer.fileio import atomic_save, atomic_write_bytes
 from anima_trainer.models.checkpoint import DitConfig
 
@@ -164,10 +164,6 @@ def write_shapes_dataset(folder: str | Path, count: int = 8, size: int = 64, see
     return folder
 
 
-def _toml_path(p: Path) -> str:
-    return json.dumps(str(p))  # a JSON string is a valid TOML basic string (escapes backslashes on Windows)
-
-
 def write_demo_dataset_toml(path: Path, images: Path, *, batch_size: int = 4, num_repeats: int = 1,
                             extra: str = "") -> Path:
     """The demo's dataset.toml (64 px buckets); `extra` adds `[general]` lines (e.g. "flip_aug = true")."""
@@ -182,7 +178,7 @@ batch_size = {batch_size}
 {extra}
 [[datasets]]
   [[datasets.subsets]]
-  image_dir = {_toml_path(images)}
+  image_dir = {toml_value(images)}
   num_repeats = {num_repeats}
 """.encode(), path)
     return path
@@ -194,11 +190,11 @@ def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, ste
     write_demo_dataset_toml(out_dir / "dataset.toml", images)
     train_toml = out_dir / "train.toml"
     atomic_write_bytes(f"""[model]
-pretrained_model_name_or_path = {_toml_path(models["dit"])}
-qwen3 = {_toml_path(models["qwen3"])}
-qwen3_tokenizer_path = {_toml_path(models["tokenizers"] / "qwen")}
-t5_tokenizer_path = {_toml_path(models["tokenizers"] / "t5")}
-vae = {_toml_path(models["vae"])}
+pretrained_model_name_or_path = {toml_value(models["dit"])}
+qwen3 = {toml_value(models["qwen3"])}
+qwen3_tokenizer_path = {toml_value(models["tokenizers"] / "qwen")}
+t5_tokenizer_path = {toml_value(models["tokenizers"] / "t5")}
+vae = {toml_value(models["vae"])}
 
 [network]
 network_module = "networks.lora_anima"
@@ -208,8 +204,8 @@ network_alpha = 8
 network_train_unet_only = true
 
 [training]
-dataset_config = {_toml_path(out_dir / "dataset.toml")}
-output_dir = {_toml_path(out_dir / "output")}
+dataset_config = {toml_value(out_dir / "dataset.toml")}
+output_dir = {toml_value(out_dir / "output")}
 output_name = "demo_lora"
 learning_rate = 2e-3
 max_train_steps = {steps}

@@ -14,11 +14,14 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+
+from anima_trainer.dtypes import SAFETENSORS_NAMES
 
 
 class OutputExistsError(FileExistsError):
@@ -198,13 +201,39 @@ def _write_atomic(path: str | Path, write: Callable[[int], None], *, what: str =
     return path
 
 
-# safetensors dtype names (the format's spec); optional ones only where this torch has them
-_ST_DTYPES = {getattr(torch, t): n for t, n in (
-    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
-    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
-    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-    ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64"), ("uint16", "U16"), ("uint32", "U32"),
-    ("uint64", "U64")) if hasattr(torch, t)}
+def move_into_place(src: str | Path, dest: str | Path) -> Path:
+    """The write path's last steps for a file written in place elsewhere (a resumable download's `.part`):
+    fsync it, rename it onto `dest` (same folder or file system), fsync the folder."""
+    fsync_file(src)
+    os.replace(src, dest)
+    fsync_dir(Path(dest).parent)
+    return Path(dest)
+
+
+def replace_folder(src: str | Path, folder: str | Path, aside: str | Path | None = None) -> Path:
+    """Put the complete folder `src` (a state written beside its final name) at `folder`, then fsync the parent
+    so the rename survives a power loss too.
+
+    A folder already at `folder` is first renamed to `aside` (required then: a rename cannot replace a non-empty
+    folder), put back if `src` cannot take its name, and removed once it has; a crash between the two renames
+    leaves it at `aside` for the caller's start-up clean-up to put back."""
+    src, folder = Path(src), Path(folder)
+    old = None
+    if folder.exists():
+        if aside is None:
+            raise FileExistsError(errno.EEXIST, "a folder is in the way and no aside name was given", str(folder))
+        old = Path(aside)
+        os.replace(folder, old)
+    try:
+        os.replace(src, folder)
+    except OSError:
+        if old is not None:
+            os.replace(old, folder)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(folder.parent)
+    return folder
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:
@@ -225,10 +254,11 @@ def _write_safetensors(fd: int, tensors: Mapping[str, torch.Tensor], metadata: M
     offset = 0
     for name in order:
         t = tensors[name]
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in SAFETENSORS_NAMES:
             raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
         size = t.numel() * t.dtype.itemsize
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)

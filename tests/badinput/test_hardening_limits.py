@@ -19,7 +19,8 @@ import anima_trainer.train.loop as loop
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.config.train import FILE_NAME_MAX_BYTES, OUTPUT_NAME_MAX_BYTES
 from anima_trainer.data import DatasetConfigError, build_dataset, load_dataset_config
-from anima_trainer.demo import _toml_path, write_demo_configs, write_demo_dataset_toml, write_shapes_dataset
+from anima_trainer.config.tomlw import toml_value
+from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml, write_shapes_dataset
 from anima_trainer.sample.prompts import PromptFileError, load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled, sample_euler, simple_schedule
 from anima_trainer.train.loop import TrainingInterrupted, run_training
@@ -98,7 +99,7 @@ def test_the_longest_output_name_fits_every_file_the_run_writes(setup, tmp_path)
 def _dataset_toml(tmp_path: Path, images: Path, general: str, subset: str = "") -> Path:
     path = tmp_path / "dataset.toml"
     path.write_text(f'[general]\ncaption_extension = ".txt"\n{general}\n[[datasets]]\n  [[datasets.subsets]]\n'
-                    f"  image_dir = {_toml_path(images)}\n  {subset}\n", encoding="utf-8")
+                    f"  image_dir = {toml_value(images)}\n  {subset}\n", encoding="utf-8")
     return path
 
 

@@ -170,3 +170,39 @@ def test_temporaries_of_long_names_fit_and_a_prefix_limits_the_sweep(tmp_path):
     for p in (mine, other):
         p.write_bytes(b"x")
     assert fileio.remove_stale_temporaries(tmp_path, "run") == [mine] and other.exists()
+
+
+def test_a_finished_file_moved_into_place_is_fsynced_then_its_folder(tmp_path, fsyncs):
+    """A resumable download's `.part` (written in place) takes the write path's last steps."""
+    part = tmp_path / "model.safetensors.part"
+    part.write_bytes(b"data")
+    dest = fileio.move_into_place(part, tmp_path / "model.safetensors")
+    assert dest.read_bytes() == b"data" and not part.exists()
+    assert fsyncs.index((dest.stat().st_ino, False)) < fsyncs.index((tmp_path.stat().st_ino, True))
+
+
+def test_a_folder_replaced_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, fsyncs, monkeypatch):
+    """State folders: swapped by two renames, the parent fsync'd after; a failing swap puts the old one back."""
+    final, aside = tmp_path / "run-state", tmp_path / ".run-state.old-1"
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "f").write_text("new")
+    fileio.replace_folder(tmp_path / "new", final)  # nothing in the way: no aside name needed
+    assert (final / "f").read_text() == "new" and (tmp_path.stat().st_ino, True) in fsyncs
+    (tmp_path / "newer").mkdir()
+    (tmp_path / "newer" / "f").write_text("newer")
+    with pytest.raises(FileExistsError):
+        fileio.replace_folder(tmp_path / "newer", final)
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).name == "newer":
+            raise PermissionError("no")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError):
+        fileio.replace_folder(tmp_path / "newer", final, aside=aside)
+    assert (final / "f").read_text() == "new" and not aside.exists()
+    monkeypatch.setattr(os, "replace", real)
+    fileio.replace_folder(tmp_path / "newer", final, aside=aside)
+    assert (final / "f").read_text() == "newer" and not aside.exists() and not (tmp_path / "newer").exists()

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from anima_trainer.config import parse_train_args
-from anima_trainer.demo import _toml_path, write_demo_configs
+from anima_trainer.config.tomlw import toml_value
+from anima_trainer.demo import write_demo_configs
 from anima_trainer.train.loop import run_training
 from tests.train.test_distributed import launch_command
 
@@ -25,7 +26,7 @@ flip_aug = true
 
 [[datasets]]
   [[datasets.subsets]]
-  image_dir = {_toml_path(setup["images"])}
+  image_dir = {toml_value(setup["images"])}
 """, encoding="utf-8")
     return toml
 

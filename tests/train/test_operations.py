@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import anima_trainer.train.loop as loop
 from anima_trainer.config import parse_train_args
-from anima_trainer.demo import _toml_path, write_demo_configs
+from anima_trainer.config.tomlw import toml_value
+from anima_trainer.demo import write_demo_configs
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.monitor import NonFiniteLossError
 
@@ -28,7 +29,7 @@ validation_split = {split}
 
 [[datasets]]
   [[datasets.subsets]]
-  image_dir = {_toml_path(setup["images"])}
+  image_dir = {toml_value(setup["images"])}
 """, encoding="utf-8")
     return parse_train_args(["--config_file", str(toml), *extra])
 

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from anima_trainer.config.tomlw import toml_value
 from anima_trainer.download import sources, t5
 from anima_trainer.download.errors import DownloadError, VerificationError
 from anima_trainer.download.fetch import Context, Fetched, fetch_file, fetch_folder, source_chain
@@ -204,7 +205,7 @@ def download_models(names: list[str], dest: Path, ctx: Context, *, overrides: di
 
 
 def toml_lines(outcomes: list[Outcome]) -> list[str]:
-    return ["[model]"] + [f"{o.entry.train_key} = {json.dumps(str(o.path), ensure_ascii=False)}" for o in outcomes]
+    return ["[model]"] + [f"{o.entry.train_key} = {toml_value(o.path)}" for o in outcomes]
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ behaviour:
 * the finished file must have the expected size and SHA-256 (or the Hub's git blob SHA-1 for small non-LFS
   files).  On a mismatch the partial is deleted; if the file had been resumed it is downloaded once more from
   scratch (the old partial may have been corrupt), otherwise it is an error;
-* only then is it renamed onto the destination (`os.replace`, atomic on one file system).
+* only then is it renamed onto the destination (fileio.move_into_place: fsync, rename, fsync of the folder).
 
 `Authorization` headers are never forwarded to another host on a redirect (signed CDN URLs).
 """
@@ -24,7 +24,6 @@ import hashlib
 import http.client
 import json
 import logging
-import os
 import re
 import ssl
 import time
@@ -37,7 +36,7 @@ from urllib.parse import urlsplit
 
 from anima_trainer.console import progress_disabled
 from anima_trainer.download.errors import NotFoundError, SourceError, VerificationError
-from anima_trainer.fileio import fsync_dir, fsync_file
+from anima_trainer.fileio import move_into_place
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -151,7 +150,7 @@ def _prepare_partial(dest: Path, identity: str) -> Path:
     if part.exists() and not same:
         log.info("discarding %s: it belongs to another version of the file", part)
         part.unlink()
-    meta.write_text(json.dumps({"identity": identity}), encoding="utf-8")
+    meta.write_text(json.dumps({"identity": identity}), encoding="utf-8")  # bookkeeping: a torn one restarts
     return part
 
 
@@ -273,8 +272,6 @@ def download(url: str, dest: Path, *, headers: dict[str, str], expected: Expecte
             raise VerificationError(f"{e}; the downloaded file was deleted (it came from {url}: check the endpoint "
                                     "and the source, HF_ENDPOINT / --hf-endpoint / --source / --modelscope-source)"
                                     ) from None
-        fsync_file(part)  # a resumable .part is written in place, so it takes the write path's last steps here
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
+        move_into_place(part, dest)  # a resumable .part is written in place: the write path's last steps here
         _part_paths(dest)[1].unlink(missing_ok=True)
         return digest

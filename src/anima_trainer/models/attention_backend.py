@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from anima_trainer.models.adapter import CONTEXT_ROWS
 from anima_trainer.config.rules import check_backend_name
 
 _log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ CHOICES = ("auto", *BACKENDS)
 AUTO_CANDIDATES = ("cudnn", "flash", "efficient")
 FALLBACK_ORDER = ("flash", "efficient", "cudnn", "math")  # after the chosen kernel, for shapes it cannot run
 MIN_CAPABILITY = (8, 0)
-CONTEXT_ROWS = 512
 # relative L2 error of output and input gradients against the fp32 math kernel that a kernel must meet
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 

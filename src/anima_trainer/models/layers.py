@@ -33,10 +33,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
-        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-        return y * self.weight.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """ComfyUI's RMSNorm maths (the DiT's norms, and a trained norm gain in their place): fp32 statistics for
+    half-precision inputs, normalised, rounded to the input's dtype, then scaled by the gain in that dtype."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), gain.to(x.dtype), eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * gain.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

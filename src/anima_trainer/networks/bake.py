@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from anima_trainer.dtypes import FLOAT_FILE_DTYPES, dominant_float_dtype
 from anima_trainer.fileio import atomic_save, check_writable
 from anima_trainer.networks.formats import NetworkError, apply_patches, te_comfy_key_map
-
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def text_encoder_state(path: str | Path, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,11 +56,7 @@ def merge_text_encoder(qwen3: str | Path, networks: list[tuple[str, float]], out
                            "Anima bundle), not a Hugging Face folder")
     file, prefix = sources[0]
     header, meta = read_header(file)
-    counts: dict[str, int] = {}
-    for key, (dt, _) in header.items():
-        if key.startswith(prefix) and dt in DTYPES:
-            counts[dt] = counts.get(dt, 0) + 1
-    load_dtype = DTYPES[max(counts, key=counts.get)] if counts else torch.float32
+    load_dtype = dominant_float_dtype(dt for key, (dt, _) in header.items() if key.startswith(prefix))
     model = load_qwen3(file, dtype=load_dtype)
     key_map = te_comfy_key_map(model)
     done = {}
@@ -81,8 +76,8 @@ def merge_text_encoder(qwen3: str | Path, networks: list[tuple[str, float]], out
     with safe_open(str(file), "pt") as fh:
         for key, (dt, _) in header.items():
             name = key[len(prefix):] if key.startswith(prefix) else None
-            if name is not None and name in state and dt in DTYPES:
-                tensors[key] = state[name].to(save_dtype or DTYPES[dt]).contiguous()
+            if name is not None and name in state and dt in FLOAT_FILE_DTYPES:
+                tensors[key] = state[name].to(save_dtype or FLOAT_FILE_DTYPES[dt]).contiguous()
             else:
                 tensors[key] = fh.get_tensor(key)
     meta = dict(meta)

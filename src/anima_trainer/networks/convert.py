@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from anima_trainer.dtypes import FLOAT_FILE_DTYPES, dominant_float_dtype
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
 from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as diffusers_to_comfy_path
 from anima_trainer.networks.formats import (
@@ -440,12 +441,7 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
     # the merged (already dequantised) weights a second time, so they are not copied
     plan = quant_plan(Path(base), header, meta, prefix)
     dropped = set(plan.scales.values()) | plan.skipped
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    float_counts: dict[str, int] = {}
-    for dt, _ in header.values():
-        if dt in dtypes:
-            float_counts[dt] = float_counts.get(dt, 0) + 1
-    load_dtype = dtypes[max(float_counts, key=float_counts.get)] if float_counts else torch.float32
+    load_dtype = dominant_float_dtype(dt for dt, _ in header.values())
     dit = load_dit(base, dtype=load_dtype, flag="--dit")
     reports = {}
     for f, mul in networks:
@@ -464,7 +460,7 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
             name = key[len(prefix):] if key.startswith(prefix) else None
             if name is not None and name in state:
                 t = state[name]
-                target = save_dtype or dtypes.get(dt, t.dtype)
+                target = save_dtype or FLOAT_FILE_DTYPES.get(dt, t.dtype)
                 tensors[key] = t.to(target).contiguous()
             else:
                 tensors[key] = fh.get_tensor(key)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anima_trainer.models.layers import rms_norm
 from anima_trainer.networks.formats import TE_NAME_PREFIX, NetworkError, alpha_value
 from anima_trainer.networks.inject import ForwardHook
 
@@ -173,7 +174,4 @@ class NormModule(HookedModule):
         return self.base + self.multiplier * (self.weight - self.base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # the DiT RMSNorm's math with our gain
-        g = self.gain()
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), g, self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * g.to(x.dtype)
+        return rms_norm(x, self.gain(), self.eps)

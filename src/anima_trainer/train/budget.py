@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.dtypes import precision_name
 from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.prompts import SamplePrompt, load_sample_prompts
@@ -102,7 +103,7 @@ def step_memory_gib(cfg: TrainConfig, size: tuple[int, int], batch: int,
     try:
         info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
                            DIT_KINDS)
-        dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
+        dtype = precision_name(cfg.mixed_precision)
         est = estimate_training_memory(info.dit_config, resolution=(size[1], size[0]), batch=batch,
                                        rank=cfg.network_dim, dtype=dtype, network_args=cfg.network_args,
                                        include_llm_adapter=False if cfg.cache_llm_adapter_outputs else None,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.dtypes import PRECISION_DTYPES
 from anima_trainer.fileio import OutputExistsError
 from anima_trainer.train import resume as states
 from anima_trainer.train.distributed import Distributed, write_rank_rngs
@@ -32,7 +33,6 @@ from anima_trainer.train.schedulers import schedule_options
 from anima_trainer.train.state import SavePlan, StatePlan
 
 log = logging.getLogger(__name__)
-SAVE_DTYPES = {"fp32": torch.float32, "float": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # snapshot fields whose change makes a resume wrong (the rest of the config is compared and logged)
 CRITICAL = ("dit", "qwen3", "vae", "llm_adapter", "network_module", "network_dim", "network_alpha", "network_args",
             "network_targets", "network_dropout", "dataset", "buckets", "batches_per_epoch",
@@ -254,7 +254,7 @@ class Checkpointer:
                                 every_n_epochs=cfg.save_every_n_epochs,
                                 keep_last_n_steps=cfg.save_last_n_steps_state,
                                 keep_last_n_epochs=cfg.save_last_n_epochs_state, overwrite=True)
-        self.save_dtype = SAVE_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
+        self.save_dtype = PRECISION_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
         self.written: list[Path] = []
 
     def check_start(self, *, resuming: bool, max_steps: int, epochs: int) -> None:

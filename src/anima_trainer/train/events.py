@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from anima_trainer.config.tomlw import toml_value
 from anima_trainer.fileio import SaveError, atomic_write_bytes
 
 EVENT_TYPES = ("config", "start", "resume", "step", "save", "save_state", "alert", "validation", "sample", "end",
@@ -138,28 +139,6 @@ def config_for_log(cfg: Any) -> dict[str, Any]:
     return data
 
 
-def _toml_string(s: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes; DEL must be escaped in TOML but not in JSON, and
-    # ensure_ascii=False avoids JSON's surrogate pairs (not valid in TOML)
-    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_value(v: Any, key: str) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"{key}: {v} cannot be written to a training TOML")
-        return repr(v)
-    if isinstance(v, str):
-        return _toml_string(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x, key) for x in v) + "]"
-    raise TypeError(f"{key}: cannot write a {type(v).__name__} to a training TOML")
-
-
 def _toml_lines(cfg: Any, quoted: set[str]) -> list[str]:
     lines = []
     for name in type(cfg).model_fields:
@@ -172,7 +151,7 @@ def _toml_lines(cfg: Any, quoted: set[str]) -> list[str]:
             # kohya's `key=value` list form.  Non-string values are Python literals (repr round-trips them);
             # strings are written bare, or quoted for fields whose values are literal-evaluated (`quoted`)
             v = [f"{k}={x!r}" if name in quoted or not isinstance(x, str) else f"{k}={x}" for k, x in v.items()]
-        lines.append(f"{name} = {_toml_value(v, name)}")
+        lines.append(f"{name} = {toml_value(v, name)}")
     return lines
 
 

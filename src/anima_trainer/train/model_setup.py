@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.dtypes import PRECISION_DTYPES
 from anima_trainer.models.fp8 import Fp8Linear, has_fp8
 from anima_trainer.networks import AdapterNetwork
 
 log = logging.getLogger(__name__)
 
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_DTYPES = PRECISION_DTYPES  # mixed_precision → the frozen models' dtype ("no": fp32)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from anima_trainer.config import ConfigError
-from anima_trainer.fileio import OutputExistsError, SaveError, atomic_save, atomic_write_bytes, fsync_dir
+from anima_trainer.fileio import OutputExistsError, SaveError, atomic_save, atomic_write_bytes, replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -233,19 +233,8 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != TRAIN_STATE}
         # last: marks completeness, and lists every other file's checksum
         _write_json(tmp / TRAIN_STATE, {"format": STATE_FORMAT, **asdict(progress), "files": manifest})
-        old = None
-        if folder.exists():  # overwrite: keep the old one until the new one is in place
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if old is not None:  # put the previous state back under its name
-                os.replace(old, folder)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(folder.parent)
+        # overwrite: the old state is kept aside until the new one is in place
+        replace_folder(tmp, folder, aside=folder.with_name(f".{folder.name}.old-{os.getpid()}"))
     except (OSError, SafetensorError) as e:
         raise SaveError(folder, e, what="the training state ") from e
     finally:
@@ -444,7 +433,7 @@ def remove_stale_temporaries(output_dir: str | Path, output_name: str) -> None:
         if m and m.group(2) == "old":
             final = d.with_name(m.group(1))
             if d.is_dir() and (d / TRAIN_STATE).is_file() and not final.exists():
-                os.replace(d, final)
+                replace_folder(d, final)
             else:
                 shutil.rmtree(d, ignore_errors=True)
         elif m:

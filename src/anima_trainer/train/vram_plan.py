@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.dtypes import precision_name
 from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
 from anima_trainer.train.memory_estimate import estimate_training_memory
@@ -94,7 +95,7 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
         extra += TEXT_ENCODER_GIB
     if not (cfg.cache_latents or cfg.cache_latents_to_disk):
         extra += VAE_GIB
-    dtype = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
+    dtype = precision_name(cfg.mixed_precision)
     table: list[tuple[str, float]] = []
     for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not adapter_trained):
         options = {**cfg.memory_options(), **{k: v for k, v in settings.items() if k != "cache_llm_adapter_outputs"}}
