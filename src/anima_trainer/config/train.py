@@ -39,8 +39,8 @@ from anima_trainer.config.sd_scripts_anima import (
 )
 from anima_trainer.config.text_encoder_settings import TextEncoderSettings
 from anima_trainer.config.vae_settings import VaeSettings
-from anima_trainer.download.sources import T5_TOKENIZER as _t5
-from anima_trainer.download.urls import parse_source
+from anima_trainer.tools.download.sources import T5_TOKENIZER as _t5
+from anima_trainer.tools.download.urls import parse_source
 
 _NONNEG = {"ge": 0}
 _log = logging.getLogger(__name__)
