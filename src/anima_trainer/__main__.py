@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
+from anima_trainer import console
+from anima_trainer.cli import main as cli_main
+
 
 def _quiet_other_ranks() -> None:
     try:
@@ -18,15 +21,11 @@ def _quiet_other_ranks() -> None:
         rank = 0
     if rank > 0:  # early (imports log too); console.setup prefixes the rank and keeps ranks > 0 at WARNING, and
         # cli.main's setup replaces this handler instead of adding a second one
-        from anima_trainer import console
-
         console.setup()
 
 
 def main() -> int:
     _quiet_other_ranks()
-    from anima_trainer.cli import main as cli_main
-
     return cli_main()
 
 

@@ -161,7 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    from anima_trainer.download.command import add_download_parser
+    from anima_trainer.tools.download.command import add_download_parser
 
     add_download_parser(sub)
     return parser
@@ -171,7 +171,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from anima_trainer.models.checkpoint import CheckpointError, _network_types, inspect_file, read_header
     from anima_trainer.networks import NetworkError
     from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
-    from anima_trainer.networks.inspect import format_report, inspect_network
+    from anima_trainer.tools.inspect import format_report, inspect_network
 
     status = 0
     meta_dit = meta_te = None
@@ -197,7 +197,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_network(args: argparse.Namespace) -> int:
-    from anima_trainer.networks.convert import build_meta_dit, convert_network
+    from anima_trainer.networks.convert import build_meta_dit
+    from anima_trainer.tools.convert import convert_network
 
     from anima_trainer.networks.convert import build_meta_qwen3
 
@@ -215,8 +216,8 @@ def cmd_convert_network(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from anima_trainer.fileio import check_writable
     from anima_trainer.networks import NetworkError
-    from anima_trainer.networks.bake import merge_text_encoder
-    from anima_trainer.networks.convert import merge_networks, parse_network_arg
+    from anima_trainer.tools.convert import parse_network_arg
+    from anima_trainer.tools.merge import merge_networks, merge_text_encoder
 
     if (args.dit is None) != (args.out is None) or (args.qwen3 is None) != (args.qwen3_out is None):
         raise NetworkError("merge: --dit needs --out and --qwen3 needs --qwen3-out (each base with its output)")
@@ -319,7 +320,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from anima_trainer.download.command import cmd_download as run
+    from anima_trainer.tools.download.command import cmd_download as run
 
     return run(args)
 
@@ -373,8 +374,7 @@ def cmd_cache(argv: list[str]) -> int:
               "cache_text_encoder_outputs(_to_disk)", file=sys.stderr)
     dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
                             seed=cfg.seed or 0, strict_captions=cfg.strict_captions)
-    from anima_trainer.download import ensure_tokenizers
-    from anima_trainer.download.startup import with_tokenizer_dirs
+    from anima_trainer.tools.download.startup import ensure_tokenizers, with_tokenizer_dirs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensure_tokenizers(cfg)
@@ -390,7 +390,7 @@ CACHE_DESCRIPTION = ("Build the latent and text-encoder caches on disk and stop.
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the user's input is wrong" (settings, files, downloads): one line, exit 2."""
-    from anima_trainer.download.errors import DownloadError
+    from anima_trainer.tools.download.errors import DownloadError
 
     return (ValueError, OSError, DownloadError, RecursionError)
 

@@ -12,9 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from anima_trainer.config import parse_train_args
 from anima_trainer.config.tomlw import toml_value
-from anima_trainer.fileio import atomic_save, atomic_write_bytes
+from anima_trainer.fileio import atomic_save, atomic_write_bytes, check_writable
+from anima_trainer.models import load_dit, load_text_encoder, load_vae
 from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.models.dit import AnimaDiT
+from anima_trainer.models.vae import VAE_CONFIG
+from anima_trainer.networks import apply_network_file
+from anima_trainer.sample.generate import SampleParams, generate_image, save_png
+from anima_trainer.train.loop import run_training
 
 TINY_DIT_CONFIG = DitConfig(num_blocks=2, model_channels=64, num_heads=4, head_dim=16, mlp_dim=256,
                             adaln_lora_dim=32, crossattn_dim=64, adapter_blocks=1, adapter_dim=64,
@@ -27,8 +35,6 @@ def random_dit_state_dict(config: DitConfig = TINY_DIT_CONFIG, seed: int = 0,
 
     Every tensor is non-zero (also the ones zero-initialised in training) so every path shows in outputs.
     """
-    from anima_trainer.models.dit import AnimaDiT
-
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in AnimaDiT(config).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
@@ -114,8 +120,6 @@ def write_tiny_qwen3(path: str | Path, seed: int = 0) -> Path:
 def write_tiny_vae(path: str | Path, seed: int = 0, base_dim: int = 8) -> Path:
     """A tiny random Qwen-Image-architecture VAE (16 latent channels, fewer feature channels), diffusers layout."""
     from diffusers import AutoencoderKLQwenImage
-
-    from anima_trainer.models.vae import VAE_CONFIG
 
     torch.manual_seed(seed)
     model = AutoencoderKLQwenImage(**{**VAE_CONFIG, "base_dim": base_dim})
@@ -220,13 +224,6 @@ overwrite = true
 
 def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Tiny models + synthetic dataset → train a LoRA on CPU → sample before and after; returns the paths."""
-    from anima_trainer.config import parse_train_args
-    from anima_trainer.fileio import check_writable
-    from anima_trainer.models import load_dit, load_text_encoder, load_vae
-    from anima_trainer.networks import apply_network_file
-    from anima_trainer.sample.generate import SampleParams, generate_image, save_png
-    from anima_trainer.train.loop import run_training
-
     out_dir = Path(out_dir)
     for name in ("sample_before.png", "sample_after.png", "output/demo_lora.safetensors"):
         check_writable(out_dir / name, overwrite)  # before anything is written

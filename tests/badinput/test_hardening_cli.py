@@ -465,7 +465,7 @@ def test_tqdm_disable_turns_the_cache_and_download_bars_off(tmp_path, monkeypatc
     """Item 16: every bar honours TQDM_DISABLE, not only the training and sampling bars."""
     from anima_trainer.cache import cache_latents, model_fingerprint
     from anima_trainer.data import build_dataset, load_dataset_config
-    from anima_trainer.download.transfer import _bar
+    from anima_trainer.tools.download.transfer import _bar
     from anima_trainer.models.vae import load_vae
 
     models = write_demo_models(tmp_path / "models")

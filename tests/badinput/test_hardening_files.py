@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from anima_trainer import fileio
 from anima_trainer.cli import main
-from anima_trainer.networks.convert import parse_network_arg
+from anima_trainer.tools.convert import parse_network_arg
 from anima_trainer.networks.formats import NetworkError
 from tests.support.networks import random_network
 

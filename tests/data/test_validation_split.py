@@ -132,9 +132,9 @@ def test_validation_set_is_fixed(tmp_path):
     general = {"enable_bucket": True, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 16,
                "batch_size": 2}
     ds = _build([{"validation_split": 0.5, "subsets": subsets}], general, seed=2)
-    v = ds.validation
+    v = ValidationSet.from_dataset(ds)
     assert isinstance(v, ValidationSet) and v.num_images == 5 + 3
-    again = ds.validation
+    again = ValidationSet.from_dataset(ds)
     # captions: no dropout, no shuffle; prefix, marker removal and one seeded wildcard choice
     assert v.captions == again.captions
     for item, caption in zip(v.items, v.captions):
@@ -159,6 +159,7 @@ def test_validation_set_is_fixed(tmp_path):
     # noise seeds: stable, distinct per item, and follow validation_seed
     seeds = [v.noise_seed(i) for i in range(v.num_images)]
     assert seeds == [again.noise_seed(i) for i in range(v.num_images)] and len(set(seeds)) == len(seeds)
-    other = _build([{"validation_split": 0.5, "validation_seed": 99, "subsets": subsets}], general, seed=2).validation
+    other = ValidationSet.from_dataset(
+        _build([{"validation_split": 0.5, "validation_seed": 99, "subsets": subsets}], general, seed=2))
     assert {other.noise_seed(i) for i in range(other.num_images)}.isdisjoint(seeds)
-    assert _build([{"subsets": subsets}], general).validation is None
+    assert ValidationSet.from_dataset(_build([{"subsets": subsets}], general)) is None

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from anima_trainer.download.fetch import Context
-from anima_trainer.download.transfer import Options
+from anima_trainer.tools.download.fetch import Context
+from anima_trainer.tools.download.transfer import Options
 from tests.download.hub_server import FakeHub
 from tests.download.spm_writer import spm_from_tokenizer_json
 

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save
 
 from anima_trainer.cli import main
-from anima_trainer.download import sources
-from anima_trainer.download.command import RECORD, selected
+from anima_trainer.tools.download import sources
+from anima_trainer.tools.download.command import RECORD, selected
 
 ANIMA = {"dit": b"D" * 5000, "qwen3": b"Q" * 3000, "vae": b"V" * 2000}
 T5_JSON = json.dumps({"model": {"type": "Unigram", "vocab": []}}).encode()

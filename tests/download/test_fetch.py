@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from anima_trainer.download import sources
-from anima_trainer.download.errors import DownloadError, NotFoundError
-from anima_trainer.download.fetch import Context, fetch_file, fetch_folder, hf_file, source_chain
-from anima_trainer.download.urls import SourceRef
+from anima_trainer.tools.download import sources
+from anima_trainer.tools.download.errors import DownloadError, NotFoundError
+from anima_trainer.tools.download.fetch import Context, fetch_file, fetch_folder, hf_file, source_chain
+from anima_trainer.tools.download.urls import SourceRef
 
 REPO = "test/anima"
 FILE = "split_files/vae/model.safetensors"
@@ -193,7 +193,7 @@ def test_folder_tries_subfolder_then_root_and_keeps_existing_files(hub, ctx, tmp
 
 
 def test_folder_check_failure_moves_on_to_the_fallback(hub, ctx, tmp_path):
-    from anima_trainer.download.errors import SourceError
+    from anima_trainer.tools.download.errors import SourceError
 
     hub.add_hf("a/b", "vocab.json", b"<html>error page</html>")
     hub.add_ms("c/d", "vocab.json", b"{}")

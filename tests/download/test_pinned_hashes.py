@@ -14,9 +14,9 @@ import os
 
 import pytest
 
-from anima_trainer.download import sources
-from anima_trainer.download.errors import SourceError
-from anima_trainer.download.command import RECORD
+from anima_trainer.tools.download import sources
+from anima_trainer.tools.download.errors import SourceError
+from anima_trainer.tools.download.command import RECORD
 from tests.crash.test_write_path import fsyncs  # noqa: F401 (fixture)
 from tests.download.test_command import ANIMA, _run, model_bytes, test_pins  # noqa: F401 (fixture)
 
@@ -106,8 +106,8 @@ DEEP = "[" * 100_000
 def test_deeply_nested_json_in_download_bookkeeping_and_tokenizers_is_no_traceback(hub, tmp_path, test_pins,  # noqa: F811
                                                                                   tokenizers_dir):
     """Issue 13 item 15: every JSON the download code reads (its record, a partial's note, tokenizer files)."""
-    from anima_trainer.download import t5
-    from anima_trainer.download.transfer import _prepare_partial
+    from anima_trainer.tools.download import t5
+    from anima_trainer.tools.download.transfer import _prepare_partial
 
     hub.add_hf(sources.ANIMA_REPO, sources.VAE.path, ANIMA["vae"], lfs=True)
     (tmp_path / RECORD).write_text(DEEP)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from anima_trainer.config import ConfigError, parse_train_args
-from anima_trainer.download import sources
-from anima_trainer.download.errors import DownloadError
-from anima_trainer.download.fetch import Context
-from anima_trainer.download.startup import ensure_tokenizers, with_tokenizer_dirs
+from anima_trainer.tools.download import sources
+from anima_trainer.tools.download.errors import DownloadError
+from anima_trainer.tools.download.fetch import Context
+from anima_trainer.tools.download.startup import ensure_tokenizers, with_tokenizer_dirs
 
 REQUIRED = ["--pretrained_model_name_or_path", "dit.safetensors", "--qwen3", "qwen3.safetensors", "--vae", "v",
             "--output_dir", "o", "--dataset_config", "ds.toml"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from anima_trainer.download import t5
-from anima_trainer.download.errors import SourceError
+from anima_trainer.tools.download import t5
+from anima_trainer.tools.download.errors import SourceError
 
 TEXTS = [
     t5.SMOKE_TEXT, "1girl, solo, masterpiece, best quality", "  leading and trailing   ", "tab\tnew\nline",

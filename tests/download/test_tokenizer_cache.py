@@ -10,8 +10,8 @@ import pytest
 
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.demo import write_demo_dataset_toml, write_demo_models, write_shapes_dataset
-from anima_trainer.download.startup import ensure_tokenizers, tokenizer_cache_root, with_tokenizer_dirs
-from anima_trainer.download.errors import DownloadError
+from anima_trainer.tools.download.startup import ensure_tokenizers, tokenizer_cache_root, with_tokenizer_dirs
+from anima_trainer.tools.download.errors import DownloadError
 
 QWEN_REPO, T5_REPO = "Qwen/Qwen3-0.6B-Base", "google/t5-v1_1-base"
 

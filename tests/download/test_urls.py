@@ -2,8 +2,8 @@
 
 import pytest
 
-from anima_trainer.download import sources
-from anima_trainer.download.urls import SourceRef, parse_source
+from anima_trainer.tools.download import sources
+from anima_trainer.tools.download.urls import SourceRef, parse_source
 
 CP2 = "nvidia/Cosmos-Predict2-2B-Text2Image"
 NV = "nv-community/Cosmos-Predict2-2B-Text2Image"

@@ -13,7 +13,8 @@ from anima_trainer.cli import main
 from anima_trainer.demo import TINY_DIT_CONFIG, write_tiny_dit
 from anima_trainer.models.dit import load_dit
 from anima_trainer.networks import apply_network_file, check_comfy_keys, create_network
-from anima_trainer.networks.convert import LORA_AB_META, parse_network_arg
+from anima_trainer.networks.convert import LORA_AB_META
+from anima_trainer.tools.convert import parse_network_arg
 
 CASES = ["lora_generic_updown_alpha", "lora_peft_AB_noalpha", "lora_kohya_updown_alpha_diffb", "loha",
          "lokr_w1full_w2lowrank", "lokr_both_full_alpha_ignored", "diff_diffb_wnorm_setweight"]

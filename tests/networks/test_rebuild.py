@@ -114,7 +114,7 @@ def test_peft_file_without_alpha_rebuilds_with_scale_one(dit, tmp_path):
     with torch.no_grad():
         ours = dit(X, SIGMA, ctx(dit))
     net.remove()
-    from anima_trainer.networks.convert import convert_network
+    from anima_trainer.tools.convert import convert_network
 
     comfy = convert_network(path, tmp_path / "comfy.safetensors", "comfy", dit=dit)["written"]
     apply_network_file(dit, comfy)

@@ -20,9 +20,10 @@ from anima_trainer.networks import (
     create_network,
     create_network_from_weights,
 )
-from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3, convert_network
+from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
+from anima_trainer.tools.convert import convert_network
 from anima_trainer.networks.files import save_format_notice
-from anima_trainer.networks.inspect import inspect_network
+from anima_trainer.tools.inspect import inspect_network
 from anima_trainer.networks.merge import merge_base_weights
 
 IDS = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(0))

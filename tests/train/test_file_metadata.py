@@ -16,7 +16,7 @@ from safetensors import safe_open
 from anima_trainer.config import parse_train_args
 from anima_trainer.data import build_dataset, load_dataset_config
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
-from anima_trainer.networks.inspect import format_report, inspect_network
+from anima_trainer.tools.inspect import format_report, inspect_network
 from anima_trainer.train.file_metadata import dataset_metadata
 from anima_trainer.train.loop import run_training
 

@@ -57,7 +57,7 @@ def _randomize_up(network, seed: int) -> None:
 
 def test_loss_is_repeatable_per_band_and_moves_with_the_network(env):
     ds = _dataset(env)
-    validator = Validator.build(ds.validation, env["vae"].encode, seed=3)
+    validator = Validator.build(ValidationSet.from_dataset(ds), env["vae"].encode, seed=3)
     assert validator.num_items == 4 and len(validator.batches) == 2
     env["network"].eval()
     _randomize_up(env["network"], 0)
@@ -68,14 +68,14 @@ def test_loss_is_repeatable_per_band_and_moves_with_the_network(env):
     assert all(v > 0 for v in first.values()) and len({first[sigma_key(s)] for s in VALIDATION_SIGMAS}) == 4
     assert validator.run(env["dit"], env["conditioner"].context, "cpu") == first  # bit-identical
     # a validator built again from the same data and seeds gives the same numbers
-    rebuilt = Validator.build(_dataset(env).validation, env["vae"].encode, seed=3)
+    rebuilt = Validator.build(ValidationSet.from_dataset(_dataset(env)), env["vae"].encode, seed=3)
     assert rebuilt.run(env["dit"], env["conditioner"].context, "cpu") == first
     _randomize_up(env["network"], 1)
     changed = validator.run(env["dit"], env["conditioner"].context, "cpu")
     assert all(changed[k] != first[k] for k in first)
     # another validation seed → other noise → other numbers for the same images and weights
     reseeded = ValidationSet(ds.params, ds.validation_items, seed=5)
-    assert [i.path for i in reseeded.items] == [i.path for i in ds.validation.items]
+    assert [i.path for i in reseeded.items] == [i.path for i in ValidationSet.from_dataset(ds).items]
     other = Validator.build(reseeded, env["vae"].encode).run(env["dit"], env["conditioner"].context, "cpu")
     assert all(other[k] != changed[k] for k in first)
 
@@ -86,7 +86,7 @@ def test_losses_match_a_direct_computation(env):
 
     env["network"].eval()
     _randomize_up(env["network"], 2)
-    v = _dataset(env).validation
+    v = ValidationSet.from_dataset(_dataset(env))
     validator = Validator.build(v, env["vae"].encode, sigmas=(0.3, 0.7))
     got = validator.run(env["dit"], env["conditioner"].context, "cpu")
     expected, n = {0.3: 0.0, 0.7: 0.0}, 0
@@ -107,8 +107,8 @@ def test_losses_match_a_direct_computation(env):
 
 def test_max_validation_steps_caps_batches_without_changing_them(env):
     ds = _dataset(env, batch_size=1)
-    full = Validator.build(ds.validation, env["vae"].encode)
-    capped = Validator.build(ds.validation, env["vae"].encode, max_batches=2)
+    full = Validator.build(ValidationSet.from_dataset(ds), env["vae"].encode)
+    capped = Validator.build(ValidationSet.from_dataset(ds), env["vae"].encode, max_batches=2)
     assert len(full.batches) == 4 and len(capped.batches) == 2
     for a, b in zip(capped.batches, full.batches):
         assert torch.equal(a.latents, b.latents) and torch.equal(a.noise, b.noise) and a.captions == b.captions
@@ -126,7 +126,7 @@ def test_training_rng_streams_are_untouched(env):
     """The global torch RNG and the loop's generator are the same after a run, even with the network left in
     train mode (LoRA dropout draws from the global RNG): the validator forks and reseeds it."""
     _randomize_up(env["network"], 3)
-    validator = Validator.build(_dataset(env).validation, env["vae"].encode, seed=1)
+    validator = Validator.build(ValidationSet.from_dataset(_dataset(env)), env["vae"].encode, seed=1)
     generator = torch.Generator().manual_seed(123)
     torch.manual_seed(77)
     torch.rand(3)
@@ -146,7 +146,7 @@ def test_validation_between_steps_does_not_change_training(env):
     """Two short trainings, one with a validation run after every step: identical losses and weights."""
     cfg = _cfg(learning_rate=1e-2)
     ds = _dataset(env)
-    validator = Validator.build(ds.validation, env["vae"].encode)
+    validator = Validator.build(ValidationSet.from_dataset(ds), env["vae"].encode)
     batch = ds.load_batch(ds.batch_plan(0)[0], epoch=0)
     latents = env["vae"].encode(batch.images)
 

@@ -77,9 +77,8 @@ from .images import (
     to_tensor,
 )
 
-if TYPE_CHECKING:  # data/validation.py and data/kohya_summary.py import this module
+if TYPE_CHECKING:  # data/kohya_summary.py imports this module
     from .kohya_summary import DatasetSummary
-    from .validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +151,6 @@ class AnimaDataset:
         if not self.validation_items:
             return None
         return AnimaDataset(self.params, list(self.validation_items), seed=self.seed)
-
-    @property
-    def validation(self) -> ValidationSet | None:
-        """The held-out items for the validation loss: fixed captions, centre crops, fixed batches and
-        per-item noise seeds (`data.validation.ValidationSet`); None without validation_split."""
-        from .validation import ValidationSet
-
-        return ValidationSet.from_dataset(self)
 
     # --- sizes -------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageFile
 
 from .buckets import Size, crop_offsets
+from .config import RESIZE_INTERPOLATIONS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # kohya's list, matched case-insensitively
 
@@ -371,7 +372,6 @@ def resample_filter(interpolation: str | None, *, shrinking: bool) -> Image.Resa
     default: area (BOX) when shrinking, Lanczos otherwise.  A name applies in both directions (kohya)."""
     if interpolation is None:
         return Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
-    from .config import RESIZE_INTERPOLATIONS
     return Image.Resampling[RESIZE_INTERPOLATIONS[interpolation]]
 
 

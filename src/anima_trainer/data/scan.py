@@ -12,6 +12,8 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from anima_trainer.fileio import atomic_write_bytes
+
 from .buckets import BucketSelector
 from .captions import captions_for_images, missing_captions_error
 from .config import MAX_CAPTION_BYTES, MAX_EPOCH_ITEMS, DatasetConfig, DatasetConfigError
@@ -375,7 +377,7 @@ def build_dataset(
     `default_batch_size` / `default_resolution` / `default_validation_split` / `default_validation_seed` play
     kohya's command-line level (`--train_batch_size`, `--resolution`, `--validation_split`,
     `--validation_seed`): used when neither the dataset nor [general] sets the option.  Held-out images are
-    `ds.validation_items`; `ds.validation` serves them for the validation loss (data/validation.py).
+    `ds.validation_items`; `ValidationSet.from_dataset(ds)` serves them for the validation loss (data/validation.py).
     Images without a caption file train with class_tokens or an empty caption (`ds.uncaptioned`);
     `strict_captions` makes them an error.  Every problem is collected before anything is reported; the
     warnings name `report_name`, the file `write_dataset_report` fills with the full lists."""
@@ -441,8 +443,6 @@ def write_dataset_report(ds: AnimaDataset, path: Path) -> Path | None:
     """Write `dataset_report(ds)` to `path` (through the one write path).  The file belongs to the run of that
     output_name (its lock is held), so an earlier run's report is replaced, and removed when this scan found
     nothing to report (it would describe another dataset)."""
-    from anima_trainer.fileio import atomic_write_bytes
-
     text = dataset_report(ds)
     if not text:
         path.unlink(missing_ok=True)

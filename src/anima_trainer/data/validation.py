@@ -1,6 +1,6 @@
 """The held-out images (validation_split) as the validation loss needs them: fixed, not augmented.
 
-`AnimaDataset.validation` gives a `ValidationSet` (None without validation_split).  Unlike the training
+`ValidationSet.from_dataset(dataset)` gives the held-out items (None without validation_split).  Unlike the training
 data nothing here depends on the epoch or on chance, so that a loss measured on it at step 100 and at
 step 5000 (or in two runs over the same data) compares the same thing:
   * captions: each item's caption is processed once with the random parts switched off (no shuffle, no

@@ -1,28 +1,23 @@
 """What Anima is: the DiT with its LLM adapter, the Qwen3 text encoder with both tokenizers, and the VAE.
 
-Loaders are imported lazily so that `import anima_trainer.models` stays cheap (no transformers/diffusers
-import until a text encoder or VAE is actually loaded).
+    adapter.py            the LLM adapter (Qwen3 states → T5-token context of the DiT)
+    attention_backend.py  which SDPA kernel the attention runs, measured once at start-up or named
+    checkpoint.py         reading model files: kinds, DiT config from shapes, quantised storage, state dicts
+    compile.py            torch.compile of the DiT blocks
+    diffusers_layout.py   diffusers' folder layout of the Anima pipeline (names, configs, tokenizer folders)
+    dit.py                AnimaDiT and `load_dit`
+    layers.py             RMSNorm, rotary embedding, q/k-normed attention shared by the DiT and the adapter
+    memory.py             memory options of a step: checkpointing depth/mode, activation offload, block swap, fp8
+    offload.py            frozen weights and saved activations moved off the accelerator while a step runs
+    prompt_syntax.py      ComfyUI's prompt-weight syntax, so captions tokenize as ComfyUI's do
+    safetensors_file.py   safetensors headers read without loading tensors
+    text.py               AnimaTextEncoder (Qwen3 + Qwen/T5 tokenizers) and `load_text_encoder`
+    vae.py                the Wan 2.1 VAE and `load_vae`
 """
 
-from __future__ import annotations
+from anima_trainer.models.checkpoint import DitConfig, inspect_file
+from anima_trainer.models.dit import load_dit
+from anima_trainer.models.text import load_text_encoder
+from anima_trainer.models.vae import load_vae
 
-from typing import Any
-
-__all__ = ["load_dit", "load_text_encoder", "load_vae", "inspect_file", "DitConfig"]
-
-_LAZY = {
-    "load_dit": ("anima_trainer.models.dit", "load_dit"),
-    "load_text_encoder": ("anima_trainer.models.text", "load_text_encoder"),
-    "load_vae": ("anima_trainer.models.vae", "load_vae"),
-    "inspect_file": ("anima_trainer.models.checkpoint", "inspect_file"),
-    "DitConfig": ("anima_trainer.models.checkpoint", "DitConfig"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'anima_trainer.models' has no attribute {name!r}")
+__all__ = ["DitConfig", "inspect_file", "load_dit", "load_text_encoder", "load_vae"]

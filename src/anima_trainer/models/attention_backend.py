@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from anima_trainer.models.adapter import CONTEXT_ROWS
 from anima_trainer.config.rules import check_backend_name
+from anima_trainer.models.adapter import CONTEXT_ROWS
+from anima_trainer.models.dit import Attention
 
 _log = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ def priority(name: str) -> tuple[SDPBackend, ...]:
 def dit_attention_modules(dit: nn.Module) -> dict[str, list[nn.Module]]:
     """{"self": [...], "cross": [...]}: the DiT blocks' attention modules (the LLM adapter keeps torch's choice:
     it runs with key masks, once per caption or cached)."""
-    from anima_trainer.models.dit import Attention
-
     out: dict[str, list[nn.Module]] = {"self": [], "cross": []}
     for name, m in dit.named_modules():
         if isinstance(m, Attention) and name.startswith("blocks."):

@@ -1,5 +1,19 @@
 """What is trained: adapter networks injected into the DiT, and adapter files as ComfyUI reads them.
 
+    base.py              AdapterNetwork: what LoRA, LoKr and LoHa share (targets, injection, norms, max-norm)
+    convert.py           adapter key names: any naming read, renamed to ComfyUI / kohya names
+    create.py            `create_network`: the algorithm table and the one entry point
+    diffusers_format.py  the adapter layout diffusers' Anima loader reads (`save_format = "diffusers"`)
+    files.py             a network's files: tensors, metadata, checked atomic save, strict load
+    formats.py           adapter file names and math exactly as ComfyUI reads them (`apply_network_file`)
+    hashes.py            kohya's `sshs_*` model hashes and their check
+    inject.py            which modules a network trains (kohya's rules) and how it hooks them
+    loha.py, lokr.py, lora.py   the three algorithms' modules and builders
+    merge.py             kohya's `base_weights`: files merged into the frozen DiT before training
+    modules.py           AdapterModule / NormModule, the modules a network hooks in
+    param_groups.py      optimizer parameter groups (kohya's learning-rate rules)
+    rebuild.py           the network a file describes, rebuilt from the file (`dim_from_weights`)
+
     net = create_network(dit, algo="lora"|"lokr"|"loha", dim=4, alpha=1.0, dropout=None,
                          text_encoder=None, train_dit=True, **network_args)   # text_encoder: the Qwen3Model
     apply_network_file(dit, path, multiplier=1.0)   # inference merge, ComfyUI rules
@@ -7,12 +21,8 @@
     net = create_network_from_weights(dit, path, dropout=None, text_encoder=None, **network_args)
 """
 
-from anima_trainer.networks.base import (
-    AdapterModule,
-    AdapterNetwork,
-    NormModule,
-    create_network,
-)
+from anima_trainer.networks.base import AdapterModule, AdapterNetwork, NormModule
+from anima_trainer.networks.create import create_network
 from anima_trainer.networks.formats import (
     TE_COMFY_PREFIX,
     NetworkError,

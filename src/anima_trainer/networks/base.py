@@ -3,19 +3,20 @@
 `AdapterNetwork` holds the adapter modules (networks/modules.py) of one DiT and, with `text_encoder=`, of the
 Qwen3 text encoder (kohya's lora_anima: `lora_te_*` modules on Qwen3Attention / Qwen3MLP Linears), plus a
 `NormModule` per DiT RMSNorm gain with `train_norm`; it hooks them in at creation.  Its optimizer groups are
-networks/param_groups.py, its files (names, save, strict load) networks/files.py.
+networks/param_groups.py, its files (names, save, strict load) networks/files.py; `create_network`
+(networks/create.py) picks the algorithm module (lora.py, lokr.py, loha.py) that builds one.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from anima_trainer.models.layers import RMSNorm
 from anima_trainer.networks import files
 from anima_trainer.networks.files import SAVE_FORMATS
 from anima_trainer.networks.formats import TE_NAME_PREFIX, NetworkError
@@ -30,7 +31,7 @@ from anima_trainer.networks.modules import AdapterModule, HookedModule, NormModu
 from anima_trainer.networks.param_groups import COMPONENTS, anima_component, param_groups
 
 __all__ = ["COMPONENTS", "SAVE_FORMATS", "AdapterModule", "AdapterNetwork", "HookedModule", "NormModule",
-           "anima_component", "create_network", "find_norms"]
+           "anima_component", "find_norms"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def _linear(model: nn.Module, path: str, what: str = "DiT") -> nn.Linear:
 
 def find_norms(dit: nn.Module) -> dict[str, nn.Module]:
     """{path: RMSNorm} of every norm gain of the DiT and its LLM adapter (the LayerNorms have no parameters)."""
-    from anima_trainer.models.layers import RMSNorm
-
     return {name: m for name, m in dit.named_modules() if isinstance(m, RMSNorm)}
 
 
@@ -302,37 +301,3 @@ class AdapterNetwork(nn.Module):
         one side (a DiT-only file into a network that also trains the text encoder, or the reverse) loads the
         side it has and leaves the other side's modules as initialised.  Returns the names left fresh."""
         return files.load_weights(self, path, fresh_missing_side=fresh_missing_side)
-
-
-def create_network(dit: nn.Module, algo: str = "lora", dim: int = 4, alpha: float | None = 1.0,
-                   dropout: float | None = None, *, text_encoder: nn.Module | None = None, train_dit: bool = True,
-                   **network_args: Any) -> AdapterNetwork:
-    """Build a network for `dit` (and `text_encoder`) and inject it (the forwards now include the adapter branch).
-
-    algo: "lora" | "lokr" | "loha"; network_args: include_patterns, exclude_patterns, train_llm_adapter,
-    train_norm, rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio,
-    loraplus_text_encoder_lr_ratio, network_reg_dims, network_reg_lrs, verbose (all; kohya semantics,
-    docs/training.md), factor, full_matrix, decompose_both (lokr), dora_wd (lora).
-
-    text_encoder: the transformers Qwen3Model (AnimaTextEncoder.model); with it, text-encoder modules are
-    created with kohya's lora_anima rule: every Linear inside Qwen3Attention / Qwen3MLP (7 per layer), the
-    include/exclude patterns (the built-in exclude included), network_reg_dims and network_reg_lrs full-matched
-    against the Qwen3 path (`layers.0.self_attn.q_proj`).  With sd-scripts-anima's `target_modules` (which names
-    DiT modules), the text encoder gets kohya's default targets.  train_dit=False (kohya's
-    network_train_text_encoder_only) creates no DiT module.  Either side may be empty, not both.
-    """
-    from anima_trainer.networks import loha, lokr, lora
-
-    builders = {"lora": lora.build, "lokr": lokr.build, "loha": loha.build}
-    if algo not in builders:
-        raise NetworkError(f"algo={algo!r} is not supported; use one of {sorted(builders)}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise NetworkError(f"network dim must be a positive integer, got {dim!r}")
-    if alpha is None or alpha == 0:  # kohya: no alpha means alpha = dim (scale 1)
-        alpha = float(dim)
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise NetworkError(f"network alpha must be a finite number >= 0, got {alpha!r}")
-    if dropout is not None and not 0.0 <= float(dropout) < 1.0:
-        raise NetworkError(f"network_dropout must be in [0, 1), got {dropout!r}")
-    return builders[algo](dit, dim, float(alpha), float(dropout) if dropout else None, dict(network_args),
-                          text_encoder=text_encoder, train_dit=train_dit)

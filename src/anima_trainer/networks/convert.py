@@ -1,7 +1,7 @@
-"""File-level tools for adapter files: rename between ComfyUI-native and kohya names, bake into a DiT.
+"""Adapter key names: reading a file in any naming and renaming its keys to ComfyUI-native or kohya names.
 
-* `convert_network(src, dst, to="comfy"|"kohya")`: lossless renaming of every key (tensors and metadata are
-  copied bit for bit).  ComfyUI names are `diffusion_model.<module path>.<suffix>`, kohya names
+* `read_comfy_named(path, dit)`: what training's `network_weights` and `dim_from_weights` read — any file,
+  keys renamed to ComfyUI names.  ComfyUI names are `diffusion_model.<module path>.<suffix>`, kohya names
   `lora_unet_<module path with . → _>.<suffix>`; text-encoder modules `text_encoders.qwen3_06b.transformer.
   model.<Qwen3 path>.<suffix>` (ComfyUI) and `lora_te_<Qwen3 path with _>.<suffix>` (kohya), PEFT-style
   `text_encoder.<Qwen3 path>` read too.  Since `_` is ambiguous, module paths are recovered from the
@@ -9,8 +9,8 @@
   `comfy_key_map`.
   PEFT / diffusers inputs (`lora_A`/`lora_B`, optional `.default`, prefixes `transformer.`,
   `base_model.model.`, `diffusion_model.`, `net.`, diffusers' Cosmos module names) are read too.
-* `merge_networks(base, networks, out)`: ComfyUI's application math (`apply_network_file`) baked into the
-  checkpoint, written with the input's key layout and dtypes.
+* `convert_state_dict(sd, meta, to)`: the renaming itself, used by the file tools (tools/convert.py: the
+  `convert-network` command; tools/merge.py: `merge`).
 
 Suffix policy (documented in docs/formats.md):
 * `--to comfy` keeps every suffix; PEFT spellings (`.lora_A.default.weight`, bare `.lora_A`) become
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,10 +35,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import Qwen3Config, Qwen3Model
 
-from anima_trainer.dtypes import FLOAT_FILE_DTYPES, dominant_float_dtype
-from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
+from anima_trainer.fileio import NonFiniteError, nonfinite_tensors
+from anima_trainer.models.checkpoint import DIT_KINDS, DitConfig, expect_kind, read_header
 from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as diffusers_to_comfy_path
+from anima_trainer.models.dit import AnimaDiT
+from anima_trainer.models.text import _weight_sources, qwen3_config_from_shapes
+from anima_trainer.networks import diffusers_format as dfmt
+from anima_trainer.networks.diffusers_format import CONDITIONER_PREFIX, TRANSFORMER_PREFIX
 from anima_trainer.networks.formats import (
     ALL_SUFFIXES,
     COMFY_PREFIX,
@@ -48,10 +52,13 @@ from anima_trainer.networks.formats import (
     TE_COMFY_PREFIX,
     TE_NAME_PREFIX,
     NetworkError,
-    check_comfy_keys,
     is_text_encoder_key,
 )
-from anima_trainer.networks.hashes import with_hashes  # kohya's sshs_* hashes, recomputed for a renamed file
+from anima_trainer.networks.inject import linear_paths
+
+__all__ = ["CONDITIONER_PREFIX", "LORA_AB_META", "TRANSFORMER_PREFIX", "ModuleTable", "build_meta_dit",
+           "build_meta_qwen3", "check_finite_network", "comfy_named_file", "convert_state_dict", "linear_paths",
+           "parse_key", "qwen3_shapes", "read_comfy_named", "read_network"]
 
 LORA_AB_META = "anima_trainer_lora_AB_modules"
 # PEFT spellings → what we write for ComfyUI (ComfyUI reads all of them; one spelling keeps files uniform)
@@ -62,20 +69,10 @@ SOURCE_SUFFIXES = tuple(sorted(set(ALL_SUFFIXES) | set(PEFT_SUFFIXES), key=len, 
 # outer prefixes of PEFT / diffusers / checkpoint-style names, stripped in this order (each at most once)
 OUTER_PREFIXES = ("base_model.model.",)
 INNER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "net.")
-# diffusers' Anima pipeline components (networks/diffusers_format.py): the DiT under diffusers' names, and the
-# LLM adapter (`llm_adapter.*` here) under its own names
-TRANSFORMER_PREFIX, CONDITIONER_PREFIX = "transformer.", "text_conditioner."
-
-def linear_paths(dit: nn.Module) -> frozenset[str]:
-    """Module paths of every Linear of the DiT (LoRA in diffusers' layout exists only for those)."""
-    return frozenset(n for n, m in dit.named_modules() if isinstance(m, nn.Linear))
 
 
 def build_meta_dit(dit_file: str | Path | None = None) -> nn.Module:
     """An AnimaDiT on the meta device (names and shapes only): the 2B config, or the config of `dit_file`."""
-    from anima_trainer.models.checkpoint import DIT_KINDS, DitConfig, expect_kind
-    from anima_trainer.models.dit import AnimaDiT
-
     if dit_file is None:
         config = DitConfig()
     else:
@@ -87,10 +84,6 @@ def build_meta_dit(dit_file: str | Path | None = None) -> nn.Module:
 def build_meta_qwen3(qwen3_file: str | Path | None = None) -> nn.Module:
     """A transformers Qwen3Model on the meta device (names and shapes only): Qwen3-0.6B (Anima's text encoder),
     or the config implied by the shapes of `qwen3_file` (a single file, bundle or HF folder)."""
-    from transformers import Qwen3Config, Qwen3Model
-
-    from anima_trainer.models.text import qwen3_config_from_shapes
-
     if qwen3_file is None:  # Qwen3-0.6B's published config (the shapes ComfyUI's Anima Qwen3 has)
         config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                              num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -103,9 +96,6 @@ def build_meta_qwen3(qwen3_file: str | Path | None = None) -> nn.Module:
 
 def qwen3_shapes(qwen3_file: str | Path) -> dict[str, tuple[int, ...]]:
     """{Qwen3Model parameter name: shape} from the header(s) of a Qwen3 file, bundle or HF folder."""
-    from anima_trainer.models.checkpoint import read_header
-    from anima_trainer.models.text import _weight_sources
-
     shapes: dict[str, tuple[int, ...]] = {}
     for file, prefix in _weight_sources(Path(qwen3_file))[0]:
         header, _ = read_header(file)
@@ -217,8 +207,6 @@ def convert_state_dict(sd: dict[str, torch.Tensor], meta: dict[str, str], to: st
     layout (`to="diffusers"`: networks/diffusers_format.py, the scale folded into lora_B)."""
     if to not in ("comfy", "kohya", "diffusers"):
         raise NetworkError(f"--to must be 'comfy', 'kohya' or 'diffusers', got {to!r}")
-    from anima_trainer.networks import diffusers_format as dfmt
-
     if to == "diffusers":
         comfy, meta = convert_state_dict(sd, meta, "comfy", table)
         out, extra = dfmt.comfy_to_diffusers(comfy, table.linears)
@@ -308,48 +296,6 @@ def read_comfy_named(path: str | Path, dit: nn.Module, text_encoder: nn.Module |
         raise NetworkError(f"{path}: {e}") from e
 
 
-def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module | None = None,
-                    text_encoder: nn.Module | None = None, overwrite: bool = False) -> dict:
-    """Convert one file; returns {"keys": n, "written": path, "comfy_skips": [keys]}.  ComfyUI/kohya output is
-    checked with check_comfy_keys (`comfy_skips`: kohya `lora_te_*` keys ComfyUI does not load, --to kohya),
-    diffusers output with diffusers_format.check_diffusers_keys (ComfyUI does not read it).  Text-encoder keys
-    are resolved against `text_encoder` (default: Qwen3-0.6B built on meta)."""
-    from anima_trainer.networks.formats import comfy_skipped_keys
-
-    dst = Path(dst)
-    check_writable(dst, overwrite)
-    if Path(src).resolve() == dst.resolve():
-        raise NetworkError(f"{dst}: output and input are the same file; choose another output name")
-    dit = dit if dit is not None else build_meta_dit()
-    sd, meta = read_network(src)
-    check_finite_network(sd, src)
-    if text_encoder is None and any(is_text_encoder_key(k) for k in sd):
-        text_encoder = build_meta_qwen3()
-    try:
-        out, meta = convert_state_dict(sd, meta, to, ModuleTable.from_dit(dit, text_encoder))
-    except NetworkError as e:
-        raise NetworkError(f"{e}; nothing written") from e
-    if to == "diffusers":
-        from anima_trainer.networks.diffusers_format import check_diffusers_keys
-
-        def key_check(keys, dit_, te_):  # one signature for both checks
-            check_diffusers_keys(keys, dit_)
-    else:
-        key_check = check_comfy_keys
-    # both spellings must still load in ComfyUI (kohya TE names: name a Qwen3 module); before anything is written
-    key_check(list(out), dit, text_encoder)
-
-    def check(tmp: Path) -> None:  # the written file, before it takes dst's name
-        key_check(tmp, dit, text_encoder)
-        check_writable(dst, overwrite)
-
-    check_writable(dst, overwrite)
-    if meta and "sshs_model_hash" in meta:  # kohya's hashes of the source describe its tensors: recomputed
-        meta = with_hashes(out, meta)
-    atomic_save({k: v.contiguous() for k, v in out.items()}, dst, meta, what="converted network ", check=check)
-    return {"keys": len(out), "written": str(dst), "comfy_skips": comfy_skipped_keys(out)}
-
-
 def check_finite_network(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """A network holding NaN/Inf is broken (a diverged run): refuse to convert or merge it, naming the tensors."""
     bad = nonfinite_tensors(tensors)
@@ -359,32 +305,13 @@ def check_finite_network(tensors: dict[str, torch.Tensor], path: str | Path) -> 
                              "nothing written (use an earlier step's file)")
 
 
-# ------------------------------------------------------------------------------------------------- merge --
-
-def parse_network_arg(text: str) -> tuple[str, float]:
-    """`FILE[:mul]` → (file, multiplier); a tail that is not a number belongs to the file name."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            mul = float(tail)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(mul):
-            raise NetworkError(f"--network {text}: the multiplier {tail!r} is not a finite number; give one like "
-                               f"{head}:0.8 (a file whose name ends in ':{tail}': add ':1')")
-        return head, mul
-    return text, 1.0
-
-
 @contextlib.contextmanager
 def comfy_named_file(path: str | Path, dit: nn.Module) -> Iterator[Path]:
     """`path`, or for a file in diffusers' layout (which ComfyUI's rules, i.e. `apply_network_file`, do not
     read) a ComfyUI-named copy with its alphas restored, in a scratch folder removed on exit.  For the tools that
     apply files (merge, sample, base_weights)."""
-    from anima_trainer.networks.diffusers_format import reads_as_diffusers
-
     sd, meta = read_network(path)
-    if not reads_as_diffusers(sd, meta, linear_paths(dit)):
+    if not dfmt.reads_as_diffusers(sd, meta, linear_paths(dit)):
         yield Path(path)
         return
     try:
@@ -395,80 +322,3 @@ def comfy_named_file(path: str | Path, dit: nn.Module) -> Iterator[Path]:
         copy = Path(tmp) / Path(path).name
         save_file({k: v.contiguous() for k, v in out.items()}, str(copy))
         yield copy
-
-
-def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str | Path, *,
-                   save_dtype: torch.dtype | None = None, overwrite: bool = False,
-                   text_encoder_merged: bool = False) -> dict:
-    """Bake networks into a DiT checkpoint with ComfyUI's math; same key layout, per-tensor dtype kept.
-
-    The DiT is loaded once, in the checkpoint's dominant floating dtype (ComfyUI patches in fp32 and rounds to
-    the weight dtype); tensors that are not DiT weights (other bundle parts, ignored buffers) are copied as is.
-    A network with text-encoder keys is an error unless `text_encoder_merged` (the caller bakes them into a
-    Qwen3 file too: networks/bake.py); a DiT checkpoint cannot hold them.
-    """
-    from anima_trainer.networks.formats import is_text_encoder_key
-
-    from anima_trainer.models.checkpoint import QUANT_METADATA, expect_kind, quant_plan, read_header
-    from anima_trainer.models.dit import load_dit
-    from anima_trainer.networks.formats import apply_network_file
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise NetworkError(f"{out}: the merged checkpoint is written as .safetensors")
-    check_writable(out, overwrite)
-    if not networks:
-        raise NetworkError("merge needs at least one --network")
-    for f, mul in networks:
-        expect_kind(f, "--network", ("network",))
-        if not math.isfinite(mul):
-            raise NetworkError(f"--network {f}: the multiplier {mul} is not a finite number")
-        sd = read_network(f)[0]
-        check_finite_network(sd, f)
-        te_keys = sorted(k for k in sd if is_text_encoder_key(k))
-        if te_keys and not text_encoder_merged:
-            raise NetworkError(f"--network {f}: {len(te_keys)} text-encoder key(s) (e.g. {te_keys[0]}) cannot be "
-                               "baked into a DiT checkpoint; add --qwen3 QWEN3_FILE --qwen3-out OUT to bake them "
-                               "into the text encoder too, nothing written")
-    if Path(base).is_dir():
-        raise NetworkError(f"--dit {base}: merge writes the merged DiT in the base file's own layout and needs a "
-                           "single .safetensors DiT file (a diffusers-layout folder is read for training, not "
-                           "rewritten); pass the single-file DiT")
-    info = expect_kind(base, "--dit", ("anima_dit", "anima_bundle"))
-    prefix = info.components.get("dit", info.prefix)
-    header, meta = read_header(base)
-    # a scaled-fp8 base is merged dequantised: its scales and quantisation bookkeeping would make ComfyUI scale
-    # the merged (already dequantised) weights a second time, so they are not copied
-    plan = quant_plan(Path(base), header, meta, prefix)
-    dropped = set(plan.scales.values()) | plan.skipped
-    load_dtype = dominant_float_dtype(dt for dt, _ in header.values())
-    dit = load_dit(base, dtype=load_dtype, flag="--dit")
-    reports = {}
-    for f, mul in networks:
-        with comfy_named_file(f, dit) as comfy:  # diffusers' layout: read under ComfyUI names
-            report = apply_network_file(dit, comfy, multiplier=mul)
-        if report["errors"]:
-            raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
-                               f"{dict(list(report['errors'].items())[:3])}")
-        reports[f] = report
-    state = dit.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(base), "pt") as fh:
-        for key, (dt, _) in header.items():
-            if key in dropped:
-                continue
-            name = key[len(prefix):] if key.startswith(prefix) else None
-            if name is not None and name in state:
-                t = state[name]
-                target = save_dtype or FLOAT_FILE_DTYPES.get(dt, t.dtype)
-                tensors[key] = t.to(target).contiguous()
-            else:
-                tensors[key] = fh.get_tensor(key)
-    meta = {k: v for k, v in meta.items() if k != QUANT_METADATA}
-    meta["anima_trainer_merged_networks"] = json.dumps([[Path(f).name, m] for f, m in networks])
-    check_writable(out, overwrite)
-    atomic_save(tensors, out, meta, what="merged checkpoint ")  # refuses NaN/Inf (e.g. fp16 overflow)
-    not_loaded = {f: [k for k in r["not_loaded"] if not (text_encoder_merged and is_text_encoder_key(k))]
-                  for f, r in reports.items()}
-    return {"written": str(out), "networks": {f: len(r["patched"]) for f, r in reports.items()},
-            "not_loaded": {f: keys for f, keys in not_loaded.items() if keys}}

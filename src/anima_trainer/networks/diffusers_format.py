@@ -37,10 +37,15 @@ from torch import nn
 from anima_trainer.config.rules import DIFFUSERS_ALTERNATIVE as ALTERNATIVE
 from anima_trainer.config.rules import DIFFUSERS_LOADER as LOADER
 from anima_trainer.config.rules import diffusers_refusal
+from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable
 from anima_trainer.models.diffusers_layout import anima_module_to_diffusers, diffusers_module_to_anima
-from anima_trainer.networks.convert import CONDITIONER_PREFIX, TRANSFORMER_PREFIX, linear_paths
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, LORA_SPELLINGS, NetworkError, alpha_value
+from anima_trainer.networks.hashes import with_hashes
+from anima_trainer.networks.inject import linear_paths
 
+# diffusers' Anima pipeline components: the DiT under diffusers' names, and the LLM adapter (`llm_adapter.*`
+# here) under its own names
+TRANSFORMER_PREFIX, CONDITIONER_PREFIX = "transformer.", "text_conditioner."
 ADAPTER_PREFIX = "llm_adapter."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 # every LoRA spelling ComfyUI reads, longest first (a lora_mid core is refused)
@@ -254,9 +259,6 @@ def save_diffusers(network: Any, path: str | Path, *, metadata: dict[str, str] |
                    dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """AdapterNetwork.save for save_format "diffusers": refused before anything is written when the network
     has parts the layout cannot carry; atomic write; the written file's keys checked against diffusers' models."""
-    from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable
-    from anima_trainer.networks.hashes import with_hashes
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise NetworkError(f"{path}: network files are .safetensors")

@@ -18,7 +18,8 @@ import torch
 
 import anima_trainer
 from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
-from anima_trainer.networks.hashes import with_hashes  # kohya's sshs_* hashes on every saved network
+from anima_trainer.networks.convert import read_comfy_named
+from anima_trainer.networks.diffusers_format import diffusers_tensors, save_diffusers
 from anima_trainer.networks.formats import (
     COMFY_PREFIX,
     KOHYA_PREFIX,
@@ -28,6 +29,7 @@ from anima_trainer.networks.formats import (
     check_comfy_keys,
     check_network_file,
 )
+from anima_trainer.networks.hashes import with_hashes  # kohya's sshs_* hashes on every saved network
 
 if TYPE_CHECKING:
     from anima_trainer.networks.base import AdapterNetwork
@@ -64,7 +66,6 @@ def state_tensors(network: AdapterNetwork, dtype: torch.dtype | None = None,
     if save_format not in SAVE_FORMATS:
         raise NetworkError(f"save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
     if save_format == "diffusers":  # diffusers' layout (scale folded into lora_B): networks/diffusers_format.py
-        from anima_trainer.networks.diffusers_format import diffusers_tensors
         return diffusers_tensors(network, dtype)[0]
     dtype = dtype or torch.float32
     out = {}
@@ -104,7 +105,6 @@ def save(network: AdapterNetwork, path: str | Path, *, metadata_extra: dict[str,
          dtype: torch.dtype | None = None, overwrite: bool = False, save_format: str = "comfy") -> Path:
     """See AdapterNetwork.save."""
     if save_format == "diffusers":  # its own layout and key check: networks/diffusers_format.py
-        from anima_trainer.networks.diffusers_format import save_diffusers
         return save_diffusers(network, path, metadata=metadata_extra, dtype=dtype, overwrite=overwrite)
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -129,8 +129,6 @@ def save(network: AdapterNetwork, path: str | Path, *, metadata_extra: dict[str,
 
 def load_weights(network: AdapterNetwork, path: str | Path, *, fresh_missing_side: bool = False) -> list[str]:
     """See AdapterNetwork.load_weights."""
-    from anima_trainer.networks.convert import read_comfy_named
-
     path = Path(path)
     check_network_file(path)
     sd = read_comfy_named(path, network.dit, network.text_encoder, network_has_te=network.trains_text_encoder,

@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from anima_trainer.models.checkpoint import CheckpointError, read_header
+
 COMFY_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
 TE_COMFY_PREFIX = "text_encoders.qwen3_06b.transformer.model."  # ComfyUI's generic CLIP name for Anima's Qwen3
@@ -68,7 +70,6 @@ def alpha_value(t: torch.Tensor, key: str) -> float:
 def check_network_file(path: str | Path) -> None:
     """NetworkError saying why an existing `path` is not a readable safetensors file (a folder, a pipe, no read
     permission, truncated, a bad header), from its header alone; a missing file is left to the reader."""
-    from anima_trainer.models.checkpoint import CheckpointError, read_header
 
     if Path(path).exists():
         try:

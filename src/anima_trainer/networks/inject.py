@@ -217,6 +217,11 @@ def target_matches(target: str, name: str) -> bool:
     return name.rsplit(".", 1)[-1] == target
 
 
+def linear_paths(dit: nn.Module) -> frozenset[str]:
+    """Module paths of every Linear of the DiT (LoRA in diffusers' layout exists only for those)."""
+    return frozenset(n for n, m in dit.named_modules() if isinstance(m, nn.Linear))
+
+
 def find_target_modules(dit: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
     """{dotted path: Linear} of every Linear of the DiT (LLM adapter included) that one of `targets` matches,
     in module order.  An entry that matches no Linear is an error naming it: a typo would otherwise train

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anima_trainer.networks.base import AdapterModule, AdapterNetwork, create_network
+from anima_trainer.networks.base import AdapterModule, AdapterNetwork
 from anima_trainer.networks.formats import NetworkError
 from anima_trainer.networks.inject import parse_bool
 
 NETWORK_MODULE = "anima_trainer.networks.lora"
 LoRANetwork = AdapterNetwork  # the network class is shared by every algorithm
 
-__all__ = ["NETWORK_MODULE", "LoRAModule", "LoRANetwork", "build", "create_network"]
+__all__ = ["NETWORK_MODULE", "LoRAModule", "LoRANetwork", "build"]
 
 
 class LoRAModule(AdapterModule):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from anima_trainer.networks import loha, lokr, lora
 from anima_trainer.networks.base import AdapterNetwork, find_norms
 from anima_trainer.networks.convert import read_comfy_named, read_network
 from anima_trainer.networks.formats import (
@@ -119,8 +120,6 @@ def create_network_from_weights(dit: nn.Module, path: str | Path, dropout: float
     """The network `path` describes, injected into `dit` (and `text_encoder`), with the file's weights loaded.
 
     A file with text-encoder modules needs `text_encoder` (the Qwen3Model); a NetworkError says so otherwise."""
-    from anima_trainer.networks import loha, lokr, lora
-
     check_network_file(path)
     sd = read_comfy_named(path, dit, text_encoder, network_has_te=text_encoder is not None)
     _, meta = read_network(path)

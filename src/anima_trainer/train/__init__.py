@@ -1,1 +1,21 @@
-"""How it learns: flow maths (flow.py), optimizer/schedule (optim.py), save plan (state.py), loop (loop.py)."""
+"""How it learns: the objective, the loop, the optimizer, and everything a run writes.
+
+    budget.py         the start-up budget: what a step, an epoch and a preview will need, checked first
+    checkpoints.py    what the loop writes to keep work safe: network files, states, resume checks
+    distributed.py    data-parallel training over processes started by `accelerate launch` / `torchrun`
+    events.py         the run's event log and the resolved-config file
+    file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
+    flow.py           rectified-flow maths: timestep sampling, noising, velocity target, loss weighting
+    inputs.py         what a step consumes: captions → DiT context, cached latents
+    lock.py           one run per output_dir / output_name
+    loop.py           the training loop (`run_training`, `train`)
+    model_setup.py    the frozen base models loaded and the DiT prepared with its network and speed levers
+    monitor.py        per-step metrics and alerts without a host-device sync on unlogged steps
+    optim.py          optimizers by kohya's `--optimizer_type` names
+    resume.py         training states for an exact resume
+    schedulers.py     learning-rate schedules by kohya's `--lr_scheduler` names
+    state.py          where network files go: kohya's names, retention, no clobbering
+    tracking.py       TensorBoard / wandb
+    validation.py     validation loss on the held-out images
+    vram_plan.py      `vram_budget_gb`: the fastest memory settings that fit
+"""

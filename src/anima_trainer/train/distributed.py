@@ -38,6 +38,8 @@ import torch
 import torch.distributed as tdist
 
 from anima_trainer.config import ConfigError
+from anima_trainer.fileio import atomic_write_bytes
+from anima_trainer.train.resume import read_nested, write_nested
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -349,9 +351,6 @@ def write_rank_rngs(folder: str | Path, states: list[dict]) -> None:
     streams are the state's `rng` files already, and single-process states stay as they were."""
     if len(states) <= 1:
         return
-    from anima_trainer.fileio import atomic_write_bytes
-    from anima_trainer.train.resume import write_nested
-
     folder = Path(folder)
     for rank, state in enumerate(states):
         write_nested(folder, RANK_RNG.format(rank=rank), state)
@@ -383,6 +382,4 @@ def read_rank_rng(folder: str | Path, rank: int, world_size: int) -> dict | None
     check_state_world(folder, world_size)
     if world_size == 1:
         return None
-    from anima_trainer.train.resume import read_nested
-
     return read_nested(Path(folder), RANK_RNG.format(rank=rank))

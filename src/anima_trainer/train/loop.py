@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.console import progress_disabled
 from anima_trainer.data.loader import run_batches
-from anima_trainer.download import ensure_tokenizers
-from anima_trainer.download.startup import with_tokenizer_dirs
+from anima_trainer.tools.download.startup import ensure_tokenizers, with_tokenizer_dirs
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.networks.merge import merge_base_weights
 from anima_trainer.sample.generate import render_previews

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from anima_trainer.cache.build import latent_mask
 from anima_trainer.config import ConfigError
+from anima_trainer.data.validation import ValidationSet
 from anima_trainer.train.flow import flow_loss, noisy_input
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,6 @@ class Validator:
         """Encode the first `max_batches` batches of a `data.validation.ValidationSet` once (`encode`: images
         [B, 3, H, W] in [0, 1] on `device` → latents [B, 16, 1, h, w], e.g. `vae.encode`) and draw their fixed
         noise.  `kwargs` go to the constructor (sigmas, seed, loss_type, huber_c, every_n_*)."""
-        from anima_trainer.cache.build import latent_mask
-
         plan = validation.batches()
         if max_batches is not None:
             plan = plan[:max_batches]
@@ -157,7 +157,7 @@ def build_validator(cfg, dataset, encode: Callable[[torch.Tensor], torch.Tensor]
     nothing is held out.  `encode` = `vae.encode`; `seed` = the training seed (default validation seed)."""
     if not check_validation(cfg, dataset):
         return None
-    validation = dataset.validation
+    validation = ValidationSet.from_dataset(dataset)
     vseed = cfg.validation_seed if cfg.validation_seed is not None else seed
     validator = Validator.build(validation, encode, device=device, max_batches=cfg.max_validation_steps, seed=vseed,
                                 loss_type=cfg.loss_type, huber_c=cfg.huber_c,

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anima_trainer.config.tomlw import toml_value
-from anima_trainer.download import sources, t5
-from anima_trainer.download.errors import DownloadError, VerificationError
-from anima_trainer.download.fetch import Context, Fetched, fetch_file, fetch_folder, source_chain
-from anima_trainer.download.sources import FileEntry, FolderEntry
-from anima_trainer.download.transfer import Options, sha256_file
-from anima_trainer.download.urls import SourceRef
 from anima_trainer.fileio import atomic_write_bytes
+from anima_trainer.models.safetensors_file import CheckpointError, read_header
+from anima_trainer.tools.download import sources, t5
+from anima_trainer.tools.download.errors import DownloadError, VerificationError
+from anima_trainer.tools.download.fetch import Context, Fetched, fetch_file, fetch_folder, source_chain
+from anima_trainer.tools.download.sources import FileEntry, FolderEntry
+from anima_trainer.tools.download.transfer import Options, sha256_file
+from anima_trainer.tools.download.urls import SourceRef
 
 log = logging.getLogger(__name__)
 RECORD = ".anima-trainer-downloads.json"
@@ -140,8 +141,6 @@ def _file_chain(entry: FileEntry, primary: SourceRef, fallback: SourceRef | None
 def _safetensors_check(part: Path) -> None:
     """What an unpinned model file must pass before it is installed: a safetensors header (known dtypes, tensors
     filling the file exactly).  Catches an HTML error page, a truncated file, a pickle or another format."""
-    from anima_trainer.models.checkpoint import CheckpointError, read_header
-
     try:
         read_header(part)
     except CheckpointError as e:

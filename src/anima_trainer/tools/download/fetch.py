@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
-from anima_trainer.download.errors import DownloadError, NotFoundError, SourceError, VerificationError
-from anima_trainer.download.transfer import SHA1_RE, SHA256_RE, Expected, Options, discard_partial, download
-from anima_trainer.download.urls import SourceRef
 from anima_trainer.fileio import fsync_dir
+from anima_trainer.tools.download.errors import DownloadError, NotFoundError, SourceError, VerificationError
+from anima_trainer.tools.download.transfer import SHA1_RE, SHA256_RE, Expected, Options, discard_partial, download
+from anima_trainer.tools.download.urls import SourceRef
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from anima_trainer.download.urls import SourceRef, parse_source
+from anima_trainer.tools.download.urls import SourceRef, parse_source
 
 HF_ENDPOINT = "https://huggingface.co"
 MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"

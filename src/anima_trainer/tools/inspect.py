@@ -34,7 +34,7 @@ from anima_trainer.networks.formats import (
     parse_patches,
     split_key,
 )
-from anima_trainer.networks.metadata_report import format_metadata_report, metadata_report
+from anima_trainer.tools.metadata_report import format_metadata_report, metadata_report
 
 KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "diff": "diff", "set": "set_weight"}
 METADATA_SHOWN = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",

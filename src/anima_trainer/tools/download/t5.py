@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anima_trainer.download.errors import SourceError
+from anima_trainer.tools.download.errors import SourceError
 
 SPECIAL_IDS = {"<pad>": 0, "</s>": 1, "<unk>": 2}
 SPM_PIECES = 32000

@@ -35,8 +35,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from anima_trainer.console import progress_disabled
-from anima_trainer.download.errors import NotFoundError, SourceError, VerificationError
 from anima_trainer.fileio import move_into_place
+from anima_trainer.tools.download.errors import NotFoundError, SourceError, VerificationError
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anima_trainer.config.errors import ConfigError
-from anima_trainer.download import sources, t5
-from anima_trainer.download.errors import SourceError
-from anima_trainer.download.fetch import Context, Fetched, fetch_folder, source_chain
-from anima_trainer.download.transfer import Options
-from anima_trainer.download.urls import SourceRef, parse_source
 from anima_trainer.models.diffusers_layout import tokenizer_dirs
+from anima_trainer.tools.download import sources, t5
+from anima_trainer.tools.download.errors import SourceError
+from anima_trainer.tools.download.fetch import Context, Fetched, fetch_folder, source_chain
+from anima_trainer.tools.download.transfer import Options
+from anima_trainer.tools.download.urls import SourceRef, parse_source
 
 if TYPE_CHECKING:
     from anima_trainer.config import TrainConfig
