@@ -346,9 +346,9 @@ def _sigterm_self(*args, **kwargs):
 
 
 def test_sigterm_at_start_up_is_the_ctrl_c_path(monkeypatch, tmp_path, capsys):
-    import anima_trainer.data as data_pkg
+    import anima_trainer.train.setup as setup_module
 
-    monkeypatch.setattr(data_pkg, "load_dataset_config", _sigterm_self)
+    monkeypatch.setattr(setup_module, "ensure_tokenizers", _sigterm_self)  # the first step of setup_run (issue 16)
     previous = signal.getsignal(signal.SIGTERM)
     assert cli.main(["cache", *FAKE_MODELS, "--output_dir", str(tmp_path)]) == 130
     assert one_error_line(capsys.readouterr().err).startswith("interrupted (SIGTERM): stopped;")
