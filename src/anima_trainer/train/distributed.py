@@ -10,7 +10,7 @@ gradients are averaged here, with one flattened all-reduce per step (`Distribute
 Sharding (`shard_batches`): batch k of an epoch's plan goes to process k mod world, and every process runs
 ceil(batches / world) of them — the short ones wrap around to the epoch's first batches (accelerate's
 `even_batches`), so all processes step at the same micro-batches and no collective waits forever.
-`train.loop.total_steps(cfg, batches, num_processes)` already counts ceil(ceil(batches / processes) /
+`train.setup.total_steps(cfg, batches, num_processes)` already counts ceil(ceil(batches / processes) /
 accumulation) optimizer steps per epoch.
 
 Only the main process (rank 0) writes network files, states, events, previews and validation logs; the
