@@ -16,8 +16,9 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import train_step as ts  # bench/ helper module
 
-from anima_trainer.train.loop import prepare_dit, training_step
-from anima_trainer.train.optim import build_optimizer
+from anima_trainer.train.flow import sample_seed, training_step  # noqa: E402
+from anima_trainer.train.model_setup import prepare_dit  # noqa: E402
+from anima_trainer.train.optim import build_optimizer  # noqa: E402
 
 KINDS = (("attention", ("flash", "fmha", "cudnn", "sdpa", "attention", "efficient")),
          ("gemm", ("gemm", "sm90", "sm80", "cutlass", "matmul", "xmma", "nvjet")),
@@ -58,7 +59,7 @@ def main() -> None:
     context = torch.randn(a.batch, 512, 1024, generator=gen).to(device, dtype)
 
     def step() -> None:
-        loss = training_step(dit, latents, context, cfg, gen, None, None, [1, 2, 3, 4][: a.batch])
+        loss = training_step(dit, latents, context, cfg, [sample_seed(0, 0, i, 0) for i in range(a.batch)])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -2,14 +2,15 @@
 
 One step is the loop's own code path, called here, not re-implemented:
 
-    loss = training_step(dit, latents, context, cfg, generator, mask, weights)   # noise, σ, DiT + LoRA, loss
+    loss = training_step(dit, latents, context, cfg, seeds)      # per-sample noise and σ, DiT + LoRA, loss
     scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
     scaler.unscale_(optimizer); clip_grad_norm_(params, cfg.max_grad_norm)
     scaler.step(optimizer); scaler.update(); scheduler.step()
     optimizer.zero_grad(set_to_none=True); loss.item()
 
-with the DiT (random weights, frozen, built straight on the device), `create_network` (LoRA on the default
-targets), `build_optimizer` (AdamW, fused on CUDA) and `build_scheduler` as in the loop.  Inputs are what a
+with the DiT (random weights, frozen, built straight on the device), `prepare_dit` (LoRA on the default
+targets) and `setup_optimization` (train/setup.py: optimizer, AdamW fused on CUDA, schedule, scaler) as in the
+loop; the noise seeds are the loop's `sample_seed(seed, epoch, item, 0)`.  Inputs are what a
 cached run feeds the step: fp32 latents [B, 16, 1, H/8, W/8] and an adapter context [B, 512, crossattn_dim]
 in the model dtype (a cached or frozen LLM adapter: no text encoder, VAE or data loading is timed).
 
@@ -44,8 +45,9 @@ import torch
 from anima_trainer.config import TrainConfig
 from anima_trainer.dtypes import PRECISION_DTYPES, PRECISIONS
 from anima_trainer.models.dit import AnimaDiT
-from anima_trainer.train.loop import WEIGHT_DTYPES, prepare_dit, training_step
-from anima_trainer.train.optim import build_optimizer, build_scheduler, resolve_warmup
+from anima_trainer.train.flow import sample_seed, training_step
+from anima_trainer.train.model_setup import WEIGHT_DTYPES, prepare_dit
+from anima_trainer.train.setup import setup_optimization
 
 try:  # run as a script: bench/ is sys.path[0]
     from dit_step import CONFIGS, CONTEXT_ROWS, forward_flops, peak_tflops
@@ -132,12 +134,8 @@ def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, 
     dit = build_dit(args.config, torch.device("cpu") if cfg.blocks_to_swap else device, dtype)
     c = dit.config
     network, kernel = prepare_dit(cfg, dit, device, dtype, tokens={(resolution // 16) ** 2}, batch=batch)
-    lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    max_steps = cfg.max_train_steps
-    optimizer = build_optimizer(network.param_groups(lr), lr, cfg.optimizer_args, device)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, resolve_warmup(cfg.lr_warmup_steps, max_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    optim = setup_optimization(cfg, network, device, dtype, cfg.max_train_steps)
+    optimizer, scheduler, scaler = optim.optimizer, optim.scheduler, optim.scaler
     params = network.trainable_parameters()
 
     lat = resolution // 8
@@ -145,8 +143,11 @@ def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, 
     latents = torch.randn(batch, c.in_channels, 1, lat, lat, generator=gen).to(device)  # fp32, as cached
     context = torch.randn(batch, CONTEXT_ROWS, c.crossattn_dim, generator=gen).to(device, dtype)
 
+    steps = iter(range(args.warmup + args.steps))
+
     def step() -> float:
-        loss = training_step(dit, latents, context, cfg, generator, None, None)
+        seeds = [sample_seed(args.seed, next(steps), i, 0) for i in range(batch)]  # as the loop: epoch, item
+        loss = training_step(dit, latents, context, cfg, seeds)
         scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
         if cfg.max_grad_norm:

@@ -356,12 +356,14 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_cache(argv: list[str]) -> int:
-    """`cache` takes the same flags/TOML as `train` and builds every cache on disk, then stops."""
+    """`cache` takes the same flags/TOML as `train` and builds every cache on disk, then stops.  The start of the
+    run is train's own (train/setup.py `setup_run`: seed, tokenizers, dataset), so `train` reuses every entry."""
     import torch
 
     from anima_trainer.config import parse_train_args
-    from anima_trainer.data import build_dataset, load_dataset_config
-    from anima_trainer.train.loop import WEIGHT_DTYPES, load_models, prepare_caches
+    from anima_trainer.train.inputs import prepare_caches
+    from anima_trainer.train.model_setup import WEIGHT_DTYPES, load_models
+    from anima_trainer.train.setup import setup_run
 
     cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
     console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
@@ -372,15 +374,10 @@ def cmd_cache(argv: list[str]) -> int:
         print("notice: this config trains a text-encoder LoRA (kohya's default), so its training reads no text "
               "cache; the text cache is built for runs with network_train_unet_only = true and "
               "cache_text_encoder_outputs(_to_disk)", file=sys.stderr)
-    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=cfg.seed or 0, strict_captions=cfg.strict_captions)
-    from anima_trainer.tools.download.startup import ensure_tokenizers, with_tokenizer_dirs
-
+    setup = setup_run(cfg, command="cache")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ensure_tokenizers(cfg)
-    cfg = with_tokenizer_dirs(cfg)  # unset tokenizer folders: the tokenizer cache
-    models = load_models(cfg, device, WEIGHT_DTYPES[cfg.mixed_precision])
-    prepare_caches(cfg, dataset, models, None, force_disk=True)
+    models = load_models(setup.cfg, device, WEIGHT_DTYPES[setup.cfg.mixed_precision])
+    prepare_caches(setup.cfg, setup.dataset, models, None, force_disk=True)
     return 0
 
 

@@ -41,7 +41,7 @@ def _load(saved: dict, folder: Path, optimizer: torch.optim.Optimizer | None = N
     optimizer = optimizer or saved["run"].optimizer
     return states.load_state(folder, network=saved["run"].network, optimizer=optimizer,
                              scheduler=build_scheduler(optimizer, "linear", 10),
-                             scaler=torch.amp.GradScaler("cpu", enabled=False), generator=torch.Generator(), **kwargs)
+                             scaler=torch.amp.GradScaler("cpu", enabled=False), **kwargs)
 
 
 def _resign(folder: Path) -> None:

@@ -287,12 +287,12 @@ def test_os_errors_lose_errno_and_say_what_to_do():
 
 def test_ctrl_c_at_start_up_and_in_cache_is_one_line(monkeypatch, tmp_path, capsys):
     import anima_trainer.config as config_pkg
-    import anima_trainer.data as data_pkg
+    import anima_trainer.train.setup as setup_module
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data_pkg, "load_dataset_config", interrupt)
+    monkeypatch.setattr(setup_module, "ensure_tokenizers", interrupt)  # the first step of setup_run (issue 16)
     assert cli.main(["cache", *FAKE_MODELS, "--output_dir", str(tmp_path)]) == 130
     assert one_error_line(capsys.readouterr().err).startswith("interrupted: stopped;")
     monkeypatch.setattr(config_pkg, "parse_train_args", interrupt)
@@ -346,9 +346,9 @@ def _sigterm_self(*args, **kwargs):
 
 
 def test_sigterm_at_start_up_is_the_ctrl_c_path(monkeypatch, tmp_path, capsys):
-    import anima_trainer.data as data_pkg
+    import anima_trainer.train.setup as setup_module
 
-    monkeypatch.setattr(data_pkg, "load_dataset_config", _sigterm_self)
+    monkeypatch.setattr(setup_module, "ensure_tokenizers", _sigterm_self)  # the first step of setup_run (issue 16)
     previous = signal.getsignal(signal.SIGTERM)
     assert cli.main(["cache", *FAKE_MODELS, "--output_dir", str(tmp_path)]) == 130
     assert one_error_line(capsys.readouterr().err).startswith("interrupted (SIGTERM): stopped;")

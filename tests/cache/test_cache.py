@@ -117,6 +117,28 @@ def test_cache_command_then_cached_training_matches_uncached(project, tmp_path):
     assert len(list((project["images"] / CACHE_FOLDER).glob("*.safetensors"))) == 8  # all reused, none added
 
 
+def test_cache_command_then_training_reuses_every_entry_with_random_captions_and_no_seed(project):
+    """issue 16: `cache` and `train` share their start (train/setup.py setup_run), so with `seed` unset (42 in
+    both; `cache` used 0) and captions that change every step (caption variants), every entry `cache` built is
+    what `train` reads: nothing is built again."""
+    lines = project["toml"].read_text().splitlines()
+    project["toml"].write_text("\n".join(line for line in lines if not line.startswith("seed =")) + "\n")
+    text = project["dataset"].read_text().replace("batch_size = 4\n", "batch_size = 4\nshuffle_caption = true\n"
+                                                  "caption_dropout_rate = 0.3\n")
+    project["dataset"].write_text(text)
+    for f in project["images"].glob("*.txt"):
+        f.write_text(f.read_text().replace(" on a ", ", ").replace(" ", ", "))  # tags to shuffle
+    args = ["--config_file", str(project["toml"])]
+    assert parse_train_args(args).seed is None
+    assert main(["cache", *args]) == 0
+    folder = project["images"] / CACHE_FOLDER
+    built = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
+    assert len(built) > 4 + 4  # 4 latents + the caption variants (more than one caption per image) + ""
+    run = run_training(parse_train_args([*args, "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk"]))
+    assert run.steps == 3
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")} == built  # all reused, none added
+
+
 def test_caption_variants_are_deterministic_and_respect_dropout(project):
     from anima_trainer.cache.variants import CaptionVariants
 

@@ -264,7 +264,7 @@ def test_bad_toml_and_direct_construction(tmp_path):
 
 def test_t5_tokenizer_defaults_are_the_download_table():
     """config (the lowest layer) spells the T5 tokenizer defaults itself; they must stay download's table."""
-    from anima_trainer.download.sources import T5_TOKENIZER as t5
+    from anima_trainer.tools.download.sources import T5_TOKENIZER as t5
 
     fields = TrainConfig.model_fields
     assert (fields["t5_tokenizer_repo_id"].default, fields["t5_tokenizer_subfolder"].default,

@@ -91,7 +91,7 @@ def _seeds_per_step(monkeypatch) -> list:
     skips the DiT: these tests are about which data each step sees, and it is chosen before the loss."""
     seen: list = []
 
-    def spy(dit, latents, context, cfg, generator, mask=None, weights=None, seeds=None):
+    def spy(dit, latents, context, cfg, seeds, mask=None, sample_weights=None):
         seen.append(tuple(seeds))
         return torch.zeros((), requires_grad=True)
 

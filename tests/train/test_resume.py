@@ -68,6 +68,35 @@ def test_interrupted_and_resumed_run_is_bit_identical(setup, tmp_path, monkeypat
     assert states.read_progress(out / "demo_lora-state").step == 7
 
 
+def _as_old_state(folder: Path) -> None:
+    """Rewrite a state as states were written before issue 16: its RNG streams also hold the loop's shared noise
+    generator (created, saved and restored, never drawn from), with the manifest updated to match."""
+    rng = states.read_nested(folder, "rng")
+    assert "generator" not in rng  # new states no longer hold it
+    for name in ("rng.json", "rng.safetensors"):
+        (folder / name).unlink()
+    states.write_nested(folder, "rng", {**rng, "generator": torch.Generator().manual_seed(5).get_state(),
+                                        "generator_device": "cpu"})
+    record = json.loads((folder / states.TRAIN_STATE).read_text())
+    record["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+                       if p.is_file() and p.name != states.TRAIN_STATE}
+    (folder / states.TRAIN_STATE).write_text(json.dumps(record))
+
+
+def test_a_state_written_with_the_old_generator_still_resumes_bit_identically(setup, tmp_path, monkeypatch):
+    reference = run_training(_config(setup, tmp_path / "ref", steps=5))
+    _crash_after(monkeypatch, 3)  # dies after the step-2 state
+    with pytest.raises(Crash):
+        run_training(_config(setup, tmp_path / "cut", steps=5))
+    monkeypatch.undo()
+    state = tmp_path / "cut" / "output" / "demo_lora-step00000002-state"
+    _as_old_state(state)
+    assert "generator" in states.read_nested(state, "rng")
+    resumed = run_training(_config(setup, tmp_path / "cut", "--resume", str(state), steps=5))
+    ref, got = load_file(reference.final_path), load_file(resumed.final_path)
+    assert resumed.steps == 5 and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_state_contents_retention_and_latest(setup, tmp_path):
     cfg = _config(setup, tmp_path / "r", "--save_last_n_steps_state", "2", steps=6)
     run_training(cfg)

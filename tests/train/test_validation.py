@@ -11,7 +11,8 @@ from anima_trainer.data import ValidationSet, build_dataset, parse_dataset_confi
 from anima_trainer.demo import write_shapes_dataset
 from anima_trainer.models import load_dit, load_text_encoder, load_vae
 from anima_trainer.networks import create_network
-from anima_trainer.train.loop import TextConditioner, training_step
+from anima_trainer.train.flow import sample_seed, training_step
+from anima_trainer.train.loop import TextConditioner
 from anima_trainer.train.validation import (
     VALIDATION_SIGMAS,
     Validator,
@@ -160,11 +161,11 @@ def test_validation_between_steps_does_not_change_training(env):
                 p.copy_(p0)
         opt = torch.optim.SGD(params, lr=cfg.learning_rate)
         torch.manual_seed(9)
-        generator = torch.Generator().manual_seed(9)
         losses = []
-        for _ in range(3):
+        for step in range(3):
             env["network"].train()
-            loss = training_step(env["dit"], latents, env["conditioner"].context(batch.captions), cfg, generator)
+            seeds = [sample_seed(9, step, i, 0) for i in range(latents.shape[0])]
+            loss = training_step(env["dit"], latents, env["conditioner"].context(batch.captions), cfg, seeds)
             loss.backward()
             opt.step()
             opt.zero_grad()

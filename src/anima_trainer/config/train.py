@@ -174,7 +174,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     seed: int | None = Field(None, ge=0, lt=2**32, description="seed of data order, noise and σ (unset: 42)")
     gradient_checkpointing: bool = Field(False, description="recompute each DiT block in backward: much less "
         "activation memory, slower")
-    # memory levers (models/memory.py, docs/performance.md); all give the same gradients as without
+    # memory levers (models/block_runner.py, models/fp8.py, docs/performance.md); all give the same gradients as without
     checkpoint_blocks: int | None = Field(None, ge=0, description="with gradient_checkpointing: checkpoint only the "
                                           "first N DiT blocks (default: all); the rest keep activations (faster)")
     checkpoint_mode: Literal["full", "selective"] = Field(
@@ -480,7 +480,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
         return not self.resume_snapshot_strict
 
     def _check_memory_options(self) -> None:
-        """Options that only act together with another one; fp8 storage and DoRA (models/memory.py)."""
+        """Options that only act together with another one; fp8 storage and DoRA (models/fp8.py)."""
         if not self.gradient_checkpointing:
             needs = [k for k in ("cpu_offload_checkpointing", "unsloth_offload_checkpointing") if getattr(self, k)]
             needs += ["checkpoint_blocks"] if self.checkpoint_blocks is not None else []
@@ -501,7 +501,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
                              "of them off")
 
     def memory_options(self) -> dict[str, Any]:
-        """Keyword arguments of models.memory.setup_memory / estimate_training_memory for this config."""
+        """Keyword arguments of models.block_runner.setup_memory / train.memory_estimate.estimate_training_memory."""
         return {"gradient_checkpointing": self.gradient_checkpointing, "checkpoint_blocks": self.checkpoint_blocks,
                 "checkpoint_mode": self.checkpoint_mode,
                 "cpu_offload_checkpointing": self.cpu_offload_checkpointing or self.unsloth_offload_checkpointing,

@@ -51,6 +51,7 @@ UPSCALE_NOTE_FACTOR) are listed in `ds.notices`.  Per case:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -128,7 +129,7 @@ class AnimaDataset:
         self.params = params
         self.items = items
         self.seed = seed
-        # set by the trainer: needed for a fractional token_warmup_step, and to count optimizer steps
+        # the run's schedule (`scheduled`): needed for a fractional token_warmup_step, and to count optimizer steps
         self.max_train_steps: int | None = None
         self.gradient_accumulation_steps = 1
         self.skipped: list[tuple[Path, str]] = list(skipped or [])  # files left out at scan, with why
@@ -192,6 +193,13 @@ class AnimaDataset:
     def subset_params(self, index: int) -> SubsetParams:
         item = self.items[index]
         return self.params[item.dataset_index].subsets[item.subset_index]
+
+    def scheduled(self, max_train_steps: int, gradient_accumulation_steps: int) -> AnimaDataset:
+        """This dataset for a run of `max_train_steps` optimizer steps of `gradient_accumulation_steps` batches
+        (token warmup reads them): a shallow copy, this one is left as it was."""
+        run = copy.copy(self)
+        run.max_train_steps, run.gradient_accumulation_steps = max_train_steps, gradient_accumulation_steps
+        return run
 
     def caption_params(self, index: int) -> CaptionParams:
         return self.subset_params(index).caption

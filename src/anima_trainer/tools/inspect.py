@@ -221,7 +221,7 @@ def format_report(r: dict) -> str:
     if r["norm_diffs"]:
         lines.append(f"  1-D params patched (norm gains, biases): {', '.join(r['norm_diffs'])}")
     kohya_lines = format_metadata_report(r["file_metadata"]) if r.get("file_metadata") else []
-    if kohya_lines:  # the kohya metadata section (networks/metadata_report.py)
+    if kohya_lines:  # the kohya metadata section (tools/metadata_report.py)
         lines.extend(kohya_lines)
     elif r["metadata"]:  # other trainers' files: the keys as they are
         lines.append("  metadata: " + "; ".join(f"{k}={v if len(v) < 80 else v[:77] + '...'}"

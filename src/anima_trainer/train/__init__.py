@@ -5,7 +5,8 @@
     distributed.py    data-parallel training over processes started by `accelerate launch` / `torchrun`
     events.py         the run's event log and the resolved-config file
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
-    flow.py           rectified-flow maths: timestep sampling, noising, velocity target, loss weighting
+    flow.py           rectified-flow maths and the objective: timestep sampling, noising, velocity target, loss
+                      weighting, `training_step`, per-sample noise seeds
     inputs.py         what a step consumes: captions → DiT context, cached latents
     lock.py           one run per output_dir / output_name
     loop.py           the training loop (`run_training`, `train`)
@@ -14,6 +15,8 @@
     optim.py          optimizers by kohya's `--optimizer_type` names
     resume.py         training states for an exact resume
     schedulers.py     learning-rate schedules by kohya's `--lr_scheduler` names
+    setup.py          the start of a run shared by train, cache and the benchmarks: seed, tokenizers, dataset,
+                      run plan, optimizer
     state.py          where network files go: kohya's names, retention, no clobbering
     tracking.py       TensorBoard / wandb
     validation.py     validation loss on the held-out images

@@ -235,23 +235,25 @@ def _saved_step(path: Path) -> int | None:
 class Checkpointer:
     """Network files and training states of one run (see the module doc)."""
 
-    def __init__(self, cfg: TrainConfig, network, *, optimizer, scheduler, scaler, generator: torch.Generator,
+    def __init__(self, cfg: TrainConfig, network, *, optimizer, scheduler, scaler,
                  snapshot: dict, metadata: Callable[[int, int], dict[str, str]], events: Any = None,
-                 dist: Any = None,
+                 dist: Any = None, save_every_n_epochs: int | None = None,
                  before_save: Callable[[], None] = lambda: None, after_save: Callable[[], None] = lambda: None,
                  ) -> None:
         out = Path(cfg.output_dir)
         self.cfg, self.network = cfg, network
-        self.optimizer, self.scheduler, self.scaler, self.generator = optimizer, scheduler, scaler, generator
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.snapshot, self.metadata, self.events = snapshot, metadata, events
         self.dist = dist or Distributed()  # several processes: all gather RNG states, the main one writes
         self._rank_rngs: list[dict] | None = None
         self.before_save, self.after_save = before_save, after_save  # e.g. schedule-free eval/train switch
+        # save_every_n_epochs: the run plan's (what save_n_epoch_ratio makes of it); unset: the config's
+        every_n_epochs = save_every_n_epochs if save_every_n_epochs is not None else cfg.save_every_n_epochs
         self.files = SavePlan(out, cfg.output_name, every_n_steps=cfg.save_every_n_steps,
-                              every_n_epochs=cfg.save_every_n_epochs, keep_last_n_steps=cfg.save_last_n_steps,
+                              every_n_epochs=every_n_epochs, keep_last_n_steps=cfg.save_last_n_steps,
                               keep_last_n_epochs=cfg.save_last_n_epochs, overwrite=cfg.overwrite)
         self.states = StatePlan(out, cfg.output_name, every_n_steps=cfg.save_every_n_steps,
-                                every_n_epochs=cfg.save_every_n_epochs,
+                                every_n_epochs=every_n_epochs,
                                 keep_last_n_steps=cfg.save_last_n_steps_state,
                                 keep_last_n_epochs=cfg.save_last_n_epochs_state, overwrite=True)
         self.save_dtype = PRECISION_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
@@ -324,7 +326,7 @@ class Checkpointer:
                    if isinstance(v, torch.Tensor) and v.is_floating_point()}
         check_finite_state(moments, str(folder))
         folder = states.save_state(folder, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler,
-                                   scaler=self.scaler, generator=self.generator, progress=progress,
+                                   scaler=self.scaler, progress=progress,
                                    snapshot=self.snapshot, config=config_record(self.cfg), overwrite=True,
                                    extra=self._extra_files)
         if self.events is not None:
@@ -376,7 +378,7 @@ class Checkpointer:
 
     def _save(self, network_file: Callable[[], Any], state: Callable[[], Any] | None) -> None:
         # every process's RNG goes into a state (each resumes its own streams); only the main one writes
-        self._rank_rngs = (self.dist.gather_objects(states.capture_rng(self.generator))
+        self._rank_rngs = (self.dist.gather_objects(states.capture_rng())
                            if state is not None and self.dist.enabled else None)
         if not self.dist.is_main:
             return

@@ -10,7 +10,7 @@ gradients are averaged here, with one flattened all-reduce per step (`Distribute
 Sharding (`shard_batches`): batch k of an epoch's plan goes to process k mod world, and every process runs
 ceil(batches / world) of them — the short ones wrap around to the epoch's first batches (accelerate's
 `even_batches`), so all processes step at the same micro-batches and no collective waits forever.
-`train.loop.total_steps(cfg, batches, num_processes)` already counts ceil(ceil(batches / processes) /
+`train.setup.total_steps(cfg, batches, num_processes)` already counts ceil(ceil(batches / processes) /
 accumulation) optimizer steps per epoch.
 
 Only the main process (rank 0) writes network files, states, events, previews and validation logs; the
@@ -67,8 +67,8 @@ def shard_batches(num_batches: int, rank: int, world: int) -> list[int]:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of process `rank`'s noise generator (and of its dropout draws once the network is built):
-    `seed + rank`, so rank 0 keeps the single-process stream and no two processes draw the same noise."""
+    """The seed of process `rank`'s dropout draws once the network is built (each sample's noise has its own seed):
+    `seed + rank`, so rank 0 keeps the single-process stream and no two processes draw the same dropout."""
     return seed + rank
 
 
@@ -297,7 +297,7 @@ class Distributed:
         return not self.any_true(not flag)
 
     def gather_objects(self, obj: Any) -> list[Any]:
-        """Every process's `obj` (picklable), in rank order, in every process (e.g. `capture_rng(generator)`
+        """Every process's `obj` (picklable), in rank order, in every process (e.g. `capture_rng()`
         of each process for a state the main process writes)."""
         if not self.enabled:
             return [obj]
@@ -347,7 +347,7 @@ class Distributed:
 
 def write_rank_rngs(folder: str | Path, states: list[dict]) -> None:
     """Into a state folder being written (save_state's `extra(tmp)`): every process's RNG streams
-    (`gather_objects(capture_rng(generator))`) and the number of processes.  Nothing for one process: its
+    (`gather_objects(capture_rng())`) and the number of processes.  Nothing for one process: its
     streams are the state's `rng` files already, and single-process states stay as they were."""
     if len(states) <= 1:
         return

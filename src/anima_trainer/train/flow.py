@@ -1,4 +1,5 @@
-"""Rectified-flow training maths: timestep sampling, noising, velocity target, loss and weighting.
+"""Rectified-flow training maths: timestep sampling, noising, velocity target, loss and weighting, and the
+objective itself (`training_step`, with each sample's noise seeded by `sample_seed`).
 
 Conventions (docs/anima_arch.md §7, kohya_anima.md §4.2–4.3): x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0,
 the DiT receives σ ∈ [0, 1] in **fp32** (kohya rounds it to bf16 first; we do not).
@@ -6,12 +7,15 @@ the DiT receives σ ∈ [0, 1] in **fp32** (kohya rounds it to bf16 first; we do
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from anima_trainer.train.inputs import to_device
 
 TIMESTEP_SAMPLINGS = ("sigmoid", "uniform", "sigma", "shift", "flux_shift")
 WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
@@ -216,6 +220,42 @@ def draw_noise_and_sigma(n: int, shape: tuple[int, ...], generator: torch.Genera
         xi = torch.randn((n, *shape), generator=generator, device=gen_device)
         noise_in = noise + gamma.view(n, *([1] * len(shape))).to(xi.device) * xi
     return noise, sigma, noise_in
+
+
+def sample_seed(seed: int, epoch: int, index: int, occurrence: int) -> int:
+    """The noise/σ seed of one sample: a hash of (seed, epoch, dataset item, occurrence in the epoch)."""
+    digest = hashlib.blake2b(f"anima-trainer/noise/{seed}/{epoch}/{index}/{occurrence}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+def training_step(dit: torch.nn.Module, latents: torch.Tensor, context: torch.Tensor, cfg: Any,
+                  sample_seeds: list[int], mask: torch.Tensor | None = None,
+                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0.
+
+    Each sample's noise and σ come from its own seed (`sample_seed`: the loop derives it from the seed, the
+    epoch and the item), so they do not depend on how samples are batched or sharded across processes.  kohya's
+    noise options (noise offset, multires, input perturbation, timestep range: `draw_noise_and_sigma`) draw
+    from the same per-sample generator."""
+    device = latents.device
+    patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+    options = NoiseOptions.from_config(cfg)  # noise offset, multires, input perturbation, timestep range
+
+    def draw(x0: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return draw_noise_and_sigma(
+            1, tuple(latents.shape[1:]), torch.Generator().manual_seed(seed), options, x0=x0,
+            method=cfg.timestep_sampling, sigmoid_scale=cfg.sigmoid_scale, shift=cfg.discrete_flow_shift,
+            weighting_scheme=cfg.weighting_scheme, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+            mode_scale=cfg.mode_scale, patches=patches)
+
+    if len(sample_seeds) != latents.shape[0]:
+        raise ValueError(f"training_step: {len(sample_seeds)} sample seeds for a batch of {latents.shape[0]}")
+    drawn = [draw(latents[i:i + 1], s) for i, s in enumerate(sample_seeds)]
+    noise, sigma, noise_in = (to_device(torch.cat(parts), device) for parts in zip(*drawn, strict=True))
+    x_t = noisy_input(latents, noise_in, sigma)  # ip_noise_gamma perturbs the input only, not the target
+    pred = dit(x_t, sigma, context)
+    return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
+                     weighting_scheme=cfg.weighting_scheme, mask=mask, sample_weights=sample_weights)
 
 
 # --- start-up notices: options that do nothing for Anima, or do more here than in kohya's Anima trainer ---------

@@ -1,50 +1,39 @@
 """The training loop: batch → latents + context → noise and σ → DiT with injected LoRA → loss → step → save.
 
-Read it like minRF: `run_training()` sets up (data, models, network, optimizer, schedule, resume, logging) and
-`_loop()` runs `training_step` until `max_train_steps`.  Inputs and caches: train/inputs.py; saves, states and
-resume checks: train/checkpoints.py and train/resume.py; metrics and alerts: train/monitor.py; the validation
-loss: train/validation.py.
+Read it like nanoGPT's train.py: `run_training()` sets up (train/setup.py: seed, tokenizers, dataset, run plan,
+optimizer; then models, network, resume, logging) and `_loop()` runs the objective (train/flow.py
+`training_step`) until the plan's `max_steps`.  Inputs and caches: train/inputs.py; saves, states and resume
+checks: train/checkpoints.py and train/resume.py; metrics and alerts: train/monitor.py; the validation loss:
+train/validation.py.  Nothing here writes onto the config or the dataset: derived values live in the RunPlan.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.console import progress_disabled
+from anima_trainer.data.dataset import AnimaDataset, Batch
 from anima_trainer.data.loader import run_batches
-from anima_trainer.tools.download.startup import ensure_tokenizers, with_tokenizer_dirs
+from anima_trainer.data.scan import write_dataset_report
 from anima_trainer.models.compile import image_tokens
+from anima_trainer.networks.base import AdapterNetwork
 from anima_trainer.networks.merge import merge_base_weights
 from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled
-from anima_trainer.train.flow import (
-    NoiseOptions,
-    draw_noise_and_sigma,
-    flow_loss,
-    noisy_input,
-    objective_notices,
-)
-from anima_trainer.train.inputs import Caches as Caches
-from anima_trainer.train.inputs import StepInput as StepInput
-from anima_trainer.train.inputs import TextConditioner as TextConditioner
-from anima_trainer.train.inputs import check_masked_loss
-from anima_trainer.train.inputs import epoch_inputs as epoch_inputs
-from anima_trainer.train.inputs import prepare_caches as prepare_caches
-from anima_trainer.train.inputs import report_long_captions as report_long_captions
-from anima_trainer.train.inputs import to_device
 from anima_trainer.train.budget import MAX_TEXT_TOKENS, check_before_models, check_text_tokens
 from anima_trainer.train.checkpoints import (
     Checkpointer,
@@ -62,13 +51,14 @@ from anima_trainer.train.distributed import (
     needs_cpu_backend,
     read_rank_rng,
 )
-from anima_trainer.train.file_metadata import RunMetadata
 from anima_trainer.train.events import EventLog, config_for_log, events_path
+from anima_trainer.train.file_metadata import RunMetadata
+from anima_trainer.train.flow import sample_seed, training_step
+from anima_trainer.train.inputs import Caches, TextConditioner, epoch_inputs, prepare_caches, report_long_captions
 from anima_trainer.train.lock import RunLock
-from anima_trainer.train.model_setup import WEIGHT_DTYPES as WEIGHT_DTYPES
-from anima_trainer.train.model_setup import Models as Models
 from anima_trainer.train.model_setup import (
-    check_network_options,
+    WEIGHT_DTYPES,
+    Models,
     kohya_text_encoder_notice,
     load_models,
     module_counts,
@@ -76,19 +66,24 @@ from anima_trainer.train.model_setup import (
     prepare_text_encoder,
 )
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
-from anima_trainer.train.optim import (
-    build_optimizer,
-    build_scheduler,
-    component_lrs,
-    effective_lrs,
-    set_optimizer_train_mode,
-    use_full_half,
+from anima_trainer.train.optim import effective_lrs, set_optimizer_train_mode
+from anima_trainer.train.resume import Progress, find_latest_state, load_state, remove_stale_temporaries, restore_rng
+from anima_trainer.train.schedulers import build_scheduler, describe_schedule, schedule_options
+from anima_trainer.train.setup import (
+    Optimization,
+    RunPlan,
+    check_trained_adapter_not_cached,
+    run_seed,
+    setup_optimization,
+    setup_run,
 )
-from anima_trainer.train.resume import Progress, load_state, remove_stale_temporaries, restore_rng
-from anima_trainer.train.schedulers import describe_schedule, schedule_options
+from anima_trainer.train.setup import total_steps as total_steps  # tests/config, test_distributed use it here
 from anima_trainer.train.tracking import log_images, resolve_tracking, start_tensorboard, start_trackers
-from anima_trainer.train.validation import build_validator, check_validation
+from anima_trainer.train.validation import Validator, build_validator
 from anima_trainer.train.vram_plan import adapter_trained, apply_plan
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -138,56 +133,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def training_step(dit, latents: torch.Tensor, context: torch.Tensor, cfg: TrainConfig,
-                  generator: torch.Generator, mask: torch.Tensor | None = None,
-                  sample_weights: torch.Tensor | None = None, sample_seeds: list[int] | None = None) -> torch.Tensor:
-    """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0.
-
-    With `sample_seeds` each sample's noise and σ come from its own seed (the loop derives it from the seed,
-    the epoch and the item), so they do not depend on how samples are batched or sharded across processes;
-    otherwise they are drawn from `generator`.  kohya's noise options (noise offset, multires, input
-    perturbation, timestep range: flow.draw_noise_and_sigma) draw from the same generator."""
-    device = latents.device
-    patches = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-
-    options = NoiseOptions.from_config(cfg)  # noise offset, multires, input perturbation, timestep range
-
-    def draw(x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return draw_noise_and_sigma(
-            x0.shape[0], tuple(latents.shape[1:]), gen, options, x0=x0, method=cfg.timestep_sampling,
-            sigmoid_scale=cfg.sigmoid_scale, shift=cfg.discrete_flow_shift, weighting_scheme=cfg.weighting_scheme,
-            logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, patches=patches)
-
-    if sample_seeds is None:
-        noise, sigma, noise_in = draw(latents, generator)
-    else:
-        drawn = [draw(latents[i:i + 1], torch.Generator().manual_seed(s)) for i, s in enumerate(sample_seeds)]
-        noise, sigma, noise_in = (torch.cat(parts) for parts in zip(*drawn, strict=True))
-    noise, sigma, noise_in = to_device(noise, device), to_device(sigma, device), to_device(noise_in, device)
-    x_t = noisy_input(latents, noise_in, sigma)  # ip_noise_gamma perturbs the input only, not the target
-    pred = dit(x_t, sigma, context)
-    return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
-                     weighting_scheme=cfg.weighting_scheme, mask=mask, sample_weights=sample_weights)
-
-
-def sample_seed(seed: int, epoch: int, index: int, occurrence: int) -> int:
-    """The noise/σ seed of one sample: a hash of (seed, epoch, dataset item, occurrence in the epoch)."""
-    digest = hashlib.blake2b(f"anima-trainer/noise/{seed}/{epoch}/{index}/{occurrence}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
-
-
-def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1) -> tuple[int, int]:
-    """(optimizer steps, epochs); `max_train_epochs` overrides `max_train_steps` as in kohya.
-
-    An epoch's batches are shared by the processes, and each process steps every `gradient_accumulation_steps`
-    micro-batches and at the epoch's end: ceil(ceil(batches / processes) / accumulation) steps per epoch."""
-    per_process = math.ceil(batches_per_epoch / num_processes)
-    updates_per_epoch = math.ceil(per_process / cfg.gradient_accumulation_steps)
-    if cfg.max_train_epochs:
-        return cfg.max_train_epochs * updates_per_epoch, cfg.max_train_epochs
-    return cfg.max_train_steps, math.ceil(cfg.max_train_steps / updates_per_epoch)
-
-
 def initial_progress(cfg: TrainConfig, *, batches_per_epoch: int, max_steps: int,
                      resumed: bool = False) -> Progress:
     """Where a run with kohya's initial_step / initial_epoch starts (train_network.py's semantics, arithmetic in
@@ -228,6 +173,51 @@ class TrainRun:
     optimizer: torch.optim.Optimizer | None = None
 
 
+@dataclass
+class RunModels:
+    """What the step runs: the frozen base (DiT, text encoder, VAE), the trained network, captions → context."""
+
+    base: Models
+    network: AdapterNetwork
+    conditioner: TextConditioner
+
+
+@dataclass
+class RunData:
+    """Where the batches come from: the dataset, its caches, the image stream (None with a latent cache) and
+    this process's share of every epoch's batches."""
+
+    dataset: AnimaDataset
+    caches: Caches
+    images: Iterator[Batch] | None
+    shard: list[int]
+
+
+@dataclass
+class RunIO:
+    """What the run writes and reports through: processes, saves and states, metrics, events, validation."""
+
+    accelerator: Accelerator
+    dist: Distributed
+    checkpoints: Checkpointer
+    monitor: Monitor
+    events: EventLog
+    validator: Validator | None
+
+
+@dataclass
+class _Run:
+    """Everything the loop uses, built by `run_training`, in named groups."""
+
+    cfg: TrainConfig
+    plan: RunPlan
+    models: RunModels
+    data: RunData
+    optim: Optimization
+    io: RunIO
+    progress: Progress
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run a whole LoRA training from a validated config; returns the final network file."""
     return run_training(cfg).final_path
@@ -241,43 +231,21 @@ def run_training(cfg: TrainConfig) -> TrainRun:
 
 
 def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # heavy: imported when a run starts
 
-    from anima_trainer.data import build_dataset, load_dataset_config
-    from anima_trainer.data.scan import write_dataset_report
-
-    # issue 14: options accepted with another or no effect, said once each at start-up (the loader's own notices,
-    # cfg.notices, are printed by the CLI); all of them are written to the run's events below
-    run_notices = [*cfg.sd_scripts_anima_notices(), *cfg.text_encoder_notices(), *cfg.vae_compile_notices(),
-                   *objective_notices(cfg)]
-    seed = cfg.seed if cfg.seed is not None else 42
+    seed = run_seed(cfg)
     torch.manual_seed(seed)
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
     # Start-up, before any model file is opened (issue 14 item 4): the options were checked by TrainConfig;
-    # tokenizers (unset folders: the per-user cache) → the output-exists check (final file, states) → the dataset
-    # scan, all problems at once → the run lock and the output-exists check of every file the run will write →
-    # the dataset report file.
-    with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
-        if dist.is_main:
-            ensure_tokenizers(cfg)
-    cfg = with_tokenizer_dirs(cfg)
-    if not cfg.resume:  # the final file and earlier states, before a scan that may take minutes (all files: below)
-        _check_outputs(cfg, resuming=False, max_steps=0, epochs=0)
-    check_network_options(cfg)
-    # Without a latent cache, decode every image once at start-up: a file damaged inside its compressed data
-    # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
-    cached = cfg.cache_latents or cfg.cache_latents_to_disk
-    report_path = Path(cfg.output_dir) / f"{cfg.output_name}.dataset_report.txt"
-    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=seed, verify_images=not cached, default_validation_split=cfg.validation_split,
-                            default_validation_seed=cfg.validation_seed, strict_captions=cfg.strict_captions,
-                            report_name=str(report_path))
-    check_validation(cfg, dataset)
-    masked_note = check_masked_loss(cfg, dataset)  # issue 14: masked_loss / conditioning_data_dir
-    run_notices += [masked_note] if masked_note else []
+    # tokenizers → the output-exists check (final file, states) → the dataset scan, all problems at once
+    # (train/setup.py, shared with the `cache` command) → the run lock and the output-exists check of every file
+    # the run will write → the dataset report file.
+    setup = setup_run(cfg, dist=dist, before_scan=None if cfg.resume else lambda c: _check_outputs(c, None))
+    cfg, dataset, plan, run_notices = setup.cfg, setup.dataset, setup.plan, setup.notices
+    max_steps, epochs = plan.max_steps, plan.epochs
     if dist.is_main:
         for line in run_notices:
             log.warning("notice: %s", line)
@@ -286,15 +254,10 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
             cleanup.enter_context(RunLock(cfg.output_dir, cfg.output_name))
             remove_stale_temporaries(cfg.output_dir, cfg.output_name)  # may put back a state being replaced
     resume_from = resolve_resume(cfg)
-    max_steps, epochs = total_steps(cfg, len(dataset), accelerator.num_processes)
-    if cfg.save_n_epoch_ratio:  # kohya: floor(epochs / ratio) or 1, replacing save_every_n_epochs
-        cfg = cfg.model_copy(update={"save_every_n_epochs": max(1, epochs // cfg.save_n_epoch_ratio)})
-        log.info("save_n_epoch_ratio = %d: an epoch file every %d epoch(s) of %d", cfg.save_n_epoch_ratio,
-                 cfg.save_every_n_epochs, epochs)
     if resume_from is None:  # a resumed run is checked after its state (a finished run's final file is fine)
-        _check_outputs(cfg, resuming=False, max_steps=max_steps, epochs=epochs)
+        _check_outputs(cfg, plan)
     if dist.is_main:
-        write_dataset_report(dataset, report_path)
+        write_dataset_report(dataset, setup.report_path)
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     cfg = apply_plan(cfg, dataset, device, adapter_trained=adapter_trained(cfg))  # vram_budget_gb
@@ -312,18 +275,10 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     dist.broadcast_parameters(network.trainable_parameters())  # every process starts from the same weights
     if dist.enabled:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
-    lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-    # kohya: the DiT at unet_lr (else learning_rate), the text encoder at text_encoder_lr (else learning_rate)
-    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
-    optimizer = build_optimizer(network.param_groups(lr, component_lrs(cfg), text_encoder_lr=te_lr), lr,
-                                cfg.optimizer_args, device, optimizer_type=cfg.optimizer_type)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if cfg.full_bf16 or cfg.full_fp16:  # before the first step creates the optimizer state (issue 14)
-        use_full_half(network, dtype, scaler)
+    optim = setup_optimization(cfg, network, device, dtype, max_steps)
+    optimizer = optim.optimizer
     if cfg.scale_weight_norms and (note := network.max_norm_notice()):
         log.warning("%s", note)
-    generator = torch.Generator(device="cpu").manual_seed(dist.seed(seed))
     shard = dist.shard(len(dataset))  # this process's batches of every epoch
     snapshot = snapshot_fields(cfg, network, dataset)
     snapshot["lr_schedule"] = schedule_fields(cfg, optimizer, max_steps)
@@ -333,25 +288,26 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         resume_check = check_resume(resume_from, cfg, snapshot, max_steps)
         check_state_world(resume_from, dist.world_size)
         if resume_check.finished is not None:  # already complete (killed after its last write): nothing to write
-            progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=scaler, generator=generator, strict_optimizer=False)
+            progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
+                                  scaler=optim.scaler, strict_optimizer=False)
             dist.shutdown()
             return TrainRun(resume_check.finished, dit, network, [], progress.step, optimizer)
     started = time.time()
     events = EventLog(events_path(cfg.output_dir, cfg.output_name) if accelerator.is_main_process else None,
                       run=tracking.run_name)
     checkpoints = Checkpointer(
-        cfg, network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator,
-        snapshot=snapshot, events=events, dist=dist, metadata=RunMetadata(
-            cfg, dataset, max_steps=max_steps, epochs=epochs, started=started, num_processes=dist.world_size),
+        cfg, network, optimizer=optimizer, scheduler=optim.scheduler, scaler=optim.scaler,
+        save_every_n_epochs=plan.save_every_n_epochs, snapshot=snapshot, events=events, dist=dist,
+        metadata=RunMetadata(cfg, dataset, max_steps=max_steps, epochs=epochs, started=started,
+                             num_processes=dist.world_size),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
     if resume_from is not None:
         checkpoints.check_start(resuming=True, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg))
     # issue 14: one start-up notice per option accepted without effect (config/kohya_options.py), and the schedule
-    sched_line, sched_notice = describe_schedule(scheduler, cfg.lr_scheduler_type or cfg.lr_scheduler, max_steps, lr,
-                                                 min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
+    sched_line, sched_notice = describe_schedule(optim.scheduler, cfg.lr_scheduler_type or cfg.lr_scheduler,
+                                                 max_steps, optim.lr, min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
     log.info(sched_line)
     if sched_notice:
         log.warning("notice: %s", sched_notice)
@@ -362,12 +318,9 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     for line in [*cfg.notices, *run_notices, *([sched_notice] if sched_notice else [])]:
         events.write("notice", message=line)
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
-    dataset.max_train_steps, dataset.gradient_accumulation_steps = max_steps, cfg.gradient_accumulation_steps
     report_long_captions(dataset, models.text_encoder, max_tokens=MAX_TEXT_TOKENS)
     check_text_tokens(prompts, models.text_encoder)
-    if cfg.cache_llm_adapter_outputs and network.trains_llm_adapter:
-        raise ConfigError("cache_llm_adapter_outputs: the LLM adapter is trained (train_llm_adapter or train_norm), "
-                          "so its output changes every step and cannot be cached; turn one of them off")
+    check_trained_adapter_not_cached(cfg, network.trains_llm_adapter)
     # captions that change every step are not memoised (the memo would grow without bound)
     conditioner = TextConditioner(dit, models.text_encoder,
                                   max_cached=100_000 if dataset.captions_are_static else 0,
@@ -380,18 +333,18 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
     progress = Progress()
     if resume_from is not None and resume_check is not None:
-        progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=scheduler,
-                              scaler=scaler, generator=generator, restore_scheduler=not resume_check.rebuild_schedule,
+        progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
+                              scaler=optim.scaler, restore_scheduler=not resume_check.rebuild_schedule,
                               strict_optimizer=not cfg.optimizer_mismatch_ignored(),
                               fresh_optimizer=resume_check.fresh_optimizer)
         apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
         if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
-            scheduler = checkpoints.scheduler = rebuild_schedule(
+            optim.scheduler = checkpoints.scheduler = rebuild_schedule(
                 optimizer, [g["lr"] for g in fresh_groups],
                 lambda: build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg)), progress.step)
         rng = read_rank_rng(resume_from, dist.rank, dist.world_size)
         if rng is not None:
-            restore_rng(rng, generator)
+            restore_rng(rng)
         at_epoch_end = progress.batch_in_epoch >= len(shard)
         checkpoints.resumed(resume_from, progress, at_epoch_end=at_epoch_end, max_steps=max_steps)
         if at_epoch_end:  # saved at an epoch's end: start the next one
@@ -408,14 +361,16 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                              caches.variants.pick if caches.variants is not None else None,
                              start=(progress.epoch - 1) * len(shard) + progress.batch_in_epoch, shard=shard)
     monitor = Monitor.from_config(cfg, device, max_steps=max_steps,
-                                  steps_per_epoch=math.ceil(len(shard) / cfg.gradient_accumulation_steps),
+                                  steps_per_epoch=math.ceil(len(shard) / plan.accumulation),
                                   events=events, log_fn=accelerator.log if tracking.log_with else None)
     log.info("training %s %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
              module_counts(network), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)
-    run = _Run(cfg, accelerator, models, network, dataset, conditioner, caches, images, optimizer, scheduler,
-               scaler, generator, checkpoints, monitor, events, validator, progress, max_steps, epochs, seed, dist,
-               shard)
+    run = _Run(cfg=cfg, plan=plan, progress=progress, optim=optim,
+               models=RunModels(base=models, network=network, conditioner=conditioner),
+               data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
+               io=RunIO(accelerator=accelerator, dist=dist, checkpoints=checkpoints, monitor=monitor, events=events,
+                        validator=validator))
     with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
             StopSignals() as stop:
         events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)
@@ -437,44 +392,19 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     return TrainRun(final, dit, network, monitor.losses, progress.step, optimizer)
 
 
-@dataclass
-class _Run:
-    """Everything the loop uses, built by `run_training`."""
-
-    cfg: TrainConfig
-    accelerator: object
-    models: Models
-    network: torch.nn.Module
-    dataset: object
-    conditioner: TextConditioner
-    caches: Caches
-    images: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator
-    checkpoints: Checkpointer
-    monitor: Monitor
-    events: EventLog
-    validator: object
-    progress: Progress
-    max_steps: int
-    epochs: int
-    seed: int
-    dist: Distributed
-    shard: list[int]
-
-
 def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     """The epochs: micro-batches → loss → backward; every `gradient_accumulation_steps` micro-batches and at
     each epoch's end an optimizer step, then logging, validation, previews and saves as they fall due.
     Returns False when a stop signal ended it early (after a whole optimizer step)."""
-    cfg, progress, monitor, network, optimizer = r.cfg, r.progress, r.monitor, r.network, r.optimizer
-    dit = r.models.dit
+    cfg, plan, progress = r.cfg, r.plan, r.progress
+    base, network, conditioner = r.models.base, r.models.network, r.models.conditioner
+    optimizer, scaler = r.optim.optimizer, r.optim.scaler
+    dist, monitor, events = r.io.dist, r.io.monitor, r.io.events
+    dit = base.dit
     params = network.trainable_parameters()
     previews = load_sample_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
 
-    te_model = r.models.text_encoder.model if network.trains_text_encoder else None
+    te_model = base.text_encoder.model if network.trains_text_encoder else None
 
     def pause_training(fn):  # previews/validation: eval mode (also for schedule-free optimizers), not step time
         with monitor.paused():
@@ -495,71 +425,71 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
         `sample` event with status "failed"; a stop signal cancels them between sampler steps."""
         cancel = None if stop is None else (lambda: stop.requested is not None)
         try:
-            paths = pause_training(lambda: render_previews(dit, r.models.text_encoder, r.models.vae, previews,
+            paths = pause_training(lambda: render_previews(dit, base.text_encoder, base.vae, previews,
                                                            Path(cfg.output_dir) / "sample", tag, cfg.output_name,
                                                            cancel=cancel))
         except SamplingCancelled:
             log.warning("step %d: preview %s cancelled (%s)", progress.step, tag, stop.requested if stop else "")
-            r.events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="cancelled")
+            events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="cancelled")
             return
         except Exception as e:  # noqa: BLE001 - a preview is optional; the run and its saves are not
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # an out-of-memory preview leaves its blocks cached
             log.error("step %d: preview %s failed, training goes on: %s: %s", progress.step, tag,
                       type(e).__name__, e)
-            r.events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="failed",
-                           error=type(e).__name__, message=str(e))
+            events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="failed",
+                         error=type(e).__name__, message=str(e))
             return
-        r.events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="written",
-                       files=[p.name for p in paths])
-        log_images(r.accelerator, "sample", paths, progress.step)
+        events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="written",
+                     files=[p.name for p in paths])
+        log_images(r.io.accelerator, "sample", paths, progress.step)
 
     def validate() -> None:
-        logs = pause_training(lambda: r.validator.run(dit, r.conditioner.context, r.accelerator.device))
+        logs = pause_training(lambda: r.io.validator.run(dit, conditioner.context, r.io.accelerator.device))
         log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-        r.events.write("validation", step=progress.step, epoch=progress.epoch, **logs)
-        if r.accelerator.trackers:
-            r.accelerator.log(logs, step=progress.step)
+        events.write("validation", step=progress.step, epoch=progress.epoch, **logs)
+        if r.io.accelerator.trackers:
+            r.io.accelerator.log(logs, step=progress.step)
 
-    previews = previews if r.dist.is_main else []  # one process renders the previews
+    previews = previews if dist.is_main else []  # one process renders the previews
     if previews and cfg.sample_at_first and progress.step == 0:
         preview("000000")
-    accum, per_epoch, fp16 = cfg.gradient_accumulation_steps, len(r.shard), r.scaler.is_enabled()
+    accum, per_epoch, fp16 = plan.accumulation, len(r.data.shard), scaler.is_enabled()
     validated_at: int | None = None
-    bar = tqdm(total=r.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
-               disable=progress_disabled(not r.dist.is_main))  # TQDM_DISABLE=1 too (console.py)
+    bar = tqdm(total=plan.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
+               disable=progress_disabled(not dist.is_main))  # TQDM_DISABLE=1 too (console.py)
     monitor.start()
-    for epoch in range(progress.epoch, r.epochs + 1):
+    for epoch in range(progress.epoch, plan.epochs + 1):
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
         progress.epoch, progress.batch_in_epoch = epoch, skip
         pending = 0  # micro-batches accumulated since the last optimizer step
-        batches = epoch_inputs(r.dataset, epoch - 1, r.models.vae, r.caches, r.accelerator.device, r.images, skip=skip,
-                               shard=r.shard)
+        batches = epoch_inputs(r.data.dataset, epoch - 1, base.vae, r.data.caches, r.io.accelerator.device,
+                               r.data.images, skip=skip, shard=r.data.shard)
         for batch in monitor.timed(batches):
-            context = r.conditioner.context(batch.captions)
+            context = conditioner.context(batch.captions)
             weights = None
             if any(batch.is_reg) and cfg.prior_loss_weight != 1.0:
                 weights = torch.tensor([cfg.prior_loss_weight if reg else 1.0 for reg in batch.is_reg])
-            seeds = [sample_seed(r.seed, epoch, i, o) for i, o in batch.samples]
-            loss = training_step(dit, batch.latents, context, cfg, r.generator, batch.mask, weights, seeds)
-            r.scaler.scale(loss / accum).backward()
-            monitor.add_micro_batch(r.dist.reduce_mean(loss.detach()), len(batch.captions) * r.dist.world_size)
+            seeds = [sample_seed(plan.seed, epoch, i, o) for i, o in batch.samples]
+            loss = training_step(dit, batch.latents, context, cfg, seeds, mask=batch.mask, sample_weights=weights)
+            scaler.scale(loss / accum).backward()
+            monitor.add_micro_batch(dist.reduce_mean(loss.detach()), len(batch.captions) * dist.world_size)
             progress.batch_in_epoch += 1
             pending += 1
             # kohya/accelerate: step every `accum` micro-batches and at the end of each epoch
             if pending < accum and progress.batch_in_epoch < per_epoch:
                 continue
             pending = 0
-            r.dist.average_gradients(params)  # data parallel: every process steps with the global mean
-            r.scaler.unscale_(optimizer)
+            dist.average_gradients(params)  # data parallel: every process steps with the global mean
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             apply = True
             if monitor.checks_before_update:  # a NaN/Inf loss never reaches the weights (nonfinite_loss_policy)
                 apply = monitor.check_update(progress.step + 1, None if fp16 else grad_norm)
             if apply:
-                r.scaler.step(optimizer)
-            r.scaler.update()
-            r.scheduler.step()
+                scaler.step(optimizer)
+            scaler.update()
+            r.optim.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             norm_logs = None
             if cfg.scale_weight_norms:  # kohya's max-norm after every optimizer step, logged under its names
@@ -571,29 +501,29 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             bar.update(1)
             if logs:
                 bar.set_postfix(monitor.postfix(), refresh=False)
-            if r.validator is not None and r.validator.due_at_step(progress.step):
+            if r.io.validator is not None and r.io.validator.due_at_step(progress.step):
                 validate()
                 validated_at = progress.step
             with monitor.paused():  # the save first: a failing preview must never cost the step's files
-                r.checkpoints.at_step(progress, last=progress.step >= r.max_steps)
+                r.io.checkpoints.at_step(progress, last=progress.step >= plan.max_steps)
             if previews and cfg.sample_every_n_steps and progress.step % cfg.sample_every_n_steps == 0:
                 preview(f"{progress.step:06d}")
-            if progress.step >= r.max_steps:
+            if progress.step >= plan.max_steps:
                 break
-            if stop is not None and r.dist.any_true(stop.requested is not None):
+            if stop is not None and dist.any_true(stop.requested is not None):
                 monitor.flush()
                 bar.close()
                 return False
         monitor.end_epoch(epoch, progress.step)
-        if r.validator is not None and r.validator.due_at_epoch(epoch) and validated_at != progress.step:
+        if r.io.validator is not None and r.io.validator.due_at_epoch(epoch) and validated_at != progress.step:
             validate()
         with monitor.paused():
-            r.checkpoints.at_epoch_end(progress, last=epoch >= r.epochs or progress.step >= r.max_steps)
+            r.io.checkpoints.at_epoch_end(progress, last=epoch >= plan.epochs or progress.step >= plan.max_steps)
         if previews and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             preview(f"e{epoch:06d}")
-        if progress.step >= r.max_steps:
+        if progress.step >= plan.max_steps:
             break
-        if stop is not None and r.dist.any_true(stop.requested is not None):  # e.g. during the epoch's preview
+        if stop is not None and dist.any_true(stop.requested is not None):  # e.g. during the epoch's preview
             monitor.flush()
             bar.close()
             return False
@@ -602,17 +532,17 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     return True
 
 
-def _check_outputs(cfg: TrainConfig, *, resuming: bool, max_steps: int, epochs: int) -> None:
+def _check_outputs(cfg: TrainConfig, plan: RunPlan | None) -> None:
     """The output-exists check (Checkpointer.check_start), before any model is loaded: it needs only the
-    output names the run will write."""
-    Checkpointer(cfg, None, optimizer=None, scheduler=None, scaler=None, generator=None, snapshot={},
-                 metadata=lambda step, epoch: {}).check_start(resuming=resuming, max_steps=max_steps, epochs=epochs)
+    output names the run will write (`plan` None: before the scan, the run's length is unknown)."""
+    Checkpointer(cfg, None, optimizer=None, scheduler=None, scaler=None, snapshot={}, metadata=lambda step, epoch: {},
+                 save_every_n_epochs=plan.save_every_n_epochs if plan else cfg.save_every_n_epochs,
+                 ).check_start(resuming=False, max_steps=plan.max_steps if plan else 0,
+                               epochs=plan.epochs if plan else 0)
 
 
 def _last_good_state(cfg: TrainConfig) -> Path | None:
     """The newest state of this run (states are only written from finite weights), for the stop message."""
-    from anima_trainer.train.resume import find_latest_state
-
     try:
         return find_latest_state(cfg.output_dir, cfg.output_name)
     except ConfigError:

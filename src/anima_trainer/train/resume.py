@@ -6,8 +6,9 @@ A state is a folder (kohya's names: `<output_name>-step<NNNNNNNN>-state`, `<outp
 * `network.safetensors`: the network's full state (factors, alphas, norm gains and their bases), fp32;
 * `optimizer.safetensors` + `optimizer.json`, `scheduler.json`, `scaler.json`: the state dicts, tensors in
   safetensors and the structure in JSON (never pickle: a state folder from someone else is safe to open);
-* `rng.safetensors` + `train_state.json`: python / numpy / torch CPU / CUDA RNG states, the loop's noise
-  generator, and the position: global step, epoch, batches of that epoch already consumed;
+* `rng.safetensors` + `train_state.json`: python / numpy / torch CPU / CUDA RNG states, and the position:
+  global step, epoch, batches of that epoch already consumed (states written before issue 16 also hold a
+  `generator` stream that nothing drew from; it is ignored at load);
 * `resume_snapshot.json`: the settings that must not change across a resume (see `build_snapshot`);
 * `config.json`: the resolved full config (non-critical changes are logged from it).
 
@@ -172,16 +173,18 @@ def read_nested(folder: Path, name: str) -> Any:
 
 # ------------------------------------------------------------------------------------------------ RNG --
 
-def capture_rng(generator: torch.Generator) -> dict:
-    """Every random stream the training consumes (data order is a pure function of seed and epoch)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "generator": generator.get_state(), "generator_device": str(generator.device)}
+def capture_rng() -> dict:
+    """Every global random stream the training consumes (dropout; data order and each sample's noise are pure
+    functions of the seed, the epoch and the item)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict, generator: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
+    """Put back what `capture_rng` saved.  An older state's `generator` entry (a stream nothing drew from) is
+    ignored."""
     def tuples(v: Any) -> Any:  # python's random state is nested tuples
         return tuple(tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
@@ -190,7 +193,6 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     np.random.set_state((kind, np.asarray(keys.numpy() if isinstance(keys, torch.Tensor) else keys, dtype=np.uint32),
                          pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
         if len(cuda) == torch.cuda.device_count():
@@ -203,7 +205,7 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
 # ------------------------------------------------------------------------------------------ save / load --
 
 def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               scaler: Any, generator: torch.Generator, progress: Progress, snapshot: dict,
+               scaler: Any, progress: Progress, snapshot: dict,
                config: dict | None = None, overwrite: bool = False,
                extra: Callable[[Path], Any] | None = None) -> Path:
     """Write a whole state atomically (see the module doc); `extra(tmp_folder)` may add files (the resolved
@@ -224,7 +226,7 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         write_nested(tmp, "optimizer", optimizer.state_dict())
         write_nested(tmp, "scheduler", scheduler.state_dict())
         write_nested(tmp, "scaler", scaler.state_dict())
-        write_nested(tmp, "rng", capture_rng(generator))
+        write_nested(tmp, "rng", capture_rng())
         _write_json(tmp / "resume_snapshot.json", {"schema": SNAPSHOT_SCHEMA, "fields": snapshot})
         if config is not None:
             _write_json(tmp / "config.json", config)
@@ -341,7 +343,7 @@ def check_optimizer_state(folder: Path, saved: Any, optimizer: torch.optim.Optim
 
 
 def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               scaler: Any, generator: torch.Generator, restore_scheduler: bool = True,
+               scaler: Any, restore_scheduler: bool = True,
                strict_optimizer: bool = True, fresh_optimizer: bool = False) -> Progress:
     """Restore everything `save_state` wrote into live objects (built from the same config); returns where
     to continue.  Every file is read and checked (checksums, structure, shapes) before anything is changed.
@@ -391,7 +393,7 @@ def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
             raise StateError(folder, file, f"does not fit this {type(target).__name__} "
                              f"({type(e).__name__}: {str(e)[:120]})") from None
     try:
-        restore_rng(rng_state, generator)
+        restore_rng(rng_state)
     except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as e:
         raise StateError(folder, "rng.json", f"not a valid random-generator state ({type(e).__name__}: "
                          f"{str(e)[:120]})") from None
