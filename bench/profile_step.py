@@ -16,9 +16,9 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import train_step as ts  # bench/ helper module
 
-from anima_trainer.train.flow import sample_seed, training_step  # noqa: E402
-from anima_trainer.train.model_setup import prepare_dit  # noqa: E402
-from anima_trainer.train.optim import build_optimizer  # noqa: E402
+from anima_trainer.train.flow import sample_seed, training_step
+from anima_trainer.train.model_setup import prepare_dit
+from anima_trainer.train.optim import build_optimizer
 
 KINDS = (("attention", ("flash", "fmha", "cudnn", "sdpa", "attention", "efficient")),
          ("gemm", ("gemm", "sm90", "sm80", "cutlass", "matmul", "xmma", "nvjet")),

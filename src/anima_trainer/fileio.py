@@ -1,27 +1,24 @@
 """Atomic output: every file we write appears whole or not at all, and never replaces a user's file unasked.
 
-Every final file (network, merged/converted checkpoint, cache entry, PNG, TOML) goes through `_write_atomic`:
+Every final file (network, merged/converted checkpoint, cache entry, PNG, TOML) goes through `write_atomic`:
 temp file in the same folder (created 0o666 & ~umask, like any file the user makes), written, fsync'd, renamed
 into place, folder fsync'd, so the promise holds across a power loss too.  safetensors writes (`atomic_save`)
 refuse NaN/Inf by default, checked on the tensors exactly as written (after any dtype cast).  Temporaries are
-named `.<final>.<pid>-<hex>.tmp`; `remove_stale_temporaries` clears those of killed writers."""
+named `.<final>.<pid>-<hex>.tmp`; `remove_stale_temporaries` clears those of killed writers.  Torch-free (the
+config layer writes through it); tensor files (safetensors, finiteness) are anima_trainer/tensor_files.py."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from anima_trainer.dtypes import SAFETENSORS_NAMES
 
 
 class OutputExistsError(FileExistsError):
@@ -134,39 +131,8 @@ def remove_stale_temporaries(folder: str | Path, final_prefix: str = "") -> list
 
 
 # --------------------------------------------------------------------------------------------- finiteness --
-class NonFiniteError(ValueError):
-    """Tensors about to be written hold NaN/Inf: the file is not written (whatever had its name is unchanged)."""
-
-
-def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the floating tensors holding NaN or Inf (one device read per device, not one per tensor)."""
-    names = [k for k, t in tensors.items() if t.is_floating_point() or t.is_complex()]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, name in enumerate(names):
-        by_device.setdefault(tensors[name].device, []).append(i)
-    bad = []
-    for idx in by_device.values():
-        flags = torch.stack([_all_finite(tensors[names[i]]) for i in idx]).tolist()
-        bad += [names[i] for i, ok in zip(idx, flags, strict=True) if not ok]
-    return sorted(bad)
-
-
-def _all_finite(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype.itemsize == 1:  # float8: isfinite is not implemented for it everywhere
-        t = t.float()
-    return torch.isfinite(t).all()
-
-
-def check_finite(tensors: Mapping[str, torch.Tensor], path: str | Path, what: str = "") -> None:
-    """Raise NonFiniteError naming the file and the tensors that hold NaN/Inf."""
-    bad = nonfinite_tensors(tensors)
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteError(f"{what}{path}: not written, {len(bad)} tensor(s) hold NaN/Inf: {shown}")
-
-
 # ----------------------------------------------------------------------------------------- the write path --
-def _write_atomic(path: str | Path, write: Callable[[int], None], *, what: str = "",
+def write_atomic(path: str | Path, write: Callable[[int], None], *, what: str = "",
                   check: Callable[[Path], None] | None = None) -> Path:
     """The one write path of every final file: a temp file in the target folder (mode from the umask),
     `write(fd)` fills it, fsync, `check(tmp)` may still refuse it, rename onto `path`, fsync the folder.
@@ -236,55 +202,12 @@ def replace_folder(src: str | Path, folder: str | Path, aside: str | Path | None
     return folder
 
 
-def _write_all(fd: int, data: memoryview | bytes) -> None:
+def write_all(fd: int, data: memoryview | bytes) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view):]
 
 
-def _write_safetensors(fd: int, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
-    """Stream `tensors` in the safetensors format to `fd` (no second in-memory copy of a multi-GB checkpoint,
-    and no writer-owned temporary: safetensors' own save_file renames a `.tmpXXXXXX` of its own, mode 0600,
-    over its target).  Layout as safetensors writes it: largest item size first, then by name, so every
-    tensor's offset is aligned to its item size; header padded with spaces to 8 bytes."""
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise ValueError("safetensors metadata keys and values must be str")
-    order = sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k))
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        if t.dtype not in SAFETENSORS_NAMES:
-            raise ValueError(f"tensor {name}: dtype {t.dtype} cannot be stored in safetensors")
-        size = t.numel() * t.dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    _write_all(fd, len(head).to_bytes(8, "little") + head)
-    for name in order:
-        t = tensors[name].detach()
-        if t.numel():
-            _write_all(fd, t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None,
-                *, require_finite: bool = True, what: str = "", check: Callable[[Path], None] | None = None) -> Path:
-    """Write a safetensors file through the one write path.
-
-    `tensors` are written as given (cast them to the file's dtype first): with `require_finite` (the default:
-    networks, merged and converted checkpoints, cache entries) the check runs on exactly these tensors, so an
-    fp32 value beyond fp16's range that became Inf in the cast is refused, and NonFiniteError names the file
-    and the tensors; nothing is written.  Pass False only for a file that may legitimately hold NaN/Inf.
-    `what` prefixes messages ("network file "); `check(tmp)` may refuse the written file before it takes
-    `path`'s name (e.g. ComfyUI's key rules)."""
-    path = Path(path)
-    if require_finite:
-        check_finite(tensors, path, what)
-    return _write_atomic(path, lambda fd: _write_safetensors(fd, tensors, metadata), what=what, check=check)
-
-
 def atomic_write_bytes(data: bytes, path: str | Path, *, what: str = "") -> Path:
     """Write bytes (PNG, TOML, JSON, text) through the one write path."""
-    return _write_atomic(path, lambda fd: _write_all(fd, data), what=what)
+    return write_atomic(path, lambda fd: write_all(fd, data), what=what)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anima_trainer import fileio
+from anima_trainer import tensor_files
 from anima_trainer.cli import main
 from anima_trainer.tools.convert import parse_network_arg
 from anima_trainer.networks.formats import NetworkError
@@ -42,13 +42,13 @@ def test_fp16_save_of_weights_beyond_fp16s_range_is_refused_and_keeps_the_previo
         with torch.no_grad():
             module.lora_up.weight[0, 0] = 1e5  # finite in fp32, Inf in fp16
         key = f"diffusion_model.{module.path}.lora_up.weight"
-        with pytest.raises(fileio.NonFiniteError) as info:
+        with pytest.raises(tensor_files.NonFiniteError) as info:
             net.save(path, dtype=torch.float16, overwrite=True)
         message = str(info.value)
         assert str(path) in message and key in message and "1 tensor(s) hold NaN/Inf" in message, message
         assert "float16" in message and "fp32 or bf16" in message and "\n" not in message, message
         assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
-        with pytest.raises(fileio.NonFiniteError):  # a new name: nothing appears under it
+        with pytest.raises(tensor_files.NonFiniteError):  # a new name: nothing appears under it
             net.save(tmp_path / "new.safetensors", dtype=torch.float16)
         assert not (tmp_path / "new.safetensors").exists()
         # fp32 and bf16 hold 1e5: written, value kept
@@ -63,7 +63,7 @@ def test_a_nan_weight_is_never_saved(dit, tmp_path):
     try:
         with torch.no_grad():
             net.lora_modules[1].lora_down.weight[0, 0] = float("nan")
-        with pytest.raises(fileio.NonFiniteError, match=r"lora\.safetensors: not written"):
+        with pytest.raises(tensor_files.NonFiniteError, match=r"lora\.safetensors: not written"):
             net.save(tmp_path / "lora.safetensors")
         assert list(tmp_path.iterdir()) == []
     finally:
@@ -115,11 +115,11 @@ def test_convert_network_refuses_a_nan_input(dit, dit_file, tmp_path, capsys):
 
 def test_atomic_save_opt_out_for_files_that_may_hold_non_finite_values(tmp_path):
     tensors = {"best_loss": torch.tensor(float("inf")), "w": torch.ones(2)}
-    with pytest.raises(fileio.NonFiniteError, match=r"s\.safetensors: not written, 1 tensor\(s\) hold NaN/Inf: "
+    with pytest.raises(tensor_files.NonFiniteError, match=r"s\.safetensors: not written, 1 tensor\(s\) hold NaN/Inf: "
                                                     r"best_loss"):
-        fileio.atomic_save(tensors, tmp_path / "s.safetensors")
+        tensor_files.atomic_save(tensors, tmp_path / "s.safetensors")
     assert not (tmp_path / "s.safetensors").exists()
-    path = fileio.atomic_save(tensors, tmp_path / "s.safetensors", require_finite=False)
+    path = tensor_files.atomic_save(tensors, tmp_path / "s.safetensors", require_finite=False)
     assert load_file(path)["best_loss"].isinf().all()
 
 
@@ -129,7 +129,7 @@ def test_a_non_finite_cache_entry_is_refused_naming_its_image(tmp_path):
     store = CacheStore(tmp_path / ".anima_cache")
     latent = torch.zeros(16, 1, 2, 2)
     latent[3, 0, 1, 1] = float("nan")
-    with pytest.raises(fileio.NonFiniteError, match=r"^cache entry of /data/a\.png: .*not written, 1 tensor\(s\) "
+    with pytest.raises(tensor_files.NonFiniteError, match=r"^cache entry of /data/a\.png: .*not written, 1 tensor\(s\) "
                                                     r"hold NaN/Inf: latent$"):
         store.put("k", {"latent": latent}, source="/data/a.png")
     assert store.get("k") is None and list((tmp_path / ".anima_cache").iterdir()) == []

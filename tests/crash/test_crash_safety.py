@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import anima_trainer.fileio as fileio
+import anima_trainer.tensor_files as tensor_files
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml, write_demo_models, write_shapes_dataset
 from anima_trainer.train import resume as states
@@ -41,7 +42,7 @@ plan = json.loads(os.environ["ANIMA_CRASH_PLAN"])
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-import anima_trainer.fileio as fileio
+import anima_trainer.tensor_files as tensor_files
 import anima_trainer.train.checkpoints as checkpoints
 import anima_trainer.train.resume as resume
 from safetensors.torch import save as serialize
@@ -53,7 +54,7 @@ def half_then_die(path, data):  # the process dies with half of the bytes at the
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     die()
-real_fileio_save, real_json, real_replace = fileio._write_safetensors, resume._write_json, os.replace
+real_fileio_save, real_json, real_replace = tensor_files._write_safetensors, resume._write_json, os.replace
 def fileio_save(fd, tensors, metadata=None):  # fileio's one write path, writing its temporary
     where = os.readlink(f"/proc/self/fd/{fd}")
     if hit("cache" if ".anima_cache" in where else "state" if "-state.tmp-" in where else "network"):
@@ -71,7 +72,7 @@ def replace(src, dst, *args, **kwargs):
             real_replace(src, dst, *args, **kwargs)
         die()
     return real_replace(src, dst, *args, **kwargs)
-fileio._write_safetensors, resume._write_json, os.replace = fileio_save, write_json, replace
+tensor_files._write_safetensors, resume._write_json, os.replace = fileio_save, write_json, replace
 real_at_step = checkpoints.Checkpointer.at_step
 steps = open(plan["steps_file"], "a", buffering=1)
 def at_step(self, progress, last):
@@ -279,7 +280,7 @@ def _reference_shape(proc: subprocess.Popen, root: Path) -> dict:
 # ------------------------------------------------------------------ disk full / no permission during a save --
 
 def _disk_full_network(monkeypatch, out: Path) -> str:
-    real = fileio._write_safetensors
+    real = tensor_files._write_safetensors
 
     def write(fd, tensors, metadata=None):  # a write() that fails half-way: the OS names no file
         where = os.readlink(f"/proc/self/fd/{fd}")
@@ -288,7 +289,7 @@ def _disk_full_network(monkeypatch, out: Path) -> str:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, tensors, metadata)
 
-    monkeypatch.setattr(fileio, "_write_safetensors", write)
+    monkeypatch.setattr(tensor_files, "_write_safetensors", write)
     return os.strerror(errno.ENOSPC)
 
 

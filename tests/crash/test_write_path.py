@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save
 
-from anima_trainer import fileio
+from anima_trainer import fileio, tensor_files
 from anima_trainer.cache.store import CACHE_FOLDER, CacheStore, store_for
 from anima_trainer.cli import main
 from anima_trainer.sample.generate import SampleParams, read_png_parameters, save_png
@@ -86,7 +86,7 @@ def test_file_and_folder_are_fsynced_before_and_after_the_rename(dit, dit_file, 
     elif kind == "png":
         path = _png(folder / "image.png")
     else:
-        lora = fileio.atomic_save(load_file(_network_file(dit, tmp_path)), tmp_path / "lora.safetensors")
+        lora = tensor_files.atomic_save(load_file(_network_file(dit, tmp_path)), tmp_path / "lora.safetensors")
         fsyncs.clear()
         path = folder / "merged.safetensors"
         assert main(["merge", "--dit", str(dit_file), "--network", str(lora), "--out", str(path)]) == 0
@@ -116,7 +116,7 @@ def test_a_killed_writers_temporaries_are_removed_when_the_cache_is_next_opened(
     cache.mkdir(parents=True)
     # an entry written by the killed run (not opened by this process yet: the sweep runs once per process)
     name = CacheStore(tmp_path / "elsewhere").path_for("key-1").name
-    entry = fileio.atomic_save({"latent": torch.ones(2)}, cache / name, {"anima_cache_key": "key-1"})
+    entry = tensor_files.atomic_save({"latent": torch.ones(2)}, cache / name, {"anima_cache_key": "key-1"})
     dead = _dead_pid()
     left = [cache / f".{entry.name}.{dead}-0a1b2c3d.tmp", cache / f".{'f' * 40}.safetensors.{dead}-99aa88bb.tmp"]
     for p in left:
@@ -143,7 +143,7 @@ def test_safetensors_written_by_the_write_path_are_what_safetensors_writes(tmp_p
     tensors = {"b.lora_up.weight": torch.randn(8, 4), "a.lora_down.weight": torch.randn(4, 8),
                "a.alpha": torch.tensor(2.0), "c": torch.randn(3, 5).to(torch.bfloat16), "e": torch.empty(0, 3),
                "i": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
-    path = fileio.atomic_save(tensors, tmp_path / "n.safetensors", {"ss_network_dim": "4"})
+    path = tensor_files.atomic_save(tensors, tmp_path / "n.safetensors", {"ss_network_dim": "4"})
     assert path.read_bytes() == save(tensors, {"ss_network_dim": "4"})
     back = load_file(path)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -158,13 +158,13 @@ def test_a_failing_write_leaves_no_temporary_and_the_old_file(tmp_path, monkeypa
         raise ValueError("refused")
 
     with pytest.raises(ValueError, match="refused"):
-        fileio._write_atomic(path, lambda fd: fileio._write_all(fd, b"new"), check=check)
+        fileio.write_atomic(path, lambda fd: fileio.write_all(fd, b"new"), check=check)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.toml"]
 
 
 def test_temporaries_of_long_names_fit_and_a_prefix_limits_the_sweep(tmp_path):
     long = tmp_path / ("n" * 240 + ".safetensors")  # 252 characters: a legal name
-    assert fileio.atomic_save({"w": torch.ones(1)}, long).exists()
+    assert tensor_files.atomic_save({"w": torch.ones(1)}, long).exists()
     dead = _dead_pid()
     mine, other = (tmp_path / f".{n}.safetensors.{dead}-0a1b2c3d.tmp" for n in ("run-step00000002", "other"))
     for p in (mine, other):

@@ -9,7 +9,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from anima_trainer.fileio import atomic_save
+from anima_trainer.tensor_files import atomic_save
 from anima_trainer.networks import create_network
 from anima_trainer.networks.hashes import precalculate_hashes, verify_hashes, with_hashes
 

@@ -177,19 +177,19 @@ def test_training_step_uses_the_options_with_per_sample_seeds():
     x0 = torch.randn(3, *SHAPE, generator=_gen(1))
     ctx = torch.zeros(3, 2, 4)
     dit = _Recorder()
-    plain = training_step(dit, x0, ctx, _cfg(), _gen(), sample_seeds=[11, 12, 13])
+    plain = training_step(dit, x0, ctx, _cfg(), sample_seeds=[11, 12, 13])
     plain_x = dit.x
-    ip = training_step(dit, x0, ctx, _cfg(ip_noise_gamma=0.5), _gen(), sample_seeds=[11, 12, 13])
+    ip = training_step(dit, x0, ctx, _cfg(ip_noise_gamma=0.5), sample_seeds=[11, 12, 13])
     assert torch.equal(ip, plain)  # same σ, same target ε − x0: ξ is not in the target
     assert not torch.allclose(dit.x, plain_x)  # … but it is in the model input
     every = _cfg(noise_offset=0.1, noise_offset_random_strength=True, adaptive_noise_scale=0.01,
                  multires_noise_iterations=4, multires_noise_discount=0.3, ip_noise_gamma=0.1,
                  ip_noise_gamma_random_strength=True, min_timestep=100, max_timestep=900)
-    training_step(dit, x0, ctx, every, _gen(), sample_seeds=[11, 12, 13])
+    training_step(dit, x0, ctx, every, sample_seeds=[11, 12, 13])
     together = dit.x
     assert 0.1 <= float(dit.sigma.min()) and float(dit.sigma.max()) <= 0.9
     # each sample's noise is a function of its own seed and latents: batched or alone, the same input
-    training_step(dit, x0[2:], ctx[2:], every, _gen(), sample_seeds=[13])
+    training_step(dit, x0[2:], ctx[2:], every, sample_seeds=[13])
     assert torch.equal(dit.x[0], together[2])
     # and it is what draw_noise_and_sigma gives for that seed
     noise, sigma, noise_in = draw_noise_and_sigma(1, SHAPE, _gen(13), NoiseOptions.from_config(every), x0=x0[2:],

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from anima_trainer.fileio import atomic_save, remove_stale_temporaries
+from anima_trainer.fileio import remove_stale_temporaries
+
+from anima_trainer.tensor_files import atomic_save
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1

@@ -37,7 +37,8 @@ from torch import nn
 from anima_trainer.config.rules import DIFFUSERS_ALTERNATIVE as ALTERNATIVE
 from anima_trainer.config.rules import DIFFUSERS_LOADER as LOADER
 from anima_trainer.config.rules import diffusers_refusal
-from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable
+from anima_trainer.fileio import check_writable
+from anima_trainer.tensor_files import NonFiniteError, atomic_save
 from anima_trainer.models.diffusers_layout import anima_module_to_diffusers, diffusers_module_to_anima
 from anima_trainer.networks.formats import ALL_SUFFIXES, COMFY_PREFIX, LORA_SPELLINGS, NetworkError, alpha_value
 from anima_trainer.networks.hashes import with_hashes

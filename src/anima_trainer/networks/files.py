@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 import anima_trainer
-from anima_trainer.fileio import NonFiniteError, atomic_save, check_writable, nonfinite_tensors
+from anima_trainer.fileio import check_writable
+from anima_trainer.tensor_files import NonFiniteError, atomic_save, nonfinite_tensors
 from anima_trainer.networks.convert import read_comfy_named
 from anima_trainer.networks.diffusers_format import diffusers_tensors, save_diffusers
 from anima_trainer.networks.formats import (

@@ -13,9 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from anima_trainer.console import progress_disabled
-from anima_trainer.train.flow import shift_sigma  # the same σ shift training uses
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ' = s·σ / (1 + (s − 1)·σ), the discrete-flow shift (s = 3 is ComfyUI's inference schedule); training's
+    `shift` timestep sampling uses the same function (train/flow.py)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def sigma_table(shift: float = 3.0, timesteps: int = 1000) -> torch.Tensor:

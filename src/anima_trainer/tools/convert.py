@@ -12,7 +12,9 @@ from pathlib import Path
 
 from torch import nn
 
-from anima_trainer.fileio import atomic_save, check_writable
+from anima_trainer.fileio import check_writable
+
+from anima_trainer.tensor_files import atomic_save
 from anima_trainer.networks.convert import (
     ModuleTable,
     build_meta_dit,
@@ -46,7 +48,7 @@ def convert_network(src: str | Path, dst: str | Path, to: str, *, dit: nn.Module
     except NetworkError as e:
         raise NetworkError(f"{e}; nothing written") from e
     if to == "diffusers":
-        def key_check(keys, dit_, te_):  # noqa: ANN001 - one signature for both checks
+        def key_check(keys, dit_, te_):
             check_diffusers_keys(keys, dit_)
     else:
         key_check = check_comfy_keys

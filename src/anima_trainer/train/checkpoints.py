@@ -2,7 +2,7 @@
 
 `Checkpointer` decides at each optimizer step / epoch end what is due (kohya's save_every_n_* rules, states
 with `save_state`), writes it atomically, applies retention, records saves in the event log, and refuses to
-write a network or a state whose weights are not finite (fileio.NonFiniteError, NonFiniteStateError).  A save writes
+write a network or a state whose weights are not finite (tensor_files.NonFiniteError, NonFiniteStateError).  A save writes
 the state first and the network file after it: a run killed between the two resumes from that state and writes the
 missing file (`Checkpointer.resumed`); a resumed run may write again its own files after its resume point.
 `snapshot_fields` lists what must not change across a resume; `resolve_resume` finds the state folder and
@@ -306,7 +306,7 @@ class Checkpointer:
             self.after_save()
 
     def _network_file(self, path: Path, step: int, epoch: int) -> Path:
-        # never a NaN over a good file: network.save refuses non-finite weights as written (fileio.NonFiniteError)
+        # never a NaN over a good file: network.save refuses non-finite weights as written (tensor_files.NonFiniteError)
         if path == self.files.step_path(step):
             overwrite = self.files.may_replace_step(step)
         elif path == self.files.epoch_path(epoch):

@@ -15,16 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from anima_trainer.sample.sampler import shift_sigma  # the σ shift ComfyUI samples with
 from anima_trainer.train.inputs import to_device
 
 TIMESTEP_SAMPLINGS = ("sigmoid", "uniform", "sigma", "shift", "flux_shift")
 WEIGHTING_SCHEMES = ("uniform", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
-
-
-def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """σ' = s·σ / (1 + (s − 1)·σ), the discrete-flow shift (s = 3 is ComfyUI's inference schedule)."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def flux_shift_mu(patches: int) -> float:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from anima_trainer.fileio import NonFiniteError, nonfinite_tensors
+from anima_trainer.tensor_files import NonFiniteError, nonfinite_tensors
 
 log = logging.getLogger(__name__)
 ALERTS = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "memory_near_limit", "data_starvation")

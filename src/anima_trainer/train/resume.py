@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from anima_trainer.config import ConfigError
-from anima_trainer.fileio import OutputExistsError, SaveError, atomic_save, atomic_write_bytes, replace_folder
+from anima_trainer.fileio import OutputExistsError, SaveError, atomic_write_bytes, replace_folder
+from anima_trainer.tensor_files import atomic_save
 
 log = logging.getLogger(__name__)
 
