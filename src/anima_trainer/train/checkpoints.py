@@ -3,8 +3,9 @@
 `Checkpointer` decides at each optimizer step / epoch end what is due (kohya's save_every_n_* rules, states
 with `save_state`), writes it atomically, applies retention, records saves in the event log, and refuses to
 write a network or a state whose weights are not finite (tensor_files.NonFiniteError,
-NonFiniteStateError).  A save writes the state first and the network file after it: a run killed between the two resumes from that state and writes the
-missing file (`Checkpointer.resumed`); a resumed run may write again its own files after its resume point.
+NonFiniteStateError).  A save writes the state first and the network file after it: a run killed between
+the two resumes from that state and writes the missing file (`Checkpointer.resumed`); a resumed run may write
+again its own files after its resume point.
 `snapshot_fields` lists what must not change across a resume; `resolve_resume` finds the state folder and
 `check_resume` checks the snapshot, the step count and logs the other changed settings.
 """
