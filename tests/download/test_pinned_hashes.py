@@ -1,4 +1,4 @@
-"""Issue 13 item 12: the SHA-256 values pinned in download/sources.py are authoritative.
+"""Issue 13 item 12: the SHA-256 values pinned in tools/download/sources.py are authoritative.
 
 A Hub (or a fake endpoint) reporting another hash, bytes with another hash, or a ModelScope fallback delivering
 other bytes is an error: exit 2, a message naming the file, both hashes, the source and the fix, and nothing

@@ -78,10 +78,10 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
                                                               "text_conditioner/ folder (else taken from the DiT)")
     qwen3_tokenizer_path: Path | None = Field(None, description="Qwen tokenizer folder (when --qwen3 is one file)")
     t5_tokenizer_path: Path | None = Field(None, description="T5 tokenizer folder")
-    # tokenizer download at start-up (sd-scripts-anima's flags; download/startup.py)
+    # tokenizer download at start-up (sd-scripts-anima's flags; tools/download/startup.py)
     auto_download_t5_tokenizer: bool = Field(True, description="download missing T5 (and Qwen) tokenizer files "
                                                                "into their folders at start-up")
-    # the defaults are download/sources.py's T5_TOKENIZER entry (tests/config/test_train_config.py compares them)
+    # the defaults are tools/download/sources.py's T5_TOKENIZER entry (tests/config/test_train_config.py compares them)
     t5_tokenizer_repo_id: str = Field("google/t5-v1_1-base", description="T5 tokenizer source: HF repo id, "
                                       "huggingface.co or modelscope.cn URL")
     t5_tokenizer_subfolder: str = Field("tokenizer", description="subfolder tried first (then the repo root)")

@@ -14,8 +14,17 @@ import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.dtypes import PRECISION_DTYPES
+from anima_trainer.models import load_dit, load_text_encoder, load_vae
+from anima_trainer.models.attention_backend import configure_attention
+from anima_trainer.models.block_runner import setup_memory
+from anima_trainer.models.checkpoint import CheckpointError
+from anima_trainer.models.compile import compile_dit_blocks
 from anima_trainer.models.fp8 import Fp8Linear, has_fp8
-from anima_trainer.networks import AdapterNetwork
+from anima_trainer.models.layers import set_fused_qkv
+from anima_trainer.networks import AdapterNetwork, NetworkError, create_network, create_network_from_weights
+from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
+from anima_trainer.networks.diffusers_format import check_network_diffusers
+from anima_trainer.networks.formats import comfy_skipped_keys
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +34,6 @@ WEIGHT_DTYPES = PRECISION_DTYPES  # mixed_precision → the frozen models' dtype
 @dataclass
 class Models:
     """The frozen base: DiT (with the LoRA injected later), text encoder, VAE."""
-
     dit: torch.nn.Module
     text_encoder: object
     vae: object
@@ -33,8 +41,6 @@ class Models:
 
 def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
     """Load the three parts with start-up validation (wrong files are named with their flag)."""
-    from anima_trainer.models import load_dit, load_text_encoder, load_vae
-
     # with block swap the DiT stays on the CPU until setup_memory places the parts that live on the device
     dit_device = "cpu" if cfg.blocks_to_swap else device
     dit = load_dit(cfg.pretrained_model_name_or_path, dtype=dtype, device=dit_device,
@@ -63,11 +69,6 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     memory options (fp8 storage, block swap, checkpointing) → network injection → attention kernel choice →
     torch.compile of the blocks (last: it traces the injected hooks).  Returns (network, attention kernel).
     `text_encoder`: the Qwen3Model, which gets adapter modules too when the config trains it (kohya's default)."""
-    from anima_trainer.models.attention_backend import configure_attention
-    from anima_trainer.models.block_runner import setup_memory
-    from anima_trainer.models.compile import compile_dit_blocks
-    from anima_trainer.models.layers import set_fused_qkv
-
     set_fused_qkv(dit, cfg.fuse_qkv)
     try:
         setup_memory(dit, device=device, **cfg.memory_options())
@@ -75,7 +76,6 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
         raise ConfigError(f"memory options: {e}") from None
     network = build_network(cfg, dit, text_encoder)
     if cfg.save_format == "diffusers":  # issue 15: what that layout cannot carry fails now, not at the first save
-        from anima_trainer.networks.diffusers_format import check_network_diffusers
 
         check_network_diffusers(network)
     try:
@@ -95,10 +95,6 @@ def check_network_options(cfg: TrainConfig) -> None:
     """network_module, network_dim/alpha and network_args (target_modules included) tried on a DiT of the file's
     shape on the meta device, before the dataset scan and any model load: a typo in network_args fails in a
     second, not after minutes of scanning and loading (issue 14's start-up order)."""
-    from anima_trainer.models.checkpoint import CheckpointError
-    from anima_trainer.networks import NetworkError, create_network
-    from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
-
     if cfg.dim_from_weights:
         return  # the network is the file's (checked when the file is read)
     try:
@@ -120,8 +116,6 @@ def build_network(cfg: TrainConfig, dit, text_encoder: torch.nn.Module | None = 
     """The network to train: configured (optionally initialised from network_weights), or with
     dim_from_weights exactly the network of that file.  `text_encoder` (the Qwen3Model) gets modules only when
     the config trains it (`cfg.trains_text_encoder`)."""
-    from anima_trainer.networks import NetworkError, create_network, create_network_from_weights
-
     te = text_encoder if cfg.trains_text_encoder else None
     try:
         return _build_network(cfg, dit, te, create_network, create_network_from_weights)
@@ -181,8 +175,6 @@ def module_counts(network) -> str:
 def kohya_text_encoder_notice(cfg: TrainConfig, network) -> str | None:
     """save_format = "kohya" with text-encoder modules: ComfyUI maps no `lora_te_*` name of Anima's Qwen3, so it
     would load the DiT part only (kohya's docs send users to its converter for the same reason)."""
-    from anima_trainer.networks.formats import comfy_skipped_keys
-
     if cfg.save_format != "kohya" or not network.trains_text_encoder:
         return None
     skipped = comfy_skipped_keys(list(network.state_tensors(save_format="kohya")))
