@@ -6,13 +6,10 @@ No timing is asserted (only that the numbers exist and are positive); the GPU nu
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.conftest import bench_script
 FIELDS = ("config", "width", "heads", "blocks", "tokens", "batch", "rank", "dtype", "attention_kernel", "device",
           "torch", "block_ms_fused", "block_ms_separate", "self_attn_ms_fused", "self_attn_ms_separate",
           "saving_ms_per_block", "saving_pct_of_block", "self_attn_saving_ms", "self_attn_saving_pct_of_block",
@@ -21,15 +18,7 @@ FIELDS = ("config", "width", "heads", "blocks", "tokens", "batch", "rank", "dtyp
 
 @pytest.fixture
 def fused_qkv(monkeypatch):
-    """bench/fused_qkv.py imported as the script sees itself (bench/ first on sys.path), on one CPU thread."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.delitem(sys.modules, "fused_qkv", raising=False)
-    import fused_qkv
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield fused_qkv
-    torch.set_num_threads(threads)
+    yield from bench_script("fused_qkv", monkeypatch)
 
 
 def test_tiny_blocks_on_cpu_write_one_row_per_token_count(fused_qkv, monkeypatch, tmp_path, capsys):

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.conftest import bench_script
 FIELDS = ("date", "commit", "device", "torch", "config", "resolution", "batch", "tokens", "grad_ckpt", "rank",
           "dtype", "steps", "warmup", "first_step_ms", "ms_per_step_median", "ms_per_step_mean", "samples_per_s",
           "loss_first", "loss_last", "loss_finite", "peak_memory_gib", "peak_reserved_gib", "tflop_per_step",
@@ -22,16 +20,7 @@ FIELDS = ("date", "commit", "device", "torch", "config", "resolution", "batch", 
 
 @pytest.fixture
 def train_step(monkeypatch):
-    """bench/train_step.py imported as the script sees itself (bench/ first on sys.path), on one CPU thread
-    (the tiny case needs no more, and a busy machine makes 2 threads much slower)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.delitem(sys.modules, "train_step", raising=False)
-    import train_step
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield train_step
-    torch.set_num_threads(threads)
+    yield from bench_script("train_step", monkeypatch)
 
 
 SMOKE = ["--config", "tiny", "--resolution", "128", "--batch", "1", "--steps", "2", "--warmup", "1",

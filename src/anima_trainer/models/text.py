@@ -175,7 +175,7 @@ def qwen3_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Qwen3Config:
         attn_implementation="sdpa")
 
 
-def _weight_sources(path: Path) -> tuple[list[tuple[Path, str]], Qwen3Config | None]:
+def weight_sources(path: Path) -> tuple[list[tuple[Path, str]], Qwen3Config | None]:
     """[(file, key prefix)] and the folder's config (None: infer it from the shapes)."""
     info = expect_kind(path, QWEN_FLAG, _ACCEPTED_KINDS)
     if info.kind == "anima_diffusers":  # the root of a diffusers-layout folder: its text_encoder/
@@ -201,7 +201,7 @@ def load_qwen3(path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
     float8 files load cast to `dtype`; ComfyUI's scaled-fp8 exports are dequantised (weight × its per-tensor
     scale) by `load_state_dict`, as for every model file."""
     path = Path(path)
-    sources, config = _weight_sources(path)
+    sources, config = weight_sources(path)
     shapes: dict[str, tuple[int, ...]] = {}
     for file, prefix in sources:
         header, _ = read_header(file)

@@ -41,7 +41,7 @@ from anima_trainer.tensor_files import NonFiniteError, nonfinite_tensors
 from anima_trainer.models.checkpoint import DIT_KINDS, DitConfig, expect_kind, read_header
 from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as diffusers_to_comfy_path
 from anima_trainer.models.dit import AnimaDiT
-from anima_trainer.models.text import _weight_sources, qwen3_config_from_shapes
+from anima_trainer.models.text import weight_sources, qwen3_config_from_shapes
 from anima_trainer.networks import diffusers_format as dfmt
 from anima_trainer.networks.diffusers_format import CONDITIONER_PREFIX, TRANSFORMER_PREFIX
 from anima_trainer.networks.formats import (
@@ -97,7 +97,7 @@ def build_meta_qwen3(qwen3_file: str | Path | None = None) -> nn.Module:
 def qwen3_shapes(qwen3_file: str | Path) -> dict[str, tuple[int, ...]]:
     """{Qwen3Model parameter name: shape} from the header(s) of a Qwen3 file, bundle or HF folder."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for file, prefix in _weight_sources(Path(qwen3_file))[0]:
+    for file, prefix in weight_sources(Path(qwen3_file))[0]:
         header, _ = read_header(file)
         shapes.update({k[len(prefix):]: tuple(s) for k, (_, s) in header.items() if k.startswith(prefix)})
     return shapes

@@ -26,7 +26,7 @@ from anima_trainer.fileio import check_writable
 from anima_trainer.tensor_files import atomic_save
 from anima_trainer.models.checkpoint import QUANT_METADATA, expect_kind, quant_plan, read_header
 from anima_trainer.models.dit import load_dit
-from anima_trainer.models.text import QWEN_FLAG, _weight_sources, load_qwen3
+from anima_trainer.models.text import QWEN_FLAG, weight_sources, load_qwen3
 from anima_trainer.networks.convert import (
     ModuleTable,
     check_finite_network,
@@ -138,7 +138,7 @@ def merge_text_encoder(qwen3: str | Path, networks: list[tuple[str, float]], out
     check_writable(out, overwrite)
     if Path(qwen3).resolve() == out.resolve():
         raise NetworkError(f"{out}: output and input are the same file; choose another output name")
-    sources, _ = _weight_sources(Path(qwen3))
+    sources, _ = weight_sources(Path(qwen3))
     if len(sources) != 1 or Path(qwen3).is_dir():
         raise NetworkError(f"{QWEN_FLAG} {qwen3}: merging writes one file; give the single-file Qwen3 (or an "
                            "Anima bundle), not a Hugging Face folder")
