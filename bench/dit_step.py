@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from anima_trainer.models.adapter import CONTEXT_ROWS
-from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.models.model_files import DitConfig
 from anima_trainer.models.dit import AnimaDiT
 
 CONFIGS = {

@@ -168,7 +168,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from anima_trainer.models.checkpoint import CheckpointError, _network_types, inspect_file, read_header
+    from anima_trainer.models.model_files import ModelFileError, _network_types, inspect_file, read_header
     from anima_trainer.networks import NetworkError
     from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
     from anima_trainer.tools.inspect import format_report, inspect_network
@@ -190,7 +190,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(json.dumps(report, indent=2) if args.json else format_report(report))
             if report["broken"]:
                 status = max(status, 1)
-        except (CheckpointError, NetworkError) as e:
+        except (ModelFileError, NetworkError) as e:
             print(f"error: {e}" if str(f) in str(e) else f"error: {f}: {e}", file=sys.stderr)  # name the file
             status = 2
     return status
@@ -248,7 +248,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from anima_trainer.fileio import check_writable
     from anima_trainer.models import load_dit, load_text_encoder, load_vae
-    from anima_trainer.models.checkpoint import expect_kind
+    from anima_trainer.models.model_files import expect_kind
     from anima_trainer.networks import apply_network_file, apply_text_encoder_file, comfy_skipped_keys
     from anima_trainer.networks.convert import comfy_named_file
     from anima_trainer.sample.generate import SampleParams, generate_image, save_png

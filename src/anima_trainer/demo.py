@@ -18,7 +18,7 @@ from anima_trainer.config.tomlw import toml_value
 from anima_trainer.fileio import atomic_write_bytes, check_writable
 from anima_trainer.tensor_files import atomic_save
 from anima_trainer.models import load_dit, load_text_encoder, load_vae
-from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.models.model_files import DitConfig
 from anima_trainer.models.dit import AnimaDiT
 from anima_trainer.models.vae import VAE_CONFIG
 from anima_trainer.networks import apply_network_file

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from anima_trainer import cli
 from anima_trainer.demo import write_tiny_vae
-from anima_trainer.models import checkpoint, inspect_file, load_dit
-from anima_trainer.models.checkpoint import CheckpointError, load_state_dict, read_header
+from anima_trainer.models import inspect_file, load_dit, model_files
+from anima_trainer.models.model_files import ModelFileError, load_state_dict, read_header
 from anima_trainer.models.vae import load_vae
 from tests.support.fp8 import quantise as _quantise
 from tests.support.fp8 import within_fp8 as _within_fp8
@@ -34,7 +34,7 @@ def test_scaled_fp8_dit_is_dequantised_like_comfyui(dit_file: Path, tmp_path: Pa
     save_file(tensors, path, metadata=meta)
 
     assert inspect_file(path).fp8_scaled_weights == len(quantised)
-    with caplog.at_level("INFO", logger="anima_trainer.models.checkpoint"):
+    with caplog.at_level("INFO", logger="anima_trainer.models.model_files"):
         got = load_dit(path, dtype=torch.float32).state_dict()
     for key, w in original.items():
         name = key.removeprefix("net.")
@@ -109,7 +109,7 @@ REFUSED = [
 @pytest.mark.parametrize("name,change,message", REFUSED, ids=[r[0] for r in REFUSED])
 def test_quantisation_that_cannot_be_dequantised_is_refused(dit_file, tmp_path, name, change, message) -> None:
     path = _dit_with(dit_file, tmp_path, change)
-    with pytest.raises(CheckpointError, match=message) as e:
+    with pytest.raises(ModelFileError, match=message) as e:
         load_dit(path, dtype=torch.float32)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
@@ -118,7 +118,7 @@ def test_quantisation_that_cannot_be_dequantised_is_refused(dit_file, tmp_path, 
                                  "blocks.1.mlp.layer2.weight", "t_embedder.1.linear_1.weight"])
 def test_dit_missing_one_key_names_the_key(dit_file: Path, tmp_path: Path, key: str, capsys) -> None:
     path = _dit_with(dit_file, tmp_path, lambda t: t.pop("net." + key))
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ModelFileError) as e:
         load_dit(path, dtype=torch.float32)
     assert key in str(e.value) and str(path) in str(e.value) and "LLM-adapter" not in str(e.value)
     assert cli.main(["inspect", str(path)]) == (0 if key.startswith(("blocks.1", "t_")) else 2)
@@ -162,13 +162,13 @@ def test_forged_header_is_refused_before_any_tensor_is_read(tmp_path, monkeypatc
     def no_tensor_reads(*args, **kwargs):
         raise AssertionError("a tensor was read from a file whose header is invalid")
 
-    monkeypatch.setattr(checkpoint, "safe_open", no_tensor_reads)
+    monkeypatch.setattr(model_files, "safe_open", no_tensor_reads)
     assert cli.main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {path}") and "Traceback" not in err
     assert re.search(message, err), err
     for read in (read_header, load_state_dict, lambda p: load_dit(p, dtype=torch.float32)):
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(ModelFileError, match=message):
             read(path)
 
 
@@ -176,13 +176,13 @@ def test_deeply_nested_quantisation_metadata_and_index_are_one_line_errors(dit_f
     deep = "[" * 100_000
     tensors = load_file(dit_file)
     save_file(tensors, tmp_path / "m.safetensors", metadata={"_quantization_metadata": deep})
-    with pytest.raises(CheckpointError, match=r"bad _quantization_metadata metadata \(JSON nested too deeply\)"):
+    with pytest.raises(ModelFileError, match=r"bad _quantization_metadata metadata \(JSON nested too deeply\)"):
         load_dit(tmp_path / "m.safetensors", dtype=torch.float32)
 
     from anima_trainer.models.diffusers_layout import weight_files
 
     (tmp_path / "model.safetensors.index.json").write_text(deep)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not a valid safetensors index "
+    with pytest.raises(ModelFileError, match=r"model\.safetensors\.index\.json is not a valid safetensors index "
                                               r"\(JSON nested too deeply\)"):
         weight_files(tmp_path, "--qwen3")
     (tmp_path / "config.json").write_text(deep)  # a folder with a hostile config.json is just not a model folder

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from anima_trainer import cli
 from anima_trainer.demo import write_demo_models
 from anima_trainer.models import inspect_file, load_dit, load_text_encoder, load_vae
-from anima_trainer.models.checkpoint import CheckpointError, WrongModelFileError
+from anima_trainer.models.model_files import ModelFileError, WrongModelFileError
 from anima_trainer.models.text import load_qwen3
 from tests.support.diffusers_folder import write_diffusers_anima
 from tests.support.fp8 import quantise, within_fp8
@@ -150,7 +150,7 @@ def test_one_diffusers_transformer_file_is_a_dit(tiny, tmp_path):
 ])
 def test_a_folder_missing_a_part_names_the_folder_and_the_part(tiny, missing, call):
     folder = _copy_without(tiny, f"no_{missing}", missing)
-    with pytest.raises(CheckpointError, match=rf"{folder} is a diffusers-layout Anima folder without {missing}/ "
+    with pytest.raises(ModelFileError, match=rf"{folder} is a diffusers-layout Anima folder without {missing}/ "
                                               r"\(it has: transformer/"):
         call(folder)
 
@@ -164,14 +164,14 @@ def test_without_text_conditioner_the_adapter_file_or_folder_is_used(tiny):
     save_file({k: v for k, v in load_file(tiny["models"]["dit"]).items() if ".llm_adapter." not in k}, bare)
     _same_state(load_dit(bare, dtype=torch.float32, adapter_path=tiny["folder"] / "text_conditioner"), ref)
     _same_state(load_dit(bare, dtype=torch.float32, adapter_path=tiny["folder"]), ref)
-    with pytest.raises(CheckpointError, match=r"--llm_adapter_path: .*no_text_conditioner is a diffusers-layout Anima "
+    with pytest.raises(ModelFileError, match=r"--llm_adapter_path: .*no_text_conditioner is a diffusers-layout Anima "
                                               r"folder without text_conditioner/"):
         load_dit(bare, adapter_path=folder)
 
 
 def test_a_missing_shard_and_a_foreign_transformer_are_named(tiny):
     folder = _copy_without(tiny, "missing_shard", "diffusion_pytorch_model-00002-of-*")
-    with pytest.raises(CheckpointError, match=r"--pretrained_model_name_or_path: .*missing_shard: transformer/: "
+    with pytest.raises(ModelFileError, match=r"--pretrained_model_name_or_path: .*missing_shard: transformer/: "
                                               r".*index\.json names shards missing from .*transformer: "
                                               r"diffusion_pytorch_model-00002-of-\d+\.safetensors; the download is "
                                               r"incomplete"):
@@ -182,7 +182,7 @@ def test_a_missing_shard_and_a_foreign_transformer_are_named(tiny):
     folder = _copy_without(tiny, "other_rope", "nothing")
     config = json.loads((folder / "transformer" / "config.json").read_text())
     (folder / "transformer" / "config.json").write_text(json.dumps({**config, "rope_scale": [2.0, 1.0, 1.0]}))
-    with pytest.raises(CheckpointError, match=r"sets rope_scale = \[2\.0, 1\.0, 1\.0\]; Anima's "
+    with pytest.raises(ModelFileError, match=r"sets rope_scale = \[2\.0, 1\.0, 1\.0\]; Anima's "
                                               r"CosmosTransformer3DModel uses \[1\.0, 4\.0, 4\.0\]"):
         load_dit(folder)
 
@@ -192,7 +192,7 @@ def test_a_vae_folder_with_other_latent_statistics_is_refused(tiny):
     config = json.loads((folder / "vae" / "config.json").read_text())
     assert config["latents_mean"][0] == -0.7571  # what diffusers wrote: Anima's (Wan 2.1) statistics
     (folder / "vae" / "config.json").write_text(json.dumps({**config, "latents_mean": [0.0] * 16}))
-    with pytest.raises(CheckpointError, match=r"--vae: .*config\.json sets latents_mean = \[0\.0, .*not the Wan 2\.1 "
+    with pytest.raises(ModelFileError, match=r"--vae: .*config\.json sets latents_mean = \[0\.0, .*not the Wan 2\.1 "
                                               r"latent statistics"):
         load_vae(folder)
 
@@ -242,7 +242,7 @@ def test_dit_weights_under_a_second_prefix_are_refused_by_name(tiny, tmp_path):
     moved = {(k.removeprefix("net.") if ".llm_adapter." in "." + k else k): v for k, v in state.items()}
     path = tmp_path / "split.safetensors"
     save_file(moved, path)
-    with pytest.raises(CheckpointError, match=r"the DiT is stored under 'net\.', but 'llm_adapter\.[a-z_.0-9]+' "
+    with pytest.raises(ModelFileError, match=r"the DiT is stored under 'net\.', but 'llm_adapter\.[a-z_.0-9]+' "
                                               r"\(\d+ such keys\) is a DiT weight under another prefix"):
         load_dit(path)
     # with the adapter given separately those keys are replaced anyway: ignored with the others
@@ -268,7 +268,7 @@ def test_an_unknown_weight_in_a_merge_is_an_error_naming_it(tiny, tmp_path):
     state = load_file(tiny["models"]["dit"])
     state["net.blocks.0.mlp.layer3.weight"] = torch.ones(4, 4)  # a renamed / foreign layer changes the model
     save_file(state, tmp_path / "odd.safetensors")
-    with pytest.raises(CheckpointError, match=r"1 unexpected keys \['blocks\.0\.mlp\.layer3\.weight'\]"):
+    with pytest.raises(ModelFileError, match=r"1 unexpected keys \['blocks\.0\.mlp\.layer3\.weight'\]"):
         load_dit(tmp_path / "odd.safetensors")
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from anima_trainer.models import load_dit
-from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.models.model_files import DitConfig
 from anima_trainer.models.dit import AnimaDiT
 
 

@@ -19,7 +19,7 @@ from transformers import Qwen3Config, Qwen3Model
 
 from anima_trainer.demo import TINY_QWEN3_SHAPES, random_qwen3_state_dict, write_tiny_tokenizers
 from anima_trainer.models import load_text_encoder
-from anima_trainer.models.checkpoint import CheckpointError, WrongModelFileError
+from anima_trainer.models.model_files import ModelFileError, WrongModelFileError
 from anima_trainer.models.prompt_syntax import parse_prompt_weights, tokenizer_chunks
 from anima_trainer.models.text import AnimaTokenizer, TextEncoding
 
@@ -316,7 +316,7 @@ def test_hf_folder_with_only_pickles_is_refused(tmp_path: Path, tiny: dict) -> N
     folder = tmp_path / "qwen3_bin"
     tiny["config"].save_pretrained(folder)
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+    with pytest.raises(ModelFileError, match="pytorch_model.bin"):
         load_text_encoder(folder, tokenizer_dir=tiny["tok"])
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anima_trainer.models import load_vae
-from anima_trainer.models.checkpoint import CheckpointError, WrongModelFileError, load_state_dict
+from anima_trainer.models.model_files import ModelFileError, WrongModelFileError, load_state_dict
 from anima_trainer.models.vae import (
     LATENTS_MEAN,
     LATENTS_STD,
@@ -235,7 +235,7 @@ def test_wrong_shape_is_reported() -> None:
     skeleton = build_vae_skeleton()
     state = {k: torch.empty(v.shape, device="meta") for k, v in skeleton.state_dict().items()}
     state["post_quant_conv.bias"] = torch.empty(48, device="meta")
-    with pytest.raises(CheckpointError, match=r"post_quant_conv\.bias \(48,\) \(expected \(16,\)\)"):
+    with pytest.raises(ModelFileError, match=r"post_quant_conv\.bias \(48,\) \(expected \(16,\)\)"):
         assign_state_dict(skeleton, state)
 
 

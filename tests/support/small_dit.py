@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.models.model_files import DitConfig
 from anima_trainer.models.dit import AnimaDiT
 from anima_trainer.networks import create_network
 

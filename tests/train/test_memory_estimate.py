@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anima_trainer.models.block_runner import setup_memory
-from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.models.model_files import DitConfig
 from anima_trainer.train.memory_estimate import ACTIVATION_UNITS, estimate_training_memory
 from tests.support.ledger import SavedTensorLedger
 from tests.support.small_dit import SMALL, inputs, lora, small_dit

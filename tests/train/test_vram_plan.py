@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from anima_trainer.config import ConfigError, make_train_config
-from anima_trainer.models.checkpoint import DitConfig
+from anima_trainer.models.model_files import DitConfig
 from anima_trainer.train.vram_plan import candidates, plan_memory, resolve_budget
 
 REQUIRED = {"pretrained_model_name_or_path": "dit.safetensors", "qwen3": "q.safetensors", "vae": "v.safetensors",

@@ -2,7 +2,7 @@
 
     adapter.py            the LLM adapter (Qwen3 states → T5-token context of the DiT)
     attention_backend.py  which SDPA kernel the attention runs, measured once at start-up or named
-    checkpoint.py         reading model files: kinds, DiT config from shapes, quantised storage, state dicts
+    model_files.py        reading model files: kinds, DiT config from shapes, quantised storage, state dicts
     compile.py            torch.compile of the DiT blocks
     diffusers_layout.py   diffusers' folder layout of the Anima pipeline (names, configs, tokenizer folders)
     dit.py                AnimaDiT and `load_dit`
@@ -15,7 +15,7 @@
     vae.py                the Wan 2.1 VAE and `load_vae`
 """
 
-from anima_trainer.models.checkpoint import DitConfig, inspect_file
+from anima_trainer.models.model_files import DitConfig, inspect_file
 from anima_trainer.models.dit import load_dit
 from anima_trainer.models.text import load_text_encoder
 from anima_trainer.models.vae import load_vae

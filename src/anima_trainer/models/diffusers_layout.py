@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anima_trainer.models.safetensors_file import CheckpointError, parse_json, read_header
+from anima_trainer.models.safetensors_file import ModelFileError, parse_json, read_header
 
 INDEX_FILES = ("model_index.json", "modular_model_index.json")
 # component -> its subfolder, in the order `inspect` lists them
@@ -101,7 +101,7 @@ def read_config(folder: Path, name: str = "config.json") -> dict:
         return {}
     try:
         data = parse_json(file.read_bytes(), f"{file}: bad JSON")
-    except (OSError, CheckpointError):
+    except (OSError, ModelFileError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -120,12 +120,12 @@ class DiffusersLayout:
     folders: dict[str, Path] = field(default_factory=dict)
 
     def folder(self, component: str, flag: str) -> Path:
-        """The component's folder; CheckpointError naming the folder and the missing subfolder otherwise."""
+        """The component's folder; ModelFileError naming the folder and the missing subfolder otherwise."""
         if component in self.folders:
             return self.folders[component]
         where = self.root if self.root is not None else "this folder"
         has = ", ".join(f.name + "/" for f in self.folders.values()) or "none of them"
-        raise CheckpointError(f"{flag}: {where} is a diffusers-layout Anima folder without "
+        raise ModelFileError(f"{flag}: {where} is a diffusers-layout Anima folder without "
                               f"{COMPONENT_FOLDERS[component]}/ (it has: {has}); add that subfolder or pass the "
                               "component's own file")
 
@@ -180,7 +180,7 @@ def weight_files(folder: Path, flag: str) -> list[Path]:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         names = ", ".join(i.name for i in indexes)
-        raise CheckpointError(f"{flag}: {folder} has {len(indexes)} shard indexes ({names}); keep the one of the "
+        raise ModelFileError(f"{flag}: {folder} has {len(indexes)} shard indexes ({names}); keep the one of the "
                               "weights in use")
     if indexes:
         index = indexes[0]
@@ -188,22 +188,22 @@ def weight_files(folder: Path, flag: str) -> list[Path]:
         try:
             data = parse_json(index.read_bytes(), bad)
         except OSError as e:
-            raise CheckpointError(f"{flag}: {index} cannot be read: {e.strerror or e}") from None
+            raise ModelFileError(f"{flag}: {index} cannot be read: {e.strerror or e}") from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and Path(v).name == v
                                                        for v in weight_map.values()):
-            raise CheckpointError(f"{bad} (needs a \"weight_map\" of tensor name → file name in this folder)")
+            raise ModelFileError(f"{bad} (needs a \"weight_map\" of tensor name → file name in this folder)")
         files = [folder / n for n in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise CheckpointError(f"{flag}: {index} names shards missing from {folder}: {', '.join(missing[:5])}; "
+            raise ModelFileError(f"{flag}: {index} names shards missing from {folder}: {', '.join(missing[:5])}; "
                                   "the download is incomplete")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
         hint = f" (only {', '.join(found)}, which are never unpickled; convert them)" if found else ""
-        raise CheckpointError(f"{flag}: {folder} has no .safetensors weights{hint}")
+        raise ModelFileError(f"{flag}: {folder} has no .safetensors weights{hint}")
     return files
 
 
@@ -225,7 +225,7 @@ def check_component_config(folder: Path, flag: str) -> None:
         same = [float(g) for g in got] == [float(w) for w in want] if isinstance(want, list) and isinstance(
             got, list) and len(got) == len(want) else got == want or (want is None and got in ("none", "None"))
         if not same:
-            raise CheckpointError(f"{flag}: {folder / 'config.json'} sets {key} = {got!r}; Anima's "
+            raise ModelFileError(f"{flag}: {folder / 'config.json'} sets {key} = {got!r}; Anima's "
                                   f"{config['_class_name']} uses {want!r} (another model in Anima's folder layout?)")
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from anima_trainer.models.adapter import LLMAdapter, build_context
 from anima_trainer.models.block_runner import BlockRunner
-from anima_trainer.models.checkpoint import (DIT_KINDS, DIT_PREFIXES, CheckpointError, DitConfig, FileInfo,
+from anima_trainer.models.model_files import (DIT_KINDS, DIT_PREFIXES, ModelFileError, DitConfig, FileInfo,
                                              expect_kind, infer_dit_config, load_state_dict, read_header)
 from anima_trainer.models.diffusers_layout import (DiffusersLayout, anima_dit_shapes, check_component_config,
                                                    diffusers_key_to_anima, find_layout, weight_files)
@@ -234,7 +234,7 @@ class AnimaDiT(nn.Module):
                        t5_mask: torch.Tensor | None = None, t5_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Run the LLM adapter and return the zero-padded [B, 512, 1024] context exactly as ComfyUI builds it."""
         if self.llm_adapter is None:
-            raise CheckpointError("this DiT file has no llm_adapter.* weights; pass the adapter file "
+            raise ModelFileError("this DiT file has no llm_adapter.* weights; pass the adapter file "
                                   "(load_dit(..., adapter_path=FILE), CLI --llm_adapter_path)")
         device = self.llm_adapter.embed.weight.device
         return build_context(self.llm_adapter, qwen_hidden.to(device), t5_ids.to(device), qwen_mask, t5_mask,
@@ -330,7 +330,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected "
+        raise ModelFileError(f"{path}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected "
                               f"keys {unexpected[:5]} for an Anima DiT with {config.num_blocks} blocks")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -359,7 +359,7 @@ def _diffusers_state(layout: DiffusersLayout, flag: str, dtype: torch.dtype, dev
         for key, t in load_state_dict(file, dtype=dtype, device=device).items():
             name = diffusers_key_to_anima(key)
             if name is None:
-                raise CheckpointError(f"{flag}: {file}: the key {key!r} is no CosmosTransformer3DModel weight of an "
+                raise ModelFileError(f"{flag}: {file}: the key {key!r} is no CosmosTransformer3DModel weight of an "
                                       "Anima DiT (another model in Anima's folder layout?)")
             state[name] = t
     if with_adapter:
@@ -386,7 +386,7 @@ def _check_outside_prefix(path: str | Path, header: dict, prefix: str, component
     lost = [k for k in outside if (n := _strip_known_prefix(k)) not in main and _is_dit_weight(n)
             and not (adapter_given and n.startswith("llm_adapter."))]
     if lost:
-        raise CheckpointError(f"{path}: the DiT is stored under {prefix!r}, but {lost[0]!r} ({len(lost)} such "
+        raise ModelFileError(f"{path}: the DiT is stored under {prefix!r}, but {lost[0]!r} ({len(lost)} such "
                               "keys) is a DiT weight under another prefix, which ComfyUI would not load either; "
                               "re-save the file with one prefix")
     copies = sum(_strip_known_prefix(k) in main for k in outside)

@@ -32,9 +32,9 @@ import torch
 from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model, T5TokenizerFast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-from anima_trainer.models.checkpoint import (
+from anima_trainer.models.model_files import (
     KIND_DESCRIPTIONS,
-    CheckpointError,
+    ModelFileError,
     WrongModelFileError,
     expect_kind,
     load_state_dict,
@@ -157,14 +157,14 @@ def qwen3_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Qwen3Config:
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise CheckpointError(f"not a Qwen3 text encoder: key 'model.{key}' is missing")
+            raise ModelFileError(f"not a Qwen3 text encoder: key 'model.{key}' is missing")
         return shapes[key]
 
     vocab, hidden = shape("embed_tokens.weight")
     head_dim = shape("layers.0.self_attn.q_norm.weight")[0]
     layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.")}
     if sorted(layers) != list(range(len(layers))):
-        raise CheckpointError(f"not a Qwen3 text encoder: layer indices {sorted(layers)[:5]}... are not 0..N-1")
+        raise ModelFileError(f"not a Qwen3 text encoder: layer indices {sorted(layers)[:5]}... are not 0..N-1")
     return Qwen3Config(
         vocab_size=vocab, hidden_size=hidden, head_dim=head_dim, num_hidden_layers=len(layers),
         num_attention_heads=shape("layers.0.self_attn.q_proj.weight")[0] // head_dim,
@@ -217,7 +217,7 @@ def load_qwen3(path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
     extra = [k for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"]
     missing = sorted(expected - set(state))
     if missing or extra:
-        raise CheckpointError(f"{QWEN_FLAG}: {path} does not match a Qwen3 model "
+        raise ModelFileError(f"{QWEN_FLAG}: {path} does not match a Qwen3 model "
                               f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                               f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
     model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
@@ -226,7 +226,7 @@ def load_qwen3(path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
         model.rotary_emb = Qwen3RotaryEmbedding(config)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:
-        raise CheckpointError(f"{QWEN_FLAG}: tensors {left_on_meta[:3]} were not loaded from {path}")
+        raise ModelFileError(f"{QWEN_FLAG}: tensors {left_on_meta[:3]} were not loaded from {path}")
     model.eval().requires_grad_(False)
     return model
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anima_trainer.models.checkpoint import (
+from anima_trainer.models.model_files import (
     VAE_BUNDLE_PREFIX,
-    CheckpointError,
+    ModelFileError,
     FileInfo,
     WrongModelFileError,
     expect_kind,
@@ -181,7 +181,7 @@ def convert_vae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     for key, tensor in state_dict.items():
         new = comfyui_to_diffusers_key(key)
         if new in out:
-            raise CheckpointError(f"VAE keys collide after conversion: {key!r} -> {new!r}")
+            raise ModelFileError(f"VAE keys collide after conversion: {key!r} -> {new!r}")
         out[new] = tensor
     return out
 
@@ -218,11 +218,11 @@ def assign_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Ten
             parts.append(f"missing keys: {_first(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_first(unexpected)}")
-        raise CheckpointError(f"not a Qwen-Image / Wan 2.1 VAE{where}: " + "; ".join(parts))
+        raise ModelFileError(f"not a Qwen-Image / Wan 2.1 VAE{where}: " + "; ".join(parts))
     wrong = [f"{k} {tuple(t.shape)} (expected {expected[k]})" for k, t in state_dict.items()
              if tuple(t.shape) != expected[k]]
     if wrong:
-        raise CheckpointError(f"VAE tensor shapes don't match the Qwen-Image VAE{where}: {_first(wrong, 3)}")
+        raise ModelFileError(f"VAE tensor shapes don't match the Qwen-Image VAE{where}: {_first(wrong, 3)}")
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
@@ -498,7 +498,7 @@ def _sources(path: str | Path) -> list[tuple[Path, str]]:
         config = read_config(folder)
         for key, ours in (("latents_mean", LATENTS_MEAN), ("latents_std", LATENTS_STD)):
             if key in config and config[key] is not None and [float(v) for v in config[key]] != list(ours):
-                raise CheckpointError(f"{VAE_FLAG}: {folder / 'config.json'} sets {key} = {config[key]}, not the "
+                raise ModelFileError(f"{VAE_FLAG}: {folder / 'config.json'} sets {key} = {config[key]}, not the "
                                       "Wan 2.1 latent statistics Anima (and ComfyUI) normalise with: another VAE")
         return [(f, "") for f in weight_files(folder, VAE_FLAG)]
     return [(Path(path), _state_dict_prefix(path, info))]
@@ -536,6 +536,6 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     model = build_vae_skeleton(conv_in.shape[0] if conv_in is not None else VAE_CONFIG["base_dim"])
     try:
         assign_state_dict(model, state_dict, source=str(path))
-    except CheckpointError as e:
+    except ModelFileError as e:
         raise WrongModelFileError(f"{VAE_FLAG}: {e}") from None
     return AnimaVAE(model, dtype=dtype, device=device, batch_size=batch_size, two_d=two_d, chunk_rows=chunk_rows)

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 
 from anima_trainer.tensor_files import NonFiniteError, nonfinite_tensors
-from anima_trainer.models.checkpoint import DIT_KINDS, DitConfig, expect_kind, read_header
+from anima_trainer.models.model_files import DIT_KINDS, DitConfig, expect_kind, read_header
 from anima_trainer.models.diffusers_layout import diffusers_module_to_anima as diffusers_to_comfy_path
 from anima_trainer.models.dit import AnimaDiT
 from anima_trainer.models.text import weight_sources, qwen3_config_from_shapes

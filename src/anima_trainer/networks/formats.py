@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from anima_trainer.models.checkpoint import CheckpointError, read_header
+from anima_trainer.models.model_files import ModelFileError, read_header
 
 COMFY_PREFIX = "diffusion_model."
 KOHYA_PREFIX = "lora_unet_"
@@ -74,7 +74,7 @@ def check_network_file(path: str | Path) -> None:
     if Path(path).exists():
         try:
             read_header(path)
-        except CheckpointError as e:
+        except ModelFileError as e:
             raise NetworkError(f"network file {e}") from None
 
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from anima_trainer.dtypes import FLOAT_FILE_DTYPES, dominant_float_dtype
 from anima_trainer.fileio import check_writable
 from anima_trainer.tensor_files import atomic_save
-from anima_trainer.models.checkpoint import QUANT_METADATA, expect_kind, quant_plan, read_header
+from anima_trainer.models.model_files import QUANT_METADATA, expect_kind, quant_plan, read_header
 from anima_trainer.models.dit import load_dit
 from anima_trainer.models.text import QWEN_FLAG, weight_sources, load_qwen3
 from anima_trainer.networks.convert import (

@@ -32,7 +32,7 @@ import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.dtypes import precision_name
-from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
+from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.sample.prompts import SamplePrompt, load_sample_prompts
 from anima_trainer.train.memory_estimate import estimate_training_memory

@@ -17,7 +17,7 @@ from anima_trainer.dtypes import PRECISION_DTYPES
 from anima_trainer.models import load_dit, load_text_encoder, load_vae
 from anima_trainer.models.attention_backend import configure_attention
 from anima_trainer.models.block_runner import setup_memory
-from anima_trainer.models.checkpoint import CheckpointError
+from anima_trainer.models.model_files import ModelFileError
 from anima_trainer.models.compile import compile_dit_blocks
 from anima_trainer.models.fp8 import Fp8Linear, has_fp8
 from anima_trainer.models.layers import set_fused_qkv
@@ -100,7 +100,7 @@ def check_network_options(cfg: TrainConfig) -> None:
     try:
         dit = build_meta_dit(cfg.pretrained_model_name_or_path)
         text_encoder = build_meta_qwen3(cfg.qwen3) if cfg.trains_text_encoder else None
-    except (CheckpointError, OSError, ValueError):
+    except (ModelFileError, OSError, ValueError):
         return  # a bad model file is named by its loader, with its own message
     try:
         create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,

@@ -19,7 +19,7 @@ import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.dtypes import precision_name
-from anima_trainer.models.checkpoint import DIT_KINDS, expect_kind
+from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
 from anima_trainer.train.memory_estimate import estimate_training_memory
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from anima_trainer.config.tomlw import toml_value
 from anima_trainer.fileio import atomic_write_bytes
-from anima_trainer.models.safetensors_file import CheckpointError, read_header
+from anima_trainer.models.safetensors_file import ModelFileError, read_header
 from anima_trainer.tools.download import sources, t5
 from anima_trainer.tools.download.errors import DownloadError, VerificationError
 from anima_trainer.tools.download.fetch import Context, Fetched, fetch_file, fetch_folder, source_chain
@@ -143,7 +143,7 @@ def _safetensors_check(part: Path) -> None:
     filling the file exactly).  Catches an HTML error page, a truncated file, a pickle or another format."""
     try:
         read_header(part)
-    except CheckpointError as e:
+    except ModelFileError as e:
         raise VerificationError(f"the downloaded file is not a usable model: {e}") from None
 
 

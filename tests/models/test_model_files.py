@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from anima_trainer.demo import TINY_DIT_CONFIG, random_dit_state_dict, write_tiny_dit
 from anima_trainer.models import inspect_file, load_dit
-from anima_trainer.models.checkpoint import (CheckpointError, DitConfig, WrongModelFileError, expect_kind,
+from anima_trainer.models.model_files import (ModelFileError, DitConfig, WrongModelFileError, expect_kind,
                                              infer_dit_config)
 
 
@@ -46,7 +46,7 @@ def test_known_extras_are_ignored(tmp_path, caplog):
     path = write_tiny_dit(tmp_path / "m.safetensors", extra=extra)
     info = inspect_file(path)
     assert info.ignored_keys == 5 and info.fp8_scaled_weights == 0
-    with caplog.at_level("INFO", logger="anima_trainer.models.checkpoint"):
+    with caplog.at_level("INFO", logger="anima_trainer.models.model_files"):
         dit = load_dit(path, dtype=torch.float32)
     assert "skipped 5 non-weight keys (3 quantisation keys" in caplog.text
     ref = load_dit(write_tiny_dit(tmp_path / "ref.safetensors"), dtype=torch.float32).state_dict()
@@ -66,7 +66,7 @@ def test_config_inferred_from_shapes_40_blocks(tmp_path):
     assert len(dit.blocks) == 40 and dit.llm_adapter is None
     assert dit.blocks[0].self_attn.heads == 3
     assert next(dit.parameters()).dtype == torch.bfloat16
-    with pytest.raises(CheckpointError, match="no llm_adapter"):
+    with pytest.raises(ModelFileError, match="no llm_adapter"):
         dit.encode_context(torch.zeros(1, 2, 64), torch.ones(1, 1, dtype=torch.long))
 
 
@@ -166,5 +166,5 @@ def test_missing_key_is_reported(tmp_path):
     tensors = load_file(path)
     del tensors["net.blocks.1.cross_attn.v_proj.weight"]
     save_file(tensors, tmp_path / "broken.safetensors")
-    with pytest.raises(CheckpointError, match=r"1 missing keys \['blocks.1.cross_attn.v_proj.weight'\]"):
+    with pytest.raises(ModelFileError, match=r"1 missing keys \['blocks.1.cross_attn.v_proj.weight'\]"):
         load_dit(tmp_path / "broken.safetensors")

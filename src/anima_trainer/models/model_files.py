@@ -1,4 +1,4 @@
-"""Checkpoint reading: what a file (or folder) is, which prefix it uses, and the DiT config its shapes imply.
+"""Model files: what a file (or folder) is, which prefix it uses, the DiT config its shapes imply, and its tensors.
 
 Only safetensors are ever deserialised (headers are JSON, data is mmapped; safetensors_file.py checks the header),
 so a malicious file can't run code.  Everything here works from the header alone except `load_state_dict`, which
@@ -30,7 +30,7 @@ from anima_trainer.models.diffusers_layout import (
 )
 from anima_trainer.models.safetensors_file import (  # noqa: F401 (re-exported: the names callers import from here)
     DTYPE_SIZES,
-    CheckpointError,
+    ModelFileError,
     WrongModelFileError,
     parse_json,
     read_header,
@@ -190,11 +190,11 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
         data = parse_json(meta[QUANT_METADATA], f"{path}: bad {QUANT_METADATA} metadata")
         layers = data.get("layers") if isinstance(data, dict) else None
         if not isinstance(layers, dict):
-            raise CheckpointError(f"{path}: bad {QUANT_METADATA} metadata (no \"layers\" object); {_DEQUANT_FIX}")
+            raise ModelFileError(f"{path}: bad {QUANT_METADATA} metadata (no \"layers\" object); {_DEQUANT_FIX}")
         confs.update(layers)  # every layer's format is checked: some exporters name them without the prefix
     for key in header:
         if key.startswith(prefix) and key.endswith(UNSUPPORTED_QUANT_SUFFIXES):  # named first: the clearest reason
-            raise CheckpointError(f"{path}: {key!r} belongs to a block-quantised (NVFP4) weight, which anima-trainer "
+            raise ModelFileError(f"{path}: {key!r} belongs to a block-quantised (NVFP4) weight, which anima-trainer "
                                   f"cannot dequantise; {_DEQUANT_FIX}")
     for key, (dtype, shape) in header.items():
         if not key.startswith(prefix):
@@ -206,7 +206,7 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
             if read_conf is not None:
                 raw = read_conf(key)
                 if raw.dtype != torch.uint8 or raw.dim() != 1:
-                    raise CheckpointError(f"{path}: {key!r} is not a ComfyUI layer config (uint8 JSON bytes); "
+                    raise ModelFileError(f"{path}: {key!r} is not a ComfyUI layer config (uint8 JSON bytes); "
                                           f"{_DEQUANT_FIX}")
                 confs[key[:-len(QUANT_CONF_SUFFIX)]] = parse_json(bytes(raw.tolist()), f"{path}: bad layer config "
                                                                                        f"{key!r}")
@@ -215,23 +215,23 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
         elif key.endswith(SCALE_SUFFIXES):
             weight = key.rsplit(".", 1)[0] + ".weight"
             if weight not in header:
-                raise CheckpointError(f"{path}: {key!r} scales {weight!r}, which the file does not have; the file is "
+                raise ModelFileError(f"{path}: {key!r} scales {weight!r}, which the file does not have; the file is "
                                       "damaged or of an unknown layout")
             if header[weight][0] not in FP8_FORMATS:
-                raise CheckpointError(f"{path}: {key!r} scales a {header[weight][0]} weight {weight!r}; only float8 "
+                raise ModelFileError(f"{path}: {key!r} scales a {header[weight][0]} weight {weight!r}; only float8 "
                                       f"weights with a scale are understood; {_DEQUANT_FIX}")
             if math.prod(shape) != 1 or dtype not in ("F32", "F16", "BF16"):
-                raise CheckpointError(f"{path}: {key!r} is not one per-tensor scale ({dtype}, shape {list(shape)}); "
+                raise ModelFileError(f"{path}: {key!r} is not one per-tensor scale ({dtype}, shape {list(shape)}); "
                                       f"{_DEQUANT_FIX}")
             plan.scales[weight] = key
     for layer, conf in confs.items():
         fmt = conf.get("format") if isinstance(conf, dict) else None
         if fmt not in FP8_FORMATS.values():
-            raise CheckpointError(f"{path}: layer {layer!r} is quantised as {str(fmt)[:40]!r}; anima-trainer only "
+            raise ModelFileError(f"{path}: layer {layer!r} is quantised as {str(fmt)[:40]!r}; anima-trainer only "
                                   f"dequantises float8 (e4m3fn/e5m2) weights; {_DEQUANT_FIX}")
         weight = header.get(layer + ".weight") or header.get(prefix + layer + ".weight")
         if weight is not None and FP8_FORMATS.get(weight[0]) != fmt:
-            raise CheckpointError(f"{path}: layer {layer!r} says {fmt} but its weight is stored as {weight[0]}; the "
+            raise ModelFileError(f"{path}: layer {layer!r} says {fmt} but its weight is stored as {weight[0]}; the "
                                   "file is damaged")
     return plan
 
@@ -256,11 +256,11 @@ def _strip(shapes: dict, prefix: str) -> dict:
 
 
 def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DitConfig:
-    """DiT config from prefix-stripped key shapes; raises CheckpointError naming a missing key."""
+    """DiT config from prefix-stripped key shapes; raises ModelFileError naming a missing key."""
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise CheckpointError(f"the Anima DiT key {key!r} is missing (the file is incomplete or damaged; get it "
+            raise ModelFileError(f"the Anima DiT key {key!r} is missing (the file is incomplete or damaged; get it "
                                   "again)")
         return shapes[key]
 
@@ -268,7 +268,7 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DitConfig:
     out_feats = shape("final_layer.linear.weight")[0]
     blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks or sorted(blocks) != list(range(len(blocks))):
-        raise CheckpointError(f"not an Anima DiT: block indices {sorted(blocks)[:5]}... are not 0..N-1")
+        raise ModelFileError(f"not an Anima DiT: block indices {sorted(blocks)[:5]}... are not 0..N-1")
     head_dim = shape("blocks.0.self_attn.q_norm.weight")[0]
     patch = 2
     out_channels = out_feats // (patch * patch)
@@ -291,7 +291,7 @@ def _infer_adapter_config(shapes: dict[str, tuple[int, ...]]) -> dict:
         mlp = shapes["blocks.0.mlp.0.weight"][0]
         source_dim = shapes["blocks.0.cross_attn.k_proj.weight"][1]
     except KeyError as e:
-        raise CheckpointError(f"not an Anima LLM adapter: key {e.args[0]!r} is missing") from None
+        raise ModelFileError(f"not an Anima LLM adapter: key {e.args[0]!r} is missing") from None
     n = len({int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
     return dict(adapter_blocks=n, adapter_dim=dim, adapter_heads=dim // head_dim, adapter_mlp_dim=mlp,
                 adapter_vocab=vocab, adapter_source_dim=source_dim)
@@ -387,14 +387,14 @@ def inspect_file(path: str | Path) -> FileInfo:
     if kind in ("anima_dit", "anima_bundle") and "dit" in components:
         try:
             info.dit_config = infer_dit_config(_strip(shapes, components["dit"]))
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        except ModelFileError as e:
+            raise ModelFileError(f"{path}: {e}") from None
     if kind == "diffusers_dit":
         try:
             info.dit_config = infer_dit_config({n: s for k, s in shapes.items()
                                                 if (n := diffusers_key_to_anima(k)) is not None})
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        except ModelFileError as e:
+            raise ModelFileError(f"{path}: {e}") from None
     if kind == "network":
         info.network_types = _network_types(list(shapes))
     return info
@@ -433,7 +433,7 @@ def _inspect_layout(path: Path, layout, component: str | None) -> FileInfo:  # l
             continue
         try:
             files = weight_files(folder, flag)
-        except CheckpointError:
+        except ModelFileError:
             continue  # reported by the loader of that part, with its flag
         for f in files:
             header, meta = read_header(f)
@@ -446,7 +446,7 @@ def _inspect_layout(path: Path, layout, component: str | None) -> FileInfo:  # l
     if "dit" in folders:
         try:
             info.dit_config = infer_dit_config(anima_dit_shapes(layout, flag))
-        except CheckpointError as e:  # the VAE and text encoder of the folder may still be fine
+        except ModelFileError as e:  # the VAE and text encoder of the folder may still be fine
             info.dit_error = f"{path}: {COMPONENT_FOLDERS['dit']}/: {e}".replace("inspect: ", "")
     return info
 
@@ -456,7 +456,7 @@ def expect_kind(path: str | Path, flag: str, accepted: Iterable[str]) -> FileInf
     accepted = tuple(accepted)
     try:
         info = inspect_file(path)
-    except CheckpointError as e:
+    except ModelFileError as e:
         raise WrongModelFileError(f"{flag}: {e}") from None
     if info.dit_error and info.kind in accepted and "anima_dit" in accepted:
         raise WrongModelFileError(f"{flag}: {info.dit_error}")
@@ -503,7 +503,7 @@ def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | 
                     t = t.to(dtype=dtype)
                 out[name] = t.to(device) if str(device) != "cpu" else t
     except SafetensorError as e:  # a file that changed or broke after its header was checked
-        raise CheckpointError(f"{path} cannot be read as safetensors ({e}); get the file again") from None
+        raise ModelFileError(f"{path} cannot be read as safetensors ({e}); get the file again") from None
     if plan.scales:
         log.info("%s: dequantised %d scaled float8 weights (weight × weight_scale)", path, len(plan.scales))
     if ignored:
