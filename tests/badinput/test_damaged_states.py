@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anima_trainer.config import ConfigError
-from anima_trainer.train import resume as states
+from anima_trainer.train import training_state as states
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.optim import build_scheduler
 from tests.support.cli_output import one_error_line

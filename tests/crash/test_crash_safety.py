@@ -28,7 +28,7 @@ import anima_trainer.fileio as fileio
 import anima_trainer.tensor_files as tensor_files
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml, write_demo_models, write_shapes_dataset
-from anima_trainer.train import resume as states
+from anima_trainer.train import training_state as states
 from tests.train.test_resume import RANDOM_CAPTIONS_AND_FLIPS
 from anima_trainer.train.loop import run_training
 
@@ -43,8 +43,8 @@ plan = json.loads(os.environ["ANIMA_CRASH_PLAN"])
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 import anima_trainer.tensor_files as tensor_files
-import anima_trainer.train.checkpoints as checkpoints
-import anima_trainer.train.resume as resume
+from anima_trainer.train.saving import Saver
+import anima_trainer.train.training_state as training_state
 from safetensors.torch import save as serialize
 calls = {}
 def hit(kind):
@@ -54,7 +54,7 @@ def half_then_die(path, data):  # the process dies with half of the bytes at the
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     die()
-real_fileio_save, real_json, real_replace = tensor_files._write_safetensors, resume._write_json, os.replace
+real_fileio_save, real_json, real_replace = tensor_files._write_safetensors, training_state._write_json, os.replace
 def fileio_save(fd, tensors, metadata=None):  # fileio's one write path, writing its temporary
     where = os.readlink(f"/proc/self/fd/{fd}")
     if hit("cache" if ".anima_cache" in where else "state" if "-state.tmp-" in where else "network"):
@@ -72,8 +72,8 @@ def replace(src, dst, *args, **kwargs):
             real_replace(src, dst, *args, **kwargs)
         die()
     return real_replace(src, dst, *args, **kwargs)
-tensor_files._write_safetensors, resume._write_json, os.replace = fileio_save, write_json, replace
-real_at_step = checkpoints.Checkpointer.at_step
+tensor_files._write_safetensors, training_state._write_json, os.replace = fileio_save, write_json, replace
+real_at_step = Saver.at_step
 steps = open(plan["steps_file"], "a", buffering=1)
 def at_step(self, progress, last):
     steps.write(f"{progress.step}\n")  # optimizer step done (line-buffered: survives SIGKILL)
@@ -81,7 +81,7 @@ def at_step(self, progress, last):
         calls["timer"] = 1
         threading.Timer(plan["delay"], die).start()
     return real_at_step(self, progress, last)
-checkpoints.Checkpointer.at_step = at_step
+Saver.at_step = at_step
 if plan["target"] == "startup_timer":
     threading.Timer(plan["delay"], die).start()
 from anima_trainer.cli import main

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import anima_trainer.train.checkpoints as checkpoints
+from anima_trainer.train.saving import Saver
 import anima_trainer.train.loop as loop
 from anima_trainer.config import ConfigError
 from anima_trainer.fileio import OutputExistsError
-from anima_trainer.train import resume as states
+from anima_trainer.train import training_state as states
 from anima_trainer.train.lock import RunLock, lock_path
 from anima_trainer.train.loop import TrainingInterrupted, run_training
 from tests.train.conftest import setup  # noqa: F401 (the shared tiny training setup fixture)
@@ -126,14 +126,14 @@ def _crash_when_writing(monkeypatch, what: str, name: str) -> None:
 
         monkeypatch.setattr(states, "save_state", save_state)
     else:
-        real_file = checkpoints.Checkpointer._network_file
+        real_file = Saver._network_file
 
         def network_file(self, path, step, epoch):
             if Path(path).name == name:
                 raise Crash(f"killed writing {name}")
             return real_file(self, path, step, epoch)
 
-        monkeypatch.setattr(checkpoints.Checkpointer, "_network_file", network_file)
+        monkeypatch.setattr(Saver, "_network_file", network_file)
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,7 @@ def _draws() -> list:
 
 
 def _rng_states(d: Distributed, out: Path) -> dict:
-    from anima_trainer.train.resume import capture_rng, restore_rng
+    from anima_trainer.train.training_state import capture_rng, restore_rng
 
     seed = d.seed(5)
     torch.manual_seed(seed)

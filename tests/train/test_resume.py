@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import anima_trainer.train.loop as loop
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
-from anima_trainer.train import resume as states
+from anima_trainer.train import training_state as states
 from anima_trainer.train.loop import run_training
 
 

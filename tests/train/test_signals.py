@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import anima_trainer.train.loop as loop
-from anima_trainer.train import resume as states
+from anima_trainer.train import training_state as states
 from anima_trainer.train.loop import TrainingInterrupted, run_training
 from tests.train.test_resume import _config
 

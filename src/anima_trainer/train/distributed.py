@@ -39,7 +39,7 @@ import torch.distributed as tdist
 
 from anima_trainer.config import ConfigError
 from anima_trainer.fileio import atomic_write_bytes
-from anima_trainer.train.resume import read_nested, write_nested
+from anima_trainer.train.training_state import read_nested, write_nested
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -35,8 +35,8 @@ from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled
 from anima_trainer.train.budget import MAX_TEXT_TOKENS, check_before_models, check_text_tokens
-from anima_trainer.train.checkpoints import (
-    Checkpointer,
+from anima_trainer.train.saving import (
+    Saver,
     apply_optimizer_args,
     check_resume,
     rebuild_schedule,
@@ -67,7 +67,13 @@ from anima_trainer.train.model_setup import (
 )
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
 from anima_trainer.train.optim import effective_lrs, set_optimizer_train_mode
-from anima_trainer.train.resume import Progress, find_latest_state, load_state, remove_stale_temporaries, restore_rng
+from anima_trainer.train.training_state import (
+    Progress,
+    find_latest_state,
+    load_state,
+    remove_stale_temporaries,
+    restore_rng,
+)
 from anima_trainer.train.schedulers import build_scheduler, describe_schedule, schedule_options
 from anima_trainer.train.setup import (
     Optimization,
@@ -199,7 +205,7 @@ class RunIO:
 
     accelerator: Accelerator
     dist: Distributed
-    checkpoints: Checkpointer
+    saver: Saver
     monitor: Monitor
     events: EventLog
     validator: Validator | None
@@ -295,7 +301,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     started = time.time()
     events = EventLog(events_path(cfg.output_dir, cfg.output_name) if accelerator.is_main_process else None,
                       run=tracking.run_name)
-    checkpoints = Checkpointer(
+    saver = Saver(
         cfg, network, optimizer=optimizer, scheduler=optim.scheduler, scaler=optim.scaler,
         save_every_n_epochs=plan.save_every_n_epochs, snapshot=snapshot, events=events, dist=dist,
         metadata=RunMetadata(cfg, dataset, max_steps=max_steps, epochs=epochs, started=started,
@@ -303,7 +309,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
         after_save=lambda: set_optimizer_train_mode(optimizer, True))
     if resume_from is not None:
-        checkpoints.check_start(resuming=True, max_steps=max_steps, epochs=epochs)
+        saver.check_start(resuming=True, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg))
     # issue 14: one start-up notice per option accepted without effect (config/kohya_options.py), and the schedule
     sched_line, sched_notice = describe_schedule(optim.scheduler, cfg.lr_scheduler_type or cfg.lr_scheduler,
@@ -339,14 +345,14 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                               fresh_optimizer=resume_check.fresh_optimizer)
         apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
         if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
-            optim.scheduler = checkpoints.scheduler = rebuild_schedule(
+            optim.scheduler = saver.scheduler = rebuild_schedule(
                 optimizer, [g["lr"] for g in fresh_groups],
                 lambda: build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg)), progress.step)
         rng = read_rank_rng(resume_from, dist.rank, dist.world_size)
         if rng is not None:
             restore_rng(rng)
         at_epoch_end = progress.batch_in_epoch >= len(shard)
-        checkpoints.resumed(resume_from, progress, at_epoch_end=at_epoch_end, max_steps=max_steps)
+        saver.resumed(resume_from, progress, at_epoch_end=at_epoch_end, max_steps=max_steps)
         if at_epoch_end:  # saved at an epoch's end: start the next one
             progress = Progress(progress.step, progress.epoch + 1, 0)
         log.info("resuming from %s at step %d (epoch %d, batch %d)", resume_from, progress.step, progress.epoch,
@@ -369,7 +375,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     run = _Run(cfg=cfg, plan=plan, progress=progress, optim=optim,
                models=RunModels(base=models, network=network, conditioner=conditioner),
                data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
-               io=RunIO(accelerator=accelerator, dist=dist, checkpoints=checkpoints, monitor=monitor, events=events,
+               io=RunIO(accelerator=accelerator, dist=dist, saver=saver, monitor=monitor, events=events,
                         validator=validator))
     with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
             StopSignals() as stop:
@@ -377,9 +383,9 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         try:
             # a resume from the final state (killed before the final file was written) only writes that file
             if progress.step < max_steps and not _loop(run, stop):
-                state = checkpoints.interrupted(progress)
+                state = saver.interrupted(progress)
                 raise TrainingInterrupted(progress.step, state, None if state else _last_good_state(cfg))
-            final = checkpoints.final(progress)
+            final = saver.final(progress)
         except BaseException as e:
             events.write("error", step=progress.step, epoch=progress.epoch, error=type(e).__name__, message=str(e))
             if isinstance(e, MonitorAlertError):
@@ -505,7 +511,7 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                 validate()
                 validated_at = progress.step
             with monitor.paused():  # the save first: a failing preview must never cost the step's files
-                r.io.checkpoints.at_step(progress, last=progress.step >= plan.max_steps)
+                r.io.saver.at_step(progress, last=progress.step >= plan.max_steps)
             if previews and cfg.sample_every_n_steps and progress.step % cfg.sample_every_n_steps == 0:
                 preview(f"{progress.step:06d}")
             if progress.step >= plan.max_steps:
@@ -518,7 +524,7 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
         if r.io.validator is not None and r.io.validator.due_at_epoch(epoch) and validated_at != progress.step:
             validate()
         with monitor.paused():
-            r.io.checkpoints.at_epoch_end(progress, last=epoch >= plan.epochs or progress.step >= plan.max_steps)
+            r.io.saver.at_epoch_end(progress, last=epoch >= plan.epochs or progress.step >= plan.max_steps)
         if previews and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             preview(f"e{epoch:06d}")
         if progress.step >= plan.max_steps:
@@ -533,9 +539,9 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
 
 
 def _check_outputs(cfg: TrainConfig, plan: RunPlan | None) -> None:
-    """The output-exists check (Checkpointer.check_start), before any model is loaded: it needs only the
+    """The output-exists check (Saver.check_start), before any model is loaded: it needs only the
     output names the run will write (`plan` None: before the scan, the run's length is unknown)."""
-    Checkpointer(cfg, None, optimizer=None, scheduler=None, scaler=None, snapshot={}, metadata=lambda step, epoch: {},
+    Saver(cfg, None, optimizer=None, scheduler=None, scaler=None, snapshot={}, metadata=lambda step, epoch: {},
                  save_every_n_epochs=plan.save_every_n_epochs if plan else cfg.save_every_n_epochs,
                  ).check_start(resuming=False, max_steps=plan.max_steps if plan else 0,
                                epochs=plan.epochs if plan else 0)

@@ -1,10 +1,10 @@
 """Everything the loop writes to keep work safe: network files, training states, and the resume checks.
 
-`Checkpointer` decides at each optimizer step / epoch end what is due (kohya's save_every_n_* rules, states
+`Saver` decides at each optimizer step / epoch end what is due (kohya's save_every_n_* rules, states
 with `save_state`), writes it atomically, applies retention, records saves in the event log, and refuses to
 write a network or a state whose weights are not finite (tensor_files.NonFiniteError,
 NonFiniteStateError).  A save writes the state first and the network file after it: a run killed between
-the two resumes from that state and writes the missing file (`Checkpointer.resumed`); a resumed run may write
+the two resumes from that state and writes the missing file (`Saver.resumed`); a resumed run may write
 again its own files after its resume point.
 `snapshot_fields` lists what must not change across a resume; `resolve_resume` finds the state folder and
 `check_resume` checks the snapshot, the step count and logs the other changed settings.
@@ -26,12 +26,12 @@ import torch
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.dtypes import PRECISION_DTYPES
 from anima_trainer.fileio import OutputExistsError
-from anima_trainer.train import resume as states
+from anima_trainer.train import training_state as states
 from anima_trainer.train.distributed import Distributed, write_rank_rngs
 from anima_trainer.train.events import write_resolved_config
 from anima_trainer.train.monitor import NonFiniteStateError, check_finite_state
 from anima_trainer.train.schedulers import schedule_options
-from anima_trainer.train.state import SavePlan, StatePlan
+from anima_trainer.train.save_plan import SavePlan, StatePlan
 
 log = logging.getLogger(__name__)
 # snapshot fields whose change makes a resume wrong (the rest of the config is compared and logged)
@@ -233,7 +233,7 @@ def _saved_step(path: Path) -> int | None:
         return None
 
 
-class Checkpointer:
+class Saver:
     """Network files and training states of one run (see the module doc)."""
 
     def __init__(self, cfg: TrainConfig, network, *, optimizer, scheduler, scaler,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from anima_trainer.train.state import SavePlan
+from anima_trainer.train.save_plan import SavePlan
 
 
 def test_save_plan_names_retention_and_refusal(tmp_path):
