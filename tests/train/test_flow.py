@@ -1,6 +1,6 @@
 """Flow maths: σ sampling methods, noising, target, loss types and weighting, masked loss and sample weights.
 
-LR schedules are tested in test_schedulers.py, save names in test_state.py."""
+LR schedules are tested in test_schedulers.py, save names in test_save_plan.py."""
 
 from __future__ import annotations
 

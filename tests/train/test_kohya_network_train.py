@@ -13,7 +13,7 @@ from anima_trainer.cache import model_fingerprint
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.demo import write_demo_configs
 from anima_trainer.models import load_dit
-from anima_trainer.train.saving import CRITICAL, snapshot_fields
+from anima_trainer.train.resume import CRITICAL, snapshot_fields
 from anima_trainer.train.events import events_path
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.training_state import check_snapshot

@@ -1,4 +1,4 @@
-"""Save names and retention (train/state.py): step/epoch file names, keep_last_n_steps, refusal to overwrite."""
+"""Save names and retention (train/save_plan.py): step/epoch file names, keep_last_n_steps, refusal to overwrite."""
 
 from __future__ import annotations
 

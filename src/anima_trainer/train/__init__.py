@@ -1,7 +1,6 @@
 """How it learns: the objective, the loop, the optimizer, and everything a run writes.
 
     budget.py         the start-up budget: what a step, an epoch and a preview will need, checked first
-    checkpoints.py    what the loop writes to keep work safe: network files, states, resume checks
     distributed.py    data-parallel training over processes started by `accelerate launch` / `torchrun`
     events.py         the run's event log and the resolved-config file
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
@@ -13,12 +12,14 @@
     model_setup.py    the frozen base models loaded and the DiT prepared with its network and speed levers
     monitor.py        per-step metrics and alerts without a host-device sync on unlogged steps
     optim.py          optimizers by kohya's `--optimizer_type` names
-    resume.py         training states for an exact resume
+    resume.py         whether and how a run resumes: the state folder, the settings that must not change
+    save_plan.py      where network files and states go: kohya's names, retention, no clobbering
+    saving.py         what the loop writes to keep work safe, and when: network files and states
     schedulers.py     learning-rate schedules by kohya's `--lr_scheduler` names
     setup.py          the start of a run shared by train, cache and the benchmarks: seed, tokenizers, dataset,
                       run plan, optimizer
-    state.py          where network files go: kohya's names, retention, no clobbering
     tracking.py       TensorBoard / wandb
+    training_state.py training-state folders for an exact resume: written atomically, read with checks
     validation.py     validation loss on the held-out images
     vram_plan.py      `vram_budget_gb`: the fastest memory settings that fit
 """

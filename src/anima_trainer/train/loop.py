@@ -2,9 +2,10 @@
 
 Read it like nanoGPT's train.py: `run_training()` sets up (train/setup.py: seed, tokenizers, dataset, run plan,
 optimizer; then models, network, resume, logging) and `_loop()` runs the objective (train/flow.py
-`training_step`) until the plan's `max_steps`.  Inputs and caches: train/inputs.py; saves, states and resume
-checks: train/checkpoints.py and train/resume.py; metrics and alerts: train/monitor.py; the validation loss:
-train/validation.py.  Nothing here writes onto the config or the dataset: derived values live in the RunPlan.
+`training_step`) until the plan's `max_steps`.  Inputs and caches: train/inputs.py; saves: train/saving.py;
+resume checks: train/resume.py (state folders: train/training_state.py); metrics and alerts: train/monitor.py;
+the validation loss: train/validation.py.  Nothing here writes onto the config or the dataset: derived values
+live in the RunPlan.
 """
 
 from __future__ import annotations
@@ -35,15 +36,6 @@ from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled
 from anima_trainer.train.budget import MAX_TEXT_TOKENS, check_before_models, check_text_tokens
-from anima_trainer.train.saving import (
-    Saver,
-    apply_optimizer_args,
-    check_resume,
-    rebuild_schedule,
-    resolve_resume,
-    schedule_fields,
-    snapshot_fields,
-)
 from anima_trainer.train.distributed import (
     Distributed,
     check_state_world,
@@ -67,13 +59,15 @@ from anima_trainer.train.model_setup import (
 )
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
 from anima_trainer.train.optim import effective_lrs, set_optimizer_train_mode
-from anima_trainer.train.training_state import (
-    Progress,
-    find_latest_state,
-    load_state,
-    remove_stale_temporaries,
-    restore_rng,
+from anima_trainer.train.resume import (
+    apply_optimizer_args,
+    check_resume,
+    rebuild_schedule,
+    resolve_resume,
+    schedule_fields,
+    snapshot_fields,
 )
+from anima_trainer.train.saving import Saver
 from anima_trainer.train.schedulers import build_scheduler, describe_schedule, schedule_options
 from anima_trainer.train.setup import (
     Optimization,
@@ -85,6 +79,13 @@ from anima_trainer.train.setup import (
 )
 from anima_trainer.train.setup import total_steps as total_steps  # tests/config, test_distributed use it here
 from anima_trainer.train.tracking import log_images, resolve_tracking, start_tensorboard, start_trackers
+from anima_trainer.train.training_state import (
+    Progress,
+    find_latest_state,
+    load_state,
+    remove_stale_temporaries,
+    restore_rng,
+)
 from anima_trainer.train.validation import Validator, build_validator
 from anima_trainer.train.vram_plan import adapter_trained, apply_plan
 

@@ -2,8 +2,8 @@
 
 Names: `<output_name>.safetensors` (final), `<output_name>-step<NNNNNNNN>.safetensors` (every N steps),
 `<output_name>-<NNNNNN>.safetensors` (every N epochs, as kohya).  `save_last_n_*` deletes only files
-this run wrote itself, never anything else in the folder.  Training states (train/resume.py) follow the same
-rules with folders: `<output_name>-step<NNNNNNNN>-state`, `<output_name>-<NNNNNN>-state`, `<output_name>-state`.
+this run wrote itself, never anything else in the folder.  Training states (train/training_state.py) follow the
+same rules with folders: `<output_name>-step<NNNNNNNN>-state`, `<output_name>-<NNNNNN>-state`, `<output_name>-state`.
 """
 
 from __future__ import annotations

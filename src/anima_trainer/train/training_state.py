@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from anima_trainer.config import ConfigError
+from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.fileio import OutputExistsError, SaveError, atomic_write_bytes, replace_folder
 from anima_trainer.tensor_files import atomic_save
 
@@ -296,6 +296,11 @@ def read_snapshot(folder: str | Path) -> dict:
     if not isinstance(fields, dict):
         raise StateError(Path(folder), "resume_snapshot.json", "'fields' is not a JSON object")
     return fields
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """What a state's `config.json` holds: the resolved config as JSON (a resume logs the changes against it)."""
+    return json.loads(cfg.model_dump_json())
 
 
 def read_config(folder: str | Path) -> dict | None:
