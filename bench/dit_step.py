@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from anima_trainer.models.adapter import CONTEXT_ROWS
+from anima_trainer.models.llm_adapter import CONTEXT_ROWS
 from anima_trainer.models.model_files import DitConfig
 from anima_trainer.models.dit import AnimaDiT
 

@@ -26,8 +26,9 @@ from anima_trainer.sample.generate import SampleParams, generate_image, save_png
 from anima_trainer.train.loop import run_training
 
 TINY_DIT_CONFIG = DitConfig(num_blocks=2, model_channels=64, num_heads=4, head_dim=16, mlp_dim=256,
-                            adaln_lora_dim=32, crossattn_dim=64, adapter_blocks=1, adapter_dim=64,
-                            adapter_heads=4, adapter_mlp_dim=128, adapter_vocab=32128, adapter_source_dim=64)
+                            adaln_lora_dim=32, crossattn_dim=64, llm_adapter_blocks=1, llm_adapter_dim=64,
+                            llm_adapter_heads=4, llm_adapter_mlp_dim=128, llm_adapter_vocab=32128,
+                            llm_adapter_source_dim=64)
 
 
 def random_dit_state_dict(config: DitConfig = TINY_DIT_CONFIG, seed: int = 0,

@@ -46,8 +46,8 @@ def test_fp8_output_error_is_bounded(tiny32, tiny_ref, dit_io, fmt, bound):
 
 
 def test_fp8_targets_are_attention_and_mlp_weights_only():
-    dit = AnimaDiT(dataclasses.replace(SMALL, has_llm_adapter=True, adapter_vocab=64, adapter_dim=32,
-                                       adapter_source_dim=32, adapter_heads=2, adapter_mlp_dim=64))
+    dit = AnimaDiT(dataclasses.replace(SMALL, has_llm_adapter=True, llm_adapter_vocab=64, llm_adapter_dim=32,
+                                       llm_adapter_source_dim=32, llm_adapter_heads=2, llm_adapter_mlp_dim=64))
     quantize_fp8(dit)
     fp8 = {n for n, m in dit.named_modules() if isinstance(m, Fp8Linear)}
     assert fp8 == set(fp8_targets(dit))

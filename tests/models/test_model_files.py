@@ -77,7 +77,7 @@ def test_tiny_fixture_and_2b_configs(tiny_dit_path, fixture_dir):
     c = info.dit_config
     assert (c.num_blocks, c.model_channels, c.num_heads, c.head_dim, c.mlp_dim, c.adaln_lora_dim) == \
         (10, 256, 16, 16, 1024, 256)
-    assert c.has_llm_adapter and (c.adapter_blocks, c.adapter_dim, c.adapter_heads) == (6, 1024, 16)
+    assert c.has_llm_adapter and (c.llm_adapter_blocks, c.llm_adapter_dim, c.llm_adapter_heads) == (6, 1024, 16)
     listing = json.loads((fixture_dir / "listing_full_dit.json").read_text())
     shapes = {e["key"].removeprefix("net."): tuple(e["shape"]) for e in listing["keys"]}
     assert infer_dit_config(shapes) == DitConfig()

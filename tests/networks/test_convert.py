@@ -118,7 +118,7 @@ def test_peft_and_diffusers_names_apply_like_the_original(dit, dit_file, tmp_pat
         "blocks.0.adaln_modulation_mlp.1": (c.adaln_lora_dim, c.model_channels),
         "final_layer.linear": (16 * 4, c.model_channels),
         "t_embedder.1.linear_1": (c.model_channels, c.model_channels),
-        "llm_adapter.blocks.0.cross_attn.q_proj": (c.adapter_dim, c.adapter_dim),
+        "llm_adapter.blocks.0.cross_attn.q_proj": (c.llm_adapter_dim, c.llm_adapter_dim),
     }
     peft_names = {
         "blocks.0.self_attn.q_proj": ("base_model.model.transformer_blocks.0.attn1.to_q", ".lora_{}.default.weight"),

@@ -1,13 +1,13 @@
 """What Anima is: the DiT with its LLM adapter, the Qwen3 text encoder with both tokenizers, and the VAE.
 
-    adapter.py            the LLM adapter (Qwen3 states → T5-token context of the DiT)
     attention_backend.py  which SDPA kernel the attention runs, measured once at start-up or named
-    model_files.py        reading model files: kinds, DiT config from shapes, quantised storage, state dicts
     compile.py            torch.compile of the DiT blocks
     diffusers_layout.py   diffusers' folder layout of the Anima pipeline (names, configs, tokenizer folders)
     dit.py                AnimaDiT and `load_dit`
-    layers.py             RMSNorm, rotary embedding, q/k-normed attention shared by the DiT and the adapter
+    layers.py             RMSNorm, rotary embedding, q/k-normed attention shared by the DiT and the LLM adapter
+    llm_adapter.py        the LLM adapter (Qwen3 states → T5-token context of the DiT)
     memory.py             memory options of a step: checkpointing depth/mode, activation offload, block swap, fp8
+    model_files.py        reading model files: kinds, DiT config from shapes, quantised storage, state dicts
     offload.py            frozen weights and saved activations moved off the accelerator while a step runs
     prompt_syntax.py      ComfyUI's prompt-weight syntax, so captions tokenize as ComfyUI's do
     safetensors_file.py   safetensors headers read without loading tensors
@@ -15,8 +15,8 @@
     vae.py                the Wan 2.1 VAE and `load_vae`
 """
 
-from anima_trainer.models.model_files import DitConfig, inspect_file
 from anima_trainer.models.dit import load_dit
+from anima_trainer.models.model_files import DitConfig, inspect_file
 from anima_trainer.models.text import load_text_encoder
 from anima_trainer.models.vae import load_vae
 

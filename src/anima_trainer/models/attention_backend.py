@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from anima_trainer.config.rules import check_backend_name
-from anima_trainer.models.adapter import CONTEXT_ROWS
+from anima_trainer.models.llm_adapter import CONTEXT_ROWS
 from anima_trainer.models.dit import Attention
 
 _log = logging.getLogger(__name__)

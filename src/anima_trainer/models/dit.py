@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anima_trainer.models.adapter import LLMAdapter, build_context
+from anima_trainer.models.llm_adapter import LLMAdapter, build_context
 from anima_trainer.models.block_runner import BlockRunner
 from anima_trainer.models.model_files import (DIT_KINDS, DIT_PREFIXES, ModelFileError, DitConfig, FileInfo,
                                              expect_kind, infer_dit_config, load_state_dict, read_header)
@@ -209,8 +209,9 @@ class AnimaDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, c.crossattn_dim, c.num_heads, c.mlp_dim, c.adaln_lora_dim)
                                     for _ in range(c.num_blocks))
         self.final_layer = FinalLayer(dim, p * p * c.patch_temporal * c.out_channels, c.adaln_lora_dim)
-        self.llm_adapter = (LLMAdapter(c.adapter_vocab, c.adapter_dim, c.adapter_source_dim, c.adapter_blocks,
-                                       c.adapter_heads, c.adapter_mlp_dim) if c.has_llm_adapter else None)
+        self.llm_adapter = (LLMAdapter(c.llm_adapter_vocab, c.llm_adapter_dim, c.llm_adapter_source_dim,
+                                       c.llm_adapter_blocks, c.llm_adapter_heads, c.llm_adapter_mlp_dim)
+                            if c.has_llm_adapter else None)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # None = fp32 residual stream whenever weights are reduced precision: fp16 overflows without it and
         # bf16 halves its error against ComfyUI's fp32 output (rel. L2 0.0105 → 0.0057 on the fixture).

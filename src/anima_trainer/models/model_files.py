@@ -100,12 +100,12 @@ class DitConfig:
     patch_temporal: int = 1
     crossattn_dim: int = 1024
     has_llm_adapter: bool = True
-    adapter_blocks: int = 6
-    adapter_dim: int = 1024
-    adapter_heads: int = 16
-    adapter_mlp_dim: int = 4096
-    adapter_vocab: int = 32128
-    adapter_source_dim: int = 1024
+    llm_adapter_blocks: int = 6
+    llm_adapter_dim: int = 1024
+    llm_adapter_heads: int = 16
+    llm_adapter_mlp_dim: int = 4096
+    llm_adapter_vocab: int = 32128
+    llm_adapter_source_dim: int = 1024
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -280,11 +280,11 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DitConfig:
     adapter = _strip(shapes, "llm_adapter.")
     cfg["has_llm_adapter"] = bool(adapter)
     if adapter:
-        cfg.update(_infer_adapter_config(adapter))
+        cfg.update(_infer_llm_adapter_config(adapter))
     return DitConfig(**cfg)
 
 
-def _infer_adapter_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+def _infer_llm_adapter_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     try:
         vocab, dim = shapes["embed.weight"]
         head_dim = shapes["blocks.0.self_attn.q_norm.weight"][0]
@@ -293,8 +293,8 @@ def _infer_adapter_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     except KeyError as e:
         raise ModelFileError(f"not an Anima LLM adapter: key {e.args[0]!r} is missing") from None
     n = len({int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
-    return dict(adapter_blocks=n, adapter_dim=dim, adapter_heads=dim // head_dim, adapter_mlp_dim=mlp,
-                adapter_vocab=vocab, adapter_source_dim=source_dim)
+    return dict(llm_adapter_blocks=n, llm_adapter_dim=dim, llm_adapter_heads=dim // head_dim, llm_adapter_mlp_dim=mlp,
+                llm_adapter_vocab=vocab, llm_adapter_source_dim=source_dim)
 
 
 _NETWORK_SUFFIXES = {

@@ -1,7 +1,7 @@
 """Which DiT modules a network trains, and how it hooks them without changing the DiT.
 
 Targets follow kohya's `lora_anima` (docs/kohya_anima.md §3.1): walk the DiT, and for every module whose
-class is a DiT `Block`, `PatchEmbed`, `TimestepEmbedding` or `FinalLayer` (plus the adapter's `AdapterBlock`
+class is a DiT `Block`, `PatchEmbed`, `TimestepEmbedding` or `FinalLayer` (plus the LLM adapter's `LLMAdapterBlock`
 with `train_llm_adapter`) take every `nn.Linear` inside it; drop those whose dotted path full-matches an
 exclude regex (the built-in one always applies, `exclude_patterns` add to it) unless it full-matches an
 `include_patterns` regex.  Defaults: 10 Linear per block (self/cross attention q/k/v/output_proj, mlp).
@@ -35,7 +35,7 @@ from anima_trainer.networks.formats import NetworkError
 
 DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
 DIT_TARGET_CLASSES = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
-ADAPTER_TARGET_CLASSES = ("AdapterBlock",)
+LLM_ADAPTER_TARGET_CLASSES = ("LLMAdapterBlock",)
 TE_TARGET_CLASSES = ("Qwen3Attention", "Qwen3MLP", "Qwen3SdpaAttention", "Qwen3FlashAttention2")
 # named optional target groups → the module paths they add (full match)
 OPTIONAL_TARGETS = {
@@ -244,7 +244,7 @@ def find_target_modules(dit: nn.Module, targets: list[str]) -> dict[str, nn.Line
 def find_targets(dit: nn.Module, include: list[re.Pattern] = (), exclude: list[re.Pattern] = (),
                  train_llm_adapter: bool = False) -> dict[str, nn.Linear]:
     """{dotted module path: Linear} to train, in module order."""
-    classes = DIT_TARGET_CLASSES + (ADAPTER_TARGET_CLASSES if train_llm_adapter else ())
+    classes = DIT_TARGET_CLASSES + (LLM_ADAPTER_TARGET_CLASSES if train_llm_adapter else ())
     excludes = [re.compile(DEFAULT_EXCLUDE), *exclude]
     targets: dict[str, nn.Linear] = {}
     for name, module in dit.named_modules():

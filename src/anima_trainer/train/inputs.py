@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
-from anima_trainer.models.adapter import pad_context
+from anima_trainer.models.llm_adapter import pad_context
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from anima_trainer.models.layers import QKNormAttentionBase, RMSNorm, apply_rota
 CONTEXT_ROWS = 512  # the DiT always sees at least 512 context rows; the zero rows act as an attention sink
 
 
-class AdapterAttention(QKNormAttentionBase):
+class LLMAdapterAttention(QKNormAttentionBase):
     """Attention with rotary embedding on q and k (in cross-attention too: q by T5, k by Qwen position)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int) -> None:
@@ -31,15 +31,15 @@ class AdapterAttention(QKNormAttentionBase):
         return self.o_proj(attention(q, k, v, key_mask))
 
 
-class AdapterBlock(nn.Module):
+class LLMAdapterBlock(nn.Module):
     """Pre-norm block: self-attention over T5 positions, cross-attention to Qwen states, GELU MLP."""
 
     def __init__(self, dim: int, source_dim: int, heads: int, mlp_dim: int) -> None:
         super().__init__()
         self.norm_self_attn = RMSNorm(dim)
-        self.self_attn = AdapterAttention(dim, dim, heads)
+        self.self_attn = LLMAdapterAttention(dim, dim, heads)
         self.norm_cross_attn = RMSNorm(dim)
-        self.cross_attn = AdapterAttention(dim, source_dim, heads)
+        self.cross_attn = LLMAdapterAttention(dim, source_dim, heads)
         self.norm_mlp = RMSNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
@@ -61,7 +61,7 @@ class LLMAdapter(nn.Module):
         self.head_dim = dim // heads
         self.rope_theta = rope_theta
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(AdapterBlock(dim, source_dim, heads, mlp_dim) for _ in range(blocks))
+        self.blocks = nn.ModuleList(LLMAdapterBlock(dim, source_dim, heads, mlp_dim) for _ in range(blocks))
         self.out_proj = nn.Linear(dim, dim)
         self.norm = RMSNorm(dim)
 
