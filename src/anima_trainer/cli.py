@@ -46,8 +46,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", required=True, help="Qwen-Image VAE .safetensors or diffusers-layout folder")
     g.add_argument("--llm_adapter_path", default=None,
                    help="separate LLM-adapter file or text_conditioner/ folder (if the DiT has none)")
-    g.add_argument("--qwen3_tokenizer", default=None, help="folder with the Qwen tokenizer (vocab.json, merges.txt)")
-    g.add_argument("--t5_tokenizer", default=None, help="folder with the T5 tokenizer (tokenizer.json)")
+    # the config's names; --qwen3_tokenizer / --t5_tokenizer are their old spellings, still accepted
+    g.add_argument("--qwen3_tokenizer_path", "--qwen3_tokenizer", default=None,
+                   help="folder with the Qwen tokenizer (vocab.json, merges.txt)")
+    g.add_argument("--t5_tokenizer_path", "--t5_tokenizer", default=None,
+                   help="folder with the T5 tokenizer (tokenizer.json)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="weight/compute dtype (default bf16 on GPU, fp32 on CPU)")
@@ -269,9 +272,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_writable(args.out, args.overwrite)  # fail before minutes of loading, not after
     for f in args.network:
         expect_kind(f, "--network", ("network",))
-    dit = load_dit(args.dit, dtype=dtype, device=device, adapter_path=args.llm_adapter_path)
-    te = load_text_encoder(args.qwen3, tokenizer_dir=args.qwen3_tokenizer, t5_tokenizer_dir=args.t5_tokenizer,
-                           dtype=dtype, device=device)
+    dit = load_dit(args.dit, dtype=dtype, device=device, llm_adapter_path=args.llm_adapter_path)
+    te = load_text_encoder(args.qwen3, qwen3_tokenizer_path=args.qwen3_tokenizer_path,
+                           t5_tokenizer_path=args.t5_tokenizer_path, dtype=dtype, device=device)
     for f, m in zip(args.network, muls, strict=True):
         with comfy_named_file(f, dit) as comfy:  # a file in diffusers' layout: read under ComfyUI names
             report = apply_network_file(dit, comfy, multiplier=m)

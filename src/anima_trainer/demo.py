@@ -56,10 +56,10 @@ def random_dit_state_dict(config: DitConfig = TINY_DIT_CONFIG, seed: int = 0,
 
 
 def write_tiny_dit(path: str | Path, config: DitConfig = TINY_DIT_CONFIG, *, prefix: str = "net.", seed: int = 0,
-                   dtype: torch.dtype = torch.float32, with_adapter: bool = True,
+                   dtype: torch.dtype = torch.float32, with_llm_adapter: bool = True,
                    extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a random DiT in the public single-file layout (`net.` keys by default)."""
-    config = replace(config, has_llm_adapter=with_adapter)
+    config = replace(config, has_llm_adapter=with_llm_adapter)
     state = random_dit_state_dict(config, seed, dtype)
     tensors = {prefix + k: v for k, v in state.items()}
     tensors.update(extra or {})
@@ -234,7 +234,7 @@ def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bo
     paths["train_config"] = write_demo_configs(out_dir, paths, paths["dataset"], steps, seed)
     params = SampleParams(prompt="a red circle on a white background", negative_prompt="", steps=8, cfg=1.0,
                           width=64, height=64, seed=seed, models={"dit": paths["dit"].name})
-    te = load_text_encoder(paths["qwen3"], tokenizer_dir=paths["tokenizers"], dtype=torch.float32)
+    te = load_text_encoder(paths["qwen3"], qwen3_tokenizer_path=paths["tokenizers"], dtype=torch.float32)
     vae = load_vae(paths["vae"], dtype=torch.float32)
     dit = load_dit(paths["dit"], dtype=torch.float32)
     paths["sample_before"] = save_png(generate_image(dit, te, vae, params, progress=False), params,

@@ -68,7 +68,7 @@ def test_scaled_fp8_vae_and_llm_adapter_files_are_dequantised(dit_file: Path, tm
     adapter = {k.removeprefix("net."): v for k, v in original.items() if k.startswith("net.llm_adapter.")}
     tensors, _, quantised = _quantise(adapter, "old")
     save_file(tensors, tmp_path / "adapter_fp8.safetensors")
-    got = load_dit(dit_file, dtype=torch.float32, adapter_path=tmp_path / "adapter_fp8.safetensors").state_dict()
+    got = load_dit(dit_file, dtype=torch.float32, llm_adapter_path=tmp_path / "adapter_fp8.safetensors").state_dict()
     assert quantised and all(_within_fp8(got[k], adapter[k]) <= 1 for k in quantised)
 
 

@@ -41,7 +41,7 @@ def _latents(project, vae_path):
 
 
 def _text(project, models):
-    te = load_text_encoder(models["qwen3"], tokenizer_dir=models["tokenizers"], dtype=torch.float32)
+    te = load_text_encoder(models["qwen3"], qwen3_tokenizer_path=models["tokenizers"], dtype=torch.float32)
     ds = _dataset(project)
     captions = {item.caption: store_for(item.path) for item in ds.items}
     return cache_text(captions, te, qwen_fingerprint=model_fingerprint(models["qwen3"]), progress=False)
@@ -87,7 +87,7 @@ def test_edited_caption_rebuilds_only_its_text_entry(project, models):
     caption_file.write_text("a purple hexagon on a white background", encoding="utf-8")
     rows3, s3 = _text(project, models)
     assert (s3.built, s3.reused) == (1, len(rows3) - 1)
-    te = load_text_encoder(models["qwen3"], tokenizer_dir=models["tokenizers"], dtype=torch.float32)
+    te = load_text_encoder(models["qwen3"], qwen3_tokenizer_path=models["tokenizers"], dtype=torch.float32)
     enc = te.encode(["a purple hexagon on a white background"])
     torch.testing.assert_close(rows3["a purple hexagon on a white background"][0], enc.qwen_hidden[0])
 

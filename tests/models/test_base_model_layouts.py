@@ -81,7 +81,7 @@ def test_dit_from_the_root_or_transformer_folder_equals_the_single_file(tiny, su
 @pytest.mark.parametrize("sub", ["", "text_encoder"])
 def test_text_encoder_from_the_root_or_its_folder_finds_the_tokenizers(tiny, sub):
     tok = tiny["models"]["tokenizers"]
-    ref = load_text_encoder(tiny["models"]["qwen3"], tokenizer_dir=tok, dtype=torch.float32)
+    ref = load_text_encoder(tiny["models"]["qwen3"], qwen3_tokenizer_path=tok, dtype=torch.float32)
     te = load_text_encoder(tiny["folder"] / sub, dtype=torch.float32)  # no tokenizer folders given
     assert te.tokenizer.qwen.get_vocab() == ref.tokenizer.qwen.get_vocab()
     _same_state(te.model, ref.model)
@@ -127,20 +127,20 @@ def test_modular_index_and_an_unsharded_transformer_load_too(tiny):
 
 def test_one_diffusers_transformer_file_is_a_dit(tiny, tmp_path):
     """The weights file of transformer/ passed alone (a fine-tune saved in diffusers names): recognised, renamed,
-    its adapter taken from the sibling text_conditioner/ when there is one."""
+    its LLM adapter taken from the sibling text_conditioner/ when there is one."""
     folder = write_diffusers_anima(tiny["tmp"] / "unsharded", tiny["models"], shard_kb=None)
     file = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     info = inspect_file(file)
     single = inspect_file(tiny["models"]["dit"]).dit_config
     assert info.kind == "diffusers_dit" and not info.dit_config.has_llm_adapter  # the file alone has no adapter
-    assert replace(info.dit_config, **{k: v for k, v in asdict(single).items() if k.startswith(("adapter", "has_"))}) \
-        == single
+    llm_adapter_fields = {k: v for k, v in asdict(single).items() if k.startswith(("llm_adapter", "has_"))}
+    assert replace(info.dit_config, **llm_adapter_fields) == single
     ref = load_dit(tiny["models"]["dit"], dtype=torch.float32)
     _same_state(load_dit(file, dtype=torch.float32), ref)
     alone = tmp_path / "finetune.safetensors"
     shutil.copy(file, alone)
     assert load_dit(alone, dtype=torch.float32).llm_adapter is None
-    _same_state(load_dit(alone, dtype=torch.float32, adapter_path=tiny["models"]["dit"]), ref)
+    _same_state(load_dit(alone, dtype=torch.float32, llm_adapter_path=tiny["models"]["dit"]), ref)
 
 
 @pytest.mark.parametrize(("missing", "call"), [
@@ -158,15 +158,15 @@ def test_a_folder_missing_a_part_names_the_folder_and_the_part(tiny, missing, ca
 def test_without_text_conditioner_the_adapter_file_or_folder_is_used(tiny):
     folder = _copy_without(tiny, "no_text_conditioner", "text_conditioner")
     ref = load_dit(tiny["models"]["dit"], dtype=torch.float32)
-    _same_state(load_dit(folder, dtype=torch.float32, adapter_path=tiny["models"]["dit"]), ref)
+    _same_state(load_dit(folder, dtype=torch.float32, llm_adapter_path=tiny["models"]["dit"]), ref)
     # and a single-file DiT may take its adapter from a diffusers text_conditioner/ folder
     bare = tiny["tmp"] / "dit_without_adapter.safetensors"
     save_file({k: v for k, v in load_file(tiny["models"]["dit"]).items() if ".llm_adapter." not in k}, bare)
-    _same_state(load_dit(bare, dtype=torch.float32, adapter_path=tiny["folder"] / "text_conditioner"), ref)
-    _same_state(load_dit(bare, dtype=torch.float32, adapter_path=tiny["folder"]), ref)
+    _same_state(load_dit(bare, dtype=torch.float32, llm_adapter_path=tiny["folder"] / "text_conditioner"), ref)
+    _same_state(load_dit(bare, dtype=torch.float32, llm_adapter_path=tiny["folder"]), ref)
     with pytest.raises(ModelFileError, match=r"--llm_adapter_path: .*no_text_conditioner is a diffusers-layout Anima "
                                               r"folder without text_conditioner/"):
-        load_dit(bare, adapter_path=folder)
+        load_dit(bare, llm_adapter_path=folder)
 
 
 def test_a_missing_shard_and_a_foreign_transformer_are_named(tiny):
@@ -247,7 +247,7 @@ def test_dit_weights_under_a_second_prefix_are_refused_by_name(tiny, tmp_path):
         load_dit(path)
     # with the adapter given separately those keys are replaced anyway: ignored with the others
     ref = load_dit(tiny["models"]["dit"], dtype=torch.float32)
-    _same_state(load_dit(path, dtype=torch.float32, adapter_path=tiny["models"]["dit"]), ref)
+    _same_state(load_dit(path, dtype=torch.float32, llm_adapter_path=tiny["models"]["dit"]), ref)
 
 
 def test_a_second_copy_under_another_prefix_is_ignored_like_comfyui(tiny, tmp_path, caplog):

@@ -56,7 +56,7 @@ def test_known_extras_are_ignored(tmp_path, caplog):
 def test_config_inferred_from_shapes_40_blocks(tmp_path):
     cfg = replace(TINY_DIT_CONFIG, num_blocks=40, model_channels=96, num_heads=3, head_dim=32, mlp_dim=192,
                   adaln_lora_dim=16, crossattn_dim=48)
-    path = write_tiny_dit(tmp_path / "deep.safetensors", cfg, with_adapter=False, dtype=torch.bfloat16)
+    path = write_tiny_dit(tmp_path / "deep.safetensors", cfg, with_llm_adapter=False, dtype=torch.bfloat16)
     info = inspect_file(path)
     dit_fields = ("num_blocks", "model_channels", "num_heads", "head_dim", "mlp_dim", "adaln_lora_dim",
                   "crossattn_dim", "in_channels", "out_channels")
@@ -91,13 +91,22 @@ def test_separate_adapter_file(tmp_path):
     save_file({"net." + k: v for k, v in full.items()}, tmp_path / "full.safetensors")
     assert inspect_file(tmp_path / "dit.safetensors").dit_config.has_llm_adapter is False
     assert inspect_file(tmp_path / "adapter.safetensors").kind == "llm_adapter"
-    split = load_dit(tmp_path / "dit.safetensors", dtype=torch.float32, adapter_path=tmp_path / "adapter.safetensors")
+    split = load_dit(tmp_path / "dit.safetensors", dtype=torch.float32,
+                     llm_adapter_path=tmp_path / "adapter.safetensors")
     whole = load_dit(tmp_path / "full.safetensors", dtype=torch.float32)
     qh, ids = torch.randn(1, 5, 64), torch.tensor([[5, 6, 7, 1]])
     assert torch.equal(split.encode_context(qh, ids), whole.encode_context(qh, ids))
     # an adapter taken from another full DiT file replaces the bundled one
-    other = load_dit(tmp_path / "full.safetensors", dtype=torch.float32, adapter_path=tmp_path / "full.safetensors")
+    other = load_dit(tmp_path / "full.safetensors", dtype=torch.float32, llm_adapter_path=tmp_path / "full.safetensors")
     assert torch.equal(other.encode_context(qh, ids), whole.encode_context(qh, ids))
+    # adapter_path (before issue 16) is an alias of llm_adapter_path, warned; both at once are refused
+    with pytest.warns(DeprecationWarning, match=r"load_dit\(adapter_path=\.\.\.\) is now spelled "
+                                                r"load_dit\(llm_adapter_path=\.\.\.\)"):
+        old = load_dit(tmp_path / "dit.safetensors", dtype=torch.float32, adapter_path=tmp_path / "adapter.safetensors")
+    assert torch.equal(old.encode_context(qh, ids), split.encode_context(qh, ids))
+    with pytest.raises(TypeError, match="got llm_adapter_path= and its old name adapter_path="):
+        load_dit(tmp_path / "dit.safetensors", llm_adapter_path=tmp_path / "adapter.safetensors",
+                 adapter_path=tmp_path / "adapter.safetensors")
 
 
 def test_bundle_checkpoint_loads_dit_part(tmp_path):

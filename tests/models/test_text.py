@@ -49,7 +49,7 @@ def real_tokenizer(tokenizers_dir: Path) -> AnimaTokenizer:
 
 @pytest.fixture(scope="module")
 def fp32_encoder(qwen3_path: Path, tokenizers_dir: Path):
-    return load_text_encoder(qwen3_path, tokenizer_dir=tokenizers_dir, dtype=torch.float32)
+    return load_text_encoder(qwen3_path, qwen3_tokenizer_path=tokenizers_dir, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_empty_prompts_in_a_batch_are_finite_and_attended(fp32_encoder, te_ref) 
 
 @pytest.mark.slow
 def test_bf16_close_to_comfyui_by_relative_l2(qwen3_path: Path, tokenizers_dir: Path, te_prompts, te_ref) -> None:
-    encoder = load_text_encoder(qwen3_path, tokenizer_dir=tokenizers_dir)  # default dtype: bf16
+    encoder = load_text_encoder(qwen3_path, qwen3_tokenizer_path=tokenizers_dir)  # default dtype: bf16
     assert encoder.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     for key in ("p0_empty", "p1_danbooru_short"):  # short prompts: bf16 matmuls are slow on CPU
         enc = encoder.encode([_prompt(te_prompts, key)["text"]])
@@ -236,7 +236,7 @@ TINY_PROMPTS = ["a red cat, (blue mat:1.3)", "", "the quick brown fox jumps over
 
 
 def test_tiny_single_file_matches_plain_transformers(tiny: dict) -> None:
-    enc = load_text_encoder(tiny["single"], tokenizer_dir=tiny["tok"], dtype=torch.float32)
+    enc = load_text_encoder(tiny["single"], qwen3_tokenizer_path=tiny["tok"], dtype=torch.float32)
     assert enc.model.config.num_hidden_layers == 2 and enc.model.config.num_key_value_heads == 2
     assert enc.model.config.intermediate_size == 96 and enc.model.config.head_dim == 16
     out = enc.encode(TINY_PROMPTS)
@@ -253,20 +253,37 @@ def test_tiny_single_file_matches_plain_transformers(tiny: dict) -> None:
 
 @pytest.mark.parametrize("layout", ["hf", "sharded", "bundle"])
 def test_tiny_other_layouts_match_single_file(tiny: dict, layout: str) -> None:
-    single = load_text_encoder(tiny["single"], tokenizer_dir=tiny["tok"], dtype=torch.float32)
+    single = load_text_encoder(tiny["single"], qwen3_tokenizer_path=tiny["tok"], dtype=torch.float32)
     if layout == "bundle":
-        other = load_text_encoder(tiny["bundle"], tokenizer_dir=tiny["tok"], dtype=torch.float32)
-    elif layout == "hf":  # tokenizer_dir defaults to the folder itself
-        other = load_text_encoder(tiny["hf"], t5_tokenizer_dir=tiny["tok"] / "t5", dtype=torch.float32)
+        other = load_text_encoder(tiny["bundle"], qwen3_tokenizer_path=tiny["tok"], dtype=torch.float32)
+    elif layout == "hf":  # qwen3_tokenizer_path defaults to the folder itself
+        other = load_text_encoder(tiny["hf"], t5_tokenizer_path=tiny["tok"] / "t5", dtype=torch.float32)
     else:
-        other = load_text_encoder(tiny["sharded"], tokenizer_dir=tiny["tok"], dtype=torch.float32)
+        other = load_text_encoder(tiny["sharded"], qwen3_tokenizer_path=tiny["tok"], dtype=torch.float32)
     a, b = single.encode(TINY_PROMPTS), other.encode(TINY_PROMPTS)
     assert torch.equal(a.qwen_hidden, b.qwen_hidden) and torch.equal(a.t5_ids, b.t5_ids)
     assert torch.count_nonzero(a.qwen_hidden) > 0
 
 
+def test_old_tokenizer_keyword_spellings_still_work(tiny: dict) -> None:
+    """tokenizer_dir / t5_tokenizer_dir (before issue 16) are aliases of qwen3_tokenizer_path / t5_tokenizer_path:
+    the same encoder, a DeprecationWarning naming the new spelling; both spellings at once are refused."""
+    new = load_text_encoder(tiny["single"], qwen3_tokenizer_path=tiny["tok"] / "qwen",
+                            t5_tokenizer_path=tiny["tok"] / "t5", dtype=torch.float32)
+    with pytest.warns(DeprecationWarning, match=r"load_text_encoder\(qwen3_tokenizer_path=") as warned:
+        old = load_text_encoder(tiny["single"], tokenizer_dir=tiny["tok"] / "qwen",
+                                t5_tokenizer_dir=tiny["tok"] / "t5", dtype=torch.float32)
+    assert {str(w.message).split(" is now")[0] for w in warned} == {
+        "load_text_encoder(tokenizer_dir=...)", "load_text_encoder(t5_tokenizer_dir=...)"}
+    a, b = new.encode(TINY_PROMPTS), old.encode(TINY_PROMPTS)
+    assert torch.equal(a.qwen_hidden, b.qwen_hidden) and torch.equal(a.t5_ids, b.t5_ids)
+    assert torch.equal(a.t5_weights, b.t5_weights)
+    with pytest.raises(TypeError, match="got qwen3_tokenizer_path= and its old name tokenizer_dir="):
+        load_text_encoder(tiny["single"], qwen3_tokenizer_path=tiny["tok"], tokenizer_dir=tiny["tok"])
+
+
 def test_tiny_dtype_and_meta_free(tiny: dict) -> None:
-    enc = load_text_encoder(tiny["single"], tokenizer_dir=tiny["tok"])
+    enc = load_text_encoder(tiny["single"], qwen3_tokenizer_path=tiny["tok"])
     tensors = [*enc.model.parameters(), *enc.model.buffers()]
     assert not any(t.is_meta for t in tensors)
     assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
@@ -276,7 +293,7 @@ def test_tiny_dtype_and_meta_free(tiny: dict) -> None:
 
 
 def test_tiny_long_prompt_encoded_whole(tiny: dict, caplog: pytest.LogCaptureFixture) -> None:
-    enc = load_text_encoder(tiny["single"], tokenizer_dir=tiny["tok"], dtype=torch.float32)
+    enc = load_text_encoder(tiny["single"], qwen3_tokenizer_path=tiny["tok"], dtype=torch.float32)
     caplog.set_level(logging.WARNING, logger=TEXT_LOGGER)
     text = "a red cat sits on a blue mat, " * 80
     out = enc.encode([text, "a cat"])
@@ -305,11 +322,11 @@ def test_lora_and_non_safetensors_are_rejected(tmp_path: Path, tiny: dict) -> No
                "diffusion_model.blocks.0.self_attn.q_proj.lora_up.weight": torch.zeros(8, 4),
                "diffusion_model.blocks.0.self_attn.q_proj.alpha": torch.tensor(4.0)}, lora)
     with pytest.raises(WrongModelFileError, match=r"--qwen3 .*my_lora\.safetensors.*LoRA"):
-        load_text_encoder(lora, tokenizer_dir=tiny["tok"])
+        load_text_encoder(lora, qwen3_tokenizer_path=tiny["tok"])
     pickle = tmp_path / "qwen.safetensors"
     pickle.write_bytes(b"\x80\x02}q\x00." + b"\x00" * 64)
     with pytest.raises(WrongModelFileError, match="--qwen3"):
-        load_text_encoder(pickle, tokenizer_dir=tiny["tok"])
+        load_text_encoder(pickle, qwen3_tokenizer_path=tiny["tok"])
 
 
 def test_hf_folder_with_only_pickles_is_refused(tmp_path: Path, tiny: dict) -> None:
@@ -317,15 +334,15 @@ def test_hf_folder_with_only_pickles_is_refused(tmp_path: Path, tiny: dict) -> N
     tiny["config"].save_pretrained(folder)
     (folder / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ModelFileError, match="pytorch_model.bin"):
-        load_text_encoder(folder, tokenizer_dir=tiny["tok"])
+        load_text_encoder(folder, qwen3_tokenizer_path=tiny["tok"])
 
 
 def test_missing_tokenizer_arguments_are_named(tiny: dict, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="tokenizer_dir is required"):
+    with pytest.raises(ValueError, match="qwen3_tokenizer_path is required"):
         load_text_encoder(tiny["single"])
-    with pytest.raises(ValueError, match="t5_tokenizer_dir is required"):
-        load_text_encoder(tiny["single"], tokenizer_dir=tiny["tok"] / "qwen")
-    with pytest.raises(FileNotFoundError, match="tokenizer_dir"):
-        load_text_encoder(tiny["single"], tokenizer_dir=tmp_path)
-    with pytest.raises(ValueError, match="t5_tokenizer_dir"):
+    with pytest.raises(ValueError, match="t5_tokenizer_path is required"):
+        load_text_encoder(tiny["single"], qwen3_tokenizer_path=tiny["tok"] / "qwen")
+    with pytest.raises(FileNotFoundError, match="qwen3_tokenizer_path"):
+        load_text_encoder(tiny["single"], qwen3_tokenizer_path=tmp_path)
+    with pytest.raises(ValueError, match="t5_tokenizer_path"):
         load_text_encoder(tiny["hf"])  # HF folder: Qwen tokenizer defaults to the folder, T5 does not

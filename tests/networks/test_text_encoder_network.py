@@ -393,7 +393,8 @@ def test_sample_command_applies_the_text_encoder_modules(tmp_path, capsys):
 
     def sample(out, *extra):
         return main(["sample", "--dit", str(models["dit"]), "--qwen3", str(models["qwen3"]), "--vae",
-                     str(models["vae"]), "--qwen3_tokenizer", str(models["tokenizers"]), "--prompt", "a red circle",
+                     str(models["vae"]), "--qwen3_tokenizer_path", str(models["tokenizers"]),
+                     "--prompt", "a red circle",
                      "--steps", "2", "--width", "32", "--height", "32", "--seed", "1", "--no_progress", "--out",
                      str(tmp_path / out), *extra])
 

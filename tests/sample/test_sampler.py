@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anima_trainer.cli import main
+from anima_trainer.cli import _build_parser, main
 from anima_trainer.demo import write_demo_models
 from anima_trainer.sample.generate import read_png_parameters
 from anima_trainer.sample.sampler import cfg_velocity, initial_noise, sample_euler, sigma_table, simple_schedule
@@ -61,9 +61,19 @@ def demo_models(tmp_path_factory):
 
 def _sample(models, out, *extra):
     return main(["sample", "--dit", str(models["dit"]), "--qwen3", str(models["qwen3"]), "--vae", str(models["vae"]),
-                 "--qwen3_tokenizer", str(models["tokenizers"]), "--prompt", "1girl, (smile:1.2)",
+                 "--qwen3_tokenizer_path", str(models["tokenizers"]), "--prompt", "1girl, (smile:1.2)",
                  "--negative_prompt", "worst quality", "--steps", "3", "--cfg", "3.5", "--width", "64",
                  "--height", "48", "--seed", "11", "--no_progress", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("flags", [("--qwen3_tokenizer_path", "--t5_tokenizer_path"),
+                                   ("--qwen3_tokenizer", "--t5_tokenizer")])
+def test_sample_tokenizer_flags_take_the_config_names_and_the_old_ones(flags):
+    """The tokenizer folders are spelled as in the config (qwen3_tokenizer_path / t5_tokenizer_path); the flags'
+    names before issue 16 stay accepted and land in the same place."""
+    args = _build_parser().parse_args(["sample", "--dit", "d", "--qwen3", "q", "--vae", "v", "--prompt", "x",
+                                       "--out", "o.png", flags[0], "tok/qwen", flags[1], "tok/t5"])
+    assert (args.qwen3_tokenizer_path, args.t5_tokenizer_path) == ("tok/qwen", "tok/t5")
 
 
 def test_sample_command_writes_reproducible_png_with_parameters(demo_models, tmp_path):
@@ -155,8 +165,8 @@ def test_sample_with_fixture_models_and_real_tokenizers(tiny_dit_path, qwen3_pat
     """The full-format path: `net.` DiT, ComfyUI Qwen3-0.6B (`model.*`, BF16), ComfyUI VAE, real vocabularies."""
     out = tmp_path / "real.png"
     code = main(["sample", "--pretrained_model_name_or_path", str(tiny_dit_path), "--qwen3", str(qwen3_path),
-                 "--vae", str(vae_path), "--qwen3_tokenizer", str(tokenizers_dir / "qwen"),
-                 "--t5_tokenizer", str(tokenizers_dir / "t5"), "--prompt", "1girl, solo", "--steps", "2",
+                 "--vae", str(vae_path), "--qwen3_tokenizer_path", str(tokenizers_dir / "qwen"),
+                 "--t5_tokenizer_path", str(tokenizers_dir / "t5"), "--prompt", "1girl, solo", "--steps", "2",
                  "--width", "32", "--height", "32", "--no_progress", "--out", str(out)])
     assert code == 0 and Image.open(out).size == (32, 32)
     assert read_png_parameters(out)["models"]["qwen3"] == qwen3_path.name

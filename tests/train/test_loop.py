@@ -27,7 +27,7 @@ def _config(setup: dict, out: Path, *extra: str, steps: int = 150):
 @torch.no_grad()
 def _fixed_loss(dit, setup: dict) -> float:
     """Loss on the 4 training images at fixed σ and noise, so before/after are comparable."""
-    te = load_text_encoder(setup["models"]["qwen3"], tokenizer_dir=setup["models"]["tokenizers"],
+    te = load_text_encoder(setup["models"]["qwen3"], qwen3_tokenizer_path=setup["models"]["tokenizers"],
                            dtype=torch.float32)
     vae = load_vae(setup["models"]["vae"], dtype=torch.float32)
     from anima_trainer.data import build_dataset, load_dataset_config
@@ -174,7 +174,7 @@ def test_long_captions_are_reported_not_truncated(setup, tmp_path, caplog):
     (images / "shape_01.txt").write_text(long_text)
     write_demo_configs(tmp_path, setup["models"], images, 1, seed=1)
     ds = build_dataset(load_dataset_config(tmp_path / "dataset.toml"))
-    te = load_text_encoder(setup["models"]["qwen3"], tokenizer_dir=setup["models"]["tokenizers"])
+    te = load_text_encoder(setup["models"]["qwen3"], qwen3_tokenizer_path=setup["models"]["tokenizers"])
     caplog.set_level(logging.WARNING, logger="anima_trainer.train.loop")
     found = report_long_captions(ds, te)
     assert [p.name for p, _, _ in found] == ["shape_01.png"] and found[0][1] > 512

@@ -48,8 +48,8 @@ def test_estimator_options_move_the_right_parts():
     half = est(checkpoint_blocks=14)["activations_gib"]
     assert base["activations_gib"] < half < none
     assert est()["total_gib"] < 15.0 and est(checkpoint_mode="selective")["total_gib"] < 15.0  # a 16 GB card
-    with_adapter = estimate_training_memory(DitConfig(), resolution=1024, gradient_checkpointing=True)
-    assert with_adapter["weights_gib"] - base["weights_gib"] == pytest.approx(134_663_680 * 2 / 2**30)
+    with_llm_adapter = estimate_training_memory(DitConfig(), resolution=1024, gradient_checkpointing=True)
+    assert with_llm_adapter["weights_gib"] - base["weights_gib"] == pytest.approx(134_663_680 * 2 / 2**30)
 
 
 def test_activation_units_match_a_measurement():

@@ -49,7 +49,7 @@ def _config(setup: dict, out: Path, *extra: str, steps: int = 3):
 def _fresh(setup: dict) -> tuple[torch.nn.Module, AnimaTextEncoder]:
     m = setup["models"]
     return (load_dit(m["dit"], dtype=torch.float32),
-            load_text_encoder(m["qwen3"], tokenizer_dir=m["tokenizers"], dtype=torch.float32))
+            load_text_encoder(m["qwen3"], qwen3_tokenizer_path=m["tokenizers"], dtype=torch.float32))
 
 
 def _modules(keys) -> tuple[set[str], set[str]]:

@@ -35,7 +35,7 @@ def env(setup) -> dict:
     images = write_shapes_dataset(setup["root"] / "val_images", count=8, seed=4)
     dit = load_dit(models["dit"], dtype=torch.float32)
     network = create_network(dit, algo="lora", dim=4, alpha=4.0, dropout=0.5, rank_dropout="0.5")
-    te = load_text_encoder(models["qwen3"], tokenizer_dir=models["tokenizers"], dtype=torch.float32)
+    te = load_text_encoder(models["qwen3"], qwen3_tokenizer_path=models["tokenizers"], dtype=torch.float32)
     vae = load_vae(models["vae"], dtype=torch.float32)
     return {"images": images, "dit": dit, "network": network, "te": te, "vae": vae,
             "conditioner": TextConditioner(dit, te)}

@@ -18,7 +18,7 @@ REQUIRED = {"pretrained_model_name_or_path": "dit.safetensors", "qwen3": "q.safe
 
 def _plan(budget: float, **kw):
     cfg = make_train_config({**REQUIRED, **kw})
-    return plan_memory(cfg, DitConfig(), resolution=(1024, 1024), batch=1, budget_gib=budget, adapter_trained=False)
+    return plan_memory(cfg, DitConfig(), resolution=(1024, 1024), batch=1, budget_gib=budget, llm_adapter_trained=False)
 
 
 def test_plans_get_more_frugal_as_the_budget_shrinks():
@@ -47,14 +47,14 @@ def test_cached_encoders_free_their_memory_and_nothing_fitting_is_an_error():
 def test_a_trained_text_encoder_counts_its_activations_and_keeps_the_adapter_uncached():
     """Issue 15: kohya's default trains a Qwen3 LoRA: ~1 MiB per token × 512 tokens per image without
     checkpointing, 1/16 with it; the adapter's output then changes every step, so it is never cached."""
-    from anima_trainer.train.vram_plan import adapter_trained
+    from anima_trainer.train.vram_plan import llm_adapter_trained
 
     dit_only, both = _plan(40), _plan(40, network_train_unet_only=False)
     assert both.table[0][0] == "no checkpointing" and both.table[0][1] == pytest.approx(dit_only.table[0][1] + 0.5)
     ckpt = dict(_plan(8, network_train_unet_only=False).table)["checkpointing of all blocks"]
     assert ckpt == pytest.approx(dict(_plan(8).table)["checkpointing of all blocks"] + 0.5 / 16)
-    assert adapter_trained(make_train_config({**REQUIRED, "network_train_unet_only": False}))
-    assert not adapter_trained(make_train_config(REQUIRED))
+    assert llm_adapter_trained(make_train_config({**REQUIRED, "network_train_unet_only": False}))
+    assert not llm_adapter_trained(make_train_config(REQUIRED))
 
 
 def test_candidates_order_and_auto_budget_needs_cuda():

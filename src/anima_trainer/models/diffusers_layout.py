@@ -237,7 +237,7 @@ def folder_shapes(folder: Path, flag: str) -> dict[str, tuple[str, tuple[int, ..
     return out
 
 
-def anima_dit_shapes(layout: DiffusersLayout, flag: str, with_adapter: bool = True) -> dict[str, tuple[int, ...]]:
+def anima_dit_shapes(layout: DiffusersLayout, flag: str, with_llm_adapter: bool = True) -> dict[str, tuple[int, ...]]:
     """Our DiT key -> shape for the layout's transformer (+ text conditioner as `llm_adapter.*`): what
     `infer_dit_config` reads.  A transformer key with no DiT name is an error naming it."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -246,7 +246,7 @@ def anima_dit_shapes(layout: DiffusersLayout, flag: str, with_adapter: bool = Tr
         name = diffusers_key_to_anima(key)
         if name is not None:
             shapes[name] = shape
-    if with_adapter and "llm_adapter" in layout.folders:
+    if with_llm_adapter and "llm_adapter" in layout.folders:
         for key, (_, shape) in folder_shapes(layout.folders["llm_adapter"], flag).items():
             shapes["llm_adapter." + key] = shape
     return shapes

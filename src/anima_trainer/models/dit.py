@@ -30,6 +30,7 @@ from anima_trainer.models.model_files import (DIT_KINDS, DIT_PREFIXES, ModelFile
 from anima_trainer.models.diffusers_layout import (DiffusersLayout, anima_dit_shapes, check_component_config,
                                                    diffusers_key_to_anima, find_layout, weight_files)
 from anima_trainer.models.layers import QKNormAttentionBase, RMSNorm, apply_rotary, attention
+from anima_trainer.models.renamed_arguments import renamed_argument
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class AnimaDiT(nn.Module):
         """Run the LLM adapter and return the zero-padded [B, 512, 1024] context exactly as ComfyUI builds it."""
         if self.llm_adapter is None:
             raise ModelFileError("this DiT file has no llm_adapter.* weights; pass the adapter file "
-                                  "(load_dit(..., adapter_path=FILE), CLI --llm_adapter_path)")
+                                  "(load_dit(..., llm_adapter_path=FILE), CLI --llm_adapter_path)")
         device = self.llm_adapter.embed.weight.device
         return build_context(self.llm_adapter, qwen_hidden.to(device), t5_ids.to(device), qwen_mask, t5_mask,
                              t5_weights)
@@ -282,47 +283,50 @@ class AnimaDiT(nn.Module):
 
 
 def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-             adapter_path: str | Path | None = None, flag: str = "--pretrained_model_name_or_path") -> AnimaDiT:
+             llm_adapter_path: str | Path | None = None, flag: str = "--pretrained_model_name_or_path",
+             adapter_path: str | Path | None = None) -> AnimaDiT:
     """Load an Anima DiT (28/40-block or tiny) from a single .safetensors file or a diffusers-layout folder,
     config inferred from shapes.
 
     Accepts `net.`, `model.diffusion_model.`, `diffusion_model.` or no prefix, all-in-one bundles, and a
-    diffusers folder (its root or `transformer/`; the adapter then comes from `text_conditioner/`) or one
-    diffusers transformer weights file; `adapter_path` supplies (or replaces) the LLM adapter from a separate
+    diffusers folder (its root or `transformer/`; the LLM adapter then comes from `text_conditioner/`) or one
+    diffusers transformer weights file; `llm_adapter_path` supplies (or replaces) the LLM adapter from a separate
     file, a `text_conditioner/` folder or a diffusers-layout root.  Known non-weight keys (RoPE tables, training
     counters, `_extra_state`) are skipped with a log line; keys outside the DiT's prefix are ignored as ComfyUI
     ignores them, unless they are DiT weights found nowhere else (then the file is refused, naming one).
     Tensors are read one at a time from the mmap straight into `dtype` on `device`; the model itself is built on
-    the meta device.
+    the meta device.  `adapter_path` is the old spelling of `llm_adapter_path` (still accepted, warned).
     """
+    llm_adapter_path = renamed_argument("load_dit", "llm_adapter_path", llm_adapter_path, "adapter_path",
+                                        adapter_path)
     info = expect_kind(path, flag, DIT_KINDS)
     if info.kind == "diffusers_dit":  # one transformer weights file; its text_conditioner/ sibling if it has one
         found = find_layout(Path(path).parent)
         layout = DiffusersLayout(None, {"dit": Path(path)})
         if found is not None and found[1] == "dit" and "llm_adapter" in found[0].folders:
             layout.folders["llm_adapter"] = found[0].folders["llm_adapter"]
-        with_adapter = adapter_path is None and "llm_adapter" in layout.folders
-        shapes = anima_dit_shapes(layout, flag, with_adapter=with_adapter)
-        state = _diffusers_state(layout, flag, dtype, device, with_adapter=with_adapter)
+        with_llm_adapter = llm_adapter_path is None and "llm_adapter" in layout.folders
+        shapes = anima_dit_shapes(layout, flag, with_llm_adapter=with_llm_adapter)
+        state = _diffusers_state(layout, flag, dtype, device, with_llm_adapter=with_llm_adapter)
     elif info.kind == "anima_diffusers":
         layout = find_layout(path)[0]
-        shapes = anima_dit_shapes(layout, flag, with_adapter=adapter_path is None)
-        state = _diffusers_state(layout, flag, dtype, device, with_adapter=adapter_path is None)
+        shapes = anima_dit_shapes(layout, flag, with_llm_adapter=llm_adapter_path is None)
+        state = _diffusers_state(layout, flag, dtype, device, with_llm_adapter=llm_adapter_path is None)
     else:
         prefix = info.components.get("dit", info.prefix)
         header = read_header(path)[0]
         shapes = {k[len(prefix):]: s for k, (_, s) in header.items() if k.startswith(prefix)}
-        _check_outside_prefix(path, header, prefix, info.components, adapter_given=adapter_path is not None)
+        _check_outside_prefix(path, header, prefix, info.components, llm_adapter_given=llm_adapter_path is not None)
         state = load_state_dict(path, prefix=prefix, dtype=dtype, device=device)
-    if adapter_path is not None:
-        ainfo = expect_kind(adapter_path, "--llm_adapter_path", ("llm_adapter", "anima_dit", "anima_diffusers"))
+    if llm_adapter_path is not None:
+        ainfo = expect_kind(llm_adapter_path, "--llm_adapter_path", ("llm_adapter", "anima_dit", "anima_diffusers"))
         shapes = {k: s for k, s in shapes.items() if not k.startswith("llm_adapter.")}
         state = {k: v for k, v in state.items() if not k.startswith("llm_adapter.")}
-        for file, adapter_prefix in _adapter_sources(Path(adapter_path), ainfo):
-            shapes.update({"llm_adapter." + k[len(adapter_prefix):]: s for k, (_, s) in
-                           read_header(file)[0].items() if k.startswith(adapter_prefix)})
+        for file, llm_adapter_prefix in _llm_adapter_sources(Path(llm_adapter_path), ainfo):
+            shapes.update({"llm_adapter." + k[len(llm_adapter_prefix):]: s for k, (_, s) in
+                           read_header(file)[0].items() if k.startswith(llm_adapter_prefix)})
             state.update({"llm_adapter." + k: v for k, v in
-                          load_state_dict(file, prefix=adapter_prefix, dtype=dtype, device=device).items()})
+                          load_state_dict(file, prefix=llm_adapter_prefix, dtype=dtype, device=device).items()})
     config = infer_dit_config(shapes)
     with torch.device("meta"):
         model = AnimaDiT(config)
@@ -337,7 +341,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     return model.eval().requires_grad_(False)
 
 
-def _adapter_sources(path: Path, info: FileInfo) -> list[tuple[Path, str]]:
+def _llm_adapter_sources(path: Path, info: FileInfo) -> list[tuple[Path, str]]:
     """[(file, key prefix)] of an LLM adapter: a file (bare or `llm_adapter.` keys, or a whole DiT) or a
     diffusers `text_conditioner/` folder (its shards, bare keys)."""
     if path.is_dir():  # text_conditioner/ itself, or a diffusers-layout root that has one
@@ -348,7 +352,7 @@ def _adapter_sources(path: Path, info: FileInfo) -> list[tuple[Path, str]]:
 
 
 def _diffusers_state(layout: DiffusersLayout, flag: str, dtype: torch.dtype, device: str | torch.device,
-                     with_adapter: bool) -> dict[str, torch.Tensor]:
+                     with_llm_adapter: bool) -> dict[str, torch.Tensor]:
     """The DiT state dict (our names) of a diffusers-layout folder: `transformer/` renamed key by key (a key with
     no DiT name is an error naming it), `text_conditioner/` as `llm_adapter.*`; configs checked for settings
     the shapes cannot show."""
@@ -363,19 +367,19 @@ def _diffusers_state(layout: DiffusersLayout, flag: str, dtype: torch.dtype, dev
                 raise ModelFileError(f"{flag}: {file}: the key {key!r} is no CosmosTransformer3DModel weight of an "
                                       "Anima DiT (another model in Anima's folder layout?)")
             state[name] = t
-    if with_adapter:
-        adapter_dir = layout.folder("llm_adapter", flag)
-        check_component_config(adapter_dir, flag)
-        for file in weight_files(adapter_dir, flag):
+    if with_llm_adapter:
+        llm_adapter_dir = layout.folder("llm_adapter", flag)
+        check_component_config(llm_adapter_dir, flag)
+        for file in weight_files(llm_adapter_dir, flag):
             state.update({"llm_adapter." + k: v for k, v in load_state_dict(file, dtype=dtype, device=device).items()})
     return state
 
 
 def _check_outside_prefix(path: str | Path, header: dict, prefix: str, components: dict[str, str],
-                          adapter_given: bool) -> None:
+                          llm_adapter_given: bool) -> None:
     """Keys outside the DiT's prefix (and outside a bundle's other parts) are ignored as ComfyUI's prefix filter
     ignores them, with a log line: EMA counters, stray parts of other models, a second copy of the DiT under
-    another prefix.  DiT weights that exist only under another prefix (an adapter saved bare next to `net.*`
+    another prefix.  DiT weights that exist only under another prefix (an LLM adapter saved bare next to `net.*`
     blocks) would be lost, giving another model than the file holds, so they stop the load, naming one."""
     if not prefix:
         return
@@ -385,7 +389,7 @@ def _check_outside_prefix(path: str | Path, header: dict, prefix: str, component
         return
     main = {k[len(prefix):] for k in header if k.startswith(prefix)}
     lost = [k for k in outside if (n := _strip_known_prefix(k)) not in main and _is_dit_weight(n)
-            and not (adapter_given and n.startswith("llm_adapter."))]
+            and not (llm_adapter_given and n.startswith("llm_adapter."))]
     if lost:
         raise ModelFileError(f"{path}: the DiT is stored under {prefix!r}, but {lost[0]!r} ({len(lost)} such "
                               "keys) is a DiT weight under another prefix, which ComfyUI would not load either; "

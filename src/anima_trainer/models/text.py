@@ -42,6 +42,7 @@ from anima_trainer.models.model_files import (
 )
 from anima_trainer.models.diffusers_layout import find_layout, tokenizer_dirs, weight_files
 from anima_trainer.models.prompt_syntax import tokenizer_chunks
+from anima_trainer.models.renamed_arguments import renamed_argument
 
 logger = logging.getLogger(__name__)
 
@@ -85,29 +86,30 @@ def _has_bpe_files(folder: Path) -> bool:
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
 
 
-def _resolve_tokenizer_dirs(tokenizer_dir: str | Path | None, t5_tokenizer_dir: str | Path | None,
+def _resolve_tokenizer_dirs(qwen3_tokenizer_path: str | Path | None, t5_tokenizer_path: str | Path | None,
                             default_qwen_dir: Path | None, default_t5_dir: Path | None = None) -> tuple[Path, Path]:
-    """(Qwen folder, T5 folder).  `tokenizer_dir` may also be a folder holding `qwen/` and `t5/`; the defaults
-    are what the --qwen3 folder offers (a diffusers folder's `tokenizer/` and `t5_tokenizer/`)."""
-    if tokenizer_dir is None and default_qwen_dir is None:
-        raise ValueError("tokenizer_dir is required with a single-file Qwen3 checkpoint: pass the folder with "
-                         "the Qwen2 tokenizer (vocab.json + merges.txt, or tokenizer.json)")
-    base = Path(tokenizer_dir if tokenizer_dir is not None else default_qwen_dir)
+    """(Qwen folder, T5 folder).  `qwen3_tokenizer_path` may also be a folder holding `qwen/` and `t5/`; the
+    defaults are what the --qwen3 folder offers (a diffusers folder's `tokenizer/` and `t5_tokenizer/`)."""
+    if qwen3_tokenizer_path is None and default_qwen_dir is None:
+        raise ValueError("qwen3_tokenizer_path is required with a single-file Qwen3 checkpoint: pass the folder "
+                         "with the Qwen2 tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+    base = Path(qwen3_tokenizer_path if qwen3_tokenizer_path is not None else default_qwen_dir)
     qwen_dir = base if _has_bpe_files(base) else base / "qwen"
     if not _has_bpe_files(qwen_dir):
-        name = "tokenizer_dir" if tokenizer_dir is not None else "tokenizer_dir (defaulting to the Qwen3 folder)"
+        name = "qwen3_tokenizer_path" + ("" if qwen3_tokenizer_path is not None else
+                                         " (defaulting to the Qwen3 folder)")
         raise FileNotFoundError(f"{name}={base} has no Qwen tokenizer (vocab.json + merges.txt or tokenizer.json, "
                                 "directly or under qwen/)")
-    if t5_tokenizer_dir is None and not (base / "t5").is_dir() and default_t5_dir is not None:
-        t5_tokenizer_dir = default_t5_dir
-    if t5_tokenizer_dir is None:
+    if t5_tokenizer_path is None and not (base / "t5").is_dir() and default_t5_dir is not None:
+        t5_tokenizer_path = default_t5_dir
+    if t5_tokenizer_path is None:
         if not (base / "t5").is_dir():
-            raise ValueError("t5_tokenizer_dir is required: pass the folder with the T5 tokenizer "
+            raise ValueError("t5_tokenizer_path is required: pass the folder with the T5 tokenizer "
                              "(tokenizer.json, as in ComfyUI's comfy/text_encoders/t5_tokenizer)")
-        t5_tokenizer_dir = base / "t5"
-    t5_dir = Path(t5_tokenizer_dir)
+        t5_tokenizer_path = base / "t5"
+    t5_dir = Path(t5_tokenizer_path)
     if not ((t5_dir / "tokenizer.json").is_file() or (t5_dir / "spiece.model").is_file()):
-        raise FileNotFoundError(f"t5_tokenizer_dir={t5_dir} has no tokenizer.json (or spiece.model)")
+        raise FileNotFoundError(f"t5_tokenizer_path={t5_dir} has no tokenizer.json (or spiece.model)")
     return qwen_dir, t5_dir
 
 
@@ -290,23 +292,29 @@ def _right_pad(rows: Sequence[Sequence[float]], pad: float, dtype: torch.dtype) 
     return values, mask
 
 
-def load_text_encoder(path: str | Path, *, tokenizer_dir: str | Path | None = None,
-                      t5_tokenizer_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
-                      device: str | torch.device = "cpu") -> AnimaTextEncoder:
+def load_text_encoder(path: str | Path, *, qwen3_tokenizer_path: str | Path | None = None,
+                      t5_tokenizer_path: str | Path | None = None, dtype: torch.dtype = torch.bfloat16,
+                      device: str | torch.device = "cpu", tokenizer_dir: str | Path | None = None,
+                      t5_tokenizer_dir: str | Path | None = None) -> AnimaTextEncoder:
     """Qwen3-0.6B (single file, bundle, HF folder or diffusers-layout folder) plus the Qwen and T5 tokenizers.
 
-    `tokenizer_dir` defaults to the folder for a Hugging Face Qwen3 folder, and for a diffusers-layout folder
-    (its root or `text_encoder/`) to the root's `tokenizer/`, `t5_tokenizer_dir` to its `t5_tokenizer/`;
-    `tokenizer_dir` may also be a folder with `qwen/` and `t5/` subfolders (`t5_tokenizer_dir` then defaults
-    to its `t5/`).
+    `qwen3_tokenizer_path` defaults to the folder for a Hugging Face Qwen3 folder, and for a diffusers-layout
+    folder (its root or `text_encoder/`) to the root's `tokenizer/`, `t5_tokenizer_path` to its `t5_tokenizer/`;
+    `qwen3_tokenizer_path` may also be a folder with `qwen/` and `t5/` subfolders (`t5_tokenizer_path` then
+    defaults to its `t5/`).  The names are the config's; `tokenizer_dir` / `t5_tokenizer_dir` are their old
+    spellings (still accepted, with a DeprecationWarning).
     """
+    qwen3_tokenizer_path = renamed_argument("load_text_encoder", "qwen3_tokenizer_path", qwen3_tokenizer_path,
+                                            "tokenizer_dir", tokenizer_dir)
+    t5_tokenizer_path = renamed_argument("load_text_encoder", "t5_tokenizer_path", t5_tokenizer_path,
+                                         "t5_tokenizer_dir", t5_tokenizer_dir)
     path = Path(path)
     # A wrong --qwen3 file is reported first, then a missing tokenizer, all before any weights are read.
     info = expect_kind(path, QWEN_FLAG, _ACCEPTED_KINDS)
     qwen_default, t5_default = tokenizer_dirs(path)
     if qwen_default is None and info.kind == "hf_qwen3_folder":
         qwen_default = path
-    qwen_dir, t5_dir = _resolve_tokenizer_dirs(tokenizer_dir, t5_tokenizer_dir, qwen_default, t5_default)
+    qwen_dir, t5_dir = _resolve_tokenizer_dirs(qwen3_tokenizer_path, t5_tokenizer_path, qwen_default, t5_default)
     tokenizer = AnimaTokenizer.from_dirs(qwen_dir, t5_dir)
     model = load_qwen3(path, dtype=dtype, device=device)
     return AnimaTextEncoder(model, tokenizer)

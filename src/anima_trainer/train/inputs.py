@@ -30,9 +30,9 @@ class TextConditioner:
     nothing is memoised: the encoder changes with every step."""
 
     def __init__(self, dit, text_encoder, max_cached: int = 100_000, cache_contexts: bool = False,
-                 train_adapter: bool = False, train_text_encoder: bool = False) -> None:
+                 train_llm_adapter: bool = False, train_text_encoder: bool = False) -> None:
         self.dit, self.te, self.max_cached = dit, text_encoder, max_cached
-        self.train_adapter = train_adapter  # adapter LoRA/norms are trained: run it with autograd
+        self.train_llm_adapter = train_llm_adapter  # adapter LoRA/norms are trained: run it with autograd
         self.train_text_encoder = train_text_encoder
         self._cache: dict[str, tuple[torch.Tensor, list[int], list[float]]] = {}
         # frozen adapter: its output rows per caption never change, so compute them once (ComfyUI's
@@ -67,7 +67,7 @@ class TextConditioner:
             return self.dit.encode_context(enc.qwen_hidden, enc.t5_ids, qwen_mask=enc.qwen_mask,
                                            t5_mask=enc.t5_mask, t5_weights=enc.t5_weights)
         if not self.cache_contexts or self.max_cached == 0:  # random captions: nothing would repeat
-            with torch.set_grad_enabled(self.train_adapter and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(self.train_llm_adapter and torch.is_grad_enabled()):
                 return self._context(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._contexts))
         if missing:

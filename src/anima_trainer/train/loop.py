@@ -72,7 +72,7 @@ from anima_trainer.train.schedulers import build_scheduler, describe_schedule, s
 from anima_trainer.train.setup import (
     Optimization,
     RunPlan,
-    check_trained_adapter_not_cached,
+    check_trained_llm_adapter_not_cached,
     run_seed,
     setup_optimization,
     setup_run,
@@ -87,7 +87,7 @@ from anima_trainer.train.training_state import (
     restore_rng,
 )
 from anima_trainer.train.validation import Validator, build_validator
-from anima_trainer.train.vram_plan import adapter_trained, apply_plan
+from anima_trainer.train.vram_plan import llm_adapter_trained, apply_plan
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -267,7 +267,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         write_dataset_report(dataset, setup.report_path)
     device = accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    cfg = apply_plan(cfg, dataset, device, adapter_trained=adapter_trained(cfg))  # vram_budget_gb
+    cfg = apply_plan(cfg, dataset, device, llm_adapter_trained=llm_adapter_trained(cfg))  # vram_budget_gb
     prompts = check_before_models(cfg, dataset, device)  # sizes, memory, prompt file: before any model loads
     models = load_models(cfg, device, dtype)
     dit = models.dit
@@ -327,12 +327,12 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     start_trackers(accelerator, tracking, cfg, {"max_train_steps": max_steps})
     report_long_captions(dataset, models.text_encoder, max_tokens=MAX_TEXT_TOKENS)
     check_text_tokens(prompts, models.text_encoder)
-    check_trained_adapter_not_cached(cfg, network.trains_llm_adapter)
+    check_trained_llm_adapter_not_cached(cfg, network.trains_llm_adapter)
     # captions that change every step are not memoised (the memo would grow without bound)
     conditioner = TextConditioner(dit, models.text_encoder,
                                   max_cached=100_000 if dataset.captions_are_static else 0,
                                   cache_contexts=cfg.cache_llm_adapter_outputs,
-                                  train_adapter=network.trains_llm_adapter,
+                                  train_llm_adapter=network.trains_llm_adapter,
                                   train_text_encoder=network.trains_text_encoder)
     caches = prepare_caches(cfg, dataset, models, conditioner, dist=dist)
     if caches.variants is not None:

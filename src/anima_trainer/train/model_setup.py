@@ -44,9 +44,9 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
     # with block swap the DiT stays on the CPU until setup_memory places the parts that live on the device
     dit_device = "cpu" if cfg.blocks_to_swap else device
     dit = load_dit(cfg.pretrained_model_name_or_path, dtype=dtype, device=dit_device,
-                   adapter_path=cfg.llm_adapter_path)
-    te = load_text_encoder(cfg.qwen3, tokenizer_dir=cfg.qwen3_tokenizer_path, t5_tokenizer_dir=cfg.t5_tokenizer_path,
-                           dtype=dtype, device=device)
+                   llm_adapter_path=cfg.llm_adapter_path)
+    te = load_text_encoder(cfg.qwen3, qwen3_tokenizer_path=cfg.qwen3_tokenizer_path,
+                           t5_tokenizer_path=cfg.t5_tokenizer_path, dtype=dtype, device=device)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
     vae = load_vae(cfg.vae, dtype=vae_dtype, device=device, two_d=cfg.qwen_image_vae_2d, chunk_rows=cfg.vae_chunk_size)
     return Models(dit, te, vae)

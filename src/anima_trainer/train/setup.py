@@ -159,7 +159,7 @@ def setup_optimization(cfg: TrainConfig, network: torch.nn.Module, device: torch
     return Optimization(optimizer, scheduler, scaler, lr)
 
 
-def check_trained_adapter_not_cached(cfg: TrainConfig, trains_llm_adapter: bool) -> None:
+def check_trained_llm_adapter_not_cached(cfg: TrainConfig, trains_llm_adapter: bool) -> None:
     """A config-only check (belongs in config validation; kept here until the config package takes it):
     cache_llm_adapter_outputs with a trained LLM adapter (train_llm_adapter / train_norm) is a ConfigError."""
     if cfg.cache_llm_adapter_outputs and trains_llm_adapter:

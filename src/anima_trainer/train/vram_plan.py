@@ -69,9 +69,9 @@ def resolve_budget(value: float | str, device: Any) -> float:
     return torch.cuda.get_device_properties(device).total_memory / 2**30 * 0.92
 
 
-def candidates(num_blocks: int, adapter_cacheable: bool) -> list[tuple[str, dict[str, Any]]]:
+def candidates(num_blocks: int, llm_adapter_cacheable: bool) -> list[tuple[str, dict[str, Any]]]:
     """Memory settings from the fastest to the most frugal."""
-    base = {"cache_llm_adapter_outputs": True} if adapter_cacheable else {}
+    base = {"cache_llm_adapter_outputs": True} if llm_adapter_cacheable else {}
     out = [("no checkpointing", {**base, "gradient_checkpointing": False, "checkpoint_blocks": None,
                                  "cpu_offload_checkpointing": False, "blocks_to_swap": 0})]
     for k in range(4, num_blocks, 4):
@@ -88,7 +88,7 @@ def candidates(num_blocks: int, adapter_cacheable: bool) -> list[tuple[str, dict
 
 
 def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
-                budget_gib: float, adapter_trained: bool) -> MemoryPlan:
+                budget_gib: float, llm_adapter_trained: bool) -> MemoryPlan:
     """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does)."""
     extra = RESERVE_GIB
     if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
@@ -97,7 +97,7 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
         extra += VAE_GIB
     dtype = precision_name(cfg.mixed_precision)
     table: list[tuple[str, float]] = []
-    for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not adapter_trained):
+    for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not llm_adapter_trained):
         options = {**cfg.memory_options(), **{k: v for k, v in settings.items() if k != "cache_llm_adapter_outputs"}}
         te_gib = text_encoder_training_gib(cfg.model_copy(update={
             "gradient_checkpointing": options["gradient_checkpointing"]}), batch)
@@ -115,7 +115,7 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
                       "resolution or batch size, cache latents and text encoder outputs, or use fp8_base)")
 
 
-def apply_plan(cfg: TrainConfig, dataset, device: Any, *, adapter_trained: bool) -> TrainConfig:
+def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: bool) -> TrainConfig:
     """`cfg` with the memory settings of its `vram_budget_gb` (unchanged without one); logs the plan."""
     if cfg.vram_budget_gb is None:
         return cfg
@@ -125,12 +125,12 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, adapter_trained: bool)
     width, height = max(((w, h) for w, h, *_ in buckets), key=lambda wh: wh[0] * wh[1])
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
     plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch,
-                       budget_gib=resolve_budget(cfg.vram_budget_gb, device), adapter_trained=adapter_trained)
+                       budget_gib=resolve_budget(cfg.vram_budget_gb, device), llm_adapter_trained=llm_adapter_trained)
     log.info("%s", plan.describe())
     return cfg.model_copy(update=plan.settings)
 
 
-def adapter_trained(cfg: TrainConfig) -> bool:
+def llm_adapter_trained(cfg: TrainConfig) -> bool:
     """Whether the network trains anything inside the LLM adapter, or the text encoder before it (then the
     adapter's output cannot be cached)."""
     if cfg.dim_from_weights or cfg.trains_text_encoder:
