@@ -40,7 +40,7 @@ def dit_file(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def dit(dit_file: Path):
-    """A fresh fp32 tiny DiT per test (networks hook into it, levers pack its weights)."""
+    """A fresh fp32 tiny DiT per test (networks patch into it, levers pack its weights)."""
     from anima_trainer.models import load_dit
 
     return load_dit(dit_file, dtype=torch.float32)

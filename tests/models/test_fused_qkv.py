@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anima_trainer.models import load_dit
-from anima_trainer.models.layers import QKNormAttentionBase, hooked_linear, set_fused_qkv
+from anima_trainer.models.layers import QKNormAttentionBase, patched_linear, set_fused_qkv
 from anima_trainer.networks import apply_network_file, create_network
 
 RTOL = 1e-5  # fp32: a different GEMM blocking only reorders sums
@@ -100,15 +100,15 @@ def test_multiplier_is_honoured(dit, multiplier, fused_calls):
     assert fused_calls and close(out, ref)
 
 
-def test_unknown_hook_runs_whole(dit):
-    """A hook that is not an anima-trainer network is called as is (exact, one more GEMM)."""
+def test_unknown_patch_runs_whole(dit):
+    """A forward patch that is not an anima-trainer network is called as is (exact, one more GEMM)."""
     lin = dit.blocks[0].self_attn.k_proj
     org = lin.forward
     lin.forward = lambda x: org(x) * 2.0
-    lin._anima_network_hooked = True
+    lin._anima_network_patched = True
     x = torch.randn(2, 5, 64)
     base = torch.nn.functional.linear(x, lin.weight)
-    assert torch.equal(hooked_linear(lin, x, base), org(x) * 2.0)
+    assert torch.equal(patched_linear(lin, x, base), org(x) * 2.0)
     x, t, ctx = inputs()
     with torch.no_grad():
         ref = dit(x, t, ctx)

@@ -211,7 +211,7 @@ def test_apply_missing_file(tmp_path):
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.startswith(("diff_", "lora_kohya_updown_alpha_diffb"))])
 def test_fixture_rebuilt_as_a_trainable_network_matches_comfyui(case, fixture_dit, dit_io, fixture_dir):
-    """create_network_from_weights (dim_from_weights) builds the file's network; hooked in, not merged, the DiT
+    """create_network_from_weights (dim_from_weights) builds the file's network; patched in, not merged, the DiT
     gives ComfyUI's output for the file."""
     dit, restore = fixture_dit
     restore()

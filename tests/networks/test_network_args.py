@@ -16,7 +16,7 @@ Q = "blocks.0.self_attn.q_proj"  # 64 -> 64
 
 
 def delta(net, path, x):
-    """The adapter branch's contribution to the hooked Linear's output."""
+    """The adapter branch's contribution to the patched Linear's output."""
     lin = net.modules_by_name[path]._org[0]
     return lin(x) - F.linear(x, lin.weight, lin.bias)
 

@@ -63,7 +63,7 @@ def test_target_that_matches_nothing_is_an_error_naming_it(dit, bad):
     missing = bad.split(",")[-1]
     with pytest.raises(NetworkError, match=re.escape(f"target_modules: '{missing}' matches no Linear module")):
         create_network(dit, algo="lokr", dim=2, target_modules=bad)
-    assert not any(getattr(m, "_anima_network_hooked", False) for m in dit.modules())  # nothing left hooked
+    assert not any(getattr(m, "_anima_network_patched", False) for m in dit.modules())  # nothing left patched
 
 
 def test_target_modules_replaces_kohyas_target_options(dit):

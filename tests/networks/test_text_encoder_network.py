@@ -124,7 +124,7 @@ def test_fresh_text_encoder_network_leaves_the_encoder_bit_identical(dit, qwen3,
     assert len(net.text_encoder_modules()) == 14  # tiny Qwen3: 2 layers
     assert torch.equal(hidden(qwen3), before)
     randomise(net)
-    assert not torch.allclose(hidden(qwen3), before)  # the hook is live
+    assert not torch.allclose(hidden(qwen3), before)  # the patch is live
     net.remove()
     assert torch.equal(hidden(qwen3), before)
 

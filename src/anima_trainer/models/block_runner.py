@@ -1,12 +1,12 @@
 """How AnimaDiT runs its blocks: checkpoint depth and mode, CPU-offloaded block inputs, block swap.
 
 `AnimaDiT.runner` is one `BlockRunner`; `dit.forward` hands it the blocks and the block inputs.  With
-`gradient_checkpointing` the first `checkpoint_blocks` blocks (default: all) are checkpointed (non-reentrant, so
-LoRA hooks work), the rest keep their activations: a speed/memory dial.  `checkpoint_mode = "selective"` keeps
-the outputs of the expensive ops (matmuls, attention) and recomputes only the cheap ones (norms, modulation,
-GELU, RoPE, casts) in backward, via torch's selective-checkpoint contexts.  The runner's `offloader`
-(offload.ActivationOffloader, `cpu_offload_checkpointing`) parks the residual each checkpointed block keeps in
-pinned CPU memory; its `swapper` (offload.BlockSwapper, `blocks_to_swap`) streams block weights.
+`gradient_checkpointing` the first `checkpoint_blocks` blocks (default: all) are checkpointed (non-reentrant, so the
+networks' forward patches work), the rest keep their activations: a speed/memory dial.
+`checkpoint_mode = "selective"` keeps the outputs of the expensive ops (matmuls, attention) and recomputes only the
+cheap ones (norms, modulation, GELU, RoPE, casts) in backward, via torch's selective-checkpoint contexts.  The
+runner's `offloader` (offload.ActivationOffloader, `cpu_offload_checkpointing`) parks the residual each checkpointed
+block keeps in pinned CPU memory; its `swapper` (offload.BlockSwapper, `blocks_to_swap`) streams block weights.
 
 `setup_memory` applies the memory options of a TrainConfig (`**cfg.memory_options()`) to a freshly loaded DiT
 in the only order that works, fp8 storage (models/fp8.py) included.
@@ -85,7 +85,7 @@ class BlockRunner:
     Not an nn.Module: it holds no weights of its own, and the swapper's references to the blocks must not
     register them twice."""
 
-    gradient_checkpointing: bool = False  # recompute blocks in backward (non-reentrant: LoRA hooks work)
+    gradient_checkpointing: bool = False  # recompute blocks in backward (non-reentrant: network patches work)
     checkpoint_blocks: int | None = None  # checkpoint the first N blocks (None = all)
     checkpoint_mode: str = "full"  # "full" or "selective" recompute
     offloader: ActivationOffloader | None = None  # checkpointed blocks' inputs parked on the CPU

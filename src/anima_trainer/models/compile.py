@@ -10,8 +10,8 @@ resolution, and a second one for the first block, whose input needs no gradient 
 Eval/no-grad calls (previews, validation) and blocks whose q/k/v are not packed (swapped blocks) add their
 own graphs.  The dynamo cache limit is raised to fit
 `max_shapes` such pairs for all those variants, so changing buckets never hits the limit (which would fall
-back to eager silently).  A network must be injected BEFORE the first compiled call (the hooks in the
-Linears are traced into the graph; injecting or removing one later recompiles); changing a network's
+back to eager silently).  A network must be injected BEFORE the first compiled call (the forward
+patches of the Linears are traced into the graph; injecting or removing one later recompiles); changing a network's
 multiplier also recompiles.  Non-reentrant checkpointing around a compiled block works as in eager.
 """
 

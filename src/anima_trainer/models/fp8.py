@@ -1,8 +1,8 @@
 """fp8 storage of the DiT's block weights (`fp8_base`, kohya's `fp8_scaled`).
 
-The blocks' attention and MLP Linear weights are stored as float8 with one fp32 scale per tensor
-(w ≈ w8 · scale) and dequantised to the compute dtype inside the Linear's forward; the network hooks still wrap
-a Linear whose forward they call.  Quantise before a network is injected and before block swap is enabled
+The blocks' attention and MLP Linear weights are stored as float8 with one fp32 scale per tensor (w ≈ w8 · scale) and
+dequantised to the compute dtype inside the Linear's forward; the network's forward patches still wrap a Linear whose
+forward they call.  Quantise before a network is injected and before block swap is enabled
 (`block_runner.setup_memory` keeps that order).
 """
 
@@ -75,8 +75,8 @@ def quantize_linear_(linear: nn.Linear, fmt: str = "e4m3fn", work_device: torch.
     """Store `linear`'s weight as fp8 with a per-tensor scale amax/fp8_max (computed in fp32)."""
     if fmt not in FP8_FORMATS:
         raise ValueError(f"fp8_format must be one of {sorted(FP8_FORMATS)}, got {fmt!r}")
-    if getattr(linear, "_anima_network_hooked", False):
-        raise ValueError("quantize fp8 before injecting a network: the hook calls the Linear's forward it saw")
+    if getattr(linear, "_anima_network_patched", False):
+        raise ValueError("quantize fp8 before injecting a network: the patch calls the Linear's forward it saw")
     if isinstance(linear, Fp8Linear):
         return
     dtype8 = FP8_FORMATS[fmt]
@@ -124,8 +124,8 @@ def dequantize_fp8(dit: nn.Module) -> int:
     for m in dit.modules():
         if not isinstance(m, Fp8Linear):
             continue
-        if getattr(m, "_anima_network_hooked", False):
-            raise ValueError("remove the injected network before dequantising (its hook calls the fp8 forward)")
+        if getattr(m, "_anima_network_patched", False):
+            raise ValueError("remove the injected network before dequantising (its patch calls the fp8 forward)")
         w = m.dequantized_weight(m.compute_dtype)
         del m._buffers["weight_scale"]
         m.__class__ = nn.Linear

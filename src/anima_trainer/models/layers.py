@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 _log = logging.getLogger(__name__)
 # torch >= 2.6 can take the backend list as a priority order; older torch only as an allowed set
 _SDPA_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
-# the hook `networks.base.AdapterModule.forward`: out = org(x) (+ multiplier · branch(x)); see hooked_linear()
+# the forward patch `networks.base.AdapterModule.forward`: out = org(x) (+ multiplier · branch(x)); see patched_linear()
 
 
 class RMSNorm(nn.Module):
@@ -88,14 +88,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return out.transpose(1, 2).reshape(b, s, h * d)
 
 
-def hooked_linear(linear: nn.Linear, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def patched_linear(linear: nn.Linear, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """`linear(x)` given `base` = the Linear's own output F.linear(x, W): adds what an injected network adds.
 
     A network (networks/inject.py) replaces the Linear's forward by its adapter module's forward, which is
     `add_to_output(org(x), x)`; the fused GEMM stands in for org(x) and calls the same method, so the rule
-    (multiplier, module_dropout, the random draws in the same order) exists once.  Any other hook runs whole
+    (multiplier, module_dropout, the random draws in the same order) exists once.  Any other patch runs whole
     (exact, one more GEMM)."""
-    if not getattr(linear, "_anima_network_hooked", False):
+    if not getattr(linear, "_anima_network_patched", False):
         return base
     add = getattr(getattr(linear.forward, "__self__", None), "add_to_output", None)
     return add(base, x) if callable(add) else linear(x)
@@ -184,13 +184,13 @@ class QKNormAttentionBase(nn.Module):
         return q, k, self.v_proj(context).view(b, sk, self.heads, self.head_dim)
 
     def _project_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One GEMM against the packed weights, then each projection's network branch (if hooked) added."""
+        """One GEMM against the packed weights, then each projection's network branch (if patched) added."""
         b, s, _ = x.shape
         wq = self.q_proj.weight
         n, d_in = wq.shape
         fused = wq.detach().as_strided((3 * n, d_in), (d_in, 1))  # rows of q, k, v (checked adjacent)
         parts = F.linear(x, fused).split(n, dim=-1)
-        q, k, v = (hooked_linear(lin, x, part).view(b, s, self.heads, self.head_dim)
+        q, k, v = (patched_linear(lin, x, part).view(b, s, self.heads, self.head_dim)
                    for lin, part in zip(self._qkv(), parts))
         return self.q_norm(q), self.k_norm(k), v
 

@@ -73,7 +73,7 @@ class BlockSwapper:
     """Streams the weights of `swapped` blocks between a storage device (CPU) and the compute `device`.
 
     The module tree and the Parameter objects never change: only each tensor's `.data` is pointed at the
-    pinned CPU master (evicted) or at a device copy (resident), so LoRA hooks, optimizers and state_dict names
+    pinned CPU master (evicted) or at a device copy (resident), so LoRA forward patches, optimizers and state_dict names
     are unaffected.  Call order (AnimaDiT's block loop does it): `begin_forward(training)`, then per block
     `before_block(i)`, the block inside `saving(i)` (or checkpointed, calling `ensure(i)` first), then
     `after_block(i, out)`.  Do not `.to()` the DiT after enabling: the masters would be left behind.

@@ -7,10 +7,10 @@
     files.py             a network's files: tensors, metadata, checked atomic save, strict load
     formats.py           adapter file names and math exactly as ComfyUI reads them (`apply_network_file`)
     hashes.py            kohya's `sshs_*` model hashes and their check
-    inject.py            which modules a network trains (kohya's rules) and how it hooks them
+    inject.py            which modules a network trains (kohya's rules) and how it patches their forwards
     loha.py, lokr.py, lora.py   the three algorithms' modules and builders
     merge.py             kohya's `base_weights`: files merged into the frozen DiT before training
-    modules.py           AdapterModule / NormModule, the modules a network hooks in
+    modules.py           AdapterModule / NormModule, the modules a network patches in
     param_groups.py      optimizer parameter groups (kohya's learning-rate rules)
     rebuild.py           the network a file describes, rebuilt from the file (`dim_from_weights`)
 

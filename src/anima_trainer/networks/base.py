@@ -2,7 +2,7 @@
 
 `AdapterNetwork` holds the adapter modules (networks/modules.py) of one DiT and, with `text_encoder=`, of the
 Qwen3 text encoder (kohya's lora_anima: `lora_te_*` modules on Qwen3Attention / Qwen3MLP Linears), plus a
-`NormModule` per DiT RMSNorm gain with `train_norm`; it hooks them in at creation.  Its optimizer groups are
+`NormModule` per DiT RMSNorm gain with `train_norm`; it patches them in at creation.  Its optimizer groups are
 networks/param_groups.py, its files (names, save, strict load) networks/files.py; `create_network`
 (networks/create.py) picks the algorithm module (lora.py, lokr.py, loha.py) that builds one.
 """
@@ -27,10 +27,10 @@ from anima_trainer.networks.inject import (
     find_text_encoder_targets,
     first_match,
 )
-from anima_trainer.networks.modules import AdapterModule, HookedModule, NormModule
+from anima_trainer.networks.modules import AdapterModule, PatchingModule, NormModule
 from anima_trainer.networks.param_groups import COMPONENTS, anima_component, param_groups
 
-__all__ = ["COMPONENTS", "SAVE_FORMATS", "AdapterModule", "AdapterNetwork", "HookedModule", "NormModule",
+__all__ = ["COMPONENTS", "SAVE_FORMATS", "AdapterModule", "AdapterNetwork", "PatchingModule", "NormModule",
            "anima_component", "find_norms"]
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class AdapterNetwork(nn.Module):
         self.injected = True
 
     def remove(self) -> None:
-        """Restore the DiT's original forwards (the network keeps its weights; `inject()` re-hooks)."""
+        """Restore the DiT's original forwards (the network keeps its weights; `inject()` patches again)."""
         for m in self._all():
             m.restore()
         self.injected = False

@@ -1,4 +1,4 @@
-"""Which DiT modules a network trains, and how it hooks them without changing the DiT.
+"""Which DiT modules a network trains, and how it patches their forwards without changing the DiT.
 
 Targets follow kohya's `lora_anima` (docs/kohya_anima.md §3.1): walk the DiT, and for every module whose
 class is a DiT `Block`, `PatchEmbed`, `TimestepEmbedding` or `FinalLayer` (plus the LLM adapter's `LLMAdapterBlock`
@@ -279,17 +279,17 @@ def find_text_encoder_targets(text_encoder: nn.Module, include: list[re.Pattern]
     return targets
 
 
-class ForwardHook:
+class ForwardPatch:
     """Replaces `module.forward` by `new_forward` and restores it exactly (instance attribute or class method)."""
 
     def __init__(self, module: nn.Module, new_forward: Callable) -> None:
-        if getattr(module, "_anima_network_hooked", False):
+        if getattr(module, "_anima_network_patched", False):
             raise NetworkError(f"{type(module).__name__} already has a network injected; call remove() on the "
                                "existing network first")
         self.had_instance_forward = "forward" in module.__dict__
         self.org_forward = module.forward
         module.forward = new_forward
-        module._anima_network_hooked = True
+        module._anima_network_patched = True
         self.module: nn.Module | None = module
 
     def restore(self) -> None:
@@ -300,4 +300,4 @@ class ForwardHook:
             module.forward = self.org_forward
         else:
             del module.forward
-        del module._anima_network_hooked
+        del module._anima_network_patched

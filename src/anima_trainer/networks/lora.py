@@ -35,7 +35,7 @@ __all__ = ["NETWORK_MODULE", "LoRAModule", "LoRANetwork", "build"]
 
 
 class LoRAModule(AdapterModule):
-    """The low-rank branch for one Linear; hooked into the Linear's forward by `inject()`."""
+    """The low-rank branch for one Linear; patched into the Linear's forward by `inject()`."""
 
     NETWORK_MODULE = NETWORK_MODULE
     SUFFIXES: ClassVar[tuple[str, ...]] = (".lora_down.weight", ".lora_up.weight", ".dora_scale")

@@ -1,4 +1,4 @@
-"""The modules a network hooks in: one `AdapterModule` per adapted Linear, one `NormModule` per trained gain.
+"""The modules a network patches in: one `AdapterModule` per adapted Linear, one `NormModule` per trained gain.
 
 An algorithm is a subclass of `AdapterModule` (one per target Linear) that defines its factors (fp32
 Parameters), the file suffix of each (`tensors()`), its `scale` (what ComfyUI applies for that file) and its
@@ -18,25 +18,25 @@ from torch import nn
 
 from anima_trainer.models.layers import rms_norm
 from anima_trainer.networks.formats import TE_NAME_PREFIX, NetworkError, alpha_value
-from anima_trainer.networks.inject import ForwardHook
+from anima_trainer.networks.inject import ForwardPatch
 
 MODELS = ("dit", "text_encoder")
 
 
-class HookedModule(nn.Module):
-    """A module that takes over the forward of `self._org[0]` while injected (see inject.ForwardHook)."""
+class PatchingModule(nn.Module):
+    """A module that takes over the forward of `self._org[0]` while injected (see inject.ForwardPatch)."""
 
     def inject(self) -> None:
-        self._hook = ForwardHook(self._org[0], self.forward)
+        self._patch = ForwardPatch(self._org[0], self.forward)
 
     def restore(self) -> None:
-        if self._hook is not None:
-            self._hook.restore()
-            self._hook = None
+        if self._patch is not None:
+            self._patch.restore()
+            self._patch = None
 
 
-class AdapterModule(HookedModule):
-    """The adapter branch for one Linear: y = W x + multiplier · scale · branch(x); hooked in by `inject()`."""
+class AdapterModule(PatchingModule):
+    """The adapter branch for one Linear: y = W x + multiplier · scale · branch(x); patched in by `inject()`."""
 
     NETWORK_MODULE: ClassVar[str] = ""
     SUFFIXES: ClassVar[tuple[str, ...]] = ()  # every suffix of this algorithm's files (all layouts)
@@ -58,7 +58,7 @@ class AdapterModule(HookedModule):
         self.module_dropout = 0.0
         self.multiplier = 1.0
         self._org = (org,)  # a tuple: not registered as a submodule, so no DiT weights in our state_dict
-        self._hook: ForwardHook | None = None
+        self._patch: ForwardPatch | None = None
 
     @property
     def name(self) -> str:
@@ -111,11 +111,11 @@ class AdapterModule(HookedModule):
         return F.linear(x, dw.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_to_output(self._hook.org_forward(x), x)
+        return self.add_to_output(self._patch.org_forward(x), x)
 
     def add_to_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`out` (the Linear's own output for `x`) plus this module's contribution; also used by the fused
-        q/k/v GEMM (models/layers.py `hooked_linear`), which computes `out` for three Linears at once."""
+        q/k/v GEMM (models/layers.py `patched_linear`), which computes `out` for three Linears at once."""
         if self.multiplier == 0.0:
             return out
         # module_dropout (training): the whole branch is skipped for this forward with probability p
@@ -150,7 +150,7 @@ class AdapterModule(HookedModule):
             p.copy_(slot[suffix][1].to(torch.float32))
 
 
-class NormModule(HookedModule):
+class NormModule(PatchingModule):
     """A trainable RMSNorm gain (train_norm): an fp32 master `weight` used by the norm's forward while injected.
 
     The DiT's own tensor is not changed (remove() gives the exact original back); at multiplier m the gain is
@@ -166,7 +166,7 @@ class NormModule(HookedModule):
         self.eps = org.eps
         self.multiplier = 1.0
         self._org = (org,)
-        self._hook: ForwardHook | None = None
+        self._patch: ForwardPatch | None = None
 
     def gain(self) -> torch.Tensor:
         if self.multiplier == 1.0:

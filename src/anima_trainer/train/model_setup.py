@@ -67,7 +67,7 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
                 batch: int, extra_shapes: int = 0, text_encoder: torch.nn.Module | None = None):
     """Speed and memory levers, then the network, in the only order that works: fused q/k/v packing →
     memory options (fp8 storage, block swap, checkpointing) → network injection → attention kernel choice →
-    torch.compile of the blocks (last: it traces the injected hooks).  Returns (network, attention kernel).
+    torch.compile of the blocks (last: it traces the injected forward patches).  Returns (network, attention kernel).
     `text_encoder`: the Qwen3Model, which gets adapter modules too when the config trains it (kohya's default)."""
     set_fused_qkv(dit, cfg.fuse_qkv)
     try:
