@@ -65,11 +65,11 @@ def test_scaled_fp8_vae_and_llm_adapter_files_are_dequantised(dit_file: Path, tm
     assert sum(not torch.equal(got[k], ref[k]) for k in ref) >= len(quantised) // 2  # really went through fp8
 
     original = load_file(dit_file)
-    adapter = {k.removeprefix("net."): v for k, v in original.items() if k.startswith("net.llm_adapter.")}
-    tensors, _, quantised = _quantise(adapter, "old")
+    llm_adapter = {k.removeprefix("net."): v for k, v in original.items() if k.startswith("net.llm_adapter.")}
+    tensors, _, quantised = _quantise(llm_adapter, "old")
     save_file(tensors, tmp_path / "adapter_fp8.safetensors")
     got = load_dit(dit_file, dtype=torch.float32, llm_adapter_path=tmp_path / "adapter_fp8.safetensors").state_dict()
-    assert quantised and all(_within_fp8(got[k], adapter[k]) <= 1 for k in quantised)
+    assert quantised and all(_within_fp8(got[k], llm_adapter[k]) <= 1 for k in quantised)
 
 
 def _dit_with(dit_file: Path, tmp_path: Path, change) -> Path:  # change: dict -> None

@@ -155,7 +155,7 @@ def test_a_folder_missing_a_part_names_the_folder_and_the_part(tiny, missing, ca
         call(folder)
 
 
-def test_without_text_conditioner_the_adapter_file_or_folder_is_used(tiny):
+def test_without_text_conditioner_the_llm_adapter_file_or_folder_is_used(tiny):
     folder = _copy_without(tiny, "no_text_conditioner", "text_conditioner")
     ref = load_dit(tiny["models"]["dit"], dtype=torch.float32)
     _same_state(load_dit(folder, dtype=torch.float32, llm_adapter_path=tiny["models"]["dit"]), ref)

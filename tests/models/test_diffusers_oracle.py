@@ -79,7 +79,7 @@ def oracle_velocity_fixture(oracle, dit_io):
 
 
 # --- the oracle's construction -------------------------------------------------------------------------
-def test_key_mapping_covers_checkpoint_strictly(tiny_dit_path):
+def test_key_mapping_covers_model_file_strictly(tiny_dit_path):
     with safe_open(str(tiny_dit_path), "pt") as f:
         keys = list(f.keys())
     fake = {k: torch.empty(0) for k in keys}

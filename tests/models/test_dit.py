@@ -53,7 +53,7 @@ def test_sigma_times_1000_is_wrong(dit32, dit_io):
     assert rel_l2(v, dit_io["model_output"]) > 0.3
 
 
-def test_adapter_matches_te_ref_per_prompt_and_batched(dit32, fixture_dir):
+def test_llm_adapter_matches_te_ref_per_prompt_and_batched(dit32, fixture_dir):
     te = load_file(fixture_dir / "te_ref.safetensors")
     meta = json.loads((fixture_dir / "te_ref.json").read_text())["prompts"]
     hidden, ids, weights, refs = [], [], [], []

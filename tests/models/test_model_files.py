@@ -83,7 +83,7 @@ def test_tiny_fixture_and_2b_configs(tiny_dit_path, fixture_dir):
     assert infer_dit_config(shapes) == DitConfig()
 
 
-def test_separate_adapter_file(tmp_path):
+def test_separate_llm_adapter_file(tmp_path):
     full = random_dit_state_dict(TINY_DIT_CONFIG, seed=3)
     save_file({"net." + k: v for k, v in full.items() if not k.startswith("llm_adapter.")},
               tmp_path / "dit.safetensors")
@@ -109,7 +109,7 @@ def test_separate_adapter_file(tmp_path):
                  adapter_path=tmp_path / "adapter.safetensors")
 
 
-def test_bundle_checkpoint_loads_dit_part(tmp_path):
+def test_bundle_file_loads_dit_part(tmp_path):
     state = random_dit_state_dict(TINY_DIT_CONFIG, seed=1)
     tensors = {"model.diffusion_model." + k: v for k, v in state.items()}
     tensors["text_encoders.qwen3_06b.transformer.model.layers.0.post_attention_layernorm.weight"] = torch.ones(64)

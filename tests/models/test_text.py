@@ -311,7 +311,7 @@ def test_tiny_long_prompt_encoded_whole(tiny: dict, caplog: pytest.LogCaptureFix
 def test_wrong_model_file_is_named(request: pytest.FixtureRequest, fixture: str, looks_like: str) -> None:
     path = request.getfixturevalue(fixture)
     with pytest.raises(WrongModelFileError) as err:
-        load_text_encoder(path)  # the wrong file is reported before the missing tokenizer_dir
+        load_text_encoder(path)  # the wrong file is reported before the missing qwen3_tokenizer_path
     message = str(err.value)
     assert "--qwen3" in message and str(path) in message and looks_like in message
 

@@ -49,7 +49,7 @@ def test_target_modules_syntax_selects_exact_modules(dit, value, expected):
     assert set(net.modules_by_name) == expected
 
 
-def test_sd_scripts_anima_default_targets_are_kohyas_plus_the_adapter(dit):
+def test_sd_scripts_anima_default_targets_are_kohyas_plus_the_llm_adapter(dit):
     """DEFAULT_TARGETS_V101 hits 10 Linears per DiT block and 10 per adapter block (80 on its 2-block build,
     340 on Anima): the same set as our default targets with train_llm_adapter."""
     theirs = find_target_modules(dit, list(SD_SCRIPTS_ANIMA_TARGETS))

@@ -60,7 +60,7 @@ IGNORED_SOURCE_KEYS = re.compile(r"^pos_embedder\.(seq|dim_spatial_range|dim_tem
 
 
 def map_key(key: str) -> tuple[str, str] | None:
-    """Checkpoint key -> ("transformer" | "conditioner", diffusers key); None for ignorable buffers.
+    """Model-file key -> ("transformer" | "conditioner", diffusers key); None for ignorable buffers.
 
     Raises KeyError for any key the mapping does not know (strict).
     """

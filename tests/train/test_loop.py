@@ -183,7 +183,7 @@ def test_long_captions_are_reported_not_truncated(setup, tmp_path, caplog):
     assert enc.qwen_hidden.shape[1] == found[0][1]  # encoded whole
 
 
-def test_cached_adapter_outputs_give_the_same_training(setup, tmp_path):
+def test_cached_llm_adapter_outputs_give_the_same_training(setup, tmp_path):
     toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 3, seed=2)
     plain = run_training(parse_train_args(["--config_file", str(toml)]))
     cached = run_training(parse_train_args(["--config_file", str(toml), "--cache_llm_adapter_outputs",
@@ -274,8 +274,8 @@ bucket_reso_steps = 16
 def test_train_llm_adapter_trains_the_adapter(setup, tmp_path):
     toml = write_demo_configs(tmp_path, setup["models"], setup["images"], 3, seed=2)
     run = run_training(parse_train_args(["--config_file", str(toml), "--network_args", "train_llm_adapter=true"]))
-    adapter = [m for name, m in run.network.modules_by_name.items() if name.startswith("llm_adapter.")]
-    assert adapter and all(m.lora_up.weight.abs().sum() > 0 for m in adapter)  # zero-initialised ups moved
+    llm_adapter = [m for name, m in run.network.modules_by_name.items() if name.startswith("llm_adapter.")]
+    assert llm_adapter and all(m.lora_up.weight.abs().sum() > 0 for m in llm_adapter)  # zero-initialised ups moved
 
 
 def test_training_with_per_module_dims_and_loraplus(setup, tmp_path):

@@ -44,7 +44,7 @@ def test_cached_encoders_free_their_memory_and_nothing_fitting_is_an_error():
         _plan(1.0)
 
 
-def test_a_trained_text_encoder_counts_its_activations_and_keeps_the_adapter_uncached():
+def test_a_trained_text_encoder_counts_its_activations_and_keeps_the_llm_adapter_uncached():
     """Issue 15: kohya's default trains a Qwen3 LoRA: ~1 MiB per token × 512 tokens per image without
     checkpointing, 1/16 with it; the adapter's output then changes every step, so it is never cached."""
     from anima_trainer.train.vram_plan import llm_adapter_trained

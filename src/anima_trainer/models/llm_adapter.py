@@ -97,7 +97,7 @@ def _all_true(mask: torch.Tensor | None) -> bool:
     return mask is None or bool(mask.to(torch.bool).all())
 
 
-def build_context(adapter: LLMAdapter, qwen_hidden: torch.Tensor, t5_ids: torch.Tensor,
+def build_context(llm_adapter: LLMAdapter, qwen_hidden: torch.Tensor, t5_ids: torch.Tensor,
                   qwen_mask: torch.Tensor | None = None, t5_mask: torch.Tensor | None = None,
                   t5_weights: torch.Tensor | None = None) -> torch.Tensor:
     """ComfyUI's context: adapter output × per-token T5 weight, padded T5 rows zeroed, padded to 512 rows.
@@ -107,7 +107,7 @@ def build_context(adapter: LLMAdapter, qwen_hidden: torch.Tensor, t5_ids: torch.
     """
     qm = None if _all_true(qwen_mask) else qwen_mask.to(device=t5_ids.device, dtype=torch.bool)
     tm = None if _all_true(t5_mask) else t5_mask.to(device=t5_ids.device, dtype=torch.bool)
-    out = adapter(qwen_hidden, t5_ids, qm, tm)
+    out = llm_adapter(qwen_hidden, t5_ids, qm, tm)
     if t5_weights is not None:
         out = out * t5_weights.to(device=out.device, dtype=out.dtype).unsqueeze(-1)
     if tm is not None:

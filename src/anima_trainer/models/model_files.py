@@ -277,10 +277,10 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DitConfig:
                adaln_lora_dim=shape("blocks.0.adaln_modulation_self_attn.1.weight")[0],
                in_channels=in_feats // (patch * patch) - 1, out_channels=out_channels,
                crossattn_dim=shape("blocks.0.cross_attn.k_proj.weight")[1])
-    adapter = _strip(shapes, "llm_adapter.")
-    cfg["has_llm_adapter"] = bool(adapter)
-    if adapter:
-        cfg.update(_infer_llm_adapter_config(adapter))
+    llm_adapter = _strip(shapes, "llm_adapter.")
+    cfg["has_llm_adapter"] = bool(llm_adapter)
+    if llm_adapter:
+        cfg.update(_infer_llm_adapter_config(llm_adapter))
     return DitConfig(**cfg)
 
 

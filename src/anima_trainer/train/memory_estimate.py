@@ -54,13 +54,13 @@ def _count_params(dit_config: Any, rank: int, network_args: dict[str, Any] | Non
         dit = AnimaDiT(dit_config).requires_grad_(False)
     block = sum(p.numel() for p in dit.blocks[0].parameters())
     fp8 = [m for path, m in fp8_targets(dit).items() if path.startswith("blocks.0.")]
-    adapter = sum(p.numel() for p in dit.llm_adapter.parameters()) if dit.llm_adapter is not None else 0
-    rest = sum(p.numel() for p in dit.parameters()) - block * len(dit.blocks) - adapter
+    llm_adapter = sum(p.numel() for p in dit.llm_adapter.parameters()) if dit.llm_adapter is not None else 0
+    rest = sum(p.numel() for p in dit.parameters()) - block * len(dit.blocks) - llm_adapter
     net = create_network(dit, dim=rank, alpha=rank, **(network_args or {}))
     lora = sum(p.numel() for p in net.trainable_parameters())
     net.remove()
     return {"block": block, "block_fp8": sum(m.weight.numel() for m in fp8), "block_fp8_linears": len(fp8),
-            "largest_fp8": max((m.weight.numel() for m in fp8), default=0), "adapter": adapter, "rest": rest,
+            "largest_fp8": max((m.weight.numel() for m in fp8), default=0), "llm_adapter": llm_adapter, "rest": rest,
             "lora": lora}
 
 
@@ -85,15 +85,16 @@ def estimate_training_memory(dit_config: Any, *, resolution: int | tuple[int, in
     nb, d = c.num_blocks, c.model_channels
     if not 0 <= blocks_to_swap <= nb:
         raise ValueError(f"blocks_to_swap = {blocks_to_swap}: this DiT has {nb} blocks")
-    # weights: resident blocks (+ the swapper's blocks in flight), the rest, the adapter, one fp8 dequant temp
+    # weights: resident blocks (+ the swapper's blocks in flight), the rest, the LLM adapter, one fp8 dequant temp
     if fp8_base:
         block_bytes = (counts["block_fp8"] + 4 * counts["block_fp8_linears"]
                        + (counts["block"] - counts["block_fp8"]) * elem)
     else:
         block_bytes = counts["block"] * elem
     resident = nb - blocks_to_swap + (min(blocks_to_swap, swap_prefetch + 2) if blocks_to_swap else 0)
-    adapter = counts["adapter"] if (c.has_llm_adapter if include_llm_adapter is None else include_llm_adapter) else 0
-    weights = resident * block_bytes + (counts["rest"] + adapter) * elem + fp8_base * counts["largest_fp8"] * elem
+    with_llm_adapter = c.has_llm_adapter if include_llm_adapter is None else include_llm_adapter
+    llm_adapter = counts["llm_adapter"] if with_llm_adapter else 0
+    weights = resident * block_bytes + (counts["rest"] + llm_adapter) * elem + fp8_base * counts["largest_fp8"] * elem
     lora_bytes = counts["lora"] * (4 + 4 + optimizer_state_bytes)
     # activations: checkpointed blocks keep their input (or the selective caches), the others everything
     h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
