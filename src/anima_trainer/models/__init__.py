@@ -10,6 +10,7 @@
     model_files.py        reading model files: kinds, DiT config from shapes, quantised storage, state dicts
     offload.py            frozen weights and saved activations moved off the accelerator while a step runs
     prompt_syntax.py      ComfyUI's prompt-weight syntax, so captions tokenize as ComfyUI's do
+    renamed_arguments.py  old keyword spellings of the public loaders, still accepted (with a warning)
     safetensors_file.py   safetensors headers read without loading tensors
     text.py               AnimaTextEncoder (Qwen3 + Qwen/T5 tokenizers) and `load_text_encoder`
     vae.py                the Wan 2.1 VAE and `load_vae`
