@@ -126,8 +126,8 @@ class DiffusersLayout:
         where = self.root if self.root is not None else "this folder"
         has = ", ".join(f.name + "/" for f in self.folders.values()) or "none of them"
         raise ModelFileError(f"{flag}: {where} is a diffusers-layout Anima folder without "
-                              f"{COMPONENT_FOLDERS[component]}/ (it has: {has}); add that subfolder or pass the "
-                              "component's own file")
+                             f"{COMPONENT_FOLDERS[component]}/ (it has: {has}); add that subfolder or pass the "
+                             "component's own file")
 
 
 def _components(root: Path) -> dict[str, Path]:
@@ -181,7 +181,7 @@ def weight_files(folder: Path, flag: str) -> list[Path]:
     if len(indexes) > 1:
         names = ", ".join(i.name for i in indexes)
         raise ModelFileError(f"{flag}: {folder} has {len(indexes)} shard indexes ({names}); keep the one of the "
-                              "weights in use")
+                             "weights in use")
     if indexes:
         index = indexes[0]
         bad = f"{flag}: {index} is not a valid safetensors index"
@@ -197,7 +197,7 @@ def weight_files(folder: Path, flag: str) -> list[Path]:
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise ModelFileError(f"{flag}: {index} names shards missing from {folder}: {', '.join(missing[:5])}; "
-                                  "the download is incomplete")
+                                 "the download is incomplete")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -226,7 +226,7 @@ def check_component_config(folder: Path, flag: str) -> None:
             got, list) and len(got) == len(want) else got == want or (want is None and got in ("none", "None"))
         if not same:
             raise ModelFileError(f"{flag}: {folder / 'config.json'} sets {key} = {got!r}; Anima's "
-                                  f"{config['_class_name']} uses {want!r} (another model in Anima's folder layout?)")
+                                 f"{config['_class_name']} uses {want!r} (another model in Anima's folder layout?)")
 
 
 def folder_shapes(folder: Path, flag: str) -> dict[str, tuple[str, tuple[int, ...]]]:

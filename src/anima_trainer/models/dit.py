@@ -237,7 +237,7 @@ class AnimaDiT(nn.Module):
         """Run the LLM adapter and return the zero-padded [B, 512, 1024] context exactly as ComfyUI builds it."""
         if self.llm_adapter is None:
             raise ModelFileError("this DiT file has no llm_adapter.* weights; pass the adapter file "
-                                  "(load_dit(..., llm_adapter_path=FILE), CLI --llm_adapter_path)")
+                                 "(load_dit(..., llm_adapter_path=FILE), CLI --llm_adapter_path)")
         device = self.llm_adapter.embed.weight.device
         return build_context(self.llm_adapter, qwen_hidden.to(device), t5_ids.to(device), qwen_mask, t5_mask,
                              t5_weights)
@@ -336,7 +336,7 @@ def load_dit(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: s
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ModelFileError(f"{path}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected "
-                              f"keys {unexpected[:5]} for an Anima DiT with {config.num_blocks} blocks")
+                             f"keys {unexpected[:5]} for an Anima DiT with {config.num_blocks} blocks")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -365,7 +365,7 @@ def _diffusers_state(layout: DiffusersLayout, flag: str, dtype: torch.dtype, dev
             name = diffusers_key_to_anima(key)
             if name is None:
                 raise ModelFileError(f"{flag}: {file}: the key {key!r} is no CosmosTransformer3DModel weight of an "
-                                      "Anima DiT (another model in Anima's folder layout?)")
+                                     "Anima DiT (another model in Anima's folder layout?)")
             state[name] = t
     if with_llm_adapter:
         llm_adapter_dir = layout.folder("llm_adapter", flag)
@@ -392,8 +392,8 @@ def _check_outside_prefix(path: str | Path, header: dict, prefix: str, component
             and not (llm_adapter_given and n.startswith("llm_adapter."))]
     if lost:
         raise ModelFileError(f"{path}: the DiT is stored under {prefix!r}, but {lost[0]!r} ({len(lost)} such "
-                              "keys) is a DiT weight under another prefix, which ComfyUI would not load either; "
-                              "re-save the file with one prefix")
+                             "keys) is a DiT weight under another prefix, which ComfyUI would not load either; "
+                             "re-save the file with one prefix")
     copies = sum(_strip_known_prefix(k) in main for k in outside)
     log.info("%s: ignored %d keys outside the DiT's prefix %r, as ComfyUI does (e.g. %s)%s", path, len(outside),
              prefix, ", ".join(repr(k) for k in sorted(outside)[:3]),

@@ -195,7 +195,7 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
     for key in header:
         if key.startswith(prefix) and key.endswith(UNSUPPORTED_QUANT_SUFFIXES):  # named first: the clearest reason
             raise ModelFileError(f"{path}: {key!r} belongs to a block-quantised (NVFP4) weight, which anima-trainer "
-                                  f"cannot dequantise; {_DEQUANT_FIX}")
+                                 f"cannot dequantise; {_DEQUANT_FIX}")
     for key, (dtype, shape) in header.items():
         if not key.startswith(prefix):
             continue
@@ -207,7 +207,7 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
                 raw = read_conf(key)
                 if raw.dtype != torch.uint8 or raw.dim() != 1:
                     raise ModelFileError(f"{path}: {key!r} is not a ComfyUI layer config (uint8 JSON bytes); "
-                                          f"{_DEQUANT_FIX}")
+                                         f"{_DEQUANT_FIX}")
                 confs[key[:-len(QUANT_CONF_SUFFIX)]] = parse_json(bytes(raw.tolist()), f"{path}: bad layer config "
                                                                                        f"{key!r}")
         elif key.endswith(INPUT_SCALE_SUFFIXES):
@@ -216,23 +216,23 @@ def quant_plan(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], meta:
             weight = key.rsplit(".", 1)[0] + ".weight"
             if weight not in header:
                 raise ModelFileError(f"{path}: {key!r} scales {weight!r}, which the file does not have; the file is "
-                                      "damaged or of an unknown layout")
+                                     "damaged or of an unknown layout")
             if header[weight][0] not in FP8_FORMATS:
                 raise ModelFileError(f"{path}: {key!r} scales a {header[weight][0]} weight {weight!r}; only float8 "
-                                      f"weights with a scale are understood; {_DEQUANT_FIX}")
+                                     f"weights with a scale are understood; {_DEQUANT_FIX}")
             if math.prod(shape) != 1 or dtype not in ("F32", "F16", "BF16"):
                 raise ModelFileError(f"{path}: {key!r} is not one per-tensor scale ({dtype}, shape {list(shape)}); "
-                                      f"{_DEQUANT_FIX}")
+                                     f"{_DEQUANT_FIX}")
             plan.scales[weight] = key
     for layer, conf in confs.items():
         fmt = conf.get("format") if isinstance(conf, dict) else None
         if fmt not in FP8_FORMATS.values():
             raise ModelFileError(f"{path}: layer {layer!r} is quantised as {str(fmt)[:40]!r}; anima-trainer only "
-                                  f"dequantises float8 (e4m3fn/e5m2) weights; {_DEQUANT_FIX}")
+                                 f"dequantises float8 (e4m3fn/e5m2) weights; {_DEQUANT_FIX}")
         weight = header.get(layer + ".weight") or header.get(prefix + layer + ".weight")
         if weight is not None and FP8_FORMATS.get(weight[0]) != fmt:
             raise ModelFileError(f"{path}: layer {layer!r} says {fmt} but its weight is stored as {weight[0]}; the "
-                                  "file is damaged")
+                                 "file is damaged")
     return plan
 
 
@@ -261,7 +261,7 @@ def infer_dit_config(shapes: dict[str, tuple[int, ...]]) -> DitConfig:
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
             raise ModelFileError(f"the Anima DiT key {key!r} is missing (the file is incomplete or damaged; get it "
-                                  "again)")
+                                 "again)")
         return shapes[key]
 
     width, in_feats = shape("x_embedder.proj.1.weight")

@@ -47,10 +47,10 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]
         file_size = path.stat().st_size
         if size <= 0 or size > 100_000_000:
             raise ModelFileError(f"{path} is not a safetensors file (only .safetensors weights are loaded; "
-                                  "convert .ckpt/.pt/.bin files, which could run code when unpickled)")
+                                 "convert .ckpt/.pt/.bin files, which could run code when unpickled)")
         if 8 + size > file_size:
             raise ModelFileError(f"{path}: header length {size} points past the end of the file ({file_size} "
-                                  "bytes): the file is truncated (download or copy it again) or not a safetensors file")
+                                 "bytes): the file is truncated (download or copy it again) or not a safetensors file")
         header = parse_json(f.read(size), f"{path} is not a safetensors file: bad header")
     return _parse_header(path, header, file_size - 8 - size)
 
@@ -87,28 +87,28 @@ def _parse_header(path: Path, header: object, data_size: int
             raise ModelFileError(f"{bad} (tensor {k!r} needs dtype, shape and data_offsets, got {str(v)[:80]})")
         if dtype not in DTYPE_SIZES:
             raise ModelFileError(f"{path}: tensor {k[:80]!r} declares the unknown dtype {dtype[:40]!r} (known: "
-                                  f"{', '.join(DTYPE_SIZES)}); the file is damaged or from a newer format — nothing "
-                                  "was loaded from it")
+                                 f"{', '.join(DTYPE_SIZES)}); the file is damaged or from a newer format — nothing "
+                                 "was loaded from it")
         numel = math.prod(shape)
         if numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
             raise ModelFileError(f"{path} is corrupt: tensor {k[:80]!r} ({dtype}, shape {shape}) needs "
-                                  f"{numel * DTYPE_SIZES[dtype]} bytes but its data_offsets {offsets} span "
-                                  f"{offsets[1] - offsets[0]}; get the file again")
+                                 f"{numel * DTYPE_SIZES[dtype]} bytes but its data_offsets {offsets} span "
+                                 f"{offsets[1] - offsets[0]}; get the file again")
         out[k] = (dtype, tuple(shape))
         spans.append((offsets[0], offsets[1], k))
     end = 0
     for start, stop, k in sorted(spans):
         if start != end:  # safetensors packs tensors back to back: a gap or an overlap is a forged/broken header
             raise ModelFileError(f"{path} is corrupt: tensor {k[:80]!r} starts at byte {start} of the data, "
-                                  f"expected {end} ({'overlapping another tensor' if start < end else 'a gap'}); "
-                                  "get the file again")
+                                 f"expected {end} ({'overlapping another tensor' if start < end else 'a gap'}); "
+                                 "get the file again")
         end = stop
     if end > data_size:
         raise ModelFileError(f"{path} is truncated: its header describes {end} bytes of tensor data, the file holds "
-                              f"{data_size} (an interrupted download or copy? get the file again)")
+                             f"{data_size} (an interrupted download or copy? get the file again)")
     if end < data_size:
         raise ModelFileError(f"{path} is corrupt: {data_size - end} bytes follow the {end} bytes of tensor data its "
-                              "header describes (not a valid safetensors file; get the file again)")
+                             "header describes (not a valid safetensors file; get the file again)")
     return out, meta
 
 

@@ -220,8 +220,8 @@ def load_qwen3(path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
     missing = sorted(expected - set(state))
     if missing or extra:
         raise ModelFileError(f"{QWEN_FLAG}: {path} does not match a Qwen3 model "
-                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                              f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
+                             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
     model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
     del state
     with torch.device(device):  # non-persistent RoPE buffers were created on meta

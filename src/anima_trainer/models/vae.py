@@ -499,7 +499,7 @@ def _sources(path: str | Path) -> list[tuple[Path, str]]:
         for key, ours in (("latents_mean", LATENTS_MEAN), ("latents_std", LATENTS_STD)):
             if key in config and config[key] is not None and [float(v) for v in config[key]] != list(ours):
                 raise ModelFileError(f"{VAE_FLAG}: {folder / 'config.json'} sets {key} = {config[key]}, not the "
-                                      "Wan 2.1 latent statistics Anima (and ComfyUI) normalise with: another VAE")
+                                     "Wan 2.1 latent statistics Anima (and ComfyUI) normalise with: another VAE")
         return [(f, "") for f in weight_files(folder, VAE_FLAG)]
     return [(Path(path), _state_dict_prefix(path, info))]
 
