@@ -97,7 +97,6 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     output_name: str = Field("last", min_length=1, description="file name stem (default: last): a plain file name "
                                                                "(no / \\ .. or control characters), at most 180 "
                                                                "bytes")
-    save_model_as: Literal["safetensors"] = Field("safetensors", description="only safetensors is written")
     save_precision: Literal["fp32", "fp16", "bf16"] | None = Field(
         None, description="dtype of saved weights (fp32/float, fp16, bf16; default: as trained)")
     save_every_n_steps: int | None = Field(None, ge=1, description="save an intermediate network file every N "
@@ -182,14 +181,10 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
                             "cheap ops (norms, modulation, GELU, RoPE)")
     cpu_offload_checkpointing: bool = Field(False, description="the residual each checkpointed block keeps goes to "
                                                                "pinned CPU memory (needs gradient_checkpointing)")
-    unsloth_offload_checkpointing: bool = Field(False, description="kohya's name for the same offload as "
-                                                                   "cpu_offload_checkpointing")
     blocks_to_swap: int = Field(0, ge=0, description="keep the weights of the last N DiT blocks in CPU memory, "
                                                      "streamed to the GPU when used (0 = off)")
     fp8_base: bool = Field(False, description="store the DiT blocks' attention/MLP weights in fp8 with a per-tensor "
                                              "scale (half their memory)")
-    fp8_base_unet: bool = Field(False, description="kohya's name: the same as fp8_base (only the DiT is stored in fp8)")
-    fp8_scaled: bool = Field(False, description="kohya's flag; fp8 storage here is always scaled (needs fp8_base)")
     fp8_format: Literal["e4m3fn", "e5m2"] = Field("e4m3fn", description="fp8 storage format of fp8_base")
     max_data_loader_n_workers: int = Field(8, ge=0, description="image-decoding worker processes (0 = in the training "
         "process)")
@@ -341,14 +336,6 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     def _resume(cls, v: Any) -> Any:
         return str(v) if isinstance(v, Path) else v
 
-    @field_validator("save_model_as", mode="before")
-    @classmethod
-    def _save_model_as(cls, v: Any) -> Any:
-        if isinstance(v, str) and v.lower() in ("ckpt", "pt"):
-            raise ValueError(f"'{v}' is not written by anima-trainer: only safetensors files are written "
-                             "(use save_model_as = \"safetensors\")")
-        return v.lower() if isinstance(v, str) else v
-
     @field_validator("save_precision", mode="before")
     @classmethod
     def _save_precision(cls, v: Any) -> Any:
@@ -482,7 +469,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     def _check_memory_options(self) -> None:
         """Options that only act together with another one; fp8 storage and DoRA (models/fp8.py)."""
         if not self.gradient_checkpointing:
-            needs = [k for k in ("cpu_offload_checkpointing", "unsloth_offload_checkpointing") if getattr(self, k)]
+            needs = ["cpu_offload_checkpointing"] if self.cpu_offload_checkpointing else []
             needs += ["checkpoint_blocks"] if self.checkpoint_blocks is not None else []
             needs += ["checkpoint_mode"] if self.checkpoint_mode != "full" else []
             if needs:
@@ -493,10 +480,8 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
             raise ValueError("checkpoint_mode: 'selective' does not work with compile_blocks (torch fails in the "
                              "backward); use checkpoint_mode = \"full\" with compile_blocks (faster anyway: "
                              "bench/README.md), or turn compile_blocks off")
-        fp8 = self.fp8_base or self.fp8_base_unet
-        if self.fp8_scaled and not fp8:
-            raise ValueError("fp8_scaled: needs fp8_base (fp8 storage is always scaled in anima-trainer)")
-        if fp8 and str(self.network_args.get("dora_wd", "false")).strip().lower() in ("true", "1", "yes", "on"):
+        dora = str(self.network_args.get("dora_wd", "false")).strip().lower() in ("true", "1", "yes", "on")
+        if self.fp8_base and dora:
             raise ValueError("fp8_base: DoRA (network_args dora_wd) needs the full-precision base weights; turn one "
                              "of them off")
 
@@ -504,9 +489,15 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
         """Keyword arguments of models.block_runner.setup_memory / train.memory_estimate.estimate_training_memory."""
         return {"gradient_checkpointing": self.gradient_checkpointing, "checkpoint_blocks": self.checkpoint_blocks,
                 "checkpoint_mode": self.checkpoint_mode,
-                "cpu_offload_checkpointing": self.cpu_offload_checkpointing or self.unsloth_offload_checkpointing,
-                "blocks_to_swap": self.blocks_to_swap, "fp8_base": self.fp8_base or self.fp8_base_unet,
-                "fp8_format": self.fp8_format}
+                "cpu_offload_checkpointing": self.cpu_offload_checkpointing, "blocks_to_swap": self.blocks_to_swap,
+                "fp8_base": self.fp8_base, "fp8_format": self.fp8_format}
+
+    @property
+    def fp8_base_unet(self) -> bool:
+        """kohya's fp8_base_unet as the file metadata records it (ss_fp8_base_unet): fp8 for the DiT alone, the text
+        encoder in the mixed precision, which is what fp8_base does here.  The option itself is a switch of the
+        alias table (kohya_options.SWITCHES) that turns fp8_base on."""
+        return self.fp8_base
 
 
 # File names are limited to 255 bytes (ext4, XFS, btrfs, APFS, NTFS).  The longest name derived from
