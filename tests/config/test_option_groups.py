@@ -1,28 +1,44 @@
-"""TrainConfig's option groups live in their own modules as pydantic mixins (network_settings, noise_settings,
-sd_scripts_anima, vae_settings, output_settings): the public API of config/train.py is unchanged and the
-cross-field check still runs after the groups' own model validators."""
+"""TrainConfig's option groups live in their own modules as pydantic mixins (model_files, save_settings,
+network_settings, optimisation_settings, speed_memory_settings, flow_settings, noise_settings, data_settings,
+logging_settings, sampling_settings, text_encoder_settings, vae_settings, output_settings, sd_scripts_anima): the
+public API of config/train.py is unchanged and the cross-field check still runs after the groups' own model
+validators."""
 
 from __future__ import annotations
 
 import pytest
 
 from anima_trainer.config import train
-from anima_trainer.config.network_settings import NetworkSettings
+from anima_trainer.config.data_settings import CacheSettings, DatasetSettings
+from anima_trainer.config.flow_settings import FlowSettings
+from anima_trainer.config.logging_settings import LoggingSettings
+from anima_trainer.config.model_files import ModelFileSettings
+from anima_trainer.config.network_settings import NetworkModuleSettings, NetworkSettings
 from anima_trainer.config.noise_settings import NoiseSettings
+from anima_trainer.config.optimisation_settings import OptimisationSettings
 from anima_trainer.config.output_settings import OutputSettings
+from anima_trainer.config.sampling_settings import SamplingSettings
+from anima_trainer.config.save_settings import SaveSettings
 from anima_trainer.config.sd_scripts_anima import SdScriptsAnimaSettings
+from anima_trainer.config.speed_memory_settings import SpeedMemorySettings
+from anima_trainer.config.text_encoder_settings import TextEncoderSettings
 from anima_trainer.config.train import TrainConfig, make_train_config
 from anima_trainer.config.errors import ConfigError
 from anima_trainer.config.vae_settings import VaeSettings
 
 PATHS = dict(pretrained_model_name_or_path="d", qwen3="q", vae="v", output_dir="o", dataset_config="ds")
-GROUPS = (NetworkSettings, NoiseSettings, OutputSettings, SdScriptsAnimaSettings, VaeSettings)
+GROUPS = (ModelFileSettings, SaveSettings, NetworkModuleSettings, NetworkSettings, OptimisationSettings,
+          SpeedMemorySettings, FlowSettings, NoiseSettings, DatasetSettings, CacheSettings, LoggingSettings,
+          SamplingSettings, TextEncoderSettings, VaeSettings, OutputSettings, SdScriptsAnimaSettings)
 
 
 def test_each_group_is_a_mixin_of_train_config() -> None:
     for group in GROUPS:
         assert issubclass(TrainConfig, group)
         assert set(group.model_fields) <= set(TrainConfig.model_fields)
+    # every field is declared in exactly one group: TrainConfig composes them and declares none itself
+    declared = [name for group in GROUPS for name in group.__annotations__ if name in group.model_fields]
+    assert sorted(declared) == sorted(TrainConfig.model_fields)
     assert TrainConfig.model_config["extra"] == "forbid"
     with pytest.raises(ConfigError, match="no_such_option: unknown setting"):
         make_train_config({**PATHS, "no_such_option": 1})

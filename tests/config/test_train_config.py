@@ -40,7 +40,7 @@ def test_defaults_are_kohyas():
     assert (c.timestep_sampling, c.discrete_flow_shift, c.sigmoid_scale) == ("sigmoid", 1.0, 1.0)
     assert (c.weighting_scheme, c.logit_mean, c.logit_std, c.mode_scale) == ("uniform", 0.0, 1.0, 1.29)
     assert (c.loss_type, c.huber_c, c.max_data_loader_n_workers) == ("l2", 0.1, 8)
-    assert (c.output_name, c.save_model_as, c.save_precision, c.overwrite) == ("last", "safetensors", None, False)
+    assert (c.output_name, c.save_precision, c.overwrite) == ("last", None, False)  # save_model_as: a rule
 
 
 def test_precedence_cli_over_toml_over_default(tmp_path):

@@ -11,6 +11,7 @@ with `python -m anima_trainer.compat.option_table --write` and the table says "i
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ def classify(name: str, source: str) -> Row:
     if name in ko.ALIAS_NOTICES:
         return Row(name, source, "implemented", f"mapped to `{ko.ALIASES[name]}`: {ko.ALIAS_NOTICES[name]} (a notice)")
     if name in ko.ALIASES:
-        return Row(name, source, "implemented", f"sd-scripts-anima name of `{ko.ALIASES[name]}`")
+        return Row(name, source, "implemented", re.sub(r"--(\w+)", r"`\1`", ko.alias_help(name)))
     if name in LOADER_OPTIONS:
         return Row(name, source, "implemented", LOADER_OPTIONS[name])
     rule = ko.rule_for(name)
@@ -56,6 +57,9 @@ def classify(name: str, source: str) -> Row:
         return Row(name, source, "error", "unknown option (did you mean: the closest setting)")
     if rule.kind == "notice":
         return Row(name, source, "notice", rule.text)
+    if rule.kind == "value":
+        ok = ", ".join(f"`{v}`" for v in rule.accepted)
+        return Row(name, source, "implemented", f"{rule.text}: {ok} works; any other value is refused")
     ok = [v for v in rule.accepted if v is not None]
     accepted = f" (accepted, with a notice: {', '.join(f'`{_show(v)}`' for v in ok)})" if ok else ""
     return Row(name, source, "error", rule.text + accepted)

@@ -30,13 +30,48 @@ ALIASES: dict[str, str] = {
     # the name of kohya's Anima pull request (#2260, before 2026-02-09), still written by Anima-Standalone-Trainer;
     # its values and default shift 3.0 are sd-scripts-anima's (see below)
     "timestep_sample_method": "timestep_sampling",
+    # kohya's switches (SWITCHES below): their own rule, not a conflict with the setting's own name
+    "fp8_base_unet": "fp8_base",
+    "unsloth_offload_checkpointing": "cpu_offload_checkpointing",
 }
+# aliases that are kohya's own names (help and docs say so; the others are sd-scripts-anima's)
+KOHYA_ALIASES = frozenset({"compile", "fp8_base_unet", "unsloth_offload_checkpointing"})
 # aliases that are another trainer's name rather than sd-scripts-anima's: one start-up notice says what they became
 ALIAS_NOTICES: dict[str, str] = {
     "timestep_sample_method": "the name of kohya's Anima pull request (Anima-Standalone-Trainer writes it), mapped "
                               "to timestep_sampling (logit_normal = \"shift\": logit-normal t shifted by "
                               "discrete_flow_shift, default 3.0 as there)",
 }
+
+# kohya's switches that kohya reads beside the setting they turn on (`args.fp8_base or args.fp8_base_unet`): `true`
+# sets the settings listed, `false` asks for nothing.  Each name keeps its own precedence (command line > TOML), so a
+# switch never conflicts with the setting's own name: `fp8_base = false` with `fp8_base_unet = true` stores the DiT in
+# fp8, as in kohya.  kohya_anima.md §1.1: fp8_base_unet is fp8 for the DiT alone (the text encoder stays in the
+# mixed precision; kohya's FLUX/SD3 trainers turn fp8_base on with it), which is all anima-trainer's fp8_base
+# stores in fp8 anyway; unsloth_offload_checkpointing is checkpointing that keeps each block's input in CPU memory
+# and turns gradient_checkpointing on ("... is enabled, so gradient_checkpointing is also enabled").
+SWITCHES: dict[str, dict[str, bool]] = {
+    "fp8_base_unet": {"fp8_base": True},
+    "unsloth_offload_checkpointing": {"cpu_offload_checkpointing": True, "gradient_checkpointing": True},
+}
+SWITCH_HELP = {
+    "fp8_base_unet": "kohya's fp8 for the DiT alone (its text encoder stays in mixed_precision): turns on "
+                     "--fp8_base, which stores only the DiT in fp8",
+    "unsloth_offload_checkpointing": "kohya's CPU-offloaded checkpointing: turns on --cpu_offload_checkpointing "
+                                     "and, as in kohya, --gradient_checkpointing",
+}
+
+
+def alias_help(alias: str) -> str:
+    """What `--help` and docs/migration.md say about an alias: whose name it is, and what it sets."""
+    canonical = ALIASES[alias]
+    if alias in SWITCH_HELP:
+        return SWITCH_HELP[alias]
+    if alias in ALIAS_NOTICES:
+        return f"another name of --{canonical}"
+    who = "kohya's" if alias in KOHYA_ALIASES else "sd-scripts-anima"
+    return f"{who} name of --{canonical}"
+
 
 # sd-scripts-anima's `anima_timestep_sampling` values → kohya's `timestep_sampling` values.  Its `logit_normal`
 # is t = sigmoid(scale·N(0,1)) followed by the flow shift, which is kohya's `shift`.  Its `uniform` is also
@@ -142,7 +177,9 @@ class Rule:
 
     kind "notice": accepted; one start-up notice `text` (what happens instead).  kind "error": refused with
     `text` (why, and the fix) unless the value is one of `accepted` (then it asks for nothing: a notice).
-    `inert`: values that ask for nothing (kohya's off/unset); the notice then says so.  `source`: who writes it.
+    kind "value": the values in `accepted` (strings in any case) work with kohya's meaning, silently; any other
+    value is refused (`text` says what is done).  `inert`: values that ask for nothing (kohya's off/unset); the
+    notice then says so.  `source`: who writes it.
     """
 
     kind: str
@@ -224,6 +261,12 @@ def _rules() -> dict[str, Rule]:
            "async_upload save_state_to_huggingface", _HF, OFF)
     notice("huber_scale", "huber_c is used as the constant threshold (kohya's huber_schedule = \"constant\")",
            (1.0, 1, "", None))
+    # fp8 storage (models/fp8.py) always keeps one fp32 scale per weight; without fp8_base it is refused
+    # (rule_message): it asks for fp8 storage, and training without it would give another result
+    notice("fp8_scaled", "fp8 storage (fp8_base) is always scaled in anima-trainer: one fp32 scale per weight, "
+           "kohya's fp8_scaled; nothing to change", ())
+    # the only format written, kohya's default; its ckpt / pt (pickles) are refused
+    t["save_model_as"] = Rule("value", "only safetensors files are written", accepted=("safetensors",))
     # honouring is impossible and ignoring would change what was asked: refused, with the fix
     error("huber_schedule", "anima-trainer uses huber_c as a constant threshold (kohya's \"constant\"; kohya's "
           "default \"snr\" fails for Anima); set huber_schedule = \"constant\"",
@@ -327,16 +370,30 @@ def inert(rule: Rule, value: object) -> bool:
     return any(isinstance(value, bool) == isinstance(v, bool) and value == v for v in rule.inert)
 
 
+def _is_true(value: object) -> bool:
+    """kohya's store_true flags as a TOML or the command line give them (true, "true", 1 ...)."""
+    return value is True or (not isinstance(value, bool) and str(value).strip().lower() in ("true", "1", "yes", "on"))
+
+
 def rule_message(name: str, value: object, shown: str, settings: dict[str, object] | None = None
                  ) -> tuple[str, str]:
-    """("notice" | "error", the line) for the option `name` set to `value`, written as the user wrote it.
-    `settings`: the other settings, for the rules that depend on them (huber_schedule only acts on a Huber loss)."""
+    """("notice" | "error", the line) for the option `name` set to `value`, written as the user wrote it; ("ok", "")
+    for a value that works with kohya's meaning (kind "value").  `settings`: the other settings, for the rules that
+    depend on them (huber_schedule only acts on a Huber loss, fp8_scaled needs fp8_base)."""
     rule = rule_for(name)
     assert rule is not None, name
     v = "true" if value is True else "false" if value is False else repr(value)
     loss = str((settings or {}).get("loss_type") or "l2")
     if name == "huber_schedule" and loss in ("l2", "l1"):  # what GUIs write (kohya's default "snr") with an l2 loss
         return "notice", f"{shown} = {v}: only used by the huber and smooth_l1 losses (loss_type is {loss}); no effect"
+    if name == "fp8_scaled" and _is_true(value) and not _is_true((settings or {}).get("fp8_base")):
+        return "error", ("fp8_scaled: needs fp8_base (fp8 storage is always scaled in anima-trainer); set fp8_base = "
+                         "true, or remove fp8_scaled")
+    if rule.kind == "value":
+        if str(value).strip().lower() in rule.accepted:
+            return "ok", ""
+        return "error", (f"{name}: {value!r} is not written by anima-trainer: {rule.text} (use {name} = "
+                         f"\"{rule.accepted[0]}\")")
     if rule.kind == "error" and not any(isinstance(value, bool) == isinstance(a, bool) and value == a
                                         for a in rule.accepted):
         return "error", f"{shown} = {v}: {rule.text}"

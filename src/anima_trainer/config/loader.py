@@ -4,8 +4,9 @@ TOML semantics follow kohya's `read_config_from_file` (kohya_anima.md §1.5): `.
 the path as given does not exist; every top-level table is flattened (table names are cosmetic, top-level keys are
 allowed too), list options are TOML arrays.  Stricter than kohya: a key in two tables, an unknown key and a value
 of the wrong type are errors (kohya silently overwrites / accepts them).  Every kohya / sd-scripts-anima option is
-either a TrainConfig field, or a rule of kohya_options.RULES: accepted with one start-up notice (what happens
-instead; `TrainConfig.notices`), or refused where honouring is impossible and ignoring would change the result.
+either a TrainConfig field, an alias of one (kohya_options.ALIASES; kohya's switches such as fp8_base_unet turn
+their settings on), or a rule of kohya_options.RULES: accepted with one start-up notice (what happens instead;
+`TrainConfig.notices`), or refused where honouring is impossible and ignoring would change the result.
 Errors name the file and line of the key (tomllib gives no positions: the key is found in the file text).
 Relative paths in the TOML are relative to the current working directory, as in kohya (not to the TOML's folder).
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticUndefined
 
 from anima_trainer.config import kohya_options as ko
@@ -90,8 +92,7 @@ def build_train_parser(prog: str = "anima-trainer train", description: str = TRA
         text = (info.description or "") + (" [required]" if req else default)
         _add(parser, name, name, text.strip())
     for alias, canonical in ko.ALIASES.items():
-        _add(parser, alias, canonical, f"{'another' if alias in ko.ALIAS_NOTICES else 'sd-scripts-anima'} name of "
-                                       f"--{canonical}")
+        _add(parser, alias, canonical, ko.alias_help(alias))
     fields = TrainConfig.model_fields
     for name in ko.RULES:  # accepted (notice) or refused by value; a field wins
         if name not in fields and name not in ko.ALIASES:
@@ -280,6 +281,8 @@ def _canonical(values: dict[str, Any], src: TomlSource | None, rules: dict[str, 
             out.setdefault(key, value)
         elif ko.rule_for(key) is not None:
             rules[key] = (value, f"--{key}" if src is None else key, where(key))
+        elif key in ko.SWITCHES:
+            out[key] = value  # under its own name until both layers are merged (_apply_switches)
         elif key in ko.ALIASES:
             canonical = ko.ALIASES[key]
             if value == "":  # sd-scripts-anima's "unset"
@@ -321,6 +324,41 @@ def _sd_scripts_anima_timesteps(merged: dict[str, Any], via_alias: set[str]) -> 
             "or use timestep_sampling = \"shift\" (logit-normal, shifted)")
 
 
+def _apply_switches(merged: dict[str, Any], from_toml: set[str], src: TomlSource | None) -> list[str]:
+    """kohya's switches (kohya_options.SWITCHES) → the settings they turn on, as kohya reads them: each name with its
+    own precedence, then `or`.  Returns the start-up notice of a switch that turned on a setting given as off or not
+    given (kohya logs the same: "unsloth_offload_checkpointing is enabled, so gradient_checkpointing is also
+    enabled"); the switch's own target, of which it is kohya's name, needs no notice."""
+    notices = []
+    for name, sets in ko.SWITCHES.items():
+        if name not in merged:
+            continue
+        raw = merged.pop(name)
+        try:
+            on = _BOOL.validate_python(raw)
+        except ValidationError:
+            at = f" ({src.at(name)})" if src is not None and name in from_toml else ""
+            raise ConfigError(f"{name}: expected true or false, got {raw!r}{at}") from None
+        if not on:
+            continue
+        turned_on = [k for k in sets if k != ko.ALIASES[name] and not _is_on(merged.get(k, False))]
+        merged.update(sets)
+        if turned_on:
+            shown = name if name in from_toml else f"--{name}"
+            notices.append(f"{shown} = true: turns on {', '.join(turned_on)} too, as kohya does")
+    return notices
+
+
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)  # the same words a bool field accepts
+
+
+def _is_on(v: Any) -> bool:
+    try:
+        return _BOOL.validate_python(v)
+    except ValidationError:
+        return False  # a bad value: TrainConfig reports it
+
+
 def _is_one(v: Any) -> bool:
     try:
         return float(v) == 1.0
@@ -350,10 +388,11 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
         toml, toml_alias = _canonical(src.values, src, rules)
     cli, cli_alias = _canonical(cli_raw, None, rules)
     merged = {**toml, **cli}
+    switch_notices = _apply_switches(merged, set(toml) - set(cli), src)
     seed_style = ko.is_sd_scripts_anima({**(src.values if src else {}), **cli_raw})
     if seed_style:  # written for sd-scripts-anima: its defaults where the config sets nothing
         merged.setdefault("sd_scripts_anima_defaults", True)
-    notices = _judge_rules(rules, merged)
+    notices = _judge_rules(rules, merged) + switch_notices
     # a canonical name counts as "set through an alias" when the layer that won for it used the alias
     via_alias = cli_alias | {k for k in toml_alias if k not in cli}
     _sd_scripts_anima_timesteps(merged, via_alias)
@@ -430,6 +469,8 @@ def _judge_rules(rules: dict[str, tuple[Any, str, str]], settings: dict[str, Any
             notices.append(f"{shown} = {value!r}: {ko.ALIAS_NOTICES[name]}")
             continue
         kind, text = ko.rule_message(name, value, shown, settings)
+        if kind == "ok":  # works with kohya's meaning
+            continue
         if kind == "error":
             errors.append(f"{text} ({where})")
         else:

@@ -1,12 +1,17 @@
-"""Network training options of `TrainConfig` beyond the network itself: kohya's max-norm regularisation, base weights
-merged before training, component learning rates and full half precision."""
+"""Network options of `TrainConfig`: the network itself (module, rank, alpha, network_args, starting weights), and
+the training options around it: kohya's max-norm regularisation, base weights merged before training, component
+learning rates and full half precision."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, Field, field_validator, model_validator
+
+from anima_trainer.config import kohya_options as ko
+from anima_trainer.config.rules import kv_pairs
+from anima_trainer.config.sd_scripts_anima import SD_SCRIPTS_ANIMA_MODULES
 
 
 class NetworkSettings(BaseModel):
@@ -64,3 +69,49 @@ class NetworkSettings(BaseModel):
                 raise ValueError(f"{flag} requires mixed_precision = \"{mp}\" (kohya asserts the same; got "
                                  f"\"{self.mixed_precision}\"): set mixed_precision = \"{mp}\" or remove {flag}")
         return self
+
+
+class NetworkModuleSettings(BaseModel):
+    """Fields, validators and the algorithm resolution of the network itself (a mixin of TrainConfig)."""
+
+    network_module: Literal["lora", "lokr", "loha", "lycoris"] = Field(
+        "lora", description="networks.lora_anima (= lora), networks.lokr (= lokr), networks.loha (= loha), "
+                            "lycoris.kohya with network_args algo=lokr|loha")
+    network_dim: int = Field(4, ge=1, description="rank (default 4, as networks.lora_anima); LoKr: >= 100000 = "
+                                                  "full matrices")
+    network_alpha: float = Field(1.0, gt=0, description="LoRA alpha; scale = alpha / dim (default 1)")
+    network_args: dict[str, str] = Field(default_factory=dict, description="key=value ... for the network")
+    network_weights: Path | None = Field(None, description="initial LoRA weights")
+    network_dropout: float | None = Field(None, ge=0, lt=1, description="neuron dropout on the down projection")
+    dim_from_weights: bool = Field(False, description="build the network from --network_weights alone: algorithm, "
+                                                      "targets, per-module dims/alphas, LoKr layout, DoRA, norms")
+
+    @field_validator("network_module", mode="before")
+    @classmethod
+    def _network_module(cls, v: Any) -> Any:
+        if isinstance(v, str) and v in SD_SCRIPTS_ANIMA_MODULES:
+            return SD_SCRIPTS_ANIMA_MODULES[v]
+        if isinstance(v, str) and v in ko.NETWORK_MODULE_ALGOS:
+            return ko.NETWORK_MODULE_ALGOS[v]  # "lycoris" is resolved with network_args algo after validation
+        accepted = ", ".join(ko.ACCEPTED_NETWORK_MODULES)
+        raise ValueError(f"unknown network module {v!r}; accepted: {accepted}")
+
+    @field_validator("network_args", mode="before")
+    @classmethod
+    def _network_args(cls, v: Any) -> Any:
+        return kv_pairs(v, "network_args", literal=False)
+
+    def _check_network_module(self) -> None:
+        """dim_from_weights needs weights; the algorithm named in network_args (LyCORIS convention) must agree with
+        network_module, and `lycoris.kohya` takes it from there."""
+        if self.dim_from_weights and self.network_weights is None:
+            raise ValueError("dim_from_weights: needs network_weights")
+        algo = self.network_args.get("algo")
+        if self.network_module == "lycoris":
+            if algo is None or algo.strip().lower() not in ko.LYCORIS_ALGOS:
+                raise ValueError(f"network_module: 'lycoris.kohya' needs network_args algo=lokr or algo=loha "
+                                 f"(got {algo!r}); for LoRA use networks.lora_anima")
+            self.network_module = algo.strip().lower()
+        elif algo is not None and algo.strip().lower() != self.network_module:
+            raise ValueError(f"network_args: algo={algo} does not match network_module ({self.network_module})")
+        self.network_args = {k: v for k, v in self.network_args.items() if k != "algo"}

@@ -7,6 +7,7 @@ list or a message exists once."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,32 @@ def parse_bool(name: str, value: Any) -> bool:
     if (problem := bool_problem(name, value)) is not None:
         raise ValueError(problem)
     return value if isinstance(value, bool) else value.strip().lower() in TRUE_WORDS
+
+
+# --- key=value lists (kohya's network_args, optimizer_args, lr_scheduler_args) ---------------------------------
+def kv_pairs(v: Any, key: str, literal: bool) -> Any:
+    """["a=1", "b=x"] → {"a": "1", "b": "x"} (split at the first '='); with `literal`, values go through
+    `ast.literal_eval` when they are Python literals (kohya's optimizer_args), else stay strings."""
+    if isinstance(v, dict) or v is None:
+        return {} if v is None else v
+    if isinstance(v, str):
+        v = v.split()
+    if not isinstance(v, list | tuple):
+        raise ValueError(f"expected a list of 'key=value' strings, got {v!r}")  # noqa: TRY004 (pydantic)
+    out: dict[str, Any] = {}
+    for item in v:
+        if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"item {item!r} is not of the form key=value")
+        k, val = (s.strip() for s in item.split("=", 1))
+        if k in out:
+            raise ValueError(f"key {k!r} is given twice")
+        if literal:
+            try:
+                val = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                pass
+        out[k] = val
+    return out
 
 
 # --- what diffusers' Anima LoRA layout cannot carry (networks/diffusers_format.py writes the layout) -------------

@@ -40,7 +40,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         """.split())),
     ("speed and memory", "levers that change speed or memory, not the result (docs/performance.md)", tuple("""
         vram_budget_gb gradient_checkpointing checkpoint_blocks checkpoint_mode cpu_offload_checkpointing
-        unsloth_offload_checkpointing blocks_to_swap fp8_base fp8_base_unet fp8_format attention_backend fuse_qkv
+        blocks_to_swap fp8_base fp8_format attention_backend fuse_qkv
         compile_blocks compile_mode compile_backend compile_fullgraph compile_cache_size_limit torch_compile
         dynamo_backend
         """.split())),
@@ -64,7 +64,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         """.split())),
     ("compatibility", ("kept so that kohya / sd-scripts-anima configs load: sd-scripts-anima's defaults, and "
                        "options that change nothing for Anima"), tuple("""
-        sd_scripts_anima_defaults anima_seq_len anima_resume_snapshot_strict save_model_as fp8_scaled min_snr_gamma
+        sd_scripts_anima_defaults anima_seq_len anima_resume_snapshot_strict min_snr_gamma
         debiased_estimation_loss v_pred_like_loss scale_v_pred_loss_like_noise_pred
         """.split())),
 )

@@ -7,7 +7,7 @@ later.  Fixed limits are checked where each value is read, so the message can na
 - dataset_config `resolution` ≤ 4096 px per side, `min/max_bucket_reso` ≤ 8192, `num_repeats` ≤ 10 000
   (data/config.py); images × repeats of one epoch ≤ 1 000 000 and each caption ≤ 64 KiB (data/scan.py);
 - sample-prompt sizes ≤ 4096 px per side, and every other prompt-file mistake (sample/prompts.py);
-- `output_name` short enough for every file name derived from it (config/train.py).
+- `output_name` short enough for every file name derived from it (config/save_settings.py).
 
 This module adds the checks that need the dataset scan, the config and the machine together:
 

@@ -9,5 +9,5 @@
     transfer.py   one file over HTTP(S): resumable `.part` download, size and hash checks, atomic rename
     urls.py       repo ids and Hugging Face / ModelScope URLs → `SourceRef`
 
-Nothing is imported here: `config/train.py` reads the source table and must not load the rest.
+Nothing is imported here: `config/model_files.py` reads the source table and must not load the rest.
 """
