@@ -1,6 +1,7 @@
 """Optimizers: every kohya name builds and steps (installed packages for real, bitsandbytes / dadaptation through
 fake modules), schedule-free train/eval switching, AdaFactor's relative step, effective lrs, ss_optimizer, and the
-start-up errors (ConfigError via parse_train_args) for wrong combinations and missing packages."""
+start-up errors for wrong combinations and missing packages (ConfigError from parse_train_args, or from the run's
+start-up check `check_optimization` for the rules that need the class)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from anima_trainer.train.optim import (
     SPECS,
     build_optimizer,
     build_scheduler,
+    check_optimization,
     effective_lrs,
     is_schedule_free,
     optimizer_description,
@@ -27,9 +29,14 @@ REQUIRED = ["--pretrained_model_name_or_path", "dit.safetensors", "--qwen3", "qw
             "--vae", "vae.safetensors", "--output_dir", "out", "--dataset_config", "dataset.toml"]
 
 
+def checked(argv: list[str]):
+    """The config as a run starts with it: parsed, then the start-up check of optimizer and schedule."""
+    return check_optimization(parse_train_args([*REQUIRED, *argv]))
+
+
 def error(argv: list[str]) -> str:
     with pytest.raises(ConfigError) as e:
-        parse_train_args([*REQUIRED, *argv])
+        checked(argv)
     return str(e.value)
 
 
@@ -207,10 +214,10 @@ def test_bitsandbytes_without_cuda_runs_its_fp32_stand_in_with_a_notice(monkeypa
 
 def test_bitsandbytes_config_with_and_without_the_package(fake_bnb, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: bitsandbytes itself is used
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "adamw8bit", "--optimizer_args", "optim_bits=8"])
+    c = checked(["--optimizer_type", "adamw8bit", "--optimizer_args", "optim_bits=8"])
     assert (c.optimizer_type, c.optimizer_args) == ("AdamW8bit", {"optim_bits": 8})
-    assert c.to_metadata()["ss_optimizer"] == "fake.AdamW8bit(optim_bits=8)"
-    assert parse_train_args([*REQUIRED, "--use_8bit_adam"]).optimizer_type == "AdamW8bit"  # kohya's legacy flag
+    assert optimizer_description(c.optimizer_type, c.optimizer_args) == "fake.AdamW8bit(optim_bits=8)"
+    assert checked(["--use_8bit_adam"]).optimizer_type == "AdamW8bit"  # kohya's legacy flag
     assert error(["--optimizer_type", "AdamW8bit", "--optimizer_args", "foo=1"]) == (
         "optimizer_args: AdamW8bit has no argument 'foo' (AdamW8bit accepts: betas, eps, weight_decay, optim_bits, "
         "min_8bit_size)")
@@ -341,8 +348,7 @@ def test_custom_dotted_optimizer_and_args_with_equals(monkeypatch):
 
     mod.Tagged, mod.NotAnOptimizer = Tagged, dict
     monkeypatch.setitem(sys.modules, "my_optims", mod)
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "my_optims.Tagged", "--optimizer_args", "tag=a=b",
-                          "momentum=0.5"])
+    c = checked(["--optimizer_type", "my_optims.Tagged", "--optimizer_args", "tag=a=b", "momentum=0.5"])
     assert c.optimizer_args == {"tag": "a=b", "momentum": 0.5}  # split at the first '='
     opt = build_optimizer(groups(), 1e-2, c.optimizer_args, optimizer_type=c.optimizer_type)
     assert type(opt) is Tagged and opt.tag == "a=b" and opt.defaults["momentum"] == 0.5
@@ -361,9 +367,14 @@ def test_schedule_free_needs_constant_schedule_without_warmup():
                  "--lr_warmup_steps", "10"])
     assert "lr_scheduler = 'constant_with_warmup', lr_warmup_steps = 10" in msg
     assert msg.endswith("; for a warm-up use its own optimizer_args warmup_steps=N")
-    msg = error(["--optimizer_type", "SGDScheduleFree", "--lr_warmup_steps", "0.1"])
+    msg = error(["--optimizer_type", "SGDScheduleFree", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps",
+                 "0.1"])
     assert "needs lr_scheduler = \"constant\" and lr_warmup_steps = 0" in msg
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "sgd_schedulefree", "--optimizer_args", "warmup_steps=100"])
+    # a warm-up with the default constant schedule is refused by TrainConfig's validation, before the start-up
+    # check that knows the class is schedule-free
+    assert error(["--optimizer_type", "SGDScheduleFree", "--lr_warmup_steps", "0.1"]).startswith(
+        "lr_warmup_steps: the 'constant' scheduler has no warm-up")
+    c = checked(["--optimizer_type", "sgd_schedulefree", "--optimizer_args", "warmup_steps=100"])
     assert (c.optimizer_type, c.lr_scheduler, c.optimizer_args) == ("SGDScheduleFree", "constant",
                                                                     {"warmup_steps": 100})
 
@@ -397,16 +408,17 @@ def test_optimizer_names_resolve_and_metadata():
     assert {s.name for s in SPECS.values()} == set(ko.KOHYA_OPTIMIZERS)
     for given, stored in (("ADAMW", "AdamW"), ("torch.optim.AdamW", "AdamW"), ("prodigy", "Prodigy"),
                           ("came", "pytorch_optimizer.CAME"), ("adam", "torch.optim.Adam"), ("", "AdamW")):
-        assert make_train_config(_values(optimizer_type=given)).optimizer_type == stored, given
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "AdaFactor"])
+        assert check_optimization(make_train_config(_values(optimizer_type=given))).optimizer_type == stored, given
+    c = parse_train_args([*REQUIRED, "--optimizer_type", "AdaFactor"])  # a fill by name: TrainConfig's validation
     assert c.lr_scheduler == "adafactor"  # kohya switches AdaFactor's relative step to its own schedule
     assert optimizer_description("AdamW", {"weight_decay": 0.01}) == "torch.optim.adamw.AdamW(weight_decay=0.01)"
     assert optimizer_description("AdamW", {}) == "torch.optim.adamw.AdamW"
     assert optimizer_description("SGDNesterov", {}) == "torch.optim.sgd.SGD(momentum=0.9)"  # as kohya writes it
     assert optimizer_description("Prodigy", {"d_coef": 2.0, "betas": (0.9, 0.99)}) == \
         "prodigyopt.prodigy.Prodigy(d_coef=2.0,betas=(0.9, 0.99))"
-    meta = make_train_config(_values(optimizer_type="came", optimizer_args=["weight_decay=0.01"])).to_metadata()
-    assert meta["ss_optimizer"] == "pytorch_optimizer.optimizer.came.CAME(weight_decay=0.01)"
+    c = check_optimization(make_train_config(_values(optimizer_type="came", optimizer_args=["weight_decay=0.01"])))
+    assert optimizer_description(c.optimizer_type, c.optimizer_args) == \
+        "pytorch_optimizer.optimizer.came.CAME(weight_decay=0.01)"
 
 
 def _values(**kw) -> dict:

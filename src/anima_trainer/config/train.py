@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -26,7 +27,7 @@ from anima_trainer.config import kohya_options as ko
 from anima_trainer.config.errors import ConfigError, did_you_mean
 from anima_trainer.config.network_settings import NetworkSettings
 from anima_trainer.config.noise_settings import NoiseSettings
-from anima_trainer.config.optimizer_rules import check_optimizer_schedule
+from anima_trainer.config.optimizer_rules import check_optimizer_schedule, optimizer_name
 from anima_trainer.config.output_settings import (
     MINIMUM_METADATA_KEYS,
     OutputSettings,
@@ -61,6 +62,9 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     sd_scripts_anima, vae_settings, output_settings); the cross-field check below runs after their model validators."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
+    # where the settings came from (config/loader.py ConfigOrigin, set by parse_train_args; None otherwise): errors
+    # found after validation, at the run's start-up, name the user's file and line as parse-time errors do
+    _origin: Any = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -377,15 +381,8 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
     @field_validator("optimizer_type", mode="before")
     @classmethod
     def _optimizer_type(cls, v: Any) -> Any:
-        if not isinstance(v, str):
-            return v
-        from anima_trainer.train import (
-            optim,  # imports torch; lazily, so config stays importable alone
-        )
-
-        name = optim.canonical_optimizer_name(v)
-        optim.resolve_optimizer(name)  # the package must be installed (error names `pip install ...`)
-        return name
+        # kohya's spelling of its names; the class is resolved at start-up (train/optim.py check_optimization)
+        return optimizer_name(v) if isinstance(v, str) else v
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod
@@ -437,7 +434,7 @@ class TrainConfig(NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettin
         args = _kv_pairs(v, "optimizer_args", literal=True)
         if isinstance(args, dict) and "lr" in args:
             raise ValueError("'lr' cannot be set here; use learning_rate")
-        return args  # the keys are checked against the optimizer in config/optimizer_rules.py
+        return args  # the keys are checked against the optimizer at start-up (train/optim.py)
 
     @field_validator("lr_scheduler_args", mode="before")
     @classmethod
