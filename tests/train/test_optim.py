@@ -431,3 +431,103 @@ def test_no_longer_listed_as_unimplemented():
                  "lr_scheduler_timescale", "lr_scheduler_type", "lr_scheduler_args", "use_8bit_adam",
                  "use_lion_optimizer"):
         assert name not in ko.RULES
+
+
+# --- the start-up check: where users meet it ---------------------------------------------------------------------
+_MISSING_MODELS_TOML = """\
+pretrained_model_name_or_path = "missing/dit.safetensors"
+qwen3 = "missing/qwen3.safetensors"
+vae = "missing/vae.safetensors"
+output_dir = "out"
+dataset_config = "missing/dataset.toml"
+
+[optimizer]
+optimizer_type = "AdamW"
+optimizer_args = ["weight_decy=0.1"]
+"""
+_WEIGHT_DECY = ("optimizer_args: AdamW has no argument 'weight_decy'; did you mean 'weight_decay'? (AdamW accepts: "
+                "betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused)")
+
+
+def test_bad_optimizer_args_in_a_toml_fail_at_start_up_before_any_file_is_opened(tmp_path, monkeypatch, capsys):
+    """Validating the TOML needs no optimizer class, so it passes; the run's start-up refuses it before the
+    (missing) model files, tokenizers and dataset are looked at, naming the option, the file and the line."""
+    from anima_trainer.cli import main
+    from anima_trainer.train.loop import run_training
+
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "train.toml"
+    toml.write_text(_MISSING_MODELS_TOML, encoding="utf-8")
+    cfg = parse_train_args(["--config_file", str(toml)])
+    with pytest.raises(ConfigError) as e:
+        run_training(cfg)
+    assert str(e.value) == f"{_WEIGHT_DECY} (in train.toml line 9)"
+    # the command line wins over the TOML: then no file and line are named
+    with pytest.raises(ConfigError) as e:
+        run_training(parse_train_args(["--config_file", str(toml), "--optimizer_args", "weight_decy=0.2"]))
+    assert str(e.value) == _WEIGHT_DECY
+    assert main(["train", "--config_file", str(toml)]) == 2  # the real entry point: one line, exit status 2
+    assert f"{_WEIGHT_DECY} (in train.toml line 9)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_command_runs_the_same_start_up_check(tmp_path, monkeypatch, capsys):
+    from anima_trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "train.toml"
+    toml.write_text(_MISSING_MODELS_TOML, encoding="utf-8")
+    assert main(["cache", "--config_file", str(toml)]) == 2
+    assert f"{_WEIGHT_DECY} (in train.toml line 9)" in capsys.readouterr().err
+
+
+def test_output_config_writes_only_a_config_that_starts_and_as_it_starts(tmp_path, monkeypatch, capsys):
+    """kohya's --output_config writes a config only after every option is checked — the start-up check too —
+    and writes the class-based names as a run resolves them."""
+    from anima_trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "written.toml"
+    bad = ["train", *REQUIRED, "--optimizer_args", "weight_decy=0.1", "--output_config", "--config_file", str(target)]
+    assert main(bad) == 2
+    assert _WEIGHT_DECY in capsys.readouterr().err and not target.exists()
+    assert main(["train", *REQUIRED, "--optimizer_type", "sgd", "--lr_scheduler_type", "steplr", "--lr_scheduler_args",
+                 "step_size=2", "--output_config", "--config_file", str(target)]) == 0
+    text = target.read_text(encoding="utf-8")
+    assert 'optimizer_type = "torch.optim.SGD"' in text
+    assert 'lr_scheduler_type = "torch.optim.lr_scheduler.StepLR"' in text
+
+
+def test_convert_config_refuses_an_optimizer_that_would_not_start(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from anima_trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "root.toml").write_text(
+        '[model]\ntransformer_path = "m/dit.safetensors"\nvae_path = "m/vae.safetensors"\n'
+        'text_encoder_path = "m/qwen3.safetensors"\nt5_tokenizer_path = "m/t5"\n[dataset]\ndata_dir = "imgs"\n'
+        '[training]\n[optimizer]\ntype = "adamw"\nbeta1 = 1.5\n', encoding="utf-8")
+    assert main(["convert-config", "root.toml", "--out", "out"]) == 2
+    assert ("the converted settings do not validate (nothing written):\noptimizer_args: AdamW rejects "
+            "(weight_decay=0.01,eps=1e-08,betas=(1.5, 0.999)): Invalid beta parameter at index 0: 1.5"
+            ) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validating_a_config_loads_no_torch():
+    """`import anima_trainer.config` and parsing a config with optimizer and schedule settings import no torch
+    (and no optimizer package): those rules need the classes and run at start-up."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from anima_trainer.config import parse_train_args\n"
+            f"cfg = parse_train_args({REQUIRED!r} + ['--optimizer_type', 'Prodigy', '--optimizer_args', 'd_coef=2',\n"
+            "    '--lr_scheduler', 'piecewise_constant', '--lr_scheduler_args', 'step_rules=1:10,0.1'])\n"
+            "loaded = sorted(m for m in ('torch', 'prodigyopt', 'transformers', 'pytorch_optimizer') if m in "
+            "sys.modules)\n"
+            "print(cfg.optimizer_type, loaded)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "Prodigy []"
