@@ -229,15 +229,6 @@ def test_no_import_cycles() -> None:
     assert not lines, "import cycles between modules of the package:\n" + "\n".join(lines)
 
 
-# Still open in issue 16 (a ratchet, not a permission): config validates the optimizer and LR schedule by
-# resolving and building them (train/optim.py, train/schedulers.py, torch) at parse time; that check moves to
-# the run's start-up (train/setup.py) next.  Each edge must still exist (remove it here when it is gone), and
-# nothing else may go up.
-OPEN_IN_ISSUE_16 = {("config.optimizer_rules", "train.optim"), ("config.optimizer_rules", "train.schedulers"),
-                    ("config.output_settings", "train.optim"), ("config.train", "train.optim")}
-OPEN_TORCH_IN_ISSUE_16 = {"config.optimizer_rules", "train.optim", "train.schedulers"}
-
-
 def upward_imports() -> list[tuple[str, str, str]]:
     """(importer, imported, printed line) of every import from a lower layer to a higher one."""
     graph = import_graph()
@@ -253,11 +244,8 @@ def upward_imports() -> list[tuple[str, str, str]]:
 
 
 def test_no_upward_imports() -> None:
-    found = upward_imports()
-    lines = [line for a, b, line in found if (a, b) not in OPEN_IN_ISSUE_16]
+    lines = [line for _, _, line in upward_imports()]
     assert not lines, "imports from a lower layer to a higher one:\n" + "\n".join(lines)
-    gone = OPEN_IN_ISSUE_16 - {(a, b) for a, b, _ in found}
-    assert not gone, f"fixed, so remove from OPEN_IN_ISSUE_16: {sorted(gone)}"
 
 
 def test_config_layer_loads_no_torch() -> None:
@@ -298,11 +286,7 @@ def test_config_layer_loads_no_torch() -> None:
         if hits:
             lines.append(f"{_short(target)} -> torch (line {hits[0]}), reached by {edge}")
         todo += [(e, e.target) for e in graph[target] if e.module_level]
-    open_now = {line.split(" -> ")[0] for line in lines} & OPEN_TORCH_IN_ISSUE_16
-    lines = [line for line in lines if line.split(" -> ")[0] not in OPEN_TORCH_IN_ISSUE_16]
     assert not lines, "the config layer loads torch:\n" + "\n".join(sorted(set(lines)))
-    assert open_now == OPEN_TORCH_IN_ISSUE_16, (
-        f"fixed, so remove from OPEN_TORCH_IN_ISSUE_16: {sorted(OPEN_TORCH_IN_ISSUE_16 - open_now)}")
 
 
 def test_layer_table_is_quoted_in_design_md() -> None:

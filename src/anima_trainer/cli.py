@@ -304,15 +304,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_convert_config(args: argparse.Namespace) -> int:
     from anima_trainer.compat.convert_files import run_convert_config
-
     from anima_trainer.config.errors import ConfigError
+    from anima_trainer.train.optim import check_optimization
 
     if (args.input is None) == (args.input_flag is None):
         raise ConfigError("convert-config: give the root-style TOML once, as INPUT or as --input INPUT")
     source = Path(args.input if args.input is not None else args.input_flag).expanduser()
     out = args.out if args.out is not None else source.parent / "kohya_converted"
     return run_convert_config(source, out, overwrite=args.overwrite, train_name=args.train_args_name,
-                              dataset_name=args.dataset_name)
+                              dataset_name=args.dataset_name, check=check_optimization)
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
@@ -338,8 +338,9 @@ def cmd_train(argv: list[str]) -> int:
     from anima_trainer.config import parse_train_args
     from anima_trainer.train.loop import TrainingInterrupted, train
     from anima_trainer.train.monitor import MonitorAlertError
+    from anima_trainer.train.optim import check_optimization
 
-    cfg = parse_train_args(argv)
+    cfg = parse_train_args(argv, check=check_optimization)  # check: before --output_config writes a file
     console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
                                     log_file=cfg.console_log_file)
     for line in cfg.notices:  # one per option accepted without effect (also written to the run's events)
@@ -366,9 +367,10 @@ def cmd_cache(argv: list[str]) -> int:
     from anima_trainer.config import parse_train_args
     from anima_trainer.train.inputs import prepare_caches
     from anima_trainer.train.model_setup import WEIGHT_DTYPES, load_models
+    from anima_trainer.train.optim import check_optimization
     from anima_trainer.train.setup import setup_run
 
-    cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION)
+    cfg = parse_train_args(argv, prog="anima-trainer cache", description=CACHE_DESCRIPTION, check=check_optimization)
     console.apply_training_settings(cfg.console_log_level, simple=cfg.console_log_simple,
                                     log_file=cfg.console_log_file)
     for line in cfg.notices:  # one per option accepted without effect (also written to the run's events)

@@ -13,6 +13,7 @@ from anima_trainer.config import (
     build_train_parser,
     parse_train_args,
 )
+from anima_trainer.train.optim import check_optimization, optimizer_description
 
 REQUIRED = ["--pretrained_model_name_or_path", "dit.safetensors", "--qwen3", "qwen3.safetensors",
             "--vae", "vae.safetensors", "--output_dir", "out", "--dataset_config", "dataset.toml"]
@@ -148,9 +149,11 @@ def test_network_and_optimizer_args():
     assert c.network_args == {"train_llm_adapter": "True", "network_reg_lrs": ".*mlp.*=1e-4"}  # first '=' splits
     assert c.optimizer_args == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
     assert error([*REQUIRED, "--network_args", "oops"]) == "network_args: item 'oops' is not of the form key=value"
+    c = parse_train_args([*REQUIRED, "--optimizer_args", "weight_decy=0.1"])  # the keys are checked at start-up
+    with pytest.raises(ConfigError) as e:
+        check_optimization(c)
     assert "optimizer_args: AdamW has no argument 'weight_decy'; did you mean 'weight_decay'? (AdamW accepts: " \
-        "betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused)" == \
-        error([*REQUIRED, "--optimizer_args", "weight_decy=0.1"])
+        "betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused)" == str(e.value)
     assert "use learning_rate" in error([*REQUIRED, "--optimizer_args", "lr=1"])
 
 
@@ -158,7 +161,8 @@ def test_optimizer_and_scheduler_names():
     assert parse_train_args([*REQUIRED, "--optimizer_type", "adamw"]).optimizer_type == "AdamW"
     assert parse_train_args([*REQUIRED, "--optimizer_type", "radam_schedulefree"]).optimizer_type == \
         "RAdamScheduleFree"
-    assert "did you mean 'Prodigy'" in error([*REQUIRED, "--optimizer_type", "prodgy"])
+    with pytest.raises(ConfigError, match="did you mean 'Prodigy'"):  # the class is resolved at start-up
+        check_optimization(parse_train_args([*REQUIRED, "--optimizer_type", "prodgy"]))
     assert parse_train_args([*REQUIRED, "--lr_scheduler", "polynomial"]).lr_scheduler == "polynomial"
     assert "unknown scheduler 'cosin'; did you mean 'cosine'?" in error([*REQUIRED, "--lr_scheduler", "cosin"])
 
@@ -174,7 +178,7 @@ def test_save_model_as_and_network_module():
                              ("networks.lokr", ["algo=lokr"], "lokr")):
         c = parse_train_args([*REQUIRED, "--network_module", name, "--network_args", *args])
         assert c.network_module == algo and "algo" not in c.network_args, (name, args)
-        assert c.to_metadata()["ss_network_module"] == f"networks.{algo}"
+        assert c.to_metadata(optimizer="(not read here)")["ss_network_module"] == f"networks.{algo}"
     assert parse_train_args([*REQUIRED, "--network_module", "lycoris.kohya", "--network_args", "algo=lokr",
                              "factor=4"]).network_args == {"factor": "4"}
     msg = error([*REQUIRED, "--network_module", "lycoris.kohya"])
@@ -241,7 +245,7 @@ sample_every_n_epochs = 1
         1e-4, "cosine", 100, {"weight_decay": 0.01})
     assert (c.max_train_epochs, c.train_batch_size, c.mixed_precision, c.save_precision) == (10, 2, "bf16", "bf16")
     assert (c.timestep_sampling, c.discrete_flow_shift, c.weighting_scheme, c.seed) == ("shift", 3.0, "none", 42)
-    meta = c.to_metadata()
+    meta = c.to_metadata(optimizer_description(c.optimizer_type, c.optimizer_args))  # as train/file_metadata.py
     assert meta["ss_network_module"] == "networks.lora_anima"
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_seed"]) == ("32", "16.0", "42")
     # kohya's net_kwargs: the arguments as given, then its "dropout" (network_dropout, here unset)

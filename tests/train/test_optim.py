@@ -1,6 +1,7 @@
 """Optimizers: every kohya name builds and steps (installed packages for real, bitsandbytes / dadaptation through
 fake modules), schedule-free train/eval switching, AdaFactor's relative step, effective lrs, ss_optimizer, and the
-start-up errors (ConfigError via parse_train_args) for wrong combinations and missing packages."""
+start-up errors for wrong combinations and missing packages (ConfigError from parse_train_args, or from the run's
+start-up check `check_optimization` for the rules that need the class)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from anima_trainer.train.optim import (
     SPECS,
     build_optimizer,
     build_scheduler,
+    check_optimization,
     effective_lrs,
     is_schedule_free,
     optimizer_description,
@@ -27,9 +29,14 @@ REQUIRED = ["--pretrained_model_name_or_path", "dit.safetensors", "--qwen3", "qw
             "--vae", "vae.safetensors", "--output_dir", "out", "--dataset_config", "dataset.toml"]
 
 
+def checked(argv: list[str]):
+    """The config as a run starts with it: parsed, then the start-up check of optimizer and schedule."""
+    return check_optimization(parse_train_args([*REQUIRED, *argv]))
+
+
 def error(argv: list[str]) -> str:
     with pytest.raises(ConfigError) as e:
-        parse_train_args([*REQUIRED, *argv])
+        checked(argv)
     return str(e.value)
 
 
@@ -207,10 +214,10 @@ def test_bitsandbytes_without_cuda_runs_its_fp32_stand_in_with_a_notice(monkeypa
 
 def test_bitsandbytes_config_with_and_without_the_package(fake_bnb, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: bitsandbytes itself is used
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "adamw8bit", "--optimizer_args", "optim_bits=8"])
+    c = checked(["--optimizer_type", "adamw8bit", "--optimizer_args", "optim_bits=8"])
     assert (c.optimizer_type, c.optimizer_args) == ("AdamW8bit", {"optim_bits": 8})
-    assert c.to_metadata()["ss_optimizer"] == "fake.AdamW8bit(optim_bits=8)"
-    assert parse_train_args([*REQUIRED, "--use_8bit_adam"]).optimizer_type == "AdamW8bit"  # kohya's legacy flag
+    assert optimizer_description(c.optimizer_type, c.optimizer_args) == "fake.AdamW8bit(optim_bits=8)"
+    assert checked(["--use_8bit_adam"]).optimizer_type == "AdamW8bit"  # kohya's legacy flag
     assert error(["--optimizer_type", "AdamW8bit", "--optimizer_args", "foo=1"]) == (
         "optimizer_args: AdamW8bit has no argument 'foo' (AdamW8bit accepts: betas, eps, weight_decay, optim_bits, "
         "min_8bit_size)")
@@ -341,8 +348,7 @@ def test_custom_dotted_optimizer_and_args_with_equals(monkeypatch):
 
     mod.Tagged, mod.NotAnOptimizer = Tagged, dict
     monkeypatch.setitem(sys.modules, "my_optims", mod)
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "my_optims.Tagged", "--optimizer_args", "tag=a=b",
-                          "momentum=0.5"])
+    c = checked(["--optimizer_type", "my_optims.Tagged", "--optimizer_args", "tag=a=b", "momentum=0.5"])
     assert c.optimizer_args == {"tag": "a=b", "momentum": 0.5}  # split at the first '='
     opt = build_optimizer(groups(), 1e-2, c.optimizer_args, optimizer_type=c.optimizer_type)
     assert type(opt) is Tagged and opt.tag == "a=b" and opt.defaults["momentum"] == 0.5
@@ -361,9 +367,14 @@ def test_schedule_free_needs_constant_schedule_without_warmup():
                  "--lr_warmup_steps", "10"])
     assert "lr_scheduler = 'constant_with_warmup', lr_warmup_steps = 10" in msg
     assert msg.endswith("; for a warm-up use its own optimizer_args warmup_steps=N")
-    msg = error(["--optimizer_type", "SGDScheduleFree", "--lr_warmup_steps", "0.1"])
+    msg = error(["--optimizer_type", "SGDScheduleFree", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps",
+                 "0.1"])
     assert "needs lr_scheduler = \"constant\" and lr_warmup_steps = 0" in msg
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "sgd_schedulefree", "--optimizer_args", "warmup_steps=100"])
+    # a warm-up with the default constant schedule is refused by TrainConfig's validation, before the start-up
+    # check that knows the class is schedule-free
+    assert error(["--optimizer_type", "SGDScheduleFree", "--lr_warmup_steps", "0.1"]).startswith(
+        "lr_warmup_steps: the 'constant' scheduler has no warm-up")
+    c = checked(["--optimizer_type", "sgd_schedulefree", "--optimizer_args", "warmup_steps=100"])
     assert (c.optimizer_type, c.lr_scheduler, c.optimizer_args) == ("SGDScheduleFree", "constant",
                                                                     {"warmup_steps": 100})
 
@@ -397,16 +408,17 @@ def test_optimizer_names_resolve_and_metadata():
     assert {s.name for s in SPECS.values()} == set(ko.KOHYA_OPTIMIZERS)
     for given, stored in (("ADAMW", "AdamW"), ("torch.optim.AdamW", "AdamW"), ("prodigy", "Prodigy"),
                           ("came", "pytorch_optimizer.CAME"), ("adam", "torch.optim.Adam"), ("", "AdamW")):
-        assert make_train_config(_values(optimizer_type=given)).optimizer_type == stored, given
-    c = parse_train_args([*REQUIRED, "--optimizer_type", "AdaFactor"])
+        assert check_optimization(make_train_config(_values(optimizer_type=given))).optimizer_type == stored, given
+    c = parse_train_args([*REQUIRED, "--optimizer_type", "AdaFactor"])  # a fill by name: TrainConfig's validation
     assert c.lr_scheduler == "adafactor"  # kohya switches AdaFactor's relative step to its own schedule
     assert optimizer_description("AdamW", {"weight_decay": 0.01}) == "torch.optim.adamw.AdamW(weight_decay=0.01)"
     assert optimizer_description("AdamW", {}) == "torch.optim.adamw.AdamW"
     assert optimizer_description("SGDNesterov", {}) == "torch.optim.sgd.SGD(momentum=0.9)"  # as kohya writes it
     assert optimizer_description("Prodigy", {"d_coef": 2.0, "betas": (0.9, 0.99)}) == \
         "prodigyopt.prodigy.Prodigy(d_coef=2.0,betas=(0.9, 0.99))"
-    meta = make_train_config(_values(optimizer_type="came", optimizer_args=["weight_decay=0.01"])).to_metadata()
-    assert meta["ss_optimizer"] == "pytorch_optimizer.optimizer.came.CAME(weight_decay=0.01)"
+    c = check_optimization(make_train_config(_values(optimizer_type="came", optimizer_args=["weight_decay=0.01"])))
+    assert optimizer_description(c.optimizer_type, c.optimizer_args) == \
+        "pytorch_optimizer.optimizer.came.CAME(weight_decay=0.01)"
 
 
 def _values(**kw) -> dict:
@@ -419,3 +431,103 @@ def test_no_longer_listed_as_unimplemented():
                  "lr_scheduler_timescale", "lr_scheduler_type", "lr_scheduler_args", "use_8bit_adam",
                  "use_lion_optimizer"):
         assert name not in ko.RULES
+
+
+# --- the start-up check: where users meet it ---------------------------------------------------------------------
+_MISSING_MODELS_TOML = """\
+pretrained_model_name_or_path = "missing/dit.safetensors"
+qwen3 = "missing/qwen3.safetensors"
+vae = "missing/vae.safetensors"
+output_dir = "out"
+dataset_config = "missing/dataset.toml"
+
+[optimizer]
+optimizer_type = "AdamW"
+optimizer_args = ["weight_decy=0.1"]
+"""
+_WEIGHT_DECY = ("optimizer_args: AdamW has no argument 'weight_decy'; did you mean 'weight_decay'? (AdamW accepts: "
+                "betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused)")
+
+
+def test_bad_optimizer_args_in_a_toml_fail_at_start_up_before_any_file_is_opened(tmp_path, monkeypatch, capsys):
+    """Validating the TOML needs no optimizer class, so it passes; the run's start-up refuses it before the
+    (missing) model files, tokenizers and dataset are looked at, naming the option, the file and the line."""
+    from anima_trainer.cli import main
+    from anima_trainer.train.loop import run_training
+
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "train.toml"
+    toml.write_text(_MISSING_MODELS_TOML, encoding="utf-8")
+    cfg = parse_train_args(["--config_file", str(toml)])
+    with pytest.raises(ConfigError) as e:
+        run_training(cfg)
+    assert str(e.value) == f"{_WEIGHT_DECY} (in train.toml line 9)"
+    # the command line wins over the TOML: then no file and line are named
+    with pytest.raises(ConfigError) as e:
+        run_training(parse_train_args(["--config_file", str(toml), "--optimizer_args", "weight_decy=0.2"]))
+    assert str(e.value) == _WEIGHT_DECY
+    assert main(["train", "--config_file", str(toml)]) == 2  # the real entry point: one line, exit status 2
+    assert f"{_WEIGHT_DECY} (in train.toml line 9)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_command_runs_the_same_start_up_check(tmp_path, monkeypatch, capsys):
+    from anima_trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "train.toml"
+    toml.write_text(_MISSING_MODELS_TOML, encoding="utf-8")
+    assert main(["cache", "--config_file", str(toml)]) == 2
+    assert f"{_WEIGHT_DECY} (in train.toml line 9)" in capsys.readouterr().err
+
+
+def test_output_config_writes_only_a_config_that_starts_and_as_it_starts(tmp_path, monkeypatch, capsys):
+    """kohya's --output_config writes a config only after every option is checked — the start-up check too —
+    and writes the class-based names as a run resolves them."""
+    from anima_trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "written.toml"
+    bad = ["train", *REQUIRED, "--optimizer_args", "weight_decy=0.1", "--output_config", "--config_file", str(target)]
+    assert main(bad) == 2
+    assert _WEIGHT_DECY in capsys.readouterr().err and not target.exists()
+    assert main(["train", *REQUIRED, "--optimizer_type", "sgd", "--lr_scheduler_type", "steplr", "--lr_scheduler_args",
+                 "step_size=2", "--output_config", "--config_file", str(target)]) == 0
+    text = target.read_text(encoding="utf-8")
+    assert 'optimizer_type = "torch.optim.SGD"' in text
+    assert 'lr_scheduler_type = "torch.optim.lr_scheduler.StepLR"' in text
+
+
+def test_convert_config_refuses_an_optimizer_that_would_not_start(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from anima_trainer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "root.toml").write_text(
+        '[model]\ntransformer_path = "m/dit.safetensors"\nvae_path = "m/vae.safetensors"\n'
+        'text_encoder_path = "m/qwen3.safetensors"\nt5_tokenizer_path = "m/t5"\n[dataset]\ndata_dir = "imgs"\n'
+        '[training]\n[optimizer]\ntype = "adamw"\nbeta1 = 1.5\n', encoding="utf-8")
+    assert main(["convert-config", "root.toml", "--out", "out"]) == 2
+    assert ("the converted settings do not validate (nothing written):\noptimizer_args: AdamW rejects "
+            "(weight_decay=0.01,eps=1e-08,betas=(1.5, 0.999)): Invalid beta parameter at index 0: 1.5"
+            ) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validating_a_config_loads_no_torch():
+    """`import anima_trainer.config` and parsing a config with optimizer and schedule settings import no torch
+    (and no optimizer package): those rules need the classes and run at start-up."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from anima_trainer.config import parse_train_args\n"
+            f"cfg = parse_train_args({REQUIRED!r} + ['--optimizer_type', 'Prodigy', '--optimizer_args', 'd_coef=2',\n"
+            "    '--lr_scheduler', 'piecewise_constant', '--lr_scheduler_args', 'step_rules=1:10,0.1'])\n"
+            "loaded = sorted(m for m in ('torch', 'prodigyopt', 'transformers', 'pytorch_optimizer') if m in "
+            "sys.modules)\n"
+            "print(cfg.optimizer_type, loaded)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "Prodigy []"

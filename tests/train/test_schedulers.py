@@ -1,7 +1,7 @@
 """LR schedules: kohya's curves step for step (transformers' schedule functions called as kohya's get_scheduler_fix
 calls them, for every scheduler x num_cycles 0.5/1/2/3 x warm-up), sd-scripts-anima's num_cycles meaning, the
 start-up line and notices, custom torch classes, exact resume through state_dict, and the scheduler options'
-validation at config time."""
+validation at config time and at the run's start-up (train/optim.py check_optimization)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch
 import transformers.optimization as tro
 
 from anima_trainer.config import parse_train_args
+from anima_trainer.config.schedule_rules import parse_step_rules
 from anima_trainer.train.optim import build_optimizer
 from anima_trainer.train.schedulers import (
     build_scheduler,
     describe_schedule,
-    parse_step_rules,
     resolve_warmup,
 )
-from tests.train.test_optim import REQUIRED, error
+from tests.train.test_optim import REQUIRED, checked, error
 
 BASE_LR = 2.0
 
@@ -318,6 +318,8 @@ def test_scheduler_options_in_config(tmp_path, caplog):
 
 def test_custom_scheduler_class_in_config():
     c = parse_train_args([*REQUIRED, "--lr_scheduler_type", "cosineannealinglr", "--lr_scheduler_args", "T_max=100"])
+    assert c.lr_scheduler_type == "cosineannealinglr"  # the class is resolved at start-up (no torch in config)
+    c = checked(["--lr_scheduler_type", "cosineannealinglr", "--lr_scheduler_args", "T_max=100"])
     assert (c.lr_scheduler_type, c.lr_scheduler_args) == ("torch.optim.lr_scheduler.CosineAnnealingLR",
                                                           {"T_max": 100})
     assert error(["--lr_scheduler_type", "StepLR", "--lr_warmup_steps", "5", "--lr_scheduler",

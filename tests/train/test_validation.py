@@ -201,7 +201,7 @@ def test_settings_and_config_errors(env, tmp_path):
                           "50", "--validate_every_n_epochs", "2", "--max_validation_steps", "4"])
     assert (c.validation_split, c.validation_seed, c.validate_every_n_steps, c.validate_every_n_epochs,
             c.max_validation_steps) == (0.1, 3, 50, 2, 4)
-    meta = c.to_metadata()
+    meta = c.to_metadata(optimizer="(not read here)")
     assert (meta["ss_validation_split"], meta["ss_validation_seed"], meta["ss_validate_every_n_steps"]) == \
         ("0.1", "3", "50")
     toml = tmp_path / "t.toml"

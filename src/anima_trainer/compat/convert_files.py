@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from anima_trainer.compat.convert_root import (
 )
 from anima_trainer.config.errors import ConfigError
 from anima_trainer.config.tomlw import dumps
-from anima_trainer.config.train import make_train_config
+from anima_trainer.config.train import TrainConfig, make_train_config
 from anima_trainer.data import parse_dataset_config
 from anima_trainer.fileio import atomic_write_bytes, check_writable
 
@@ -46,10 +47,12 @@ def check_file_name(name: str, flag: str) -> str:
 
 
 def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, overwrite: bool = False,
-                     train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME) -> dict[str, Path]:
+                     train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME,
+                     check: Callable[[TrainConfig], object] | None = None) -> dict[str, Path]:
     """Validate the converted settings, then write train.toml (report as its comment header), dataset.toml and,
     for wandb init arguments, tracker.toml into `out_dir`; nothing is written when any file exists and
-    `overwrite` is false, or when the result would not load."""
+    `overwrite` is false, or when the result would not load or (`check`: the run's start-up check of optimizer
+    and schedule, train/optim.py check_optimization) would not start."""
     out = Path(out_dir).expanduser()
     train_name = check_file_name(train_name, "--train_args_name")
     dataset_name = check_file_name(dataset_name, "--dataset_name")
@@ -64,7 +67,9 @@ def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, 
     conv.train["dataset_config"] = str(paths["dataset"].absolute())
     parse_dataset_config(conv.dataset, source_dir=out)
     try:
-        make_train_config(dict(conv.train))
+        cfg = make_train_config(dict(conv.train))
+        if check is not None:  # the run's start-up check of optimizer and schedule (train/optim.py, via the CLI)
+            check(cfg)
     except ConfigError as e:
         raise ConversionError(f"the converted settings do not validate (nothing written):\n{e}") from None
     header = (f"converted from {source} by `anima-trainer convert-config` on "
@@ -82,18 +87,19 @@ def write_conversion(conv: Conversion, source: str | Path, out_dir: str | Path, 
 
 
 def convert_root_file(source: str | Path, out_dir: str | Path, overwrite: bool = False,
-                      train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME
-                      ) -> tuple[Conversion, dict[str, Path]]:
+                      train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME,
+                      check: Callable[[TrainConfig], object] | None = None) -> tuple[Conversion, dict[str, Path]]:
     """Read, convert and write (see `write_conversion`)."""
     conv = convert_root_config(load_root_toml(source), out_dir)
-    return conv, write_conversion(conv, source, out_dir, overwrite, train_name, dataset_name)
+    return conv, write_conversion(conv, source, out_dir, overwrite, train_name, dataset_name, check)
 
 
 def run_convert_config(source: str | Path, out_dir: str | Path, overwrite: bool = False,
-                       train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME) -> int:
+                       train_name: str = TRAIN_NAME, dataset_name: str = DATASET_NAME,
+                       check: Callable[[TrainConfig], object] | None = None) -> int:
     """The `convert-config` command: convert, print the report table and the files written.  `train_name` /
     `dataset_name`: sd-scripts-anima's converter flags --train_args_name / --dataset_name."""
-    conv, paths = convert_root_file(source, out_dir, overwrite, train_name, dataset_name)
+    conv, paths = convert_root_file(source, out_dir, overwrite, train_name, dataset_name, check)
     print(conv.table())
     counts = {s: sum(r.status == s for r in conv.rows) for s in STATUSES}
     print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n))

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -367,10 +368,13 @@ def _is_one(v: Any) -> bool:
 
 
 def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-trainer train",
-                     description: str = TRAIN_DESCRIPTION, epilog: str | None = None) -> TrainConfig:
+                     description: str = TRAIN_DESCRIPTION, epilog: str | None = None,
+                     check: Callable[[TrainConfig], TrainConfig] | None = None) -> TrainConfig:
     """Build the TrainConfig from `argv` (without the `train` word; None → sys.argv[1:]) and its --config_file.
     `prog`/`description`/`epilog` only change what `--help` prints.  The start-up notices (one per option that
-    is accepted without effect, and the schedule's) are `TrainConfig.notices`."""
+    is accepted without effect, and the schedule's) are `TrainConfig.notices`.  `check`: the run's start-up check
+    of the optimizer and schedule (train/optim.py check_optimization, given by the commands), applied before
+    --output_config writes its file; a run applies it at start-up (train/setup.py setup_run)."""
     parser = build_train_parser(prog, description, epilog)
     ns, extras = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     _check_extras(extras)
@@ -396,6 +400,7 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
     # a canonical name counts as "set through an alias" when the layer that won for it used the alias
     via_alias = cli_alias | {k for k in toml_alias if k not in cli}
     _sd_scripts_anima_timesteps(merged, via_alias)
+    origin = ConfigOrigin(src, frozenset(set(toml) - set(cli) - {"output_config"})) if src is not None else None
     try:
         for key in ("optimizer_type", "lr_scheduler_type"):  # importlib raises TypeError for relative modules
             v = merged.get(key)
@@ -411,10 +416,13 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
         merged.pop("output_config", None)
         cfg = make_train_config(merged)
     except ConfigError as e:
-        if src is None:
+        if origin is None:
             raise
-        raise ConfigError(_name_file(str(e), set(toml) - set(cli), src)) from None
+        raise ConfigError(origin.locate(str(e))) from None
+    cfg._origin = origin
     if output_config:
+        if check is not None:  # a config that would not train is not written (and is written as it would train)
+            cfg = check(cfg)
         write_output_config(cfg, output_config)
         raise SystemExit(0)
     cfg.set_compat(notices=notices, sd_scripts_anima=seed_style)
@@ -488,11 +496,34 @@ def _cwd_importable() -> None:
         sys.path.append(cwd)
 
 
-def _name_file(message: str, from_toml: set[str], src: TomlSource) -> str:
-    """Each line of a TrainConfig message that starts with a key the TOML set (and the command line did not)
-    gets " (in NAME line N)": the user learns which file and line to edit."""
-    lines = []
-    for line in message.split("\n"):
-        key = line.split(":", 1)[0].split(" ", 1)[0]
-        lines.append(f"{line} ({src.at(key)})" if key in from_toml else line)
-    return "\n".join(lines)
+@dataclass(frozen=True, eq=False)
+class ConfigOrigin:
+    """Where a TrainConfig's settings came from: the TOML and the keys it set that the command line did not.
+    parse_train_args keeps it on the config (`TrainConfig._origin`) so that an error found at the run's start-up
+    (train/optim.py check_optimization) names the user's file and line like a parse-time error."""
+
+    source: TomlSource
+    from_toml: frozenset[str]
+
+    def __eq__(self, other: object) -> bool:
+        """Always equal (to None too): where the settings came from is no setting, and a TrainConfig's private
+        attributes take part in its `==` — the same settings from a TOML and from the command line are equal."""
+        return other is None or isinstance(other, ConfigOrigin)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def locate(self, message: str) -> str:
+        """Each line of a TrainConfig message that starts with a key the TOML set (and the command line did not)
+        gets " (in NAME line N)": the user learns which file and line to edit."""
+        lines = []
+        for line in message.split("\n"):
+            key = line.split(":", 1)[0].split(" ", 1)[0]
+            lines.append(f"{line} ({self.source.at(key)})" if key in self.from_toml else line)
+        return "\n".join(lines)
+
+
+def locate_in_source(cfg: TrainConfig, message: str) -> str:
+    """`message` with the file and line of each key it starts a line with (ConfigOrigin.locate), for a config
+    parse_train_args read from a TOML; unchanged for one built otherwise (command line only, make_train_config)."""
+    origin = cfg._origin
+    return origin.locate(message) if origin is not None else message

@@ -106,7 +106,7 @@ class OptimisationSettings(BaseModel):
         args = kv_pairs(v, "optimizer_args", literal=True)
         if isinstance(args, dict) and "lr" in args:
             raise ValueError("'lr' cannot be set here; use learning_rate")
-        return args  # the keys are checked against the optimizer in config/optimizer_rules.py
+        return args  # the keys are checked against the optimizer at start-up (train/optim.py)
 
     @field_validator("lr_scheduler_args", mode="before")
     @classmethod

@@ -1,91 +1,79 @@
-"""Rules between the optimizer and the LR schedule settings of a TrainConfig (train/optim.py,
-train/schedulers.py), run by TrainConfig's validation so that a mistake fails before any model loads; they may
-also fill in what kohya fills in (the legacy optimizer flags, AdaFactor's `adafactor` schedule)."""
+"""The rules between the optimizer and the LR-schedule settings that the settings alone decide (no torch, no
+class is imported), run by TrainConfig's validation; they also fill in what kohya fills in by name (the legacy
+optimizer flags' optimizer_type, AdaFactor's `adafactor` schedule).
+
+Why split: the rules that need the optimizer or scheduler class (is the name installed, do optimizer_args fit its
+signature, is it schedule-free, does the schedule build) run in the train layer at the run's start-up, before
+any model loads (train/optim.py `check_optimization`), so that validating a config imports no optimizer package.
+"""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-_log = logging.getLogger("anima_trainer.config.train")
+from anima_trainer.config import kohya_options as ko
+from anima_trainer.config.schedule_rules import parse_step_rules
+
+# kohya's names (case-insensitive), sd-scripts-anima's underscore aliases (seed_system.md §1.4) and torch's own
+# paths of AdamW; train/optim.py resolves the rest (torch.optim / pytorch_optimizer class names, module.Class)
+OPTIMIZER_NAMES = {name.lower(): name for name in ko.KOHYA_OPTIMIZERS}
+OPTIMIZER_ALIASES = {**ko.OPTIMIZER_ALIASES, "torch.optim.adamw": "AdamW", "torch.optim.adamw.adamw": "AdamW"}
+LEGACY_OPTIMIZER_FLAGS = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
 
 
-def check_optimizer_schedule(self: Any) -> None:
-    """Rules between optimizer and schedule settings (train/optim.py, train/schedulers.py), checked at start-up
-    so that a mistake fails before the models load.  Messages name every option involved."""
-    from anima_trainer.train import optim
-    from anima_trainer.train import schedulers as sch
+def optimizer_name(value: str) -> str:
+    """The stored form of an optimizer_type as far as names decide it: kohya's spelling of its names and aliases
+    ("" is kohya's default AdamW); anything else as given, for train/optim.py to resolve by class."""
+    name = value.strip() or "AdamW"
+    name = OPTIMIZER_ALIASES.get(name.lower(), name)
+    return OPTIMIZER_NAMES.get(name.lower(), name)
 
-    given = self.model_fields_set
-    if self.use_8bit_adam or self.use_lion_optimizer:  # kohya's legacy flags select the optimizer
-        flag, wanted = ("use_8bit_adam", "AdamW8bit") if self.use_8bit_adam else ("use_lion_optimizer", "Lion")
-        if self.use_8bit_adam and self.use_lion_optimizer:
+
+def is_transformers_adafactor(optimizer_type: str) -> bool:
+    """Whether the name is transformers' Adafactor (kohya's AdaFactor, or a path to the class in transformers)."""
+    root, cls_name = optimizer_type.partition(".")[0], optimizer_type.rpartition(".")[2]
+    return optimizer_type == "AdaFactor" or (root == "transformers" and cls_name.lower() == "adafactor")
+
+
+def legacy_optimizer_flag(cfg: Any) -> str | None:
+    """The kohya legacy flag (use_8bit_adam, use_lion_optimizer) that chose the optimizer, if any."""
+    return next((flag for flag in LEGACY_OPTIMIZER_FLAGS if getattr(cfg, flag)), None)
+
+
+def check_optimizer_schedule(cfg: Any) -> None:
+    """Rules between optimizer and schedule settings that need no class (train/optim.py `check_optimization` runs
+    the others at start-up).  Messages name every option involved."""
+    given = cfg.model_fields_set
+    if flag := legacy_optimizer_flag(cfg):  # kohya's legacy flags select the optimizer
+        wanted = LEGACY_OPTIMIZER_FLAGS[flag]
+        if cfg.use_8bit_adam and cfg.use_lion_optimizer:
             raise ValueError("use_8bit_adam and use_lion_optimizer: only one of them may be set")
-        if "optimizer_type" in given and self.optimizer_type not in ("AdamW", wanted):
+        if "optimizer_type" in given and cfg.optimizer_type not in ("AdamW", wanted):
             raise ValueError(f"{flag}: kohya's legacy flag for optimizer_type = \"{wanted}\" conflicts with "
-                             f"optimizer_type = \"{self.optimizer_type}\"; remove one of them")
-        try:
-            optim.resolve_optimizer(wanted)
-        except ValueError as e:
-            raise ValueError(f"{flag}: {e}") from None
-        self.optimizer_type = wanted
-    try:
-        optim.check_optimizer_args(self.optimizer_type, self.optimizer_args, self.unet_lr or self.learning_rate)
-    except ValueError as e:
-        raise ValueError(f"optimizer_args: {e}") from None
-    spec, cls = optim.resolve_optimizer(self.optimizer_type)
-    name = spec.name
-    if optim.is_schedule_free_class(cls):
-        if self.lr_scheduler != "constant" or self.lr_warmup_steps or self.lr_scheduler_type:
-            hint = ("; for a warm-up use its own optimizer_args warmup_steps=N"
-                    if "warmup_steps" in optim.accepted_args(cls) else "")
-            raise ValueError(
-                f"optimizer_type: '{name}' is schedule-free and needs lr_scheduler = \"constant\" and "
-                f"lr_warmup_steps = 0 (got lr_scheduler = '{self.lr_scheduler_type or self.lr_scheduler}', "
-                f"lr_warmup_steps = {self.lr_warmup_steps}){hint}")
-    if optim.uses_relative_step(self.optimizer_type, self.optimizer_args):
-        if "lr_scheduler" not in given:
-            self.lr_scheduler = "adafactor"  # kohya switches to its `adafactor` schedule the same way
-        if self.lr_scheduler != "adafactor" or self.lr_warmup_steps or self.lr_scheduler_type:
-            raise ValueError(
-                f"optimizer_type: AdaFactor with relative_step=True (its default) computes its own step size, "
-                f"so it needs lr_scheduler = \"adafactor\" and lr_warmup_steps = 0 (got lr_scheduler = "
-                f"'{self.lr_scheduler_type or self.lr_scheduler}', lr_warmup_steps = {self.lr_warmup_steps}); "
-                "for a warm-up use optimizer_args warmup_init=True, or set optimizer_args relative_step=False "
-                "(usually with scale_parameter=False) to use learning_rate with any lr_scheduler")
-        if {"learning_rate", "unet_lr"} & given:
-            _log.warning("learning_rate/unet_lr: not used by AdaFactor with relative_step=True (it computes "
-                         "its own step size)")
-    elif self.lr_scheduler == "adafactor":
-        raise ValueError("lr_scheduler: 'adafactor' reports AdaFactor's own step size; it needs optimizer_type = "
-                         "\"AdaFactor\" with relative_step=True (its default)")
-    if self.lr_scheduler_type:
-        if "lr_scheduler" in given and self.lr_scheduler != "constant":
+                             f"optimizer_type = \"{cfg.optimizer_type}\"; remove one of them")
+        cfg.optimizer_type = wanted
+    if (is_transformers_adafactor(cfg.optimizer_type) and bool(cfg.optimizer_args.get("relative_step", True))
+            and "lr_scheduler" not in given):
+        cfg.lr_scheduler = "adafactor"  # kohya switches AdaFactor's relative step to its own schedule the same way
+    if cfg.lr_scheduler_type:
+        if "lr_scheduler" in given and cfg.lr_scheduler != "constant":
             raise ValueError(f"lr_scheduler_type: replaces lr_scheduler (got lr_scheduler = "
-                             f"'{self.lr_scheduler}'); leave lr_scheduler unset")
-        if self.lr_warmup_steps:
+                             f"'{cfg.lr_scheduler}'); leave lr_scheduler unset")
+        if cfg.lr_warmup_steps:
             raise ValueError("lr_scheduler_type: a custom scheduler class has no warm-up; set lr_warmup_steps "
                              "= 0 (as kohya)")
-        cls_s = sch.resolve_scheduler_class(self.lr_scheduler_type)
-        self.lr_scheduler_type = f"{cls_s.__module__}.{cls_s.__name__}"
-        sch.check_scheduler_args(cls_s, self.lr_scheduler_args)
     # the other options the chosen scheduler does not use are accepted with a notice, as kohya ignores them
     # (config/schedule_rules.py); lr_scheduler_args kohya passes to every schedule function, which fails
-    elif self.lr_scheduler_args and self.lr_scheduler != "piecewise_constant":
-        raise ValueError(f"lr_scheduler_args: not used by lr_scheduler '{self.lr_scheduler}' (only by "
+    elif cfg.lr_scheduler_args and cfg.lr_scheduler != "piecewise_constant":
+        raise ValueError(f"lr_scheduler_args: not used by lr_scheduler '{cfg.lr_scheduler}' (only by "
                          "piecewise_constant and lr_scheduler_type); remove it")
-    if self.lr_scheduler == "warmup_stable_decay" and not self.lr_decay_steps:
+    if cfg.lr_scheduler == "warmup_stable_decay" and not cfg.lr_decay_steps:
         raise ValueError("lr_decay_steps: warmup_stable_decay needs a decay (steps, or a fraction < 1)")
-    if self.lr_scheduler == "piecewise_constant" and not self.lr_scheduler_type:
-        if set(self.lr_scheduler_args) != {"step_rules"}:
+    if cfg.lr_scheduler == "piecewise_constant" and not cfg.lr_scheduler_type:
+        if set(cfg.lr_scheduler_args) != {"step_rules"}:
             raise ValueError("lr_scheduler_args: piecewise_constant needs exactly step_rules=\"1:100,0.1:200,"
-                             f"0.01\" (got {sorted(self.lr_scheduler_args) or 'nothing'})")
+                             f"0.01\" (got {sorted(cfg.lr_scheduler_args) or 'nothing'})")
         try:
-            sch.parse_step_rules(self.lr_scheduler_args["step_rules"])
+            parse_step_rules(cfg.lr_scheduler_args["step_rules"])
         except ValueError as e:
             raise ValueError(f"lr_scheduler_args: {e}") from None
-    if self.max_train_epochs is None:  # the step count is known: build the schedule once (as the loop will)
-        import torch
-
-        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        sch.build_scheduler(dummy, self.lr_scheduler, self.max_train_steps, **sch.schedule_options(self))

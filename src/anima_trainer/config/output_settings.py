@@ -100,16 +100,16 @@ class OutputSettings(BaseModel):
             raise ValueError(problem)
 
     # --- metadata ----------------------------------------------------------------------------------------------
-    def to_metadata(self) -> dict[str, str]:
+    def to_metadata(self, optimizer: str) -> dict[str, str]:
         """The `ss_*` keys kohya's Anima trainer derives from its arguments alone (train_network.py's metadata
         dict and anima_train_network.py's update_metadata), as kohya's strings: `str(value)`, so None → "None",
         booleans "True"/"False".  Keys for options we do not have carry kohya's default (ss_v2, ss_clip_skip,
         ss_max_token_length, ss_lowram, ss_zero_terminal_snr, ss_huber_scale) or the value of our equivalent
         (ss_huber_schedule "constant": huber_c is a constant threshold here).  ss_sd_scripts_commit_hash is
         "(unknown)", kohya's own value when its revision is unknown (anima_trainer_version says ours).  The run's
-        numbers, data description, model names and hashes are added by train/file_metadata.py."""
-        from anima_trainer.train.optim import optimizer_description
-
+        numbers, data description, model names and hashes are added by train/file_metadata.py.  `optimizer` is
+        ss_optimizer, kohya's `module.Class(k=v,...)`: the train layer resolves the class (train/optim.py
+        optimizer_description), which validating a config does not import."""
         meta: dict[str, Any] = {
             "ss_output_name": self.output_name,
             "ss_learning_rate": self.learning_rate,
@@ -140,7 +140,7 @@ class OutputSettings(BaseModel):
             "ss_zero_terminal_snr": False,
             "ss_training_comment": self.training_comment,
             "ss_sd_scripts_commit_hash": "(unknown)",
-            "ss_optimizer": optimizer_description(self.optimizer_type, self.optimizer_args),
+            "ss_optimizer": optimizer,
             "ss_max_grad_norm": self.max_grad_norm,
             "ss_prior_loss_weight": self.prior_loss_weight,
             "ss_min_snr_gamma": self.min_snr_gamma,

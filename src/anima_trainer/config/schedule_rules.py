@@ -1,11 +1,15 @@
-"""Which LR-schedule settings each kohya scheduler reads, and the start-up notices for those it does not.
+"""Which LR-schedule settings each kohya scheduler reads, the start-up notices for those it does not, and the
+syntax of piecewise_constant's step_rules.
 
-Why in config: the notices are decided from the settings alone (no torch, no scheduler is built), by the loader
-right after validation; train/schedulers.py, which builds the schedules, imports the same table."""
+Why in config: both are decided from the settings alone (no torch, no scheduler is built) — the notices by the
+loader right after validation, the step_rules syntax by TrainConfig's validation (config/optimizer_rules.py);
+train/schedulers.py, which builds the schedules, imports the same table and parser."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from anima_trainer.config.errors import ConfigError
 
 COSINE_SCHEDULERS = ("cosine", "cosine_with_restarts", "cosine_with_min_lr", "warmup_stable_decay")
 # which optional settings each scheduler reads (anything else set to a non-default value is a config error)
@@ -47,3 +51,24 @@ def schedule_notices(cfg: Any, given: set[str]) -> list[str]:
         out.append(f"lr_warmup_steps = {cfg.lr_warmup_steps}: piecewise_constant has no warm-up (kohya ignores it "
                    "too); the step_rules give the lr from the first step")
     return out
+
+
+def parse_step_rules(rules: str) -> tuple[list[tuple[int, float]], float]:
+    """diffusers' piecewise_constant syntax "1:10,0.1:20,0.01": factor 1 before step 10, 0.1 before step 20,
+    then 0.01.  Returns the sorted (end step, factor) pairs and the last factor."""
+    parts = [p.strip() for p in str(rules).split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("step_rules is empty; expected e.g. \"1:100,0.1:200,0.01\"")
+    pairs: list[tuple[int, float]] = []
+    try:
+        for p in parts[:-1]:
+            value, step = p.split(":")
+            pairs.append((int(step), float(value)))
+        last = float(parts[-1])
+    except ValueError:
+        raise ConfigError(f"step_rules {rules!r}: expected 'factor:step,...,factor' (e.g. \"1:100,0.1:200,0.01\"); "
+                          "every item but the last is factor:step, the last is a factor alone") from None
+    steps = [s for s, _ in pairs]
+    if steps != sorted(steps) or len(set(steps)) != len(steps) or any(s < 1 for s in steps):
+        raise ConfigError(f"step_rules {rules!r}: the steps must be increasing and >= 1")
+    return pairs, last

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import (
     BaseModel,
     ConfigDict,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -30,7 +31,7 @@ from anima_trainer.config.model_files import ModelFileSettings
 from anima_trainer.config.network_settings import NetworkModuleSettings, NetworkSettings
 from anima_trainer.config.noise_settings import NoiseSettings
 from anima_trainer.config.optimisation_settings import OptimisationSettings
-from anima_trainer.config.optimizer_rules import check_optimizer_schedule
+from anima_trainer.config.optimizer_rules import check_optimizer_schedule, optimizer_name
 from anima_trainer.config.output_settings import (
     MINIMUM_METADATA_KEYS,
     OutputSettings,
@@ -73,6 +74,9 @@ class TrainConfig(CacheSettings, SamplingSettings, LoggingSettings, DatasetSetti
     docstring); the cross-field check below runs after their model validators, in a fixed order."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=False)
+    # where the settings came from (config/loader.py ConfigOrigin, set by parse_train_args; None otherwise): errors
+    # found after validation, at the run's start-up, name the user's file and line as parse-time errors do
+    _origin: Any = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -93,15 +97,8 @@ class TrainConfig(CacheSettings, SamplingSettings, LoggingSettings, DatasetSetti
     @field_validator("optimizer_type", mode="before")
     @classmethod
     def _optimizer_type(cls, v: Any) -> Any:
-        if not isinstance(v, str):
-            return v
-        from anima_trainer.train import (
-            optim,  # imports torch; lazily, so config stays importable alone
-        )
-
-        name = optim.canonical_optimizer_name(v)
-        optim.resolve_optimizer(name)  # the package must be installed (error names `pip install ...`)
-        return name
+        # kohya's spelling of its names; the class is resolved at start-up (train/optim.py check_optimization)
+        return optimizer_name(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _cross_field(self) -> TrainConfig:

@@ -11,13 +11,14 @@
     loop.py           the training loop (`run_training`, `train`)
     model_setup.py    the frozen base models loaded and the DiT prepared with its network and speed levers
     monitor.py        per-step metrics and alerts without a host-device sync on unlogged steps
-    optim.py          optimizers by kohya's `--optimizer_type` names
+    optim.py          optimizers by kohya's `--optimizer_type` names; `check_optimization`, the start-up check of
+                      the optimizer and schedule settings that need their classes
     resume.py         whether and how a run resumes: the state folder, the settings that must not change
     save_plan.py      where network files and states go: kohya's names, retention, no clobbering
     saving.py         what the loop writes to keep work safe, and when: network files and states
     schedulers.py     learning-rate schedules by kohya's `--lr_scheduler` names
-    setup.py          the start of a run shared by train, cache and the benchmarks: seed, tokenizers, dataset,
-                      run plan, optimizer
+    setup.py          the start of a run shared by train, cache and the benchmarks: optimizer/schedule check,
+                      seed, tokenizers, dataset, run plan, optimizer
     tracking.py       TensorBoard / wandb
     training_state.py training-state folders for an exact resume: written atomically, read with checks
     validation.py     validation loss on the held-out images

@@ -50,6 +50,7 @@ from anima_trainer.config import TrainConfig
 from anima_trainer.config.train import MINIMUM_METADATA_KEYS
 from anima_trainer.data import AnimaDataset
 from anima_trainer.data.kohya_summary import bucket_info, dataset_summaries, subset_dir_name
+from anima_trainer.train.optim import optimizer_description
 
 _KOHYA_CAPTION_DEFAULTS = {"caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
                            "caption_tag_dropout_rate": 0.0}
@@ -202,7 +203,7 @@ class RunMetadata:
                  batches_per_epoch: int | None = None, num_processes: int = 1) -> None:
         self.cfg = cfg
         self.resolution = _datasets_resolution(dataset)
-        meta: dict[str, Any] = dict(cfg.to_metadata())
+        meta: dict[str, Any] = dict(cfg.to_metadata(optimizer_description(cfg.optimizer_type, cfg.optimizer_args)))
         meta.update(dataset_metadata(dataset, num_processes=num_processes,
                                      gradient_accumulation_steps=cfg.gradient_accumulation_steps))
         meta.update({

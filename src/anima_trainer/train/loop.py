@@ -247,9 +247,10 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     check_supported(accelerator)
     dist = Distributed.from_accelerator(accelerator)
     # Start-up, before any model file is opened (issue 14 item 4): the options were checked by TrainConfig;
-    # tokenizers → the output-exists check (final file, states) → the dataset scan, all problems at once
-    # (train/setup.py, shared with the `cache` command) → the run lock and the output-exists check of every file
-    # the run will write → the dataset report file.
+    # the optimizer and schedule against their classes (check_optimization) → tokenizers → the output-exists
+    # check (final file, states) → the dataset scan, all problems at once (train/setup.py, shared with the
+    # `cache` command) → the run lock and the output-exists check of every file the run will write → the
+    # dataset report file.
     setup = setup_run(cfg, dist=dist, before_scan=None if cfg.resume else lambda c: _check_outputs(c, None))
     cfg, dataset, plan, run_notices = setup.cfg, setup.dataset, setup.plan, setup.notices
     max_steps, epochs = plan.max_steps, plan.epochs

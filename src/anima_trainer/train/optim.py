@@ -3,6 +3,10 @@
 Resolution of a name (case-insensitive): sd-scripts-anima aliases → kohya's names (table below) → a class of
 torch.optim → a class of pytorch_optimizer → `module.Class`.  Optional packages are imported only when named;
 a missing one is an error naming its `pip install`.  Schedulers live in schedulers.py (re-exported here).
+
+`check_optimization(cfg)` is the start-up half of the optimizer/schedule rules (the other half, which needs no
+class, is TrainConfig's validation: config/optimizer_rules.py): it lives here because every rule it runs asks
+this module (or schedulers.py) for the class; setup_run calls it before any model loads.
 """
 
 from __future__ import annotations
@@ -15,13 +19,22 @@ from typing import Any
 
 import torch
 
-from anima_trainer.config import kohya_options as ko
+from anima_trainer.config import TrainConfig
 from anima_trainer.config.errors import ConfigError, did_you_mean
-from anima_trainer.train.schedulers import build_scheduler, resolve_warmup
+from anima_trainer.config.loader import locate_in_source
+from anima_trainer.config.optimizer_rules import legacy_optimizer_flag, optimizer_name
+from anima_trainer.train.schedulers import (
+    build_scheduler,
+    check_scheduler_args,
+    resolve_scheduler_class,
+    resolve_warmup,
+    schedule_options,
+)
 
-__all__ = ["OptimizerSpec", "build_optimizer", "build_scheduler", "canonical_optimizer_name", "check_optimizer_args",
-           "component_lrs", "effective_lrs", "is_schedule_free", "is_schedule_free_class", "optimizer_description",
-           "resolve_optimizer", "resolve_warmup", "set_optimizer_train_mode", "use_full_half", "uses_relative_step"]
+__all__ = ["OptimizerSpec", "build_optimizer", "build_scheduler", "canonical_optimizer_name", "check_optimization",
+           "check_optimizer_args", "component_lrs", "effective_lrs", "is_schedule_free", "is_schedule_free_class",
+           "optimizer_description", "resolve_optimizer", "resolve_warmup", "set_optimizer_train_mode", "use_full_half",
+           "uses_relative_step"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +88,6 @@ _SPECS = [
     OptimizerSpec("SGDScheduleFree", ("schedulefree.SGDScheduleFree",), "schedulefree"),
 ]
 SPECS: dict[str, OptimizerSpec] = {s.name.lower(): s for s in _SPECS}
-# sd-scripts-anima's underscore aliases (seed_system.md §1.4) and torch's own paths of AdamW
-ALIASES = {**ko.OPTIMIZER_ALIASES, "torch.optim.adamw": "AdamW", "torch.optim.adamw.adamw": "AdamW"}
 
 
 def _optimizer_classes(module: Any) -> dict[str, type]:
@@ -99,8 +110,7 @@ def _find(classes: dict[str, type], name: str) -> str | None:
 def canonical_optimizer_name(value: str) -> str:
     """The stored form of an optimizer_type: kohya's spelling of its names, `torch.optim.X` /
     `pytorch_optimizer.X` for bare class names of those packages, else the dotted path as given."""
-    name = value.strip() or "AdamW"  # kohya's default optimizer_type "" is AdamW
-    name = ALIASES.get(name.lower(), name)
+    name = optimizer_name(value)  # kohya's names and aliases ("" is AdamW), as TrainConfig stores them
     if name.lower() in SPECS:
         return SPECS[name.lower()].name
     if "." in name:
@@ -223,6 +233,66 @@ def check_optimizer_args(optimizer_type: str, optimizer_args: dict[str, Any], lr
         _construct(spec, cls, [torch.zeros(1, requires_grad=True)], 1e-4 if lr is None else lr, optimizer_args)
     except (ValueError, TypeError, RuntimeError) as e:
         raise ValueError(f"{spec.name} rejects {_fmt_args(optimizer_args)}: {e}") from None
+
+
+def check_optimization(cfg: TrainConfig) -> TrainConfig:
+    """The optimizer/schedule rules that need the classes, run at start-up before any model loads (setup_run; the
+    commands also before --output_config writes a file): the optimizer_type is installed and resolves, its
+    optimizer_args fit its signature and values, a schedule-free one runs without a schedule, AdaFactor's
+    relative step goes with its `adafactor` schedule, lr_scheduler_type is a scheduler class taking
+    lr_scheduler_args, and the schedule builds (when the step count is known).  Returns the config with the
+    class-based names kohya-style (`torch.optim.SGD` for "sgd", `module.Class` for lr_scheduler_type); a mistake
+    is a ConfigError naming the option, and the user's file and line (config/loader.py locate_in_source)."""
+    try:
+        return _check_optimization(cfg)
+    except ValueError as e:  # ConfigError too
+        raise ConfigError(locate_in_source(cfg, str(e))) from None
+
+
+def _check_optimization(cfg: TrainConfig) -> TrainConfig:
+    try:
+        name = canonical_optimizer_name(cfg.optimizer_type)
+        spec, cls = resolve_optimizer(name)  # the package must be installed (error names `pip install ...`)
+    except ValueError as e:
+        raise ValueError(f"{legacy_optimizer_flag(cfg) or 'optimizer_type'}: {e}") from None
+    try:
+        check_optimizer_args(name, cfg.optimizer_args, cfg.unet_lr or cfg.learning_rate)
+    except ValueError as e:
+        raise ValueError(f"optimizer_args: {e}") from None
+    if is_schedule_free_class(cls):
+        if cfg.lr_scheduler != "constant" or cfg.lr_warmup_steps or cfg.lr_scheduler_type:
+            hint = ("; for a warm-up use its own optimizer_args warmup_steps=N"
+                    if "warmup_steps" in accepted_args(cls) else "")
+            raise ValueError(
+                f"optimizer_type: '{spec.name}' is schedule-free and needs lr_scheduler = \"constant\" and "
+                f"lr_warmup_steps = 0 (got lr_scheduler = '{cfg.lr_scheduler_type or cfg.lr_scheduler}', "
+                f"lr_warmup_steps = {cfg.lr_warmup_steps}){hint}")
+    if uses_relative_step(name, cfg.optimizer_args):  # config/optimizer_rules.py chose its schedule when unset
+        if cfg.lr_scheduler != "adafactor" or cfg.lr_warmup_steps or cfg.lr_scheduler_type:
+            raise ValueError(
+                f"optimizer_type: AdaFactor with relative_step=True (its default) computes its own step size, "
+                f"so it needs lr_scheduler = \"adafactor\" and lr_warmup_steps = 0 (got lr_scheduler = "
+                f"'{cfg.lr_scheduler_type or cfg.lr_scheduler}', lr_warmup_steps = {cfg.lr_warmup_steps}); "
+                "for a warm-up use optimizer_args warmup_init=True, or set optimizer_args relative_step=False "
+                "(usually with scale_parameter=False) to use learning_rate with any lr_scheduler")
+        if {"learning_rate", "unet_lr"} & cfg.model_fields_set:
+            log.warning("learning_rate/unet_lr: not used by AdaFactor with relative_step=True (it computes "
+                        "its own step size)")
+    elif cfg.lr_scheduler == "adafactor":
+        raise ValueError("lr_scheduler: 'adafactor' reports AdaFactor's own step size; it needs optimizer_type = "
+                         "\"AdaFactor\" with relative_step=True (its default)")
+    scheduler_type = cfg.lr_scheduler_type
+    if scheduler_type:
+        scheduler_cls = resolve_scheduler_class(scheduler_type)
+        scheduler_type = f"{scheduler_cls.__module__}.{scheduler_cls.__name__}"
+        check_scheduler_args(scheduler_cls, cfg.lr_scheduler_args)
+    resolved = {"optimizer_type": name, "lr_scheduler_type": scheduler_type}
+    if any(getattr(cfg, k) != v for k, v in resolved.items()):
+        cfg = cfg.model_copy(update=resolved)
+    if cfg.max_train_epochs is None:  # the step count is known: build the schedule once (as the loop will)
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        build_scheduler(dummy, cfg.lr_scheduler, cfg.max_train_steps, **schedule_options(cfg))
+    return cfg
 
 
 def _construct(spec: OptimizerSpec, cls: type, params: Any, lr: float, args: dict[str, Any]) -> torch.optim.Optimizer:

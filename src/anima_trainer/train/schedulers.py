@@ -28,6 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from anima_trainer.config.errors import ConfigError, did_you_mean
 from anima_trainer.config.kohya_options import KOHYA_SCHEDULERS as SCHEDULERS
+from anima_trainer.config.schedule_rules import parse_step_rules
 
 DEFAULT_TIMESCALE = 10_000  # inverse_sqrt without warm-up or lr_scheduler_timescale (diffusers' default)
 
@@ -56,27 +57,6 @@ def cosine_periods(name: str, num_cycles: float, sd_scripts_anima: bool = False)
 def cosine_value(progress: float, periods: float) -> float:
     """½·(1 + cos(2π·periods·progress)) ∈ [0, 1]: 1 at progress 0; 0 at progress 1 when periods is 0.5."""
     return 0.5 * (1.0 + math.cos(2.0 * math.pi * periods * progress))
-
-
-def parse_step_rules(rules: str) -> tuple[list[tuple[int, float]], float]:
-    """diffusers' piecewise_constant syntax "1:10,0.1:20,0.01": factor 1 before step 10, 0.1 before step 20,
-    then 0.01.  Returns the sorted (end step, factor) pairs and the last factor."""
-    parts = [p.strip() for p in str(rules).split(",") if p.strip()]
-    if not parts:
-        raise ConfigError("step_rules is empty; expected e.g. \"1:100,0.1:200,0.01\"")
-    pairs: list[tuple[int, float]] = []
-    try:
-        for p in parts[:-1]:
-            value, step = p.split(":")
-            pairs.append((int(step), float(value)))
-        last = float(parts[-1])
-    except ValueError:
-        raise ConfigError(f"step_rules {rules!r}: expected 'factor:step,...,factor' (e.g. \"1:100,0.1:200,0.01\"); "
-                         "every item but the last is factor:step, the last is a factor alone") from None
-    steps = [s for s, _ in pairs]
-    if steps != sorted(steps) or len(set(steps)) != len(steps) or any(s < 1 for s in steps):
-        raise ConfigError(f"step_rules {rules!r}: the steps must be increasing and >= 1")
-    return pairs, last
 
 
 class Schedule(LambdaLR):

@@ -1,7 +1,9 @@
 """The start of a run, shared by `train` (loop.run_training), the `cache` command and the benchmarks.
 
-`setup_run(cfg)` resolves the seed (unset: 42), the tokenizer folders and the dataset exactly once and the same
-way for every caller, so a cache built by `anima-trainer cache` holds the very captions `train` asks for.
+`setup_run(cfg)` checks the optimizer and LR schedule against their classes (train/optim.py check_optimization;
+validating a config does not import them) and resolves the seed (unset: 42), the tokenizer folders and the
+dataset exactly once and the same way for every caller, so a cache built by `anima-trainer cache` holds the
+very captions `train` asks for.
 `RunPlan` holds the values derived from the config and the dataset (steps, epochs, the save interval of
 save_n_epoch_ratio): they are passed on explicitly, never written back into the config or onto the dataset.
 `setup_optimization` builds optimizer, LR schedule and gradient scaler as the loop steps them (the benchmark
@@ -31,6 +33,7 @@ from anima_trainer.train.model_setup import check_network_options
 from anima_trainer.train.optim import (
     build_optimizer,
     build_scheduler,
+    check_optimization,
     component_lrs,
     use_full_half,
 )
@@ -96,13 +99,15 @@ class RunSetup:
 def setup_run(cfg: TrainConfig, *, dist: Distributed | None = None,
               command: Literal["train", "cache"] = "train",
               before_scan: Callable[[TrainConfig], None] | None = None) -> RunSetup:
-    """Start-up up to the dataset, before any model file is opened (issue 14's order): the seed, the tokenizers
-    (unset folders: the per-user cache), `before_scan(cfg)` (train: the output-exists check), the network options,
-    the dataset scan (all problems at once) and the checks that need it, and the RunPlan.
+    """Start-up up to the dataset, before any model file is opened (issue 14's order): the optimizer and schedule
+    (check_optimization: the returned `cfg` has their class-based names), the seed, the tokenizers (unset folders:
+    the per-user cache), `before_scan(cfg)` (train: the output-exists check), the network options, the dataset
+    scan (all problems at once) and the checks that need it, and the RunPlan.
 
     `train` verifies every image without a latent cache and names a dataset report file; `cache` decodes them
     anyway.  Both build the dataset with the same seed and validation split, so their caption variants match."""
     dist = dist or Distributed()
+    cfg = check_optimization(cfg)
     seed = run_seed(cfg)
     notices = [*cfg.sd_scripts_anima_notices(), *cfg.text_encoder_notices(), *cfg.vae_compile_notices(),
                *objective_notices(cfg)]
@@ -160,8 +165,11 @@ def setup_optimization(cfg: TrainConfig, network: torch.nn.Module, device: torch
 
 
 def check_trained_llm_adapter_not_cached(cfg: TrainConfig, trains_llm_adapter: bool) -> None:
-    """A config-only check (belongs in config validation; kept here until the config package takes it):
-    cache_llm_adapter_outputs with a trained LLM adapter (train_llm_adapter / train_norm) is a ConfigError."""
+    """cache_llm_adapter_outputs with a trained LLM adapter is a ConfigError.  Not a config-only check: whether
+    anything inside `llm_adapter` trains is known from the built network (`trains_llm_adapter`), not from
+    train_llm_adapter / train_norm alone — target_modules, include/exclude_patterns, network_reg_dims (dim 0
+    skips a module), the modules of network_weights and the DiT's own norms decide it too — so it runs once the
+    network exists, before the first step."""
     if cfg.cache_llm_adapter_outputs and trains_llm_adapter:
         raise ConfigError("cache_llm_adapter_outputs: the LLM adapter is trained (train_llm_adapter or train_norm), "
                           "so its output changes every step and cannot be cached; turn one of them off")
