@@ -108,3 +108,27 @@ def test_changed_optimizer_args_are_applied_and_a_changed_network_weights_is_lis
     assert {g["weight_decay"] for g in run.optimizer.param_groups} == {0.5}
     assert "optimizer_args weight_decay = 0.5 applied" in caplog.text
     assert "changed settings NOT applied" in caplog.text and "network_weights: null →" in caplog.text
+
+
+def test_a_setting_an_older_version_had_is_not_listed_as_changed(setup, finished, tmp_path, caplog):  # noqa: F811
+    """States written before issue 16 hold fields that TrainConfig no longer has (save_model_as, fp8_scaled,
+    fp8_base_unet, unsloth_offload_checkpointing are options of the kohya tables now): they resume without a
+    "changed" line for them, while a real change is still listed."""
+    import hashlib
+    import json
+
+    out = _copy(finished, tmp_path)
+    state = out / f"{NAME}-state"
+    record = json.loads((state / "config.json").read_text(encoding="utf-8"))
+    record.update(save_model_as="safetensors", fp8_scaled=False, fp8_base_unet=False,
+                  unsloth_offload_checkpointing=False)
+    (state / "config.json").write_text(json.dumps(record), encoding="utf-8")
+    meta = json.loads((state / "train_state.json").read_text(encoding="utf-8"))  # as that version wrote it
+    meta["files"]["config.json"] = hashlib.sha256((state / "config.json").read_bytes()).hexdigest()
+    (state / "train_state.json").write_text(json.dumps(meta), encoding="utf-8")
+    with caplog.at_level("INFO"):
+        run_training(_config(setup, tmp_path, "--resume", "latest", "--optimizer_args", "weight_decay=0.5",
+                             steps=3))
+    assert "optimizer_args weight_decay = 0.5 applied" in caplog.text
+    for gone in ("save_model_as", "fp8_scaled", "fp8_base_unet", "unsloth_offload_checkpointing"):
+        assert gone not in caplog.text

@@ -57,7 +57,7 @@ def snapshot_fields(cfg: TrainConfig, network, dataset) -> dict:
         "dataset": _sha(items), "buckets": [list(b) for b in dataset.bucket_table()],
         "batches_per_epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "optimizer_type": cfg.optimizer_type, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision,
-        "fp8_base": f"{cfg.fp8_base or cfg.fp8_base_unet}/{cfg.fp8_format}",  # a different base model
+        "fp8_base": f"{cfg.fp8_base}/{cfg.fp8_format}",  # a different base model
         # the effective batch size of each [[datasets]] (a dataset.toml's batch_size overrides train_batch_size)
         "batch_size": [p.batch_size for p in dataset.params],
         # issue 14: files merged into the base before training (a different base model when they change)
@@ -172,7 +172,8 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     optimizer_args: list[str] = []
     if old is not None:
         new = states.config_record(cfg)
-        keys = [k for k in sorted(set(old) | set(new))
+        # settings that no longer exist (an older version's fields, e.g. save_model_as) are not changes
+        keys = [k for k in sorted(new)
                 if k not in NOT_COMPARED and k not in CRITICAL and old.get(k) != new.get(k)]
         applied = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in keys if k not in STATE_WINS]
         refused = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))} ({STATE_WINS[k]})" for k in keys
