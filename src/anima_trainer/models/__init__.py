@@ -1,12 +1,14 @@
 """What Anima is: the DiT with its LLM adapter, the Qwen3 text encoder with both tokenizers, and the VAE.
 
     attention_backend.py  which SDPA kernel the attention runs, measured once at start-up or named
+    block_runner.py       the loop over the DiT blocks that AnimaDiT holds as `runner`: gradient-checkpointing
+                          depth and mode, block swap, activation offload (`setup_memory`)
     compile.py            torch.compile of the DiT blocks
     diffusers_layout.py   diffusers' folder layout of the Anima pipeline (names, configs, tokenizer folders)
     dit.py                AnimaDiT and `load_dit`
+    fp8.py                float8 storage of frozen weights (per-tensor scaled), computed in the compute dtype
     layers.py             RMSNorm, rotary embedding, q/k-normed attention shared by the DiT and the LLM adapter
     llm_adapter.py        the LLM adapter (Qwen3 states → T5-token context of the DiT)
-    memory.py             memory options of a step: checkpointing depth/mode, activation offload, block swap, fp8
     model_files.py        reading model files: kinds, DiT config from shapes, quantised storage, state dicts
     offload.py            frozen weights and saved activations moved off the accelerator while a step runs
     prompt_syntax.py      ComfyUI's prompt-weight syntax, so captions tokenize as ComfyUI's do

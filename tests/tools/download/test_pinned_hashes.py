@@ -18,7 +18,7 @@ from anima_trainer.tools.download import sources
 from anima_trainer.tools.download.errors import SourceError
 from anima_trainer.tools.download.command import RECORD
 from tests.crash.test_write_path import fsyncs  # noqa: F401 (fixture)
-from tests.download.test_command import ANIMA, _run, model_bytes, test_pins  # noqa: F401 (fixture)
+from tests.tools.download.test_command import ANIMA, _run, model_bytes, test_pins  # noqa: F401 (fixture)
 
 DIT_FILE = sources.DIT.path.rsplit("/", 1)[-1]
 

@@ -8,8 +8,8 @@ import pytest
 
 from anima_trainer.tools.download.fetch import Context
 from anima_trainer.tools.download.transfer import Options
-from tests.download.hub_server import FakeHub
-from tests.download.spm_writer import spm_from_tokenizer_json
+from tests.tools.download.hub_server import FakeHub
+from tests.tools.download.spm_writer import spm_from_tokenizer_json
 
 
 @pytest.fixture

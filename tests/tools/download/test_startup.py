@@ -25,7 +25,7 @@ def cfg(*args: str):
 @pytest.fixture(autouse=True)
 def _qwen_in_the_cache(_online, tokenizers_dir):
     """qwen3 is one file here: its tokenizer comes from the tokenizer cache (HF_HOME), filled as by an earlier run;
-    these tests are about the T5 folder (tests/download/test_tokenizer_cache.py: the cache itself)."""
+    these tests are about the T5 folder (tests/tools/download/test_tokenizer_cache.py: the cache itself)."""
     shutil.copytree(tokenizers_dir / "qwen", with_tokenizer_dirs(cfg()).qwen3_tokenizer_path)
 
 
