@@ -127,11 +127,6 @@ def scan_folder(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return images, rejected
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder` (not recursive), sorted by name."""
-    return scan_folder(folder)[0]
-
-
 def pick_duplicate_stems(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Keep one image per (folder, stem): a.png + a.jpg would share a.txt and one latent-cache name.
     The winner follows EXTENSION_PREFERENCE, then the file name; the others are returned as rejected."""

@@ -115,9 +115,6 @@ class BlockSwapper:
         self._is_swapped = set(self.swapped)
 
     # ------------------------------------------------------------------------------------------ queries --
-    def is_swapped(self, i: int) -> bool:
-        return i in self._is_swapped
-
     def resident(self) -> set[int]:
         """Swapped blocks whose device copy exists (active or still being copied)."""
         return set(self._copies)
