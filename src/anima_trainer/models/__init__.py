@@ -6,6 +6,8 @@
     compile.py            torch.compile of the DiT blocks
     diffusers_layout.py   diffusers' folder layout of the Anima pipeline (names, configs, tokenizer folders)
     dit.py                AnimaDiT and `load_dit`
+    flow_maths.py         rectified flow: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, the flow loss (training and
+                          evaluation share it)
     fp8.py                float8 storage of frozen weights (per-tensor scaled), computed in the compute dtype
     layers.py             RMSNorm, rotary embedding, q/k-normed attention shared by the DiT and the LLM adapter
     llm_adapter.py        the LLM adapter (Qwen3 states → T5-token context of the DiT)
