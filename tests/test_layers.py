@@ -39,6 +39,9 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "what is trained: adapter modules injected into the models, their files as ComfyUI reads them"),
     ("sample", ("sample",),
      "the sampler and preview images; training draws previews with it"),
+    ("evaluation", ("evaluation",),
+     "measurements of a network against its frozen base (held-out loss, preservation drift, trigger response) "
+     "and the prompt bank, on models, networks and sample; below tools and train, which call them"),
     ("tools", ("tools",),
      "file tools (download, inspect, convert, merge) on top of models and networks; training's start-up "
      "uses the downloader to complete tokenizer folders, so tools sit below train"),

@@ -11,6 +11,7 @@ The package, lowest layer first (imports point down only; tests/test_layers.py, 
     models/          the DiT, the LLM adapter, the Qwen3 text encoder, the VAE, model files
     networks/        LoRA / LoKr / LoHa injected into the models, and their files
     sample/          the flow sampler and the previews
+    evaluation/      held-out loss, preservation drift, trigger response; the prompt bank
     tools/           download, inspect, convert, merge
     train/           the objective, the loop, the optimizer, saving and resuming
     cli.py           `anima-trainer` and its commands (__main__.py: `python -m anima_trainer`); demo.py: the

@@ -1,7 +1,8 @@
 """Validation loss on the held-out images (validation_split), comparable over a run.
 
 A training loss curve mixes random σ, random noise and random captions; a validation loss that should show
-over- or underfitting must not.  So everything is fixed at start-up, once (`Validator.build`):
+over- or underfitting must not.  So everything is fixed at start-up, once (`Validator.build`), and the loss is
+evaluation/heldout.py's held-out flow loss — the definition evaluation uses too, so their numbers agree:
   * the images and captions of `data.validation.ValidationSet` (no augmentation, no caption randomness);
   * their latents: encoded once with the VAE and kept on the CPU in fp32 (held-out images are few; the
     training latent cache never contains them);
@@ -25,47 +26,39 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from anima_trainer.cache.build import latent_mask
 from anima_trainer.config import ConfigError
 from anima_trainer.data.validation import ValidationSet
-from anima_trainer.train.flow import flow_loss, noisy_input
+from anima_trainer.evaluation.heldout import (
+    VALIDATION_SIGMAS,
+    HeldoutBatch,
+    check_sigmas,
+    heldout_batches,
+    heldout_loss,
+)
+from anima_trainer.evaluation.results import sigma_scalar_key
 
 log = logging.getLogger(__name__)
 
-# kohya's validation timesteps 200 / 400 / 600 / 800 (of 1000) as flow-matching σ
-VALIDATION_SIGMAS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+LOSS_KEY = "val/loss"
 
 
 def sigma_key(sigma: float) -> str:
     """Log key of one σ band, e.g. `val/loss_sigma_0.2`."""
-    return f"val/loss_sigma_{sigma:g}"
-
-
-@dataclass
-class ValidationBatch:
-    """One fixed validation batch, on the CPU: latents and noise [B, 16, 1, h, w] fp32, captions, loss mask."""
-
-    latents: torch.Tensor
-    noise: torch.Tensor
-    captions: list[str]
-    mask: torch.Tensor | None  # [B, 1, 1, h, w] at latent resolution (alpha_mask), or None
+    return sigma_scalar_key(LOSS_KEY, sigma)
 
 
 class Validator:
     """Fixed validation batches + σ values; `run` gives the validation losses."""
 
-    def __init__(self, batches: list[ValidationBatch], *, sigmas: tuple[float, ...] = VALIDATION_SIGMAS,
+    def __init__(self, batches: list[HeldoutBatch], *, sigmas: tuple[float, ...] = VALIDATION_SIGMAS,
                  seed: int = 0, loss_type: str = "l2", huber_c: float = 0.1,
                  every_n_steps: int | None = None, every_n_epochs: int | None = None) -> None:
         if not batches:
             raise ValueError("a Validator needs at least one validation batch")
-        if not sigmas or not all(0.0 < s < 1.0 for s in sigmas):
-            raise ValueError(f"validation σ values must lie in (0, 1), got {sigmas}")
-        self.batches, self.sigmas, self.seed = batches, tuple(float(s) for s in sigmas), seed
+        self.batches, self.sigmas, self.seed = batches, check_sigmas(sigmas, "validation"), seed
         self.loss_type, self.huber_c = loss_type, huber_c
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
 
@@ -80,18 +73,7 @@ class Validator:
         """Encode the first `max_batches` batches of a `data.validation.ValidationSet` once (`encode`: images
         [B, 3, H, W] in [0, 1] on `device` → latents [B, 16, 1, h, w], e.g. `vae.encode`) and draw their fixed
         noise.  `kwargs` go to the constructor (sigmas, seed, loss_type, huber_c, every_n_*)."""
-        plan = validation.batches()
-        if max_batches is not None:
-            plan = plan[:max_batches]
-        batches = []
-        for indices in plan:
-            batch = validation.load_batch(indices)
-            latents = encode(batch.images.to(device)).float().cpu()
-            noise = torch.stack([
-                torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(validation.noise_seed(i)))
-                for i in indices])
-            mask = None if batch.masks is None else latent_mask(batch.masks, latents.shape[-2:])
-            batches.append(ValidationBatch(latents, noise, list(batch.captions), mask))
+        batches = heldout_batches(validation, encode, device=device, max_batches=max_batches)
         return cls(batches, **kwargs)
 
     def due_at_step(self, step: int) -> bool:
@@ -108,32 +90,9 @@ class Validator:
         """{"val/loss": mean, "val/loss_sigma_0.2": ..., ...} of `dit` (with its injected network) on the fixed
         batches; `context_fn(captions)` → DiT context (the loop's `TextConditioner.context`).  The RNG state
         of the caller is unchanged afterwards."""
-        device = torch.device(device)
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
-        sums = dict.fromkeys(self.sigmas, 0.0)
-        count = 0
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            # anything random in the model (nothing in eval mode) repeats; only the forked generators are seeded
-            torch.default_generator.manual_seed(self.seed)
-            if cuda:
-                with torch.cuda.device(cuda[0]):
-                    torch.cuda.manual_seed(self.seed)
-            for batch in self.batches:
-                latents, noise = batch.latents.to(device), batch.noise.to(device)
-                mask = None if batch.mask is None else batch.mask.to(device)
-                context = context_fn(batch.captions)
-                n = latents.shape[0]
-                for s in self.sigmas:
-                    sigma = torch.full((n,), s, dtype=torch.float32, device=device)
-                    pred = dit(noisy_input(latents, noise, sigma), sigma, context)
-                    loss = flow_loss(pred, noise - latents, sigma, loss_type=self.loss_type, huber_c=self.huber_c,
-                                     weighting_scheme="uniform", mask=mask)
-                    sums[s] += float(loss) * n
-                count += n
-        out = {sigma_key(s): total / count for s, total in sums.items()}
-        out = {"val/loss": sum(out.values()) / len(out), **out}
-        return out
+        metric = heldout_loss(dit, self.batches, context_fn, device, sigmas=self.sigmas, seed=self.seed,
+                              loss_type=self.loss_type, huber_c=self.huber_c)
+        return metric.scalars(LOSS_KEY)
 
 
 def check_validation(cfg, dataset) -> bool:

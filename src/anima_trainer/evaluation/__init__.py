@@ -1,0 +1,21 @@
+"""Measuring a network against its frozen base, reproducibly: the numbers `anima-trainer eval`, the training
+run's evaluation and the report share.  Pure functions of the DiT, the injected network, encoded prompts and
+fixed seeds; below train (the loop calls them) and tools.
+
+    drift.py        preservation drift, trigger response (relative velocity change vs the base, multiplier 0)
+                    and the leak score
+    heldout.py      held-out flow loss per σ bucket (fixed noise and σ: what the run's validation computes)
+    prompt_bank.py  the built-in anime prompt bank, kohya prompt files, the trigger put in or left out
+    results.py      `SigmaMetric`: a value per σ bucket and overall, JSON and tracker scalars
+    strength.py     a network held at one multiplier (0 = the base) in eval mode for a measurement
+"""
+
+from anima_trainer.evaluation.drift import leak_score, preservation_drift, trigger_response, velocity_change
+from anima_trainer.evaluation.heldout import VALIDATION_SIGMAS, HeldoutBatch, heldout_batches, heldout_loss
+from anima_trainer.evaluation.prompt_bank import BankPrompt, builtin_bank, load_prompt_bank, trigger_pairs
+from anima_trainer.evaluation.results import SigmaMetric
+from anima_trainer.evaluation.strength import at_strength
+
+__all__ = ["VALIDATION_SIGMAS", "BankPrompt", "HeldoutBatch", "SigmaMetric", "at_strength", "builtin_bank",
+           "heldout_batches", "heldout_loss", "leak_score", "load_prompt_bank", "preservation_drift", "trigger_pairs",
+           "trigger_response", "velocity_change"]
