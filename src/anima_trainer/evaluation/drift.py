@@ -52,26 +52,28 @@ def _stack_contexts(contexts: torch.Tensor | Sequence[torch.Tensor]) -> torch.Te
     return torch.stack(rows)
 
 
-def _device_of(dit: nn.Module) -> torch.device:
-    return next(dit.parameters()).device
+def _device_of(dit: nn.Module, device: torch.device | str | None) -> torch.device:
+    """`device`, or where the DiT's first parameter lives (give it with block swap, which parks blocks on the CPU)."""
+    return torch.device(device) if device is not None else next(dit.parameters()).device
 
 
 @torch.no_grad()
 def velocity_change(dit: nn.Module, network: nn.Module, contexts: torch.Tensor | Sequence[torch.Tensor], *,
                     seeds: Sequence[int], sigmas: Sequence[float] = VALIDATION_SIGMAS, strength: float = 1.0,
                     latent_size: tuple[int, int] = PROBE_LATENT_SIZE, batch_size: int = 8,
-                    name: str = "velocity_change") -> SigmaMetric:
+                    device: torch.device | str | None = None, name: str = "velocity_change") -> SigmaMetric:
     """Mean ‖v_adapted − v_base‖² / ‖v_base‖² per σ bucket over every (context, seed) pair (module docstring),
     with `network` (injected into `dit`) at multiplier `strength`.  `contexts`: the encoded prompts, [P, L, D]
     or P tensors of one shape; they are inputs, so a text-encoder part of the network is not measured.  Runs
-    `batch_size` pairs per forward; the numbers repeat bit for bit for the same inputs, device and batch size.
+    `batch_size` pairs per forward on `device` (default: the DiT's); the numbers repeat bit for bit for the same
+    inputs, device and batch size.
     The network's multipliers and training mode are restored afterwards."""
     sigmas = check_sigmas(sigmas)
     if not seeds:
         raise ValueError(f"{name} needs at least one seed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = _device_of(dit)
+    device = _device_of(dit, device)
     context_rows = _stack_contexts(contexts).to(device)
     pairs = [(p, int(s)) for p in range(context_rows.shape[0]) for s in seeds]
     shape = (LATENT_CHANNELS, 1, *latent_size)
@@ -107,7 +109,7 @@ def velocity_change(dit: nn.Module, network: nn.Module, contexts: torch.Tensor |
 def preservation_drift(dit: nn.Module, network: nn.Module, contexts: torch.Tensor | Sequence[torch.Tensor],
                        **kwargs) -> SigmaMetric:
     """`velocity_change` on prompts **without** the trigger: how much the network moves what it should leave
-    alone.  kwargs: seeds, sigmas, strength, latent_size, batch_size."""
+    alone.  kwargs: seeds, sigmas, strength, latent_size, batch_size, device."""
     return velocity_change(dit, network, contexts, name="preservation_drift", **kwargs)
 
 

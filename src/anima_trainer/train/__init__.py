@@ -4,8 +4,8 @@
     distributed.py    data-parallel training over processes started by `accelerate launch` / `torchrun`
     events.py         the run's event log and the resolved-config file
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
-    flow.py           rectified-flow maths and the objective: timestep sampling, noising, velocity target, loss
-                      weighting, `training_step`, per-sample noise seeds
+    flow.py           rectified-flow maths and the objective: timestep sampling, noise options, `training_step`,
+                      per-sample noise seeds (noising and the loss: models/flow_maths.py)
     inputs.py         what a step consumes: captions → DiT context, cached latents
     lock.py           one run per output_dir / output_name
     loop.py           the training loop (`run_training`, `train`)
