@@ -84,9 +84,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)",
                        description="Model files: a JSON summary.  Network files: algorithms, ranks/alphas, targets, "
                        "per-module delta norms, NaN/Inf, unknown and duplicate keys (text, or JSON with --json); "
-                       "exit 1 when a network file is broken.")
+                       "exit 1 when a network file is broken.  --analysis adds the weight analysis "
+                       "(docs/evaluation.md): the update's Frobenius norm, effective rank and top singular-value "
+                       "energy per module, and its share per block type and per block.")
     p.add_argument("files", nargs="+", metavar="FILE", help=".safetensors files (models or networks)")
     p.add_argument("--json", action="store_true", help="network files: print the report as JSON")
+    p.add_argument("--analysis", action="store_true", help="network files: add the weight analysis (energy of the "
+                   "update per block type and per block, effective ranks, the largest modules); other files are an "
+                   "error")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="with --analysis: list the N largest modules "
+                   "(default 10)")
     p.add_argument("--dit", default=None, help="network files: take module names/shapes from this DiT's header "
                    "(default: the 28-block 2B layout)")
     p.add_argument("--qwen3", default=None, help="network files with text-encoder modules: take their names from "
@@ -173,8 +180,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from anima_trainer.models.model_files import ModelFileError, _network_types, inspect_file, read_header
     from anima_trainer.networks import NetworkError
+    from anima_trainer.networks.analysis import analyse_network_file
     from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
-    from anima_trainer.tools.inspect import format_report, inspect_network
+    from anima_trainer.tools.inspect import format_analysis, format_report, inspect_network
 
     status = 0
     meta_dit = meta_te = None
@@ -184,13 +192,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if info.kind == "unknown" and Path(f).is_file() and _network_types(list(read_header(f)[0])):
                 info.kind = "network"  # adapter suffixes on names ComfyUI does not know: report why
             if info.kind != "network":
+                if args.analysis:
+                    raise NetworkError(f"{f}: a {info.kind} file, not a network file; --analysis reads adapter "
+                                       "files (LoRA, LoKr, LoHa, norm diffs)")
                 print(json.dumps(info.summary(), indent=2))
                 continue
             meta_dit = meta_dit or build_meta_dit(args.dit)
             meta_te = meta_te or (build_meta_qwen3(args.qwen3) if args.qwen3 else None)
             report = inspect_network(f, meta_dit, check_shapes=args.dit is not None, text_encoder=meta_te)
             report = {**info.summary(), **report}
+            analysis = None
+            if args.analysis and report["broken"]:
+                print(f"error: {f}: not analysed, the file is broken ({'; '.join(report['broken'])})",
+                      file=sys.stderr)
+            elif args.analysis:
+                analysis = analyse_network_file(f, meta_dit, meta_te)
+                if args.json:
+                    report["analysis"] = analysis.to_dict()
             print(json.dumps(report, indent=2) if args.json else format_report(report))
+            if analysis is not None and not args.json:
+                print(format_analysis(analysis, top=args.top))
             if report["broken"]:
                 status = max(status, 1)
         except (ModelFileError, NetworkError) as e:
