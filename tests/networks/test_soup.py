@@ -150,3 +150,23 @@ def test_bf16_files_keep_their_dtype(dit, tmp_path):
     k = next(k for k in ta if k.endswith(".lora_down.weight"))
     assert to[k].dtype == torch.bfloat16
     assert torch.equal(to[k], ((ta[k].double() + tb[k].double()) / 2).to(torch.bfloat16))
+
+
+def test_soup_delta_is_the_mean_delta_less_the_deviation_term(dit, pair, tmp_path):
+    """docs/evaluation.md's identity: mean(s·BᵢAᵢ) − s·B̄Ā = s·Σwᵢ·bᵢaᵢ (bᵢ, aᵢ the deviations from the mean)."""
+    a, b = pair
+    out = tmp_path / "soup.safetensors"
+    assert main(["merge", "--average", str(a), str(b), "--weights", "3", "1", "--out", str(out)]) == 0
+    stem = "diffusion_model.blocks.0.self_attn.q_proj"
+    (ta, _), (tb, _), (to, _) = read(a), read(b), read(out)
+    s = float(to[stem + ".alpha"]) / to[stem + ".lora_down.weight"].shape[0]
+    w = (0.75, 0.25)
+    ups = [t[stem + ".lora_up.weight"].double() for t in (ta, tb)]
+    downs = [t[stem + ".lora_down.weight"].double() for t in (ta, tb)]
+    mean_delta = sum(wi * s * u @ d for wi, u, d in zip(w, ups, downs, strict=True))
+    soup_delta = s * to[stem + ".lora_up.weight"].double() @ to[stem + ".lora_down.weight"].double()
+    up_bar, down_bar = sum(wi * u for wi, u in zip(w, ups, strict=True)), sum(wi * d for wi, d in zip(w, downs,
+                                                                                                      strict=True))
+    deviation = sum(wi * s * (u - up_bar) @ (d - down_bar) for wi, u, d in zip(w, ups, downs, strict=True))
+    torch.testing.assert_close(mean_delta - soup_delta, deviation, rtol=0, atol=1e-6)
+    assert float(deviation.norm()) > 1e-3  # unrelated random factors: the soup is not the mean update
