@@ -207,13 +207,13 @@ def _module_stats(target: str, patch: tuple, base: torch.Tensor | None) -> Modul
     if shape is None:
         return "the update's shape needs the base weight (give the DiT)"
     exact_dora = dora and base is not None  # ΔW = decomposed(W + scale·ΔW_lowrank) − W: formed in full
-    w0 = base.float() if exact_dora else torch.zeros(shape)
     sigma = None
     if kind == "lora":
         reduced = _lora_sigma(patch, shape)
         if reduced is not None:
             sigma, delta = reduced
     if sigma is None:
+        w0 = base.float() if exact_dora else torch.zeros(shape)
         delta = delta_weight(patch, w0, 1.0) - w0
         if kind == "lokr" and not exact_dora:
             sigma = _kron_sigma(patch, delta)
