@@ -1,10 +1,11 @@
 """`anima-trainer <command>`: thin argument parsing that hands off to one stage.
 
 Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build disk caches), `inspect FILE...`
-(what a file is; network files get a full report), `convert-network` (ComfyUI ↔ kohya names), `merge` (bake
-networks into a DiT checkpoint), `demo` (tiny built-in model: train a LoRA, sample before/after), `sample`
-(text → PNG with the flow Euler sampler), `convert-config` (root-style Anima_Trainer TOML → kohya pair),
-`config-reference` (every training setting as markdown), `download` (the models and tokenizers, verified).
+(what a file is; network files get a full report, `--analysis` the weight analysis), `convert-network` (ComfyUI ↔
+kohya names), `merge` (bake networks into a DiT checkpoint; `--average`: a checkpoint soup of networks), `demo`
+(tiny built-in model: train a LoRA, sample before/after), `sample` (text → PNG with the flow Euler sampler),
+`convert-config` (root-style Anima_Trainer TOML → kohya pair), `config-reference` (every training setting as
+markdown), `download` (the models and tokenizers, verified).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 
 Errors: a user's mistake (a bad setting, a missing or wrong file) prints one `error:` line and exits 2; any other
@@ -84,9 +85,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print what a model/network file is (kind, inferred config, dtype, params)",
                        description="Model files: a JSON summary.  Network files: algorithms, ranks/alphas, targets, "
                        "per-module delta norms, NaN/Inf, unknown and duplicate keys (text, or JSON with --json); "
-                       "exit 1 when a network file is broken.")
+                       "exit 1 when a network file is broken.  --analysis adds the weight analysis "
+                       "(docs/evaluation.md): the update's Frobenius norm, effective rank and top singular-value "
+                       "energy per module, and its share per block type and per block.")
     p.add_argument("files", nargs="+", metavar="FILE", help=".safetensors files (models or networks)")
     p.add_argument("--json", action="store_true", help="network files: print the report as JSON")
+    p.add_argument("--analysis", action="store_true", help="network files: add the weight analysis (energy of the "
+                   "update per block type and per block, effective ranks, the largest modules); other files are an "
+                   "error")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="with --analysis: list the N largest modules "
+                   "(default 10)")
     p.add_argument("--dit", default=None, help="network files: take module names/shapes from this DiT's header "
                    "(default: the 28-block 2B layout)")
     p.add_argument("--qwen3", default=None, help="network files with text-encoder modules: take their names from "
@@ -110,18 +118,28 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     p = sub.add_parser("merge", help="bake LoRA/LoKr/LoHa files into a DiT checkpoint (ComfyUI's math), and "
-                       "their text-encoder modules into a Qwen3 file with --qwen3/--qwen3-out")
+                       "their text-encoder modules into a Qwen3 file with --qwen3/--qwen3-out; or average networks "
+                       "of one structure into one network file (--average A B ... --out OUT)",
+                       description="Bake: --dit BASE --network FILE[:MUL]... --out OUT (and/or --qwen3 BASE "
+                       "--qwen3-out OUT).  Checkpoint soup: --average A B ... --out OUT [--weights WA WB ...] writes "
+                       "the tensor-wise mean of the networks' factors as a network file (docs/evaluation.md).")
     p.add_argument("--dit", default=None, help="base DiT .safetensors (its key layout and dtype are kept)")
-    p.add_argument("--network", action="append", required=True, metavar="FILE[:MUL]",
+    p.add_argument("--network", action="append", default=None, metavar="FILE[:MUL]",
                    help="network file with optional strength (default 1.0); repeatable, applied in order")
-    p.add_argument("--out", default=None, help="merged DiT .safetensors (with --dit)")
+    p.add_argument("--average", nargs="+", default=None, metavar="FILE",
+                   help="checkpoint soup: network files of one structure (same keys, ranks, alphas, algorithm), "
+                   "averaged tensor by tensor into the network file --out")
+    p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
+                   help="with --average: one weight per file (normalised to sum 1; default equal)")
+    p.add_argument("--out", default=None, help="merged DiT .safetensors (with --dit); the averaged network "
+                   "(with --average)")
     p.add_argument("--qwen3", default=None, help="base Qwen3 text encoder (single file or bundle) to bake the "
                    "networks' text-encoder modules into (its key layout and dtypes are kept)")
     p.add_argument("--qwen3-out", "--qwen3_out", dest="qwen3_out", default=None,
                    help="merged Qwen3 .safetensors (with --qwen3)")
     p.add_argument("--save_precision", choices=DTYPE_NAMES, default=None,
                    help="dtype of the merged weights (DiT, and Qwen3 with --qwen3; default: as in the input)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --qwen3-out) if it exists")
 
     p = sub.add_parser("convert-config", help="root-style Anima_Trainer TOML → kohya train.toml + dataset.toml",
                        description="Maps every key of the root schema (docs/migration.md), prints what went where "
@@ -173,8 +191,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from anima_trainer.models.model_files import ModelFileError, _network_types, inspect_file, read_header
     from anima_trainer.networks import NetworkError
+    from anima_trainer.networks.analysis import analyse_network_file
     from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
-    from anima_trainer.tools.inspect import format_report, inspect_network
+    from anima_trainer.tools.inspect import format_analysis, format_report, inspect_network
 
     status = 0
     meta_dit = meta_te = None
@@ -184,13 +203,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if info.kind == "unknown" and Path(f).is_file() and _network_types(list(read_header(f)[0])):
                 info.kind = "network"  # adapter suffixes on names ComfyUI does not know: report why
             if info.kind != "network":
+                if args.analysis:
+                    raise NetworkError(f"{f}: not a network file (it reads as {info.kind!r}); --analysis reads "
+                                       "adapter files (LoRA, LoKr, LoHa, norm diffs)")
                 print(json.dumps(info.summary(), indent=2))
                 continue
             meta_dit = meta_dit or build_meta_dit(args.dit)
             meta_te = meta_te or (build_meta_qwen3(args.qwen3) if args.qwen3 else None)
             report = inspect_network(f, meta_dit, check_shapes=args.dit is not None, text_encoder=meta_te)
             report = {**info.summary(), **report}
+            analysis = None
+            if args.analysis and report["broken"]:
+                print(f"error: {f}: not analysed, the file is broken ({'; '.join(report['broken'])})",
+                      file=sys.stderr)
+            elif args.analysis:
+                analysis = analyse_network_file(f, meta_dit, meta_te)
+                if args.json:
+                    report["analysis"] = analysis.to_dict()
             print(json.dumps(report, indent=2) if args.json else format_report(report))
+            if analysis is not None and not args.json:
+                print(format_analysis(analysis, top=args.top))
             if report["broken"]:
                 status = max(status, 1)
         except (ModelFileError, NetworkError) as e:
@@ -222,6 +254,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from anima_trainer.tools.convert import parse_network_arg
     from anima_trainer.tools.merge import merge_networks, merge_text_encoder
 
+    if args.average is not None:
+        return _merge_average(args)
+    if args.weights is not None:
+        raise NetworkError("merge: --weights goes with --average (the strength of a baked network is "
+                           "--network FILE:MUL)")
+    if not args.network:
+        raise NetworkError("merge: give --network FILE[:MUL] (repeatable) to bake, or --average A B ... --out OUT "
+                           "to average networks")
     if (args.dit is None) != (args.out is None) or (args.qwen3 is None) != (args.qwen3_out is None):
         raise NetworkError("merge: --dit needs --out and --qwen3 needs --qwen3-out (each base with its output)")
     if args.dit is None and args.qwen3 is None:
@@ -245,6 +285,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for f, n in result["networks"].items():
             print(f"{f}: {n} text-encoder weights patched")
         print(result["written"])
+    return 0
+
+
+def _merge_average(args: argparse.Namespace) -> int:
+    """`merge --average`: the checkpoint soup (tools/merge.average_networks)."""
+    from anima_trainer.networks import NetworkError
+    from anima_trainer.tools.merge import average_networks
+
+    extra = [flag for flag, value in (("--network", args.network), ("--dit", args.dit), ("--qwen3", args.qwen3),
+                                      ("--qwen3-out", args.qwen3_out)) if value is not None]
+    if extra:
+        raise NetworkError(f"merge --average writes a network file, not a model: {', '.join(extra)} cannot go with "
+                           "it (average first, then bake the result with --dit/--network)")
+    if args.out is None:
+        raise NetworkError("merge --average needs --out OUT (the averaged network .safetensors)")
+    dtype = _dtype(args.save_precision) if args.save_precision else None
+    result = average_networks(args.average, args.out, weights=args.weights, save_dtype=dtype,
+                              overwrite=args.overwrite)
+    for f, w in zip(result["files"], result["weights"], strict=True):
+        print(f"{f}: weight {w:.4g}")
+    print(f"{result['written']}: the mean of {len(result['files'])} networks ({result['tensors']} tensors)")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Measuring a network against its frozen base, reproducibly: the numbers `anima-trainer eval`, the training
-run's evaluation and the report share.  Pure functions of the DiT, the injected network, encoded prompts and
+"""Measuring a network against its frozen base, reproducibly: the numbers that the run's validation uses today
+and that the planned `anima-trainer eval`, in-training evaluation and report (issue 17, not built yet) will share.
+Pure functions of the DiT, the injected network, encoded prompts and
 fixed seeds; below train (the loop calls them) and tools.
 
     drift.py        preservation drift, trigger response (relative velocity change vs the base, multiplier 0)

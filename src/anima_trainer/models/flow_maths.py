@@ -2,7 +2,7 @@
 
 x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0 (docs/anima_arch.md §7, kohya_anima.md §4.2–4.3).  The training
 objective (train/flow.py) and the held-out measurements (evaluation/heldout.py, which the run's validation
-uses) share these definitions, so a loss logged by validation and one computed by `anima-trainer eval` are the
+uses) share these definitions, so a loss logged by validation and one computed by evaluation/heldout.py are the
 same number for the same inputs.
 """
 

@@ -1,5 +1,6 @@
 """What is trained: adapter networks injected into the DiT, and adapter files as ComfyUI reads them.
 
+    analysis.py          weight analysis of a network file: |dW|, effective rank, energy per block type/block
     base.py              AdapterNetwork: what LoRA, LoKr and LoHa share (targets, injection, norms, max-norm)
     convert.py           adapter key names: any naming read, renamed to ComfyUI / kohya names
     create.py            `create_network`: the algorithm table and the one entry point

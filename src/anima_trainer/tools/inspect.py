@@ -10,6 +10,8 @@ kohya's `lora_te_*` keys are valid but ComfyUI skips them: a warning, not a brea
 A file is *broken* (non-zero exit) when it has NaN/Inf values, keys ComfyUI would not load, patches that do not
 fit the model's shapes, or the same module under two names.  All-zero factors or branches are warnings only
 (a freshly initialised LoRA has a zero `lora_up`).
+`format_analysis` prints networks/analysis.py's weight analysis (`inspect --analysis`): the update's energy per
+block type and per block, effective ranks, and the largest modules.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anima_trainer.networks.analysis import GroupStats, NetworkAnalysis
 from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3, linear_paths, read_network
 from anima_trainer.networks.diffusers_format import diffusers_to_comfy, reads_as_diffusers, unmatched_diffusers_keys
 from anima_trainer.networks.formats import (
@@ -247,4 +250,41 @@ def format_report(r: dict) -> str:
     ok = (f"  OK: {loader} loads every key" if not r.get("comfy_skipped_keys") else
           "  OK: ComfyUI loads every key but the kohya-named text-encoder ones")
     lines.append("  BROKEN: " + "; ".join(r["broken"]) if r["broken"] else ok)
+    return "\n".join(lines)
+
+
+def _num(x: float | None, fmt: str = ".3g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_analysis(a: NetworkAnalysis, top: int = 10) -> str:
+    """Text for `anima-trainer inspect --analysis`: the update's energy per block type and per block, and the
+    largest modules (definitions: docs/evaluation.md, "Weight analysis")."""
+    lines = [f"{a.file}: weight analysis of {len(a.modules)} module(s) at strength 1; total |dW|_F "
+             f"{a.total_norm:.6g}",
+             "  share = part of the total |dW|_F^2; erank = effective rank exp(H(s_i/sum s)) (Roy & Vetterli); "
+             "top = s_1^2/sum s^2; srank = sum s^2/s_1^2"]
+
+    def group_table(title: str, groups: list[GroupStats], bar: bool) -> None:
+        lines.append(f"  {title:<22} {'modules':>7} {'share':>7} {'|dW|_F':>10} {'erank':>7} {'top':>6}")
+        for g in groups:
+            tail = "  " + "#" * round(g.share * 40) if bar else ""
+            lines.append(f"  {g.name:<22} {g.modules:>7} {g.share:>7.1%} {g.norm:>10.4g} "
+                         f"{_num(g.mean_effective_rank, '.3g'):>7} {_num(g.mean_top_energy, '.2f'):>6}{tail}")
+
+    group_table("block type", a.by_type, bar=True)
+    group_table("block", a.by_block, bar=True)
+    lines.append(f"  top {min(top, len(a.modules))} module(s) by |dW|_F:")
+    lines.append(f"    {'module':<48} {'algo':<6} {'shape':<12} {'|dW|_F':>10} {'share':>7} {'erank':>7} "
+                 f"{'srank':>7} {'top':>6}")
+    for m in a.top_modules(top):
+        share = m.energy / a.total_energy if a.total_energy else 0.0
+        shape = "x".join(str(d) for d in m.shape)
+        lines.append(f"    {m.target:<48} {m.algorithm:<6} {shape:<12} {m.norm:>10.4g} {share:>7.1%} "
+                     f"{_num(m.effective_rank):>7} {_num(m.stable_rank):>7} {_num(m.top_energy, '.2f'):>6}")
+    notes = sorted({m.note for m in a.modules if m.note})
+    for note in notes:
+        lines.append(f"  note: {sum(m.note == note for m in a.modules)} module(s): {note}")
+    for target, why in a.skipped.items():
+        lines.append(f"  skipped {target}: {why}")
     return "\n".join(lines)

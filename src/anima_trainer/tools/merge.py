@@ -8,6 +8,9 @@
   merge_networks does for the DiT).  Text-encoder keys in ComfyUI (`text_encoders.qwen3_06b.
   transformer.model.*`), kohya (`lora_te_*`) or PEFT (`text_encoder.*`) naming are all read.
 
+* `average_networks(files, out, weights=None)`: `merge --average`, the checkpoint soup — the tensor-wise
+  (weighted) mean of networks of one structure, written as a network file (not baked into a model).
+
 Training's own merge (kohya's `base_weights`, into the loaded DiT before the network is injected) is
 networks/merge.py.
 """
@@ -28,12 +31,14 @@ from anima_trainer.models.model_files import QUANT_METADATA, expect_kind, quant_
 from anima_trainer.models.dit import load_dit
 from anima_trainer.models.text import QWEN_FLAG, weight_sources, load_qwen3
 from anima_trainer.networks.convert import (
+    LORA_AB_META,
     ModuleTable,
     check_finite_network,
     comfy_named_file,
     convert_state_dict,
     read_network,
 )
+from anima_trainer.networks.diffusers_format import ALPHAS_META
 from anima_trainer.networks.formats import (
     NetworkError,
     apply_network_file,
@@ -41,6 +46,7 @@ from anima_trainer.networks.formats import (
     is_text_encoder_key,
     te_comfy_key_map,
 )
+from anima_trainer.networks.hashes import addnet_hash_safetensors, with_hashes
 
 
 
@@ -173,3 +179,98 @@ def merge_text_encoder(qwen3: str | Path, networks: list[tuple[str, float]], out
     check_writable(out, overwrite)
     atomic_save(tensors, out, meta, what="merged text encoder ")
     return {"written": str(out), "networks": done}
+
+
+# ------------------------------------------------------------------------------------- checkpoint soup --
+
+SOUP_META = "anima_trainer_soup"
+_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora_A", ".lora_A.default.weight", ".hada_w1_b",
+                  ".hada_w2_b", ".lokr_w1_b", ".lokr_w2_b")
+_UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight", ".lora_B", ".lora_B.default.weight", ".hada_w1_a",
+                ".hada_w2_a", ".lokr_w1_a", ".lokr_w2_a")
+# metadata that changes what the same tensors mean: the algorithm, diffusers' folded alphas, kohya/PEFT spellings
+_STRUCTURE_META = ("ss_network_module", ALPHAS_META, LORA_AB_META)
+
+
+def _first_difference(a: dict[str, torch.Tensor], ma: dict[str, str], b: dict[str, torch.Tensor],
+                      mb: dict[str, str]) -> str | None:
+    """What first makes network b a different structure from network a (keys, shapes/ranks, alphas, algorithm),
+    or None when the two can be averaged tensor by tensor."""
+    for key in _STRUCTURE_META:
+        if ma.get(key) != mb.get(key):
+            what = "algorithm (ss_network_module)" if key == "ss_network_module" else f"metadata {key}"
+            return f"{what}: {ma.get(key)!r} vs {mb.get(key)!r}"
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        first = min(only_a + only_b)
+        side = "the first file only" if first in a else "this file only"
+        return f"key {first} is in {side} ({len(only_a)} key(s) only in the first, {len(only_b)} only in this one)"
+    for key in sorted(a):
+        ta, tb = a[key], b[key]
+        if ta.shape != tb.shape:
+            axis = 0 if key.endswith(_DOWN_SUFFIXES) else 1 if key.endswith(_UP_SUFFIXES) else None
+            if axis is not None and ta.dim() > axis and tb.dim() > axis and ta.shape[axis] != tb.shape[axis]:
+                return f"{key}: rank {ta.shape[axis]} vs {tb.shape[axis]} (shape {list(ta.shape)} vs {list(tb.shape)})"
+            return f"{key}: shape {list(ta.shape)} vs {list(tb.shape)}"
+        if key.endswith(".alpha") and not torch.equal(ta.float(), tb.float()):
+            return f"{key}: alpha {ta.flatten().tolist()} vs {tb.flatten().tolist()}"
+        if not ta.is_floating_point() and not torch.equal(ta, tb):
+            return f"{key}: integer tensors differ"
+    return None
+
+
+def average_networks(files: list[str | Path], out: str | Path, *, weights: list[float] | None = None,
+                     save_dtype: torch.dtype | None = None, overwrite: bool = False) -> dict:
+    """Checkpoint soup: the tensor-wise (weighted) mean of network files of one structure, written to `out`.
+
+    Every factor (lora_up/down, LoKr/LoHa factors, dora_scale, w_norm diffs) is averaged in float64 and written in
+    the first file's dtype (or `save_dtype`); alphas are copied (they must be equal).  Files whose keys, shapes,
+    ranks, alphas or algorithm differ are refused naming the first difference.  A mean of LoRA factors is not the
+    mean of the updates ΔW (mean(B)·mean(A) ≠ mean(B·A)); docs/evaluation.md ("Checkpoint soup") says when it is
+    close.  The metadata is the first file's plus `anima_trainer_soup` (each file's name, weight and sshs model
+    hash), with the sshs hashes recomputed for the result.
+    """
+    out = Path(out)
+    if len(files) < 2:
+        raise NetworkError("merge --average needs at least two network files")
+    if out.suffix != ".safetensors":
+        raise NetworkError(f"{out}: the averaged network is written as .safetensors")
+    check_writable(out, overwrite)
+    if any(Path(f).resolve() == out.resolve() for f in files):
+        raise NetworkError(f"{out}: the output is one of the inputs; choose another output name")
+    weights = [1.0] * len(files) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(files):
+        raise NetworkError(f"merge --average: {len(weights)} weight(s) for {len(files)} file(s); give one per file")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise NetworkError(f"merge --average: weights {weights} must be finite, not negative, and not all zero")
+    total = sum(weights)
+    first, first_meta = None, {}
+    sums: dict[str, torch.Tensor] = {}
+    soup = []
+    for f, w in zip(files, weights, strict=True):
+        expect_kind(f, "--average", ("network",))
+        sd, meta = read_network(f)
+        check_finite_network(sd, f)
+        if first is None:
+            first, first_meta = sd, meta
+        else:
+            diff = _first_difference(first, first_meta, sd, meta)
+            if diff is not None:
+                raise NetworkError(f"merge --average: {f} has not the structure of {files[0]}: {diff}; only networks "
+                                   "of one structure (same keys, ranks, alphas, algorithm) can be averaged, nothing "
+                                   "written")
+        for key, t in sd.items():
+            if t.is_floating_point() and not key.endswith(".alpha"):
+                sums[key] = sums.get(key, 0) + t.double() * (w / total)
+        with Path(f).open("rb") as fh:
+            soup.append({"file": Path(f).name, "weight": w / total, "sshs_model_hash": addnet_hash_safetensors(fh)})
+    assert first is not None
+    tensors = {k: (sums[k].to(save_dtype or t.dtype) if k in sums else t).contiguous() for k, t in first.items()}
+    meta = {k: v for k, v in first_meta.items()
+            if k not in ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")}
+    meta[SOUP_META] = json.dumps(soup)
+    meta = with_hashes(tensors, meta)
+    check_writable(out, overwrite)
+    atomic_save(tensors, out, meta, what="averaged network ", check=lambda _tmp: check_writable(out, overwrite))
+    return {"written": str(out), "files": [str(f) for f in files], "weights": [w / total for w in weights],
+            "tensors": len(tensors)}
