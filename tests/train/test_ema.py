@@ -86,9 +86,11 @@ def test_save_plan_keeps_ema_files_with_their_network_file(tmp_path):
                                                        "x-step00000003-ema.safetensors", "x-step00000003.safetensors"]
     assert SavePlan(tmp_path, "x", every_n_steps=1).collisions(5, 1) == [tmp_path / "x-step00000003.safetensors"]
     ema_file_path(plan.final_path).write_bytes(b"x")
-    with pytest.raises(FileExistsError, match="x-ema.safetensors already exists"):
-        plan.check_start()
-    SavePlan(tmp_path, "x").check_start()  # without the EMA that file is not this run's
+    assert plan.collisions(5, 1)[0].name == "x-ema.safetensors"
+    assert SavePlan(tmp_path, "x", every_n_steps=1).collisions(5, 1) == [
+        tmp_path / "x-step00000003.safetensors"]  # without the EMA, EMA files are not this run's
+    # a resumed run: an EMA file without its network file is a save cut short (the EMA file is written first)
+    plan.check_start()
 
 
 def test_options_are_checked(setup, tmp_path):
@@ -212,6 +214,12 @@ def test_resume_with_ema_is_bit_identical(setup, tmp_path, monkeypatch):
     for name in ("demo_lora.safetensors", "demo_lora-ema.safetensors", "demo_lora-step00000006-ema.safetensors"):
         assert _equal_files(tmp_path / "ref" / "output" / name, out / name), name
     assert _metadata(out / "demo_lora-ema.safetensors")["ss_ema_updates"] == "7"
+    # killed between the final EMA file and the final network file: the resume writes both from the final state
+    (out / "demo_lora.safetensors").unlink()
+    again = run_training(_config(setup, tmp_path / "cut", *args, "--resume", "latest", steps=7))
+    assert again.steps == 7 and _equal_files(tmp_path / "ref" / "output" / "demo_lora.safetensors", out /
+                                              "demo_lora.safetensors")
+    assert _equal_files(tmp_path / "ref" / "output" / "demo_lora-ema.safetensors", out / "demo_lora-ema.safetensors")
 
 
 def test_resume_without_ema_in_the_state_and_with_a_changed_decay(setup, tmp_path, caplog):

@@ -54,11 +54,12 @@ class SavePlan:
         return [path, ema_file_path(path)] if self.ema else [path]
 
     def check_start(self) -> None:
-        """Fail before training if the final file (or its EMA file) exists and overwriting was not asked for."""
-        for path in self.with_ema(self.final_path):
-            if path.exists() and not self.overwrite:
-                raise OutputExistsError(f"{path} already exists; choose another output_name or pass "
-                                        "--overwrite to replace it")
+        """Fail before training if the final file exists and overwriting was not asked for (a resumed run; a new
+        run checks `collisions`, EMA files included; an EMA file without its network file is a save cut short,
+        written again)."""
+        if self.final_path.exists() and not self.overwrite:
+            raise OutputExistsError(f"{self.final_path} already exists; choose another output_name or pass "
+                                    "--overwrite to replace it")
 
     def _numbered(self) -> tuple[re.Pattern[str], re.Pattern[str]]:
         name, ema = re.escape(self.output_name), "(?:-ema)?" if self.ema else ""

@@ -101,19 +101,18 @@ class Saver:
             path = self.files.step_path(state.step)
             if self.files.due_at_step(state.step) and not path.exists():
                 log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
-                self.files.record_step(state.step, *self._network_files(path, state.step, state.epoch, resumed=True))
+                self.files.record_step(state.step, *self._network_files(path, state.step, state.epoch))
             path = self.files.epoch_path(state.epoch)
             if at_epoch_end and self.files.due_at_epoch(state.epoch) and not path.exists():
                 log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
-                self.files.record_epoch(state.epoch, *self._network_files(path, state.step, state.epoch,
-                                                                           resumed=True))
+                self.files.record_epoch(state.epoch, *self._network_files(path, state.step, state.epoch))
         finally:
             self.after_save()
 
-    def _network_files(self, path: Path, step: int, epoch: int, *, resumed: bool = False) -> list[Path]:
+    def _network_files(self, path: Path, step: int, epoch: int) -> list[Path]:
         """The network file at `path` and, with the EMA on, its EMA file, written first: an existing network file
-        means both were written.  `resumed`: writing the file a state was saved without, whose EMA file may
-        already exist (from the same weights): it is kept."""
+        means both were written, and an EMA file without its network file is a save of this run cut short (a
+        new run refuses to start over it), which a resumed run writes again."""
         # never a NaN over a good file: network.save refuses non-finite weights as written (tensor_files.NonFiniteError)
         if path == self.files.step_path(step):
             overwrite = self.files.may_replace_step(step)
@@ -123,15 +122,14 @@ class Saver:
             overwrite = self.cfg.overwrite
         written = []
         if self.ema is not None:
-            ema_path = ema_file_path(path)
-            if not (resumed and ema_path.exists()):
-                with self.ema.swapped():
-                    ema_path = self.network.save(
-                        ema_path, metadata={**self.metadata(step, epoch),
-                                            **ema_metadata(self.ema.decay, self.ema.warmup, self.ema.updates)},
-                        dtype=self.save_dtype, overwrite=overwrite, save_format=self.cfg.save_format)
-                if self.events is not None:
-                    self.events.write("save", step=step, epoch=epoch, path=str(ema_path), ema=True)
+            cut_short = self.files.resumed_at is not None and not path.exists()
+            with self.ema.swapped():
+                ema_path = self.network.save(
+                    ema_file_path(path), metadata={**self.metadata(step, epoch),
+                                                   **ema_metadata(self.ema.decay, self.ema.warmup, self.ema.updates)},
+                    dtype=self.save_dtype, overwrite=overwrite or cut_short, save_format=self.cfg.save_format)
+            if self.events is not None:
+                self.events.write("save", step=step, epoch=epoch, path=str(ema_path), ema=True)
             written.append(ema_path)
         path = self.network.save(path, metadata=self.metadata(step, epoch), dtype=self.save_dtype,
                                  overwrite=overwrite, save_format=self.cfg.save_format)
