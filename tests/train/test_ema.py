@@ -3,6 +3,7 @@ exact resume, previews from it, and that nothing changes with it off."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -222,17 +223,29 @@ def test_resume_with_ema_is_bit_identical(setup, tmp_path, monkeypatch):
     assert _equal_files(tmp_path / "ref" / "output" / "demo_lora-ema.safetensors", out / "demo_lora-ema.safetensors")
 
 
+def _as_written_before_ema(folder: Path) -> None:
+    """A state as a version without the EMA settings wrote it: config.json lacks them (manifest updated)."""
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("ema_decay", "ema_warmup", "sample_use_ema"):
+        del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    record = json.loads((folder / states.TRAIN_STATE).read_text())
+    record["files"]["config.json"] = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    (folder / states.TRAIN_STATE).write_text(json.dumps(record))
+
+
 def test_resume_without_ema_in_the_state_and_with_a_changed_decay(setup, tmp_path, caplog):
     run_training(_config(setup, tmp_path / "s", "--save_state", steps=2))
     out = tmp_path / "s" / "output"
     state = str(out / "demo_lora-state")
+    _as_written_before_ema(out / "demo_lora-state")
     with caplog.at_level(logging.INFO):
         run = run_training(_config(setup, tmp_path / "s", "--save_state", "--ema_decay", "0.9", "--resume", state,
                                    steps=4))
     assert "has no EMA of the weights (saved without ema_decay): the EMA starts from the state's weights at step 2" \
         in caplog.text
     assert "ema_decay: null → 0.9" in caplog.text  # a changed setting, logged as applied
-    assert "ema_warmup" not in caplog.text  # a new setting at its default is not a change
+    assert "ema_warmup" not in caplog.text and "sample_use_ema" not in caplog.text  # new, at their default
     assert run.ema.updates == 2 and _metadata(out / "demo_lora-ema.safetensors")["ss_ema_updates"] == "2"
     caplog.clear()
     with caplog.at_level(logging.INFO):
