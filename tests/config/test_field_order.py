@@ -29,14 +29,16 @@ FIELD_ORDER = """
     optimizer_args use_8bit_adam use_lion_optimizer lr_scheduler lr_warmup_steps lr_decay_steps
     lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_min_lr_ratio lr_scheduler_timescale lr_scheduler_type
     lr_scheduler_args max_grad_norm max_train_steps max_train_epochs train_batch_size gradient_accumulation_steps
-    mixed_precision seed gradient_checkpointing checkpoint_blocks checkpoint_mode cpu_offload_checkpointing
+    mixed_precision seed ema_decay ema_warmup gradient_checkpointing checkpoint_blocks checkpoint_mode
+    cpu_offload_checkpointing
     blocks_to_swap fp8_base fp8_format max_data_loader_n_workers attention_backend fuse_qkv compile_blocks
     compile_mode compile_backend compile_fullgraph compile_cache_size_limit timestep_sampling discrete_flow_shift
     sigmoid_scale weighting_scheme logit_mean logit_std mode_scale loss_type huber_c dataset_config logging_dir
     log_with log_prefix console_log_level log_every_n_steps log_tracker_name log_tracker_config wandb_run_name
     wandb_api_key auto_start_tensorboard tensorboard_host tensorboard_port tensorboard_logdir monitor_memory
     monitor_alert_policy nonfinite_loss_policy max_consecutive_nonfinite loss_spike_ratio memory_warn_ratio
-    sample_every_n_steps sample_every_n_epochs sample_prompts sample_at_first validation_split validation_seed
+    sample_every_n_steps sample_every_n_epochs sample_prompts sample_at_first sample_use_ema validation_split
+    validation_seed
     validate_every_n_steps validate_every_n_epochs max_validation_steps cache_latents cache_latents_to_disk
     cache_text_encoder_outputs cache_text_encoder_outputs_to_disk vae_batch_size text_encoder_batch_size
     caption_variants prior_loss_weight cache_llm_adapter_outputs

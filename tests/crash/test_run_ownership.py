@@ -126,14 +126,14 @@ def _crash_when_writing(monkeypatch, what: str, name: str) -> None:
 
         monkeypatch.setattr(states, "save_state", save_state)
     else:
-        real_file = Saver._network_file
+        real_files = Saver._network_files
 
-        def network_file(self, path, step, epoch):
+        def network_files(self, path, step, epoch):
             if Path(path).name == name:
                 raise Crash(f"killed writing {name}")
-            return real_file(self, path, step, epoch)
+            return real_files(self, path, step, epoch)
 
-        monkeypatch.setattr(Saver, "_network_file", network_file)
+        monkeypatch.setattr(Saver, "_network_files", network_files)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Optimisation options of `TrainConfig`: learning rates, the optimizer, the learning-rate schedule, the length of
-the run, batch, precision and seed (kohya's names and defaults).  The rules between optimizer and schedule are
-config/optimizer_rules.py and config/schedule_rules.py; the optimizer name is resolved by TrainConfig."""
+the run, batch, precision and seed (kohya's names and defaults), and the EMA of the trained weights (ours).  The
+rules between optimizer and schedule are config/optimizer_rules.py and config/schedule_rules.py; the optimizer name
+is resolved by TrainConfig."""
 
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ class OptimisationSettings(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="dtype of the frozen models and the "
         "compute (no = fp32); adapters stay fp32")
     seed: int | None = Field(None, ge=0, lt=2**32, description="seed of data order, noise and σ (unset: 42)")
+    # EMA of the trained weights (train/ema.py; not a kohya option: ai-toolkit's name)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average (EMA) of the "
+                                    "network weights with this decay (e.g. 0.999), saved next to every network "
+                                    "file as <name>-ema.safetensors and kept in training states (unset: off)")
+    ema_warmup: bool = Field(True, description="warm the EMA decay up: min(ema_decay, (1 + t) / (10 + t)) at update "
+                             "t, so the starting weights fade quickly (false: ema_decay from the second update)")
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod

@@ -18,10 +18,12 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         network_train_unet_only network_train_text_encoder_only train_norm base_weights base_weights_multiplier
         scale_weight_norms
         """.split())),
-    ("optimisation", "learning rates, optimizer, batch, precision and length of the run", tuple("""
+    ("optimisation", "learning rates, optimizer, batch, precision, length of the run, the EMA of the weights",
+     tuple("""
         learning_rate unet_lr text_encoder_lr self_attn_lr cross_attn_lr mlp_lr mod_lr llm_adapter_lr
         optimizer_type optimizer_args use_8bit_adam use_lion_optimizer max_grad_norm max_train_steps
         max_train_epochs train_batch_size gradient_accumulation_steps mixed_precision full_bf16 full_fp16 seed
+        ema_decay ema_warmup
         """.split())),
     ("objective", "timesteps, noise and loss of the flow-matching objective", tuple("""
         timestep_sampling discrete_flow_shift sigmoid_scale weighting_scheme logit_mean logit_std mode_scale
@@ -59,7 +61,8 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         max_consecutive_nonfinite loss_spike_ratio memory_warn_ratio
         """.split())),
     ("sampling and validation", "preview images and the validation loss on held-out images", tuple("""
-        sample_every_n_steps sample_every_n_epochs sample_prompts sample_at_first validation_split validation_seed
+        sample_every_n_steps sample_every_n_epochs sample_prompts sample_at_first sample_use_ema validation_split
+        validation_seed
         validate_every_n_steps validate_every_n_epochs max_validation_steps
         """.split())),
     ("compatibility", ("kept so that kohya / sd-scripts-anima configs load: sd-scripts-anima's defaults, and "

@@ -110,6 +110,7 @@ class TrainConfig(CacheSettings, SamplingSettings, LoggingSettings, DatasetSetti
         self._check_network_module()
         self._check_save_format()
         self._check_logging()
+        self._check_sample_use_ema()
         return self
 
 

@@ -2,6 +2,7 @@
 
     budget.py         the start-up budget: what a step, an epoch and a preview will need, checked first
     distributed.py    data-parallel training over processes started by `accelerate launch` / `torchrun`
+    ema.py            the EMA of the trained weights (`ema_decay`): update, swap for saves and previews, state
     events.py         the run's event log and the resolved-config file
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
     flow.py           rectified-flow maths and the objective: timestep sampling, noise options, `training_step`,

@@ -31,6 +31,9 @@ Data keys (data/kohya_summary.py computes kohya's counts):
 Paths: only basenames are written (model files, subset folders, metadata files), as kohya does; ss_sd_model_hash
 / ss_new_sd_model_hash and ss_vae_hash / ss_new_vae_hash are kohya's webui hashes of the base files ("IsADirectory"
 for a folder, as kohya), computed once per file and run (at its first save; kohya hashes at start-up).
+EMA files (`<name>-ema.safetensors`, train/ema.py) carry the same keys plus `ss_ema_decay`, `ss_ema_warmup` and
+`ss_ema_updates` (optimizer steps averaged), which say that the file holds the EMA (`ema_metadata`; kept with
+no_metadata too); the network file itself has none of them.
 `no_metadata`: kohya keeps only its SS_METADATA_MINIMUM_KEYS of the ss_* keys, plus the modelspec block (and
 the sshs_* hashes the save adds).
 """
@@ -226,3 +229,8 @@ class RunMetadata:
             meta = {k: meta[k] for k in MINIMUM_METADATA_KEYS if k in meta}
         meta.update(self.cfg.modelspec_metadata(time.time(), self.resolution))  # kohya dates each save
         return meta
+
+
+def ema_metadata(decay: float, warmup: bool, updates: int) -> dict[str, str]:
+    """The keys that mark an EMA network file (module doc), added to the save's own metadata."""
+    return {"ss_ema_decay": str(decay), "ss_ema_warmup": str(warmup), "ss_ema_updates": str(updates)}

@@ -4,8 +4,8 @@ Read it like nanoGPT's train.py: `run_training()` sets up (train/setup.py: seed,
 optimizer; then models, network, resume, logging) and `_loop()` runs the objective (train/flow.py
 `training_step`) until the plan's `max_steps`.  Inputs and caches: train/inputs.py; saves: train/saving.py;
 resume checks: train/resume.py (state folders: train/training_state.py); metrics and alerts: train/monitor.py;
-the validation loss: train/validation.py.  Nothing here writes onto the config or the dataset: derived values
-live in the RunPlan.
+the validation loss: train/validation.py; the EMA of the weights (ema_decay): train/ema.py.  Nothing here writes
+onto the config or the dataset: derived values live in the RunPlan.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from anima_trainer.train.distributed import (
     needs_cpu_backend,
     read_rank_rng,
 )
+from anima_trainer.train.ema import NetworkEMA, build_ema, resume_ema
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.file_metadata import RunMetadata
 from anima_trainer.train.flow import sample_seed, training_step
@@ -178,15 +179,18 @@ class TrainRun:
     losses: list[float]
     steps: int
     optimizer: torch.optim.Optimizer | None = None
+    ema: NetworkEMA | None = None
 
 
 @dataclass
 class RunModels:
-    """What the step runs: the frozen base (DiT, text encoder, VAE), the trained network, captions → context."""
+    """What the step runs: the frozen base (DiT, text encoder, VAE), the trained network, captions → context,
+    and the EMA of the network's weights (None unless ema_decay)."""
 
     base: Models
     network: AdapterNetwork
     conditioner: TextConditioner
+    ema: NetworkEMA | None = None
 
 
 @dataclass
@@ -285,6 +289,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
     optim = setup_optimization(cfg, network, device, dtype, max_steps)
     optimizer = optim.optimizer
+    ema = build_ema(cfg, network)  # after full_bf16's cast; fp32 shadows of the trained tensors only
     if cfg.scale_weight_norms and (note := network.max_norm_notice()):
         log.warning("%s", note)
     shard = dist.shard(len(dataset))  # this process's batches of every epoch
@@ -309,7 +314,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         metadata=RunMetadata(cfg, dataset, max_steps=max_steps, epochs=epochs, started=started,
                              num_processes=dist.world_size),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
-        after_save=lambda: set_optimizer_train_mode(optimizer, True))
+        after_save=lambda: set_optimizer_train_mode(optimizer, True), ema=ema)
     if resume_from is not None:
         saver.check_start(resuming=True, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg))
@@ -346,6 +351,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                               strict_optimizer=not cfg.optimizer_mismatch_ignored(),
                               fresh_optimizer=resume_check.fresh_optimizer)
         apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
+        resume_ema(ema, resume_from)  # before `saver.resumed`, which may write the state's (EMA) files
         if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
             optim.scheduler = saver.scheduler = rebuild_schedule(
                 optimizer, [g["lr"] for g in fresh_groups],
@@ -375,7 +381,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
              module_counts(network), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)
     run = _Run(cfg=cfg, plan=plan, progress=progress, optim=optim,
-               models=RunModels(base=models, network=network, conditioner=conditioner),
+               models=RunModels(base=models, network=network, conditioner=conditioner, ema=ema),
                data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
                io=RunIO(accelerator=accelerator, dist=dist, saver=saver, monitor=monitor, events=events,
                         validator=validator))
@@ -397,7 +403,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     accelerator.end_training()
     dist.shutdown()
     log.info("saved %s", final)
-    return TrainRun(final, dit, network, monitor.losses, progress.step, optimizer)
+    return TrainRun(final, dit, network, monitor.losses, progress.step, optimizer, ema)
 
 
 def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
@@ -405,7 +411,7 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     each epoch's end an optimizer step, then logging, validation, previews and saves as they fall due.
     Returns False when a stop signal ended it early (after a whole optimizer step)."""
     cfg, plan, progress = r.cfg, r.plan, r.progress
-    base, network, conditioner = r.models.base, r.models.network, r.models.conditioner
+    base, network, conditioner, ema = r.models.base, r.models.network, r.models.conditioner, r.models.ema
     optimizer, scaler = r.optim.optimizer, r.optim.scaler
     dist, monitor, events = r.io.dist, r.io.monitor, r.io.events
     dit = base.dit
@@ -432,10 +438,13 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
         """Previews run after the step's save and never stop training: a failure is logged and recorded as a
         `sample` event with status "failed"; a stop signal cancels them between sampler steps."""
         cancel = None if stop is None else (lambda: stop.requested is not None)
+
+        def render() -> list[Path]:  # sample_use_ema: the EMA weights swapped in, the training ones put back
+            with ema.swapped() if ema is not None and cfg.sample_use_ema else contextlib.nullcontext():
+                return render_previews(dit, base.text_encoder, base.vae, previews, Path(cfg.output_dir) / "sample",
+                                       tag, cfg.output_name, cancel=cancel)
         try:
-            paths = pause_training(lambda: render_previews(dit, base.text_encoder, base.vae, previews,
-                                                           Path(cfg.output_dir) / "sample", tag, cfg.output_name,
-                                                           cancel=cancel))
+            paths = pause_training(render)
         except SamplingCancelled:
             log.warning("step %d: preview %s cancelled (%s)", progress.step, tag, stop.requested if stop else "")
             events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="cancelled")
@@ -503,6 +512,8 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             if cfg.scale_weight_norms:  # kohya's max-norm after every optimizer step, logged under its names
                 keys, mean, top = network.apply_max_norm_regularization(cfg.scale_weight_norms)
                 norm_logs = {"max_norm/keys_scaled": keys, "max_norm/max_key_norm": top, "norm/avg_key_norm": mean}
+            if ema is not None and apply:  # the weights as the step leaves them (after max-norm)
+                ema.update()
             progress.step += 1
             logs = monitor.end_step(progress.step, epoch, optimizer=optimizer, grad_norm=grad_norm,
                                     extra_lrs=_extra_lrs(optimizer), extra_logs=norm_logs)

@@ -172,9 +172,11 @@ def check_resume(folder: Path, cfg: TrainConfig, snapshot: dict, max_steps: int)
     optimizer_args: list[str] = []
     if old is not None:
         new = states.config_record(cfg)
-        # settings that no longer exist (an older version's fields, e.g. save_model_as) are not changes
+        # settings that no longer exist (an older version's fields, e.g. save_model_as) are not changes, nor are
+        # settings an older version did not have yet at their default (e.g. ema_warmup): that is how it ran
         keys = [k for k in sorted(new)
-                if k not in NOT_COMPARED and k not in CRITICAL and old.get(k) != new.get(k)]
+                if k not in NOT_COMPARED and k not in CRITICAL and old.get(k) != new.get(k)
+                and (k in old or new.get(k) != _default(k))]
         applied = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in keys if k not in STATE_WINS]
         refused = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))} ({STATE_WINS[k]})" for k in keys
                    if k in STATE_WINS]
@@ -206,6 +208,14 @@ def apply_optimizer_args(optimizer: torch.optim.Optimizer, fresh_groups: list[di
 
 def _short(value: Any) -> str:
     return states._short(value)
+
+
+def _default(key: str) -> Any:
+    """A setting's default as `config.json` records it (JSON)."""
+    field = TrainConfig.model_fields.get(key)
+    if field is None or field.is_required():
+        return object()  # equal to nothing
+    return json.loads(json.dumps(field.get_default(call_default_factory=True), default=str))
 
 
 def _saved_step(path: Path) -> int | None:

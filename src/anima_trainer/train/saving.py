@@ -5,7 +5,9 @@ with `save_state`), writes it atomically, applies retention (train/save_plan.py)
 log, and refuses to write a network or a state whose weights are not finite (tensor_files.NonFiniteError,
 NonFiniteStateError).  A save writes the state (train/training_state.py) first and the network file after it:
 a run killed between the two resumes from that state and writes the missing file (`Saver.resumed`); a resumed
-run may write again its own files after its resume point.  Whether and how a run resumes: train/resume.py.
+run may write again its own files after its resume point.  With `ema_decay` each network save also writes the EMA
+file (`<name>-ema.safetensors`, train/ema.py) just before the network file, under the same rules and retention,
+and each state holds the EMA.  Whether and how a run resumes: train/resume.py.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from anima_trainer.dtypes import PRECISION_DTYPES
 from anima_trainer.fileio import OutputExistsError
 from anima_trainer.train import training_state as states
 from anima_trainer.train.distributed import Distributed, write_rank_rngs
+from anima_trainer.train.ema import NetworkEMA
 from anima_trainer.train.events import write_resolved_config
+from anima_trainer.train.file_metadata import ema_metadata
 from anima_trainer.train.monitor import NonFiniteStateError, check_finite_state
-from anima_trainer.train.save_plan import SavePlan, StatePlan
+from anima_trainer.train.save_plan import SavePlan, StatePlan, ema_file_path
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,9 @@ class Saver:
                  snapshot: dict, metadata: Callable[[int, int], dict[str, str]], events: Any = None,
                  dist: Any = None, save_every_n_epochs: int | None = None,
                  before_save: Callable[[], None] = lambda: None, after_save: Callable[[], None] = lambda: None,
-                 ) -> None:
+                 ema: NetworkEMA | None = None) -> None:
         out = Path(cfg.output_dir)
-        self.cfg, self.network = cfg, network
+        self.cfg, self.network, self.ema = cfg, network, ema
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.snapshot, self.metadata, self.events = snapshot, metadata, events
         self.dist = dist or Distributed()  # several processes: all gather RNG states, the main one writes
@@ -49,7 +53,8 @@ class Saver:
         every_n_epochs = save_every_n_epochs if save_every_n_epochs is not None else cfg.save_every_n_epochs
         self.files = SavePlan(out, cfg.output_name, every_n_steps=cfg.save_every_n_steps,
                               every_n_epochs=every_n_epochs, keep_last_n_steps=cfg.save_last_n_steps,
-                              keep_last_n_epochs=cfg.save_last_n_epochs, overwrite=cfg.overwrite)
+                              keep_last_n_epochs=cfg.save_last_n_epochs, overwrite=cfg.overwrite,
+                              ema=cfg.ema_decay is not None)
         self.states = StatePlan(out, cfg.output_name, every_n_steps=cfg.save_every_n_steps,
                                 every_n_epochs=every_n_epochs,
                                 keep_last_n_steps=cfg.save_last_n_steps_state,
@@ -66,7 +71,8 @@ class Saver:
         else:
             found = self.files.collisions(max_steps, epochs)
             if not max_steps:  # before the scan the run's length is unknown: any step/epoch file of this name
-                saves = re.compile(rf"{re.escape(self.cfg.output_name)}-(step\d{{8}}|\d{{6}})\.safetensors")
+                ema = "(-ema)?" if self.files.ema else ""
+                saves = re.compile(rf"{re.escape(self.cfg.output_name)}-(step\d{{8}}|\d{{6}}){ema}\.safetensors")
                 out = Path(self.cfg.output_dir)
                 found += sorted(p for p in (out.iterdir() if out.is_dir() else ()) if saves.fullmatch(p.name))
             # every earlier state of this name: a SIGINT state could replace one, and `resume = latest` after
@@ -95,15 +101,18 @@ class Saver:
             path = self.files.step_path(state.step)
             if self.files.due_at_step(state.step) and not path.exists():
                 log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
-                self.files.record_step(state.step, self._network_file(path, state.step, state.epoch))
+                self.files.record_step(state.step, *self._network_files(path, state.step, state.epoch))
             path = self.files.epoch_path(state.epoch)
             if at_epoch_end and self.files.due_at_epoch(state.epoch) and not path.exists():
                 log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
-                self.files.record_epoch(state.epoch, self._network_file(path, state.step, state.epoch))
+                self.files.record_epoch(state.epoch, *self._network_files(path, state.step, state.epoch))
         finally:
             self.after_save()
 
-    def _network_file(self, path: Path, step: int, epoch: int) -> Path:
+    def _network_files(self, path: Path, step: int, epoch: int) -> list[Path]:
+        """The network file at `path` and, with the EMA on, its EMA file, written first: an existing network file
+        means both were written, and an EMA file without its network file is a save of this run cut short (a
+        new run refuses to start over it), which a resumed run writes again."""
         # never a NaN over a good file: network.save refuses non-finite weights as written (tensor_files.NonFiniteError)
         if path == self.files.step_path(step):
             overwrite = self.files.may_replace_step(step)
@@ -111,11 +120,22 @@ class Saver:
             overwrite = self.files.may_replace_epoch(epoch)
         else:
             overwrite = self.cfg.overwrite
+        written = []
+        if self.ema is not None:
+            cut_short = self.files.resumed_at is not None and not path.exists()
+            with self.ema.swapped():
+                ema_path = self.network.save(
+                    ema_file_path(path), metadata={**self.metadata(step, epoch),
+                                                   **ema_metadata(self.ema.decay, self.ema.warmup, self.ema.updates)},
+                    dtype=self.save_dtype, overwrite=overwrite or cut_short, save_format=self.cfg.save_format)
+            if self.events is not None:
+                self.events.write("save", step=step, epoch=epoch, path=str(ema_path), ema=True)
+            written.append(ema_path)
         path = self.network.save(path, metadata=self.metadata(step, epoch), dtype=self.save_dtype,
                                  overwrite=overwrite, save_format=self.cfg.save_format)
         if self.events is not None:
             self.events.write("save", step=step, epoch=epoch, path=str(path))
-        return path
+        return [path, *written]
 
     def _state(self, folder: Path, progress: states.Progress) -> Path:
         # a state is only ever written from finite weights and optimizer moments (it is what a resume trusts)
@@ -123,6 +143,8 @@ class Saver:
         moments = {f"optimizer.{i}.{k}": v for i, s in enumerate(self.optimizer.state.values()) for k, v in s.items()
                    if isinstance(v, torch.Tensor) and v.is_floating_point()}
         check_finite_state(moments, str(folder))
+        if self.ema is not None:
+            check_finite_state(self.ema.state_tensors(), str(folder))
         folder = states.save_state(folder, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler,
                                    scaler=self.scaler, progress=progress,
                                    snapshot=self.snapshot, config=states.config_record(self.cfg), overwrite=True,
@@ -135,7 +157,7 @@ class Saver:
         """After an optimizer step: the step save if due (the last step gets the final save instead)."""
         if last or not self.files.due_at_step(progress.step):
             return
-        self._save(lambda: self.files.record_step(progress.step, self._network_file(
+        self._save(lambda: self.files.record_step(progress.step, *self._network_files(
             self.files.step_path(progress.step), progress.step, progress.epoch)),
             (lambda: self.states.record_step(progress.step, self._state(self.states.step_path(progress.step),
                                                                         progress))) if self.cfg.save_state else None)
@@ -143,7 +165,7 @@ class Saver:
     def at_epoch_end(self, progress: states.Progress, last: bool) -> None:
         if last or not self.files.due_at_epoch(progress.epoch):
             return
-        self._save(lambda: self.files.record_epoch(progress.epoch, self._network_file(
+        self._save(lambda: self.files.record_epoch(progress.epoch, *self._network_files(
             self.files.epoch_path(progress.epoch), progress.step, progress.epoch)),
             (lambda: self.states.record_epoch(progress.epoch, self._state(
                 self.states.epoch_path(progress.epoch), progress))) if self.cfg.save_state else None)
@@ -152,6 +174,8 @@ class Saver:
         write_resolved_config(tmp, self.cfg)
         if self._rank_rngs is not None:
             write_rank_rngs(tmp, self._rank_rngs)
+        if self.ema is not None:  # into the manifest with the rest (training_state.save_state)
+            self.ema.write_state(tmp)
 
     def interrupted(self, progress: states.Progress) -> Path | None:
         """A state at the current step after SIGINT/SIGTERM (whatever save_state says): nothing is lost.  None
@@ -170,7 +194,7 @@ class Saver:
         state = None
         if self.cfg.save_state or self.cfg.save_state_on_train_end:
             state = lambda: self._state(self.states.final_path, progress)  # noqa: E731
-        self._save(lambda: paths.append(self._network_file(self.files.final_path, progress.step, progress.epoch)),
+        self._save(lambda: paths.extend(self._network_files(self.files.final_path, progress.step, progress.epoch)),
                    state)
         return paths[0] if paths else self.files.final_path
 

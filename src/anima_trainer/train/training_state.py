@@ -10,7 +10,8 @@ A state is a folder (kohya's names: `<output_name>-step<NNNNNNNN>-state`, `<outp
   global step, epoch, batches of that epoch already consumed (states written before issue 16 also hold a
   `generator` stream that nothing drew from; it is ignored at load);
 * `resume_snapshot.json`: the settings that must not change across a resume (see `build_snapshot`);
-* `config.json`: the resolved full config (non-critical changes are logged from it).
+* `config.json`: the resolved full config (non-critical changes are logged from it);
+* with `ema_decay`: `ema.safetensors` + `ema.json`, the EMA of the weights and its update count (train/ema.py).
 
 The folder is written under a hidden temporary name, every file fsync'd, then renamed into place: a crash
 during a save leaves the previous state valid and no partial folder under a final name.  `train_state.json`
@@ -429,13 +430,13 @@ def remove_stale_temporaries(output_dir: str | Path, output_name: str) -> None:
     """What this run's saves killed half-way leave (removed at start; other runs' are never touched): folders of
     states being written (hidden `.<name>…-state.tmp-*`, never valid); a state moved aside to be replaced
     (`.<name>…-state.old-*`: put back when the new one did not take its name, else removed); temporary
-    network files (`.<name>….tmp`)."""
+    network files and EMA files (`.<name>….tmp`)."""
     out = Path(output_dir)
     if not out.is_dir():
         return
     name = re.escape(output_name)
     state = re.compile(r"\.(" + name + r"(?:-step\d{8}|-\d{6})?-state)\.(tmp|old)-\d+")
-    network = re.compile(r"\.+" + name + r"(?:-step\d{8}|-\d{6})?\.[^/]*\.tmp")
+    network = re.compile(r"\.+" + name + r"(?:-step\d{8}|-\d{6})?(?:-ema)?\.[^/]*\.tmp")
     for d in sorted(out.iterdir()):
         m = state.fullmatch(d.name)
         if m and m.group(2) == "old":
