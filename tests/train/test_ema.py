@@ -141,6 +141,11 @@ def test_ema_follows_the_weights_is_what_its_file_holds_and_is_pruned_with_it(se
     meta, raw_meta = _metadata(out / "demo_lora-ema.safetensors"), _metadata(run.final_path)
     assert (meta["ss_ema_decay"], meta["ss_ema_warmup"], meta["ss_ema_updates"]) == ("0.2", "True", "4")
     assert not any(k.startswith("ss_ema") for k in raw_meta) and meta["ss_steps"] == raw_meta["ss_steps"] == "4"
+    from anima_trainer.tools.inspect import inspect_network  # `inspect` says which file is the EMA
+
+    shown = inspect_network(out / "demo_lora-ema.safetensors")["metadata"]
+    assert (shown["ss_ema_decay"], shown["ss_ema_updates"]) == ("0.2", "4")
+    assert "ss_ema_decay" not in inspect_network(run.final_path)["metadata"]
     # retention: step files of the last 2 steps (step 4 is the final save), each with its EMA file
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "demo_lora-ema.safetensors", "demo_lora-step00000002-ema.safetensors", "demo_lora-step00000002.safetensors",

@@ -42,7 +42,8 @@ from anima_trainer.tools.metadata_report import format_metadata_report, metadata
 KIND_NAMES = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "diff": "diff", "set": "set_weight"}
 METADATA_SHOWN = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
                   "ss_base_model_version", "ss_output_name", "ss_steps", "ss_epoch", "ss_learning_rate",
-                  "ss_training_comment", "modelspec.architecture", "modelspec.title", "anima_trainer_version")
+                  "ss_training_comment", "ss_ema_decay", "ss_ema_updates", "modelspec.architecture", "modelspec.title",
+                  "anima_trainer_version")
 
 
 def _group(target: str) -> str:
