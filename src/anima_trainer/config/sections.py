@@ -29,7 +29,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         timestep_sampling discrete_flow_shift sigmoid_scale weighting_scheme logit_mean logit_std mode_scale
         min_timestep max_timestep loss_type huber_c noise_offset noise_offset_random_strength adaptive_noise_scale
         multires_noise_iterations multires_noise_discount ip_noise_gamma ip_noise_gamma_random_strength masked_loss
-        prior_loss_weight
+        prior_loss_weight preservation_loss_weight preservation_prompts preservation_every_n_steps
         """.split())),
     ("schedule", "the learning-rate schedule", tuple("""
         lr_scheduler lr_warmup_steps lr_decay_steps lr_scheduler_num_cycles lr_scheduler_power

@@ -4,18 +4,24 @@
 
 Conventions (docs/anima_arch.md §7, kohya_anima.md §4.2–4.3): x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0,
 the DiT receives σ ∈ [0, 1] in **fp32** (kohya rounds it to bf16 first; we do not).
+
+Differential output preservation (`Preservation`, `preservation_term`; docs/evaluation.md): on a preservation
+step the adapted prediction on prompts without the trigger is pulled toward the base's, at the step's own x_σ, σ.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # the noising and the loss, shared with the held-out measurements (evaluation/heldout.py)
+from anima_trainer.evaluation.strength import at_strength  # the network at multiplier 0 = the frozen base
 from anima_trainer.models.flow_maths import flow_loss, noisy_input
 from anima_trainer.sample.sampler import shift_sigma  # the σ shift ComfyUI samples with
 from anima_trainer.train.inputs import to_device
@@ -183,8 +189,12 @@ def sample_seed(seed: int, epoch: int, index: int, occurrence: int) -> int:
 
 def training_step(dit: torch.nn.Module, latents: torch.Tensor, context: torch.Tensor, cfg: Any,
                   sample_seeds: list[int], mask: torch.Tensor | None = None,
-                  sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+                  sample_weights: torch.Tensor | None = None,
+                  extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One rectified-flow loss: σ (fp32) → x_σ → v̂ = DiT(x_σ, σ, c) → loss against ε − x0.
+
+    `extra_loss(x_σ, σ)`, when given, is added to the loss: a term at the step's own noisy input (the
+    preservation term, `Preservation.term`).
 
     Each sample's noise and σ come from its own seed (`sample_seed`: the loop derives it from the seed, the
     epoch and the item), so they do not depend on how samples are batched or sharded across processes.  kohya's
@@ -207,8 +217,82 @@ def training_step(dit: torch.nn.Module, latents: torch.Tensor, context: torch.Te
     noise, sigma, noise_in = (to_device(torch.cat(parts), device) for parts in zip(*drawn, strict=True))
     x_t = noisy_input(latents, noise_in, sigma)  # ip_noise_gamma perturbs the input only, not the target
     pred = dit(x_t, sigma, context)
-    return flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
+    loss = flow_loss(pred, noise - latents, sigma, loss_type=cfg.loss_type, huber_c=cfg.huber_c,
                      weighting_scheme=cfg.weighting_scheme, mask=mask, sample_weights=sample_weights)
+    return loss if extra_loss is None else loss + extra_loss(x_t, sigma)
+
+
+# --- differential output preservation (issue 17) ---------------------------------------------------------------
+def preservation_term(dit: torch.nn.Module, network: torch.nn.Module, x_t: torch.Tensor, sigma: torch.Tensor,
+                      context: torch.Tensor) -> torch.Tensor:
+    """mean((v_adapted − v_base)²) in fp32: v_base = DiT(x_σ, σ, c) with the network's multiplier at 0 and no
+    gradient (the frozen base: no second model in memory), v_adapted the same forward with the network on."""
+    with torch.no_grad(), at_strength(network, 0.0):
+        base = dit(x_t, sigma, context)
+    adapted = dit(x_t, sigma, context)
+    return F.mse_loss(adapted.float(), base.float())
+
+
+def preservation_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The seed that picks the preservation prompts of one micro-batch: a hash of (seed, step, micro-batch), so
+    the choice draws from no shared RNG (exact resume stays bit-identical)."""
+    digest = hashlib.blake2b(f"anima-trainer/preservation/{seed}/{step}/{micro_batch}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Preservation:
+    """The run's preservation loss: the prompts' contexts (encoded once at start-up by the frozen text encoder),
+    its weight and how often it applies.  `for_step` gives the loop the `extra_loss` of a micro-batch."""
+
+    dit: torch.nn.Module
+    network: torch.nn.Module
+    contexts: torch.Tensor  # [P, L, D], one row per preservation prompt
+    weight: float
+    every_n_steps: int = 1
+    seed: int = 0
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) carries the term."""
+        return self.weight > 0 and step % self.every_n_steps == 0
+
+    def pick(self, step: int, micro_batch: int, n: int) -> torch.Tensor:
+        """`n` prompt indices for a micro-batch: a permutation of the prompts drawn from `preservation_seed`
+        (repeated when the batch has more samples than there are prompts)."""
+        order = torch.randperm(len(self.contexts), generator=torch.Generator().manual_seed(
+            preservation_seed(self.seed, step, micro_batch)))
+        return order.repeat(math.ceil(n / len(order)))[:n]
+
+    def for_step(self, step: int, micro_batch: int, record: Callable[[torch.Tensor], None] | None = None
+                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The `extra_loss` of `training_step` for this micro-batch (None when `step` has no term): weight × the
+        preservation term on the picked prompts; `record` gets the unweighted term (detached) for the logs."""
+        if not self.due(step):
+            return None
+
+        def term(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            context = self.contexts[self.pick(step, micro_batch, x_t.shape[0])]
+            value = preservation_term(self.dit, self.network, x_t, sigma, context)
+            if record is not None:
+                record(value.detach())
+            return self.weight * value
+        return term
+
+
+def build_preservation(cfg: Any, dit: torch.nn.Module, network: torch.nn.Module,
+                       encode: Callable[[list[str]], torch.Tensor], seed: int) -> Preservation | None:
+    """The run's `Preservation` (None when preservation_loss_weight is 0): the prompts of preservation_prompts
+    (kohya prompt syntax) or the built-in bank, encoded once by `encode` (the run's TextConditioner) without
+    gradient."""
+    if not getattr(cfg, "preservation_loss_weight", 0):
+        return None
+    from anima_trainer.evaluation.prompt_bank import bank_from_file, builtin_bank
+
+    bank = bank_from_file(cfg.preservation_prompts) if cfg.preservation_prompts else builtin_bank()
+    with torch.no_grad():
+        contexts = encode([entry.text for entry in bank]).detach()
+    return Preservation(dit, network, contexts, float(cfg.preservation_loss_weight),
+                        cfg.preservation_every_n_steps, seed)
 
 
 # --- start-up notices: options that do nothing for Anima, or do more here than in kohya's Anima trainer ---------

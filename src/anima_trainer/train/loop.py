@@ -46,7 +46,7 @@ from anima_trainer.train.distributed import (
 from anima_trainer.train.ema import NetworkEMA, build_ema, resume_ema
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.file_metadata import RunMetadata
-from anima_trainer.train.flow import sample_seed, training_step
+from anima_trainer.train.flow import Preservation, build_preservation, sample_seed, training_step
 from anima_trainer.train.inputs import Caches, TextConditioner, epoch_inputs, prepare_caches, report_long_captions
 from anima_trainer.train.lock import RunLock
 from anima_trainer.train.model_setup import (
@@ -185,12 +185,14 @@ class TrainRun:
 @dataclass
 class RunModels:
     """What the step runs: the frozen base (DiT, text encoder, VAE), the trained network, captions → context,
-    and the EMA of the network's weights (None unless ema_decay)."""
+    the EMA of the network's weights (None unless ema_decay) and the preservation loss (None unless
+    preservation_loss_weight)."""
 
     base: Models
     network: AdapterNetwork
     conditioner: TextConditioner
     ema: NetworkEMA | None = None
+    preservation: Preservation | None = None
 
 
 @dataclass
@@ -344,6 +346,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
     validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
+    preservation = build_preservation(cfg, dit, network, conditioner.context, seed)  # prompts encoded once
     progress = Progress()
     if resume_from is not None and resume_check is not None:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
@@ -381,7 +384,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
              module_counts(network), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)
     run = _Run(cfg=cfg, plan=plan, progress=progress, optim=optim,
-               models=RunModels(base=models, network=network, conditioner=conditioner, ema=ema),
+               models=RunModels(base=models, network=network, conditioner=conditioner, ema=ema,
+                                 preservation=preservation),
                data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
                io=RunIO(accelerator=accelerator, dist=dist, saver=saver, monitor=monitor, events=events,
                         validator=validator))
@@ -488,7 +492,10 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             if any(batch.is_reg) and cfg.prior_loss_weight != 1.0:
                 weights = torch.tensor([cfg.prior_loss_weight if reg else 1.0 for reg in batch.is_reg])
             seeds = [sample_seed(plan.seed, epoch, i, o) for i, o in batch.samples]
-            loss = training_step(dit, batch.latents, context, cfg, seeds, mask=batch.mask, sample_weights=weights)
+            extra = None if r.models.preservation is None else r.models.preservation.for_step(
+                progress.step + 1, pending, monitor.add_preservation)  # the step's x_σ, σ (train/flow.py)
+            loss = training_step(dit, batch.latents, context, cfg, seeds, mask=batch.mask, sample_weights=weights,
+                                 extra_loss=extra)
             scaler.scale(loss / accum).backward()
             monitor.add_micro_batch(dist.reduce_mean(loss.detach()), len(batch.captions) * dist.world_size)
             progress.batch_in_epoch += 1

@@ -179,6 +179,8 @@ class Monitor:
         self._pending: list[_Step] = []
         self._acc: torch.Tensor | None = None
         self._micro = self._step_samples = 0
+        self._preservation: torch.Tensor | None = None  # the step's summed preservation terms (add_preservation)
+        self._preservation_count = 0
         self._step_wait = self._paused = 0.0
         self._checked: tuple[int, float, float | None, bool] | None = None
         self._consecutive = 0
@@ -250,6 +252,12 @@ class Monitor:
         self._micro += 1
         self._step_samples += batch_size
 
+    def add_preservation(self, term: torch.Tensor) -> None:
+        """One micro-batch's (unweighted) preservation term: logged as `loss/preservation`, the step's mean."""
+        v = term.detach().float()
+        self._preservation = v if self._preservation is None else self._preservation + v
+        self._preservation_count += 1
+
     # --- per optimizer step -------------------------------------------------------------------------------------
     @property
     def checks_before_update(self) -> bool:
@@ -309,6 +317,9 @@ class Monitor:
         lrs = lr_logs(optimizer) if optimizer is not None else {}
         lrs.update({f"lr/{k}": v for k, v in (extra_lrs or {}).items()})
         lrs.update(extra_logs or {})
+        if self._preservation is not None:  # a device tensor: read only on logging steps (_build_logs)
+            lrs["loss/preservation"] = self._preservation / self._preservation_count
+            self._preservation, self._preservation_count = None, 0
         if self._checked is not None and self._checked[0] == step:
             _, loss, gnorm, skipped = self._checked
             rec = _Step(step, epoch, loss, gnorm, lrs, skipped=skipped, reported=True)
