@@ -21,6 +21,10 @@ allocation).  Peak memory is torch.cuda.max_memory_allocated / max_memory_reserv
 2 × linear + 3 × attention forward FLOPs (LoRA's own rank-r matmuls and gradient-checkpointing recompute are
 not counted; `hfu` adds the recomputed forward), against dit_step.peak_tflops (dense bf16/fp16 peak).
 
+With `--preservation_loss_weight W` (> 0) every step also carries the differential output preservation term as
+the loop adds it (train/flow.py `Preservation`: the DiT at the step's x_σ, σ on 16 preservation contexts, once
+with the network's multiplier at 0 without gradient, once with it on): the cost of that option per step.
+
 Usage:  python bench/train_step.py --config 2b --resolution 1024 --batch 1 [--grad_ckpt] [--steps 20 --warmup 3]
         python bench/train_step.py --table --json-out out/train_step.json      # the standard table, one process
         python bench/train_step.py --config tiny --resolution 128 --batch 1 --steps 2 --warmup 1   # CPU smoke
@@ -45,7 +49,7 @@ import torch
 from anima_trainer.config import TrainConfig
 from anima_trainer.dtypes import PRECISION_DTYPES, PRECISIONS
 from anima_trainer.models.dit import AnimaDiT
-from anima_trainer.train.flow import sample_seed, training_step
+from anima_trainer.train.flow import Preservation, sample_seed, training_step
 from anima_trainer.train.model_setup import WEIGHT_DTYPES, prepare_dit
 from anima_trainer.train.setup import setup_optimization
 
@@ -142,12 +146,19 @@ def run_config(args: argparse.Namespace, device: torch.device, dtype_name: str, 
     gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     latents = torch.randn(batch, c.in_channels, 1, lat, lat, generator=gen).to(device)  # fp32, as cached
     context = torch.randn(batch, CONTEXT_ROWS, c.crossattn_dim, generator=gen).to(device, dtype)
+    preservation = None
+    if cfg.preservation_loss_weight:  # 16 prompts' contexts, as the built-in bank encoded once at start-up
+        contexts = torch.randn(16, CONTEXT_ROWS, c.crossattn_dim, generator=gen).to(device, dtype)
+        preservation = Preservation(dit, network, contexts, cfg.preservation_loss_weight,
+                                    cfg.preservation_every_n_steps, args.seed)
 
     steps = iter(range(args.warmup + args.steps))
 
     def step() -> float:
-        seeds = [sample_seed(args.seed, next(steps), i, 0) for i in range(batch)]  # as the loop: epoch, item
-        loss = training_step(dit, latents, context, cfg, seeds)
+        index = next(steps)
+        seeds = [sample_seed(args.seed, index, i, 0) for i in range(batch)]  # as the loop: epoch, item
+        extra = None if preservation is None else preservation.for_step(index + 1, 0)
+        loss = training_step(dit, latents, context, cfg, seeds, extra_loss=extra)
         scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
         scaler.unscale_(optimizer)
         if cfg.max_grad_norm:
@@ -298,7 +309,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + " for --config in one process (--resolution/--batch/--grad_ckpt ignored), CUDA OOMs "
                           "recorded, and print a markdown table at the end")
     p.add_argument("--levers", action="store_true", help="also run the lever cases (LEVERS) after the table")
+    p.add_argument("--preservation_loss_weight", type=float, default=0.0,
+                   help="> 0: every step also carries the differential output preservation term (its cost per step)")
     args = p.parse_args(argv)
+    if args.preservation_loss_weight < 0:
+        p.error("need --preservation_loss_weight >= 0")
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rank < 1 or args.resolution < 16:
         p.error("need --steps >= 1, --warmup >= 0, --batch >= 1, --rank >= 1, --resolution >= 16")
     return args
@@ -309,7 +324,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     env = environment(device)
-    cases = [(r, b, g, {}) for r, b, g in TABLE] if args.table else [(args.resolution, args.batch, args.grad_ckpt, {})]
+    # the preservation term: a TrainConfig option (DiT-only training, which it needs) in the case's levers
+    dop = {"preservation_loss_weight": args.preservation_loss_weight,
+           "network_train_unet_only": True} if args.preservation_loss_weight > 0 else {}
+    cases = [(r, b, g, dict(dop)) for r, b, g in TABLE] if args.table else [
+        (args.resolution, args.batch, args.grad_ckpt, dict(dop))]
     if args.levers:
         cases += LEVERS
     rows = []

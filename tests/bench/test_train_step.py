@@ -69,3 +69,15 @@ def test_a_failing_lever_is_a_result_not_the_end(train_step, monkeypatch):
     rows = train_step.main([*SMOKE[:2], "--steps", "1", "--warmup", "0", "--device", "cpu", "--table", "--levers"])
     assert rows[0]["oom"] is False and "failed" not in rows[0]
     assert rows[1]["failed"] and "blocks_to_swap" in rows[1]["error"]
+
+
+def test_preservation_flag_runs_the_step_with_the_preservation_term(train_step):
+    """--preservation_loss_weight: the same step with the preservation term (its cost per step); the term
+    changes the update from the second step on, so the losses part from a plain run's."""
+    plain = train_step.main([*SMOKE, "--steps", "3"])[0]
+    dop = train_step.main([*SMOKE, "--steps", "3", "--preservation_loss_weight", "1.0"])[0]
+    assert plain["levers"] == {} and dop["levers"]["preservation_loss_weight"] == 1.0
+    assert dop["loss_finite"] and dop["loss_first"] == plain["loss_first"]  # step 1: the fresh LoRA = the base
+    assert dop["loss_last"] != plain["loss_last"]
+    with pytest.raises(SystemExit):
+        train_step.main([*SMOKE, "--preservation_loss_weight", "-1"])

@@ -133,8 +133,10 @@ def test_logged_total_is_flow_plus_weighted_term_and_the_term_is_logged(setup, t
     assert logged[1]["loss/preservation"] == pytest.approx(checks[1][2] / 2.0, rel=1e-6)
 
 
-def test_interrupted_and_resumed_run_with_preservation_is_bit_identical(setup, tmp_path, monkeypatch):
-    extra = ("--preservation_loss_weight", "1.0", "--network_dropout", "0.1")
+@pytest.mark.parametrize("cache", [False, True], ids=["images", "cached"])
+def test_interrupted_and_resumed_run_with_preservation_is_bit_identical(setup, tmp_path, monkeypatch, cache):
+    extra = ("--preservation_loss_weight", "1.0", "--network_dropout", "0.1",
+             *(("--cache_latents", "--cache_text_encoder_outputs") if cache else ()))
     reference = run_training(_config(setup, tmp_path / "ref", *extra))
     real = loop.training_step
     count = {"n": 0}
@@ -151,7 +153,7 @@ def test_interrupted_and_resumed_run_with_preservation_is_bit_identical(setup, t
     resumed = run_training(_config(setup, tmp_path / "cut", *extra, "--resume", "latest"))
     assert resumed.steps == reference.steps == 3
     assert _same(reference.final_path, resumed.final_path)
-    plain = run_training(_config(setup, tmp_path / "plain", "--network_dropout", "0.1"))
+    plain = run_training(_config(setup, tmp_path / "plain", *extra[2:], "--preservation_loss_weight", "0"))
     assert not _same(reference.final_path, plain.final_path)  # the term changed the training
 
 
