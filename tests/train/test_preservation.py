@@ -14,8 +14,10 @@ import anima_trainer.train.loop as loop
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.config.flow_settings import FlowSettings
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
+from anima_trainer.evaluation.prompt_bank import BUILTIN_PROMPTS
 from anima_trainer.models import load_dit
 from anima_trainer.networks import create_network
+from anima_trainer.sample.prompts import PromptFileError
 from anima_trainer.train.flow import Preservation, preservation_term, training_step
 from anima_trainer.train.loop import run_training
 
@@ -177,3 +179,28 @@ def test_a_trained_text_encoder_is_refused_with_the_fix(setup, tmp_path):
     with pytest.raises(ConfigError, match=r"preservation_loss_weight = 1\.0: .*trains the text encoder .*set "
                                           r"network_train_unet_only = true"):
         parse_train_args(["--config_file", str(toml)])
+
+
+def test_a_bad_preservation_prompt_file_is_refused_before_any_model_loads(setup, tmp_path, monkeypatch):
+    prompts = tmp_path / "keep.txt"
+    prompts.write_text("1girl, solo --x 3\n", encoding="utf-8")
+    monkeypatch.setattr(loop, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(PromptFileError, match=r"keep\.txt.*line 1: option --x is not known"):
+        run_training(_config(setup, tmp_path / "bad", "--preservation_loss_weight", "1.0",
+                             "--preservation_prompts", str(prompts), steps=1))
+
+
+def test_the_prompt_file_replaces_the_builtin_bank(setup, tmp_path, monkeypatch):
+    prompts = tmp_path / "keep.txt"
+    prompts.write_text("1girl, solo, smile --s 20\n\nscenery, mountains\n", encoding="utf-8")
+    built: list[Preservation] = []
+    real = loop.build_preservation
+
+    def build(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+    monkeypatch.setattr(loop, "build_preservation", build)
+    run_training(_config(setup, tmp_path / "file", "--preservation_loss_weight", "1.0",
+                         "--preservation_prompts", str(prompts), steps=1))
+    run_training(_config(setup, tmp_path / "bank", "--preservation_loss_weight", "1.0", steps=1))
+    assert [len(p.contexts) for p in built] == [2, len(BUILTIN_PROMPTS)]

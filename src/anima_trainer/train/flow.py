@@ -271,7 +271,7 @@ class Preservation:
             return None
 
         def term(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            context = self.contexts[self.pick(step, micro_batch, x_t.shape[0])]
+            context = self.contexts[self.pick(step, micro_batch, x_t.shape[0]).to(self.contexts.device)]
             value = preservation_term(self.dit, self.network, x_t, sigma, context)
             if record is not None:
                 record(value.detach())
@@ -279,18 +279,26 @@ class Preservation:
         return term
 
 
-def build_preservation(cfg: Any, dit: torch.nn.Module, network: torch.nn.Module,
-                       encode: Callable[[list[str]], torch.Tensor], seed: int) -> Preservation | None:
-    """The run's `Preservation` (None when preservation_loss_weight is 0): the prompts of preservation_prompts
-    (kohya prompt syntax) or the built-in bank, encoded once by `encode` (the run's TextConditioner) without
-    gradient."""
+def preservation_texts(cfg: Any) -> list[str] | None:
+    """The preservation prompts (None when preservation_loss_weight is 0): preservation_prompts (kohya prompt
+    syntax, read and checked by the sample-prompt loader, whose error names the file and place) or the built-in
+    bank.  Read at start-up before any model loads, so a bad file costs no model load."""
     if not getattr(cfg, "preservation_loss_weight", 0):
         return None
     from anima_trainer.evaluation.prompt_bank import bank_from_file, builtin_bank
 
     bank = bank_from_file(cfg.preservation_prompts) if cfg.preservation_prompts else builtin_bank()
+    return [entry.text for entry in bank]
+
+
+def build_preservation(cfg: Any, texts: list[str] | None, dit: torch.nn.Module, network: torch.nn.Module,
+                       encode: Callable[[list[str]], torch.Tensor], seed: int) -> Preservation | None:
+    """The run's `Preservation` (None without `texts`): the prompts encoded once by `encode` (the run's
+    TextConditioner: the frozen text encoder) without gradient."""
+    if not texts:
+        return None
     with torch.no_grad():
-        contexts = encode([entry.text for entry in bank]).detach()
+        contexts = encode(texts).detach()
     return Preservation(dit, network, contexts, float(cfg.preservation_loss_weight),
                         cfg.preservation_every_n_steps, seed)
 

@@ -46,7 +46,13 @@ from anima_trainer.train.distributed import (
 from anima_trainer.train.ema import NetworkEMA, build_ema, resume_ema
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.file_metadata import RunMetadata
-from anima_trainer.train.flow import Preservation, build_preservation, sample_seed, training_step
+from anima_trainer.train.flow import (
+    Preservation,
+    build_preservation,
+    preservation_texts,
+    sample_seed,
+    training_step,
+)
 from anima_trainer.train.inputs import Caches, TextConditioner, epoch_inputs, prepare_caches, report_long_captions
 from anima_trainer.train.lock import RunLock
 from anima_trainer.train.model_setup import (
@@ -276,6 +282,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     cfg = apply_plan(cfg, dataset, device, llm_adapter_trained=llm_adapter_trained(cfg))  # vram_budget_gb
     prompts = check_before_models(cfg, dataset, device)  # sizes, memory, prompt file: before any model loads
+    kept = preservation_texts(cfg)  # preservation_loss_weight's prompts, read (and checked) before the models too
     models = load_models(cfg, device, dtype)
     dit = models.dit
     if cfg.base_weights:  # kohya: merged into the base before the network exists (issue 14)
@@ -346,7 +353,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
     validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
-    preservation = build_preservation(cfg, dit, network, conditioner.context, seed)  # prompts encoded once
+    preservation = build_preservation(cfg, kept, dit, network, conditioner.context, seed)  # encoded once
     progress = Progress()
     if resume_from is not None and resume_check is not None:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
