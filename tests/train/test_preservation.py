@@ -60,7 +60,7 @@ def test_the_term_is_the_squared_difference_to_the_network_at_multiplier_0(setup
     assert torch.equal(term.detach(), F.mse_loss(adapted.float(), base.float()))
     assert network.training  # the mode and multiplier are put back
     assert torch.equal(dit(x, sigma, ctx).detach(), adapted)
-    term.backward()  # the gradient reaches the network through the adapted forward only
+    term.backward()  # the gradient reaches the network (through the adapted forward; the base one is no_grad)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.trainable_parameters())
 
 
