@@ -502,7 +502,7 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             extra = None if r.models.preservation is None else r.models.preservation.for_step(
                 progress.step + 1, pending, monitor.add_preservation)  # the step's x_σ, σ (train/flow.py)
             loss = training_step(dit, batch.latents, context, cfg, seeds, mask=batch.mask, sample_weights=weights,
-                                 extra_loss=extra)
+                                 **({"extra_loss": extra} if extra is not None else {}))  # off: the call as before
             scaler.scale(loss / accum).backward()
             monitor.add_micro_batch(dist.reduce_mean(loss.detach()), len(batch.captions) * dist.world_size)
             progress.batch_in_epoch += 1
