@@ -113,7 +113,7 @@ class OutputSettings(BaseModel):
         meta: dict[str, Any] = {
             "ss_output_name": self.output_name,
             "ss_learning_rate": self.learning_rate,
-            "ss_text_encoder_lr": getattr(self, "text_encoder_lr", None),  # the TE field arrives with issue 15
+            "ss_text_encoder_lr": self.text_encoder_lr,
             "ss_unet_lr": self.unet_lr,
             "ss_gradient_checkpointing": self.gradient_checkpointing,
             "ss_gradient_accumulation_steps": self.gradient_accumulation_steps,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from anima_trainer.config import TrainConfig
+from anima_trainer.networks import AdapterNetwork
 from anima_trainer.train import training_state as states
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ class NetworkEMA:
         self._ema.shadow_params = [s.to(p.device, torch.float32) for s, p in zip(shadow, self.params, strict=True)]
 
 
-def build_ema(cfg, network) -> NetworkEMA | None:
+def build_ema(cfg: TrainConfig, network: AdapterNetwork) -> NetworkEMA | None:
     """The run's EMA (None with ema_decay unset), started from the network's current weights."""
     if cfg.ema_decay is None:
         return None
