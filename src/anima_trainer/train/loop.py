@@ -282,7 +282,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     cfg = apply_plan(cfg, dataset, device, llm_adapter_trained=llm_adapter_trained(cfg))  # vram_budget_gb
     prompts = check_before_models(cfg, dataset, device)  # sizes, memory, prompt file: before any model loads
-    kept = preservation_texts(cfg)  # preservation_loss_weight's prompts, read (and checked) before the models too
+    preservation_prompts = preservation_texts(cfg)  # read (and checked) before the models load, too
     models = load_models(cfg, device, dtype)
     dit = models.dit
     if cfg.base_weights:  # kohya: merged into the base before the network exists (issue 14)
@@ -353,7 +353,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
     validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
-    preservation = build_preservation(cfg, kept, dit, network, conditioner.context, seed)  # encoded once
+    preservation = build_preservation(cfg, preservation_prompts, dit, network, conditioner.context,
+                                      seed)  # encoded once
     progress = Progress()
     if resume_from is not None and resume_check is not None:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
