@@ -1,11 +1,13 @@
-"""Measuring a network against its frozen base, reproducibly: the numbers that the run's validation uses today
-and that the planned `anima-trainer eval`, in-training evaluation and report (issue 17, not built yet) will share.
-Pure functions of the DiT, the injected network, encoded prompts and
-fixed seeds; below train (the loop calls them) and tools.
+"""Measuring a network against its frozen base, reproducibly: the numbers that the run's validation, the
+in-training evaluation and `anima-trainer eval` share.  Pure functions of the DiT, the injected network, encoded
+prompts and fixed seeds; below train (the loop calls them) and tools.
 
     drift.py        preservation drift, trigger response (relative velocity change vs the base, multiplier 0)
                     and the leak score
+    eval_results.py EvalResults: an evaluation's numbers, grids and settings as one document (results.json)
     heldout.py      held-out flow loss per σ bucket (fixed noise and σ: what the run's validation computes)
+    probe.py        the light metrics at one strength (drift, response, leak; + held-out loss), one function for
+                    training and eval
     prompt_bank.py  the built-in anime prompt bank, kohya prompt files, the trigger put in or left out
     results.py      `SigmaMetric`: a value per σ bucket and overall, JSON and tracker scalars
     strength.py     a network held at one multiplier (0 = the base) in eval mode for a measurement
