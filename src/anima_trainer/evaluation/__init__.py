@@ -6,9 +6,14 @@ prompts and fixed seeds; below train (the loop calls them) and tools.
                     and the leak score
     eval_results.py EvalResults: an evaluation's numbers, grids and settings as one document (results.json)
     heldout.py      held-out flow loss per σ bucket (fixed noise and σ: what the run's validation computes)
+    plots.py        the report's figures (matplotlib's object API, Agg; never pyplot) as PNG bytes
     probe.py        the light metrics at one strength (drift, response, leak; + held-out loss), one function for
                     training and eval
     prompt_bank.py  the built-in anime prompt bank, kohya prompt files, the trigger put in or left out
+    recommend.py    the report's recommendation: the checkpoint (best held-out loss, else rules documented there)
+                    and the strengths whose preservation drift stays under a threshold
+    report.py       `write_report`: report.html, one self-contained page of an `EvalResults` (plots, grids,
+                    tables, the results as a JSON data island)
     results.py      `SigmaMetric`: a value per σ bucket and overall, JSON and tracker scalars
     strength.py     a network held at one multiplier (0 = the base) in eval mode for a measurement
 """
