@@ -327,8 +327,7 @@ def test_the_page_in_a_real_browser(tmp_path, analysis):
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page()
-            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in (
-                "error", "warning") else None)
+            page.on("console", lambda m: problems.append(f"console error: {m.text}") if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
             page.on("request", lambda r: requests.append(r.url))
@@ -336,9 +335,14 @@ def test_the_page_in_a_real_browser(tmp_path, analysis):
             images = page.eval_on_selector_all("img", "els => els.map(e => [e.currentSrc.slice(0, 40), e.complete, "
                                                       "e.naturalWidth])")
             data = page.eval_on_selector("#results", "e => JSON.parse(e.textContent)")
+            found = list(problems)
+            page.set_content("<script>console.error('seen'); null.x;</script>")  # the listeners do listen
+            page.wait_for_timeout(100)
+            control = problems[len(found):]
         finally:
             browser.close()
-    assert problems == []
+    assert found == []
+    assert control[0] == "console error: seen" and control[1].startswith("page error:"), control
     assert len(images) == 9 and all(complete and width > 0 for _, complete, width in images), images
     assert all(url.startswith(("file://", "data:")) for url in requests), requests
     assert data == results.as_dict()

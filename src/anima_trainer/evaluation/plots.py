@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from matplotlib import colormaps
@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from anima_trainer.evaluation.eval_results import CheckpointResult, EvalResults
 from anima_trainer.evaluation.recommend import at_strength_one, overall
+from anima_trainer.evaluation.results import SigmaMetric
 
 RAW, EMA, BASE, LIMIT = "C0", "C1", "0.35", "C3"
 METRIC_TITLES = {"heldout_loss": "held-out loss", "preservation_drift": "preservation drift",
@@ -82,8 +83,8 @@ def heldout_plot(results: EvalResults) -> bytes | None:
     return png_bytes(fig)
 
 
-def _sigmas(metrics: Sequence[Any]) -> list[float]:
-    """The σ buckets of `metrics` (SigmaMetric or None), in first-seen order."""
+def sigma_buckets(metrics: Iterable[SigmaMetric | None]) -> list[float]:
+    """The σ buckets of `metrics` (None: not measured), in first-seen order: the columns of a σ table."""
     seen: list[float] = []
     for m in metrics:
         for s in () if m is None else m.sigmas:
@@ -92,7 +93,7 @@ def _sigmas(metrics: Sequence[Any]) -> list[float]:
     return seen
 
 
-def _bucket(metric: Any, sigma: float) -> float | None:
+def _bucket(metric: SigmaMetric | None, sigma: float) -> float | None:
     if metric is None or sigma not in metric.sigmas:
         return None
     return metric.at(sigma)
@@ -101,7 +102,7 @@ def _bucket(metric: Any, sigma: float) -> float | None:
 def heldout_sigma_plot(results: EvalResults) -> bytes | None:
     """Held-out loss per σ bucket across checkpoints, one panel per σ (base as a line in each)."""
     checkpoints = results.checkpoints
-    sigmas = _sigmas([c.heldout_loss for c in checkpoints])
+    sigmas = sigma_buckets([c.heldout_loss for c in checkpoints])
     if not sigmas:
         return None
     fig = Figure(figsize=(max(9, 2.6 * len(sigmas)), 3.4), layout="constrained")

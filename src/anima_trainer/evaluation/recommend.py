@@ -104,7 +104,7 @@ def _by_heldout(results: EvalResults) -> tuple[int, list[str]] | None:
                                              _or_inf(at_strength_one(c, "preservation_drift"))))
     loss = overall(best.heldout_loss)
     lines = [f"Chosen for the lowest overall held-out loss ({fmt(loss)}) of the {len(measured)} checkpoint"
-             f"{'s' if len(measured) != 1 else ''} with one."]
+             f"{'s' if len(measured) != 1 else ''} with a held-out loss."]
     base = overall(results.base_heldout)
     if base is not None and base != 0:
         change = (loss - base) / abs(base) * 100

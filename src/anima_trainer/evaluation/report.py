@@ -25,7 +25,6 @@ from anima_trainer.evaluation.eval_results import CheckpointResult, EvalResults,
 from anima_trainer.evaluation.recommend import (
     DEFAULT_DRIFT_THRESHOLD,
     Recommendation,
-    at_strength_one,
     fmt,
     overall,
     recommend,
@@ -84,9 +83,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], row_classes: Se
     """An HTML table of pre-rendered cells (`num` / `txt`)."""
     rows = list(rows)
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        f"<tr{f' class={chr(34)}{row_classes[i]}{chr(34)}' if row_classes and row_classes[i] else ''}>"
-        + "".join(cells) + "</tr>" for i, cells in enumerate(rows))
+    classes = list(row_classes or [""] * len(rows))
+    body = "".join((f'<tr class="{_e(css)}">' if css else "<tr>") + "".join(cells) + "</tr>"
+                   for css, cells in zip(classes, rows, strict=True))
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
@@ -101,15 +100,6 @@ def _island(name: str, data: Any) -> str:
     """A JSON data island; `<` escaped as \\u003c so no text in it can close the script element."""
     text = json.dumps(data, ensure_ascii=False, allow_nan=False, indent=1).replace("<", "\\u003c")
     return f'<script type="application/json" id="{name}">{text}</script>'
-
-
-def _sigma_columns(metrics: Iterable[SigmaMetric | None]) -> list[float]:
-    seen: list[float] = []
-    for m in metrics:
-        for s in () if m is None else m.sigmas:
-            if s not in seen:
-                seen.append(s)
-    return seen
 
 
 def _metric_cells(metric: SigmaMetric | None, sigmas: Sequence[float], *at: object) -> list[str]:
@@ -204,7 +194,7 @@ def _strength_section(results: EvalResults, threshold: float) -> str:
         metrics = [getattr(s, name) for c in results.checkpoints for s in c.strengths]
         if not any(m is not None for m in metrics):
             continue
-        sigmas = _sigma_columns(metrics)
+        sigmas = plots.sigma_buckets(metrics)
         rows = [[txt(_checkpoint_name(c)), num(s.strength, pointer("checkpoints", i, "strengths", j, "strength")),
                  *_metric_cells(getattr(s, name), sigmas, "checkpoints", i, "strengths", j, name)]
                 for i, c in enumerate(results.checkpoints) for j, s in enumerate(c.strengths)]
@@ -216,7 +206,7 @@ def _strength_section(results: EvalResults, threshold: float) -> str:
 
 
 def _heldout_table(results: EvalResults) -> str:
-    sigmas = _sigma_columns([results.base_heldout, *(c.heldout_loss for c in results.checkpoints)])
+    sigmas = plots.sigma_buckets([results.base_heldout, *(c.heldout_loss for c in results.checkpoints)])
     rows = []
     if results.base_heldout is not None:
         rows.append([txt("base model (strength 0)"), *_metric_cells(results.base_heldout, sigmas, "base_heldout")])
@@ -313,8 +303,7 @@ def render_report(results: EvalResults, folder: str | Path | None = None, *,
     folder = None if folder is None else Path(folder)
     rec = recommend(results, drift_threshold=drift_threshold)
     has_heldout = any(overall(c.heldout_loss) is not None for c in results.checkpoints)
-    has_trigger = any(at_strength_one(c, "trigger_response") is not None or
-                      any(s.trigger_response is not None for s in c.strengths) for c in results.checkpoints)
+    has_trigger = any(s.trigger_response is not None for c in results.checkpoints for s in c.strengths)
     box = "".join(f"<p>{_e(line)}</p>" for line in rec.lines)
     created = f"written {_e(results.created)}; " if results.created else ""
     body = [
