@@ -5,8 +5,8 @@ optimizer; then models, network, resume, logging) and `_loop()` runs the objecti
 `training_step`) until the plan's `max_steps`.  Inputs and caches: train/inputs.py; saves: train/saving.py;
 resume checks: train/resume.py (state folders: train/training_state.py); metrics and alerts: train/monitor.py;
 the validation loss and the light evaluation metrics, and when they run: train/measurements.py; the EMA of the
-weights (ema_decay): train/ema.py.  Nothing here writes
-onto the config or the dataset: derived values live in the RunPlan.
+weights (ema_decay): train/ema.py.  Nothing here writes onto the config or the dataset: derived values live in
+the RunPlan.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ class RunData:
 @dataclass
 class RunIO:
     """What the run writes and reports through: processes, saves and states, metrics, events, and the
-    validation / evaluation measurements (their `pause` is set by the loop)."""
+    measurements during the run (validation, evaluation: train/measurements.py)."""
 
     accelerator: Accelerator
     dist: Distributed
