@@ -40,7 +40,8 @@ FIELD_ORDER = """
     monitor_alert_policy nonfinite_loss_policy max_consecutive_nonfinite loss_spike_ratio memory_warn_ratio
     sample_every_n_steps sample_every_n_epochs sample_prompts sample_at_first sample_use_ema validation_split
     validation_seed
-    validate_every_n_steps validate_every_n_epochs max_validation_steps cache_latents cache_latents_to_disk
+    validate_every_n_steps validate_every_n_epochs max_validation_steps eval_every_n_steps eval_every_n_epochs
+    eval_prompts eval_trigger cache_latents cache_latents_to_disk
     cache_text_encoder_outputs cache_text_encoder_outputs_to_disk vae_batch_size text_encoder_batch_size
     caption_variants prior_loss_weight cache_llm_adapter_outputs
 """.split()

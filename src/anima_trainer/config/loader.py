@@ -429,6 +429,7 @@ def parse_train_args(argv: list[str] | None = None, *, prog: str = "anima-traine
     cfg.notices.extend(schedule_notices(cfg, given=set(merged)))
     cfg.notices.extend(flow_notices(cfg, given=set(merged)))
     cfg.notices.extend(sample_notices(cfg))
+    cfg.notices.extend(cfg.evaluation_notices())
     return cfg
 
 

@@ -60,10 +60,12 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         tensorboard_port tensorboard_logdir monitor_memory monitor_alert_policy nonfinite_loss_policy
         max_consecutive_nonfinite loss_spike_ratio memory_warn_ratio
         """.split())),
-    ("sampling and validation", "preview images and the validation loss on held-out images", tuple("""
+    ("sampling and validation", ("preview images, the validation loss on held-out images and the light "
+                                 "evaluation metrics during the run"), tuple("""
         sample_every_n_steps sample_every_n_epochs sample_prompts sample_at_first sample_use_ema validation_split
         validation_seed
-        validate_every_n_steps validate_every_n_epochs max_validation_steps
+        validate_every_n_steps validate_every_n_epochs max_validation_steps eval_every_n_steps eval_every_n_epochs
+        eval_prompts eval_trigger
         """.split())),
     ("compatibility", ("kept so that kohya / sd-scripts-anima configs load: sd-scripts-anima's defaults, and "
                        "options that change nothing for Anima"), tuple("""

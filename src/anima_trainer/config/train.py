@@ -86,8 +86,8 @@ class TrainConfig(CacheSettings, SamplingSettings, LoggingSettings, DatasetSetti
     # --- normalisation (runs also when a TrainConfig is built directly) ----------------------------------------
     @field_validator("pretrained_model_name_or_path", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path",
                      "t5_tokenizer_path", "output_dir", "network_weights", "dataset_config", "logging_dir",
-                     "sample_prompts", "preservation_prompts", "log_tracker_config", "tensorboard_logdir",
-                     "console_log_file", "tokenizer_cache_dir", mode="before")
+                     "sample_prompts", "preservation_prompts", "eval_prompts", "log_tracker_config",
+                     "tensorboard_logdir", "console_log_file", "tokenizer_cache_dir", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
         if isinstance(v, str):

@@ -45,6 +45,7 @@ _RULES: dict[Callable[[Any], bool], tuple[str, ...]] = {
              # free text and numbers kohya leaves at None
              "log_prefix", "log_tracker_name", "wandb_run_name", "wandb_api_key", "resume", "validation_seed",
              "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps", "save_precision",
+             "eval_every_n_steps", "eval_every_n_epochs", "eval_prompts", "eval_trigger",
              "noise_offset", "adaptive_noise_scale", "multires_noise_iterations", "ip_noise_gamma", "min_timestep",
              "max_timestep", "min_snr_gamma", "v_pred_like_loss", "lr_scheduler_args"),
     _empty_or_list: ("scale_weight_norms", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "llm_adapter_lr",

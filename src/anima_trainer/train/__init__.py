@@ -11,6 +11,8 @@
     lock.py           one run per output_dir / output_name
     loop.py           the training loop (`run_training`, `train`)
     memory_estimate.py one step's peak memory for given settings (calibrated on H200 measurements)
+    measurements.py   measurements during the run: when validation and the light evaluation metrics
+                      (eval_every_n_*) run, in eval mode outside step time, and what they log
     model_setup.py    the frozen base models loaded and the DiT prepared with its network and speed levers
     monitor.py        per-step metrics and alerts without a host-device sync on unlogged steps
     optim.py          optimizers by kohya's `--optimizer_type` names; `check_optimization`, the start-up check of

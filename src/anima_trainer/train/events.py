@@ -1,7 +1,8 @@
 """The run's event log and the resolved-config file: what happened, readable after a crash.
 
 `<output_dir>/<output_name>.events.jsonl` gets one JSON object per line: `{"time", "run", "type", "step",
-"epoch", ...}` for the config, start, step summaries, saves, alerts, validation, end and errors.  Every line is
+"epoch", ...}` for the config, start, step summaries, saves, alerts, validation, evaluation (the light metrics,
+train/measurements.py), end and errors.  Every line is
 flushed and fsync'd as it is written (a crash loses at most the line being written), the file is opened in append
 mode (a resumed run appends under a new `run` id), and a torn last line left by a crash is terminated before the
 next run appends, so every complete line always parses.
@@ -22,8 +23,8 @@ from typing import Any
 from anima_trainer.config.tomlw import toml_value
 from anima_trainer.fileio import SaveError, atomic_write_bytes
 
-EVENT_TYPES = ("config", "start", "resume", "step", "save", "save_state", "alert", "validation", "sample", "end",
-               "error", "notice")
+EVENT_TYPES = ("config", "start", "resume", "step", "save", "save_state", "alert", "validation", "evaluation",
+               "sample", "end", "error", "notice")
 # settings never written to the event log or a resolved config (they would leak into shared folders)
 SECRET_FIELDS = ("wandb_api_key",)
 RESOLVED_CONFIG_NAME = "train_config.toml"

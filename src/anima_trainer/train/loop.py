@@ -4,8 +4,9 @@ Read it like nanoGPT's train.py: `run_training()` sets up (train/setup.py: seed,
 optimizer; then models, network, resume, logging) and `_loop()` runs the objective (train/flow.py
 `training_step`) until the plan's `max_steps`.  Inputs and caches: train/inputs.py; saves: train/saving.py;
 resume checks: train/resume.py (state folders: train/training_state.py); metrics and alerts: train/monitor.py;
-the validation loss: train/validation.py; the EMA of the weights (ema_decay): train/ema.py.  Nothing here writes
-onto the config or the dataset: derived values live in the RunPlan.
+the validation loss and the light evaluation metrics, and when they run: train/measurements.py; the EMA of the
+weights (ema_decay): train/ema.py.  Nothing here writes onto the config or the dataset: derived values live in
+the RunPlan.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from anima_trainer.train.flow import (
 )
 from anima_trainer.train.inputs import Caches, TextConditioner, epoch_inputs, prepare_caches, report_long_captions
 from anima_trainer.train.lock import RunLock
+from anima_trainer.train.measurements import Measurements, build_evaluation, evaluation_texts, paused_training
 from anima_trainer.train.model_setup import (
     WEIGHT_DTYPES,
     Models,
@@ -93,7 +95,7 @@ from anima_trainer.train.training_state import (
     remove_stale_temporaries,
     restore_rng,
 )
-from anima_trainer.train.validation import Validator, build_validator
+from anima_trainer.train.validation import build_validator
 from anima_trainer.train.vram_plan import llm_adapter_trained, apply_plan
 
 if TYPE_CHECKING:
@@ -214,14 +216,15 @@ class RunData:
 
 @dataclass
 class RunIO:
-    """What the run writes and reports through: processes, saves and states, metrics, events, validation."""
+    """What the run writes and reports through: processes, saves and states, metrics, events, and the
+    measurements during the run (validation, evaluation: train/measurements.py)."""
 
     accelerator: Accelerator
     dist: Distributed
     saver: Saver
     monitor: Monitor
     events: EventLog
-    validator: Validator | None
+    measurements: Measurements
 
 
 @dataclass
@@ -283,6 +286,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     cfg = apply_plan(cfg, dataset, device, llm_adapter_trained=llm_adapter_trained(cfg))  # vram_budget_gb
     prompts = check_before_models(cfg, dataset, device)  # sizes, memory, prompt file: before any model loads
     preservation_prompts = preservation_texts(cfg)  # read (and checked) before the models load, too
+    probe_prompts = evaluation_texts(cfg) if dist.is_main else None  # likewise (eval_prompts)
     models = load_models(cfg, device, dtype)
     dit = models.dit
     if cfg.base_weights:  # kohya: merged into the base before the network exists (issue 14)
@@ -355,6 +359,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
     preservation = build_preservation(cfg, preservation_prompts, dit, network, conditioner.context,
                                       seed)  # encoded once
+    evaluation = build_evaluation(cfg, probe_prompts, network, conditioner.context, validator,  # encoded once
+                                  text_encoder=models.text_encoder.model if network.trains_text_encoder else None)
     progress = Progress()
     if resume_from is not None and resume_check is not None:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
@@ -391,12 +397,17 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     log.info("training %s %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
              module_counts(network), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)
+    te_model = models.text_encoder.model if network.trains_text_encoder else None
+    measurements = Measurements(validator=validator, evaluation=evaluation, dit=dit, network=network,
+                                context_fn=conditioner.context, device=device, events=events, accelerator=accelerator,
+                                pause=lambda: paused_training(monitor, network, optimizer, te_model),
+                                saved=saver.network_saved_at)
     run = _Run(cfg=cfg, plan=plan, progress=progress, optim=optim,
                models=RunModels(base=models, network=network, conditioner=conditioner, ema=ema,
                                  preservation=preservation),
                data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
                io=RunIO(accelerator=accelerator, dist=dist, saver=saver, monitor=monitor, events=events,
-                        validator=validator))
+                        measurements=measurements))
     with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
             StopSignals() as stop:
         events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)
@@ -406,6 +417,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                 state = saver.interrupted(progress)
                 raise TrainingInterrupted(progress.step, state, None if state else _last_good_state(cfg))
             final = saver.final(progress)
+            measurements.after_final_save(progress)  # an evaluation due at the last step names the final file
         except BaseException as e:
             events.write("error", step=progress.step, epoch=progress.epoch, error=type(e).__name__, message=str(e))
             if isinstance(e, MonitorAlertError):
@@ -420,31 +432,16 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
 
 def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     """The epochs: micro-batches → loss → backward; every `gradient_accumulation_steps` micro-batches and at
-    each epoch's end an optimizer step, then logging, validation, previews and saves as they fall due.
+    each epoch's end an optimizer step, then logging, measurements (validation, evaluation), saves and previews
+    as they fall due.
     Returns False when a stop signal ended it early (after a whole optimizer step)."""
     cfg, plan, progress = r.cfg, r.plan, r.progress
     base, network, conditioner, ema = r.models.base, r.models.network, r.models.conditioner, r.models.ema
     optimizer, scaler = r.optim.optimizer, r.optim.scaler
-    dist, monitor, events = r.io.dist, r.io.monitor, r.io.events
+    dist, monitor, events, measure = r.io.dist, r.io.monitor, r.io.events, r.io.measurements
     dit = base.dit
     params = network.trainable_parameters()
     previews = load_sample_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
-
-    te_model = base.text_encoder.model if network.trains_text_encoder else None
-
-    def pause_training(fn):  # previews/validation: eval mode (also for schedule-free optimizers), not step time
-        with monitor.paused():
-            network.eval()
-            if te_model is not None:  # a trained text encoder runs in training mode between them
-                te_model.eval()
-            set_optimizer_train_mode(optimizer, False)
-            try:
-                return fn()
-            finally:
-                set_optimizer_train_mode(optimizer, True)
-                network.train()
-                if te_model is not None:
-                    te_model.train()
 
     def preview(tag: str) -> None:
         """Previews run after the step's save and never stop training: a failure is logged and recorded as a
@@ -452,11 +449,11 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
         cancel = None if stop is None else (lambda: stop.requested is not None)
 
         def render() -> list[Path]:  # sample_use_ema: the EMA weights swapped in, the training ones put back
-            with ema.swapped() if ema is not None and cfg.sample_use_ema else contextlib.nullcontext():
+            with measure.pause(), ema.swapped() if ema is not None and cfg.sample_use_ema else contextlib.nullcontext():
                 return render_previews(dit, base.text_encoder, base.vae, previews, Path(cfg.output_dir) / "sample",
                                        tag, cfg.output_name, cancel=cancel)
         try:
-            paths = pause_training(render)
+            paths = render()
         except SamplingCancelled:
             log.warning("step %d: preview %s cancelled (%s)", progress.step, tag, stop.requested if stop else "")
             events.write("sample", step=progress.step, epoch=progress.epoch, tag=tag, status="cancelled")
@@ -473,18 +470,10 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                      files=[p.name for p in paths])
         log_images(r.io.accelerator, "sample", paths, progress.step)
 
-    def validate() -> None:
-        logs = pause_training(lambda: r.io.validator.run(dit, conditioner.context, r.io.accelerator.device))
-        log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-        events.write("validation", step=progress.step, epoch=progress.epoch, **logs)
-        if r.io.accelerator.trackers:
-            r.io.accelerator.log(logs, step=progress.step)
-
     previews = previews if dist.is_main else []  # one process renders the previews
     if previews and cfg.sample_at_first and progress.step == 0:
         preview("000000")
     accum, per_epoch, fp16 = plan.accumulation, len(r.data.shard), scaler.is_enabled()
-    validated_at: int | None = None
     bar = tqdm(total=plan.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
                disable=progress_disabled(not dist.is_main))  # TQDM_DISABLE=1 too (console.py)
     monitor.start()
@@ -535,11 +524,11 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             bar.update(1)
             if logs:
                 bar.set_postfix(monitor.postfix(), refresh=False)
-            if r.io.validator is not None and r.io.validator.due_at_step(progress.step):
-                validate()
-                validated_at = progress.step
+            measure.after_step(progress)  # validation before the save (as kohya); the evaluation after it
             with monitor.paused():  # the save first: a failing preview must never cost the step's files
                 r.io.saver.at_step(progress, last=progress.step >= plan.max_steps)
+            measure.after_step_save(progress, epoch_ends=progress.batch_in_epoch >= per_epoch,
+                                    last=progress.step >= plan.max_steps)
             if previews and cfg.sample_every_n_steps and progress.step % cfg.sample_every_n_steps == 0:
                 preview(f"{progress.step:06d}")
             if progress.step >= plan.max_steps:
@@ -549,10 +538,11 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                 bar.close()
                 return False
         monitor.end_epoch(epoch, progress.step)
-        if r.io.validator is not None and r.io.validator.due_at_epoch(epoch) and validated_at != progress.step:
-            validate()
+        measure.at_epoch_end(progress, epoch)
+        last = epoch >= plan.epochs or progress.step >= plan.max_steps
         with monitor.paused():
-            r.io.saver.at_epoch_end(progress, last=epoch >= plan.epochs or progress.step >= plan.max_steps)
+            r.io.saver.at_epoch_end(progress, last=last)
+        measure.after_epoch_save(progress, last=last)
         if previews and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
             preview(f"e{epoch:06d}")
         if progress.step >= plan.max_steps:

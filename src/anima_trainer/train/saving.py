@@ -61,6 +61,12 @@ class Saver:
                                 keep_last_n_epochs=cfg.save_last_n_epochs_state, overwrite=True)
         self.save_dtype = PRECISION_DTYPES.get(cfg.save_precision) if cfg.save_precision else None
         self.written: list[Path] = []
+        self._network_saved: tuple[int, Path] | None = None  # (optimizer step, file) of the newest network save
+
+    def network_saved_at(self, step: int) -> Path | None:
+        """The network file (not its EMA file) this run saved at optimizer step `step` (the newest, when a step
+        and an epoch file share it), or None: what an in-training evaluation of that step names."""
+        return self._network_saved[1] if self._network_saved and self._network_saved[0] == step else None
 
     def check_start(self, *, resuming: bool, max_steps: int, epochs: int) -> None:
         """Before training: a new run refuses to start over files of the same output_name it would write later
@@ -133,6 +139,7 @@ class Saver:
             written.append(ema_path)
         path = self.network.save(path, metadata=self.metadata(step, epoch), dtype=self.save_dtype,
                                  overwrite=overwrite, save_format=self.cfg.save_format)
+        self._network_saved = (step, path)
         if self.events is not None:
             self.events.write("save", step=step, epoch=epoch, path=str(path))
         return [path, *written]
