@@ -50,7 +50,7 @@ class Heldout:
     where: str   # the run config or the folder
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "where": self.where, "images": len(self.validation),
+        return {"source": self.source, "where": self.where, "images": len(self.validation.items),
                 **self.settings.as_dict()}
 
 
