@@ -34,8 +34,8 @@ def add_eval_parser(sub, model_args) -> None:  # sub: argparse's private subpars
                        "trigger response, leak score, weight analysis → results.json",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help="network .safetensors files or a run's output folder")
-    p.add_argument("--out", default=None, help="results folder (default: PATH/eval for a run folder, else eval/ "
-                   "next to the first file)")
+    p.add_argument("--out", default=None, metavar="OUT",
+                   help="results folder (default: PATH/eval for a run folder, else eval/ next to the first file)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier evaluation in OUT")
     model_args(p, required=False)
     g = p.add_argument_group("run settings")
@@ -47,7 +47,7 @@ def add_eval_parser(sub, model_args) -> None:  # sub: argparse's private subpars
                    help="kohya prompt file measured first (default: the run's sample_prompts)")
     g.add_argument("--prompts", default=None, metavar="FILE", help="your own prompts (kohya prompt syntax)")
     g.add_argument("--no_builtin_prompts", action="store_true", help="leave out the built-in bank of 16 prompts")
-    g.add_argument("--trigger", default=None, help="the trigger word (default: the networks' "
+    g.add_argument("--trigger", default=None, metavar="WORD", help="the trigger word (default: the networks' "
                    "modelspec.trigger_phrase when they agree; none: drift only)")
     g.add_argument("--no_trigger", action="store_true", help="measure drift only, whatever the metadata says")
     g.add_argument("--seeds", nargs="+", type=int, default=list(PROBE_SEEDS), metavar="SEED",
@@ -56,20 +56,22 @@ def add_eval_parser(sub, model_args) -> None:  # sub: argparse's private subpars
                    help=f"network multipliers (default: {' '.join(f'{s:g}' for s in DEFAULT_STRENGTHS)})")
     g.add_argument("--probe_resolution", type=int, default=PROBE_LATENT_SIZE[0] * 8, metavar="PX",
                    help=f"size of the square drift/response probe in pixels (default: {PROBE_LATENT_SIZE[0] * 8})")
-    g.add_argument("--probe_batch_size", type=int, default=8, help="probes per DiT forward (default: 8)")
+    g.add_argument("--probe_batch_size", type=int, default=8, metavar="N", help="probes per DiT forward (default: 8)")
     g = p.add_argument_group("held-out loss")
     g.add_argument("--heldout_images", default=None, metavar="FOLDER",
                    help="images + caption files to measure on (default: the run's validation split)")
     g.add_argument("--no_heldout", action="store_true", help="no held-out loss")
-    g.add_argument("--heldout_resolution", type=int, default=1024, help="--heldout_images: bucket resolution "
-                   "(default: 1024)")
-    g.add_argument("--heldout_batch_size", type=int, default=1, help="--heldout_images: batch size (default: 1)")
-    g.add_argument("--caption_extension", default=".txt", help="--heldout_images: caption files (default: .txt)")
-    g.add_argument("--heldout_seed", type=int, default=0, help="--heldout_images: seed of the fixed noise "
-                   "(default: 0)")
+    g.add_argument("--heldout_resolution", type=int, default=1024, metavar="PX",
+                   help="--heldout_images: bucket resolution (default: 1024)")
+    g.add_argument("--heldout_batch_size", type=int, default=1, metavar="N",
+                   help="--heldout_images: batch size (default: 1)")
+    g.add_argument("--caption_extension", default=".txt", metavar="EXT",
+                   help="--heldout_images: caption files (default: .txt)")
+    g.add_argument("--heldout_seed", type=int, default=0, metavar="SEED",
+                   help="--heldout_images: seed of the fixed noise (default: 0)")
     g.add_argument("--loss_type", choices=("l1", "l2", "huber", "smooth_l1"), default="l2",
                    help="--heldout_images: the loss (default: l2; a run's validation uses the run's)")
-    g.add_argument("--huber_c", type=float, default=0.1, help="--heldout_images: huber_c (default: 0.1)")
+    g.add_argument("--huber_c", type=float, default=0.1, metavar="C", help="--heldout_images: huber_c (default: 0.1)")
     p.add_argument("--no_analysis", action="store_true", help="skip the weight analysis")
 
 
