@@ -9,7 +9,6 @@ command line that repeats the evaluation with all of them explicit; then progres
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -101,34 +100,6 @@ def spec_from_args(args: argparse.Namespace):
         dtype=args.dtype, analysis=not args.no_analysis, overwrite=args.overwrite)
 
 
-def command_line(spec) -> str:
-    """`anima-trainer eval ...` for a planned spec: absolute paths, every choice that moves a number explicit."""
-    words = ["anima-trainer", "eval", *map(str, spec.inputs), "--out", str(spec.out)]
-    for flag, value in (("--dit", spec.dit), ("--qwen3", spec.qwen3), ("--vae", spec.vae),
-                        ("--llm_adapter_path", spec.llm_adapter_path),
-                        ("--qwen3_tokenizer_path", spec.qwen3_tokenizer_path),
-                        ("--t5_tokenizer_path", spec.t5_tokenizer_path), ("--run_config", spec.run_config),
-                        ("--sample_prompts", spec.sample_prompts), ("--prompts", spec.prompt_file)):
-        if value is not None:
-            words += [flag, str(value)]
-    if not spec.builtin_prompts:
-        words.append("--no_builtin_prompts")
-    words += ["--trigger", spec.trigger] if spec.trigger else ["--no_trigger"]
-    words += ["--seeds", *map(str, spec.seeds), "--strengths", *(f"{s:g}" for s in spec.strengths),
-              "--probe_resolution", str(spec.probe_resolution), "--probe_batch_size", str(spec.probe_batch_size)]
-    if spec.heldout_images is not None:
-        words += ["--heldout_images", str(spec.heldout_images), "--heldout_resolution", str(spec.heldout_resolution),
-                  "--heldout_batch_size", str(spec.heldout_batch_size), "--caption_extension", spec.caption_extension,
-                  "--heldout_seed", str(spec.heldout_seed), "--loss_type", spec.loss_type,
-                  "--huber_c", f"{spec.huber_c:g}"]
-    elif not spec.use_heldout:
-        words.append("--no_heldout")
-    if not spec.analysis:
-        words.append("--no_analysis")
-    words += ["--device", spec.device, "--dtype", spec.dtype]
-    return shlex.join(words)
-
-
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -157,9 +128,10 @@ def result_table(results) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from anima_trainer.evaluation.evaluate import evaluate, plan_evaluation, write_outputs
+    from anima_trainer.tools.download.startup import with_tokenizer_dirs
 
-    plan = plan_evaluation(spec_from_args(args))
-    plan.spec.command = command_line(plan.spec)
+    # a run's unset tokenizer folders: the cache folders training read them from (named, not downloaded)
+    plan = plan_evaluation(spec_from_args(args), complete_config=with_tokenizer_dirs)
     print(plan.spec.command, flush=True)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -18,6 +18,7 @@ evaluation call: the same weights, settings and device give the same numbers.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -171,9 +172,40 @@ def _models_from_run(spec: EvalSpec, cfg: TrainConfig | None) -> EvalSpec:
     return replace(spec, **values)
 
 
-def plan_evaluation(spec: EvalSpec) -> EvalPlan:
+def command_line(spec: EvalSpec) -> str:
+    """`anima-trainer eval ...` for a planned spec: absolute paths, every choice that moves a number explicit."""
+    words = ["anima-trainer", "eval", *map(str, spec.inputs), "--out", str(spec.out)]
+    for flag, value in (("--dit", spec.dit), ("--qwen3", spec.qwen3), ("--vae", spec.vae),
+                        ("--llm_adapter_path", spec.llm_adapter_path),
+                        ("--qwen3_tokenizer_path", spec.qwen3_tokenizer_path),
+                        ("--t5_tokenizer_path", spec.t5_tokenizer_path), ("--run_config", spec.run_config),
+                        ("--sample_prompts", spec.sample_prompts), ("--prompts", spec.prompt_file)):
+        if value is not None:
+            words += [flag, str(value)]
+    if not spec.builtin_prompts:
+        words.append("--no_builtin_prompts")
+    words += ["--trigger", spec.trigger] if spec.trigger else ["--no_trigger"]
+    words += ["--seeds", *map(str, spec.seeds), "--strengths", *(f"{s:g}" for s in spec.strengths),
+              "--probe_resolution", str(spec.probe_resolution), "--probe_batch_size", str(spec.probe_batch_size)]
+    if spec.heldout_images is not None:
+        words += ["--heldout_images", str(spec.heldout_images), "--heldout_resolution", str(spec.heldout_resolution),
+                  "--heldout_batch_size", str(spec.heldout_batch_size), "--caption_extension", spec.caption_extension,
+                  "--heldout_seed", str(spec.heldout_seed), "--loss_type", spec.loss_type,
+                  "--huber_c", f"{spec.huber_c:g}"]
+    elif not spec.use_heldout:
+        words.append("--no_heldout")
+    if not spec.analysis:
+        words.append("--no_analysis")
+    words += ["--device", spec.device, "--dtype", spec.dtype]
+    return shlex.join(words)
+
+
+def plan_evaluation(spec: EvalSpec, *,
+                    complete_config: Callable[[TrainConfig], TrainConfig] | None = None) -> EvalPlan:
     """Resolve every default of `spec` (class doc) and check what can be checked before loading a model: the
-    inputs, the run's settings, the prompt files, the held-out images and that the results are not there yet."""
+    inputs, the run's settings, the prompt files, the held-out images and that the results are not there yet.
+    `complete_config(cfg)` may fill in what a run resolved at start-up (the CLI: its tokenizer folders).
+    `plan.spec.command` is the reproducing command line (`command_line`) unless the spec brings one."""
     if not spec.strengths:
         raise ConfigError("--strengths: give at least one strength")
     if not spec.seeds:
@@ -191,6 +223,8 @@ def plan_evaluation(spec: EvalSpec) -> EvalPlan:
             notes.append(f"{search.run_folders[0]}: no train_config.toml or event log: the run's settings (models, "
                          "sample prompts, validation split) are unknown")
     cfg = load_run_config(run_config) if run_config is not None else None
+    if cfg is not None and complete_config is not None:
+        cfg = complete_config(cfg)
     spec = _models_from_run(replace(spec, run_config=run_config), cfg)
 
     sample_prompts = _absolute(spec.sample_prompts)
@@ -238,6 +272,8 @@ def plan_evaluation(spec: EvalSpec) -> EvalPlan:
                    seeds=tuple(int(s) for s in spec.seeds), strengths=tuple(float(s) for s in spec.strengths))
     load_prompt_bank(sample_prompts=spec.sample_prompts, prompt_file=spec.prompt_file,
                      builtin=spec.builtin_prompts)  # a bad prompt file fails here, before the models load
+    if not spec.command:
+        spec.command = command_line(spec)
     return EvalPlan(spec, search.checkpoints, cfg, heldout, notes)
 
 
