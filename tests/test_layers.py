@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "uses the downloader to complete tokenizer folders, so tools sit below train"),
     ("train", ("train",),
      "the training run: objective, loop, optimizer, states, saving"),
-    ("cli", ("cli", "demo", "__main__"),
+    ("cli", ("cli", "eval_command", "demo", "__main__"),
      "the commands: parse, call a stage"),
 ]
 

@@ -11,11 +11,11 @@ The package, lowest layer first (imports point down only; tests/test_layers.py, 
     models/          the DiT, the LLM adapter, the Qwen3 text encoder, the VAE, model files
     networks/        LoRA / LoKr / LoHa injected into the models, and their files
     sample/          the flow sampler and the previews
-    evaluation/      held-out loss, preservation drift, trigger response; the prompt bank
+    evaluation/      held-out loss, preservation drift, trigger response; the prompt bank; `eval`'s work
     tools/           download, inspect, convert, merge
     train/           the objective, the loop, the optimizer, saving and resuming
-    cli.py           `anima-trainer` and its commands (__main__.py: `python -m anima_trainer`); demo.py: the
-                     tiny end-to-end demo
+    cli.py           `anima-trainer` and its commands (__main__.py: `python -m anima_trainer`; eval_command.py:
+                     `eval`); demo.py: the tiny end-to-end demo
 """
 
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build di
 (what a file is; network files get a full report, `--analysis` the weight analysis), `convert-network` (ComfyUI ↔
 kohya names), `merge` (bake networks into a DiT checkpoint; `--average`: a checkpoint soup of networks), `demo`
 (tiny built-in model: train a LoRA, sample before/after), `sample` (text → PNG with the flow Euler sampler),
+`eval` (measure saved networks against the base: held-out loss, drift, trigger response, weight analysis),
 `convert-config` (root-style Anima_Trainer TOML → kohya pair), `config-reference` (every training setting as
 markdown), `download` (the models and tokenizers, verified).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
@@ -38,13 +39,15 @@ def _dtype(name: str) -> Any:
     return PRECISION_DTYPES[name]
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models (ComfyUI single files as distributed, or one diffusers-layout Anima folder)")
-    g.add_argument("--pretrained_model_name_or_path", "--dit", dest="dit", required=True,
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The model flags of `sample` and `eval` (`required=False`: eval defaults them from a run's settings)."""
+    g = p.add_argument_group("models (ComfyUI single files as distributed, or one diffusers-layout Anima folder)"
+                             + ("" if required else "; default: the run's settings"))
+    g.add_argument("--pretrained_model_name_or_path", "--dit", dest="dit", required=required,
                    help="Anima DiT .safetensors (e.g. anima-base-v1.0.safetensors) or diffusers-layout folder")
-    g.add_argument("--qwen3", required=True,
+    g.add_argument("--qwen3", required=required,
                    help="Qwen3-0.6B .safetensors, Hugging Face folder or diffusers-layout folder")
-    g.add_argument("--vae", required=True, help="Qwen-Image VAE .safetensors or diffusers-layout folder")
+    g.add_argument("--vae", required=required, help="Qwen-Image VAE .safetensors or diffusers-layout folder")
     g.add_argument("--llm_adapter_path", default=None,
                    help="separate LLM-adapter file or text_conditioner/ folder (if the DiT has none)")
     # the config's names; --qwen3_tokenizer / --t5_tokenizer are their old spellings, still accepted
@@ -182,8 +185,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
+    from anima_trainer.eval_command import add_eval_parser
     from anima_trainer.tools.download.command import add_download_parser
 
+    add_eval_parser(sub, _add_model_args)
     add_download_parser(sub)
     return parser
 
@@ -383,6 +388,12 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from anima_trainer.eval_command import cmd_eval as run
+
+    return run(args)
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from anima_trainer.tools.download.command import cmd_download as run
 
@@ -391,7 +402,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 COMMANDS = {"download": cmd_download, "inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample,
             "convert-network": cmd_convert_network, "merge": cmd_merge, "convert-config": cmd_convert_config,
-            "config-reference": cmd_config_reference}
+            "config-reference": cmd_config_reference, "eval": cmd_eval}
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ TOML by `parse_train_args`; every user mistake is a `ConfigError` naming the key
     kohya_options.py      every other kohya / sd-scripts-anima option: aliases, switches, notice/error rules
     unset.py              kohya's "" = unset, one pass;  sections.py  the settings by section (the reference)
     rules.py              torch-free rules shared with models/networks; key=value lists
+    run_files.py          a run's seed, event log and resolved-config name (written by train, read by evaluation)
     errors.py, source_urls.py, output_config.py, root_schema.py, tomlw.py  messages, source URLs,
                           --output_config, root-style TOML detection, the TOML writer
 """

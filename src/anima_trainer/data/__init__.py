@@ -21,7 +21,7 @@ from .config import DatasetConfig, DatasetConfigError, load_dataset_config, pars
 from .dataset import AnimaDataset, Batch, ImageItem
 from .images import IMAGE_EXTENSIONS, ImageReadError
 from .params import CaptionParams, DatasetParams, SubsetParams, resolve_datasets
-from .scan import build_dataset
+from .scan import build_dataset, build_run_dataset
 from .validation import ValidationSet
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "SubsetParams",
     "ValidationSet",
     "build_dataset",
+    "build_run_dataset",
     "load_dataset_config",
     "make_bucket_resolutions",
     "parse_dataset_config",

@@ -16,7 +16,7 @@ from anima_trainer.fileio import atomic_write_bytes
 
 from .buckets import BucketSelector
 from .captions import captions_for_images, missing_captions_error
-from .config import MAX_CAPTION_BYTES, MAX_EPOCH_ITEMS, DatasetConfig, DatasetConfigError
+from .config import MAX_CAPTION_BYTES, MAX_EPOCH_ITEMS, DatasetConfig, DatasetConfigError, load_dataset_config
 from .params import DatasetParams, SubsetParams, resolve_datasets
 from .images import (
     IMAGE_EXTENSIONS,
@@ -422,6 +422,16 @@ def build_dataset(
     for w, h, n in ds.bucket_table():
         log.info("  bucket %dx%d: %d", w, h, n)
     return ds
+
+
+def build_run_dataset(cfg, seed: int, *, verify_images: bool = False, report_name: str | None = None) -> AnimaDataset:
+    """The dataset a training config (`TrainConfig`: its dataset_config, with train_batch_size, validation_split,
+    validation_seed and strict_captions as the command-line level) describes, split with the run's `seed`: what
+    `train` and `cache` build at start-up, and what evaluation rebuilds to find a run's held-out images."""
+    return build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
+                         seed=seed, verify_images=verify_images, default_validation_split=cfg.validation_split,
+                         default_validation_seed=cfg.validation_seed, strict_captions=cfg.strict_captions,
+                         report_name=report_name)
 
 
 def dataset_report(ds: AnimaDataset) -> str:

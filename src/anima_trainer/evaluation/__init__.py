@@ -2,9 +2,11 @@
 in-training evaluation and `anima-trainer eval` share.  Pure functions of the DiT, the injected network, encoded
 prompts and fixed seeds; below train (the loop calls them) and tools.
 
+    checkpoints.py  the networks a path names: network files, or every save of a run's output folder
     drift.py        preservation drift, trigger response (relative velocity change vs the base, multiplier 0)
                     and the leak score
     eval_results.py EvalResults: an evaluation's numbers, grids and settings as one document (results.json)
+    evaluate.py     `anima-trainer eval`'s work: EvalSpec → plan_evaluation → evaluate → results.json
     heldout.py      held-out flow loss per σ bucket (fixed noise and σ: what the run's validation computes)
     plots.py        the report's figures (matplotlib's object API, Agg; never pyplot) as PNG bytes
     probe.py        the light metrics at one strength (drift, response, leak; + held-out loss), one function for
@@ -14,6 +16,7 @@ prompts and fixed seeds; below train (the loop calls them) and tools.
                     and the strengths whose preservation drift stays under a threshold
     report.py       `write_report`: report.html, one self-contained page of an `EvalResults` (plots, grids,
                     tables, the results as a JSON data island)
+    run_folder.py   a run's settings and validation split rebuilt as train built them; held-out image folders
     results.py      `SigmaMetric`: a value per σ bucket and overall, JSON and tracker scalars
     strength.py     a network held at one multiplier (0 = the base) in eval mode for a measurement
 """

@@ -31,6 +31,28 @@ from anima_trainer.models.flow_maths import flow_loss, noisy_input
 VALIDATION_SIGMAS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
 
 
+@dataclass(frozen=True)
+class HeldoutSettings:
+    """What a held-out loss depends on besides the batches: the seed of its forked RNG, the loss and the number
+    of batches used (None: all).  `of_run` gives a training run's, so evaluation repeats its `val/loss`."""
+
+    seed: int = 0
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    max_batches: int | None = None
+
+    @classmethod
+    def of_run(cls, cfg, seed: int) -> HeldoutSettings:
+        """A run's validation settings from its `TrainConfig` and run seed: validation_seed (else the run seed),
+        loss_type, huber_c and max_validation_steps."""
+        return cls(cfg.validation_seed if cfg.validation_seed is not None else seed, cfg.loss_type, cfg.huber_c,
+                   cfg.max_validation_steps)
+
+    def as_dict(self) -> dict:
+        return {"seed": self.seed, "loss_type": self.loss_type, "huber_c": self.huber_c,
+                "max_batches": self.max_batches}
+
+
 @dataclass
 class HeldoutBatch:
     """One fixed held-out batch, on the CPU: latents and noise [B, 16, 1, h, w] fp32, captions, loss mask."""

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from anima_trainer.config.run_files import RESOLVED_CONFIG_NAME, events_path, read_events
 from anima_trainer.config.tomlw import toml_value
 from anima_trainer.fileio import SaveError, atomic_write_bytes
 
@@ -27,12 +28,10 @@ EVENT_TYPES = ("config", "start", "resume", "step", "save", "save_state", "alert
                "sample", "end", "error", "notice")
 # settings never written to the event log or a resolved config (they would leak into shared folders)
 SECRET_FIELDS = ("wandb_api_key",)
-RESOLVED_CONFIG_NAME = "train_config.toml"
-
-
-def events_path(output_dir: str | Path, output_name: str) -> Path:
-    """Where a run's event log lives: next to the network files it describes."""
-    return Path(output_dir) / f"{output_name}.events.jsonl"
+# RESOLVED_CONFIG_NAME, events_path and read_events live in config/run_files.py (evaluation reads them too);
+# imported here where the writers and their callers have always found them
+__all__ = ["EVENT_TYPES", "RESOLVED_CONFIG_NAME", "SECRET_FIELDS", "EventLog", "config_for_log", "events_path",
+           "read_events", "resolved_config_toml", "write_resolved_config"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -116,19 +115,6 @@ class EventLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def read_events(path: str | Path) -> list[dict]:
-    """All complete events of a log, oldest first; a line torn by a crash is skipped, not fatal."""
-    events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
 
 
 # --- resolved config ------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from anima_trainer.config import ConfigError, TrainConfig
-from anima_trainer.data import build_dataset, load_dataset_config
+from anima_trainer.config.run_files import DEFAULT_SEED as DEFAULT_SEED  # moved there; imported from here too
+from anima_trainer.config.run_files import run_seed
+from anima_trainer.data import build_run_dataset
 from anima_trainer.data.dataset import AnimaDataset
 from anima_trainer.tools.download.startup import ensure_tokenizers, with_tokenizer_dirs
 from anima_trainer.train.distributed import Distributed
@@ -41,13 +43,6 @@ from anima_trainer.train.schedulers import schedule_options
 from anima_trainer.train.validation import check_validation
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SEED = 42  # an unset `seed` (kohya's default too)
-
-
-def run_seed(cfg: TrainConfig) -> int:
-    """The run's seed: `seed`, or DEFAULT_SEED when unset (the same for train, cache and the benchmarks)."""
-    return cfg.seed if cfg.seed is not None else DEFAULT_SEED
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int, num_processes: int = 1) -> tuple[int, int]:
@@ -124,11 +119,8 @@ def setup_run(cfg: TrainConfig, *, dist: Distributed | None = None,
     # is then skipped with a report instead of stopping the run hours later (caching decodes them anyway).
     cached = cfg.cache_latents or cfg.cache_latents_to_disk
     report_path = Path(cfg.output_dir) / f"{cfg.output_name}.dataset_report.txt" if training else None
-    dataset = build_dataset(load_dataset_config(cfg.dataset_config), default_batch_size=cfg.train_batch_size,
-                            seed=seed, verify_images=training and not cached,
-                            default_validation_split=cfg.validation_split,
-                            default_validation_seed=cfg.validation_seed, strict_captions=cfg.strict_captions,
-                            report_name=str(report_path) if report_path else None)
+    dataset = build_run_dataset(cfg, seed, verify_images=training and not cached,
+                                report_name=str(report_path) if report_path else None)
     if training:
         check_validation(cfg, dataset)
         masked_note = check_masked_loss(cfg, dataset)  # issue 14: masked_loss / conditioning_data_dir

@@ -34,6 +34,7 @@ from anima_trainer.data.validation import ValidationSet
 from anima_trainer.evaluation.heldout import (
     VALIDATION_SIGMAS,
     HeldoutBatch,
+    HeldoutSettings,
     check_sigmas,
     heldout_batches,
     heldout_loss,
@@ -117,9 +118,9 @@ def build_validator(cfg, dataset, encode: Callable[[torch.Tensor], torch.Tensor]
     if not check_validation(cfg, dataset):
         return None
     validation = ValidationSet.from_dataset(dataset)
-    vseed = cfg.validation_seed if cfg.validation_seed is not None else seed
-    validator = Validator.build(validation, encode, device=device, max_batches=cfg.max_validation_steps, seed=vseed,
-                                loss_type=cfg.loss_type, huber_c=cfg.huber_c,
+    settings = HeldoutSettings.of_run(cfg, seed)  # what `anima-trainer eval` uses for the same numbers
+    validator = Validator.build(validation, encode, device=device, max_batches=settings.max_batches,
+                                seed=settings.seed, loss_type=settings.loss_type, huber_c=settings.huber_c,
                                 every_n_steps=cfg.validate_every_n_steps, every_n_epochs=cfg.validate_every_n_epochs)
     log.info("validation: %d held-out image(s) in %d batch(es) (of %d), σ = %s", validator.num_items,
              len(validator.batches), len(validation), ", ".join(f"{s:g}" for s in validator.sigmas))
