@@ -5,6 +5,10 @@ prompts and fixed seeds; below train (the loop calls them) and tools.
     drift.py        preservation drift, trigger response (relative velocity change vs the base, multiplier 0)
                     and the leak score
     eval_results.py EvalResults: an evaluation's numbers, grids and settings as one document (results.json)
+    grid_cells.py   the grids' cells: each prompt's image per network and strength, batched, exactly as
+                    `generate_image` draws it; the base (strength 0) drawn once for all networks
+    grid_layout.py  a labelled grid drawn with Pillow (title, header row, label column, cells)
+    grids.py        the grid PNGs (networks × strengths per prompt, prompts × networks) with their parameters
     heldout.py      held-out flow loss per σ bucket (fixed noise and σ: what the run's validation computes)
     probe.py        the light metrics at one strength (drift, response, leak; + held-out loss), one function for
                     training and eval
