@@ -10,8 +10,10 @@ the prompts (text, negative, seed, size, steps, CFG, shift), sampler and schedul
 file), strengths, the cell files and whether cells were downscaled, so any grid can be drawn again.  Cells larger
 than `max_cell_side` (512 px) are downscaled (Lanczos) in the grid; the cell files keep full size.
 
-    for each checkpoint:  render_cells(dit, te, vae, network, label, file_name, prompts, strengths, cells_dir, ...)
-    at the end:           grids = assemble_grids(results_dir, {label: file_name, ...}, prompts, strengths, ...)
+    for each checkpoint:  render_cells(dit, te, vae, network, label, file_name, prompts, strengths,
+                                       results_dir / CELLS_FOLDER, models=models)     (grid_cells.py)
+    at the end:           grids = assemble_grids(results_dir, {label: file_name, ...}, prompts, strengths,
+                                                 models=models)
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 from PIL import Image
 
 from anima_trainer.evaluation.eval_results import GridImage
-from anima_trainer.evaluation.grid_cells import cell_params, cell_path, check_strengths, strength_tag
+from anima_trainer.evaluation.grid_cells import cell_params, cell_path, check_strengths, render_cells, strength_tag
 from anima_trainer.evaluation.grid_layout import draw_grid
 from anima_trainer.evaluation.prompt_bank import BankPrompt
 from anima_trainer.sample.generate import SampleParams, save_png
+
+__all__ = ["CELLS_FOLDER", "GRIDS_FOLDER", "MAX_CELL_SIDE", "assemble_grids", "grid_strength", "render_cells"]
 
 GRIDS_FOLDER = "grids"
 CELLS_FOLDER = "cells"
