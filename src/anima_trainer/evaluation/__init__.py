@@ -7,6 +7,10 @@ prompts and fixed seeds; below train (the loop calls them) and tools.
                     and the leak score
     eval_results.py EvalResults: an evaluation's numbers, grids and settings as one document (results.json)
     evaluate.py     `anima-trainer eval`'s work: EvalSpec → plan_evaluation → evaluate → results.json
+    grid_cells.py   the grids' cells: each prompt's image per network and strength, batched, exactly as
+                    `generate_image` draws it; the base (strength 0) drawn once for all networks
+    grid_layout.py  a labelled grid drawn with Pillow (title, header row, label column, cells)
+    grids.py        the grid PNGs (networks × strengths per prompt, prompts × networks) with their parameters
     heldout.py      held-out flow loss per σ bucket (fixed noise and σ: what the run's validation computes)
     plots.py        the report's figures (matplotlib's object API, Agg; never pyplot) as PNG bytes
     probe.py        the light metrics at one strength (drift, response, leak; + held-out loss), one function for
@@ -16,8 +20,8 @@ prompts and fixed seeds; below train (the loop calls them) and tools.
                     and the strengths whose preservation drift stays under a threshold
     report.py       `write_report`: report.html, one self-contained page of an `EvalResults` (plots, grids,
                     tables, the results as a JSON data island)
-    run_folder.py   a run's settings and validation split rebuilt as train built them; held-out image folders
     results.py      `SigmaMetric`: a value per σ bucket and overall, JSON and tracker scalars
+    run_folder.py   a run's settings and validation split rebuilt as train built them; held-out image folders
     strength.py     a network held at one multiplier (0 = the base) in eval mode for a measurement
 """
 

@@ -83,15 +83,16 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, mode="RGB")
 
 
-def png_bytes(image: Image.Image, params: SampleParams) -> bytes:
+def png_bytes(image: Image.Image, params: SampleParams | dict) -> bytes:
+    """PNG with `params` as its `parameters` JSON text chunk (a `SampleParams`, or any plain dict: a grid's)."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(asdict(params), ensure_ascii=False))
+    info.add_text("parameters", json.dumps(params if isinstance(params, dict) else asdict(params), ensure_ascii=False))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def save_png(image: Image.Image, params: SampleParams, path: str | Path, overwrite: bool = False) -> Path:
+def save_png(image: Image.Image, params: SampleParams | dict, path: str | Path, overwrite: bool = False) -> Path:
     """Atomic PNG write with the parameters embedded; refuses to replace an existing file unless asked."""
     check_writable(path, overwrite)
     return atomic_write_bytes(png_bytes(image, params), path, what="image ")
