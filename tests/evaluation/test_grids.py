@@ -146,13 +146,14 @@ def test_strength_zero_is_one_base_image_for_every_network(env, rendered, tmp_pa
     real = grid_cells._render
     monkeypatch.setattr(grid_cells, "_render", lambda d, t, v, jobs, *rest: (drawn.extend(p for _, p in jobs),
                                                                               real(d, t, v, jobs, *rest)))
-    stale = alone[1]
+    stale, broken = alone[1], alone[2]
     stale.write_bytes(paths[a][0].read_bytes())  # another prompt's base image: its parameters do not match
+    broken.write_bytes(b"not a png")
     with injected(env["dit"], 2) as network:
         render_cells(env["dit"], env["te"], env["vae"], network, "third", "third.safetensors", PROMPTS, [0.0, 1.0],
                      tmp_path / "cells", models=env["models"])
-    assert drawn == [stale] + [cell_path(tmp_path / "cells", "third", 1.0, i) for i in range(len(PROMPTS))]
-    assert stale.read_bytes() == paths[a][1].read_bytes()
+    assert drawn == [stale, broken] + [cell_path(tmp_path / "cells", "third", 1.0, i) for i in range(len(PROMPTS))]
+    assert stale.read_bytes() == paths[a][1].read_bytes() and broken.read_bytes() == paths[a][2].read_bytes()
 
 
 def test_strengths_grid_layout_and_metadata(env, rendered):

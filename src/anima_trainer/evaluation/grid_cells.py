@@ -162,5 +162,5 @@ def _same_cell(path: Path, params: SampleParams) -> bool:
     """Whether `path` is a cell already drawn with exactly `params` (the base cell an earlier network drew)."""
     try:
         return read_png_parameters(path) == asdict(params)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, SyntaxError):  # missing, not a PNG (Pillow: SyntaxError), no JSON
         return False

@@ -64,10 +64,8 @@ def _prompt_record(index: int, prompt: BankPrompt, params: SampleParams) -> dict
 
 def _relative(path: Path, folder: Path) -> str:
     """`path` relative to the results folder (with `/`), or absolute when the cells live elsewhere."""
-    try:
-        return Path(os.path.relpath(path, folder)).as_posix() if path.is_relative_to(folder) else str(path)
-    except ValueError:  # another drive (Windows)
-        return str(path)
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
 def _load_cell(path: Path, max_side: int) -> tuple[Image.Image, bool]:
