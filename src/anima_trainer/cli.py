@@ -4,9 +4,9 @@ Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build di
 (what a file is; network files get a full report, `--analysis` the weight analysis), `convert-network` (ComfyUI ↔
 kohya names), `merge` (bake networks into a DiT checkpoint; `--average`: a checkpoint soup of networks), `demo`
 (tiny built-in model: train a LoRA, sample before/after), `sample` (text → PNG with the flow Euler sampler),
-`eval` (measure saved networks against the base: held-out loss, drift, trigger response, weight analysis),
-`convert-config` (root-style Anima_Trainer TOML → kohya pair), `config-reference` (every training setting as
-markdown), `download` (the models and tokenizers, verified).
+`eval` (measure saved networks against the base: held-out loss, drift, trigger response, weight analysis, image
+grids, report.html), `convert-config` (root-style Anima_Trainer TOML → kohya pair), `config-reference` (every
+training setting as markdown), `download` (the models and tokenizers, verified).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 
 Errors: a user's mistake (a bad setting, a missing or wrong file) prints one `error:` line and exits 2; any other

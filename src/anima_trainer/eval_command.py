@@ -1,9 +1,10 @@
 """`anima-trainer eval`: measure saved networks against their base model (evaluation/evaluate.py) and write
-`<out>/results.json`.
+`<out>/results.json`, the image grids and `<out>/report.html`.
 
 The command resolves every default first (the run's settings, the trigger, the output folder) and prints the
 command line that repeats the evaluation with all of them explicit; then progress; then one row per checkpoint
-(held-out loss, preservation drift, trigger response and leak score at strength 1) and the results path.
+(held-out loss, preservation drift, trigger response and leak score at strength 1), the results path, the
+report's recommendation and the report's path.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ Measure LoRA/LoKr/LoHa files against their base model, reproducibly (docs/evalua
   * held-out flow loss per σ (the run's validation split, or --heldout_images FOLDER) vs the base;
   * preservation drift (how far prompts without the trigger move), trigger response (the same prompts with
     the trigger) and their ratio, the leak score, at each --strengths value;
-  * the weight analysis of each network (as `inspect --analysis`).
+  * the weight analysis of each network (as `inspect --analysis`);
+  * image grids (ComfyUI's shift-3 schedule): checkpoints × strengths per prompt, prompts × checkpoints;
+  * report.html: one self-contained page with all of it and a recommended checkpoint and strength range.
 PATH: network files, or a run's output folder (every network the run saved, EMA files flagged; the run's
-settings give the models, its sample prompts and its validation split, so `anima-trainer eval OUTPUT_DIR`
-alone works).  Results go to OUT/results.json; the first line printed is the command that repeats it."""
+settings give the models, its sample and eval prompts, trigger and validation split, so `anima-trainer eval
+OUTPUT_DIR` alone works).  Results go to OUT/results.json and OUT/report.html; the first line printed is the
+command that repeats it."""
 
 
 def add_eval_parser(sub, model_args) -> None:  # sub: argparse's private subparsers type
     """Register `eval`; `model_args(parser, required=False)` adds `sample`'s model flags."""
     from anima_trainer.evaluation.drift import PROBE_LATENT_SIZE
-    from anima_trainer.evaluation.evaluate import DEFAULT_STRENGTHS
+    from anima_trainer.evaluation.evaluate import DEFAULT_GRID_PROMPTS, DEFAULT_STRENGTHS
+    from anima_trainer.evaluation.recommend import DEFAULT_DRIFT_THRESHOLD
     from anima_trainer.evaluation.probe import PROBE_SEEDS
 
     p = sub.add_parser("eval", help="measure networks against the base: held-out loss, preservation drift, "
@@ -43,11 +48,12 @@ def add_eval_parser(sub, model_args) -> None:  # sub: argparse's private subpars
                    "the validation split")
     g = p.add_argument_group("prompts and trigger")
     g.add_argument("--sample_prompts", default=None, metavar="FILE",
-                   help="kohya prompt file measured first (default: the run's sample_prompts)")
-    g.add_argument("--prompts", default=None, metavar="FILE", help="your own prompts (kohya prompt syntax)")
-    g.add_argument("--no_builtin_prompts", action="store_true", help="leave out the built-in bank of 16 prompts")
-    g.add_argument("--trigger", default=None, metavar="WORD", help="the trigger word (default: the networks' "
-                   "modelspec.trigger_phrase when they agree; none: drift only)")
+                   help="kohya prompt file drawn first in the grids (default: the run's sample_prompts)")
+    g.add_argument("--prompts", default=None, metavar="FILE", help="the probe prompts of drift and response "
+                   "(kohya prompt syntax; default: the run's eval_prompts, else the built-in bank of 16 prompts)")
+    g.add_argument("--trigger", default=None, metavar="WORD", help="the trigger word (default: the run's "
+                   "eval_trigger / metadata_trigger_phrase, else the networks' modelspec.trigger_phrase when they "
+                   "agree; none: drift only)")
     g.add_argument("--no_trigger", action="store_true", help="measure drift only, whatever the metadata says")
     g.add_argument("--seeds", nargs="+", type=int, default=list(PROBE_SEEDS), metavar="SEED",
                    help=f"noise seeds per prompt (default: {' '.join(map(str, PROBE_SEEDS))})")
@@ -72,6 +78,17 @@ def add_eval_parser(sub, model_args) -> None:  # sub: argparse's private subpars
                    help="--heldout_images: the loss (default: l2; a run's validation uses the run's)")
     g.add_argument("--huber_c", type=float, default=0.1, metavar="C", help="--heldout_images: huber_c (default: 0.1)")
     p.add_argument("--no_analysis", action="store_true", help="skip the weight analysis")
+    g = p.add_argument_group("image grids and report")
+    g.add_argument("--grid_prompts", type=int, default=DEFAULT_GRID_PROMPTS, metavar="N",
+                   help="prompts drawn in the grids: the sample prompts, then the probe prompts with and without "
+                   f"the trigger; 0: no grids (default: {DEFAULT_GRID_PROMPTS})")
+    g.add_argument("--grid_size", type=int, default=None, metavar="PX",
+                   help="draw every grid image PX square (default: each prompt's own size, 512 for the bank)")
+    g.add_argument("--grid_steps", type=int, default=None, metavar="N",
+                   help="sampler steps of every grid image (default: each prompt's own, 30 for the bank)")
+    g.add_argument("--drift_threshold", type=float, default=DEFAULT_DRIFT_THRESHOLD, metavar="D",
+                   help="the report's recommended strengths keep preservation drift at or under D "
+                   f"(default: {DEFAULT_DRIFT_THRESHOLD:g}, about a 10%% change of the velocity)")
 
 
 def _path(value: str | None) -> Path | None:
@@ -91,13 +108,14 @@ def spec_from_args(args: argparse.Namespace):
         vae=_path(args.vae), llm_adapter_path=_path(args.llm_adapter_path),
         qwen3_tokenizer_path=_path(args.qwen3_tokenizer_path), t5_tokenizer_path=_path(args.t5_tokenizer_path),
         run_config=_path(args.run_config), sample_prompts=_path(args.sample_prompts), prompt_file=_path(args.prompts),
-        builtin_prompts=not args.no_builtin_prompts, trigger=args.trigger, use_trigger=not args.no_trigger,
+        trigger=args.trigger, use_trigger=not args.no_trigger,
         seeds=tuple(args.seeds), strengths=tuple(args.strengths), probe_resolution=args.probe_resolution,
         probe_batch_size=args.probe_batch_size, heldout_images=_path(args.heldout_images),
         use_heldout=not args.no_heldout, heldout_resolution=args.heldout_resolution,
         heldout_batch_size=args.heldout_batch_size, caption_extension=args.caption_extension,
         heldout_seed=args.heldout_seed, loss_type=args.loss_type, huber_c=args.huber_c, device=args.device,
-        dtype=args.dtype, analysis=not args.no_analysis, overwrite=args.overwrite)
+        dtype=args.dtype, analysis=not args.no_analysis, grid_prompts=args.grid_prompts, grid_size=args.grid_size,
+        grid_steps=args.grid_steps, drift_threshold=args.drift_threshold, overwrite=args.overwrite)
 
 
 def _number(value: float | None) -> str:
@@ -128,6 +146,7 @@ def result_table(results) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from anima_trainer.evaluation.evaluate import evaluate, plan_evaluation, write_outputs
+    from anima_trainer.evaluation.recommend import recommend
     from anima_trainer.tools.download.startup import with_tokenizer_dirs
 
     # a run's unset tokenizer folders: the cache folders training read them from (named, not downloaded)
@@ -140,10 +159,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     results = evaluate(plan.spec, plan=plan, log=progress)
-    path = write_outputs(results, plan.spec.out)
+    path, report = write_outputs(results, plan.spec.out, drift_threshold=plan.spec.drift_threshold)
     print("at strength 1 (held-out: flow loss; drift/response: relative velocity change vs the base; leak = "
           "drift / response):")
     for line in result_table(results):
         print(f"  {line}")
     print(path)
+    for line in recommend(results, drift_threshold=plan.spec.drift_threshold).lines:
+        print(f"recommended: {line}")
+    print(report)
     return 0

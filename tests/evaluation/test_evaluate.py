@@ -1,10 +1,12 @@
 """`anima-trainer eval` end to end on a tiny run (evaluation/evaluate.py, eval_command.py): every saved network in
-training order with EMA flagged, the held-out loss equal to the run's logged `val/loss`, drift/response equal to a
-direct measurement, the printed command repeating the numbers, file inputs, and the documented errors."""
+training order with EMA flagged, the held-out loss equal to the run's logged `val/loss` and every light metric
+equal to the run's logged `evaluation` event, drift/response equal to a direct measurement, the grids and the
+report written, the printed command repeating the numbers, file inputs, and the documented errors."""
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 from pathlib import Path
@@ -25,13 +27,15 @@ from anima_trainer.train.loop import run_training
 from tests.support.cli_output import one_error_line
 
 PROMPTS = ["a red circle on a white background", "1girl, smile"]
-# small but complete: two prompts (with and without the trigger), one seed, strengths 0 and 1, 64 px probes
-FAST = ["--no_builtin_prompts", "--seeds", "0", "--strengths", "0", "1", "--probe_resolution", "64"]
+# small but complete: one seed, strengths 0 and 1, 64 px probes, two 64 px grid prompts of 2 steps
+FAST = ["--seeds", "0", "--strengths", "0", "1", "--probe_resolution", "64", "--grid_prompts", "2", "--grid_size",
+        "64", "--grid_steps", "2"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    """A 4-step run: saves at steps 2 and 4 (fp32), each with its EMA file, validation at both, trigger 'sks'."""
+    """A 4-step run: saves at steps 2 and 4 (fp32), each with its EMA file, validation and the light metrics at
+    both (probe prompts = the sample prompts), trigger 'sks'."""
     root = tmp_path_factory.mktemp("evalrun")
     models = write_demo_models(root / "models", seed=3)
     images = write_shapes_dataset(root / "images", count=6, seed=3)
@@ -41,7 +45,8 @@ def run(tmp_path_factory) -> dict:
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     cfg = parse_train_args(["--config_file", str(toml), "--save_every_n_steps", "2", "--ema_decay", "0.9",
                             "--save_precision", "float", "--validate_every_n_steps", "2",
-                            "--metadata_trigger_phrase", "sks", "--sample_prompts", str(prompts)])
+                            "--metadata_trigger_phrase", "sks", "--sample_prompts", str(prompts),
+                            "--eval_every_n_steps", "2", "--eval_prompts", str(prompts)])
     run_training(cfg)
     out = Path(cfg.output_dir)
     (out / "stray.safetensors").write_bytes(b"not a network")  # skipped with a note
@@ -67,19 +72,24 @@ def _numbers(results: EvalResults) -> list[dict]:
 
 def test_eval_of_a_run_folder_measures_every_save_as_the_run_did(run, capsys, tmp_path):
     out = run["out"]
-    code, stdout, err = _eval(capsys, str(out), *FAST)
+    # the run's defaults: its probe (eval_prompts, seeds 0 1, 512 px) and trigger, as its evaluation events
+    code, stdout, err = _eval(capsys, str(out), "--strengths", "0", "1", "--grid_prompts", "3", "--grid_size", "64",
+                              "--grid_steps", "2")
     assert code == 0, err
     lines = stdout.splitlines()
     command = shlex.split(lines[0])
     assert command[:3] == ["anima-trainer", "eval", str(out)]
     for flag, value in (("--out", str(out / "eval")), ("--dit", str(run["models"]["dit"])),
                         ("--run_config", str(out / "demo_lora.events.jsonl")),
-                        ("--sample_prompts", str(run["prompts"])), ("--trigger", "sks"), ("--seeds", "0"),
-                        ("--probe_resolution", "64"), ("--device", "cpu"), ("--dtype", "fp32")):
+                        ("--sample_prompts", str(run["prompts"])), ("--prompts", str(run["prompts"])),
+                        ("--trigger", "sks"), ("--seeds", "0"), ("--probe_resolution", "512"), ("--device", "cpu"),
+                        ("--dtype", "fp32"), ("--grid_prompts", "3"), ("--drift_threshold", "0.01")):
         assert command[command.index(flag) + 1] == value, flag
     assert command[command.index("--strengths") + 1:command.index("--strengths") + 3] == ["0", "1"]
     assert "stray.safetensors (not a network file)" in err
-    assert lines[-1] == str(out / "eval" / "results.json")
+    assert lines[-1] == str(out / "eval" / "report.html")
+    assert str(out / "eval" / "results.json") in lines
+    assert [line for line in lines if line.startswith("recommended: ")]
     table = [line.split() for line in lines if line.startswith("  demo_lora")]
     assert [row[0] for row in table] == ["demo_lora-step00000002", "demo_lora-step00000002-ema", "demo_lora",
                                          "demo_lora-ema"]
@@ -101,13 +111,27 @@ def test_eval_of_a_run_folder_measures_every_save_as_the_run_did(run, capsys, tm
     assert results.settings["heldout"]["source"] == "run" and results.settings["heldout"]["images"] == 2
     assert results.settings["probe"]["prompts_without_trigger"] == PROMPTS
     assert results.checkpoints[0].analysis["modules"]  # the weight analysis of each network
+    # every light metric at strength 1 is the run's logged evaluation at that step, to the bit
+    evaluated = {e["step"]: e for e in run["events"] if e["type"] == "evaluation"}
+    for c in results.checkpoints:
+        if not c.ema:
+            metrics = c.at_strength(1.0).metrics() | {"heldout_loss": c.heldout_loss}
+            assert {name: m.as_dict() for name, m in metrics.items()} == evaluated[c.step]["metrics"]
+    # the grids: the sample prompts, then the probe's first prompt with the trigger put in
+    assert [g.kind for g in results.grids] == ["strengths"] * 3 + ["prompts"]
+    assert all((out / "eval" / g.path).is_file() for g in results.grids)
+    assert [p["text"] for p in results.settings["grid_prompts"]] == [*PROMPTS, f"sks, {PROMPTS[0]}"]
+    # the report's data island (which every number on the page points into) is results.json
+    page = (out / "eval" / "report.html").read_text(encoding="utf-8")
+    island = re.search(r'<script type="application/json" id="results">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(island) == json.loads((out / "eval" / "results.json").read_text(encoding="utf-8"))
+    assert all(g.path in page for g in results.grids)
 
     # drift and response equal a direct measurement of the same file with the same probe
     dit = load_dit(run["models"]["dit"], dtype=torch.float32)
     te = load_text_encoder(run["models"]["qwen3"], qwen3_tokenizer_path=run["models"]["tokenizers"] / "qwen",
                            t5_tokenizer_path=run["models"]["tokenizers"] / "t5", dtype=torch.float32)
-    probe = ProbeSet.encode(PROMPTS, lambda texts: encode_prompts(dit, te, texts), trigger="sks", seeds=(0,),
-                            latent_size=(8, 8))
+    probe = ProbeSet.encode(PROMPTS, lambda texts: encode_prompts(dit, te, texts), trigger="sks")
     last = results.checkpoints[2]
     network = create_network_from_weights(dit, out / "demo_lora.safetensors")
     direct = measure_at_strength(dit, network, probe, 1.0)

@@ -6,14 +6,22 @@ numbers to `<out>/results.json` (`EvalResults`).
     results = evaluate(plan.spec, plan=plan)         # base models loaded once, each network in turn
     write_outputs(results, plan.spec.out)
 
-The base models are loaded once.  The probe (prompt bank without / with the trigger, seeds, σ) is encoded once
+The base models are loaded once.  The probe (its prompts without / with the trigger, seeds, σ) is encoded once
 by the base text encoder; the held-out batches are encoded once by the VAE.  Then the base's held-out loss
 (strength 0), and for each checkpoint in training order: inject it, its held-out loss at strength 1 and the
 light metrics (probe.measure_at_strength: drift, response, leak) at each strength (at strength 0 their exact
-values without the forwards: `at_zero_strength`), its weight analysis, then
-`after_checkpoint` (the place for per-checkpoint extra work such as image grids), and remove it.  The numbers are
-those of evaluation/heldout.py and evaluation/probe.py, the functions training's validation and in-training
-evaluation call: the same weights, settings and device give the same numbers.
+values without the forwards: `at_zero_strength`), its weight analysis, its image-grid cells (grids.render_cells),
+then `after_checkpoint` (extra work by the caller), and remove it.  At the end the grids are assembled and
+`write_outputs` writes results.json and report.html.  The numbers are those of evaluation/heldout.py and
+evaluation/probe.py, the functions training's validation and in-training evaluation call, and the probe's prompts
+and trigger follow the run's rules (`eval_prompts` else the built-in bank; `eval_trigger` else
+`metadata_trigger_phrase`): the same weights, settings and device give the numbers the run logged.
+
+Two prompt lists, for two purposes:
+  * the probe (drift, response, leak): `--prompts FILE`, else the run's `eval_prompts`, else the built-in bank
+    (`prompt_bank.probe_bank`) — never the sample prompts, which mention the trigger;
+  * the grids: the run's sample prompts (what the user wanted to see), then the probe prompts — each with the
+    trigger put in and as written, side by side, when there is a trigger — the first `grid_prompts` of them.
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ from anima_trainer.evaluation.drift import PROBE_LATENT_SIZE, leak_score
 from anima_trainer.evaluation.eval_results import RESULTS_NAME, CheckpointResult, EvalResults
 from anima_trainer.evaluation.heldout import heldout_batches, heldout_loss
 from anima_trainer.evaluation.probe import PROBE_SEEDS, ProbeSet, StrengthMetrics, measure_at_strength
-from anima_trainer.evaluation.prompt_bank import load_prompt_bank
+from anima_trainer.evaluation.grids import CELLS_FOLDER, GRIDS_FOLDER, assemble_grids, render_cells
+from anima_trainer.evaluation.prompt_bank import BankPrompt, bank_from_file, probe_bank, with_trigger
+from anima_trainer.evaluation.recommend import DEFAULT_DRIFT_THRESHOLD
+from anima_trainer.evaluation.report import REPORT_NAME, write_report
 from anima_trainer.evaluation.results import SigmaMetric
 from anima_trainer.evaluation.run_folder import (
     Heldout,
@@ -52,8 +63,10 @@ from anima_trainer.networks.formats import is_text_encoder_key
 from anima_trainer.sample.generate import encode_prompts
 
 DEFAULT_STRENGTHS: tuple[float, ...] = (0.0, 0.5, 0.8, 1.0)
-# the files an evaluation writes into its folder (checked before any work: never replaced without --overwrite)
-OUTPUT_FILES: tuple[str, ...] = (RESULTS_NAME,)
+# the files and folders an evaluation writes into its folder (checked before any work: never replaced without
+# --overwrite)
+OUTPUT_FILES: tuple[str, ...] = (RESULTS_NAME, REPORT_NAME, GRIDS_FOLDER, CELLS_FOLDER)
+DEFAULT_GRID_PROMPTS = 8  # rows of the prompts grid: enough to see the concept and its leaks, cheap to draw
 TRIGGER_KEY = "modelspec.trigger_phrase"
 
 
@@ -73,9 +86,8 @@ class EvalSpec:
     qwen3_tokenizer_path: Path | None = None
     t5_tokenizer_path: Path | None = None
     run_config: Path | None = None           # a train_config.toml or a run's .events.jsonl
-    sample_prompts: Path | None = None       # kohya prompt file; default the run's sample_prompts
-    prompt_file: Path | None = None          # the user's prompts (kohya prompt syntax)
-    builtin_prompts: bool = True
+    sample_prompts: Path | None = None       # grids first; kohya prompt file; default the run's sample_prompts
+    prompt_file: Path | None = None          # probe prompts (kohya syntax); default the run's eval_prompts / bank
     trigger: str | None = None
     use_trigger: bool = True                 # False: no trigger (drift only), whatever the metadata says
     seeds: tuple[int, ...] = PROBE_SEEDS
@@ -93,6 +105,10 @@ class EvalSpec:
     device: str | None = None
     dtype: str | None = None                 # "bf16" | "fp16" | "fp32"
     analysis: bool = True
+    grid_prompts: int = DEFAULT_GRID_PROMPTS  # 0: no grids
+    grid_size: int | None = None             # every grid image this many pixels square (default: the prompt's)
+    grid_steps: int | None = None            # sampler steps of every grid image (default: the prompt's)
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD  # the report's recommended strength range
     overwrite: bool = False
     command: str = ""                        # the command line that reproduces the evaluation (results.command)
 
@@ -182,8 +198,6 @@ def command_line(spec: EvalSpec) -> str:
                         ("--sample_prompts", spec.sample_prompts), ("--prompts", spec.prompt_file)):
         if value is not None:
             words += [flag, str(value)]
-    if not spec.builtin_prompts:
-        words.append("--no_builtin_prompts")
     words += ["--trigger", spec.trigger] if spec.trigger else ["--no_trigger"]
     words += ["--seeds", *map(str, spec.seeds), "--strengths", *(f"{s:g}" for s in spec.strengths),
               "--probe_resolution", str(spec.probe_resolution), "--probe_batch_size", str(spec.probe_batch_size)]
@@ -196,6 +210,11 @@ def command_line(spec: EvalSpec) -> str:
         words.append("--no_heldout")
     if not spec.analysis:
         words.append("--no_analysis")
+    words += ["--grid_prompts", str(spec.grid_prompts)]
+    if spec.grid_prompts:
+        words += [*(["--grid_size", str(spec.grid_size)] if spec.grid_size else []),
+                  *(["--grid_steps", str(spec.grid_steps)] if spec.grid_steps else [])]
+    words += ["--drift_threshold", f"{spec.drift_threshold:g}"]
     words += ["--device", spec.device, "--dtype", spec.dtype]
     return shlex.join(words)
 
@@ -214,6 +233,14 @@ def plan_evaluation(spec: EvalSpec, *,
         raise ConfigError(f"--probe_resolution: a multiple of 16 pixels, got {spec.probe_resolution}")
     if spec.probe_batch_size < 1:
         raise ConfigError(f"--probe_batch_size: at least 1, got {spec.probe_batch_size}")
+    if spec.grid_prompts < 0:
+        raise ConfigError(f"--grid_prompts: 0 (no grids) or more, got {spec.grid_prompts}")
+    if spec.grid_size is not None and (spec.grid_size < 64 or spec.grid_size % 16):
+        raise ConfigError(f"--grid_size: a multiple of 16 pixels, at least 64, got {spec.grid_size}")
+    if spec.grid_steps is not None and spec.grid_steps < 1:
+        raise ConfigError(f"--grid_steps: at least 1, got {spec.grid_steps}")
+    if not spec.drift_threshold > 0:
+        raise ConfigError(f"--drift_threshold: a number above 0, got {spec.drift_threshold}")
     search = find_checkpoints(spec.inputs)
     notes = list(search.notes)
     run_config = _absolute(spec.run_config)
@@ -233,10 +260,20 @@ def plan_evaluation(spec: EvalSpec, *,
             sample_prompts = _absolute(cfg.sample_prompts)
         else:
             notes.append(f"the run's sample_prompts {cfg.sample_prompts} is gone: not used")
+    prompt_file = _absolute(spec.prompt_file)
+    if prompt_file is None and cfg is not None and cfg.eval_prompts is not None:
+        if Path(cfg.eval_prompts).is_file():
+            prompt_file = _absolute(cfg.eval_prompts)
+            notes.append(f"probe prompts: the run's eval_prompts {prompt_file}")
+        else:
+            notes.append(f"the run's eval_prompts {cfg.eval_prompts} is gone: the built-in bank is the probe")
     trigger, use_trigger = (spec.trigger.strip() if spec.trigger else None), spec.use_trigger
     if not use_trigger:
         trigger = None
         notes.append("--no_trigger: only preservation drift is measured")
+    elif trigger is None and cfg is not None and cfg.resolved_eval_trigger() is not None:
+        trigger = cfg.resolved_eval_trigger()
+        notes.append(f"trigger {trigger!r} from the run's eval_trigger / metadata_trigger_phrase")
     elif trigger is None:
         trigger, note = _agreed_trigger(search.checkpoints)
         notes.append(note)
@@ -267,14 +304,37 @@ def plan_evaluation(spec: EvalSpec, *,
     for name in OUTPUT_FILES:  # before minutes of loading, not after
         check_writable(out / name, spec.overwrite)
     spec = replace(spec, inputs=[_absolute(p) for p in spec.inputs], out=out, sample_prompts=sample_prompts,
-                   prompt_file=_absolute(spec.prompt_file), trigger=trigger, use_trigger=use_trigger,
+                   prompt_file=prompt_file, trigger=trigger, use_trigger=use_trigger,
                    heldout_images=heldout_images, use_heldout=use_heldout, device=device, dtype=dtype,
                    seeds=tuple(int(s) for s in spec.seeds), strengths=tuple(float(s) for s in spec.strengths))
-    load_prompt_bank(sample_prompts=spec.sample_prompts, prompt_file=spec.prompt_file,
-                     builtin=spec.builtin_prompts)  # a bad prompt file fails here, before the models load
+    grid_bank(spec)  # a bad prompt file fails here, before the models load
     if not spec.command:
         spec.command = command_line(spec)
     return EvalPlan(spec, search.checkpoints, cfg, heldout, notes)
+
+
+def grid_bank(spec: EvalSpec) -> list[BankPrompt]:
+    """The grids' prompts (module doc): the sample prompts, then the probe prompts (with the trigger and as
+    written when there is one), the first `spec.grid_prompts`, with `grid_size` / `grid_steps` applied.  Also
+    reads (and so checks) both prompt files."""
+    samples = bank_from_file(spec.sample_prompts, "sample_prompts") if spec.sample_prompts is not None else []
+    probe = probe_bank(spec.prompt_file)
+    entries = list(samples)
+    for entry in probe:
+        if spec.trigger:
+            triggered = replace(entry.sample, prompt=with_trigger(entry.text, spec.trigger))
+            if triggered.prompt != entry.text:
+                entries.append(BankPrompt(triggered, entry.source))
+        entries.append(entry)
+    picked = []
+    for entry in entries[:spec.grid_prompts]:
+        sample = entry.sample
+        if spec.grid_size:
+            sample = replace(sample, width=spec.grid_size, height=spec.grid_size)
+        if spec.grid_steps:
+            sample = replace(sample, steps=spec.grid_steps)
+        picked.append(BankPrompt(sample, entry.source))
+    return picked
 
 
 def load_models(spec: EvalSpec) -> EvalModels:
@@ -320,8 +380,9 @@ def _settings(plan: EvalPlan, probe: ProbeSet, bank: list) -> dict[str, Any]:
             "device": spec.device, "dtype": spec.dtype, "run_config": text(spec.run_config),
             "strengths": list(spec.strengths), "probe": probe.settings(),
             "prompt_sources": {"sample_prompts": text(spec.sample_prompts), "prompt_file": text(spec.prompt_file),
-                               "builtin": spec.builtin_prompts},
-            "prompts": [{"text": b.text, "source": b.source} for b in bank],
+                               "builtin": spec.prompt_file is None},
+            "grid_prompts": [{"text": b.text, "source": b.source} for b in bank],
+            "drift_threshold": spec.drift_threshold,
             "heldout": None if plan.heldout is None else plan.heldout.as_dict(), "notes": list(plan.notes)}
 
 
@@ -333,10 +394,9 @@ def evaluate(spec: EvalSpec, *, plan: EvalPlan | None = None, log: Callable[[str
     spec, say = plan.spec, log or (lambda line: None)
     say(f"loading the base models on {spec.device} ({spec.dtype})")
     models = load_models(spec)
-    bank = load_prompt_bank(sample_prompts=spec.sample_prompts, prompt_file=spec.prompt_file,
-                            builtin=spec.builtin_prompts)
+    bank = grid_bank(spec)
     side = spec.probe_resolution // 8
-    probe = ProbeSet.encode([b.text for b in bank], models.context, trigger=spec.trigger, seeds=spec.seeds,
+    probe = ProbeSet.encode([b.text for b in probe_bank(spec.prompt_file)], models.context, trigger=spec.trigger, seeds=spec.seeds,
                             latent_size=(side, side), batch_size=spec.probe_batch_size)
     say(f"probe: {len(probe.texts_without)} prompt(s) without the trigger"
         + (f", the same {len(probe.texts_without)} with {probe.trigger!r}" if probe.has_trigger else "")
@@ -367,18 +427,34 @@ def evaluate(spec: EvalSpec, *, plan: EvalPlan | None = None, log: Callable[[str
                                 for s in spec.strengths]
             if spec.analysis:
                 result.analysis = analyse_network(network).to_dict()
+            if bank:
+                render_cells(models.dit, models.text_encoder, models.vae, network, checkpoint.label,
+                             checkpoint.path.name, bank, spec.strengths, spec.out / CELLS_FOLDER,
+                             models=_model_names(spec))
             if after_checkpoint is not None:  # e.g. the image grids: the network is injected, at multiplier 1
                 after_checkpoint(CheckpointContext(models, network, checkpoint, result, probe, plan))
         finally:
             network.remove()
         results.append(result)
-    return EvalResults(spec.command, _settings(plan, probe, bank), results, base,
+    grids = []
+    if bank and plan.checkpoints:
+        say(f"grids: {len(bank)} prompt(s) × {len(spec.strengths)} strength(s)")
+        grids = assemble_grids(spec.out, {c.label: c.path.name for c in plan.checkpoints}, bank, spec.strengths,
+                               models=_model_names(spec))
+    return EvalResults(spec.command, _settings(plan, probe, bank), results, base, grids,
                        created=datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
-def write_outputs(results: EvalResults, folder: str | Path) -> Path:
-    """Write the evaluation folder: results.json (the report is written here too, from the same results).
-    Returns the results.json path."""
+def _model_names(spec: EvalSpec) -> dict[str, str]:
+    """The base model files by part, as the grid PNGs record them (file names, like `anima-trainer sample`)."""
+    return {name: Path(path).name for name, path in (("dit", spec.dit), ("qwen3", spec.qwen3), ("vae", spec.vae),
+                                                      ("llm_adapter", spec.llm_adapter_path)) if path is not None}
+
+
+def write_outputs(results: EvalResults, folder: str | Path, *,
+                  drift_threshold: float = DEFAULT_DRIFT_THRESHOLD) -> tuple[Path, Path]:
+    """Write the evaluation folder's results.json and, from the same results, report.html (after the grids,
+    which the page shows).  Returns both paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return results.save(folder)
+    return results.save(folder), write_report(results, folder, drift_threshold=drift_threshold)

@@ -79,6 +79,13 @@ def bank_from_file(path: str | Path, source: str = "prompt_file") -> list[BankPr
     return [BankPrompt(sample, source) for sample in load_sample_prompts(path)]
 
 
+def probe_bank(prompt_file: str | Path | None = None) -> list[BankPrompt]:
+    """The prompts drift and response are measured on: the prompt file when given (training's `eval_prompts`,
+    eval's `--prompts`), else the built-in bank.  Training and `anima-trainer eval` both take their probe from
+    here, so an evaluation of a run's checkpoints measures the prompts the run logged its metrics on."""
+    return bank_from_file(prompt_file) if prompt_file is not None else builtin_bank()
+
+
 def load_prompt_bank(*, sample_prompts: str | Path | None = None, prompt_file: str | Path | None = None,
                 builtin: bool = True) -> list[BankPrompt]:
     """The bank an evaluation uses: the run's sample prompts, then the user's file, then the built-in prompts;

@@ -77,10 +77,9 @@ def evaluation_texts(cfg: Any) -> list[str] | None:
     start-up before any model loads, so a bad file costs no model load."""
     if not cfg.evaluates:
         return None
-    from anima_trainer.evaluation.prompt_bank import bank_from_file, builtin_bank
+    from anima_trainer.evaluation.prompt_bank import probe_bank
 
-    bank = bank_from_file(cfg.eval_prompts) if cfg.eval_prompts else builtin_bank()
-    return [entry.text for entry in bank]
+    return [entry.text for entry in probe_bank(cfg.eval_prompts)]
 
 
 @dataclass
