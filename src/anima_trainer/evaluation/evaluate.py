@@ -396,8 +396,8 @@ def evaluate(spec: EvalSpec, *, plan: EvalPlan | None = None, log: Callable[[str
     models = load_models(spec)
     bank = grid_bank(spec)
     side = spec.probe_resolution // 8
-    probe = ProbeSet.encode([b.text for b in probe_bank(spec.prompt_file)], models.context, trigger=spec.trigger, seeds=spec.seeds,
-                            latent_size=(side, side), batch_size=spec.probe_batch_size)
+    probe = ProbeSet.encode([b.text for b in probe_bank(spec.prompt_file)], models.context, trigger=spec.trigger,
+                            seeds=spec.seeds, latent_size=(side, side), batch_size=spec.probe_batch_size)
     say(f"probe: {len(probe.texts_without)} prompt(s) without the trigger"
         + (f", the same {len(probe.texts_without)} with {probe.trigger!r}" if probe.has_trigger else "")
         + f", seeds {', '.join(map(str, probe.seeds))}")
