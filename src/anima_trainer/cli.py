@@ -363,8 +363,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from anima_trainer.demo import run_demo
 
     paths = run_demo(args.out, steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    width = max(map(len, paths))
     for name, path in paths.items():
-        print(f"{name:>10}: {path}")
+        print(f"{name:>{width}}: {path}")
     return 0
 
 

@@ -141,8 +141,10 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 
 
-def write_shapes_dataset(folder: str | Path, count: int = 8, size: int = 64, seed: int = 0) -> Path:
-    """Coloured shapes on white with captions naming shape and colour (`image.png` + `image.txt`)."""
+def write_shapes_dataset(folder: str | Path, count: int = 8, size: int = 64, seed: int = 0,
+                         trigger: str | None = None) -> Path:
+    """Coloured shapes on white with captions naming shape and colour (`image.png` + `image.txt`); with a
+    `trigger`, every caption starts with it ("trigger, a red circle on a white background")."""
     import random
 
     from PIL import Image, ImageDraw
@@ -166,7 +168,9 @@ def write_shapes_dataset(folder: str | Path, count: int = 8, size: int = 64, see
         png = io.BytesIO()
         image.save(png, format="PNG")
         atomic_write_bytes(png.getvalue(), folder / f"shape_{i:02d}.png")
-        atomic_write_bytes(f"a {colour} {shape} on a white background".encode(), folder / f"shape_{i:02d}.txt")
+        caption = f"a {colour} {shape} on a white background"
+        atomic_write_bytes((caption if trigger is None else f"{trigger}, {caption}").encode(),
+                           folder / f"shape_{i:02d}.txt")
     return folder
 
 
@@ -190,10 +194,12 @@ batch_size = {batch_size}
     return path
 
 
-def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, steps: int, seed: int) -> Path:
-    """The two kohya-style files a user would write: dataset.toml and train.toml; returns train.toml."""
+def write_demo_configs(out_dir: Path, models: dict[str, Path], images: Path, steps: int, seed: int, *,
+                       training_extra: str = "", dataset_extra: str = "") -> Path:
+    """The two kohya-style files a user would write: dataset.toml and train.toml; returns train.toml.
+    `training_extra` adds lines to train.toml's [training], `dataset_extra` to dataset.toml's [general]."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_demo_dataset_toml(out_dir / "dataset.toml", images)
+    write_demo_dataset_toml(out_dir / "dataset.toml", images, extra=dataset_extra)
     train_toml = out_dir / "train.toml"
     atomic_write_bytes(f"""[model]
 pretrained_model_name_or_path = {toml_value(models["dit"])}
@@ -220,20 +226,46 @@ seed = {seed}
 timestep_sampling = "sigmoid"
 max_data_loader_n_workers = 0
 overwrite = true
-""".encode(), train_toml)
+{training_extra}""".encode(), train_toml)
     return train_toml
 
 
+DEMO_TRIGGER = "shapez"
+# the demo's probe of drift and response: prompts without the trigger, some near the concept, some far from it
+DEMO_EVAL_PROMPTS = ("a blue square on a white background", "a small house by a river at dawn",
+                     "masterpiece, best quality, 1girl", "long hair, smile, blue eyes", "the quick brown fox jumps")
+DEMO_SAMPLE_PROMPTS = (f"{DEMO_TRIGGER}, a red circle on a white background --w 64 --h 64 --s 8 --l 1 --d 0",
+                       f"{DEMO_TRIGGER}, a green triangle on a white background --w 64 --h 64 --s 8 --l 1 --d 1")
+
+
 def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
-    """Tiny models + synthetic dataset → train a LoRA on CPU → sample before and after; returns the paths."""
+    """Tiny models + synthetic dataset → train a LoRA on CPU → sample before and after → evaluate every saved
+    checkpoint (`anima-trainer eval`: grids, metrics, report.html); returns the paths.
+
+    The dataset is one concept with a trigger word (coloured shapes on white, every caption starting with
+    `DEMO_TRIGGER`); a quarter of it is held out, so the run logs `val/loss`; the run saves and logs the light
+    metrics four times, so the evaluation has checkpoints to choose between."""
     out_dir = Path(out_dir)
-    for name in ("sample_before.png", "sample_after.png", "output/demo_lora.safetensors"):
+    for name in ("sample_before.png", "sample_after.png", "output/demo_lora.safetensors", "output/eval/results.json",
+                 "output/eval/report.html"):
         check_writable(out_dir / name, overwrite)  # before anything is written
     paths = write_demo_models(out_dir / "models", seed=seed)
-    paths["dataset"] = write_shapes_dataset(out_dir / "dataset", seed=seed)
-    paths["train_config"] = write_demo_configs(out_dir, paths, paths["dataset"], steps, seed)
-    params = SampleParams(prompt="a red circle on a white background", negative_prompt="", steps=8, cfg=1.0,
-                          width=64, height=64, seed=seed, models={"dit": paths["dit"].name})
+    paths["dataset"] = write_shapes_dataset(out_dir / "dataset", seed=seed, trigger=DEMO_TRIGGER)
+    paths["eval_prompts"] = atomic_write_bytes(("\n".join(DEMO_EVAL_PROMPTS) + "\n").encode(),
+                                               out_dir / "eval_prompts.txt")
+    paths["sample_prompts"] = atomic_write_bytes(("\n".join(DEMO_SAMPLE_PROMPTS) + "\n").encode(),
+                                                 out_dir / "sample_prompts.txt")
+    every = max(1, steps // 4)
+    paths["train_config"] = write_demo_configs(
+        out_dir, paths, paths["dataset"], steps, seed, dataset_extra="validation_split = 0.25\n",
+        training_extra=f"""save_every_n_steps = {every}
+eval_every_n_steps = {every}
+eval_prompts = {toml_value(paths["eval_prompts"])}
+sample_prompts = {toml_value(paths["sample_prompts"])}
+metadata_trigger_phrase = "{DEMO_TRIGGER}"
+""")
+    params = SampleParams(prompt=f"{DEMO_TRIGGER}, a red circle on a white background", negative_prompt="", steps=8,
+                          cfg=1.0, width=64, height=64, seed=seed, models={"dit": paths["dit"].name})
     te = load_text_encoder(paths["qwen3"], qwen3_tokenizer_path=paths["tokenizers"], dtype=torch.float32)
     vae = load_vae(paths["vae"], dtype=torch.float32)
     dit = load_dit(paths["dit"], dtype=torch.float32)
@@ -248,4 +280,25 @@ def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bo
     params.networks[paths["lora"].name] = 1.0
     paths["sample_after"] = save_png(generate_image(dit, te, vae, params, progress=False), params,
                                      out_dir / "sample_after.png", overwrite=overwrite)
+    paths["results"], paths["report"] = evaluate_demo(run.final_path.parent, overwrite)
     return paths
+
+
+def evaluate_demo(run_folder: Path, overwrite: bool) -> tuple[Path, Path]:
+    """`anima-trainer eval` of the demo's run folder with its own settings (grids of 64 px, 8 steps), printing what
+    the command prints: the reproducing command, the table and the recommendation."""
+    from anima_trainer.eval_command import result_table
+    from anima_trainer.evaluation.evaluate import EvalSpec, evaluate, plan_evaluation, write_outputs
+    from anima_trainer.evaluation.recommend import recommend
+
+    plan = plan_evaluation(EvalSpec(inputs=[run_folder], grid_prompts=6, grid_size=64, grid_steps=8,
+                                    overwrite=overwrite))
+    print(f"evaluating every saved checkpoint: {plan.spec.command}")
+    results = evaluate(plan.spec, plan=plan)
+    written = write_outputs(results, plan.spec.out, drift_threshold=plan.spec.drift_threshold)
+    for line in result_table(results):
+        print(f"  {line}")
+    print("recommendation:")
+    for line in recommend(results, drift_threshold=plan.spec.drift_threshold).lines:
+        print(f"  {line}")
+    return written

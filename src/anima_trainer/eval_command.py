@@ -165,7 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for line in result_table(results):
         print(f"  {line}")
     print(path)
+    print("recommendation:")
     for line in recommend(results, drift_threshold=plan.spec.drift_threshold).lines:
-        print(f"recommended: {line}")
+        print(f"  {line}")
     print(report)
     return 0

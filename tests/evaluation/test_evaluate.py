@@ -89,7 +89,7 @@ def test_eval_of_a_run_folder_measures_every_save_as_the_run_did(run, capsys, tm
     assert "stray.safetensors (not a network file)" in err
     assert lines[-1] == str(out / "eval" / "report.html")
     assert str(out / "eval" / "results.json") in lines
-    assert [line for line in lines if line.startswith("recommended: ")]
+    assert lines[lines.index("recommendation:") + 1].startswith("  Recommended: ")
     table = [line.split() for line in lines if line.startswith("  demo_lora")]
     assert [row[0] for row in table] == ["demo_lora-step00000002", "demo_lora-step00000002-ema", "demo_lora",
                                          "demo_lora-ema"]

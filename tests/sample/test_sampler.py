@@ -10,6 +10,7 @@ from PIL import Image
 
 from anima_trainer.cli import _build_parser, main
 from anima_trainer.demo import write_demo_models
+from anima_trainer.evaluation.eval_results import EvalResults
 from anima_trainer.sample.generate import read_png_parameters
 from anima_trainer.sample.sampler import cfg_velocity, initial_noise, sample_euler, sigma_table, simple_schedule
 
@@ -146,7 +147,8 @@ def test_inspect_prints_every_fixture_file(fixture_dir, tiny_dit_path, capsys):
 
 
 def test_demo_command(tmp_path, capsys):
-    """The README's demo: tiny models + synthetic shapes → LoRA file + samples before and after training."""
+    """The README's demo: tiny models + synthetic shapes → LoRA file + samples before and after training + the
+    evaluation of its checkpoints (report.html)."""
     assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "10"]) == 0
     printed = capsys.readouterr().out
     lora = tmp_path / "d" / "output" / "demo_lora.safetensors"
@@ -156,6 +158,14 @@ def test_demo_command(tmp_path, capsys):
     assert Image.open(before).tobytes() != Image.open(after).tobytes()  # the LoRA changed the model
     assert read_png_parameters(after)["networks"] == {"demo_lora.safetensors": 1.0}
     assert (tmp_path / "d" / "train.toml").exists() and (tmp_path / "d" / "dataset.toml").exists()
+    # it ends by evaluating every checkpoint it saved (every 2 of its 10 steps) into report.html
+    report = tmp_path / "d" / "output" / "eval" / "report.html"
+    assert f"report: {report}" in printed and "recommendation:\n  Recommended: demo_lora" in printed
+    results = EvalResults.load(report.parent)
+    assert [c.step for c in results.checkpoints] == [2, 4, 6, 8, 10]
+    assert results.base_heldout is not None and results.settings["probe"]["trigger"] == "shapez"
+    assert all(c.at_strength(1.0).trigger_response.overall > 0 for c in results.checkpoints)
+    assert results.grids and all((report.parent / g.path).is_file() for g in results.grids)
     assert main(["demo", "--out", str(tmp_path / "d")]) == 2  # never overwrites unasked
     assert "already exists" in capsys.readouterr().err
 
