@@ -11,8 +11,9 @@ from anima_trainer.evaluation.prompt_bank import (
     BUILTIN_PROMPTS,
     bank_from_file,
     builtin_bank,
+    grid_bank,
     mentions_trigger,
-    load_prompt_bank,
+    probe_bank,
     split_by_trigger,
     trigger_pairs,
     with_trigger,
@@ -50,14 +51,19 @@ def test_a_kohya_prompt_file_loads_through_sample_prompts(tmp_path, monkeypatch)
     assert first.source == "prompt_file" and first.sample == SamplePrompt("sks, 1girl, red dress", "lowres", 768, 512,
                                                                           7, 30, 4.0, 3.0)
     assert first.sample.where == f"{path} line 2"
-    bank = load_prompt_bank(sample_prompts=path, prompt_file=path)
-    # the run's prompts first; the same prompt from a later source is left out (the built-in #3 included)
-    assert [e.source for e in bank[:2]] == ["sample_prompts", "sample_prompts"]
-    assert len(bank) == 2 + len(BUILTIN_PROMPTS) - 1
-    assert [e.text for e in load_prompt_bank(prompt_file=path, builtin=False)] == [e.text for e in entries]
+    assert [e.text for e in probe_bank(path)] == [e.text for e in entries]  # the file replaces the bank
+    assert [e.text for e in probe_bank()] == list(BUILTIN_PROMPTS)
+    # the grids: the run's prompts first; the same prompt from a later source is left out (the built-in #3)
+    grids = grid_bank(path, probe_bank(), None)
+    assert [e.source for e in grids[:2]] == ["sample_prompts", "sample_prompts"]
+    assert len(grids) == 2 + len(BUILTIN_PROMPTS) - 1
+    # with a trigger each probe prompt comes with the trigger put in, then as written ("sks" alone: the empty one)
+    triggered = grid_bank(None, probe_bank()[:2], "sks")
+    assert [e.text for e in triggered] == ["sks", "", f"sks, {BUILTIN_PROMPTS[1]}", BUILTIN_PROMPTS[1]]
+    assert triggered[2].sample.seed == triggered[3].sample.seed == 1  # the same seed: side by side
     path.write_text("cat --x 1\n", encoding="utf-8")
     with pytest.raises(PromptFileError, match=r"line 1: option --x is not known"):
-        load_prompt_bank(prompt_file=path)
+        probe_bank(path)
 
 
 def test_trigger_in_and_out():

@@ -15,7 +15,8 @@ prompts and fixed seeds; below train (the loop calls them) and tools.
     plots.py        the report's figures (matplotlib's object API, Agg; never pyplot) as PNG bytes
     probe.py        the light metrics at one strength (drift, response, leak; + held-out loss), one function for
                     training and eval
-    prompt_bank.py  the built-in anime prompt bank, kohya prompt files, the trigger put in or left out
+    prompt_bank.py  the built-in anime prompt bank, the probe's and the grids' prompts, kohya prompt files, the
+                    trigger put in or left out
     recommend.py    the report's recommendation: the checkpoint (best held-out loss, else rules documented there)
                     and the strengths whose preservation drift stays under a threshold
     report.py       `write_report`: report.html, one self-contained page of an `EvalResults` (plots, grids,
@@ -27,10 +28,11 @@ prompts and fixed seeds; below train (the loop calls them) and tools.
 
 from anima_trainer.evaluation.drift import leak_score, preservation_drift, trigger_response, velocity_change
 from anima_trainer.evaluation.heldout import VALIDATION_SIGMAS, HeldoutBatch, heldout_batches, heldout_loss
-from anima_trainer.evaluation.prompt_bank import BankPrompt, builtin_bank, load_prompt_bank, trigger_pairs
+from anima_trainer.evaluation.prompt_bank import BankPrompt, builtin_bank, grid_bank, probe_bank, trigger_pairs
 from anima_trainer.evaluation.results import SigmaMetric
 from anima_trainer.evaluation.strength import at_strength
 
 __all__ = ["VALIDATION_SIGMAS", "BankPrompt", "HeldoutBatch", "SigmaMetric", "at_strength", "builtin_bank",
-           "heldout_batches", "heldout_loss", "leak_score", "load_prompt_bank", "preservation_drift", "trigger_pairs",
+           "grid_bank", "heldout_batches", "heldout_loss", "leak_score", "preservation_drift", "probe_bank",
+           "trigger_pairs",
            "trigger_response", "velocity_change"]

@@ -43,7 +43,7 @@ from anima_trainer.evaluation.eval_results import RESULTS_NAME, CheckpointResult
 from anima_trainer.evaluation.heldout import heldout_batches, heldout_loss
 from anima_trainer.evaluation.probe import PROBE_SEEDS, ProbeSet, StrengthMetrics, measure_at_strength
 from anima_trainer.evaluation.grids import CELLS_FOLDER, GRIDS_FOLDER, assemble_grids, render_cells
-from anima_trainer.evaluation.prompt_bank import BankPrompt, bank_from_file, probe_bank, with_trigger
+from anima_trainer.evaluation.prompt_bank import BankPrompt, grid_bank, probe_bank
 from anima_trainer.evaluation.recommend import DEFAULT_DRIFT_THRESHOLD
 from anima_trainer.evaluation.report import REPORT_NAME, write_report
 from anima_trainer.evaluation.results import SigmaMetric
@@ -307,25 +307,17 @@ def plan_evaluation(spec: EvalSpec, *,
                    prompt_file=prompt_file, trigger=trigger, use_trigger=use_trigger,
                    heldout_images=heldout_images, use_heldout=use_heldout, device=device, dtype=dtype,
                    seeds=tuple(int(s) for s in spec.seeds), strengths=tuple(float(s) for s in spec.strengths))
-    grid_bank(spec)  # a bad prompt file fails here, before the models load
+    grid_prompts(spec)  # a bad prompt file fails here, before the models load
     if not spec.command:
         spec.command = command_line(spec)
     return EvalPlan(spec, search.checkpoints, cfg, heldout, notes)
 
 
-def grid_bank(spec: EvalSpec) -> list[BankPrompt]:
-    """The grids' prompts (module doc): the sample prompts, then the probe prompts (with the trigger and as
-    written when there is one), the first `spec.grid_prompts`, with `grid_size` / `grid_steps` applied.  Also
-    reads (and so checks) both prompt files."""
-    samples = bank_from_file(spec.sample_prompts, "sample_prompts") if spec.sample_prompts is not None else []
-    probe = probe_bank(spec.prompt_file)
-    entries = list(samples)
-    for entry in probe:
-        if spec.trigger:
-            triggered = replace(entry.sample, prompt=with_trigger(entry.text, spec.trigger))
-            if triggered.prompt != entry.text:
-                entries.append(BankPrompt(triggered, entry.source))
-        entries.append(entry)
+def grid_prompts(spec: EvalSpec) -> list[BankPrompt]:
+    """The grids' prompts (`prompt_bank.grid_bank`: the sample prompts, then the probe prompts with the trigger
+    and as written), the first `spec.grid_prompts`, with `grid_size` / `grid_steps` applied.  Also reads (and so
+    checks) both prompt files."""
+    entries = grid_bank(spec.sample_prompts, probe_bank(spec.prompt_file), spec.trigger)
     picked = []
     for entry in entries[:spec.grid_prompts]:
         sample = entry.sample
@@ -394,7 +386,7 @@ def evaluate(spec: EvalSpec, *, plan: EvalPlan | None = None, log: Callable[[str
     spec, say = plan.spec, log or (lambda line: None)
     say(f"loading the base models on {spec.device} ({spec.dtype})")
     models = load_models(spec)
-    bank = grid_bank(spec)
+    bank = grid_prompts(spec)
     side = spec.probe_resolution // 8
     probe = ProbeSet.encode([b.text for b in probe_bank(spec.prompt_file)], models.context, trigger=spec.trigger,
                             seeds=spec.seeds, latent_size=(side, side), batch_size=spec.probe_batch_size)

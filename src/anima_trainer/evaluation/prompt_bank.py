@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from anima_trainer.sample.prompts import SamplePrompt, load_sample_prompts
@@ -86,27 +86,6 @@ def probe_bank(prompt_file: str | Path | None = None) -> list[BankPrompt]:
     return bank_from_file(prompt_file) if prompt_file is not None else builtin_bank()
 
 
-def load_prompt_bank(*, sample_prompts: str | Path | None = None, prompt_file: str | Path | None = None,
-                builtin: bool = True) -> list[BankPrompt]:
-    """The bank an evaluation uses: the run's sample prompts, then the user's file, then the built-in prompts;
-    a prompt (with the same negative) that an earlier source already has is left out."""
-    entries: list[BankPrompt] = []
-    if sample_prompts is not None:
-        entries += bank_from_file(sample_prompts, "sample_prompts")
-    if prompt_file is not None:
-        entries += bank_from_file(prompt_file, "prompt_file")
-    if builtin:
-        entries += builtin_bank()
-    seen: set[tuple[str, str]] = set()
-    unique = []
-    for entry in entries:
-        key = (entry.sample.prompt, entry.sample.negative_prompt)
-        if key not in seen:
-            seen.add(key)
-            unique.append(entry)
-    return unique
-
-
 def _trigger_pattern(trigger: str) -> re.Pattern[str]:
     if not trigger.strip():
         raise ValueError("the trigger must be a non-empty word or tag")
@@ -125,6 +104,25 @@ def with_trigger(text: str, trigger: str) -> str:
     if mentions_trigger(text, trigger):
         return text
     return f"{trigger.strip()}, {text}" if text.strip() else trigger.strip()
+
+
+def grid_bank(sample_prompts: str | Path | None, probe: Sequence[BankPrompt], trigger: str | None) -> list[BankPrompt]:
+    """The prompts the evaluation's grids draw, in order: the run's sample prompts (what the user wanted to see),
+    then the probe prompts — each with the trigger put in before it as written, when there is a trigger, so the
+    concept and its leak sit side by side.  A prompt (with the same negative) already listed is left out."""
+    entries = bank_from_file(sample_prompts, "sample_prompts") if sample_prompts is not None else []
+    for entry in probe:
+        if trigger:
+            entries.append(BankPrompt(replace(entry.sample, prompt=with_trigger(entry.text, trigger)), entry.source))
+        entries.append(entry)
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for entry in entries:
+        key = (entry.sample.prompt, entry.sample.negative_prompt)
+        if key not in seen:
+            seen.add(key)
+            unique.append(entry)
+    return unique
 
 
 def split_by_trigger(texts: Iterable[str], trigger: str) -> tuple[list[str], list[str]]:
