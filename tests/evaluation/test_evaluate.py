@@ -111,6 +111,7 @@ def test_eval_of_a_run_folder_measures_every_save_as_the_run_did(run, capsys, tm
     assert results.settings["heldout"]["source"] == "run" and results.settings["heldout"]["images"] == 2
     assert results.settings["probe"]["prompts_without_trigger"] == PROMPTS
     assert results.checkpoints[0].analysis["modules"]  # the weight analysis of each network
+    assert results.settings["run_speed_settings"]["fuse_qkv"] is True  # the run's levers (its default: fused q/k/v)
     # every light metric at strength 1 is the run's logged evaluation at that step, to the bit
     evaluated = {e["step"]: e for e in run["events"] if e["type"] == "evaluation"}
     for c in results.checkpoints:
@@ -168,6 +169,7 @@ def test_eval_of_files_with_a_heldout_folder(run, capsys, tmp_path):
     (only,) = results.checkpoints
     assert (only.label, only.step, only.epoch, only.ema) == ("demo_lora-step00000002-ema", 2, 1, True)  # metadata
     assert only.heldout_loss.samples == 6 and results.settings["heldout"]["source"] == "folder"
+    assert results.settings["run_speed_settings"] is None  # no run: the models as loaded
     assert only.at_strength(1.0).trigger_response is None and only.analysis is None  # drift only
     assert only.at_strength(1.0).preservation_drift.overall > 0
 

@@ -56,6 +56,9 @@ from anima_trainer.evaluation.run_folder import (
 )
 from anima_trainer.fileio import check_writable
 from anima_trainer.models import load_dit, load_text_encoder, load_vae
+from anima_trainer.models.attention_backend import configure_attention
+from anima_trainer.models.block_runner import setup_memory
+from anima_trainer.models.layers import set_fused_qkv
 from anima_trainer.models.safetensors_file import read_header
 from anima_trainer.networks import NetworkError, create_network_from_weights
 from anima_trainer.networks.analysis import analyse_network
@@ -329,13 +332,30 @@ def grid_prompts(spec: EvalSpec) -> list[BankPrompt]:
     return picked
 
 
-def load_models(spec: EvalSpec) -> EvalModels:
-    """The base DiT, text encoder and VAE of a planned spec, on its device in its dtype, in eval mode."""
+def load_models(spec: EvalSpec, run_cfg: TrainConfig | None = None) -> EvalModels:
+    """The base DiT, text encoder and VAE of a planned spec, on its device in its dtype, in eval mode.
+
+    With the run's settings (`run_cfg`) the DiT gets the speed and memory levers the run trained with, in
+    training's order (train/model_setup.py `prepare_dit`): fused q/k/v, fp8 storage and block swap (what lets an
+    8 GB card hold it), the attention kernel; and the VAE its 2-D / chunked decoding.  Left out: gradient
+    checkpointing (nothing runs backward) and torch.compile (every checkpoint's injection would recompile)."""
     device, dtype = torch.device(spec.device), PRECISION_DTYPES[spec.dtype]
-    dit = load_dit(spec.dit, dtype=dtype, device=device, llm_adapter_path=spec.llm_adapter_path)
+    swap = bool(run_cfg is not None and run_cfg.blocks_to_swap)
+    # with block swap the DiT stays on the CPU until setup_memory places what lives on the device
+    dit = load_dit(spec.dit, dtype=dtype, device="cpu" if swap else device, llm_adapter_path=spec.llm_adapter_path)
     te = load_text_encoder(spec.qwen3, qwen3_tokenizer_path=spec.qwen3_tokenizer_path,
                            t5_tokenizer_path=spec.t5_tokenizer_path, dtype=dtype, device=device)
-    vae = load_vae(spec.vae, dtype=dtype, device=device)
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow (as in training)
+    vae_layout = {} if run_cfg is None else {"two_d": run_cfg.qwen_image_vae_2d, "chunk_rows": run_cfg.vae_chunk_size}
+    vae = load_vae(spec.vae, dtype=vae_dtype, device=device, **vae_layout)
+    if run_cfg is not None:
+        set_fused_qkv(dit, run_cfg.fuse_qkv)
+        memory = {**run_cfg.memory_options(), "gradient_checkpointing": False, "checkpoint_blocks": None,
+                  "cpu_offload_checkpointing": False}
+        setup_memory(dit, device=device, **memory)
+        side = spec.probe_resolution // 16  # image tokens per side of the probe (VAE / 8, patch / 2)
+        configure_attention(dit, run_cfg.attention_backend, device, dtype, tokens=side * side,
+                            batch=spec.probe_batch_size)
     dit.eval()
     return EvalModels(dit, te, vae, device, dtype)
 
@@ -370,6 +390,9 @@ def _settings(plan: EvalPlan, probe: ProbeSet, bank: list) -> dict[str, Any]:
     return {"models": {name: text(getattr(spec, name)) for name in
                        ("dit", "qwen3", "vae", "llm_adapter_path", "qwen3_tokenizer_path", "t5_tokenizer_path")},
             "device": spec.device, "dtype": spec.dtype, "run_config": text(spec.run_config),
+            "run_speed_settings": None if plan.run_cfg is None else {key: getattr(plan.run_cfg, key) for key in (
+                "fuse_qkv", "fp8_base", "fp8_format", "blocks_to_swap", "attention_backend", "qwen_image_vae_2d",
+                "vae_chunk_size")},
             "strengths": list(spec.strengths), "probe": probe.settings(),
             "prompt_sources": {"sample_prompts": text(spec.sample_prompts), "prompt_file": text(spec.prompt_file),
                                "builtin": spec.prompt_file is None},
@@ -385,7 +408,7 @@ def evaluate(spec: EvalSpec, *, plan: EvalPlan | None = None, log: Callable[[str
     plan = plan or plan_evaluation(spec)
     spec, say = plan.spec, log or (lambda line: None)
     say(f"loading the base models on {spec.device} ({spec.dtype})")
-    models = load_models(spec)
+    models = load_models(spec, plan.run_cfg)
     bank = grid_prompts(spec)
     side = spec.probe_resolution // 8
     probe = ProbeSet.encode([b.text for b in probe_bank(spec.prompt_file)], models.context, trigger=spec.trigger,
