@@ -260,6 +260,8 @@ def run_demo(out_dir: str | Path, steps: int = 300, seed: int = 0, overwrite: bo
         out_dir, paths, paths["dataset"], steps, seed, dataset_extra="validation_split = 0.25\n",
         training_extra=f"""save_every_n_steps = {every}
 eval_every_n_steps = {every}
+# 6 training images in batches of 4 are 2 steps an epoch: validate as often as the run saves, not every epoch
+validate_every_n_epochs = {max(1, every // 2)}
 eval_prompts = {toml_value(paths["eval_prompts"])}
 sample_prompts = {toml_value(paths["sample_prompts"])}
 metadata_trigger_phrase = "{DEMO_TRIGGER}"
