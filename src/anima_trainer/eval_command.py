@@ -118,27 +118,24 @@ def spec_from_args(args: argparse.Namespace):
         grid_steps=args.grid_steps, drift_threshold=args.drift_threshold, overwrite=args.overwrite)
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
-def _overall(metric) -> str:
-    return "-" if metric is None else _number(metric.overall)
-
-
 def result_table(results) -> list[str]:
     """One row per checkpoint: step, epoch, EMA, held-out loss (and the base's first), drift, response and leak
-    score at strength 1 ("-": not measured)."""
+    score at strength 1 ("—": not measured or undefined), 4 significant digits."""
+    from anima_trainer.evaluation.recommend import fmt, overall
+
+    def shown(metric) -> str:
+        return fmt(overall(metric), 4)
+
     head = ("checkpoint", "step", "epoch", "ema", "heldout", "drift", "response", "leak")
     rows = []
     if results.base_heldout is not None:
-        rows.append(("(base)", "", "", "", _number(results.base_heldout.overall), "0", "0", "-"))
+        rows.append(("(base)", "", "", "", shown(results.base_heldout), "0", "0", "—"))
     for c in results.checkpoints:
         at_one = c.at_strength(1.0)
         rows.append((c.label, "" if c.step is None else str(c.step), "" if c.epoch is None else str(c.epoch),
-                     "yes" if c.ema else "", _overall(c.heldout_loss),
-                     _overall(at_one and at_one.preservation_drift), _overall(at_one and at_one.trigger_response),
-                     _overall(at_one and at_one.leak_score)))
+                     "yes" if c.ema else "", shown(c.heldout_loss),
+                     shown(at_one and at_one.preservation_drift), shown(at_one and at_one.trigger_response),
+                     shown(at_one and at_one.leak_score)))
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                       enumerate(zip(row, widths, strict=True))).rstrip() for row in (head, *rows)]

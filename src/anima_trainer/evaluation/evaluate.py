@@ -55,7 +55,7 @@ from anima_trainer.evaluation.run_folder import (
     run_heldout,
 )
 from anima_trainer.fileio import check_writable
-from anima_trainer.models import load_dit, load_text_encoder, load_vae
+from anima_trainer.models.base_models import load_base_models
 from anima_trainer.models.attention_backend import configure_attention
 from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.models.layers import set_fused_qkv
@@ -340,14 +340,12 @@ def load_models(spec: EvalSpec, run_cfg: TrainConfig | None = None) -> EvalModel
     8 GB card hold it), the attention kernel; and the VAE its 2-D / chunked decoding.  Left out: gradient
     checkpointing (nothing runs backward) and torch.compile (every checkpoint's injection would recompile)."""
     device, dtype = torch.device(spec.device), PRECISION_DTYPES[spec.dtype]
-    swap = bool(run_cfg is not None and run_cfg.blocks_to_swap)
-    # with block swap the DiT stays on the CPU until setup_memory places what lives on the device
-    dit = load_dit(spec.dit, dtype=dtype, device="cpu" if swap else device, llm_adapter_path=spec.llm_adapter_path)
-    te = load_text_encoder(spec.qwen3, qwen3_tokenizer_path=spec.qwen3_tokenizer_path,
-                           t5_tokenizer_path=spec.t5_tokenizer_path, dtype=dtype, device=device)
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow (as in training)
-    vae_layout = {} if run_cfg is None else {"two_d": run_cfg.qwen_image_vae_2d, "chunk_rows": run_cfg.vae_chunk_size}
-    vae = load_vae(spec.vae, dtype=vae_dtype, device=device, **vae_layout)
+    layout = {} if run_cfg is None else {"blocks_to_swap": run_cfg.blocks_to_swap,
+                                         "vae_2d": run_cfg.qwen_image_vae_2d, "vae_chunk_rows": run_cfg.vae_chunk_size}
+    base = load_base_models(spec.dit, spec.qwen3, spec.vae, device=device, dtype=dtype,
+                            llm_adapter_path=spec.llm_adapter_path, qwen3_tokenizer_path=spec.qwen3_tokenizer_path,
+                            t5_tokenizer_path=spec.t5_tokenizer_path, **layout)
+    dit, te, vae = base.dit, base.text_encoder, base.vae
     if run_cfg is not None:
         set_fused_qkv(dit, run_cfg.fuse_qkv)
         memory = {**run_cfg.memory_options(), "gradient_checkpointing": False, "checkpoint_blocks": None,

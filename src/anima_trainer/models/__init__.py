@@ -1,6 +1,7 @@
 """What Anima is: the DiT with its LLM adapter, the Qwen3 text encoder with both tokenizers, and the VAE.
 
     attention_backend.py  which SDPA kernel the attention runs, measured once at start-up or named
+    base_models.py        the frozen DiT, text encoder and VAE loaded together (training and evaluation)
     block_runner.py       the loop over the DiT blocks that AnimaDiT holds as `runner`: gradient-checkpointing
                           depth and mode, block swap, activation offload (`setup_memory`)
     compile.py            torch.compile of the DiT blocks

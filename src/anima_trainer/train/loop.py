@@ -30,6 +30,7 @@ from anima_trainer.console import progress_disabled
 from anima_trainer.data.dataset import AnimaDataset, Batch
 from anima_trainer.data.loader import run_batches
 from anima_trainer.data.scan import write_dataset_report
+from anima_trainer.models.base_models import BaseModels
 from anima_trainer.models.compile import image_tokens
 from anima_trainer.networks.base import AdapterNetwork
 from anima_trainer.networks.merge import merge_base_weights
@@ -59,7 +60,6 @@ from anima_trainer.train.lock import RunLock
 from anima_trainer.train.measurements import Measurements, build_evaluation, evaluation_texts, paused_training
 from anima_trainer.train.model_setup import (
     WEIGHT_DTYPES,
-    Models,
     kohya_text_encoder_notice,
     load_models,
     module_counts,
@@ -196,7 +196,7 @@ class RunModels:
     the EMA of the network's weights (None unless ema_decay) and the preservation loss (None unless
     preservation_loss_weight)."""
 
-    base: Models
+    base: BaseModels
     network: AdapterNetwork
     conditioner: TextConditioner
     ema: NetworkEMA | None = None

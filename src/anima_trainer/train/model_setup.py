@@ -8,13 +8,12 @@ Split from train/loop.py so the loop reads top to bottom; bench/ uses `prepare_d
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.dtypes import PRECISION_DTYPES
-from anima_trainer.models import load_dit, load_text_encoder, load_vae
+from anima_trainer.models.base_models import BaseModels, load_base_models
 from anima_trainer.models.attention_backend import configure_attention
 from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.models.model_files import ModelFileError
@@ -31,25 +30,13 @@ log = logging.getLogger(__name__)
 WEIGHT_DTYPES = PRECISION_DTYPES  # mixed_precision → the frozen models' dtype ("no": fp32)
 
 
-@dataclass
-class Models:
-    """The frozen base: DiT (with the LoRA injected later), text encoder, VAE."""
-    dit: torch.nn.Module
-    text_encoder: object
-    vae: object
-
-
-def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
-    """Load the three parts with start-up validation (wrong files are named with their flag)."""
-    # with block swap the DiT stays on the CPU until setup_memory places the parts that live on the device
-    dit_device = "cpu" if cfg.blocks_to_swap else device
-    dit = load_dit(cfg.pretrained_model_name_or_path, dtype=dtype, device=dit_device,
-                   llm_adapter_path=cfg.llm_adapter_path)
-    te = load_text_encoder(cfg.qwen3, qwen3_tokenizer_path=cfg.qwen3_tokenizer_path,
-                           t5_tokenizer_path=cfg.t5_tokenizer_path, dtype=dtype, device=device)
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow; bf16/fp32 are safe
-    vae = load_vae(cfg.vae, dtype=vae_dtype, device=device, two_d=cfg.qwen_image_vae_2d, chunk_rows=cfg.vae_chunk_size)
-    return Models(dit, te, vae)
+def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> BaseModels:
+    """Load the three parts a run names (`models.base_models.load_base_models`, with its block swap and VAE
+    layout); wrong files are named with their flag."""
+    return load_base_models(cfg.pretrained_model_name_or_path, cfg.qwen3, cfg.vae, device=device, dtype=dtype,
+                            llm_adapter_path=cfg.llm_adapter_path, qwen3_tokenizer_path=cfg.qwen3_tokenizer_path,
+                            t5_tokenizer_path=cfg.t5_tokenizer_path, blocks_to_swap=cfg.blocks_to_swap,
+                            vae_2d=cfg.qwen_image_vae_2d, vae_chunk_rows=cfg.vae_chunk_size)
 
 
 def check_network_fp8(dit: torch.nn.Module, network: AdapterNetwork) -> None:
