@@ -4,13 +4,16 @@ Latents: one entry per unique image and bucket (`[16, 1, h, w]`, normalised, fp3
 bytes, its bucket/resize/crop, the VAE file fingerprint and dtype.  Text: one entry per distinct
 tokenization (Qwen3 states of the real tokens + T5 ids and weights), keyed by the token ids themselves,
 the Qwen3 fingerprint and dtype — so an edited caption or a different tokenizer misses the old entry.
-Interrupted runs resume: every finished entry is already on disk and is reused.
+Interrupted runs resume: every finished entry is already on disk and is reused.  Images are decoded in the
+data-loader worker processes (max_data_loader_n_workers) while the VAE encodes the batch before.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 
 from anima_trainer.cache.store import CacheStore, entry_key, file_sha256, store_for
 from anima_trainer.console import progress_disabled
+from anima_trainer.data.loader import chunk_batches
 
 log = logging.getLogger(__name__)
 TextRow = tuple[torch.Tensor, list[int], list[float]]  # Qwen states [n, 1024], T5 ids, T5 weights
@@ -71,13 +75,39 @@ def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor
     return F.interpolate(masks.float(), size=latent_hw, mode="area").unsqueeze(2)
 
 
+def _start_encode(vae, images: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start encoding `images` (CPU, [B, 3, H, W]); the returned call gives the latents on the host, fp32.  On CUDA
+    the upload, the encode and the copy back are only queued, so the host stores the previous batch and takes the
+    next one from the workers while the GPU works; elsewhere the encode runs at once.  The same latents either way:
+    the same ops on the same device."""
+    device = torch.device(vae.device)
+    if device.type != "cuda":
+        encoded = vae.encode(images).float().cpu()
+        return lambda: encoded
+    latents = vae.encode(images.pin_memory().to(device, non_blocking=True))
+    host = torch.empty(latents.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(latents, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def result() -> torch.Tensor:
+        done.synchronize()
+        return host
+    return result
+
+
 @torch.no_grad()
 def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_disk: bool, batch_size: int = 1,
-                  progress: bool = True, owned=None) -> tuple[LatentCache, CacheSummary]:
+                  progress: bool = True, owned=None, workers: int = 0) -> tuple[LatentCache, CacheSummary]:
     """Latents for every dataset item (both orientations with flip_aug; loss masks with alpha_mask or a
     conditioning_data_dir), encoded with the VAE's 2-D path unless qwen_image_vae_2d = false (models/vae.py), built
     only where missing.  `owned(index)`, when given, limits the pass to the items it accepts (one process's
-    share of a cache built by several: train/distributed.py `Distributed.build_cache`)."""
+    share of a cache built by several: train/distributed.py `Distributed.build_cache`).
+
+    `batch_size` images per VAE call (vae_batch_size; the VAE still splits them into its own micro-batches),
+    one bucket and orientation per batch.  `workers` processes (max_data_loader_n_workers; 0 = this process)
+    decode, resize and crop the next batches while the VAE encodes this one (data/loader.py `chunk_batches`);
+    the entries are the same whatever the worker count."""
     summary = CacheSummary()
     cache = LatentCache()
     todo: dict[tuple, list[tuple[int, bool, str]]] = defaultdict(list)
@@ -98,25 +128,40 @@ def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_
                     summary.reused += 1
                     continue
             todo[(item.bucket, flip)].append((index, flip, key))
-    total = sum(len(v) for v in todo.values())
+    chunks = [entries[start: start + batch_size] for entries in todo.values()
+              for start in range(0, len(entries), batch_size)]
+    total = sum(len(chunk) for chunk in chunks)
+
+    def store(chunk: list[tuple[int, bool, str]], masks: torch.Tensor | None, latents: torch.Tensor) -> None:
+        masks = None if masks is None else latent_mask(masks, latents.shape[-2:])
+        for k, (index, flip, key) in enumerate(chunk):
+            entry = {"latent": latents[k].clone()}
+            if masks is not None and (dataset.subset_params(index).alpha_mask
+                                      or dataset.items[index].mask_path is not None):
+                entry["mask"] = masks[k].clone()
+            cache[(index, flip)] = entry
+            if to_disk:
+                store_for(dataset.items[index].path).put(key, entry, source=str(dataset.items[index].path))
+            summary.built += 1
+        bar.update(len(chunk))
+
+    loads = [([index for index, _, _ in chunk], [flip for _, flip, _ in chunk]) for chunk in chunks]
     with tqdm(total=total, desc="caching latents", unit="img",
-              disable=progress_disabled(not progress or not total)) as bar:
-        for (_, flip), entries in todo.items():
-            for start in range(0, len(entries), batch_size):
-                chunk = entries[start: start + batch_size]
-                batch = dataset.load_batch([i for i, _, _ in chunk], flips=[flip] * len(chunk))
-                encoded = vae.encode(batch.images).float().cpu()
-                masks = None if batch.masks is None else latent_mask(batch.masks, encoded.shape[-2:])
-                for k, (index, _, key) in enumerate(chunk):
-                    entry = {"latent": encoded[k].clone()}
-                    if masks is not None and (dataset.subset_params(index).alpha_mask
-                                              or dataset.items[index].mask_path is not None):
-                        entry["mask"] = masks[k].clone()
-                    cache[(index, flip)] = entry
-                    if to_disk:
-                        store_for(dataset.items[index].path).put(key, entry, source=str(dataset.items[index].path))
-                    summary.built += 1
-                bar.update(len(chunk))
+              disable=progress_disabled(not progress or not total)) as bar, \
+            closing(chunk_batches(dataset, loads, workers)) as batches:
+        # on CUDA one batch stays in flight: stored after the next one is queued; elsewhere stored at once
+        depth = 1 if torch.device(vae.device).type == "cuda" else 0
+        in_flight: deque = deque()
+
+        def drain(keep: int) -> None:
+            while len(in_flight) > keep:
+                done, masks, result = in_flight.popleft()
+                store(done, masks, result())
+
+        for chunk, batch in zip(chunks, batches, strict=True):
+            in_flight.append((chunk, batch.masks, _start_encode(vae, batch.images)))
+            drain(depth)
+        drain(0)
     return cache, summary
 
 

@@ -1,4 +1,5 @@
-"""Image batches decoded in worker processes for a whole run (kohya's `max_data_loader_n_workers`).
+"""Image batches decoded in worker processes (kohya's `max_data_loader_n_workers`): for a whole run
+(`run_batches`), and for the latent cache (`chunk_batches`), so the VAE encodes while the next images decode.
 
 Batch g of the run is batch g mod n of epoch g div n (n = batches per epoch, the same every epoch).  Each
 worker recomputes an epoch's plan, captions, flips and crops itself — they are deterministic in
@@ -12,7 +13,7 @@ line naming it, in the training process, whatever the worker count (docs/trouble
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -83,3 +84,42 @@ def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = 
     loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, persistent_workers=True,
                         prefetch_factor=2)
     return _reraise_failures(iter(loader))
+
+
+class ChunkBatches(torch.utils.data.Dataset):
+    """Map-style view of fixed batches, each (item indices, flips), loaded without an epoch (centre crop, no
+    jitter): exactly `dataset.load_batch(indices, flips=flips)`, the pixels a latent cache encodes."""
+
+    def __init__(self, dataset, chunks: Sequence[tuple[list[int], list[bool]]]) -> None:
+        self.dataset, self.chunks = dataset, list(chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int):
+        indices, flips = self.chunks[k]
+        try:
+            return self.dataset.load_batch(indices, flips=flips)
+        except ImageReadError as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return _Failed(str(e))
+
+
+def chunk_batches(dataset, chunks: Sequence[tuple[list[int], list[bool]]], workers: int) -> Iterator:
+    """The batches of `chunks` in order, decoded `workers` processes ahead (0 = in this process, one at a time).
+
+    A generator: closing it (`contextlib.closing`, or its end) stops the worker processes at once, also when
+    the consumer raised (an encoder error, Ctrl-C), so a failed cache build leaves no process behind."""
+    source = ChunkBatches(dataset, chunks)
+    workers = min(workers, os.cpu_count() or 1, len(source))
+    if workers <= 0:
+        for k in range(len(source)):
+            yield source[k]
+        return
+    batches = iter(DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2))
+    try:
+        yield from _reraise_failures(batches)
+    finally:
+        # what the iterator's __del__ would do, but now rather than whenever the last reference goes
+        batches._shutdown_workers()

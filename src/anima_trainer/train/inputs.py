@@ -133,7 +133,8 @@ def prepare_caches(cfg: TrainConfig, dataset, models, conditioner: TextCondition
         to_disk = force_disk or cfg.cache_latents_to_disk
         caches.latents, summary = dist.build_cache(lambda owned: cache_latents(
             dataset, models.vae, vae_fingerprint=model_fingerprint(cfg.vae), dtype=vae_dtype, to_disk=to_disk,
-            batch_size=cfg.vae_batch_size, progress=dist.is_main, owned=owned), to_disk=to_disk)
+            batch_size=cfg.vae_batch_size, progress=dist.is_main, owned=owned,
+            workers=cfg.max_data_loader_n_workers), to_disk=to_disk)
         log.info("latent cache: %s", summary)
     if force_disk or cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
         to_disk = force_disk or cfg.cache_text_encoder_outputs_to_disk
