@@ -75,12 +75,17 @@ def latent_mask(masks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor
     return F.interpolate(masks.float(), size=latent_hw, mode="area").unsqueeze(2)
 
 
+def _device_of(vae) -> torch.device:
+    """Where the VAE runs (`AnimaVAE.device`); an encoder without one (a test's stand-in) runs on the host."""
+    return torch.device(getattr(vae, "device", "cpu"))
+
+
 def _start_encode(vae, images: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Start encoding `images` (CPU, [B, 3, H, W]); the returned call gives the latents on the host, fp32.  On CUDA
     the upload, the encode and the copy back are only queued, so the host stores the previous batch and takes the
     next one from the workers while the GPU works; elsewhere the encode runs at once.  The same latents either way:
     the same ops on the same device."""
-    device = torch.device(vae.device)
+    device = _device_of(vae)
     if device.type != "cuda":
         encoded = vae.encode(images).float().cpu()
         return lambda: encoded
@@ -150,7 +155,7 @@ def cache_latents(dataset, vae, *, vae_fingerprint: str, dtype: torch.dtype, to_
               disable=progress_disabled(not progress or not total)) as bar, \
             closing(chunk_batches(dataset, loads, workers)) as batches:
         # on CUDA one batch stays in flight: stored after the next one is queued; elsewhere stored at once
-        depth = 1 if torch.device(vae.device).type == "cuda" else 0
+        depth = 1 if _device_of(vae).type == "cuda" else 0
         in_flight: deque = deque()
 
         def drain(keep: int) -> None:
