@@ -31,6 +31,17 @@ class _Failed:
         self.message = message
 
 
+def _carried(load: Callable[[], object]) -> object:
+    """`load()`; an ImageReadError (e.g. an image deleted during the run) raised in a worker comes back as a
+    `_Failed` value, re-raised with its one line by `_reraise_failures`; in this process it is raised as is."""
+    try:
+        return load()
+    except ImageReadError as e:
+        if torch.utils.data.get_worker_info() is None:
+            raise
+        return _Failed(str(e))
+
+
 def _reraise_failures(batches: Iterator) -> Iterator:
     for batch in batches:
         if isinstance(batch, _Failed):
@@ -64,13 +75,8 @@ class RunBatches(torch.utils.data.Dataset):
         epoch, j = divmod(g + self.start, self.per_epoch)
         k = self.shard[j]
         plan, captions, flips, occurrences = self._arguments(epoch)
-        try:
-            return self.dataset.load_batch(plan[k], epoch=epoch, captions=captions[k], flips=flips[k],
-                                           occurrences=occurrences[k])
-        except ImageReadError as e:  # e.g. an image deleted during the run: stop with its one line
-            if torch.utils.data.get_worker_info() is None:
-                raise
-            return _Failed(str(e))
+        return _carried(lambda: self.dataset.load_batch(plan[k], epoch=epoch, captions=captions[k], flips=flips[k],
+                                                        occurrences=occurrences[k]))
 
 
 def run_batches(dataset, epochs: int, workers: int, captions: Captions | None = None, start: int = 0,
@@ -98,12 +104,7 @@ class ChunkBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         indices, flips = self.chunks[k]
-        try:
-            return self.dataset.load_batch(indices, flips=flips)
-        except ImageReadError as e:
-            if torch.utils.data.get_worker_info() is None:
-                raise
-            return _Failed(str(e))
+        return _carried(lambda: self.dataset.load_batch(indices, flips=flips))
 
 
 def chunk_batches(dataset, chunks: Sequence[tuple[list[int], list[bool]]], workers: int) -> Iterator:
