@@ -83,8 +83,8 @@ def _device_of(vae) -> torch.device:
 def _start_encode(vae, images: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Start encoding `images` (CPU, [B, 3, H, W]); the returned call gives the latents on the host, fp32.  On CUDA
     the upload, the encode and the copy back are only queued, so the host stores the previous batch and takes the
-    next one from the workers while the GPU works; elsewhere the encode runs at once.  The same latents either way:
-    the same ops on the same device."""
+    next one from the workers while the GPU works (the latents' normalisation, an IEEE subtraction and division,
+    then runs there instead of on the host: the same bits); elsewhere the encode runs at once, as it always did."""
     device = _device_of(vae)
     if device.type != "cuda":
         encoded = vae.encode(images).float().cpu()
@@ -92,8 +92,9 @@ def _start_encode(vae, images: torch.Tensor) -> Callable[[], torch.Tensor]:
     latents = vae.encode(images.pin_memory().to(device, non_blocking=True))
     host = torch.empty(latents.shape, dtype=torch.float32, pin_memory=True)
     host.copy_(latents, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
+    with torch.cuda.device(device):  # the VAE's card, also where it is not the current one
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
 
     def result() -> torch.Tensor:
         done.synchronize()
