@@ -12,6 +12,7 @@ regression that quantises more (e.g. the backward, or per-tensor activations) or
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -271,3 +272,19 @@ def test_prepare_dit_converts_on_the_cpu_with_a_notice_and_refuses_mps(caplog):
         enable_fp8_compute_for_run(cfg, dit, torch.device("cpu"))
     assert sum(isinstance(m, Fp8ComputeLinear) for m in dit.modules()) == 40
     assert "fp8_compute on the CPU" in caplog.text and "no faster than bf16" in caplog.text
+
+
+def test_the_training_loop_runs_with_fp8_compute(tmp_path):
+    """End to end on the demo's tiny models: prepare_dit converts the blocks, the LoRA trains and is saved."""
+    from anima_trainer.config import parse_train_args
+    from anima_trainer.demo import write_demo_configs, write_demo_models, write_shapes_dataset
+    from anima_trainer.train.loop import run_training
+
+    models = write_demo_models(tmp_path / "models", seed=3)
+    toml = write_demo_configs(tmp_path / "run", models, write_shapes_dataset(tmp_path / "images", count=4, seed=3),
+                              3, seed=5)
+    run = run_training(parse_train_args(["--config_file", str(toml), "--fp8_compute"]))
+    converted = [n for n, m in run.dit.named_modules() if isinstance(m, Fp8ComputeLinear)]
+    assert converted and set(converted) == set(fp8_targets(run.dit))
+    assert len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses)
+    assert run.final_path.is_file()
