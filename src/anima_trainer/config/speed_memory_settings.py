@@ -1,6 +1,7 @@
 """Speed and memory options of `TrainConfig`: gradient checkpointing and its levers, block swap, fp8 storage
-(models/block_runner.py, models/fp8.py) and the speed levers (attention kernel, fused q/k/v, per-block compile);
-each gives the same result within a stated tolerance (docs/performance.md)."""
+(models/block_runner.py, models/fp8.py) and the speed levers (attention kernel, fused q/k/v, per-block compile;
+fp8 compute, models/fp8_compute.py, whose error is measured, not zero); each gives the same result within a
+stated tolerance (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class SpeedMemorySettings(BaseModel):
     fp8_base: bool = Field(False, description="store the DiT blocks' attention/MLP weights in fp8 with a per-tensor "
                                              "scale (half their memory)")
     fp8_format: Literal["e4m3fn", "e5m2"] = Field("e4m3fn", description="fp8 storage format of fp8_base")
+    fp8_compute: bool = Field(False, description="run the forward GEMMs of the DiT blocks' attention/MLP Linears in "
+        "fp8 (e4m3fn, torch._scaled_mm; CUDA sm89+): inputs quantised per token, weights stored in fp8 (fp8_base's "
+        "when on); LoRA branch and backward stay bf16. Off by default: it becomes the default only if a GPU "
+        "measurement shows it faster with its error within the bf16-vs-fp32 error (docs/performance.md)")
     max_data_loader_n_workers: int = Field(8, ge=0, description="image-decoding worker processes (0 = in the training "
         "process)")
     # speed levers (docs/performance.md); each is exact within a stated tolerance
@@ -57,7 +62,8 @@ class SpeedMemorySettings(BaseModel):
         return check_compile_mode(v) if isinstance(v, str) else v  # explains the CUDA-graph modes
 
     def _check_memory_options(self) -> None:
-        """Options that only act together with another one; fp8 storage and DoRA (models/fp8.py)."""
+        """Options that only act together with another one; fp8 storage/compute and DoRA (models/fp8.py,
+        models/fp8_compute.py)."""
         if not self.gradient_checkpointing:
             needs = ["cpu_offload_checkpointing"] if self.cpu_offload_checkpointing else []
             needs += ["checkpoint_blocks"] if self.checkpoint_blocks is not None else []
@@ -71,9 +77,13 @@ class SpeedMemorySettings(BaseModel):
                              "backward); use checkpoint_mode = \"full\" with compile_blocks (faster anyway: "
                              "bench/README.md), or turn compile_blocks off")
         dora = str(self.network_args.get("dora_wd", "false")).strip().lower() in ("true", "1", "yes", "on")
-        if self.fp8_base and dora:
-            raise ValueError("fp8_base: DoRA (network_args dora_wd) needs the full-precision base weights; turn one "
-                             "of them off")
+        for fp8 in ("fp8_base", "fp8_compute"):
+            if getattr(self, fp8) and dora:
+                raise ValueError(f"{fp8}: DoRA (network_args dora_wd) needs the full-precision base weights; turn "
+                                 "one of them off")
+        if self.fp8_compute and self.fp8_base and self.fp8_format != "e4m3fn":
+            raise ValueError(f"fp8_compute: its GEMM takes e4m3fn weights, and fp8_base stores fp8_format = "
+                             f"\"{self.fp8_format}\"; set fp8_format = \"e4m3fn\" (or turn fp8_compute off)")
 
     def memory_options(self) -> dict[str, Any]:
         """Keyword arguments of models.block_runner.setup_memory / train.memory_estimate.estimate_training_memory."""

@@ -10,6 +10,7 @@
     flow_maths.py         rectified flow: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, the flow loss (training and
                           evaluation share it)
     fp8.py                float8 storage of frozen weights (per-tensor scaled), computed in the compute dtype
+    fp8_compute.py        the frozen blocks' forward GEMMs in float8 (`fp8_compute`, torch._scaled_mm)
     layers.py             RMSNorm, rotary embedding, q/k-normed attention shared by the DiT and the LLM adapter
     llm_adapter.py        the LLM adapter (Qwen3 states → T5-token context of the DiT)
     model_files.py        reading model files: kinds, DiT config from shapes, quantised storage, state dicts

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP8_FORMATS", "Fp8Linear", "dequantize_fp8", "fp8_targets", "has_fp8", "quantize_fp8",
-           "quantize_linear_", "refuse_fp8"]
+__all__ = ["FP8_FORMATS", "Fp8Linear", "dequantize_fp8", "dequantize_weight", "fp8_targets", "has_fp8",
+           "quantize_fp8", "quantize_linear_", "refuse_fp8"]
 
 FP8_FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # Which block Linears are stored in fp8: attention (q/k/v/output_proj) and MLP, 91 % of a block's weights.
@@ -24,7 +24,8 @@ FP8_FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_SKIP = ("adaln_modulation",)
 
 
-def _dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight · scale in `dtype` (a per-tensor or a per-output-channel [out, 1] scale; models/fp8_compute.py)."""
     return weight.to(dtype).mul_(scale)  # in-place on the fresh cast; the fp32 scale multiplies in fp32
 
 
@@ -34,14 +35,14 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, scale)
-        return F.linear(x, _dequantize(weight, scale, x.dtype))
+        return F.linear(x, dequantize_weight(weight, scale, x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
         weight, scale = ctx.saved_tensors
-        return grad.matmul(_dequantize(weight, scale, grad.dtype)), None, None
+        return grad.matmul(dequantize_weight(weight, scale, grad.dtype)), None, None
 
 
 class Fp8Linear(nn.Linear):
@@ -58,7 +59,7 @@ class Fp8Linear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _dequantize(self.weight, self.weight_scale, dtype or self.compute_dtype)
+        return dequantize_weight(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fp8={self.weight.dtype}, scale={float(self.weight_scale):.3e}"

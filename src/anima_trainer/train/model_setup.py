@@ -19,6 +19,7 @@ from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.models.model_files import ModelFileError
 from anima_trainer.models.compile import compile_dit_blocks
 from anima_trainer.models.fp8 import Fp8Linear, has_fp8
+from anima_trainer.models.fp8_compute import check_fp8_compute_device, enable_fp8_compute
 from anima_trainer.models.layers import set_fused_qkv
 from anima_trainer.networks import AdapterNetwork, NetworkError, create_network, create_network_from_weights
 from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
@@ -52,11 +53,13 @@ def check_network_fp8(dit: torch.nn.Module, network: AdapterNetwork) -> None:
 
 def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype, *, tokens: set[int],
                 batch: int, extra_shapes: int = 0, text_encoder: torch.nn.Module | None = None):
-    """Speed and memory levers, then the network, in the only order that works: fused q/k/v packing →
+    """Speed and memory levers, then the network, in the only order that works: fused q/k/v packing → fp8 compute →
     memory options (fp8 storage, block swap, checkpointing) → network injection → attention kernel choice →
     torch.compile of the blocks (last: it traces the injected forward patches).  Returns (network, attention kernel).
     `text_encoder`: the Qwen3Model, which gets adapter modules too when the config trains it (kohya's default)."""
     set_fused_qkv(dit, cfg.fuse_qkv)
+    if cfg.fp8_compute:
+        enable_fp8_compute_for_run(cfg, dit, device)
     try:
         setup_memory(dit, device=device, **cfg.memory_options())
     except ValueError as e:
@@ -76,6 +79,20 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
                            cache_size_limit=cfg.compile_cache_size_limit,
                            max_shapes=2 * len(tokens) + extra_shapes)
     return network, kernel
+
+
+def enable_fp8_compute_for_run(cfg: TrainConfig, dit, device: torch.device) -> None:
+    """fp8_compute (models/fp8_compute.py): refused on devices without fp8 GEMMs, converted before fp8 storage and
+    block swap (fp8_base's weights reused).  The CPU is allowed: torch runs the same fp8 kernel there, so a CPU
+    run shows fp8's numerics exactly (tests, error measurements), only not faster."""
+    try:
+        check_fp8_compute_device(device)
+        enable_fp8_compute(dit, fp8_base=cfg.fp8_base, work_device=device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if device.type == "cpu":
+        log.warning("notice: fp8_compute on the CPU runs the fp8 GEMMs with a GPU's numerics but no faster than "
+                    "bf16; it pays on CUDA sm89+ only")
 
 
 def check_network_options(cfg: TrainConfig) -> None:
