@@ -63,7 +63,8 @@ def expected_step_ms(dit_config: Any, *, tokens: int, batch: int, compiled: bool
         dit_config, REFERENCE_TOKENS, 1)
     n_ckpt = (nb if checkpoint_blocks is None else min(checkpoint_blocks, nb)) if gradient_checkpointing else 0
     compute *= 1 + (FULL_CHECKPOINT_FACTOR[compiled] - 1) * n_ckpt / nb
-    offload = OFFLOAD_MS_PER_REFERENCE * tokens * batch / REFERENCE_TOKENS if cpu_offload_checkpointing and n_ckpt else 0
+    offload = (OFFLOAD_MS_PER_REFERENCE * tokens * batch / REFERENCE_TOKENS
+               if cpu_offload_checkpointing and n_ckpt else 0.0)
     per_block = compute / nb
     copies_ms = 2 * block_bytes / (SWAP_GBPS * 1e9) * 1000
     swap = blocks_to_swap * max(0.0, copies_ms - per_block)
