@@ -426,6 +426,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + ", then the peers' shapes (PEERS), for --config in one process (--resolution/--batch/"
                           "--grad_ckpt ignored), CUDA OOMs recorded, and print a markdown table at the end")
     p.add_argument("--peers", action="store_true", help="run the peers' shapes (PEERS; --table includes them)")
+    p.add_argument("--cases", type=parse_groups, default=[], metavar="GROUPS",
+                   help="comma list of case groups to run, in the order table, peers, levers (e.g. --cases table: "
+                        "the standard table without the peers)")
     p.add_argument("--levers", action="store_true", help="also run the lever cases (LEVERS) after the table")
     p.add_argument("--set", dest="settings", action="append", type=parse_setting, default=[], metavar="KEY=VALUE",
                    help="set a TrainConfig field (or network_args.NAME) in every case; repeatable")
@@ -437,6 +440,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rank < 1:
         p.error("need --steps >= 1, --warmup >= 0, --batch >= 1, --rank >= 1")
     return args
+
+
+CASE_GROUPS = ("table", "peers", "levers")
+
+
+def case_groups(args: argparse.Namespace) -> set[str]:
+    """The case groups to run: --cases, plus --table (table and peers), --peers, --levers."""
+    groups = set(args.cases)
+    groups |= {"table", "peers"} if args.table else set()
+    groups |= {"peers"} if args.peers else set()
+    groups |= {"levers"} if args.levers else set()
+    return groups
+
+
+def parse_groups(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in CASE_GROUPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--cases {text!r}: unknown {unknown}; choose from {', '.join(CASE_GROUPS)}")
+    return names
 
 
 def to_size(resolution: int | str | tuple[int, int]) -> tuple[int, int]:
@@ -463,15 +486,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # the preservation term: a TrainConfig option (DiT-only training, which it needs) in the case's levers
     dop = {"preservation_loss_weight": args.preservation_loss_weight,
            "network_train_unet_only": True} if args.preservation_loss_weight > 0 else {}
-    cases = [(r, b, g, dict(dop)) for r, b, g in TABLE] if args.table else []
-    if args.table or args.peers:
+    groups = case_groups(args)
+    cases = [(r, b, g, dict(dop)) for r, b, g in TABLE] if "table" in groups else []
+    if "peers" in groups:
         cases += [(r, b, g, {**dop, **lv}) for r, b, g, lv in PEERS]
     if not cases:
         cases = [(args.resolution, args.batch, args.grad_ckpt, dict(dop))]
-    if args.levers:
+    if "levers" in groups:
         cases += LEVERS
     cases = unique_cases([(r, b, g, apply_settings(lv, args.settings)) for r, b, g, lv in cases])
-    several = args.table or args.peers or args.levers
+    several = bool(groups)
     rows = []
     for resolution, batch, grad_ckpt, levers in cases:
         print(f"[train_step] {args.config} {resolution_label(*to_size(resolution))}px batch {batch} grad_ckpt "

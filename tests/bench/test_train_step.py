@@ -112,6 +112,11 @@ def test_peers_shapes_run_in_the_table_once_each_with_lokr_and_non_square_images
     table = capsys.readouterr().out
     assert "| tiny 128px b2 ckpt on lokr r4 factor=8,full_matrix=true fp32 [eager, attn " in table
     assert "| tiny 96x160px b1 ckpt off r4 fp32 [eager, attn " in table
+    only_table = train_step.main([*SMOKE[:2], "--rank", "4", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                                  "--cases", "table"])
+    assert [(r["resolution"], r["batch"]) for r in only_table] == [(128, 1)]
+    with pytest.raises(SystemExit):
+        train_step.main([*SMOKE, "--cases", "table,nonsense"])
 
 
 def test_levers_on_are_read_from_the_prepared_dit_and_set_changes_any_field(train_step):
