@@ -23,6 +23,7 @@ import torch
 from anima_trainer.models.llm_adapter import CONTEXT_ROWS
 from anima_trainer.models.model_files import DitConfig
 from anima_trainer.models.dit import AnimaDiT
+from anima_trainer.train.step_time import forward_flops  # the FLOP count, shared with the planner
 
 CONFIGS = {
     "2b": DitConfig(has_llm_adapter=False),
@@ -31,18 +32,6 @@ CONFIGS = {
                       has_llm_adapter=False),  # the fixture's tiny DiT
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
-
-
-def forward_flops(c: DitConfig, tokens: int, context_rows: int = CONTEXT_ROWS) -> dict[str, float]:
-    """Forward FLOPs of one sample, split into linear and attention parts (anima_arch.md §9)."""
-    d = c.model_channels
-    per_token = 4 * d * d + 2 * d * d + 2 * d * c.mlp_dim  # self q,k,v,o + cross q,o + MLP (MACs)
-    per_block_linear = 2 * tokens * per_token + 2 * context_rows * 2 * d * c.crossattn_dim  # + cross k,v
-    patch_in = (c.in_channels + 1) * c.patch_spatial ** 2
-    patch_out = c.out_channels * c.patch_spatial ** 2
-    linear = c.num_blocks * per_block_linear + 2 * tokens * d * (patch_in + patch_out)
-    attention = c.num_blocks * (4 * tokens * tokens * d + 4 * tokens * context_rows * d)
-    return {"linear": float(linear), "attention": float(attention)}
 
 
 def peak_tflops(device: torch.device) -> float | None:

@@ -48,6 +48,7 @@ def test_one_case_on_cpu_writes_a_complete_row(train_step, tmp_path, capsys):
 def test_table_records_oom_and_goes_on(train_step, monkeypatch, capsys):
     """--table runs every case in one process; an out-of-memory case becomes {"oom": true} and the rest run."""
     monkeypatch.setattr(train_step, "TABLE", [(128, 1, False), (128, 2, True)])
+    monkeypatch.setattr(train_step, "PEERS", [])
     real = train_step.run_config
 
     def run_config(args, device, dtype_name, resolution, batch, grad_ckpt, levers=None):
@@ -65,6 +66,7 @@ def test_table_records_oom_and_goes_on(train_step, monkeypatch, capsys):
 
 def test_a_failing_lever_is_a_result_not_the_end(train_step, monkeypatch):
     monkeypatch.setattr(train_step, "TABLE", [(128, 1, False)])
+    monkeypatch.setattr(train_step, "PEERS", [])
     monkeypatch.setattr(train_step, "LEVERS", [(128, 1, False, {"blocks_to_swap": 99})])  # more than 10 blocks
     rows = train_step.main([*SMOKE[:2], "--steps", "1", "--warmup", "0", "--device", "cpu", "--table", "--levers"])
     assert rows[0]["oom"] is False and "failed" not in rows[0]
@@ -81,3 +83,60 @@ def test_preservation_flag_runs_the_step_with_the_preservation_term(train_step):
     assert dop["loss_last"] != plain["loss_last"]
     with pytest.raises(SystemExit):
         train_step.main([*SMOKE, "--preservation_loss_weight", "-1"])
+
+
+# ------------------------------------------------------------------------------------- issue 18: peers --
+def test_peers_shapes_run_in_the_table_once_each_with_lokr_and_non_square_images(train_step, monkeypatch, capsys):
+    """--table = TABLE then PEERS (a shape already in the table runs once): LoKr factor 8 full-matrix and
+    decomposed, LoRA on a square and a portrait image; at tiny size (rank 4: below the tiny width's
+    decomposition threshold of 16, so "decomposed" really is)."""
+    lokr = train_step.LOKR_F8
+    assert train_step.PEERS[0][3] == {"network_module": "lokr", "network_args": {"factor": "8", "full_matrix": "true"}}
+    assert train_step.PEERS[1][3] == lokr and train_step.PEERS[3][0] == (832, 1216)
+    monkeypatch.setattr(train_step, "TABLE", [(128, 1, False)])
+    monkeypatch.setattr(train_step, "PEERS", [
+        (128, 2, True, {**lokr, "network_args": {"factor": "8", "full_matrix": "true"}}), (128, 2, True, lokr),
+        (128, 1, False, {}), ((96, 160), 1, False, {})])
+    rows = train_step.main([*SMOKE[:2], "--rank", "4", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                            "--table"])
+    assert [(r["resolution"], r["batch"], r["network_module"]) for r in rows] == [
+        (128, 1, "lora"), (128, 2, "lokr"), (128, 2, "lokr"), ("96x160", 1, "lora")]
+    full, decomposed, portrait = rows[1], rows[2], rows[3]
+    assert all(r["oom"] is False and "failed" not in r and r["loss_finite"] for r in rows)
+    assert full["network_args"] == {"factor": "8", "full_matrix": "true"}
+    assert decomposed["network_args"] == {"factor": "8"}
+    assert decomposed["lora_params"] < full["lora_params"]  # w2 = rank-4 product instead of a full 32×32
+    assert (portrait["image_width"], portrait["image_height"], portrait["tokens"]) == (96, 160, 6 * 10)
+    from anima_trainer.train.step_time import lora_step_flops
+    assert portrait["tflop_per_step"] == round(lora_step_flops(train_step.CONFIGS["tiny"], 60, 1) / 1e12, 4)
+    table = capsys.readouterr().out
+    assert "| tiny 128px b2 ckpt on lokr r4 factor=8,full_matrix=true fp32 [eager, attn " in table
+    assert "| tiny 96x160px b1 ckpt off r4 fp32 [eager, attn " in table
+    only_table = train_step.main([*SMOKE[:2], "--rank", "4", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                                  "--cases", "table"])
+    assert [(r["resolution"], r["batch"]) for r in only_table] == [(128, 1)]
+    with pytest.raises(SystemExit):
+        train_step.main([*SMOKE, "--cases", "table,nonsense"])
+
+
+def test_levers_on_are_read_from_the_prepared_dit_and_set_changes_any_field(train_step):
+    """Each row says which levers ran (compiled or not, attention kernel, fused q/k/v layers), read from the DiT
+    after the loop's setup; --set changes a TrainConfig field or one network argument in every case."""
+    plain = train_step.main(SMOKE)[0]
+    assert plain["levers_on"]["compiled"] is False  # CPU: eager by default
+    assert plain["levers_on"]["fused_qkv"] == plain["levers_on"]["self_attention_layers"] == 10
+    assert plain["levers_on"]["attention_kernel"] == plain["attention_kernel"]
+    assert plain["speed_settings"]["fuse_qkv"] is True and "max_data_loader_n_workers" not in plain["speed_settings"]
+    row = train_step.main([*SMOKE, "--set", "fuse_qkv=false", "--set", "compile_blocks=true",
+                           "--set", "compile_backend=eager", "--set", "network_module=lokr",
+                           "--set", "network_args.factor=4", "--set", "network_args.full_matrix=true"])[0]
+    assert row["levers"] == {"fuse_qkv": False, "compile_blocks": True, "compile_backend": "eager",
+                             "network_module": "lokr", "network_args": {"factor": "4", "full_matrix": "true"}}
+    assert row["levers_on"]["compiled"] is True and row["levers_on"]["fused_qkv"] == 0
+    assert row["speed_settings"]["compile_backend"] == "eager" and row["network_module"] == "lokr"
+    assert row["loss_finite"] and row["lora_params"] != plain["lora_params"]
+    for bad in ("nonsense=1", "fuse_qkv", "optimizer_args.x=1"):
+        with pytest.raises(SystemExit):
+            train_step.main([*SMOKE, "--set", bad])
+    assert train_step.parse_setting("attention_backend=auto") == ("attention_backend", "auto")
+    assert train_step.parse_resolution("832x1216") == (832, 1216) and train_step.parse_resolution("64") == (64, 64)

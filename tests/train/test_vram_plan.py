@@ -76,3 +76,84 @@ def test_a_run_with_a_budget_prints_its_plan_and_trains(setup, tmp_path, caplog)
     with caplog.at_level(logging.INFO):
         run = run_training(parse_train_args(["--config_file", str(toml), "--vram_budget_gb", "3.5"]))
     assert run.steps == 2 and "vram_budget_gb 3.5: estimated peak" in caplog.text
+
+
+# ------------------------------------------------------------------------- expected step time (issue 18) --
+CACHED = {"cache_latents": True, "cache_text_encoder_outputs": True}
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_expected_step_times_grow_with_frugality_and_match_the_h200_anchors(compiled):
+    """Every candidate down to the most frugal (a 3.3 GiB budget tries them all): times never fall along the
+    order; the anchors are the H200 measurements the model is calibrated on."""
+    plan = plan_memory(make_train_config({**REQUIRED, **CACHED}), DitConfig(has_llm_adapter=False),
+                       resolution=(1024, 1024), batch=1, budget_gib=3.3, llm_adapter_trained=False, compiled=compiled)
+    assert len(plan.step_ms) == len(plan.table) == len(candidates(28, False)) - 1  # swap of 26 not needed
+    assert all(a <= b for a, b in zip(plan.step_ms, plan.step_ms[1:])), plan.step_ms
+    times = dict(zip((n for n, _ in plan.table), plan.step_ms))
+    assert times["no checkpointing"] == pytest.approx(115.9 if compiled else 184.4)
+    assert times["checkpointing of all blocks"] == pytest.approx(164.8 if compiled else 318.6)
+    assert times["all blocks + offloaded block inputs"] == pytest.approx((164.8 if compiled else 318.6) + 193.0)
+    assert times["checkpointing of 4 blocks"] < times["checkpointing of 24 blocks"]
+    assert plan.expected_ms == plan.step_ms[-1] and plan.compiled is compiled
+
+
+def test_expected_step_time_scales_with_the_step_flops():
+    from anima_trainer.train.step_time import expected_step_ms, lora_step_flops
+
+    c, block = DitConfig(has_llm_adapter=False), 140e6
+    one = expected_step_ms(c, tokens=4096, batch=1, compiled=True, block_bytes=block)
+    four = expected_step_ms(c, tokens=4096, batch=4, compiled=True, block_bytes=block)
+    assert four == pytest.approx(4 * one)
+    portrait = expected_step_ms(c, tokens=(832 // 16) * (1216 // 16), batch=1, compiled=True, block_bytes=block)
+    assert portrait < one and portrait == pytest.approx(one * lora_step_flops(c, 3952, 1) / lora_step_flops(c, 4096, 1))
+    # block swap costs nothing while a block's copies hide behind its compute, and grows once they do not
+    eager_ckpt = {"compiled": False, "gradient_checkpointing": True, "block_bytes": block}
+    assert expected_step_ms(c, tokens=4096, batch=1, blocks_to_swap=26, **eager_ckpt) == pytest.approx(
+        expected_step_ms(c, tokens=4096, batch=1, **eager_ckpt))
+    small = expected_step_ms(c, tokens=1024, batch=1, compiled=True, block_bytes=block)
+    assert expected_step_ms(c, tokens=1024, batch=1, compiled=True, block_bytes=block, blocks_to_swap=8) > small
+
+
+def test_the_printed_plan_gives_the_expected_time_as_an_h200_estimate():
+    plan = _plan(8, **CACHED)
+    first, *rows = plan.describe().splitlines()
+    assert f"expected step time ~{plan.expected_ms:.0f} ms (an estimate for an H200, eager blocks" in first
+    assert "other cards differ" in first
+    assert len(rows) == len(plan.table) and all(r.rstrip().endswith("ms/step") for r in rows)
+    assert rows[-1].startswith("  → ") and f"~{plan.step_ms[-1]:5.0f} ms/step" in rows[-1]
+    compiled = _plan(8, **CACHED, compile_blocks=True)
+    assert compiled.compiled and "compiled blocks" in compiled.describe()
+    assert compiled.expected_ms < plan.expected_ms
+
+
+def test_auto_budget_plans_for_free_memory_when_another_process_holds_part_of_the_card(monkeypatch, caplog):
+    import torch
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(15.5 * gib), 16 * gib))  # a free card
+    assert resolve_budget("auto", torch.device("cuda", 0)) == pytest.approx(16 * 0.92)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(9.5 * gib), 16 * gib))  # a desktop
+    with caplog.at_level(logging.INFO):
+        assert resolve_budget("auto", torch.device("cuda", 0)) == pytest.approx(9.5)
+    assert "9.5 GiB free of the card's 16.0 GiB" in caplog.text
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * gib)  # our own allocator's reserve
+    assert resolve_budget("auto", torch.device("cuda", 0)) == pytest.approx(11.5)
+
+
+def test_compile_setting_of_the_plan(monkeypatch):
+    import torch
+
+    from anima_trainer.train.vram_plan import compiles_blocks
+
+    cfg = make_train_config(REQUIRED)
+    assert compiles_blocks(cfg, torch.device("cpu")) is False
+    assert compiles_blocks(cfg.model_copy(update={"compile_blocks": True}), torch.device("cpu")) is True
+    auto = cfg.model_copy(update={"compile_blocks": "auto"})  # the issue-18 default: CUDA sm80+ only
+    assert compiles_blocks(auto, torch.device("cpu")) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for major, expected in ((8, True), (7, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert compiles_blocks(auto, torch.device("cuda", 0)) is expected

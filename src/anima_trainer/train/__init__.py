@@ -23,6 +23,7 @@
     schedulers.py     learning-rate schedules by kohya's `--lr_scheduler` names
     setup.py          the start of a run shared by train, cache and the benchmarks: optimizer/schedule check,
                       seed, tokenizers, dataset, run plan, optimizer
+    step_time.py      a step's expected time per memory setting (an H200 cost model; FLOPs of a step)
     tracking.py       TensorBoard / wandb
     training_state.py training-state folders for an exact resume: written atomically, read with checks
     validation.py     validation loss on the held-out images

@@ -7,12 +7,15 @@ Candidates, in the order of their speed cost (measured on an H200, bench/README.
 output (free when the adapter is not trained), no checkpointing, checkpointing of the first k blocks (k growing),
 all blocks, all blocks with CPU-offloaded block inputs, then block swap of more and more blocks.  The first that
 fits wins; nothing fitting is a start-up error that shows the smallest estimate.
+
+Each candidate also gets an expected step time (train/step_time.py: a cost model calibrated on the same H200
+measurements, scaled by the step's FLOPs), printed with the plan and labelled as an H200 estimate.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +25,7 @@ from anima_trainer.dtypes import precision_name
 from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
 from anima_trainer.train.memory_estimate import estimate_training_memory
+from anima_trainer.train.step_time import CARD, expected_step_ms
 
 log = logging.getLogger(__name__)
 RESERVE_GIB = 1.0  # CUDA context, allocator slack, cuBLAS/cuDNN workspaces
@@ -47,26 +51,61 @@ class MemoryPlan:
     estimate_gib: float
     budget_gib: float
     table: list[tuple[str, float]]  # (candidate, estimated GiB) in the order tried
+    step_ms: list[float] = field(default_factory=list)  # expected ms/step of each tried candidate (an H200 estimate)
+    compiled: bool = False  # whether the step times assume compiled blocks
+
+    @property
+    def expected_ms(self) -> float | None:
+        """The chosen candidate's expected ms/step on an H200 (None when not estimated)."""
+        return self.step_ms[self.chosen] if self.step_ms else None
 
     def describe(self) -> str:
+        times = self.step_ms or [None] * len(self.table)
         rows = "\n".join(f"  {'→' if i == self.chosen else ' '} {name:<44} {g:6.2f} GiB"
-                         for i, (name, g) in enumerate(self.table))
+                         + (f"  ~{ms:5.0f} ms/step" if ms is not None else "")
+                         for i, ((name, g), ms) in enumerate(zip(self.table, times)))
         chosen = ", ".join(f"{k} = {v}" for k, v in self.settings.items())
-        return (f"vram_budget_gb {self.budget_gib:.1f}: estimated peak {self.estimate_gib:.2f} GiB with {chosen}\n"
-                f"{rows}")
+        expected = "" if self.expected_ms is None else (
+            f"; expected step time ~{self.expected_ms:.0f} ms (an estimate for an {CARD}, "
+            f"{'compiled' if self.compiled else 'eager'} blocks, train/step_time.py; other cards differ)")
+        return (f"vram_budget_gb {self.budget_gib:.1f}: estimated peak {self.estimate_gib:.2f} GiB with {chosen}"
+                f"{expected}\n{rows}")
 
     @property
     def chosen(self) -> int:
         return len(self.table) - 1
 
 
+AUTO_FRACTION = 0.92  # of the card's memory that `auto` plans for
+
+
 def resolve_budget(value: float | str, device: Any) -> float:
-    """A number of GiB, or `auto`: 92 % of the device's memory (CUDA only)."""
+    """A number of GiB, or `auto` (CUDA only): 92 % of the card's memory, or what is free on it now when that is
+    less.  Free memory counts another process (a desktop, a second run) that holds part of the card; it is read
+    before the models load, so this process's own CUDA context is already in use (RESERVE_GIB counts it again: a
+    margin of ~0.3-0.5 GiB).  Memory this process's allocator already reserved is added back (it is ours)."""
     if value != "auto":
         return float(value)
     if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
         raise ConfigError("vram_budget_gb = auto needs a CUDA device; give the budget in GiB instead")
-    return torch.cuda.get_device_properties(device).total_memory / 2**30 * 0.92
+    free, total = torch.cuda.mem_get_info(device)
+    card = total / 2**30 * AUTO_FRACTION
+    available = (free + torch.cuda.memory_reserved(device)) / 2**30
+    if available < card:
+        log.info("vram_budget_gb = auto: %.1f GiB free of the card's %.1f GiB (another process uses the rest): "
+                 "planning for %.1f GiB", available, total / 2**30, available)
+        return available
+    return card
+
+
+def compiles_blocks(cfg: TrainConfig, device: Any) -> bool:
+    """Whether the run's DiT blocks will be compiled: `compile_blocks` true, or "auto" on CUDA sm80+ (the
+    default rule of issue 18); for the plan's step times only."""
+    value = getattr(cfg, "compile_blocks", False)
+    if value == "auto":
+        cuda = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
+        return cuda and torch.cuda.get_device_capability(device)[0] >= 8
+    return bool(value)
 
 
 def candidates(num_blocks: int, llm_adapter_cacheable: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -88,8 +127,10 @@ def candidates(num_blocks: int, llm_adapter_cacheable: bool) -> list[tuple[str, 
 
 
 def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
-                budget_gib: float, llm_adapter_trained: bool) -> MemoryPlan:
-    """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does)."""
+                budget_gib: float, llm_adapter_trained: bool, compiled: bool | None = None) -> MemoryPlan:
+    """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does), with each tried
+    candidate's expected step time (`compiled`: whether blocks are compiled; default `compile_blocks is True`)."""
+    compiled = getattr(cfg, "compile_blocks", False) is True if compiled is None else compiled
     extra = RESERVE_GIB
     if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
         extra += TEXT_ENCODER_GIB
@@ -97,6 +138,7 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
         extra += VAE_GIB
     dtype = precision_name(cfg.mixed_precision)
     table: list[tuple[str, float]] = []
+    step_ms: list[float] = []
     for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not llm_adapter_trained):
         options = {**cfg.memory_options(), **{k: v for k, v in settings.items() if k != "cache_llm_adapter_outputs"}}
         te_gib = text_encoder_training_gib(cfg.model_copy(update={
@@ -107,8 +149,10 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
                                        **options)
         total = est["total_gib"] + extra + te_gib
         table.append((name, total))
+        step_ms.append(expected_step_ms(dit_config, tokens=est["tokens"] // batch, batch=batch, compiled=compiled,
+                                        block_bytes=est["block_weights_gib"] * 2**30, **options))
         if total <= budget_gib:
-            return MemoryPlan(settings, total, budget_gib, table)
+            return MemoryPlan(settings, total, budget_gib, table, step_ms, compiled)
     smallest = min(g for _, g in table)
     raise ConfigError(f"vram_budget_gb {budget_gib:.1f}: no memory setting fits; the most frugal one needs about "
                       f"{smallest:.1f} GiB at {resolution[1]}×{resolution[0]} px, batch {batch} (lower the "
@@ -125,7 +169,8 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: b
     width, height = max(((w, h) for w, h, *_ in buckets), key=lambda wh: wh[0] * wh[1])
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
     plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch,
-                       budget_gib=resolve_budget(cfg.vram_budget_gb, device), llm_adapter_trained=llm_adapter_trained)
+                       budget_gib=resolve_budget(cfg.vram_budget_gb, device), llm_adapter_trained=llm_adapter_trained,
+                       compiled=compiles_blocks(cfg, device))
     log.info("%s", plan.describe())
     return cfg.model_copy(update=plan.settings)
 
