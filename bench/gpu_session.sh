@@ -13,7 +13,7 @@
 # <section>.json per measuring section (the JSON files are rewritten as results arrive: a timeout keeps them).
 #
 # Dry run on a CPU machine (REQUIRE_CUDA=0): every section runs at tiny size (or `--help` for the scripts whose
-# tiny options this script does not know: fp8_compute, cache_build, profile_step), so the plumbing is tested; the
+# tiny options this script does not know: profile_step), so the plumbing is tested; the
 # demo is off there (DEMO=1 turns it on; it has its own tests):
 #     REQUIRE_CUDA=0 PYTHON=.venv/bin/python OUT=/tmp/gs bash bench/gpu_session.sh
 #
@@ -36,8 +36,8 @@ if [ "$REQUIRE_CUDA" = 0 ]; then  # dry run: tiny sizes, the CPU
     TARGET_ARGS=${TARGET_ARGS:---config tiny --resolution 64 --steps 1 --warmup 0}
     PEER_ARGS=${PEER_ARGS:---config tiny --resolution 48x80 --set network_module=lokr --set network_args.factor=8 --steps 1 --warmup 0}
     SMALL_ARGS=${SMALL_ARGS:---config tiny --resolution 64 --budgets 8 --steps 1 --warmup 0 --threads 1}
-    FP8_ARGS=${FP8_ARGS:---help}
-    CACHE_ARGS=${CACHE_ARGS:---help}
+    FP8_ARGS=${FP8_ARGS:---config tiny --tokens 64 --batch 1 --steps 1 --warmup 0 --threads 1}
+    CACHE_ARGS=${CACHE_ARGS:---tiny --images 2 --size 64 --batch 1 --workers 0 --budget-s 15 --threads 1}
     PROFILE_ARGS=${PROFILE_ARGS:---help}
     DEMO_ARGS=${DEMO_ARGS:---steps 2}
     DEMO=${DEMO:-0}  # off: on a shared CPU the demo's previews and evaluation take minutes (DEMO=1 runs it)
