@@ -1,7 +1,7 @@
 """The gradient average overlapped with the backward (train/grad_sync.py) against the flat one-shot average.
 
 Two spawned gloo processes on the CPU (the launcher of test_distributed.py) run the loop's step on the tiny DiT with a
-rank-32-style LoRA in float32 — gradient accumulation 2, clipping, AdamW, a parameter that only one process uses
+LoRA (dim 4) in float32 — gradient accumulation 2, clipping, AdamW, a parameter that only one process uses
 (in an earlier micro-batch, so its hook never fires in the last backward), one that no process uses, gradient
 checkpointing, an Inf in one process — once with buckets started from gradient hooks (small buckets: many of
 them) and once with `Distributed.average_gradients`; gradients and weights must be bitwise equal (2 processes:
@@ -45,6 +45,22 @@ def test_one_process_registers_no_hooks_and_changes_nothing():
             (p * 2).sum().backward()
         sync.finish()
     assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
+def test_a_gradient_that_changes_after_its_bucket_started_is_an_error(monkeypatch):
+    import anima_trainer.train.grad_sync as grad_sync
+
+    launched = []
+    monkeypatch.setattr(grad_sync.tdist, "all_reduce", lambda flat, **kw: launched.append(flat.clone()))
+    p = torch.nn.Parameter(torch.ones(3))
+    with GradientSync([p], world_size=2) as sync:
+        with sync.backward(last=False):  # an earlier micro-batch: no communication
+            (p * 2).sum().backward()
+        assert launched == []
+        with sync.backward(last=True), pytest.raises(RuntimeError, match="ddp_bucket_cap_mb = 0"):
+            (p * 3).sum().backward()  # the step's last backward: the bucket starts ...
+            assert torch.equal(launched[0], torch.tensor([5.0, 5.0, 5.0, 1.0]))  # gradients + has-a-gradient flag
+            (p * 4).sum().backward()  # ... and a second backward would change what it sends
 
 
 def test_the_default_bucket_size_is_the_option_default():

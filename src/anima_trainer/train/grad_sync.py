@@ -68,7 +68,7 @@ class GradientSync:
 
     Around every micro-batch's backward: `with sync.backward(last=...)`; `last` is true on the accumulation's
     last micro-batch (the one whose backward leaves the gradients the optimizer will use).  Then `finish()`
-    before unscaling/clipping.  `bucket_cap_mb = 0` (or `overlap=False`): no hooks, everything in `finish()`.
+    before unscaling/clipping.  `bucket_cap_mb = 0`: no hooks, everything in `finish()`.
     With one process every call is a no-op.  `close()` (or leaving a `with GradientSync(...)` block) removes
     the hooks."""
 
@@ -89,8 +89,8 @@ class GradientSync:
     def _plan(self, on_time: list[torch.nn.Parameter], late: list[torch.nn.Parameter]) -> None:
         """Hooks complete the buckets of `on_time`; the buckets of `late` (parameters that lacked a gradient in
         some process at the first step) always wait for `finish()`, so they never hold the others back."""
-        self.buckets = plan_buckets(on_time, self.bucket_cap_mb) + plan_buckets(late, self.bucket_cap_mb)
-        self._hooked = len(self.buckets) - (len(plan_buckets(late, self.bucket_cap_mb)) if late else 0)
+        hooked = plan_buckets(on_time, self.bucket_cap_mb)
+        self.buckets, self._hooked = hooked + plan_buckets(late, self.bucket_cap_mb), len(hooked)
         self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
 
     @property
