@@ -237,9 +237,9 @@ def _rules() -> dict[str, Rule]:
     notice("zero3_init_flag zero3_save_16bit_model fp16_master_weights_and_gradients", _DEEPSPEED)
     notice("offload_optimizer_device offload_optimizer_nvme_path offload_param_device offload_param_nvme_path",
            _DEEPSPEED, UNSET)
-    notice("ddp_gradient_as_bucket_view ddp_static_graph", "DDP runs with the settings anima-trainer measured "
-           "(docs/multi_gpu.md); the result is the same")
-    notice("ddp_timeout", "DDP uses PyTorch's default timeout; the result is the same", UNSET)
+    notice("ddp_gradient_as_bucket_view ddp_static_graph", "no DDP wrapper: the network's gradients are "
+           "all-reduced in buckets during the backward (ddp_bucket_cap_mb, docs/multi_gpu.md); the result is the same")
+    notice("ddp_timeout", "the process group uses PyTorch's default timeout; the result is the same", UNSET)
     # options of SD / SDXL models that mean nothing for a flow-matching DiT (kohya ignores them for Anima too)
     notice("v2", "SD 2.x model flag; Anima is one architecture, detected from the file")
     notice("v_parameterization", "Anima is trained with flow matching (velocity target) whatever this says; "

@@ -50,6 +50,9 @@ class SpeedMemorySettings(BaseModel):
     compile_fullgraph: bool = Field(False, description="fail on a graph break inside a block instead of splitting")
     compile_cache_size_limit: int | None = Field(
         None, ge=1, description="dynamo cache entries per block (default: from the bucket count)")
+    ddp_bucket_cap_mb: float = Field(25.0, ge=0, description="data parallel: all-reduce the gradients in buckets "
+        "of about this many MB, started during the backward of each step's last micro-batch (0 = one flat "
+        "all-reduce after the backward; the same result either way)")
 
     @field_validator("attention_backend", mode="before")
     @classmethod

@@ -7,6 +7,7 @@
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
     flow.py           rectified-flow maths and the objective: timestep sampling, noise options, `training_step`,
                       per-sample noise seeds (noising and the loss: models/flow_maths.py)
+    grad_sync.py      the data-parallel gradient average: buckets all-reduced while the backward runs
     inputs.py         what a step consumes: captions → DiT context, cached latents
     lock.py           one run per output_dir / output_name
     loop.py           the training loop (`run_training`, `train`)

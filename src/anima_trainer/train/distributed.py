@@ -5,7 +5,9 @@ epoch's batches; the network's gradients are averaged over the processes before 
 weights stay identical everywhere and one optimizer step sees world × the per-process batch (kohya's meaning
 of `train_batch_size` under `accelerate launch`: it is per process).  The adapter parameters live outside
 the frozen DiT's parameter list, so there is no single module to wrap in `DistributedDataParallel`: the
-gradients are averaged here, with one flattened all-reduce per step (`Distributed.average_gradients`).
+gradients are averaged here: all-reduced in buckets started from gradient hooks while the backward of each
+step's last micro-batch goes on (`Distributed.gradient_sync`, train/grad_sync.py), or with one flat all-reduce
+after it (`Distributed.average_gradients`, `ddp_bucket_cap_mb = 0`).
 
 Sharding (`shard_batches`): batch k of an epoch's plan goes to process k mod world, and every process runs
 ceil(batches / world) of them — the short ones wrap around to the epoch's first batches (accelerate's
@@ -39,6 +41,7 @@ import torch.distributed as tdist
 
 from anima_trainer.config import ConfigError
 from anima_trainer.fileio import atomic_write_bytes
+from anima_trainer.train.grad_sync import DEFAULT_BUCKET_CAP_MB, GradientSync
 from anima_trainer.train.training_state import read_nested, write_nested
 
 log = logging.getLogger(__name__)
@@ -233,35 +236,19 @@ class Distributed:
                 self.barrier()
 
     def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Replace every parameter's gradient by its mean over the processes (a process without a gradient
-        for it counts as zeros); a parameter without a gradient in every process keeps `grad = None`.
+        """Replace every parameter's gradient by its mean over the processes now, with one flat all-reduce per
+        device and dtype (a process without a gradient for it counts as zeros; a parameter without a gradient
+        in every process keeps `grad = None`).  Call it after the accumulation's last backward and before
+        `scaler.unscale_` / clipping (`GradientSync.finish`, train/grad_sync.py; the training loop overlaps the
+        same average with the backward through `gradient_sync`)."""
+        GradientSync(params, world_size=self.world_size, bucket_cap_mb=0).finish()
 
-        Call it once per optimizer step, after the accumulation's last backward and before
-        `scaler.unscale_` / gradient clipping: the average of the scaled gradients is the scaled average, and
-        an Inf/NaN in any process reaches all of them, so every process skips or applies the same step.
-        One SUM all-reduce of a flat buffer (then ÷ world) per device and dtype: works with gloo and NCCL."""
-        if not self.enabled:
-            return
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
-        for p in params:
-            groups.setdefault((p.device, p.dtype), []).append(p)
-        for (device, dtype), ps in groups.items():
-            parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
-            has = torch.tensor([p.grad is not None for p in ps], dtype=dtype, device=device)
-            flat = torch.cat([*parts, has])
-            tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-            n = flat.numel() - len(ps)
-            grads = flat[:n].div_(self.world_size)
-            # how many processes had each gradient: only needed (a host read) where this one had none
-            counts = flat[n:].tolist() if any(p.grad is None for p in ps) else None
-            offset = 0
-            for j, p in enumerate(ps):
-                g = grads[offset: offset + p.numel()].view_as(p)
-                offset += p.numel()
-                if p.grad is not None:
-                    p.grad.copy_(g)
-                elif counts[j] > 0:
-                    p.grad = g.clone()
+    def gradient_sync(self, params: Iterable[torch.nn.Parameter],
+                      bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> GradientSync:
+        """The per-step gradient average of `params`, all-reduced in buckets of about `bucket_cap_mb` MB
+        started from gradient hooks during the last backward of each step (0: one flat all-reduce after the
+        backward); a no-op with one process.  Close it (or use it in `with`) to remove the hooks."""
+        return GradientSync(params, world_size=self.world_size, bucket_cap_mb=bucket_cap_mb)
 
     def broadcast_parameters(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Copy rank 0's parameter values to every process (after building / loading the network: all

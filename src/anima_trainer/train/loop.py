@@ -55,6 +55,7 @@ from anima_trainer.train.flow import (
     sample_seed,
     training_step,
 )
+from anima_trainer.train.grad_sync import GradientSync
 from anima_trainer.train.inputs import Caches, TextConditioner, epoch_inputs, prepare_caches, report_long_captions
 from anima_trainer.train.lock import RunLock
 from anima_trainer.train.measurements import Measurements, build_evaluation, evaluation_texts, paused_training
@@ -221,6 +222,7 @@ class RunIO:
 
     accelerator: Accelerator
     dist: Distributed
+    grad_sync: GradientSync  # the gradient average of every step, overlapped with its last backward
     saver: Saver
     monitor: Monitor
     events: EventLog
@@ -407,7 +409,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                                  preservation=preservation),
                data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
                io=RunIO(accelerator=accelerator, dist=dist, saver=saver, monitor=monitor, events=events,
-                        measurements=measurements))
+                        measurements=measurements, grad_sync=cleanup.enter_context(
+                            dist.gradient_sync(network.trainable_parameters(), cfg.ddp_bucket_cap_mb))))
     with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
             StopSignals() as stop:
         events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)
@@ -493,15 +496,17 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                 progress.step + 1, pending, monitor.add_preservation)  # the step's x_σ, σ (train/flow.py)
             loss = training_step(dit, batch.latents, context, cfg, seeds, mask=batch.mask, sample_weights=weights,
                                  **({"extra_loss": extra} if extra is not None else {}))  # off: the call as before
-            scaler.scale(loss / accum).backward()
+            # kohya/accelerate: step every `accum` micro-batches and at the end of each epoch
+            steps = pending + 1 >= accum or progress.batch_in_epoch + 1 >= per_epoch
+            with r.io.grad_sync.backward(last=steps):  # data parallel: the step's last backward all-reduces
+                scaler.scale(loss / accum).backward()
             monitor.add_micro_batch(dist.reduce_mean(loss.detach()), len(batch.captions) * dist.world_size)
             progress.batch_in_epoch += 1
             pending += 1
-            # kohya/accelerate: step every `accum` micro-batches and at the end of each epoch
-            if pending < accum and progress.batch_in_epoch < per_epoch:
+            if not steps:
                 continue
             pending = 0
-            dist.average_gradients(params)  # data parallel: every process steps with the global mean
+            r.io.grad_sync.finish()  # every process steps with the global mean (before unscaling and clipping)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             apply = True
