@@ -101,6 +101,22 @@ def patched_linear(linear: nn.Linear, x: torch.Tensor, base: torch.Tensor) -> to
     return add(base, x) if callable(add) else linear(x)
 
 
+def patched_linears(linears: tuple[nn.Linear, ...], x: torch.Tensor,
+                    bases: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """`patched_linear` for Linears that share the input `x` (the fused q/k/v): when one network's modules of
+    one class patch all of them and that class offers `add_to_outputs_fused` (LoRA: the down projections as one
+    GEMM), it adds their branches together; else (or when it returns None) each branch runs on its own."""
+    owners = tuple(getattr(lin.forward, "__self__", None) if getattr(lin, "_anima_network_patched", False)
+                   else None for lin in linears)
+    kind = type(owners[0])
+    fused = getattr(kind, "add_to_outputs_fused", None)
+    if fused is not None and all(type(o) is kind for o in owners):
+        outs = fused(owners, bases, x)
+        if outs is not None:
+            return outs
+    return [patched_linear(lin, x, base) for lin, base in zip(linears, bases, strict=True)]
+
+
 class QKNormAttentionBase(nn.Module):
     """q/k/v projections (no bias) with per-head q/k RMSNorm, shared by the DiT and the LLM adapter.
 
@@ -190,8 +206,7 @@ class QKNormAttentionBase(nn.Module):
         n, d_in = wq.shape
         fused = wq.detach().as_strided((3 * n, d_in), (d_in, 1))  # rows of q, k, v (checked adjacent)
         parts = F.linear(x, fused).split(n, dim=-1)
-        q, k, v = (patched_linear(lin, x, part).view(b, s, self.heads, self.head_dim)
-                   for lin, part in zip(self._qkv(), parts))
+        q, k, v = (out.view(b, s, self.heads, self.head_dim) for out in patched_linears(self._qkv(), x, parts))
         return self.q_norm(q), self.k_norm(k), v
 
 

@@ -59,6 +59,10 @@ class AdapterModule(PatchingModule):
         self.multiplier = 1.0
         self._org = (org,)  # a tuple: not registered as a submodule, so no DiT weights in our state_dict
         self._patch: ForwardPatch | None = None
+        # speed levers (docs/performance.md "Levers of the training step"), switched by AdapterNetwork
+        self.cast_factors_once = True
+        self.fuse_qkv_down = True
+        self.clear_cast()
 
     @property
     def name(self) -> str:
@@ -95,6 +99,41 @@ class AdapterModule(PatchingModule):
     def norm_factors(self) -> list[nn.Parameter]:
         """The tensors ΔW is a product of (one factor each): scaling each by r^(1/n) scales ΔW by r."""
         return list(self.tensors().values())
+
+    def cast_factors(self) -> list[nn.Parameter]:
+        """The fp32 factors the branch casts to the input's dtype (networks/factor_cast.py casts them once per
+        forward pass instead); none by default (LoKr/LoHa cast the materialised ΔW)."""
+        return []
+
+    def stackable_down(self) -> nn.Parameter | None:
+        """The [r, in] down factor (first of `cast_factors`) a fused q/k/v GEMM may stack with its neighbours'."""
+        return None
+
+    # --- once-per-forward casts (networks/factor_cast.py) ----------------------------------------------------
+    def clear_cast(self) -> None:
+        self._casts: tuple[torch.Tensor, ...] | None = None
+        self._cast_versions: tuple[int, ...] = ()
+        self._stacked_down: tuple[torch.Tensor, tuple[AdapterModule, ...]] | None = None
+
+    def set_cast(self, casts: tuple[torch.Tensor, ...]) -> None:
+        self._casts = casts
+        self._cast_versions = tuple(p._version for p in self.cast_factors())
+
+    def set_stacked_down(self, stacked: torch.Tensor, owners: tuple[AdapterModule, ...]) -> None:
+        self._stacked_down = (stacked, owners)
+
+    def cast_valid(self, index: int, param: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the pre-hook's cast of factor `index` is this dtype and still the parameter's value (eager:
+        its `_version`; compiled: trusted, the pre-hook ran before the model)."""
+        casts = self._casts
+        return casts is not None and casts[index].dtype == dtype and (
+            torch.compiler.is_compiling() or param._version == self._cast_versions[index])
+
+    def factor(self, index: int, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Factor `index` (= `param`) in `dtype`: the once-per-forward cast when valid, else cast here."""
+        if self.cast_valid(index, param, dtype):
+            return self._casts[index]
+        return param.to(dtype)
 
     # --- shared ----------------------------------------------------------------------------------------------
     def branch(self, x: torch.Tensor) -> torch.Tensor:
