@@ -129,6 +129,7 @@ class AdapterNetwork(nn.Module):
         self.modules_by_name: dict[str, AdapterModule] = {m.name: m for m in self.lora_modules}
         for m in self.lora_modules:
             m.rank_dropout, m.module_dropout = parsed["rank_dropout"], parsed["module_dropout"]
+            m.merged_forward = parsed["merged_forward"]
         self.loraplus_lr_ratio: float | None = parsed["loraplus_lr_ratio"]  # the DiT's
         self.loraplus_text_encoder_lr_ratio: float | None = parsed["loraplus_text_encoder_lr_ratio"]
         # network_reg_lrs: {module name: lr} for the modules a rule full-matches (on the path; first rule wins)
