@@ -7,7 +7,8 @@ separate branch keeps it (rounded relative to itself).  Per ratio ‖ΔW‖_rms 
 error against the fp32 reference (x and W the bf16 values in fp32, ΔW exact) of
 
 * `out`: the layer output;
-* `effect`: out(ΔW) − out(0) of the same path against x ΔWᵀ, i.e. how much of the update the forward applies;
+* `effect`: out − W x (exact) against x ΔWᵀ: the update as the next layer sees it, relative to its own size
+  (small updates drown in the output's bf16 rounding on both paths);
 * `seen`: the share of the update the forward applies on average, <effect, x ΔWᵀ> / ‖x ΔWᵀ‖² (1 = unbiased;
   rounding noise averages out over steps, a missing share does not);
 * `grad_w1`, `grad_w2`: the LoKr factor gradients for a fixed upstream gradient;
@@ -51,18 +52,17 @@ def lokr_factors(width: int, ratio: float, w_rms: float, g: torch.Generator) -> 
 def run_path(path: str, x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
              grad_out: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Output, effect and gradients of one path in `dtype` (fp32 factors, as training keeps them)."""
+    exact_base = F.linear(x.double(), w.double()).float()
     x = x.detach().to(dtype, copy=True).requires_grad_()
     w1, w2 = w1.clone().requires_grad_(), w2.clone().requires_grad_()
     dw = torch.kron(w1, w2)
     wd = w.to(dtype)
     if path == "separate":
-        base = F.linear(x, wd)
-        out = base + F.linear(x, dw.to(dtype))
+        out = F.linear(x, wd) + F.linear(x, dw.to(dtype))
     else:
-        base = F.linear(x, wd)
         out = F.linear(x, (wd.float() + dw).to(dtype))
     out.backward(grad_out.to(dtype))
-    return {"out": out.detach(), "effect": (out - base).detach(), "grad_w1": w1.grad, "grad_w2": w2.grad,
+    return {"out": out.detach(), "effect": (out.float() - exact_base).detach(), "grad_w1": w1.grad, "grad_w2": w2.grad,
             "grad_x": x.grad}
 
 

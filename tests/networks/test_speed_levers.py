@@ -248,3 +248,26 @@ def test_compiled_levers_match_eager_without_recompiling(dit_file, dynamo, ckpt)
             for p in net.trainable_parameters():
                 p.mul_(1.01)
     assert dynamo["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_block_swap_with_levers_is_bit_identical(ckpt):
+    """Block swap streams the DiT's weights (the factors stay put): the levers' results are the plain path's."""
+    from anima_trainer.models.block_runner import setup_memory
+    from tests.support.small_dit import inputs, lora, small_dit
+    from tests.support.small_dit import step as swap_step
+
+    results = []
+    for levers in (False, True):
+        dit = setup_memory(small_dit(torch.bfloat16), device="cpu", blocks_to_swap=2, swap_prefetch=1,
+                           gradient_checkpointing=ckpt)
+        net = lora(dit)
+        with torch.no_grad():
+            for p in net.trainable_parameters():
+                p.add_(0.01)
+        set_fused_qkv(dit, True)
+        net.set_speed_levers(cast_factors_once=levers, fuse_qkv_down=False)
+        results.append(swap_step(dit, net, *inputs()))
+        assert casts_present(net) == (len(net.lora_modules) if levers else 0)
+    (out0, grads0), (out1, grads1) = results
+    assert torch.equal(out0, out1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
