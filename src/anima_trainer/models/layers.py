@@ -101,6 +101,40 @@ def patched_linear(linear: nn.Linear, x: torch.Tensor, base: torch.Tensor) -> to
     return add(base, x) if callable(add) else linear(x)
 
 
+def _owners(linears: tuple[nn.Linear, ...]) -> tuple[object, ...]:
+    """The network module patched into each Linear (None where none is)."""
+    return tuple(getattr(lin.forward, "__self__", None) if getattr(lin, "_anima_network_patched", False)
+                 else None for lin in linears)
+
+
+def _group_method(owners: tuple[object, ...], name: str):
+    """`name` of the owners' common class when one network class patches all of them (else None)."""
+    kind = type(owners[0])
+    return getattr(kind, name, None) if all(type(o) is kind for o in owners) else None
+
+
+def merged_qkv_weight(linears: tuple[nn.Linear, ...], packed: torch.Tensor) -> torch.Tensor | None:
+    """The packed [3·out, in] weight with the patching network's ΔW merged in (LoKr/LoHa with merged_forward),
+    or None: then the base GEMM runs on `packed` and `patched_linears` adds the branches."""
+    owners = _owners(linears)
+    merge = _group_method(owners, "merged_weights_fused")
+    return None if merge is None else merge(owners, packed)
+
+
+def patched_linears(linears: tuple[nn.Linear, ...], x: torch.Tensor,
+                    bases: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """`patched_linear` for Linears that share the input `x` (the fused q/k/v): when one network's modules of
+    one class patch all of them and that class offers `add_to_outputs_fused` (LoRA: the down projections as one
+    GEMM), it adds their branches together; else (or when it returns None) each branch runs on its own."""
+    owners = _owners(linears)
+    fused = _group_method(owners, "add_to_outputs_fused")
+    if fused is not None:
+        outs = fused(owners, bases, x)
+        if outs is not None:
+            return outs
+    return [patched_linear(lin, x, base) for lin, base in zip(linears, bases, strict=True)]
+
+
 class QKNormAttentionBase(nn.Module):
     """q/k/v projections (no bias) with per-head q/k RMSNorm, shared by the DiT and the LLM adapter.
 
@@ -189,9 +223,12 @@ class QKNormAttentionBase(nn.Module):
         wq = self.q_proj.weight
         n, d_in = wq.shape
         fused = wq.detach().as_strided((3 * n, d_in), (d_in, 1))  # rows of q, k, v (checked adjacent)
-        parts = F.linear(x, fused).split(n, dim=-1)
-        q, k, v = (patched_linear(lin, x, part).view(b, s, self.heads, self.head_dim)
-                   for lin, part in zip(self._qkv(), parts))
+        merged = merged_qkv_weight(self._qkv(), fused)
+        if merged is not None:  # the network's ΔW merged into the packed weight: nothing to add
+            parts = F.linear(x, merged).split(n, dim=-1)
+        else:
+            parts = patched_linears(self._qkv(), x, F.linear(x, fused).split(n, dim=-1))
+        q, k, v = (out.view(b, s, self.heads, self.head_dim) for out in parts)
         return self.q_norm(q), self.k_norm(k), v
 
 

@@ -5,6 +5,7 @@
     convert.py           adapter key names: any naming read, renamed to ComfyUI / kohya names
     create.py            `create_network`: the algorithm table and the one entry point
     diffusers_format.py  the adapter layout diffusers' Anima loader reads (`save_format = "diffusers"`)
+    factor_cast.py       speed lever: the LoRA factors cast to bf16 once per forward pass, one `cat` per block
     files.py             a network's files: tensors, metadata, checked atomic save, strict load
     formats.py           adapter file names and math exactly as ComfyUI reads them (`apply_network_file`)
     hashes.py            kohya's `sshs_*` model hashes and their check

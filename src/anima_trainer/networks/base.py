@@ -19,6 +19,7 @@ from torch import nn
 from anima_trainer.models.layers import RMSNorm
 from anima_trainer.networks import files
 from anima_trainer.networks.files import SAVE_FORMATS
+from anima_trainer.networks.factor_cast import FactorCaster, group_key
 from anima_trainer.networks.formats import TE_NAME_PREFIX, NetworkError
 from anima_trainer.networks.inject import (
     check_network_args,
@@ -128,6 +129,7 @@ class AdapterNetwork(nn.Module):
         self.modules_by_name: dict[str, AdapterModule] = {m.name: m for m in self.lora_modules}
         for m in self.lora_modules:
             m.rank_dropout, m.module_dropout = parsed["rank_dropout"], parsed["module_dropout"]
+            m.merged_forward = parsed["merged_forward"]
         self.loraplus_lr_ratio: float | None = parsed["loraplus_lr_ratio"]  # the DiT's
         self.loraplus_text_encoder_lr_ratio: float | None = parsed["loraplus_text_encoder_lr_ratio"]
         # network_reg_lrs: {module name: lr} for the modules a rule full-matches (on the path; first rule wins)
@@ -142,6 +144,12 @@ class AdapterNetwork(nn.Module):
                            "only) no DiT parameter trains, so train_norm changes nothing")
         self.norm_modules = nn.ModuleList(NormModule(p, m) for p, m in norms.items())
         self.norms_by_name: dict[str, NormModule] = {m.path: m for m in self.norm_modules}
+        groups: dict[str, list[AdapterModule]] = {}
+        for m in self.lora_modules:
+            groups.setdefault(group_key(m), []).append(m)
+        # q/k/v down factors stacked in one cast (a fused GEMM reads it whole) unless module_dropout may skip one
+        # of them (its grad must then stay None, not a zero slice of the stack)
+        self._caster = FactorCaster(groups, stack_qkv=not parsed["module_dropout"])
         self.injected = False
         self.inject()
         if parsed["verbose"]:
@@ -214,13 +222,28 @@ class AdapterNetwork(nn.Module):
             for m in done:
                 m.restore()
             raise
+        for model, name in ((self.dit, "dit"), (self.text_encoder, "text_encoder")):
+            keys = [k for k, members in self._caster.groups.items() if members[0].model == name]
+            if model is not None and keys:
+                self._caster.hook(model, keys)
         self.injected = True
 
     def remove(self) -> None:
         """Restore the DiT's original forwards (the network keeps its weights; `inject()` patches again)."""
         for m in self._all():
             m.restore()
+        self._caster.remove()
         self.injected = False
+
+    def set_speed_levers(self, *, cast_factors_once: bool | None = None, fuse_qkv_down: bool | None = None) -> None:
+        """Switch the step's speed levers (both on by default; same results, docs/performance.md): the LoRA
+        factors cast once per forward pass (networks/factor_cast.py), the q/k/v down projections as one GEMM."""
+        for m in self.lora_modules:
+            if cast_factors_once is not None:
+                m.cast_factors_once = bool(cast_factors_once)
+                m.clear_cast()
+            if fuse_qkv_down is not None:
+                m.fuse_qkv_down = bool(fuse_qkv_down)
 
     def set_multiplier(self, m: float) -> None:
         for module in self._all():

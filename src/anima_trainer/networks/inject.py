@@ -37,6 +37,7 @@ DEFAULT_EXCLUDE = r".*(_modulation|_norm|_embedder|final_layer).*"
 DIT_TARGET_CLASSES = ("Block", "PatchEmbed", "TimestepEmbedding", "FinalLayer")
 LLM_ADAPTER_TARGET_CLASSES = ("LLMAdapterBlock",)
 TE_TARGET_CLASSES = ("Qwen3Attention", "Qwen3MLP", "Qwen3SdpaAttention", "Qwen3FlashAttention2")
+MERGED_ALGOS = ("lokr", "loha")  # the algorithms whose ΔW is materialised anyway (merged_forward)
 # named optional target groups → the module paths they add (full match)
 OPTIONAL_TARGETS = {
     "train_adaln": r"blocks\.\d+\.adaln_modulation_(self_attn|cross_attn|mlp)\.\d+",
@@ -45,7 +46,8 @@ OPTIONAL_TARGETS = {
 }
 KNOWN_ARGS = ("include_patterns", "exclude_patterns", "train_llm_adapter", "train_norm", "rank_dropout",
               "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "network_reg_dims",
-              "network_reg_lrs", "verbose", "target_modules", "loraplus_text_encoder_lr_ratio", *OPTIONAL_TARGETS)
+              "network_reg_lrs", "verbose", "target_modules", "loraplus_text_encoder_lr_ratio", "merged_forward",
+              *OPTIONAL_TARGETS)
 # sd-scripts-anima's default `target_modules` (DEFAULT_TARGETS_V101, seed_system.md §2.2): the same 10 Linears
 # per DiT block as kohya's defaults, plus the 10 per LLM-adapter block
 SD_SCRIPTS_ANIMA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -158,7 +160,13 @@ def check_network_args(network_args: dict[str, Any], algo: str = "lora",
         if both:
             raise NetworkError(f"network_args target_modules (sd-scripts-anima's target list) cannot be combined "
                                f"with {both} (kohya's way of choosing targets); use one of the two")
+    # LoKr/LoHa: one GEMM with W + ΔW (on by default: measured no less accurate, docs/performance.md)
+    merged_forward = parse_bool("merged_forward", network_args.get("merged_forward", algo in MERGED_ALGOS))
+    if merged_forward and algo not in MERGED_ALGOS:
+        raise NetworkError(f"network_args merged_forward is for algo=lokr and algo=loha (one GEMM with W + ΔW); "
+                           f"algo={algo} keeps its factored branch: remove merged_forward")
     return {
+        "merged_forward": merged_forward,
         "target_modules": target_modules,
         "train_norm": parse_bool("train_norm", network_args.get("train_norm", False)),
         "include_patterns": parse_patterns("include_patterns", network_args.get("include_patterns")) + [

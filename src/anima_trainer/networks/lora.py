@@ -65,7 +65,7 @@ class LoRAModule(AdapterModule):
     def branch(self, x: torch.Tensor) -> torch.Tensor:  # factored: never materialises ΔW (except DoRA)
         if self.dora_wd:
             return super().branch(x)
-        lx = F.linear(x, self.lora_down.weight.to(x.dtype))
+        lx = F.linear(x, self.factor(0, self.lora_down.weight, x.dtype))
         if self.dropout and self.training:
             lx = F.dropout(lx, p=self.dropout)
         scale = self.scale
@@ -76,7 +76,39 @@ class LoRAModule(AdapterModule):
             keep = torch.rand(shape, device=lx.device) >= self.rank_dropout
             lx = lx * keep.to(lx.dtype)
             scale = scale / (1.0 - self.rank_dropout)
-        return F.linear(lx, self.lora_up.weight.to(lx.dtype)) * scale
+        return F.linear(lx, self.factor(1, self.lora_up.weight, lx.dtype)) * scale
+
+    def cast_factors(self) -> list[nn.Parameter]:
+        return [] if self.dora_wd else [self.lora_down.weight, self.lora_up.weight]
+
+    def stackable_down(self) -> nn.Parameter | None:
+        return None if self.dora_wd else self.lora_down.weight
+
+    def fusable_down(self) -> bool:
+        """Whether this branch may share a down GEMM with its q/k/v neighbours: plain LoRA, a non-zero
+        multiplier, and no random draw in training (dropout, rank_dropout, module_dropout: the draws must stay
+        in the separate branches' order)."""
+        return (self.fuse_qkv_down and not self.dora_wd and self.multiplier != 0.0
+                and not (self.training and (self.dropout or self.rank_dropout or self.module_dropout)))
+
+    @staticmethod
+    def add_to_outputs_fused(owners: tuple[LoRAModule, ...], outs: tuple[torch.Tensor, ...],
+                             x: torch.Tensor) -> list[torch.Tensor] | None:
+        """q/k/v of one self-attention (same input `x`, `outs` their base outputs): the three down projections as
+        one GEMM against the stacked [r_q + r_k + r_v, in] down factors, then each up projection; the same sum
+        as three `add_to_output` calls up to GEMM rounding.  None (run them separately) when one cannot fuse."""
+        if not all(o.fusable_down() for o in owners):
+            return None
+        dtype = x.dtype
+        stacked = owners[0]._stacked_down
+        if stacked is not None and all(a is b for a, b in zip(stacked[1], owners, strict=True)) and all(
+                o.cast_valid(0, o.lora_down.weight, dtype) for o in owners):
+            down = stacked[0]
+        else:
+            down = torch.cat([o.factor(0, o.lora_down.weight, dtype) for o in owners])
+        lxs = F.linear(x, down).split([o.dim for o in owners], dim=-1)
+        return [out + (F.linear(lx, o.factor(1, o.lora_up.weight, lx.dtype)) * o.scale) * o.multiplier
+                for o, out, lx in zip(owners, outs, lxs, strict=True)]
 
     def delta_norm(self) -> torch.Tensor:
         """‖alpha/dim · up @ down‖_F from the rank×rank Gram matrices (never the out×in product); with DoRA the

@@ -59,6 +59,11 @@ class AdapterModule(PatchingModule):
         self.multiplier = 1.0
         self._org = (org,)  # a tuple: not registered as a submodule, so no DiT weights in our state_dict
         self._patch: ForwardPatch | None = None
+        # speed levers (docs/performance.md "Levers of the training step"), switched by AdapterNetwork
+        self.cast_factors_once = True
+        self.fuse_qkv_down = True
+        self.merged_forward = False  # network_args merged_forward (LoKr/LoHa: on unless set false)
+        self.clear_cast()
 
     @property
     def name(self) -> str:
@@ -96,22 +101,97 @@ class AdapterModule(PatchingModule):
         """The tensors ΔW is a product of (one factor each): scaling each by r^(1/n) scales ΔW by r."""
         return list(self.tensors().values())
 
+    def cast_factors(self) -> list[nn.Parameter]:
+        """The fp32 factors the branch casts to the input's dtype (networks/factor_cast.py casts them once per
+        forward pass instead); none by default (LoKr/LoHa cast the materialised ΔW)."""
+        return []
+
+    def stackable_down(self) -> nn.Parameter | None:
+        """The [r, in] down factor (first of `cast_factors`) a fused q/k/v GEMM may stack with its neighbours'."""
+        return None
+
+    # --- once-per-forward casts (networks/factor_cast.py) ----------------------------------------------------
+    def clear_cast(self) -> None:
+        self._casts: tuple[torch.Tensor, ...] | None = None
+        self._cast_versions: tuple[int, ...] = ()
+        self._stacked_down: tuple[torch.Tensor, tuple[AdapterModule, ...]] | None = None
+
+    def set_cast(self, casts: tuple[torch.Tensor, ...]) -> None:
+        self._casts = casts
+        self._cast_versions = tuple(p._version for p in self.cast_factors())
+
+    def set_stacked_down(self, stacked: torch.Tensor, owners: tuple[AdapterModule, ...]) -> None:
+        self._stacked_down = (stacked, owners)
+
+    def cast_valid(self, index: int, param: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the pre-hook's cast of factor `index` is this dtype and still the parameter's value (eager:
+        its `_version`; compiled: trusted, the pre-hook ran before the model)."""
+        casts = self._casts
+        return casts is not None and casts[index].dtype == dtype and (
+            torch.compiler.is_compiling() or param._version == self._cast_versions[index])
+
+    def factor(self, index: int, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Factor `index` (= `param`) in `dtype`: the once-per-forward cast when valid, else cast here."""
+        if self.cast_valid(index, param, dtype):
+            return self._casts[index]
+        return param.to(dtype)
+
     # --- shared ----------------------------------------------------------------------------------------------
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """scale · ΔW x (dropout on the branch input in training); ΔW materialised per forward.
+        """scale · ΔW x (dropout on the branch input in training); ΔW materialised per forward."""
+        if self.dropout and self.training:
+            x = F.dropout(x, p=self.dropout)
+        return F.linear(x, self.branch_weight().to(x.dtype))
+
+    def branch_weight(self) -> torch.Tensor:
+        """scale · ΔW in fp32 as this forward applies it.
 
         rank_dropout (training): kohya's LoKr rule, for LoKr and LoHa alike: each output row of ΔW is kept with
         probability 1 − p (one mask per forward) and the kept rows are scaled by 1/(1 − p)."""
-        if self.dropout and self.training:
-            x = F.dropout(x, p=self.dropout)
         dw = self.delta_weight()
         if self.rank_dropout and self.training:
             keep = torch.rand(dw.shape[0], 1, device=dw.device) >= self.rank_dropout
             dw = dw * keep.to(dw.dtype) / (1.0 - self.rank_dropout)
-        return F.linear(x, dw.to(x.dtype))
+        return dw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.can_merge():
+            org = self._org[0]
+            bias = None if org.bias is None else org.bias.to(x.dtype)
+            return F.linear(x, self.merged_weight(self.base_weight(), x.dtype), bias)
         return self.add_to_output(self._patch.org_forward(x), x)
+
+    # --- merged forward (network_args merged_forward; docs/performance.md) -----------------------------------
+    def can_merge(self) -> bool:
+        """One GEMM with W + multiplier·ΔW instead of W x + multiplier·ΔW x: asked for, a frozen plain (or fp8)
+        Linear, a non-zero multiplier and no dropout on the branch input (which the base must not see)."""
+        if not self.merged_forward or self.multiplier == 0.0 or (self.dropout and self.training):
+            return False
+        org = self._org[0]
+        return not org.weight.requires_grad and (type(org).forward is nn.Linear.forward
+                                                 or hasattr(org, "dequantized_weight"))
+
+    def base_weight(self) -> torch.Tensor:
+        """W of the adapted Linear (an fp8 one dequantized to fp32), without grad."""
+        org = self._org[0]
+        dequantize = getattr(org, "dequantized_weight", None)
+        return (dequantize(torch.float32) if dequantize is not None else org.weight).detach()
+
+    def merged_weight(self, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W + multiplier·scale·ΔW added in fp32, rounded once to `dtype`; the module_dropout and rank_dropout
+        draws happen in the order `add_to_output` makes them (the same masks for the same seed)."""
+        if self.module_dropout and self.training and float(torch.rand(())) < self.module_dropout:
+            return base.to(dtype)
+        return (base.float() + self.branch_weight() * self.multiplier).to(dtype)
+
+    @staticmethod
+    def merged_weights_fused(owners: tuple[AdapterModule, ...], packed: torch.Tensor) -> torch.Tensor | None:
+        """The fused q/k/v GEMM's weight with each module's ΔW merged (rows of q, k, v), or None when one of
+        them does not merge (then the packed base GEMM runs and each branch is added)."""
+        if not all(o.can_merge() for o in owners):
+            return None
+        rows = packed.split([o.out_features for o in owners])
+        return torch.cat([o.merged_weight(w, packed.dtype) for o, w in zip(owners, rows, strict=True)])
 
     def add_to_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`out` (the Linear's own output for `x`) plus this module's contribution; also used by the fused
