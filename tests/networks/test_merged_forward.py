@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from anima_trainer.models import load_dit
 from anima_trainer.models.compile import compile_dit_blocks
 from anima_trainer.models.fp8 import quantize_fp8
+from anima_trainer.models.fp8_compute import Fp8ComputeLinear, enable_fp8_compute
 from anima_trainer.models.layers import set_fused_qkv
 from anima_trainer.networks import NetworkError, create_network
 from tests.networks.test_speed_levers import TOL, assert_steps_match, step
@@ -94,6 +95,21 @@ def test_fp8_base_merged_matches_separate(dit_file):
     dit, net = make(dit_file, "lokr", torch.bfloat16, fp8=True)
     assert net.modules_by_name["blocks.0.mlp.layer1"].can_merge()
     merged_vs_separate(dit, net, TOL[torch.bfloat16])
+
+
+def test_fp8_compute_keeps_its_fp8_gemm(dit_file, monkeypatch):
+    """A LoKr module on an fp8-compute Linear adds its branch to the fp8 GEMM's output: merging would run the bf16
+    GEMM and drop the lever (models/fp8_compute.py)."""
+    dit = load_dit(dit_file, dtype=torch.bfloat16)
+    converted = enable_fp8_compute(dit)
+    net = create_network(dit, "lokr", dim=4, alpha=4.0)
+    compute = [m for m in net.lora_modules if isinstance(dit.get_submodule(m.path), Fp8ComputeLinear)]
+    assert len(compute) == converted > 0 and not any(m.can_merge() for m in compute)
+    calls = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    step(dit, net)
+    assert len(calls) >= converted  # every fp8-compute Linear ran its fp8 GEMM under the adapter
 
 
 @pytest.mark.parametrize("args", [{"rank_dropout": "0.3"}, {"module_dropout": "0.5"}])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anima_trainer.models.fp8 import Fp8Linear
 from anima_trainer.models.layers import rms_norm
 from anima_trainer.networks.formats import TE_NAME_PREFIX, NetworkError, alpha_value
 from anima_trainer.networks.inject import ForwardPatch
@@ -163,13 +164,14 @@ class AdapterModule(PatchingModule):
 
     # --- merged forward (network_args merged_forward; docs/performance.md) -----------------------------------
     def can_merge(self) -> bool:
-        """One GEMM with W + multiplier·ΔW instead of W x + multiplier·ΔW x: asked for, a frozen plain (or fp8)
-        Linear, a non-zero multiplier and no dropout on the branch input (which the base must not see)."""
+        """One GEMM with W + multiplier·ΔW instead of W x + multiplier·ΔW x: asked for, a frozen plain (or
+        fp8-stored) Linear, a non-zero multiplier and no dropout on the branch input (which the base must not see).
+        An fp8-compute Linear (models/fp8_compute.py) keeps its fp8 GEMM and adds the branch: merging would run
+        the bf16 GEMM instead and silently drop the lever its user asked for."""
         if not self.merged_forward or self.multiplier == 0.0 or (self.dropout and self.training):
             return False
         org = self._org[0]
-        return not org.weight.requires_grad and (type(org).forward is nn.Linear.forward
-                                                 or hasattr(org, "dequantized_weight"))
+        return not org.weight.requires_grad and type(org).forward in (nn.Linear.forward, Fp8Linear.forward)
 
     def base_weight(self) -> torch.Tensor:
         """W of the adapted Linear (an fp8 one dequantized to fp32), without grad."""
