@@ -13,7 +13,7 @@ PATHS = dict(pretrained_model_name_or_path="d", qwen3="q", vae="v", output_dir="
 def test_defaults_use_the_2d_vae_and_print_nothing() -> None:
     c = TrainConfig(**PATHS)
     assert (c.qwen_image_vae_2d, c.vae_chunk_size, c.vae_disable_cache, c.masked_loss) == (True, None, False, False)
-    assert not c.compile_blocks and c.vae_compile_notices() == []
+    assert c.compile_blocks == "auto" and c.vae_compile_notices() == []  # resolved per card at start-up
 
 
 @pytest.mark.parametrize(("backend", "expected"), [("inductor", "inductor"), ("AOT_EAGER", "aot_eager"),
@@ -28,12 +28,18 @@ def test_torch_compile_turns_on_compile_blocks(backend: str, expected: str) -> N
 
 
 def test_dynamo_backend_no_compiles_nothing_and_alone_has_no_effect() -> None:
+    # kohya compiles nothing then; here it does not switch the default off (compile_blocks decides)
     c = TrainConfig(**PATHS, torch_compile=True, dynamo_backend="NO")
-    assert not c.compile_blocks
-    assert c.vae_compile_notices() == ["torch_compile = true with dynamo_backend = 'no': nothing is compiled "
-                                       "(as in kohya)"]
+    assert c.compile_blocks == "auto"
+    assert c.vae_compile_notices() == ["torch_compile = true with dynamo_backend = 'no' compiles nothing in kohya; "
+                                       "here compile_blocks = \"auto\" decides (compiled on CUDA cards of compute "
+                                       "capability 8.0+ with triton); compile_blocks = false runs eager"]
+    c = TrainConfig(**PATHS, torch_compile=True, dynamo_backend="no", compile_blocks=False)
+    assert c.compile_blocks is False
+    assert c.vae_compile_notices() == ["torch_compile = true with dynamo_backend = 'no' compiles nothing in kohya; "
+                                       "here compile_blocks = false decides"]
     c = TrainConfig(**PATHS, dynamo_backend="eager")
-    assert not c.compile_blocks
+    assert c.compile_blocks == "auto"
     assert c.vae_compile_notices() == ["dynamo_backend = 'eager' has no effect without torch_compile (as in kohya)"]
     assert TrainConfig(**PATHS, dynamo_backend="no").vae_compile_notices() == []  # what kohya_ss writes
 

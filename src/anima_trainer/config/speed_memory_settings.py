@@ -37,7 +37,9 @@ class SpeedMemorySettings(BaseModel):
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="SDPA kernel of the DiT attention; auto = fastest measured at start-up on CUDA >= 8.0")
     fuse_qkv: bool = Field(True, description="one GEMM for self-attention q/k/v (weights packed, keys unchanged)")
-    compile_blocks: bool = Field(False, description="torch.compile each DiT block, static shapes (alias compile)")
+    compile_blocks: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each DiT block, static shapes (alias compile); auto = on for CUDA >= 8.0 "
+                            "with triton (not with checkpoint_mode = selective), else eager")
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode of the blocks (CUDA-graph modes are not supported)")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
@@ -45,6 +47,10 @@ class SpeedMemorySettings(BaseModel):
     compile_fullgraph: bool = Field(False, description="fail on a graph break inside a block instead of splitting")
     compile_cache_size_limit: int | None = Field(
         None, ge=1, description="dynamo cache entries per block (default: from the bucket count)")
+    compile_cache_dir: str = Field(
+        "auto", description="persistent torch.compile cache (inductor FX graph + AOTAutograd caches), so later runs "
+                            "start fast; auto = <user cache>/anima-trainer/torch-compile, \"\" = torch's own "
+                            "settings; TORCHINDUCTOR_CACHE_DIR wins")
 
     @field_validator("attention_backend", mode="before")
     @classmethod
@@ -64,7 +70,7 @@ class SpeedMemorySettings(BaseModel):
             needs += ["checkpoint_mode"] if self.checkpoint_mode != "full" else []
             if needs:
                 raise ValueError(f"{', '.join(needs)}: needs gradient_checkpointing = true")
-        if self.checkpoint_mode == "selective" and self.compile_blocks:
+        if self.checkpoint_mode == "selective" and self.compile_blocks is True:  # "auto" resolves to eager then
             # measured on an H200 (torch 2.11): torch raises "Tensor cached during selective activation checkpoint
             # has been mutated" in the first backward of a compiled block
             raise ValueError("checkpoint_mode: 'selective' does not work with compile_blocks (torch fails in the "
