@@ -53,3 +53,37 @@ def test_vae_disable_cache_and_chunk_on_3d_get_one_notice_each() -> None:
     assert TrainConfig(**PATHS, vae_chunk_size=64).vae_compile_notices() == []  # honoured on the 2-D path
     with pytest.raises(ValueError, match="vae_chunk_size"):
         TrainConfig(**PATHS, vae_chunk_size=0)
+
+
+# issue 18: compile_blocks = "auto" is the default; kohya's `false` (its default, written into every config by GUIs
+# and by kohya's --output_config) does not switch it off, our compile_blocks = false does
+KEPT_AUTO = ("torch_compile/compile = false (kohya's default, which GUIs and kohya's --output_config write into every "
+             "config) keeps compile_blocks = \"auto\": the DiT blocks are compiled on CUDA cards of compute "
+             "capability 8.0+ with triton and run eager elsewhere; compile_blocks = false runs eager everywhere")
+
+
+@pytest.mark.parametrize(("toml", "cli", "expected", "notices"), [
+    ("torch_compile = false\n", [], "auto", [KEPT_AUTO]),
+    ("compile = false\n", [], "auto", [KEPT_AUTO]),
+    ("compile = false\ntorch_compile = false\n", [], "auto", [KEPT_AUTO]),  # kohya's --output_config: one notice
+    ('compile = "false"\ndynamo_backend = "no"\n', [], "auto", [KEPT_AUTO]),
+    ("torch_compile = false\ncompile_blocks = false\n", [], False, []),  # our own name asks for eager
+    ("compile = false\ncompile_blocks = true\n", [], True, []),
+    ("compile = true\ntorch_compile = false\n", [], True, []),
+    ("compile = false\n", ["--compile", "false"], False, []),  # the command line is a request, not a GUI's default
+    ("compile = false\n", ["--compile"], True, []),
+    ("torch_compile = false\n", ["--compile_blocks", "auto"], "auto", [KEPT_AUTO]),
+    ("", ["--compile_blocks"], True, []),
+    ("", ["--no-compile_blocks"], False, []),
+    ("", [], "auto", []),
+])
+def test_kohya_compile_false_keeps_auto_with_one_notice(tmp_path, toml, cli, expected, notices) -> None:
+    from anima_trainer.config.loader import parse_train_args
+
+    path = tmp_path / "train.toml"
+    path.write_text(toml)
+    base = [f"--{k}={v}" for k, v in PATHS.items()]
+    cfg = parse_train_args([*base, "--config_file", str(path), *cli])
+    assert cfg.compile_blocks == expected and type(cfg.compile_blocks) is type(expected)
+    assert cfg.vae_compile_notices() == notices
+    assert [n for n in cfg.notices if "compile" in n] == []  # said once, by vae_compile_notices at start-up
