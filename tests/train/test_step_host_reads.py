@@ -24,6 +24,15 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__")
 HOST_TENSORS = {("optimizer.py", "_get_value"), ("llm_adapter.py", "_all_true")}
 
 
+def _counting(original, reads: Counter):
+    def counted(self, *a, **k):
+        frame = traceback.extract_stack(limit=2)[0]
+        reads[(frame.filename.replace("\\", "/").rsplit("/", 1)[-1], frame.name)] += 1
+        return original(self, *a, **k)
+
+    return counted
+
+
 def _reads_of_a_run(setup, out, steps: int, policy: str, monkeypatch) -> Counter:
     """(file, function) → count of tensor reads during `run_training`, at the function that read."""
     toml = write_demo_configs(out, setup["models"], setup["images"], steps, seed=5)
@@ -33,12 +42,7 @@ def _reads_of_a_run(setup, out, steps: int, policy: str, monkeypatch) -> Counter
     reads: Counter = Counter()
     with monkeypatch.context() as m:
         for name in READS:
-            def counted(self, *a, _original=getattr(torch.Tensor, name), **k):
-                frame = traceback.extract_stack(limit=2)[0]
-                reads[(frame.filename.replace("\\", "/").rsplit("/", 1)[-1], frame.name)] += 1
-                return _original(self, *a, **k)
-
-            m.setattr(torch.Tensor, name, counted)
+            m.setattr(torch.Tensor, name, _counting(getattr(torch.Tensor, name), reads))
         run = run_training(cfg)
     assert run.steps == steps
     return reads

@@ -39,7 +39,8 @@ class SpeedMemorySettings(BaseModel):
     fuse_qkv: bool = Field(True, description="one GEMM for self-attention q/k/v (weights packed, keys unchanged)")
     compile_blocks: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each DiT block, static shapes (alias compile); auto = on for CUDA >= 8.0 "
-                            "with triton (not with checkpoint_mode = selective), else eager")
+                            "with triton where measured (not with selective checkpointing, block swap or fp8_base), "
+                            "else eager")
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode of the blocks (CUDA-graph modes are not supported)")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
