@@ -87,3 +87,11 @@ def test_kohya_compile_false_keeps_auto_with_one_notice(tmp_path, toml, cli, exp
     assert cfg.compile_blocks == expected and type(cfg.compile_blocks) is type(expected)
     assert cfg.vae_compile_notices() == notices
     assert [n for n in cfg.notices if "compile" in n] == []  # said once, by vae_compile_notices at start-up
+
+
+def test_compile_blocks_words() -> None:
+    assert TrainConfig(**PATHS, compile_blocks="Auto").compile_blocks == "auto"
+    assert TrainConfig(**PATHS, compile_blocks="yes").compile_blocks is True
+    assert TrainConfig(**PATHS, compile_blocks="off").compile_blocks is False
+    with pytest.raises(ValueError, match="compile_blocks\n.*expected true, false or 'auto', got 'maybe'"):
+        TrainConfig(**PATHS, compile_blocks="maybe")

@@ -11,6 +11,9 @@ from pydantic import BaseModel, Field, field_validator
 from anima_trainer.config.rules import check_backend_name, check_compile_mode
 
 
+_BOOL_WORDS = ("0", "off", "f", "false", "n", "no", "1", "on", "t", "true", "y", "yes")  # what pydantic reads as bool
+
+
 class SpeedMemorySettings(BaseModel):
     """Fields, checks and the keyword arguments of the memory levers (a mixin of TrainConfig).
     max_data_loader_n_workers is declared among them only to keep the order of `--help` (it belongs to "data and
@@ -57,6 +60,15 @@ class SpeedMemorySettings(BaseModel):
     @classmethod
     def _attention_backend(cls, v: Any) -> Any:
         return check_backend_name(v) if isinstance(v, str) else v  # says why xformers is not one
+
+    @field_validator("compile_blocks", mode="before")
+    @classmethod
+    def _compile_blocks(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, str) and v.lower() not in _BOOL_WORDS:  # pydantic would only say "true or false"
+            raise ValueError(f"expected true, false or 'auto', got {v!r}")
+        return v
 
     @field_validator("compile_mode", mode="before")
     @classmethod
