@@ -32,7 +32,7 @@ FIELD_ORDER = """
     mixed_precision seed ema_decay ema_warmup gradient_checkpointing checkpoint_blocks checkpoint_mode
     cpu_offload_checkpointing
     blocks_to_swap fp8_base fp8_format fp8_compute max_data_loader_n_workers attention_backend fuse_qkv compile_blocks
-    compile_mode compile_backend compile_fullgraph compile_cache_size_limit ddp_bucket_cap_mb
+    compile_mode compile_backend compile_fullgraph compile_cache_size_limit compile_cache_dir ddp_bucket_cap_mb
     timestep_sampling discrete_flow_shift
     sigmoid_scale weighting_scheme logit_mean logit_std mode_scale loss_type huber_c preservation_loss_weight
     preservation_prompts preservation_every_n_steps dataset_config logging_dir

@@ -127,7 +127,7 @@ def test_config_fields_and_kohya_names(tmp_path):
     base = ["--pretrained_model_name_or_path", "d.safetensors", "--qwen3", "q.safetensors", "--vae",
             "v.safetensors", "--output_dir", str(tmp_path), "--dataset_config", "ds.toml"]
     cfg = parse_train_args(base)
-    assert (cfg.compile_blocks, cfg.compile_mode, cfg.compile_backend, cfg.fuse_qkv) == (False, "default",
+    assert (cfg.compile_blocks, cfg.compile_mode, cfg.compile_backend, cfg.fuse_qkv) == ("auto", "default",
                                                                                          "inductor", True)
     cfg = parse_train_args([*base, "--compile", "--compile_mode", "max-autotune-no-cudagraphs"])  # kohya's flags
     assert cfg.compile_blocks and cfg.compile_mode == "max-autotune-no-cudagraphs"

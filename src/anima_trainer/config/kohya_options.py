@@ -34,6 +34,11 @@ ALIASES: dict[str, str] = {
     "fp8_base_unet": "fp8_base",
     "unsloth_offload_checkpointing": "cpu_offload_checkpointing",
 }
+# kohya's store_true flags whose `false` in a TOML is kohya's default written out (kohya's --output_config writes every
+# flag; GUIs write `torch_compile = false`), not a request: our default stays, read as the named field's `false`
+# (compile = false → torch_compile = false: compile_blocks stays "auto", with one notice, config/vae_settings.py).
+# `compile_blocks = false` or `--compile false` on the command line asks for eager.
+KOHYA_DEFAULT_OFF: dict[str, str] = {"compile": "torch_compile"}
 # aliases that are kohya's own names (help and docs say so; the others are sd-scripts-anima's)
 KOHYA_ALIASES = frozenset({"compile", "fp8_base_unet", "unsloth_offload_checkpointing"})
 # aliases that are another trainer's name rather than sd-scripts-anima's: one start-up notice says what they became

@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticUndefined
@@ -52,11 +52,15 @@ def help_escape(text: str) -> str:
     return text.replace("%", "%%")
 
 
+_BOOL_OR_AUTO = bool | Literal["auto"]
+
+
 def _add(parser: argparse.ArgumentParser, flag: str, field: str, help_text: str) -> None:
     info = TrainConfig.model_fields[field]
     kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_escape(help_text), "dest": flag}
-    if info.annotation in (bool, bool | None):  # `--flag` is true; `--flag=false`, `--flag false`, `--no-flag`: false
-        kw.update(nargs="?", const="true", metavar="BOOL")
+    if info.annotation in (bool, bool | None, _BOOL_OR_AUTO):  # `--flag` is true; `--flag=false`, `--flag false`,
+        # `--no-flag`: false (compile_blocks also takes `auto`)
+        kw.update(nargs="?", const="true", metavar="{true,false,auto}" if info.annotation == _BOOL_OR_AUTO else "BOOL")
         parser.add_argument(f"--no-{flag}", dest=flag, action="store_const", const="false", default=argparse.SUPPRESS,
                             help=f"same as --{flag}=false")
     elif field in _LIST_FIELDS:
@@ -287,6 +291,12 @@ def _canonical(values: dict[str, Any], src: TomlSource | None, rules: dict[str, 
         elif key in ko.ALIASES:
             canonical = ko.ALIASES[key]
             if value == "":  # sd-scripts-anima's "unset"
+                continue
+            if key in ko.KOHYA_DEFAULT_OFF and src is not None and not _is_on(value):
+                # kohya's default written out (GUIs, --output_config): our default stays, read as that field's false
+                kohya_field = ko.KOHYA_DEFAULT_OFF[key]
+                if kohya_field not in values:
+                    out[kohya_field] = False
                 continue
             if key in ko.ALIAS_NOTICES:
                 rules[key] = (value, f"--{key}" if src is None else key, where(key))

@@ -12,6 +12,9 @@ from pydantic import BaseModel, Field, field_validator
 from anima_trainer.config.rules import check_backend_name, check_compile_mode
 
 
+_BOOL_WORDS = ("0", "off", "f", "false", "n", "no", "1", "on", "t", "true", "y", "yes")  # what pydantic reads as bool
+
+
 class SpeedMemorySettings(BaseModel):
     """Fields, checks and the keyword arguments of the memory levers (a mixin of TrainConfig).
     max_data_loader_n_workers is declared among them only to keep the order of `--help` (it belongs to "data and
@@ -42,7 +45,10 @@ class SpeedMemorySettings(BaseModel):
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="SDPA kernel of the DiT attention; auto = fastest measured at start-up on CUDA >= 8.0")
     fuse_qkv: bool = Field(True, description="one GEMM for self-attention q/k/v (weights packed, keys unchanged)")
-    compile_blocks: bool = Field(False, description="torch.compile each DiT block, static shapes (alias compile)")
+    compile_blocks: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each DiT block, static shapes (alias compile); auto = on for CUDA >= 8.0 "
+                            "with triton where measured (not with selective checkpointing, block swap or fp8_base), "
+                            "else eager")
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode of the blocks (CUDA-graph modes are not supported)")
     compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
@@ -50,6 +56,10 @@ class SpeedMemorySettings(BaseModel):
     compile_fullgraph: bool = Field(False, description="fail on a graph break inside a block instead of splitting")
     compile_cache_size_limit: int | None = Field(
         None, ge=1, description="dynamo cache entries per block (default: from the bucket count)")
+    compile_cache_dir: str = Field(
+        "auto", description="persistent torch.compile cache (inductor FX graph + AOTAutograd caches), so later runs "
+                            "start fast; auto = <user cache>/anima-trainer/torch-compile, \"\" = torch's own "
+                            "settings; TORCHINDUCTOR_CACHE_DIR wins")
     ddp_bucket_cap_mb: float = Field(25.0, ge=0, description="data parallel: all-reduce the gradients in buckets "
         "of about this many MB, started during the backward of each step's last micro-batch (0 = one flat "
         "all-reduce after the backward; the same result either way)")
@@ -58,6 +68,15 @@ class SpeedMemorySettings(BaseModel):
     @classmethod
     def _attention_backend(cls, v: Any) -> Any:
         return check_backend_name(v) if isinstance(v, str) else v  # says why xformers is not one
+
+    @field_validator("compile_blocks", mode="before")
+    @classmethod
+    def _compile_blocks(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        if isinstance(v, str) and v.lower() not in _BOOL_WORDS:  # pydantic would only say "true or false"
+            raise ValueError(f"expected true, false or 'auto', got {v!r}")
+        return v
 
     @field_validator("compile_mode", mode="before")
     @classmethod
@@ -73,7 +92,7 @@ class SpeedMemorySettings(BaseModel):
             needs += ["checkpoint_mode"] if self.checkpoint_mode != "full" else []
             if needs:
                 raise ValueError(f"{', '.join(needs)}: needs gradient_checkpointing = true")
-        if self.checkpoint_mode == "selective" and self.compile_blocks:
+        if self.checkpoint_mode == "selective" and self.compile_blocks is True:  # "auto" resolves to eager then
             # measured on an H200 (torch 2.11): torch raises "Tensor cached during selective activation checkpoint
             # has been mutated" in the first backward of a compiled block
             raise ValueError("checkpoint_mode: 'selective' does not work with compile_blocks (torch fails in the "

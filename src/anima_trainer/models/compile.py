@@ -17,7 +17,12 @@ multiplier also recompiles.  Non-reentrant checkpointing around a compiled block
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,3 +111,114 @@ def uncompile_dit_blocks(dit: nn.Module) -> None:
 
 def is_compiled(dit: nn.Module) -> bool:
     return any("_anima_compile_hook" in block.__dict__ for block in getattr(dit, "blocks", ()))
+
+
+# --- compile_blocks = "auto": where compiling is the default ---------------------------------------------------------
+AUTO_MIN_CAPABILITY = (8, 0)  # the cards the compiled step was measured on (bench/README.md: H100/H200, sm90)
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    """Whether the DiT blocks are compiled, and why (the reason is logged when "auto" picks eager on a CUDA card)."""
+
+    compiled: bool
+    reason: str
+
+
+def resolve_compile_blocks(setting: bool | str, *, device_type: str, capability: tuple[int, int] | None = None,
+                           triton_available: bool = False, backend: str = "inductor",
+                           checkpoint_mode: str = "full", blocks_to_swap: int = 0,
+                           fp8_base: bool = False) -> CompileDecision:
+    """compile_blocks → compiled or eager.  true/false are honoured as given; "auto" compiles only where the
+    compiled step is measured to be faster and to work: CUDA with compute capability >= 8.0, triton importable
+    (inductor generates Triton kernels on CUDA; Windows installs often lack it) and none of the levers that fail
+    under compile (selective checkpointing: torch errors in the backward) or were not measured with it (block swap,
+    fp8_base).  A pure function of its arguments: `compile_decision` reads them from the machine."""
+    if setting is True or setting is False:
+        return CompileDecision(setting, f"compile_blocks = {str(setting).lower()}")
+    if setting != "auto":
+        raise ValueError(f"compile_blocks: expected true, false or 'auto', got {setting!r}")
+    if device_type != "cuda":
+        return CompileDecision(False, f"compile_blocks = auto compiles on CUDA only; {device_type} runs eager")
+    if capability is None or tuple(capability) < AUTO_MIN_CAPABILITY:
+        shown = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        return CompileDecision(False, f"compile_blocks = auto: eager on this card (compute capability {shown} < 8.0, "
+                                      "where compile is not measured); compile_blocks = true compiles anyway")
+    if backend == "inductor" and not triton_available:
+        return CompileDecision(False, "compile_blocks = auto: eager because triton is not installed (inductor needs "
+                                      "it on CUDA; on Windows: pip install triton-windows); compile_blocks = true "
+                                      "with compile_backend = \"aot_eager\" compiles without it, but is not faster")
+    if checkpoint_mode == "selective":
+        return CompileDecision(False, "compile_blocks = auto: eager because checkpoint_mode = \"selective\" fails "
+                                      "inside compiled blocks (torch errors in the backward); checkpoint_mode = "
+                                      "\"full\" compiles and is faster (bench/README.md)")
+    unmeasured = [name for name, on in (("blocks_to_swap", blocks_to_swap > 0), ("fp8_base", fp8_base)) if on]
+    if unmeasured:
+        return CompileDecision(False, f"compile_blocks = auto: eager because {' and '.join(unmeasured)} with "
+                                      "compiled blocks is not measured yet; compile_blocks = true compiles anyway")
+    return CompileDecision(True, f"compile_blocks = auto: compiled (CUDA compute capability "
+                                 f"{capability[0]}.{capability[1]}, triton available)")
+
+
+def triton_available() -> bool:
+    """Whether triton can be imported (without importing it: it is slow and only inductor needs it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def compile_decision(setting: bool | str, device: torch.device, **levers: Any) -> CompileDecision:
+    """`resolve_compile_blocks` for this machine: the device's compute capability and whether triton is there;
+    `levers`: backend, checkpoint_mode, blocks_to_swap, fp8_base."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return resolve_compile_blocks(setting, device_type=device.type, capability=capability,
+                                  triton_available=triton_available(), **levers)
+
+
+# --- the persistent compile cache ------------------------------------------------------------------------------------
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+CACHE_SWITCHES = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")
+
+
+def default_compile_cache_dir(env: Mapping[str, str] | None = None, *, windows: bool | None = None) -> Path:
+    """<user cache home>/anima-trainer/torch-compile: %LOCALAPPDATA% on Windows, else $XDG_CACHE_HOME or ~/.cache.
+    Why not torch's default (a folder under the temp dir): it is emptied on reboot, so every run compiled again."""
+    env = os.environ if env is None else env
+    windows = os.name == "nt" if windows is None else windows
+    if windows:
+        base = Path(env["LOCALAPPDATA"]) if env.get("LOCALAPPDATA") else Path.home() / "AppData" / "Local"
+    else:
+        base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "anima-trainer" / "torch-compile"
+
+
+def user_set_cache_dir(env: Mapping[str, str]) -> bool:
+    """Whether TORCHINDUCTOR_CACHE_DIR names a folder of the user's.  Importing torch._dynamo writes torch's
+    default (a folder in the temp dir) into the variable, so that value counts as unset, and so does "" (it would
+    put the cache in the working directory)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    value = env.get(CACHE_ENV, "")
+    return bool(value) and os.path.abspath(value) != os.path.abspath(default_cache_dir())
+
+
+def configure_compile_cache(setting: str = "auto", env: MutableMapping[str, str] | None = None) -> str | None:
+    """Turn on inductor's FX graph cache and the AOTAutograd cache in a persistent folder, so the second run loads
+    the compiled blocks instead of compiling them again.  `setting` is compile_cache_dir: "auto" (the default
+    folder), a path, or "" (leave torch's own settings alone).  Variables the user set win: TORCHINDUCTOR_CACHE_DIR
+    when it names a folder of the user's (`user_set_cache_dir`), TORCHINDUCTOR_FX_GRAPH_CACHE and
+    TORCHINDUCTOR_AUTOGRAD_CACHE (e.g. "0").  Call it only when compiling, before the first compiled call.  Returns
+    the cache folder in use (None: torch's choice, not known yet)."""
+    env = os.environ if env is None else env
+    if not setting.strip():
+        return env.get(CACHE_ENV) or None
+    if not user_set_cache_dir(env):
+        folder = default_compile_cache_dir(env) if setting.strip() == "auto" else Path(setting).expanduser()
+        env[CACHE_ENV] = str(folder.absolute())
+    for name in CACHE_SWITCHES:
+        env.setdefault(name, "1")
+    if env is os.environ:  # the config modules read these variables at import time, so set the values too
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = env[CACHE_SWITCHES[0]] == "1"
+        functorch_config.enable_autograd_cache = env[CACHE_SWITCHES[1]] == "1"
+    return env[CACHE_ENV]

@@ -61,6 +61,7 @@ from anima_trainer.train.lock import RunLock
 from anima_trainer.train.measurements import Measurements, build_evaluation, evaluation_texts, paused_training
 from anima_trainer.train.model_setup import (
     WEIGHT_DTYPES,
+    first_step_notice,
     kohya_text_encoder_notice,
     load_models,
     module_counts,
@@ -395,7 +396,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                              start=(progress.epoch - 1) * len(shard) + progress.batch_in_epoch, shard=shard)
     monitor = Monitor.from_config(cfg, device, max_steps=max_steps,
                                   steps_per_epoch=math.ceil(len(shard) / plan.accumulation),
-                                  events=events, log_fn=accelerator.log if tracking.log_with else None)
+                                  events=events, log_fn=accelerator.log if tracking.log_with else None,
+                                  first_step_notice=first_step_notice(cfg, dit))  # compiled: the wait, the way out
     log.info("training %s %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
              module_counts(network), cfg.network_module, len(network.norms_by_name), dataset.num_images,
              len(dataset), max_steps, epochs)

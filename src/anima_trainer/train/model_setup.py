@@ -8,6 +8,7 @@ Split from train/loop.py so the loop reads top to bottom; bench/ uses `prepare_d
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -17,7 +18,8 @@ from anima_trainer.models.base_models import BaseModels, load_base_models
 from anima_trainer.models.attention_backend import configure_attention
 from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.models.model_files import ModelFileError
-from anima_trainer.models.compile import compile_dit_blocks
+from anima_trainer.models.compile import (CACHE_ENV, compile_decision, compile_dit_blocks, configure_compile_cache,
+                                          is_compiled)
 from anima_trainer.models.fp8 import Fp8Linear, has_fp8
 from anima_trainer.models.fp8_compute import check_fp8_compute_device, enable_fp8_compute
 from anima_trainer.models.layers import set_fused_qkv
@@ -74,7 +76,9 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
         raise ConfigError(str(e)) from None
     network.to(device)
     kernel = configure_attention(dit, cfg.attention_backend, device, dtype, tokens=max(tokens), batch=batch)
-    if cfg.compile_blocks:
+    if compiles_blocks(cfg, device):
+        if cfg.compile_backend == "inductor":  # the only backend that writes compiled code to reuse
+            configure_compile_cache(cfg.compile_cache_dir)
         compile_dit_blocks(dit, mode=cfg.compile_mode, backend=cfg.compile_backend, fullgraph=cfg.compile_fullgraph,
                            cache_size_limit=cfg.compile_cache_size_limit,
                            max_shapes=2 * len(tokens) + extra_shapes)
@@ -93,6 +97,27 @@ def enable_fp8_compute_for_run(cfg: TrainConfig, dit, device: torch.device) -> N
     if device.type == "cpu":
         log.warning("notice: fp8_compute on the CPU runs the fp8 GEMMs with a GPU's numerics but no faster than "
                     "bf16; it pays on CUDA sm89+ only")
+
+
+def compiles_blocks(cfg: TrainConfig, device: torch.device) -> bool:
+    """compile_blocks resolved for this device and these levers (models/compile.py resolve_compile_blocks); when
+    "auto" picks eager on a CUDA card, one log line says why (CPU and MPS are eager by design: nothing to say)."""
+    decision = compile_decision(cfg.compile_blocks, device, backend=cfg.compile_backend,
+                                checkpoint_mode=cfg.checkpoint_mode, blocks_to_swap=cfg.blocks_to_swap,
+                                fp8_base=cfg.fp8_base)
+    if cfg.compile_blocks == "auto" and device.type == "cuda" and not decision.compiled:
+        log.info("%s", decision.reason)
+    return decision.compiled
+
+
+def first_step_notice(cfg: TrainConfig, dit: torch.nn.Module) -> str | None:
+    """What follows "first step N s, " in the line train/monitor.py prints after the first step of a run with
+    compiled blocks: what the wait was, where the compiled code is kept, and the one-line way back to eager."""
+    if not is_compiled(dit):
+        return None
+    folder = os.environ.get(CACHE_ENV) if cfg.compile_backend == "inductor" else None  # torch's default if not ours
+    cached = f" (cached in {folder}: later runs start faster)" if folder else ""
+    return f"including torch.compile of the DiT blocks{cached}; compile_blocks = false runs eager"
 
 
 def check_network_options(cfg: TrainConfig) -> None:

@@ -154,7 +154,7 @@ class Monitor:
                  warmup_steps: int = 5, summary_every_n_steps: int = 100, warn_every_n_steps: int = 100,
                  starvation_hint: str = "raise max_data_loader_n_workers or cache the latents (cache_latents)",
                  events: Any = None, log_fn: Callable[..., None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, first_step_notice: str | None = None) -> None:
         if alert_policy not in ("warn", "raise"):
             raise ValueError(f"alert_policy must be warn or raise, got {alert_policy!r}")
         if nonfinite_policy not in ("warn", "raise", "skip_step"):
@@ -168,6 +168,7 @@ class Monitor:
         self.warmup_steps, self.summary_every_n_steps = warmup_steps, summary_every_n_steps
         self.warn_every_n_steps, self.starvation_hint = warn_every_n_steps, starvation_hint
         self.events, self.log_fn, self.clock = events, log_fn, clock
+        self.first_step_notice = first_step_notice  # "first step N s, <notice>" is logged (compiled blocks)
         self.losses: list[float] = []  # every step's loss, in order (complete after flush())
         self.skipped_steps = 0
         self.alerts = {name: _Alert() for name in ALERTS}
@@ -309,6 +310,8 @@ class Monitor:
         step_time = max(now - self._mark - self._paused, 0.0)
         self._mark, self._paused = now, 0.0
         self._steps_seen += 1
+        if self._steps_seen == 1 and self.first_step_notice:
+            log.info("first step %.1f s, %s", step_time, self.first_step_notice)
         if self._steps_seen > self.warmup_steps:  # worker start-up and first-step compilation are not starvation
             self._timing.append((self._step_wait, step_time))
         iv = self._interval
