@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from anima_trainer.config import ConfigError
-from anima_trainer.train.vram_plan import compiles_blocks, plan_memory
+from anima_trainer.train.vram_plan import plan_memory
 
 try:  # run as a script: bench/ is sys.path[0]
     import train_step
@@ -58,7 +58,7 @@ def plan_for(args: argparse.Namespace, budget: float, device: torch.device, dtyp
     levers = train_step.apply_settings(dict(CACHED_RUN), args.settings)
     cfg = train_step.train_config(step_args(args), dtype_name, False, **levers)
     return plan_memory(cfg, train_step.CONFIGS[args.config], resolution=(height, width), batch=args.batch,
-                       budget_gib=budget, llm_adapter_trained=False, compiled=compiles_blocks(cfg, device))
+                       budget_gib=budget, llm_adapter_trained=False, device=device)
 
 
 def plan_row(args: argparse.Namespace, budget: float, device: torch.device, dtype_name: str) -> dict:
@@ -69,7 +69,7 @@ def plan_row(args: argparse.Namespace, budget: float, device: torch.device, dtyp
     settings = {k: v for k, v in plan.settings.items() if k != "cache_llm_adapter_outputs"}
     return {"budget_gib": budget, "plan": settings, "plan_candidate": plan.table[plan.chosen][0],
             "estimated_peak_gib": round(plan.estimate_gib, 2), "expected_ms_h200": round(plan.expected_ms, 1),
-            "expected_compiled": plan.compiled, "plan_text": plan.describe()}
+            "expected_compiled": plan.compiled[plan.chosen], "plan_text": plan.describe()}
 
 
 def worker(args: argparse.Namespace, budget: float | None) -> dict:

@@ -86,8 +86,9 @@ CACHED = {"cache_latents": True, "cache_text_encoder_outputs": True}
 def test_expected_step_times_grow_with_frugality_and_match_the_h200_anchors(compiled):
     """Every candidate down to the most frugal (a 3.3 GiB budget tries them all): times never fall along the
     order; the anchors are the H200 measurements the model is calibrated on."""
-    plan = plan_memory(make_train_config({**REQUIRED, **CACHED}), DitConfig(has_llm_adapter=False),
-                       resolution=(1024, 1024), batch=1, budget_gib=3.3, llm_adapter_trained=False, compiled=compiled)
+    plan = plan_memory(make_train_config({**REQUIRED, **CACHED, "compile_blocks": compiled}),
+                       DitConfig(has_llm_adapter=False), resolution=(1024, 1024), batch=1, budget_gib=3.3,
+                       llm_adapter_trained=False)
     assert len(plan.step_ms) == len(plan.table) == len(candidates(28, False)) - 1  # swap of 26 not needed
     assert all(a <= b for a, b in zip(plan.step_ms, plan.step_ms[1:])), plan.step_ms
     times = dict(zip((n for n, _ in plan.table), plan.step_ms))
@@ -95,7 +96,7 @@ def test_expected_step_times_grow_with_frugality_and_match_the_h200_anchors(comp
     assert times["checkpointing of all blocks"] == pytest.approx(164.8 if compiled else 318.6)
     assert times["all blocks + offloaded block inputs"] == pytest.approx((164.8 if compiled else 318.6) + 193.0)
     assert times["checkpointing of 4 blocks"] < times["checkpointing of 24 blocks"]
-    assert plan.expected_ms == plan.step_ms[-1] and plan.compiled is compiled
+    assert plan.expected_ms == plan.step_ms[-1] and plan.compiled == [compiled] * len(plan.table)
 
 
 def test_expected_step_time_scales_with_the_step_flops():
@@ -120,10 +121,10 @@ def test_the_printed_plan_gives_the_expected_time_as_an_h200_estimate():
     first, *rows = plan.describe().splitlines()
     assert f"expected step time ~{plan.expected_ms:.0f} ms (an estimate for an H200, eager blocks" in first
     assert "other cards differ" in first
-    assert len(rows) == len(plan.table) and all(r.rstrip().endswith("ms/step") for r in rows)
+    assert len(rows) == len(plan.table) and all(r.rstrip().endswith("ms/step (eager)") for r in rows)
     assert rows[-1].startswith("  → ") and f"~{plan.step_ms[-1]:5.0f} ms/step" in rows[-1]
     compiled = _plan(8, **CACHED, compile_blocks=True)
-    assert compiled.compiled and "compiled blocks" in compiled.describe()
+    assert all(compiled.compiled) and "compiled blocks" in compiled.describe()
     assert compiled.expected_ms < plan.expected_ms
 
 
@@ -143,17 +144,22 @@ def test_auto_budget_plans_for_free_memory_when_another_process_holds_part_of_th
     assert resolve_budget("auto", torch.device("cuda", 0)) == pytest.approx(11.5)
 
 
-def test_compile_setting_of_the_plan(monkeypatch):
+def test_the_plan_resolves_compile_blocks_per_candidate(monkeypatch):
+    """The step times follow what prepare_dit will run (train/model_setup.py compile_choice, the one resolver):
+    "auto" on the CPU is eager; on an sm90 card with triton it compiles, except the block-swap candidates, which
+    "auto" runs eager (not measured compiled)."""
     import torch
 
-    from anima_trainer.train.vram_plan import compiles_blocks
+    from anima_trainer.models import compile as compile_module
 
-    cfg = make_train_config(REQUIRED)
-    assert compiles_blocks(cfg, torch.device("cpu")) is False
-    assert compiles_blocks(cfg.model_copy(update={"compile_blocks": True}), torch.device("cpu")) is True
-    auto = cfg.model_copy(update={"compile_blocks": "auto"})  # the issue-18 default: CUDA sm80+ only
-    assert compiles_blocks(auto, torch.device("cpu")) is False
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for major, expected in ((8, True), (7, False)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
-        assert compiles_blocks(auto, torch.device("cuda", 0)) is expected
+    auto = {**REQUIRED, **CACHED, "compile_blocks": "auto"}
+    cfg = make_train_config(auto)
+    args = dict(resolution=(1024, 1024), batch=1, budget_gib=3.3, llm_adapter_trained=False)  # tries them all
+    cpu = plan_memory(cfg, DitConfig(has_llm_adapter=False), **args)
+    assert not any(cpu.compiled)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(compile_module, "triton_available", lambda: True)
+    gpu = plan_memory(cfg, DitConfig(has_llm_adapter=False), **args, device=torch.device("cuda", 0))
+    swap = ["block swap" in name for name, _ in gpu.table]
+    assert any(swap) and gpu.compiled == [not s for s in swap]
+    assert "(eager)" in gpu.describe().splitlines()[-1] and "(compiled)" in gpu.describe().splitlines()[1]

@@ -18,8 +18,8 @@ from anima_trainer.models.base_models import BaseModels, load_base_models
 from anima_trainer.models.attention_backend import configure_attention
 from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.models.model_files import ModelFileError
-from anima_trainer.models.compile import (CACHE_ENV, compile_decision, compile_dit_blocks, configure_compile_cache,
-                                          is_compiled)
+from anima_trainer.models.compile import (CACHE_ENV, CompileDecision, compile_decision, compile_dit_blocks,
+                                          configure_compile_cache, is_compiled)
 from anima_trainer.models.fp8 import Fp8Linear, has_fp8
 from anima_trainer.models.fp8_compute import check_fp8_compute_device, enable_fp8_compute
 from anima_trainer.models.layers import set_fused_qkv
@@ -99,12 +99,18 @@ def enable_fp8_compute_for_run(cfg: TrainConfig, dit, device: torch.device) -> N
                     "bf16; it pays on CUDA sm89+ only")
 
 
+def compile_choice(cfg: TrainConfig, device: torch.device, **levers) -> CompileDecision:
+    """compile_blocks resolved for this device and the run's levers (models/compile.py resolve_compile_blocks);
+    `levers` overrides them (checkpoint_mode, blocks_to_swap, fp8_base: train/vram_plan.py asks per candidate)."""
+    levers = {"checkpoint_mode": cfg.checkpoint_mode, "blocks_to_swap": cfg.blocks_to_swap, "fp8_base": cfg.fp8_base,
+              **levers}
+    return compile_decision(cfg.compile_blocks, device, backend=cfg.compile_backend, **levers)
+
+
 def compiles_blocks(cfg: TrainConfig, device: torch.device) -> bool:
-    """compile_blocks resolved for this device and these levers (models/compile.py resolve_compile_blocks); when
-    "auto" picks eager on a CUDA card, one log line says why (CPU and MPS are eager by design: nothing to say)."""
-    decision = compile_decision(cfg.compile_blocks, device, backend=cfg.compile_backend,
-                                checkpoint_mode=cfg.checkpoint_mode, blocks_to_swap=cfg.blocks_to_swap,
-                                fp8_base=cfg.fp8_base)
+    """Whether `prepare_dit` compiles the blocks; when "auto" picks eager on a CUDA card, one log line says why
+    (CPU and MPS are eager by design: nothing to say)."""
+    decision = compile_choice(cfg, device)
     if cfg.compile_blocks == "auto" and device.type == "cuda" and not decision.compiled:
         log.info("%s", decision.reason)
     return decision.compiled

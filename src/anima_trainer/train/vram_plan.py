@@ -25,6 +25,7 @@ from anima_trainer.dtypes import precision_name
 from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
 from anima_trainer.train.memory_estimate import estimate_training_memory
+from anima_trainer.train.model_setup import compile_choice
 from anima_trainer.train.step_time import CARD, expected_step_ms
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class MemoryPlan:
     budget_gib: float
     table: list[tuple[str, float]]  # (candidate, estimated GiB) in the order tried
     step_ms: list[float] = field(default_factory=list)  # expected ms/step of each tried candidate (an H200 estimate)
-    compiled: bool = False  # whether the step times assume compiled blocks
+    compiled: list[bool] = field(default_factory=list)  # whether each tried candidate's blocks are compiled
 
     @property
     def expected_ms(self) -> float | None:
@@ -61,13 +62,14 @@ class MemoryPlan:
 
     def describe(self) -> str:
         times = self.step_ms or [None] * len(self.table)
+        modes = self.compiled or [False] * len(self.table)
         rows = "\n".join(f"  {'→' if i == self.chosen else ' '} {name:<44} {g:6.2f} GiB"
-                         + (f"  ~{ms:5.0f} ms/step" if ms is not None else "")
-                         for i, ((name, g), ms) in enumerate(zip(self.table, times)))
+                         + (f"  ~{ms:5.0f} ms/step ({'compiled' if c else 'eager'})" if ms is not None else "")
+                         for i, ((name, g), ms, c) in enumerate(zip(self.table, times, modes)))
         chosen = ", ".join(f"{k} = {v}" for k, v in self.settings.items())
         expected = "" if self.expected_ms is None else (
             f"; expected step time ~{self.expected_ms:.0f} ms (an estimate for an {CARD}, "
-            f"{'compiled' if self.compiled else 'eager'} blocks, train/step_time.py; other cards differ)")
+            f"{'compiled' if modes[self.chosen] else 'eager'} blocks, train/step_time.py; other cards differ)")
         return (f"vram_budget_gb {self.budget_gib:.1f}: estimated peak {self.estimate_gib:.2f} GiB with {chosen}"
                 f"{expected}\n{rows}")
 
@@ -98,16 +100,6 @@ def resolve_budget(value: float | str, device: Any) -> float:
     return card
 
 
-def compiles_blocks(cfg: TrainConfig, device: Any) -> bool:
-    """Whether the run's DiT blocks will be compiled: `compile_blocks` true, or "auto" on CUDA sm80+ (the
-    default rule of issue 18); for the plan's step times only."""
-    value = getattr(cfg, "compile_blocks", False)
-    if value == "auto":
-        cuda = getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available()
-        return cuda and torch.cuda.get_device_capability(device)[0] >= 8
-    return bool(value)
-
-
 def candidates(num_blocks: int, llm_adapter_cacheable: bool) -> list[tuple[str, dict[str, Any]]]:
     """Memory settings from the fastest to the most frugal."""
     base = {"cache_llm_adapter_outputs": True} if llm_adapter_cacheable else {}
@@ -127,10 +119,11 @@ def candidates(num_blocks: int, llm_adapter_cacheable: bool) -> list[tuple[str, 
 
 
 def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
-                budget_gib: float, llm_adapter_trained: bool, compiled: bool | None = None) -> MemoryPlan:
+                budget_gib: float, llm_adapter_trained: bool, device: Any = None) -> MemoryPlan:
     """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does), with each tried
-    candidate's expected step time (`compiled`: whether blocks are compiled; default `compile_blocks is True`)."""
-    compiled = getattr(cfg, "compile_blocks", False) is True if compiled is None else compiled
+    candidate's expected step time, compiled or eager as `compile_blocks` resolves for `device` with that
+    candidate's levers (train/model_setup.py `compile_choice`: "auto" runs block swap eager, for one)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     extra = RESERVE_GIB
     if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
         extra += TEXT_ENCODER_GIB
@@ -139,6 +132,7 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
     dtype = precision_name(cfg.mixed_precision)
     table: list[tuple[str, float]] = []
     step_ms: list[float] = []
+    compiled: list[bool] = []
     for name, settings in candidates(dit_config.num_blocks, dit_config.has_llm_adapter and not llm_adapter_trained):
         options = {**cfg.memory_options(), **{k: v for k, v in settings.items() if k != "cache_llm_adapter_outputs"}}
         te_gib = text_encoder_training_gib(cfg.model_copy(update={
@@ -149,7 +143,9 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
                                        **options)
         total = est["total_gib"] + extra + te_gib
         table.append((name, total))
-        step_ms.append(expected_step_ms(dit_config, tokens=est["tokens"] // batch, batch=batch, compiled=compiled,
+        compiled.append(compile_choice(cfg, device, checkpoint_mode=options["checkpoint_mode"],
+                                       blocks_to_swap=options["blocks_to_swap"]).compiled)
+        step_ms.append(expected_step_ms(dit_config, tokens=est["tokens"] // batch, batch=batch, compiled=compiled[-1],
                                         block_bytes=est["block_weights_gib"] * 2**30, **options))
         if total <= budget_gib:
             return MemoryPlan(settings, total, budget_gib, table, step_ms, compiled)
@@ -170,7 +166,7 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: b
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
     plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch,
                        budget_gib=resolve_budget(cfg.vram_budget_gb, device), llm_adapter_trained=llm_adapter_trained,
-                       compiled=compiles_blocks(cfg, device))
+                       device=device)
     log.info("%s", plan.describe())
     return cfg.model_copy(update=plan.settings)
 
