@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from anima_trainer.demo import TINY_DIT_CONFIG
+from anima_trainer.models.dit import AnimaDiT
 from anima_trainer.train.distributed import Distributed, shard_batches
 from anima_trainer.train.fsdp import (
     SHARDED_FOLDER,
@@ -33,6 +35,7 @@ from tests.support.small_dit import SMALL, small_dit
 from tests.train.test_distributed import run_processes
 
 WORLD, ACCUM, STEPS, SAVE_AT = 2, 2, 4, 2
+ADAPTER_STEPS = 2
 LR, MAX_NORM = 1e-3, 0.05
 RTOL = 1e-4  # the issue's criterion; sharded sums run in another order than the single-process ones
 ATOL = 1e-7
@@ -149,13 +152,40 @@ def _bf16_compute_run(d: Distributed, out: Path) -> dict:
     return {"full": full_state_dict(dit), "norm": norm}
 
 
+def _adapter_sample(index: int) -> tuple[torch.Tensor, ...]:
+    """Latents, σ, Qwen hidden states and T5 ids for the demo DiT (with an LLM adapter)."""
+    g = torch.Generator().manual_seed(200 + index)
+    return (torch.randn(1, 16, 1, 8, 8, generator=g), torch.rand(1, generator=g),
+            torch.randn(1, 7, TINY_DIT_CONFIG.llm_adapter_source_dim, generator=g),
+            torch.randint(0, TINY_DIT_CONFIG.llm_adapter_vocab, (1, 5), generator=g))
+
+
+def _adapter_run(indices_of_step, divide: int, shard: bool) -> dict[str, torch.Tensor]:
+    """ADAPTER_STEPS AdamW steps of the whole demo DiT, the LLM adapter trained through `encode_context`."""
+    from anima_trainer.models.dit import AnimaDiT
+
+    torch.manual_seed(0)
+    dit = AnimaDiT(TINY_DIT_CONFIG)
+    if shard:
+        dit = shard_dit(dit, device="cpu")
+    optimizer = _optimizer(dit)
+    for step in range(ADAPTER_STEPS):
+        for index in indices_of_step(step):
+            x, t, qwen, t5_ids = _adapter_sample(index)
+            (dit(x, t, dit.encode_context(qwen, t5_ids)).square().mean() / divide).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return full_state_dict(dit) if shard else {k: v.detach().clone() for k, v in dit.state_dict().items()}
+
+
 def _all_runs(d: Distributed, out: Path) -> dict:
     import traceback
 
     results = {}
     for name, fn in {"full": lambda: _sharded_run(d, out, None, save=True), "resumed": lambda: _resumed_run(d, out),
                      "partial": lambda: _sharded_run(d, out, PARTIAL, save=False),
-                     "bf16_compute": lambda: _bf16_compute_run(d, out)}.items():
+                     "bf16_compute": lambda: _bf16_compute_run(d, out),
+                     "adapter": lambda: {"full": _adapter_run(lambda step: [WORLD * step + d.rank], 1, True)}}.items():
         try:
             results[name] = fn()
         except Exception:  # noqa: BLE001 - reported by the test that reads this result
@@ -220,6 +250,22 @@ def test_a_partial_selection_trains_exactly_the_selected_parameters(runs):
     reference, _ = _reference(PARTIAL)
     for k in selected:
         torch.testing.assert_close(rank0["full"][k], reference[k], rtol=RTOL, atol=ATOL)
+
+
+def test_the_llm_adapter_trains_sharded_through_encode_context(runs):
+    sharded = _result(runs, "adapter")[0]["full"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = _adapter_run(lambda step: range(WORLD * step, WORLD * (step + 1)), WORLD, False)
+    finally:
+        torch.set_num_threads(threads)
+    assert sharded.keys() == reference.keys() and any(k.startswith("llm_adapter.") for k in reference)
+    for k in reference:
+        torch.testing.assert_close(sharded[k], reference[k], rtol=RTOL, atol=ATOL)
+    torch.manual_seed(0)
+    start = AnimaDiT(TINY_DIT_CONFIG).state_dict()
+    assert all(not torch.equal(sharded[k], start[k]) for k in start if k.startswith("llm_adapter."))
 
 
 def test_frozen_bf16_and_trained_fp32_share_a_unit_under_bf16_compute(runs):

@@ -4,10 +4,11 @@ The engine is torch's; this module only decides how the DiT is cut and how its s
 
 - **Block-level wrapping** (`shard_dit`): one FSDP unit per DiT block, one for the LLM adapter when it is
   there, then the root (patch embedding, timestep embedding, final layer) — the wrapping accelerate's FSDP2
-  plugin applies with `transformer_cls_names_to_wrap`.  Each unit's parameters are sharded over the processes
-  (dim 0, DTensors); a unit's full weights exist only while its forward or backward runs.  Gradients are
-  reduce-scattered (averaged) per unit during the backward, so each process keeps only its shard of the
-  gradients and of the optimizer state.
+  plugin applies with `transformer_cls_names_to_wrap`.  `dit.encode_context` (the adapter's entry, called
+  outside `dit.forward`) is registered as a forward method of the root so its units gather there too.  Each
+  unit's parameters are sharded over the processes (dim 0, DTensors); a unit's full weights exist only while
+  its forward or backward runs.  Gradients are reduce-scattered (averaged) per unit during the backward, so
+  each process keeps only its shard of the gradients and of the optimizer state.
 - **Mixed precision** (`mixed_precision_policy`): on CUDA the trained parameters stay fp32 (the sharded master
   copy the optimizer steps), are all-gathered in bf16 for compute, and gradients are reduced in fp32; on the
   CPU (gloo) everything stays fp32.  Block inputs are never cast by FSDP (`cast_forward_inputs=False`): the
@@ -42,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 SHARDED_FOLDER = "fsdp"  # inside a state folder: the DCP checkpoint (__0_0.distcp, …, .metadata)
 
@@ -110,6 +111,10 @@ def shard_dit(dit: nn.Module, *, device: torch.device | str, mp_policy: MixedPre
     for _, unit in shard_units(dit):
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(dit, **options)  # the root: its parameters stay gathered between forward and backward
+    if getattr(dit, "llm_adapter", None) is not None:
+        # the adapter runs in `encode_context`, outside `dit.forward`: without the root's hooks there the
+        # adapter's unit would be initialised as a root of its own and the first call fails
+        register_fsdp_forward_method(dit, "encode_context")
     return dit
 
 
