@@ -5,6 +5,7 @@
     ema.py            the EMA of the trained weights (`ema_decay`): update, swap for saves and previews, state
     events.py         the run's event log and the resolved-config file
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
+    fsdp.py           sharded fine-tuning of the DiT with FSDP2 (`fully_shard` per block), DCP save/resume
     flow.py           rectified-flow maths and the objective: timestep sampling, noise options, `training_step`,
                       per-sample noise seeds (noising and the loss: models/flow_maths.py)
     grad_sync.py      the data-parallel gradient average: buckets all-reduced while the backward runs

@@ -1,0 +1,165 @@
+"""Sharded fine-tuning of the DiT across processes with PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+The engine is torch's; this module only decides how the DiT is cut and how its state is saved:
+
+- **Block-level wrapping** (`shard_dit`): one FSDP unit per DiT block, one for the LLM adapter when it is
+  there, then the root (patch embedding, timestep embedding, final layer) — the wrapping accelerate's FSDP2
+  plugin applies with `transformer_cls_names_to_wrap`.  `dit.encode_context` (the adapter's entry, called
+  outside `dit.forward`) is registered as a forward method of the root so its units gather there too.  Each
+  unit's parameters are sharded over the processes (dim 0, DTensors); a unit's full weights exist only while
+  its forward or backward runs.  Gradients are reduce-scattered (averaged) per unit during the backward, so
+  each process keeps only its shard of the gradients and of the optimizer state.
+- **Mixed precision** (`mixed_precision_policy`): on CUDA the trained parameters stay fp32 (the sharded master
+  copy the optimizer steps), are all-gathered in bf16 for compute, and gradients are reduced in fp32; on the
+  CPU (gloo) everything stays fp32.  Block inputs are never cast by FSDP (`cast_forward_inputs=False`): the
+  DiT keeps its own fp32 residual stream under bf16 weights exactly as it does unsharded.
+- **Frozen parameters** (a partial fine-tune): FSDP2 allows frozen and trained parameters in one unit (frozen
+  ones are sharded too and get no gradient or reduce-scatter) but needs one dtype among each unit's *trained*
+  parameters; `shard_dit` checks that before sharding and names the unit.  A fully frozen block is sharded as
+  well: it costs no gradient or optimizer memory and only 1/N of its weights.
+- **State**: `save_sharded` / `load_sharded` write and read model + optimizer state with torch.distributed
+  .checkpoint (DCP: one file per process plus metadata, re-shardable to another process count), through
+  `get_state_dict` / `set_state_dict`, so a resumed run continues bitwise; `full_state_dict` gathers the
+  unsharded weights on rank 0 (CPU) for the final checkpoint file.
+
+Why `fully_shard` directly and not `accelerator.prepare` with `FullyShardedDataParallelPlugin(fsdp_version=2)`:
+see docs/DESIGN.md ("FSDP2 without accelerator.prepare").  `accelerate launch --num_processes N` remains the
+launch path (docs/multi_gpu.md, "Fine-tuning across GPUs (FSDP2)").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+SHARDED_FOLDER = "fsdp"  # inside a state folder: the DCP checkpoint (__0_0.distcp, …, .metadata)
+
+
+def mixed_precision_policy(device: torch.device | str,
+                           compute_dtype: torch.dtype | None = None) -> MixedPrecisionPolicy:
+    """FSDP2's precision policy for `device`: on CUDA all-gather and compute in `compute_dtype` (bf16 when
+    None) with fp32 gradient reduction; on any other device (the CPU under gloo, where bf16 collectives are
+    slow and the tests compare with an fp32 run) no casts at all.  Inputs are never cast by FSDP: the DiT
+    casts them itself and keeps its residual stream fp32 under reduced-precision weights."""
+    if torch.device(device).type != "cuda":
+        return MixedPrecisionPolicy(cast_forward_inputs=False)
+    return MixedPrecisionPolicy(param_dtype=compute_dtype or torch.bfloat16, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)
+
+
+def shard_units(dit: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every FSDP unit below the root, in forward order: each DiT block, then the LLM
+    adapter when the model has one.  The root unit (everything else) is the DiT itself."""
+    units = [(f"blocks.{i}", block) for i, block in enumerate(dit.blocks)]
+    if getattr(dit, "llm_adapter", None) is not None:
+        units.append(("llm_adapter", dit.llm_adapter))
+    return units
+
+
+def _own_parameters(name: str, module: nn.Module, inner: set[int]) -> Iterator[tuple[str, nn.Parameter]]:
+    for pname, p in module.named_parameters():
+        if id(p) not in inner:
+            yield f"{name}.{pname}" if name else pname, p
+
+
+def check_trained_dtypes(dit: nn.Module) -> None:
+    """ValueError naming the unit when one FSDP unit's trained parameters have more than one dtype (FSDP2
+    reduce-scatters a unit's gradients as one buffer); frozen parameters may have any dtype."""
+    units = shard_units(dit)
+    inner = {id(p) for _, m in units for p in m.parameters()}
+    for name, params in [*[(n, list(_own_parameters(n, m, set()))) for n, m in units],
+                         ("the root (embeddings, final layer)", list(_own_parameters("", dit, inner)))]:
+        dtypes = {p.dtype for _, p in params if p.requires_grad}
+        if len(dtypes) > 1:
+            listed = ", ".join(f"{n} {p.dtype}" for n, p in params if p.requires_grad)
+            raise ValueError(f"FSDP unit {name} trains parameters of several dtypes ({listed}); FSDP2 needs one "
+                             "dtype per unit's trained parameters: keep the trained ones fp32 (the master copy)")
+
+
+def shard_dit(dit: nn.Module, *, device: torch.device | str, mp_policy: MixedPrecisionPolicy | None = None,
+              reshard_after_forward: bool = True, mesh=None) -> nn.Module:
+    """Shard `dit` in place over the default process group (or `mesh`) with FSDP2, block by block then the
+    root, and return it.  Set `requires_grad` (the fine-tune selection) BEFORE calling this, and build the
+    optimizer AFTER it from `dit.parameters()` that require grad: sharding replaces every parameter by a
+    DTensor shard.  Block swap and activation offload stream whole weights between CPU and device and cannot
+    run on shards; they are refused.  `reshard_after_forward=False` keeps each block's full weights from the
+    forward to its backward (one all-gather less per block, ZeRO-2-like memory).  `mp_policy`: None is
+    `mixed_precision_policy(device)`; frozen parameters may be stored in bf16 beside fp32 trained ones."""
+    runner = getattr(dit, "runner", None)
+    if runner is not None and (runner.swapper is not None or runner.offloader is not None):
+        raise ValueError("blocks_to_swap and activation offload cannot be combined with FSDP sharding: each "
+                         "process already holds only 1/N of the weights; turn them off")
+    check_trained_dtypes(dit)
+    if not tdist.is_initialized():
+        raise RuntimeError("shard_dit needs an initialised process group (accelerate launch / torchrun)")
+    options = {"mesh": mesh, "mp_policy": mp_policy or mixed_precision_policy(device)}
+    if torch.device(device).type != "cpu":
+        dit.to(device)
+    for _, unit in shard_units(dit):
+        fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(dit, **options)  # the root: its parameters stay gathered between forward and backward
+    if getattr(dit, "llm_adapter", None) is not None:
+        # the adapter runs in `encode_context`, outside `dit.forward`: without the root's hooks there the
+        # adapter's unit would be initialised as a root of its own and the first call fails
+        register_fsdp_forward_method(dit, "encode_context")
+    return dit
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `shard_dit` (or any `fully_shard`) has wrapped `module`."""
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def micro_batch(dit: nn.Module, *, last: bool) -> Iterator[None]:
+    """Gradient accumulation under FSDP2: the backward inside reduce-scatters gradients only for the step's
+    `last` micro-batch; earlier ones accumulate unsharded local gradients (more memory, one reduction per
+    step — the same contract as the data-parallel `GradientSync.backward(last=...)`)."""
+    dit.set_requires_gradient_sync(last)
+    try:
+        yield
+    finally:
+        dit.set_requires_gradient_sync(True)
+
+
+def save_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """Write the sharded model and optimizer state to `folder`/fsdp with DCP (every process writes its own
+    shards; collective: all processes call it).  Returns the DCP folder."""
+    target = Path(folder) / SHARDED_FOLDER
+    model_state, optim_state = get_state_dict(dit, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(target))
+    return target
+
+
+def load_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read what `save_sharded` wrote into the sharded `dit` and its `optimizer` (collective).  The model must
+    be sharded and the optimizer built the same way as when it was saved (the process count may differ:
+    DCP re-shards)."""
+    model_state, optim_state = get_state_dict(dit, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(Path(folder) / SHARDED_FOLDER))
+    set_state_dict(dit, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_state_dict(dit: nn.Module, *, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded weights, keyed by the DiT's parameter names (the checkpoint keys), as CPU tensors on rank 0
+    and an empty dict on the other ranks (collective: all processes call it).  `trained_only` keeps only the
+    parameters that require grad (for a partial fine-tune's delta)."""
+    state = get_model_state_dict(dit, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trained_only:
+        trained = {name for name, p in dit.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
+    return state
