@@ -100,6 +100,27 @@ def test_full_rank_with_diffs_reproduces_the_tuned_model(models, tmp_path):
     assert f"diffusion_model.{ADALN[:-len('.weight')]}.diff" in tensors
 
 
+def test_bf16_checkpoints_merge_back_to_the_tuned_bf16_weights(models, tmp_path):
+    """Released checkpoints are bf16: ΔW of two bf16 files is exact in fp32, and ComfyUI's merge (fp32, rounded
+    to bf16) of the full-rank extract lands on the tuned bf16 weights, all but a few within one rounding."""
+    base = write_tiny_dit(tmp_path / "base16.safetensors", dtype=torch.bfloat16)
+    sd = load_file(base)
+    for path, delta in models["deltas"].items():
+        sd[f"net.{path}.weight"] = (sd[f"net.{path}.weight"].float() + delta).bfloat16()
+    tuned = tmp_path / "tuned16.safetensors"
+    save_file(sd, tuned, {"format": "pt"})
+    out = tmp_path / "lora.safetensors"
+    extract_lora(base, tuned, out, rank=1024, device="cpu")
+    merge_networks(base, [(str(out), 1.0)], tmp_path / "merged.safetensors")
+    got, want = load_file(tmp_path / "merged.safetensors"), load_file(tuned)
+    for path in models["deltas"]:
+        a, b = got[f"net.{path}.weight"], want[f"net.{path}.weight"]
+        assert a.dtype == b.dtype == torch.bfloat16
+        ulp = torch.finfo(torch.bfloat16).eps * b.float().abs().clamp(min=1e-30)
+        assert ((a.float() - b.float()).abs() <= ulp).all(), path  # within one bf16 rounding
+        assert (a == b).float().mean() >= 0.99, path  # measured: bit-equal but for rounding ties
+
+
 def test_without_diffs_the_lora_reproduces_exactly_the_targets_and_reports_the_rest(models, tmp_path):
     out = tmp_path / "lora.safetensors"
     result = extract_lora(models["base"], models["tuned"], out, rank=64, device="cpu")
@@ -161,6 +182,28 @@ def test_rank_r_delta_is_exact_at_rank_r_and_lower_ranks_lose_the_svd_tail(model
         applied = dit.state_dict()[name] - base[name]
         delta = models["deltas"][fit.module]
         assert float((applied - delta).norm() / delta.norm()) == pytest.approx(fit.relative_error, rel=1e-3)
+
+
+def test_lowrank_svd_is_exact_on_low_rank_deltas_near_optimal_otherwise_and_repeatable(models, tmp_path):
+    exact = extract_lora(models["base"], models["tuned"], tmp_path / "e.safetensors", rank=LOW_RANK, device="cpu")
+    fast = extract_lora(models["base"], models["tuned"], tmp_path / "f.safetensors", rank=LOW_RANK, device="cpu",
+                        svd="lowrank")
+    again = extract_lora(models["base"], models["tuned"], tmp_path / "g.safetensors", rank=LOW_RANK, device="cpu",
+                         svd="lowrank")
+    optimum = {f.module: f for f in exact.modules}
+    for fit in fast.modules:
+        best = optimum[fit.module]
+        if fit.module == FULL_RANK_MODULE:  # a flat random spectrum, the randomised method's worst case
+            assert best.relative_error * (1 - 1e-5) <= fit.relative_error <= best.relative_error * 1.01
+        else:
+            assert fit.relative_error <= 1e-5, fit.module
+        assert fit.retained_energy == pytest.approx(best.retained_energy, rel=1e-2)
+    a, b = read(tmp_path / "f.safetensors")[0], read(tmp_path / "g.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same file twice
+    assert "svd_lowrank" in again.svd
+    assert "svd_lowrank" in json.loads(read(tmp_path / "f.safetensors")[1][EXTRACT_META])["svd"]
+    with pytest.raises(NetworkError, match="--svd 'fast': one of exact, lowrank"):
+        extract_lora(models["base"], models["tuned"], tmp_path / "x.safetensors", rank=2, svd="fast")
 
 
 def test_factors_split_the_singular_values_evenly_and_clamp_at_the_quantile():

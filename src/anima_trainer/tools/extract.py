@@ -6,9 +6,12 @@ For every target Linear of the DiT, ΔW = W_tuned − W_base (fp32) is cut to ra
 `extract_lora_from_models.py` puts all of S into lora_up; the product is the same, the balanced split keeps
 both factors on one scale (lower-precision storage, further training, clamping one quantile over both).
 
-* The SVD is the exact `torch.linalg.svd` (not `svd_lowrank`): the cut is the optimal rank-R approximation
-  (Eckart–Young), so the reported error is the true optimum and does not depend on a random seed; on a GPU
-  (`device="cuda"`) a 2048×8192 MLP weight takes well under a second.
+* The SVD is by default the exact `torch.linalg.svd`: the cut is the optimal rank-R approximation
+  (Eckart–Young), so the reported error is the true optimum and does not depend on a random seed.  Its cost
+  grows with out·in·min(out, in) whatever R is (bench/extract_svd.py: about 4 minutes per 2B block on 2 shared
+  CPU cores), so `svd="lowrank"` offers `torch.svd_lowrank` (randomised, R + 8 columns, 7 power iterations,
+  seed 0: cost ∝ out·in·R): close to the optimum when the spectrum decays, and the report measures what it
+  lost either way.
 * `clamp_quantile` (kohya's default 0.99; off by default here, so a full-rank extract is exact): both
   factors are clamped to ±the q-quantile of their values, trimming outliers at some cost in accuracy.
 * Targets: the Linears a LoRA trains by default (networks/inject.py `find_targets`), every Linear
@@ -44,6 +47,12 @@ from anima_trainer.tensor_files import atomic_save
 
 KOHYA_CLAMP_QUANTILE = 0.99  # kohya's extract_lora_from_models.py default
 EXTRACT_META = "anima_trainer_extract"
+SVD_METHODS = ("exact", "lowrank")
+LOWRANK_OVERSAMPLE = 8   # extra columns of the random range finder
+LOWRANK_ITERATIONS = 7   # power iterations: sharpen a slowly decaying spectrum
+SVD_DESCRIPTIONS = {"exact": "torch.linalg.svd (exact, fp32)",
+                    "lowrank": f"torch.svd_lowrank (randomised: rank + {LOWRANK_OVERSAMPLE} columns, "
+                               f"{LOWRANK_ITERATIONS} power iterations, seed 0; fp32)"}
 DIT_FILE_KINDS = ("anima_dit", "anima_bundle")
 
 
@@ -55,7 +64,7 @@ class ModuleFit:
     shape: list[int]
     rank: int
     relative_error: float    # ‖ΔW − up·down‖_F / ‖ΔW‖_F with the factors as saved (dtype, clamping)
-    retained_energy: float   # Σ_{i<rank} S_i² / Σ S_i² (1.0: the cut drops nothing)
+    retained_energy: float   # Σ_{i<rank} S_i² / ‖ΔW‖_F² (1.0: the cut drops nothing)
     delta_norm: float        # ‖ΔW‖_F
     relative_change: float   # ‖ΔW‖_F / ‖W_base‖_F
 
@@ -110,14 +119,24 @@ def select_targets(dit: nn.Module, *, all_linears: bool = False,
     return {n: linears[n] for n in linears if n in chosen}
 
 
-def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float | None = None
+def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float | None = None, svd: str = "exact"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(up [out, r], down [r, in], all singular values) of the fp32 matrix `delta`, r = min(rank, *shape).
+    """(up [out, r], down [r, in], the singular values found) of the fp32 matrix `delta`, r = min(rank, *shape).
 
-    up = U_r·diag(√S_r), down = diag(√S_r)·Vh_r, so up·down is the best rank-r approximation; with
-    `clamp_quantile` q < 1 both factors are clamped to ±(the q-quantile of their values), as kohya does."""
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    r = min(rank, s.numel())
+    up = U_r·diag(√S_r), down = diag(√S_r)·Vh_r, so with `svd="exact"` up·down is the best rank-r approximation
+    (`"lowrank"`: torch.svd_lowrank's estimate, module doc); with `clamp_quantile` q < 1 both factors are clamped
+    to ±(the q-quantile of their values), as kohya does."""
+    if svd not in SVD_METHODS:
+        raise NetworkError(f"extract --svd {svd!r}: one of {', '.join(SVD_METHODS)}")
+    columns = min(rank + LOWRANK_OVERSAMPLE, *delta.shape)
+    if svd == "lowrank" and columns < min(delta.shape):
+        with torch.random.fork_rng(devices=[delta.device] if delta.device.type == "cuda" else []):
+            torch.manual_seed(0)  # the same file for the same inputs
+            u, s, v = torch.svd_lowrank(delta, q=columns, niter=LOWRANK_ITERATIONS)
+        vh = v.mT
+    else:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    r = min(rank, s.numel(), *delta.shape)
     root = s[:r].sqrt()
     up = u[:, :r] * root
     down = root[:, None] * vh[:r]
@@ -134,11 +153,10 @@ def _fit(path: str, delta: torch.Tensor, base_norm: float, up: torch.Tensor, dow
     """The module's report row; `up`/`down` are the factors as saved (their rounding counts)."""
     norm = float(torch.linalg.vector_norm(delta))
     rest = delta - up.to(delta) @ down.to(delta)
-    energy = s.square()
     r = up.shape[1]
     return ModuleFit(module=path, shape=list(delta.shape), rank=r,
                      relative_error=float(torch.linalg.vector_norm(rest)) / norm,
-                     retained_energy=float(energy[:r].sum() / energy.sum()), delta_norm=norm,
+                     retained_energy=float(s[:r].double().square().sum()) / norm**2, delta_norm=norm,
                      relative_change=norm / base_norm if base_norm > 0 else math.inf)
 
 
@@ -206,7 +224,7 @@ def _summary(fits: list[ModuleFit]) -> dict:
 @torch.no_grad()
 def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int,
                  all_linears: bool = False, targets: list[str] | None = None, diffs: bool = False,
-                 clamp_quantile: float | None = None, device: str | torch.device | None = None,
+                 clamp_quantile: float | None = None, svd: str = "exact", device: str | torch.device | None = None,
                  save_dtype: torch.dtype = torch.float32, report: str | Path | None = None,
                  overwrite: bool = False, progress: Callable[[int, int, str], None] | None = None) -> ExtractResult:
     """Write the LoRA that turns DiT `base` into `tuned` (module doc) to `out`, and its report (JSON) to `report`
@@ -218,6 +236,8 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
         raise NetworkError(f"{out}: the extracted LoRA is written as .safetensors")
     if rank < 1:
         raise NetworkError(f"extract --rank {rank}: the rank must be at least 1")
+    if svd not in SVD_METHODS:
+        raise NetworkError(f"extract --svd {svd!r}: one of {', '.join(SVD_METHODS)}")
     if clamp_quantile is not None and not 0.0 < clamp_quantile <= 1.0:
         raise NetworkError(f"extract --clamp-quantile {clamp_quantile}: a quantile in (0, 1] (kohya: "
                            f"{KOHYA_CLAMP_QUANTILE})")
@@ -248,7 +268,7 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
         if not bool(delta.any()):
             unchanged.append(path)
         else:
-            up, down, s = low_rank_factors(delta, rank, clamp_quantile)
+            up, down, s = low_rank_factors(delta, rank, clamp_quantile, svd)
             up, down = up.to(save_dtype), down.to(save_dtype)
             fits.append(_fit(path, delta, float(torch.linalg.vector_norm(w0)), up, down, s))
             stem = COMFY_PREFIX + path
@@ -288,7 +308,7 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
                            tuned=_file_identity(tuned), rank=rank,
                            targets="all Linears" if all_linears else f"regex {targets}" if targets else
                            "the default LoRA targets", clamp_quantile=clamp_quantile,
-                           svd="torch.linalg.svd (exact, fp32)", save_precision=precision, modules=fits,
+                           svd=SVD_DESCRIPTIONS[svd], save_precision=precision, modules=fits,
                            unchanged=unchanged, not_extracted=not_extracted, summary=_summary(fits))
     dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic" if ranks else str(rank)
     meta = {"ss_network_module": LORA_MODULE, "ss_network_dim": dim,

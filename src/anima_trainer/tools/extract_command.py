@@ -7,9 +7,10 @@ import sys
 
 DESCRIPTION = """\
 Turn a fine-tuned DiT into a LoRA: for every target Linear, ΔW = W_tuned − W_base (fp32) is cut to rank R by
-an exact truncated SVD (torch.linalg.svd) and written as a ComfyUI-native LoRA (diffusion_model.<path>.lora_up /
-lora_down / alpha, alpha = rank: strength 1 adds the rank-R ΔW).  Baking it back (`anima-trainer merge`) or
-loading it in ComfyUI at strength 1 gives the tuned model up to the SVD tail.
+a truncated SVD (exact torch.linalg.svd; --svd lowrank: randomised, faster) and written as a ComfyUI-native
+LoRA (diffusion_model.<path>.lora_up / lora_down / alpha, alpha = rank: strength 1 adds the rank-R ΔW).
+Baking it back (`anima-trainer merge`) or loading it in ComfyUI at strength 1 gives the tuned model up to the
+SVD tail.
   * targets: the Linears a LoRA trains by default (10 per block), --all-linears, or --targets REGEX;
   * target modules whose ΔW is zero are skipped; other changed tensors (norm gains, biases, embeddings, Linears
     outside the targets) are listed with their relative change, or written as ComfyUI full differences
@@ -45,6 +46,10 @@ def add_extract_parser(sub) -> None:  # sub: argparse's private subparsers type
     p.add_argument("--clamp-quantile", "--clamp_quantile", dest="clamp_quantile", type=float, default=None,
                    metavar="Q", help=f"clamp both factors to ± the Q-quantile of their values (kohya's default "
                    f"{KOHYA_CLAMP_QUANTILE}; default here: no clamping, so full rank is exact)")
+    p.add_argument("--svd", choices=("exact", "lowrank"), default="exact",
+                   help="exact: torch.linalg.svd, the optimal rank-R cut (cost ∝ out·in·min(out, in)); lowrank: "
+                   "torch.svd_lowrank (randomised, seed 0, cost ∝ out·in·R: much faster on CPU at small R, close "
+                   "to the optimum; the report shows what it lost) (default: exact)")
     p.add_argument("--device", default=None, help="where the SVDs run: cuda, cuda:1, cpu (default: cuda if "
                    "available)")
     p.add_argument("--save_precision", "--save-precision", dest="save_precision", choices=("fp32", "bf16", "fp16"),
@@ -70,7 +75,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     result = extract_lora(args.base, args.tuned, args.out, rank=args.rank, all_linears=args.all_linears,
                           targets=args.targets, diffs=args.diffs, clamp_quantile=args.clamp_quantile,
-                          device=args.device, save_dtype=PRECISION_DTYPES[args.save_precision],
+                          svd=args.svd, device=args.device, save_dtype=PRECISION_DTYPES[args.save_precision],
                           report=args.report, overwrite=args.overwrite, progress=progress)
     for line in result_lines(result, top=args.top):
         print(line)
