@@ -25,6 +25,7 @@ from anima_trainer.networks.convert import build_meta_dit
 from anima_trainer.networks.diffusers_format import comfy_to_diffusers, unmatched_diffusers_keys
 from anima_trainer.networks.formats import unmatched_keys
 from anima_trainer.networks.inject import find_targets, linear_paths
+from anima_trainer.networks.rebuild import create_network_from_weights
 from anima_trainer.tools.extract import (
     EXTRACT_META,
     extract_lora,
@@ -285,6 +286,20 @@ def test_diffusers_own_loader_injects_every_module_of_the_converted_file(models,
         assert (fused_in_diffusers(pipe, name) - tuned[name]).abs().max() <= 1e-5, name
 
 
+def test_the_lora_can_be_trained_further(models, tmp_path):
+    """Without --diffs the file is a plain LoRA: it rebuilds as a trainable network (network_weights +
+    dim_from_weights) with the extracted modules at the extracted rank."""
+    out = tmp_path / "lora.safetensors"
+    result = extract_lora(models["base"], models["tuned"], out, rank=4, device="cpu")
+    dit = load_dit(models["base"], dtype=torch.float32)
+    net = create_network_from_weights(dit, out)
+    try:
+        assert sorted(m.path for m in net.lora_modules) == sorted(f.module for f in result.modules)
+        assert {m.dim for m in net.lora_modules} == {4} and {float(m.alpha) for m in net.lora_modules} == {4.0}
+    finally:
+        net.remove()
+
+
 # ---------------------------------------------------------------------------------------- targets --
 
 def test_targets_regex_and_all_linears(models, tmp_path):
@@ -370,3 +385,7 @@ def test_cli_extracts_prints_the_table_and_refuses_an_existing_output(models, tm
     assert "extract: 20/20 modules" in printed.err
     assert main(argv) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+    wrong = ["extract", "--base", str(out), "--tuned", str(models["tuned"]), "--rank", "2", "--out",
+             str(tmp_path / "w.safetensors")]
+    assert main(wrong) == 2  # a LoRA given as the base model
+    assert "--base expects" in capsys.readouterr().err and not (tmp_path / "w.safetensors").exists()
