@@ -119,6 +119,12 @@ def select_targets(dit: nn.Module, *, all_linears: bool = False,
     return {n: linears[n] for n in linears if n in chosen}
 
 
+def check_svd_method(svd: str) -> None:
+    """Refuse an unknown `svd` method, naming the flag and the choices."""
+    if svd not in SVD_METHODS:
+        raise NetworkError(f"extract --svd {svd!r}: one of {', '.join(SVD_METHODS)}")
+
+
 def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float | None = None, svd: str = "exact"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(up [out, r], down [r, in], the singular values found) of the fp32 matrix `delta`, r = min(rank, *shape).
@@ -126,8 +132,7 @@ def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float | Non
     up = U_r·diag(√S_r), down = diag(√S_r)·Vh_r, so with `svd="exact"` up·down is the best rank-r approximation
     (`"lowrank"`: torch.svd_lowrank's estimate, module doc); with `clamp_quantile` q < 1 both factors are clamped
     to ±(the q-quantile of their values), as kohya does."""
-    if svd not in SVD_METHODS:
-        raise NetworkError(f"extract --svd {svd!r}: one of {', '.join(SVD_METHODS)}")
+    check_svd_method(svd)
     columns = min(rank + LOWRANK_OVERSAMPLE, *delta.shape)
     if svd == "lowrank" and columns < min(delta.shape):
         with torch.random.fork_rng(devices=[delta.device] if delta.device.type == "cuda" else []):
@@ -236,8 +241,7 @@ def extract_lora(base: str | Path, tuned: str | Path, out: str | Path, *, rank: 
         raise NetworkError(f"{out}: the extracted LoRA is written as .safetensors")
     if rank < 1:
         raise NetworkError(f"extract --rank {rank}: the rank must be at least 1")
-    if svd not in SVD_METHODS:
-        raise NetworkError(f"extract --svd {svd!r}: one of {', '.join(SVD_METHODS)}")
+    check_svd_method(svd)
     if clamp_quantile is not None and not 0.0 < clamp_quantile <= 1.0:
         raise NetworkError(f"extract --clamp-quantile {clamp_quantile}: a quantile in (0, 1] (kohya: "
                            f"{KOHYA_CLAMP_QUANTILE})")
