@@ -5,8 +5,9 @@ Commands: `train` (kohya flags / `--config_file`), `cache` (same flags; build di
 kohya names), `merge` (bake networks into a DiT checkpoint; `--average`: a checkpoint soup of networks), `demo`
 (tiny built-in model: train a LoRA, sample before/after), `sample` (text → PNG with the flow Euler sampler),
 `eval` (measure saved networks against the base: held-out loss, drift, trigger response, weight analysis, image
-grids, report.html), `convert-config` (root-style Anima_Trainer TOML → kohya pair), `config-reference` (every
-training setting as markdown), `download` (the models and tokenizers, verified).
+grids, report.html), `extract` (a fine-tuned DiT → a LoRA: truncated SVD per module, error per module),
+`convert-config` (root-style Anima_Trainer TOML → kohya pair), `config-reference` (every training setting as
+markdown), `download` (the models and tokenizers, verified).
 Model flags use kohya's names (`--pretrained_model_name_or_path`, `--qwen3`, `--vae`, `--llm_adapter_path`).
 
 Errors: a user's mistake (a bad setting, a missing or wrong file) prints one `error:` line and exits 2; any other
@@ -187,8 +188,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from anima_trainer.eval_command import add_eval_parser
     from anima_trainer.tools.download.command import add_download_parser
+    from anima_trainer.tools.extract_command import add_extract_parser
 
     add_eval_parser(sub, _add_model_args)
+    add_extract_parser(sub)
     add_download_parser(sub)
     return parser
 
@@ -395,6 +398,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from anima_trainer.tools.extract_command import cmd_extract as run
+
+    return run(args)
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from anima_trainer.tools.download.command import cmd_download as run
 
@@ -403,7 +412,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 COMMANDS = {"download": cmd_download, "inspect": cmd_inspect, "demo": cmd_demo, "sample": cmd_sample,
             "convert-network": cmd_convert_network, "merge": cmd_merge, "convert-config": cmd_convert_config,
-            "config-reference": cmd_config_reference, "eval": cmd_eval}
+            "config-reference": cmd_config_reference, "eval": cmd_eval, "extract": cmd_extract}
 
 
 def cmd_train(argv: list[str]) -> int:
