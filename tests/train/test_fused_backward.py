@@ -10,12 +10,17 @@ import pytest
 import torch
 
 from anima_trainer.config.errors import ConfigError
-from anima_trainer.train.fused_backward import PerParameterOptimizer, check_fused_backward
+from anima_trainer.train.fused_backward import (
+    PerParameterOptimizer,
+    build_per_parameter_optimizer,
+    check_fused_backward,
+)
 from anima_trainer.train.optim import build_optimizer, build_scheduler
 from tests.support.small_dit import inputs, small_dit
 
 ADAFACTOR_RECIPE = {"relative_step": False, "scale_parameter": False, "warmup_init": False}  # kohya's doc
-OPTIMIZERS = [("AdamW", {"weight_decay": 0.01}, 1e-3), ("AdaFactor", ADAFACTOR_RECIPE, 1e-3)]
+OPTIMIZERS = [("AdamW", {"weight_decay": 0.01}, 1e-3), ("AdaFactor", ADAFACTOR_RECIPE, 1e-3),
+              ("AdaFactor", {}, 1e-3)]  # the last: relative step (transformers' default), lr unused
 
 
 def mlp(layers: int = 6, width: int = 16) -> torch.nn.Sequential:
@@ -26,11 +31,11 @@ def mlp(layers: int = 6, width: int = 16) -> torch.nn.Sequential:
     return torch.nn.Sequential(*mods)
 
 
-def groups(model: torch.nn.Module, lr: float) -> list[dict]:
-    """Two groups with different lrs, as the fine-tune's per-component learning rates make."""
+def groups(model: torch.nn.Module, lr: float, bias_lr: float | None = None) -> list[dict]:
+    """Two groups (with different lrs unless AdaFactor's relative step), as per-component learning rates make."""
     params = list(model.parameters())
-    return [{"params": params[::2], "lr": lr, "name": "weights"}, {"params": params[1::2], "lr": lr / 2,
-                                                                     "name": "biases"}]
+    return [{"params": params[::2], "lr": lr, "name": "weights"},
+            {"params": params[1::2], "lr": lr / 2 if bias_lr is None else bias_lr, "name": "biases"}]
 
 
 def factory(name: str, args: dict, lr: float):
@@ -64,8 +69,10 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 
 def normal_and_fused(name: str, args: dict, lr: float):
     model_a, model_b = mlp(), mlp()
-    normal = build_optimizer(groups(model_a, lr), lr, args, torch.device("cpu"), optimizer_type=name)
-    fused = PerParameterOptimizer(groups(model_b, lr), factory(name, args, lr))
+    bias_lr = lr if name == "AdaFactor" and not args else None
+    normal = build_optimizer(groups(model_a, lr, bias_lr), lr, args, torch.device("cpu"), optimizer_type=name)
+    fused = build_per_parameter_optimizer(groups(model_b, lr, bias_lr), lr, args, torch.device("cpu"),
+                                          optimizer_type=name)
     fused.attach()
     return model_a, normal, model_b, fused
 
@@ -73,13 +80,16 @@ def normal_and_fused(name: str, args: dict, lr: float):
 @pytest.mark.parametrize("name, args, lr", OPTIMIZERS)
 def test_fused_equals_normal_bitwise_with_a_schedule(name, args, lr):
     model_a, normal, model_b, fused = normal_and_fused(name, args, lr)
-    sched_a = build_scheduler(normal, "cosine", 6, 2)
-    sched_b = build_scheduler(fused, "cosine", 6, 2)
+    relative_step = name == "AdaFactor" and not args  # its own step size, reported by the `adafactor` schedule
+    schedule, warmup = ("adafactor", 0) if relative_step else ("cosine", 2)
+    sched_a = build_scheduler(normal, schedule, 6, warmup)
+    sched_b = build_scheduler(fused, schedule, 6, warmup)
     train(model_a, normal, range(6), sched_a)
     train(model_b, fused, range(6), sched_b)
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    assert fused.param_groups[0]["lr"] == normal.param_groups[0]["lr"] != lr  # the schedule moved it
+    assert fused.param_groups[0]["lr"] == normal.param_groups[0]["lr"]
+    assert relative_step or fused.param_groups[0]["lr"] != lr  # the schedule moved it
     # the state dict looks like the normal optimizer's: same groups, same per-parameter state
     assert_same_tensors(fused.state_dict(), normal.state_dict())
 
@@ -101,15 +111,16 @@ def test_the_inner_optimizers_follow_the_schedule():
 @pytest.mark.parametrize("name, args, lr", OPTIMIZERS)
 def test_resume_across_the_lever_is_exact(name, args, lr):
     """3 steps normal → state dict → fused continues 3 steps == 6 uninterrupted normal steps; and back."""
+    bias_lr = lr if name == "AdaFactor" and not args else None
     reference = mlp()
-    ref_opt = build_optimizer(groups(reference, lr), lr, args, torch.device("cpu"), optimizer_type=name)
+    ref_opt = build_optimizer(groups(reference, lr, bias_lr), lr, args, torch.device("cpu"), optimizer_type=name)
     train(reference, ref_opt, range(6))
 
     first = mlp()
-    opt = build_optimizer(groups(first, lr), lr, args, torch.device("cpu"), optimizer_type=name)
+    opt = build_optimizer(groups(first, lr, bias_lr), lr, args, torch.device("cpu"), optimizer_type=name)
     train(first, opt, range(3))
     resumed = copy.deepcopy(first)
-    fused = PerParameterOptimizer(groups(resumed, lr), factory(name, args, lr))
+    fused = PerParameterOptimizer(groups(resumed, lr, bias_lr), factory(name, args, lr))
     fused.load_state_dict(copy.deepcopy(opt.state_dict()))
     fused.attach()
     train(resumed, fused, range(3, 6))
@@ -118,7 +129,7 @@ def test_resume_across_the_lever_is_exact(name, args, lr):
 
     # fused → normal: the fused run's state dict loads into the ordinary optimizer
     back = copy.deepcopy(resumed)
-    normal = build_optimizer(groups(back, lr), lr, args, torch.device("cpu"), optimizer_type=name)
+    normal = build_optimizer(groups(back, lr, bias_lr), lr, args, torch.device("cpu"), optimizer_type=name)
     normal.load_state_dict(copy.deepcopy(fused.state_dict()))
     fused.detach()
     train(resumed, fused, range(6, 8))  # detached: an ordinary step() after backward
@@ -216,3 +227,20 @@ def test_start_up_rules():
         check_fused_backward(**{**ok, "optimizer_type": "AdamWScheduleFree"})
     with pytest.raises(ConfigError, match='use mixed_precision = "bf16"'):
         check_fused_backward(**{**ok, "mixed_precision": "fp16"})
+
+
+def test_the_builder_notices_once(caplog):
+    """build_per_parameter_optimizer: build_optimizer's arguments; its notices once, not once per tensor."""
+    model = mlp()
+    with caplog.at_level("WARNING"):
+        fused = build_per_parameter_optimizer(groups(model, 1e-3), 1e-3, {"optim_bits": 8}, torch.device("cpu"),
+                                              optimizer_type="AdamW8bit")
+    assert len(fused.members) == 12
+    notices = [r.message for r in caplog.records if "AdamW8bit" in r.message]
+    assert len(notices) == 1 and "AdamW with fp32 states runs instead" in notices[0]
+    assert type(fused.members[next(model.parameters())]) is torch.optim.AdamW
+
+
+def test_the_builder_keeps_the_rules_between_groups():
+    with pytest.raises(ConfigError, match="relative_step=True computes one step size"):
+        build_per_parameter_optimizer(groups(mlp(), 1e-3), 1e-3, {}, torch.device("cpu"), optimizer_type="AdaFactor")

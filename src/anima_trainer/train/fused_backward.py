@@ -31,20 +31,37 @@ Semantics against the normal path (`check_fused_backward`, the start-up rules):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from anima_trainer.config.errors import ConfigError
 from anima_trainer.train.bf16_update import compensated_step, widened
-from anima_trainer.train.optim import SPECS, is_schedule_free_class, resolve_optimizer
+from anima_trainer.train.optim import SPECS, build_optimizer, is_schedule_free_class, resolve_optimizer
 
-__all__ = ["PerParameterOptimizer", "check_fused_backward"]
+__all__ = ["PerParameterOptimizer", "build_per_parameter_optimizer", "check_fused_backward"]
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+class _MemberStates(Mapping):
+    """{parameter: its state} across the inner optimizers, read-only: `optimizer.state` of the split optimizer
+    for code that reads it (the `adafactor` schedule, effective_lrs)."""
+
+    def __init__(self, members: dict[torch.Tensor, torch.optim.Optimizer]) -> None:
+        self._members = members
+
+    def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
+        return self._members[p].state[p]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (p for p, m in self._members.items() if m.state.get(p))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class PerParameterOptimizer(torch.optim.Optimizer):
@@ -71,8 +88,12 @@ class PerParameterOptimizer(torch.optim.Optimizer):
                 member = factory([{**options, "params": [p]}])
                 self.members[p] = member
                 inner_options = {k: v for k, v in member.param_groups[0].items() if k != "params"}
-            full_groups.append({**inner_options, **options, "params": params})
+            full_groups.append({**options, **inner_options, "params": params})  # as the optimizer built it
         super().__init__(full_groups, defaults={})
+        self.state = _MemberStates(self.members)  # type: ignore[assignment]  # what readers of .state see
+        first = next(iter(self.members.values()), None)
+        if first is not None and hasattr(first, "_get_lr"):  # Adafactor's own step size (effective_lrs, schedule)
+            self._get_lr = first._get_lr
         self.clip_per_tensor = 0.0
         self._handles: list[Any] = []
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
@@ -176,6 +197,29 @@ class PerParameterOptimizer(torch.optim.Optimizer):
                         member.load_state_dict(inner)
                 else:
                     member.load_state_dict(inner)
+
+
+def build_per_parameter_optimizer(groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], lr: float,
+                                  optimizer_args: dict[str, Any] | None, device: torch.device, *,
+                                  optimizer_type: str = "AdamW",
+                                  bf16_update: str | None = None) -> PerParameterOptimizer:
+    """The run's optimizer (train/optim.py `build_optimizer`, same arguments) split per parameter.  It is first
+    built whole (no state exists before a step, so this costs nothing): the rules between groups (one step size
+    for all, relative step against per-group lrs) and the start-up notices apply once, as in the normal path;
+    the per-parameter builds are then quiet."""
+    groups = list(groups)
+    build_optimizer(groups, lr, optimizer_args, device, optimizer_type=optimizer_type)
+    optim_log = logging.getLogger(build_optimizer.__module__)
+
+    def factory(single: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        level = optim_log.level
+        optim_log.setLevel(logging.ERROR)
+        try:
+            return build_optimizer(single, lr, optimizer_args, device, optimizer_type=optimizer_type)
+        finally:
+            optim_log.setLevel(level)
+
+    return PerParameterOptimizer(groups, factory, bf16_update=bf16_update)
 
 
 def check_fused_backward(*, optimizer_type: str, max_grad_norm: float, gradient_accumulation_steps: int,
