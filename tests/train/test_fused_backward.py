@@ -227,6 +227,8 @@ def test_start_up_rules():
         check_fused_backward(**{**ok, "optimizer_type": "AdamWScheduleFree"})
     with pytest.raises(ConfigError, match='use mixed_precision = "bf16"'):
         check_fused_backward(**{**ok, "mixed_precision": "fp16"})
+    with pytest.raises(ConfigError, match="with 2 processes .* train on one process"):
+        check_fused_backward(**ok, world_size=2)
 
 
 def test_the_builder_notices_once(caplog):

@@ -25,7 +25,9 @@ Semantics against the normal path (`check_fused_backward`, the start-up rules):
   the whole gradient set alive until then, which is what the lever removes;
 - optimizers that adapt one step size from all parameters (D-Adaptation, Prodigy) or keep their state in the
   param group (schedule-free) are refused: split per parameter they would compute something else;
-- the fp16 gradient scaler is refused (it must see every gradient for inf/NaN before any update): use bf16.
+- the fp16 gradient scaler is refused (it must see every gradient for inf/NaN before any update): use bf16;
+- several processes are refused: the data-parallel gradient average (train/grad_sync.py) would come after the
+  update (FSDP, issue 19 item 3, is the multi-GPU path for fine-tunes).
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         if self._handles:
             raise RuntimeError("the fused backward pass is already attached")
         self.clip_per_tensor = clip_per_tensor
-        self._handles = [p.register_post_accumulate_grad_hook(self.step_param) for p in self.members]
+        self._handles = [p.register_post_accumulate_grad_hook(self.step_param) for p in self.members
+                         if p.requires_grad]
 
     def detach(self) -> None:
         """Back to stepping after backward (`step()`)."""
@@ -223,7 +226,7 @@ def build_per_parameter_optimizer(groups: Iterable[dict[str, Any]] | Iterable[to
 
 
 def check_fused_backward(*, optimizer_type: str, max_grad_norm: float, gradient_accumulation_steps: int,
-                         mixed_precision: str) -> list[str]:
+                         mixed_precision: str, world_size: int = 1) -> list[str]:
     """The start-up rules of fused_backward_pass (module docstring): ConfigError naming the option and the fix
     where the fused pass cannot give the run's meaning; returns the notices to print."""
     spec, cls = resolve_optimizer(optimizer_type)
@@ -241,6 +244,10 @@ def check_fused_backward(*, optimizer_type: str, max_grad_norm: float, gradient_
     if mixed_precision == "fp16":
         raise ConfigError("fused_backward_pass: with mixed_precision = \"fp16\" the gradient scaler must check every "
                           "gradient for overflow before any update; use mixed_precision = \"bf16\"")
+    if world_size > 1:
+        raise ConfigError(f"fused_backward_pass: with {world_size} processes each gradient must be averaged across "
+                          "them before its update, and the gradient average runs in buckets after the gradients are "
+                          "complete (train/grad_sync.py); train on one process or remove fused_backward_pass")
     notices = []
     if max_grad_norm > 0:
         notices.append(f"notice: fused_backward_pass with max_grad_norm = {max_grad_norm:g}: the global gradient "
