@@ -44,8 +44,6 @@ from anima_trainer.train.optim import SPECS, build_optimizer, is_schedule_free_c
 
 __all__ = ["PerParameterOptimizer", "build_per_parameter_optimizer", "check_fused_backward"]
 
-log = logging.getLogger(__name__)
-
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
@@ -154,10 +152,11 @@ class PerParameterOptimizer(torch.optim.Optimizer):
                          if p.requires_grad]
 
     def detach(self) -> None:
-        """Back to stepping after backward (`step()`)."""
+        """Back to stepping after backward (`step()`; the loop's own clipping applies again)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.clip_per_tensor = 0.0
 
     @property
     def fused(self) -> bool:
