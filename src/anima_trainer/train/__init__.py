@@ -1,13 +1,16 @@
 """How it learns: the objective, the loop, the optimizer, and everything a run writes.
 
+    bf16_update.py    bf16 weights without an fp32 master: compensated updates (bf16 weight + int16 remainder)
     budget.py         the start-up budget: what a step, an epoch and a preview will need, checked first
     distributed.py    data-parallel training over processes started by `accelerate launch` / `torchrun`
     ema.py            the EMA of the trained weights (`ema_decay`): update, swap for saves and previews, state
     events.py         the run's event log and the resolved-config file
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
+    finetune_memory.py bytes per trained parameter per memory lever and a fine-tune step's predicted peak
     fsdp.py           sharded fine-tuning of the DiT with FSDP2 (`fully_shard` per block), DCP save/resume
     flow.py           rectified-flow maths and the objective: timestep sampling, noise options, `training_step`,
                       per-sample noise seeds (noising and the loss: models/flow_maths.py)
+    fused_backward.py the optimizer split per parameter, stepped during backward (kohya's fused_backward_pass)
     grad_sync.py      the data-parallel gradient average: buckets all-reduced while the backward runs
     inputs.py         what a step consumes: captions → DiT context, cached latents
     lock.py           one run per output_dir / output_name
