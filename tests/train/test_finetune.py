@@ -63,7 +63,8 @@ def test_finetune_lowers_the_loss_and_its_checkpoint_reloads_exactly(setup, tmp_
         base_keys, keys, meta = set(base.keys()), set(tuned.keys()), tuned.metadata()
     assert keys == base_keys  # the published layout: every `net.` key of the base file, no other
     assert meta["format"] == "pt" and meta["anima_trainer_training_mode"] == "finetune"
-    assert meta["ss_output_name"] == "demo_lora"
+    assert meta["ss_output_name"] == "demo_lora" and meta["modelspec.architecture"] == "anima-preview"
+    assert not [k for k in meta if k.startswith("ss_network_")]  # a whole model, not an adapter
     reloaded = load_dit(run.final_path, dtype=torch.float32)
     trained = run.dit.state_dict()
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in trained.items())

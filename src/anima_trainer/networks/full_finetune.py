@@ -33,6 +33,7 @@ from anima_trainer.networks.param_groups import COMPONENTS, anima_component
 
 FINETUNE_ALGO = "finetune"
 LLM_ADAPTER_PREFIX = "llm_adapter."
+ARCHITECTURE_KEY = "modelspec.architecture"
 
 
 def compile_patterns(patterns: Sequence[str] | None) -> list[re.Pattern[str]]:
@@ -186,8 +187,13 @@ class DiTFinetune(nn.Module):
         return list(self.selected)
 
     def metadata(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """The checkpoint's metadata: the caller's `extra`, kohya's `format=pt`, what was trained."""
-        meta = {**(extra or {}), **COMFY_FORMAT_METADATA, "anima_trainer_training_mode": FINETUNE_ALGO}
+        """The checkpoint's metadata: the caller's `extra` (the run's metadata) without what describes an adapter
+        (`ss_network_*`; modelspec's architecture without its `/lora` part: this is a whole model), kohya's
+        `format=pt`, what was trained."""
+        meta = {k: v for k, v in (extra or {}).items() if not k.startswith("ss_network_")}
+        if meta.get(ARCHITECTURE_KEY, "").endswith("/lora"):
+            meta[ARCHITECTURE_KEY] = meta[ARCHITECTURE_KEY][:-len("/lora")]
+        meta.update({**COMFY_FORMAT_METADATA, "anima_trainer_training_mode": FINETUNE_ALGO})
         if self.trainable_patterns:
             meta["anima_trainer_trainable_patterns"] = repr(self.trainable_patterns)
         meta["anima_trainer_train_llm_adapter"] = str(self.train_llm_adapter_opt).lower()
