@@ -20,11 +20,12 @@ def test_defaults_are_the_adapter_mode():
 
 def test_finetune_trains_no_text_encoder_and_notices_adapter_options():
     cfg = make_train_config({**FINETUNE, "network_dim": 16, "network_args": {"train_norm": "true"},
-                             "mixed_precision": "bf16", "trainable_patterns": r"^blocks\.1\."})
+                             "mixed_precision": "bf16", "trainable_patterns": r"^blocks\.1\.", "save_format": "kohya"})
     assert cfg.finetunes and not cfg.trains_text_encoder and cfg.trainable_patterns == [r"^blocks\.1\."]
     notes = cfg.finetune_notices()
-    assert [n.split(":")[0] for n in notes] == ["network_dim", "network_args", "mixed_precision = \"bf16\""]
-    assert "held and updated in bf16" in notes[2]
+    assert [n.split(":")[0] for n in notes] == ["network_dim", "network_args", "save_format",
+                                                  "mixed_precision = \"bf16\""]
+    assert "held and updated in bf16" in notes[3]
     assert make_train_config({**FINETUNE, "mixed_precision": "bf16", "full_bf16": True}).finetune_notices() == []
 
 

@@ -4,6 +4,8 @@ leaves every other tensor untouched, and an interrupted run resumes bit-identica
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -79,9 +81,19 @@ def test_finetune_lowers_the_loss_and_its_checkpoint_reloads_exactly(setup, tmp_
 
 
 def test_partial_finetune_trains_only_the_selection_and_saves_bf16(setup, tmp_path):
+    """With gradient checkpointing, the validation loss and previews on: the same machinery as LoRA."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background --w 64 --h 64 --s 4 --l 1 --d 0\n")
     cfg = _config(setup, tmp_path, "--learning_rate", "1e-3", "--save_precision", "bf16", "--trainable_patterns",
-                  r"^blocks\.1\.", r"\.cross_attn\.", "--mlp_lr", "0", steps=4)
+                  r"^blocks\.1\.", r"\.cross_attn\.", "--mlp_lr", "0", "--gradient_checkpointing",
+                  "--validation_split", "0.25", "--validate_every_n_steps", "2", "--sample_prompts", str(prompts),
+                  "--sample_every_n_steps", "2", steps=4)
     run = run_training(cfg)
+    assert len(list((tmp_path / "output" / "sample").glob("*.png"))) == 2  # steps 2 and 4
+    lines = (tmp_path / "output" / "demo_lora.events.jsonl").read_text().splitlines()
+    validated = {e["step"] for e in map(json.loads, lines) if e["type"] == "validation"}
+    losses = [e["val/loss"] for e in map(json.loads, lines) if e["type"] == "validation"]
+    assert {2, 4} <= validated and losses and all(math.isfinite(v) for v in losses)
     base = load_dit(setup["models"]["dit"], dtype=torch.float32).state_dict()
     trained = run.dit.state_dict()
     chosen = {k for k in base if (k.startswith("blocks.1.") or ".cross_attn." in k)

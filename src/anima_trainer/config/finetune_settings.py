@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, field_validator
 TRAINING_MODES = ("network", "finetune")
 # adapter-network options that do nothing in a fine-tune (one start-up notice each when set)
 ADAPTER_ONLY = ("network_dim", "network_alpha", "network_args", "network_dropout", "scale_weight_norms",
-                "network_module")
+                "network_module", "save_format")
 
 
 class FinetuneSettings(BaseModel):

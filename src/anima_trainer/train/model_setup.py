@@ -68,7 +68,7 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     except ValueError as e:
         raise ConfigError(f"memory options: {e}") from None
     network = build_network(cfg, dit, text_encoder)
-    if cfg.save_format == "diffusers":  # issue 15: what that layout cannot carry fails now, not at the first save
+    if cfg.save_format == "diffusers" and not cfg.finetunes:  # issue 15: what that layout cannot carry fails now, not at the first save
 
         check_network_diffusers(network)
     try:
