@@ -68,7 +68,8 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     except ValueError as e:
         raise ConfigError(f"memory options: {e}") from None
     network = build_network(cfg, dit, text_encoder)
-    if cfg.save_format == "diffusers" and not cfg.finetunes:  # issue 15: what that layout cannot carry fails now, not at the first save
+    # issue 15: what that layout cannot carry fails now, not at the first save (a fine-tune writes a DiT file)
+    if cfg.save_format == "diffusers" and not cfg.finetunes:
 
         check_network_diffusers(network)
     try:
