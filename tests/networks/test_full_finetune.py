@@ -128,3 +128,34 @@ def test_load_weights_sets_the_selected_parameters(dit_file, tmp_path):
     again = DiTFinetune(fresh, trainable_patterns=["mlp"])
     assert again.load_weights(path) == list(again.selected)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in dit.state_dict().items())
+
+
+def test_the_key_check_refuses_a_missing_or_extra_key(dit_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from anima_trainer.models.dit_checkpoint import check_dit_checkpoint_keys, dit_layout
+
+    layout = dit_layout(dit_file)
+    expected = layout.expected_keys(set())
+    tensors = load_file(dit_file)
+    check_dit_checkpoint_keys(dit_file, expected)  # the base file itself passes
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=rf"missing \['{dropped}'\], extra \[\]"):
+        check_dit_checkpoint_keys(tmp_path / "missing.safetensors", expected)
+    save_file({**tensors, "net.extra.weight": torch.zeros(1)}, tmp_path / "extra.safetensors")
+    with pytest.raises(ValueError, match=r"missing \[\], extra \['net.extra.weight'\]"):
+        check_dit_checkpoint_keys(tmp_path / "extra.safetensors", expected)
+
+
+def test_a_diffusers_folder_base_is_written_in_the_published_layout(dit_file, tmp_path):
+    from anima_trainer.models.dit_checkpoint import PUBLISHED_PREFIX, dit_layout, save_dit_checkpoint
+
+    dit = load_dit(dit_file, dtype=torch.float32)
+    layout = dit_layout(tmp_path)  # a folder: no single file to follow
+    assert layout.file is None and layout.prefix == PUBLISHED_PREFIX == "net."
+    out = save_dit_checkpoint(layout, dit.state_dict(), tmp_path / "out.safetensors", save_dtype=torch.bfloat16)
+    with safe_open(str(out), "pt") as f:
+        assert set(f.keys()) == {"net." + k for k in dit.state_dict()}
+    reloaded = load_dit(out, dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(reloaded[k], v.bfloat16()) for k, v in dit.state_dict().items())
