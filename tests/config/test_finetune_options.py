@@ -27,6 +27,10 @@ def test_finetune_trains_no_text_encoder_and_notices_adapter_options():
                                                   "mixed_precision = \"bf16\""]
     assert "held and updated in bf16" in notes[3]
     assert make_train_config({**FINETUNE, "mixed_precision": "bf16", "full_bf16": True}).finetune_notices() == []
+    # an adapter's max-norm: one notice, then off (the loop applies it only to adapters)
+    cfg = make_train_config({**FINETUNE, "scale_weight_norms": 1.0})
+    assert cfg.scale_weight_norms is None and cfg.model_copy(update={"seed": 3}).finetune_notices()[0].startswith(
+        "scale_weight_norms: an adapter-network option")
 
 
 @pytest.mark.parametrize(("option", "value", "why"), [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
 TRAINING_MODES = ("network", "finetune")
 # adapter-network options that do nothing in a fine-tune (one start-up notice each when set)
@@ -32,6 +32,8 @@ class FinetuneSettings(BaseModel):
     finetune_llm_adapter: bool = Field(
         False, description="fine-tune only: train the LLM adapter's parameters too (opt-in; kohya's anima_train.py "
         "trains it unless llm_adapter_lr = 0)")
+
+    _finetune_notes: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("trainable_patterns", mode="before")
     @classmethod
@@ -81,12 +83,15 @@ class FinetuneSettings(BaseModel):
         if self.llm_adapter_lr and not self.finetune_llm_adapter:
             raise ValueError(f"llm_adapter_lr = {self.llm_adapter_lr:g}: the LLM adapter is not trained (opt-in); "
                              "set finetune_llm_adapter = true, or remove llm_adapter_lr")
+        self._finetune_notes = self._adapter_option_notes()
+        self.scale_weight_norms = None  # an adapter's max-norm: noticed above, then off for the loop
 
     def finetune_notices(self) -> list[str]:
         """One start-up notice per adapter option set in a fine-tune (it changes nothing there), and what the
         trained weights' precision is."""
-        if not self.finetunes:
-            return []
+        return list(self._finetune_notes) if self.finetunes else []
+
+    def _adapter_option_notes(self) -> list[str]:
         fields = type(self).model_fields
         notes = [f"{name}: an adapter-network option; training_mode = \"finetune\" trains the DiT's own parameters, "
                  "so it changes nothing" for name in ADAPTER_ONLY
