@@ -19,17 +19,9 @@ HELP_DESCRIPTION = ("Drop-in for kohya-ss/sd-scripts' anima_train_network.py: ko
 
 
 def _run(argv: list[str]) -> int:
-    from anima_trainer.cli import cmd_train
-    from anima_trainer.config import parse_train_args
-    from anima_trainer.compat.dropin import help_epilog, translate_kohya_argv
+    from anima_trainer.cli import run_kohya_script
 
-    if "-h" in argv or "--help" in argv:  # exits 0 after printing (SystemExit, handled by `guarded`)
-        parse_train_args(["--help"], prog="anima_train_network.py", description=HELP_DESCRIPTION,
-                         epilog=help_epilog())
-    args, notices = translate_kohya_argv(argv)
-    for line in notices:
-        print(f"anima_train_network: {line}", file=sys.stderr)
-    return cmd_train(args)
+    return run_kohya_script(argv, prog="anima_train_network.py", description=HELP_DESCRIPTION)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -544,6 +544,21 @@ def report_error(e: BaseException, *, user: bool) -> None:
               "--debug for the traceback and report it)", file=sys.stderr)
 
 
+def run_kohya_script(argv: list[str], *, prog: str, description: str, extra: tuple[str, ...] = ()) -> int:
+    """The root drop-in scripts (anima_train_network.py, anima_train.py): `--help` (train's options, then what
+    compat/dropin.py translates), else kohya's command line translated (notices on stderr, prefixed with the
+    script's name), `extra` appended (anima_train.py: the fine-tune mode) and `train` run on the result."""
+    from anima_trainer.compat.dropin import help_epilog, translate_kohya_argv
+    from anima_trainer.config import parse_train_args
+
+    if "-h" in argv or "--help" in argv:  # exits 0 after printing (SystemExit, handled by `guarded`)
+        parse_train_args(["--help"], prog=prog, description=description, epilog=help_epilog())
+    args, notices = translate_kohya_argv(argv)
+    for line in notices:
+        print(f"{prog.removesuffix('.py')}: {line}", file=sys.stderr)
+    return cmd_train([*args, *extra])
+
+
 def guarded(body: Callable[[list[str]], int], argv: list[str]) -> int:
     """Run a command body the way every entry point does: global options taken out (`--debug`, `--log_level`),
     the console set up, SIGTERM treated as Ctrl-C, and every exception turned into one line and an exit status:

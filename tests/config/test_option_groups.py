@@ -1,6 +1,7 @@
 """TrainConfig's option groups live in their own modules as pydantic mixins (model_files, save_settings,
 network_settings, optimisation_settings, speed_memory_settings, flow_settings, noise_settings, data_settings,
-logging_settings, sampling_settings, text_encoder_settings, vae_settings, output_settings, sd_scripts_anima): the
+logging_settings, sampling_settings, text_encoder_settings, vae_settings, output_settings, sd_scripts_anima,
+finetune_settings): the
 public API of config/train.py is unchanged and the cross-field check still runs after the groups' own model
 validators."""
 
@@ -10,6 +11,7 @@ import pytest
 
 from anima_trainer.config import train
 from anima_trainer.config.data_settings import CacheSettings, DatasetSettings
+from anima_trainer.config.finetune_settings import FinetuneSettings
 from anima_trainer.config.flow_settings import FlowSettings
 from anima_trainer.config.logging_settings import LoggingSettings
 from anima_trainer.config.model_files import ModelFileSettings
@@ -29,7 +31,8 @@ from anima_trainer.config.vae_settings import VaeSettings
 PATHS = dict(pretrained_model_name_or_path="d", qwen3="q", vae="v", output_dir="o", dataset_config="ds")
 GROUPS = (ModelFileSettings, SaveSettings, NetworkModuleSettings, NetworkSettings, OptimisationSettings,
           SpeedMemorySettings, FlowSettings, NoiseSettings, DatasetSettings, CacheSettings, LoggingSettings,
-          SamplingSettings, TextEncoderSettings, VaeSettings, OutputSettings, SdScriptsAnimaSettings)
+          SamplingSettings, TextEncoderSettings, VaeSettings, OutputSettings, SdScriptsAnimaSettings,
+          FinetuneSettings)
 
 
 def test_each_group_is_a_mixin_of_train_config() -> None:

@@ -379,3 +379,8 @@ def translate_kohya_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(argv for `parse_train_args`, notices to show).  Writes the generated files (module docstring)."""
     d = DropIn(argv)
     return d.argv(), d.notices
+
+
+# What `anima_train.py` (kohya's full fine-tune script) adds to the translated command line: the fine-tune mode.
+FINETUNE_ARGS = ("--training_mode", "finetune")
+

@@ -72,6 +72,7 @@ def rows() -> tuple[list[Row], list[Row]]:
                 "show_timesteps_resolution", "skip_image_resolution", "train_inpainting"}
     main = [classify(n, "kohya v0.11" if n in v11_only else "kohya") for n in ko.KOHYA_OPTIONS]
     main += [classify(n, "sd-scripts-anima") for n in ko.SD_SCRIPTS_ANIMA_OPTIONS if n not in ko.KOHYA_OPTIONS]
+    main += [classify(n, "kohya anima_train.py") for n in ko.KOHYA_FINETUNE_OPTIONS]
     gui = [classify(n, r.source) for n, r in ko.RULES.items() if r.source not in ("kohya", "sd-scripts-anima")]
     gui += [classify(n, "Anima-Standalone-Trainer") for n in ko.ALIAS_NOTICES]
     return sorted(main, key=lambda r: r.name), sorted(gui, key=lambda r: r.name.lower())
@@ -95,7 +96,8 @@ def render_table() -> str:
     lines = [
         BEGIN, "",
         f"**{len(main)} options** of kohya's Anima LoRA trainer (v0.10.1 and v0.11.1 parsers, dataset-on-command-line "
-        f"options included) and of sd-scripts-anima: **{t['implemented']} implemented, {t['notice']} accepted with "
+        f"options included), its full fine-tune anima_train.py (the options only it has) and of sd-scripts-anima: "
+        f"**{t['implemented']} implemented, {t['notice']} accepted with "
         f"a notice, {t['error']} refused** (an error names the option, the file and line, and the fix).", "",
         "| option | from | anima-trainer | what happens |", "|---|---|---|---|",
         *(f"| `{r.name}` | {r.source} | {r.outcome} | {_cell(r.what)} |" for r in main), "",

@@ -5,6 +5,7 @@ TOML by `parse_train_args`; every user mistake is a `ConfigError` naming the key
     model_files.py        the DiT / text encoder / VAE files, tokenizer folders and their download sources
     save_settings.py      output folder and name, saves, training states, resume; the file-name limit
     network_settings.py   the network (module, rank, alpha, network_args, weights) and the options around it
+    finetune_settings.py  the fine-tune mode (training_mode, trainable_patterns) and what it refuses
     optimisation_settings.py  learning rates, optimizer, LR schedule, run length, batch, precision, seed
     speed_memory_settings.py  checkpointing, block swap, fp8 storage, attention kernel, fused q/k/v, compile
     flow_settings.py      timestep sampling, weighting and loss of the flow-matching objective

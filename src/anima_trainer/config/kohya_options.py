@@ -164,6 +164,10 @@ validate_every_n_epochs validate_every_n_steps validation_seed validation_split 
 weighted_captions weighting_scheme xformers zero3_init_flag zero3_save_16bit_model zero_stage zero_terminal_snr
 """.split())
 
+# kohya's full fine-tune script `anima_train.py` (v0.11, read from its setup_parser): the options its parser has
+# beyond anima_train_network.py's (the drop-in anima_train.py reads them; its component lrs are fields already).
+KOHYA_FINETUNE_OPTIONS: tuple[str, ...] = ("use_safetensors", "skip_latents_validity_check")
+
 # sd-scripts-anima's own options (seed_system.md §1.2; its converter's flags §6) beyond kohya's parser.
 SD_SCRIPTS_ANIMA_OPTIONS: tuple[str, ...] = tuple("""
 anima_transformer qwen t5_tokenizer_dir auto_download_t5_tokenizer t5_tokenizer_repo_id t5_tokenizer_subfolder
@@ -233,6 +237,10 @@ def _rules() -> dict[str, Rule]:
     notice("cuda_cudnn_benchmark", "the DiT has no convolutions to tune; the VAE runs once per image when caching")
     notice("skip_cache_check", "cache files are content-addressed (their name is a hash of what they hold), so "
            "there is nothing to check or skip")
+    notice("skip_latents_validity_check", "kohya's anima_train.py's old name of skip_cache_check: cache files are "
+           "content-addressed (their name is a hash of what they hold), so there is nothing to check or skip")
+    t["use_safetensors"] = Rule("value", "only safetensors files are written (anima_train.py's full-model format "
+                                "switch)", accepted=(True, "true", "True"))
     notice("compile_dynamic", "blocks are compiled with static shapes, one graph per bucket token count "
            "(compile_blocks): the same math; nothing to change", ("", None, False, "false", "auto"))
     notice("fused_backward_pass", "kohya's LoRA trainer ignores it too (only its full fine-tune uses it); the "

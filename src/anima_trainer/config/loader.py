@@ -34,7 +34,7 @@ from anima_trainer.config.schedule_rules import schedule_notices
 from anima_trainer.config.train import TrainConfig, make_train_config
 
 _LIST_FIELDS = ("network_args", "optimizer_args", "lr_scheduler_args")
-_LIST_VALUE_FIELDS = ("base_weights", "base_weights_multiplier", "text_encoder_lr")
+_LIST_VALUE_FIELDS = ("base_weights", "base_weights_multiplier", "text_encoder_lr", "trainable_patterns")
 
 
 class _Parser(argparse.ArgumentParser):

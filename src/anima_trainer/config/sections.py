@@ -13,8 +13,10 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         t5_tokenizer_modelscope_repo_id t5_tokenizer_modelscope_revision t5_tokenizer_modelscope_subfolder
         t5_tokenizer_validate_strict tokenizer_cache_dir qwen_image_vae_2d vae_chunk_size vae_disable_cache
         """.split())),
-    ("network", "what is trained: the adapter kind, its size, targets and starting weights", tuple("""
-        network_module network_dim network_alpha network_args network_weights network_dropout dim_from_weights
+    ("network", "what is trained: the adapter kind, its size, targets and starting weights, or the DiT itself",
+     tuple("""
+        training_mode trainable_patterns finetune_llm_adapter network_module network_dim network_alpha network_args
+        network_weights network_dropout dim_from_weights
         network_train_unet_only network_train_text_encoder_only train_norm base_weights base_weights_multiplier
         scale_weight_norms
         """.split())),

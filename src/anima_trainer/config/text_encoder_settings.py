@@ -68,7 +68,7 @@ class TextEncoderSettings(BaseModel):
         """Whether the run trains adapter modules on the Qwen3 text encoder: kohya's default, unless
         network_train_unet_only, a text-output cache, or text_encoder_lr = 0 says otherwise."""
         return (not self.network_train_unet_only and self.text_cache_option is None
-                and self.text_encoder_lr != 0)
+                and self.text_encoder_lr != 0 and getattr(self, "training_mode", "network") != "finetune")
 
     @property
     def trains_dit(self) -> bool:

@@ -25,6 +25,7 @@ from pydantic import (
 
 from anima_trainer.config.data_settings import CacheSettings, DatasetSettings
 from anima_trainer.config.errors import ConfigError
+from anima_trainer.config.finetune_settings import FinetuneSettings
 from anima_trainer.config.flow_settings import FlowSettings
 from anima_trainer.config.logging_settings import LoggingSettings
 from anima_trainer.config.model_files import ModelFileSettings
@@ -67,9 +68,9 @@ __all__ = ["FILE_NAME_MAX_BYTES", "MINIMUM_METADATA_KEYS", "OUTPUT_NAME_MAX_BYTE
 # the fields (and `--help`, output_config files and the order of error messages) read model files, saving, network,
 # optimisation, speed and memory, flow matching, dataset, logging, sampling and caches after the older groups
 class TrainConfig(CacheSettings, SamplingSettings, LoggingSettings, DatasetSettings, FlowSettings,
-                  SpeedMemorySettings, OptimisationSettings, NetworkModuleSettings, SaveSettings, ModelFileSettings,
-                  NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettings, SdScriptsAnimaSettings,
-                  OutputSettings, BaseModel):
+                  SpeedMemorySettings, OptimisationSettings, FinetuneSettings, NetworkModuleSettings, SaveSettings,
+                  ModelFileSettings, NetworkSettings, TextEncoderSettings, VaeSettings, NoiseSettings,
+                  SdScriptsAnimaSettings, OutputSettings, BaseModel):
     """Every training setting.  The option groups are mixins with their fields, validators and methods (module
     docstring); the cross-field check below runs after their model validators, in a fixed order."""
 
@@ -112,6 +113,7 @@ class TrainConfig(CacheSettings, SamplingSettings, LoggingSettings, DatasetSetti
         self._check_save_format()
         self._check_logging()
         self._check_sample_use_ema()
+        self._check_finetune()
         return self
 
 

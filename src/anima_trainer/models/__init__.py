@@ -5,6 +5,7 @@
     block_runner.py       the loop over the DiT blocks that AnimaDiT holds as `runner`: gradient-checkpointing
                           depth and mode, block swap, activation offload (`setup_memory`)
     compile.py            torch.compile of the DiT blocks
+    dit_checkpoint.py     a whole DiT written in its base file's key layout (merge, fine-tune saves)
     diffusers_layout.py   diffusers' folder layout of the Anima pipeline (names, configs, tokenizer folders)
     dit.py                AnimaDiT and `load_dit`
     flow_maths.py         rectified flow: x_σ = (1−σ)·x0 + σ·ε, target v = ε − x0, the flow loss (training and

@@ -7,6 +7,7 @@
     diffusers_format.py  the adapter layout diffusers' Anima loader reads (`save_format = "diffusers"`)
     factor_cast.py       speed lever: the LoRA factors cast to bf16 once per forward pass, one `cat` per block
     files.py             a network's files: tensors, metadata, checked atomic save, strict load
+    full_finetune.py     the fine-tune mode: the DiT's own parameters (a selection) as the trained "network"
     formats.py           adapter file names and math exactly as ComfyUI reads them (`apply_network_file`)
     hashes.py            kohya's `sshs_*` model hashes and their check
     inject.py            which modules a network trains (kohya's rules) and how it patches their forwards

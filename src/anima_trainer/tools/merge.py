@@ -27,7 +27,8 @@ from safetensors import safe_open
 from anima_trainer.dtypes import FLOAT_FILE_DTYPES, dominant_float_dtype
 from anima_trainer.fileio import check_writable
 from anima_trainer.tensor_files import atomic_save
-from anima_trainer.models.model_files import QUANT_METADATA, expect_kind, quant_plan, read_header
+from anima_trainer.models.dit_checkpoint import dit_layout, save_dit_checkpoint
+from anima_trainer.models.model_files import expect_kind, read_header
 from anima_trainer.models.dit import load_dit
 from anima_trainer.models.text import QWEN_FLAG, weight_sources, load_qwen3
 from anima_trainer.networks.convert import (
@@ -81,14 +82,8 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
         raise NetworkError(f"--dit {base}: merge writes the merged DiT in the base file's own layout and needs a "
                            "single .safetensors DiT file (a diffusers-layout folder is read for training, not "
                            "rewritten); pass the single-file DiT")
-    info = expect_kind(base, "--dit", ("anima_dit", "anima_bundle"))
-    prefix = info.components.get("dit", info.prefix)
-    header, meta = read_header(base)
-    # a scaled-fp8 base is merged dequantised: its scales and quantisation bookkeeping would make ComfyUI scale
-    # the merged (already dequantised) weights a second time, so they are not copied
-    plan = quant_plan(Path(base), header, meta, prefix)
-    dropped = set(plan.scales.values()) | plan.skipped
-    load_dtype = dominant_float_dtype(dt for dt, _ in header.values())
+    layout = dit_layout(base, "--dit")
+    load_dtype = dominant_float_dtype(layout.dtypes.values())
     dit = load_dit(base, dtype=load_dtype, flag="--dit")
     reports = {}
     for f, mul in networks:
@@ -98,23 +93,12 @@ def merge_networks(base: str | Path, networks: list[tuple[str, float]], out: str
             raise NetworkError(f"{f}: {len(report['errors'])} patch(es) cannot be applied, nothing written: "
                                f"{dict(list(report['errors'].items())[:3])}")
         reports[f] = report
-    state = dit.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(base), "pt") as fh:
-        for key, (dt, _) in header.items():
-            if key in dropped:
-                continue
-            name = key[len(prefix):] if key.startswith(prefix) else None
-            if name is not None and name in state:
-                t = state[name]
-                target = save_dtype or FLOAT_FILE_DTYPES.get(dt, t.dtype)
-                tensors[key] = t.to(target).contiguous()
-            else:
-                tensors[key] = fh.get_tensor(key)
-    meta = {k: v for k, v in meta.items() if k != QUANT_METADATA}
-    meta["anima_trainer_merged_networks"] = json.dumps([[Path(f).name, m] for f, m in networks])
     check_writable(out, overwrite)
-    atomic_save(tensors, out, meta, what="merged checkpoint ")  # refuses NaN/Inf (e.g. fp16 overflow)
+    # the base file's layout with the merged DiT tensors (models/dit_checkpoint.py, shared with fine-tune saves);
+    # refuses NaN/Inf (e.g. fp16 overflow)
+    save_dit_checkpoint(layout, dit.state_dict(), out, save_dtype=save_dtype, what="merged checkpoint ",
+                        metadata={"anima_trainer_merged_networks": json.dumps([[Path(f).name, m]
+                                                                                for f, m in networks])})
     not_loaded = {f: [k for k in r["not_loaded"] if not (text_encoder_merged and is_text_encoder_key(k))]
                   for f, r in reports.items()}
     return {"written": str(out), "networks": {f: len(r["patched"]) for f, r in reports.items()},

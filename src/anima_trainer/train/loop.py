@@ -64,9 +64,9 @@ from anima_trainer.train.model_setup import (
     first_step_notice,
     kohya_text_encoder_notice,
     load_models,
-    module_counts,
     prepare_dit,
     prepare_text_encoder,
+    training_summary,
 )
 from anima_trainer.train.monitor import Monitor, MonitorAlertError
 from anima_trainer.train.optim import effective_lrs, set_optimizer_train_mode
@@ -398,9 +398,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                                   steps_per_epoch=math.ceil(len(shard) / plan.accumulation),
                                   events=events, log_fn=accelerator.log if tracking.log_with else None,
                                   first_step_notice=first_step_notice(cfg, dit))  # compiled: the wait, the way out
-    log.info("training %s %s modules (+%d norm gains), %d images, %d batches/epoch, %d steps, %d epochs",
-             module_counts(network), cfg.network_module, len(network.norms_by_name), dataset.num_images,
-             len(dataset), max_steps, epochs)
+    log.info("training %s, %d images, %d batches/epoch, %d steps, %d epochs", training_summary(cfg, network),
+             dataset.num_images, len(dataset), max_steps, epochs)
     te_model = models.text_encoder.model if network.trains_text_encoder else None
     measurements = Measurements(validator=validator, evaluation=evaluation, dit=dit, network=network,
                                 context_fn=conditioner.context, device=device, events=events, accelerator=accelerator,

@@ -27,6 +27,7 @@ from anima_trainer.networks import AdapterNetwork, NetworkError, create_network,
 from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
 from anima_trainer.networks.diffusers_format import check_network_diffusers
 from anima_trainer.networks.formats import comfy_skipped_keys
+from anima_trainer.networks.full_finetune import DiTFinetune, select_parameters
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     except ValueError as e:
         raise ConfigError(f"memory options: {e}") from None
     network = build_network(cfg, dit, text_encoder)
-    if cfg.save_format == "diffusers":  # issue 15: what that layout cannot carry fails now, not at the first save
+    # issue 15: what that layout cannot carry fails now, not at the first save (a fine-tune writes a DiT file)
+    if cfg.save_format == "diffusers" and not cfg.finetunes:
 
         check_network_diffusers(network)
     try:
@@ -137,6 +139,9 @@ def check_network_options(cfg: TrainConfig) -> None:
         text_encoder = build_meta_qwen3(cfg.qwen3) if cfg.trains_text_encoder else None
     except (ModelFileError, OSError, ValueError):
         return  # a bad model file is named by its loader, with its own message
+    if cfg.finetunes:  # the trainable_patterns must select something (networks/full_finetune.py)
+        select_parameters(dit, cfg.trainable_patterns, cfg.finetune_llm_adapter)
+        return
     try:
         create_network(dit, algo=cfg.network_module, dim=cfg.network_dim, alpha=cfg.network_alpha,
                        dropout=cfg.network_dropout, text_encoder=text_encoder, train_dit=cfg.trains_dit,
@@ -151,6 +156,9 @@ def build_network(cfg: TrainConfig, dit, text_encoder: torch.nn.Module | None = 
     """The network to train: configured (optionally initialised from network_weights), or with
     dim_from_weights exactly the network of that file.  `text_encoder` (the Qwen3Model) gets modules only when
     the config trains it (`cfg.trains_text_encoder`)."""
+    if cfg.finetunes:  # kohya's anima_train.py: the DiT's own parameters (networks/full_finetune.py)
+        return DiTFinetune(dit, trainable_patterns=cfg.trainable_patterns, train_llm_adapter=cfg.finetune_llm_adapter,
+                           base_file=cfg.pretrained_model_name_or_path)
     te = text_encoder if cfg.trains_text_encoder else None
     try:
         return _build_network(cfg, dit, te, create_network, create_network_from_weights)
@@ -205,6 +213,14 @@ def module_counts(network) -> str:
     """"N DiT + M text-encoder" for the start-up line (kohya logs both parts)."""
     te, dit = len(network.text_encoder_modules()), len(network.dit_modules())
     return f"{dit} DiT + {te} text-encoder" if te else f"{dit} DiT"
+
+
+def training_summary(cfg: TrainConfig, network) -> str:
+    """What trains, for the start-up line: the adapter modules, or the fine-tuned DiT parameters."""
+    if isinstance(network, DiTFinetune):
+        return (f"the DiT itself: {len(network.trainable_parameters())} parameter tensors, "
+                f"{network.parameter_count():,} weights (fine-tune)")
+    return f"{module_counts(network)} {cfg.network_module} modules (+{len(network.norms_by_name)} norm gains)"
 
 
 def kohya_text_encoder_notice(cfg: TrainConfig, network) -> str | None:

@@ -53,7 +53,7 @@ def snapshot_fields(cfg: TrainConfig, network, dataset) -> dict:
         "network_module": cfg.network_module, "network_dim": cfg.network_dim, "network_alpha": cfg.network_alpha,
         "network_args": dict(sorted(cfg.network_args.items())), "network_dropout": cfg.network_dropout,
         "network_targets": _sha([[p, m.dim, float(m.alpha)] for p, m in network.modules_by_name.items()]
-                                + sorted(network.norms_by_name)),
+                                + sorted(network.norms_by_name) + sorted(getattr(network, "selected", ()))),
         "dataset": _sha(items), "buckets": [list(b) for b in dataset.bucket_table()],
         "batches_per_epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "optimizer_type": cfg.optimizer_type, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision,

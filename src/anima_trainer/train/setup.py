@@ -105,7 +105,7 @@ def setup_run(cfg: TrainConfig, *, dist: Distributed | None = None,
     cfg = check_optimization(cfg)
     seed = run_seed(cfg)
     notices = [*cfg.sd_scripts_anima_notices(), *cfg.text_encoder_notices(), *cfg.vae_compile_notices(),
-               *objective_notices(cfg)]
+               *objective_notices(cfg), *cfg.finetune_notices()]
     with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
         if dist.is_main:
             ensure_tokenizers(cfg)

@@ -1,0 +1,103 @@
+"""Fine-tune options of `TrainConfig` (kohya's `anima_train.py`): which mode trains, which DiT parameters train,
+and the checks of the options that mean something else, or nothing, when the DiT itself trains.
+
+`training_mode = "finetune"` trains the DiT's own parameters (networks/full_finetune.py) instead of an adapter
+network; the data, caching, sampling, validation, monitoring and resume machinery is the same.  What a fine-tune
+cannot honour yet is refused at validation, naming the option and the fix (compatibility rule); the adapter-only
+options are accepted with one start-up notice each (`finetune_notices`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
+
+TRAINING_MODES = ("network", "finetune")
+# adapter-network options that do nothing in a fine-tune (one start-up notice each when set)
+ADAPTER_ONLY = ("network_dim", "network_alpha", "network_args", "network_dropout", "scale_weight_norms",
+                "network_module", "save_format")
+
+
+class FinetuneSettings(BaseModel):
+    """Fields and checks of the fine-tune mode (a mixin of TrainConfig)."""
+
+    training_mode: Literal["network", "finetune"] = Field(
+        "network", description="what trains: \"network\" (an adapter: LoRA/LoKr/LoHa, anima_train_network.py) or "
+        "\"finetune\" (the DiT's own parameters, kohya's anima_train.py; saves whole DiT checkpoints)")
+    trainable_patterns: list[str] | None = Field(
+        None, description="fine-tune only: regexes searched in each DiT parameter name (e.g. "
+        "`^blocks\\.(1[4-8])\\.` = blocks 14-18, `cross_attn`, `adaln_modulation`); a parameter trains when one "
+        "matches; unset = the whole DiT (the LLM adapter only with finetune_llm_adapter)")
+    finetune_llm_adapter: bool = Field(
+        False, description="fine-tune only: train the LLM adapter's parameters too (opt-in; kohya's anima_train.py "
+        "trains it unless llm_adapter_lr = 0)")
+
+    _finetune_notes: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("trainable_patterns", mode="before")
+    @classmethod
+    def _patterns(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        for p in v or ():
+            try:
+                re.compile(p)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"{p!r} is not a regular expression ({e})") from None
+        return v
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether the run trains the DiT's own parameters (training_mode = "finetune")."""
+        return self.training_mode == "finetune"
+
+    def _check_finetune(self) -> None:
+        """TrainConfig's cross-field check: what a fine-tune cannot honour (an error naming the option and the
+        fix) and the fine-tune options set without a fine-tune."""
+        if not self.finetunes:
+            for name in ("trainable_patterns", "finetune_llm_adapter"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: selects what a fine-tune trains, but training_mode is \"network\"; "
+                                     "set training_mode = \"finetune\" (anima_train.py) or remove it")
+            return
+        refusals = {
+            "network_weights": "starts an adapter from a file; a fine-tune starts from pretrained_model_name_or_path "
+                               "(put the weights to continue from there)",
+            "dim_from_weights": "builds an adapter from a file",
+            "base_weights": "merges adapters before training; merge them into the DiT first (anima-trainer merge)",
+            "ema_decay": "the EMA of a fine-tune's weights is not available yet",
+            "preservation_loss_weight": "compares with the base model at adapter strength 0; a fine-tune has none",
+            "eval_every_n_steps": "the light metrics compare with the base model at adapter strength 0",
+            "eval_every_n_epochs": "the light metrics compare with the base model at adapter strength 0",
+            "fp8_base": "fp8 weights cannot be trained",
+            "fp8_compute": "fp8 weights cannot be trained",
+            "blocks_to_swap": "block swap of trained weights is not available for fine-tuning yet",
+            "vram_budget_gb": "the memory plan covers adapter training only so far",
+            "network_train_text_encoder_only": "a fine-tune trains the DiT",
+        }
+        for name, why in refusals.items():
+            value = getattr(self, name, None)
+            if value:
+                raise ValueError(f"{name}: {why}; remove it for training_mode = \"finetune\"")
+        if self.llm_adapter_lr and not self.finetune_llm_adapter:
+            raise ValueError(f"llm_adapter_lr = {self.llm_adapter_lr:g}: the LLM adapter is not trained (opt-in); "
+                             "set finetune_llm_adapter = true, or remove llm_adapter_lr")
+        self._finetune_notes = self._adapter_option_notes()
+        self.scale_weight_norms = None  # an adapter's max-norm: noticed above, then off for the loop
+
+    def finetune_notices(self) -> list[str]:
+        """One start-up notice per adapter option set in a fine-tune (it changes nothing there), and what the
+        trained weights' precision is."""
+        return list(self._finetune_notes) if self.finetunes else []
+
+    def _adapter_option_notes(self) -> list[str]:
+        fields = type(self).model_fields
+        notes = [f"{name}: an adapter-network option; training_mode = \"finetune\" trains the DiT's own parameters, "
+                 "so it changes nothing" for name in ADAPTER_ONLY
+                 if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+        if self.mixed_precision in ("bf16", "fp16") and not (self.full_bf16 or self.full_fp16):
+            notes.append(f"mixed_precision = \"{self.mixed_precision}\": the fine-tuned weights are held and updated "
+                         f"in {self.mixed_precision} (as kohya's full_{self.mixed_precision}; kohya keeps fp32 weights "
+                         "without it); mixed_precision = \"no\" trains fp32 weights")
+        return notes

@@ -1,0 +1,221 @@
+"""Fine-tuning the DiT's own parameters (kohya's `anima_train.py`): the whole DiT or a selection of it.
+
+`DiTFinetune` gives the training loop the interface it uses from an adapter network (networks/base.py): the
+trained tensors (`trainable_parameters`, `state_dict` for training states), kohya's optimizer groups
+(`param_groups` with the component learning rates), the saved file (`save`: a whole DiT checkpoint in the base
+file's layout, models/dit_checkpoint.py) and the flags the loop reads (`trains_text_encoder`, ...).  It holds no
+weights of its own: the selected DiT parameters train in place (requires_grad on), every other parameter stays
+frozen (requires_grad off) and untouched.
+
+Selection (`trainable_patterns`): Python regexes searched (`re.search`) in each parameter name of the DiT
+(`blocks.14.cross_attn.q_proj.weight`), so `^blocks\\.(1[4-8])\\.` selects blocks 14-18, `\\.cross_attn\\.` the
+cross-attention layers and `cross_attn` those plus their adaLN modulation (`adaln_modulation_cross_attn`); a
+parameter trains when any pattern matches.  No patterns: every parameter.
+The LLM adapter (`llm_adapter.*`) is opt-in (`train_llm_adapter`): without it no llm_adapter parameter is
+selected, whatever the patterns say.  Why its own module, not an AdapterNetwork subclass: nothing is injected
+and no factor is cast; only the loop-facing names are shared.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from anima_trainer.fileio import check_writable
+from anima_trainer.models.dit import load_dit
+from anima_trainer.models.dit_checkpoint import COMFY_FORMAT_METADATA, DitLayout, dit_layout, save_dit_checkpoint
+from anima_trainer.networks.formats import NetworkError
+from anima_trainer.networks.param_groups import COMPONENTS, anima_component
+
+FINETUNE_ALGO = "finetune"
+LLM_ADAPTER_PREFIX = "llm_adapter."
+ARCHITECTURE_KEY = "modelspec.architecture"
+
+
+def compile_patterns(patterns: Sequence[str] | None) -> list[re.Pattern[str]]:
+    """The trainable_patterns as compiled regexes; a broken one is a NetworkError naming it."""
+    out = []
+    for p in patterns or ():
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise NetworkError(f"trainable_patterns: {p!r} is not a regular expression ({e})") from None
+    return out
+
+
+def select_parameters(dit: nn.Module, patterns: Sequence[str] | None = None,
+                      train_llm_adapter: bool = False) -> dict[str, nn.Parameter]:
+    """{name: parameter} of the DiT that a fine-tune with these settings trains (see the module doc), in the
+    DiT's parameter order.  Nothing selected is a NetworkError saying why."""
+    compiled = compile_patterns(patterns)
+    selected = {}
+    for name, p in dit.named_parameters():
+        if name.startswith(LLM_ADAPTER_PREFIX) and not train_llm_adapter:
+            continue
+        if not compiled or any(c.search(name) for c in compiled):
+            selected[name] = p
+    if not selected:
+        adapter_only = any(c.search(n) for c in compiled for n, _ in dit.named_parameters()
+                           if n.startswith(LLM_ADAPTER_PREFIX))
+        hint = " (they match only LLM-adapter parameters: set train_llm_adapter = true)" if adapter_only else ""
+        raise NetworkError(f"trainable_patterns {list(patterns or [])}: no DiT parameter matches{hint}; parameter "
+                           "names look like blocks.14.cross_attn.q_proj.weight")
+    return selected
+
+
+class DiTFinetune(nn.Module):
+    """The selected parameters of one DiT, trained in place (see the module doc).  `base_file`: the DiT file (or
+    diffusers folder) the DiT was loaded from; saves follow its layout (None: no `save`)."""
+
+    algo = FINETUNE_ALGO
+
+    def __init__(self, dit: nn.Module, *, trainable_patterns: Sequence[str] | None = None,
+                 train_llm_adapter: bool = False, base_file: str | Path | None = None) -> None:
+        super().__init__()
+        self._dit = (dit,)  # not a submodule: .to() / state_dict() must not reach the whole DiT
+        self.trainable_patterns = list(trainable_patterns or [])
+        self.train_llm_adapter_opt = bool(train_llm_adapter)
+        self.selected: dict[str, nn.Parameter] = select_parameters(dit, trainable_patterns, train_llm_adapter)
+        dit.requires_grad_(False)
+        for p in self.selected.values():
+            p.requires_grad_(True)
+        self.base_file = Path(base_file) if base_file is not None else None
+        self._layout: DitLayout | None = None
+        # the adapter-network names the loop and its helpers read: a fine-tune has no modules or norm gains
+        self.lora_modules: list = []
+        self.modules_by_name: dict = {}
+        self.norms_by_name: dict = {}
+
+    @property
+    def dit(self) -> nn.Module:
+        return self._dit[0]
+
+    @property
+    def text_encoder(self) -> None:
+        return None
+
+    trains_text_encoder = False
+    trains_dit = True
+
+    @property
+    def trains_llm_adapter(self) -> bool:
+        """Whether an LLM-adapter parameter trains (then its output cannot be cached)."""
+        return any(n.startswith(LLM_ADAPTER_PREFIX) and p.requires_grad for n, p in self.selected.items())
+
+    def dit_modules(self) -> list:
+        return []
+
+    def text_encoder_modules(self) -> list:
+        return []
+
+    def parameter_count(self) -> int:
+        """How many DiT weights train (the start-up line)."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def target_table(self) -> list[tuple[str, str, int, float, str]]:
+        """(parameter name, "finetune", elements, 0, component) per selected parameter."""
+        return [(n, self.algo, p.numel(), 0.0, anima_component(n)) for n, p in self.selected.items()]
+
+    # ---------------------------------------------------------------------------------- what trains --
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The selected parameters still trained (a component at lr 0 is frozen by `param_groups`)."""
+        return [p for p in self.selected.values() if p.requires_grad]
+
+    def param_groups(self, lr: float, component_lrs: dict[str, float | None] | None = None,
+                     text_encoder_lr: float | None = None) -> list[dict]:
+        """kohya's get_anima_param_groups: each selected parameter in the group of its component
+        (`anima_component`: self_attn, cross_attn, mlp, mod, llm_adapter, else base) at that component's lr
+        (None: `lr`); a component at lr 0 is frozen (requires_grad off, no group).  `text_encoder_lr` is
+        unused (a fine-tune trains no text encoder)."""
+        comp = {k: v for k, v in (component_lrs or {}).items() if v is not None}
+        unknown = sorted(set(comp) - set(COMPONENTS))
+        if unknown:
+            raise NetworkError(f"unknown component lr(s) {unknown}; known: {list(COMPONENTS)}")
+        groups: dict[str, dict] = {}
+        for name, p in self.selected.items():
+            component = anima_component(name)
+            group_lr = comp.get(component, lr)
+            if group_lr == 0:
+                p.requires_grad_(False)
+                continue
+            key = component if component in comp else "base"
+            groups.setdefault(key, {"params": [], "lr": group_lr, "name": key})["params"].append(p)
+        if not groups:
+            raise NetworkError("every selected parameter is in a component at lr 0: nothing trains")
+        return list(groups.values())
+
+    def set_multiplier(self, m: float) -> None:
+        """A fine-tune has no strength: 1 is the trained model, anything else is refused (evaluation strengths
+        and the preservation loss need an adapter's multiplier)."""
+        if float(m) != 1.0:
+            raise NetworkError(f"a fine-tune has no strength to set to {m:g} (only adapters do)")
+
+    def inject(self) -> None:
+        """Nothing to inject: the DiT's own parameters train."""
+
+    def remove(self) -> None:
+        """Nothing to remove: the trained parameters are the DiT's."""
+
+    def cast_trainable(self, dtype: torch.dtype) -> None:
+        """full_bf16 / full_fp16: the trained parameters (and so their gradients and optimizer state) in `dtype`."""
+        for p in self.selected.values():
+            p.data = p.data.to(dtype)
+
+    def max_norm_notice(self) -> str | None:
+        return None
+
+    # ---------------------------------------------------------------------------------------- files --
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """{name: live parameter} of the selected parameters: what a training state holds and restores in place
+        (the frozen rest is the base file's)."""
+        return dict(self.selected)
+
+    def load_weights(self, path: str | Path) -> list[str]:
+        """Load the selected parameters from a DiT checkpoint (any layout `load_dit` reads, e.g. an earlier
+        fine-tune's file); returns the names of the parameters set.  A missing or misshaped one is an error."""
+
+        state = load_dit(path, dtype=torch.float32).state_dict()
+        with torch.no_grad():
+            for name, p in self.selected.items():
+                if name not in state or state[name].shape != p.shape:
+                    raise NetworkError(f"{path}: no DiT tensor {name} of shape {list(p.shape)}")
+                p.copy_(state[name].to(p.dtype))
+        return list(self.selected)
+
+    def metadata(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The checkpoint's metadata: the caller's `extra` (the run's metadata) without what describes an adapter
+        (`ss_network_*`; modelspec's architecture without its `/lora` part: this is a whole model), kohya's
+        `format=pt`, what was trained."""
+        meta = {k: v for k, v in (extra or {}).items() if not k.startswith("ss_network_")}
+        if meta.get(ARCHITECTURE_KEY, "").endswith("/lora"):
+            meta[ARCHITECTURE_KEY] = meta[ARCHITECTURE_KEY][:-len("/lora")]
+        meta.update({**COMFY_FORMAT_METADATA, "anima_trainer_training_mode": FINETUNE_ALGO})
+        if self.trainable_patterns:
+            meta["anima_trainer_trainable_patterns"] = repr(self.trainable_patterns)
+        meta["anima_trainer_train_llm_adapter"] = str(self.train_llm_adapter_opt).lower()
+        return meta
+
+    def layout(self) -> DitLayout:
+        if self.base_file is None:
+            raise NetworkError("this fine-tune was created without its base file: there is no layout to save in")
+        if self._layout is None:
+            self._layout = dit_layout(self.base_file)
+        return self._layout
+
+    def save(self, path: str | Path, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
+             overwrite: bool = False, save_format: str = "comfy") -> Path:
+        """The whole DiT as a checkpoint ComfyUI loads as a diffusion model (the base file's key layout: see
+        models/dit_checkpoint.py) in `dtype` (None: the base file's dtypes); atomic, NaN/Inf refused, key-checked.
+        `save_format` is an adapter-file setting and does not apply."""
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise NetworkError(f"{path}: DiT checkpoints are written as .safetensors")
+        check_writable(path, overwrite)
+        return save_dit_checkpoint(self.layout(), self.dit.state_dict(), path, save_dtype=dtype,
+                                   metadata=self.metadata(metadata), what="fine-tuned DiT ",
+                                   check=lambda _tmp: check_writable(path, overwrite))

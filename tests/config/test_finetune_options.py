@@ -1,0 +1,56 @@
+"""The fine-tune mode's options (config/finetune_settings.py): what it refuses with the fix, the notices of the
+adapter options it ignores, and that it never trains the text encoder."""
+
+from __future__ import annotations
+
+import pytest
+
+from anima_trainer.config.errors import ConfigError
+from anima_trainer.config.train import make_train_config
+
+PATHS = dict(pretrained_model_name_or_path="d", qwen3="q", vae="v", output_dir="o", dataset_config="ds")
+FINETUNE = {**PATHS, "training_mode": "finetune"}
+
+
+def test_defaults_are_the_adapter_mode():
+    cfg = make_train_config(PATHS)
+    assert cfg.training_mode == "network" and not cfg.finetunes and cfg.finetune_notices() == []
+    assert cfg.trainable_patterns is None and cfg.finetune_llm_adapter is False
+
+
+def test_finetune_trains_no_text_encoder_and_notices_adapter_options():
+    cfg = make_train_config({**FINETUNE, "network_dim": 16, "network_args": {"train_norm": "true"},
+                             "mixed_precision": "bf16", "trainable_patterns": r"^blocks\.1\.", "save_format": "kohya"})
+    assert cfg.finetunes and not cfg.trains_text_encoder and cfg.trainable_patterns == [r"^blocks\.1\."]
+    notes = cfg.finetune_notices()
+    assert [n.split(":")[0] for n in notes] == ["network_dim", "network_args", "save_format",
+                                                  "mixed_precision = \"bf16\""]
+    assert "held and updated in bf16" in notes[3]
+    assert make_train_config({**FINETUNE, "mixed_precision": "bf16", "full_bf16": True}).finetune_notices() == []
+    # an adapter's max-norm: one notice, then off (the loop applies it only to adapters)
+    cfg = make_train_config({**FINETUNE, "scale_weight_norms": 1.0})
+    assert cfg.scale_weight_norms is None and cfg.model_copy(update={"seed": 3}).finetune_notices()[0].startswith(
+        "scale_weight_norms: an adapter-network option")
+
+
+@pytest.mark.parametrize(("option", "value", "why"), [
+    ("ema_decay", 0.99, "EMA of a fine-tune"),
+    ("preservation_loss_weight", 0.5, "adapter strength 0"),
+    ("eval_every_n_steps", 5, "adapter strength 0"),
+    ("fp8_base", True, "fp8 weights cannot be trained"),
+    ("blocks_to_swap", 4, "block swap"),
+    ("network_weights", "w.safetensors", "starts an adapter"),
+])
+def test_what_a_finetune_cannot_honour_is_refused_with_the_fix(option, value, why):
+    with pytest.raises(ConfigError, match=rf"{option}: .*{why}.*remove it for training_mode = \"finetune\""):
+        make_train_config({**FINETUNE, option: value})
+
+
+def test_finetune_options_need_the_mode_and_the_llm_adapter_lr_its_opt_in():
+    with pytest.raises(ConfigError, match=r"trainable_patterns: .*training_mode is \"network\""):
+        make_train_config({**PATHS, "trainable_patterns": ["cross_attn"]})
+    with pytest.raises(ConfigError, match="set finetune_llm_adapter = true"):
+        make_train_config({**FINETUNE, "llm_adapter_lr": 1e-5})
+    assert make_train_config({**FINETUNE, "llm_adapter_lr": 1e-5, "finetune_llm_adapter": True}).llm_adapter_lr == 1e-5
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        make_train_config({**FINETUNE, "trainable_patterns": ["blocks.(1"]})
