@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -122,6 +123,26 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     print(json.dumps(run(p.parse_args())))
+
+
+
+def call_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    """A function that runs fn once and returns its ms: CUDA events on the GPU, perf_counter on the CPU (shared by
+    bench/fused_qkv.py and bench/fp8_compute.py)."""
+    if device.type == "cuda":
+        def timed(fn: Callable[[], None]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def timed(fn: Callable[[], None]) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1000
+    return timed
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -46,9 +45,9 @@ from anima_trainer.models.fp8_compute import enable_fp8_compute
 from anima_trainer.models.layers import set_fused_qkv
 
 try:  # run as a script: bench/ is sys.path[0]
-    from dit_step import CONFIGS, CONTEXT_ROWS, build
+    from dit_step import CONFIGS, CONTEXT_ROWS, build, call_timer
 except ImportError:  # imported as bench.fp8_compute from the repository root
-    from bench.dit_step import CONFIGS, CONTEXT_ROWS, build
+    from bench.dit_step import CONFIGS, CONTEXT_ROWS, build, call_timer
 
 UP_STD = 0.1  # LoRA up factors ~ N(0, (UP_STD / √rank)²): a branch ~10 % of the base output, as after training
 
@@ -91,24 +90,6 @@ def build_case(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     if fp8:
         enable_fp8_compute(dit, work_device=device)
     return dit, attach_lora(dit, args.rank, float(args.alpha or args.rank), args.seed)
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    """ms of one call of fn: CUDA events on the GPU, perf_counter on the CPU."""
-    if device.type == "cuda":
-        def timed(fn: Callable[[], None]) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def timed(fn: Callable[[], None]) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1000
-    return timed
 
 
 def block_inputs(dit: nn.Module, n: int, batch: int, seed: int, device: torch.device, dtype: torch.dtype
@@ -209,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
     cases = {"bf16": build_case(args, device, torch.bfloat16, False),
              "fp8": build_case(args, device, torch.bfloat16, True)}
     meta["weight_mib_per_block"] = {name: weight_mib_per_block(dit) for name, (dit, _) in cases.items()}
-    timed = _timer(device)
+    timed = call_timer(device)
     for n in args.tokens:
         for batch in args.batch:
             ms = time_case(args, cases, n, batch, device, timed)

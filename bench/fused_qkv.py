@@ -31,7 +31,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -43,30 +42,12 @@ from anima_trainer.models.layers import set_fused_qkv
 from anima_trainer.networks import create_network
 
 try:  # run as a script: bench/ is sys.path[0]
-    from dit_step import CONFIGS, CONTEXT_ROWS, build
+    from dit_step import CONFIGS, CONTEXT_ROWS, build, call_timer
 except ImportError:  # imported as bench.fused_qkv from the repository root
-    from bench.dit_step import CONFIGS, CONTEXT_ROWS, build
+    from bench.dit_step import CONFIGS, CONTEXT_ROWS, build, call_timer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KEEP_PCT = 2.0  # the issue's rule: keep fused q/k/v only if it saves >= 2 % of a step on a GPU
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    """ms of one call of fn: CUDA events on the GPU, perf_counter on the CPU."""
-    if device.type == "cuda":
-        def timed(fn: Callable[[], None]) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def timed(fn: Callable[[], None]) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1000
-    return timed
 
 
 def time_tokens(args: argparse.Namespace, dit: torch.nn.Module, params: list[torch.Tensor], n: int,
@@ -133,7 +114,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise RuntimeError(f"fused q/k/v packed {packed} of {args.blocks} self-attention layers")
     residual = torch.float32  # the residual stream: fp32 in every run (AnimaDiT.residual_fp32 default)
     d = config.model_channels
-    timed = _timer(device)
+    timed = call_timer(device)
     rows = []
     for n in args.tokens:
         ms = time_tokens(args, dit, params, n, device, dtype, residual, timed)

@@ -87,3 +87,18 @@ def _tokenizer_cache_outside_home(tmp_path_factory):
         os.environ.pop("HF_HOME", None)
     else:
         os.environ["HF_HOME"] = old
+
+
+@pytest.fixture
+def dynamo():
+    """Fresh dynamo caches and counters (torch._dynamo.utils.counters, yielded); the cache limits are restored
+    afterwards (tests of compiled blocks: models/compile.py, the networks' speed levers)."""
+    from torch._dynamo.utils import counters
+
+    config = torch._dynamo.config
+    saved = config.cache_size_limit, config.accumulated_cache_size_limit
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+    config.cache_size_limit, config.accumulated_cache_size_limit = saved

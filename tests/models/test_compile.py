@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from anima_trainer.config.errors import ConfigError
 from anima_trainer.config.loader import parse_train_args
@@ -16,17 +15,6 @@ from anima_trainer.models.compile import (cache_limit_for, check_compile_mode, c
 from anima_trainer.models.layers import set_fused_qkv
 from anima_trainer.networks import create_network
 
-
-@pytest.fixture
-def dynamo():
-    """Fresh dynamo caches and counters; the cache limits are restored afterwards."""
-    config = torch._dynamo.config
-    saved = config.cache_size_limit, config.accumulated_cache_size_limit
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-    config.cache_size_limit, config.accumulated_cache_size_limit = saved
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from anima_trainer.models import load_dit
 from anima_trainer.models.compile import compile_dit_blocks
@@ -141,16 +140,6 @@ def test_fallbacks_are_exact(dit_file):
         m.dropout = 0.2  # eval: no dropout, so merging is allowed again
     assert all(m.can_merge() for m in net.lora_modules)
 
-
-@pytest.fixture
-def dynamo():
-    config = torch._dynamo.config
-    saved = config.cache_size_limit, config.accumulated_cache_size_limit
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-    config.cache_size_limit, config.accumulated_cache_size_limit = saved
 
 
 def test_compiled_merged_matches_eager_without_recompiling(dit_file, dynamo):

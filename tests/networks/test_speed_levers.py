@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from anima_trainer.demo import write_tiny_qwen3
 from anima_trainer.models import load_dit
@@ -208,16 +207,6 @@ def test_remove_drops_the_hooks_and_casts(dit_file):
     step(dit, net)
     assert casts_present(net) == len(net.lora_modules)
 
-
-@pytest.fixture
-def dynamo():
-    config = torch._dynamo.config
-    saved = config.cache_size_limit, config.accumulated_cache_size_limit
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
-    config.cache_size_limit, config.accumulated_cache_size_limit = saved
 
 
 @pytest.mark.parametrize("ckpt", [False, True])

@@ -1,6 +1,9 @@
-"""Shared training fixtures: the demo's tiny models and a 4-image shapes dataset, and the reload check."""
+"""Shared training fixtures: the demo's tiny models and a 4-image shapes dataset, the reload check, and the
+fixed-σ loss that overfit tests compare before and after training."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +40,26 @@ def check_saved_file_reproduces(run, dit_path, algo: str, **network_kwargs) -> t
     assert not report["not_loaded"] and not report["errors"]
     torch.testing.assert_close(merged(x, s, ctx), trained, atol=1e-5, rtol=1e-5)
     return trained, report
+
+
+@torch.no_grad()
+def fixed_sigma_loss(dit, models: dict, dataset_toml: Path) -> float:
+    """Loss on the dataset's first batch of 4 at fixed σ (0.2, 0.5, 0.8) and noise, so before/after are
+    comparable (`models`: demo.write_demo_models's paths)."""
+    from anima_trainer.data import build_dataset, load_dataset_config
+    from anima_trainer.models import load_text_encoder, load_vae
+    from anima_trainer.train.flow import flow_loss, noisy_input
+    from anima_trainer.train.inputs import TextConditioner
+
+    te = load_text_encoder(models["qwen3"], qwen3_tokenizer_path=models["tokenizers"], dtype=torch.float32)
+    vae = load_vae(models["vae"], dtype=torch.float32)
+    batch = next(iter(build_dataset(load_dataset_config(dataset_toml), default_batch_size=4).epoch(0)))
+    x0 = vae.encode(batch.images)
+    ctx = TextConditioner(dit, te).context(batch.captions)
+    gen = torch.Generator().manual_seed(0)
+    total = 0.0
+    for sigma in (0.2, 0.5, 0.8):
+        noise = torch.randn(x0.shape, generator=gen)
+        s = torch.full((x0.shape[0],), sigma)
+        total += flow_loss(dit(noisy_input(x0, noise, s), s, ctx), noise - x0, s).item()
+    return total / 3

@@ -15,12 +15,11 @@ from safetensors.torch import load_file
 
 import anima_trainer.train.loop as loop
 from anima_trainer.config import parse_train_args
-from anima_trainer.data import build_dataset, load_dataset_config
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
-from anima_trainer.models import load_dit, load_text_encoder, load_vae
+from anima_trainer.models import load_dit
 from anima_trainer.train import training_state as states
-from anima_trainer.train.flow import flow_loss, noisy_input
-from anima_trainer.train.loop import TextConditioner, run_training
+from anima_trainer.train.loop import run_training
+from tests.train.conftest import fixed_sigma_loss
 
 
 def _config(setup: dict, out: Path, *extra: str, steps: int, defaults: bool = False):
@@ -35,30 +34,12 @@ def _config(setup: dict, out: Path, *extra: str, steps: int, defaults: bool = Fa
     return parse_train_args(["--config_file", str(toml), *extra])
 
 
-@torch.no_grad()
-def _fixed_loss(dit, setup: dict, dataset_toml: Path) -> float:
-    """Loss on the 4 training images at fixed σ and noise, so before/after are comparable."""
-    te = load_text_encoder(setup["models"]["qwen3"], qwen3_tokenizer_path=setup["models"]["tokenizers"],
-                           dtype=torch.float32)
-    vae = load_vae(setup["models"]["vae"], dtype=torch.float32)
-    batch = next(iter(build_dataset(load_dataset_config(dataset_toml), default_batch_size=4).epoch(0)))
-    x0 = vae.encode(batch.images)
-    ctx = TextConditioner(dit, te).context(batch.captions)
-    gen = torch.Generator().manual_seed(0)
-    total = 0.0
-    for sigma in (0.2, 0.5, 0.8):
-        noise = torch.randn(x0.shape, generator=gen)
-        s = torch.full((x0.shape[0],), sigma)
-        total += flow_loss(dit(noisy_input(x0, noise, s), s, ctx), noise - x0, s).item()
-    return total / 3
-
-
 def test_finetune_lowers_the_loss_and_its_checkpoint_reloads_exactly(setup, tmp_path):
     cfg = _config(setup, tmp_path, "--learning_rate", "1e-3", steps=30)
     base_path = setup["models"]["dit"]
-    before = _fixed_loss(load_dit(base_path, dtype=torch.float32), setup, tmp_path / "dataset.toml")
+    before = fixed_sigma_loss(load_dit(base_path, dtype=torch.float32), setup["models"], tmp_path / "dataset.toml")
     run = run_training(cfg)
-    after = _fixed_loss(run.dit, setup, tmp_path / "dataset.toml")
+    after = fixed_sigma_loss(run.dit, setup["models"], tmp_path / "dataset.toml")
     assert after < before / 1.3, (before, after)  # stated factor ≥ 1.3
     assert run.steps == 30 and run.network.algo == "finetune"
     with safe_open(str(base_path), "pt") as base, safe_open(str(run.final_path), "pt") as tuned:

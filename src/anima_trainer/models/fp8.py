@@ -29,7 +29,7 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return weight.to(dtype).mul_(scale)  # in-place on the fresh cast; the fp32 scale multiplies in fp32
 
 
-class _Fp8Matmul(torch.autograd.Function):
+class Fp8Matmul(torch.autograd.Function):
     """y = x · (w8 · s)ᵀ; backward recomputes the dequantised weight, so autograd keeps only the fp8 tensor."""
 
     @staticmethod
@@ -55,7 +55,7 @@ class Fp8Linear(nn.Linear):
     compute_dtype: torch.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Fp8Matmul.apply(x, self.weight, self.weight_scale)
+        y = Fp8Matmul.apply(x, self.weight, self.weight_scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

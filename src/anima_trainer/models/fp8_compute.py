@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from anima_trainer.models.fp8 import (FP8_FORMATS, Fp8Linear, dequantize_weight, fp8_targets,
+from anima_trainer.models.fp8 import (FP8_FORMATS, Fp8Linear, Fp8Matmul, fp8_targets,
                                       quantize_linear_)
 
 __all__ = ["FP8_COMPUTE_DTYPE", "Fp8ComputeLinear", "check_fp8_compute_device", "enable_fp8_compute",
@@ -62,20 +62,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     return y.view(*shape[:-1], weight.shape[0]).to(x.dtype)
 
 
-class _Fp8ComputeMatmul(torch.autograd.Function):
-    """Forward in fp8 (`fp8_linear`); backward grad-input in the gradient's dtype against the dequantised weight."""
+class _Fp8ComputeMatmul(Fp8Matmul):
+    """Forward in fp8 (`fp8_linear`); backward as fp8 storage's: grad-input in the gradient's dtype against the
+    dequantised weight (autograd keeps only the fp8 tensor and its scale)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, scale)
         return fp8_linear(x, weight, scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        weight, scale = ctx.saved_tensors
-        return grad.matmul(dequantize_weight(weight, scale, grad.dtype)), None, None
 
 
 class Fp8ComputeLinear(Fp8Linear):
