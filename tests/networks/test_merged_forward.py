@@ -13,9 +13,9 @@ from anima_trainer.models import load_dit
 from anima_trainer.models.compile import compile_dit_blocks
 from anima_trainer.models.fp8 import quantize_fp8
 from anima_trainer.models.fp8_compute import Fp8ComputeLinear, enable_fp8_compute
-from anima_trainer.models.layers import set_fused_qkv
 from anima_trainer.networks import NetworkError, create_network
 from tests.networks.test_speed_levers import TOL, assert_steps_match, step
+from tests.networks.test_speed_levers import make as make_levers
 
 CASES = {"lokr": ("lokr", {}), "lokr-full": ("lokr", {"full_matrix": "true"}),
          "lokr-both": ("lokr", {"decompose_both": "true", "factor": "4"}), "loha": ("loha", {})}
@@ -23,16 +23,7 @@ CASES = {"lokr": ("lokr", {}), "lokr-full": ("lokr", {"full_matrix": "true"}),
 
 def make(dit_file, case="lokr", dtype=torch.float32, fuse=True, fp8=False, **args):
     algo, kw = CASES[case]
-    dit = load_dit(dit_file, dtype=dtype)
-    if fp8:
-        quantize_fp8(dit)
-    net = create_network(dit, algo, dim=4, alpha=4.0, **kw, **args)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    set_fused_qkv(dit, fuse)
-    return dit, net
+    return make_levers(dit_file, dtype, algo, fuse, prepare=quantize_fp8 if fp8 else None, **kw, **args)
 
 
 def set_merged(net, on: bool) -> None:

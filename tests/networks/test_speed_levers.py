@@ -19,9 +19,12 @@ from anima_trainer.networks import create_network
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def make(dit_file, dtype=torch.bfloat16, algo="lora", fuse=True, **args):
-    """A tiny DiT in `dtype` with fused q/k/v and a network whose factors are all non-zero."""
+def make(dit_file, dtype=torch.bfloat16, algo="lora", fuse=True, prepare=None, **args):
+    """A tiny DiT in `dtype` with fused q/k/v and a network whose factors are all non-zero (`prepare(dit)` runs
+    before the network is built, e.g. fp8 storage)."""
     dit = load_dit(dit_file, dtype=dtype)
+    if prepare is not None:
+        prepare(dit)
     net = create_network(dit, algo, dim=4, alpha=4.0, **args)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
