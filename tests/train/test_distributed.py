@@ -80,6 +80,20 @@ def run_processes(fn, tmp_path: Path, *args, world: int = 2) -> list:
     return results
 
 
+def run_checks(checks: dict) -> dict:
+    """{name: check()} for zero-argument checks run inside one spawned process; an error is kept as its
+    traceback so that only the test reading that result fails (starting processes is the slow part)."""
+    import traceback
+
+    results = {}
+    for name, check in checks.items():
+        try:
+            results[name] = check()
+        except Exception:  # noqa: BLE001 - reported by the test that reads this result
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
 def _run_checks(d: Distributed, out: Path, names: list[str]) -> dict:
     """Every gloo check in one process group (starting processes is the slow part); an error is returned
     as its traceback so that only its own test fails."""

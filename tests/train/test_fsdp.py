@@ -32,7 +32,7 @@ from anima_trainer.train.fsdp import (
     shard_dit,
 )
 from tests.support.small_dit import SMALL, small_dit
-from tests.train.test_distributed import run_processes
+from tests.train.test_distributed import run_checks, run_processes
 
 WORLD, ACCUM, STEPS, SAVE_AT = 2, 2, 4, 2
 ADAPTER_STEPS = 2
@@ -179,18 +179,10 @@ def _adapter_run(indices_of_step, divide: int, shard: bool) -> dict[str, torch.T
 
 
 def _all_runs(d: Distributed, out: Path) -> dict:
-    import traceback
-
-    results = {}
-    for name, fn in {"full": lambda: _sharded_run(d, out, None, save=True), "resumed": lambda: _resumed_run(d, out),
-                     "partial": lambda: _sharded_run(d, out, PARTIAL, save=False),
-                     "bf16_compute": lambda: _bf16_compute_run(d, out),
-                     "adapter": lambda: {"full": _adapter_run(lambda step: [WORLD * step + d.rank], 1, True)}}.items():
-        try:
-            results[name] = fn()
-        except Exception:  # noqa: BLE001 - reported by the test that reads this result
-            results[name] = {"error": traceback.format_exc()}
-    return results
+    return run_checks({
+        "full": lambda: _sharded_run(d, out, None, save=True), "resumed": lambda: _resumed_run(d, out),
+        "partial": lambda: _sharded_run(d, out, PARTIAL, save=False), "bf16_compute": lambda: _bf16_compute_run(d, out),
+        "adapter": lambda: {"full": _adapter_run(lambda step: [WORLD * step + d.rank], 1, True)}})
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 
 from anima_trainer.train.distributed import Distributed
 from anima_trainer.train.grad_sync import DEFAULT_BUCKET_CAP_MB, GradientSync, plan_buckets
-from tests.train.test_distributed import run_processes
+from tests.train.test_distributed import run_checks, run_processes
 
 SMALL_BUCKET_MB = 0.004  # 4 KiB: the tiny LoRA spreads over many buckets
 STEPS, ACCUM = 2, 2
@@ -160,8 +160,6 @@ def _recorded(d: Distributed, dit_path: Path, overlap: bool) -> dict:
 
 
 def _gloo_checks(d: Distributed, out: Path) -> dict:
-    import traceback
-
     dit_path = out / "tiny_dit.safetensors"
     checks = {
         "plain": lambda: (_recorded(d, dit_path, True), _recorded(d, dit_path, False)),
@@ -169,13 +167,7 @@ def _gloo_checks(d: Distributed, out: Path) -> dict:
                                   _train(d, dit_path, overlap=False, checkpointing=True)),
         "inf": lambda: (_train(d, dit_path, overlap=True, inf_rank=0), _train(d, dit_path, overlap=False, inf_rank=0)),
     }
-    results = {}
-    for name, check in checks.items():
-        try:
-            results[name] = check()
-        except Exception:  # noqa: BLE001 - reported by the test that reads this result
-            results[name] = {"error": traceback.format_exc()}
-    return results
+    return run_checks(checks)
 
 
 @pytest.fixture(scope="module")
