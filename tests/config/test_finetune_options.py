@@ -25,8 +25,13 @@ def test_finetune_trains_no_text_encoder_and_notices_adapter_options():
     notes = cfg.finetune_notices()
     assert [n.split(":")[0] for n in notes] == ["network_dim", "network_args", "save_format",
                                                   "mixed_precision = \"bf16\""]
-    assert "held and updated in bf16" in notes[3]
-    assert make_train_config({**FINETUNE, "mixed_precision": "bf16", "full_bf16": True}).finetune_notices() == []
+    assert "held in bf16 and updated with exactly compensated steps" in notes[3]
+    full = make_train_config({**FINETUNE, "mixed_precision": "bf16", "full_bf16": True}).finetune_notices()
+    assert len(full) == 1 and full[0].startswith("full_bf16 = true: the fine-tuned weights are held in bf16 and "
+                                                 "updated with exactly compensated steps")
+    fp16 = make_train_config({**FINETUNE, "mixed_precision": "fp16"}).finetune_notices()
+    assert len(fp16) == 1 and "held and updated in fp16" in fp16[0]
+    assert make_train_config({**FINETUNE, "mixed_precision": "fp16", "full_fp16": True}).finetune_notices() == []
     # an adapter's max-norm: one notice, then off (the loop applies it only to adapters)
     cfg = make_train_config({**FINETUNE, "scale_weight_norms": 1.0})
     assert cfg.scale_weight_norms is None and cfg.model_copy(update={"seed": 3}).finetune_notices()[0].startswith(

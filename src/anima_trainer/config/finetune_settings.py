@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
+from anima_trainer.config.kohya_options import FUSED_BACKWARD_NETWORK
+
 TRAINING_MODES = ("network", "finetune")
 # adapter-network options that do nothing in a fine-tune (one start-up notice each when set)
 ADAPTER_ONLY = ("network_dim", "network_alpha", "network_args", "network_dropout", "scale_weight_norms",
@@ -32,6 +34,16 @@ class FinetuneSettings(BaseModel):
     finetune_llm_adapter: bool = Field(
         False, description="fine-tune only: train the LLM adapter's parameters too (opt-in; kohya's anima_train.py "
         "trains it unless llm_adapter_lr = 0)")
+
+    fused_backward_pass: bool = Field(
+        False, description="fine-tune (kohya's anima_train.py): each parameter is updated during backward and its "
+        "gradient freed at once, so a full set of gradients never exists; max_grad_norm then clips each gradient on "
+        "its own; needs gradient_accumulation_steps = 1, one process, AdamW/AdaFactor-like optimizers, not fp16. "
+        "An adapter network ignores it (one notice)")
+    optimizer_offload: bool = Field(
+        False, description="fine-tune only: the optimizer state (and bf16 weights' update remainder) lives in host "
+        "memory, stepped there; saves 8 bytes per trained parameter of GPU memory with AdamW, costs host compute "
+        "and copies every step; combines with fused_backward_pass")
 
     _finetune_notes: list[str] = PrivateAttr(default_factory=list)
 
@@ -60,6 +72,11 @@ class FinetuneSettings(BaseModel):
                 if getattr(self, name):
                     raise ValueError(f"{name}: selects what a fine-tune trains, but training_mode is \"network\"; "
                                      "set training_mode = \"finetune\" (anima_train.py) or remove it")
+            if self.optimizer_offload:
+                raise ValueError("optimizer_offload: keeps a fine-tune's optimizer state in host memory; an adapter's "
+                                 "state is small and stays on the GPU. Set training_mode = \"finetune\" or remove it")
+            self._finetune_notes = [f"fused_backward_pass = true: {FUSED_BACKWARD_NETWORK}"] \
+                if self.fused_backward_pass else []
             return
         refusals = {
             "network_weights": "starts an adapter from a file; a fine-tune starts from pretrained_model_name_or_path "
@@ -88,16 +105,23 @@ class FinetuneSettings(BaseModel):
 
     def finetune_notices(self) -> list[str]:
         """One start-up notice per adapter option set in a fine-tune (it changes nothing there), and what the
-        trained weights' precision is."""
-        return list(self._finetune_notes) if self.finetunes else []
+        trained weights' precision is; with an adapter network, fused_backward_pass's notice."""
+        return list(self._finetune_notes)
 
     def _adapter_option_notes(self) -> list[str]:
         fields = type(self).model_fields
         notes = [f"{name}: an adapter-network option; training_mode = \"finetune\" trains the DiT's own parameters, "
                  "so it changes nothing" for name in ADAPTER_ONLY
                  if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
-        if self.mixed_precision in ("bf16", "fp16") and not (self.full_bf16 or self.full_fp16):
-            notes.append(f"mixed_precision = \"{self.mixed_precision}\": the fine-tuned weights are held and updated "
-                         f"in {self.mixed_precision} (as kohya's full_{self.mixed_precision}; kohya keeps fp32 weights "
-                         "without it); mixed_precision = \"no\" trains fp32 weights")
+        if self.mixed_precision == "bf16":
+            flag = "full_bf16 = true" if self.full_bf16 else "mixed_precision = \"bf16\""
+            notes.append(f"{flag}: the fine-tuned weights are held in bf16 and updated with exactly compensated steps "
+                         "(each weight's fp32 remainder kept as an int16 in the optimizer state): the same updates as "
+                         "fp32 master weights (kohya's mixed bf16) at 4 bytes per parameter, where kohya's full_bf16 "
+                         "rounds small updates away; a Kahan buffer in bf16 or stochastic rounding would drift "
+                         "(train/bf16_update.py). D-Adaptation, Prodigy and schedule-free optimizers update plain bf16")
+        elif self.mixed_precision == "fp16" and not self.full_fp16:
+            notes.append("mixed_precision = \"fp16\": the fine-tuned weights are held and updated in fp16 (as kohya's "
+                         "full_fp16; kohya keeps fp32 weights without it); mixed_precision = \"bf16\" updates bf16 "
+                         "weights as exactly as fp32 ones, mixed_precision = \"no\" trains fp32 weights")
         return notes

@@ -206,6 +206,9 @@ _DATASET = ("a dataset on the command line is translated by the drop-in anima_tr
             "as a dataset.toml; with `anima-trainer train` put it into the --dataset_config TOML")
 _DEEPSPEED = ("DeepSpeed is not used: a multi-GPU run uses DDP (docs/multi_gpu.md); the memory levers are "
               "gradient_checkpointing, blocks_to_swap, fp8_base and vram_budget_gb")
+# fused_backward_pass is a field (a fine-tune honours it); with an adapter network it is this notice
+FUSED_BACKWARD_NETWORK = ("kohya's LoRA trainer ignores it too (only its full fine-tune uses it, and so does "
+                          "training_mode = \"finetune\" here); the adapter's optimizer steps after the backward pass")
 _HF = "only used with huggingface_repo_id, which anima-trainer does not upload to"
 _LOSS_SD = "a loss weighting of epsilon/v-prediction models; kohya's Anima trainer ignores it too (flow matching)"
 _CONTEXT = ("the text context is always padded to 512 tokens, as ComfyUI runs Anima: a shorter context would train "
@@ -243,13 +246,12 @@ def _rules() -> dict[str, Rule]:
                                 "switch)", accepted=(True, "true", "True"))
     notice("compile_dynamic", "blocks are compiled with static shapes, one graph per bucket token count "
            "(compile_blocks): the same math; nothing to change", ("", None, False, "false", "auto"))
-    notice("fused_backward_pass", "kohya's LoRA trainer ignores it too (only its full fine-tune uses it); the "
-           "optimizer steps after the backward pass")
     notice("deepspeed", _DEEPSPEED)
     notice("zero_stage", _DEEPSPEED, (2, "", None))
     notice("zero3_init_flag zero3_save_16bit_model fp16_master_weights_and_gradients", _DEEPSPEED)
-    notice("offload_optimizer_device offload_optimizer_nvme_path offload_param_device offload_param_nvme_path",
-           _DEEPSPEED, UNSET)
+    notice("offload_optimizer_device", _DEEPSPEED + "; a fine-tune (training_mode = \"finetune\") keeps its "
+           "optimizer state in host memory with optimizer_offload = true", UNSET)
+    notice("offload_optimizer_nvme_path offload_param_device offload_param_nvme_path", _DEEPSPEED, UNSET)
     notice("ddp_gradient_as_bucket_view ddp_static_graph", "no DDP wrapper: the network's gradients are "
            "all-reduced in buckets during the backward (ddp_bucket_cap_mb, docs/multi_gpu.md); the result is the same")
     notice("ddp_timeout", "the process group uses PyTorch's default timeout; the result is the same", UNSET)

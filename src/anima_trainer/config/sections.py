@@ -44,7 +44,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         """.split())),
     ("speed and memory", "levers that change speed or memory, not the result (docs/performance.md)", tuple("""
         vram_budget_gb gradient_checkpointing checkpoint_blocks checkpoint_mode cpu_offload_checkpointing
-        blocks_to_swap fp8_base fp8_format fp8_compute attention_backend fuse_qkv
+        blocks_to_swap fp8_base fp8_format fp8_compute attention_backend fuse_qkv fused_backward_pass optimizer_offload
         compile_blocks compile_mode compile_backend compile_fullgraph compile_cache_size_limit compile_cache_dir
         ddp_bucket_cap_mb
         torch_compile dynamo_backend

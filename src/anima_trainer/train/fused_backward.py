@@ -42,8 +42,11 @@ from anima_trainer.config.errors import ConfigError
 from anima_trainer.train.bf16_update import compensated_step, widened
 from anima_trainer.train.optim import SPECS, build_optimizer, is_schedule_free_class, resolve_optimizer
 
-__all__ = ["PerParameterOptimizer", "build_per_parameter_optimizer", "check_fused_backward"]
+__all__ = ["PerParameterOptimizer", "build_per_parameter_optimizer", "check_fused_backward", "per_parameter_refusal"]
 
+# group keys that choose the implementation, not the arithmetic: each inner optimizer keeps its own (an offloaded
+# AdamW on host tensors runs foreach even when a loaded state says fused)
+_NOT_HYPERPARAMETERS = frozenset({"params", "foreach", "fused", "capturable", "differentiable"})
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
@@ -51,14 +54,15 @@ class _MemberStates(Mapping):
     """{parameter: its state} across the inner optimizers, read-only: `optimizer.state` of the split optimizer
     for code that reads it (the `adafactor` schedule, effective_lrs)."""
 
-    def __init__(self, members: dict[torch.Tensor, torch.optim.Optimizer]) -> None:
-        self._members = members
+    def __init__(self, members: dict[torch.Tensor, torch.optim.Optimizer],
+                 stepped: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._members, self._stepped = members, stepped
 
     def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
-        return self._members[p].state[p]
+        return self._members[p].state[self._stepped(p)]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return (p for p, m in self._members.items() if m.state.get(p))
+        return (p for p, m in self._members.items() if m.state.get(self._stepped(p)))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -85,12 +89,12 @@ class PerParameterOptimizer(torch.optim.Optimizer):
             options = {k: v for k, v in group.items() if k != "params"}
             inner_options: dict[str, Any] = {}
             for p in params:
-                member = factory([{**options, "params": [p]}])
+                member = factory([{**options, "params": [self._stepped(p)]}])
                 self.members[p] = member
                 inner_options = {k: v for k, v in member.param_groups[0].items() if k != "params"}
             full_groups.append({**options, **inner_options, "params": params})  # as the optimizer built it
         super().__init__(full_groups, defaults={})
-        self.state = _MemberStates(self.members)  # type: ignore[assignment]  # what readers of .state see
+        self.state = _MemberStates(self.members, self._stepped)  # type: ignore[assignment]  # what .state reads
         first = next(iter(self.members.values()), None)
         if first is not None and hasattr(first, "_get_lr"):  # Adafactor's own step size (effective_lrs, schedule)
             self._get_lr = first._get_lr
@@ -99,11 +103,23 @@ class PerParameterOptimizer(torch.optim.Optimizer):
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
 
     # --- the update of one parameter ----------------------------------------------------------------------
+    def _stepped(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the inner optimizer of `p` steps: `p` itself here; train/optimizer_offload.py's subclass
+        steps a host copy."""
+        return p
+
+    def _update(self, p: torch.Tensor, member: torch.optim.Optimizer) -> None:
+        """Step `p` (gradient in p.grad) with its inner optimizer: compensated for bf16 weights when asked."""
+        if self._compensates(p):
+            compensated_step(member, p)
+        else:
+            member.step()
+
     def _sync_hyperparameters(self, p: torch.Tensor) -> torch.optim.Optimizer:
         member = self.members[p]
         inner = member.param_groups[0]
         for k, v in self._group_of[p].items():
-            if k != "params":
+            if k not in _NOT_HYPERPARAMETERS:
                 inner[k] = v
         return member
 
@@ -118,11 +134,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
             return
         if self.clip_per_tensor > 0:
             torch.nn.utils.clip_grad_norm_([p], self.clip_per_tensor)
-        member = self._sync_hyperparameters(p)
-        if self._compensates(p):
-            compensated_step(member, p)
-        else:
-            member.step()
+        self._update(p, self._sync_hyperparameters(p))
         p.grad = None
 
     @torch.no_grad()
@@ -195,7 +207,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
                 inner_group = {**member.param_groups[0], "params": [0]}
                 inner = {"state": {0: dict(inner_state)} if inner_state else {}, "param_groups": [inner_group]}
                 if self._compensates(p):
-                    with widened(p):  # torch casts loaded state to the parameter's dtype: fp32 here
+                    with widened(self._stepped(p)):  # torch casts loaded state to the parameter's dtype: fp32 here
                         member.load_state_dict(inner)
                 else:
                     member.load_state_dict(inner)
@@ -203,12 +215,14 @@ class PerParameterOptimizer(torch.optim.Optimizer):
 
 def build_per_parameter_optimizer(groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor], lr: float,
                                   optimizer_args: dict[str, Any] | None, device: torch.device, *,
-                                  optimizer_type: str = "AdamW",
-                                  bf16_update: str | None = None) -> PerParameterOptimizer:
+                                  optimizer_type: str = "AdamW", bf16_update: str | None = None,
+                                  kind: type[PerParameterOptimizer] | None = None,
+                                  **options: Any) -> PerParameterOptimizer:
     """The run's optimizer (train/optim.py `build_optimizer`, same arguments) split per parameter.  It is first
     built whole (no state exists before a step, so this costs nothing): the rules between groups (one step size
     for all, relative step against per-group lrs) and the start-up notices apply once, as in the normal path;
-    the per-parameter builds are then quiet."""
+    the per-parameter builds are then quiet.  `kind`: a subclass (train/optimizer_offload.py), built with
+    `options`."""
     groups = list(groups)
     build_optimizer(groups, lr, optimizer_args, device, optimizer_type=optimizer_type)
     optim_log = logging.getLogger(build_optimizer.__module__)
@@ -221,25 +235,34 @@ def build_per_parameter_optimizer(groups: Iterable[dict[str, Any]] | Iterable[to
         finally:
             optim_log.setLevel(level)
 
-    return PerParameterOptimizer(groups, factory, bf16_update=bf16_update)
+    return (kind or PerParameterOptimizer)(groups, factory, bf16_update=bf16_update, **options)
+
+
+def per_parameter_refusal(optimizer_type: str) -> str | None:
+    """Why `optimizer_type` cannot be split into one optimizer per parameter (None: it can): the reason and the
+    fix, for the levers built on PerParameterOptimizer (fused backward, compensated bf16, optimizer_offload)."""
+    spec, cls = resolve_optimizer(optimizer_type)
+    if spec.one_lr or SPECS.get(spec.name.lower(), spec).one_lr:
+        return (f"{spec.name} adapts one step size from all parameters at once, which a per-parameter update cannot "
+                "compute; use AdamW, AdamW8bit or AdaFactor")
+    if is_schedule_free_class(cls):
+        return (f"{spec.name} keeps its schedule in the parameter group, shared by all parameters; use AdamW, "
+                "AdamW8bit or AdaFactor")
+    return None
 
 
 def check_fused_backward(*, optimizer_type: str, max_grad_norm: float, gradient_accumulation_steps: int,
                          mixed_precision: str, world_size: int = 1) -> list[str]:
     """The start-up rules of fused_backward_pass (module docstring): ConfigError naming the option and the fix
     where the fused pass cannot give the run's meaning; returns the notices to print."""
-    spec, cls = resolve_optimizer(optimizer_type)
     if gradient_accumulation_steps > 1:
         raise ConfigError(f"fused_backward_pass: each parameter is updated during backward, so gradients cannot "
                           f"accumulate over gradient_accumulation_steps = {gradient_accumulation_steps} (kohya "
                           "refuses it too); set gradient_accumulation_steps = 1 (a larger train_batch_size) or "
                           "remove fused_backward_pass")
-    if spec.one_lr or SPECS.get(spec.name.lower(), spec).one_lr:
-        raise ConfigError(f"fused_backward_pass: {spec.name} adapts one step size from all parameters at once, "
-                          "which a per-parameter update cannot compute; use AdamW, AdamW8bit or AdaFactor")
-    if is_schedule_free_class(cls):
-        raise ConfigError(f"fused_backward_pass: {spec.name} keeps its schedule in the parameter group, shared by "
-                          "all parameters; use AdamW, AdamW8bit or AdaFactor")
+    refusal = per_parameter_refusal(optimizer_type)
+    if refusal:
+        raise ConfigError(f"fused_backward_pass: {refusal}")
     if mixed_precision == "fp16":
         raise ConfigError("fused_backward_pass: with mixed_precision = \"fp16\" the gradient scaler must check every "
                           "gradient for overflow before any update; use mixed_precision = \"bf16\"")
@@ -249,7 +272,7 @@ def check_fused_backward(*, optimizer_type: str, max_grad_norm: float, gradient_
                           "complete (train/grad_sync.py); train on one process or remove fused_backward_pass")
     notices = []
     if max_grad_norm > 0:
-        notices.append(f"notice: fused_backward_pass with max_grad_norm = {max_grad_norm:g}: the global gradient "
+        notices.append(f"fused_backward_pass with max_grad_norm = {max_grad_norm:g}: the global gradient "
                        "norm is not known until the last parameter has been updated, so each gradient is clipped to "
                        "that norm on its own (as kohya's anima_train.py does); max_grad_norm = 0 turns it off")
     return notices

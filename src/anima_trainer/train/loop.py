@@ -478,6 +478,7 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     if previews and cfg.sample_at_first and progress.step == 0:
         preview("000000")
     accum, per_epoch, fp16 = plan.accumulation, len(r.data.shard), scaler.is_enabled()
+    fused = getattr(optimizer, "fused", False)  # fused_backward_pass: each parameter steps inside backward
     bar = tqdm(total=plan.max_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
                disable=progress_disabled(not dist.is_main))  # TQDM_DISABLE=1 too (console.py)
     monitor.start()
@@ -499,9 +500,12 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                                  **({"extra_loss": extra} if extra is not None else {}))  # off: the call as before
             # kohya/accelerate: step every `accum` micro-batches and at the end of each epoch
             steps = pending + 1 >= accum or progress.batch_in_epoch + 1 >= per_epoch
-            with r.io.grad_sync.backward(last=steps):  # data parallel: the step's last backward all-reduces
-                scaler.scale(loss / accum).backward()
             monitor.add_micro_batch(dist.reduce_mean(loss.detach()), len(batch.captions) * dist.world_size)
+            # fused: the update happens during backward, so a NaN/Inf loss skips the backward (train/fused_backward.py)
+            apply = not (fused and monitor.checks_before_update) or monitor.check_update(progress.step + 1)
+            with r.io.grad_sync.backward(last=steps):  # data parallel: the step's last backward all-reduces
+                if apply:
+                    scaler.scale(loss / accum).backward()
             progress.batch_in_epoch += 1
             pending += 1
             if not steps:
@@ -509,9 +513,9 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
             pending = 0
             r.io.grad_sync.finish()  # every process steps with the global mean (before unscaling and clipping)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-            apply = True
-            if monitor.checks_before_update:  # a NaN/Inf loss never reaches the weights (nonfinite_loss_policy)
+            clip = cfg.max_grad_norm and not fused  # fused: each gradient was clipped on its own (grad_norm None)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if clip else None
+            if monitor.checks_before_update and not fused:  # a NaN/Inf loss never reaches the weights
                 apply = monitor.check_update(progress.step + 1, None if fp16 else grad_norm)
             if apply:
                 scaler.step(optimizer)

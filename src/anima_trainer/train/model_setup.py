@@ -28,6 +28,7 @@ from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
 from anima_trainer.networks.diffusers_format import check_network_diffusers
 from anima_trainer.networks.formats import comfy_skipped_keys
 from anima_trainer.networks.full_finetune import DiTFinetune, select_parameters
+from anima_trainer.train.optimizer_levers import describe_levers
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,9 @@ def module_counts(network) -> str:
 def training_summary(cfg: TrainConfig, network) -> str:
     """What trains, for the start-up line: the adapter modules, or the fine-tuned DiT parameters."""
     if isinstance(network, DiTFinetune):
+        levers = describe_levers(cfg)  # e.g. "bf16 weights with compensated updates, fused backward"
         return (f"the DiT itself: {len(network.trainable_parameters())} parameter tensors, "
-                f"{network.parameter_count():,} weights (fine-tune)")
+                f"{network.parameter_count():,} weights (fine-tune{'; ' + levers if levers else ''})")
     return f"{module_counts(network)} {cfg.network_module} modules (+{len(network.norms_by_name)} norm gains)"
 
 

@@ -7,7 +7,7 @@ very captions `train` asks for.
 `RunPlan` holds the values derived from the config and the dataset (steps, epochs, the save interval of
 save_n_epoch_ratio): they are passed on explicitly, never written back into the config or onto the dataset.
 `setup_optimization` builds optimizer, LR schedule and gradient scaler as the loop steps them (the benchmark
-calls it too).
+calls it too); a fine-tune's optimizer comes with its memory levers (train/optimizer_levers.py).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from anima_trainer.train.distributed import Distributed
 from anima_trainer.train.flow import objective_notices
 from anima_trainer.train.inputs import check_masked_loss
 from anima_trainer.train.model_setup import check_network_options
+from anima_trainer.train.optimizer_levers import build_finetune_optimizer, check_finetune_levers
 from anima_trainer.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -105,7 +106,7 @@ def setup_run(cfg: TrainConfig, *, dist: Distributed | None = None,
     cfg = check_optimization(cfg)
     seed = run_seed(cfg)
     notices = [*cfg.sd_scripts_anima_notices(), *cfg.text_encoder_notices(), *cfg.vae_compile_notices(),
-               *objective_notices(cfg), *cfg.finetune_notices()]
+               *objective_notices(cfg), *cfg.finetune_notices(), *check_finetune_levers(cfg, dist.world_size)]
     with dist.main_first():  # missing tokenizer files are fetched once, before anyone loads them
         if dist.is_main:
             ensure_tokenizers(cfg)
@@ -147,13 +148,26 @@ def setup_optimization(cfg: TrainConfig, network: torch.nn.Module, device: torch
     and full_bf16 / full_fp16 before the first step creates the optimizer state."""
     lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
-    optimizer = build_optimizer(network.param_groups(lr, component_lrs(cfg), text_encoder_lr=te_lr), lr,
-                                cfg.optimizer_args, device, optimizer_type=cfg.optimizer_type)
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
+    groups = network.param_groups(lr, component_lrs(cfg), text_encoder_lr=te_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if cfg.full_bf16 or cfg.full_fp16:  # before the first step creates the optimizer state (issue 14)
+    full_half = cfg.full_bf16 or cfg.full_fp16
+    if cfg.finetunes:  # train/optimizer_levers.py: compensated bf16, fused backward, optimizer_offload
+        check_finetune_levers(cfg, _world_size())  # its notices went out at start-up (setup_run)
+        if full_half:  # before optimizer_offload copies the weights to the host
+            use_full_half(network, dtype, scaler)
+        optimizer = build_finetune_optimizer(cfg, groups, lr, device)
+    else:
+        optimizer = build_optimizer(groups, lr, cfg.optimizer_args, device, optimizer_type=cfg.optimizer_type)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, max_steps, **schedule_options(cfg))
+    if full_half and not cfg.finetunes:  # before the first step creates the optimizer state (issue 14)
         use_full_half(network, dtype, scaler)
     return Optimization(optimizer, scheduler, scaler, lr)
+
+
+def _world_size() -> int:
+    """The processes of this run (1 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_trained_llm_adapter_not_cached(cfg: TrainConfig, trains_llm_adapter: bool) -> None:
