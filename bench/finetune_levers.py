@@ -10,12 +10,16 @@ mean-square loss on the output (the flow objective costs the same), one case at 
   train/fused_backward.py's `PerParameterOptimizer` after backward;
 * `compensated_<opt>_fused`: the same, stepped during backward (`attach()`): no gradient set.
 
+`--optimizer-offload`: every case with train/optimizer_offload.py's `OffloadedOptimizer` (the optimizer state and
+the remainders in host memory, stepped there; not with adamw8bit, which steps CUDA tensors only).
+
 <opt> is `adamw`, `adamw8bit` (bitsandbytes on CUDA; elsewhere its fp32 stand-in) or `adafactor` (kohya's
 recipe).  Per case: the peak allocated memory (CUDA only), the median ms/step, the prediction, and a checksum of
 the final weights (fused and unfused cases of one optimizer must print the same one).
 
 Usage:  python bench/finetune_levers.py --device cuda                                        # 2B, all, 1024²
         python bench/finetune_levers.py --device cuda --patterns '^blocks\\.1[4-8]\\.'        # blocks 14-18
+        python bench/finetune_levers.py --device cuda --optimizer-offload --cases compensated_adamw_fused  # host state
         python bench/finetune_levers.py --config tiny --resolution 64 --steps 1 --warmup 0 --device cpu  # smoke
 """
 
@@ -34,6 +38,7 @@ import torch
 from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.train.finetune_memory import estimate_finetune_memory
 from anima_trainer.train.fused_backward import build_per_parameter_optimizer
+from anima_trainer.train.optimizer_offload import OffloadedOptimizer
 
 try:  # run as a script: bench/ is sys.path[0]
     from dit_step import CONFIGS, CONTEXT_ROWS, build
@@ -57,8 +62,10 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
     trained = [p for n, p in dit.named_parameters() if patterns is None or any(r.search(n) for r in patterns)]
     for p in trained:
         p.requires_grad_(True)
+    offload = {"kind": OffloadedOptimizer, "host": "cpu"} if args.optimizer_offload else {}
     optimizer = build_per_parameter_optimizer([{"params": trained, "lr": args.lr}], args.lr, optimizer_args,
-                                              device, optimizer_type=optimizer_type, bf16_update="compensated")
+                                              torch.device("cpu") if offload else device,
+                                              optimizer_type=optimizer_type, bf16_update="compensated", **offload)
     if fused:
         optimizer.attach()
     gen = torch.Generator(device=device).manual_seed(1)
@@ -82,9 +89,10 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
             times.append((time.perf_counter() - start) * 1000)
     predicted = estimate_finetune_memory(config, patterns=args.patterns, resolution=args.resolution,
                                          batch=args.batch, gradient_checkpointing=args.grad_ckpt,
-                                         weights="bf16_compensated", optimizer=opt_name, fused_backward=fused)
+                                         weights="bf16_compensated", optimizer=opt_name, fused_backward=fused,
+                                         optimizer_offload=args.optimizer_offload)
     checksum = sum(float(p.detach().double().sum()) for p in trained)
-    row = {"case": case, "config": args.config, "resolution": args.resolution, "batch": args.batch,
+    row = {"case": case, "optimizer_offload": args.optimizer_offload, "config": args.config, "resolution": args.resolution, "batch": args.batch,
            "grad_ckpt": args.grad_ckpt, "patterns": args.patterns or ["(all)"], "trained_params":
            sum(p.numel() for p in trained), "device": device.type, "torch": torch.__version__,
            "ms_per_step": statistics.median(times) if times else None, "loss": float(loss.detach()),
@@ -106,10 +114,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
-    parser.add_argument("--cases", nargs="*", choices=CASES, default=CASES)
+    parser.add_argument("--cases", nargs="*", choices=CASES, default=None, help="default: all (without adamw8bit "
+                        "when offloaded)")
+    parser.add_argument("--optimizer-offload", action="store_true", help="the optimizer state in host memory "
+                        "(train/optimizer_offload.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.cases is None:
+        args.cases = [c for c in CASES if not (args.optimizer_offload and "adamw8bit" in c)]
+    if args.optimizer_offload and any("adamw8bit" in c for c in args.cases):
+        parser.error("--optimizer-offload: adamw8bit (bitsandbytes) steps CUDA tensors only; choose other --cases")
     device = torch.device(args.device)
     rows = []
     for case in args.cases:

@@ -29,3 +29,18 @@ def test_tiny_fused_and_unfused_rows(finetune_levers, tmp_path, capsys):
     assert unfused["weights_checksum"] == fused["weights_checksum"]
     assert unfused["loss"] == fused["loss"] and unfused["ms_per_step"] > 0 and fused["peak_gib"] is None
     assert 0 < fused["predicted_gib"] < unfused["predicted_gib"]  # the fused pass holds no gradient set
+
+
+def test_tiny_offloaded_rows_match_the_on_device_weights(finetune_levers, tmp_path, capsys):
+    """--optimizer-offload: the same weights as on the device (CPU: the same arithmetic), the state predicted off
+    the device; adamw8bit (CUDA tensors only) is refused."""
+    common = ["--config", "tiny", "--resolution", "32", "--steps", "1", "--warmup", "1", "--device", "cpu",
+              "--patterns", r"^blocks\.0\.", "--cases", "compensated_adamw_fused"]
+    on_device, = finetune_levers.main(common)
+    offloaded, = finetune_levers.main([*common, "--optimizer-offload"])
+    assert offloaded["optimizer_offload"] and not on_device["optimizer_offload"]
+    assert offloaded["weights_checksum"] == on_device["weights_checksum"] and offloaded["loss"] == on_device["loss"]
+    assert 0 < offloaded["predicted_gib"] < on_device["predicted_gib"]  # AdamW's 8 bytes per parameter on the host
+    with pytest.raises(SystemExit):
+        finetune_levers.main([*common[:-1], "compensated_adamw8bit", "--optimizer-offload"])
+    assert "adamw8bit (bitsandbytes) steps CUDA tensors only" in capsys.readouterr().err

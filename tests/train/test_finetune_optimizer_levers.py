@@ -23,6 +23,7 @@ from anima_trainer.train.optim import build_optimizer
 from anima_trainer.train.optimizer_levers import check_finetune_levers, describe_levers, finetune_levers
 from anima_trainer.train.optimizer_offload import OffloadedOptimizer
 from anima_trainer.train.training_state import read_nested
+from tests.train.test_fused_backward import assert_same_tensors, batch, factory, groups, mlp
 
 NO_CLIP = ("--max_grad_norm", "0")
 
@@ -186,6 +187,50 @@ def test_bf16_steps_equal_an_fp32_master_copy_on_device_or_offloaded(setup, tmp_
     assert all(torch.equal(got["state"][i][k], want["state"][i][k]) for i in want["state"] for k in want["state"][i])
     assert any("(fine-tune; bf16 weights with compensated updates, fused backward, optimizer state on host)"
                in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_optimizer_resumes_exactly_in_either_direction(dtype):
+    """OffloadedOptimizer against the on-device PerParameterOptimizer (mlp, AdamW, compensated in bf16): equal
+    weights; 3 on-device steps → state dict → 3 offloaded steps == 6 on-device steps; and back.  A weight written
+    from outside between steps (a resume, a loaded file) is what the next offloaded step starts from."""
+    def make(kind=PerParameterOptimizer):
+        model = mlp().to(dtype)
+        return model, kind(groups(model, 1e-3), factory("AdamW", {"weight_decay": 0.01}, 1e-3),
+                           bf16_update="compensated")
+
+    reference, ref_opt = make()
+    run_steps(reference, ref_opt, range(6))
+    first, opt = make()
+    run_steps(first, opt, range(3))
+    resumed, offloaded = make(OffloadedOptimizer)
+    with torch.no_grad():  # the resume writes the weights, then loads the optimizer state
+        for a, b in zip(resumed.parameters(), first.parameters(), strict=True):
+            a.copy_(b)
+    offloaded.load_state_dict(opt.state_dict())
+    offloaded.attach()
+    run_steps(resumed, offloaded, range(3, 6))
+    _assert_equal(reference.state_dict(), resumed.state_dict())
+    assert_same_tensors(offloaded.state_dict(), ref_opt.state_dict())
+    assert all(t.device == offloaded.host for st in offloaded.state_dict()["state"].values() for t in st.values()
+               if isinstance(t, torch.Tensor))
+    back, on_device = make()
+    with torch.no_grad():
+        for a, b in zip(back.parameters(), resumed.parameters(), strict=True):
+            a.copy_(b)
+    on_device.load_state_dict(offloaded.state_dict())
+    run_steps(back, on_device, range(6, 8))
+    run_steps(reference, ref_opt, range(6, 8))
+    _assert_equal(reference.state_dict(), back.state_dict())
+
+
+def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
+    """test_fused_backward.py's loop with the batch in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    for s in steps:
+        model(batch(s).to(dtype)).float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 # --- resume ------------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@
     monitor.py        per-step metrics and alerts without a host-device sync on unlogged steps
     optim.py          optimizers by kohya's `--optimizer_type` names; `check_optimization`, the start-up check of
                       the optimizer and schedule settings that need their classes
+    optimizer_levers.py a fine-tune's optimizer-side memory levers: which are on, their start-up rules, the optimizer
+    optimizer_offload.py the optimizer state in host memory (`optimizer_offload`), stepped there
     resume.py         whether and how a run resumes: the state folder, the settings that must not change
     save_plan.py      where network files and states go: kohya's names, retention, no clobbering
     saving.py         what the loop writes to keep work safe, and when: network files and states

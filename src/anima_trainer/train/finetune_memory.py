@@ -18,8 +18,8 @@ Per trained parameter (bytes; `trained_bytes` sums them over the real tensor sha
 | "adafactor" (kohya's recipe, beta1 None: factored, fp32) | 4·(m+n) per m×n matrix, 4 per vector element |
 
 `fused_backward` (train/fused_backward.py) leaves one gradient alive at a time: the largest tensor's instead of
-the set.  `optimizer_offload` keeps the state in host memory (device: 0); no engine for it is built here
-(torchao's CPUOffloadOptimizer is the candidate): the row is a plan, not an option.  The compensated path and
+the set.  `optimizer_offload` keeps the state in host memory (device: 0): the option of the same name
+(train/optimizer_offload.py; the host weight and gradient buffers are host memory too).  The compensated path and
 the fused pass widen one parameter at a time to fp32 (weight + gradient: 8 bytes × the largest tensor).
 
 `estimate_finetune_memory` adds the frozen weights (compute dtype) and the activations of the step (the LoRA
