@@ -92,7 +92,8 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
                                          weights="bf16_compensated", optimizer=opt_name, fused_backward=fused,
                                          optimizer_offload=args.optimizer_offload)
     checksum = sum(float(p.detach().double().sum()) for p in trained)
-    row = {"case": case, "optimizer_offload": args.optimizer_offload, "config": args.config, "resolution": args.resolution, "batch": args.batch,
+    row = {"case": case, "optimizer_offload": args.optimizer_offload, "config": args.config,
+           "resolution": args.resolution, "batch": args.batch,
            "grad_ckpt": args.grad_ckpt, "patterns": args.patterns or ["(all)"], "trained_params":
            sum(p.numel() for p in trained), "device": device.type, "torch": torch.__version__,
            "ms_per_step": statistics.median(times) if times else None, "loss": float(loss.detach()),

@@ -17,6 +17,7 @@ import anima_trainer.train.setup as run_setup
 from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.config import kohya_options as ko
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
+from anima_trainer.models import load_dit
 from anima_trainer.train.bf16_update import REMAINDER_KEY, join_fp32
 from anima_trainer.train.fused_backward import PerParameterOptimizer, build_per_parameter_optimizer
 from anima_trainer.train.optim import build_optimizer
@@ -29,9 +30,11 @@ NO_CLIP = ("--max_grad_norm", "0")
 
 
 def _config(setup: dict, out: Path, *extra: str, steps: int = 3, defaults: bool = False):
-    """The demo's train.toml in fine-tune mode (test_finetune.py's helper: `defaults` = a user's defaults)."""
+    """The demo's train.toml in fine-tune mode with batches of one image (fast), as test_finetune.py's helper:
+    `defaults` = a user's defaults (no overwrite; flips and captions that change per epoch)."""
     toml = write_demo_configs(out, setup["models"], setup["images"], steps, seed=5,
                               training_extra='training_mode = "finetune"\n')
+    write_demo_dataset_toml(out / "dataset.toml", setup["images"], batch_size=1)
     if defaults:
         toml.write_text(toml.read_text().replace("overwrite = true\n", ""))
         write_demo_dataset_toml(out / "dataset.toml", setup["images"], batch_size=1, num_repeats=2,
@@ -41,6 +44,12 @@ def _config(setup: dict, out: Path, *extra: str, steps: int = 3, defaults: bool 
 
 def _trained(run) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in run.network.state_dict().items()}
+
+
+def _assert_trained(setup: dict, weights: dict[str, torch.Tensor]) -> None:
+    """The run moved its weights away from the base file's (an equality of two runs is not that of two no-ops)."""
+    base = load_dit(setup["models"]["dit"], dtype=torch.float32).state_dict()
+    assert sum(not torch.equal(base[k], v.float()) for k, v in weights.items()) > len(weights) // 2
 
 
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -96,6 +105,7 @@ def test_fused_finetune_equals_unfused_and_leaves_no_gradient_after_backward(set
     fused = run_training_of(_config(setup, tmp_path / "b", "--fused_backward_pass", *NO_CLIP))
     assert fused.optimizer.fused and live == [0, 0, 0]  # every gradient was used and freed inside backward
     _assert_equal(_trained(unfused), _trained(fused))
+    _assert_trained(setup, _trained(fused))
 
 
 def test_fused_clipping_is_per_tensor_and_a_nan_loss_never_reaches_the_weights(setup, tmp_path, monkeypatch):
@@ -127,6 +137,7 @@ def test_fused_clipping_is_per_tensor_and_a_nan_loss_never_reaches_the_weights(s
     reference = run_training_of(_config(setup, tmp_path / "r", *NO_CLIP))
     assert calls["n"] == 6 and not reference.optimizer.fused
     _assert_equal(weights, _trained(reference))
+    _assert_trained(setup, weights)
 
 
 # --- bf16 weights: compensated updates ---------------------------------------------------------------------------
