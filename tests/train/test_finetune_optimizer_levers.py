@@ -76,6 +76,8 @@ def test_start_up_rules_notices_and_summary(setup, tmp_path):
                                       "--learning_rate", "1"))
     with pytest.raises(ConfigError, match="optimizer_offload: AdamW8bit \\(bitsandbytes\\) steps CUDA tensors only"):
         check_finetune_levers(_config(setup, tmp_path, "--optimizer_offload", "--optimizer_type", "AdamW8bit"))
+    with pytest.raises(ConfigError, match="optimizer_offload: with 2 processes .* remove optimizer_offload"):
+        check_finetune_levers(_config(setup, tmp_path, "--optimizer_offload"), world_size=2)
     prodigy = _config(setup, tmp_path, "--mixed_precision", "bf16", "--optimizer_type", "Prodigy",
                       "--learning_rate", "1")
     notices = check_finetune_levers(prodigy)
@@ -86,6 +88,7 @@ def test_start_up_rules_notices_and_summary(setup, tmp_path):
     assert describe_levers(everything) == ("bf16 weights with compensated updates, fused backward, optimizer state "
                                            "on host")
     assert describe_levers(_config(setup, tmp_path)) == "" and describe_levers(lora) == ""
+    assert not finetune_levers(everything, world_size=2).compensated_bf16  # sharded: fp32 masters of its own
 
 
 # --- fused backward pass ---------------------------------------------------------------------------------------

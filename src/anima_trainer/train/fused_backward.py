@@ -28,6 +28,13 @@ Semantics against the normal path (`check_fused_backward`, the start-up rules):
 - the fp16 gradient scaler is refused (it must see every gradient for inf/NaN before any update): use bf16;
 - several processes are refused: the data-parallel gradient average (train/grad_sync.py) would come after the
   update (FSDP, issue 19 item 3, is the multi-GPU path for fine-tunes).
+
+In the training loop (train/loop.py, fine-tunes: train/optimizer_levers.py builds and attaches it): the loop's
+global `clip_grad_norm_` is skipped (the gradients are gone; the logged grad_norm is None), and because the
+update happens inside backward, nonfinite_loss_policy (skip_step / raise) checks the step's loss *before*
+backward: a NaN/Inf loss skips the backward entirely, so the weights and the optimizer state never see it (the
+same result as the unfused skip).  A non-finite gradient under a finite loss cannot be caught before its tensor is
+updated; the weights' finiteness is still checked before every save (no state is written from NaN weights).
 """
 
 from __future__ import annotations

@@ -50,11 +50,19 @@ class FinetuneLevers:
         return self.compensated_bf16 or self.fused_backward or self.optimizer_offload
 
 
-def finetune_levers(cfg: TrainConfig) -> FinetuneLevers:
-    """The levers `cfg` turns on (no checks: check_finetune_levers refuses what cannot be honoured)."""
+def process_count() -> int:
+    """The processes of this run (1 without an initialised torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def finetune_levers(cfg: TrainConfig, world_size: int | None = None) -> FinetuneLevers:
+    """The levers `cfg` turns on (no checks: check_finetune_levers refuses what cannot be honoured).  Across
+    processes (`world_size`, default: this run's) the sharded path (train/fsdp.py) keeps fp32 master weights of
+    its own, so no compensated bf16 steps there."""
     if not cfg.finetunes:
         return FinetuneLevers()
-    bf16 = cfg.mixed_precision == "bf16"
+    bf16 = cfg.mixed_precision == "bf16" and (process_count() if world_size is None else world_size) == 1
     return FinetuneLevers(compensated_bf16=bf16 and per_parameter_refusal(cfg.optimizer_type) is None,
                           fused_backward=cfg.fused_backward_pass, optimizer_offload=cfg.optimizer_offload)
 
@@ -69,8 +77,8 @@ def check_finetune_levers(cfg: TrainConfig, world_size: int = 1) -> list[str]:
                                         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                         mixed_precision=cfg.mixed_precision, world_size=world_size)
     if cfg.optimizer_offload:
-        check_optimizer_offload(cfg.optimizer_type)
-    if cfg.mixed_precision == "bf16" and (refusal := per_parameter_refusal(cfg.optimizer_type)):
+        check_optimizer_offload(cfg.optimizer_type, world_size)
+    if cfg.mixed_precision == "bf16" and world_size == 1 and (refusal := per_parameter_refusal(cfg.optimizer_type)):
         notices.append(f"mixed_precision = \"bf16\": the fine-tuned weights are updated plainly in bf16, not with "
                        f"compensated steps, because {refusal.split(';')[0]} (updates below half a bf16 step round "
                        "away; kohya keeps fp32 weights); for fp32-exact updates use AdamW or AdaFactor, or "

@@ -77,8 +77,13 @@ class OffloadedOptimizer(PerParameterOptimizer):
         p.detach().copy_(h)
 
 
-def check_optimizer_offload(optimizer_type: str) -> None:
-    """optimizer_offload's start-up rule: the optimizer must be one that steps per parameter, on CPU tensors."""
+def check_optimizer_offload(optimizer_type: str, world_size: int = 1) -> None:
+    """optimizer_offload's start-up rules: one process (across processes FSDP shards the state instead), and an
+    optimizer that steps per parameter, on CPU tensors."""
+    if world_size > 1:
+        raise ConfigError(f"optimizer_offload: with {world_size} processes the fine-tune is sharded (FSDP), which "
+                          "already splits the optimizer state across the GPUs; remove optimizer_offload or train "
+                          "on one process")
     refusal = per_parameter_refusal(optimizer_type)
     if refusal:
         raise ConfigError(f"optimizer_offload: {refusal}")

@@ -32,7 +32,7 @@ from anima_trainer.train.distributed import Distributed
 from anima_trainer.train.flow import objective_notices
 from anima_trainer.train.inputs import check_masked_loss
 from anima_trainer.train.model_setup import check_network_options
-from anima_trainer.train.optimizer_levers import build_finetune_optimizer, check_finetune_levers
+from anima_trainer.train.optimizer_levers import build_finetune_optimizer, check_finetune_levers, process_count
 from anima_trainer.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -152,7 +152,7 @@ def setup_optimization(cfg: TrainConfig, network: torch.nn.Module, device: torch
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     full_half = cfg.full_bf16 or cfg.full_fp16
     if cfg.finetunes:  # train/optimizer_levers.py: compensated bf16, fused backward, optimizer_offload
-        check_finetune_levers(cfg, _world_size())  # its notices went out at start-up (setup_run)
+        check_finetune_levers(cfg, process_count())  # its notices went out at start-up (setup_run)
         if full_half:  # before optimizer_offload copies the weights to the host
             use_full_half(network, dtype, scaler)
         optimizer = build_finetune_optimizer(cfg, groups, lr, device)
@@ -163,11 +163,6 @@ def setup_optimization(cfg: TrainConfig, network: torch.nn.Module, device: torch
         use_full_half(network, dtype, scaler)
     return Optimization(optimizer, scheduler, scaler, lr)
 
-
-def _world_size() -> int:
-    """The processes of this run (1 without torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_trained_llm_adapter_not_cached(cfg: TrainConfig, trains_llm_adapter: bool) -> None:
