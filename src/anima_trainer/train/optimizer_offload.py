@@ -21,10 +21,12 @@ from the GPU's fused/foreach kernels in the last bit).  The state dict has the n
 The host step is CPU compute: AdamW over 2.1 B parameters is several seconds per step on a few cores — the lever
 trades step time for the 8 (AdamW) bytes per parameter of device memory that train/finetune_memory.py models.
 
-Alternative not used: torchao's `CPUOffloadOptimizer` (torchao.optim) does the same job with CUDA streams that
-overlap the copies with backward.  It is not installed here (and not a dependency of anima-trainer), it takes the
-optimizer class and builds one optimizer per parameter itself, so it would not compose with PerParameterOptimizer's
-fused hooks, compensated bf16 steps and normal state-dict layout that the resume machinery relies on.
+Alternative not used: torchao's `CPUOffloadOptimizer` (torchao.optim) does the same job and overlaps the
+gradient copies with backward on a side stream.  It is not installed here and not a dependency of anima-trainer;
+and it would not fit the run's machinery: it builds one `optimizer_class` per parameter from its own gradient
+hooks, exposes one param group per parameter (not the run's named groups the LR schedule, the logs and the resume
+checks read), and saves `{"offloaded": [one state dict per parameter], "on-device": ...}` instead of the normal
+layout, so a state could not resume across the lever; nor does it step bf16 weights with the exact remainder.
 """
 
 from __future__ import annotations
