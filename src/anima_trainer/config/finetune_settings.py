@@ -32,6 +32,10 @@ class FinetuneSettings(BaseModel):
     finetune_llm_adapter: bool = Field(
         False, description="fine-tune only: train the LLM adapter's parameters too (opt-in; kohya's anima_train.py "
         "trains it unless llm_adapter_lr = 0)")
+    fsdp_sharding: Literal["auto", "off"] = Field(
+        "auto", description="fine-tune only: with several processes (accelerate launch --num_processes N) \"auto\" "
+        "shards the DiT's weights, gradients and optimizer state over them with FSDP2, one unit per block "
+        "(docs/multi_gpu.md); \"off\" trains plain data-parallel with the whole DiT in every process")
 
     _finetune_notes: list[str] = PrivateAttr(default_factory=list)
 
@@ -60,6 +64,9 @@ class FinetuneSettings(BaseModel):
                 if getattr(self, name):
                     raise ValueError(f"{name}: selects what a fine-tune trains, but training_mode is \"network\"; "
                                      "set training_mode = \"finetune\" (anima_train.py) or remove it")
+            if self.fsdp_sharding != "auto":
+                raise ValueError("fsdp_sharding: shards a fine-tune over several processes, but training_mode is "
+                                 "\"network\" (adapters train data-parallel); remove it")
             return
         refusals = {
             "network_weights": "starts an adapter from a file; a fine-tune starts from pretrained_model_name_or_path "
