@@ -183,8 +183,9 @@ class ShardedFinetune:
                 load_sharded(folder, self.dit, optimizer, model_only=fresh_optimizer)
             except Exception as e:  # noqa: BLE001 - DCP reports a misfit as one of several error types
                 raise ConfigError(f"resume: the sharded state in {folder} does not fit this fine-tune "
-                                  f"({type(e).__name__}: {str(e)[:300]}); the selection, the optimizer or its groups changed since it was "
-                                  "saved (resume_ignore_optimizer_mismatch = true starts a fresh optimizer)") from None
+                                  f"({type(e).__name__}: {str(e)[:300]}); the selection, the optimizer or its groups "
+                                  "changed since it was saved (resume_ignore_optimizer_mismatch = true starts a fresh "
+                                  "optimizer)") from None
         return load
 
 
