@@ -86,7 +86,7 @@ def test_sharded_finetune_equals_one_process_on_the_global_batch(setup, sharded,
     moved = [k for k in reference if k.startswith("net.blocks.")
              and not torch.equal(reference[k], base[k.removeprefix("net.")])]
     assert moved  # it trained
-    assert "sharded with FSDP2 over 2 processes" in sharded["log"]
+    assert "sharded with FSDP2 over 2 processes: 3 units (2 blocks + the root)" in sharded["log"]
     assert sharded["log"].count("accelerate's FSDP plugin settings") == 1  # one notice, from the main process
 
 

@@ -38,7 +38,8 @@ from torch import nn
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.networks.full_finetune import DiTFinetune
 from anima_trainer.train.distributed import Distributed, check_supported, launched_by_accelerate_fsdp
-from anima_trainer.train.fsdp import full_state_dict, load_sharded, micro_batch, save_sharded, shard_dit
+from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, save_sharded, shard_dit,
+                                      shard_units)
 from anima_trainer.train.monitor import NonFiniteStateError, nonfinite_tensors
 from anima_trainer.train.validation import check_validation
 
@@ -54,7 +55,7 @@ def wants_sharding(cfg: TrainConfig, world_size: int) -> bool:
     return cfg.finetunes and world_size > 1 and cfg.fsdp_sharding == "auto"
 
 
-_why = {  # option → why a sharded fine-tune cannot honour it
+SHARDING_REFUSALS = {  # option → why a sharded fine-tune cannot honour it
     "sample_prompts": "previews run on the main process alone, and every forward of a sharded DiT needs all "
                       "processes",
     "validation_split": "the validation loss runs on the main process alone, and every forward of a sharded DiT "
@@ -66,7 +67,7 @@ _why = {  # option → why a sharded fine-tune cannot honour it
     "ema_decay": "the EMA of sharded weights is not available",
     "compile_blocks": "torch.compile of sharded blocks is not tried yet (compile_blocks = \"auto\" stays eager)",
 }
-_fix = ("; remove it for a fine-tune sharded over several processes (or set fsdp_sharding = \"off\" to train "
+SHARDING_FIX = ("; remove it for a fine-tune sharded over several processes (or set fsdp_sharding = \"off\" to train "
         "data-parallel with the whole DiT in every process, or run one process)")
 
 
@@ -74,12 +75,12 @@ def check_shardable(cfg: TrainConfig) -> None:
     """ConfigError naming the option and the fix for what a sharded fine-tune cannot honour: the options that
     need the whole weights in one process (previews, the validation loss: they run on the main process only,
     and every forward of a sharded DiT is a collective), or that change the weights' storage under FSDP."""
-    for name, reason in _why.items():
+    for name, reason in SHARDING_REFUSALS.items():
         value = getattr(cfg, name, None)
         if name == "compile_blocks":
             value = value is True
         if value:
-            raise ConfigError(f"{name}: {reason}{_fix}")
+            raise ConfigError(f"{name}: {reason}{SHARDING_FIX}")
     if cfg.mixed_precision == "fp16":
         raise ConfigError("mixed_precision = \"fp16\": the gradient scaler is not tried with FSDP; use \"bf16\" "
                           "(or \"no\") for a fine-tune sharded over several processes, or set fsdp_sharding = "
@@ -136,9 +137,11 @@ class ShardedFinetune:
         main_pid = dist.gather_objects(os.getpid())[0]  # the staging name: the main process's, as its states'
         staging = Path(cfg.output_dir) / f".{cfg.output_name}-state.tmp-{main_pid}-shards"
         if dist.is_main:
-            log.info("fine-tune sharded with FSDP2 over %d processes: %d units (one per DiT block + the root), "
-                     "each process holds 1/%d of the weights, gradients and optimizer state", dist.world_size,
-                     len(dit.blocks) + 1, dist.world_size)
+            units = len(shard_units(dit))
+            adapter = ", the LLM adapter" if units > len(dit.blocks) else ""
+            log.info("fine-tune sharded with FSDP2 over %d processes: %d units (%d blocks%s + the root), each "
+                     "process holds 1/%d of the weights, gradients and optimizer state", dist.world_size, units + 1,
+                     len(dit.blocks), adapter, dist.world_size)
         return cls(dit, sharded, dist, staging)
 
     def gradient_sync(self) -> ShardedGradientSync:
@@ -220,5 +223,5 @@ def start_sharding(cfg: TrainConfig, dataset: Any, dit: nn.Module, network: Any,
     if not wants_sharding(cfg, dist.world_size):
         return None
     if check_validation(cfg, dataset):  # held out in dataset_config: known once the dataset is built
-        raise ConfigError("validation_split (dataset_config): " + _why["validation_split"] + _fix)
+        raise ConfigError("validation_split (dataset_config): " + SHARDING_REFUSALS["validation_split"] + SHARDING_FIX)
     return ShardedFinetune.start(cfg, dit, network, dist, device)
