@@ -162,3 +162,18 @@ def test_fsdp_sharding_is_a_finetune_option(setup, tmp_path):
     with pytest.raises(ConfigError, match="fsdp_sharding: shards a fine-tune"):
         parse_train_args(["--config_file", str(write_demo_configs(tmp_path, setup["models"], setup["images"], 2,
                                                                   seed=5)), "--fsdp_sharding", "off"])
+
+
+def test_a_state_of_the_other_form_is_refused_and_a_stale_staging_folder_removed(tmp_path):
+    unsharded = tmp_path / "demo_lora-step00000002-state"
+    unsharded.mkdir()
+    with pytest.raises(ConfigError, match=r"was not saved sharded .*fsdp_sharding = \"off\""):
+        states.check_sharding(unsharded, sharded=True)
+    states.check_sharding(unsharded, sharded=False)
+    stale = tmp_path / ".demo_lora-state.tmp-4242-shards"  # a sharded save killed before the main process moved it
+    other = tmp_path / ".other-state.tmp-4242-shards"  # another run's: never touched
+    for folder in (stale, other):
+        (folder / "fsdp").mkdir(parents=True)
+        (folder / "fsdp" / "__0_0.distcp").write_bytes(b"x")
+    states.remove_stale_temporaries(tmp_path, "demo_lora")
+    assert not stale.exists() and other.is_dir() and unsharded.is_dir()
