@@ -24,7 +24,7 @@ from anima_trainer.models import load_dit
 from anima_trainer.train import training_state as states
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.sharded_run import check_launch, check_shardable
-from tests.train.test_distributed import launch_command
+from tests.train.test_distributed import ROOT, launch_command
 
 STEPS = 4
 COMMON = ("--learning_rate", "1e-3", "--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk",
@@ -40,8 +40,10 @@ def _toml(setup: dict, out: Path) -> Path:
     return toml
 
 
-def _launch(toml: Path, *extra: str, fsdp: bool = False) -> subprocess.CompletedProcess:
-    argv, env = launch_command(2, ["-m", "anima_trainer", "train", "--config_file", str(toml), *COMMON, *extra])
+def _launch(toml: Path, *extra: str, fsdp: bool = False, dropin: bool = False) -> subprocess.CompletedProcess:
+    """2 processes of `-m anima_trainer train`, or of kohya's drop-in `anima_train.py` (`dropin`)."""
+    target = [str(ROOT / "anima_train.py")] if dropin else ["-m", "anima_trainer", "train"]
+    argv, env = launch_command(2, [*target, "--config_file", str(toml), *COMMON, *extra])
     if fsdp:  # accelerate launch --use_fsdp instead of --multi_gpu (accelerate's plugin refuses its default
         # sync_module_states on the CPU while the Accelerator is built; on GPUs the flag is not needed)
         at = argv.index("--multi_gpu")
@@ -53,7 +55,7 @@ def _launch(toml: Path, *extra: str, fsdp: bool = False) -> subprocess.Completed
 def sharded(setup, tmp_path_factory) -> dict:
     """The uninterrupted sharded run (launched with --use_fsdp), then the same folder cut back to its step-2
     state (the final file and state removed, and the step-2 file: killed between that state and its file) and
-    resumed with --resume latest."""
+    resumed with --resume latest through kohya's drop-in `anima_train.py` (launched with --multi_gpu)."""
     out = tmp_path_factory.mktemp("fsdp_run")
     toml = _toml(setup, out)
     done = _launch(toml, "--gradient_accumulation_steps", "2", fsdp=True)
@@ -67,7 +69,7 @@ def sharded(setup, tmp_path_factory) -> dict:
         (output / name).unlink()
     import shutil
     shutil.rmtree(output / "demo_lora-state")
-    resumed = _launch(toml, "--gradient_accumulation_steps", "2", "--resume", "latest")
+    resumed = _launch(toml, "--gradient_accumulation_steps", "2", "--resume", "latest", dropin=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-4000:]
     return {"out": out, "files": files, "final": final, "state_files": state_files, "log": done.stderr,
             "resumed": load_file(output / "demo_lora.safetensors"),
