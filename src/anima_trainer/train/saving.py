@@ -7,7 +7,10 @@ NonFiniteStateError).  A save writes the state (train/training_state.py) first a
 a run killed between the two resumes from that state and writes the missing file (`Saver.resumed`); a resumed
 run may write again its own files after its resume point.  With `ema_decay` each network save also writes the EMA
 file (`<name>-ema.safetensors`, train/ema.py) just before the network file, under the same rules and retention,
-and each state holds the EMA.  Whether and how a run resumes: train/resume.py.
+and each state holds the EMA.  A fine-tune sharded with FSDP (`sharding`, train/sharded_run.py): every process
+takes part in each save (its shards of a state, staged before the main process writes the state folder; its part
+of the whole DiT gathered for a network file); the main process still writes every file.  Whether and how a run
+resumes: train/resume.py.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class Saver:
                 self.files.record_epoch(state.epoch, *self._network_files(path, state.step, state.epoch))
         finally:
             self.after_save()
+            self._gathered = None
 
     def _network_files(self, path: Path, step: int, epoch: int) -> list[Path]:
         """The network file at `path` and, with the EMA on, its EMA file, written first: an existing network file
