@@ -160,6 +160,14 @@ def test_what_fsdp_cannot_do_is_refused_naming_the_option(setup, tmp_path, extra
         check_shardable(cfg)
 
 
+def test_a_refused_option_set_in_the_toml_is_named_with_its_file_and_line(setup, tmp_path):
+    toml = _toml(setup, tmp_path)
+    refused = 'training_mode = "finetune"\nmixed_precision = "bf16"\nfull_bf16 = true\n'
+    toml.write_text(toml.read_text().replace('training_mode = "finetune"\n', refused))
+    with pytest.raises(ConfigError, match=r"^full_bf16: .*\(in train\.toml line \d+\)"):
+        check_shardable(parse_train_args(["--config_file", str(toml)]))
+
+
 def test_fsdp_sharding_is_a_finetune_option(setup, tmp_path):
     with pytest.raises(ConfigError, match="fsdp_sharding: shards a fine-tune"):
         parse_train_args(["--config_file", str(write_demo_configs(tmp_path, setup["models"], setup["images"], 2,

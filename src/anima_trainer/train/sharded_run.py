@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.config.loader import locate_in_source
 from anima_trainer.networks.full_finetune import DiTFinetune
 from anima_trainer.train.distributed import Distributed, check_supported, launched_by_accelerate_fsdp
 from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, save_sharded, shard_dit,
@@ -74,17 +75,18 @@ SHARDING_FIX = ("; remove it for a fine-tune sharded over several processes (or 
 def check_shardable(cfg: TrainConfig) -> None:
     """ConfigError naming the option and the fix for what a sharded fine-tune cannot honour: the options that
     need the whole weights in one process (previews, the validation loss: they run on the main process only,
-    and every forward of a sharded DiT is a collective), or that change the weights' storage under FSDP."""
+    and every forward of a sharded DiT is a collective), or that change the weights' storage under FSDP.  An
+    option set in the TOML is named with its file and line."""
     for name, reason in SHARDING_REFUSALS.items():
         value = getattr(cfg, name, None)
         if name == "compile_blocks":
             value = value is True
         if value:
-            raise ConfigError(f"{name}: {reason}{SHARDING_FIX}")
+            raise ConfigError(locate_in_source(cfg, f"{name}: {reason}{SHARDING_FIX}"))
     if cfg.mixed_precision == "fp16":
-        raise ConfigError("mixed_precision = \"fp16\": the gradient scaler is not tried with FSDP; use \"bf16\" "
-                          "(or \"no\") for a fine-tune sharded over several processes, or set fsdp_sharding = "
-                          "\"off\"")
+        raise ConfigError(locate_in_source(cfg, "mixed_precision = \"fp16\": the gradient scaler is not tried with "
+                                           "FSDP; use \"bf16\" (or \"no\") for a fine-tune sharded over several "
+                                           "processes, or set fsdp_sharding = \"off\""))
 
 
 class ShardedGradientSync:
@@ -205,9 +207,9 @@ def check_launch(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
     check_supported(accelerator, finetune=cfg.finetunes)
     fsdp_launch = launched_by_accelerate_fsdp() or str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
     if fsdp_launch and cfg.finetunes and cfg.fsdp_sharding == "off":
-        raise ConfigError("fsdp_sharding = \"off\" asks for plain data parallel, but the launch asks for FSDP "
-                          "(accelerate launch --use_fsdp / distributed_type: FSDP); launch with --multi_gpu, or "
-                          "remove fsdp_sharding = \"off\"")
+        raise ConfigError(locate_in_source(cfg, "fsdp_sharding = \"off\" asks for plain data parallel, but the "
+                                           "launch asks for FSDP (accelerate launch --use_fsdp / distributed_type: "
+                                           "FSDP); launch with --multi_gpu, or remove fsdp_sharding = \"off\""))
     if fsdp_launch and accelerator.is_main_process:
         log.warning("notice: %s", ACCELERATE_FSDP_NOTICE)
     if not wants_sharding(cfg, accelerator.num_processes):
