@@ -26,7 +26,7 @@ FIELD_ORDER = """
     save_last_n_steps save_last_n_epochs overwrite save_state save_state_on_train_end save_last_n_steps_state
     save_last_n_epochs_state resume vram_budget_gb resume_snapshot_strict network_module network_dim network_alpha
     network_args network_weights network_dropout dim_from_weights training_mode trainable_patterns
-    finetune_llm_adapter fused_backward_pass optimizer_offload learning_rate unet_lr optimizer_type
+    finetune_llm_adapter fsdp_sharding fused_backward_pass optimizer_offload learning_rate unet_lr optimizer_type
     optimizer_args use_8bit_adam use_lion_optimizer lr_scheduler lr_warmup_steps lr_decay_steps
     lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_min_lr_ratio lr_scheduler_timescale lr_scheduler_type
     lr_scheduler_args max_grad_norm max_train_steps max_train_epochs train_batch_size gradient_accumulation_steps

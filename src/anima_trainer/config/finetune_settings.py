@@ -34,6 +34,10 @@ class FinetuneSettings(BaseModel):
     finetune_llm_adapter: bool = Field(
         False, description="fine-tune only: train the LLM adapter's parameters too (opt-in; kohya's anima_train.py "
         "trains it unless llm_adapter_lr = 0)")
+    fsdp_sharding: Literal["auto", "off"] = Field(
+        "auto", description="fine-tune only: with several processes (accelerate launch --num_processes N) \"auto\" "
+        "shards the DiT's weights, gradients and optimizer state over them with FSDP2, one unit per block "
+        "(docs/multi_gpu.md); \"off\" trains plain data-parallel with the whole DiT in every process")
 
     fused_backward_pass: bool = Field(
         False, description="fine-tune (kohya's anima_train.py): each parameter is updated during backward and its "
@@ -77,6 +81,9 @@ class FinetuneSettings(BaseModel):
                                  "state is small and stays on the GPU. Set training_mode = \"finetune\" or remove it")
             self._finetune_notes = [f"fused_backward_pass = true: {FUSED_BACKWARD_NETWORK}"] \
                 if self.fused_backward_pass else []
+            if self.fsdp_sharding != "auto":
+                raise ValueError("fsdp_sharding: shards a fine-tune over several processes, but training_mode is "
+                                 "\"network\" (adapters train data-parallel); remove it")
             return
         refusals = {
             "network_weights": "starts an adapter from a file; a fine-tune starts from pretrained_model_name_or_path "

@@ -15,8 +15,8 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         """.split())),
     ("network", "what is trained: the adapter kind, its size, targets and starting weights, or the DiT itself",
      tuple("""
-        training_mode trainable_patterns finetune_llm_adapter network_module network_dim network_alpha network_args
-        network_weights network_dropout dim_from_weights
+        training_mode trainable_patterns finetune_llm_adapter fsdp_sharding network_module network_dim network_alpha
+        network_args network_weights network_dropout dim_from_weights
         network_train_unet_only network_train_text_encoder_only train_norm base_weights base_weights_multiplier
         scale_weight_norms
         """.split())),

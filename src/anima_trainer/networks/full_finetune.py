@@ -207,15 +207,17 @@ class DiTFinetune(nn.Module):
         return self._layout
 
     def save(self, path: str | Path, *, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
-             overwrite: bool = False, save_format: str = "comfy") -> Path:
+             overwrite: bool = False, save_format: str = "comfy", state: dict[str, torch.Tensor] | None = None) -> Path:
         """The whole DiT as a checkpoint ComfyUI loads as a diffusion model (the base file's key layout: see
         models/dit_checkpoint.py) in `dtype` (None: the base file's dtypes); atomic, NaN/Inf refused, key-checked.
-        `save_format` is an adapter-file setting and does not apply."""
+        `save_format` is an adapter-file setting and does not apply.  `state`: the DiT's weights when they are
+        not `self.dit.state_dict()` (a sharded DiT's, gathered: train/sharded_run.py)."""
 
         path = Path(path)
         if path.suffix != ".safetensors":
             raise NetworkError(f"{path}: DiT checkpoints are written as .safetensors")
         check_writable(path, overwrite)
-        return save_dit_checkpoint(self.layout(), self.dit.state_dict(), path, save_dtype=dtype,
+        weights = self.dit.state_dict() if state is None else state
+        return save_dit_checkpoint(self.layout(), weights, path, save_dtype=dtype,
                                    metadata=self.metadata(metadata), what="fine-tuned DiT ",
                                    check=lambda _tmp: check_writable(path, overwrite))

@@ -28,6 +28,7 @@
     save_plan.py      where network files and states go: kohya's names, retention, no clobbering
     saving.py         what the loop writes to keep work safe, and when: network files and states
     schedulers.py     learning-rate schedules by kohya's `--lr_scheduler` names
+    sharded_run.py    a fine-tune sharded with FSDP2 in the real run: when, what is refused, sharded saves/resume
     setup.py          the start of a run shared by train, cache and the benchmarks: optimizer/schedule check,
                       seed, tokenizers, dataset, run plan, optimizer
     step_time.py      a step's expected time per memory setting (an H200 cost model; FLOPs of a step)

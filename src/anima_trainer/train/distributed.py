@@ -20,7 +20,8 @@ others take part in the collectives (gradient average, logged-loss mean, RNG gat
 saved by N processes carries every process's RNG streams (`write_rank_rngs`) and is resumed with the same N
 (`read_rank_rng` refuses another N).  Disk caches are built by all processes at once, each its own items,
 then read by all (`Distributed.build_cache`; entries are content-addressed files written atomically, so there
-is nothing to race on).  FSDP, DeepSpeed, Megatron-LM and TPU launches are refused (`check_supported`).
+is nothing to race on).  DeepSpeed, Megatron-LM and TPU launches are refused (`check_supported`), and FSDP
+launches unless the run is a fine-tune (which the trainer shards itself: train/sharded_run.py).
 See docs/multi_gpu.md.
 """
 
@@ -107,8 +108,9 @@ def needs_cpu_backend(env: dict[str, str] | None = None) -> bool:
 
 _REFUSED = {
     "FSDP": "FSDP (accelerate launch --use_fsdp / an accelerate config with distributed_type: FSDP) is not "
-            "supported: the trained network is a few MB and is replicated in every process anyway; sharding "
-            "the frozen DiT is future work",
+            "supported for adapter training: the trained network is a few MB and is replicated in every process "
+            "anyway; sharding the frozen DiT is future work (a fine-tune, training_mode = \"finetune\", is sharded "
+            "with FSDP2 by the trainer itself)",
     "DEEPSPEED": "DeepSpeed (accelerate launch --use_deepspeed / an accelerate config with distributed_type: "
                  "DEEPSPEED) is not supported: the network's gradients are averaged by the trainer itself and "
                  "DeepSpeed's engine would not see them",
@@ -117,12 +119,20 @@ _REFUSED = {
 }
 
 
-def check_supported(accelerator: Any) -> None:
+def launched_by_accelerate_fsdp(env: dict[str, str] | None = None) -> bool:
+    """Whether `accelerate launch --use_fsdp` (or an accelerate config with distributed_type FSDP) started
+    this process."""
+    env = os.environ if env is None else env
+    return env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_supported(accelerator: Any, *, finetune: bool = False) -> None:
     """ConfigError unless `accelerator` runs one process or plain data-parallel processes (DDP on CUDA, gloo
-    on CPU, or another torch.distributed device backend).  Also refuses a multi-process launch that
+    on CPU, or another torch.distributed device backend); `finetune`: an FSDP launch is accepted too (the
+    trainer shards the fine-tune itself: train/sharded_run.py).  Also refuses a multi-process launch that
     accelerate set up as single-process runs (each process would train alone and write the same files)."""
     kind = str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1].upper()
-    if kind in _REFUSED:
+    if kind in _REFUSED and not (finetune and kind == "FSDP"):
         raise ConfigError(f"{_REFUSED[kind]}. Launch plain data-parallel processes instead: "
                           "`accelerate launch --multi_gpu --num_processes N -m anima_trainer train ...` "
                           "(docs/multi_gpu.md)")
@@ -155,10 +165,10 @@ class Distributed:
     control: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_accelerator(cls, accelerator: Any) -> Distributed:
+    def from_accelerator(cls, accelerator: Any, *, finetune: bool = False) -> Distributed:
         """From an `accelerate.Accelerator` (after `check_supported`).  Every process must call it (it may
         create the control group, a collective)."""
-        check_supported(accelerator)
+        check_supported(accelerator, finetune=finetune)
         if accelerator.num_processes == 1:
             return cls(device=torch.device(accelerator.device))
         if not tdist.is_available() or not tdist.is_initialized():

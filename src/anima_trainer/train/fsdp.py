@@ -2,10 +2,11 @@
 
 The engine is torch's; this module only decides how the DiT is cut and how its state is saved:
 
-- **Block-level wrapping** (`shard_dit`): one FSDP unit per DiT block, one for the LLM adapter when it is
-  there, then the root (patch embedding, timestep embedding, final layer) — the wrapping accelerate's FSDP2
-  plugin applies with `transformer_cls_names_to_wrap`.  `dit.encode_context` (the adapter's entry, called
-  outside `dit.forward`) is registered as a forward method of the root so its units gather there too.  Each
+- **Block-level wrapping** (`shard_dit`): one FSDP unit per DiT block, one for the LLM adapter when it
+  trains (a frozen one stays whole in every process: `shard_units`), then the root (patch embedding, timestep
+  embedding, final layer) — the wrapping accelerate's FSDP2 plugin applies with `transformer_cls_names_to_wrap`.
+  `dit.encode_context` (the adapter's entry, called outside `dit.forward`) is registered as a forward method of
+  the root when the adapter trains, so its unit gathers there too.  Each
   unit's parameters are sharded over the processes (dim 0, DTensors); a unit's full weights exist only while
   its forward or backward runs.  Gradients are reduce-scattered (averaged) per unit during the backward, so
   each process keeps only its shard of the gradients and of the optimizer state.
@@ -41,11 +42,14 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-SHARDED_FOLDER = "fsdp"  # inside a state folder: the DCP checkpoint (__0_0.distcp, …, .metadata)
+from anima_trainer.train.training_state import SHARDED_STATE
+
+SHARDED_FOLDER = SHARDED_STATE  # inside a state folder: the DCP checkpoint (__0_0.distcp, …, .metadata)
 
 
 def mixed_precision_policy(device: torch.device | str,
@@ -60,13 +64,28 @@ def mixed_precision_policy(device: torch.device | str,
                                 cast_forward_inputs=False)
 
 
+def trains_llm_adapter(dit: nn.Module) -> bool:
+    """Whether the model has an LLM adapter and any of its parameters trains."""
+    adapter = getattr(dit, "llm_adapter", None)
+    return adapter is not None and any(p.requires_grad for p in adapter.parameters())
+
+
 def shard_units(dit: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every FSDP unit below the root, in forward order: each DiT block, then the LLM
-    adapter when the model has one.  The root unit (everything else) is the DiT itself."""
+    adapter when it trains.  The root unit (everything else) is the DiT itself.  A frozen LLM adapter is not
+    sharded at all (`unsharded_parameters`): it runs in `encode_context`, which each process calls as often as
+    its own captions need (memoised contexts, its share of a cache), and a sharded unit would make every such
+    call a collective that the other processes do not join."""
     units = [(f"blocks.{i}", block) for i, block in enumerate(dit.blocks)]
-    if getattr(dit, "llm_adapter", None) is not None:
+    if trains_llm_adapter(dit):
         units.append(("llm_adapter", dit.llm_adapter))
     return units
+
+
+def unsharded_parameters(dit: nn.Module) -> set[nn.Parameter]:
+    """The parameters `shard_dit` leaves whole in every process: a frozen LLM adapter's (see `shard_units`)."""
+    adapter = getattr(dit, "llm_adapter", None)
+    return set() if adapter is None or trains_llm_adapter(dit) else set(adapter.parameters())
 
 
 def _own_parameters(name: str, module: nn.Module, inner: set[int]) -> Iterator[tuple[str, nn.Parameter]]:
@@ -79,7 +98,7 @@ def check_trained_dtypes(dit: nn.Module) -> None:
     """ValueError naming the unit when one FSDP unit's trained parameters have more than one dtype (FSDP2
     reduce-scatters a unit's gradients as one buffer); frozen parameters may have any dtype."""
     units = shard_units(dit)
-    inner = {id(p) for _, m in units for p in m.parameters()}
+    inner = {id(p) for _, m in units for p in m.parameters()} | {id(p) for p in unsharded_parameters(dit)}
     for name, params in [*[(n, list(_own_parameters(n, m, set()))) for n, m in units],
                          ("the root (embeddings, final layer)", list(_own_parameters("", dit, inner)))]:
         dtypes = {p.dtype for _, p in params if p.requires_grad}
@@ -110,8 +129,9 @@ def shard_dit(dit: nn.Module, *, device: torch.device | str, mp_policy: MixedPre
         dit.to(device)
     for _, unit in shard_units(dit):
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **options)
-    fully_shard(dit, **options)  # the root: its parameters stay gathered between forward and backward
-    if getattr(dit, "llm_adapter", None) is not None:
+    # the root: its parameters stay gathered between forward and backward
+    fully_shard(dit, ignored_params=unsharded_parameters(dit) or None, **options)
+    if trains_llm_adapter(dit):
         # the adapter runs in `encode_context`, outside `dit.forward`: without the root's hooks there the
         # adapter's unit would be initialised as a root of its own and the first call fails
         register_fsdp_forward_method(dit, "encode_context")
@@ -144,10 +164,16 @@ def save_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Opti
     return target
 
 
-def load_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 model_only: bool = False) -> None:
     """Read what `save_sharded` wrote into the sharded `dit` and its `optimizer` (collective).  The model must
     be sharded and the optimizer built the same way as when it was saved (the process count may differ:
-    DCP re-shards)."""
+    DCP re-shards).  `model_only`: the weights only, the optimizer keeps its (fresh) state."""
+    if model_only:
+        model_state = get_model_state_dict(dit)
+        dcp.load({"model": model_state}, checkpoint_id=str(Path(folder) / SHARDED_FOLDER))
+        set_model_state_dict(dit, model_state)
+        return
     model_state, optim_state = get_state_dict(dit, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(Path(folder) / SHARDED_FOLDER))

@@ -38,13 +38,7 @@ from anima_trainer.sample.generate import render_previews
 from anima_trainer.sample.prompts import load_sample_prompts
 from anima_trainer.sample.sampler import SamplingCancelled
 from anima_trainer.train.budget import MAX_TEXT_TOKENS, check_before_models, check_text_tokens
-from anima_trainer.train.distributed import (
-    Distributed,
-    check_state_world,
-    check_supported,
-    needs_cpu_backend,
-    read_rank_rng,
-)
+from anima_trainer.train.distributed import Distributed, check_state_world, needs_cpu_backend, read_rank_rng
 from anima_trainer.train.ema import NetworkEMA, build_ema, resume_ema
 from anima_trainer.train.events import EventLog, config_for_log, events_path
 from anima_trainer.train.file_metadata import RunMetadata
@@ -80,6 +74,7 @@ from anima_trainer.train.resume import (
 )
 from anima_trainer.train.saving import Saver
 from anima_trainer.train.schedulers import build_scheduler, describe_schedule, schedule_options
+from anima_trainer.train.sharded_run import ShardedGradientSync, check_launch, start_sharding
 from anima_trainer.train.setup import (
     Optimization,
     RunPlan,
@@ -223,7 +218,7 @@ class RunIO:
 
     accelerator: Accelerator
     dist: Distributed
-    grad_sync: GradientSync  # the gradient average of every step, overlapped with its last backward
+    grad_sync: GradientSync | ShardedGradientSync  # the step's gradient average, overlapped with its last backward
     saver: Saver
     monitor: Monitor
     events: EventLog
@@ -262,8 +257,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     torch.manual_seed(seed)
     tracking = resolve_tracking(cfg)
     accelerator = Accelerator(mixed_precision="no", cpu=needs_cpu_backend(), **tracking.accelerator_kwargs())
-    check_supported(accelerator)
-    dist = Distributed.from_accelerator(accelerator)
+    cfg = check_launch(cfg, accelerator)  # FSDP only for a fine-tune, sharded by the trainer (train/sharded_run.py)
+    dist = Distributed.from_accelerator(accelerator, finetune=cfg.finetunes)
     # Start-up, before any model file is opened (issue 14 item 4): the options were checked by TrainConfig;
     # the optimizer and schedule against their classes (check_optimization) → tokenizers → the output-exists
     # check (final file, states) → the dataset scan, all problems at once (train/setup.py, shared with the
@@ -301,6 +296,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                                   extra_shapes=previews_and_validation + 4, text_encoder=models.text_encoder.model)
     prepare_text_encoder(cfg, models.text_encoder, network)  # issue 15: train mode, HF checkpointing
     dist.broadcast_parameters(network.trainable_parameters())  # every process starts from the same weights
+    sharding = start_sharding(cfg, dataset, dit, network, dist, device)  # None unless a fine-tune sharded by FSDP2
+    network = sharding.network if sharding else network  # the selection again, over the sharded parameters
     if dist.enabled:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
     optim = setup_optimization(cfg, network, device, dtype, max_steps)
@@ -318,7 +315,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         check_state_world(resume_from, dist.world_size)
         if resume_check.finished is not None:  # already complete (killed after its last write): nothing to write
             progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
-                                  scaler=optim.scaler, strict_optimizer=False)
+                                  scaler=optim.scaler, strict_optimizer=False,
+                                  sharded=sharding.loader(optimizer) if sharding else None)
             dist.shutdown()
             return TrainRun(resume_check.finished, dit, network, [], progress.step, optimizer)
     started = time.time()
@@ -330,7 +328,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         metadata=RunMetadata(cfg, dataset, max_steps=max_steps, epochs=epochs, started=started,
                              num_processes=dist.world_size),
         before_save=lambda: set_optimizer_train_mode(optimizer, False),
-        after_save=lambda: set_optimizer_train_mode(optimizer, True), ema=ema)
+        after_save=lambda: set_optimizer_train_mode(optimizer, True), ema=ema, sharding=sharding)
     if resume_from is not None:
         saver.check_start(resuming=True, max_steps=max_steps, epochs=epochs)
     events.write("config", config=config_for_log(cfg))
@@ -369,7 +367,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
                               scaler=optim.scaler, restore_scheduler=not resume_check.rebuild_schedule,
                               strict_optimizer=not cfg.optimizer_mismatch_ignored(),
-                              fresh_optimizer=resume_check.fresh_optimizer)
+                              fresh_optimizer=resume_check.fresh_optimizer,
+                              sharded=sharding.loader(optimizer) if sharding else None)
         apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
         resume_ema(ema, resume_from)  # before `saver.resumed`, which may write the state's (EMA) files
         if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
@@ -410,8 +409,8 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                                  preservation=preservation),
                data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
                io=RunIO(accelerator=accelerator, dist=dist, saver=saver, monitor=monitor, events=events,
-                        measurements=measurements, grad_sync=cleanup.enter_context(
-                            dist.gradient_sync(network.trainable_parameters(), cfg.ddp_bucket_cap_mb))))
+                        measurements=measurements, grad_sync=cleanup.enter_context(sharding.gradient_sync() if sharding
+                            else dist.gradient_sync(network.trainable_parameters(), cfg.ddp_bucket_cap_mb))))
     with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
             StopSignals() as stop:
         events.write("start", step=progress.step, epoch=progress.epoch, max_train_steps=max_steps)

@@ -99,6 +99,14 @@ def cuda_memory_reader(device: torch.device) -> Callable[[], MemoryStats]:
     return read
 
 
+def _whole(value: Any) -> Any:
+    """A DTensor (the clipped gradient norm of a DiT sharded with FSDP: each process holds a partial norm) as a
+    plain tensor, anything else as it is.  A collective for a DTensor: `check_update` and `end_step` run in every
+    process at the same point, so they convert it on entry, before anything reads it on one process only."""
+    whole = getattr(value, "full_tensor", None)
+    return whole() if whole is not None else value
+
+
 def _read_scalars(tensors: list[torch.Tensor]) -> list[float]:
     """Scalar tensors → floats with one device transfer per device (order kept)."""
     if not tensors:
@@ -274,6 +282,7 @@ class Monitor:
         """Before `optimizer.step()` of optimizer step `step`: read the step's loss (and grad norm: pass it unless a
         fp16 GradScaler handles overflow) and say whether to apply the update.  False = skip it (skip_step);
         NonFiniteLossError under `raise` or after `max_consecutive_nonfinite` skips in a row."""
+        grad_norm = _whole(grad_norm)
         vals = [self._step_loss()] + ([grad_norm] if isinstance(grad_norm, torch.Tensor) else [])
         read = _read_scalars(vals)
         loss = read[0]
@@ -306,6 +315,7 @@ class Monitor:
         last) reads the pending values, logs the scalars through `log_fn` and returns them; else returns None
         without touching the device.  `extra_lrs` adds `lr/<key>` values (e.g. {"d*lr": ...}); `extra_logs` adds
         host values under their own names (e.g. scale_weight_norms' `max_norm/keys_scaled`)."""
+        grad_norm = _whole(grad_norm)
         now = self.clock()
         step_time = max(now - self._mark - self._paused, 0.0)
         self._mark, self._paused = now, 0.0

@@ -7,7 +7,10 @@ NonFiniteStateError).  A save writes the state (train/training_state.py) first a
 a run killed between the two resumes from that state and writes the missing file (`Saver.resumed`); a resumed
 run may write again its own files after its resume point.  With `ema_decay` each network save also writes the EMA
 file (`<name>-ema.safetensors`, train/ema.py) just before the network file, under the same rules and retention,
-and each state holds the EMA.  Whether and how a run resumes: train/resume.py.
+and each state holds the EMA.  A fine-tune sharded with FSDP (`sharding`, train/sharded_run.py): every process
+takes part in each save (its shards of a state, staged before the main process writes the state folder; its part
+of the whole DiT gathered for a network file); the main process still writes every file.  Whether and how a run
+resumes: train/resume.py.
 """
 
 from __future__ import annotations
@@ -41,13 +44,18 @@ class Saver:
                  snapshot: dict, metadata: Callable[[int, int], dict[str, str]], events: Any = None,
                  dist: Any = None, save_every_n_epochs: int | None = None,
                  before_save: Callable[[], None] = lambda: None, after_save: Callable[[], None] = lambda: None,
-                 ema: NetworkEMA | None = None) -> None:
+                 ema: NetworkEMA | None = None, sharding: Any = None) -> None:
         out = Path(cfg.output_dir)
         self.cfg, self.network, self.ema = cfg, network, ema
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.snapshot, self.metadata, self.events = snapshot, metadata, events
         self.dist = dist or Distributed()  # several processes: all gather RNG states, the main one writes
         self._rank_rngs: list[dict] | None = None
+        # a fine-tune sharded with FSDP (train/sharded_run.py): every process takes part in each save (its shards
+        # of a state, the gathered weights of a network file), the main process writes the files
+        self.sharding = sharding
+        self._staged: Path | None = None  # the state's shards, written by every process
+        self._gathered: dict[str, torch.Tensor] | None = None  # the whole DiT (main process) for a network file
         self.before_save, self.after_save = before_save, after_save  # e.g. schedule-free eval/train switch
         # save_every_n_epochs: the run plan's (what save_n_epoch_ratio makes of it); unset: the config's
         every_n_epochs = save_every_n_epochs if save_every_n_epochs is not None else cfg.save_every_n_epochs
@@ -100,20 +108,28 @@ class Saver:
         now.  A final state has no step or epoch file (the last step gets the final file, written at the end)."""
         done_epochs = state.epoch if at_epoch_end else state.epoch - 1
         self.files.resumed_at = self.states.resumed_at = (state.step, done_epochs)
-        if state.step >= max_steps or not self.dist.is_main or Path(folder).name == self.states.final_path.name:
+        if state.step >= max_steps or Path(folder).name == self.states.final_path.name:
+            return
+        step_file = self.files.due_at_step(state.step) and not self.files.step_path(state.step).exists()
+        epoch_file = (at_epoch_end and self.files.due_at_epoch(state.epoch)
+                      and not self.files.epoch_path(state.epoch).exists())
+        if self.sharding is not None and self.dist.any_true(self.dist.is_main and (step_file or epoch_file)):
+            self._gathered = self.sharding.gather()  # every process: the main one decides, all gather
+        if not self.dist.is_main:
             return
         self.before_save()
         try:
             path = self.files.step_path(state.step)
-            if self.files.due_at_step(state.step) and not path.exists():
+            if step_file:
                 log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
                 self.files.record_step(state.step, *self._network_files(path, state.step, state.epoch))
             path = self.files.epoch_path(state.epoch)
-            if at_epoch_end and self.files.due_at_epoch(state.epoch) and not path.exists():
+            if epoch_file:
                 log.info("resume: writing %s (the run stopped after its state, before the file)", path.name)
                 self.files.record_epoch(state.epoch, *self._network_files(path, state.step, state.epoch))
         finally:
             self.after_save()
+            self._gathered = None
 
     def _network_files(self, path: Path, step: int, epoch: int) -> list[Path]:
         """The network file at `path` and, with the EMA on, its EMA file, written first: an existing network file
@@ -137,25 +153,28 @@ class Saver:
             if self.events is not None:
                 self.events.write("save", step=step, epoch=epoch, path=str(ema_path), ema=True)
             written.append(ema_path)
+        gathered = {} if self.sharding is None else {"state": self._gathered}  # sharded: the whole DiT, gathered
         path = self.network.save(path, metadata=self.metadata(step, epoch), dtype=self.save_dtype,
-                                 overwrite=overwrite, save_format=self.cfg.save_format)
+                                 overwrite=overwrite, save_format=self.cfg.save_format, **gathered)
         self._network_saved = (step, path)
         if self.events is not None:
             self.events.write("save", step=step, epoch=epoch, path=str(path))
         return [path, *written]
 
     def _state(self, folder: Path, progress: states.Progress) -> Path:
-        # a state is only ever written from finite weights and optimizer moments (it is what a resume trusts)
-        check_finite_state(self.network.state_dict(), str(folder))
-        moments = {f"optimizer.{i}.{k}": v for i, s in enumerate(self.optimizer.state.values()) for k, v in s.items()
-                   if isinstance(v, torch.Tensor) and v.is_floating_point()}
-        check_finite_state(moments, str(folder))
+        # a state is only ever written from finite weights and optimizer moments (it is what a resume trusts;
+        # sharded: checked by every process on its shards before they were staged)
+        if self.sharding is None:
+            check_finite_state(self.network.state_dict(), str(folder))
+            moments = {f"optimizer.{i}.{k}": v for i, s in enumerate(self.optimizer.state.values())
+                       for k, v in s.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+            check_finite_state(moments, str(folder))
         if self.ema is not None:
             check_finite_state(self.ema.state_tensors(), str(folder))
         folder = states.save_state(folder, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler,
                                    scaler=self.scaler, progress=progress,
                                    snapshot=self.snapshot, config=states.config_record(self.cfg), overwrite=True,
-                                   extra=self._extra_files)
+                                   extra=self._extra_files, sharded=self._staged)
         if self.events is not None:
             self.events.write("save_state", step=progress.step, epoch=progress.epoch, path=str(folder))
         return folder
@@ -190,7 +209,8 @@ class Saver:
         folder: list[Path] = []
         try:
             self._save(lambda: None,
-                       lambda: folder.append(self._state(self.states.step_path(progress.step), progress)))
+                       lambda: folder.append(self._state(self.states.step_path(progress.step), progress)),
+                       network_file_due=False)
         except NonFiniteStateError as e:
             log.error("%s", e)
             return None
@@ -205,10 +225,18 @@ class Saver:
                    state)
         return paths[0] if paths else self.files.final_path
 
-    def _save(self, network_file: Callable[[], Any], state: Callable[[], Any] | None) -> None:
+    def _save(self, network_file: Callable[[], Any], state: Callable[[], Any] | None, *,
+              network_file_due: bool = True) -> None:
         # every process's RNG goes into a state (each resumes its own streams); only the main one writes
         self._rank_rngs = (self.dist.gather_objects(states.capture_rng())
                            if state is not None and self.dist.enabled else None)
+        if self.sharding is not None:  # every process: its shards of the state, its part of the gathered weights
+            self.before_save()
+            try:
+                self._staged = self.sharding.stage_state(self.optimizer) if state is not None else None
+                self._gathered = self.sharding.gather() if network_file_due else None
+            finally:
+                self.after_save()
         if not self.dist.is_main:
             return
         self.before_save()
@@ -218,3 +246,6 @@ class Saver:
             network_file()
         finally:
             self.after_save()
+            if self.sharding is not None:
+                self._staged = self._gathered = None
+                self.sharding.staged_done()

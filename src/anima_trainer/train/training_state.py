@@ -11,7 +11,10 @@ A state is a folder (kohya's names: `<output_name>-step<NNNNNNNN>-state`, `<outp
   `generator` stream that nothing drew from; it is ignored at load);
 * `resume_snapshot.json`: the settings that must not change across a resume (see `build_snapshot`);
 * `config.json`: the resolved full config (non-critical changes are logged from it);
-* with `ema_decay`: `ema.safetensors` + `ema.json`, the EMA of the weights and its update count (train/ema.py).
+* with `ema_decay`: `ema.safetensors` + `ema.json`, the EMA of the weights and its update count (train/ema.py);
+* a fine-tune sharded with FSDP (train/sharded_run.py) holds `fsdp/` (torch.distributed.checkpoint: one
+  `__<rank>_0.distcp` per process + `.metadata`, every process writing its own shards into a staging folder
+  that the main process moves into the state being written) instead of `network.safetensors` and `optimizer.*`.
 
 The folder is written under a hidden temporary name, every file fsync'd, then renamed into place: a crash
 during a save leaves the previous state valid and no partial folder under a final name.  `train_state.json`
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "anima_trainer_state/v1"
 SNAPSHOT_SCHEMA = "anima_resume_snapshot/v1"
 TRAIN_STATE = "train_state.json"
+SHARDED_STATE = "fsdp"  # the sharded model + optimizer (DCP) of an FSDP fine-tune, a sub-folder of the state
 MAX_COUNTER = 2**53  # steps/epochs/batches beyond this are not a real run (and overflow torch/numpy ints)
 
 
@@ -209,10 +213,12 @@ def restore_rng(state: dict) -> None:
 def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                scaler: Any, progress: Progress, snapshot: dict,
                config: dict | None = None, overwrite: bool = False,
-               extra: Callable[[Path], Any] | None = None) -> Path:
+               extra: Callable[[Path], Any] | None = None, sharded: Path | None = None) -> Path:
     """Write a whole state atomically (see the module doc); `extra(tmp_folder)` may add files (the resolved
-    config TOML); returns the folder.  A failing write (disk full, no permission) raises SaveError naming the
-    folder and the reason, and leaves the previous state as it was."""
+    config TOML); `sharded`: a DCP folder every process wrote (FSDP), moved into the state as `fsdp/` in place
+    of the network and optimizer files (same file system: a rename); returns the folder.  A failing write (disk
+    full, no permission) raises SaveError naming the folder and the reason, and leaves the previous state as it
+    was."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise OutputExistsError(f"{folder} already exists; pass --overwrite to replace it")
@@ -222,10 +228,13 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in network.state_dict().items()}
-        atomic_save(weights, tmp / "network.safetensors", require_finite=False)  # checked before the save
-        write_nested(tmp, "optimizer", optimizer.state_dict())
+        if sharded is not None:
+            os.replace(sharded, tmp / SHARDED_STATE)
+        else:
+            weights = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+                       for k, v in network.state_dict().items()}
+            atomic_save(weights, tmp / "network.safetensors", require_finite=False)  # checked before the save
+            write_nested(tmp, "optimizer", optimizer.state_dict())
         write_nested(tmp, "scheduler", scheduler.state_dict())
         write_nested(tmp, "scaler", scaler.state_dict())
         write_nested(tmp, "rng", capture_rng())
@@ -235,6 +244,9 @@ def save_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         if extra is not None:
             extra(tmp)
         manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != TRAIN_STATE}
+        if (tmp / SHARDED_STATE).is_dir():  # one level of sub-folder, listed as "fsdp/<file>"
+            manifest.update({f"{SHARDED_STATE}/{p.name}": _sha256(p)
+                             for p in sorted((tmp / SHARDED_STATE).iterdir()) if p.is_file()})
         # last: marks completeness, and lists every other file's checksum
         _write_json(tmp / TRAIN_STATE, {"format": STATE_FORMAT, **asdict(progress), "files": manifest})
         # overwrite: the old state is kept aside until the new one is in place
@@ -283,7 +295,8 @@ def verify_state(folder: str | Path) -> Progress:
         raise StateError(folder, TRAIN_STATE, "the file checksums ('files') are not a name → sha256 table")
     for name, digest in sorted(manifest.items()):
         path = folder / name
-        if os.sep in name or "/" in name or not path.is_file():
+        inner = name.removeprefix(f"{SHARDED_STATE}/")  # the sharded sub-folder's files, one level deep
+        if os.sep in inner or "/" in inner or inner in ("", ".", "..") or not path.is_file():
             raise StateError(folder, name, "missing (listed in train_state.json)")
         if _sha256(path) != digest:
             raise StateError(folder, name, "does not match its checksum in train_state.json (changed or damaged "
@@ -351,14 +364,21 @@ def check_optimizer_state(folder: Path, saved: Any, optimizer: torch.optim.Optim
 
 def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                scaler: Any, restore_scheduler: bool = True,
-               strict_optimizer: bool = True, fresh_optimizer: bool = False) -> Progress:
+               strict_optimizer: bool = True, fresh_optimizer: bool = False,
+               sharded: Callable[[Path, bool], None] | None = None) -> Progress:
     """Restore everything `save_state` wrote into live objects (built from the same config); returns where
     to continue.  Every file is read and checked (checksums, structure, shapes) before anything is changed.
     `restore_scheduler=False` keeps the live (rebuilt) schedule; an optimizer state written by another optimizer
     is an error, or with `strict_optimizer=False` a warning and a fresh optimizer state.  `fresh_optimizer`: the
-    optimizer was changed on purpose (resume_ignore_optimizer_mismatch): its saved state is not loaded at all."""
+    optimizer was changed on purpose (resume_ignore_optimizer_mismatch): its saved state is not loaded at all.
+    `sharded(folder, fresh_optimizer)`: loads an FSDP state's `fsdp/` (collective) in place of the network and
+    optimizer files; a sharded state without it (or the other way round) is refused, saying why."""
     folder = Path(folder)
     progress = verify_state(folder)
+    check_sharding(folder, sharded is not None)
+    if sharded is not None:
+        return _load_rest(folder, progress, lambda: sharded(folder, fresh_optimizer), scheduler, scaler,
+                          restore_scheduler)
     weights = read_tensors(folder, "network.safetensors")
     own = network.state_dict()
     if set(weights) != set(own) or any(tuple(weights[k].shape) != tuple(own[k].shape) for k in own):
@@ -379,18 +399,40 @@ def load_state(folder: str | Path, *, network: torch.nn.Module, optimizer: torch
         log.warning("resume: the optimizer state in %s does not fit this optimizer (%s): continuing with a FRESH "
                     "optimizer state (moments restart from zero)", folder, misfit)
         saved_optimizer = None
+    def restore() -> None:
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(weights[k].to(t.dtype))
+        if saved_optimizer is not None:
+            try:
+                optimizer.load_state_dict(saved_optimizer)
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+                raise ConfigError(f"resume: the optimizer state in {folder} does not fit this optimizer ({e}); "
+                                  "optimizer_type or the parameter groups changed") from None
+
+    return _load_rest(folder, progress, restore, scheduler, scaler, restore_scheduler)
+
+
+def check_sharding(folder: Path, sharded: bool) -> None:
+    """ConfigError when the state's form (sharded by FSDP or whole files) is not the one this run loads."""
+    saved = (folder / SHARDED_STATE).is_dir()
+    if saved and not sharded:
+        raise ConfigError(f"resume: {folder} holds a fine-tune sharded with FSDP ({SHARDED_STATE}/); resume it "
+                          "sharded: the same number of processes and fsdp_sharding = \"auto\"")
+    if sharded and not saved:
+        raise ConfigError(f"resume: {folder} was not saved sharded (it has no {SHARDED_STATE}/) but this run shards "
+                          "the fine-tune with FSDP; resume it as it was saved (fsdp_sharding = \"off\", or the "
+                          "process count it was saved with)")
+
+
+def _load_rest(folder: Path, progress: Progress, restore: Callable[[], None], scheduler: Any, scaler: Any,
+               restore_scheduler: bool) -> Progress:
+    """The end of `load_state`: every remaining file read and checked, then the weights and optimizer restored
+    (`restore`), then the schedule, the scaler and the random streams."""
     scheduler_state = read_nested(folder, "scheduler") if restore_scheduler else None
     scaler_state = read_nested(folder, "scaler")
     rng_state = read_nested(folder, "rng")
-    with torch.no_grad():
-        for k, t in own.items():
-            t.copy_(weights[k].to(t.dtype))
-    if saved_optimizer is not None:
-        try:
-            optimizer.load_state_dict(saved_optimizer)
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise ConfigError(f"resume: the optimizer state in {folder} does not fit this optimizer ({e}); "
-                              "optimizer_type or the parameter groups changed") from None
+    restore()
     for file, state, target in (("scheduler.json", scheduler_state, scheduler), ("scaler.json", scaler_state, scaler)):
         if state is None:
             continue
@@ -429,13 +471,14 @@ def find_latest_state(output_dir: str | Path, output_name: str) -> Path:
 def remove_stale_temporaries(output_dir: str | Path, output_name: str) -> None:
     """What this run's saves killed half-way leave (removed at start; other runs' are never touched): folders of
     states being written (hidden `.<name>…-state.tmp-*`, never valid); a state moved aside to be replaced
-    (`.<name>…-state.old-*`: put back when the new one did not take its name, else removed); temporary
+    (`.<name>…-state.old-*`: put back when the new one did not take its name, else removed); the staging folder of
+    a sharded state (`.<name>-state.tmp-*-shards`); temporary
     network files and EMA files (`.<name>….tmp`)."""
     out = Path(output_dir)
     if not out.is_dir():
         return
     name = re.escape(output_name)
-    state = re.compile(r"\.(" + name + r"(?:-step\d{8}|-\d{6})?-state)\.(tmp|old)-\d+")
+    state = re.compile(r"\.(" + name + r"(?:-step\d{8}|-\d{6})?-state)\.(tmp|old)-\d+(?:-shards)?")
     network = re.compile(r"\.+" + name + r"(?:-step\d{8}|-\d{6})?(?:-ema)?\.[^/]*\.tmp")
     for d in sorted(out.iterdir()):
         m = state.fullmatch(d.name)
