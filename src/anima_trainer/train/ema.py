@@ -186,7 +186,8 @@ def build_ema(cfg: TrainConfig, network: AdapterNetwork) -> NetworkEMA | None:
     host = ema_on_host(cfg.ema_device, finetunes=cfg.finetunes, shadow_bytes=shadow_bytes, device=params[0].device,
                        budget_bytes=budget * 2**30 if isinstance(budget, int | float) else None)
     if host:
-        log.info("EMA of the trained weights in host memory (ema_device = %r): %.2f GiB fp32%s", cfg.ema_device,
+        log.info("EMA of the trained weights in host memory (ema_device = %r): %.2f GiB fp32%s, updated by the CPU "
+                 "after every optimizer step (ema_device = \"device\" keeps it on the card)", cfg.ema_device,
                  shadow_bytes / 2**30, ", pinned" if _pinned() else "")
     return NetworkEMA(params, cfg.ema_decay, cfg.ema_warmup, host=host)
 
