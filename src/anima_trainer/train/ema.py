@@ -42,7 +42,6 @@ from anima_trainer.train import training_state as states
 log = logging.getLogger(__name__)
 
 STATE_NAME = "ema"  # ema.json + ema.safetensors in a state folder
-EMA_DEVICES = ("auto", "cpu", "device")
 HOST_SHARE = 0.25  # ema_device = "auto": a fine-tune's shadow above this share of the device memory goes to the host
 
 
