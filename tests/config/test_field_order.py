@@ -30,7 +30,7 @@ FIELD_ORDER = """
     optimizer_args use_8bit_adam use_lion_optimizer lr_scheduler lr_warmup_steps lr_decay_steps
     lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_min_lr_ratio lr_scheduler_timescale lr_scheduler_type
     lr_scheduler_args max_grad_norm max_train_steps max_train_epochs train_batch_size gradient_accumulation_steps
-    mixed_precision seed ema_decay ema_warmup gradient_checkpointing checkpoint_blocks checkpoint_mode
+    mixed_precision seed ema_decay ema_warmup ema_device gradient_checkpointing checkpoint_blocks checkpoint_mode
     cpu_offload_checkpointing
     blocks_to_swap fp8_base fp8_format fp8_compute max_data_loader_n_workers attention_backend fuse_qkv compile_blocks
     compile_mode compile_backend compile_fullgraph compile_cache_size_limit compile_cache_dir ddp_bucket_cap_mb

@@ -39,7 +39,6 @@ def test_finetune_trains_no_text_encoder_and_notices_adapter_options():
 
 
 @pytest.mark.parametrize(("option", "value", "why"), [
-    ("ema_decay", 0.99, "EMA of a fine-tune"),
     ("preservation_loss_weight", 0.5, "adapter strength 0"),
     ("eval_every_n_steps", 5, "adapter strength 0"),
     ("fp8_base", True, "fp8 weights cannot be trained"),

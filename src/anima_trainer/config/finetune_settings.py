@@ -90,7 +90,6 @@ class FinetuneSettings(BaseModel):
                                "(put the weights to continue from there)",
             "dim_from_weights": "builds an adapter from a file",
             "base_weights": "merges adapters before training; merge them into the DiT first (anima-trainer merge)",
-            "ema_decay": "the EMA of a fine-tune's weights is not available yet",
             "preservation_loss_weight": "compares with the base model at adapter strength 0; a fine-tune has none",
             "eval_every_n_steps": "the light metrics compare with the base model at adapter strength 0",
             "eval_every_n_epochs": "the light metrics compare with the base model at adapter strength 0",

@@ -63,10 +63,16 @@ class OptimisationSettings(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**32, description="seed of data order, noise and σ (unset: 42)")
     # EMA of the trained weights (train/ema.py; not a kohya option: ai-toolkit's name)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average (EMA) of the "
-                                    "network weights with this decay (e.g. 0.999), saved next to every network "
-                                    "file as <name>-ema.safetensors and kept in training states (unset: off)")
+                                    "trained weights (the network's, or a fine-tune's DiT parameters) with this "
+                                    "decay (e.g. 0.999), saved next to every network or DiT file as "
+                                    "<name>-ema.safetensors and kept in training states (unset: off)")
     ema_warmup: bool = Field(True, description="warm the EMA decay up: min(ema_decay, (1 + t) / (10 + t)) at update "
                              "t, so the starting weights fade quickly (false: ema_decay from the second update)")
+    ema_device: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="where the EMA's fp32 copy lives and is updated: \"device\" (beside the trained "
+        "weights), \"cpu\" (host memory, pinned with CUDA: saves 4 bytes per trained parameter on the card), "
+        "\"auto\" (a fine-tune's EMA on the host when it exceeds a quarter of the card's memory, else the device; "
+        "LoRA: the device)")
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod
@@ -119,6 +125,12 @@ class OptimisationSettings(BaseModel):
     @classmethod
     def _lr_scheduler_args(cls, v: Any) -> Any:
         return kv_pairs(v, "lr_scheduler_args", literal=True)
+
+    def _check_ema_device(self) -> None:
+        """ema_device places the EMA: without ema_decay there is none to place."""
+        if self.ema_device != "auto" and self.ema_decay is None:
+            raise ValueError(f"ema_device = \"{self.ema_device}\": places the EMA of the weights, but ema_decay is "
+                             "unset (the EMA is off); set ema_decay (e.g. 0.999) or remove ema_device")
 
     def _check_constant_warmup(self) -> None:
         """kohya refuses a warm-up of the 'constant' schedule (it has none)."""

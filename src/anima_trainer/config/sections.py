@@ -25,7 +25,7 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         learning_rate unet_lr text_encoder_lr self_attn_lr cross_attn_lr mlp_lr mod_lr llm_adapter_lr
         optimizer_type optimizer_args use_8bit_adam use_lion_optimizer max_grad_norm max_train_steps
         max_train_epochs train_batch_size gradient_accumulation_steps mixed_precision full_bf16 full_fp16 seed
-        ema_decay ema_warmup
+        ema_decay ema_warmup ema_device
         """.split())),
     ("objective", "timesteps, noise and loss of the flow-matching objective", tuple("""
         timestep_sampling discrete_flow_shift sigmoid_scale weighting_scheme logit_mean logit_std mode_scale

@@ -113,6 +113,7 @@ class TrainConfig(CacheSettings, SamplingSettings, LoggingSettings, DatasetSetti
         self._check_save_format()
         self._check_logging()
         self._check_sample_use_ema()
+        self._check_ema_device()
         self._check_finetune()
         return self
 

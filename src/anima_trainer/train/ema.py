@@ -9,6 +9,21 @@ shadowed (never the frozen model), in fp32 on the parameters' device; every data
 parameters, so every process's shadow is the same and only the main one writes files.  In a state folder the
 shadow is `ema.safetensors` (the tensors, in `trainable_parameters()` order) + `ema.json` (the update count and
 settings), written like the optimizer's state (no pickle) and checksummed with the rest of the state.
+
+A fine-tune (training_mode = "finetune") shadows exactly the trained DiT parameters (`DiTFinetune.
+trainable_parameters()`); its `<name>-ema.safetensors` is then a whole DiT checkpoint (what `DiTFinetune.save`
+writes, with the EMA weights swapped in).
+
+Where the shadow lives (`ema_device`): "device" = beside the weights, as above; "cpu" = in host
+memory (pinned when CUDA is available; OneTrainer's `ema = CPU`): after each optimizer step the trained weights
+are copied into a host staging buffer in their own dtype (non_blocking into pinned memory, then one wait for the
+copies) and the same diffusers update runs there, so the device holds no shadow (4 bytes per trained parameter
+saved).  The swap then keeps the training weights in that staging buffer, not on the device.  "auto": on the
+host for a fine-tune whose shadow is more than `HOST_SHARE` of the device memory available at start (the
+`vram_budget_gb` when set, else the CUDA device's free memory when the EMA is built), else on the device; LoRA
+keeps its EMA on the device (as before).  The update's arithmetic is the same on either side; between a CPU and
+a GPU the last bit may differ where one of them contracts the multiply-add.  No update interval (OneTrainer's
+`ema_update_step_interval`) is offered: the EMA follows every optimizer step.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from anima_trainer.train import training_state as states
 log = logging.getLogger(__name__)
 
 STATE_NAME = "ema"  # ema.json + ema.safetensors in a state folder
+HOST_SHARE = 0.25  # ema_device = "auto": a fine-tune's shadow above this share of the device memory goes to the host
 
 
 def has_ema_state(folder: Path) -> bool:
@@ -37,14 +53,32 @@ def has_ema_state(folder: Path) -> bool:
 class NetworkEMA:
     """The EMA shadow of a network's trainable parameters (see the module doc)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float, warmup: bool = True) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, warmup: bool = True,
+                 host: bool = False) -> None:
         from diffusers.training_utils import EMAModel  # heavy import: only when the EMA is on
 
         self.params = list(params)
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup, self.host = decay, warmup, host
+        # host: the weights' copies the update reads (their dtype; pinned with CUDA, so the copies can be async)
+        self._staging = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=_pinned())
+                         .requires_grad_(p.requires_grad) for p in self.params] if host else []
         # without warm-up the decay is held at ema_decay by its floor (min_decay); foreach: one fused update
-        self._ema = EMAModel(self.params, decay=decay, min_decay=0.0 if warmup else decay, foreach=True)
+        self._ema = EMAModel(self._stage(), decay=decay, min_decay=0.0 if warmup else decay, foreach=True)
         self._ema.to(dtype=torch.float32)  # fp32 shadows also for full_bf16 / full_fp16 weights
+        if host and _pinned():
+            self._ema.pin_memory()
+
+    def _stage(self) -> list[torch.Tensor]:
+        """The tensors the update averages in: the parameters themselves, or (host) their copies in the staging
+        buffer, complete when this returns."""
+        if not self.host:
+            return self.params
+        with torch.no_grad():
+            for s, p in zip(self._staging, self.params, strict=True):
+                s.copy_(p.detach(), non_blocking=True)
+        for device in {p.device for p in self.params if p.device.type == "cuda"}:
+            torch.cuda.current_stream(device).synchronize()  # the async copies have landed
+        return self._staging
 
     @property
     def shadow(self) -> list[torch.Tensor]:
@@ -63,14 +97,14 @@ class NetworkEMA:
     @torch.no_grad()
     def update(self) -> None:
         """After an optimizer step (not after accumulation micro-steps): move the shadow toward the weights."""
-        self._ema.step(self.params)
+        self._ema.step(self._stage())
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """The EMA weights in the network for the duration (a save, a preview); the training weights are put back
         exactly (bit for bit) afterwards, also when the body raises."""
-        with torch.no_grad():
-            kept = [p.detach().clone() for p in self.params]  # on the device: no host round trip
+        with torch.no_grad():  # device: kept there (no host round trip); host: in the staging buffer
+            kept = self._stage() if self.host else [p.detach().clone() for p in self.params]
             for p, s in zip(self.params, self.shadow, strict=True):
                 p.copy_(s)  # cast to the parameter's dtype (full_bf16: rounded, as a save would)
         try:
@@ -113,14 +147,48 @@ class NetworkEMA:
         except (ValueError, TypeError) as e:
             raise states.StateError(folder, f"{STATE_NAME}.json", f"not a valid EMA state ({e})") from None
         self._ema.decay, self._ema.min_decay = self.decay, 0.0 if self.warmup else self.decay
-        self._ema.shadow_params = [s.to(p.device, torch.float32) for s, p in zip(shadow, self.params, strict=True)]
+        self._ema.shadow_params = [s.to("cpu" if self.host else p.device, torch.float32)
+                                   for s, p in zip(shadow, self.params, strict=True)]
+        if self.host and _pinned():
+            self._ema.pin_memory()
+
+
+def _pinned() -> bool:
+    """Whether host tensors are pinned (page-locked): with CUDA, so device-to-host copies can be asynchronous."""
+    return torch.cuda.is_available()
+
+
+def ema_on_host(ema_device: str, *, finetunes: bool, shadow_bytes: int, device: torch.device,
+                budget_bytes: float | None = None) -> bool:
+    """Whether the shadow lives in host memory (module doc): "cpu" always, "device" never; "auto" for a fine-tune
+    whose shadow exceeds HOST_SHARE of `budget_bytes` (vram_budget_gb) or, without a budget, of the CUDA device's
+    free memory now.  LoRA's "auto", and any run without a CUDA device, keep it beside the weights."""
+    if ema_device != "auto":
+        return ema_device == "cpu"
+    if not finetunes:
+        return False
+    if budget_bytes is None:
+        if device.type != "cuda":
+            return False  # the weights are in host memory already
+        budget_bytes = torch.cuda.mem_get_info(device)[0]
+    return shadow_bytes > HOST_SHARE * budget_bytes
 
 
 def build_ema(cfg: TrainConfig, network: AdapterNetwork) -> NetworkEMA | None:
-    """The run's EMA (None with ema_decay unset), started from the network's current weights."""
+    """The run's EMA (None with ema_decay unset), started from the network's current weights, on the device or
+    the host as `ema_device` decides (`ema_on_host`)."""
     if cfg.ema_decay is None:
         return None
-    return NetworkEMA(network.trainable_parameters(), cfg.ema_decay, cfg.ema_warmup)
+    params = network.trainable_parameters()
+    shadow_bytes = 4 * sum(p.numel() for p in params)
+    budget = cfg.vram_budget_gb  # a number of GiB, "auto" or unset
+    host = ema_on_host(cfg.ema_device, finetunes=cfg.finetunes, shadow_bytes=shadow_bytes, device=params[0].device,
+                       budget_bytes=budget * 2**30 if isinstance(budget, int | float) else None)
+    if host:
+        log.info("EMA of the trained weights in host memory (ema_device = %r): %.2f GiB fp32%s, updated by the CPU "
+                 "after every optimizer step (ema_device = \"device\" keeps it on the card)", cfg.ema_device,
+                 shadow_bytes / 2**30, ", pinned" if _pinned() else "")
+    return NetworkEMA(params, cfg.ema_decay, cfg.ema_warmup, host=host)
 
 
 def resume_ema(ema: NetworkEMA | None, folder: Path) -> None:

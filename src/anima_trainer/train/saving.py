@@ -6,11 +6,11 @@ log, and refuses to write a network or a state whose weights are not finite (ten
 NonFiniteStateError).  A save writes the state (train/training_state.py) first and the network file after it:
 a run killed between the two resumes from that state and writes the missing file (`Saver.resumed`); a resumed
 run may write again its own files after its resume point.  With `ema_decay` each network save also writes the EMA
-file (`<name>-ema.safetensors`, train/ema.py) just before the network file, under the same rules and retention,
-and each state holds the EMA.  A fine-tune sharded with FSDP (`sharding`, train/sharded_run.py): every process
-takes part in each save (its shards of a state, staged before the main process writes the state folder; its part
-of the whole DiT gathered for a network file); the main process still writes every file.  Whether and how a run
-resumes: train/resume.py.
+file (`<name>-ema.safetensors`, train/ema.py; in a fine-tune a whole DiT checkpoint, as the network's save)
+just before the network file, under the same rules and retention, and each state holds the EMA.  A fine-tune
+sharded with FSDP (`sharding`, train/sharded_run.py): every process takes part in each save (its shards of a
+state, staged before the main process writes the state folder; its part of the whole DiT gathered for a network
+file); the main process still writes every file.  Whether and how a run resumes: train/resume.py.
 """
 
 from __future__ import annotations
