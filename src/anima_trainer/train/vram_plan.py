@@ -8,6 +8,9 @@ output (free when the adapter is not trained), no checkpointing, checkpointing o
 all blocks, all blocks with CPU-offloaded block inputs, then block swap of more and more blocks.  The first that
 fits wins; nothing fitting is a start-up error that shows the smallest estimate.
 
+A fine-tune (training_mode = "finetune") is planned by train/finetune_plan.py over the levers that leave its
+result unchanged (checkpointing, offloaded block inputs, swap of the frozen blocks), with no step-time estimate.
+
 Each candidate also gets an expected step time (train/step_time.py: a cost model calibrated on the same H200
 measurements, scaled by the step's FLOPs), printed with the plan and labelled as an H200 estimate.
 """
@@ -24,6 +27,7 @@ from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.dtypes import precision_name
 from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
+from anima_trainer.train.finetune_plan import plan_finetune_memory
 from anima_trainer.train.memory_estimate import estimate_training_memory
 from anima_trainer.train.model_setup import compile_choice
 from anima_trainer.train.step_time import CARD, expected_step_ms
@@ -118,17 +122,24 @@ def candidates(num_blocks: int, llm_adapter_cacheable: bool) -> list[tuple[str, 
     return out
 
 
+def resident_extras_gib(cfg: TrainConfig) -> float:
+    """What the device holds besides the DiT's step: the reserve, and the text encoder and VAE unless their
+    outputs are cached."""
+    extra = RESERVE_GIB
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+        extra += TEXT_ENCODER_GIB
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
+        extra += VAE_GIB
+    return extra
+
+
 def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
                 budget_gib: float, llm_adapter_trained: bool, device: Any = None) -> MemoryPlan:
     """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does), with each tried
     candidate's expected step time, compiled or eager as `compile_blocks` resolves for `device` with that
     candidate's levers (train/model_setup.py `compile_choice`: "auto" runs block swap eager, for one)."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    extra = RESERVE_GIB
-    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
-        extra += TEXT_ENCODER_GIB
-    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
-        extra += VAE_GIB
+    extra = resident_extras_gib(cfg)
     dtype = precision_name(cfg.mixed_precision)
     table: list[tuple[str, float]] = []
     step_ms: list[float] = []
@@ -164,9 +175,13 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: b
     buckets = dataset.bucket_table()
     width, height = max(((w, h) for w, h, *_ in buckets), key=lambda wh: wh[0] * wh[1])
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
-    plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch,
-                       budget_gib=resolve_budget(cfg.vram_budget_gb, device), llm_adapter_trained=llm_adapter_trained,
-                       device=device)
+    budget = resolve_budget(cfg.vram_budget_gb, device)
+    if cfg.finetunes:  # the fine-tune's memory model and levers (train/finetune_plan.py)
+        plan = plan_finetune_memory(cfg, info.dit_config, resolution=(height, width), batch=batch, budget_gib=budget,
+                                    extra_gib=resident_extras_gib(cfg))
+    else:
+        plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch, budget_gib=budget,
+                           llm_adapter_trained=llm_adapter_trained, device=device)
     log.info("%s", plan.describe())
     return cfg.model_copy(update=plan.settings)
 
