@@ -19,11 +19,10 @@ from anima_trainer.models import load_dit
 from anima_trainer.models.fp8 import Fp8Linear
 from anima_trainer.models.model_files import DitConfig
 from anima_trainer.train.finetune_memory import trained_shapes
-from anima_trainer.train import finetune_plan
-from anima_trainer.train.finetune_plan import (finetune_candidates, finetune_patterns, finetune_peak_gib,
-                                               plan_finetune_memory, user_levers)
+from anima_trainer.train import vram_plan
+from anima_trainer.train.finetune_plan import finetune_candidates, finetune_patterns, finetune_peak_gib, user_levers
 from anima_trainer.train.loop import run_training
-from anima_trainer.train.vram_plan import resident_extras_gib
+from anima_trainer.train.vram_plan import plan_finetune_memory, resident_extras_gib
 from tests.train.test_finetune import _config
 
 PATHS = {"pretrained_model_name_or_path": "dit.safetensors", "qwen3": "q.safetensors", "vae": "v.safetensors",
@@ -167,7 +166,7 @@ def test_the_planned_levers_are_applied_to_the_run(setup, tmp_path, caplog, monk
     assert run.dit.runner.gradient_checkpointing and run.dit.runner.swapper is None
     assert any("→ checkpointing of all blocks" in r.getMessage() for r in caplog.records)
     swap = "… + swap of 1 frozen blocks"
-    monkeypatch.setattr(finetune_plan, "finetune_candidates", lambda *_: [(swap, candidates[swap])])
+    monkeypatch.setattr(vram_plan, "finetune_candidates", lambda *_: [(swap, candidates[swap])])
     run = run_training(_config(setup, tmp_path / "b", "--trainable_patterns", r"^blocks\.1\.", "--vram_budget_gb",
                                "100", steps=1))
     runner = run.dit.runner

@@ -1,6 +1,7 @@
 """Memory levers of a fine-tune (training_mode = "finetune", issue 19): which blocks may swap and which Linears
 may be stored in fp8 (`finetune_memory_levers`, for models/block_runner.py `setup_memory`), and the
-`vram_budget_gb` plan of a fine-tune (`plan_finetune_memory`, called by train/vram_plan.py `apply_plan`).
+`vram_budget_gb` plan of a fine-tune (its candidates and their predictions; train/vram_plan.py
+`plan_finetune_memory` chooses).
 
 Block swap copies host → device only (models/offload.py): a block holding a trained parameter stays on the
 device (its updates would otherwise be lost), so only the frozen blocks swap; asking for more swaps the frozen
@@ -19,7 +20,6 @@ predicted peaks.  All numbers are predictions, not measurements.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import re
@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.config import TrainConfig
 from anima_trainer.models.block_runner import frozen_blocks, frozen_fp8_targets
 from anima_trainer.networks.full_finetune import LLM_ADAPTER_PREFIX, select_parameters
 from anima_trainer.train.finetune_memory import estimate_finetune_memory, trained_shapes
@@ -37,7 +37,7 @@ from anima_trainer.train.memory_estimate import estimate_training_memory
 log = logging.getLogger(__name__)
 
 __all__ = ["FULL_FINETUNE_LEVERS", "finetune_candidates", "finetune_memory_levers", "finetune_patterns",
-           "finetune_peak_gib", "plan_finetune_memory", "user_levers"]
+           "finetune_peak_gib", "user_levers"]
 
 FULL_FINETUNE_LEVERS = ("fused_backward_pass, optimizer_type = \"AdamW8bit\" or \"AdaFactor\", optimizer_offload "
                         "and gradient_checkpointing")
@@ -147,62 +147,3 @@ def finetune_peak_gib(dit_config: Any, settings: dict[str, Any], levers: dict[st
     per_block = (1 - fp8_saved / max(sum(block_bytes), 1.0)) if fp8_base else 1.0
     on_host = sum(block_bytes[i] for i in swapped) * per_block * (len(swapped) - in_flight) / max(len(swapped), 1)
     return est["total_gib"] - est["activations_gib"] + act - (fp8_saved + on_host) / 2**30
-
-
-def plan_finetune_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
-                         budget_gib: float, extra_gib: float) -> Any:
-    """The fastest fine-tune candidate (`finetune_candidates`) whose predicted peak plus `extra_gib` (text
-    encoder, VAE, reserve) fits `budget_gib`, as a train/vram_plan.py MemoryPlan; a ConfigError naming the
-    user levers that would make it fit (with their predictions) when none does."""
-    from anima_trainer.train.vram_plan import MemoryPlan  # vram_plan imports this module: imported at call time
-
-    patterns = finetune_patterns(cfg.trainable_patterns, cfg.finetune_llm_adapter)
-    dtype = "no" if cfg.mixed_precision == "no" else cfg.mixed_precision
-    trained = trained_shapes(dit_config, patterns)
-    n_frozen = len(frozen_blocks(dit_config.num_blocks, trained))
-    levers = user_levers(cfg)
-    common = {"patterns": patterns, "resolution": resolution, "batch": batch, "dtype": dtype,
-              "fp8_base": cfg.fp8_base}
-    table: list[tuple[str, float]] = []
-    for name, settings in finetune_candidates(dit_config.num_blocks, n_frozen):
-        total = finetune_peak_gib(dit_config, settings, levers, **common) + extra_gib
-        table.append((name, total))
-        if total <= budget_gib:
-            return MemoryPlan(settings, total, budget_gib, table)
-    frugal = finetune_candidates(dit_config.num_blocks, n_frozen)[-1][1]
-    options = []
-    for fused, optimizer, offload in itertools.product((levers["fused_backward"], True),
-                                                       (levers["optimizer"], "adamw8bit", "adafactor"),
-                                                       (levers["optimizer_offload"], True)):
-        changed = {"fused_backward": fused, "optimizer": optimizer, "optimizer_offload": offload}
-        if changed == {k: levers[k] for k in changed}:
-            continue
-        peak = finetune_peak_gib(dit_config, frugal, {**levers, **changed}, **common) + extra_gib
-        options.append((peak, _lever_words(levers, changed)))
-    fitting = [(g, w) for g, w in options if g <= budget_gib]
-    fitting = [(g, w) for g, w in fitting  # the least change: no fitting option that sets a subset of its levers
-               if not any(set(v.split(" + ")) < set(w.split(" + ")) for _, v in fitting)]
-    fitting.sort(key=lambda o: (o[1].count("+"), o[0]))
-    best = min(g for _, g in table)
-    words = "; ".join(f"{w}: {g:.1f} GiB predicted" for g, w in (fitting or [min(options)]))
-    lead = "these would make it fit (with the most frugal memory setting)" if fitting else \
-        "even the most frugal choice of them does not fit"
-    cache = "" if cfg.cache_latents and cfg.cache_text_encoder_outputs else \
-        ", cache latents and text encoder outputs"
-    raise ConfigError(f"vram_budget_gb {budget_gib:.1f}: no memory setting fits this fine-tune; the most frugal one "
-                      f"({table[-1][0]}) is predicted at {best:.1f} GiB at {resolution[1]}×{resolution[0]} px, batch "
-                      f"{batch}. The optimizer and its levers are yours to choose: {lead}: {words}. Otherwise lower "
-                      f"the resolution or batch size, or train fewer parameters (trainable_patterns){cache}")
-
-
-def _lever_words(levers: dict[str, Any], changed: dict[str, Any]) -> str:
-    """"fused_backward_pass + optimizer_type = AdaFactor" for the levers `changed` sets differently."""
-    names = {"adamw8bit": "AdamW8bit", "adafactor": "AdaFactor", "adamw": "AdamW"}
-    words = []
-    if changed["fused_backward"] and not levers["fused_backward"]:
-        words.append("fused_backward_pass")
-    if changed["optimizer"] != levers["optimizer"]:
-        words.append(f"optimizer_type = {names[changed['optimizer']]}")
-    if changed["optimizer_offload"] and not levers["optimizer_offload"]:
-        words.append("optimizer_offload")
-    return " + ".join(words)
