@@ -27,8 +27,8 @@ from torch import nn
 
 from anima_trainer.fileio import check_writable
 from anima_trainer.models.dit import load_dit
-from anima_trainer.models.fp8 import Fp8Linear
 from anima_trainer.models.dit_checkpoint import COMFY_FORMAT_METADATA, DitLayout, dit_layout, save_dit_checkpoint
+from anima_trainer.models.fp8 import Fp8Linear
 from anima_trainer.networks.formats import NetworkError
 from anima_trainer.networks.param_groups import COMPONENTS, anima_component
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from anima_trainer.config import TrainConfig
 from anima_trainer.models.block_runner import frozen_blocks, frozen_fp8_targets
+from anima_trainer.models.fp8 import fp8_targets
 from anima_trainer.networks.full_finetune import LLM_ADAPTER_PREFIX, select_parameters
 from anima_trainer.train.finetune_memory import estimate_finetune_memory, trained_shapes
 from anima_trainer.train.memory_estimate import estimate_training_memory
@@ -72,8 +73,6 @@ def swap_notice(asked: int, frozen: int, num_blocks: int) -> str:
 
 def fp8_notice(dit: nn.Module, trained: Collection[str], mixed_precision: str) -> str:
     """fp8_base in a fine-tune: how many frozen Linears are stored in fp8 and how many trained ones are not."""
-    from anima_trainer.models.fp8 import fp8_targets  # the full target list (block_runner filters it)
-
     targets = fp8_targets(dit)
     frozen = frozen_fp8_targets(dit, trained)
     kept = len(targets) - len(frozen)
