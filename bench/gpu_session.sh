@@ -54,8 +54,10 @@ else
     TARGET_ARGS=${TARGET_ARGS:---cases table --steps 5 --warmup 2 --set compile_blocks=true}
     PEER_ARGS=${PEER_ARGS:---cases peers --steps 4 --warmup 2 --set compile_blocks=true}
     SMALL_ARGS=${SMALL_ARGS:---steps 4 --warmup 2 --case-timeout 75}
-    FT_FULL_ARGS=${FT_FULL_ARGS:---resolution 1024 --steps 3 --warmup 1}
-    FT_BLOCKS_ARGS=${FT_BLOCKS_ARGS:---resolution 1024 --steps 3 --warmup 1 --patterns ^blocks\\.(1[4-8])\\.}
+    # no AdamW8bit case: bitsandbytes is not among the carried wheels (FT_*_ARGS adds it where the image has it)
+    FT_CASES="compensated_adamw compensated_adamw_fused compensated_adafactor compensated_adafactor_fused"
+    FT_FULL_ARGS=${FT_FULL_ARGS:---resolution 1024 --steps 3 --warmup 1 --cases $FT_CASES}
+    FT_BLOCKS_ARGS=${FT_BLOCKS_ARGS:---resolution 1024 --steps 3 --warmup 1 --patterns ^blocks\\.(1[4-8])\\. --cases $FT_CASES}
     FP8_ARGS=${FP8_ARGS:-}
     CACHE_ARGS=${CACHE_ARGS:-}
     PROFILE_ARGS=${PROFILE_ARGS:---compile --steps 2 --warmup 3}
