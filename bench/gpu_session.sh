@@ -4,8 +4,10 @@
 # is cut short still keeps what came first.  The script ends by DEADLINE (540 s) and exits non-zero if a section
 # failed.  Sections:
 #   nvidia-smi · python · deps · fused_qkv (issue 16's open decision) · targets (train_step --cases table) ·
-#   peers (train_step --cases peers) · small_cards (vram_budget_gb plans, capped) · fp8_compute · cache_build ·
-#   profile (bench/profile_step.py --compile) · demo (last; dropped when time is short)
+#   peers (train_step --cases peers) · small_cards (vram_budget_gb plans, capped) · finetune_full and
+#   finetune_blocks (issue 19: bench/finetune_levers.py's real peaks against train/finetune_memory.py's predictions,
+#   the whole DiT and blocks 14-18 at 1024²) · fp8_compute · cache_build · profile (bench/profile_step.py
+#   --compile) · demo (last; dropped when time is short)
 #
 # Run from the repository root of the GPU machine's copy, with the wheels in .whl/ carried (bench/README.md):
 #     ANIMA_BENCH_COMMIT=<short hash> bash bench/gpu_session.sh
@@ -36,6 +38,9 @@ if [ "$REQUIRE_CUDA" = 0 ]; then  # dry run: tiny sizes, the CPU
     TARGET_ARGS=${TARGET_ARGS:---config tiny --resolution 64 --steps 1 --warmup 0}
     PEER_ARGS=${PEER_ARGS:---config tiny --resolution 48x80 --set network_module=lokr --set network_args.factor=8 --steps 1 --warmup 0}
     SMALL_ARGS=${SMALL_ARGS:---config tiny --resolution 64 --budgets 8 --steps 1 --warmup 0 --threads 1}
+    # one case each: the per-parameter steps of the tiny DiT's 23 M parameters take ~15 s a case on 2 CPU cores
+    FT_FULL_ARGS=${FT_FULL_ARGS:---config tiny --resolution 32 --steps 1 --warmup 0 --cases compensated_adafactor_fused}
+    FT_BLOCKS_ARGS=${FT_BLOCKS_ARGS:---config tiny --resolution 32 --steps 1 --warmup 0 --patterns ^blocks\\.1\\. --cases compensated_adamw}
     FP8_ARGS=${FP8_ARGS:---config tiny --tokens 64 --batch 1 --steps 1 --warmup 0 --threads 1}
     CACHE_ARGS=${CACHE_ARGS:---tiny --images 2 --size 64 --batch 1 --workers 0 --budget-s 15 --threads 1}
     PROFILE_ARGS=${PROFILE_ARGS:---help}
@@ -49,6 +54,10 @@ else
     TARGET_ARGS=${TARGET_ARGS:---cases table --steps 5 --warmup 2 --set compile_blocks=true}
     PEER_ARGS=${PEER_ARGS:---cases peers --steps 4 --warmup 2 --set compile_blocks=true}
     SMALL_ARGS=${SMALL_ARGS:---steps 4 --warmup 2 --case-timeout 75}
+    # no AdamW8bit case: bitsandbytes is not among the carried wheels (FT_*_ARGS adds it where the image has it)
+    FT_CASES="compensated_adamw compensated_adamw_fused compensated_adafactor compensated_adafactor_fused"
+    FT_FULL_ARGS=${FT_FULL_ARGS:---resolution 1024 --steps 3 --warmup 1 --cases $FT_CASES}
+    FT_BLOCKS_ARGS=${FT_BLOCKS_ARGS:---resolution 1024 --steps 3 --warmup 1 --patterns ^blocks\\.(1[4-8])\\. --cases $FT_CASES}
     FP8_ARGS=${FP8_ARGS:-}
     CACHE_ARGS=${CACHE_ARGS:-}
     PROFILE_ARGS=${PROFILE_ARGS:---compile --steps 2 --warmup 3}
@@ -57,9 +66,10 @@ else
 fi
 # per-section limits (s), in run order; each is also cut to what is left before DEADLINE
 L_FUSED=${L_FUSED:-45} L_TARGETS=${L_TARGETS:-150} L_PEERS=${L_PEERS:-100} L_SMALL=${L_SMALL:-110}
+L_FT_FULL=${L_FT_FULL:-90} L_FT_BLOCKS=${L_FT_BLOCKS:-60}
 L_FP8=${L_FP8:-45} L_CACHE=${L_CACHE:-45} L_PROFILE=${L_PROFILE:-60} L_DEMO=${L_DEMO:-60}
 MIN_SECTION=${MIN_SECTION:-20}   # a section with less time left is skipped
-SECTIONS="nvidia-smi python deps fused_qkv targets peers small_cards fp8_compute cache_build profile demo"
+SECTIONS="nvidia-smi python deps fused_qkv targets peers small_cards finetune_full finetune_blocks fp8_compute cache_build profile demo"
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5 HF_HUB_OFFLINE=1 REQUIRE_CUDA
 
 report() {  # report NAME STATUS
@@ -150,6 +160,12 @@ pydantic.VERSION, "diffusers", diffusers.__version__, "transformers", transforme
     section peers "$L_PEERS" bench/train_step.py --device "$DEV" $PEER_ARGS --json-out "$OUT/peers.json"
     # shellcheck disable=SC2086
     section small_cards "$L_SMALL" bench/small_cards.py --device "$DEV" $SMALL_ARGS --json-out "$OUT/small_cards.json"
+    # shellcheck disable=SC2086
+    section finetune_full "$L_FT_FULL" bench/finetune_levers.py --device "$DEV" $FT_FULL_ARGS \
+        --json-out "$OUT/finetune_full.json"
+    # shellcheck disable=SC2086
+    section finetune_blocks "$L_FT_BLOCKS" bench/finetune_levers.py --device "$DEV" $FT_BLOCKS_ARGS \
+        --json-out "$OUT/finetune_blocks.json"
     # shellcheck disable=SC2086
     section fp8_compute "$L_FP8" bench/fp8_compute.py --device "$DEV" $FP8_ARGS --json-out "$OUT/fp8_compute.json"
     # shellcheck disable=SC2086

@@ -41,13 +41,18 @@ def test_finetune_trains_no_text_encoder_and_notices_adapter_options():
 @pytest.mark.parametrize(("option", "value", "why"), [
     ("preservation_loss_weight", 0.5, "adapter strength 0"),
     ("eval_every_n_steps", 5, "adapter strength 0"),
-    ("fp8_base", True, "fp8 weights cannot be trained"),
-    ("blocks_to_swap", 4, "block swap"),
+    ("fp8_compute", True, "trained Linears' forward on fp8-rounded weights"),
     ("network_weights", "w.safetensors", "starts an adapter"),
 ])
 def test_what_a_finetune_cannot_honour_is_refused_with_the_fix(option, value, why):
     with pytest.raises(ConfigError, match=rf"{option}: .*{why}.*remove it for training_mode = \"finetune\""):
         make_train_config({**FINETUNE, option: value})
+
+
+def test_memory_levers_of_frozen_weights_are_accepted_in_a_finetune():
+    """blocks_to_swap, fp8_base (frozen blocks and Linears only: train/finetune_plan.py) and vram_budget_gb."""
+    cfg = make_train_config({**FINETUNE, "blocks_to_swap": 4, "fp8_base": True, "vram_budget_gb": 24})
+    assert (cfg.blocks_to_swap, cfg.fp8_base, cfg.vram_budget_gb) == (4, True, 24)
 
 
 def test_finetune_options_need_the_mode_and_the_llm_adapter_lr_its_opt_in():

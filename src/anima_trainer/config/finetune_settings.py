@@ -93,10 +93,8 @@ class FinetuneSettings(BaseModel):
             "preservation_loss_weight": "compares with the base model at adapter strength 0; a fine-tune has none",
             "eval_every_n_steps": "the light metrics compare with the base model at adapter strength 0",
             "eval_every_n_epochs": "the light metrics compare with the base model at adapter strength 0",
-            "fp8_base": "fp8 weights cannot be trained",
-            "fp8_compute": "fp8 weights cannot be trained",
-            "blocks_to_swap": "block swap of trained weights is not available for fine-tuning yet",
-            "vram_budget_gb": "the memory plan covers adapter training only so far",
+            "fp8_compute": "its fp8 GEMMs would run the trained Linears' forward on fp8-rounded weights, which "
+                           "changes what they learn (fp8_base stores only the frozen Linears in fp8: use it instead)",
             "network_train_text_encoder_only": "a fine-tune trains the DiT",
         }
         for name, why in refusals.items():

@@ -14,7 +14,7 @@ in the only order that works, fp8 storage (models/fp8.py) included.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from anima_trainer.models.fp8 import quantize_fp8
+from anima_trainer.models.fp8 import fp8_targets, quantize_fp8, quantize_linear_
 from anima_trainer.models.offload import ActivationOffloader, BlockSwapper, move_except_blocks, swap_indices
 
-__all__ = ["CHECKPOINT_MODES", "SELECTIVE_SAVE_OPS", "BlockRunner", "add_selective_save_op",
-           "selective_checkpoint_contexts", "setup_memory"]
+__all__ = ["CHECKPOINT_MODES", "SELECTIVE_SAVE_OPS", "BlockRunner", "add_selective_save_op", "frozen_blocks",
+           "frozen_fp8_targets", "selective_checkpoint_contexts", "setup_memory"]
 
 CHECKPOINT_MODES = ("full", "selective")
 aten = torch.ops.aten
@@ -131,12 +131,14 @@ DiT = TypeVar("DiT", bound=nn.Module)
 def setup_memory(dit: DiT, *, device: torch.device | str, gradient_checkpointing: bool = False,
                  checkpoint_blocks: int | None = None, checkpoint_mode: str = "full",
                  cpu_offload_checkpointing: bool = False, blocks_to_swap: int = 0, swap_prefetch: int = 1,
-                 fp8_base: bool = False, fp8_format: str = "e4m3fn") -> DiT:
+                 fp8_base: bool = False, fp8_format: str = "e4m3fn", trained: Collection[str] = ()) -> DiT:
     """Apply every memory option to a freshly loaded, frozen AnimaDiT, before a network is injected.
 
     Order: non-swapped parts to `device` → fp8 storage (math on `device`) → block swap (pinned CPU masters)
     → a new `dit.runner` with the checkpoint settings.  The DiT may come from `load_dit(..., device="cpu")`
-    (best with block swap: the swapped blocks never touch the device) or already be on `device`."""
+    (best with block swap: the swapped blocks never touch the device) or already be on `device`.
+    `trained`: names of DiT parameters a fine-tune trains in place; they are never stored in fp8, and a block
+    holding one is never swapped (swapping copies host → device only: an update would be lost)."""
     device = torch.device(device)
     n = len(dit.blocks)
     if checkpoint_mode not in CHECKPOINT_MODES:
@@ -145,12 +147,29 @@ def setup_memory(dit: DiT, *, device: torch.device | str, gradient_checkpointing
         raise ValueError(f"checkpoint_blocks = {checkpoint_blocks}: this DiT has {n} blocks (0..{n})")
     if cpu_offload_checkpointing and not gradient_checkpointing:
         raise ValueError("cpu_offload_checkpointing needs gradient_checkpointing")
-    swapped = swap_indices(n, blocks_to_swap)
+    swapped = swap_indices(n, blocks_to_swap, frozen_blocks(n, trained) if trained else None)
     swapped_blocks = [dit.blocks[i] for i in swapped]
     move_except_blocks(dit, swapped_blocks, device)
-    if fp8_base:
+    if fp8_base and trained:
+        for linear in frozen_fp8_targets(dit, trained).values():
+            quantize_linear_(linear, fp8_format, device)
+    elif fp8_base:
         quantize_fp8(dit, fp8_format, work_device=device)
     swapper = BlockSwapper(dit.blocks, swapped, device, prefetch=swap_prefetch) if swapped else None
     offloader = ActivationOffloader(device) if cpu_offload_checkpointing else None
     dit.runner = BlockRunner(gradient_checkpointing, checkpoint_blocks, checkpoint_mode, offloader, swapper)
     return dit
+
+
+def frozen_blocks(num_blocks: int, trained: Collection[str]) -> list[int]:
+    """Indices of the blocks none of whose parameters is in `trained` (parameter names of the DiT)."""
+    holding = {int(name.split(".")[1]) for name in trained if name.startswith("blocks.")}
+    return [i for i in range(num_blocks) if i not in holding]
+
+
+def frozen_fp8_targets(dit: nn.Module, trained: Collection[str]) -> dict[str, nn.Linear]:
+    """The fp8 storage targets (models/fp8.py `fp8_targets`) with no trained parameter: a fine-tune's frozen
+    attention and MLP Linears."""
+    trained = set(trained)
+    return {path: m for path, m in fp8_targets(dit).items()
+            if not any(f"{path}.{name}" in trained for name, _ in m.named_parameters())}

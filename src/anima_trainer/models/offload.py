@@ -367,11 +367,17 @@ class ActivationOffloader:
         return torch.autograd.graph.saved_tensors_hooks(pack, self._unpack)
 
 
-def swap_indices(num_blocks: int, blocks_to_swap: int) -> list[int]:
-    """kohya's choice: the last N blocks are swapped (backward starts with them, so they stay warm)."""
-    if not 0 <= blocks_to_swap <= num_blocks:
-        raise ValueError(f"blocks_to_swap = {blocks_to_swap}: this DiT has {num_blocks} blocks (0..{num_blocks})")
-    return list(range(num_blocks - blocks_to_swap, num_blocks))
+def swap_indices(num_blocks: int, blocks_to_swap: int, swappable: Iterable[int] | None = None) -> list[int]:
+    """kohya's choice: the last N blocks are swapped (backward starts with them, so they stay warm).
+    `swappable`: the blocks that may swap (a fine-tune: those holding no trained parameter, since swapping is
+    host-to-device only); the last N of them.  None: every block."""
+    pool = list(range(num_blocks)) if swappable is None else sorted(set(swappable))
+    if not 0 <= blocks_to_swap <= len(pool):
+        if swappable is None:
+            raise ValueError(f"blocks_to_swap = {blocks_to_swap}: this DiT has {num_blocks} blocks (0..{num_blocks})")
+        raise ValueError(f"blocks_to_swap = {blocks_to_swap}: only {len(pool)} of this DiT's {num_blocks} blocks may "
+                         "swap (the others hold trained parameters)")
+    return pool[len(pool) - blocks_to_swap:]
 
 
 def move_except_blocks(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 from anima_trainer.fileio import check_writable
 from anima_trainer.models.dit import load_dit
 from anima_trainer.models.dit_checkpoint import COMFY_FORMAT_METADATA, DitLayout, dit_layout, save_dit_checkpoint
+from anima_trainer.models.fp8 import Fp8Linear
 from anima_trainer.networks.formats import NetworkError
 from anima_trainer.networks.param_groups import COMPONENTS, anima_component
 
@@ -169,6 +170,21 @@ class DiTFinetune(nn.Module):
         return None
 
     # ---------------------------------------------------------------------------------------- files --
+    def _dense_state(self) -> dict[str, torch.Tensor]:
+        """The DiT's state for a checkpoint: frozen Linears stored in fp8 (fp8_base, models/fp8.py) are written
+        with the base file's weights, read again (so the file holds what the run's non-fp8 twin would)."""
+        state = self.dit.state_dict()
+        fp8 = {path: m for path, m in self.dit.named_modules() if isinstance(m, Fp8Linear)}
+        if not fp8:
+            return state
+        if self.base_file is None:
+            raise NetworkError("fp8-stored frozen weights need the base file to be saved")
+        base = load_dit(self.base_file, dtype=next(iter(fp8.values())).compute_dtype).state_dict()
+        for path in fp8:
+            state[f"{path}.weight"] = base[f"{path}.weight"]
+            del state[f"{path}.weight_scale"]
+        return state
+
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """{name: live parameter} of the selected parameters: what a training state holds and restores in place
         (the frozen rest is the base file's)."""
@@ -217,7 +233,7 @@ class DiTFinetune(nn.Module):
         if path.suffix != ".safetensors":
             raise NetworkError(f"{path}: DiT checkpoints are written as .safetensors")
         check_writable(path, overwrite)
-        weights = self.dit.state_dict() if state is None else state
+        weights = self._dense_state() if state is None else state
         return save_dit_checkpoint(self.layout(), weights, path, save_dtype=dtype,
                                    metadata=self.metadata(metadata), what="fine-tuned DiT ",
                                    check=lambda _tmp: check_writable(path, overwrite))

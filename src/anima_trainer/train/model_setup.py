@@ -28,6 +28,7 @@ from anima_trainer.networks.convert import build_meta_dit, build_meta_qwen3
 from anima_trainer.networks.diffusers_format import check_network_diffusers
 from anima_trainer.networks.formats import comfy_skipped_keys
 from anima_trainer.networks.full_finetune import DiTFinetune, select_parameters
+from anima_trainer.train.finetune_plan import finetune_memory_levers
 from anima_trainer.train.optimizer_levers import describe_levers
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def prepare_dit(cfg: TrainConfig, dit, device: torch.device, dtype: torch.dtype,
     if cfg.fp8_compute:
         enable_fp8_compute_for_run(cfg, dit, device)
     try:
-        setup_memory(dit, device=device, **cfg.memory_options())
+        setup_memory(dit, device=device, **{**cfg.memory_options(), **finetune_memory_levers(cfg, dit)})
     except ValueError as e:
         raise ConfigError(f"memory options: {e}") from None
     network = build_network(cfg, dit, text_encoder)

@@ -8,12 +8,17 @@ output (free when the adapter is not trained), no checkpointing, checkpointing o
 all blocks, all blocks with CPU-offloaded block inputs, then block swap of more and more blocks.  The first that
 fits wins; nothing fitting is a start-up error that shows the smallest estimate.
 
+A fine-tune (training_mode = "finetune") is planned by `plan_finetune_memory` (candidates and predictions in
+train/finetune_plan.py) over the levers that leave its
+result unchanged (checkpointing, offloaded block inputs, swap of the frozen blocks), with no step-time estimate.
+
 Each candidate also gets an expected step time (train/step_time.py: a cost model calibrated on the same H200
 measurements, scaled by the step's FLOPs), printed with the plan and labelled as an H200 estimate.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +29,9 @@ from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.dtypes import precision_name
 from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
+from anima_trainer.models.block_runner import frozen_blocks
+from anima_trainer.train.finetune_plan import finetune_candidates, finetune_patterns, finetune_peak_gib, user_levers
+from anima_trainer.train.finetune_memory import trained_shapes
 from anima_trainer.train.memory_estimate import estimate_training_memory
 from anima_trainer.train.model_setup import compile_choice
 from anima_trainer.train.step_time import CARD, expected_step_ms
@@ -118,17 +126,24 @@ def candidates(num_blocks: int, llm_adapter_cacheable: bool) -> list[tuple[str, 
     return out
 
 
+def resident_extras_gib(cfg: TrainConfig) -> float:
+    """What the device holds besides the DiT's step: the reserve, and the text encoder and VAE unless their
+    outputs are cached."""
+    extra = RESERVE_GIB
+    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
+        extra += TEXT_ENCODER_GIB
+    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
+        extra += VAE_GIB
+    return extra
+
+
 def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
                 budget_gib: float, llm_adapter_trained: bool, device: Any = None) -> MemoryPlan:
     """The fastest candidate whose estimate fits `budget_gib` (ConfigError when none does), with each tried
     candidate's expected step time, compiled or eager as `compile_blocks` resolves for `device` with that
     candidate's levers (train/model_setup.py `compile_choice`: "auto" runs block swap eager, for one)."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    extra = RESERVE_GIB
-    if not (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk):
-        extra += TEXT_ENCODER_GIB
-    if not (cfg.cache_latents or cfg.cache_latents_to_disk):
-        extra += VAE_GIB
+    extra = resident_extras_gib(cfg)
     dtype = precision_name(cfg.mixed_precision)
     table: list[tuple[str, float]] = []
     step_ms: list[float] = []
@@ -155,6 +170,64 @@ def plan_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int
                       "resolution or batch size, cache latents and text encoder outputs, or use fp8_base)")
 
 
+def plan_finetune_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple[int, int], batch: int,
+                         budget_gib: float, extra_gib: float) -> MemoryPlan:
+    """The fastest fine-tune candidate (train/finetune_plan.py `finetune_candidates`) whose predicted peak plus
+    `extra_gib` (text encoder, VAE, reserve) fits `budget_gib`; a ConfigError naming the user levers that would
+    make it fit (with their predictions) when none does."""
+    patterns = finetune_patterns(cfg.trainable_patterns, cfg.finetune_llm_adapter)
+    dtype = "no" if cfg.mixed_precision == "no" else cfg.mixed_precision
+    trained = trained_shapes(dit_config, patterns)
+    n_frozen = len(frozen_blocks(dit_config.num_blocks, trained))
+    levers = user_levers(cfg)
+    common = {"patterns": patterns, "resolution": resolution, "batch": batch, "dtype": dtype,
+              "fp8_base": cfg.fp8_base}
+    table: list[tuple[str, float]] = []
+    for name, settings in finetune_candidates(dit_config.num_blocks, n_frozen):
+        total = finetune_peak_gib(dit_config, settings, levers, **common) + extra_gib
+        table.append((name, total))
+        if total <= budget_gib:
+            return MemoryPlan(settings, total, budget_gib, table)
+    frugal = finetune_candidates(dit_config.num_blocks, n_frozen)[-1][1]
+    options = []
+    for fused, optimizer, offload in itertools.product((levers["fused_backward"], True),
+                                                       (levers["optimizer"], "adamw8bit", "adafactor"),
+                                                       (levers["optimizer_offload"], True)):
+        changed = {"fused_backward": fused, "optimizer": optimizer, "optimizer_offload": offload}
+        if changed == {k: levers[k] for k in changed}:
+            continue
+        peak = finetune_peak_gib(dit_config, frugal, {**levers, **changed}, **common) + extra_gib
+        options.append((peak, _lever_words(levers, changed)))
+    fitting = [(g, w) for g, w in options if g <= budget_gib]
+    fitting = [(g, w) for g, w in fitting  # the least change: no fitting option that sets a subset of its levers
+               if not any(set(v.split(" + ")) < set(w.split(" + ")) for _, v in fitting)]
+    fitting.sort(key=lambda o: (o[1].count("+"), o[0]))
+    best = min(g for _, g in table)
+    words = "; ".join(f"{w}: {g:.1f} GiB predicted" for g, w in (fitting or [min(options)]))
+    lead = "these would make it fit (with the most frugal memory setting)" if fitting else \
+        "even the most frugal choice of them does not fit"
+    cached = (cfg.cache_latents or cfg.cache_latents_to_disk) and (cfg.cache_text_encoder_outputs
+                                                                   or cfg.cache_text_encoder_outputs_to_disk)
+    cache = "" if cached else ", cache latents and text encoder outputs"
+    raise ConfigError(f"vram_budget_gb {budget_gib:.1f}: no memory setting fits this fine-tune; the most frugal one "
+                      f"({table[-1][0]}) is predicted at {best:.1f} GiB at {resolution[1]}×{resolution[0]} px, batch "
+                      f"{batch}. The optimizer and its levers are yours to choose: {lead}: {words}. Otherwise lower "
+                      f"the resolution or batch size, or train fewer parameters (trainable_patterns){cache}")
+
+
+def _lever_words(levers: dict[str, Any], changed: dict[str, Any]) -> str:
+    """"fused_backward_pass + optimizer_type = AdaFactor" for the levers `changed` sets differently."""
+    names = {"adamw8bit": "AdamW8bit", "adafactor": "AdaFactor", "adamw": "AdamW"}
+    words = []
+    if changed["fused_backward"] and not levers["fused_backward"]:
+        words.append("fused_backward_pass")
+    if changed["optimizer"] != levers["optimizer"]:
+        words.append(f"optimizer_type = {names[changed['optimizer']]}")
+    if changed["optimizer_offload"] and not levers["optimizer_offload"]:
+        words.append("optimizer_offload")
+    return " + ".join(words)
+
+
 def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: bool) -> TrainConfig:
     """`cfg` with the memory settings of its `vram_budget_gb` (unchanged without one); logs the plan."""
     if cfg.vram_budget_gb is None:
@@ -164,9 +237,13 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: b
     buckets = dataset.bucket_table()
     width, height = max(((w, h) for w, h, *_ in buckets), key=lambda wh: wh[0] * wh[1])
     batch = max((len(b) for b in dataset.batch_plan(0)), default=1)
-    plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch,
-                       budget_gib=resolve_budget(cfg.vram_budget_gb, device), llm_adapter_trained=llm_adapter_trained,
-                       device=device)
+    budget = resolve_budget(cfg.vram_budget_gb, device)
+    if cfg.finetunes:  # the fine-tune's memory model and levers (train/finetune_plan.py)
+        plan = plan_finetune_memory(cfg, info.dit_config, resolution=(height, width), batch=batch, budget_gib=budget,
+                                    extra_gib=resident_extras_gib(cfg))
+    else:
+        plan = plan_memory(cfg, info.dit_config, resolution=(height, width), batch=batch, budget_gib=budget,
+                           llm_adapter_trained=llm_adapter_trained, device=device)
     log.info("%s", plan.describe())
     return cfg.model_copy(update=plan.settings)
 

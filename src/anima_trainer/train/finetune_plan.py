@@ -1,0 +1,148 @@
+"""Memory levers of a fine-tune (training_mode = "finetune", issue 19): which blocks may swap and which Linears
+may be stored in fp8 (`finetune_memory_levers`, for models/block_runner.py `setup_memory`), and the
+`vram_budget_gb` plan of a fine-tune (its candidates and their predictions; train/vram_plan.py
+`plan_finetune_memory` chooses).
+
+Block swap copies host → device only (models/offload.py): a block holding a trained parameter stays on the
+device (its updates would otherwise be lost), so only the frozen blocks swap; asking for more swaps the frozen
+ones with one start-up notice.  fp8 storage (models/fp8.py) applies to frozen Linears only: a trained weight is
+never fp8.
+
+The plan predicts the peak with train/finetune_memory.py `estimate_finetune_memory` (the trained set under the
+run's weight mode and optimizer), with the activations of each candidate's checkpointing from
+train/memory_estimate.py and the frozen blocks the swapper keeps on the host taken off.  Candidates change memory,
+not results, fastest first: no checkpointing, checkpointing of the first k blocks, all blocks, offloaded block
+inputs, then swap of more and more frozen blocks.  fp8 storage is never chosen (it changes the result; the user's
+fp8_base is kept, as in the LoRA plan).  The optimizer, fused_backward_pass and optimizer_offload change the run
+too and are the user's choice: when nothing fits, the error names those that would make it fit, with their
+predicted peaks.  All numbers are predictions, not measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from torch import nn
+
+from anima_trainer.config import TrainConfig
+from anima_trainer.models.block_runner import frozen_blocks, frozen_fp8_targets
+from anima_trainer.models.fp8 import fp8_targets
+from anima_trainer.networks.full_finetune import LLM_ADAPTER_PREFIX, select_parameters
+from anima_trainer.train.finetune_memory import estimate_finetune_memory, trained_shapes
+from anima_trainer.train.memory_estimate import estimate_training_memory
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FULL_FINETUNE_LEVERS", "finetune_candidates", "finetune_memory_levers", "finetune_patterns",
+           "finetune_peak_gib", "user_levers"]
+
+FULL_FINETUNE_LEVERS = ("fused_backward_pass, optimizer_type = \"AdamW8bit\" or \"AdaFactor\", optimizer_offload "
+                        "and gradient_checkpointing")
+SWAP_PREFETCH = 1  # models/offload.py BlockSwapper's default: blocks in flight besides the one computing
+
+
+# ----------------------------------------------------------------------------------- levers of a run --
+def finetune_memory_levers(cfg: TrainConfig, dit: nn.Module) -> dict[str, Any]:
+    """`setup_memory` keywords that a fine-tune adds to `cfg.memory_options()` ({} for an adapter run): the
+    trained parameter names, and blocks_to_swap cut to the frozen blocks (one notice when it asked for more).
+    fp8_base: one notice naming the trained Linears that stay in the compute dtype."""
+    if not cfg.finetunes:
+        return {}
+    trained = set(select_parameters(dit, cfg.trainable_patterns, cfg.finetune_llm_adapter))
+    levers: dict[str, Any] = {"trained": trained}
+    frozen = frozen_blocks(len(dit.blocks), trained)
+    if cfg.blocks_to_swap > len(frozen):
+        log.warning("notice: %s", swap_notice(cfg.blocks_to_swap, len(frozen), len(dit.blocks)))
+        levers["blocks_to_swap"] = len(frozen)
+    if cfg.fp8_base:
+        log.warning("notice: %s", fp8_notice(dit, trained, cfg.mixed_precision))
+    return levers
+
+
+def swap_notice(asked: int, frozen: int, num_blocks: int) -> str:
+    """What blocks_to_swap does in a fine-tune that asks for more blocks than are frozen."""
+    return (f"blocks_to_swap = {asked}: {frozen} of the DiT's {num_blocks} blocks swap, the frozen ones; the "
+            f"{num_blocks - frozen} blocks holding a trained parameter stay on the device (block swap copies weights "
+            "host → device only, so an update of a swapped weight would be lost). To cut a fine-tune's memory use "
+            f"{FULL_FINETUNE_LEVERS}")
+
+
+def fp8_notice(dit: nn.Module, trained: Collection[str], mixed_precision: str) -> str:
+    """fp8_base in a fine-tune: how many frozen Linears are stored in fp8 and how many trained ones are not."""
+    targets = fp8_targets(dit)
+    frozen = frozen_fp8_targets(dit, trained)
+    kept = len(targets) - len(frozen)
+    dtype = "fp32" if mixed_precision == "no" else mixed_precision
+    return (f"fp8_base: {len(frozen)} frozen attention/MLP Linears are stored in fp8; the {kept} holding a "
+            f"trained parameter stay in {dtype} (a trained weight is never fp8)")
+
+
+# ------------------------------------------------------------------------------------------ planning --
+def finetune_patterns(patterns: Sequence[str] | None, train_llm_adapter: bool) -> list[str] | None:
+    """The trainable_patterns as estimate_finetune_memory's `patterns`, with the LLM adapter left out unless it
+    is opt-in (networks/full_finetune.py `select_parameters`)."""
+    if train_llm_adapter:
+        return None if not patterns else list(patterns)
+    guard = f"^(?!{re.escape(LLM_ADAPTER_PREFIX)})"
+    return [guard] if not patterns else [f"{guard}(?:.*?)(?:{p})" for p in patterns]
+
+
+def user_levers(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's levers that change what trains or how (its choice, never the plan's): estimate_finetune_memory's
+    weights, optimizer, fused_backward and optimizer_offload."""
+    name = cfg.optimizer_type.lower()
+    optimizer = "adamw8bit" if "8bit" in name else "adafactor" if "adafactor" in name else "adamw"
+    return {"weights": "fp32" if cfg.mixed_precision == "no" else "bf16", "optimizer": optimizer,
+            "fused_backward": bool(getattr(cfg, "fused_backward_pass", False)),
+            "optimizer_offload": bool(getattr(cfg, "optimizer_offload", False))}
+
+
+def finetune_candidates(num_blocks: int, frozen: int) -> list[tuple[str, dict[str, Any]]]:
+    """Memory settings that leave the result unchanged, from the fastest to the most frugal; swap only of the
+    `frozen` blocks."""
+    off = {"gradient_checkpointing": False, "checkpoint_blocks": None, "cpu_offload_checkpointing": False,
+           "blocks_to_swap": 0}
+    out = [("no checkpointing", off)]
+    full = {**off, "gradient_checkpointing": True}
+    out += [(f"checkpointing of {k} blocks", {**full, "checkpoint_blocks": k}) for k in range(4, num_blocks, 4)]
+    out.append(("checkpointing of all blocks", full))
+    offloaded = {**full, "cpu_offload_checkpointing": True}
+    out.append(("all blocks + offloaded block inputs", offloaded))
+    counts = [*range(4, frozen, 4), frozen] if frozen else []
+    out += [(f"… + swap of {n} frozen blocks", {**offloaded, "blocks_to_swap": n}) for n in counts]
+    return out
+
+
+def finetune_peak_gib(dit_config: Any, settings: dict[str, Any], levers: dict[str, Any], *,
+                      patterns: Sequence[str] | None, resolution: tuple[int, int], batch: int, dtype: str,
+                      fp8_base: bool = False) -> float:
+    """Predicted peak GiB of the DiT's part of a fine-tuning step with the memory `settings` (a candidate's) and
+    the user's `levers` (`user_levers`): estimate_finetune_memory with the candidate's activations, less the
+    frozen blocks the swapper keeps on the host and, with fp8_base, the frozen fp8 Linears' second byte."""
+    est = estimate_finetune_memory(dit_config, patterns=patterns, resolution=resolution, batch=batch, dtype=dtype,
+                                   gradient_checkpointing=settings["gradient_checkpointing"], **levers)
+    act = estimate_training_memory(dit_config, resolution=resolution, batch=batch, rank=1, dtype=dtype,
+                                   gradient_checkpointing=settings["gradient_checkpointing"],
+                                   checkpoint_blocks=settings["checkpoint_blocks"],
+                                   cpu_offload_checkpointing=settings["cpu_offload_checkpointing"])["activations_gib"]
+    elem = 4 if dtype in ("fp32", "no") else 2
+    trained = trained_shapes(dit_config, patterns)
+    block_bytes = [0.0] * dit_config.num_blocks
+    fp8_saved = 0.0
+    for name, shape in trained_shapes(dit_config).items():
+        if name in trained or not name.startswith("blocks."):
+            continue
+        block_bytes[int(name.split(".")[1])] += elem * math.prod(shape)
+        if fp8_base and len(shape) == 2 and "adaln_modulation" not in name:  # models/fp8.py's targets
+            fp8_saved += (elem - 1) * math.prod(shape)
+    frozen = [i for i in range(dit_config.num_blocks)
+              if not any(n.startswith(f"blocks.{i}.") for n in trained)]
+    swapped = frozen[len(frozen) - settings["blocks_to_swap"]:] if settings["blocks_to_swap"] else []
+    in_flight = min(len(swapped), SWAP_PREFETCH + 2)  # train/memory_estimate.py's resident window
+    per_block = (1 - fp8_saved / max(sum(block_bytes), 1.0)) if fp8_base else 1.0
+    on_host = sum(block_bytes[i] for i in swapped) * per_block * (len(swapped) - in_flight) / max(len(swapped), 1)
+    return est["total_gib"] - est["activations_gib"] + act - (fp8_saved + on_host) / 2**30
