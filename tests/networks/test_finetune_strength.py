@@ -63,7 +63,8 @@ def test_strength_0_is_the_base_model_half_is_the_mix_and_1_the_trained_tensors_
         # the very tensors that were set aside (nothing recomputed), with the trained values
         assert all(p.data_ptr() == trained[n].data_ptr() and torch.equal(p, trained_values[n])
                    for n, p in finetune.selected.items())
-        assert all(p.data_ptr() == frozen[n].data_ptr() for n, p in dit.named_parameters() if n not in finetune.selected)
+        assert all(p.data_ptr() == frozen[n].data_ptr() for n, p in dit.named_parameters()
+                   if n not in finetune.selected)
         assert torch.equal(dit(x, s, ctx), tuned_out) and finetune.multiplier == 1.0
 
 

@@ -9,8 +9,9 @@ A run's output folder gives every network file the run saved (step and epoch sav
     `ss_steps` / `ss_epoch`), EMA from `ss_ema_decay` or the `-ema` suffix.
 Everything else in the folder — state folders, other .safetensors (models, other runs' networks), logs — is
 skipped with a note.  A fine-tune's whole-DiT checkpoint (training_mode = "finetune") is no network: naming
-one is an error that says to turn it into a LoRA with `anima-trainer extract` first.  Checkpoints are ordered by (step, epoch, name), unknown steps last; a label is the file's
-stem, made unique with its folder's name when two inputs share a stem.
+one is an error that says to turn it into a LoRA with `anima-trainer extract` first.  Checkpoints are ordered
+by (step, epoch, name), unknown steps last; a label is the file's stem, made unique with its folder's name when
+two inputs share a stem.
 """
 
 from __future__ import annotations
