@@ -39,8 +39,6 @@ def test_finetune_trains_no_text_encoder_and_notices_adapter_options():
 
 
 @pytest.mark.parametrize(("option", "value", "why"), [
-    ("preservation_loss_weight", 0.5, "adapter strength 0"),
-    ("eval_every_n_steps", 5, "adapter strength 0"),
     ("fp8_compute", True, "trained Linears' forward on fp8-rounded weights"),
     ("network_weights", "w.safetensors", "starts an adapter"),
 ])
@@ -63,3 +61,15 @@ def test_finetune_options_need_the_mode_and_the_llm_adapter_lr_its_opt_in():
     assert make_train_config({**FINETUNE, "llm_adapter_lr": 1e-5, "finetune_llm_adapter": True}).llm_adapter_lr == 1e-5
     with pytest.raises(ConfigError, match="not a regular expression"):
         make_train_config({**FINETUNE, "trainable_patterns": ["blocks.(1"]})
+
+
+def test_finetune_evaluates_and_preserves_with_a_notice_of_the_preservation_cost():
+    """eval_every_n_* and preservation_loss_weight work in a fine-tune (its strength: W0 + m·(W − W0)); the
+    preservation loss's weight swaps get one start-up notice, the evaluation none."""
+    cfg = make_train_config({**FINETUNE, "eval_every_n_steps": 5, "eval_every_n_epochs": 1})
+    assert cfg.evaluates and cfg.finetune_notices() == []
+    cfg = make_train_config({**FINETUNE, "preservation_loss_weight": 0.5})
+    (note,) = cfg.finetune_notices()
+    assert note.startswith("preservation_loss_weight = 0.5 in a fine-tune: the base model's output needs every "
+                           "trained tensor set to its base value and back")
+    assert "2 bytes per trained bf16 parameter" in note and "trainable_patterns" in note

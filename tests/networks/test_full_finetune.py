@@ -83,9 +83,10 @@ def test_selection_errors_name_the_fix(dit_file):
         select_parameters(dit, ["no_such_layer"])
     with pytest.raises(NetworkError, match="not a regular expression"):
         select_parameters(dit, ["blocks.(1"])
-    finetune = DiTFinetune(dit)
+    finetune = DiTFinetune(dit, keep_base=False)  # no base copy: only strength 1 (test_finetune_strength.py)
     finetune.set_multiplier(1.0)
-    with pytest.raises(NetworkError, match="no strength"):
+    with pytest.raises(NetworkError, match=r"without a copy of its base weights \(keep_base\), so it cannot be set "
+                                           "to strength 0"):
         finetune.set_multiplier(0.0)
 
 

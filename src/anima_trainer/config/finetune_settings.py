@@ -2,7 +2,8 @@
 and the checks of the options that mean something else, or nothing, when the DiT itself trains.
 
 `training_mode = "finetune"` trains the DiT's own parameters (networks/full_finetune.py) instead of an adapter
-network; the data, caching, sampling, validation, monitoring and resume machinery is the same.  What a fine-tune
+network; the data, caching, sampling, validation, evaluation, preservation loss, monitoring and resume machinery
+is the same (a fine-tune's strength m is W0 + m·(W − W0), networks/full_finetune.py).  What a fine-tune
 cannot honour yet is refused at validation, naming the option and the fix (compatibility rule); the adapter-only
 options are accepted with one start-up notice each (`finetune_notices`)."""
 
@@ -90,9 +91,6 @@ class FinetuneSettings(BaseModel):
                                "(put the weights to continue from there)",
             "dim_from_weights": "builds an adapter from a file",
             "base_weights": "merges adapters before training; merge them into the DiT first (anima-trainer merge)",
-            "preservation_loss_weight": "compares with the base model at adapter strength 0; a fine-tune has none",
-            "eval_every_n_steps": "the light metrics compare with the base model at adapter strength 0",
-            "eval_every_n_epochs": "the light metrics compare with the base model at adapter strength 0",
             "fp8_compute": "its fp8 GEMMs would run the trained Linears' forward on fp8-rounded weights, which "
                            "changes what they learn (fp8_base stores only the frozen Linears in fp8: use it instead)",
             "network_train_text_encoder_only": "a fine-tune trains the DiT",
@@ -105,6 +103,14 @@ class FinetuneSettings(BaseModel):
             raise ValueError(f"llm_adapter_lr = {self.llm_adapter_lr:g}: the LLM adapter is not trained (opt-in); "
                              "set finetune_llm_adapter = true, or remove llm_adapter_lr")
         self._finetune_notes = self._adapter_option_notes()
+        if self.preservation_loss_weight:
+            self._finetune_notes.append(
+                f"preservation_loss_weight = {self.preservation_loss_weight:g} in a fine-tune: the base model's "
+                "output needs every trained tensor set to its base value and back at each step that carries the "
+                "term (its memory traffic twice per step: for the whole DiT about as much as the step's weight "
+                "reads; one more device copy of the trained tensors during the base forward) and a host copy of "
+                "the base values (2 bytes per trained bf16 parameter, 4 per fp32 one); a partial fine-tune "
+                "(trainable_patterns) pays only for its selection")
         self.scale_weight_norms = None  # an adapter's max-norm: noticed above, then off for the loop
 
     def finetune_notices(self) -> list[str]:

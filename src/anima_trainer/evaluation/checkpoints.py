@@ -8,8 +8,10 @@ A run's output folder gives every network file the run saved (step and epoch sav
   * without one: every network file in the folder, step and epoch from the metadata every save carries (kohya's
     `ss_steps` / `ss_epoch`), EMA from `ss_ema_decay` or the `-ema` suffix.
 Everything else in the folder — state folders, other .safetensors (models, other runs' networks), logs — is
-skipped with a note.  Checkpoints are ordered by (step, epoch, name), unknown steps last; a label is the file's
-stem, made unique with its folder's name when two inputs share a stem.
+skipped with a note.  A fine-tune's whole-DiT checkpoint (training_mode = "finetune") is no network: naming
+one is an error that says to turn it into a LoRA with `anima-trainer extract` first.  Checkpoints are ordered
+by (step, epoch, name), unknown steps last; a label is the file's stem, made unique with its folder's name when
+two inputs share a stem.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from anima_trainer.models.safetensors_file import ModelFileError, read_header
 
 EMA_SUFFIX = "-ema"
 NETWORK_SUFFIX = ".safetensors"
+DIT_KINDS = ("anima_dit", "anima_bundle", "diffusers_dit")  # whole-DiT files: a fine-tune's output, a base model
+EXTRACT_HINT = ("evaluation takes adapter files: turn a fine-tune into a LoRA with `anima-trainer extract --base "
+                "<base DiT> --tuned {path} --rank R` and evaluate that file")
 
 
 class CheckpointError(ValueError):
@@ -73,6 +78,14 @@ def network_metadata(path: Path) -> dict[str, str] | None:
         return None
 
 
+def is_dit_checkpoint(path: Path) -> bool:
+    """Whether `path` is a whole DiT checkpoint (a fine-tune's output or a base model), not a network."""
+    try:
+        return inspect_file(path).kind in DIT_KINDS
+    except (ModelFileError, OSError, ValueError):
+        return False
+
+
 def is_ema_file(path: Path, metadata: dict[str, str]) -> bool:
     """EMA weights: the file's `ss_ema_decay` key (train/file_metadata.ema_metadata), else the `-ema` name."""
     return "ss_ema_decay" in metadata or path.stem.endswith(EMA_SUFFIX)
@@ -108,7 +121,8 @@ def _scan_folder(folder: Path, notes: list[str]) -> tuple[list[Checkpoint], Path
             continue
         metadata = network_metadata(path)
         if metadata is None:
-            skipped.append(f"{path.name} (not a network file)")
+            skipped.append(f"{path.name} (a whole DiT checkpoint)" if is_dit_checkpoint(path)
+                           else f"{path.name} (not a network file)")
         elif saves is not None and path.name not in saves:
             skipped.append(f"{path.name} (not saved by the run of {log.name})")
         elif saves is not None:
@@ -120,9 +134,12 @@ def _scan_folder(folder: Path, notes: list[str]) -> tuple[list[Checkpoint], Path
     if skipped:
         notes.append(f"{folder}: skipped {len(skipped)}: {'; '.join(skipped)}")
     if not found:
+        dits = [s.split(" (")[0] for s in skipped if s.endswith("(a whole DiT checkpoint)")]
+        hint = f"; {len(dits)} whole DiT checkpoint(s) (a fine-tune's): " + EXTRACT_HINT.format(
+            path=folder / dits[-1]) if dits else ""
         raise CheckpointError(f"{folder}: no network file to evaluate (a run's output folder holds "
                               f"<output_name>*.safetensors; found {len(skipped)} other entr"
-                              f"{'y' if len(skipped) == 1 else 'ies'})")
+                              f"{'y' if len(skipped) == 1 else 'ies'}){hint}")
     return found, log
 
 
@@ -160,6 +177,9 @@ def find_checkpoints(paths: Sequence[str | Path]) -> CheckpointSearch:
                 search.event_logs.append(log)
             continue
         metadata = network_metadata(path)
+        if metadata is None and is_dit_checkpoint(path):
+            raise CheckpointError(f"{given}: a whole DiT checkpoint (a fine-tune's output), not a network file; "
+                                  + EXTRACT_HINT.format(path=given))
         if metadata is None:
             raise CheckpointError(f"{given}: not a network file (LoRA, LoKr, LoHa); `anima-trainer inspect` says "
                                   "what it is")

@@ -2,7 +2,10 @@
 
 The base model's prediction is the same DiT with the network's multiplier at 0 (`AdapterNetwork.set_multiplier`):
 an adapter module at multiplier 0 returns the frozen layer's output unchanged, so no second model is kept in
-memory.  Measurements also switch the network to eval mode (no dropout of any kind) and restore the mode.
+memory.  A fine-tune (networks/full_finetune.py) holds its strength in its weights instead: the network itself
+carries `multiplier`, and its `set_multiplier` puts the trained weights back (bit for bit) when the measurement
+ends, also when it raises.  Measurements also switch the network to eval mode (no dropout of any kind) and
+restore the mode.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def at_strength(network: nn.Module | None, strength: float | None) -> Iterator[N
         return
     modules = _multiplied(network)
     saved = [m.multiplier for m in modules]
+    own = getattr(network, "multiplier", None)  # a fine-tune's strength, held in its weights
     was_training = network.training
     network.eval()
     try:
@@ -35,6 +39,8 @@ def at_strength(network: nn.Module | None, strength: float | None) -> Iterator[N
             network.set_multiplier(float(strength))
         yield
     finally:
+        if own is not None:
+            network.set_multiplier(own)
         for module, multiplier in zip(modules, saved, strict=True):
             module.multiplier = multiplier
         network.train(was_training)

@@ -14,6 +14,22 @@ parameter trains when any pattern matches.  No patterns: every parameter.
 The LLM adapter (`llm_adapter.*`) is opt-in (`train_llm_adapter`): without it no llm_adapter parameter is
 selected, whatever the patterns say.  Why its own module, not an AdapterNetwork subclass: nothing is injected
 and no factor is cast; only the loop-facing names are shared.
+
+Strength (`set_multiplier`): a fine-tune's strength m means what a LoRA's does for its ΔW, and what a ComfyUI
+model merge at ratio m gives: W(m) = W0 + m·(W − W0) for every trained tensor, W0 the base file's value (m = 0
+the base model, 1 the fine-tune).  It serves the evaluation (drift, response, leak at strength 0 vs 1,
+eval_every_n_*) and the preservation loss (the base model's output at strength 0), which hold the network at a
+strength only outside a training step's gradient-carrying forward/backward (`evaluation.strength.at_strength`
+puts 1 back, also when a measurement raises).  How: with `keep_base` (the loop sets it when the run evaluates or
+uses the preservation loss) the network copies W0 when it is built — on the host, pinned when CUDA is available,
+in the trained weights' dtype: **2 bytes per trained parameter for bf16 weights, 4 for fp32** of host memory (the
+whole DiT, 2.1 B parameters in bf16: ≈ 4.2 GB).  A resumed run builds the network on the freshly loaded base file
+before the training state restores the trained values in place, so W0 is the base file's, never the resumed
+weights.  At m ≠ 1 each trained parameter's data is replaced by a new tensor W0 + m·(W − W0) (computed in fp32,
+cast to the weights' dtype; W0 itself at m = 0) and the trained tensor is kept aside, unchanged: m = 1 puts that
+very tensor back, bit for bit, nothing recomputed.  While m ≠ 1 the device holds one more copy of the trained
+tensors (the mixed ones).  Replacing `.data` (not writing in place) leaves the parameters' autograd version
+counters alone, so the preservation loss's base forward between a step's forward and its backward is safe.
 """
 
 from __future__ import annotations
@@ -68,6 +84,12 @@ def select_parameters(dit: nn.Module, patterns: Sequence[str] | None = None,
     return selected
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` on the host, pinned when CUDA is available (fast, asynchronous copies to the device)."""
+    out = t.to("cpu", copy=True)
+    return out.pin_memory() if torch.cuda.is_available() else out
+
+
 class DiTFinetune(nn.Module):
     """The selected parameters of one DiT, trained in place (see the module doc).  `base_file`: the DiT file (or
     diffusers folder) the DiT was loaded from; saves follow its layout (None: no `save`)."""
@@ -75,7 +97,8 @@ class DiTFinetune(nn.Module):
     algo = FINETUNE_ALGO
 
     def __init__(self, dit: nn.Module, *, trainable_patterns: Sequence[str] | None = None,
-                 train_llm_adapter: bool = False, base_file: str | Path | None = None) -> None:
+                 train_llm_adapter: bool = False, base_file: str | Path | None = None,
+                 keep_base: bool = True) -> None:
         super().__init__()
         self._dit = (dit,)  # not a submodule: .to() / state_dict() must not reach the whole DiT
         self.trainable_patterns = list(trainable_patterns or [])
@@ -86,6 +109,11 @@ class DiTFinetune(nn.Module):
             p.requires_grad_(True)
         self.base_file = Path(base_file) if base_file is not None else None
         self._layout: DitLayout | None = None
+        # strength (module doc): the base values W0 on the host, the trained tensors aside while the strength ≠ 1
+        self._base: dict[str, torch.Tensor] | None = (
+            {n: _host_copy(p.detach()) for n, p in self.selected.items()} if keep_base else None)
+        self._trained: dict[str, torch.Tensor] = {}
+        self.multiplier = 1.0
         # the adapter-network names the loop and its helpers read: a fine-tune has no modules or norm gains
         self.lora_modules: list = []
         self.modules_by_name: dict = {}
@@ -150,10 +178,28 @@ class DiTFinetune(nn.Module):
         return list(groups.values())
 
     def set_multiplier(self, m: float) -> None:
-        """A fine-tune has no strength: 1 is the trained model, anything else is refused (evaluation strengths
-        and the preservation loss need an adapter's multiplier)."""
-        if float(m) != 1.0:
-            raise NetworkError(f"a fine-tune has no strength to set to {m:g} (only adapters do)")
+        """The trained tensors at strength `m`: W0 + m·(W − W0); 1 puts the trained tensors back bit for bit (see
+        the module doc).  Without the base copy (`keep_base` off) only 1 is possible."""
+        m = float(m)
+        if m == 1.0 and not self._trained:
+            self.multiplier = 1.0
+            return
+        if m != 1.0 and self._base is None:
+            raise NetworkError(f"this fine-tune was built without a copy of its base weights (keep_base), so it "
+                               f"cannot be set to strength {m:g}")
+        with torch.no_grad():
+            for name, p in self.selected.items():
+                trained = self._trained.get(name, p.data)
+                if m == 1.0:
+                    p.data = trained
+                    continue
+                self._trained[name] = trained  # aside before p.data changes: a failure below loses nothing
+                base = self._base[name].to(trained.device, copy=True, non_blocking=True)
+                p.data = base.to(trained.dtype) if m == 0.0 else (
+                    base.float() + m * (trained.float() - base.float())).to(trained.dtype)
+        if m == 1.0:
+            self._trained.clear()
+        self.multiplier = m
 
     def inject(self) -> None:
         """Nothing to inject: the DiT's own parameters train."""
@@ -163,8 +209,12 @@ class DiTFinetune(nn.Module):
 
     def cast_trainable(self, dtype: torch.dtype) -> None:
         """full_bf16 / full_fp16: the trained parameters (and so their gradients and optimizer state) in `dtype`."""
+        if self._trained:
+            raise NetworkError("cast_trainable at a strength other than 1: set_multiplier(1) first")
         for p in self.selected.values():
             p.data = p.data.to(dtype)
+        if self._base is not None:  # W0 in the weights' dtype (the same rounding as the weights' own cast)
+            self._base = {n: _host_copy(b.to(dtype)) for n, b in self._base.items()}
 
     def max_norm_notice(self) -> str | None:
         return None

@@ -160,7 +160,8 @@ def build_network(cfg: TrainConfig, dit, text_encoder: torch.nn.Module | None = 
     the config trains it (`cfg.trains_text_encoder`)."""
     if cfg.finetunes:  # kohya's anima_train.py: the DiT's own parameters (networks/full_finetune.py)
         return DiTFinetune(dit, trainable_patterns=cfg.trainable_patterns, train_llm_adapter=cfg.finetune_llm_adapter,
-                           base_file=cfg.pretrained_model_name_or_path)
+                           base_file=cfg.pretrained_model_name_or_path,  # W0 only when a strength ≠ 1 is used:
+                           keep_base=cfg.evaluates or bool(cfg.preservation_loss_weight))
     te = text_encoder if cfg.trains_text_encoder else None
     try:
         return _build_network(cfg, dit, te, create_network, create_network_from_weights)
