@@ -26,14 +26,17 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from anima_trainer.config import TrainConfig
 from anima_trainer.models.block_runner import frozen_blocks, frozen_fp8_targets
 from anima_trainer.models.fp8 import fp8_targets
 from anima_trainer.networks.full_finetune import LLM_ADAPTER_PREFIX, select_parameters
+from anima_trainer.train.ema import ema_on_host
 from anima_trainer.train.finetune_memory import estimate_finetune_memory, trained_shapes
 from anima_trainer.train.memory_estimate import estimate_training_memory
+from anima_trainer.train.optimizer_levers import finetune_levers
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +94,27 @@ def finetune_patterns(patterns: Sequence[str] | None, train_llm_adapter: bool) -
     return [guard] if not patterns else [f"{guard}(?:.*?)(?:{p})" for p in patterns]
 
 
-def user_levers(cfg: TrainConfig) -> dict[str, Any]:
+def user_levers(cfg: TrainConfig, *, dit_config: Any = None, budget_gib: float | None = None) -> dict[str, Any]:
     """The run's levers that change what trains or how (its choice, never the plan's): estimate_finetune_memory's
-    weights, optimizer, fused_backward and optimizer_offload."""
+    weights (train/optimizer_levers.py: bf16 with compensated updates where the run uses them), optimizer,
+    fused_backward, optimizer_offload and where the EMA lives (train/ema.py `ema_on_host`: `ema_device = "auto"`
+    decides from the shadow of `dit_config`'s trained set against `budget_gib`; without them, on the device)."""
     name = cfg.optimizer_type.lower()
     optimizer = "adamw8bit" if "8bit" in name else "adafactor" if "adafactor" in name else "adamw"
-    return {"weights": "fp32" if cfg.mixed_precision == "no" else "bf16", "optimizer": optimizer,
-            "fused_backward": bool(getattr(cfg, "fused_backward_pass", False)),
-            "optimizer_offload": bool(getattr(cfg, "optimizer_offload", False))}
+    weights = "fp32" if cfg.mixed_precision == "no" else "bf16"
+    if finetune_levers(cfg).compensated_bf16:
+        weights = "bf16_compensated"
+    ema = "none"
+    if cfg.ema_decay is not None:
+        host = cfg.ema_device == "cpu"
+        if cfg.ema_device == "auto" and dit_config is not None and budget_gib is not None:
+            shadow = 4 * sum(math.prod(s) for s in trained_shapes(
+                dit_config, finetune_patterns(cfg.trainable_patterns, cfg.finetune_llm_adapter)).values())
+            host = ema_on_host("auto", finetunes=True, shadow_bytes=shadow, device=torch.device("cpu"),
+                               budget_bytes=budget_gib * 2**30)
+        ema = "host" if host else "device"
+    return {"weights": weights, "optimizer": optimizer, "fused_backward": bool(cfg.fused_backward_pass),
+            "optimizer_offload": bool(cfg.optimizer_offload), "ema": ema}
 
 
 def finetune_candidates(num_blocks: int, frozen: int) -> list[tuple[str, dict[str, Any]]]:

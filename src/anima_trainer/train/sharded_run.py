@@ -66,6 +66,15 @@ SHARDING_REFUSALS = {  # option → why a sharded fine-tune cannot honour it
     "full_fp16": "it re-casts the trained weights after sharding and needs the fp16 gradient scaler",
     "fused_backward_pass": "its per-parameter step would run before FSDP reduce-scatters the gradient",
     "ema_decay": "the EMA of sharded weights is not available",
+    "eval_every_n_steps": "the evaluation runs on the main process alone, and every forward of a sharded DiT needs "
+                          "all processes",
+    "eval_every_n_epochs": "the evaluation runs on the main process alone, and every forward of a sharded DiT "
+                           "needs all processes",
+    "preservation_loss_weight": "its base-model forward swaps the trained weights' storage for their base values, "
+                                "which is not tried on FSDP's sharded parameters",
+    "blocks_to_swap": "block swap streams whole block weights from the host; a sharded block is all-gathered "
+                      "from the processes instead",
+    "fp8_base": "fp8 storage of the frozen Linears is not tried on FSDP-sharded blocks",
     "compile_blocks": "torch.compile of sharded blocks is not tried yet (compile_blocks = \"auto\" stays eager)",
 }
 SHARDING_FIX = ("; remove it for a fine-tune sharded over several processes (or set fsdp_sharding = \"off\" to train "

@@ -30,6 +30,7 @@ from anima_trainer.dtypes import precision_name
 from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
 from anima_trainer.models.block_runner import frozen_blocks
+from anima_trainer.train.optimizer_levers import process_count
 from anima_trainer.train.finetune_plan import finetune_candidates, finetune_patterns, finetune_peak_gib, user_levers
 from anima_trainer.train.finetune_memory import trained_shapes
 from anima_trainer.train.memory_estimate import estimate_training_memory
@@ -179,7 +180,7 @@ def plan_finetune_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple
     dtype = "no" if cfg.mixed_precision == "no" else cfg.mixed_precision
     trained = trained_shapes(dit_config, patterns)
     n_frozen = len(frozen_blocks(dit_config.num_blocks, trained))
-    levers = user_levers(cfg)
+    levers = user_levers(cfg, dit_config=dit_config, budget_gib=budget_gib)
     common = {"patterns": patterns, "resolution": resolution, "batch": batch, "dtype": dtype,
               "fp8_base": cfg.fp8_base}
     table: list[tuple[str, float]] = []
@@ -231,6 +232,12 @@ def _lever_words(levers: dict[str, Any], changed: dict[str, Any]) -> str:
 def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: bool) -> TrainConfig:
     """`cfg` with the memory settings of its `vram_budget_gb` (unchanged without one); logs the plan."""
     if cfg.vram_budget_gb is None:
+        return cfg
+    if cfg.finetunes and cfg.fsdp_sharding == "auto" and (processes := process_count()) > 1:
+        log.warning("notice: vram_budget_gb = %s: a fine-tune sharded over %d processes is not planned (the plan "
+                    "models one process holding the whole DiT, a sharded process holds 1/%d of its weights, "
+                    "gradients and optimizer state); the run uses its own checkpointing settings. docs/multi_gpu.md "
+                    "gives the computed memory per GPU", cfg.vram_budget_gb, processes, processes)
         return cfg
     info = expect_kind(cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path",
                        DIT_KINDS)
