@@ -89,6 +89,14 @@ def test_start_up_rules_notices_and_summary(setup, tmp_path):
                                            "on host")
     assert describe_levers(_config(setup, tmp_path)) == "" and describe_levers(lora) == ""
     assert not finetune_levers(everything, world_size=2).compensated_bf16  # sharded: fp32 masters of its own
+    data_parallel = _config(setup, tmp_path, "--mixed_precision", "bf16", "--optimizer_offload",
+                            "--fsdp_sharding", "off")  # the whole DiT per process: steps after the average
+    assert finetune_levers(data_parallel, world_size=2) == finetune_levers(data_parallel, world_size=1)
+    assert finetune_levers(data_parallel, world_size=2).compensated_bf16
+    assert check_finetune_levers(data_parallel, world_size=2) == []
+    with pytest.raises(ConfigError, match="fused_backward_pass: with 2 processes each gradient must be averaged"):
+        check_finetune_levers(_config(setup, tmp_path, "--fused_backward_pass", "--fsdp_sharding", "off"),
+                              world_size=2)
 
 
 # --- fused backward pass ---------------------------------------------------------------------------------------

@@ -12,6 +12,14 @@ are on (`finetune_levers`), their start-up rules and notices (`check_finetune_le
 - fused_backward_pass (train/fused_backward.py): each parameter steps during backward, its gradient freed;
 - optimizer_offload (train/optimizer_offload.py): the optimizer state in host memory.
 
+Across processes what decides is whether the run is sharded (train/sharded_run.py `wants_sharding`), not the
+process count.  Sharded (FSDP2, fsdp_sharding = "auto"): no compensated steps (FSDP keeps its own master
+weights), optimizer_offload refused (FSDP already splits the state).  Data parallel (fsdp_sharding = "off": the
+whole DiT in every process, train/grad_sync.py averages the gradients): the average is complete before
+`optimizer.step()`, so every process steps the same exact fp32 values with the same gradient and compensated bf16
+and optimizer_offload work as on one process (tests/train/test_ddp_finetune.py).  fused_backward_pass stays one
+process only: its per-parameter step would run before the gradient average.
+
 Each of them builds the run's optimizer as a PerParameterOptimizer; without any, a fine-tune gets the ordinary
 optimizer (fp32 weights, mixed_precision = "no"; and fp16, whose weights are held in fp16 as before).
 """
@@ -31,6 +39,7 @@ from anima_trainer.train.fused_backward import (
 )
 from anima_trainer.train.optim import build_optimizer
 from anima_trainer.train.optimizer_offload import OffloadedOptimizer, check_optimizer_offload
+from anima_trainer.train.sharded_run import wants_sharding
 
 __all__ = ["FinetuneLevers", "build_finetune_optimizer", "check_finetune_levers", "describe_levers",
            "finetune_levers"]
@@ -57,12 +66,13 @@ def process_count() -> int:
 
 
 def finetune_levers(cfg: TrainConfig, world_size: int | None = None) -> FinetuneLevers:
-    """The levers `cfg` turns on (no checks: check_finetune_levers refuses what cannot be honoured).  Across
-    processes (`world_size`, default: this run's) the sharded path (train/fsdp.py) keeps fp32 master weights of
-    its own, so no compensated bf16 steps there."""
+    """The levers `cfg` turns on (no checks: check_finetune_levers refuses what cannot be honoured).  A run
+    sharded across processes (`world_size`, default: this run's; train/fsdp.py) keeps fp32 master weights of its
+    own, so no compensated bf16 steps there; a data-parallel one steps like one process (module docstring)."""
     if not cfg.finetunes:
         return FinetuneLevers()
-    bf16 = cfg.mixed_precision == "bf16" and (process_count() if world_size is None else world_size) == 1
+    sharded = wants_sharding(cfg, process_count() if world_size is None else world_size)
+    bf16 = cfg.mixed_precision == "bf16" and not sharded
     return FinetuneLevers(compensated_bf16=bf16 and per_parameter_refusal(cfg.optimizer_type) is None,
                           fused_backward=cfg.fused_backward_pass, optimizer_offload=cfg.optimizer_offload)
 
@@ -76,9 +86,10 @@ def check_finetune_levers(cfg: TrainConfig, world_size: int = 1) -> list[str]:
         notices += check_fused_backward(optimizer_type=cfg.optimizer_type, max_grad_norm=cfg.max_grad_norm,
                                         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                         mixed_precision=cfg.mixed_precision, world_size=world_size)
+    sharded = wants_sharding(cfg, world_size)
     if cfg.optimizer_offload:
-        check_optimizer_offload(cfg.optimizer_type, world_size)
-    if cfg.mixed_precision == "bf16" and world_size == 1 and (refusal := per_parameter_refusal(cfg.optimizer_type)):
+        check_optimizer_offload(cfg.optimizer_type, processes=world_size if sharded else 1)
+    if cfg.mixed_precision == "bf16" and not sharded and (refusal := per_parameter_refusal(cfg.optimizer_type)):
         notices.append(f"mixed_precision = \"bf16\": the fine-tuned weights are updated plainly in bf16, not with "
                        f"compensated steps, because {refusal.split(';')[0]} (updates below half a bf16 step round "
                        "away; kohya keeps fp32 weights); for fp32-exact updates use AdamW or AdaFactor, or "

@@ -79,13 +79,15 @@ class OffloadedOptimizer(PerParameterOptimizer):
         p.detach().copy_(h)
 
 
-def check_optimizer_offload(optimizer_type: str, world_size: int = 1) -> None:
-    """optimizer_offload's start-up rules: one process (across processes FSDP shards the state instead), and an
-    optimizer that steps per parameter, on CPU tensors."""
-    if world_size > 1:
-        raise ConfigError(f"optimizer_offload: with {world_size} processes the fine-tune is sharded (FSDP), which "
-                          "already splits the optimizer state across the GPUs; remove optimizer_offload or train "
-                          "on one process")
+def check_optimizer_offload(optimizer_type: str, *, processes: int = 1) -> None:
+    """optimizer_offload's start-up rules: not in a run sharded over `processes` > 1 (FSDP shards the state
+    instead; a data-parallel run passes 1: each process steps its whole copy after the gradient average, as one
+    process does), and an optimizer that steps per parameter, on CPU tensors."""
+    if processes > 1:
+        raise ConfigError(f"optimizer_offload: with {processes} processes the fine-tune is sharded (FSDP), which "
+                          "already splits the optimizer state across the GPUs; remove optimizer_offload, set "
+                          "fsdp_sharding = \"off\" (data parallel: the whole DiT and its offloaded state in every "
+                          "process) or train on one process")
     refusal = per_parameter_refusal(optimizer_type)
     if refusal:
         raise ConfigError(f"optimizer_offload: {refusal}")
