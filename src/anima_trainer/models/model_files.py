@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -473,8 +473,10 @@ def expect_kind(path: str | Path, flag: str, accepted: Iterable[str]) -> FileInf
 
 
 def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu", drop_ignored: bool = True) -> dict[str, torch.Tensor]:
-    """Tensors under `prefix` (stripped), each cast straight to dtype/device as it is read from the mmap.
+                    device: str | torch.device = "cpu", drop_ignored: bool = True,
+                    names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors under `prefix` (stripped), each cast straight to dtype/device as it is read from the mmap; with
+    `names` only those (stripped names: a few tensors read without the rest of the file).
 
     The header is checked first (read_header: dtypes, offsets) and scaled-fp8 weights are dequantised as ComfyUI
     does (float8 weight × its per-tensor scale, see SCALE_SUFFIXES); quantisation bookkeeping keys are skipped
@@ -491,6 +493,8 @@ def load_state_dict(path: str | Path, *, prefix: str = "", dtype: torch.dtype | 
                 if not key.startswith(prefix) or key in scale_keys:
                     continue
                 name = key[len(prefix):]
+                if names is not None and name not in names:
+                    continue
                 if key in plan.skipped or drop_ignored and is_ignored_key(name):
                     ignored += 1
                     if key not in plan.skipped:

@@ -45,6 +45,7 @@ from anima_trainer.fileio import check_writable
 from anima_trainer.models.dit import load_dit
 from anima_trainer.models.dit_checkpoint import COMFY_FORMAT_METADATA, DitLayout, dit_layout, save_dit_checkpoint
 from anima_trainer.models.fp8 import Fp8Linear
+from anima_trainer.models.model_files import DIT_KINDS, expect_kind, load_state_dict
 from anima_trainer.networks.formats import NetworkError
 from anima_trainer.networks.param_groups import COMPONENTS, anima_component
 
@@ -88,6 +89,23 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` on the host, pinned when CUDA is available (fast, asynchronous copies to the device)."""
     out = t.to("cpu", copy=True)
     return out.pin_memory() if torch.cuda.is_available() else out
+
+
+def read_base_tensors(base_file: str | Path, names: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the named DiT tensors (`load_dit`'s names) from the base file, as `load_dit(base_file,
+    dtype=dtype)` holds them, bit for bit.  A single file (any DiT prefix, a bundle, scaled fp8) reads only these
+    tensors from its mmap; a diffusers layout, whose keys are renamed and split, is loaded whole."""
+    info = expect_kind(base_file, "--pretrained_model_name_or_path", DIT_KINDS)
+    if info.kind in ("anima_diffusers", "diffusers_dit"):
+        state = load_dit(base_file, dtype=dtype).state_dict()
+    else:
+        state = load_state_dict(base_file, prefix=info.components.get("dit", info.prefix), dtype=dtype,
+                                names=set(names))
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise NetworkError(f"{base_file}: no DiT tensor {missing[0]} (fp8-stored frozen weights are saved with the "
+                           "base file's values)")
+    return {n: state[n] for n in names}
 
 
 class DiTFinetune(nn.Module):
@@ -229,7 +247,8 @@ class DiTFinetune(nn.Module):
             return state
         if self.base_file is None:
             raise NetworkError("fp8-stored frozen weights need the base file to be saved")
-        base = load_dit(self.base_file, dtype=next(iter(fp8.values())).compute_dtype).state_dict()
+        base = read_base_tensors(self.base_file, [f"{path}.weight" for path in fp8],
+                            dtype=next(iter(fp8.values())).compute_dtype)
         for path in fp8:
             state[f"{path}.weight"] = base[f"{path}.weight"]
             del state[f"{path}.weight_scale"]
