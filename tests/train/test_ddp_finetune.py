@@ -26,9 +26,11 @@ from tests.train.test_distributed import launch_command
 from tests.train.test_fsdp_run import COMMON, _toml
 
 DUMP = '''import os, sys, torch
+from anima_trainer import console
 from anima_trainer.config import parse_train_args
 from anima_trainer.train.bf16_update import REMAINDER_KEY
 from anima_trainer.train.loop import run_training
+console.setup()  # INFO lines (the resume's) as the CLI logs them
 run = run_training(parse_train_args(sys.argv[1:]))
 names = {p: n for n, p in run.dit.named_parameters()}
 state = {p: run.optimizer.state[p] for p in names if p in run.optimizer.state}
@@ -100,7 +102,7 @@ def test_compensated_bf16_processes_end_identical_with_their_remainders(compensa
 
 
 def test_resumed_compensated_run_equals_the_uninterrupted_one_bitwise(compensated):
-    assert "resuming from" in compensated["resumed_ranks"][0]["log"]
+    assert "demo_lora-step00000002-state at step 2 " in compensated["resumed_ranks"][0]["log"]
     assert _same(compensated["final"], compensated["resumed"])
     for before, after in zip(compensated["ranks"], compensated["resumed_ranks"], strict=True):
         assert _same(before["weights"], after["weights"]) and _same(before["remainders"], after["remainders"])
