@@ -306,3 +306,18 @@ def test_anima_train_format_switches_keep_kohyas_meaning(tmp_path):
     assert note.startswith("save_model_as = 'ckpt': kohya's anima_train.py writes the fine-tuned DiT as .safetensors "
                            "whatever save_model_as says")
     assert error([*REQUIRED, "--save_model_as", "ckpt"]).startswith("save_model_as: 'ckpt' is not written")
+
+
+def test_help_says_what_the_fine_tune_does_with_kohyas_options(capfd):
+    """`anima_train.py --help`: train's options, the translated ones, then the fine-tune's meaning of kohya's
+    options (LLM adapter opt-in, the output files); anima_train_network.py's help has no such part."""
+    assert _script().main(["--help"]) == 0
+    out = " ".join(capfd.readouterr().out.split())
+    assert out.startswith("usage: anima_train.py")
+    assert "the LLM adapter trains only with --llm_adapter_lr above 0 or --finetune_llm_adapter" in out
+    assert "whatever --save_model_as or --use_safetensors say" in out
+    spec = importlib.util.spec_from_file_location("anima_train_network", ROOT / "anima_train_network.py")
+    network = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(network)
+    assert network.main(["--help"]) == 0
+    assert "--finetune_llm_adapter (kohya" not in " ".join(capfd.readouterr().out.split())
