@@ -306,6 +306,10 @@ def test_anima_train_format_switches_keep_kohyas_meaning(tmp_path):
     assert note.startswith("save_model_as = 'ckpt': kohya's anima_train.py writes the fine-tuned DiT as .safetensors "
                            "whatever save_model_as says")
     assert error([*REQUIRED, "--save_model_as", "ckpt"]).startswith("save_model_as: 'ckpt' is not written")
+    # kohya's FLUX fine-tune options carried over into an Anima fine-tune config: one notice each
+    notes = load("mem_eff_save = true\nblockwise_fused_optimizers = true\n", "--training_mode", "finetune").notices
+    assert [n.partition(":")[0] for n in notes] == ["mem_eff_save = true", "blockwise_fused_optimizers = true"]
+    assert "set fused_backward_pass = true" in notes[1]
 
 
 def test_help_says_what_the_fine_tune_does_with_kohyas_options(capfd):

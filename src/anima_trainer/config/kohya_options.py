@@ -248,6 +248,18 @@ def _rules() -> dict[str, Rule]:
     # use_safetensors=True to save_sd_model_*_common), so true and false (its default, as GUIs write it) both mean that
     t["use_safetensors"] = Rule("value", "only safetensors files are written (anima_train.py's full-model format "
                                 "switch)", accepted=("true", "false"))
+    # kohya's FLUX fine-tune (flux_train.py) options that fine-tune configs carry over to anima_train.py, whose
+    # parser has none of them (kohya then ignores them in a TOML and refuses them on the command line)
+    flux = "kohya flux_train.py"
+    notice("mem_eff_save", "a kohya FLUX fine-tune option (kohya's anima_train.py has none): the DiT checkpoint is "
+           "written from one host copy, as kohya's anima_train.py writes it; the file is the same", source=flux)
+    notice("blockwise_fused_optimizers", "a kohya FLUX fine-tune option (kohya's anima_train.py has none): "
+           "fused_backward_pass steps each parameter during the backward pass with AdamW, AdamW8bit or AdaFactor "
+           "(kohya's only with Adafactor), which is what the block-wise optimizers are for; set "
+           "fused_backward_pass = true",
+           source=flux)
+    notice("fused_optimizer_groups", "a kohya FLUX fine-tune option that kohya marks as not working (kohya's "
+           "anima_train.py has none); fused_backward_pass is the per-parameter update", ("", None, 0), source=flux)
     notice("compile_dynamic", "blocks are compiled with static shapes, one graph per bucket token count "
            "(compile_blocks): the same math; nothing to change", ("", None, False, "false", "auto"))
     notice("deepspeed", _DEEPSPEED)
