@@ -7,8 +7,9 @@ It is `anima_train_network.py` with the fine-tune mode set: the same translation
 (the dataset on the command line, root-style files; anima_trainer.compat.dropin), the same judging of every other
 option by `anima-trainer train` (one notice for an option without meaning, an error naming the option, your file
 and line for one that cannot be honoured).  Which DiT parameters train: `trainable_patterns` (default: the whole
-DiT; the LLM adapter with `finetune_llm_adapter = true`); kohya's component rates `self_attn_lr`, `cross_attn_lr`,
-`mlp_lr`, `mod_lr`, `llm_adapter_lr` apply.  Every save is a whole DiT checkpoint ComfyUI loads as a diffusion model.
+DiT; the LLM adapter with `finetune_llm_adapter = true` or an `llm_adapter_lr` above 0); kohya's component rates
+`self_attn_lr`, `cross_attn_lr`, `mlp_lr`, `mod_lr`, `llm_adapter_lr` apply.  Every save is a whole DiT checkpoint
+ComfyUI loads as a diffusion model, always .safetensors (as kohya's).  Differences: docs/migration.md.
 """
 
 import sys

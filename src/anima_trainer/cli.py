@@ -497,8 +497,8 @@ def run_kohya_script(argv: list[str], *, prog: str, description: str, extra: tup
     from anima_trainer.config import parse_train_args
 
     if "-h" in argv or "--help" in argv:  # exits 0 after printing (SystemExit, handled by `guarded`)
-        parse_train_args(["--help"], prog=prog, description=description, epilog=help_epilog())
-    args, notices = translate_kohya_argv(argv)
+        parse_train_args(["--help"], prog=prog, description=description, epilog=help_epilog("finetune" in extra))
+    args, notices = translate_kohya_argv(argv, finetune="finetune" in extra)
     for line in notices:
         print(f"{prog.removesuffix('.py')}: {line}", file=sys.stderr)
     return cmd_train([*args, *extra])

@@ -53,12 +53,18 @@ def test_memory_levers_of_frozen_weights_are_accepted_in_a_finetune():
     assert (cfg.blocks_to_swap, cfg.fp8_base, cfg.vram_budget_gb) == (4, True, 24)
 
 
-def test_finetune_options_need_the_mode_and_the_llm_adapter_lr_its_opt_in():
+def test_finetune_options_need_the_mode_and_an_llm_adapter_lr_opts_in():
+    """kohya's anima_train.py trains the LLM adapter at llm_adapter_lr: a rate above 0 opts in (one notice); 0 and
+    unset leave the opt-in off."""
     with pytest.raises(ConfigError, match=r"trainable_patterns: .*training_mode is \"network\""):
         make_train_config({**PATHS, "trainable_patterns": ["cross_attn"]})
-    with pytest.raises(ConfigError, match="set finetune_llm_adapter = true"):
-        make_train_config({**FINETUNE, "llm_adapter_lr": 1e-5})
-    assert make_train_config({**FINETUNE, "llm_adapter_lr": 1e-5, "finetune_llm_adapter": True}).llm_adapter_lr == 1e-5
+    cfg = make_train_config({**FINETUNE, "llm_adapter_lr": 1e-5})
+    assert cfg.finetune_llm_adapter and cfg.llm_adapter_lr == 1e-5
+    assert cfg.finetune_notices() == ["llm_adapter_lr = 1e-05: the LLM adapter trains at this rate, as in kohya's "
+                                      "anima_train.py (finetune_llm_adapter turned on)"]
+    cfg = make_train_config({**FINETUNE, "llm_adapter_lr": 1e-5, "finetune_llm_adapter": True})
+    assert cfg.llm_adapter_lr == 1e-5 and cfg.finetune_notices() == []
+    assert not make_train_config({**FINETUNE, "llm_adapter_lr": 0}).finetune_llm_adapter
     with pytest.raises(ConfigError, match="not a regular expression"):
         make_train_config({**FINETUNE, "trainable_patterns": ["blocks.(1"]})
 

@@ -118,8 +118,9 @@ def _truthy(v: Any) -> bool:
 class DropIn:
     """Holds the two layers (TOML, command line) while they are translated; `argv()` is the result."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], finetune: bool = False) -> None:
         ns, rest = _parser().parse_known_args(argv)
+        self.finetune = finetune
         self.notices: list[str] = []
         self.rest = rest
         self.cli: dict[str, Any] = vars(ns)
@@ -308,9 +309,20 @@ class DropIn:
                             sub[key] = str(p.absolute() if p.exists() or not alt.exists() else alt)
         return doc
 
+    def llm_adapter(self) -> None:
+        """anima_train.py: kohya trains the LLM adapter unless llm_adapter_lr = 0; here it is opt-in, so a config
+        that says nothing about it gets one notice (an llm_adapter_lr above 0 opts in: finetune_settings.py)."""
+        named = {tok[2:].partition("=")[0] for tok in self.rest if tok.startswith("--")}
+        if self.finetune and not any(self.has(k) or k in named for k in (
+                "llm_adapter_lr", "finetune_llm_adapter", "trainable_patterns")):
+            self.notices.append("the LLM adapter is not trained: kohya's anima_train.py trains it at learning_rate "
+                                "unless llm_adapter_lr = 0, anima-trainer only when asked (set llm_adapter_lr or "
+                                "finetune_llm_adapter = true to train it)")
+
     # --- result -------------------------------------------------------------------------------------------
     def argv(self) -> list[str]:
         self.network_args()
+        self.llm_adapter()
         needs_files = self.toml_changed or self.dataset_doc is not None or any(
             self.has(k) for k in DATASET_OPTIONS)
         out_dir = None
@@ -349,9 +361,9 @@ def _writes_config(rest: list[str]) -> bool:
     return asked
 
 
-def help_epilog() -> str:
+def help_epilog(finetune: bool = False) -> str:
     """What `anima_train_network.py --help` adds below `anima-trainer train`'s options: the kohya options it
-    translates first (module docstring)."""
+    translates first (module docstring); `finetune`: anima_train.py's, with what its fine-tune does."""
     import textwrap
 
     items = [
@@ -362,8 +374,11 @@ def help_epilog() -> str:
     ]
     head = ("also accepted, translated before training (a notice says what was done; generated files go to "
             "<output_dir>/<output_name>_config/; see docs/migration.md):")
-    return "\n".join([textwrap.fill(head, 100),
-                      *(textwrap.fill(i, 100, initial_indent="  ", subsequent_indent="    ") for i in items)])
+    lines = [textwrap.fill(head, 100),
+             *(textwrap.fill(i, 100, initial_indent="  ", subsequent_indent="    ") for i in items)]
+    if finetune:
+        lines += ["", *(textwrap.fill(i, 100, subsequent_indent="  ") for i in FINETUNE_HELP)]
+    return "\n".join(lines)
 
 
 def _read_toml_text(path: Path) -> dict[str, Any]:
@@ -375,12 +390,26 @@ def _read_toml_text(path: Path) -> dict[str, Any]:
                           "kohya's TOMLs are one level of tables)") from None
 
 
-def translate_kohya_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv for `parse_train_args`, notices to show).  Writes the generated files (module docstring)."""
-    d = DropIn(argv)
+def translate_kohya_argv(argv: list[str], finetune: bool = False) -> tuple[list[str], list[str]]:
+    """(argv for `parse_train_args`, notices to show).  Writes the generated files (module docstring).
+    `finetune`: the command line is anima_train.py's (kohya's full fine-tune)."""
+    d = DropIn(argv, finetune)
     return d.argv(), d.notices
 
 
 # What `anima_train.py` (kohya's full fine-tune script) adds to the translated command line: the fine-tune mode.
 FINETUNE_ARGS = ("--training_mode", "finetune")
+# anima_train.py --help: what its fine-tune does with kohya's options (docs/migration.md "Fine-tuning")
+FINETUNE_HELP = (
+    "the fine-tune (training_mode = \"finetune\"): the whole DiT trains, or what --trainable_patterns selects; "
+    "kohya's component rates --self_attn_lr, --cross_attn_lr, --mlp_lr, --mod_lr, --llm_adapter_lr apply (0 = "
+    "frozen); the LLM adapter trains only with --llm_adapter_lr above 0 or --finetune_llm_adapter (kohya trains it "
+    "at --learning_rate unless --llm_adapter_lr 0: a notice says so)",
+    "--fused_backward_pass, --full_bf16 (bf16 weights with exactly compensated updates), --blocks_to_swap (frozen "
+    "blocks), --optimizer_offload; several processes shard the DiT with FSDP2 (--fsdp_sharding)",
+    "every save is a whole DiT .safetensors in the base file's layout (net.* keys, format=pt) that ComfyUI loads, "
+    "named as kohya's (<output_name>.safetensors, -step00000001, -000001), whatever --save_model_as or "
+    "--use_safetensors say; adapter options (--network_dim, --unet_lr, ...) are accepted with a notice and change "
+    "nothing",
+)
 

@@ -102,8 +102,9 @@ def render_table() -> str:
         "| option | from | anima-trainer | what happens |", "|---|---|---|---|",
         *(f"| `{r.name}` | {r.source} | {r.outcome} | {_cell(r.what)} |" for r in main), "",
         f"### Keys GUIs write ({len(gui)})", "",
-        "Keys kohya_ss, lora-scripts(-next) and Anima-Standalone-Trainer put into the TOMLs they save: each is "
-        "known (mapped, or accepted with a notice saying it has no effect here).", "",
+        "Keys kohya_ss, lora-scripts(-next) and Anima-Standalone-Trainer put into the TOMLs they save, and kohya's "
+        "FLUX fine-tune options that fine-tune configs carry over: each is known (mapped, or accepted with a "
+        "notice saying it has no effect here).", "",
         "| key | written by | anima-trainer | what happens |", "|---|---|---|---|",
         *(f"| `{r.name}` | {r.source} | {r.outcome} | {_cell(r.what)} |" for r in gui), "",
         END,

@@ -4,8 +4,9 @@ and the checks of the options that mean something else, or nothing, when the DiT
 `training_mode = "finetune"` trains the DiT's own parameters (networks/full_finetune.py) instead of an adapter
 network; the data, caching, sampling, validation, evaluation, preservation loss, monitoring and resume machinery
 is the same (a fine-tune's strength m is W0 + m·(W − W0), networks/full_finetune.py).  What a fine-tune
-cannot honour yet is refused at validation, naming the option and the fix (compatibility rule); the adapter-only
-options are accepted with one start-up notice each (`finetune_notices`)."""
+cannot honour is refused at validation, naming the option and the fix (compatibility rule); the adapter-only
+options are accepted with one start-up notice each (`finetune_notices`).  The LLM adapter is opt-in
+(`finetune_llm_adapter`); kohya's `llm_adapter_lr` above 0 opts in, as kohya trains the adapter at that rate."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from anima_trainer.config.kohya_options import FUSED_BACKWARD_NETWORK
 TRAINING_MODES = ("network", "finetune")
 # adapter-network options that do nothing in a fine-tune (one start-up notice each when set)
 ADAPTER_ONLY = ("network_dim", "network_alpha", "network_args", "network_dropout", "scale_weight_norms",
-                "network_module", "save_format")
+                "network_module", "save_format", "text_encoder_lr", "network_train_unet_only", "unet_lr")
 
 
 class FinetuneSettings(BaseModel):
@@ -34,7 +35,7 @@ class FinetuneSettings(BaseModel):
         "matches; unset = the whole DiT (the LLM adapter only with finetune_llm_adapter)")
     finetune_llm_adapter: bool = Field(
         False, description="fine-tune only: train the LLM adapter's parameters too (opt-in; kohya's anima_train.py "
-        "trains it unless llm_adapter_lr = 0)")
+        "trains it unless llm_adapter_lr = 0; an llm_adapter_lr above 0 turns this on)")
     fsdp_sharding: Literal["auto", "off"] = Field(
         "auto", description="fine-tune only: with several processes (accelerate launch --num_processes N) \"auto\" "
         "shards the DiT's weights, gradients and optimizer state over them with FSDP2, one unit per block "
@@ -99,10 +100,11 @@ class FinetuneSettings(BaseModel):
             value = getattr(self, name, None)
             if value:
                 raise ValueError(f"{name}: {why}; remove it for training_mode = \"finetune\"")
-        if self.llm_adapter_lr and not self.finetune_llm_adapter:
-            raise ValueError(f"llm_adapter_lr = {self.llm_adapter_lr:g}: the LLM adapter is not trained (opt-in); "
-                             "set finetune_llm_adapter = true, or remove llm_adapter_lr")
         self._finetune_notes = self._adapter_option_notes()
+        if self.llm_adapter_lr and not self.finetune_llm_adapter:  # kohya's meaning: the adapter trains at that lr
+            self.finetune_llm_adapter = True
+            self._finetune_notes.append(f"llm_adapter_lr = {self.llm_adapter_lr:g}: the LLM adapter trains at this "
+                                        "rate, as in kohya's anima_train.py (finetune_llm_adapter turned on)")
         if self.preservation_loss_weight:
             self._finetune_notes.append(
                 f"preservation_loss_weight = {self.preservation_loss_weight:g} in a fine-tune: the base model's "
@@ -112,6 +114,7 @@ class FinetuneSettings(BaseModel):
                 "the base values (2 bytes per trained bf16 parameter, 4 per fp32 one); a partial fine-tune "
                 "(trainable_patterns) pays only for its selection")
         self.scale_weight_norms = None  # an adapter's max-norm: noticed above, then off for the loop
+        self.unet_lr = None  # the adapter's DiT rate: kohya's anima_train.py has none and trains at learning_rate
 
     def finetune_notices(self) -> list[str]:
         """One start-up notice per adapter option set in a fine-tune (it changes nothing there), and what the
@@ -121,8 +124,9 @@ class FinetuneSettings(BaseModel):
     def _adapter_option_notes(self) -> list[str]:
         fields = type(self).model_fields
         notes = [f"{name}: an adapter-network option; training_mode = \"finetune\" trains the DiT's own parameters, "
-                 "so it changes nothing" for name in ADAPTER_ONLY
-                 if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+                 "so it changes nothing" + (" (the DiT trains at learning_rate and the component rates, as in "
+                                            "kohya's anima_train.py)" if name == "unet_lr" else "")
+                 for name in ADAPTER_ONLY if getattr(self, name) != fields[name].get_default(call_default_factory=True)]
         if self.mixed_precision == "bf16":
             flag = "full_bf16 = true" if self.full_bf16 else "mixed_precision = \"bf16\""
             notes.append(f"{flag}: the fine-tuned weights are held in bf16 and updated with exactly compensated steps "

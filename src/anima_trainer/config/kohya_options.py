@@ -204,8 +204,10 @@ _ATTENTION = ("attention runs on torch SDPA (the fastest kernel is measured at s
               "chooses it), which gives the same result; nothing to change")
 _DATASET = ("a dataset on the command line is translated by the drop-in anima_train_network.py, which writes it "
             "as a dataset.toml; with `anima-trainer train` put it into the --dataset_config TOML")
-_DEEPSPEED = ("DeepSpeed is not used: a multi-GPU run uses DDP (docs/multi_gpu.md); the memory levers are "
-              "gradient_checkpointing, blocks_to_swap, fp8_base and vram_budget_gb")
+_DEEPSPEED = ("DeepSpeed is not used: a multi-GPU adapter run uses DDP, a multi-GPU fine-tune shards the DiT's "
+              "weights, gradients and optimizer state with FSDP2 (fsdp_sharding; docs/multi_gpu.md); the memory "
+              "levers are gradient_checkpointing, blocks_to_swap, fp8_base and vram_budget_gb (a fine-tune also: "
+              "fused_backward_pass, optimizer_offload)")
 # fused_backward_pass is a field (a fine-tune honours it); with an adapter network it is this notice
 FUSED_BACKWARD_NETWORK = ("kohya's LoRA trainer ignores it too (only its full fine-tune uses it, and so does "
                           "training_mode = \"finetune\" here); the adapter's optimizer steps after the backward pass")
@@ -242,8 +244,22 @@ def _rules() -> dict[str, Rule]:
            "there is nothing to check or skip")
     notice("skip_latents_validity_check", "kohya's anima_train.py's old name of skip_cache_check: cache files are "
            "content-addressed (their name is a hash of what they hold), so there is nothing to check or skip")
+    # anima_train.py's store_true format switch: its saver writes .safetensors whatever it says (kohya passes
+    # use_safetensors=True to save_sd_model_*_common), so true and false (its default, as GUIs write it) both mean that
     t["use_safetensors"] = Rule("value", "only safetensors files are written (anima_train.py's full-model format "
-                                "switch)", accepted=(True, "true", "True"))
+                                "switch)", accepted=("true", "false"))
+    # kohya's FLUX fine-tune (flux_train.py) options that fine-tune configs carry over to anima_train.py, whose
+    # parser has none of them (kohya then ignores them in a TOML and refuses them on the command line)
+    flux = "kohya flux_train.py"
+    notice("mem_eff_save", "a kohya FLUX fine-tune option (kohya's anima_train.py has none): the DiT checkpoint is "
+           "written from one host copy, as kohya's anima_train.py writes it; the file is the same", source=flux)
+    notice("blockwise_fused_optimizers", "a kohya FLUX fine-tune option (kohya's anima_train.py has none): "
+           "fused_backward_pass steps each parameter during the backward pass with AdamW, AdamW8bit or AdaFactor "
+           "(kohya's only with Adafactor), which is what the block-wise optimizers are for; set "
+           "fused_backward_pass = true",
+           source=flux)
+    notice("fused_optimizer_groups", "a kohya FLUX fine-tune option that kohya marks as not working (kohya's "
+           "anima_train.py has none); fused_backward_pass is the per-parameter update", ("", None, 0), source=flux)
     notice("compile_dynamic", "blocks are compiled with static shapes, one graph per bucket token count "
            "(compile_blocks): the same math; nothing to change", ("", None, False, "false", "auto"))
     notice("deepspeed", _DEEPSPEED)
@@ -280,7 +296,9 @@ def _rules() -> dict[str, Rule]:
     # (rule_message): it asks for fp8 storage, and training without it would give another result
     notice("fp8_scaled", "fp8 storage (fp8_base) is always scaled in anima-trainer: one fp32 scale per weight, "
            "kohya's fp8_scaled; nothing to change", ())
-    # the only format written, kohya's default; its ckpt / pt (pickles) are refused
+    # the only format written, kohya's default; its ckpt / pt (pickles) are refused for an adapter (kohya's LoRA
+    # trainer writes them); a fine-tune accepts any value with a notice (rule_message): kohya's anima_train.py
+    # always writes .safetensors
     t["save_model_as"] = Rule("value", "only safetensors files are written", accepted=("safetensors",))
     # honouring is impossible and ignoring would change what was asked: refused, with the fix
     error("huber_schedule", "anima-trainer uses huber_c as a constant threshold (kohya's \"constant\"; kohya's "
@@ -404,6 +422,11 @@ def rule_message(name: str, value: object, shown: str, settings: dict[str, objec
     if name == "fp8_scaled" and _is_true(value) and not _is_true((settings or {}).get("fp8_base")):
         return "error", ("fp8_scaled: needs fp8_base (fp8 storage is always scaled in anima-trainer); set fp8_base = "
                          "true, or remove fp8_scaled")
+    if name == "save_model_as" and (settings or {}).get("training_mode") == "finetune" and str(
+            value).strip().lower() not in rule.accepted + UNSET:
+        return "notice", (f"{shown} = {v}: kohya's anima_train.py writes the fine-tuned DiT as .safetensors whatever "
+                          "save_model_as says, and so does training_mode = \"finetune\" (the base file's layout, "
+                          "which ComfyUI loads)")
     if rule.kind == "value":
         if str(value).strip().lower() in rule.accepted:
             return "ok", ""

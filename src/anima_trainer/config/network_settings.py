@@ -38,7 +38,8 @@ class NetworkSettings(BaseModel):
     mod_lr: float | None = Field(None, ge=0, description="component lr of `.adaln_modulation` modules (excluded by "
                                  "default; as self_attn_lr)")
     llm_adapter_lr: float | None = Field(None, ge=0, description="component lr of everything under `llm_adapter` "
-                                         "(needs train_llm_adapter; as self_attn_lr)")
+                                         "(an adapter network: needs train_llm_adapter; in a fine-tune a rate above "
+                                         "0 trains the LLM adapter; as self_attn_lr)")
     full_bf16: bool = Field(False, description="kohya: the adapter weights, their gradients and the optimizer state "
                             "in bf16 (needs mixed_precision bf16); saves memory, small updates may round away")
     full_fp16: bool = Field(False, description="kohya: as full_bf16 in fp16 with the gradient scaler (needs "

@@ -103,7 +103,9 @@ class TextEncoderSettings(BaseModel):
             if dit_only:
                 notes.append(f"{', '.join(dit_only)}: no effect, network_train_text_encoder_only trains no DiT "
                              "module (nor the LLM adapter or norm gains inside the DiT; as in kohya)")
-        if not self.network_train_unet_only and cache is not None and self.text_encoder_lr != 0:
+        if getattr(self, "training_mode", "network") == "finetune":
+            pass  # a fine-tune trains no text encoder: its adapter options get finetune_settings' notice
+        elif not self.network_train_unet_only and cache is not None and self.text_encoder_lr != 0:
             notes.append(f"{cache} = true: the text encoder (Qwen3) is not trained, only the DiT, because its outputs "
                          "are cached (kohya refuses this combination with an assert; this run goes on as with "
                          "network_train_unet_only = true). To train a text-encoder LoRA too, turn "
