@@ -433,7 +433,10 @@ def use_full_half(network: Any, dtype: torch.dtype, scaler: torch.amp.GradScaler
             return unscale(optimizer, inv_scale, found_inf, True)
 
         scaler._unscale_grads_ = allow_fp16  # type: ignore[method-assign]
-    log.info("%s: adapter weights, gradients and optimizer state in %s", flag, str(dtype).removeprefix("torch."))
+    if getattr(network, "algo", None) == "finetune":  # its optimizer state: train/optimizer_levers.py decides
+        log.info("%s: the fine-tuned DiT weights and their gradients in %s", flag, str(dtype).removeprefix("torch."))
+    else:
+        log.info("%s: adapter weights, gradients and optimizer state in %s", flag, str(dtype).removeprefix("torch."))
 
 
 def _literal(value: Any) -> Any:
