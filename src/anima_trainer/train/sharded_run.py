@@ -16,7 +16,14 @@ What changes in a sharded run, and only there (`ShardedFinetune`):
   staging folder, which the main process moves into the state folder it writes and renames as always,
   train/training_state.py); a resume loads them back (`loader`) and needs the same number of processes;
 - a network file (step, epoch, final) is the whole DiT gathered on the main process (`gather`) and written by it
-  through `DiTFinetune.save`.
+  through `DiTFinetune.save`;
+- every forward of the sharded DiT is a collective (each unit all-gathers its weights), so what samples or
+  measures runs in every process together, on the same inputs, with the same number of DiT calls: the previews
+  (`preview_roles`: every process samples the same prompts, seeds and sizes; only the main process decodes and
+  writes the images and their events; a stop signal cancels them in all processes at the same sampler step)
+  and the validation loss (every process builds the same validator and computes the same loss on the same
+  held-out batches; only the main process logs it).  Neither touches the training RNG or the weights, so a run
+  with them trains bit for bit as one without them.
 
 What FSDP cannot do here is refused at start-up (`check_shardable`), naming the option and the fix.
 """
@@ -42,7 +49,6 @@ from anima_trainer.train.distributed import Distributed, check_supported, launch
 from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, save_sharded, shard_dit,
                                       shard_units)
 from anima_trainer.train.monitor import NonFiniteStateError, nonfinite_tensors
-from anima_trainer.train.validation import check_validation
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +63,6 @@ def wants_sharding(cfg: TrainConfig, world_size: int) -> bool:
 
 
 SHARDING_REFUSALS = {  # option → why a sharded fine-tune cannot honour it
-    "sample_prompts": "previews run on the main process alone, and every forward of a sharded DiT needs all "
-                      "processes",
-    "validation_split": "the validation loss runs on the main process alone, and every forward of a sharded DiT "
-                        "needs all processes",
     "full_bf16": "it re-casts the trained weights after sharding; FSDP keeps the sharded weights in the dtype "
                  "they were loaded in (mixed_precision = \"bf16\" already holds them in bf16)",
     "full_fp16": "it re-casts the trained weights after sharding and needs the fp16 gradient scaler",
@@ -83,9 +85,9 @@ SHARDING_FIX = ("; remove it for a fine-tune sharded over several processes (or 
 
 def check_shardable(cfg: TrainConfig) -> None:
     """ConfigError naming the option and the fix for what a sharded fine-tune cannot honour: the options that
-    need the whole weights in one process (previews, the validation loss: they run on the main process only,
-    and every forward of a sharded DiT is a collective), or that change the weights' storage under FSDP.  An
-    option set in the TOML is named with its file and line."""
+    need the whole weights in one process (the evaluation: it runs on the main process only, and every forward
+    of a sharded DiT is a collective), or that change the weights' storage under FSDP.  An option set in the
+    TOML is named with its file and line."""
     for name, reason in SHARDING_REFUSALS.items():
         value = getattr(cfg, name, None)
         if name == "compile_blocks":
@@ -227,12 +229,24 @@ def check_launch(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
     return cfg.model_copy(update={"compile_blocks": False}) if cfg.compile_blocks == "auto" else cfg
 
 
-def start_sharding(cfg: TrainConfig, dataset: Any, dit: nn.Module, network: Any, dist: Distributed,
+def start_sharding(cfg: TrainConfig, dit: nn.Module, network: Any, dist: Distributed,
                    device: torch.device) -> ShardedFinetune | None:
     """The sharded fine-tune of this run (after `check_launch`), or None (no sharding: LoRA, one process,
     fsdp_sharding = "off").  Collective."""
     if not wants_sharding(cfg, dist.world_size):
         return None
-    if check_validation(cfg, dataset):  # held out in dataset_config: known once the dataset is built
-        raise ConfigError("validation_split (dataset_config): " + SHARDING_REFUSALS["validation_split"] + SHARDING_FIX)
     return ShardedFinetune.start(cfg, dit, network, dist, device)
+
+
+def preview_roles(dist: Distributed, sharding: ShardedFinetune | None,
+                  stop: Any) -> tuple[bool, bool, Callable[[], bool] | None]:
+    """(renders, writes, cancel) of this process's previews.  Unsharded: the main process renders and writes
+    them, cancelled by its own stop signal (`stop.requested`; `stop` None: never).  Sharded: every process
+    renders (every DiT forward is a collective), only the main one decodes and writes; the cancel, asked
+    before every sampler step in every process, is `dist.any_true` over the processes' stop signals, so they
+    stop at the same step together — a process cancelling alone would leave the others waiting in a
+    collective."""
+    requested = None if stop is None else (lambda: stop.requested is not None)
+    if sharding is None:
+        return dist.is_main, True, requested
+    return True, dist.is_main, None if requested is None else (lambda: dist.any_true(requested()))
