@@ -1,10 +1,13 @@
-"""Previews and the validation loss in a fine-tune sharded with FSDP2 (train/sharded_run.py): every forward of a
-sharded DiT is a collective, so every process samples and validates together and only the main process writes.
+"""Previews, the validation loss and the EMA in a fine-tune sharded with FSDP2 (train/sharded_run.py): every
+forward of a sharded DiT is a collective, so every process samples and validates together and only the main
+process writes; each process keeps the EMA of its own shards.
 
 Through the real run (`accelerate launch -m anima_trainer train`, 2 gloo processes on the CPU, the tiny models,
-fp32): a sharded run with previews and validation trains bit for bit as the same sharded run without previews;
-its previews are written once per prompt and tag; its validation loss equals a single process's at every step
-(the same global batch: 2 processes × 2 accumulated micro-batches against 1 × 4, as tests/train/test_fsdp_run.py).
+fp32, ema_decay 0.5): a sharded run with previews (drawn with the EMA weights) and validation trains bit for bit as
+the same sharded run without previews; its previews are written once per prompt and tag; its validation loss
+equals a single process's at every step, and its `-ema` checkpoint the single process's within rtol 1e-4 (the
+same global batch: 2 processes × 2 accumulated micro-batches against 1 × 4, as tests/train/test_fsdp_run.py); the
+run cut back to its step-2 state and resumed writes the same final and `-ema` files bitwise.
 5 images with validation_split 0.2: 4 train (one step per epoch), 1 held out."""
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from tests.train.test_fsdp_run import COMMON, _launch, _toml
 PROMPTS = ("a red circle --w 64 --h 64 --s 2 --d 7\n"
            "a blue square --n blurry --l 3 --w 32 --h 48 --s 2 --d 9\n")  # cond + uncond: two contexts per call
 VALIDATION = ("--validation_split", "0.2", "--validate_every_n_steps", "2")
+EMA = ("--ema_decay", "0.5")
+FILES = ("demo_lora.safetensors", "demo_lora-ema.safetensors")
 
 
 def _events(output: Path, kind: str) -> list[dict]:
@@ -41,27 +46,54 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sharded(setup, images, tmp_path_factory) -> dict:
-    """Two sharded launches on the same data: with previews (at the start and every 2 steps) and validation,
-    and with validation only."""
+    """Two sharded launches on the same data, both with validation and the EMA: with previews (at the start and
+    every 2 steps, from the EMA weights), and without; then the second one cut back to its step-2 state (its
+    later files and states removed) and resumed."""
     setup = {**setup, "images": images}
     runs = {}
-    for name, extra in (("previews", ("--sample_at_first", "--sample_every_n_steps", "2")), ("plain", ())):
+    for name, extra in (("previews", ("--sample_at_first", "--sample_every_n_steps", "2", "--sample_use_ema")),
+                        ("plain", ())):
         out = tmp_path_factory.mktemp(f"fsdp_{name}")
         toml = _toml(setup, out)
         prompts = out / "prompts.txt"
         prompts.write_text(PROMPTS)
         sample = ("--sample_prompts", str(prompts), *extra) if extra else ()
-        done = _launch(toml, "--gradient_accumulation_steps", "2", *VALIDATION, *sample)
+        done = _launch(toml, "--gradient_accumulation_steps", "2", *VALIDATION, *EMA, *sample)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
         output = out / "output"
-        runs[name] = {"output": output, "final": load_file(output / "demo_lora.safetensors"), "log": done.stderr}
+        runs[name] = {"output": output, "log": done.stderr, "toml": toml,
+                      **{f: load_file(output / f) for f in FILES}}
+    output = runs["plain"]["output"]
+    state = output / "demo_lora-step00000002-state"
+    runs["state_files"] = sorted(p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file())
+    import shutil
+    shutil.rmtree(output / "demo_lora-state")
+    for name in (*FILES, "demo_lora-step00000002.safetensors", "demo_lora-step00000002-ema.safetensors"):
+        (output / name).unlink()  # killed between the step-2 state and its files
+    resumed = _launch(runs["plain"]["toml"], "--gradient_accumulation_steps", "2", *VALIDATION, *EMA,
+                      "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    runs["resumed"] = {f: load_file(output / f) for f in FILES}
     return runs
 
 
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_previews_do_not_perturb_a_sharded_run(sharded):
-    with_previews, plain = sharded["previews"]["final"], sharded["plain"]["final"]
-    assert with_previews.keys() == plain.keys()
-    assert all(torch.equal(with_previews[k], plain[k]) for k in plain)
+    for name in FILES:  # the EMA swapped in for the previews and put back exactly
+        assert _equal(sharded["previews"][name], sharded["plain"][name]), name
+    final, ema = sharded["plain"][FILES[0]], sharded["plain"][FILES[1]]
+    assert not _equal(final, ema)  # the EMA differs from the weights
+
+
+def test_a_resumed_sharded_run_with_ema_equals_the_uninterrupted_one_bitwise(sharded):
+    held = sharded["state_files"]
+    assert {"ema.json", "fsdp/.metadata", "fsdp/__0_0.distcp", "fsdp/__1_0.distcp"}.issubset(held), held
+    assert "ema.safetensors" not in held  # the shadows are sharded, in the DCP checkpoint
+    for name in FILES:
+        assert _equal(sharded["resumed"][name], sharded["plain"][name]), name
 
 
 def test_a_sharded_run_writes_each_preview_once(sharded):
@@ -75,10 +107,15 @@ def test_a_sharded_run_writes_each_preview_once(sharded):
     assert not (sharded["plain"]["output"] / "sample").exists()
 
 
-def test_sharded_validation_equals_one_process(setup, images, sharded, tmp_path):
+def test_sharded_validation_and_ema_equal_one_process(setup, images, sharded, tmp_path):
     toml = _toml({**setup, "images": images}, tmp_path)
     run_training(parse_train_args(["--config_file", str(toml), "--gradient_accumulation_steps", "4", *COMMON,
-                                   *VALIDATION]))
+                                   *VALIDATION, *EMA]))
+    reference = load_file(tmp_path / "output" / FILES[1])
+    got = sharded["plain"][FILES[1]]
+    assert got.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(got[k], reference[k], rtol=1e-4, atol=1e-7)
     single = {e["step"]: e for e in _events(tmp_path / "output", "validation")}
     for name in ("previews", "plain"):
         got = {e["step"]: e for e in _events(sharded[name]["output"], "validation")}
@@ -151,4 +188,5 @@ def test_previews_and_validation_are_no_longer_refused_sharded(setup, tmp_path):
     cfg = parse_train_args(["--config_file", str(_toml(setup, tmp_path)), "--sample_prompts", str(prompts),
                             "--sample_every_n_steps", "2", *VALIDATION])
     check_shardable(cfg)  # accepted: nothing raised
-    assert "sample_prompts" not in SHARDING_REFUSALS and "validation_split" not in SHARDING_REFUSALS
+    check_shardable(parse_train_args(["--config_file", str(_toml(setup, tmp_path / "ema")), *EMA]))
+    assert not {"sample_prompts", "validation_split", "ema_decay"} & set(SHARDING_REFUSALS)

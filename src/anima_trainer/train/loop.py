@@ -318,7 +318,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         if resume_check.finished is not None:  # already complete (killed after its last write): nothing to write
             progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
                                   scaler=optim.scaler, strict_optimizer=False,
-                                  sharded=sharding.loader(optimizer) if sharding else None)
+                                  sharded=sharding.loader(optimizer, ema) if sharding else None)
             dist.shutdown()
             return TrainRun(resume_check.finished, dit, network, [], progress.step, optimizer)
     started = time.time()
@@ -370,7 +370,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                               scaler=optim.scaler, restore_scheduler=not resume_check.rebuild_schedule,
                               strict_optimizer=not cfg.optimizer_mismatch_ignored(),
                               fresh_optimizer=resume_check.fresh_optimizer,
-                              sharded=sharding.loader(optimizer) if sharding else None)
+                              sharded=sharding.loader(optimizer, ema) if sharding else None)
         apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
         resume_ema(ema, resume_from)  # before `saver.resumed`, which may write the state's (EMA) files
         if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
