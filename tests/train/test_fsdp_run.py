@@ -152,7 +152,7 @@ def test_an_fsdp_launch_is_accepted_for_a_finetune_and_refused_for_lora(setup, t
     (("--full_bf16", "--mixed_precision", "bf16"), "full_bf16"),
     (("--mixed_precision", "fp16"), "mixed_precision"),
     (("--compile_blocks", "true"), "compile_blocks"),
-    (("--validation_split", "0.25"), "validation_split"),
+    (("--eval_every_n_steps", "2"), "eval_every_n_steps"),
 ])
 def test_what_fsdp_cannot_do_is_refused_naming_the_option(setup, tmp_path, extra, option):
     cfg = parse_train_args(["--config_file", str(_toml(setup, tmp_path)), *extra])

@@ -105,27 +105,37 @@ def read_png_parameters(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def generate_image(dit, text_encoder, vae, params: SampleParams, progress: bool = True,
-                   cancel: Callable[[], bool] | None = None) -> Image.Image:
-    """Full text-to-image; the negative prompt is encoded the ComfyUI way (empty = `<|endoftext|>` state)."""
+def prompt_latents(dit, text_encoder, params: SampleParams, progress: bool = True,
+                   cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Text → normalised latents (everything of `generate_image` but the VAE decode); the negative prompt is
+    encoded the ComfyUI way (empty = `<|endoftext|>` state)."""
     params.validate()
     prompts = [params.prompt] if params.cfg == 1.0 else [params.prompt, params.negative_prompt]
     contexts = [encode_prompts(dit, text_encoder, [p]) for p in prompts]
-    latents = generate_latents(dit, contexts[0], contexts[1] if len(contexts) > 1 else None, params, progress,
-                               cancel)
-    return to_pil(vae.decode(latents)[0])
+    return generate_latents(dit, contexts[0], contexts[1] if len(contexts) > 1 else None, params, progress, cancel)
 
 
+@torch.no_grad()
+def generate_image(dit, text_encoder, vae, params: SampleParams, progress: bool = True,
+                   cancel: Callable[[], bool] | None = None) -> Image.Image:
+    """Full text-to-image: `prompt_latents`, then the VAE decode."""
+    return to_pil(vae.decode(prompt_latents(dit, text_encoder, params, progress, cancel))[0])
+
+
+@torch.no_grad()
 def render_previews(dit, text_encoder, vae, prompts, out_dir: str | Path, tag: str, output_name: str,
-                    cancel: Callable[[], bool] | None = None) -> list[Path]:
+                    cancel: Callable[[], bool] | None = None, writes: bool = True) -> list[Path]:
     """Training previews: `<out_dir>/<output_name>_<tag>_<NN>_<seed>.png` with ComfyUI's schedule (what the user
     will see after loading the LoRA in ComfyUI), one image per prompt; `cancel` (checked between sampler
-    steps) stops them with SamplingCancelled."""
+    steps) stops them with SamplingCancelled.  `writes` False: the DiT calls only, nothing decoded or written
+    (returns []) — the other processes of a sharded fine-tune, whose every DiT forward is a collective that
+    the writing process's sampler needs them to join."""
     written = []
     for i, p in enumerate(prompts):
         params = SampleParams(prompt=p.prompt, negative_prompt=p.negative_prompt, steps=p.steps, cfg=p.cfg,
                               width=p.width, height=p.height, seed=p.seed, shift=p.shift)
-        path = Path(out_dir) / f"{output_name}_{tag}_{i:02d}_{p.seed}.png"
-        written.append(save_png(generate_image(dit, text_encoder, vae, params, progress=False, cancel=cancel),
-                                params, path, overwrite=True))
+        latents = prompt_latents(dit, text_encoder, params, progress=False, cancel=cancel)
+        if writes:
+            path = Path(out_dir) / f"{output_name}_{tag}_{i:02d}_{p.seed}.png"
+            written.append(save_png(to_pil(vae.decode(latents)[0]), params, path, overwrite=True))
     return written

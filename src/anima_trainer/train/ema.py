@@ -37,13 +37,19 @@ the elements at lr 1e-6 / 1e-5 / 1e-4, its mean error from 0.248 / 0.249 / 0.250
 EMA's mean movement, but at lr 1e-6 that movement (6e-5) is half a bf16 ulp of these weights, below what the bf16
 file holds.  Averaging the exact values would cost a transient fp32 copy of every trained weight per step (4
 bytes per parameter, what the compensated update saves) or a per-parameter update instead of diffusers' fused one.
+In a fine-tune sharded with FSDP2 (train/sharded_run.py) the trained parameters are DTensors holding this
+process's shard: each process shadows its own shard (`local`: the shard's plain tensor, fp32, same update and
+swap), so the EMA is sharded like the weights and costs 4 bytes per trained parameter / N per process.  In a
+state, the shadows go into the sharded checkpoint beside the model and optimizer (`sharded_state`, train/fsdp.py)
+and `ema.json` holds only the update count and settings; the `-ema` file is gathered from the shards with the
+EMA swapped in, in every process, and written by the main one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -72,8 +78,10 @@ class NetworkEMA:
 
         self.params = list(params)
         self.decay, self.warmup, self.host = decay, warmup, host
+        self.sharded = any(local(p) is not p for p in self.params)  # FSDP2: DTensor parameters, shard shadows
+        self.reshard: Callable[[], None] = lambda: None  # sharded: drops gathered weights around a swap
         # host: the weights' copies the update reads (their dtype; pinned with CUDA, so the copies can be async)
-        self._staging = [torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=_pinned())
+        self._staging = [torch.empty(local(p).shape, dtype=p.dtype, device="cpu", pin_memory=_pinned())
                          .requires_grad_(p.requires_grad) for p in self.params] if host else []
         # without warm-up the decay is held at ema_decay by its floor (min_decay); foreach: one fused update
         self._ema = EMAModel(self._stage(), decay=decay, min_decay=0.0 if warmup else decay, foreach=True)
@@ -84,11 +92,12 @@ class NetworkEMA:
     def _stage(self) -> list[torch.Tensor]:
         """The tensors the update averages in: the parameters themselves, or (host) their copies in the staging
         buffer, complete when this returns."""
-        if not self.host:
-            return self.params
+        if not self.host:  # sharded: views of the shards that keep requires_grad (diffusers only averages those)
+            with torch.enable_grad():
+                return [local(p) for p in self.params]
         with torch.no_grad():
             for s, p in zip(self._staging, self.params, strict=True):
-                s.copy_(p.detach(), non_blocking=True)
+                s.copy_(local(p).detach(), non_blocking=True)
         for device in {p.device for p in self.params if p.device.type == "cuda"}:
             torch.cuda.current_stream(device).synchronize()  # the async copies have landed
         return self._staging
@@ -117,36 +126,57 @@ class NetworkEMA:
         """The EMA weights in the network for the duration (a save, a preview); the training weights are put back
         exactly (bit for bit) afterwards, also when the body raises."""
         with torch.no_grad():  # device: kept there (no host round trip); host: in the staging buffer
-            kept = self._stage() if self.host else [p.detach().clone() for p in self.params]
+            kept = self._stage() if self.host else [local(p).detach().clone() for p in self.params]
             for p, s in zip(self.params, self.shadow, strict=True):
-                p.copy_(s)  # cast to the parameter's dtype (full_bf16: rounded, as a save would)
+                local(p).copy_(s)  # cast to the parameter's dtype (full_bf16: rounded, as a save would)
+        self.reshard()  # sharded: no forward may reuse weights gathered before the swap
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, k in zip(self.params, kept, strict=True):
-                    p.copy_(k)
+                    local(p).copy_(k)
+            self.reshard()
 
     def reset(self) -> None:
         """Start again from the current weights (a resume from a state without EMA): the warm-up restarts."""
         with torch.no_grad():
             for s, p in zip(self.shadow, self.params, strict=True):
-                s.copy_(p)
+                s.copy_(local(p))
         self._ema.optimization_step = 0
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The shadow by position, for the finiteness check before a state is written."""
         return {f"ema.{i}": s for i, s in enumerate(self.shadow)}
 
+    def sharded_state(self) -> dict[str, torch.Tensor]:
+        """Sharded: the shadows as DTensors laid out like their parameters (each process's shard, sharing the
+        shadow's memory), by position, for the sharded checkpoint to save and to load into in place."""
+        from torch.distributed.tensor import DTensor
+
+        return {f"{STATE_NAME}.{i}": DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape,
+                                                       stride=p.stride(), run_check=False)
+                for i, (s, p) in enumerate(zip(self.shadow, self.params, strict=True))}
+
     def write_state(self, folder: Path) -> None:
-        """`ema.safetensors` + `ema.json` into a state folder being written (train/training_state.py)."""
-        states.write_nested(Path(folder), STATE_NAME, self._ema.state_dict())
+        """`ema.safetensors` + `ema.json` into a state folder being written (train/training_state.py); sharded:
+        `ema.json` alone (the shadows are in the sharded checkpoint, `sharded_state`)."""
+        saved = self._ema.state_dict()
+        if self.sharded:
+            saved = {**{k: v for k, v in saved.items() if k != "shadow_params"}, "sharded": True}
+        states.write_nested(Path(folder), STATE_NAME, saved)
 
     def load_state(self, folder: Path) -> None:
         """The shadow and update count from a state folder whose checksums were verified (load_state).  The
         current ema_decay / ema_warmup apply from here on (a change is logged by the resume check)."""
         folder = Path(folder)
         saved = states.read_nested(folder, STATE_NAME)
+        if isinstance(saved, dict) and bool(saved.get("sharded", False)) != self.sharded:
+            raise states.StateError(folder, f"{STATE_NAME}.json", "an EMA saved sharded resumed unsharded, or the "
+                                    "other way round")
+        if self.sharded:  # the shadows were loaded with the sharded checkpoint (train/sharded_run.py `loader`)
+            self._load_settings(folder, {k: v for k, v in saved.items() if k != "sharded"})
+            return
         shadow = saved.get("shadow_params") if isinstance(saved, dict) else None
         if not isinstance(shadow, list) or not all(isinstance(t, torch.Tensor) for t in shadow):
             raise states.StateError(folder, f"{STATE_NAME}.json", "not an EMA state (needs 'shadow_params')")
@@ -155,15 +185,25 @@ class NetworkEMA:
             raise states.StateError(folder, f"{STATE_NAME}.safetensors",
                                     f"holds {len(shadow)} tensors that do not match the network's {len(self.params)} "
                                     "trained parameters (the network settings changed since the state was saved)")
+        self._load_settings(folder, saved)
+        self._ema.shadow_params = [s.to("cpu" if self.host else p.device, torch.float32)
+                                   for s, p in zip(shadow, self.params, strict=True)]
+        if self.host and _pinned():
+            self._ema.pin_memory()
+
+    def _load_settings(self, folder: Path, saved: dict) -> None:
+        """The update count (and the shadows when `saved` holds them) from a state; the current ema_decay /
+        ema_warmup apply from here on."""
         try:
             self._ema.load_state_dict(saved)
         except (ValueError, TypeError) as e:
             raise states.StateError(folder, f"{STATE_NAME}.json", f"not a valid EMA state ({e})") from None
         self._ema.decay, self._ema.min_decay = self.decay, 0.0 if self.warmup else self.decay
-        self._ema.shadow_params = [s.to("cpu" if self.host else p.device, torch.float32)
-                                   for s, p in zip(shadow, self.params, strict=True)]
-        if self.host and _pinned():
-            self._ema.pin_memory()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (its memory, not a copy); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _pinned() -> bool:
@@ -201,7 +241,12 @@ def build_ema(cfg: TrainConfig, network: AdapterNetwork) -> NetworkEMA | None:
         log.info("EMA of the trained weights in host memory (ema_device = %r): %.2f GiB fp32%s, updated by the CPU "
                  "after every optimizer step (ema_device = \"device\" keeps it on the card)", cfg.ema_device,
                  shadow_bytes / 2**30, ", pinned" if _pinned() else "")
-    return NetworkEMA(params, cfg.ema_decay, cfg.ema_warmup, host=host)
+    ema = NetworkEMA(params, cfg.ema_decay, cfg.ema_warmup, host=host)
+    if ema.sharded:  # FSDP2 (train/sharded_run.py): a swap frees the units' gathered weights
+        from anima_trainer.train.fsdp import reshard
+
+        ema.reshard = lambda: reshard(network.dit)
+    return ema
 
 
 def resume_ema(ema: NetworkEMA | None, folder: Path) -> None:

@@ -143,6 +143,16 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard(module: nn.Module) -> None:
+    """Free every unit's gathered weights below `module` (and its own): the root keeps its weights gathered
+    after a forward for the backward, so after a forward without one (a preview, the validation) the next
+    forward would reuse them even when the sharded weights were changed in between (the EMA swapped in or
+    out); after this, the next forward gathers the shards as they are."""
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 @contextmanager
 def micro_batch(dit: nn.Module, *, last: bool) -> Iterator[None]:
     """Gradient accumulation under FSDP2: the backward inside reduce-scatters gradients only for the step's
@@ -155,27 +165,32 @@ def micro_batch(dit: nn.Module, *, last: bool) -> Iterator[None]:
         dit.set_requires_gradient_sync(True)
 
 
-def save_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+def save_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Optimizer,
+                 extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the sharded model and optimizer state to `folder`/fsdp with DCP (every process writes its own
-    shards; collective: all processes call it).  Returns the DCP folder."""
+    shards; collective: all processes call it), and `extra` (DTensors laid out like the parameters: the EMA's
+    shadows, `NetworkEMA.sharded_state`) when given.  Returns the DCP folder."""
     target = Path(folder) / SHARDED_FOLDER
     model_state, optim_state = get_state_dict(dit, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(target))
+    dcp.save({"model": model_state, "optimizer": optim_state, **({"extra": extra} if extra else {})},
+             checkpoint_id=str(target))
     return target
 
 
 def load_sharded(folder: str | Path, dit: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 model_only: bool = False) -> None:
+                 model_only: bool = False, extra: dict[str, torch.Tensor] | None = None) -> None:
     """Read what `save_sharded` wrote into the sharded `dit` and its `optimizer` (collective).  The model must
     be sharded and the optimizer built the same way as when it was saved (the process count may differ:
-    DCP re-shards).  `model_only`: the weights only, the optimizer keeps its (fresh) state."""
+    DCP re-shards).  `model_only`: the weights only, the optimizer keeps its (fresh) state.  `extra`: the
+    DTensors saved as `extra`, loaded in place (they must have been saved)."""
+    more = {"extra": extra} if extra else {}
     if model_only:
         model_state = get_model_state_dict(dit)
-        dcp.load({"model": model_state}, checkpoint_id=str(Path(folder) / SHARDED_FOLDER))
+        dcp.load({"model": model_state, **more}, checkpoint_id=str(Path(folder) / SHARDED_FOLDER))
         set_model_state_dict(dit, model_state)
         return
     model_state, optim_state = get_state_dict(dit, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    state = {"model": model_state, "optimizer": optim_state, **more}
     dcp.load(state, checkpoint_id=str(Path(folder) / SHARDED_FOLDER))
     set_state_dict(dit, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 

@@ -74,7 +74,8 @@ from anima_trainer.train.resume import (
 )
 from anima_trainer.train.saving import Saver
 from anima_trainer.train.schedulers import build_scheduler, describe_schedule, schedule_options
-from anima_trainer.train.sharded_run import ShardedGradientSync, check_launch, start_sharding
+from anima_trainer.train.sharded_run import (ShardedFinetune, ShardedGradientSync, check_launch, preview_roles,
+                                             start_sharding)
 from anima_trainer.train.setup import (
     Optimization,
     RunPlan,
@@ -223,6 +224,7 @@ class RunIO:
     monitor: Monitor
     events: EventLog
     measurements: Measurements
+    sharding: ShardedFinetune | None = None  # a fine-tune sharded by FSDP2 (train/sharded_run.py)
 
 
 @dataclass
@@ -296,7 +298,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                                   extra_shapes=previews_and_validation + 4, text_encoder=models.text_encoder.model)
     prepare_text_encoder(cfg, models.text_encoder, network)  # issue 15: train mode, HF checkpointing
     dist.broadcast_parameters(network.trainable_parameters())  # every process starts from the same weights
-    sharding = start_sharding(cfg, dataset, dit, network, dist, device)  # None unless a fine-tune sharded by FSDP2
+    sharding = start_sharding(cfg, dit, network, dist, device)  # None unless a fine-tune sharded by FSDP2
     network = sharding.network if sharding else network  # the selection again, over the sharded parameters
     if dist.enabled:
         torch.manual_seed(dist.seed(seed))  # dropout differs per process
@@ -316,7 +318,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
         if resume_check.finished is not None:  # already complete (killed after its last write): nothing to write
             progress = load_state(resume_from, network=network, optimizer=optimizer, scheduler=optim.scheduler,
                                   scaler=optim.scaler, strict_optimizer=False,
-                                  sharded=sharding.loader(optimizer) if sharding else None)
+                                  sharded=sharding.loader(optimizer, ema) if sharding else None)
             dist.shutdown()
             return TrainRun(resume_check.finished, dit, network, [], progress.step, optimizer)
     started = time.time()
@@ -357,7 +359,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
     caches = prepare_caches(cfg, dataset, models, conditioner, dist=dist)
     if caches.variants is not None:
         conditioner.max_cached = 100_000  # a finite set of captions now: memoise them
-    validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main else None
+    validator = build_validator(cfg, dataset, models.vae.encode, device, seed) if dist.is_main or sharding else None
     preservation = build_preservation(cfg, preservation_prompts, dit, network, conditioner.context,
                                       seed)  # encoded once
     evaluation = build_evaluation(cfg, probe_prompts, network, conditioner.context, validator,  # encoded once
@@ -368,7 +370,7 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                               scaler=optim.scaler, restore_scheduler=not resume_check.rebuild_schedule,
                               strict_optimizer=not cfg.optimizer_mismatch_ignored(),
                               fresh_optimizer=resume_check.fresh_optimizer,
-                              sharded=sharding.loader(optimizer) if sharding else None)
+                              sharded=sharding.loader(optimizer, ema) if sharding else None)
         apply_optimizer_args(optimizer, fresh_groups, resume_check.optimizer_args)
         resume_ema(ema, resume_from)  # before `saver.resumed`, which may write the state's (EMA) files
         if resume_check.rebuild_schedule:  # a changed lr or schedule: the current settings from the resume point on
@@ -408,8 +410,9 @@ def _run_training(cfg: TrainConfig, cleanup: contextlib.ExitStack) -> TrainRun:
                models=RunModels(base=models, network=network, conditioner=conditioner, ema=ema,
                                  preservation=preservation),
                data=RunData(dataset=dataset, caches=caches, images=images, shard=shard),
-               io=RunIO(accelerator=accelerator, dist=dist, saver=saver, monitor=monitor, events=events,
-                        measurements=measurements, grad_sync=cleanup.enter_context(sharding.gradient_sync() if sharding
+               io=RunIO(sharding=sharding, accelerator=accelerator, dist=dist, saver=saver, monitor=monitor,
+                        events=events, measurements=measurements,
+                        grad_sync=cleanup.enter_context(sharding.gradient_sync() if sharding
                             else dist.gradient_sync(network.trainable_parameters(), cfg.ddp_bucket_cap_mb))))
     with start_tensorboard(cfg, tracking, is_main_process=accelerator.is_main_process), events, \
             StopSignals() as stop:
@@ -449,12 +452,10 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
     def preview(tag: str) -> None:
         """Previews run after the step's save and never stop training: a failure is logged and recorded as a
         `sample` event with status "failed"; a stop signal cancels them between sampler steps."""
-        cancel = None if stop is None else (lambda: stop.requested is not None)
-
         def render() -> list[Path]:  # sample_use_ema: the EMA weights swapped in, the training ones put back
             with measure.pause(), ema.swapped() if ema is not None and cfg.sample_use_ema else contextlib.nullcontext():
                 return render_previews(dit, base.text_encoder, base.vae, previews, Path(cfg.output_dir) / "sample",
-                                       tag, cfg.output_name, cancel=cancel)
+                                       tag, cfg.output_name, cancel=cancel, writes=writes)
         try:
             paths = render()
         except SamplingCancelled:
@@ -473,7 +474,8 @@ def _loop(r: _Run, stop: StopSignals | None = None) -> bool:
                      files=[p.name for p in paths])
         log_images(r.io.accelerator, "sample", paths, progress.step)
 
-    previews = previews if dist.is_main else []  # one process renders the previews
+    renders, writes, cancel = preview_roles(dist, r.io.sharding, stop)  # sharded: all render, the main one writes
+    previews = previews if renders else []
     if previews and cfg.sample_at_first and progress.step == 0:
         preview("000000")
     accum, per_epoch, fp16 = plan.accumulation, len(r.data.shard), scaler.is_enabled()

@@ -5,7 +5,9 @@ Both run with the network in eval mode (`paused_training`: no LoRA dropout, sche
 evaluation point, a trained text encoder in eval mode) and their time is not step time.  Neither touches the
 training RNG: validation seeds a forked RNG (evaluation/heldout.py), the evaluation runs inside a forked RNG
 too and draws its noise from its own generators, so a run with them on trains bit for bit as one without them
-and an exact resume stays exact.  Under data parallelism only the main process measures.
+and an exact resume stays exact.  Under data parallelism only the main process measures; in a fine-tune sharded
+with FSDP2 every process runs the validation together (each DiT forward is a collective) on the same held-out
+batches, and the same loss is logged by the main process alone.
 
 When:
   * validation as before (kohya's rules): after every `validate_every_n_steps`-th optimizer step, before that

@@ -56,6 +56,7 @@ class Saver:
         self.sharding = sharding
         self._staged: Path | None = None  # the state's shards, written by every process
         self._gathered: dict[str, torch.Tensor] | None = None  # the whole DiT (main process) for a network file
+        self._gathered_ema: dict[str, torch.Tensor] | None = None  # and with the EMA weights swapped in
         self.before_save, self.after_save = before_save, after_save  # e.g. schedule-free eval/train switch
         # save_every_n_epochs: the run plan's (what save_n_epoch_ratio makes of it); unset: the config's
         every_n_epochs = save_every_n_epochs if save_every_n_epochs is not None else cfg.save_every_n_epochs
@@ -114,7 +115,7 @@ class Saver:
         epoch_file = (at_epoch_end and self.files.due_at_epoch(state.epoch)
                       and not self.files.epoch_path(state.epoch).exists())
         if self.sharding is not None and self.dist.any_true(self.dist.is_main and (step_file or epoch_file)):
-            self._gathered = self.sharding.gather()  # every process: the main one decides, all gather
+            self._gathered, self._gathered_ema = self.sharding.gather(self.ema)  # every process: the main decides
         if not self.dist.is_main:
             return
         self.before_save()
@@ -129,7 +130,7 @@ class Saver:
                 self.files.record_epoch(state.epoch, *self._network_files(path, state.step, state.epoch))
         finally:
             self.after_save()
-            self._gathered = None
+            self._gathered = self._gathered_ema = None
 
     def _network_files(self, path: Path, step: int, epoch: int) -> list[Path]:
         """The network file at `path` and, with the EMA on, its EMA file, written first: an existing network file
@@ -149,7 +150,8 @@ class Saver:
                 ema_path = self.network.save(
                     ema_file_path(path), metadata={**self.metadata(step, epoch),
                                                    **ema_metadata(self.ema.decay, self.ema.warmup, self.ema.updates)},
-                    dtype=self.save_dtype, overwrite=overwrite or cut_short, save_format=self.cfg.save_format)
+                    dtype=self.save_dtype, overwrite=overwrite or cut_short, save_format=self.cfg.save_format,
+                    **({} if self.sharding is None else {"state": self._gathered_ema}))  # sharded: gathered, swapped
             if self.events is not None:
                 self.events.write("save", step=step, epoch=epoch, path=str(ema_path), ema=True)
             written.append(ema_path)
@@ -233,8 +235,9 @@ class Saver:
         if self.sharding is not None:  # every process: its shards of the state, its part of the gathered weights
             self.before_save()
             try:
-                self._staged = self.sharding.stage_state(self.optimizer) if state is not None else None
-                self._gathered = self.sharding.gather() if network_file_due else None
+                self._staged = self.sharding.stage_state(self.optimizer, self.ema) if state is not None else None
+                gathered = self.sharding.gather(self.ema) if network_file_due else (None, None)
+                self._gathered, self._gathered_ema = gathered
             finally:
                 self.after_save()
         if not self.dist.is_main:
@@ -247,5 +250,5 @@ class Saver:
         finally:
             self.after_save()
             if self.sharding is not None:
-                self._staged = self._gathered = None
+                self._staged = self._gathered = self._gathered_ema = None
                 self.sharding.staged_done()

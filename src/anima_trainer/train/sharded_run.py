@@ -16,7 +16,17 @@ What changes in a sharded run, and only there (`ShardedFinetune`):
   staging folder, which the main process moves into the state folder it writes and renames as always,
   train/training_state.py); a resume loads them back (`loader`) and needs the same number of processes;
 - a network file (step, epoch, final) is the whole DiT gathered on the main process (`gather`) and written by it
-  through `DiTFinetune.save`.
+  through `DiTFinetune.save`;
+- every forward of the sharded DiT is a collective (each unit all-gathers its weights), so what samples or
+  measures runs in every process together, on the same inputs, with the same number of DiT calls: the previews
+  (`preview_roles`: every process samples the same prompts, seeds and sizes; only the main process decodes and
+  writes the images and their events; a stop signal cancels them in all processes at the same sampler step)
+  and the validation loss (every process builds the same validator and computes the same loss on the same
+  held-out batches; only the main process logs it).  Neither touches the training RNG or the weights, so a run
+  with them trains bit for bit as one without them;
+- the EMA (ema_decay, train/ema.py) averages each process's own shards; its shadows are staged with the state's
+  shards (`stage_state`) and loaded back with them (`loader`), and `gather` gathers a second whole DiT with the
+  EMA swapped in for the `-ema` file.
 
 What FSDP cannot do here is refused at start-up (`check_shardable`), naming the option and the fix.
 """
@@ -38,11 +48,11 @@ from torch import nn
 from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.config.loader import locate_in_source
 from anima_trainer.networks.full_finetune import DiTFinetune
+from anima_trainer.train.ema import NetworkEMA, has_ema_state
 from anima_trainer.train.distributed import Distributed, check_supported, launched_by_accelerate_fsdp
 from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, save_sharded, shard_dit,
                                       shard_units)
 from anima_trainer.train.monitor import NonFiniteStateError, nonfinite_tensors
-from anima_trainer.train.validation import check_validation
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +67,10 @@ def wants_sharding(cfg: TrainConfig, world_size: int) -> bool:
 
 
 SHARDING_REFUSALS = {  # option → why a sharded fine-tune cannot honour it
-    "sample_prompts": "previews run on the main process alone, and every forward of a sharded DiT needs all "
-                      "processes",
-    "validation_split": "the validation loss runs on the main process alone, and every forward of a sharded DiT "
-                        "needs all processes",
     "full_bf16": "it re-casts the trained weights after sharding; FSDP keeps the sharded weights in the dtype "
                  "they were loaded in (mixed_precision = \"bf16\" already holds them in bf16)",
     "full_fp16": "it re-casts the trained weights after sharding and needs the fp16 gradient scaler",
     "fused_backward_pass": "its per-parameter step would run before FSDP reduce-scatters the gradient",
-    "ema_decay": "the EMA of sharded weights is not available",
     "eval_every_n_steps": "the evaluation runs on the main process alone, and every forward of a sharded DiT needs "
                           "all processes",
     "eval_every_n_epochs": "the evaluation runs on the main process alone, and every forward of a sharded DiT "
@@ -83,9 +88,9 @@ SHARDING_FIX = ("; remove it for a fine-tune sharded over several processes (or 
 
 def check_shardable(cfg: TrainConfig) -> None:
     """ConfigError naming the option and the fix for what a sharded fine-tune cannot honour: the options that
-    need the whole weights in one process (previews, the validation loss: they run on the main process only,
-    and every forward of a sharded DiT is a collective), or that change the weights' storage under FSDP.  An
-    option set in the TOML is named with its file and line."""
+    need the whole weights in one process (the evaluation: it runs on the main process only, and every forward
+    of a sharded DiT is a collective), or that change the weights' storage under FSDP.  An option set in the
+    TOML is named with its file and line."""
     for name, reason in SHARDING_REFUSALS.items():
         value = getattr(cfg, name, None)
         if name == "compile_blocks":
@@ -158,25 +163,26 @@ class ShardedFinetune:
     def gradient_sync(self) -> ShardedGradientSync:
         return ShardedGradientSync(self.dit)
 
-    def _check_finite(self, optimizer: torch.optim.Optimizer) -> None:
-        """NonFiniteStateError in every process when any process's shards (weights, optimizer moments) hold
-        NaN/Inf: a state is only written from finite values (as `Saver._state` checks unsharded)."""
+    def _check_finite(self, optimizer: torch.optim.Optimizer, ema: NetworkEMA | None) -> None:
+        """NonFiniteStateError in every process when any process's shards (weights, optimizer moments, EMA)
+        hold NaN/Inf: a state is only written from finite values (as `Saver._state` checks unsharded)."""
         local = {n: _local(p) for n, p in self.network.state_dict().items()}
         local.update({f"optimizer.{i}.{k}": _local(v) for i, s in enumerate(optimizer.state.values())
                       for k, v in s.items() if isinstance(v, torch.Tensor) and v.is_floating_point()})
+        local.update(ema.state_tensors() if ema is not None else {})
         bad = nonfinite_tensors(local)
         if self.dist.any_true(bool(bad)):
             shown = ", ".join(bad[:5]) if bad else "in another process's shards"
             raise NonFiniteStateError(f"the sharded state: not saved, tensors hold NaN/Inf ({shown})")
 
-    def stage_state(self, optimizer: torch.optim.Optimizer) -> Path:
-        """Every process writes its shards of the model and optimizer into the staging folder (DCP); returns
-        the DCP folder for `save_state(sharded=...)`.  Collective."""
-        self._check_finite(optimizer)
+    def stage_state(self, optimizer: torch.optim.Optimizer, ema: NetworkEMA | None = None) -> Path:
+        """Every process writes its shards of the model, optimizer and EMA (`ema`, its shard shadows) into the
+        staging folder (DCP); returns the DCP folder for `save_state(sharded=...)`.  Collective."""
+        self._check_finite(optimizer, ema)
         if self.dist.is_main and self.staging.exists():
             shutil.rmtree(self.staging)
         self.dist.barrier()
-        target = save_sharded(self.staging, self.dit, optimizer)
+        target = save_sharded(self.staging, self.dit, optimizer, ema.sharded_state() if ema is not None else None)
         self.dist.barrier()  # every shard is on disk before the main process moves the folder
         return target
 
@@ -185,16 +191,24 @@ class ShardedFinetune:
         if self.dist.is_main:
             shutil.rmtree(self.staging, ignore_errors=True)
 
-    def gather(self) -> dict[str, torch.Tensor]:
-        """The whole DiT on the main process (CPU; empty elsewhere) for a network file.  Collective."""
-        return full_state_dict(self.dit)
+    def gather(self, ema: NetworkEMA | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The whole DiT on the main process (CPU; empty elsewhere) for a network file, and with `ema` the
+        whole DiT with the EMA weights swapped in (for its `-ema` file; None without).  Collective."""
+        if ema is None:
+            return full_state_dict(self.dit), None
+        with ema.swapped():
+            averaged = full_state_dict(self.dit)
+        return full_state_dict(self.dit), averaged
 
-    def loader(self, optimizer: torch.optim.Optimizer) -> Callable[[Path, bool], None]:
+    def loader(self, optimizer: torch.optim.Optimizer,
+               ema: NetworkEMA | None = None) -> Callable[[Path, bool], None]:
         """`load_state(sharded=...)`: the state's shards into the sharded DiT and `optimizer` (only the model
-        when the optimizer starts fresh).  Collective."""
+        when the optimizer starts fresh), and into `ema`'s shadows when the state holds an EMA (its update
+        count follows in `resume_ema`).  Collective."""
         def load(folder: Path, fresh_optimizer: bool) -> None:
+            extra = ema.sharded_state() if ema is not None and has_ema_state(folder) else None
             try:
-                load_sharded(folder, self.dit, optimizer, model_only=fresh_optimizer)
+                load_sharded(folder, self.dit, optimizer, model_only=fresh_optimizer, extra=extra)
             except Exception as e:  # noqa: BLE001 - DCP reports a misfit as one of several error types
                 raise ConfigError(f"resume: the sharded state in {folder} does not fit this fine-tune "
                                   f"({type(e).__name__}: {str(e)[:300]}); the selection, the optimizer or its groups "
@@ -227,12 +241,24 @@ def check_launch(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
     return cfg.model_copy(update={"compile_blocks": False}) if cfg.compile_blocks == "auto" else cfg
 
 
-def start_sharding(cfg: TrainConfig, dataset: Any, dit: nn.Module, network: Any, dist: Distributed,
+def start_sharding(cfg: TrainConfig, dit: nn.Module, network: Any, dist: Distributed,
                    device: torch.device) -> ShardedFinetune | None:
     """The sharded fine-tune of this run (after `check_launch`), or None (no sharding: LoRA, one process,
     fsdp_sharding = "off").  Collective."""
     if not wants_sharding(cfg, dist.world_size):
         return None
-    if check_validation(cfg, dataset):  # held out in dataset_config: known once the dataset is built
-        raise ConfigError("validation_split (dataset_config): " + SHARDING_REFUSALS["validation_split"] + SHARDING_FIX)
     return ShardedFinetune.start(cfg, dit, network, dist, device)
+
+
+def preview_roles(dist: Distributed, sharding: ShardedFinetune | None,
+                  stop: Any) -> tuple[bool, bool, Callable[[], bool] | None]:
+    """(renders, writes, cancel) of this process's previews.  Unsharded: the main process renders and writes
+    them, cancelled by its own stop signal (`stop.requested`; `stop` None: never).  Sharded: every process
+    renders (every DiT forward is a collective), only the main one decodes and writes; the cancel, asked
+    before every sampler step in every process, is `dist.any_true` over the processes' stop signals, so they
+    stop at the same step together — a process cancelling alone would leave the others waiting in a
+    collective."""
+    requested = None if stop is None else (lambda: stop.requested is not None)
+    if sharding is None:
+        return dist.is_main, True, requested
+    return True, dist.is_main, None if requested is None else (lambda: dist.any_true(requested()))
