@@ -39,8 +39,8 @@ from anima_trainer.config import ConfigError, TrainConfig
 from anima_trainer.config.loader import locate_in_source
 from anima_trainer.networks.full_finetune import DiTFinetune
 from anima_trainer.train.distributed import Distributed, check_supported, launched_by_accelerate_fsdp
-from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, save_sharded, shard_dit,
-                                      shard_units)
+from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, mixed_precision_policy,
+                                      save_sharded, shard_dit, shard_units, upcast_trained)
 from anima_trainer.train.monitor import NonFiniteStateError, nonfinite_tensors
 from anima_trainer.train.validation import check_validation
 
@@ -61,8 +61,8 @@ SHARDING_REFUSALS = {  # option → why a sharded fine-tune cannot honour it
                       "processes",
     "validation_split": "the validation loss runs on the main process alone, and every forward of a sharded DiT "
                         "needs all processes",
-    "full_bf16": "it re-casts the trained weights after sharding; FSDP keeps the sharded weights in the dtype "
-                 "they were loaded in (mixed_precision = \"bf16\" already holds them in bf16)",
+    "full_bf16": "it holds the trained weights in bf16; a sharded fine-tune keeps fp32 master shards and "
+                 "mixed_precision = \"bf16\" already computes in bf16 over them",
     "full_fp16": "it re-casts the trained weights after sharding and needs the fp16 gradient scaler",
     "fused_backward_pass": "its per-parameter step would run before FSDP reduce-scatters the gradient",
     "ema_decay": "the EMA of sharded weights is not available",
@@ -138,9 +138,14 @@ class ShardedFinetune:
     def start(cls, cfg: TrainConfig, dit: nn.Module, network: DiTFinetune, dist: Distributed,
               device: torch.device) -> ShardedFinetune:
         """Shard `dit` (the selection of `network` already set) and build the fine-tune over its sharded
-        parameters.  Collective."""
+        parameters.  mixed_precision = "bf16" keeps kohya's meaning (fp32 weights, bf16 forward): the trained
+        parameters are upcast to fp32 first, so each process holds 1/N of an fp32 master, and FSDP gathers and
+        computes in bf16 with fp32 gradient reduction (frozen ones stay bf16).  Collective."""
+        bf16 = cfg.mixed_precision == "bf16"
+        if bf16:
+            upcast_trained(dit)
         try:
-            shard_dit(dit, device=device)
+            shard_dit(dit, device=device, mp_policy=mixed_precision_policy(device, torch.bfloat16) if bf16 else None)
         except ValueError as e:
             raise ConfigError(f"fsdp_sharding: {e}") from None
         sharded = DiTFinetune(dit, trainable_patterns=network.trainable_patterns,
@@ -151,8 +156,9 @@ class ShardedFinetune:
             units = len(shard_units(dit))
             adapter = ", the LLM adapter" if units > len(dit.blocks) else ""
             log.info("fine-tune sharded with FSDP2 over %d processes: %d units (%d blocks%s + the root), each "
-                     "process holds 1/%d of the weights, gradients and optimizer state", dist.world_size, units + 1,
-                     len(dit.blocks), adapter, dist.world_size)
+                     "process holds 1/%d of the weights, gradients and optimizer state%s", dist.world_size, units + 1,
+                     len(dit.blocks), adapter, dist.world_size,
+                     " (fp32 master shards, bf16 compute)" if bf16 else "")
         return cls(dit, sharded, dist, staging)
 
     def gradient_sync(self) -> ShardedGradientSync:
