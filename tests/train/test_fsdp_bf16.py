@@ -6,16 +6,16 @@ single-process bf16 fine-tune's exactly compensated ones (train/bf16_update.py: 
 weight joined with its int16 remainder), and updates below half a bf16 ulp are kept, not rounded away.
 
 The learning rate is tiny (1e-6 with AdamW: each step moves a weight by about 1e-6, far below half a bf16 ulp of
-the tiny model's weights), so plain bf16 steps would leave every weight where it was.  Global batch as
-tests/train/test_fsdp_run.py: 2 processes × batch 1 × 2 accumulated micro-batches against 1 process × batch 1
-× 4.  Tolerance: the movements (trained − base) agree within 2 % of the learning rate per step (atol) and 2 %
-(rtol): both runs compute the forward and backward with the same bf16 weights, but the gradients are summed
-in another order (bf16 accumulation of 4 micro-batches on one process against 2 per process and an fp32
-reduce-scatter), and AdamW's step is the gradient's sign-like ratio, so only elements whose gradient is near
-zero feel that rounding."""
+most of the tiny model's weights), so plain bf16 steps would leave those where they were.  Global batch as
+tests/train/test_fsdp_run.py: 2 processes × batch 1 × 2 accumulated micro-batches against 1 process × batch 1 × 4;
+the sharded run saves a state at step 2 and is resumed from it.  Tolerance (the equality test's docstring): both
+runs compute forward and backward with the same bf16 weights, but the gradients are summed in another order (bf16
+accumulation of 4 micro-batches on one process against 2 per process and an fp32 reduce-scatter), and AdamW's step
+is the gradient's sign-like ratio, so only elements whose gradient is near zero feel that rounding."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
@@ -34,6 +34,7 @@ from tests.train.test_fsdp_run import STEPS, _toml
 LR = 1e-6
 ARGS = ("--learning_rate", str(LR), "--mixed_precision", "bf16", "--cache_latents_to_disk",
         "--cache_text_encoder_outputs_to_disk", "--log_with", "none", "--max_grad_norm", "0.05")
+SHARDED = ("--gradient_accumulation_steps", "2", "--save_every_n_steps", "2", "--save_state")
 DUMP = '''import os, sys, torch
 from anima_trainer import console
 from anima_trainer.config import parse_train_args
@@ -61,14 +62,13 @@ def sharded(setup, tmp_path_factory) -> dict:
     toml = _toml(setup, out)
     script = out / "dump_sharded.py"
     script.write_text(DUMP)
-    argv, env = launch_command(2, [str(script), "--config_file", str(toml), *ARGS,
-                                   "--gradient_accumulation_steps", "2"])
+    argv, env = launch_command(2, [str(script), "--config_file", str(toml), *ARGS, *SHARDED])
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     dumps = [torch.load(out / f"shards{rank}.pt") for rank in (0, 1)]
     shards = [dump["shards"] for dump in dumps]
     return {"shards": shards, "trained": _gather(*shards), "frozen": dumps[0]["frozen"], "log": done.stderr,
-            "final": load_file(out / "output" / "demo_lora.safetensors")}
+            "final": load_file(out / "output" / "demo_lora.safetensors"), "toml": toml}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,8 @@ def test_an_unset_save_precision_writes_the_base_file_dtypes_as_one_process_does
     got, reference = sharded["final"], single["final"]
     assert got.keys() == reference.keys()
     assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in reference.items()}
+    # the tiny base file is fp32, so the gathered fp32 master is written as it is (a bf16 base file: rounded)
+    assert all(torch.equal(got[f"net.{name}"], value) for name, value in sharded["trained"].items())
 
 
 
@@ -151,3 +153,20 @@ def test_upcast_trained_makes_the_fp32_master_and_leaves_frozen_weights_bf16():
     assert (policy.param_dtype, policy.reduce_dtype, policy.cast_forward_inputs) == (torch.bfloat16, torch.float32,
                                                                                       False)
     assert mixed_precision_policy("cpu").param_dtype is None  # an fp32 run on the CPU casts nothing
+
+
+def test_a_resumed_sharded_bf16_run_equals_the_uninterrupted_one_bitwise(sharded):
+    """The fp32 master shards go into the state and come back exactly: the run cut back to its step-2 state
+    (final file, latest state and step-2 file removed) and resumed writes the same final file, bit for bit."""
+    output = sharded["toml"].parent / "output"
+    for name in ("demo_lora.safetensors", "demo_lora-step00000002.safetensors"):
+        (output / name).unlink()
+    shutil.rmtree(output / "demo_lora-state")
+    argv, env = launch_command(2, ["-m", "anima_trainer", "train", "--config_file", str(sharded["toml"]), *ARGS,
+                                   *SHARDED, "--resume", "latest"])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert "resuming from" in done.stderr
+    resumed, final = load_file(output / "demo_lora.safetensors"), sharded["final"]
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+
