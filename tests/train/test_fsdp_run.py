@@ -10,6 +10,7 @@ is the slow part)."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
 from anima_trainer.models import load_dit
 from anima_trainer.train import training_state as states
 from anima_trainer.train.loop import run_training
-from anima_trainer.train.sharded_run import check_launch, check_shardable
+from anima_trainer.train.sharded_run import FULL_BF16_SHARDED_NOTICE, check_launch, check_shardable
 from tests.train.test_distributed import ROOT, launch_command
 
 STEPS = 4
@@ -149,7 +150,7 @@ def test_an_fsdp_launch_is_accepted_for_a_finetune_and_refused_for_lora(setup, t
 
 
 @pytest.mark.parametrize(("extra", "option"), [
-    (("--full_bf16", "--mixed_precision", "bf16"), "full_bf16"),
+    (("--full_fp16", "--mixed_precision", "fp16"), "full_fp16"),
     (("--mixed_precision", "fp16"), "mixed_precision"),
     (("--compile_blocks", "true"), "compile_blocks"),
     (("--eval_every_n_steps", "2"), "eval_every_n_steps"),
@@ -162,9 +163,9 @@ def test_what_fsdp_cannot_do_is_refused_naming_the_option(setup, tmp_path, extra
 
 def test_a_refused_option_set_in_the_toml_is_named_with_its_file_and_line(setup, tmp_path):
     toml = _toml(setup, tmp_path)
-    refused = 'training_mode = "finetune"\nmixed_precision = "bf16"\nfull_bf16 = true\n'
+    refused = 'training_mode = "finetune"\nmixed_precision = "bf16"\neval_every_n_steps = 2\n'
     toml.write_text(toml.read_text().replace('training_mode = "finetune"\n', refused))
-    with pytest.raises(ConfigError, match=r"^full_bf16: .*\(in train\.toml line \d+\)"):
+    with pytest.raises(ConfigError, match=r"^eval_every_n_steps: .*\(in train\.toml line \d+\)"):
         check_shardable(parse_train_args(["--config_file", str(toml)]))
 
 
@@ -187,3 +188,15 @@ def test_a_state_of_the_other_form_is_refused_and_a_stale_staging_folder_removed
         (folder / "fsdp" / "__0_0.distcp").write_bytes(b"x")
     states.remove_stale_temporaries(tmp_path, "demo_lora")
     assert not stale.exists() and other.is_dir() and unsharded.is_dir()
+
+
+def test_full_bf16_sharded_keeps_fp32_master_shards_with_one_notice(setup, tmp_path, monkeypatch, caplog):
+    """kohya's full_bf16 (plain bf16 weights) in a sharded fine-tune: accepted with one notice; the run keeps
+    its fp32 master shards (train/sharded_run.py ShardedFinetune.start) instead of casting to bf16."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = parse_train_args(["--config_file", str(_toml(setup, tmp_path)), "--full_bf16", "--mixed_precision", "bf16"])
+    with caplog.at_level(logging.WARNING):
+        run_cfg = check_launch(cfg, _accelerator("MULTI_CPU"))
+    assert cfg.full_bf16 and run_cfg.full_bf16 is False and run_cfg.mixed_precision == "bf16"
+    notices = [r.getMessage() for r in caplog.records if r.getMessage().startswith("notice: full_bf16")]
+    assert notices == [f"notice: {FULL_BF16_SHARDED_NOTICE}"] and "fp32 master shards" in notices[0]

@@ -134,7 +134,8 @@ class FinetuneSettings(BaseModel):
                          "fp32 master weights (kohya's mixed bf16) at 4 bytes per parameter, where kohya's full_bf16 "
                          "rounds small updates away; a Kahan buffer in bf16 or stochastic rounding would drift "
                          "(train/bf16_update.py). D-Adaptation, Prodigy and schedule-free optimizers update plain "
-                         "bf16; across processes the sharded run keeps fp32 master weights instead")
+                         "bf16; a fine-tune sharded across processes (FSDP2) instead keeps fp32 master shards "
+                         "(4 bytes per trained parameter / N) and computes in bf16")
         elif self.mixed_precision == "fp16" and not self.full_fp16:
             notes.append("mixed_precision = \"fp16\": the fine-tuned weights are held and updated in fp16 (as kohya's "
                          "full_fp16; kohya keeps fp32 weights without it); mixed_precision = \"bf16\" updates bf16 "

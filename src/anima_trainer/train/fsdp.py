@@ -10,10 +10,12 @@ The engine is torch's; this module only decides how the DiT is cut and how its s
   unit's parameters are sharded over the processes (dim 0, DTensors); a unit's full weights exist only while
   its forward or backward runs.  Gradients are reduce-scattered (averaged) per unit during the backward, so
   each process keeps only its shard of the gradients and of the optimizer state.
-- **Mixed precision** (`mixed_precision_policy`): on CUDA the trained parameters stay fp32 (the sharded master
-  copy the optimizer steps), are all-gathered in bf16 for compute, and gradients are reduced in fp32; on the
-  CPU (gloo) everything stays fp32.  Block inputs are never cast by FSDP (`cast_forward_inputs=False`): the
-  DiT keeps its own fp32 residual stream under bf16 weights exactly as it does unsharded.
+- **Mixed precision** (`mixed_precision_policy`, `upcast_trained`): the trained parameters are fp32 (the
+  sharded master copy the optimizer steps: a bf16 run's are upcast before sharding, kohya's meaning of
+  mixed_precision bf16), all-gathered in bf16 for compute, and gradients are reduced in fp32 — on CUDA always,
+  on the CPU (gloo, which all-gathers bf16) when asked (`compute_dtype`, a bf16 run); a CPU fp32 run casts
+  nothing.  Block inputs are never cast by FSDP (`cast_forward_inputs=False`): the DiT keeps its own fp32
+  residual stream under bf16 weights exactly as it does unsharded.
 - **Frozen parameters** (a partial fine-tune): FSDP2 allows frozen and trained parameters in one unit (frozen
   ones are sharded too and get no gradient or reduce-scatter) but needs one dtype among each unit's *trained*
   parameters; `shard_dit` checks that before sharding and names the unit.  A fully frozen block is sharded as
@@ -54,14 +56,26 @@ SHARDED_FOLDER = SHARDED_STATE  # inside a state folder: the DCP checkpoint (__0
 
 def mixed_precision_policy(device: torch.device | str,
                            compute_dtype: torch.dtype | None = None) -> MixedPrecisionPolicy:
-    """FSDP2's precision policy for `device`: on CUDA all-gather and compute in `compute_dtype` (bf16 when
-    None) with fp32 gradient reduction; on any other device (the CPU under gloo, where bf16 collectives are
-    slow and the tests compare with an fp32 run) no casts at all.  Inputs are never cast by FSDP: the DiT
-    casts them itself and keeps its residual stream fp32 under reduced-precision weights."""
-    if torch.device(device).type != "cuda":
+    """FSDP2's precision policy: all-gather and compute in `compute_dtype` with fp32 gradient reduction, on any
+    device (gloo all-gathers bf16 too); `compute_dtype` None is bf16 on CUDA and no casts at all elsewhere (the
+    CPU under gloo, where an fp32 run is compared with an unsharded fp32 one).  Inputs are never cast by FSDP:
+    the DiT casts them itself and keeps its residual stream fp32 under reduced-precision weights."""
+    if compute_dtype is None and torch.device(device).type != "cuda":
         return MixedPrecisionPolicy(cast_forward_inputs=False)
     return MixedPrecisionPolicy(param_dtype=compute_dtype or torch.bfloat16, reduce_dtype=torch.float32,
                                 cast_forward_inputs=False)
+
+
+def upcast_trained(dit: nn.Module) -> int:
+    """Every trained parameter of `dit` to fp32 in place, before sharding (frozen ones keep their dtype): the
+    fp32 master copy that each process then holds 1/N of, while `mixed_precision_policy(..., bf16)` gathers
+    and computes in bf16.  Returns how many tensors were upcast."""
+    upcast = 0
+    for p in dit.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            upcast += 1
+    return upcast
 
 
 def trains_llm_adapter(dit: nn.Module) -> bool:

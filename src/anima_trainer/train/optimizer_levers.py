@@ -120,6 +120,8 @@ def describe_levers(cfg: TrainConfig) -> str:
     words = []
     if levers.compensated_bf16:
         words.append("bf16 weights with compensated updates")
+    elif cfg.mixed_precision == "bf16" and wants_sharding(cfg, process_count()):
+        words.append("fp32 master shards, bf16 compute (FSDP2)")
     elif cfg.finetunes and cfg.mixed_precision in ("bf16", "fp16"):
         words.append(f"{cfg.mixed_precision} weights with plain updates")
     if levers.fused_backward:

@@ -50,8 +50,8 @@ from anima_trainer.config.loader import locate_in_source
 from anima_trainer.networks.full_finetune import DiTFinetune
 from anima_trainer.train.ema import NetworkEMA, has_ema_state
 from anima_trainer.train.distributed import Distributed, check_supported, launched_by_accelerate_fsdp
-from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, save_sharded, shard_dit,
-                                      shard_units)
+from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, mixed_precision_policy,
+                                      save_sharded, shard_dit, shard_units, upcast_trained)
 from anima_trainer.train.monitor import NonFiniteStateError, nonfinite_tensors
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,11 @@ def wants_sharding(cfg: TrainConfig, world_size: int) -> bool:
     return cfg.finetunes and world_size > 1 and cfg.fsdp_sharding == "auto"
 
 
+FULL_BF16_SHARDED_NOTICE = ("full_bf16: a fine-tune sharded over several processes keeps fp32 master shards of the "
+                            "trained weights (4 bytes per parameter / N processes) and computes in bf16 "
+                            "(mixed_precision = \"bf16\"), so updates below half a bf16 step are kept; the trained "
+                            "weights are not held in bf16")
 SHARDING_REFUSALS = {  # option → why a sharded fine-tune cannot honour it
-    "full_bf16": "it re-casts the trained weights after sharding; FSDP keeps the sharded weights in the dtype "
-                 "they were loaded in (mixed_precision = \"bf16\" already holds them in bf16)",
     "full_fp16": "it re-casts the trained weights after sharding and needs the fp16 gradient scaler",
     "fused_backward_pass": "its per-parameter step would run before FSDP reduce-scatters the gradient",
     "eval_every_n_steps": "the evaluation runs on the main process alone, and every forward of a sharded DiT needs "
@@ -143,9 +145,15 @@ class ShardedFinetune:
     def start(cls, cfg: TrainConfig, dit: nn.Module, network: DiTFinetune, dist: Distributed,
               device: torch.device) -> ShardedFinetune:
         """Shard `dit` (the selection of `network` already set) and build the fine-tune over its sharded
-        parameters.  Collective."""
+        parameters.  mixed_precision = "bf16" keeps kohya's meaning (fp32 weights, bf16 forward): the trained
+        parameters are upcast to fp32 first, so each process holds 1/N of an fp32 master, and FSDP gathers and
+        computes in bf16 with fp32 gradient reduction (frozen ones stay bf16); "no" gathers and computes in fp32,
+        as a single process does.  Collective."""
+        bf16 = cfg.mixed_precision == "bf16"
+        if bf16:
+            upcast_trained(dit)
         try:
-            shard_dit(dit, device=device)
+            shard_dit(dit, device=device, mp_policy=mixed_precision_policy(device, torch.bfloat16 if bf16 else torch.float32))
         except ValueError as e:
             raise ConfigError(f"fsdp_sharding: {e}") from None
         sharded = DiTFinetune(dit, trainable_patterns=network.trainable_patterns,
@@ -156,8 +164,9 @@ class ShardedFinetune:
             units = len(shard_units(dit))
             adapter = ", the LLM adapter" if units > len(dit.blocks) else ""
             log.info("fine-tune sharded with FSDP2 over %d processes: %d units (%d blocks%s + the root), each "
-                     "process holds 1/%d of the weights, gradients and optimizer state", dist.world_size, units + 1,
-                     len(dit.blocks), adapter, dist.world_size)
+                     "process holds 1/%d of the weights, gradients and optimizer state%s", dist.world_size, units + 1,
+                     len(dit.blocks), adapter, dist.world_size,
+                     " (fp32 master shards, bf16 compute)" if bf16 else "")
         return cls(dit, sharded, dist, staging)
 
     def gradient_sync(self) -> ShardedGradientSync:
@@ -238,7 +247,12 @@ def check_launch(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
     if not wants_sharding(cfg, accelerator.num_processes):
         return cfg
     check_shardable(cfg)
-    return cfg.model_copy(update={"compile_blocks": False}) if cfg.compile_blocks == "auto" else cfg
+    update: dict[str, Any] = {"compile_blocks": False} if cfg.compile_blocks == "auto" else {}
+    if cfg.full_bf16:  # kohya: bf16 weights stepped plainly; sharded, the fp32 master costs 1/N of it
+        if accelerator.is_main_process:
+            log.warning("notice: %s", FULL_BF16_SHARDED_NOTICE)
+        update["full_bf16"] = False
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def start_sharding(cfg: TrainConfig, dit: nn.Module, network: Any, dist: Distributed,
