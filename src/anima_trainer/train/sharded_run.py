@@ -153,7 +153,8 @@ class ShardedFinetune:
         if bf16:
             upcast_trained(dit)
         try:
-            shard_dit(dit, device=device, mp_policy=mixed_precision_policy(device, torch.bfloat16 if bf16 else torch.float32))
+            compute = torch.bfloat16 if bf16 else torch.float32
+            shard_dit(dit, device=device, mp_policy=mixed_precision_policy(device, compute))
         except ValueError as e:
             raise ConfigError(f"fsdp_sharding: {e}") from None
         sharded = DiTFinetune(dit, trainable_patterns=network.trainable_patterns,
