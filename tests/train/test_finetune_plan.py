@@ -1,5 +1,6 @@
 """The memory levers of a fine-tune (issue 19 item 2): `vram_budget_gb` plans it over the levers that keep its
-result (checkpointing, offloaded block inputs, swap of the frozen blocks; numbers from train/finetune_memory.py
+result (checkpointing, offloaded block inputs, swap of the frozen blocks, and of trained ones with
+fused_backward_pass; numbers from train/finetune_memory.py
 for the 2B model), names the user's optimizer levers when nothing fits, and the runs on the tiny model apply the
 chosen levers; block swap of the frozen blocks trains bit-identical weights; fp8_base stores only frozen
 Linears in fp8 and the saved checkpoint holds the base file's values for them."""
@@ -87,6 +88,26 @@ def test_partial_finetune_swaps_only_its_frozen_blocks():
         "blocks_to_swap": 23})
 
 
+def test_with_the_fused_pass_the_plan_swaps_trained_blocks_too():
+    """fused_backward_pass lets trained blocks swap (models/offload.py copies their updates back): the candidates
+    go on past the frozen blocks, and the whole DiT with AdaFactor fits 8 GiB by swapping 16 of its blocks."""
+    assert [n for n, _ in finetune_candidates(28, 23, swap_trained=True)][-3:] == [
+        "… + swap of 23 frozen blocks", "… + swap of 24 blocks, 1 of them trained", "… + swap of 28 blocks, 5 of them "
+        "trained"]
+    assert finetune_candidates(28, 23) == finetune_candidates(28, 23, swap_trained=True)[:-2]
+    kw = {"optimizer_type": "AdaFactor", "fused_backward_pass": True}
+    assert "swap of" not in _chosen(_plan(12, **kw))  # checkpointing is faster and enough
+    plan = _plan(8, **kw)
+    assert _chosen(plan) == "… + swap of 16 blocks, 16 of them trained" and plan.settings["blocks_to_swap"] == 16
+    # each swapped block beyond the 3 in flight takes its bf16 weights off the device (grads and state stay)
+    block = sum(math.prod(s) for n, s in trained_shapes(C).items() if n.startswith("blocks.0."))
+    offloaded = dict(plan.table)["all blocks + offloaded block inputs"]
+    assert plan.estimate_gib == pytest.approx(offloaded - (16 - 3) * 2 * block / 2**30, abs=1e-9)
+    assert plan.estimate_gib == pytest.approx(_peak(kw, plan.settings), abs=1e-9)
+    with pytest.raises(ConfigError, match=r"most frugal one \(… \+ swap of 28 blocks, 28 of them trained\)"):
+        _plan(4, **kw)
+
+
 def test_nothing_fitting_names_the_user_levers_that_would_with_their_predictions():
     frugal = finetune_candidates(28, 0)[-1][1]
     with pytest.raises(ConfigError) as err:
@@ -112,8 +133,10 @@ def test_nothing_fitting_names_the_user_levers_that_would_with_their_predictions
     assert "(with the most frugal memory setting, which with fused_backward_pass swaps trained blocks too)" in \
         str(err.value)
     assert peak <= 12
+    with pytest.raises(ConfigError, match="fused_backward_pass \\+ optimizer_type = AdaFactor: 6.1 GiB predicted"):
+        _plan(8)  # fitting only with the trained blocks swapped
     with pytest.raises(ConfigError, match="even the most frugal choice of them does not fit"):
-        _plan(8)
+        _plan(5)
 
 
 # ------------------------------------------------------------------------------ runs on the tiny model --

@@ -16,10 +16,11 @@ train/memory_estimate.py and the weights of the blocks the swapper keeps on the 
 memory, not results, fastest first: no checkpointing, checkpointing of the first k blocks, all blocks, offloaded
 block inputs, then swap of more and more frozen blocks and, with the user's fused_backward_pass, of more and more
 blocks, trained ones included (their gradients and optimizer state are where the levers put them; only the
-weights leave the device).  fp8 storage is never chosen (it changes the result; the user's
-fp8_base is kept, as in the LoRA plan).  The optimizer, fused_backward_pass and optimizer_offload change the run
-too and are the user's choice: when nothing fits, the error names those that would make it fit, with their
-predicted peaks (with fused_backward_pass, predicted with the trained blocks swapped too).  All numbers are predictions, not measurements.
+weights leave the device).  fp8 storage is never chosen (it changes the result; the user's fp8_base is kept, as
+in the LoRA plan).  The optimizer, fused_backward_pass and optimizer_offload change the run too and are the
+user's choice: when nothing fits, the error names those that would make it fit, with their predicted peaks (with
+fused_backward_pass, predicted with the trained blocks swapped too).  All numbers are predictions, not
+measurements.
 """
 
 from __future__ import annotations
