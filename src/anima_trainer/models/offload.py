@@ -1,10 +1,10 @@
-"""Moving frozen DiT weights and saved activations off the accelerator while a step runs.
+"""Moving DiT block weights and saved activations off the accelerator while a step runs.
 
 * `BlockSwapper` (kohya's `blocks_to_swap`): the weights of N blocks live in (pinned) CPU memory and are copied
   to the device just before the block runs, on a side CUDA stream, with the next `prefetch` blocks copied while
-  the current one computes; after use the device copy is dropped (the weights are frozen, so nothing is copied
-  back).  Backward needs the weights again (grad-input = grad · W, and checkpointed blocks are recomputed), so a
-  gradient hook on every block output brings block i back, and prefetches i-1, just before its backward runs.
+  the current one computes; after use the device copy is dropped (frozen weights: nothing is copied back).
+  Backward needs the weights again (grad-input = grad · W, and checkpointed blocks are recomputed), so a gradient
+  hook on every block output brings block i back, and prefetches i-1, just before its backward runs.
   Tensors autograd saves from a swapped block's weights (e.g. Wᵀ for grad-input) are stored as a token and
   resolved to the block's current device copy at backward time, so a non-checkpointed block does not pin its
   device weights for the whole step either.
