@@ -201,3 +201,20 @@ def test_a_run_swapping_its_trained_blocks_equals_no_swap_and_resumes_exactly(se
     assert resumed.steps == reference.steps == 4
     got = load_file(resumed.final_path)
     assert got.keys() == b.keys() and all(torch.equal(b[k], got[k]) for k in b)
+
+
+def test_a_selected_parameter_left_frozen_is_not_waited_for():
+    """A selected parameter at lr 0 (kohya's mod_lr = 0) does not train: the swapper drops it from the block's
+    updated list at the first training forward and the run trains as without swap."""
+    runs = []
+    for swap in (0, 1):
+        dit, ft, opt = _fine_tune(torch.float32, swap)
+        for name, p in dit.named_parameters():
+            if ".adaln_modulation" in name:
+                p.requires_grad_(False)
+        _steps(dit, opt, 2, torch.float32)
+        runs.append((_weights(dit), dit.runner.swapper))
+    (ref, _), (got, sw) = runs
+    assert sw.swapped == [N - 1] and sw.updated[N - 1] and sw.stats.writebacks >= 2
+    assert not any("adaln_modulation" in n for n in sw.updated[N - 1])
+    assert all(torch.equal(ref[n], got[n]) for n in ref)

@@ -298,16 +298,19 @@ class BlockSwapper:
     def _hook_updated(self) -> None:
         """Count each trained parameter's gradient arrival (its fused update runs in the same hook chain, so
         at the next scheduling point it is done).  Hooked at the first training forward: a fine-tune marks its
-        parameters trainable after the swapper is built."""
-        for i, names in self.updated.items():
+        parameters trainable after the swapper is built; a listed parameter left frozen (a component at lr 0) is
+        never updated, so it is dropped from the list (a block left with none swaps as a frozen one)."""
+        for i in list(self.updated):
             if i in self._hooked:
                 continue
+            names = [n for n in self.updated[i] if self._tensors[i][n].requires_grad]
             for n in names:
-                p = self._tensors[i][n]
-                if not p.requires_grad:
-                    raise ValueError(f"block {i}'s parameter {n} is listed as updated but does not require grad")
-                p.register_post_accumulate_grad_hook(lambda p, i=i: self._gradient_arrived(i))
+                self._tensors[i][n].register_post_accumulate_grad_hook(lambda p, i=i: self._gradient_arrived(i))
             self._hooked.add(i)
+            if names:
+                self.updated[i] = names
+            else:
+                del self.updated[i]
 
     def _gradient_arrived(self, i: int) -> None:
         self._arrived[i] = self._arrived.get(i, 0) + 1
