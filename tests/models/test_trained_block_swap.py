@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 
 import anima_trainer.train.loop as loop
 from anima_trainer.config import ConfigError, parse_train_args
+from anima_trainer.evaluation.strength import at_strength
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml, write_demo_models, write_shapes_dataset
 from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.networks.full_finetune import DiTFinetune, select_parameters
 from anima_trainer.train.bf16_update import REMAINDER_KEY
+from anima_trainer.train.flow import preservation_term
 from anima_trainer.train.fused_backward import build_per_parameter_optimizer
 from anima_trainer.train.optimizer_offload import OffloadedOptimizer
 from tests.support.small_dit import SMALL, inputs, small_dit
@@ -218,3 +220,35 @@ def test_a_selected_parameter_left_frozen_is_not_waited_for():
     assert sw.swapped == [N - 1] and sw.updated[N - 1] and sw.stats.writebacks >= 2
     assert not any("adaln_modulation" in n for n in sw.updated[N - 1])
     assert all(torch.equal(ref[n], got[n]) for n in ref)
+
+
+def test_a_fine_tune_at_another_strength_reaches_its_swapped_trained_blocks():
+    """set_multiplier (a measurement at strength m between steps; the preservation loss's base forward in the
+    middle of a step, when the last blocks are kept on the device for backward) replaces the trained tensors'
+    `.data`: swapped blocks run with the replacement and training goes on exactly as without swap."""
+    runs = []
+    for swap in (0, N):
+        dit, ft, opt = _fine_tune(torch.float32, swap, gradient_checkpointing=True)
+        x, t, ctx = inputs(lat=8, rows=64)
+        outs = []
+        for _ in range(2):
+            (dit(x, t, ctx).square().mean() + preservation_term(dit, ft, x, t, ctx)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad(), at_strength(ft, 0.5):
+                outs.append(dit(x, t, ctx))
+        with torch.no_grad(), at_strength(ft, 0.0):
+            outs.append(dit(x, t, ctx))
+        runs.append((_weights(dit), outs, dit.runner.swapper))
+    (ref, ref_outs, _), (got, got_outs, sw) = runs
+    assert sw.swapped == list(range(N)) and not sw._outside
+    assert all(torch.equal(ref[n], got[n]) for n in ref)
+    assert all(torch.equal(a, b) for a, b in zip(ref_outs, got_outs, strict=True))
+    with torch.no_grad():
+        base = small_dit()(x, t, ctx)
+    assert torch.equal(got_outs[-1], base) and not torch.equal(got_outs[0], base)  # strength 0 is the base model
+    for i in sw.swapped:  # back at strength 1: the parameters are the masters again, holding the trained weights
+        for name in sw.updated[i]:
+            p = sw._tensors[i][name]
+            assert p.data_ptr() == sw._masters[i][name].data_ptr()
+            assert torch.equal(p.detach(), got[f"blocks.{i}.{name}"])

@@ -14,8 +14,11 @@
   every one of its trained parameters has had its gradient (and so its update) in this backward, and the updated
   values are then copied back to the host master (device → host, on the side stream on CUDA; a plain copy on
   the CPU).  Only an updated block is copied back, only its trained tensors, and at the end of each backward every
-  updated block still resident is copied back too (the event waited for), so the host masters hold the updated
-  weights after every step.  Frozen blocks (and LoRA runs) are never copied back.
+  trained block still resident is evicted too (copied back when updated; the copies waited for), so between steps
+  the trained parameters are the host masters, holding the updated weights.  A trained parameter whose `.data` is
+  replaced from outside (a fine-tune at another strength for a measurement or the preservation loss) is used as
+  set: copied to the device from that tensor, and left or put back as set on eviction.  Frozen blocks (and LoRA
+  runs) are never copied back.
 * `ActivationOffloader` (kohya's `cpu_offload_checkpointing`): the residual stream a checkpointed block keeps
   for its recompute goes to pinned CPU memory with a non-blocking copy on a side stream, and comes back in
   backward (the previous block's input is prefetched while the current block recomputes).
@@ -131,6 +134,7 @@ class BlockSwapper:
         self._deferred: set[int] = set()  # trained blocks backward is done with, waiting for their updates
         self._end_queued = False
         self._written: list[torch.cuda.Event] = []  # CUDA copies back not yet waited for
+        self._outside: dict[int, dict[str, torch.Tensor]] = {}  # loaded block → replacements it was copied from
 
     # ------------------------------------------------------------------------------------------ queries --
     def resident(self) -> set[int]:
@@ -158,24 +162,39 @@ class BlockSwapper:
         """Start copying block i to the device (no-op if it is already there or on its way)."""
         if i not in self._is_swapped or i in self._copies:
             return
-        masters = self._masters[i]
+        sources = self._sources(i)
         if self._side is not None:
             while len(self._pending_free) > 1:  # keep the host at most ~2 blocks ahead of the device
                 self._pending_free.popleft().synchronize()
+            if i in self._outside:  # a source may be a device tensor the compute stream wrote
+                self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
-                copies = {n: torch.empty_like(m, device=self.device) for n, m in masters.items()}
-                for n, m in masters.items():
+                copies = {n: torch.empty_like(m, device=self.device) for n, m in sources.items()}
+                for n, m in sources.items():
                     copies[n].copy_(m, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(self._side)
         else:  # same-device "transfer": a real copy, so the bookkeeping is exercised
-            copies = {n: m.to(self.device, copy=True) for n, m in masters.items()}
+            copies = {n: m.to(self.device, copy=True) for n, m in sources.items()}
             ready = None
         self._copies[i], self._ready[i] = copies, ready
         self.stats.loads += 1
         self.stats.bytes_loaded += self.block_bytes[i]
         self.stats.max_resident = max(self.stats.max_resident, len(self._copies))
         self._log("load", i)
+
+    def _sources(self, i: int) -> dict[str, torch.Tensor]:
+        """What block i's device copy is made from: its masters, except a trained parameter whose `.data` was
+        replaced from outside while the block was evicted (a fine-tune at another strength, networks/
+        full_finetune.py `set_multiplier`): that tensor is what the forward must use (remembered in
+        `_outside`, put back on eviction)."""
+        masters = self._masters[i]
+        outside = {n: self._tensors[i][n].data for n in self.updated.get(i, ())
+                   if self._tensors[i][n].data_ptr() != masters[n].data_ptr()}
+        if not outside:
+            return masters
+        self._outside[i] = outside
+        return {**masters, **outside}
 
     def ensure(self, i: int) -> None:
         """Make block i's weights usable by the compute stream now (waits for its copy; loads it if needed)."""
@@ -199,9 +218,18 @@ class BlockSwapper:
         """Drop block i's device copy (autograd references, if any, keep their memory until used)."""
         if i not in self._copies:
             return
-        if i in self._dirty:
+        dirty = i in self._dirty
+        if dirty:
             self._write_back(i)
+        outside = self._outside.pop(i, {})
+        copies = self._copies[i]
         for n, t in self._tensors[i].items():
+            if n in outside or i in self.updated:
+                if t.data_ptr() != copies[n].data_ptr():  # replaced from outside while resident: left as set
+                    continue
+                if not dirty and n in outside:  # the replacement it was loaded from (an update goes to the master)
+                    t.data = outside[n]
+                    continue
             t.data = self._masters[i][n]
         del self._copies[i], self._ready[i]
         self._storage_ptrs.pop(i, None)
@@ -335,15 +363,14 @@ class BlockSwapper:
                                "updated during backward (fused_backward_pass)")
 
     def _end_backward(self) -> None:
-        """After the whole backward: evict the deferred blocks, copy every updated resident block back."""
+        """After the whole backward: every trained block still on the device is evicted (copied back when
+        updated), so between steps their parameters are the host masters, and whatever writes them in place
+        (a resume, the EMA's swap for a save or preview) writes what the next load reads."""
         self._end_queued = False
-        for i in sorted(self._deferred):
-            self._deferred.discard(i)
+        self._deferred.clear()
+        for i in sorted(set(self._copies) & set(self.updated)):
             self._check_updated(i)
             self.evict(i)
-        for i in sorted(self._dirty & set(self._copies)):
-            self._check_updated(i)
-            self._write_back(i)
         self.synchronize()
 
     # ------------------------------------------------------------------------------ saved tensors --
