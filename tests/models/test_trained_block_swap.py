@@ -168,13 +168,14 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("levers", [("--fused_backward_pass", "--gradient_checkpointing"),
+@pytest.mark.parametrize("levers", [("--fused_backward_pass", "--gradient_checkpointing", "--ema_decay", "0.9"),
                                     ("--mixed_precision", "bf16", "--fused_backward_pass", "--optimizer_offload")],
                          ids=["fused-fp32", "bf16-fused-offloaded"])
 def test_a_run_swapping_its_trained_blocks_equals_no_swap_and_resumes_exactly(setup, tmp_path, monkeypatch, levers):
     """A user's defaults (no overwrite, max_grad_norm 1: per-tensor clipping) with the fused pass and
     blocks_to_swap = 2 (both blocks of the tiny DiT, both trained): the weights equal the run without swap
-    bitwise; killed during step 3 after the step-2 state and resumed, the run ends with the same weights."""
+    bitwise (and the EMA, which reads and swaps the trained weights between steps, with them); killed during step
+    3 after the step-2 state and resumed, the run ends with the same weights."""
     extra = ("--save_every_n_steps", "2", "--save_state", "--lr_scheduler", "linear", *levers)
     plain = loop.run_training(_config(setup, tmp_path / "plain", *extra, steps=4, defaults=True))
     swap = ("--blocks_to_swap", "2", *extra)
@@ -186,6 +187,11 @@ def test_a_run_swapping_its_trained_blocks_equals_no_swap_and_resumes_exactly(se
             assert torch.equal(sw._masters[i][name], p.detach()), (i, name)
     a, b = load_file(plain.final_path), load_file(reference.final_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "--ema_decay" in levers:
+        ema_a, ema_b = (load_file(r.final_path.with_name(f"{r.final_path.stem}-ema.safetensors"))
+                        for r in (plain, reference))
+        assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+        assert any(not torch.equal(ema_b[k], b[k]) for k in b if k.startswith("net.blocks."))
     real, count = loop.training_step, {"n": 0}
 
     def step(*args, **kwargs):  # killed during step 3, after the step-2 state
