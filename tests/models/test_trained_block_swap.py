@@ -258,3 +258,24 @@ def test_a_fine_tune_at_another_strength_reaches_its_swapped_trained_blocks():
             p = sw._tensors[i][name]
             assert p.data_ptr() == sw._masters[i][name].data_ptr()
             assert torch.equal(p.detach(), got[f"blocks.{i}.{name}"])
+
+
+def test_weights_written_in_place_after_a_forward_without_backward_are_kept():
+    """A training forward whose backward never runs (a step skipped for a NaN loss) leaves the last trained
+    blocks on the device; weights written in place after it (the EMA's swap for a preview) reach the next forward
+    and the host masters, as without swap."""
+    runs = []
+    for swap in (0, N):
+        dit, ft, opt = _fine_tune(torch.float32, swap)
+        x, t, ctx = inputs(lat=8, rows=64)
+        dit(x, t, ctx)  # abandoned: no backward
+        with torch.no_grad():
+            for p in ft.trainable_parameters():
+                p.mul_(0.5)
+            out = dit(x, t, ctx)
+        _steps(dit, opt, 1, torch.float32)
+        runs.append((_weights(dit), out, dit.runner.swapper))
+    (ref, ref_out, _), (got, got_out, sw) = runs
+    assert torch.equal(ref_out, got_out) and all(torch.equal(ref[n], got[n]) for n in ref)
+    assert not sw.resident() and all(torch.equal(sw._masters[i][n], got[f"blocks.{i}.{n}"])
+                                     for i in sw.swapped for n in sw.updated[i])

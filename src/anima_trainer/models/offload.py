@@ -15,10 +15,11 @@
   values are then copied back to the host master (device → host, on the side stream on CUDA; a plain copy on
   the CPU).  Only an updated block is copied back, only its trained tensors, and at the end of each backward every
   trained block still resident is evicted too (copied back when updated; the copies waited for), so between steps
-  the trained parameters are the host masters, holding the updated weights.  A trained parameter whose `.data` is
-  replaced from outside (a fine-tune at another strength for a measurement or the preservation loss) is used as
-  set: copied to the device from that tensor, and left or put back as set on eviction.  Frozen blocks (and LoRA
-  runs) are never copied back.
+  the trained parameters are the host masters, holding the updated weights (after a forward whose backward never
+  ran, the trained blocks it left on the device are copied back when next evicted).  A trained parameter whose
+  `.data` is replaced from outside (a fine-tune at another strength for a measurement or the preservation loss) is
+  used as set: copied to the device from that tensor, and left or put back as set on eviction.  Frozen blocks (and
+  LoRA runs) are never copied back.
 * `ActivationOffloader` (kohya's `cpu_offload_checkpointing`): the residual stream a checkpointed block keeps
   for its recompute goes to pinned CPU memory with a non-blocking copy on a side stream, and comes back in
   backward (the previous block's input is prefetched while the current block recomputes).
@@ -252,18 +253,23 @@ class BlockSwapper:
         if self._side is not None:
             self._side.wait_stream(torch.cuda.current_stream(self.device))  # the updates are computed
             with torch.cuda.stream(self._side):
-                for n in self.updated[i]:
+                for n in self._own_copies(i):
                     masters[n].copy_(tensors[n].data, non_blocking=True)
                     tensors[n].data.record_stream(self._side)  # not freed before the copy has read it
                 done = torch.cuda.Event()
                 done.record(self._side)
             self._written.append(done)
         else:
-            for n in self.updated[i]:
+            for n in self._own_copies(i):
                 masters[n].copy_(tensors[n].data)
         self._dirty.discard(i)
         self.stats.writebacks += 1
         self._log("write_back", i)
+
+    def _own_copies(self, i: int) -> list[str]:
+        """Block i's trained parameters that point at this swapper's device copy (not replaced from outside)."""
+        copies, tensors = self._copies[i], self._tensors[i]
+        return [n for n in self.updated[i] if tensors[n].data_ptr() == copies[n].data_ptr()]
 
     def synchronize(self) -> None:
         """Wait for the copies back issued so far (the host masters are then readable on the host)."""
@@ -288,6 +294,9 @@ class BlockSwapper:
         """Start of a DiT forward: evict leftovers the schedule does not want, prefetch the first blocks."""
         self.training = training
         self._compute = torch.cuda.current_stream(self.device) if self._side is not None else None
+        if self.updated:  # trained blocks left on the device by a forward whose backward never ran (a skipped
+            # step): what wrote their parameters in place since (the EMA's swap) is kept by copying them back
+            self._dirty |= set(self._copies) & set(self.updated)
         if training and self.updated:
             self._hook_updated()
             self._arrived = dict.fromkeys(self.updated, 0)
