@@ -12,6 +12,9 @@ mean-square loss on the output (the flow objective costs the same), one case at 
 
 `--optimizer-offload`: every case with train/optimizer_offload.py's `OffloadedOptimizer` (the optimizer state and
 the remainders in host memory, stepped there; not with adamw8bit, which steps CUDA tensors only).
+`--blocks-to-swap N`: the `_fused` cases swap the last N blocks, trained ones included (models/offload.py: updated
+on the device in backward, copied back to the host master; the prediction is train/finetune_plan.py's, with the
+swapped blocks' weights off the device); the unfused cases cannot swap a trained block and run without swap.
 
 <opt> is `adamw`, `adamw8bit` (bitsandbytes on CUDA; elsewhere its fp32 stand-in) or `adafactor` (kohya's
 recipe).  Per case: the peak allocated memory (CUDA only), the median ms/step, the prediction, and a checksum of
@@ -20,6 +23,7 @@ the final weights (fused and unfused cases of one optimizer must print the same 
 Usage:  python bench/finetune_levers.py --device cuda                                        # 2B, all, 1024²
         python bench/finetune_levers.py --device cuda --patterns '^blocks\\.1[4-8]\\.'        # blocks 14-18
         python bench/finetune_levers.py --device cuda --optimizer-offload --cases compensated_adamw_fused  # host state
+        python bench/finetune_levers.py --device cuda --blocks-to-swap 16 --cases compensated_adafactor_fused
         python bench/finetune_levers.py --config tiny --resolution 64 --steps 1 --warmup 0 --device cpu  # smoke
 """
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 
 from anima_trainer.models.block_runner import setup_memory
-from anima_trainer.train.finetune_memory import estimate_finetune_memory
+from anima_trainer.train.finetune_plan import finetune_peak_gib
 from anima_trainer.train.fused_backward import build_per_parameter_optimizer
 from anima_trainer.train.optimizer_offload import OffloadedOptimizer
 
@@ -56,10 +60,13 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
     opt_name = case.removeprefix("compensated_").removesuffix("_fused")
     optimizer_type, optimizer_args = OPTIMIZERS[opt_name]
     fused = case.endswith("_fused")
-    dit = build(config, device, torch.bfloat16)
-    setup_memory(dit, device=device, gradient_checkpointing=args.grad_ckpt)
+    swap = args.blocks_to_swap if fused else 0
+    dit = build(config, device, torch.bfloat16)  # the same random weights with or without swap
     patterns = [re.compile(p) for p in args.patterns] if args.patterns else None
-    trained = [p for n, p in dit.named_parameters() if patterns is None or any(r.search(n) for r in patterns)]
+    names = [n for n, _ in dit.named_parameters() if patterns is None or any(r.search(n) for r in patterns)]
+    setup_memory(dit, device=device, gradient_checkpointing=args.grad_ckpt, blocks_to_swap=swap, trained=names,
+                 swap_trained=bool(swap))
+    trained = [dit.get_parameter(n) for n in names]
     for p in trained:
         p.requires_grad_(True)
     offload = {"kind": OffloadedOptimizer, "host": "cpu"} if args.optimizer_offload else {}
@@ -87,18 +94,20 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
         if step >= args.warmup:
             times.append((time.perf_counter() - start) * 1000)
-    predicted = estimate_finetune_memory(config, patterns=args.patterns, resolution=args.resolution,
-                                         batch=args.batch, gradient_checkpointing=args.grad_ckpt,
-                                         weights="bf16_compensated", optimizer=opt_name, fused_backward=fused,
-                                         optimizer_offload=args.optimizer_offload)
+    settings = {"gradient_checkpointing": args.grad_ckpt, "checkpoint_blocks": None,
+                "cpu_offload_checkpointing": False, "blocks_to_swap": swap}
+    levers = {"weights": "bf16_compensated", "optimizer": opt_name, "fused_backward": fused,
+              "optimizer_offload": args.optimizer_offload, "ema": "none"}
+    predicted = finetune_peak_gib(config, settings, levers, patterns=args.patterns,
+                                  resolution=(args.resolution, args.resolution), batch=args.batch, dtype="bf16")
     checksum = sum(float(p.detach().double().sum()) for p in trained)
-    row = {"case": case, "optimizer_offload": args.optimizer_offload, "config": args.config,
+    row = {"case": case, "optimizer_offload": args.optimizer_offload, "blocks_to_swap": swap, "config": args.config,
            "resolution": args.resolution, "batch": args.batch,
            "grad_ckpt": args.grad_ckpt, "patterns": args.patterns or ["(all)"], "trained_params":
            sum(p.numel() for p in trained), "device": device.type, "torch": torch.__version__,
            "ms_per_step": statistics.median(times) if times else None, "loss": float(loss.detach()),
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "predicted_gib": predicted["total_gib"], "weights_checksum": checksum}
+           "predicted_gib": predicted, "weights_checksum": checksum}
     del optimizer, dit, trained
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "when offloaded)")
     parser.add_argument("--optimizer-offload", action="store_true", help="the optimizer state in host memory "
                         "(train/optimizer_offload.py)")
+    parser.add_argument("--blocks-to-swap", type=int, default=0, help="the _fused cases swap the last N blocks, "
+                        "trained ones included (models/offload.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -44,3 +44,15 @@ def test_tiny_offloaded_rows_match_the_on_device_weights(finetune_levers, tmp_pa
     with pytest.raises(SystemExit):
         finetune_levers.main([*common[:-1], "compensated_adamw8bit", "--optimizer-offload"])
     assert "adamw8bit (bitsandbytes) steps CUDA tensors only" in capsys.readouterr().err
+
+
+def test_tiny_fused_row_with_swapped_trained_blocks_matches_no_swap(finetune_levers):
+    """--blocks-to-swap: the fused case swaps both (trained) blocks of the tiny DiT and ends on the same weights
+    as without swap; its prediction takes the swapped weights off (none here: all blocks are in flight)."""
+    common = ["--config", "tiny", "--resolution", "32", "--steps", "1", "--warmup", "1", "--device", "cpu",
+              "--cases", "compensated_adamw", "compensated_adamw_fused"]
+    plain = finetune_levers.main(common)
+    unfused, swapped = finetune_levers.main([*common, "--blocks-to-swap", "2"])
+    assert (unfused["blocks_to_swap"], swapped["blocks_to_swap"]) == (0, 2)  # an unfused case cannot swap
+    assert swapped["weights_checksum"] == plain[1]["weights_checksum"] == unfused["weights_checksum"]
+    assert swapped["loss"] == plain[1]["loss"] and swapped["predicted_gib"] == plain[1]["predicted_gib"]

@@ -1,6 +1,7 @@
-"""Block swap and fp8 storage in a partial fine-tune (issue 19 item 2): only the blocks holding no trained
-parameter swap (host → device only, masters never written, as in LoRA training); the trained blocks stay on the
-device; a trained Linear is never stored in fp8.  The same mechanism checks as the LoRA swap tests
+"""Block swap and fp8 storage in a partial fine-tune (issue 19 item 2): without `swap_trained` only the blocks
+holding no trained parameter swap (host → device only, masters never written, as in LoRA training); the trained
+blocks stay on the device (with it they swap too: tests/models/test_trained_block_swap.py); a trained Linear is
+never stored in fp8.  The same mechanism checks as the LoRA swap tests
 (tests/models/test_offload_no_copy_back.py) on the small DiT."""
 
 from __future__ import annotations

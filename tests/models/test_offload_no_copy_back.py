@@ -1,7 +1,9 @@
 """Block swap is host-to-device only (issue 18 item 4): the frozen weights never change, so nothing of a swapped
 block is ever copied back to its host master.  Checked over whole optimizer steps (forward, backward with
 recompute, AdamW): the master tensors stay the same objects at the same addresses, are never written (their
-version counter and values are unchanged), and every copy that touches them reads from them.  Masters are pinned
+version counter and values are unchanged), and every copy that touches them reads from them.  (What is copied
+back: only the trained parameters of a fine-tune's swapped trained blocks, `swap_trained`, updated by the fused
+backward pass; tests/models/test_trained_block_swap.py.)  Masters are pinned
 when the compute device is CUDA (async copies need page-locked memory); on the CPU they cannot be."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The memory levers of a fine-tune (issue 19 item 2): `vram_budget_gb` plans it over the levers that keep its
-result (checkpointing, offloaded block inputs, swap of the frozen blocks; numbers from train/finetune_memory.py
+result (checkpointing, offloaded block inputs, swap of the frozen blocks, and of trained ones with
+fused_backward_pass; numbers from train/finetune_memory.py
 for the 2B model), names the user's optimizer levers when nothing fits, and the runs on the tiny model apply the
 chosen levers; block swap of the frozen blocks trains bit-identical weights; fp8_base stores only frozen
 Linears in fp8 and the saved checkpoint holds the base file's values for them."""
@@ -87,6 +88,26 @@ def test_partial_finetune_swaps_only_its_frozen_blocks():
         "blocks_to_swap": 23})
 
 
+def test_with_the_fused_pass_the_plan_swaps_trained_blocks_too():
+    """fused_backward_pass lets trained blocks swap (models/offload.py copies their updates back): the candidates
+    go on past the frozen blocks, and the whole DiT with AdaFactor fits 8 GiB by swapping 16 of its blocks."""
+    assert [n for n, _ in finetune_candidates(28, 23, swap_trained=True)][-3:] == [
+        "… + swap of 23 frozen blocks", "… + swap of 24 blocks, 1 of them trained", "… + swap of 28 blocks, 5 of them "
+        "trained"]
+    assert finetune_candidates(28, 23) == finetune_candidates(28, 23, swap_trained=True)[:-2]
+    kw = {"optimizer_type": "AdaFactor", "fused_backward_pass": True}
+    assert "swap of" not in _chosen(_plan(12, **kw))  # checkpointing is faster and enough
+    plan = _plan(8, **kw)
+    assert _chosen(plan) == "… + swap of 16 blocks, 16 of them trained" and plan.settings["blocks_to_swap"] == 16
+    # each swapped block beyond the 3 in flight takes its bf16 weights off the device (grads and state stay)
+    block = sum(math.prod(s) for n, s in trained_shapes(C).items() if n.startswith("blocks.0."))
+    offloaded = dict(plan.table)["all blocks + offloaded block inputs"]
+    assert plan.estimate_gib == pytest.approx(offloaded - (16 - 3) * 2 * block / 2**30, abs=1e-9)
+    assert plan.estimate_gib == pytest.approx(_peak(kw, plan.settings), abs=1e-9)
+    with pytest.raises(ConfigError, match=r"most frugal one \(… \+ swap of 28 blocks, 28 of them trained\)"):
+        _plan(4, **kw)
+
+
 def test_nothing_fitting_names_the_user_levers_that_would_with_their_predictions():
     frugal = finetune_candidates(28, 0)[-1][1]
     with pytest.raises(ConfigError) as err:
@@ -100,27 +121,34 @@ def test_nothing_fitting_names_the_user_levers_that_would_with_their_predictions
                           ("optimizer_type = AdamW8bit", {"optimizer": "adamw8bit"})):
         assert f"{words}: {_peak({}, frugal, **levers):.1f} GiB predicted" in msg
     assert "fused_backward_pass +" not in msg  # one lever is enough at 20 GiB: no larger change is listed
+    assert "swaps trained blocks" not in msg  # no listed lever lets the trained blocks swap
     with pytest.raises(ConfigError) as err:
         _plan(12)
-    peak = _peak({}, frugal, fused_backward=True, optimizer="adafactor")
+    # with fused_backward_pass the most frugal setting swaps all 28 blocks, trained ones included
+    swap_all = finetune_candidates(28, 0, swap_trained=True)[-1]
+    assert swap_all == ("… + swap of 28 blocks, 28 of them trained", {**frugal, "blocks_to_swap": 28})
+    peak = _peak({}, swap_all[1], fused_backward=True, optimizer="adafactor")
+    assert peak < _peak({}, frugal, fused_backward=True, optimizer="adafactor") - 3  # 2 B bf16 weights, 3 in flight
     assert f"fused_backward_pass + optimizer_type = AdaFactor: {peak:.1f} GiB predicted" in str(err.value)
-    assert peak <= 12 and "optimizer_type = AdamW8bit" not in str(err.value)
+    assert "(with the most frugal memory setting, which with fused_backward_pass swaps trained blocks too)" in \
+        str(err.value)
+    assert peak <= 12
+    with pytest.raises(ConfigError, match="fused_backward_pass \\+ optimizer_type = AdaFactor: 6.1 GiB predicted"):
+        _plan(8)  # fitting only with the trained blocks swapped
     with pytest.raises(ConfigError, match="even the most frugal choice of them does not fit"):
-        _plan(8)
+        _plan(5)
 
 
 # ------------------------------------------------------------------------------ runs on the tiny model --
-def test_swapping_the_frozen_blocks_trains_bit_identical_weights(setup, tmp_path, caplog):
-    """blocks_to_swap = 2 in a fine-tune of block 1 (of 2): block 0 swaps, block 1 stays on the device, one
-    notice says why; the trained model equals the run without swap bit for bit (fp32)."""
+def test_swapping_the_frozen_blocks_trains_bit_identical_weights(setup, tmp_path):
+    """blocks_to_swap = 1 in a fine-tune of block 1 (of 2): block 0 (frozen) swaps, block 1 stays on the device;
+    the trained model equals the run without swap bit for bit (fp32).  Swapping trained blocks too:
+    tests/models/test_trained_block_swap.py."""
     args = ("--learning_rate", "1e-3", "--trainable_patterns", r"^blocks\.1\.", "--gradient_checkpointing")
     plain = run_training(_config(setup, tmp_path / "plain", *args, steps=3))
-    with caplog.at_level(logging.WARNING):
-        swapped = run_training(_config(setup, tmp_path / "swap", *args, "--blocks_to_swap", "2", steps=3))
+    swapped = run_training(_config(setup, tmp_path / "swap", *args, "--blocks_to_swap", "1", steps=3))
     assert plain.dit.runner.swapper is None and swapped.dit.runner.swapper.swapped == [0]
-    notices = [r.getMessage() for r in caplog.records if "blocks_to_swap = 2" in r.getMessage()]
-    assert len(notices) == 1 and "1 of the DiT's 2 blocks swap" in notices[0]
-    assert "fused_backward_pass" in notices[0] and "optimizer_offload" in notices[0]
+    assert swapped.dit.runner.swapper.updated == {} and swapped.dit.runner.swapper.stats.writebacks == 0
     a, b = plain.dit.state_dict(), swapped.dit.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
     base = load_dit(setup["models"]["dit"], dtype=torch.float32).state_dict()
@@ -169,7 +197,7 @@ def test_the_planned_levers_are_applied_to_the_run(setup, tmp_path, caplog, monk
     assert run.dit.runner.gradient_checkpointing and run.dit.runner.swapper is None
     assert any("→ checkpointing of all blocks" in r.getMessage() for r in caplog.records)
     swap = "… + swap of 1 frozen blocks"
-    monkeypatch.setattr(vram_plan, "finetune_candidates", lambda *_: [(swap, candidates[swap])])
+    monkeypatch.setattr(vram_plan, "finetune_candidates", lambda *_, **__: [(swap, candidates[swap])])
     run = run_training(_config(setup, tmp_path / "b", "--trainable_patterns", r"^blocks\.1\.", "--vram_budget_gb",
                                "100", steps=1))
     runner = run.dit.runner

@@ -15,7 +15,8 @@
     layers.py             RMSNorm, rotary embedding, q/k-normed attention shared by the DiT and the LLM adapter
     llm_adapter.py        the LLM adapter (Qwen3 states → T5-token context of the DiT)
     model_files.py        reading model files: kinds, DiT config from shapes, quantised storage, state dicts
-    offload.py            frozen weights and saved activations moved off the accelerator while a step runs
+    offload.py            block weights (a fine-tune's trained ones copied back) and saved activations moved off
+                          the accelerator while a step runs
     prompt_syntax.py      ComfyUI's prompt-weight syntax, so captions tokenize as ComfyUI's do
     renamed_arguments.py  old keyword spellings of the public loaders, still accepted (with a warning)
     safetensors_file.py   safetensors headers read without loading tensors

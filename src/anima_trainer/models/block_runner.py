@@ -28,7 +28,7 @@ from anima_trainer.models.fp8 import fp8_targets, quantize_fp8, quantize_linear_
 from anima_trainer.models.offload import ActivationOffloader, BlockSwapper, move_except_blocks, swap_indices
 
 __all__ = ["CHECKPOINT_MODES", "SELECTIVE_SAVE_OPS", "BlockRunner", "add_selective_save_op", "frozen_blocks",
-           "frozen_fp8_targets", "selective_checkpoint_contexts", "setup_memory"]
+           "frozen_fp8_targets", "selective_checkpoint_contexts", "setup_memory", "trained_in_blocks"]
 
 CHECKPOINT_MODES = ("full", "selective")
 aten = torch.ops.aten
@@ -131,14 +131,16 @@ DiT = TypeVar("DiT", bound=nn.Module)
 def setup_memory(dit: DiT, *, device: torch.device | str, gradient_checkpointing: bool = False,
                  checkpoint_blocks: int | None = None, checkpoint_mode: str = "full",
                  cpu_offload_checkpointing: bool = False, blocks_to_swap: int = 0, swap_prefetch: int = 1,
-                 fp8_base: bool = False, fp8_format: str = "e4m3fn", trained: Collection[str] = ()) -> DiT:
+                 fp8_base: bool = False, fp8_format: str = "e4m3fn", trained: Collection[str] = (),
+                 swap_trained: bool = False) -> DiT:
     """Apply every memory option to a freshly loaded, frozen AnimaDiT, before a network is injected.
 
     Order: non-swapped parts to `device` → fp8 storage (math on `device`) → block swap (pinned CPU masters)
     → a new `dit.runner` with the checkpoint settings.  The DiT may come from `load_dit(..., device="cpu")`
     (best with block swap: the swapped blocks never touch the device) or already be on `device`.
-    `trained`: names of DiT parameters a fine-tune trains in place; they are never stored in fp8, and a block
-    holding one is never swapped (swapping copies host → device only: an update would be lost)."""
+    `trained`: names of DiT parameters a fine-tune trains in place; they are never stored in fp8.  A block holding
+    one swaps only with `swap_trained` (the fused backward pass updates them on the device during backward, and
+    the swapper copies them back to the host master: models/offload.py); without it only the frozen blocks swap."""
     device = torch.device(device)
     n = len(dit.blocks)
     if checkpoint_mode not in CHECKPOINT_MODES:
@@ -147,7 +149,8 @@ def setup_memory(dit: DiT, *, device: torch.device | str, gradient_checkpointing
         raise ValueError(f"checkpoint_blocks = {checkpoint_blocks}: this DiT has {n} blocks (0..{n})")
     if cpu_offload_checkpointing and not gradient_checkpointing:
         raise ValueError("cpu_offload_checkpointing needs gradient_checkpointing")
-    swapped = swap_indices(n, blocks_to_swap, frozen_blocks(n, trained) if trained else None)
+    swapped = swap_indices(n, blocks_to_swap, frozen_blocks(n, trained) if trained and not swap_trained else None)
+    updated = trained_in_blocks(trained, swapped)
     swapped_blocks = [dit.blocks[i] for i in swapped]
     move_except_blocks(dit, swapped_blocks, device)
     if fp8_base and trained:
@@ -155,7 +158,8 @@ def setup_memory(dit: DiT, *, device: torch.device | str, gradient_checkpointing
             quantize_linear_(linear, fp8_format, device)
     elif fp8_base:
         quantize_fp8(dit, fp8_format, work_device=device)
-    swapper = BlockSwapper(dit.blocks, swapped, device, prefetch=swap_prefetch) if swapped else None
+    swapper = (BlockSwapper(dit.blocks, swapped, device, prefetch=swap_prefetch, updated=updated or None)
+               if swapped else None)
     offloader = ActivationOffloader(device) if cpu_offload_checkpointing else None
     dit.runner = BlockRunner(gradient_checkpointing, checkpoint_blocks, checkpoint_mode, offloader, swapper)
     return dit
@@ -165,6 +169,18 @@ def frozen_blocks(num_blocks: int, trained: Collection[str]) -> list[int]:
     """Indices of the blocks none of whose parameters is in `trained` (parameter names of the DiT)."""
     holding = {int(name.split(".")[1]) for name in trained if name.startswith("blocks.")}
     return [i for i in range(num_blocks) if i not in holding]
+
+
+def trained_in_blocks(trained: Collection[str], blocks: Collection[int]) -> dict[int, list[str]]:
+    """{block index: names inside the block of its trained parameters} for the `blocks` holding any (the DiT's
+    parameter names `trained`, e.g. "blocks.3.attn.q.weight" → {3: ["attn.q.weight"]})."""
+    out: dict[int, list[str]] = {}
+    for name in sorted(trained):
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            if int(index) in blocks:
+                out.setdefault(int(index), []).append(rest)
+    return out
 
 
 def frozen_fp8_targets(dit: nn.Module, trained: Collection[str]) -> dict[str, nn.Linear]:

@@ -1,13 +1,25 @@
-"""Moving frozen DiT weights and saved activations off the accelerator while a step runs.
+"""Moving DiT block weights and saved activations off the accelerator while a step runs.
 
 * `BlockSwapper` (kohya's `blocks_to_swap`): the weights of N blocks live in (pinned) CPU memory and are copied
   to the device just before the block runs, on a side CUDA stream, with the next `prefetch` blocks copied while
-  the current one computes; after use the device copy is dropped (the weights are frozen, so nothing is copied
-  back).  Backward needs the weights again (grad-input = grad · W, and checkpointed blocks are recomputed), so a
-  gradient hook on every block output brings block i back, and prefetches i-1, just before its backward runs.
+  the current one computes; after use the device copy is dropped (frozen weights: nothing is copied back).
+  Backward needs the weights again (grad-input = grad · W, and checkpointed blocks are recomputed), so a gradient
+  hook on every block output brings block i back, and prefetches i-1, just before its backward runs.
   Tensors autograd saves from a swapped block's weights (e.g. Wᵀ for grad-input) are stored as a token and
   resolved to the block's current device copy at backward time, so a non-checkpointed block does not pin its
   device weights for the whole step either.
+  Trained blocks of a fine-tune (`updated`: parameters the fused backward pass updates in place, kohya's swap of
+  trained blocks): their parameters are updated on the device while the block is resident in backward (each
+  parameter's post-accumulate-grad hook steps it, train/fused_backward.py), so such a block is evicted only once
+  every one of its trained parameters has had its gradient (and so its update) in this backward, and the updated
+  values are then copied back to the host master (device → host, on the side stream on CUDA; a plain copy on
+  the CPU).  Only an updated block is copied back, only its trained tensors, and at the end of each backward every
+  trained block still resident is evicted too (copied back when updated; the copies waited for), so between steps
+  the trained parameters are the host masters, holding the updated weights (after a forward whose backward never
+  ran, the trained blocks it left on the device are copied back when next evicted).  A trained parameter whose
+  `.data` is replaced from outside (a fine-tune at another strength for a measurement or the preservation loss) is
+  used as set: copied to the device from that tensor, and left or put back as set on eviction.  Frozen blocks (and
+  LoRA runs) are never copied back.
 * `ActivationOffloader` (kohya's `cpu_offload_checkpointing`): the residual stream a checkpointed block keeps
   for its recompute goes to pinned CPU memory with a non-blocking copy on a side stream, and comes back in
   backward (the previous block's input is prefetched while the current block recomputes).
@@ -20,7 +32,7 @@ a block or activation that is not on the device when needed is fetched synchrono
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -56,7 +68,8 @@ class SwapStats:
     evictions: int = 0
     bytes_loaded: int = 0
     max_resident: int = 0  # most swapped blocks on the device at once (active + in flight)
-    events: list[tuple[str, int]] = field(default_factory=list)  # ("load"|"evict", block) when recording
+    writebacks: int = 0  # device→host copies of an updated (trained) block's parameters
+    events: list[tuple[str, int]] = field(default_factory=list)  # ("load"|"evict"|"write_back", block) when recording
 
 
 class _ParamToken:
@@ -80,7 +93,8 @@ class BlockSwapper:
     """
 
     def __init__(self, blocks: Sequence[nn.Module], swapped: Iterable[int], device: torch.device | str, *,
-                 prefetch: int = 1, pin_memory: bool | None = None, record_events: bool = False) -> None:
+                 prefetch: int = 1, pin_memory: bool | None = None, record_events: bool = False,
+                 updated: Mapping[int, Collection[str]] | None = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -113,6 +127,15 @@ class BlockSwapper:
         self.stats = SwapStats()
         self.record_events = record_events
         self._is_swapped = set(self.swapped)
+        # trained blocks: {block: names of its parameters updated in place in backward}; module docstring
+        self.updated = {i: sorted(names) for i, names in (updated or {}).items() if i in self._is_swapped and names}
+        self._hooked: set[int] = set()  # trained blocks whose parameters carry the arrival hook
+        self._arrived: dict[int, int] = {}  # trained block → parameters whose gradient arrived in this backward
+        self._dirty: set[int] = set()  # trained blocks updated on the device since their last copy back
+        self._deferred: set[int] = set()  # trained blocks backward is done with, waiting for their updates
+        self._end_queued = False
+        self._written: list[torch.cuda.Event] = []  # CUDA copies back not yet waited for
+        self._outside: dict[int, dict[str, torch.Tensor]] = {}  # loaded block → replacements it was copied from
 
     # ------------------------------------------------------------------------------------------ queries --
     def resident(self) -> set[int]:
@@ -140,24 +163,39 @@ class BlockSwapper:
         """Start copying block i to the device (no-op if it is already there or on its way)."""
         if i not in self._is_swapped or i in self._copies:
             return
-        masters = self._masters[i]
+        sources = self._sources(i)
         if self._side is not None:
             while len(self._pending_free) > 1:  # keep the host at most ~2 blocks ahead of the device
                 self._pending_free.popleft().synchronize()
+            if i in self._outside:  # a source may be a device tensor the compute stream wrote
+                self._side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._side):
-                copies = {n: torch.empty_like(m, device=self.device) for n, m in masters.items()}
-                for n, m in masters.items():
+                copies = {n: torch.empty_like(m, device=self.device) for n, m in sources.items()}
+                for n, m in sources.items():
                     copies[n].copy_(m, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(self._side)
         else:  # same-device "transfer": a real copy, so the bookkeeping is exercised
-            copies = {n: m.to(self.device, copy=True) for n, m in masters.items()}
+            copies = {n: m.to(self.device, copy=True) for n, m in sources.items()}
             ready = None
         self._copies[i], self._ready[i] = copies, ready
         self.stats.loads += 1
         self.stats.bytes_loaded += self.block_bytes[i]
         self.stats.max_resident = max(self.stats.max_resident, len(self._copies))
         self._log("load", i)
+
+    def _sources(self, i: int) -> dict[str, torch.Tensor]:
+        """What block i's device copy is made from: its masters, except a trained parameter whose `.data` was
+        replaced from outside while the block was evicted (a fine-tune at another strength, networks/
+        full_finetune.py `set_multiplier`): that tensor is what the forward must use (remembered in
+        `_outside`, put back on eviction)."""
+        masters = self._masters[i]
+        outside = {n: self._tensors[i][n].data for n in self.updated.get(i, ())
+                   if self._tensors[i][n].data_ptr() != masters[n].data_ptr()}
+        if not outside:
+            return masters
+        self._outside[i] = outside
+        return {**masters, **outside}
 
     def ensure(self, i: int) -> None:
         """Make block i's weights usable by the compute stream now (waits for its copy; loads it if needed)."""
@@ -181,7 +219,18 @@ class BlockSwapper:
         """Drop block i's device copy (autograd references, if any, keep their memory until used)."""
         if i not in self._copies:
             return
+        dirty = i in self._dirty
+        if dirty:
+            self._write_back(i)
+        outside = self._outside.pop(i, {})
+        copies = self._copies[i]
         for n, t in self._tensors[i].items():
+            if n in outside or i in self.updated:
+                if t.data_ptr() != copies[n].data_ptr():  # replaced from outside while resident: left as set
+                    continue
+                if not dirty and n in outside:  # the replacement it was loaded from (an update goes to the master)
+                    t.data = outside[n]
+                    continue
             t.data = self._masters[i][n]
         del self._copies[i], self._ready[i]
         self._storage_ptrs.pop(i, None)
@@ -196,6 +245,36 @@ class BlockSwapper:
     def evict_all(self) -> None:
         for i in list(self._copies):
             self.evict(i)
+        self.synchronize()
+
+    def _write_back(self, i: int) -> None:
+        """Copy the updated trained parameters of resident block i into its host masters (device → host)."""
+        masters, tensors = self._masters[i], self._tensors[i]
+        if self._side is not None:
+            self._side.wait_stream(torch.cuda.current_stream(self.device))  # the updates are computed
+            with torch.cuda.stream(self._side):
+                for n in self._own_copies(i):
+                    masters[n].copy_(tensors[n].data, non_blocking=True)
+                    tensors[n].data.record_stream(self._side)  # not freed before the copy has read it
+                done = torch.cuda.Event()
+                done.record(self._side)
+            self._written.append(done)
+        else:
+            for n in self._own_copies(i):
+                masters[n].copy_(tensors[n].data)
+        self._dirty.discard(i)
+        self.stats.writebacks += 1
+        self._log("write_back", i)
+
+    def _own_copies(self, i: int) -> list[str]:
+        """Block i's trained parameters that point at this swapper's device copy (not replaced from outside)."""
+        copies, tensors = self._copies[i], self._tensors[i]
+        return [n for n in self.updated[i] if tensors[n].data_ptr() == copies[n].data_ptr()]
+
+    def synchronize(self) -> None:
+        """Wait for the copies back issued so far (the host masters are then readable on the host)."""
+        while self._written:
+            self._written.pop().synchronize()
 
     # ------------------------------------------------------------------------------------ scheduling --
     def _prefetch_after(self, i: int, step: int) -> None:
@@ -215,6 +294,13 @@ class BlockSwapper:
         """Start of a DiT forward: evict leftovers the schedule does not want, prefetch the first blocks."""
         self.training = training
         self._compute = torch.cuda.current_stream(self.device) if self._side is not None else None
+        if self.updated:  # trained blocks left on the device by a forward whose backward never ran (a skipped
+            # step): what wrote their parameters in place since (the EMA's swap) is kept by copying them back
+            self._dirty |= set(self._copies) & set(self.updated)
+        if training and self.updated:
+            self._hook_updated()
+            self._arrived = dict.fromkeys(self.updated, 0)
+            self._deferred.clear()
         wanted = set(self.swapped[: self.prefetch + 1])
         for i in list(self._copies):
             if i not in wanted:
@@ -235,10 +321,66 @@ class BlockSwapper:
 
     def _backward_reached(self, i: int) -> None:
         """Gradient of block i's output is ready: block i+1's backward is done, block i's starts now."""
+        if self.updated and not self._end_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._end_queued = True
         if i + 1 in self._is_swapped:
-            self.evict(i + 1)
+            self._release(i + 1)
+        for j in sorted(self._deferred):
+            self._release(j)
         self.ensure(i)
         self._prefetch_after(i, -1)
+
+    # ------------------------------------------------------------------------------ trained blocks --
+    def _hook_updated(self) -> None:
+        """Count each trained parameter's gradient arrival (its fused update runs in the same hook chain, so
+        at the next scheduling point it is done).  Hooked at the first training forward: a fine-tune marks its
+        parameters trainable after the swapper is built; a listed parameter left frozen (a component at lr 0) is
+        never updated, so it is dropped from the list (a block left with none swaps as a frozen one)."""
+        for i in list(self.updated):
+            if i in self._hooked:
+                continue
+            names = [n for n in self.updated[i] if self._tensors[i][n].requires_grad]
+            for n in names:
+                self._tensors[i][n].register_post_accumulate_grad_hook(lambda p, i=i: self._gradient_arrived(i))
+            self._hooked.add(i)
+            if names:
+                self.updated[i] = names
+            else:
+                del self.updated[i]
+
+    def _gradient_arrived(self, i: int) -> None:
+        self._arrived[i] = self._arrived.get(i, 0) + 1
+        self._dirty.add(i)
+
+    def _release(self, i: int) -> None:
+        """Evict block i now that backward is done with it; a trained block only once all its parameters
+        have been updated (until then it stays resident, deferred)."""
+        if i in self.updated and self._arrived.get(i, 0) < len(self.updated[i]):
+            self._deferred.add(i)
+            return
+        self._deferred.discard(i)
+        if i in self.updated:
+            self._check_updated(i)
+        self.evict(i)
+
+    def _check_updated(self, i: int) -> None:
+        stale = [n for n in self.updated[i] if self._tensors[i][n].grad is not None]
+        if stale:
+            raise RuntimeError(f"block {i} swaps while trained, but its parameter {stale[0]} still holds its "
+                               "gradient after backward passed it: swapping a trained block needs its parameters "
+                               "updated during backward (fused_backward_pass)")
+
+    def _end_backward(self) -> None:
+        """After the whole backward: every trained block still on the device is evicted (copied back when
+        updated), so between steps their parameters are the host masters, and whatever writes them in place
+        (a resume, the EMA's swap for a save or preview) writes what the next load reads."""
+        self._end_queued = False
+        self._deferred.clear()
+        for i in sorted(set(self._copies) & set(self.updated)):
+            self._check_updated(i)
+            self.evict(i)
+        self.synchronize()
 
     # ------------------------------------------------------------------------------ saved tensors --
     def _pack(self, i: int, t: torch.Tensor) -> object:
@@ -369,8 +511,8 @@ class ActivationOffloader:
 
 def swap_indices(num_blocks: int, blocks_to_swap: int, swappable: Iterable[int] | None = None) -> list[int]:
     """kohya's choice: the last N blocks are swapped (backward starts with them, so they stay warm).
-    `swappable`: the blocks that may swap (a fine-tune: those holding no trained parameter, since swapping is
-    host-to-device only); the last N of them.  None: every block."""
+    `swappable`: the blocks that may swap (a fine-tune without the fused backward pass: those holding no trained
+    parameter, since their updates happen after backward); the last N of them.  None: every block."""
     pool = list(range(num_blocks)) if swappable is None else sorted(set(swappable))
     if not 0 <= blocks_to_swap <= len(pool):
         if swappable is None:

@@ -7,7 +7,8 @@
     events.py         the run's event log and the resolved-config file
     file_metadata.py  the metadata of every saved network file (kohya's ss_* keys, modelspec)
     finetune_memory.py bytes per trained parameter per memory lever and a fine-tune step's predicted peak
-    finetune_plan.py  a fine-tune's memory levers: swap of the frozen blocks, fp8 of frozen Linears, its
+    finetune_plan.py  a fine-tune's memory levers: block swap (trained blocks with the fused pass), fp8 of frozen
+                      Linears, its
                       vram_budget_gb plan
     fsdp.py           sharded fine-tuning of the DiT with FSDP2 (`fully_shard` per block), DCP save/resume
     flow.py           rectified-flow maths and the objective: timestep sampling, noise options, `training_step`,

@@ -3,19 +3,24 @@ may be stored in fp8 (`finetune_memory_levers`, for models/block_runner.py `setu
 `vram_budget_gb` plan of a fine-tune (its candidates and their predictions; train/vram_plan.py
 `plan_finetune_memory` chooses).
 
-Block swap copies host → device only (models/offload.py): a block holding a trained parameter stays on the
-device (its updates would otherwise be lost), so only the frozen blocks swap; asking for more swaps the frozen
-ones with one start-up notice.  fp8 storage (models/fp8.py) applies to frozen Linears only: a trained weight is
-never fp8.
+Block swap (models/offload.py) swaps the frozen blocks as in LoRA training (host → device only).  Asking for
+more blocks than are frozen swaps trained blocks too, as kohya's anima_train.py does: that needs
+fused_backward_pass (each trained parameter is updated on the device while its block is resident in backward,
+and the block's updated weights are copied back to the host master before it is evicted); without it the
+updates would happen after backward, on weights already evicted, so such a run is a ConfigError naming the fix.
+fp8 storage (models/fp8.py) applies to frozen Linears only: a trained weight is never fp8.
 
 The plan predicts the peak with train/finetune_memory.py `estimate_finetune_memory` (the trained set under the
 run's weight mode and optimizer), with the activations of each candidate's checkpointing from
-train/memory_estimate.py and the frozen blocks the swapper keeps on the host taken off.  Candidates change memory,
-not results, fastest first: no checkpointing, checkpointing of the first k blocks, all blocks, offloaded block
-inputs, then swap of more and more frozen blocks.  fp8 storage is never chosen (it changes the result; the user's
-fp8_base is kept, as in the LoRA plan).  The optimizer, fused_backward_pass and optimizer_offload change the run
-too and are the user's choice: when nothing fits, the error names those that would make it fit, with their
-predicted peaks.  All numbers are predictions, not measurements.
+train/memory_estimate.py and the weights of the blocks the swapper keeps on the host taken off.  Candidates change
+memory, not results, fastest first: no checkpointing, checkpointing of the first k blocks, all blocks, offloaded
+block inputs, then swap of more and more frozen blocks and, with the user's fused_backward_pass, of more and more
+blocks, trained ones included (their gradients and optimizer state are where the levers put them; only the
+weights leave the device).  fp8 storage is never chosen (it changes the result; the user's fp8_base is kept, as
+in the LoRA plan).  The optimizer, fused_backward_pass and optimizer_offload change the run too and are the
+user's choice: when nothing fits, the error names those that would make it fit, with their predicted peaks (with
+fused_backward_pass, predicted with the trained blocks swapped too).  All numbers are predictions, not
+measurements.
 """
 
 from __future__ import annotations
@@ -29,49 +34,50 @@ from typing import Any
 import torch
 from torch import nn
 
-from anima_trainer.config import TrainConfig
+from anima_trainer.config import ConfigError, TrainConfig
+from anima_trainer.config.loader import locate_in_source
 from anima_trainer.models.block_runner import frozen_blocks, frozen_fp8_targets
 from anima_trainer.models.fp8 import fp8_targets
 from anima_trainer.networks.full_finetune import LLM_ADAPTER_PREFIX, select_parameters
 from anima_trainer.train.ema import ema_on_host
-from anima_trainer.train.finetune_memory import estimate_finetune_memory, trained_shapes
+from anima_trainer.train.finetune_memory import WEIGHT_MODES, estimate_finetune_memory, trained_shapes
 from anima_trainer.train.memory_estimate import estimate_training_memory
 from anima_trainer.train.optimizer_levers import finetune_levers
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FULL_FINETUNE_LEVERS", "finetune_candidates", "finetune_memory_levers", "finetune_patterns",
-           "finetune_peak_gib", "user_levers"]
+__all__ = ["finetune_candidates", "finetune_memory_levers", "finetune_patterns",
+           "finetune_peak_gib", "swapped_blocks", "user_levers"]
 
-FULL_FINETUNE_LEVERS = ("fused_backward_pass, optimizer_type = \"AdamW8bit\" or \"AdaFactor\", optimizer_offload "
-                        "and gradient_checkpointing")
 SWAP_PREFETCH = 1  # models/offload.py BlockSwapper's default: blocks in flight besides the one computing
 
 
 # ----------------------------------------------------------------------------------- levers of a run --
 def finetune_memory_levers(cfg: TrainConfig, dit: nn.Module) -> dict[str, Any]:
     """`setup_memory` keywords that a fine-tune adds to `cfg.memory_options()` ({} for an adapter run): the
-    trained parameter names, and blocks_to_swap cut to the frozen blocks (one notice when it asked for more).
-    fp8_base: one notice naming the trained Linears that stay in the compute dtype."""
+    trained parameter names, and `swap_trained` when blocks_to_swap asks for more blocks than are frozen (needs
+    fused_backward_pass: a ConfigError naming the fix without it).  fp8_base: one notice naming the trained
+    Linears that stay in the compute dtype."""
     if not cfg.finetunes:
         return {}
     trained = set(select_parameters(dit, cfg.trainable_patterns, cfg.finetune_llm_adapter))
     levers: dict[str, Any] = {"trained": trained}
     frozen = frozen_blocks(len(dit.blocks), trained)
     if cfg.blocks_to_swap > len(frozen):
-        log.warning("notice: %s", swap_notice(cfg.blocks_to_swap, len(frozen), len(dit.blocks)))
-        levers["blocks_to_swap"] = len(frozen)
+        if not cfg.fused_backward_pass:
+            raise ConfigError(locate_in_source(cfg, swap_refusal(cfg.blocks_to_swap, len(frozen), len(dit.blocks))))
+        levers["swap_trained"] = True
     if cfg.fp8_base:
         log.warning("notice: %s", fp8_notice(dit, trained, cfg.mixed_precision))
     return levers
 
 
-def swap_notice(asked: int, frozen: int, num_blocks: int) -> str:
-    """What blocks_to_swap does in a fine-tune that asks for more blocks than are frozen."""
-    return (f"blocks_to_swap = {asked}: {frozen} of the DiT's {num_blocks} blocks swap, the frozen ones; the "
-            f"{num_blocks - frozen} blocks holding a trained parameter stay on the device (block swap copies weights "
-            "host → device only, so an update of a swapped weight would be lost). To cut a fine-tune's memory use "
-            f"{FULL_FINETUNE_LEVERS}")
+def swap_refusal(asked: int, frozen: int, num_blocks: int) -> str:
+    """Why blocks_to_swap cannot swap trained blocks without the fused backward pass, and the fix."""
+    return (f"blocks_to_swap = {asked}: only {frozen} of the DiT's {num_blocks} blocks are frozen, so trained blocks "
+            "would swap, and a swapped trained block is updated on the device during backward, which needs "
+            f"fused_backward_pass (without it the update comes after backward, when the block is back on the host); "
+            f"add fused_backward_pass = true, or set blocks_to_swap = {frozen} or less (the frozen blocks only)")
 
 
 def fp8_notice(dit: nn.Module, trained: Collection[str], mixed_precision: str) -> str:
@@ -117,9 +123,10 @@ def user_levers(cfg: TrainConfig, *, dit_config: Any = None, budget_gib: float |
             "optimizer_offload": bool(cfg.optimizer_offload), "ema": ema}
 
 
-def finetune_candidates(num_blocks: int, frozen: int) -> list[tuple[str, dict[str, Any]]]:
-    """Memory settings that leave the result unchanged, from the fastest to the most frugal; swap only of the
-    `frozen` blocks."""
+def finetune_candidates(num_blocks: int, frozen: int, *,
+                        swap_trained: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """Memory settings that leave the result unchanged, from the fastest to the most frugal: swap of the `frozen`
+    blocks, then (`swap_trained`: the run has fused_backward_pass) of more blocks, trained ones included."""
     off = {"gradient_checkpointing": False, "checkpoint_blocks": None, "cpu_offload_checkpointing": False,
            "blocks_to_swap": 0}
     out = [("no checkpointing", off)]
@@ -130,7 +137,20 @@ def finetune_candidates(num_blocks: int, frozen: int) -> list[tuple[str, dict[st
     out.append(("all blocks + offloaded block inputs", offloaded))
     counts = [*range(4, frozen, 4), frozen] if frozen else []
     out += [(f"… + swap of {n} frozen blocks", {**offloaded, "blocks_to_swap": n}) for n in counts]
+    if swap_trained and frozen < num_blocks:
+        more = [*(n for n in range(4, num_blocks, 4) if n > frozen), num_blocks]
+        out += [(f"… + swap of {n} blocks, {n - frozen} of them trained", {**offloaded, "blocks_to_swap": n})
+                for n in more]
     return out
+
+
+def swapped_blocks(num_blocks: int, frozen: Sequence[int], blocks_to_swap: int) -> list[int]:
+    """The blocks that swap (models/block_runner.py setup_memory with finetune_memory_levers' keywords): the last
+    `blocks_to_swap` of the `frozen` ones, or the last of all blocks when it asks for more than are frozen."""
+    if not blocks_to_swap:
+        return []
+    pool = list(frozen) if blocks_to_swap <= len(frozen) else list(range(num_blocks))
+    return pool[len(pool) - blocks_to_swap:]
 
 
 def finetune_peak_gib(dit_config: Any, settings: dict[str, Any], levers: dict[str, Any], *,
@@ -138,7 +158,9 @@ def finetune_peak_gib(dit_config: Any, settings: dict[str, Any], levers: dict[st
                       fp8_base: bool = False) -> float:
     """Predicted peak GiB of the DiT's part of a fine-tuning step with the memory `settings` (a candidate's) and
     the user's `levers` (`user_levers`): estimate_finetune_memory with the candidate's activations, less the
-    frozen blocks the swapper keeps on the host and, with fp8_base, the frozen fp8 Linears' second byte."""
+    weights of the blocks the swapper keeps on the host (a trained block's in the levers' weight precision; its
+    gradients and optimizer state stay where the levers put them) and, with fp8_base, the frozen fp8 Linears'
+    second byte."""
     est = estimate_finetune_memory(dit_config, patterns=patterns, resolution=resolution, batch=batch, dtype=dtype,
                                    gradient_checkpointing=settings["gradient_checkpointing"], **levers)
     act = estimate_training_memory(dit_config, resolution=resolution, batch=batch, rank=1, dtype=dtype,
@@ -148,17 +170,22 @@ def finetune_peak_gib(dit_config: Any, settings: dict[str, Any], levers: dict[st
     elem = 4 if dtype in ("fp32", "no") else 2
     trained = trained_shapes(dit_config, patterns)
     block_bytes = [0.0] * dit_config.num_blocks
+    trained_block_bytes = [0.0] * dit_config.num_blocks
     fp8_saved = 0.0
     for name, shape in trained_shapes(dit_config).items():
-        if name in trained or not name.startswith("blocks."):
+        if not name.startswith("blocks."):
+            continue
+        if name in trained:
+            trained_block_bytes[int(name.split(".")[1])] += WEIGHT_MODES[levers["weights"]][0] * math.prod(shape)
             continue
         block_bytes[int(name.split(".")[1])] += elem * math.prod(shape)
         if fp8_base and len(shape) == 2 and "adaln_modulation" not in name:  # models/fp8.py's targets
             fp8_saved += (elem - 1) * math.prod(shape)
     frozen = [i for i in range(dit_config.num_blocks)
               if not any(n.startswith(f"blocks.{i}.") for n in trained)]
-    swapped = frozen[len(frozen) - settings["blocks_to_swap"]:] if settings["blocks_to_swap"] else []
+    swapped = swapped_blocks(dit_config.num_blocks, frozen, settings["blocks_to_swap"])
     in_flight = min(len(swapped), SWAP_PREFETCH + 2)  # train/memory_estimate.py's resident window
     per_block = (1 - fp8_saved / max(sum(block_bytes), 1.0)) if fp8_base else 1.0
-    on_host = sum(block_bytes[i] for i in swapped) * per_block * (len(swapped) - in_flight) / max(len(swapped), 1)
+    swapped_bytes = sum(block_bytes[i] * per_block + trained_block_bytes[i] for i in swapped)
+    on_host = swapped_bytes * (len(swapped) - in_flight) / max(len(swapped), 1)
     return est["total_gib"] - est["activations_gib"] + act - (fp8_saved + on_host) / 2**30

@@ -10,7 +10,8 @@ fits wins; nothing fitting is a start-up error that shows the smallest estimate.
 
 A fine-tune (training_mode = "finetune") is planned by `plan_finetune_memory` (candidates and predictions in
 train/finetune_plan.py) over the levers that leave its
-result unchanged (checkpointing, offloaded block inputs, swap of the frozen blocks), with no step-time estimate.
+result unchanged (checkpointing, offloaded block inputs, swap of the frozen blocks and, with fused_backward_pass,
+of trained blocks too), with no step-time estimate.
 
 Each candidate also gets an expected step time (train/step_time.py: a cost model calibrated on the same H200
 measurements, scaled by the step's FLOPs), printed with the plan and labelled as an H200 estimate.
@@ -184,19 +185,19 @@ def plan_finetune_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple
     common = {"patterns": patterns, "resolution": resolution, "batch": batch, "dtype": dtype,
               "fp8_base": cfg.fp8_base}
     table: list[tuple[str, float]] = []
-    for name, settings in finetune_candidates(dit_config.num_blocks, n_frozen):
+    for name, settings in finetune_candidates(dit_config.num_blocks, n_frozen, swap_trained=levers["fused_backward"]):
         total = finetune_peak_gib(dit_config, settings, levers, **common) + extra_gib
         table.append((name, total))
         if total <= budget_gib:
             return MemoryPlan(settings, total, budget_gib, table)
-    frugal = finetune_candidates(dit_config.num_blocks, n_frozen)[-1][1]
     options = []
-    for fused, optimizer, offload in itertools.product((levers["fused_backward"], True),
-                                                       (levers["optimizer"], "adamw8bit", "adafactor"),
-                                                       (levers["optimizer_offload"], True)):
+    for fused, optimizer, offload in dict.fromkeys(itertools.product(
+            (levers["fused_backward"], True), (levers["optimizer"], "adamw8bit", "adafactor"),
+            (levers["optimizer_offload"], True))):
         changed = {"fused_backward": fused, "optimizer": optimizer, "optimizer_offload": offload}
         if changed == {k: levers[k] for k in changed}:
             continue
+        frugal = finetune_candidates(dit_config.num_blocks, n_frozen, swap_trained=fused)[-1][1]
         peak = finetune_peak_gib(dit_config, frugal, {**levers, **changed}, **common) + extra_gib
         options.append((peak, _lever_words(levers, changed)))
     fitting = [(g, w) for g, w in options if g <= budget_gib]
@@ -204,8 +205,13 @@ def plan_finetune_memory(cfg: TrainConfig, dit_config: Any, *, resolution: tuple
                if not any(set(v.split(" + ")) < set(w.split(" + ")) for _, v in fitting)]
     fitting.sort(key=lambda o: (o[1].count("+"), o[0]))
     best = min(g for _, g in table)
-    words = "; ".join(f"{w}: {g:.1f} GiB predicted" for g, w in (fitting or [min(options)]))
-    lead = "these would make it fit (with the most frugal memory setting)" if fitting else \
+    listed = fitting or [min(options)]
+    words = "; ".join(f"{w}: {g:.1f} GiB predicted" for g, w in listed)
+    swaps = levers["fused_backward"] or any("fused_backward_pass" in w for _, w in listed)
+    frugal_words = "the most frugal memory setting" + (
+        ", which with fused_backward_pass swaps trained blocks too" if swaps and n_frozen < dit_config.num_blocks
+        else "")
+    lead = f"these would make it fit (with {frugal_words})" if fitting else \
         "even the most frugal choice of them does not fit"
     cached = (cfg.cache_latents or cfg.cache_latents_to_disk) and (cfg.cache_text_encoder_outputs
                                                                    or cfg.cache_text_encoder_outputs_to_disk)
