@@ -405,8 +405,9 @@ FINETUNE_HELP = (
     "kohya's component rates --self_attn_lr, --cross_attn_lr, --mlp_lr, --mod_lr, --llm_adapter_lr apply (0 = "
     "frozen); the LLM adapter trains only with --llm_adapter_lr above 0 or --finetune_llm_adapter (kohya trains it "
     "at --learning_rate unless --llm_adapter_lr 0: a notice says so)",
-    "--fused_backward_pass, --full_bf16 (bf16 weights with exactly compensated updates), --blocks_to_swap (frozen "
-    "blocks), --optimizer_offload; several processes shard the DiT with FSDP2 (--fsdp_sharding)",
+    "--fused_backward_pass, --full_bf16 (bf16 weights with exactly compensated updates), --blocks_to_swap (trained "
+    "blocks too with --fused_backward_pass), --optimizer_offload; several processes shard the DiT with FSDP2 "
+    "(--fsdp_sharding)",
     "every save is a whole DiT .safetensors in the base file's layout (net.* keys, format=pt) that ComfyUI loads, "
     "named as kohya's (<output_name>.safetensors, -step00000001, -000001), whatever --save_model_as or "
     "--use_safetensors say; adapter options (--network_dim, --unet_lr, ...) are accepted with a notice and change "
