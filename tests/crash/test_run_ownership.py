@@ -26,6 +26,7 @@ from anima_trainer.fileio import OutputExistsError
 from anima_trainer.train import training_state as states
 from anima_trainer.train.lock import RunLock, lock_path
 from anima_trainer.train.loop import TrainingInterrupted, run_training
+from tests.support.killed_run import Crash
 from tests.train.conftest import setup  # noqa: F401 (the shared tiny training setup fixture)
 from tests.train.test_resume import _config
 
@@ -109,10 +110,6 @@ def test_a_second_run_with_the_same_output_name_refuses_at_start(setup, tmp_path
 
 
 # ------------------------------------------------ item 2: recovery with the default overwrite = false --
-
-class Crash(RuntimeError):
-    pass
-
 
 def _crash_when_writing(monkeypatch, what: str, name: str) -> None:
     """Raise (like a kill: every write is atomic) when the state folder or network file `name` is written."""

@@ -21,6 +21,7 @@ from anima_trainer.train.bf16_update import REMAINDER_KEY
 from anima_trainer.train.flow import preservation_term
 from anima_trainer.train.fused_backward import build_per_parameter_optimizer
 from anima_trainer.train.optimizer_offload import OffloadedOptimizer
+from tests.support.killed_run import killed_after
 from tests.support.small_dit import SMALL, inputs, small_dit
 
 N = SMALL.num_blocks
@@ -164,10 +165,6 @@ def test_without_the_fused_pass_swapping_trained_blocks_is_refused_with_the_fix(
     assert "(in train.toml line " in msg  # the user's file and line
 
 
-class Crash(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("levers", [("--fused_backward_pass", "--gradient_checkpointing", "--ema_decay", "0.9"),
                                     ("--mixed_precision", "bf16", "--fused_backward_pass", "--optimizer_offload")],
                          ids=["fused-fp32", "bf16-fused-offloaded"])
@@ -192,18 +189,8 @@ def test_a_run_swapping_its_trained_blocks_equals_no_swap_and_resumes_exactly(se
                         for r in (plain, reference))
         assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
         assert any(not torch.equal(ema_b[k], b[k]) for k in b if k.startswith("net.blocks."))
-    real, count = loop.training_step, {"n": 0}
-
-    def step(*args, **kwargs):  # killed during step 3, after the step-2 state
-        count["n"] += 1
-        if count["n"] > 2:
-            raise Crash("simulated power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", step)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 2):  # killed during step 3, after the step-2 state
         loop.run_training(_config(setup, tmp_path / "cut", *swap, steps=4, defaults=True))
-    monkeypatch.undo()
     resumed = loop.run_training(_config(setup, tmp_path / "cut", "--resume", "latest", *swap, steps=4,
                                         defaults=True))
     assert resumed.steps == reference.steps == 4

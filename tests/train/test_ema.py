@@ -20,6 +20,7 @@ from anima_trainer.train import training_state as states
 from anima_trainer.train.ema import NetworkEMA
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.save_plan import SavePlan, ema_file_path
+from tests.support.killed_run import killed_after
 
 
 def _config(setup: dict, out: Path, *extra: str, steps: int = 4):
@@ -194,25 +195,11 @@ def test_previews_from_the_ema_leave_training_as_it_was_and_ema_off_writes_nothi
     assert plain.steps == 4
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_resume_with_ema_is_bit_identical(setup, tmp_path, monkeypatch):
     args = ("--ema_decay", "0.8", "--save_every_n_steps", "2", "--save_state", "--network_args", "rank_dropout=0.2")
     reference = run_training(_config(setup, tmp_path / "ref", *args, steps=7))
-    real, count = loop.training_step, {"n": 0}
-
-    def step(*a, **kw):
-        count["n"] += 1
-        if count["n"] > 5:
-            raise Crash("simulated power cut")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "training_step", step)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 5):
         run_training(_config(setup, tmp_path / "cut", *args, steps=7))
-    monkeypatch.undo()
     out = tmp_path / "cut" / "output"
     assert states.read_progress(states.find_latest_state(out, "demo_lora")).step == 4
     resumed = run_training(_config(setup, tmp_path / "cut", *args, "--resume", "latest", steps=7))

@@ -8,17 +8,16 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import anima_trainer.train.loop as loop
 from anima_trainer.config import parse_train_args
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
 from anima_trainer.models import load_dit
 from anima_trainer.train import training_state as states
 from anima_trainer.train.loop import run_training
+from tests.support.killed_run import killed_after
 from tests.train.conftest import fixed_sigma_loss
 
 
@@ -86,25 +85,11 @@ def test_partial_finetune_trains_only_the_selection_and_saves_bf16(setup, tmp_pa
                for k, v in trained.items())
 
 
-class Crash(RuntimeError):
-    pass
-
-
 def test_interrupted_finetune_resumes_bit_identically_with_default_options(setup, tmp_path, monkeypatch):
     extra = ("--save_every_n_steps", "2", "--save_state", "--learning_rate", "1e-3", "--lr_scheduler", "linear")
     reference = run_training(_config(setup, tmp_path / "ref", *extra, steps=7, defaults=True))
-    real, count = loop.training_step, {"n": 0}
-
-    def step(*args, **kwargs):  # killed during micro-batch 6, after the step-4 state
-        count["n"] += 1
-        if count["n"] > 5:
-            raise Crash("simulated power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", step)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 5):  # killed during micro-batch 6, after the step-4 state
         run_training(_config(setup, tmp_path / "cut", *extra, steps=7, defaults=True))
-    monkeypatch.undo()
     out = tmp_path / "cut" / "output"
     assert (out / "demo_lora-step00000004-state").is_dir()
     # the state holds the trained DiT tensors (the selection) and the optimizer state, not the frozen rest

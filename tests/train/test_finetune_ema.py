@@ -20,7 +20,8 @@ from anima_trainer.train.ema import HOST_SHARE, NetworkEMA, ema_on_host
 from anima_trainer.train.finetune_memory import estimate_finetune_memory, trained_bytes
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.memory_estimate import gib
-from tests.train.test_finetune import Crash, _config
+from tests.support.killed_run import killed_after
+from tests.train.test_finetune import _config
 
 
 def _equal_files(a: Path, b: Path) -> bool:
@@ -182,18 +183,8 @@ def test_interrupted_finetune_with_ema_resumes_bit_identically_with_default_opti
              "--ema_decay", "0.8")
     reference = run_training(_config(setup, tmp_path / "ref", *extra, steps=7, defaults=True))
     assert not reference.ema.host  # "auto" for a fine-tune on the CPU: beside the weights
-    real, count = loop.training_step, {"n": 0}
-
-    def step(*args, **kwargs):  # killed during micro-batch 6, after the step-4 state
-        count["n"] += 1
-        if count["n"] > 5:
-            raise Crash("simulated power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", step)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 5):  # killed during micro-batch 6, after the step-4 state
         run_training(_config(setup, tmp_path / "cut", *extra, steps=7, defaults=True))
-    monkeypatch.undo()
     out = tmp_path / "cut" / "output"
     assert {"ema.json", "ema.safetensors"} <= {p.name for p in (out / "demo_lora-step00000004-state").iterdir()}
     # resumed with the EMA on the host: the placement is not part of the arithmetic

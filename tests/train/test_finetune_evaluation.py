@@ -18,6 +18,7 @@ from anima_trainer.config import parse_train_args
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
 from anima_trainer.evaluation.checkpoints import CheckpointError, find_checkpoints
 from anima_trainer.train.events import read_events
+from tests.support.killed_run import killed_after
 from anima_trainer.train.loop import run_training
 
 PATTERNS = ("--trainable_patterns", r"^blocks\.1\.", r"\.cross_attn\.")
@@ -80,18 +81,8 @@ def test_a_resumed_finetune_measures_against_the_base_file(setup, tmp_path, prob
     args = ("--save_every_n_steps", "2", "--save_state", "--eval_every_n_steps", "2", "--eval_prompts", str(probe),
             "--eval_trigger", "sks")
     reference = run_training(_config(setup, tmp_path / "ref", *args, steps=5))
-    real, count = loop.training_step, {"n": 0}
-
-    def crash(*a, **kw):
-        count["n"] += 1
-        if count["n"] > 3:
-            raise RuntimeError("simulated power cut")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "training_step", crash)
-    with pytest.raises(RuntimeError, match="power cut"):
+    with killed_after(monkeypatch, 3, RuntimeError):
         run_training(_config(setup, tmp_path / "cut", *args, steps=5))
-    monkeypatch.setattr(loop, "training_step", real)
     resumed = run_training(_config(setup, tmp_path / "cut", *args, "--resume", "latest", steps=5))
     assert resumed.steps == reference.steps == 5 and _same_file(reference.final_path, resumed.final_path)
     metrics = {name: {s: e["metrics"] for s, e in _evaluations(tmp_path / name).items()} for name in ("ref", "cut")}

@@ -24,6 +24,7 @@ from anima_trainer.train.optim import build_optimizer
 from anima_trainer.train.optimizer_levers import check_finetune_levers, describe_levers, finetune_levers
 from anima_trainer.train.optimizer_offload import OffloadedOptimizer
 from anima_trainer.train.training_state import read_nested
+from tests.support.killed_run import killed_after
 from tests.train.test_fused_backward import assert_same_tensors, batch, factory, groups, mlp
 
 NO_CLIP = ("--max_grad_norm", "0")
@@ -256,10 +257,6 @@ def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: r
 
 
 # --- resume ------------------------------------------------------------------------------------------------------
-class Crash(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("levers", [("--fused_backward_pass",),
                                     ("--mixed_precision", "bf16", "--fused_backward_pass", "--optimizer_offload")],
                          ids=["fused", "bf16-fused-offloaded"])
@@ -270,18 +267,8 @@ def test_interrupted_run_with_the_levers_resumes_bit_identically(setup, tmp_path
     optimizer state)."""
     extra = ("--save_every_n_steps", "2", "--save_state", "--lr_scheduler", "linear", *levers)
     reference = run_training_of(_config(setup, tmp_path / "ref", *extra, steps=4, defaults=True))
-    real, count = loop.training_step, {"n": 0}
-
-    def step(*args, **kwargs):  # killed during step 3, after the step-2 state
-        count["n"] += 1
-        if count["n"] > 2:
-            raise Crash("simulated power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", step)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 2):  # killed during step 3, after the step-2 state
         run_training_of(_config(setup, tmp_path / "cut", *extra, steps=4, defaults=True))
-    monkeypatch.undo()
     state = tmp_path / "cut" / "output" / "demo_lora-step00000002-state"
     saved = read_nested(state, "optimizer")["state"]
     bf16 = "bf16" in levers

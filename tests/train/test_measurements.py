@@ -23,6 +23,7 @@ from anima_trainer.train.loop import run_training
 from anima_trainer.train.measurements import Evaluation, Measurements
 from anima_trainer.train.training_state import Progress
 from tests.support.small_dit import SMALL, lora, small_dit
+from tests.support.killed_run import killed_after
 
 
 def _config(setup: dict, out: Path, *extra: str, steps: int = 3):
@@ -156,18 +157,8 @@ def test_resume_with_evaluation_on_is_bit_identical(setup, tmp_path, monkeypatch
             "--eval_every_n_steps", "2", "--eval_prompts", str(prompts), "--eval_trigger", "sks")
     monkeypatch.setattr(measurements, "PROBE_LATENT_SIZE", (8, 8))
     reference = run_training(_config(setup, tmp_path / "ref", *args, steps=5))
-    real, count = loop.training_step, {"n": 0}
-
-    def crash(*a, **kw):
-        count["n"] += 1
-        if count["n"] > 3:
-            raise RuntimeError("simulated power cut")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "training_step", crash)
-    with pytest.raises(RuntimeError, match="power cut"):
+    with killed_after(monkeypatch, 3, RuntimeError):
         run_training(_config(setup, tmp_path / "cut", *args, steps=5))
-    monkeypatch.setattr(loop, "training_step", real)
     resumed = run_training(_config(setup, tmp_path / "cut", *args, "--resume", "latest", steps=5))
     assert resumed.steps == reference.steps == 5
     ref, got = load_file(reference.final_path), load_file(resumed.final_path)

@@ -20,6 +20,7 @@ from anima_trainer.networks import create_network
 from anima_trainer.sample.prompts import PromptFileError
 from anima_trainer.train.flow import Preservation, preservation_term, training_step
 from anima_trainer.train.loop import run_training
+from tests.support.killed_run import killed_after
 
 
 def _config(setup: dict, out: Path, *extra: str, steps: int = 3):
@@ -140,18 +141,8 @@ def test_interrupted_and_resumed_run_with_preservation_is_bit_identical(setup, t
     extra = ("--preservation_loss_weight", "1.0", "--network_dropout", "0.1",
              *(("--cache_latents", "--cache_text_encoder_outputs") if cache else ()))
     reference = run_training(_config(setup, tmp_path / "ref", *extra))
-    real = loop.training_step
-    count = {"n": 0}
-
-    def crash(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] > 2:
-            raise RuntimeError("simulated power cut")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(loop, "training_step", crash)
-    with pytest.raises(RuntimeError, match="power cut"):
+    with killed_after(monkeypatch, 2, RuntimeError):
         run_training(_config(setup, tmp_path / "cut", *extra))
-    monkeypatch.undo()
     resumed = run_training(_config(setup, tmp_path / "cut", *extra, "--resume", "latest"))
     assert resumed.steps == reference.steps == 3
     assert _same(reference.final_path, resumed.final_path)

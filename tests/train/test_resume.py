@@ -15,6 +15,7 @@ from anima_trainer.config import ConfigError, parse_train_args
 from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml
 from anima_trainer.train import training_state as states
 from anima_trainer.train.loop import run_training
+from tests.support.killed_run import killed_after
 
 
 RANDOM_CAPTIONS_AND_FLIPS = "flip_aug = true\nshuffle_caption = true\ncaption_tag_dropout_rate = 0.2\n"
@@ -32,31 +33,12 @@ def _config(setup: dict, out: Path, *extra: str, steps: int = 7, accum: int = 1,
     return parse_train_args(args)
 
 
-class Crash(RuntimeError):
-    pass
-
-
-def _crash_after(monkeypatch, calls: int) -> None:
-    real = loop.training_step
-    count = {"n": 0}
-
-    def step(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise Crash("simulated power cut")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "training_step", step)
-
-
 @pytest.mark.parametrize(("accum", "cache", "crash_at"), [(1, False, 5), (3, True, 7)], ids=["images", "cached-accum3"])
 def test_interrupted_and_resumed_run_is_bit_identical(setup, tmp_path, monkeypatch, accum, cache, crash_at):
     reference = run_training(_config(setup, tmp_path / "ref", accum=accum, cache=cache))
     # the same run, killed by an exception during micro-batch `crash_at + 1`
-    _crash_after(monkeypatch, crash_at)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, crash_at):
         run_training(_config(setup, tmp_path / "cut", accum=accum, cache=cache))
-    monkeypatch.undo()
     out = tmp_path / "cut" / "output"
     saved = sorted(p.name for p in out.glob("*-state"))
     assert saved and not list(out.glob(".*tmp*"))
@@ -85,10 +67,8 @@ def _as_old_state(folder: Path) -> None:
 
 def test_a_state_written_with_the_old_generator_still_resumes_bit_identically(setup, tmp_path, monkeypatch):
     reference = run_training(_config(setup, tmp_path / "ref", steps=5))
-    _crash_after(monkeypatch, 3)  # dies after the step-2 state
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 3):  # dies after the step-2 state
         run_training(_config(setup, tmp_path / "cut", steps=5))
-    monkeypatch.undo()
     state = tmp_path / "cut" / "output" / "demo_lora-step00000002-state"
     _as_old_state(state)
     assert "generator" in states.read_nested(state, "rng")
@@ -193,10 +173,8 @@ def test_resume_from_an_epoch_end_state(setup, tmp_path, monkeypatch):
     """A state written at an epoch's end continues with the next epoch's first batch."""
     extra = ("--save_every_n_epochs", "1")
     reference = run_training(_config(setup, tmp_path / "ref", *extra, steps=10))
-    _crash_after(monkeypatch, 9)  # dies in epoch 2, after the epoch-1 state (step 8)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 9):  # dies in epoch 2, after the epoch-1 state (step 8)
         run_training(_config(setup, tmp_path / "cut", *extra, steps=10))
-    monkeypatch.undo()
     state = tmp_path / "cut" / "output" / "demo_lora-000001-state"
     assert states.read_progress(state) == states.Progress(step=8, epoch=1, batch_in_epoch=8)
     resumed = run_training(_config(setup, tmp_path / "cut", *extra, "--resume", str(state), steps=10))
@@ -217,10 +195,8 @@ def test_noise_and_timestep_options_train_and_resume_bit_identically(setup, tmp_
     with caplog.at_level("WARNING", logger="anima_trainer.train.loop"):
         reference = run_training(_config(setup, tmp_path / "ref", *extra, steps=2))
     assert any(r.getMessage().startswith("notice: min_snr_gamma = 5.0: no effect for Anima") for r in caplog.records)
-    _crash_after(monkeypatch, 1)
-    with pytest.raises(Crash):
+    with killed_after(monkeypatch, 1):
         run_training(_config(setup, tmp_path / "cut", *extra, steps=2))
-    monkeypatch.undo()
     resumed = run_training(_config(setup, tmp_path / "cut", *extra, "--resume", "latest", steps=2))
     ref, got = load_file(reference.final_path), load_file(resumed.final_path)
     assert resumed.steps == 2 and all(torch.equal(ref[k], got[k]) for k in ref)
