@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import anima_trainer.train.loop as loop
-from anima_trainer.config import ConfigError, parse_train_args
+from anima_trainer.config import ConfigError
 from anima_trainer.evaluation.strength import at_strength
-from anima_trainer.demo import write_demo_configs, write_demo_dataset_toml, write_demo_models, write_shapes_dataset
+from anima_trainer.demo import write_demo_models, write_shapes_dataset
 from anima_trainer.models.block_runner import setup_memory
 from anima_trainer.networks.full_finetune import DiTFinetune, select_parameters
 from anima_trainer.train.bf16_update import REMAINDER_KEY
@@ -23,6 +23,7 @@ from anima_trainer.train.fused_backward import build_per_parameter_optimizer
 from anima_trainer.train.optimizer_offload import OffloadedOptimizer
 from tests.support.killed_run import killed_after
 from tests.support.small_dit import SMALL, inputs, small_dit
+from tests.train.test_finetune_optimizer_levers import _config  # the fine-tune's train.toml, batches of one
 
 N = SMALL.num_blocks
 
@@ -140,19 +141,6 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("trainswap")
     return {"models": write_demo_models(root / "models", seed=3),
             "images": write_shapes_dataset(root / "images", count=4, seed=3)}
-
-
-def _config(setup: dict, out, *extra: str, steps: int = 3, defaults: bool = False, toml_extra: str = ""):
-    """The demo's train.toml in fine-tune mode (the whole DiT: both blocks trained), batches of one image;
-    `defaults`: a user's defaults (no overwrite; flips and captions that change per epoch)."""
-    toml = write_demo_configs(out, setup["models"], setup["images"], steps, seed=5,
-                              training_extra=f'training_mode = "finetune"\n{toml_extra}')
-    write_demo_dataset_toml(out / "dataset.toml", setup["images"], batch_size=1)
-    if defaults:
-        toml.write_text(toml.read_text().replace("overwrite = true\n", ""))
-        write_demo_dataset_toml(out / "dataset.toml", setup["images"], batch_size=1, num_repeats=2,
-                                extra="flip_aug = true\nshuffle_caption = true\ncaption_tag_dropout_rate = 0.2\n")
-    return parse_train_args(["--config_file", str(toml), "--learning_rate", "1e-3", *extra])
 
 
 def test_without_the_fused_pass_swapping_trained_blocks_is_refused_with_the_fix(setup, tmp_path):

@@ -30,11 +30,12 @@ from tests.train.test_fused_backward import assert_same_tensors, batch, factory,
 NO_CLIP = ("--max_grad_norm", "0")
 
 
-def _config(setup: dict, out: Path, *extra: str, steps: int = 3, defaults: bool = False):
-    """The demo's train.toml in fine-tune mode with batches of one image (fast), as test_finetune.py's helper:
-    `defaults` = a user's defaults (no overwrite; flips and captions that change per epoch)."""
+def _config(setup: dict, out: Path, *extra: str, steps: int = 3, defaults: bool = False, toml_extra: str = ""):
+    """The demo's train.toml in fine-tune mode (the whole DiT) with batches of one image (fast), as
+    test_finetune.py's helper, plus `toml_extra` lines: `defaults` = a user's defaults (no overwrite; flips and
+    captions that change per epoch)."""
     toml = write_demo_configs(out, setup["models"], setup["images"], steps, seed=5,
-                              training_extra='training_mode = "finetune"\n')
+                              training_extra=f'training_mode = "finetune"\n{toml_extra}')
     write_demo_dataset_toml(out / "dataset.toml", setup["images"], batch_size=1)
     if defaults:
         toml.write_text(toml.read_text().replace("overwrite = true\n", ""))
