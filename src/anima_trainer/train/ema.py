@@ -57,6 +57,7 @@ import torch
 from anima_trainer.config import TrainConfig
 from anima_trainer.networks import AdapterNetwork
 from anima_trainer.train import training_state as states
+from anima_trainer.train.fsdp import local_shard
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ class NetworkEMA:
 
         self.params = list(params)
         self.decay, self.warmup, self.host = decay, warmup, host
-        self.sharded = any(local(p) is not p for p in self.params)  # FSDP2: DTensor parameters, shard shadows
+        self.sharded = any(local_shard(p) is not p for p in self.params)  # FSDP2: DTensor parameters, shard shadows
         self.reshard: Callable[[], None] = lambda: None  # sharded: drops gathered weights around a swap
         # host: the weights' copies the update reads (their dtype; pinned with CUDA, so the copies can be async)
-        self._staging = [torch.empty(local(p).shape, dtype=p.dtype, device="cpu", pin_memory=_pinned())
+        self._staging = [torch.empty(local_shard(p).shape, dtype=p.dtype, device="cpu", pin_memory=_pinned())
                          .requires_grad_(p.requires_grad) for p in self.params] if host else []
         # without warm-up the decay is held at ema_decay by its floor (min_decay); foreach: one fused update
         self._ema = EMAModel(self._stage(), decay=decay, min_decay=0.0 if warmup else decay, foreach=True)
@@ -94,10 +95,10 @@ class NetworkEMA:
         buffer, complete when this returns."""
         if not self.host:  # sharded: views of the shards that keep requires_grad (diffusers only averages those)
             with torch.enable_grad():
-                return [local(p) for p in self.params]
+                return [local_shard(p) for p in self.params]
         with torch.no_grad():
             for s, p in zip(self._staging, self.params, strict=True):
-                s.copy_(local(p).detach(), non_blocking=True)
+                s.copy_(local_shard(p).detach(), non_blocking=True)
         for device in {p.device for p in self.params if p.device.type == "cuda"}:
             torch.cuda.current_stream(device).synchronize()  # the async copies have landed
         return self._staging
@@ -126,23 +127,23 @@ class NetworkEMA:
         """The EMA weights in the network for the duration (a save, a preview); the training weights are put back
         exactly (bit for bit) afterwards, also when the body raises."""
         with torch.no_grad():  # device: kept there (no host round trip); host: in the staging buffer
-            kept = self._stage() if self.host else [local(p).detach().clone() for p in self.params]
+            kept = self._stage() if self.host else [local_shard(p).detach().clone() for p in self.params]
             for p, s in zip(self.params, self.shadow, strict=True):
-                local(p).copy_(s)  # cast to the parameter's dtype (full_bf16: rounded, as a save would)
+                local_shard(p).copy_(s)  # cast to the parameter's dtype (full_bf16: rounded, as a save would)
         self.reshard()  # sharded: no forward may reuse weights gathered before the swap
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, k in zip(self.params, kept, strict=True):
-                    local(p).copy_(k)
+                    local_shard(p).copy_(k)
             self.reshard()
 
     def reset(self) -> None:
         """Start again from the current weights (a resume from a state without EMA): the warm-up restarts."""
         with torch.no_grad():
             for s, p in zip(self.shadow, self.params, strict=True):
-                s.copy_(local(p))
+                s.copy_(local_shard(p))
         self._ema.optimization_step = 0
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -199,11 +200,6 @@ class NetworkEMA:
         except (ValueError, TypeError) as e:
             raise states.StateError(folder, f"{STATE_NAME}.json", f"not a valid EMA state ({e})") from None
         self._ema.decay, self._ema.min_decay = self.decay, 0.0 if self.warmup else self.decay
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (its memory, not a copy); a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _pinned() -> bool:

@@ -54,6 +54,11 @@ from anima_trainer.train.training_state import SHARDED_STATE
 SHARDED_FOLDER = SHARDED_STATE  # inside a state folder: the DCP checkpoint (__0_0.distcp, …, .metadata)
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (its memory, not a copy); a plain tensor as it is (unsharded runs)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def mixed_precision_policy(device: torch.device | str,
                            compute_dtype: torch.dtype | None = None) -> MixedPrecisionPolicy:
     """FSDP2's precision policy: all-gather and compute in `compute_dtype` with fp32 gradient reduction, on any

@@ -50,8 +50,8 @@ from anima_trainer.config.loader import locate_in_source
 from anima_trainer.networks.full_finetune import DiTFinetune
 from anima_trainer.train.ema import NetworkEMA, has_ema_state
 from anima_trainer.train.distributed import Distributed, check_supported, launched_by_accelerate_fsdp
-from anima_trainer.train.fsdp import (full_state_dict, load_sharded, micro_batch, mixed_precision_policy,
-                                      save_sharded, shard_dit, shard_units, upcast_trained)
+from anima_trainer.train.fsdp import (full_state_dict, load_sharded, local_shard, micro_batch,
+                                      mixed_precision_policy, save_sharded, shard_dit, shard_units, upcast_trained)
 from anima_trainer.train.monitor import NonFiniteStateError, nonfinite_tensors
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,8 @@ class ShardedFinetune:
     def _check_finite(self, optimizer: torch.optim.Optimizer, ema: NetworkEMA | None) -> None:
         """NonFiniteStateError in every process when any process's shards (weights, optimizer moments, EMA)
         hold NaN/Inf: a state is only written from finite values (as `Saver._state` checks unsharded)."""
-        local = {n: _local(p) for n, p in self.network.state_dict().items()}
-        local.update({f"optimizer.{i}.{k}": _local(v) for i, s in enumerate(optimizer.state.values())
+        local = {n: local_shard(p) for n, p in self.network.state_dict().items()}
+        local.update({f"optimizer.{i}.{k}": local_shard(v) for i, s in enumerate(optimizer.state.values())
                       for k, v in s.items() if isinstance(v, torch.Tensor) and v.is_floating_point()})
         local.update(ema.state_tensors() if ema is not None else {})
         bad = nonfinite_tensors(local)
@@ -225,11 +225,6 @@ class ShardedFinetune:
                                   "changed since it was saved (resume_ignore_optimizer_mismatch = true starts a fresh "
                                   "optimizer)") from None
         return load
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor, a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def check_launch(cfg: TrainConfig, accelerator: Any) -> TrainConfig:
