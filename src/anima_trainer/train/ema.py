@@ -38,7 +38,7 @@ EMA's mean movement, but at lr 1e-6 that movement (6e-5) is half a bf16 ulp of t
 file holds.  Averaging the exact values would cost a transient fp32 copy of every trained weight per step (4
 bytes per parameter, what the compensated update saves) or a per-parameter update instead of diffusers' fused one.
 In a fine-tune sharded with FSDP2 (train/sharded_run.py) the trained parameters are DTensors holding this
-process's shard: each process shadows its own shard (`local`: the shard's plain tensor, fp32, same update and
+process's shard: each process shadows its own shard (`fsdp.local_shard`: the shard's plain tensor, fp32, same update and
 swap), so the EMA is sharded like the weights and costs 4 bytes per trained parameter / N per process.  In a
 state, the shadows go into the sharded checkpoint beside the model and optimizer (`sharded_state`, train/fsdp.py)
 and `ema.json` holds only the update count and settings; the `-ema` file is gathered from the shards with the
