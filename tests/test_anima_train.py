@@ -12,6 +12,7 @@ import pytest
 from safetensors import safe_open
 
 from anima_trainer.demo import write_demo_models, write_shapes_dataset
+from tests.support.kohya_cli import kohya_models_and_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "anima_train.py"
@@ -27,12 +28,8 @@ def setup(tmp_path_factory) -> dict:
 
 def test_kohya_finetune_command_line_trains_the_dit_as_a_script(setup, tmp_path):
     m, root, out = setup["models"], setup["root"], tmp_path / "out"
-    argv = [sys.executable, str(SCRIPT),
-            "--pretrained_model_name_or_path", str(m["dit"]), "--qwen3", str(m["qwen3"]),
-            "--qwen3_tokenizer_path", str(m["tokenizers"] / "qwen"), "--t5_tokenizer_path", str(m["tokenizers"] / "t5"),
-            "--vae", str(m["vae"]), "--train_data_dir", str(root / "img"), "--resolution", "64,64", "--enable_bucket",
-            "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16",
-            "--caption_extension", ".txt", "--output_dir", str(out), "--output_name", "cli_ft",
+    argv = [sys.executable, str(SCRIPT), *kohya_models_and_data(m, root / "img"),
+            "--output_dir", str(out), "--output_name", "cli_ft",
             "--save_model_as", "safetensors", "--save_precision", "bf16", "--network_dim", "8",
             "--mixed_precision", "no", "--optimizer_type", "AdamW", "--learning_rate", "1e-5",
             "--self_attn_lr", "2e-5", "--mod_lr", "0", "--cache_latents", "--max_train_steps", "2",

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from anima_trainer.compat.dropin import translate_kohya_argv
 from anima_trainer.demo import write_demo_models, write_shapes_dataset
+from tests.support.kohya_cli import kohya_models_and_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "anima_train_network.py"
@@ -147,12 +148,8 @@ def test_kohya_ss_gui_toml_trains_one_step(setup, tmp_path, capsys):
 
 def test_kohya_command_line_trains_one_step_as_a_script(setup, tmp_path):
     m, root, out = setup["models"], setup["root"], tmp_path / "out"
-    argv = [sys.executable, str(SCRIPT),
-            "--pretrained_model_name_or_path", str(m["dit"]), "--qwen3", str(m["qwen3"]),
-            "--qwen3_tokenizer_path", str(m["tokenizers"] / "qwen"), "--t5_tokenizer_path", str(m["tokenizers"] / "t5"),
-            "--vae", str(m["vae"]), "--train_data_dir", str(root / "img"), "--resolution", "64,64", "--enable_bucket",
-            "--min_bucket_reso", "32", "--max_bucket_reso", "128", "--bucket_reso_steps", "16",
-            "--caption_extension", ".txt", "--shuffle_caption", "--keep_tokens", "1",
+    argv = [sys.executable, str(SCRIPT), *kohya_models_and_data(m, root / "img"),
+            "--shuffle_caption", "--keep_tokens", "1",
             "--output_dir", str(out), "--output_name", "cli_lokr", "--save_model_as", "safetensors",
             "--network_module", "lycoris.kohya", "--network_dim", "8", "--network_alpha", "4",
             "--network_args", "algo=lokr", "preset=full", "conv_dim=4", "conv_alpha=1", "factor=4", "use_tucker=False",
