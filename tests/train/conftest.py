@@ -63,3 +63,29 @@ def fixed_sigma_loss(dit, models: dict, dataset_toml: Path) -> float:
         s = torch.full((x0.shape[0],), sigma)
         total += flow_loss(dit(noisy_input(x0, noise, s), s, ctx), noise - x0, s).item()
     return total / 3
+
+
+@pytest.fixture
+def ema_inputs(monkeypatch) -> list[list[torch.Tensor]]:
+    """The weights every EMA update of the test's run averages in (a copy per update, in update order)."""
+    from anima_trainer.train.ema import NetworkEMA
+
+    seen: list[list[torch.Tensor]] = []
+    real = NetworkEMA.update
+
+    def recording(self):
+        seen.append([p.detach().clone() for p in self.params])
+        real(self)
+
+    monkeypatch.setattr(NetworkEMA, "update", recording)
+    return seen
+
+
+def hand_ema(inputs: list[list[torch.Tensor]], decay: float) -> list[torch.Tensor]:
+    """diffusers' EMA rule with warm-up computed independently of it (the oracle of the EMA tests): the first
+    update copies the weights, the n-th (n ≥ 2) uses d = min(decay, n / (9 + n)); fp32."""
+    expected = [t.float() for t in inputs[0]]
+    for n, weights in enumerate(inputs[1:], start=2):
+        d = min(decay, n / (9 + n))
+        expected = [d * e + (1 - d) * w.float() for e, w in zip(expected, weights, strict=True)]
+    return expected

@@ -21,6 +21,7 @@ from anima_trainer.train.ema import NetworkEMA
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.save_plan import SavePlan, ema_file_path
 from tests.support.killed_run import killed_after
+from tests.train.conftest import hand_ema
 
 
 def _config(setup: dict, out: Path, *extra: str, steps: int = 4):
@@ -106,24 +107,14 @@ def test_options_are_checked(setup, tmp_path):
 
 # ------------------------------------------------------------------------------------------ training --
 
-def test_ema_follows_the_weights_is_what_its_file_holds_and_is_pruned_with_it(setup, tmp_path, monkeypatch):
-    trajectory: list[list[torch.Tensor]] = []
-    real = NetworkEMA.update
-
-    def recording(self):
-        trajectory.append([p.detach().clone() for p in self.params])  # the weights the update averages in
-        real(self)
-
-    monkeypatch.setattr(NetworkEMA, "update", recording)
+def test_ema_follows_the_weights_is_what_its_file_holds_and_is_pruned_with_it(setup, tmp_path, ema_inputs):
+    trajectory = ema_inputs  # the weights each update averages in
     run = run_training(_config(setup, tmp_path / "e", "--ema_decay", "0.2", "--save_every_n_steps", "1",
                                "--save_last_n_steps", "2", "--gradient_accumulation_steps", "2", steps=4))
     # one update per optimizer step, not per micro-batch
     assert run.steps == 4 and run.ema.updates == 4 and len(trajectory) == 4
     # the EMA computed independently: d_1 = 0, then min(0.2, n / (9 + n)) (warm-up: 2/11, then 0.2)
-    expected = [t.clone() for t in trajectory[0]]
-    for n, weights in enumerate(trajectory[1:], start=2):
-        d = min(0.2, n / (9 + n))
-        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights, strict=True)]
+    expected = hand_ema(trajectory, 0.2)
     for got, want, raw, last in zip(run.ema.shadow, expected, run.network.trainable_parameters(), trajectory[-1],
                                     strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -21,6 +21,7 @@ from anima_trainer.train.finetune_memory import estimate_finetune_memory, traine
 from anima_trainer.train.loop import run_training
 from anima_trainer.train.memory_estimate import gib
 from tests.support.killed_run import killed_after
+from tests.train.conftest import hand_ema
 from tests.train.test_finetune import _config
 
 
@@ -108,15 +109,10 @@ def test_the_memory_model_counts_the_shadow_where_it_lives():
 
 # ------------------------------------------------------------------------------------------ training --
 
-def test_finetune_ema_follows_the_recurrence_and_its_checkpoint_reloads_as_the_shadow(setup, tmp_path, monkeypatch):
+def test_finetune_ema_follows_the_recurrence_and_its_checkpoint_reloads_as_the_shadow(setup, tmp_path, monkeypatch,
+                                                                                     ema_inputs):
     """Host EMA (ema_device = "cpu"), a partial fine-tune saved in bf16, previews from the EMA, retention."""
-    trajectory: list[list[torch.Tensor]] = []
-    real = NetworkEMA.update
-
-    def recording(self):
-        trajectory.append([p.detach().clone() for p in self.params])  # the weights the update averages in
-        real(self)
-
+    trajectory = ema_inputs  # the weights each update averages in
     seen: list[list[torch.Tensor]] = []
     real_render = loop.render_previews
 
@@ -131,7 +127,6 @@ def test_finetune_ema_follows_the_recurrence_and_its_checkpoint_reloads_as_the_s
         run_params.extend(network.trainable_parameters())
         return real_build(cfg, network)
 
-    monkeypatch.setattr(NetworkEMA, "update", recording)
     monkeypatch.setattr(loop, "render_previews", render)
     monkeypatch.setattr(loop, "build_ema", build)
     prompts = tmp_path / "prompts.txt"
@@ -148,10 +143,7 @@ def test_finetune_ema_follows_the_recurrence_and_its_checkpoint_reloads_as_the_s
     assert [id(p) for p in ema.params] == [id(p) for p in selected.values()] == [id(p) for p in run_params]
     assert ema.updates == 3 and len(trajectory) == 3
     # diffusers' rule by hand: d_1 = 0 (a copy), then d = min(0.3, n / (9 + n))
-    expected = [t.float() for t in trajectory[0]]
-    for n, weights in enumerate(trajectory[1:], start=2):
-        d = min(0.3, n / (9 + n))
-        expected = [d * e + (1 - d) * w.float() for e, w in zip(expected, weights, strict=True)]
+    expected = hand_ema(trajectory, 0.3)
     for got, want in zip(ema.shadow, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(s, p.float()) for s, p in zip(ema.shadow, selected.values(), strict=True))
