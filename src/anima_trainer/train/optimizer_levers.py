@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from anima_trainer.config import TrainConfig
+from anima_trainer.train.distributed import launched_world_size
 from anima_trainer.train.fused_backward import (
     build_per_parameter_optimizer,
     check_fused_backward,
@@ -59,19 +60,13 @@ class FinetuneLevers:
         return self.compensated_bf16 or self.fused_backward or self.optimizer_offload
 
 
-def process_count() -> int:
-    """The processes of this run (1 without an initialised torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def finetune_levers(cfg: TrainConfig, world_size: int | None = None) -> FinetuneLevers:
     """The levers `cfg` turns on (no checks: check_finetune_levers refuses what cannot be honoured).  A run
     sharded across processes (`world_size`, default: this run's; train/fsdp.py) keeps fp32 master weights of its
     own, so no compensated bf16 steps there; a data-parallel one steps like one process (module docstring)."""
     if not cfg.finetunes:
         return FinetuneLevers()
-    sharded = wants_sharding(cfg, process_count() if world_size is None else world_size)
+    sharded = wants_sharding(cfg, launched_world_size() if world_size is None else world_size)
     bf16 = cfg.mixed_precision == "bf16" and not sharded
     return FinetuneLevers(compensated_bf16=bf16 and per_parameter_refusal(cfg.optimizer_type) is None,
                           fused_backward=cfg.fused_backward_pass, optimizer_offload=cfg.optimizer_offload)
@@ -120,7 +115,7 @@ def describe_levers(cfg: TrainConfig) -> str:
     words = []
     if levers.compensated_bf16:
         words.append("bf16 weights with compensated updates")
-    elif cfg.mixed_precision == "bf16" and wants_sharding(cfg, process_count()):
+    elif cfg.mixed_precision == "bf16" and wants_sharding(cfg, launched_world_size()):
         words.append("fp32 master shards, bf16 compute (FSDP2)")
     elif cfg.finetunes and cfg.mixed_precision in ("bf16", "fp16"):
         words.append(f"{cfg.mixed_precision} weights with plain updates")

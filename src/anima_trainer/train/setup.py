@@ -28,11 +28,11 @@ from anima_trainer.config.run_files import run_seed
 from anima_trainer.data import build_run_dataset
 from anima_trainer.data.dataset import AnimaDataset
 from anima_trainer.tools.download.startup import ensure_tokenizers, with_tokenizer_dirs
-from anima_trainer.train.distributed import Distributed
+from anima_trainer.train.distributed import Distributed, launched_world_size
 from anima_trainer.train.flow import objective_notices
 from anima_trainer.train.inputs import check_masked_loss
 from anima_trainer.train.model_setup import check_network_options
-from anima_trainer.train.optimizer_levers import build_finetune_optimizer, check_finetune_levers, process_count
+from anima_trainer.train.optimizer_levers import build_finetune_optimizer, check_finetune_levers
 from anima_trainer.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -152,7 +152,7 @@ def setup_optimization(cfg: TrainConfig, network: torch.nn.Module, device: torch
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     full_half = cfg.full_bf16 or cfg.full_fp16
     if cfg.finetunes:  # train/optimizer_levers.py: compensated bf16, fused backward, optimizer_offload
-        check_finetune_levers(cfg, process_count())  # its notices went out at start-up (setup_run)
+        check_finetune_levers(cfg, launched_world_size())  # its notices went out at start-up (setup_run)
         if full_half:  # before optimizer_offload copies the weights to the host
             use_full_half(network, dtype, scaler)
         optimizer = build_finetune_optimizer(cfg, groups, lr, device)

@@ -31,7 +31,7 @@ from anima_trainer.dtypes import precision_name
 from anima_trainer.models.model_files import DIT_KINDS, expect_kind
 from anima_trainer.networks.inject import parse_bool
 from anima_trainer.models.block_runner import frozen_blocks
-from anima_trainer.train.optimizer_levers import process_count
+from anima_trainer.train.distributed import launched_world_size
 from anima_trainer.train.finetune_plan import finetune_candidates, finetune_patterns, finetune_peak_gib, user_levers
 from anima_trainer.train.finetune_memory import trained_shapes
 from anima_trainer.train.memory_estimate import estimate_training_memory
@@ -239,7 +239,7 @@ def apply_plan(cfg: TrainConfig, dataset, device: Any, *, llm_adapter_trained: b
     """`cfg` with the memory settings of its `vram_budget_gb` (unchanged without one); logs the plan."""
     if cfg.vram_budget_gb is None:
         return cfg
-    if cfg.finetunes and cfg.fsdp_sharding == "auto" and (processes := process_count()) > 1:
+    if cfg.finetunes and cfg.fsdp_sharding == "auto" and (processes := launched_world_size()) > 1:
         log.warning("notice: vram_budget_gb = %s: a fine-tune sharded over %d processes is not planned (the plan "
                     "models one process holding the whole DiT, a sharded process holds 1/%d of its weights, "
                     "gradients and optimizer state); the run uses its own checkpointing settings. docs/multi_gpu.md "
